@@ -1,0 +1,105 @@
+//! HTTP errors: every one is a JSON body `{"error": <code>, "message": <text>}`.
+
+use actix_web::{HttpResponse, ResponseError, http::StatusCode};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("missing or invalid credentials")]
+    Unauthenticated,
+    #[error("this credential may not use this route")]
+    Forbidden,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("transaction {id} exists with different content")]
+    Conflict { id: String, status: String },
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("content type must be application/json")]
+    UnsupportedMediaType,
+    #[error("{what} is unavailable; retry later")]
+    Unavailable {
+        what: &'static str,
+        retry_after_secs: u32,
+    },
+    #[error("too many requests")]
+    TooManyRequests { retry_after_secs: u32 },
+    #[error("request timed out")]
+    RequestTimeout,
+    #[error("internal error")]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { code, .. } => code,
+            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::Forbidden => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict { .. } => "conflict",
+            ApiError::InvalidState(_) => "invalid_state",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::TooManyRequests { .. } => "rate_limited",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::Unexpected(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } | ApiError::InvalidState(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Unexpected(e) = self {
+            // The cause chain is logged once, here; the client gets no internals.
+            tracing::error!(error = ?e, "unexpected error");
+        }
+        let mut body = json!({ "error": self.code(), "message": self.to_string() });
+        if let ApiError::Conflict { id, status } = self {
+            body["transaction_id"] = json!(id);
+            body["status"] = json!(status);
+        }
+        let mut resp = HttpResponse::build(self.status_code());
+        match self {
+            ApiError::Unavailable {
+                retry_after_secs, ..
+            }
+            | ApiError::TooManyRequests { retry_after_secs } => {
+                resp.insert_header(("Retry-After", retry_after_secs.to_string()));
+            }
+            ApiError::Unauthenticated => {
+                resp.insert_header(("WWW-Authenticate", "ApiKey header=\"X-Api-Key\", Bearer"));
+            }
+            _ => {}
+        }
+        resp.json(body)
+    }
+}

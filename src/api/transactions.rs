@@ -1,0 +1,159 @@
+//! `GET /v1/transactions/{id}`, `GET /v1/transactions`, and replay.
+
+use super::{ApiError, ApiState};
+use crate::auth::Principal;
+use crate::ledger::{LedgerError, ListQuery};
+use crate::replay::{ReplayError, ReplayRequest, Replayed, replay_one};
+use crate::transaction::{State, TransactionId};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+pub(crate) fn ledger_error(e: LedgerError) -> ApiError {
+    match e {
+        LedgerError::Unavailable(_) => ApiError::Unavailable {
+            what: "the ledger",
+            retry_after_secs: 5,
+        },
+        other => ApiError::Unexpected(other.into()),
+    }
+}
+
+fn valid_id(id: &str) -> Result<TransactionId, ApiError> {
+    TransactionId::parse(id).map_err(|e| ApiError::bad("invalid_transaction_id", e.to_string()))
+}
+
+pub async fn get(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = state.admin_or_vendor(&req)?;
+    let id = valid_id(&path)?;
+    let rec = state
+        .services
+        .ledger
+        .get(id.as_str())
+        .await
+        .map_err(ledger_error)?;
+    match rec {
+        // A vendor sees only its own transactions; others look absent.
+        Some(r) if matches!(&who, Principal::Vendor(v) if r.vendor.as_deref() != Some(v.as_str())) => {
+            Err(ApiError::NotFound(format!("transaction {id} not found")))
+        }
+        Some(r) => Ok(HttpResponse::Ok().json(r)),
+        None => Err(ApiError::NotFound(format!("transaction {id} not found"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub state: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+pub fn parse_state(s: Option<&str>) -> Result<Option<State>, ApiError> {
+    match s {
+        None | Some("") => Ok(None),
+        Some(s) => State::parse(s).map(Some).ok_or_else(|| {
+            ApiError::bad(
+                "invalid_state",
+                "state must be one of pending, processing, success, failed, dead_letter",
+            )
+        }),
+    }
+}
+
+pub fn parse_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit.unwrap_or(50) {
+        n @ 1..=1000 => Ok(n),
+        _ => Err(ApiError::bad(
+            "invalid_limit",
+            "limit must be between 1 and 1000",
+        )),
+    }
+}
+
+pub async fn list(
+    req: HttpRequest,
+    q: web::Query<ListParams>,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.admin(&req)?;
+    let page = state
+        .services
+        .ledger
+        .list(ListQuery {
+            state: parse_state(q.state.as_deref())?,
+            limit: parse_limit(q.limit)?,
+            cursor: q.cursor.clone(),
+        })
+        .await
+        .map_err(|e| match e {
+            LedgerError::Fatal(m) if m.contains("cursor") => {
+                ApiError::bad("invalid_cursor", "cursor is not valid")
+            }
+            other => ledger_error(other),
+        })?;
+    Ok(HttpResponse::Ok().json(page))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    #[serde(default)]
+    pub force: bool,
+    pub reason: Option<String>,
+}
+
+/// Shared by `POST /v1/transactions/{id}/replay` and the seed's `POST /replay/{id}`.
+pub async fn do_replay(
+    req: &HttpRequest,
+    id: &str,
+    body: ReplayBody,
+    state: &ApiState,
+) -> Result<HttpResponse, ApiError> {
+    let who = state.admin(req)?;
+    let id = valid_id(id)?;
+    let r = ReplayRequest {
+        force: body.force,
+        operator: who.name().to_owned(),
+        reason: body.reason,
+    };
+    match replay_one(&state.services, id.as_str(), &r).await {
+        Ok(Replayed::Requeued { record, message_id }) => Ok(HttpResponse::Accepted().json(json!({
+            "transaction_id": record.transaction_id,
+            "status": record.status,
+            "message_id": message_id,
+            "message": format!("Transaction {} reset to pending and re-enqueued from the WAL", record.transaction_id),
+        }))),
+        Ok(Replayed::Refused(rec)) => Err(ApiError::InvalidState(if rec.status == State::Success {
+            format!("transaction {id} already succeeded; replay it with force to call the downstream again")
+        } else {
+            format!("transaction {id} is {} with a live claim; try again later", rec.status)
+        })),
+        Ok(Replayed::NotFound) => Err(ApiError::NotFound(format!("transaction {id} not found"))),
+        Err(ReplayError::Ledger(e)) => Err(ledger_error(e)),
+        Err(e) => Err(ApiError::Unexpected(e.into())),
+    }
+}
+
+pub async fn replay(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = parse_replay_body(&body)?;
+    do_replay(&req, &path, body, &state).await
+}
+
+pub fn parse_replay_body(body: &[u8]) -> Result<ReplayBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ReplayBody::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad("invalid_json", format!("replay body: {e}")))
+}

@@ -1,0 +1,190 @@
+//! Start-up wiring: the one factory that turns configuration into adapters,
+//! and the HTTP application that binds its own listener.
+
+use crate::api;
+use crate::auth::Auth;
+use crate::backoff::RetryPolicy;
+use crate::config::{LedgerKind, QueueKind, Settings, WalKind};
+use crate::downstream::Downstream;
+use crate::journal::Journal;
+use crate::ledger::{Ledger, local::LocalLedger};
+use crate::processor::Processor;
+use crate::queue::{
+    Queue,
+    local::{LocalQueue, LocalQueueOptions},
+};
+use crate::wal::azure::{AzureBlobSettings, AzureBlobStore};
+use crate::wal::{
+    GroupCommit, JOURNAL_PREFIX, Log, REJECTED_PREFIX, WAL_PREFIX, local::LocalStore,
+    store::ObjectStore,
+};
+use actix_web::{App, HttpServer, dev::Server, web};
+use anyhow::Context;
+use std::{net::TcpListener, sync::Arc};
+
+/// The backends every part of the service shares.
+#[derive(Clone)]
+pub struct Services {
+    pub settings: Settings,
+    pub instance: String,
+    pub wal: Log,
+    pub journal: Journal,
+    /// Rejected inbound calls, for forensics.
+    pub rejected: Log,
+    pub ledger: Arc<dyn Ledger>,
+    pub queue: Arc<dyn Queue>,
+}
+
+impl Services {
+    /// The adapter factory: chooses each port's adapter once, from configuration.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Services> {
+        let instance = settings.instance();
+        let store: Arc<dyn ObjectStore> = match settings.wal {
+            WalKind::Local => Arc::new(
+                LocalStore::open(settings.data_dir.join("objects"))
+                    .context("opening the local WAL directory")?,
+            ),
+            WalKind::Azure => Arc::new(
+                AzureBlobStore::connect(&AzureBlobSettings {
+                    connection_string: settings
+                        .storage_connection_string
+                        .as_ref()
+                        .map(|s| s.0.clone()),
+                    account_url: settings.storage_account_url.clone(),
+                    container: settings.wal_container.clone(),
+                    // Provisioned deployments (Entra ID) manage the container themselves.
+                    create_container: settings
+                        .wal_create_container
+                        .unwrap_or(settings.storage_connection_string.is_some()),
+                    client_id: settings.azure_client_id.clone(),
+                })
+                .await
+                .context("connecting to the Blob Storage WAL")?,
+            ),
+        };
+        let ledger: Arc<dyn Ledger> = match settings.ledger {
+            LedgerKind::Local => Arc::new(
+                LocalLedger::open(&settings.data_dir.join("ledger.db"))
+                    .context("opening the embedded ledger")?,
+            ),
+            LedgerKind::Redis => {
+                anyhow::bail!("RTPD_LEDGER=redis is not available in this build yet")
+            }
+        };
+        let queue: Arc<dyn Queue> = match settings.queue {
+            QueueKind::Local => Arc::new(
+                LocalQueue::open(
+                    &settings.data_dir.join("queue.db"),
+                    LocalQueueOptions {
+                        lock_duration: settings.lock_duration(),
+                        max_delivery_count: settings.max_delivery_count,
+                        ..Default::default()
+                    },
+                )
+                .context("opening the embedded queue")?,
+            ),
+            QueueKind::Servicebus => {
+                anyhow::bail!("RTPD_QUEUE=servicebus is not available in this build yet")
+            }
+        };
+        Ok(Services::from_parts(
+            settings, instance, store, ledger, queue,
+        ))
+    }
+
+    pub fn from_parts(
+        settings: &Settings,
+        instance: String,
+        store: Arc<dyn ObjectStore>,
+        ledger: Arc<dyn Ledger>,
+        queue: Arc<dyn Queue>,
+    ) -> Services {
+        let gc = GroupCommit::default();
+        Services {
+            settings: settings.clone(),
+            wal: Log::start(store.clone(), WAL_PREFIX, &instance, gc.clone()),
+            journal: Journal::new(Log::start(
+                store.clone(),
+                JOURNAL_PREFIX,
+                &instance,
+                gc.clone(),
+            )),
+            rejected: Log::start(store, REJECTED_PREFIX, &instance, gc),
+            instance,
+            ledger,
+            queue,
+        }
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            base: std::time::Duration::from_secs_f64(self.settings.backoff_base_secs),
+            max: std::time::Duration::from_secs_f64(self.settings.backoff_max_secs),
+            max_retries: self.settings.max_retries,
+        }
+    }
+
+    pub fn processor(&self) -> anyhow::Result<Processor> {
+        Ok(Processor {
+            queue: self.queue.clone(),
+            ledger: self.ledger.clone(),
+            journal: self.journal.clone(),
+            downstream: Downstream::new(
+                self.settings.downstream_url.clone(),
+                self.settings.downstream_timeout(),
+            )
+            .context("building the downstream HTTP client")?,
+            policy: self.retry_policy(),
+            owner: self.instance.clone(),
+            lock_duration: self.settings.lock_duration(),
+            downstream_timeout: self.settings.downstream_timeout(),
+        })
+    }
+
+    /// Logs where each port points; never a secret.
+    pub fn describe(&self) {
+        tracing::info!(wal = %self.wal.describe(), ledger = %self.ledger.describe(), queue = %self.queue.describe(), "backends");
+    }
+}
+
+/// The HTTP API, bound and ready to run.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    pub fn build(services: Arc<Services>, auth: Auth) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(services.settings.http_addr)
+            .with_context(|| format!("binding {}", services.settings.http_addr))?;
+        Self::build_with_listener(services, auth, listener)
+    }
+
+    pub fn build_with_listener(
+        services: Arc<Services>,
+        auth: Auth,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
+        let port = listener.local_addr()?.port();
+        let state = web::Data::new(api::ApiState::new(services, auth));
+        let server =
+            HttpServer::new(move || App::new().configure(|cfg| api::configure(cfg, state.clone())))
+                .listen(listener)?
+                .disable_signals()
+                .shutdown_timeout(10)
+                .run();
+        Ok(Application { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

@@ -1,0 +1,88 @@
+//! Retry delays: exponential with ±20% jitter, capped after jitter.
+//!
+//! Written out rather than taken from `backon`/`backoff`: those add jitter on
+//! top of the delay (0..delay), while the seed asks for a symmetric ±20% band
+//! whose cap still holds after jitter. The whole policy is the function below.
+
+use rand::RngExt;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub max: Duration,
+    /// Retries after the first attempt before dead-lettering.
+    pub max_retries: u32,
+}
+
+/// Jitter band: the delay is scaled by a factor in `[1 - JITTER, 1 + JITTER]`.
+pub const JITTER: f64 = 0.2;
+
+impl RetryPolicy {
+    /// Delay before retry number `retry` (1-based): `base * 2^(retry-1)`,
+    /// jittered, never above `max`.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let factor = rand::rng().random_range((1.0 - JITTER)..=(1.0 + JITTER));
+        self.delay_with(retry, factor)
+    }
+
+    fn delay_with(&self, retry: u32, factor: f64) -> Duration {
+        let exp = 2f64.powi(retry.saturating_sub(1).min(62) as i32);
+        let secs = (self.base.as_secs_f64() * exp * factor).min(self.max.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+
+    /// Whether attempt number `attempt` (1 = first call) may be followed by another.
+    pub fn may_retry_after(&self, attempt: u32) -> bool {
+        attempt <= self.max_retries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed() -> RetryPolicy {
+        RetryPolicy {
+            base: Duration::from_secs(60),
+            max: Duration::from_secs(3600),
+            max_retries: 5,
+        }
+    }
+
+    #[test]
+    fn follows_the_seed_schedule_within_jitter() {
+        let p = seed();
+        for (retry, nominal) in [(1, 60.0), (2, 120.0), (3, 240.0), (4, 480.0), (5, 960.0)] {
+            for _ in 0..200 {
+                let d = p.delay(retry).as_secs_f64();
+                assert!(
+                    d >= nominal * 0.8 - 1e-9 && d <= nominal * 1.2 + 1e-9,
+                    "retry {retry}: {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cap_holds_after_jitter() {
+        let p = seed();
+        // 60 * 2^6 = 3840 > 3600: with +20% jitter it would be 4608 uncapped.
+        assert_eq!(p.delay_with(7, 1.2), Duration::from_secs(3600));
+        assert_eq!(p.delay_with(40, 1.2), Duration::from_secs(3600));
+        for _ in 0..500 {
+            assert!(p.delay(6) <= Duration::from_secs(3600));
+        }
+        // Below the cap the jitter band is visible at both ends.
+        assert_eq!(p.delay_with(1, 0.8), Duration::from_secs(48));
+        assert_eq!(p.delay_with(1, 1.2), Duration::from_secs(72));
+    }
+
+    #[test]
+    fn retries_are_counted_after_the_first_attempt() {
+        let p = seed();
+        assert!(p.may_retry_after(1));
+        assert!(p.may_retry_after(5));
+        assert!(!p.may_retry_after(6));
+    }
+}

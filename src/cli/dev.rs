@@ -1,0 +1,172 @@
+//! `rtpd dev`: the whole pipeline in one process on embedded backends with a
+//! mock downstream, data under `./.rtpd`. Zero setup: it generates a vendor
+//! key and an admin token (kept in the data directory, so a restart keeps
+//! them) and prints how to use them.
+
+use super::mock::Opts as MockOpts;
+use super::serve::{Parts, run_with};
+use crate::auth::{Auth, hash_secret};
+use crate::config::{AuthMode, LedgerKind, QueueKind, Secret, Settings, WalKind};
+use crate::mock_downstream::Mock;
+use anyhow::Context;
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+use std::{net::TcpListener, path::Path};
+
+#[derive(Debug, clap::Args)]
+pub struct Opts {
+    /// Address of the mock downstream
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub mock_addr: String,
+    /// Mock success rate (the seed's mock uses 0.8)
+    #[arg(long, default_value_t = 0.8)]
+    pub mock_success_rate: f64,
+    /// Mock latency per call, in milliseconds
+    #[arg(long, default_value_t = 0)]
+    pub mock_latency_ms: u64,
+    /// Mock failure mix, e.g. 503=5,429=2,400=1,hang=1
+    #[arg(long, default_value = "503=5,429=2,400=1,hang=1")]
+    pub mock_failure_mix: String,
+    /// Use RTPD_DOWNSTREAM_URL instead of starting the mock
+    #[arg(long)]
+    pub no_mock: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DevCredentials {
+    pub vendor: String,
+    pub api_key: String,
+    pub admin_token: String,
+}
+
+fn random_secret(prefix: &str) -> String {
+    let bytes: [u8; 24] = rand::rng().random();
+    format!("{prefix}_{}", hex::encode(bytes))
+}
+
+/// Loads the dev credentials from the data directory, creating them once.
+pub fn dev_credentials(data_dir: &Path) -> anyhow::Result<DevCredentials> {
+    let path = data_dir.join("dev-credentials.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()));
+    }
+    let creds = DevCredentials {
+        vendor: "dev-vendor".into(),
+        api_key: random_secret("rtpd_vk"),
+        admin_token: random_secret("rtpd_adm"),
+    };
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&creds)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(creds)
+}
+
+pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    let mut settings = Settings::load()?;
+    for (kind, name) in [
+        (settings.wal != WalKind::Local, "RTPD_WAL"),
+        (settings.ledger != LedgerKind::Local, "RTPD_LEDGER"),
+        (settings.queue != QueueKind::Local, "RTPD_QUEUE"),
+    ] {
+        if kind {
+            tracing::info!(
+                "{name} is set: rtpd dev uses the configured backend instead of the embedded one"
+            );
+        }
+    }
+
+    let mut mock_server = None;
+    if !opts.no_mock {
+        let mock_opts = MockOpts {
+            addr: opts.mock_addr.clone(),
+            success_rate: opts.mock_success_rate,
+            latency_ms: opts.mock_latency_ms,
+            failure_mix: opts.mock_failure_mix.clone(),
+            hang_secs: 60,
+        }
+        .options()?;
+        let listener = TcpListener::bind(&opts.mock_addr).with_context(|| {
+            format!(
+                "binding the mock downstream on {} (use --mock-addr)",
+                opts.mock_addr
+            )
+        })?;
+        let (server, port) = Mock::new(mock_opts).serve(listener)?;
+        let host = opts
+            .mock_addr
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or("127.0.0.1");
+        settings.downstream_url = url::Url::parse(&format!("http://{host}:{port}/process"))?;
+        mock_server = Some(server);
+    }
+
+    let creds = dev_credentials(&settings.data_dir)?;
+    let auth = if settings.auth == AuthMode::None {
+        tracing::warn!("RTPD_AUTH=none: the API accepts unauthenticated requests");
+        Auth::disabled()
+    } else {
+        settings.vendor_keys = Some(Secret::from(
+            format!("{}:sha256:{}", creds.vendor, hash_secret(&creds.api_key)).as_str(),
+        ));
+        settings.admin_tokens = Some(Secret::from(
+            format!("dev-admin:sha256:{}", hash_secret(&creds.admin_token)).as_str(),
+        ));
+        Auth::from_settings(&settings)?
+    };
+
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let banner_settings = settings.clone();
+    let auth_on = auth.is_enabled();
+    let banner = tokio::spawn(async move {
+        if let Ok(port) = ready_rx.await {
+            print_banner(&banner_settings, port, &creds, auth_on);
+        }
+    });
+    let mock_handle = mock_server.as_ref().map(|s| s.handle());
+    if let Some(server) = mock_server {
+        tokio::spawn(server);
+    }
+    let result = run_with(Parts::Both, settings, auth, Some(ready_tx)).await;
+    banner.abort();
+    if let Some(h) = mock_handle {
+        h.stop(true).await;
+    }
+    result
+}
+
+fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
+    let host = s.http_addr.ip();
+    let base = format!("http://{host}:{port}");
+    let key = if auth {
+        format!(" -H 'X-Api-Key: {}'", creds.api_key)
+    } else {
+        String::new()
+    };
+    let admin = if auth {
+        format!(" -H 'Authorization: Bearer {}'", creds.admin_token)
+    } else {
+        String::new()
+    };
+    println!();
+    println!("rtpd dev is running");
+    println!("  API              {base}");
+    println!("  downstream       {}", s.downstream_url);
+    println!("  data             {}", s.data_dir.display());
+    if auth {
+        println!(
+            "  vendor API key   {}  (vendor {})",
+            creds.api_key, creds.vendor
+        );
+        println!("  admin token      {}", creds.admin_token);
+    }
+    println!();
+    println!("Try:");
+    println!(
+        "  curl -s -X POST {base}/v1/transactions -H 'Content-Type: application/json'{key} \\\n       -d '{{\"transaction_id\":\"TX-001\",\"amount\":\"10.00\",\"currency\":\"USD\"}}'"
+    );
+    println!("  curl -s {base}/v1/transactions/TX-001{key}");
+    println!("  curl -s {base}/metrics");
+    println!("  curl -s '{base}/v1/transactions?state=dead_letter'{admin}");
+    println!();
+}

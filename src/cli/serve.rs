@@ -1,0 +1,121 @@
+//! `rtpd serve | api | processor`: the parts of the service against the
+//! configured backends, until SIGTERM/Ctrl-C.
+
+use crate::app::{Application, Services};
+use crate::auth::Auth;
+use crate::config::{AuthMode, Settings};
+use crate::{processor, reconcile};
+use anyhow::Context;
+use std::{sync::Arc, time::Duration};
+use tokio::{sync::watch, task::JoinSet};
+
+#[derive(Debug, clap::Args)]
+pub struct Opts {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parts {
+    Api,
+    Processor,
+    Both,
+}
+
+impl Parts {
+    fn api(self) -> bool {
+        matches!(self, Parts::Api | Parts::Both)
+    }
+    fn processor(self) -> bool {
+        matches!(self, Parts::Processor | Parts::Both)
+    }
+}
+
+/// How long in-flight work may take to finish after a stop signal.
+const GRACE: Duration = Duration::from_secs(20);
+
+pub async fn run(parts: Parts, settings: Settings) -> anyhow::Result<()> {
+    let auth = if parts.api() {
+        if settings.auth == AuthMode::None {
+            tracing::warn!("RTPD_AUTH=none: the API accepts unauthenticated requests");
+        }
+        Auth::from_settings(&settings)?
+    } else {
+        Auth::disabled()
+    };
+    run_with(parts, settings, auth, None).await
+}
+
+/// Runs the parts; `ready` hears the API's port once it is bound.
+pub async fn run_with(
+    parts: Parts,
+    settings: Settings,
+    auth: Auth,
+    ready: Option<tokio::sync::oneshot::Sender<u16>>,
+) -> anyhow::Result<()> {
+    let services = Arc::new(Services::build(&settings).await?);
+    services.describe();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
+    let mut api_handle = None;
+
+    if parts.api() {
+        let app = Application::build(services.clone(), auth)?;
+        tracing::info!(addr = %settings.http_addr, port = app.port(), "API listening");
+        if let Some(tx) = ready {
+            let _ = tx.send(app.port());
+        }
+        api_handle = Some(app.handle());
+        tasks.spawn(async move {
+            app.run_until_stopped().await.context("API server")?;
+            Ok("api")
+        });
+    }
+    if parts.processor() {
+        let p = Arc::new(services.processor()?);
+        let concurrency = settings.processor_concurrency;
+        tracing::info!(concurrency, downstream = %settings.downstream_url, "processor started");
+        let stop = stop_rx.clone();
+        tasks.spawn(async move {
+            processor::run(p, concurrency, stop, GRACE).await?;
+            Ok("processor")
+        });
+        let svc = services.clone();
+        let stop = stop_rx.clone();
+        let (interval, lookback, pending_after) = (
+            Settings::secs(settings.reconcile_interval_secs),
+            Settings::secs(settings.reconcile_lookback_secs),
+            Settings::secs(settings.reconcile_pending_after_secs),
+        );
+        tasks.spawn(async move {
+            reconcile::run_periodically(svc, interval, lookback, pending_after, stop).await;
+            Ok("reconciler")
+        });
+    }
+
+    let early = tokio::select! {
+        _ = super::shutdown_signal() => None,
+        r = tasks.join_next() => r,
+    };
+    if let Some(r) = &early {
+        match r {
+            Ok(Ok(part)) => tracing::error!(part, "stopped unexpectedly"),
+            Ok(Err(e)) => tracing::error!(error = ?e, "a part failed"),
+            Err(e) => tracing::error!(error = %e, "a part panicked"),
+        }
+    } else {
+        tracing::info!("stop signal received; shutting down");
+    }
+    let _ = stop_tx.send(true);
+    if let Some(h) = api_handle {
+        h.stop(true).await;
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = ?e, "part ended with an error during shutdown");
+        }
+    }
+    tracing::info!("stopped");
+    match early {
+        Some(Ok(Err(e))) => Err(e),
+        Some(_) => anyhow::bail!("a part of the service stopped unexpectedly"),
+        None => Ok(()),
+    }
+}

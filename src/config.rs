@@ -1,0 +1,532 @@
+//! Configuration: defaults, then an optional TOML file (`RTPD_CONFIG_FILE`),
+//! then `RTPD_*` environment variables. Everything is typed and validated
+//! before anything starts; errors name the variable.
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Every environment variable `rtpd` reads. `rtpd config --env-names` prints
+/// this list; deployment checks compare compose and Bicep against it.
+pub const ENV_NAMES: &[&str] = &[
+    "RTPD_CONFIG_FILE",
+    "RTPD_HTTP_ADDR",
+    "RTPD_DATA_DIR",
+    "RTPD_INSTANCE_ID",
+    "RTPD_LOG_FORMAT",
+    "RTPD_LOG_LEVEL",
+    "RTPD_WAL",
+    "RTPD_STORAGE_CONNECTION_STRING",
+    "RTPD_STORAGE_ACCOUNT_URL",
+    "RTPD_WAL_CONTAINER",
+    "RTPD_WAL_CREATE_CONTAINER",
+    "RTPD_AZURE_CLIENT_ID",
+    "RTPD_LEDGER",
+    "RTPD_REDIS_URL",
+    "RTPD_REDIS_KEY_PREFIX",
+    "RTPD_REDIS_ENTRA",
+    "RTPD_LEDGER_RETENTION_DAYS",
+    "RTPD_QUEUE",
+    "RTPD_SERVICEBUS_CONNECTION_STRING",
+    "RTPD_SERVICEBUS_NAMESPACE",
+    "RTPD_SERVICEBUS_QUEUE",
+    "RTPD_DOWNSTREAM_URL",
+    "RTPD_DOWNSTREAM_TIMEOUT_SECS",
+    "RTPD_MAX_RETRIES",
+    "RTPD_BACKOFF_BASE_SECS",
+    "RTPD_BACKOFF_MAX_SECS",
+    "RTPD_PROCESSOR_CONCURRENCY",
+    "RTPD_LOCK_DURATION_SECS",
+    "RTPD_MAX_DELIVERY_COUNT",
+    "RTPD_MAX_BODY_BYTES",
+    "RTPD_RECONCILE_INTERVAL_SECS",
+    "RTPD_RECONCILE_LOOKBACK_SECS",
+    "RTPD_RECONCILE_PENDING_AFTER_SECS",
+    "RTPD_AUTH",
+    "RTPD_VENDOR_KEYS",
+    "RTPD_VENDOR_KEYS_FILE",
+    "RTPD_ADMIN_TOKENS",
+    "RTPD_ADMIN_TOKENS_FILE",
+    "RTPD_PUBLIC_HEALTH",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WalKind {
+    Local,
+    Azure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerKind {
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    Local,
+    Servicebus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Keys,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A secret that deserializes from any scalar and serializes redacted.
+#[derive(Clone, Debug)]
+pub struct Secret(pub SecretString);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(SecretString::from(s.to_owned()))
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Secret(SecretString::from(scalar_string(d)?)))
+    }
+}
+
+/// Environment values are parsed leniently by figment (`"123"` becomes a
+/// number), so text settings accept any scalar and keep its text.
+fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+struct ScalarText(String);
+
+impl<'de> Deserialize<'de> for ScalarText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar_string(d).map(ScalarText)
+    }
+}
+
+fn opt_scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<ScalarText>::deserialize(d).map(|o| o.map(|t| t.0))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    #[serde(deserialize_with = "opt_scalar_string")]
+    pub instance_id: Option<String>,
+    pub log_format: LogFormat,
+    #[serde(deserialize_with = "scalar_string")]
+    pub log_level: String,
+
+    pub wal: WalKind,
+    pub storage_connection_string: Option<Secret>,
+    pub storage_account_url: Option<String>,
+    #[serde(deserialize_with = "scalar_string")]
+    pub wal_container: String,
+    pub wal_create_container: Option<bool>,
+    #[serde(deserialize_with = "opt_scalar_string")]
+    pub azure_client_id: Option<String>,
+
+    pub ledger: LedgerKind,
+    pub redis_url: Secret,
+    #[serde(deserialize_with = "scalar_string")]
+    pub redis_key_prefix: String,
+    pub redis_entra: bool,
+    pub ledger_retention_days: u32,
+
+    pub queue: QueueKind,
+    pub servicebus_connection_string: Option<Secret>,
+    pub servicebus_namespace: Option<String>,
+    #[serde(deserialize_with = "scalar_string")]
+    pub servicebus_queue: String,
+
+    pub downstream_url: url::Url,
+    pub downstream_timeout_secs: f64,
+    pub max_retries: u32,
+    pub backoff_base_secs: f64,
+    pub backoff_max_secs: f64,
+    pub processor_concurrency: usize,
+    pub lock_duration_secs: f64,
+    pub max_delivery_count: u32,
+    pub max_body_bytes: usize,
+    pub reconcile_interval_secs: f64,
+    pub reconcile_lookback_secs: f64,
+    pub reconcile_pending_after_secs: f64,
+
+    pub auth: AuthMode,
+    pub vendor_keys: Option<Secret>,
+    pub vendor_keys_file: Option<PathBuf>,
+    pub admin_tokens: Option<Secret>,
+    pub admin_tokens_file: Option<PathBuf>,
+    pub public_health: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            http_addr: ([127, 0, 0, 1], 8080).into(),
+            data_dir: PathBuf::from("./.rtpd"),
+            instance_id: None,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            wal: WalKind::Local,
+            storage_connection_string: None,
+            storage_account_url: None,
+            wal_container: "rtp-wal".into(),
+            wal_create_container: None,
+            azure_client_id: None,
+            ledger: LedgerKind::Local,
+            redis_url: Secret::from("redis://127.0.0.1:6379"),
+            redis_key_prefix: "rtpd".into(),
+            redis_entra: false,
+            ledger_retention_days: 30,
+            queue: QueueKind::Local,
+            servicebus_connection_string: None,
+            servicebus_namespace: None,
+            servicebus_queue: "rtp-transactions".into(),
+            downstream_url: url::Url::parse("http://127.0.0.1:8081/process")
+                .expect("constant URL parses"),
+            downstream_timeout_secs: 10.0,
+            max_retries: 5,
+            backoff_base_secs: 60.0,
+            backoff_max_secs: 3600.0,
+            processor_concurrency: 32,
+            lock_duration_secs: 60.0,
+            max_delivery_count: 10,
+            max_body_bytes: 256 * 1024,
+            reconcile_interval_secs: 60.0,
+            reconcile_lookback_secs: 3600.0,
+            reconcile_pending_after_secs: 300.0,
+            auth: AuthMode::Keys,
+            vendor_keys: None,
+            vendor_keys_file: None,
+            admin_tokens: None,
+            admin_tokens_file: None,
+            public_health: true,
+        }
+    }
+}
+
+/// A configuration problem, always naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {variable}: {message}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            variable: variable.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+fn env_name(field: &str) -> String {
+    format!("RTPD_{}", field.to_ascii_uppercase())
+}
+
+impl Settings {
+    /// Defaults → `RTPD_CONFIG_FILE` (TOML) → `RTPD_*` variables, validated.
+    pub fn load() -> Result<Settings, ConfigError> {
+        Self::load_from(Figment::from(Serialized::defaults(Settings::default())))
+    }
+
+    /// Like [`Settings::load`] but on top of caller-provided defaults (used by
+    /// `rtpd dev`, whose defaults differ).
+    pub fn load_from(base: Figment) -> Result<Settings, ConfigError> {
+        let mut fig = base;
+        if let Ok(path) = std::env::var("RTPD_CONFIG_FILE") {
+            if !std::path::Path::new(&path).is_file() {
+                return Err(ConfigError::new(
+                    "RTPD_CONFIG_FILE",
+                    format!("no such file: {path}"),
+                ));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        let names: Vec<String> = ENV_NAMES
+            .iter()
+            .filter(|n| **n != "RTPD_CONFIG_FILE")
+            .map(|n| n.trim_start_matches("RTPD_").to_ascii_lowercase())
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        fig = fig.merge(Env::prefixed("RTPD_").only(&names));
+        let settings: Settings = fig.extract().map_err(|e| {
+            let field = e.path.first().cloned().unwrap_or_else(|| "?".into());
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let variable = if from_env || e.metadata.is_none() {
+                env_name(&field)
+            } else {
+                format!("{field} (in RTPD_CONFIG_FILE)")
+            };
+            ConfigError::new(&variable, e.kind.to_string())
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    name,
+                    format!("must be a non-negative number, got {v}"),
+                ))
+            }
+        };
+        positive("RTPD_DOWNSTREAM_TIMEOUT_SECS", self.downstream_timeout_secs)?;
+        positive("RTPD_BACKOFF_BASE_SECS", self.backoff_base_secs)?;
+        positive("RTPD_BACKOFF_MAX_SECS", self.backoff_max_secs)?;
+        positive("RTPD_LOCK_DURATION_SECS", self.lock_duration_secs)?;
+        positive("RTPD_RECONCILE_LOOKBACK_SECS", self.reconcile_lookback_secs)?;
+        positive(
+            "RTPD_RECONCILE_PENDING_AFTER_SECS",
+            self.reconcile_pending_after_secs,
+        )?;
+        if !(self.reconcile_interval_secs.is_finite() && self.reconcile_interval_secs >= 0.1) {
+            return Err(ConfigError::new(
+                "RTPD_RECONCILE_INTERVAL_SECS",
+                "must be at least 0.1",
+            ));
+        }
+        if self.downstream_timeout_secs <= 0.0 {
+            return Err(ConfigError::new(
+                "RTPD_DOWNSTREAM_TIMEOUT_SECS",
+                "must be greater than 0",
+            ));
+        }
+        if self.lock_duration_secs < 1.0 {
+            return Err(ConfigError::new(
+                "RTPD_LOCK_DURATION_SECS",
+                "must be at least 1 second",
+            ));
+        }
+        if self.backoff_max_secs < self.backoff_base_secs {
+            return Err(ConfigError::new(
+                "RTPD_BACKOFF_MAX_SECS",
+                "must be at least RTPD_BACKOFF_BASE_SECS",
+            ));
+        }
+        if self.processor_concurrency == 0 {
+            return Err(ConfigError::new(
+                "RTPD_PROCESSOR_CONCURRENCY",
+                "must be at least 1",
+            ));
+        }
+        if self.max_delivery_count == 0 {
+            return Err(ConfigError::new(
+                "RTPD_MAX_DELIVERY_COUNT",
+                "must be at least 1",
+            ));
+        }
+        if self.max_body_bytes < 64 || self.max_body_bytes > 64 * 1024 * 1024 {
+            return Err(ConfigError::new(
+                "RTPD_MAX_BODY_BYTES",
+                "must be between 64 bytes and 64 MiB",
+            ));
+        }
+        if !matches!(self.downstream_url.scheme(), "http" | "https") {
+            return Err(ConfigError::new(
+                "RTPD_DOWNSTREAM_URL",
+                "must be an http(s) URL",
+            ));
+        }
+        if let Some(id) = &self.instance_id
+            && (id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return Err(ConfigError::new(
+                "RTPD_INSTANCE_ID",
+                "may contain only A-Z a-z 0-9 -",
+            ));
+        }
+        if self.wal == WalKind::Azure
+            && self.storage_connection_string.is_none()
+            && self.storage_account_url.is_none()
+        {
+            return Err(ConfigError::new(
+                "RTPD_WAL",
+                "azure needs RTPD_STORAGE_CONNECTION_STRING or RTPD_STORAGE_ACCOUNT_URL",
+            ));
+        }
+        if let Some(u) = &self.storage_account_url
+            && url::Url::parse(u).is_err()
+        {
+            return Err(ConfigError::new("RTPD_STORAGE_ACCOUNT_URL", "is not a URL"));
+        }
+        if self.queue == QueueKind::Servicebus
+            && self.servicebus_connection_string.is_none()
+            && self.servicebus_namespace.is_none()
+        {
+            return Err(ConfigError::new(
+                "RTPD_QUEUE",
+                "servicebus needs RTPD_SERVICEBUS_CONNECTION_STRING or RTPD_SERVICEBUS_NAMESPACE",
+            ));
+        }
+        if self.ledger == LedgerKind::Redis {
+            let u = self.redis_url.expose();
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    "RTPD_REDIS_URL",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lock_duration(&self) -> Duration {
+        Duration::from_secs_f64(self.lock_duration_secs)
+    }
+
+    pub fn secs(v: f64) -> Duration {
+        Duration::from_secs_f64(v)
+    }
+
+    pub fn downstream_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.downstream_timeout_secs)
+    }
+
+    /// A stable name for this process in lease owners and segment keys.
+    pub fn instance(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| {
+                    !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+                .unwrap_or_else(|| "rtpd".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// The effective configuration, one `RTPD_NAME = value` line each, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml_string(self)
+    }
+}
+
+fn toml_string(s: &Settings) -> String {
+    let mut out = String::new();
+    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(s) {
+        for (k, v) in map {
+            let rendered = match v {
+                serde_json::Value::Null => "(unset)".to_owned(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!("{} = {rendered}\n", env_name(&k)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_has_an_env_name() {
+        let value = serde_json::to_value(Settings::default()).unwrap();
+        for key in value.as_object().unwrap().keys() {
+            let name = env_name(key);
+            assert!(
+                ENV_NAMES.contains(&name.as_str()),
+                "{name} missing from ENV_NAMES"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RTPD_MAX_RETRIES", "lots");
+            let err = Settings::load().unwrap_err();
+            assert_eq!(err.variable, "RTPD_MAX_RETRIES");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RTPD_WAL", "s3");
+            let err = Settings::load().unwrap_err();
+            assert_eq!(err.variable, "RTPD_WAL");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RTPD_BACKOFF_BASE_SECS", "100");
+            jail.set_env("RTPD_BACKOFF_MAX_SECS", "10");
+            let err = Settings::load().unwrap_err();
+            assert_eq!(err.variable, "RTPD_BACKOFF_MAX_SECS");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn numeric_text_and_secrets_are_kept_and_redacted() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RTPD_INSTANCE_ID", "42");
+            jail.set_env("RTPD_VENDOR_KEYS", "12345");
+            jail.set_env("RTPD_MAX_RETRIES", "3");
+            let s = Settings::load().unwrap();
+            assert_eq!(s.instance_id.as_deref(), Some("42"));
+            assert_eq!(s.vendor_keys.as_ref().unwrap().expose(), "12345");
+            assert_eq!(s.max_retries, 3);
+            let printed = s.to_redacted_toml();
+            assert!(
+                printed.contains("RTPD_VENDOR_KEYS = \"[redacted]\""),
+                "{printed}"
+            );
+            assert!(!printed.contains("12345"));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,164 @@
+//! The downstream payment service: one POST per attempt, carrying
+//! `Idempotency-Key: <transaction_id>`, and the classification of its answer.
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use std::time::{Duration, Instant};
+
+use crate::metrics;
+
+/// Header carrying the attempt number (1 = first call).
+pub const ATTEMPT_HEADER: &str = "X-Rtpd-Attempt";
+
+/// What a downstream answer means for the transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallResult {
+    /// 2xx, or 409: the service already processed this idempotency key.
+    Success { status: u16 },
+    /// Worth retrying: no response, timeout, connection error, 408, 429, 5xx.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Any other 4xx: retrying cannot help.
+    Permanent { reason: String },
+}
+
+impl CallResult {
+    pub fn label(&self) -> &'static str {
+        match self {
+            CallResult::Success { .. } => "success",
+            CallResult::Transient { .. } => "transient",
+            CallResult::Permanent { .. } => "permanent",
+        }
+    }
+}
+
+/// The classification table of DESIGN.md, by status code.
+pub fn classify(status: u16, retry_after: Option<Duration>) -> CallResult {
+    match status {
+        200..=299 | 409 => CallResult::Success { status },
+        408 | 429 | 500..=599 => CallResult::Transient {
+            reason: format!("downstream answered {status}"),
+            retry_after,
+        },
+        _ => CallResult::Permanent {
+            reason: format!("downstream answered {status}"),
+        },
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
+}
+
+#[derive(Clone)]
+pub struct Downstream {
+    client: reqwest::Client,
+    url: url::Url,
+}
+
+impl Downstream {
+    pub fn new(url: url::Url, timeout: Duration) -> Result<Downstream, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Downstream { client, url })
+    }
+
+    pub fn url(&self) -> &url::Url {
+        &self.url
+    }
+
+    pub async fn call(&self, transaction_id: &str, attempt: u32, payload: Bytes) -> CallResult {
+        let started = Instant::now();
+        let sent = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", transaction_id)
+            .header(ATTEMPT_HEADER, attempt.to_string())
+            .body(payload)
+            .send()
+            .await;
+        let result = match sent {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = parse_retry_after(resp.headers());
+                // Drain the body so the connection can be reused.
+                let _ = resp.bytes().await;
+                classify(status, retry_after)
+            }
+            Err(e) => CallResult::Transient {
+                reason: if e.is_timeout() {
+                    "downstream timed out".to_owned()
+                } else if e.is_connect() {
+                    "could not connect to downstream".to_owned()
+                } else {
+                    format!("downstream request failed: {e}")
+                },
+                retry_after: None,
+            },
+        };
+        metrics::downstream_called(result.label(), started.elapsed());
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        for s in [200, 201, 202, 204, 409] {
+            assert_eq!(classify(s, None), CallResult::Success { status: s }, "{s}");
+        }
+        for s in [408, 429, 500, 502, 503, 504, 599] {
+            assert!(
+                matches!(classify(s, None), CallResult::Transient { .. }),
+                "{s}"
+            );
+        }
+        for s in [400, 401, 403, 404, 405, 410, 413, 422] {
+            assert!(
+                matches!(classify(s, None), CallResult::Permanent { .. }),
+                "{s}"
+            );
+        }
+        let r = classify(429, Some(Duration::from_secs(7)));
+        assert_eq!(
+            r,
+            CallResult::Transient {
+                reason: "downstream answered 429".into(),
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "12".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(12)));
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(100)).to_rfc2822();
+        h.insert(RETRY_AFTER, later.parse().unwrap());
+        let d = parse_retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(90) && d <= Duration::from_secs(100),
+            "{d:?}"
+        );
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), None);
+    }
+}

@@ -1,0 +1,307 @@
+//! The embedded ledger on SQLite. A record is one row holding its JSON
+//! document plus the columns it is indexed by; the state machine in
+//! `transaction::machine` decides every transition, and the per-state count
+//! row changes in the same transaction.
+
+use super::{
+    ClaimOutcome, Counts, Ledger, LedgerError, ListQuery, Page, RegisterOutcome, ReplayOutcome,
+    decode_cursor, encode_cursor,
+};
+use crate::sqlite::{Db, DbError};
+use crate::transaction::{
+    Registration, Settlement, State, TxRecord,
+    machine::{self, ClaimDecision},
+};
+use async_trait::async_trait;
+use chrono::Utc;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS transactions (
+    id         TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    doc        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transactions_by_update ON transactions(updated_at, id);
+CREATE INDEX IF NOT EXISTS transactions_by_status ON transactions(status, updated_at, id);
+CREATE TABLE IF NOT EXISTS state_counts (
+    status TEXT PRIMARY KEY,
+    n      INTEGER NOT NULL
+);
+"#;
+
+pub struct LocalLedger {
+    db: Db,
+    path: PathBuf,
+}
+
+fn db_err(e: DbError) -> LedgerError {
+    match e {
+        DbError::Closed => LedgerError::Unavailable(e.to_string()),
+        DbError::Sqlite(e) => LedgerError::Fatal(e.to_string()),
+    }
+}
+
+fn load(c: &Connection, id: &str) -> rusqlite::Result<Option<TxRecord>> {
+    let doc: Option<String> = c
+        .prepare_cached("SELECT doc FROM transactions WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()?;
+    doc.map(|d| {
+        serde_json::from_str(&d).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    })
+    .transpose()
+}
+
+fn bump(c: &Connection, state: State, delta: i64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO state_counts (status, n) VALUES (?1, ?2) \
+         ON CONFLICT(status) DO UPDATE SET n = n + excluded.n",
+    )?
+    .execute(params![state.as_str(), delta])?;
+    Ok(())
+}
+
+/// Writes `rec`, moving the count from `before` (if any) to its state.
+fn store(c: &Connection, rec: &TxRecord, before: Option<State>) -> rusqlite::Result<()> {
+    let doc = serde_json::to_string(rec)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    c.prepare_cached(
+        "INSERT INTO transactions (id, status, updated_at, doc) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT(id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, doc = excluded.doc",
+    )?
+    .execute(params![
+        rec.transaction_id,
+        rec.status.as_str(),
+        rec.updated_at.timestamp_micros(),
+        doc
+    ])?;
+    if before != Some(rec.status) {
+        if let Some(b) = before {
+            bump(c, b, -1)?;
+        }
+        bump(c, rec.status, 1)?;
+    }
+    Ok(())
+}
+
+impl LocalLedger {
+    pub fn open(path: &Path) -> Result<LocalLedger, LedgerError> {
+        Ok(LocalLedger {
+            db: Db::open(path, SCHEMA).map_err(db_err)?,
+            path: path.to_owned(),
+        })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        self.db.run(f).await.map_err(db_err)
+    }
+}
+
+/// Carries a fencing refusal out of a database job.
+#[derive(Debug)]
+struct Fenced;
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("fenced")
+    }
+}
+impl std::error::Error for Fenced {}
+
+#[async_trait]
+impl Ledger for LocalLedger {
+    async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
+        self.run(move |c| {
+            if let Some(existing) = load(c, &reg.transaction_id)? {
+                return Ok(if existing.sha256 == reg.sha256 {
+                    RegisterOutcome::Duplicate(existing)
+                } else {
+                    RegisterOutcome::Conflict(existing)
+                });
+            }
+            let rec = TxRecord::new(&reg, Utc::now());
+            store(c, &rec, None)?;
+            Ok(RegisterOutcome::New(rec))
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
+        let id = id.to_owned();
+        self.run(move |c| load(c, &id)).await
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, LedgerError> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.run(move |c| {
+            let Some(mut rec) = load(c, &id)? else {
+                return Ok(ClaimOutcome::NotFound);
+            };
+            let now = Utc::now();
+            Ok(match machine::decide_claim(&rec, now) {
+                ClaimDecision::Terminal => ClaimOutcome::Terminal(rec),
+                ClaimDecision::Busy => ClaimOutcome::Busy(rec),
+                ClaimDecision::NotDue => ClaimOutcome::NotDue(rec),
+                ClaimDecision::Claim { .. } => {
+                    let before = rec.status;
+                    let until =
+                        now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+                    machine::apply_claim(&mut rec, &owner, until, now);
+                    store(c, &rec, Some(before))?;
+                    ClaimOutcome::Claimed(rec)
+                }
+            })
+        })
+        .await
+    }
+
+    async fn settle(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        s: Settlement,
+    ) -> Result<TxRecord, LedgerError> {
+        let (id2, owner2) = (id.to_owned(), owner.to_owned());
+        let result = self
+            .db
+            .run(move |c| {
+                let Some(mut rec) = load(c, &id2)? else {
+                    return Ok(None);
+                };
+                if !machine::holds(&rec, &owner2, attempt) {
+                    return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(Fenced)));
+                }
+                let before = rec.status;
+                machine::apply_settlement(&mut rec, &s, Utc::now());
+                store(c, &rec, Some(before))?;
+                Ok(Some(rec))
+            })
+            .await;
+        match result {
+            Ok(Some(rec)) => Ok(rec),
+            Ok(None) => Err(LedgerError::NotFound(id.to_owned())),
+            Err(DbError::Sqlite(rusqlite::Error::ToSqlConversionFailure(e)))
+                if e.is::<Fenced>() =>
+            {
+                Err(LedgerError::Fenced {
+                    id: id.to_owned(),
+                    owner: owner.to_owned(),
+                    attempt,
+                })
+            }
+            Err(e) => Err(db_err(e)),
+        }
+    }
+
+    async fn replay(
+        &self,
+        id: &str,
+        nonce: &str,
+        force: bool,
+    ) -> Result<ReplayOutcome, LedgerError> {
+        let (id, nonce) = (id.to_owned(), nonce.to_owned());
+        self.run(move |c| {
+            let Some(mut rec) = load(c, &id)? else {
+                return Ok(ReplayOutcome::NotFound);
+            };
+            let now = Utc::now();
+            if !machine::may_replay(&rec, force, now) {
+                return Ok(ReplayOutcome::Refused(rec));
+            }
+            let before = rec.status;
+            machine::apply_replay(&mut rec, &nonce, now);
+            store(c, &rec, Some(before))?;
+            Ok(ReplayOutcome::Reset(rec))
+        })
+        .await
+    }
+
+    async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {
+        self.run(move |c| {
+            let before = load(c, &rec.transaction_id)?.map(|r| r.status);
+            store(c, &rec, before)
+        })
+        .await
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Page, LedgerError> {
+        let limit = q.limit.clamp(1, 1000);
+        let cursor = match q.cursor.as_deref() {
+            Some(c) => {
+                Some(decode_cursor(c).ok_or_else(|| LedgerError::Fatal("invalid cursor".into()))?)
+            }
+            None => None,
+        };
+        let state = q.state.map(|s| s.as_str());
+        self.run(move |c| {
+            let (cu, cid) = cursor.unwrap_or((i64::MAX, String::new()));
+            let unbounded = cid.is_empty();
+            let sql = "SELECT doc, updated_at FROM transactions \
+                       WHERE (?1 IS NULL OR status = ?1) \
+                         AND (?4 OR updated_at < ?2 OR (updated_at = ?2 AND id < ?3)) \
+                       ORDER BY updated_at DESC, id DESC LIMIT ?5";
+            let rows: Vec<(String, i64)> = c
+                .prepare_cached(sql)?
+                .query_map(
+                    params![state, cu, cid, unbounded, (limit + 1) as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .collect::<Result<_, _>>()?;
+            let more = rows.len() > limit;
+            let mut items = Vec::with_capacity(limit);
+            let mut last = None;
+            for (doc, updated) in rows.into_iter().take(limit) {
+                let rec: TxRecord = serde_json::from_str(&doc)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                last = Some((updated, rec.transaction_id.clone()));
+                items.push(rec);
+            }
+            let next_cursor = if more {
+                last.map(|(u, id)| encode_cursor(u, &id))
+            } else {
+                None
+            };
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Counts, LedgerError> {
+        self.run(|c| {
+            let mut counts = Counts::default();
+            let rows: Vec<(String, i64)> = c
+                .prepare_cached("SELECT status, n FROM state_counts")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (s, n) in rows {
+                if let Some(state) = State::parse(&s) {
+                    *counts.slot(state) = n.max(0) as u64;
+                }
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        self.run(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    fn describe(&self) -> String {
+        format!("embedded ledger {}", self.path.display())
+    }
+}

@@ -1,0 +1,165 @@
+//! The ledger port: the index of every transaction's state, used to dedup
+//! ingest, fence processors and answer status queries.
+//!
+//! Contract:
+//! - Every operation on one transaction is atomic and linearizable.
+//! - `register` creates a `pending` record once; the same id with the same
+//!   sha256 is `Duplicate`, with another sha256 `Conflict`. Nothing is overwritten.
+//! - `claim` hands out attempt numbers that only grow: the attempt is the
+//!   fencing token. It refuses terminal records, unexpired leases of others,
+//!   and failed records whose retry is not due.
+//! - `settle` succeeds only for the current owner with the current attempt; a
+//!   stale owner gets [`LedgerError::Fenced`] and nothing changes.
+//! - Counts by state change in the same atomic step as the state; they are
+//!   never computed by scanning.
+//! - The ledger is an index, not the source of truth: the WAL and the outcome
+//!   journal are, and the ledger can be rebuilt from them.
+
+pub mod local;
+
+use crate::transaction::{Registration, Settlement, State, TxRecord};
+use async_trait::async_trait;
+use base64::Engine;
+use serde::Serialize;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegisterOutcome {
+    New(TxRecord),
+    Duplicate(TxRecord),
+    Conflict(TxRecord),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// The caller owns attempt `record.attempts` until the lease ends.
+    Claimed(TxRecord),
+    Terminal(TxRecord),
+    Busy(TxRecord),
+    NotDue(TxRecord),
+    NotFound,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplayOutcome {
+    Reset(TxRecord),
+    /// Not allowed in its current state (a `success` without force, or a live claim).
+    Refused(TxRecord),
+    NotFound,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("transaction {id}: attempt {attempt} of {owner} is no longer the current claim")]
+    Fenced {
+        id: String,
+        owner: String,
+        attempt: u32,
+    },
+    #[error("transaction {0} not found")]
+    NotFound(String),
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    #[error("ledger error: {0}")]
+    Fatal(String),
+}
+
+impl LedgerError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LedgerError::Unavailable(_))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub state: Option<State>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub items: Vec<TxRecord>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub pending: u64,
+    pub processing: u64,
+    pub success: u64,
+    pub failed: u64,
+    pub dead_letter: u64,
+}
+
+impl Counts {
+    pub fn total(&self) -> u64 {
+        self.pending + self.processing + self.success + self.failed + self.dead_letter
+    }
+
+    pub fn by_state(&self) -> [(State, u64); 5] {
+        [
+            (State::Pending, self.pending),
+            (State::Processing, self.processing),
+            (State::Success, self.success),
+            (State::Failed, self.failed),
+            (State::DeadLetter, self.dead_letter),
+        ]
+    }
+
+    pub fn slot(&mut self, s: State) -> &mut u64 {
+        match s {
+            State::Pending => &mut self.pending,
+            State::Processing => &mut self.processing,
+            State::Success => &mut self.success,
+            State::Failed => &mut self.failed,
+            State::DeadLetter => &mut self.dead_letter,
+        }
+    }
+}
+
+/// List order is newest update first; a cursor is the last item's position.
+pub fn encode_cursor(updated_at_us: i64, id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{updated_at_us}:{id}"))
+}
+
+pub fn decode_cursor(c: &str) -> Option<(i64, String)> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let (t, id) = s.split_once(':')?;
+    Some((t.parse().ok()?, id.to_owned()))
+}
+
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError>;
+    async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError>;
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, LedgerError>;
+    async fn settle(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        s: Settlement,
+    ) -> Result<TxRecord, LedgerError>;
+    async fn replay(
+        &self,
+        id: &str,
+        nonce: &str,
+        force: bool,
+    ) -> Result<ReplayOutcome, LedgerError>;
+    /// Puts a record as rebuilt from the WAL and journal, replacing what is
+    /// there (ledger rebuild only).
+    async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError>;
+    async fn list(&self, q: ListQuery) -> Result<Page, LedgerError>;
+    async fn counts(&self) -> Result<Counts, LedgerError>;
+    async fn ping(&self) -> Result<(), LedgerError>;
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,26 @@
+//! rtp-durability: a durability layer for real-time payments.
+//!
+//! A vendor's transaction is written byte-exact to a write-ahead log ([`wal`]),
+//! registered in a [`ledger`], and enqueued on a [`queue`]; the [`processor`]
+//! calls the [`downstream`] payment service with an idempotency key and records
+//! the outcome. The binary `rtpd` only wires these together.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod downstream;
+pub mod journal;
+pub mod ledger;
+pub mod metrics;
+pub mod mock_downstream;
+pub mod processor;
+pub mod queue;
+pub mod reconcile;
+pub mod replay;
+pub mod sqlite;
+pub mod telemetry;
+pub mod transaction;
+pub mod wal;

@@ -1,0 +1,466 @@
+//! The processor: takes one message from the queue, claims its transaction in
+//! the ledger, calls the downstream, records the outcome (journal, then
+//! ledger) and only then settles the message.
+//!
+//! [`Processor::try_process_next`] is one unit of work; [`run`] only decides
+//! how many run at once and when to stop.
+
+use crate::backoff::RetryPolicy;
+use crate::downstream::{CallResult, Downstream};
+use crate::journal::{EntryKind, Journal, JournalEntry};
+use crate::ledger::{ClaimOutcome, Ledger, LedgerError, RegisterOutcome};
+use crate::metrics;
+use crate::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
+use crate::transaction::{Registration, Settlement, State};
+use crate::wal::sha256_hex;
+use chrono::Utc;
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// Application properties every queue message carries.
+pub mod props {
+    pub const TRANSACTION_ID: &str = "transaction_id";
+    pub const SHA256: &str = "sha256";
+    pub const WAL_REF: &str = "wal_ref";
+    pub const VENDOR: &str = "vendor";
+    pub const RECEIVED_AT: &str = "received_at";
+    /// `initial`, `retry`, `replay` or `redrive`.
+    pub const KIND: &str = "kind";
+}
+
+/// Builds the queue message for a transaction. The first enqueue uses the
+/// transaction id as message id (so Service Bus duplicate detection drops a
+/// vendor's retried POST); every later copy gets a distinct id via `suffix`.
+pub fn message_for(
+    reg: &Registration,
+    payload: bytes::Bytes,
+    kind: &str,
+    suffix: Option<&str>,
+    scheduled: Option<chrono::DateTime<Utc>>,
+) -> OutgoingMessage {
+    let mut properties = BTreeMap::from([
+        (props::TRANSACTION_ID.to_owned(), reg.transaction_id.clone()),
+        (props::SHA256.to_owned(), reg.sha256.clone()),
+        (props::WAL_REF.to_owned(), reg.wal_ref.clone()),
+        (props::RECEIVED_AT.to_owned(), reg.received_at.to_rfc3339()),
+        (props::KIND.to_owned(), kind.to_owned()),
+    ]);
+    if let Some(v) = &reg.vendor {
+        properties.insert(props::VENDOR.to_owned(), v.clone());
+    }
+    OutgoingMessage {
+        message_id: match suffix {
+            Some(s) => format!("{}:{s}", reg.transaction_id),
+            None => reg.transaction_id.clone(),
+        },
+        body: payload,
+        content_type: Some("application/json".into()),
+        properties,
+        scheduled_enqueue_at: scheduled,
+    }
+}
+
+fn registration_of(m: &ReceivedMessage) -> Option<Registration> {
+    let p = &m.properties;
+    Some(Registration {
+        transaction_id: p.get(props::TRANSACTION_ID)?.clone(),
+        sha256: p.get(props::SHA256)?.clone(),
+        wal_ref: p.get(props::WAL_REF).cloned().unwrap_or_default(),
+        vendor: p.get(props::VENDOR).cloned(),
+        received_at: p
+            .get(props::RECEIVED_AT)
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(Utc::now),
+    })
+}
+
+/// What one unit of work did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Nothing to receive within the wait.
+    Empty,
+    Succeeded,
+    /// A transient failure: a retry copy is scheduled.
+    RetryScheduled,
+    DeadLettered,
+    /// The message was a duplicate or early copy and was completed unprocessed.
+    Skipped(&'static str),
+    /// Lost the lock or the claim to someone else; nothing recorded.
+    Fenced,
+    /// Another worker holds the claim; the message is left to its lock expiry.
+    Busy,
+    /// A dependency failed; the message was left to be redelivered.
+    Deferred(String),
+}
+
+impl Outcome {
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Empty => "empty",
+            Outcome::Succeeded => "success",
+            Outcome::RetryScheduled => "retry_scheduled",
+            Outcome::DeadLettered => "dead_letter",
+            Outcome::Skipped(_) => "skipped",
+            Outcome::Fenced => "fenced",
+            Outcome::Busy => "busy",
+            Outcome::Deferred(_) => "deferred",
+        }
+    }
+}
+
+pub struct Processor {
+    pub queue: Arc<dyn Queue>,
+    pub ledger: Arc<dyn Ledger>,
+    pub journal: Journal,
+    pub downstream: Downstream,
+    pub policy: RetryPolicy,
+    /// Lease owner name of this process.
+    pub owner: String,
+    pub lock_duration: Duration,
+    pub downstream_timeout: Duration,
+}
+
+impl Processor {
+    /// Receives at most one message (waiting up to `wait`) and handles it.
+    pub async fn try_process_next(&self, wait: Duration) -> Result<Outcome, QueueError> {
+        match self.queue.receive(1, wait).await?.into_iter().next() {
+            Some(m) => Ok(self.process(m).await),
+            None => Ok(Outcome::Empty),
+        }
+    }
+
+    /// Handles one received message to the end. Not to be cancelled midway:
+    /// shutdown waits for it.
+    pub async fn process(&self, m: ReceivedMessage) -> Outcome {
+        let id = m
+            .properties
+            .get(props::TRANSACTION_ID)
+            .cloned()
+            .unwrap_or_default();
+        let span =
+            tracing::info_span!("process", transaction_id = %id, delivery = m.delivery_count);
+        let outcome = self.handle(m).instrument(span).await;
+        metrics::processed(outcome.label());
+        outcome
+    }
+
+    async fn handle(&self, m: ReceivedMessage) -> Outcome {
+        let Some(reg) = registration_of(&m) else {
+            return self
+                .dead_letter_message(
+                    &m,
+                    "MalformedMessage",
+                    "message has no transaction_id/sha256 properties",
+                )
+                .await;
+        };
+        if sha256_hex(&m.body) != reg.sha256 {
+            // The WAL still holds the true payload; the reconciler re-drives from it.
+            return self
+                .dead_letter_message(
+                    &m,
+                    "PayloadHashMismatch",
+                    "message body does not match its sha256",
+                )
+                .await;
+        }
+        let lease = self.lock_duration + self.downstream_timeout;
+        let mut claim = self
+            .ledger
+            .claim(&reg.transaction_id, &self.owner, lease)
+            .await;
+        if let Ok(ClaimOutcome::NotFound) = claim {
+            // The ledger lost this transaction (e.g. Redis was flushed): the
+            // message carries enough to register it again.
+            tracing::warn!("transaction missing from ledger; registering from the message");
+            match self.ledger.register(reg.clone()).await {
+                Ok(RegisterOutcome::Conflict(_)) => {
+                    return self
+                        .dead_letter_message(
+                            &m,
+                            "LedgerConflict",
+                            "ledger holds other content for this id",
+                        )
+                        .await;
+                }
+                Ok(_) => {}
+                Err(e) => return self.defer(&m, e.to_string()).await,
+            }
+            claim = self
+                .ledger
+                .claim(&reg.transaction_id, &self.owner, lease)
+                .await;
+        }
+        let rec = match claim {
+            Ok(ClaimOutcome::Claimed(rec)) => rec,
+            Ok(ClaimOutcome::Terminal(_)) => return self.skip(&m, "already_done").await,
+            Ok(ClaimOutcome::Busy(rec)) => {
+                // Another worker holds the claim (or held it and died). Leave
+                // this copy locked: it comes back when the lock expires, by
+                // which time the claim has ended one way or the other.
+                tracing::info!(lease_until = ?rec.lease_until, "claimed elsewhere; message left to its lock expiry");
+                return Outcome::Busy;
+            }
+            Ok(ClaimOutcome::NotDue(_)) => return self.skip(&m, "retry_not_due").await,
+            Ok(ClaimOutcome::NotFound) => {
+                return self
+                    .defer(&m, "transaction vanished from ledger".into())
+                    .await;
+            }
+            Err(e) => return self.defer(&m, e.to_string()).await,
+        };
+        let attempt = rec.attempts;
+        if attempt > self.policy.max_retries + 1 {
+            // Earlier attempts died without recording anything (crash loop).
+            let error = format!("{} attempts started without an outcome", attempt - 1);
+            return self
+                .finish(&m, &reg, attempt, Settlement::DeadLetter { error }, None)
+                .await;
+        }
+
+        tracing::info!(attempt, "calling downstream");
+        let result = self
+            .call_renewing_lock(&m, &reg.transaction_id, attempt)
+            .await;
+        match result {
+            CallResult::Success { status } => {
+                tracing::info!(attempt, status, "transaction succeeded");
+                self.finish(&m, &reg, attempt, Settlement::Success, None)
+                    .await
+            }
+            CallResult::Transient {
+                reason,
+                retry_after,
+            } if self.policy.may_retry_after(attempt) => {
+                let mut delay = self.policy.delay(attempt);
+                if let Some(ra) = retry_after {
+                    delay = delay.max(ra).min(self.policy.max);
+                }
+                let next_retry_at =
+                    Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                tracing::warn!(attempt, error = %reason, retry_in_secs = delay.as_secs_f64(), "transient failure; retry scheduled");
+                let copy = message_for(
+                    &reg,
+                    m.body.clone(),
+                    "retry",
+                    Some(&format!("retry:{}", attempt + 1)),
+                    Some(next_retry_at),
+                );
+                let s = Settlement::Failed {
+                    error: reason,
+                    next_retry_at,
+                };
+                self.finish(&m, &reg, attempt, s, Some(copy)).await
+            }
+            CallResult::Transient { reason, .. } => {
+                let error = format!("retries exhausted after {attempt} attempts: {reason}");
+                tracing::warn!(attempt, error = %error, "dead-lettering");
+                self.finish(&m, &reg, attempt, Settlement::DeadLetter { error }, None)
+                    .await
+            }
+            CallResult::Permanent { reason } => {
+                tracing::warn!(attempt, error = %reason, "permanent failure; dead-lettering");
+                self.finish(
+                    &m,
+                    &reg,
+                    attempt,
+                    Settlement::DeadLetter { error: reason },
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Calls the downstream, renewing the message lock while the call runs.
+    async fn call_renewing_lock(&self, m: &ReceivedMessage, id: &str, attempt: u32) -> CallResult {
+        let call = self.downstream.call(id, attempt, m.body.clone());
+        tokio::pin!(call);
+        let every = (self.lock_duration / 2).max(Duration::from_millis(200));
+        let mut renewing = true;
+        loop {
+            tokio::select! {
+                r = &mut call => return r,
+                _ = tokio::time::sleep(every), if renewing => {
+                    match self.queue.renew_lock(m).await {
+                        Ok(until) => tracing::debug!(%until, "lock renewed"),
+                        Err(e) => {
+                            // The ledger lease still fences the outcome; keep the call.
+                            tracing::warn!(error = %e, "could not renew message lock");
+                            renewing = !matches!(e, QueueError::LockLost);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Journal, then ledger, then (retry copy and) settlement.
+    async fn finish(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+        attempt: u32,
+        s: Settlement,
+        retry: Option<OutgoingMessage>,
+    ) -> Outcome {
+        let (error, next_retry_at) = match &s {
+            Settlement::Success => (None, None),
+            Settlement::Failed {
+                error,
+                next_retry_at,
+            } => (Some(error.clone()), Some(*next_retry_at)),
+            Settlement::DeadLetter { error } => (Some(error.clone()), None),
+        };
+        let entry = JournalEntry {
+            v: 1,
+            kind: EntryKind::Attempt,
+            transaction_id: reg.transaction_id.clone(),
+            at: Utc::now(),
+            attempt: Some(attempt),
+            state: s.state(),
+            error: error.clone(),
+            next_retry_at,
+            actor: self.owner.clone(),
+            reason: None,
+        };
+        if let Err(e) = self.journal.append(&entry).await {
+            return self.defer(m, format!("outcome journal: {e}")).await;
+        }
+        if let Some(copy) = retry
+            && let Err(e) = self.queue.send(vec![copy]).await
+        {
+            return self.defer(m, format!("scheduling retry: {e}")).await;
+        }
+        match self
+            .ledger
+            .settle(&reg.transaction_id, &self.owner, attempt, s.clone())
+            .await
+        {
+            Ok(_) => {}
+            Err(LedgerError::Fenced { .. }) => {
+                tracing::warn!(
+                    attempt,
+                    "claim was taken over; outcome not recorded in ledger"
+                );
+                let _ = self.queue.complete(m).await;
+                return Outcome::Fenced;
+            }
+            Err(e) => return self.defer(m, e.to_string()).await,
+        }
+        let settled = match s.state() {
+            State::DeadLetter => {
+                let reason = if error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("retries exhausted"))
+                {
+                    "RetriesExhausted"
+                } else {
+                    "PermanentFailure"
+                };
+                self.queue
+                    .dead_letter(m, reason, error.as_deref().unwrap_or_default())
+                    .await
+            }
+            _ => self.queue.complete(m).await,
+        };
+        if let Err(e) = settled {
+            // Recorded in the ledger already: a redelivery finds it terminal or not due.
+            tracing::warn!(error = %e, "could not settle message after recording outcome");
+        }
+        match s.state() {
+            State::Success => Outcome::Succeeded,
+            State::Failed => Outcome::RetryScheduled,
+            _ => Outcome::DeadLettered,
+        }
+    }
+
+    async fn skip(&self, m: &ReceivedMessage, why: &'static str) -> Outcome {
+        tracing::info!(reason = why, "completing message without processing");
+        match self.queue.complete(m).await {
+            Ok(()) => Outcome::Skipped(why),
+            Err(QueueError::LockLost) => Outcome::Fenced,
+            Err(e) => Outcome::Deferred(e.to_string()),
+        }
+    }
+
+    async fn defer(&self, m: &ReceivedMessage, error: String) -> Outcome {
+        tracing::warn!(error = %error, "dependency failed; message left for redelivery");
+        let _ = self.queue.abandon(m).await;
+        Outcome::Deferred(error)
+    }
+
+    async fn dead_letter_message(
+        &self,
+        m: &ReceivedMessage,
+        reason: &str,
+        description: &str,
+    ) -> Outcome {
+        tracing::warn!(reason, description, message_id = %m.message_id, "dead-lettering undecodable message");
+        match self.queue.dead_letter(m, reason, description).await {
+            Ok(()) => Outcome::DeadLettered,
+            Err(QueueError::LockLost) => Outcome::Fenced,
+            Err(e) => Outcome::Deferred(e.to_string()),
+        }
+    }
+}
+
+/// Runs `concurrency` workers until `shutdown` turns true, then lets in-flight
+/// work finish within `grace`.
+pub async fn run(
+    processor: Arc<Processor>,
+    concurrency: usize,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let p = processor.clone();
+        let mut stop = shutdown.clone();
+        workers.spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                // Only the wait for a message is cancelled by shutdown, never its handling.
+                let received = tokio::select! {
+                    r = p.queue.receive(1, Duration::from_secs(1)) => r,
+                    _ = stop.changed() => return,
+                };
+                match received {
+                    Ok(msgs) => {
+                        failures = 0;
+                        for m in msgs {
+                            p.process(m).await;
+                        }
+                    }
+                    Err(e) => {
+                        failures = (failures + 1).min(6);
+                        let pause = Duration::from_millis(100 * 2u64.pow(failures));
+                        tracing::warn!(error = %e, "queue receive failed; pausing {pause:?}");
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {},
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let _ = shutdown.wait_for(|s| *s).await;
+    tracing::info!("processor stopping; finishing in-flight work");
+    let drained = tokio::time::timeout(grace, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "in-flight work did not finish within {grace:?}; its messages will be redelivered"
+        );
+        workers.abort_all();
+    }
+    Ok(())
+}

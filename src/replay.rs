@@ -1,0 +1,122 @@
+//! Operator replay: put a transaction back to `pending` and enqueue a fresh
+//! copy of its WAL record. Used by `rtpd replay` and the replay routes.
+
+use crate::app::Services;
+use crate::journal::{EntryKind, JournalEntry};
+use crate::ledger::{LedgerError, ReplayOutcome};
+use crate::processor::message_for;
+use crate::queue::QueueError;
+use crate::transaction::{Registration, State, TxRecord, machine};
+use crate::wal::{WalError, WalRecord, WalRef};
+use bytes::Bytes;
+use chrono::Utc;
+
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    /// Required to replay a `success`.
+    pub force: bool,
+    pub operator: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Replayed {
+    Requeued {
+        record: TxRecord,
+        message_id: String,
+    },
+    /// Not allowed now (a `success` without force, or a live claim).
+    Refused(TxRecord),
+    NotFound,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Reads and checks one transaction's WAL record.
+pub async fn load_record(svc: &Services, wal_ref: &str) -> Result<WalRecord, WalError> {
+    let r: WalRef = wal_ref.parse()?;
+    let bytes = svc.wal.read(&r).await?;
+    let rec: WalRecord =
+        serde_json::from_slice(&bytes).map_err(|e| WalError::Corrupt(format!("{wal_ref}: {e}")))?;
+    if !rec.payload_sha256_matches() {
+        return Err(WalError::Corrupt(format!(
+            "{wal_ref}: payload does not match its sha256"
+        )));
+    }
+    Ok(rec)
+}
+
+pub fn registration_of(rec: &WalRecord, wal_ref: &str) -> Registration {
+    Registration {
+        transaction_id: rec.transaction_id.clone(),
+        sha256: rec.sha256.clone(),
+        wal_ref: wal_ref.to_owned(),
+        vendor: rec.source.vendor.clone(),
+        received_at: rec.received_at,
+    }
+}
+
+pub async fn replay_one(
+    svc: &Services,
+    id: &str,
+    req: &ReplayRequest,
+) -> Result<Replayed, ReplayError> {
+    let Some(current) = svc.ledger.get(id).await? else {
+        return Ok(Replayed::NotFound);
+    };
+    if !machine::may_replay(&current, req.force, Utc::now()) {
+        return Ok(Replayed::Refused(current));
+    }
+    let wal = load_record(svc, &current.wal_ref).await?;
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    svc.journal
+        .append(&JournalEntry {
+            v: 1,
+            kind: EntryKind::Replay,
+            transaction_id: id.to_owned(),
+            at: Utc::now(),
+            attempt: None,
+            state: State::Pending,
+            error: None,
+            next_retry_at: None,
+            actor: req.operator.clone(),
+            reason: Some(match &req.reason {
+                Some(r) => format!(
+                    "{r} (replay {nonce}, from {}{})",
+                    current.status,
+                    if req.force { ", forced" } else { "" }
+                ),
+                None => format!(
+                    "replay {nonce}, from {}{}",
+                    current.status,
+                    if req.force { ", forced" } else { "" }
+                ),
+            }),
+        })
+        .await?;
+    let record = match svc.ledger.replay(id, &nonce, req.force).await? {
+        ReplayOutcome::Reset(r) => r,
+        ReplayOutcome::Refused(r) => return Ok(Replayed::Refused(r)),
+        ReplayOutcome::NotFound => return Ok(Replayed::NotFound),
+    };
+    let suffix = format!("replay:{nonce}");
+    let msg = message_for(
+        &registration_of(&wal, &current.wal_ref),
+        Bytes::from(wal.payload.into_bytes()),
+        "replay",
+        Some(&suffix),
+        None,
+    );
+    let message_id = msg.message_id.clone();
+    svc.queue.send(vec![msg]).await?;
+    tracing::info!(transaction_id = %id, operator = %req.operator, force = req.force, "transaction replayed");
+    Ok(Replayed::Requeued { record, message_id })
+}

@@ -1,0 +1,382 @@
+//! The transaction vocabulary shared by every part: identifiers, states, the
+//! ledger's view of a transaction, and the transitions between states.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Longest accepted transaction id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// A validated transaction id: 1–128 characters of `A-Za-z0-9._:-`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct TransactionId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("transaction_id is empty")]
+    Empty,
+    #[error("transaction_id is longer than {MAX_ID_LEN} characters")]
+    TooLong,
+    #[error("transaction_id may contain only A-Z a-z 0-9 . _ : -")]
+    IllegalCharacter,
+}
+
+impl TransactionId {
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
+        if s.is_empty() {
+            return Err(InvalidId::Empty);
+        }
+        if s.len() > MAX_ID_LEN {
+            return Err(InvalidId::TooLong);
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err(InvalidId::IllegalCharacter);
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TransactionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TransactionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        TransactionId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The seed's states. `success` and `dead_letter` are terminal (a replay can
+/// move `dead_letter` back to `pending`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Processing,
+    Success,
+    Failed,
+    DeadLetter,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::Pending,
+        State::Processing,
+        State::Success,
+        State::Failed,
+        State::DeadLetter,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Processing => "processing",
+            State::Success => "success",
+            State::Failed => "failed",
+            State::DeadLetter => "dead_letter",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Success | State::DeadLetter)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the ledger knows about one transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxRecord {
+    pub transaction_id: String,
+    pub status: State,
+    /// Hex sha256 of the exact payload bytes the vendor sent.
+    pub sha256: String,
+    /// Where the payload lives in the WAL (see `wal::WalRef`).
+    pub wal_ref: String,
+    /// Downstream attempts started so far; also the fencing token of the
+    /// current claim.
+    pub attempts: u32,
+    pub retry_count: u32,
+    pub error_message: Option<String>,
+    pub next_retry_at: Option<DateTime<Utc>>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub vendor: Option<String>,
+    /// Set by an operator replay so the replayed copy is not taken for a duplicate.
+    pub replay_nonce: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl TxRecord {
+    pub fn new(reg: &Registration, now: DateTime<Utc>) -> Self {
+        TxRecord {
+            transaction_id: reg.transaction_id.clone(),
+            status: State::Pending,
+            sha256: reg.sha256.clone(),
+            wal_ref: reg.wal_ref.clone(),
+            attempts: 0,
+            retry_count: 0,
+            error_message: None,
+            next_retry_at: None,
+            lease_owner: None,
+            lease_until: None,
+            vendor: reg.vendor.clone(),
+            replay_nonce: None,
+            created_at: reg.received_at,
+            updated_at: now,
+        }
+    }
+}
+
+/// A new transaction to put in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    pub transaction_id: String,
+    pub sha256: String,
+    pub wal_ref: String,
+    pub vendor: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// How an attempt ended, as recorded by its (fenced) owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Settlement {
+    Success,
+    Failed {
+        error: String,
+        next_retry_at: DateTime<Utc>,
+    },
+    DeadLetter {
+        error: String,
+    },
+}
+
+impl Settlement {
+    pub fn state(&self) -> State {
+        match self {
+            Settlement::Success => State::Success,
+            Settlement::Failed { .. } => State::Failed,
+            Settlement::DeadLetter { .. } => State::DeadLetter,
+        }
+    }
+}
+
+/// The pure state machine both ledger adapters apply. Adapters load the
+/// record, call one of these, and store the result atomically.
+pub mod machine {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum ClaimDecision {
+        /// Start attempt number `attempt` (the fencing token).
+        Claim { attempt: u32 },
+        /// Already `success` or `dead_letter`: nothing to do.
+        Terminal,
+        /// Someone else holds an unexpired lease.
+        Busy,
+        /// A retry is scheduled later than now.
+        NotDue,
+    }
+
+    pub fn decide_claim(rec: &TxRecord, now: DateTime<Utc>) -> ClaimDecision {
+        match rec.status {
+            State::Success | State::DeadLetter => ClaimDecision::Terminal,
+            State::Processing if rec.lease_until.is_some_and(|u| u > now) => ClaimDecision::Busy,
+            State::Failed if rec.next_retry_at.is_some_and(|t| t > now) => ClaimDecision::NotDue,
+            _ => ClaimDecision::Claim {
+                attempt: rec.attempts + 1,
+            },
+        }
+    }
+
+    pub fn apply_claim(
+        rec: &mut TxRecord,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) {
+        rec.attempts += 1;
+        rec.status = State::Processing;
+        rec.lease_owner = Some(owner.to_owned());
+        rec.lease_until = Some(lease_until);
+        rec.updated_at = now;
+    }
+
+    /// Whether `owner` at `attempt` still holds the transaction.
+    pub fn holds(rec: &TxRecord, owner: &str, attempt: u32) -> bool {
+        rec.status == State::Processing
+            && rec.attempts == attempt
+            && rec.lease_owner.as_deref() == Some(owner)
+    }
+
+    pub fn apply_settlement(rec: &mut TxRecord, s: &Settlement, now: DateTime<Utc>) {
+        rec.status = s.state();
+        rec.lease_owner = None;
+        rec.lease_until = None;
+        rec.updated_at = now;
+        match s {
+            Settlement::Success => {
+                rec.next_retry_at = None;
+            }
+            Settlement::Failed {
+                error,
+                next_retry_at,
+            } => {
+                rec.error_message = Some(error.clone());
+                rec.next_retry_at = Some(*next_retry_at);
+                rec.retry_count += 1;
+            }
+            Settlement::DeadLetter { error } => {
+                rec.error_message = Some(error.clone());
+                rec.next_retry_at = None;
+            }
+        }
+    }
+
+    /// Operator replay: `dead_letter`/`failed`/`pending` go back to `pending`;
+    /// `success` only with `force`; `processing` never (a call is in flight).
+    pub fn may_replay(rec: &TxRecord, force: bool, now: DateTime<Utc>) -> bool {
+        match rec.status {
+            State::Success => force,
+            State::Processing => rec.lease_until.is_none_or(|u| u <= now),
+            _ => true,
+        }
+    }
+
+    pub fn apply_replay(rec: &mut TxRecord, nonce: &str, now: DateTime<Utc>) {
+        rec.status = State::Pending;
+        rec.replay_nonce = Some(nonce.to_owned());
+        rec.next_retry_at = None;
+        rec.lease_owner = None;
+        rec.lease_until = None;
+        rec.updated_at = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::machine::*;
+    use super::*;
+    use chrono::Duration;
+
+    fn rec() -> TxRecord {
+        TxRecord::new(
+            &Registration {
+                transaction_id: "tx-1".into(),
+                sha256: "00".into(),
+                wal_ref: "w".into(),
+                vendor: None,
+                received_at: Utc::now(),
+            },
+            Utc::now(),
+        )
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(TransactionId::parse("TX-1.a_b:c").is_ok());
+        assert_eq!(TransactionId::parse(""), Err(InvalidId::Empty));
+        assert_eq!(
+            TransactionId::parse(&"a".repeat(129)),
+            Err(InvalidId::TooLong)
+        );
+        assert!(TransactionId::parse(&"a".repeat(128)).is_ok());
+        for bad in ["a b", "a/b", "é", "a\n", "a#b"] {
+            assert_eq!(
+                TransactionId::parse(bad),
+                Err(InvalidId::IllegalCharacter),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn states_round_trip_their_names() {
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(State::parse("done"), None);
+    }
+
+    #[test]
+    fn claim_walks_the_seed_state_machine() {
+        let now = Utc::now();
+        let mut r = rec();
+        assert_eq!(decide_claim(&r, now), ClaimDecision::Claim { attempt: 1 });
+        apply_claim(&mut r, "w1", now + Duration::seconds(30), now);
+        assert_eq!(r.status, State::Processing);
+        assert_eq!(decide_claim(&r, now), ClaimDecision::Busy);
+        assert!(holds(&r, "w1", 1));
+        assert!(!holds(&r, "w2", 1));
+        assert!(!holds(&r, "w1", 2));
+        // An expired lease can be taken over, with a higher fencing token.
+        assert_eq!(
+            decide_claim(&r, now + Duration::seconds(31)),
+            ClaimDecision::Claim { attempt: 2 }
+        );
+
+        let retry_at = now + Duration::seconds(60);
+        apply_settlement(
+            &mut r,
+            &Settlement::Failed {
+                error: "503".into(),
+                next_retry_at: retry_at,
+            },
+            now,
+        );
+        assert_eq!(r.status, State::Failed);
+        assert_eq!(r.retry_count, 1);
+        assert_eq!(decide_claim(&r, now), ClaimDecision::NotDue);
+        assert_eq!(
+            decide_claim(&r, retry_at + Duration::seconds(1)),
+            ClaimDecision::Claim { attempt: 2 }
+        );
+
+        apply_claim(&mut r, "w1", now, now);
+        apply_settlement(&mut r, &Settlement::Success, now);
+        assert_eq!(decide_claim(&r, now), ClaimDecision::Terminal);
+        assert!(!may_replay(&r, false, now));
+        assert!(may_replay(&r, true, now));
+    }
+
+    #[test]
+    fn dead_letter_is_replayable_to_pending() {
+        let now = Utc::now();
+        let mut r = rec();
+        apply_claim(&mut r, "w", now, now);
+        apply_settlement(
+            &mut r,
+            &Settlement::DeadLetter {
+                error: "400".into(),
+            },
+            now,
+        );
+        assert_eq!(decide_claim(&r, now), ClaimDecision::Terminal);
+        assert!(may_replay(&r, false, now));
+        apply_replay(&mut r, "n1", now);
+        assert_eq!(r.status, State::Pending);
+        assert_eq!(decide_claim(&r, now), ClaimDecision::Claim { attempt: 2 });
+    }
+}

@@ -1,0 +1,468 @@
+//! The write-ahead log: every accepted transaction, byte-exact, before the
+//! vendor hears back; and (under its own prefix) the outcome journal.
+//!
+//! Contract of [`Log::append`]: when it returns a [`WalRef`], the record is
+//! durable in an immutable segment object (blob PUT acknowledged, or file and
+//! directory fsynced) and `read(ref)` returns exactly the appended bytes.
+//! Records are never overwritten. There is no order between records of
+//! different segments beyond the time partition of their keys.
+//!
+//! Group commit lives here, once, above the object stores: concurrent appends
+//! are batched into one segment per flush. A flusher flushes at once when idle;
+//! while flushes are in flight, appends queue and go out together in the next.
+
+pub mod azure;
+pub mod local;
+pub mod store;
+
+use bytes::Bytes;
+use chrono::{DateTime, Datelike, Duration as ChronoDuration, Timelike, Utc};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+use store::{ObjectInfo, ObjectStore, PutOptions, StoreError};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::metrics;
+
+/// Key prefix of transaction records.
+pub const WAL_PREFIX: &str = "wal/v1";
+/// Key prefix of the outcome journal.
+pub const JOURNAL_PREFIX: &str = "outcomes/v1";
+/// Key prefix of rejected inbound calls (forensics).
+pub const REJECTED_PREFIX: &str = "rejected/v1";
+
+/// One record's place: segment key, byte offset and length (without the newline).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRef {
+    pub key: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl fmt::Display for WalRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}+{}", self.key, self.offset, self.len)
+    }
+}
+
+impl FromStr for WalRef {
+    type Err = WalError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || WalError::BadRef(s.to_owned());
+        let (key, range) = s.rsplit_once('#').ok_or_else(bad)?;
+        let (off, len) = range.split_once('+').ok_or_else(bad)?;
+        if key.is_empty() {
+            return Err(bad());
+        }
+        Ok(WalRef {
+            key: key.to_owned(),
+            offset: off.parse().map_err(|_| bad())?,
+            len: len.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// The store could not take the write within the retry deadline. The
+    /// record is not durable; the caller must not acknowledge it.
+    #[error("WAL unavailable: {0}")]
+    Unavailable(String),
+    #[error("WAL record not found: {0}")]
+    NotFound(String),
+    #[error("not a WAL reference: {0}")]
+    BadRef(String),
+    #[error("WAL record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("WAL error: {0}")]
+    Fatal(String),
+    #[error("WAL is shut down")]
+    Closed,
+}
+
+impl From<StoreError> for WalError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(k) => WalError::NotFound(k),
+            StoreError::Unavailable(m) => WalError::Unavailable(m),
+            other => WalError::Fatal(other.to_string()),
+        }
+    }
+}
+
+/// Where an inbound call came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub vendor: Option<String>,
+    pub remote_addr: Option<String>,
+}
+
+/// One accepted transaction as stored in the WAL: one JSON line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WalRecord {
+    pub v: u32,
+    pub transaction_id: String,
+    pub received_at: DateTime<Utc>,
+    pub source: Source,
+    /// Hex sha256 of the payload bytes.
+    pub sha256: String,
+    /// The payload exactly as received (validated UTF-8 JSON text).
+    pub payload: String,
+}
+
+impl WalRecord {
+    pub fn payload_sha256_matches(&self) -> bool {
+        sha256_hex(self.payload.as_bytes()) == self.sha256
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Batching limits of one log.
+#[derive(Debug, Clone)]
+pub struct GroupCommit {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// Flushes allowed in flight at once.
+    pub flushers: usize,
+    /// How long a flush retries transient store errors before failing its appends.
+    pub retry_deadline: Duration,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        GroupCommit {
+            max_records: 2048,
+            max_bytes: 4 * 1024 * 1024,
+            flushers: 2,
+            retry_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Append {
+    line: Vec<u8>,
+    at: DateTime<Utc>,
+    reply: oneshot::Sender<Result<WalRef, WalError>>,
+}
+
+/// A group-committed log of JSON lines under one key prefix.
+#[derive(Clone)]
+pub struct Log {
+    prefix: &'static str,
+    store: Arc<dyn ObjectStore>,
+    tx: mpsc::Sender<Append>,
+}
+
+impl Log {
+    /// Starts the flushers; they stop when every `Log` clone is dropped.
+    pub fn start(
+        store: Arc<dyn ObjectStore>,
+        prefix: &'static str,
+        instance: &str,
+        cfg: GroupCommit,
+    ) -> Log {
+        let (tx, rx) = mpsc::channel::<Append>(cfg.max_records.max(1) * 4);
+        let rx = Arc::new(Mutex::new(rx));
+        let seq = Arc::new(AtomicU64::new(0));
+        for _ in 0..cfg.flushers.max(1) {
+            let flusher = Flusher {
+                store: store.clone(),
+                prefix,
+                instance: instance.to_owned(),
+                cfg: cfg.clone(),
+                seq: seq.clone(),
+            };
+            tokio::spawn(flusher.run(rx.clone()));
+        }
+        Log { prefix, store, tx }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Appends one line (no newline inside). Returns once it is durable.
+    pub async fn append(&self, line: Vec<u8>, at: DateTime<Utc>) -> Result<WalRef, WalError> {
+        debug_assert!(!line.contains(&b'\n'));
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Append { line, at, reply })
+            .await
+            .map_err(|_| WalError::Closed)?;
+        rx.await.map_err(|_| WalError::Closed)?
+    }
+
+    pub async fn append_json<T: Serialize>(
+        &self,
+        value: &T,
+        at: DateTime<Utc>,
+    ) -> Result<WalRef, WalError> {
+        let line = serde_json::to_vec(value).map_err(|e| WalError::Fatal(e.to_string()))?;
+        self.append(line, at).await
+    }
+
+    /// Reads one record back with a ranged read.
+    pub async fn read(&self, r: &WalRef) -> Result<Bytes, WalError> {
+        Ok(self.store.get_range(&r.key, r.offset, r.len).await?)
+    }
+
+    /// Segments whose hour partition overlaps `[from, to]`, oldest first.
+    pub async fn segments(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<ObjectInfo>, WalError> {
+        let mut out = Vec::new();
+        let mut hour = truncate_to_hour(from);
+        while hour <= to {
+            out.extend(self.store.list(&hour_prefix(self.prefix, hour)).await?);
+            hour += ChronoDuration::hours(1);
+        }
+        Ok(out)
+    }
+
+    /// Every record of one segment with its reference.
+    pub async fn read_segment(&self, key: &str) -> Result<Vec<(WalRef, Bytes)>, WalError> {
+        let body = self.store.get(key).await?;
+        Ok(split_lines(key, &body))
+    }
+
+    pub async fn ping(&self) -> Result<(), WalError> {
+        Ok(self.store.ping().await?)
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{} under {}/", self.store.describe(), self.prefix)
+    }
+}
+
+pub fn split_lines(key: &str, body: &Bytes) -> Vec<(WalRef, Bytes)> {
+    let mut out = Vec::new();
+    let mut start = 0usize;
+    for (i, b) in body.iter().enumerate() {
+        if *b == b'\n' {
+            if i > start {
+                out.push((
+                    WalRef {
+                        key: key.to_owned(),
+                        offset: start as u64,
+                        len: (i - start) as u64,
+                    },
+                    body.slice(start..i),
+                ));
+            }
+            start = i + 1;
+        }
+    }
+    out
+}
+
+fn truncate_to_hour(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.with_minute(0)
+        .and_then(|t| t.with_second(0))
+        .and_then(|t| t.with_nanosecond(0))
+        .unwrap_or(t)
+}
+
+fn hour_prefix(prefix: &str, t: DateTime<Utc>) -> String {
+    format!(
+        "{prefix}/{:04}/{:02}/{:02}/{:02}/",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour()
+    )
+}
+
+struct Flusher {
+    store: Arc<dyn ObjectStore>,
+    prefix: &'static str,
+    instance: String,
+    cfg: GroupCommit,
+    seq: Arc<AtomicU64>,
+}
+
+impl Flusher {
+    async fn run(self, rx: Arc<Mutex<mpsc::Receiver<Append>>>) {
+        let mut carry: Option<Append> = None;
+        loop {
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            if let Some(a) = carry.take() {
+                bytes += a.line.len() + 1;
+                batch.push(a);
+            }
+            {
+                let mut rx = rx.lock().await;
+                if batch.is_empty() {
+                    match rx.recv().await {
+                        Some(a) => {
+                            bytes += a.line.len() + 1;
+                            batch.push(a);
+                        }
+                        None => return,
+                    }
+                }
+                while batch.len() < self.cfg.max_records {
+                    match rx.try_recv() {
+                        Ok(a) if bytes + a.line.len() + 1 > self.cfg.max_bytes => {
+                            carry = Some(a);
+                            break;
+                        }
+                        Ok(a) => {
+                            bytes += a.line.len() + 1;
+                            batch.push(a);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.flush(batch).await;
+        }
+    }
+
+    async fn flush(&self, batch: Vec<Append>) {
+        let now = Utc::now();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let key = format!(
+            "{}{}-{}-{:010}.ndjson",
+            hour_prefix(self.prefix, now),
+            now.format("%Y%m%dT%H%M%S%.6fZ"),
+            self.instance,
+            seq
+        );
+        let mut body = Vec::with_capacity(batch.iter().map(|a| a.line.len() + 1).sum());
+        let mut refs = Vec::with_capacity(batch.len());
+        for a in &batch {
+            refs.push(WalRef {
+                key: key.clone(),
+                offset: body.len() as u64,
+                len: a.line.len() as u64,
+            });
+            body.extend_from_slice(&a.line);
+            body.push(b'\n');
+        }
+        let first = batch.iter().map(|a| a.at).min().unwrap_or(now);
+        let last = batch.iter().map(|a| a.at).max().unwrap_or(now);
+        let opts = PutOptions {
+            content_type: "application/x-ndjson".into(),
+            metadata: BTreeMap::from([
+                ("instance".into(), self.instance.clone()),
+                ("records".into(), batch.len().to_string()),
+                ("first_received_at".into(), first.to_rfc3339()),
+                ("last_received_at".into(), last.to_rfc3339()),
+            ]),
+        };
+        let started = Instant::now();
+        let result = self.put_with_retry(&key, Bytes::from(body), &opts).await;
+        metrics::wal_flushed(self.prefix, batch.len(), started.elapsed(), result.is_ok());
+        match result {
+            Ok(()) => {
+                for (a, r) in batch.into_iter().zip(refs) {
+                    let _ = a.reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                tracing::error!(segment = %key, records = batch.len(), error = %e, "WAL flush failed; appends not acknowledged");
+                let msg = e.to_string();
+                for a in batch {
+                    let _ = a.reply.send(Err(WalError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+
+    /// Retries transient errors until the deadline. A put whose answer was
+    /// lost may have landed: `AlreadyExists` on a retry is success only if the
+    /// stored bytes are ours.
+    async fn put_with_retry(
+        &self,
+        key: &str,
+        body: Bytes,
+        opts: &PutOptions,
+    ) -> Result<(), WalError> {
+        let deadline = Instant::now() + self.cfg.retry_deadline;
+        let mut delay = Duration::from_millis(20);
+        let mut retried = false;
+        loop {
+            match self.store.put_new(key, body.clone(), opts).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::AlreadyExists(_)) if retried => {
+                    return match self.store.get(key).await {
+                        Ok(stored) if stored == body => Ok(()),
+                        Ok(_) => Err(WalError::Fatal(format!(
+                            "segment {key} exists with other content"
+                        ))),
+                        Err(e) => Err(e.into()),
+                    };
+                }
+                Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
+                    tracing::warn!(segment = %key, error = %e, "WAL put failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                    retried = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_refs_round_trip() {
+        let r = WalRef {
+            key: "wal/v1/2026/01/02/03/x-1.ndjson".into(),
+            offset: 10,
+            len: 99,
+        };
+        assert_eq!(r.to_string().parse::<WalRef>().unwrap(), r);
+        for bad in ["", "abc", "k#1", "k#a+1", "#1+2"] {
+            assert!(bad.parse::<WalRef>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hour_prefixes_partition_by_time() {
+        let t = DateTime::parse_from_rfc3339("2026-11-22T05:43:21.5Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(hour_prefix(WAL_PREFIX, t), "wal/v1/2026/11/22/05/");
+        assert_eq!(
+            truncate_to_hour(t).to_rfc3339(),
+            "2026-11-22T05:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn segments_split_into_records() {
+        let body = Bytes::from_static(b"{\"a\":1}\n{\"b\":2}\n");
+        let recs = split_lines("k", &body);
+        assert_eq!(recs.len(), 2);
+        assert_eq!(
+            recs[1].0,
+            WalRef {
+                key: "k".into(),
+                offset: 8,
+                len: 7
+            }
+        );
+        assert_eq!(&recs[1].1[..], b"{\"b\":2}");
+    }
+}

@@ -1,0 +1,392 @@
+//! The ledger contract, written once and run against every ledger adapter.
+
+use chrono::Utc;
+use rtp_durability::ledger::{
+    ClaimOutcome, Ledger, LedgerError, ListQuery, RegisterOutcome, ReplayOutcome,
+};
+use rtp_durability::transaction::{Registration, Settlement, State};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+fn reg(id: &str, sha: &str) -> Registration {
+    Registration {
+        transaction_id: id.to_owned(),
+        sha256: sha.to_owned(),
+        wal_ref: format!("wal/v1/2026/01/01/00/s.ndjson#0+{}", id.len()),
+        vendor: Some("acme".into()),
+        received_at: Utc::now(),
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+pub async fn register_new_duplicate_conflict(l: Arc<dyn Ledger>) {
+    let RegisterOutcome::New(rec) = l.register(reg("t1", "aa")).await.unwrap() else {
+        panic!("first registration is new")
+    };
+    assert_eq!(rec.status, State::Pending);
+    assert_eq!(rec.vendor.as_deref(), Some("acme"));
+    assert!(matches!(
+        l.register(reg("t1", "aa")).await.unwrap(),
+        RegisterOutcome::Duplicate(_)
+    ));
+    let RegisterOutcome::Conflict(existing) = l.register(reg("t1", "bb")).await.unwrap() else {
+        panic!("other content is a conflict")
+    };
+    assert_eq!(existing.sha256, "aa", "never overwritten");
+    assert_eq!(l.get("t1").await.unwrap().unwrap().sha256, "aa");
+    assert!(l.get("nope").await.unwrap().is_none());
+    l.ping().await.unwrap();
+}
+
+pub async fn claim_fences_and_settles(l: Arc<dyn Ledger>) {
+    l.register(reg("t2", "aa")).await.unwrap();
+    let ClaimOutcome::Claimed(c) = l.claim("t2", "w1", LEASE).await.unwrap() else {
+        panic!("claimable")
+    };
+    assert_eq!(c.attempts, 1);
+    assert_eq!(c.status, State::Processing);
+    assert!(matches!(
+        l.claim("t2", "w2", LEASE).await.unwrap(),
+        ClaimOutcome::Busy(_)
+    ));
+    // A stranger's settle is refused and changes nothing.
+    let err = l
+        .settle("t2", "w2", 1, Settlement::Success)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::Fenced { .. }), "{err:?}");
+    assert_eq!(
+        l.get("t2").await.unwrap().unwrap().status,
+        State::Processing
+    );
+    let done = l.settle("t2", "w1", 1, Settlement::Success).await.unwrap();
+    assert_eq!(done.status, State::Success);
+    assert!(matches!(
+        l.claim("t2", "w3", LEASE).await.unwrap(),
+        ClaimOutcome::Terminal(_)
+    ));
+    assert!(matches!(
+        l.claim("missing", "w", LEASE).await.unwrap(),
+        ClaimOutcome::NotFound
+    ));
+}
+
+pub async fn expired_lease_is_taken_over_and_old_owner_fenced(l: Arc<dyn Ledger>) {
+    l.register(reg("t3", "aa")).await.unwrap();
+    assert!(matches!(
+        l.claim("t3", "w1", Duration::from_millis(200))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ClaimOutcome::Claimed(c) = l.claim("t3", "w2", LEASE).await.unwrap() else {
+        panic!("expired lease can be taken over")
+    };
+    assert_eq!(c.attempts, 2, "the fencing token grows");
+    assert!(matches!(
+        l.settle("t3", "w1", 1, Settlement::Success).await,
+        Err(LedgerError::Fenced { .. })
+    ));
+    l.settle("t3", "w2", 2, Settlement::Success).await.unwrap();
+}
+
+pub async fn failed_retry_is_not_due_early(l: Arc<dyn Ledger>) {
+    l.register(reg("t4", "aa")).await.unwrap();
+    l.claim("t4", "w", LEASE).await.unwrap();
+    let at = Utc::now() + chrono::Duration::milliseconds(500);
+    let f = l
+        .settle(
+            "t4",
+            "w",
+            1,
+            Settlement::Failed {
+                error: "503".into(),
+                next_retry_at: at,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.status, State::Failed);
+    assert_eq!(f.retry_count, 1);
+    assert_eq!(f.error_message.as_deref(), Some("503"));
+    assert!(matches!(
+        l.claim("t4", "w", LEASE).await.unwrap(),
+        ClaimOutcome::NotDue(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let ClaimOutcome::Claimed(c) = l.claim("t4", "w", LEASE).await.unwrap() else {
+        panic!("due retry is claimable")
+    };
+    assert_eq!(c.attempts, 2);
+    let d = l
+        .settle(
+            "t4",
+            "w",
+            2,
+            Settlement::DeadLetter {
+                error: "400".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.status, State::DeadLetter);
+}
+
+pub async fn replay_rules(l: Arc<dyn Ledger>) {
+    l.register(reg("t5", "aa")).await.unwrap();
+    l.claim("t5", "w", LEASE).await.unwrap();
+    l.settle(
+        "t5",
+        "w",
+        1,
+        Settlement::DeadLetter {
+            error: "400".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let ReplayOutcome::Reset(r) = l.replay("t5", "n1", false).await.unwrap() else {
+        panic!("dead letters replay without force")
+    };
+    assert_eq!(r.status, State::Pending);
+    assert_eq!(r.replay_nonce.as_deref(), Some("n1"));
+    l.claim("t5", "w", LEASE).await.unwrap();
+    l.settle("t5", "w", 2, Settlement::Success).await.unwrap();
+    assert!(matches!(
+        l.replay("t5", "n2", false).await.unwrap(),
+        ReplayOutcome::Refused(_)
+    ));
+    assert!(matches!(
+        l.replay("t5", "n3", true).await.unwrap(),
+        ReplayOutcome::Reset(_)
+    ));
+    assert!(matches!(
+        l.replay("zz", "n", true).await.unwrap(),
+        ReplayOutcome::NotFound
+    ));
+}
+
+pub async fn list_pages_by_state(l: Arc<dyn Ledger>) {
+    for i in 0..25 {
+        l.register(reg(&format!("p{i:02}"), "aa")).await.unwrap();
+    }
+    for i in 0..5 {
+        let id = format!("p{i:02}");
+        l.claim(&id, "w", LEASE).await.unwrap();
+        l.settle(&id, "w", 1, Settlement::Success).await.unwrap();
+    }
+    let mut seen = BTreeSet::new();
+    let mut cursor = None;
+    loop {
+        let page = l
+            .list(ListQuery {
+                state: Some(State::Pending),
+                limit: 7,
+                cursor: cursor.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(page.items.len() <= 7);
+        for r in &page.items {
+            assert_eq!(r.status, State::Pending);
+            assert!(seen.insert(r.transaction_id.clone()), "no item twice");
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 20);
+    let ok = l
+        .list(ListQuery {
+            state: Some(State::Success),
+            limit: 100,
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.items.len(), 5);
+    assert!(ok.next_cursor.is_none());
+    let all = l
+        .list(ListQuery {
+            state: None,
+            limit: 100,
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 25);
+    assert!(
+        all.items
+            .windows(2)
+            .all(|w| w[0].updated_at >= w[1].updated_at),
+        "newest first"
+    );
+}
+
+pub async fn counts_follow_transitions(l: Arc<dyn Ledger>) {
+    let before = l.counts().await.unwrap();
+    assert_eq!(before.total(), 0);
+    for i in 0..6 {
+        l.register(reg(&format!("c{i}"), "aa")).await.unwrap();
+    }
+    l.register(reg("c0", "aa")).await.unwrap(); // duplicate: no change
+    l.claim("c0", "w", LEASE).await.unwrap();
+    l.claim("c1", "w", LEASE).await.unwrap();
+    l.settle("c1", "w", 1, Settlement::Success).await.unwrap();
+    l.claim("c2", "w", LEASE).await.unwrap();
+    l.settle("c2", "w", 1, Settlement::DeadLetter { error: "x".into() })
+        .await
+        .unwrap();
+    l.claim("c3", "w", LEASE).await.unwrap();
+    l.settle(
+        "c3",
+        "w",
+        1,
+        Settlement::Failed {
+            error: "x".into(),
+            next_retry_at: Utc::now(),
+        },
+    )
+    .await
+    .unwrap();
+    let c = l.counts().await.unwrap();
+    assert_eq!(
+        (c.pending, c.processing, c.success, c.failed, c.dead_letter),
+        (2, 1, 1, 1, 1)
+    );
+    assert_eq!(c.total(), 6);
+}
+
+/// Many claimers race for one transaction: exactly one wins.
+pub async fn concurrent_claimers_one_wins(l: Arc<dyn Ledger>) {
+    l.register(reg("race", "aa")).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..32 {
+        let l = l.clone();
+        tasks.spawn(async move { l.claim("race", &format!("w{w}"), LEASE).await.unwrap() });
+    }
+    let mut wins = 0;
+    while let Some(r) = tasks.join_next().await {
+        if matches!(r.unwrap(), ClaimOutcome::Claimed(_)) {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(l.get("race").await.unwrap().unwrap().attempts, 1);
+}
+
+/// Counts stay exact while many transactions move concurrently.
+pub async fn counts_exact_under_concurrency(l: Arc<dyn Ledger>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let l = l.clone();
+        tasks.spawn(async move {
+            let id = format!("cc{i}");
+            l.register(reg(&id, "aa")).await.unwrap();
+            l.register(reg(&id, "aa")).await.unwrap();
+            if i % 3 == 0 {
+                return;
+            }
+            if let ClaimOutcome::Claimed(c) = l.claim(&id, "w", LEASE).await.unwrap() {
+                let s = if i % 3 == 1 {
+                    Settlement::Success
+                } else {
+                    Settlement::DeadLetter { error: "e".into() }
+                };
+                l.settle(&id, "w", c.attempts, s).await.unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let c = l.counts().await.unwrap();
+    assert_eq!(
+        (c.pending, c.processing, c.success, c.dead_letter, c.failed),
+        (20, 0, 20, 20, 0)
+    );
+}
+
+pub async fn restore_replaces(l: Arc<dyn Ledger>) {
+    let RegisterOutcome::New(mut rec) = l.register(reg("rs", "aa")).await.unwrap() else {
+        panic!()
+    };
+    rec.status = State::Success;
+    rec.attempts = 3;
+    l.restore(rec.clone()).await.unwrap();
+    let got = l.get("rs").await.unwrap().unwrap();
+    assert_eq!(got.status, State::Success);
+    assert_eq!(got.attempts, 3);
+    let c = l.counts().await.unwrap();
+    assert_eq!((c.pending, c.success), (0, 1));
+}
+
+macro_rules! ledger_contract {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+            #[tokio::test]
+            async fn register_new_duplicate_conflict() {
+                super::register_new_duplicate_conflict($make().await).await
+            }
+            #[tokio::test]
+            async fn claim_fences_and_settles() {
+                super::claim_fences_and_settles($make().await).await
+            }
+            #[tokio::test]
+            async fn expired_lease_is_taken_over_and_old_owner_fenced() {
+                super::expired_lease_is_taken_over_and_old_owner_fenced($make().await).await
+            }
+            #[tokio::test]
+            async fn failed_retry_is_not_due_early() {
+                super::failed_retry_is_not_due_early($make().await).await
+            }
+            #[tokio::test]
+            async fn replay_rules() {
+                super::replay_rules($make().await).await
+            }
+            #[tokio::test]
+            async fn list_pages_by_state() {
+                super::list_pages_by_state($make().await).await
+            }
+            #[tokio::test]
+            async fn counts_follow_transitions() {
+                super::counts_follow_transitions($make().await).await
+            }
+            #[tokio::test]
+            async fn concurrent_claimers_one_wins() {
+                super::concurrent_claimers_one_wins($make().await).await
+            }
+            #[tokio::test]
+            async fn counts_exact_under_concurrency() {
+                super::counts_exact_under_concurrency($make().await).await
+            }
+            #[tokio::test]
+            async fn restore_replaces() {
+                super::restore_replaces($make().await).await
+            }
+        }
+    };
+}
+
+async fn local() -> Arc<dyn Ledger> {
+    let dir = tempfile::tempdir().unwrap().keep();
+    Arc::new(rtp_durability::ledger::local::LocalLedger::open(&dir.join("ledger.db")).unwrap())
+}
+
+ledger_contract!(local_ledger, local);
+
+#[tokio::test]
+async fn local_ledger_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    {
+        let l = rtp_durability::ledger::local::LocalLedger::open(&path).unwrap();
+        l.register(reg("kept", "aa")).await.unwrap();
+    }
+    let l = rtp_durability::ledger::local::LocalLedger::open(&path).unwrap();
+    assert_eq!(l.get("kept").await.unwrap().unwrap().status, State::Pending);
+    assert_eq!(l.counts().await.unwrap().pending, 1);
+}

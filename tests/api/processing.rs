@@ -1,0 +1,169 @@
+//! The processor against a real mock downstream: success, retries,
+//! dead-letters, and a worker that dies without settling.
+
+use crate::support::{AppOptions, json, spawn_app, spawn_app_with};
+use rtp_durability::ledger::ClaimOutcome;
+use rtp_durability::processor::Outcome;
+use rtp_durability::queue::Subqueue;
+use rtp_durability::transaction::State;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test]
+async fn happy_path_calls_downstream_once_with_the_idempotency_key() {
+    let app = spawn_app().await;
+    app.post_json(&json!({"transaction_id": "OK-1", "amount": "3"}))
+        .await;
+    let outcomes = app.drain_until_terminal(&["OK-1"]).await;
+    assert_eq!(outcomes, vec![Outcome::Succeeded]);
+    let rec = app.record("OK-1").await;
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(rec.attempts, 1);
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["OK-1"]["calls"], 1);
+    assert_eq!(calls["calls_without_key"], 0);
+    assert_eq!(calls["concurrent_overlaps"], 0);
+    app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_then_succeed() {
+    let app = spawn_app().await;
+    app.post_json(&json!({"transaction_id": "TR-1", "_mock": {"script": ["503", "429", "hang"]}}))
+        .await;
+    let outcomes = app.drain_until_terminal(&["TR-1"]).await;
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == Outcome::RetryScheduled)
+            .count(),
+        3,
+        "{outcomes:?}"
+    );
+    let rec = app.record("TR-1").await;
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(rec.attempts, 4);
+    assert_eq!(rec.retry_count, 3);
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["TR-1"]["calls"], 4);
+    assert_eq!(calls["by_key"]["TR-1"]["successes"], 1);
+}
+
+#[tokio::test]
+async fn permanent_failure_is_dead_lettered_with_a_reason() {
+    let app = spawn_app().await;
+    app.post_json(&json!({"transaction_id": "PF-1", "_mock": {"script": ["400"]}}))
+        .await;
+    app.drain_until_terminal(&["PF-1"]).await;
+    let rec = app.record("PF-1").await;
+    assert_eq!(rec.status, State::DeadLetter);
+    assert_eq!(rec.attempts, 1, "a permanent failure is not retried");
+    assert!(rec.error_message.unwrap().contains("400"));
+    let dl = app.services.queue.peek_dead_letters(0, 10).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(
+        dl[0].dead_letter_reason.as_deref(),
+        Some("PermanentFailure")
+    );
+    assert_eq!(dl[0].subqueue, Subqueue::DeadLetter);
+}
+
+#[tokio::test]
+async fn exhausted_retries_are_dead_lettered() {
+    let app = spawn_app_with(AppOptions {
+        max_retries: 2,
+        ..Default::default()
+    })
+    .await;
+    app.post_json(
+        &json!({"transaction_id": "EX-1", "_mock": {"script": ["503", "503", "503", "503"]}}),
+    )
+    .await;
+    app.drain_until_terminal(&["EX-1"]).await;
+    let rec = app.record("EX-1").await;
+    assert_eq!(rec.status, State::DeadLetter);
+    assert_eq!(rec.attempts, 3, "first call plus two retries");
+    assert!(rec.error_message.unwrap().starts_with("retries exhausted"));
+    let dl = app.services.queue.peek_dead_letters(0, 10).await.unwrap();
+    assert_eq!(
+        dl[0].dead_letter_reason.as_deref(),
+        Some("RetriesExhausted")
+    );
+    assert_eq!(app.mock_calls().await["by_key"]["EX-1"]["calls"], 3);
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_without_settling_is_recovered_with_one_success() {
+    let app = spawn_app_with(AppOptions {
+        lock_secs: 1.0,
+        downstream_timeout_secs: 0.5,
+        ..Default::default()
+    })
+    .await;
+    app.post_json(&json!({"transaction_id": "DIE-1"})).await;
+    // Worker A takes the message, claims it, reaches the downstream, then dies:
+    // no outcome recorded, message never settled.
+    let m = app
+        .services
+        .queue
+        .receive(1, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .remove(0);
+    let lease = Duration::from_secs_f64(1.5);
+    assert!(matches!(
+        app.services
+            .ledger
+            .claim("DIE-1", "worker-a", lease)
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let resp = app
+        .client
+        .post(format!("{}/process", app.mock_address))
+        .header("Idempotency-Key", "DIE-1")
+        .body(m.body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(m);
+    // Worker B gets the redelivery once the lock expires and finishes the job.
+    let outcomes = app.drain_until_terminal(&["DIE-1"]).await;
+    assert!(outcomes.contains(&Outcome::Succeeded), "{outcomes:?}");
+    let rec = app.record("DIE-1").await;
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(rec.attempts, 2);
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["keys"], 1, "the downstream saw one idempotency key");
+    assert_eq!(
+        calls["by_key"]["DIE-1"]["successes"], 1,
+        "exactly one success"
+    );
+    assert_eq!(calls["duplicate_successes"], 0);
+    app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn a_transaction_missing_from_the_ledger_is_registered_from_its_message() {
+    let app = spawn_app().await;
+    let receipt = json(app.post_json(&json!({"transaction_id": "LOST-1"})).await).await;
+    // Simulate a ledger that lost the entry: process against a fresh ledger.
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = std::sync::Arc::new(
+        rtp_durability::ledger::local::LocalLedger::open(&dir.path().join("l.db")).unwrap(),
+    );
+    let mut p = app.services.processor().unwrap();
+    p.ledger = fresh.clone();
+    assert_eq!(
+        p.try_process_next(Duration::from_secs(2)).await.unwrap(),
+        Outcome::Succeeded
+    );
+    let rec = rtp_durability::ledger::Ledger::get(fresh.as_ref(), "LOST-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(rec.wal_ref, receipt["wal"]["ref"]);
+}

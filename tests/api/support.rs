@@ -1,0 +1,254 @@
+//! Test helpers: `spawn_app()` runs the API on port 0 with embedded backends
+//! and a real mock downstream on port 0; typed request helpers; Azurite access.
+
+use rtp_durability::app::{Application, Services};
+use rtp_durability::auth::{Auth, hash_secret};
+use rtp_durability::config::{Secret, Settings};
+use rtp_durability::mock_downstream::{Mock, MockOptions};
+use rtp_durability::processor::{Outcome, Processor};
+use rtp_durability::transaction::{State, TxRecord};
+use rtp_durability::wal::azure::{AzureBlobSettings, AzureBlobStore};
+use serde_json::Value;
+use std::{net::TcpListener, sync::Arc, time::Duration};
+
+pub const API_KEY: &str = "test-vendor-key";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+pub struct TestApp {
+    pub address: String,
+    pub mock_address: String,
+    pub services: Arc<Services>,
+    pub processor: Processor,
+    pub client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+pub struct AppOptions {
+    pub mock: MockOptions,
+    pub max_retries: u32,
+    pub lock_secs: f64,
+    pub downstream_timeout_secs: f64,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            mock: MockOptions {
+                success_rate: 1.0,
+                hang: Duration::from_secs(5),
+                ..Default::default()
+            },
+            max_retries: 5,
+            lock_secs: 2.0,
+            downstream_timeout_secs: 1.0,
+        }
+    }
+}
+
+pub fn test_settings(dir: &std::path::Path) -> Settings {
+    Settings {
+        data_dir: dir.to_owned(),
+        http_addr: ([127, 0, 0, 1], 0).into(),
+        backoff_base_secs: 0.05,
+        backoff_max_secs: 0.2,
+        vendor_keys: Some(Secret::from(
+            format!("acme:sha256:{}", hash_secret(API_KEY)).as_str(),
+        )),
+        admin_tokens: Some(Secret::from(
+            format!("ops:sha256:{}", hash_secret(ADMIN_TOKEN)).as_str(),
+        )),
+        ..Settings::default()
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(o: AppOptions) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let (mock_server, mock_port) = Mock::new(o.mock)
+        .serve(TcpListener::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    tokio::spawn(mock_server);
+    let mut settings = test_settings(dir.path());
+    settings.downstream_url = format!("http://127.0.0.1:{mock_port}/process")
+        .parse()
+        .unwrap();
+    settings.max_retries = o.max_retries;
+    settings.lock_duration_secs = o.lock_secs;
+    settings.downstream_timeout_secs = o.downstream_timeout_secs;
+    settings.validate().unwrap();
+    let services = Arc::new(Services::build(&settings).await.unwrap());
+    let auth = Auth::from_settings(&settings).unwrap();
+    let app = Application::build_with_listener(
+        services.clone(),
+        auth,
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap();
+    let port = app.port();
+    tokio::spawn(app.run_until_stopped());
+    let processor = services.processor().unwrap();
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        mock_address: format!("http://127.0.0.1:{mock_port}"),
+        services,
+        processor,
+        client: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    pub async fn post_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        content_type: &str,
+        key: Option<&str>,
+    ) -> reqwest::Response {
+        let mut r = self
+            .client
+            .post(format!("{}/v1/transactions", self.address))
+            .header("Content-Type", content_type)
+            .body(body);
+        if let Some(k) = key {
+            r = r.header("X-Api-Key", k);
+        }
+        r.send().await.unwrap()
+    }
+
+    pub async fn post_json(&self, body: &Value) -> reqwest::Response {
+        self.post_raw(body.to_string(), "application/json", Some(API_KEY))
+            .await
+    }
+
+    pub async fn get_tx(&self, id: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}/v1/transactions/{id}", self.address))
+            .header("X-Api-Key", API_KEY)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut r = self
+            .client
+            .post(format!("{}{path}", self.address))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send().await.unwrap()
+    }
+
+    pub async fn record(&self, id: &str) -> TxRecord {
+        self.services
+            .ledger
+            .get(id)
+            .await
+            .unwrap()
+            .expect("transaction in ledger")
+    }
+
+    /// Processes until every listed transaction is terminal. Waits only inside
+    /// queue receives (for scheduled retries), never by sleeping.
+    pub async fn drain_until_terminal(&self, ids: &[&str]) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            let mut all = true;
+            for id in ids {
+                if !self.record(id).await.status.is_terminal() {
+                    all = false;
+                }
+            }
+            if all {
+                return outcomes;
+            }
+            outcomes.push(
+                self.processor
+                    .try_process_next(Duration::from_secs(3))
+                    .await
+                    .unwrap(),
+            );
+        }
+        panic!("transactions did not reach a terminal state: {outcomes:?}");
+    }
+
+    /// Asserts the queue holds nothing receivable now.
+    pub async fn assert_queue_empty(&self) {
+        let got = self
+            .services
+            .queue
+            .receive(10, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(
+            got.is_empty(),
+            "queue still holds {:?}",
+            got.iter().map(|m| &m.message_id).collect::<Vec<_>>()
+        );
+    }
+
+    pub async fn mock_calls(&self) -> Value {
+        self.client
+            .get(format!("{}/calls", self.mock_address))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn state_of(&self, id: &str) -> State {
+        self.record(id).await.status
+    }
+}
+
+pub async fn json(r: reqwest::Response) -> Value {
+    r.json().await.unwrap()
+}
+
+/// The Azurite connection string the test script exports. Tests that need it
+/// fail loudly without it: run them through `scripts/test.sh`.
+pub fn azurite_connection_string() -> String {
+    std::env::var("RTPD_TEST_AZURITE_CONNECTION_STRING")
+        .expect("RTPD_TEST_AZURITE_CONNECTION_STRING is not set: run the tests with scripts/test.sh, which starts Azurite")
+}
+
+/// A connection string and a fresh container name.
+pub fn azurite_container() -> (String, String) {
+    (
+        azurite_connection_string(),
+        format!("t-{}", uuid::Uuid::new_v4().simple()),
+    )
+}
+
+pub async fn azurite_store_in(conn: &str, container: &str) -> AzureBlobStore {
+    AzureBlobStore::connect(&AzureBlobSettings {
+        connection_string: Some(conn.to_owned().into()),
+        account_url: None,
+        container: container.to_owned(),
+        create_container: true,
+        client_id: None,
+    })
+    .await
+    .expect("connect to Azurite")
+}
+
+pub async fn azurite_store() -> AzureBlobStore {
+    let (conn, container) = azurite_container();
+    azurite_store_in(&conn, &container).await
+}
