@@ -9,6 +9,7 @@ use crate::downstream::Downstream;
 use crate::journal::Journal;
 use crate::ledger::{Ledger, local::LocalLedger};
 use crate::processor::Processor;
+use crate::queue::servicebus::{ServiceBusQueue, ServiceBusSettings};
 use crate::queue::{
     Queue,
     local::{LocalQueue, LocalQueueOptions},
@@ -83,9 +84,20 @@ impl Services {
                 )
                 .context("opening the embedded queue")?,
             ),
-            QueueKind::Servicebus => {
-                anyhow::bail!("RTPD_QUEUE=servicebus is not available in this build yet")
-            }
+            QueueKind::Servicebus => Arc::new(
+                ServiceBusQueue::connect(&ServiceBusSettings {
+                    connection_string: settings
+                        .servicebus_connection_string
+                        .as_ref()
+                        .map(|s| s.0.clone()),
+                    namespace: settings.servicebus_namespace.clone(),
+                    queue: settings.servicebus_queue.clone(),
+                    client_id: settings.azure_client_id.clone(),
+                    prefetch: 0,
+                })
+                .await
+                .context("connecting to Service Bus")?,
+            ),
         };
         Ok(Services::from_parts(
             settings, instance, store, ledger, queue,

@@ -5,4 +5,5 @@ mod contract_wal;
 mod ingest;
 mod processing;
 mod seed_routes;
+mod servicebus;
 mod support;

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The test command. Starts everything the tests need, runs every suite, stops
+# what it started:
+#   - Azurite (pinned in azurite/, installed with npm ci) on a free port
+#   - Redis (installed from the OS packages if missing) on a free port
+#   - a Python virtualenv (.venv) with tests/requirements.txt
+#   - the Rust tests (cargo nextest), the Service Bus conformance check with
+#     Microsoft's SDK against the in-repo broker, and the deployment checks.
+# Needs: cargo (with cargo-nextest if present), node + npm, python3.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/rtpd-test.XXXXXX")
+failed=()
+
+cleanup() {
+    scripts/azurite.sh stop "$work/azurite.env" >/dev/null 2>&1 || true
+    [[ -x scripts/redis.sh ]] && scripts/redis.sh stop "$work/redis.env" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+step() { printf '\n== %s\n' "$*"; }
+die() { echo "test.sh: $*" >&2; exit 1; }
+
+step "Azurite"
+scripts/azurite.sh start "$work/azurite.env" || die "could not start Azurite"
+set -a; . "$work/azurite.env"; set +a
+
+if [[ -x scripts/redis.sh ]]; then
+    step "Redis"
+    scripts/redis.sh start "$work/redis.env" || die "could not start Redis"
+    set -a; . "$work/redis.env"; set +a
+fi
+
+step "Python test dependencies (.venv)"
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt \
+    || die "pip install -r tests/requirements.txt failed"
+export SB_INTEROP_PYTHON="$repo/.venv/bin/python"
+
+step "Build"
+cargo build --quiet --bins --workspace || die "build failed"
+
+step "Rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --profile ci || failed+=("rust tests")
+else
+    cargo test --workspace || failed+=("rust tests")
+fi
+
+step "Service Bus conformance (Microsoft's azure-servicebus SDK against the test broker)"
+.venv/bin/python tests/servicebus/conformance.py --broker-bin target/debug/sb-test-broker \
+    || failed+=("servicebus conformance")
+
+step "Deployment files (compose, Bicep, emulator config)"
+target/debug/rtpd config --env-names >"$work/env-names" || die "rtpd config --env-names failed"
+.venv/bin/python tests/deploy/check_deploy.py --env-names "$work/env-names" || failed+=("deployment checks")
+
+if ((${#failed[@]})); then
+    printf '\nFAILED: %s\n' "${failed[*]}"
+    exit 1
+fi
+printf '\nall suites passed\n'
