@@ -1,0 +1,280 @@
+// rtp-durability on Azure Container Apps, one region per deployment.
+//
+//   vendor --HTTPS--> api --> Blob WAL (WORM) + Managed Redis ledger + Service Bus queue
+//                              processor <-- queue --> downstream payment service
+//
+// Deploy with infra/deploy.sh and a parameter file (infra/main.<region>.bicepparam);
+// see docs/deploy.md. Every data-plane credential is the app's managed identity.
+
+targetScope = 'resourceGroup'
+
+// ---------------------------------------------------------------- region, image
+
+@description('Region of every resource; defaults to the resource group\'s.')
+param location string = resourceGroup().location
+
+@description('rtpd container image, e.g. myregistry.azurecr.io/rtpd:1.4.0.')
+param image string
+
+@description('Azure Container Registry holding the image; the app identity is granted AcrPull on it. Empty for a public image.')
+param registryName string = ''
+
+@description('Resource group of that registry; empty means this resource group.')
+param registryResourceGroup string = ''
+
+@description('URL of the downstream payment service the processor calls.')
+param downstreamUrl string
+
+// ---------------------------------------------------------------- names
+
+@description('Lower-case short name that resource names are built from.')
+@minLength(2)
+@maxLength(8)
+param prefix string = 'rtpd'
+
+@description('Makes globally unique names unique; stable for a given resource group.')
+param uniqueSuffix string = uniqueString(resourceGroup().id)
+
+param logAnalyticsName string = 'log-${prefix}-${uniqueSuffix}'
+param environmentName string = 'cae-${prefix}-${uniqueSuffix}'
+param appIdentityName string = 'id-${prefix}-app'
+param scalerIdentityName string = 'id-${prefix}-scaler'
+
+@maxLength(24)
+param storageAccountName string = take('st${toLower(prefix)}${uniqueSuffix}', 24)
+
+param serviceBusNamespaceName string = 'sb-${prefix}-${uniqueSuffix}'
+param redisName string = 'redis-${prefix}-${uniqueSuffix}'
+
+@maxLength(24)
+param keyVaultName string = take('kv-${prefix}-${uniqueSuffix}', 24)
+
+param apiAppName string = 'ca-${prefix}-api'
+param processorAppName string = 'ca-${prefix}-processor'
+
+// ---------------------------------------------------------------- SKUs
+
+@description('Geo-zone-redundant storage for the WAL; RA-GZRS also allows reads in the paired region.')
+@allowed([
+  'Standard_GZRS'
+  'Standard_RAGZRS'
+])
+param storageSku string = 'Standard_RAGZRS'
+
+@description('Standard or Premium: both support duplicate detection; Premium adds isolation and capacity.')
+@allowed([
+  'Standard'
+  'Premium'
+])
+param serviceBusSku string = 'Standard'
+
+@description('Azure Managed Redis SKU.')
+param redisSku string = 'Balanced_B1'
+
+// ---------------------------------------------------------------- WAL
+
+param walContainerName string = 'rtp-wal'
+
+@description('Days a WAL segment stays immutable after it is written.')
+@minValue(1)
+param walImmutabilityDays int = 30
+
+@description('Soft-delete retention for blobs and containers, in days.')
+@minValue(1)
+@maxValue(365)
+param blobSoftDeleteDays int = 14
+
+// ---------------------------------------------------------------- queue
+// Keep in step with infra/servicebus-emulator/Config.json (tests/deploy/check_deploy.py).
+
+param queueName string = 'rtp-transactions'
+
+@description('Deliveries before Service Bus dead-letters a message. rtpd schedules its own retries as new messages, so this only counts crashes mid-processing. At most 10 to match the emulator.')
+@minValue(1)
+@maxValue(10)
+param queueMaxDeliveryCount int = 10
+
+@description('Peek-lock duration in seconds; also given to rtpd as RTPD_LOCK_DURATION_SECS.')
+@minValue(5)
+@maxValue(300)
+param queueLockDurationSecs int = 60
+
+@description('Duplicate detection window (ISO 8601). Message ids are transaction ids.')
+param queueDuplicateDetectionWindow string = 'PT10M'
+
+// ---------------------------------------------------------------- rtpd
+
+@description('Retries before dead-letter (design default 5).')
+param maxRetries int = 5
+
+param backoffBaseSecs int = 60
+param backoffMaxSecs int = 3600
+
+@allowed([
+  'error'
+  'warn'
+  'info'
+  'debug'
+  'trace'
+])
+param logLevel string = 'info'
+
+@description('Vendor credentials, stored in Key Vault as `vendor-keys`. Required on the first deployment; leave empty afterwards to keep the stored value.')
+@secure()
+param vendorKeys string = ''
+
+@description('Admin tokens, stored in Key Vault as `admin-tokens`. Same rule as vendorKeys.')
+@secure()
+param adminTokens string = ''
+
+// ---------------------------------------------------------------- scale
+
+@minValue(2)
+param apiMinReplicas int = 2
+param apiMaxReplicas int = 10
+param apiConcurrentRequests int = 100
+
+@minValue(1)
+param processorMinReplicas int = 1
+param processorMaxReplicas int = 10
+
+@description('Queue messages per processor replica that KEDA scales towards.')
+param processorMessagesPerReplica int = 50
+
+@minValue(30)
+@maxValue(730)
+param logRetentionDays int = 30
+
+// ---------------------------------------------------------------- resources
+
+module identity './modules/identity.bicep' = {
+  name: 'identity'
+  params: {
+    location: location
+    appIdentityName: appIdentityName
+    scalerIdentityName: scalerIdentityName
+  }
+}
+
+module containerEnvironment './modules/environment.bicep' = {
+  name: 'environment'
+  params: {
+    location: location
+    logAnalyticsName: logAnalyticsName
+    environmentName: environmentName
+    logRetentionDays: logRetentionDays
+  }
+}
+
+module storage './modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    location: location
+    name: storageAccountName
+    sku: storageSku
+    walContainerName: walContainerName
+    walImmutabilityDays: walImmutabilityDays
+    softDeleteDays: blobSoftDeleteDays
+    appPrincipalId: identity.outputs.appPrincipalId
+  }
+}
+
+module serviceBus './modules/servicebus.bicep' = {
+  name: 'servicebus'
+  params: {
+    location: location
+    name: serviceBusNamespaceName
+    sku: serviceBusSku
+    queueName: queueName
+    queueMaxDeliveryCount: queueMaxDeliveryCount
+    queueLockDurationSecs: queueLockDurationSecs
+    queueDuplicateDetectionWindow: queueDuplicateDetectionWindow
+    appPrincipalId: identity.outputs.appPrincipalId
+    scalerPrincipalId: identity.outputs.scalerPrincipalId
+  }
+}
+
+module redis './modules/redis.bicep' = {
+  name: 'redis'
+  params: {
+    location: location
+    name: redisName
+    sku: redisSku
+    appPrincipalId: identity.outputs.appPrincipalId
+  }
+}
+
+module keyVault './modules/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    location: location
+    name: keyVaultName
+    vendorKeys: vendorKeys
+    adminTokens: adminTokens
+    appPrincipalId: identity.outputs.appPrincipalId
+  }
+}
+
+module registryAccess './modules/registry-access.bicep' = if (!empty(registryName)) {
+  name: 'registry-access'
+  scope: resourceGroup(empty(registryResourceGroup) ? resourceGroup().name : registryResourceGroup)
+  params: {
+    registryName: registryName
+    appPrincipalId: identity.outputs.appPrincipalId
+  }
+}
+
+// Uses every data module's outputs, so it starts only after all of them (and
+// their role assignments) have been deployed.
+module apps './modules/apps.bicep' = {
+  name: 'apps'
+  dependsOn: [
+    registryAccess
+  ]
+  params: {
+    location: location
+    environmentId: containerEnvironment.outputs.environmentId
+    apiAppName: apiAppName
+    processorAppName: processorAppName
+    image: image
+    registryServer: empty(registryName) ? '' : '${registryName}${environment().suffixes.acrLoginServer}'
+    appIdentityId: identity.outputs.appIdentityId
+    appClientId: identity.outputs.appClientId
+    appPrincipalId: identity.outputs.appPrincipalId
+    scalerIdentityId: identity.outputs.scalerIdentityId
+    storageAccountUrl: storage.outputs.accountUrl
+    walContainerName: storage.outputs.walContainerName
+    redisHostName: redis.outputs.hostName
+    redisPort: redis.outputs.port
+    serviceBusNamespaceName: serviceBus.outputs.namespaceName
+    serviceBusFqdn: serviceBus.outputs.namespaceFqdn
+    queueName: serviceBus.outputs.queueName
+    queueLockDurationSecs: queueLockDurationSecs
+    downstreamUrl: downstreamUrl
+    maxRetries: maxRetries
+    backoffBaseSecs: backoffBaseSecs
+    backoffMaxSecs: backoffMaxSecs
+    logLevel: logLevel
+    vendorKeysSecretUrl: keyVault.outputs.vendorKeysSecretUrl
+    adminTokensSecretUrl: keyVault.outputs.adminTokensSecretUrl
+    apiMinReplicas: apiMinReplicas
+    apiMaxReplicas: apiMaxReplicas
+    apiConcurrentRequests: apiConcurrentRequests
+    processorMinReplicas: processorMinReplicas
+    processorMaxReplicas: processorMaxReplicas
+    processorMessagesPerReplica: processorMessagesPerReplica
+  }
+}
+
+// ---------------------------------------------------------------- outputs
+
+@description('Public HTTPS endpoint vendors POST transactions to.')
+output apiUrl string = apps.outputs.apiUrl
+output storageAccountUrl string = storage.outputs.accountUrl
+output walContainerName string = storage.outputs.walContainerName
+output serviceBusNamespace string = serviceBus.outputs.namespaceFqdn
+output serviceBusQueue string = serviceBus.outputs.queueName
+output redisHostName string = redis.outputs.hostName
+output keyVaultUri string = keyVault.outputs.vaultUri
+output appIdentityClientId string = identity.outputs.appClientId
+output appIdentityPrincipalId string = identity.outputs.appPrincipalId
