@@ -111,7 +111,11 @@ impl Services {
         ledger: Arc<dyn Ledger>,
         queue: Arc<dyn Queue>,
     ) -> Services {
-        let gc = GroupCommit::default();
+        let gc = GroupCommit {
+            max_records: settings.wal_batch_max_records,
+            flushers: settings.wal_flushers,
+            ..GroupCommit::default()
+        };
         Services {
             settings: settings.clone(),
             wal: Log::start(store.clone(), WAL_PREFIX, &instance, gc.clone()),
@@ -177,10 +181,26 @@ impl Application {
         auth: Auth,
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
+        Self::build_routes(services, auth, listener, api::configure)
+    }
+
+    /// Only health and metrics (for `rtpd processor`'s probes).
+    pub fn build_health_only(services: Arc<Services>) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(services.settings.http_addr)
+            .with_context(|| format!("binding {}", services.settings.http_addr))?;
+        Self::build_routes(services, Auth::disabled(), listener, api::configure_health)
+    }
+
+    fn build_routes(
+        services: Arc<Services>,
+        auth: Auth,
+        listener: TcpListener,
+        routes: fn(&mut web::ServiceConfig, web::Data<api::ApiState>),
+    ) -> anyhow::Result<Application> {
         let port = listener.local_addr()?.port();
         let state = web::Data::new(api::ApiState::new(services, auth));
         let server =
-            HttpServer::new(move || App::new().configure(|cfg| api::configure(cfg, state.clone())))
+            HttpServer::new(move || App::new().configure(|cfg| routes(cfg, state.clone())))
                 .listen(listener)?
                 .disable_signals()
                 .shutdown_timeout(10)

@@ -24,6 +24,8 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_STORAGE_ACCOUNT_URL",
     "RTPD_WAL_CONTAINER",
     "RTPD_WAL_CREATE_CONTAINER",
+    "RTPD_WAL_BATCH_MAX_RECORDS",
+    "RTPD_WAL_FLUSHERS",
     "RTPD_AZURE_CLIENT_ID",
     "RTPD_LEDGER",
     "RTPD_REDIS_URL",
@@ -167,6 +169,10 @@ pub struct Settings {
     #[serde(deserialize_with = "scalar_string")]
     pub wal_container: String,
     pub wal_create_container: Option<bool>,
+    /// Records per segment at most (1 = one PUT per transaction, the baseline).
+    pub wal_batch_max_records: usize,
+    /// Segment flushes in flight at once.
+    pub wal_flushers: usize,
     #[serde(deserialize_with = "opt_scalar_string")]
     pub azure_client_id: Option<String>,
 
@@ -217,6 +223,8 @@ impl Default for Settings {
             storage_account_url: None,
             wal_container: "rtp-wal".into(),
             wal_create_container: None,
+            wal_batch_max_records: 2048,
+            wal_flushers: 2,
             azure_client_id: None,
             ledger: LedgerKind::Local,
             redis_url: Secret::from("redis://127.0.0.1:6379"),
@@ -233,7 +241,7 @@ impl Default for Settings {
             max_retries: 5,
             backoff_base_secs: 60.0,
             backoff_max_secs: 3600.0,
-            processor_concurrency: 32,
+            processor_concurrency: 64,
             lock_duration_secs: 60.0,
             max_delivery_count: 10,
             max_body_bytes: 256 * 1024,
@@ -356,6 +364,18 @@ impl Settings {
             return Err(ConfigError::new(
                 "RTPD_BACKOFF_MAX_SECS",
                 "must be at least RTPD_BACKOFF_BASE_SECS",
+            ));
+        }
+        if self.wal_batch_max_records == 0 {
+            return Err(ConfigError::new(
+                "RTPD_WAL_BATCH_MAX_RECORDS",
+                "must be at least 1",
+            ));
+        }
+        if self.wal_flushers == 0 || self.wal_flushers > 1024 {
+            return Err(ConfigError::new(
+                "RTPD_WAL_FLUSHERS",
+                "must be between 1 and 1024",
             ));
         }
         if self.processor_concurrency == 0 {

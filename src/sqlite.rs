@@ -24,6 +24,9 @@ type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
 #[derive(Clone)]
 pub struct Db {
     tx: std_mpsc::Sender<Job>,
+    /// Read-only connections: reads see the last commit and never wait for a batch.
+    readers: std::sync::Arc<std::sync::Mutex<Vec<Connection>>>,
+    path: std::path::PathBuf,
 }
 
 const MAX_BATCH: usize = 1024;
@@ -52,7 +55,45 @@ impl Db {
             ))
             .spawn(move || run(conn, rx))
             .map_err(|e| DbError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        Ok(Db { tx })
+        Ok(Db {
+            tx,
+            readers: Default::default(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Runs a read on a pooled read-only connection, outside the write batches.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().map(|mut p| p.pop()).unwrap_or(None);
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(
+                        &path,
+                        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )?;
+                    c.busy_timeout(std::time::Duration::from_secs(10))?;
+                    c
+                }
+            };
+            let result = f(&conn);
+            if let Ok(mut p) = readers.lock()
+                && p.len() < 16
+            {
+                p.push(conn);
+            }
+            result.map_err(DbError::Sqlite)
+        })
+        .await
+        .map_err(|_| DbError::Closed)?
     }
 
     /// Runs `f` in the next batch transaction and returns its result once committed.

@@ -67,6 +67,18 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Health and metrics only: what `rtpd processor` serves for probes.
+pub fn configure_health(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
+    cfg.app_data(state)
+        .route("/metrics", web::get().to(seed::metrics))
+        .route("/status", web::get().to(seed::status))
+        .route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .default_service(web::to(|| async {
+            Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
+        }));
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
     cfg.app_data(state)
         .app_data(

@@ -10,6 +10,7 @@ pub mod reconcile;
 pub mod replay;
 pub mod serve;
 pub mod time_arg;
+pub mod wal;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,8 @@ pub enum Command {
     Reconcile(reconcile::Opts),
     /// Replay a transaction from the WAL
     Replay(replay::Opts),
+    /// Read WAL segments and records (`ls`, `cat`)
+    Wal(wal::Opts),
     /// Print the effective configuration (secrets redacted)
     Config(config::Opts),
     /// Exit 0 if a health URL answers 2xx (for container HEALTHCHECKs)

@@ -56,8 +56,12 @@ pub async fn run_with(
     let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
     let mut api_handle = None;
 
-    if parts.api() {
-        let app = Application::build(services.clone(), auth)?;
+    if parts.api() || parts == Parts::Processor {
+        let app = if parts.api() {
+            Application::build(services.clone(), auth)?
+        } else {
+            Application::build_health_only(services.clone())?
+        };
         tracing::info!(addr = %settings.http_addr, port = app.port(), "API listening");
         if let Some(tx) = ready {
             let _ = tx.send(app.port());

@@ -136,7 +136,7 @@ impl Ledger for LocalLedger {
 
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
         let id = id.to_owned();
-        self.run(move |c| load(c, &id)).await
+        self.db.read(move |c| load(c, &id)).await.map_err(db_err)
     }
 
     async fn claim(
@@ -247,54 +247,58 @@ impl Ledger for LocalLedger {
             None => None,
         };
         let state = q.state.map(|s| s.as_str());
-        self.run(move |c| {
-            let (cu, cid) = cursor.unwrap_or((i64::MAX, String::new()));
-            let unbounded = cid.is_empty();
-            let sql = "SELECT doc, updated_at FROM transactions \
+        self.db
+            .read(move |c| {
+                let (cu, cid) = cursor.unwrap_or((i64::MAX, String::new()));
+                let unbounded = cid.is_empty();
+                let sql = "SELECT doc, updated_at FROM transactions \
                        WHERE (?1 IS NULL OR status = ?1) \
                          AND (?4 OR updated_at < ?2 OR (updated_at = ?2 AND id < ?3)) \
                        ORDER BY updated_at DESC, id DESC LIMIT ?5";
-            let rows: Vec<(String, i64)> = c
-                .prepare_cached(sql)?
-                .query_map(
-                    params![state, cu, cid, unbounded, (limit + 1) as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?
-                .collect::<Result<_, _>>()?;
-            let more = rows.len() > limit;
-            let mut items = Vec::with_capacity(limit);
-            let mut last = None;
-            for (doc, updated) in rows.into_iter().take(limit) {
-                let rec: TxRecord = serde_json::from_str(&doc)
-                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                last = Some((updated, rec.transaction_id.clone()));
-                items.push(rec);
-            }
-            let next_cursor = if more {
-                last.map(|(u, id)| encode_cursor(u, &id))
-            } else {
-                None
-            };
-            Ok(Page { items, next_cursor })
-        })
-        .await
+                let rows: Vec<(String, i64)> = c
+                    .prepare_cached(sql)?
+                    .query_map(
+                        params![state, cu, cid, unbounded, (limit + 1) as i64],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?
+                    .collect::<Result<_, _>>()?;
+                let more = rows.len() > limit;
+                let mut items = Vec::with_capacity(limit);
+                let mut last = None;
+                for (doc, updated) in rows.into_iter().take(limit) {
+                    let rec: TxRecord = serde_json::from_str(&doc)
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                    last = Some((updated, rec.transaction_id.clone()));
+                    items.push(rec);
+                }
+                let next_cursor = if more {
+                    last.map(|(u, id)| encode_cursor(u, &id))
+                } else {
+                    None
+                };
+                Ok(Page { items, next_cursor })
+            })
+            .await
+            .map_err(db_err)
     }
 
     async fn counts(&self) -> Result<Counts, LedgerError> {
-        self.run(|c| {
-            let mut counts = Counts::default();
-            let rows: Vec<(String, i64)> = c
-                .prepare_cached("SELECT status, n FROM state_counts")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            for (s, n) in rows {
-                if let Some(state) = State::parse(&s) {
-                    *counts.slot(state) = n.max(0) as u64;
+        self.db
+            .read(|c| {
+                let mut counts = Counts::default();
+                let rows: Vec<(String, i64)> = c
+                    .prepare_cached("SELECT status, n FROM state_counts")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (s, n) in rows {
+                    if let Some(state) = State::parse(&s) {
+                        *counts.slot(state) = n.max(0) as u64;
+                    }
                 }
-            }
-            Ok(counts)
-        })
-        .await
+                Ok(counts)
+            })
+            .await
+            .map_err(db_err)
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {

@@ -1,7 +1,9 @@
 mod azure_blob;
+mod azure_wal;
 mod contract_ledger;
 mod contract_queue;
 mod contract_wal;
+mod crash;
 mod ingest;
 mod processing;
 mod seed_routes;

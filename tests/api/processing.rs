@@ -167,3 +167,99 @@ async fn a_transaction_missing_from_the_ledger_is_registered_from_its_message() 
     assert_eq!(rec.status, State::Success);
     assert_eq!(rec.wal_ref, receipt["wal"]["ref"]);
 }
+
+/// The app wired to the in-repo Service Bus broker over real AMQP.
+async fn spawn_on_servicebus(
+    mock: rtp_durability::mock_downstream::MockOptions,
+) -> (crate::support::TestApp, sb_test_broker::BrokerHandle) {
+    let broker = sb_test_broker::start(sb_test_broker::BrokerConfig {
+        lock_duration: Duration::from_secs(1),
+        max_delivery_count: 10,
+        duplicate_window: Duration::from_secs(60),
+        sas_key: Some("e2e-key".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let conn = broker.connection_string();
+    let app = spawn_app_with(AppOptions {
+        mock,
+        lock_secs: 1.0,
+        downstream_timeout_secs: 2.0,
+        tweak: Some(Box::new(move |s| {
+            s.queue = rtp_durability::config::QueueKind::Servicebus;
+            s.servicebus_connection_string = Some(conn.as_str().into());
+            s.servicebus_queue = "rtp-transactions".into();
+        })),
+        ..Default::default()
+    })
+    .await;
+    (app, broker)
+}
+
+#[tokio::test]
+async fn over_servicebus_retries_and_dead_letters_flow_end_to_end() {
+    let (app, _broker) = spawn_on_servicebus(Default::default()).await;
+    app.post_json(&json!({"transaction_id": "SB-R", "_mock": {"script": ["503", "ok"]}}))
+        .await;
+    app.post_json(&json!({"transaction_id": "SB-P", "_mock": {"script": ["400"]}}))
+        .await;
+    // A vendor's retried POST is a 200, and enqueues nothing new.
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "SB-R", "_mock": {"script": ["503", "ok"]}}))
+            .await
+            .status(),
+        200
+    );
+    app.drain_until_terminal(&["SB-R", "SB-P"]).await;
+    assert_eq!(app.state_of("SB-R").await, State::Success);
+    assert_eq!(app.record("SB-R").await.attempts, 2);
+    assert_eq!(app.state_of("SB-P").await, State::DeadLetter);
+    let dl = app.services.queue.peek_dead_letters(0, 10).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(
+        dl[0].dead_letter_reason.as_deref(),
+        Some("PermanentFailure")
+    );
+    assert_eq!(dl[0].properties["transaction_id"], "SB-P");
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["SB-R"]["calls"], 2);
+    assert_eq!(calls["duplicate_successes"], 0);
+    app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn over_servicebus_a_processor_killed_mid_call_is_redelivered_with_one_success() {
+    let (app, _broker) = spawn_on_servicebus(rtp_durability::mock_downstream::MockOptions {
+        success_rate: 1.0,
+        latency: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await;
+    app.post_json(&json!({"transaction_id": "SB-KILL"})).await;
+    // Worker A is killed while its downstream call is in flight: nothing after
+    // the call runs, the message is never settled.
+    let m = app
+        .services
+        .queue
+        .receive(1, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .remove(0);
+    let killed = tokio::time::timeout(Duration::from_millis(150), app.processor.process(m)).await;
+    assert!(
+        killed.is_err(),
+        "the worker was still calling the downstream"
+    );
+    // The lock expires, the broker redelivers, another worker finishes.
+    let outcomes = app.drain_until_terminal(&["SB-KILL"]).await;
+    assert!(outcomes.contains(&Outcome::Succeeded), "{outcomes:?}");
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["keys"], 1);
+    assert_eq!(
+        calls["by_key"]["SB-KILL"]["successes"], 1,
+        "exactly one success"
+    );
+    assert_eq!(calls["duplicate_successes"], 0);
+    app.assert_queue_empty().await;
+}

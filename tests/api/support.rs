@@ -23,11 +23,15 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
+pub type Tweak = Box<dyn FnOnce(&mut Settings) + Send>;
+
 pub struct AppOptions {
     pub mock: MockOptions,
     pub max_retries: u32,
     pub lock_secs: f64,
     pub downstream_timeout_secs: f64,
+    /// Last word on the settings (backends, limits).
+    pub tweak: Option<Tweak>,
 }
 
 impl Default for AppOptions {
@@ -41,6 +45,7 @@ impl Default for AppOptions {
             max_retries: 5,
             lock_secs: 2.0,
             downstream_timeout_secs: 1.0,
+            tweak: None,
         }
     }
 }
@@ -78,6 +83,9 @@ pub async fn spawn_app_with(o: AppOptions) -> TestApp {
     settings.max_retries = o.max_retries;
     settings.lock_duration_secs = o.lock_secs;
     settings.downstream_timeout_secs = o.downstream_timeout_secs;
+    if let Some(t) = o.tweak {
+        t(&mut settings);
+    }
     settings.validate().unwrap();
     let services = Arc::new(Services::build(&settings).await.unwrap());
     let auth = Auth::from_settings(&settings).unwrap();

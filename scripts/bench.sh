@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Benchmarks with `rtpd produce` against a release build (not part of the tests).
+#
+#   scripts/bench.sh dev [COUNT] [CONCURRENCY]     rtpd dev: ack rate and latency, drain rate at 0 ms and 20 ms downstream
+#   scripts/bench.sh azure [COUNT] [CONCURRENCY]   rtpd serve with the WAL on Azurite: group commit vs one PUT per transaction
+#   scripts/bench.sh ledger [COUNT] [CONCURRENCY]  rtpd serve: embedded ledger vs Redis ledger, same run
+#
+# Each scenario starts its own processes on free ports with fresh data and stops them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-dev}
+count=${2:-20000}
+conc=${3:-64}
+
+cargo build --release --quiet --bin rtpd
+rtpd=$PWD/target/release/rtpd
+work=$(mktemp -d "${TMPDIR:-/tmp}/rtpd-bench.XXXXXX")
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [[ -f "$work/azurite.env" ]] && scripts/azurite.sh stop "$work/azurite.env" >/dev/null 2>&1
+    [[ -f "$work/redis.env" ]] && scripts/redis.sh stop "$work/redis.env" >/dev/null 2>&1
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+wait_up() { for _ in $(seq 200); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
+metric() { curl -s "$1/metrics" | python3 -c "import json,sys;print(json.load(sys.stdin)['$2'])"; }
+
+# start_service NAME ENV... : rtpd serve (or dev) on a free port; sets $api
+start_serve() {
+    local port; port=$(free_port)
+    api=http://127.0.0.1:$port
+    env RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/data-$1" RTPD_AUTH=none RTPD_LOG_LEVEL=warn \
+        RTPD_DOWNSTREAM_URL="$downstream" "${@:2}" "$rtpd" serve >"$work/$1.log" 2>&1 &
+    pids+=($!)
+    wait_up "$api/healthz"
+}
+
+start_mock() {
+    local port; port=$(free_port)
+    downstream=http://127.0.0.1:$port/process
+    "$rtpd" mock-downstream --addr 127.0.0.1:$port --success-rate 1 --latency-ms "$1" >/dev/null 2>&1 &
+    pids+=($!)
+    wait_up "http://127.0.0.1:$port/healthz"
+}
+
+produce() { "$rtpd" produce --url "$api" --count "$count" --concurrency "$conc" --quiet --prefix "$1" "${@:2}"; }
+
+# drain SECONDS_START: waits until success == total; prints the processing rate
+drain() {
+    local start=$1 total
+    while :; do
+        total=$(metric "$api" total)
+        [[ "$(metric "$api" success)" == "$total" ]] && break
+        sleep 0.2
+    done
+    python3 -c "import time;t=time.time()-$start;print(f'drained {$total} in {t:.1f}s: {$total/t:.0f} processed/s')"
+}
+
+case $what in
+dev)
+    for latency in 0 20; do
+        echo "== rtpd dev, mock downstream latency ${latency} ms, $count transactions, concurrency $conc"
+        port=$(free_port); api=http://127.0.0.1:$port
+        RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/dev$latency" RTPD_LOG_LEVEL=warn \
+            "$rtpd" dev --mock-addr "127.0.0.1:$(free_port)" --mock-success-rate 1 --mock-latency-ms "$latency" \
+            >"$work/dev$latency.log" 2>&1 &
+        pids+=($!)
+        wait_up "$api/healthz"
+        key=$(python3 -c "import json;print(json.load(open('$work/dev$latency/dev-credentials.json'))['api_key'])")
+        t0=$(date +%s.%N)
+        produce "D$latency" --api-key "$key"
+        drain "$t0"
+        kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=()
+    done
+    ;;
+azure)
+    scripts/azurite.sh start "$work/azurite.env" >/dev/null
+    set -a; . "$work/azurite.env"; set +a
+    start_mock 0
+    echo "== WAL on Azurite, group commit (default), $count transactions, concurrency $conc"
+    start_serve gc RTPD_WAL=azure RTPD_STORAGE_CONNECTION_STRING="$RTPD_TEST_AZURITE_CONNECTION_STRING" RTPD_WAL_CONTAINER=bench-gc
+    produce GC
+    echo "== same, at half that concurrency"
+    produce GCH --concurrency $((conc / 2))
+    kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
+    echo "== baseline: one PUT per transaction (RTPD_WAL_BATCH_MAX_RECORDS=1, $conc flushers)"
+    start_serve one RTPD_WAL=azure RTPD_STORAGE_CONNECTION_STRING="$RTPD_TEST_AZURITE_CONNECTION_STRING" RTPD_WAL_CONTAINER=bench-one \
+        RTPD_WAL_BATCH_MAX_RECORDS=1 RTPD_WAL_FLUSHERS="$conc"
+    produce ONE --count $((count / 4))
+    ;;
+ledger)
+    scripts/redis.sh start "$work/redis.env" >/dev/null
+    set -a; . "$work/redis.env"; set +a
+    start_mock 0
+    echo "== embedded ledger, $count transactions, concurrency $conc"
+    start_serve local
+    t0=$(date +%s.%N); produce LOC; drain "$t0"
+    echo "== Redis ledger"
+    start_serve redis RTPD_LEDGER=redis RTPD_REDIS_URL="$RTPD_TEST_REDIS_URL" RTPD_REDIS_KEY_PREFIX="bench$$"
+    t0=$(date +%s.%N); produce RED; drain "$t0"
+    ;;
+*)
+    echo "usage: scripts/bench.sh dev|azure|ledger [COUNT] [CONCURRENCY]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,227 @@
+//! The service with its WAL on a real Azurite that dies under load: no 2xx
+//! while the WAL is down, and everything acknowledged survives and is processed.
+
+use crate::crash::{Proc, free_port};
+use crate::support::{AppOptions, json, spawn_app_with};
+use rtp_durability::config::WalKind;
+use rtp_durability::replay::load_record;
+use rtp_durability::transaction::State;
+use serde_json::json;
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const DEV_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn start_azurite(port: u16, data: &Path) -> Proc {
+    let main = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/azurite/node_modules/azurite/dist/src/blob/main.js"
+    );
+    assert!(
+        Path::new(main).is_file(),
+        "Azurite is not installed: run scripts/test.sh (npm ci in azurite/)"
+    );
+    let child = Command::new("node")
+        .arg(main)
+        .args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+        ])
+        .arg(data)
+        .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "Azurite did not start on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Proc(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn azurite_outage_gets_503_never_2xx_and_loses_nothing_acknowledged() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut azurite = start_azurite(port, data.path());
+    let conn = format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    );
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(Box::new(move |s| {
+            s.wal = WalKind::Azure;
+            s.storage_connection_string = Some(conn.as_str().into());
+            s.wal_container = format!("outage-{}", uuid::Uuid::new_v4().simple());
+        })),
+        ..Default::default()
+    })
+    .await;
+
+    // Under load before the outage: all acknowledged.
+    let mut acked = Vec::new();
+    let mut posts = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let body = json!({"transaction_id": format!("AZ-{i}"), "amount": i});
+        let (client, url, key) = (
+            app.client.clone(),
+            format!("{}/v1/transactions", app.address),
+            crate::support::API_KEY,
+        );
+        posts.spawn(async move {
+            let r = client
+                .post(url)
+                .header("X-Api-Key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                body,
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        });
+    }
+    while let Some(r) = posts.join_next().await {
+        let (body, status, receipt) = r.unwrap();
+        assert_eq!(status, 202, "{receipt}");
+        acked.push((body, receipt));
+    }
+
+    // Azurite goes away: nothing gets a 2xx; each answer is 503 with Retry-After.
+    // SIGTERM, not SIGKILL: Azurite (unlike Blob Storage) keeps its metadata in
+    // memory and saves it every few seconds, so a kill -9 would lose blobs it
+    // had acknowledged. The outage is what this test is about, not Azurite's
+    // own durability.
+    let stopped = Command::new("kill")
+        .arg("-TERM")
+        .arg(azurite.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    azurite.0.wait().unwrap();
+    let mut during = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let (client, url, key) = (
+            app.client.clone(),
+            format!("{}/v1/transactions", app.address),
+            crate::support::API_KEY,
+        );
+        during.spawn(async move {
+            client
+                .post(url)
+                .header("X-Api-Key", key)
+                .json(&json!({"transaction_id": format!("DOWN-{i}")}))
+                .send()
+                .await
+                .unwrap()
+        });
+    }
+    while let Some(r) = during.join_next().await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 503, "no acknowledgement while the WAL is down");
+        assert!(r.headers().contains_key("retry-after"));
+        assert_eq!(json(r).await["error"], "unavailable");
+    }
+    let ready = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "readiness reports the WAL down");
+
+    // Back on the same data: ingest resumes, and everything acknowledged is there.
+    let _azurite = start_azurite(port, data.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = app.post_json(&json!({"transaction_id": "AFTER-1"})).await;
+        if r.status() == 202 {
+            break;
+        }
+        let status = r.status();
+        let ping = app.services.wal.ping().await;
+        assert!(
+            Instant::now() < deadline,
+            "ingest did not recover: {status} (WAL ping: {ping:?})"
+        );
+    }
+    let mut ids = Vec::new();
+    for (body, receipt) in &acked {
+        let rec = load_record(&app.services, receipt["wal"]["ref"].as_str().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            rec.payload,
+            body.to_string(),
+            "byte-identical after the outage"
+        );
+        ids.push(rec.transaction_id);
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    app.drain_until_terminal(&id_refs).await;
+    for id in &ids {
+        assert_eq!(app.state_of(id).await, State::Success, "{id}");
+    }
+    for i in 0..6 {
+        assert!(
+            app.services
+                .ledger
+                .get(&format!("DOWN-{i}"))
+                .await
+                .unwrap()
+                .is_none(),
+            "503s never registered"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_largest_allowed_payload_round_trips_through_the_blob_wal() {
+    let (conn, container) = crate::support::azurite_container();
+    let app = spawn_app_with(AppOptions {
+        tweak: Some(Box::new(move |s| {
+            s.wal = WalKind::Azure;
+            s.storage_connection_string = Some(conn.as_str().into());
+            s.wal_container = container;
+        })),
+        ..Default::default()
+    })
+    .await;
+    let limit = app.services.settings.max_body_bytes;
+    let head = "{\"transaction_id\":\"MAX-1\",\"pad\":\"";
+    let body = format!("{head}{}\"}}", "é".repeat((limit - head.len() - 2) / 2));
+    let body = format!("{body}{}", " ".repeat(limit - body.len()));
+    assert_eq!(body.len(), limit);
+    let r = app
+        .post_raw(
+            body.clone(),
+            "application/json",
+            Some(crate::support::API_KEY),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let receipt = json(r).await;
+    let rec = load_record(&app.services, receipt["wal"]["ref"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rec.payload.as_bytes(), body.as_bytes());
+    assert_eq!(rec.sha256, rtp_durability::wal::sha256_hex(body.as_bytes()));
+    let over = app
+        .post_raw(
+            format!("{body} "),
+            "application/json",
+            Some(crate::support::API_KEY),
+        )
+        .await;
+    assert_eq!(over.status(), 413);
+}
