@@ -4,5 +4,7 @@ mod contract_queue;
 mod contract_wal;
 mod ingest;
 mod processing;
+mod redis_ledger;
+mod redis_outage;
 mod seed_routes;
 mod support;

@@ -67,7 +67,11 @@ pub fn connect(s: &RedisSettings) -> Result<Connected, LedgerError> {
         .set_number_of_retries(3)
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_millis(500));
-    let tls = if parsed.scheme() == "rediss" { "TLS" } else { "plain" };
+    let tls = if parsed.scheme() == "rediss" {
+        "TLS"
+    } else {
+        "plain"
+    };
     let (tokens, auth) = if s.entra {
         let object_id = parsed.username();
         if object_id.is_empty() || parsed.password().is_some() {
@@ -76,8 +80,8 @@ pub fn connect(s: &RedisSettings) -> Result<Connected, LedgerError> {
                  (the identity's object id as the user, no password)",
             ));
         }
-        let tokens = EntraTokens::start(object_id.to_owned(), s.client_id.as_deref())
-            .map_err(fatal)?;
+        let tokens =
+            EntraTokens::start(object_id.to_owned(), s.client_id.as_deref()).map_err(fatal)?;
         config = config.set_credentials_provider(tokens.clone());
         let auth = format!("Entra ID as {object_id} ({})", tokens.identity);
         (Some(tokens), auth)
@@ -90,7 +94,10 @@ pub fn connect(s: &RedisSettings) -> Result<Connected, LedgerError> {
         .map_err(|e| fatal(format!("RTPD_REDIS_URL: {e}")))?;
     Ok(Connected {
         conn,
-        describe: format!("redis ledger {addr} ({tls}, {auth}), prefix {:?}", s.key_prefix),
+        describe: format!(
+            "redis ledger {addr} ({tls}, {auth}), prefix {:?}",
+            s.key_prefix
+        ),
         tokens,
     })
 }

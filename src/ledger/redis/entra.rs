@@ -78,7 +78,8 @@ impl EntraTokens {
                 let wait = match credential.get_token(&[SCOPE], None).await {
                     Ok(token) => {
                         retry = Duration::from_secs(1);
-                        let remaining = token.expires_on - azure_core::time::OffsetDateTime::now_utc();
+                        let remaining =
+                            token.expires_on - azure_core::time::OffsetDateTime::now_utc();
                         tx.send_replace(Some(Ok(BasicAuth::new(
                             object_id.clone(),
                             token.token.secret().to_owned(),
@@ -163,11 +164,8 @@ mod tests {
 
     #[tokio::test]
     async fn subscribers_get_the_object_id_and_the_current_token() {
-        let tokens = EntraTokens::with_credential(
-            "oid-1".into(),
-            Arc::new(Fixed(0.into())),
-            "test".into(),
-        );
+        let tokens =
+            EntraTokens::with_credential("oid-1".into(), Arc::new(Fixed(0.into())), "test".into());
         let first = tokens.subscribe().next().await.unwrap().unwrap();
         assert_eq!(first.username(), "oid-1");
         assert_eq!(first.password(), "token-0");

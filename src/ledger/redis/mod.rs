@@ -178,7 +178,8 @@ impl Ledger for RedisLedger {
         lease: Duration,
     ) -> Result<ClaimOutcome, LedgerError> {
         let now = Self::now();
-        let until = truncate(now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX));
+        let until =
+            truncate(now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX));
         let (code, fields) = self
             .script(
                 "claim",

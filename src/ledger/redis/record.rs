@@ -32,7 +32,10 @@ pub fn to_fields(r: &TxRecord) -> Vec<(&'static str, String)> {
     ];
     let optional = [
         ("error_message", r.error_message.clone()),
-        ("next_retry_at", r.next_retry_at.map(|t| micros(t).to_string())),
+        (
+            "next_retry_at",
+            r.next_retry_at.map(|t| micros(t).to_string()),
+        ),
         ("lease_owner", r.lease_owner.clone()),
         ("lease_until", r.lease_until.map(|t| micros(t).to_string())),
         ("vendor", r.vendor.clone()),
