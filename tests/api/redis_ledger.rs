@@ -321,3 +321,48 @@ async fn a_dead_redis_is_a_fast_unavailable() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn pages_across_shards_keep_order_and_ties() {
+    // Many records share one updated_at across all shards: the cursor must
+    // neither skip nor repeat any of them, in the local ledger's order
+    // (updated_at desc, id desc).
+    let l = ledger_with(redis_url(), None);
+    let t0 = micros(Utc::now());
+    let mut want = Vec::new();
+    for i in 0..45 {
+        let mut r = TxRecord::new(&reg(&format!("tie-{i:02}")), t0);
+        r.updated_at = t0 + chrono::Duration::microseconds(i64::from(i % 3 == 0));
+        if i % 4 == 0 {
+            r.status = State::Failed;
+        }
+        l.restore(r.clone()).await.unwrap();
+        want.push((r.updated_at, r.transaction_id.clone(), r.status));
+    }
+    want.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+    for state in [None, Some(State::Pending), Some(State::Failed)] {
+        let mut got = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = l
+                .list(ListQuery {
+                    state,
+                    limit: 4,
+                    cursor,
+                })
+                .await
+                .unwrap();
+            got.extend(page.items.iter().map(|r| r.transaction_id.clone()));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let expected: Vec<_> = want
+            .iter()
+            .filter(|w| state.is_none_or(|s| s == w.2))
+            .map(|w| w.1.clone())
+            .collect();
+        assert_eq!(got, expected, "{state:?}");
+    }
+}
