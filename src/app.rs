@@ -7,7 +7,11 @@ use crate::backoff::RetryPolicy;
 use crate::config::{LedgerKind, QueueKind, Settings, WalKind};
 use crate::downstream::Downstream;
 use crate::journal::Journal;
-use crate::ledger::{Ledger, local::LocalLedger};
+use crate::ledger::{
+    Ledger,
+    local::LocalLedger,
+    redis::{RedisLedger, RedisSettings},
+};
 use crate::processor::Processor;
 use crate::queue::servicebus::{ServiceBusQueue, ServiceBusSettings};
 use crate::queue::{
@@ -68,9 +72,10 @@ impl Services {
                 LocalLedger::open(&settings.data_dir.join("ledger.db"))
                     .context("opening the embedded ledger")?,
             ),
-            LedgerKind::Redis => {
-                anyhow::bail!("RTPD_LEDGER=redis is not available in this build yet")
-            }
+            LedgerKind::Redis => Arc::new(
+                RedisLedger::connect(&RedisSettings::from_settings(settings))
+                    .context("setting up the Redis ledger")?,
+            ),
         };
         let queue: Arc<dyn Queue> = match settings.queue {
             QueueKind::Local => Arc::new(

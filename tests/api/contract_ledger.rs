@@ -378,6 +378,23 @@ async fn local() -> Arc<dyn Ledger> {
 
 ledger_contract!(local_ledger, local);
 
+async fn redis() -> Arc<dyn Ledger> {
+    use rtp_durability::ledger::redis::{DEFAULT_TIMEOUT, RedisLedger, RedisSettings};
+    Arc::new(
+        RedisLedger::connect(&RedisSettings {
+            url: crate::support::redis_url().into(),
+            key_prefix: crate::support::redis_key_prefix(),
+            entra: false,
+            client_id: None,
+            retention: Some(Duration::from_secs(30 * 86_400)),
+            timeout: DEFAULT_TIMEOUT,
+        })
+        .unwrap(),
+    )
+}
+
+ledger_contract!(redis_ledger, redis);
+
 #[tokio::test]
 async fn local_ledger_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,6 +6,8 @@ mod contract_wal;
 mod crash;
 mod ingest;
 mod processing;
+mod redis_ledger;
+mod redis_outage;
 mod seed_routes;
 mod servicebus;
 mod support;

@@ -32,6 +32,9 @@ pub struct AppOptions {
     pub downstream_timeout_secs: f64,
     /// Last word on the settings (backends, limits).
     pub tweak: Option<Tweak>,
+    /// Run the ledger on this Redis (a fresh key prefix per app) instead of
+    /// the embedded one.
+    pub redis_url: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -46,6 +49,7 @@ impl Default for AppOptions {
             lock_secs: 2.0,
             downstream_timeout_secs: 1.0,
             tweak: None,
+            redis_url: None,
         }
     }
 }
@@ -85,6 +89,11 @@ pub async fn spawn_app_with(o: AppOptions) -> TestApp {
     settings.downstream_timeout_secs = o.downstream_timeout_secs;
     if let Some(t) = o.tweak {
         t(&mut settings);
+    }
+    if let Some(url) = o.redis_url {
+        settings.ledger = rtp_durability::config::LedgerKind::Redis;
+        settings.redis_url = Secret::from(url.as_str());
+        settings.redis_key_prefix = redis_key_prefix();
     }
     settings.validate().unwrap();
     let services = Arc::new(Services::build(&settings).await.unwrap());
@@ -259,4 +268,16 @@ pub async fn azurite_store_in(conn: &str, container: &str) -> AzureBlobStore {
 pub async fn azurite_store() -> AzureBlobStore {
     let (conn, container) = azurite_container();
     azurite_store_in(&conn, &container).await
+}
+
+/// The Redis the test script starts (`scripts/redis.sh`). Tests that need it
+/// fail loudly without it: run them through `scripts/test.sh`.
+pub fn redis_url() -> String {
+    std::env::var("RTPD_TEST_REDIS_URL")
+        .expect("RTPD_TEST_REDIS_URL is not set: run the tests with scripts/test.sh, which starts Redis (or: scripts/redis.sh start FILE; set -a; . FILE)")
+}
+
+/// A key prefix no other test uses.
+pub fn redis_key_prefix() -> String {
+    format!("t-{}", uuid::Uuid::new_v4().simple())
 }

@@ -45,8 +45,9 @@ pub(crate) struct Access {
     pub identity: String,
 }
 
+/// Shared with the Redis ledger, which authenticates as the same identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum EntraIdentity {
+pub(crate) enum EntraIdentity {
     Workload { client_id: Option<String> },
     UserAssigned { client_id: String },
     SystemAssigned,
@@ -54,7 +55,7 @@ enum EntraIdentity {
 }
 
 impl EntraIdentity {
-    fn choose(client_id: Option<&str>, env_set: impl Fn(&str) -> bool) -> Self {
+    pub(crate) fn choose(client_id: Option<&str>, env_set: impl Fn(&str) -> bool) -> Self {
         let client_id = client_id
             .map(str::trim)
             .filter(|c| !c.is_empty())
@@ -70,7 +71,7 @@ impl EntraIdentity {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             EntraIdentity::Workload {
                 client_id: Some(id),
@@ -84,7 +85,7 @@ impl EntraIdentity {
         }
     }
 
-    fn credential(&self) -> azure_core::Result<Arc<dyn TokenCredential>> {
+    pub(crate) fn credential(&self) -> azure_core::Result<Arc<dyn TokenCredential>> {
         Ok(match self {
             EntraIdentity::Workload { client_id } => {
                 WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
@@ -104,7 +105,7 @@ impl EntraIdentity {
     }
 }
 
-fn env_set(name: &str) -> bool {
+pub(crate) fn env_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
 

@@ -11,7 +11,7 @@
 //! - Authorization is chosen once, in `credential.rs`.
 
 mod connection_string;
-mod credential;
+pub(crate) mod credential;
 mod errors;
 mod sas;
 

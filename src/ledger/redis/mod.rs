@@ -1,0 +1,436 @@
+//! The production ledger on Redis. It owns the Redis key space under
+//! `RTPD_REDIS_KEY_PREFIX`: one hash per transaction, and per shard a counts
+//! hash and sorted-set indexes by state (see `keys`). Each operation is one
+//! Lua script on one hash slot (see `scripts`), so a transition, its index
+//! moves and its count changes are one atomic step, and each ledger call on
+//! the hot path is one round trip: ingest `get` + `register`, processor
+//! `claim` + `settle` — four per transaction.
+//!
+//! Terminal records expire `retention` after they became terminal; their
+//! index entries and counts are trimmed by later settles and by `counts()`.
+
+mod connect;
+mod entra;
+mod errors;
+mod keys;
+mod record;
+mod scripts;
+
+pub use connect::{DEFAULT_TIMEOUT, RedisSettings};
+pub use keys::{SHARDS, shard_of};
+
+use super::{
+    ClaimOutcome, Counts, Ledger, LedgerError, ListQuery, Page, RegisterOutcome, ReplayOutcome,
+    decode_cursor, encode_cursor,
+};
+use crate::transaction::{Registration, Settlement, State, TxRecord};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use errors::{classify, malformed, timed_out};
+use keys::Keys;
+use record::{from_flat, micros, to_fields, truncate};
+use redis::{RedisResult, Script, aio::ConnectionManager};
+use std::{future::Future, time::Duration};
+
+/// Expired terminal index entries dropped per settle or per shard in `counts()`.
+const TRIM_PER_CALL: u32 = 100;
+
+pub struct RedisLedger {
+    conn: ConnectionManager,
+    keys: Keys,
+    retention: Option<Duration>,
+    timeout: Duration,
+    describe: String,
+    _tokens: Option<entra::EntraTokens>,
+}
+
+type Reply = (String, Vec<String>);
+
+impl RedisLedger {
+    /// Sets up the connection without contacting Redis (see `connect`).
+    pub fn connect(s: &RedisSettings) -> Result<RedisLedger, LedgerError> {
+        let keys = Keys::new(&s.key_prefix).map_err(LedgerError::Fatal)?;
+        let c = connect::connect(s)?;
+        Ok(RedisLedger {
+            conn: c.conn,
+            keys,
+            retention: s.retention,
+            timeout: s.timeout,
+            describe: c.describe,
+            _tokens: c.tokens,
+        })
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, LedgerError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(classify),
+            Err(_) => Err(timed_out(what, self.timeout)),
+        }
+    }
+
+    async fn script(
+        &self,
+        what: &str,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Reply, LedgerError> {
+        let mut conn = self.conn.clone();
+        self.bounded(what, async move {
+            let mut inv = script.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for a in &args {
+                inv.arg(a);
+            }
+            inv.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    fn now() -> DateTime<Utc> {
+        truncate(Utc::now())
+    }
+
+    /// When a record that became terminal at `at` expires (ms since the
+    /// epoch), or empty when retention is off.
+    fn expire_at_ms(&self, at: DateTime<Utc>) -> String {
+        self.retention
+            .map(|r| (at.timestamp_millis() + r.as_millis() as i64).to_string())
+            .unwrap_or_default()
+    }
+
+    /// Terminal index entries older than this have expired.
+    fn cutoff_us(&self, now: DateTime<Utc>) -> String {
+        self.retention
+            .map(|r| (micros(now) - r.as_micros() as i64).to_string())
+            .unwrap_or_default()
+    }
+
+    fn record(fields: Vec<String>) -> Result<TxRecord, LedgerError> {
+        from_flat(fields)
+            .map_err(malformed)?
+            .ok_or_else(|| malformed("script returned no record"))
+    }
+}
+
+fn flat_fields(r: &TxRecord) -> impl Iterator<Item = String> {
+    to_fields(r)
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_owned(), v])
+}
+
+fn unexpected(op: &str, code: &str) -> LedgerError {
+    malformed(format!("{op} script answered {code:?}"))
+}
+
+#[async_trait]
+impl Ledger for RedisLedger {
+    async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
+        let now = Self::now();
+        let mut reg = reg;
+        reg.received_at = truncate(reg.received_at);
+        let rec = TxRecord::new(&reg, now);
+        let mut args = vec![rec.transaction_id.clone(), micros(now).to_string()];
+        args.extend(flat_fields(&rec));
+        let (code, fields) = self
+            .script(
+                "register",
+                &scripts::REGISTER,
+                self.keys.transition_keys(&rec.transaction_id),
+                args,
+            )
+            .await?;
+        match code.as_str() {
+            "new" => Ok(RegisterOutcome::New(rec)),
+            "exists" => {
+                let existing = Self::record(fields)?;
+                Ok(if existing.sha256 == reg.sha256 {
+                    RegisterOutcome::Duplicate(existing)
+                } else {
+                    RegisterOutcome::Conflict(existing)
+                })
+            }
+            other => Err(unexpected("register", other)),
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
+        let mut conn = self.conn.clone();
+        let key = self.keys.tx(id);
+        let flat: Vec<String> = self
+            .bounded("get", async move {
+                redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        from_flat(flat).map_err(malformed)
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, LedgerError> {
+        let now = Self::now();
+        let until =
+            truncate(now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX));
+        let (code, fields) = self
+            .script(
+                "claim",
+                &scripts::CLAIM,
+                self.keys.transition_keys(id),
+                vec![
+                    id.to_owned(),
+                    owner.to_owned(),
+                    micros(now).to_string(),
+                    micros(until).to_string(),
+                ],
+            )
+            .await?;
+        Ok(match code.as_str() {
+            "not_found" => ClaimOutcome::NotFound,
+            "terminal" => ClaimOutcome::Terminal(Self::record(fields)?),
+            "busy" => ClaimOutcome::Busy(Self::record(fields)?),
+            "not_due" => ClaimOutcome::NotDue(Self::record(fields)?),
+            "claimed" => ClaimOutcome::Claimed(Self::record(fields)?),
+            other => return Err(unexpected("claim", other)),
+        })
+    }
+
+    async fn settle(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        s: Settlement,
+    ) -> Result<TxRecord, LedgerError> {
+        let now = Self::now();
+        let (error, retry_at) = match &s {
+            Settlement::Success => (String::new(), String::new()),
+            Settlement::Failed {
+                error,
+                next_retry_at,
+            } => (error.clone(), micros(*next_retry_at).to_string()),
+            Settlement::DeadLetter { error } => (error.clone(), String::new()),
+        };
+        let (code, fields) = self
+            .script(
+                "settle",
+                &scripts::SETTLE,
+                self.keys.transition_keys(id),
+                vec![
+                    id.to_owned(),
+                    owner.to_owned(),
+                    attempt.to_string(),
+                    micros(now).to_string(),
+                    s.state().as_str().to_owned(),
+                    error,
+                    retry_at,
+                    self.expire_at_ms(now),
+                    self.cutoff_us(now),
+                    TRIM_PER_CALL.to_string(),
+                ],
+            )
+            .await?;
+        match code.as_str() {
+            "settled" => Self::record(fields),
+            "not_found" => Err(LedgerError::NotFound(id.to_owned())),
+            "fenced" => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            other => Err(unexpected("settle", other)),
+        }
+    }
+
+    async fn replay(
+        &self,
+        id: &str,
+        nonce: &str,
+        force: bool,
+    ) -> Result<ReplayOutcome, LedgerError> {
+        let now = Self::now();
+        let (code, fields) = self
+            .script(
+                "replay",
+                &scripts::REPLAY,
+                self.keys.transition_keys(id),
+                vec![
+                    id.to_owned(),
+                    nonce.to_owned(),
+                    if force { "1" } else { "0" }.to_owned(),
+                    micros(now).to_string(),
+                ],
+            )
+            .await?;
+        Ok(match code.as_str() {
+            "not_found" => ReplayOutcome::NotFound,
+            "refused" => ReplayOutcome::Refused(Self::record(fields)?),
+            "reset" => ReplayOutcome::Reset(Self::record(fields)?),
+            other => return Err(unexpected("replay", other)),
+        })
+    }
+
+    async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {
+        let expire = if rec.status.is_terminal() {
+            self.expire_at_ms(rec.updated_at)
+        } else {
+            String::new()
+        };
+        let mut args = vec![
+            rec.transaction_id.clone(),
+            rec.status.as_str().to_owned(),
+            micros(rec.updated_at).to_string(),
+            expire,
+        ];
+        args.extend(flat_fields(&rec));
+        let (code, _) = self
+            .script(
+                "restore",
+                &scripts::RESTORE,
+                self.keys.transition_keys(&rec.transaction_id),
+                args,
+            )
+            .await?;
+        match code.as_str() {
+            "restored" => Ok(()),
+            other => Err(unexpected("restore", other)),
+        }
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Page, LedgerError> {
+        let limit = q.limit.clamp(1, 1000);
+        let cursor = match q.cursor.as_deref() {
+            Some(c) => {
+                Some(decode_cursor(c).ok_or_else(|| LedgerError::Fatal("invalid cursor".into()))?)
+            }
+            None => None,
+        };
+        let (max, cid) = match &cursor {
+            Some((u, id)) => (u.to_string(), id.clone()),
+            None => ("+inf".to_owned(), String::new()),
+        };
+        // Each shard's next `limit + 1` after the cursor, then a merge: the
+        // newest `limit + 1` overall are among them.
+        let pages = (0..SHARDS).map(|shard| {
+            let mut conn = self.conn.clone();
+            let key = self.keys.index(shard, q.state);
+            let (max, cid) = (max.clone(), cid.clone());
+            async move {
+                scripts::PAGE
+                    .key(key)
+                    .arg(max)
+                    .arg(cid)
+                    .arg(limit + 1)
+                    .invoke_async::<Vec<String>>(&mut conn)
+                    .await
+            }
+        });
+        let pages = self
+            .bounded("list", futures::future::try_join_all(pages))
+            .await?;
+        let mut entries = Vec::new();
+        for page in pages {
+            let mut it = page.into_iter();
+            while let (Some(id), Some(score)) = (it.next(), it.next()) {
+                let us = score
+                    .parse::<f64>()
+                    .map_err(|_| malformed(format!("index score {score:?}")))?
+                    as i64;
+                entries.push((us, id));
+            }
+        }
+        entries.sort_unstable_by(|a, b| b.cmp(a));
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        let fetches = entries.iter().map(|(_, id)| {
+            let mut conn = self.conn.clone();
+            let key = self.keys.tx(id);
+            async move {
+                redis::cmd("HGETALL")
+                    .arg(key)
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+            }
+        });
+        let records = self
+            .bounded("list", futures::future::try_join_all(fetches))
+            .await?;
+        let mut items = Vec::with_capacity(records.len());
+        for flat in records {
+            // Gone (expired) or moved on since the index was read: skip it,
+            // as a later read of the index would.
+            if let Some(rec) = from_flat(flat).map_err(malformed)?
+                && q.state.is_none_or(|s| s == rec.status)
+            {
+                items.push(rec);
+            }
+        }
+        let next_cursor = if more {
+            entries.last().map(|(u, id)| encode_cursor(*u, id))
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn counts(&self) -> Result<Counts, LedgerError> {
+        let cutoff = self.cutoff_us(Self::now());
+        let shards = (0..SHARDS).map(|shard| {
+            let mut conn = self.conn.clone();
+            let keys = self.keys.shard_keys(shard);
+            let cutoff = cutoff.clone();
+            async move {
+                let mut inv = scripts::COUNTS.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(cutoff)
+                    .arg(TRIM_PER_CALL)
+                    .invoke_async::<Vec<String>>(&mut conn)
+                    .await
+            }
+        });
+        let shards = self
+            .bounded("counts", futures::future::try_join_all(shards))
+            .await?;
+        let mut counts = Counts::default();
+        for flat in shards {
+            let mut it = flat.into_iter();
+            while let (Some(state), Some(n)) = (it.next(), it.next()) {
+                let n: i64 = n
+                    .parse()
+                    .map_err(|_| malformed(format!("count {n:?} of {state}")))?;
+                if let Some(s) = State::parse(&state) {
+                    *counts.slot(s) += n.max(0) as u64;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        let mut conn = self.conn.clone();
+        let pong: String = self
+            .bounded("ping", async move {
+                redis::cmd("PING").query_async(&mut conn).await
+            })
+            .await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(malformed(format!("PING answered {pong:?}")))
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}

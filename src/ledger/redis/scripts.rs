@@ -1,0 +1,257 @@
+//! The Lua scripts that make each ledger operation one atomic step on one
+//! hash slot. Every decision mirrors `transaction::machine` line by line (the
+//! function each block follows is named above it); the contract suite and
+//! `tests/api/redis_ledger.rs` check the two agree.
+//!
+//! Calling convention (see `Keys::shard_keys` / `Keys::transition_keys`):
+//! KEYS[1] counts hash, KEYS[2] all-states index, KEYS[3..7] the state
+//! indexes in `State::ALL` order, KEYS[8] the transaction's hash.
+//! Times arrive as integer-microsecond strings and are written back as the
+//! same strings: Lua would print a large double in exponent form.
+//! Replies are `{code, HGETALL}` (the flat record, empty when there is none).
+
+use redis::Script;
+use std::sync::LazyLock;
+
+const PRELUDE: &str = r#"
+local STATES = {'pending', 'processing', 'success', 'failed', 'dead_letter'}
+local COUNTS, ALL, TX = KEYS[1], KEYS[2], KEYS[8]
+
+local function idx(state)
+  for i, s in ipairs(STATES) do
+    if s == state then return KEYS[2 + i] end
+  end
+  error('unknown state ' .. tostring(state))
+end
+
+local function terminal(state)
+  return state == 'success' or state == 'dead_letter'
+end
+
+-- Moves id from state `before` (false: not indexed) to `after`, scored by
+-- `score`, and moves the count in the same step.
+local function reindex(id, before, after, score)
+  if before ~= after then
+    if before then
+      redis.call('ZREM', idx(before), id)
+      redis.call('HINCRBY', COUNTS, before, -1)
+    end
+    redis.call('HINCRBY', COUNTS, after, 1)
+  end
+  redis.call('ZADD', idx(after), score, id)
+  redis.call('ZADD', ALL, score, id)
+end
+
+-- The record key is gone (retention expired it) but its index entries may
+-- not have been trimmed yet: forget them before the id is used again.
+local function forget_stale(id)
+  for _, s in ipairs(STATES) do
+    if redis.call('ZSCORE', idx(s), id) then
+      redis.call('ZREM', idx(s), id)
+      redis.call('HINCRBY', COUNTS, s, -1)
+    end
+  end
+  redis.call('ZREM', ALL, id)
+end
+
+-- Terminal records expire at `expire_at_ms` (empty: retention off);
+-- anything else lives until it is terminal.
+local function set_expiry(state, expire_at_ms)
+  if terminal(state) and expire_at_ms ~= '' then
+    redis.call('PEXPIREAT', TX, expire_at_ms)
+  else
+    redis.call('PERSIST', TX)
+  end
+end
+
+-- Drops up to `n` terminal index entries older than `cutoff_us`: their
+-- records expired (the TTL is updated_at + retention), so counts follow.
+local function trim(cutoff_us, n)
+  if cutoff_us == '' then return end
+  for _, s in ipairs({'success', 'dead_letter'}) do
+    local old = redis.call('ZRANGEBYSCORE', idx(s), '-inf', '(' .. cutoff_us,
+                           'WITHSCORES', 'LIMIT', 0, n)
+    for i = 1, #old, 2 do
+      local id, score = old[i], old[i + 1]
+      redis.call('ZREM', idx(s), id)
+      redis.call('HINCRBY', COUNTS, s, -1)
+      if redis.call('ZSCORE', ALL, id) == score then
+        redis.call('ZREM', ALL, id)
+      end
+    end
+  end
+end
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+/// ARGV: id, updated_at_us, then the new record's field/value pairs.
+/// Codes: `new`, `exists` (with the stored record; the caller compares sha256).
+pub static REGISTER: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, now = ARGV[1], ARGV[2]
+if redis.call('EXISTS', TX) == 1 then
+  return {'exists', redis.call('HGETALL', TX)}
+end
+forget_stale(id)
+redis.call('HSET', TX, unpack(ARGV, 3))
+reindex(id, false, 'pending', now)
+return {'new', {}}
+"#,
+    )
+});
+
+/// ARGV: id, owner, now_us, lease_until_us.
+/// Codes: `not_found`, `terminal`, `busy`, `not_due`, `claimed`.
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, owner, now_s, until_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now = tonumber(now_s)
+local h = redis.call('HMGET', TX, 'status', 'lease_until', 'next_retry_at', 'attempts')
+local status = h[1]
+if not status then return {'not_found', {}} end
+-- machine::decide_claim
+if terminal(status) then
+  return {'terminal', redis.call('HGETALL', TX)}
+end
+if status == 'processing' and h[2] and tonumber(h[2]) > now then
+  return {'busy', redis.call('HGETALL', TX)}
+end
+if status == 'failed' and h[3] and tonumber(h[3]) > now then
+  return {'not_due', redis.call('HGETALL', TX)}
+end
+-- machine::apply_claim
+redis.call('HSET', TX, 'attempts', tostring(tonumber(h[4]) + 1), 'status', 'processing',
+           'lease_owner', owner, 'lease_until', until_s, 'updated_at', now_s)
+reindex(id, status, 'processing', now_s)
+return {'claimed', redis.call('HGETALL', TX)}
+"#,
+    )
+});
+
+/// ARGV: id, owner, attempt, now_us, outcome (`success` | `failed` |
+/// `dead_letter`), error, next_retry_at_us, expire_at_ms, cutoff_us, trim_n.
+/// Codes: `not_found`, `fenced`, `settled`.
+pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, owner, attempt, now_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local outcome, err, retry_at = ARGV[5], ARGV[6], ARGV[7]
+local h = redis.call('HMGET', TX, 'status', 'attempts', 'lease_owner')
+local status = h[1]
+if not status then return {'not_found', {}} end
+-- machine::holds
+if status ~= 'processing' or tonumber(h[2]) ~= attempt or h[3] ~= owner then
+  return {'fenced', {}}
+end
+-- machine::apply_settlement
+redis.call('HSET', TX, 'status', outcome, 'updated_at', now_s)
+redis.call('HDEL', TX, 'lease_owner', 'lease_until')
+if outcome == 'success' then
+  redis.call('HDEL', TX, 'next_retry_at')
+elseif outcome == 'failed' then
+  redis.call('HSET', TX, 'error_message', err, 'next_retry_at', retry_at)
+  redis.call('HINCRBY', TX, 'retry_count', 1)
+elseif outcome == 'dead_letter' then
+  redis.call('HSET', TX, 'error_message', err)
+  redis.call('HDEL', TX, 'next_retry_at')
+else
+  error('unknown outcome ' .. outcome)
+end
+reindex(id, status, outcome, now_s)
+set_expiry(outcome, ARGV[8])
+trim(ARGV[9], tonumber(ARGV[10]))
+return {'settled', redis.call('HGETALL', TX)}
+"#,
+    )
+});
+
+/// ARGV: id, nonce, force (`1`/`0`), now_us.
+/// Codes: `not_found`, `refused`, `reset`.
+pub static REPLAY: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, nonce, force, now_s = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
+local h = redis.call('HMGET', TX, 'status', 'lease_until')
+local status = h[1]
+if not status then return {'not_found', {}} end
+-- machine::may_replay
+local may
+if status == 'success' then
+  may = force
+elseif status == 'processing' then
+  may = (not h[2]) or tonumber(h[2]) <= tonumber(now_s)
+else
+  may = true
+end
+if not may then return {'refused', redis.call('HGETALL', TX)} end
+-- machine::apply_replay
+redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s)
+redis.call('HDEL', TX, 'next_retry_at', 'lease_owner', 'lease_until')
+redis.call('PERSIST', TX)
+reindex(id, status, 'pending', now_s)
+return {'reset', redis.call('HGETALL', TX)}
+"#,
+    )
+});
+
+/// ARGV: id, status, updated_at_us, expire_at_ms, then field/value pairs.
+/// Replaces the record whatever was there. Code: `restored`.
+pub static RESTORE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, status, updated = ARGV[1], ARGV[2], ARGV[3]
+local before = redis.call('HGET', TX, 'status')
+if not before then forget_stale(id) end
+redis.call('DEL', TX)
+redis.call('HSET', TX, unpack(ARGV, 5))
+reindex(id, before, status, updated)
+set_expiry(status, ARGV[4])
+return {'restored', {}}
+"#,
+    )
+});
+
+/// Shard-level (KEYS[1..7] only). ARGV: cutoff_us, trim_n.
+/// Trims expired terminal entries, then returns the counts hash flat.
+pub static COUNTS: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+trim(ARGV[1], tonumber(ARGV[2]))
+return redis.call('HGETALL', COUNTS)
+"#,
+    )
+});
+
+/// One index key (KEYS[1]). ARGV: max_score (`+inf` or the cursor's
+/// microseconds), cursor id (empty: no cursor), n.
+/// Returns up to n `id, score` pairs after the cursor, newest first, ties by
+/// id descending (the order of `ZREVRANGEBYSCORE`).
+pub static PAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local max, cid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local cu = tonumber(max)
+local out, offset = {}, 0
+while #out < 2 * n do
+  local batch = redis.call('ZREVRANGEBYSCORE', KEYS[1], max, '-inf',
+                           'WITHSCORES', 'LIMIT', offset, n)
+  if #batch == 0 then break end
+  for i = 1, #batch, 2 do
+    local id, score = batch[i], batch[i + 1]
+    if cid == '' or tonumber(score) < cu or id < cid then
+      out[#out + 1] = id
+      out[#out + 1] = score
+      if #out >= 2 * n then break end
+    end
+  end
+  offset = offset + #batch / 2
+end
+return out
+"#,
+    )
+});

@@ -1,0 +1,172 @@
+//! Redis restarted without persistence under a running service: while it is
+//! down the service says so (readiness 503, ingest 503 + Retry-After, never a
+//! 2xx); when it is back (empty) the service recovers by itself, and every
+//! transaction acknowledged before the outage is still in the WAL although
+//! the ledger has forgotten it — the gap a ledger rebuild closes.
+
+use crate::support::{AppOptions, json, spawn_app_with};
+use rtp_durability::replay::load_record;
+use serde_json::json;
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A redis-server of this test alone, so killing it disturbs no other test.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = OwnRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.launch();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server on the same port, empty, without persistence.
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run scripts/redis.sh start FILE once (it installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(c) = redis::Client::open(self.url())
+                && let Ok(mut con) = c.get_connection_with_timeout(Duration::from_millis(200))
+                && redis::cmd("PING").query::<String>(&mut con).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("own redis-server on port {} did not come up", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn losing_redis_loses_no_acknowledged_transaction() {
+    let mut redis = OwnRedis::start();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(app.admin_get("/readyz").await.status(), 200);
+
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let id = format!("before-{i}");
+        let r = app
+            .post_json(&json!({ "transaction_id": id, "amount": i }))
+            .await;
+        assert_eq!(r.status(), 202, "accepted while Redis is up");
+        let body = json(r).await;
+        acked.push((
+            id,
+            body["wal"]["ref"].as_str().unwrap().to_owned(),
+            body["wal"]["sha256"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(app.services.ledger.counts().await.unwrap().pending, 5);
+
+    redis.kill();
+
+    let ready = app.admin_get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    let ready = json(ready).await;
+    assert!(
+        ready["dependencies"]["ledger"]
+            .as_str()
+            .unwrap()
+            .starts_with("unavailable"),
+        "{ready}"
+    );
+    for i in 0..3 {
+        let started = Instant::now();
+        let r = app
+            .post_json(&json!({ "transaction_id": format!("during-{i}"), "amount": i }))
+            .await;
+        assert_eq!(r.status(), 503, "never a 2xx without the ledger");
+        assert!(r.headers().get("retry-after").is_some());
+        let body = json(r).await;
+        assert_eq!(body["error"], "unavailable", "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a dead Redis answers fast: {:?}",
+            started.elapsed()
+        );
+    }
+
+    redis.launch(); // empty: no persistence
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = app.admin_get("/readyz").await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness did not recover: {}",
+            json(r).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The vendor's retry of a refused POST and a brand-new one are accepted.
+    for id in ["during-0", "after-0"] {
+        let r = app
+            .post_json(&json!({ "transaction_id": id, "amount": 1 }))
+            .await;
+        assert_eq!(r.status(), 202, "{id} accepted after recovery");
+    }
+
+    // The gap: the ledger forgot what it acknowledged; the WAL did not.
+    for (id, wal_ref, sha) in &acked {
+        assert!(
+            app.services.ledger.get(id).await.unwrap().is_none(),
+            "{id}: the restarted Redis is empty"
+        );
+        let rec = load_record(&app.services, wal_ref)
+            .await
+            .expect("acknowledged record is in the WAL");
+        assert_eq!(&rec.transaction_id, id);
+        assert_eq!(&rec.sha256, sha);
+    }
+    let c = app.services.ledger.counts().await.unwrap();
+    assert_eq!(c.total(), 2, "only what arrived after the restart");
+}
