@@ -2,10 +2,12 @@
 //! and an `async fn run`.
 
 pub mod config;
+pub mod dlq;
 pub mod dev;
 pub mod healthcheck;
 pub mod mock;
 pub mod produce;
+pub mod rebuild_ledger;
 pub mod reconcile;
 pub mod replay;
 pub mod serve;
@@ -38,10 +40,14 @@ pub enum Command {
     MockDownstream(mock::Opts),
     /// Send test transactions and report throughput and latency
     Produce(produce::Opts),
-    /// Re-drive overdue transactions from the WAL
+    /// Repair the ledger from the WAL and journal and re-drive overdue transactions
     Reconcile(reconcile::Opts),
-    /// Replay a transaction from the WAL
+    /// Replay transactions from the WAL: by id, time range, state or the dead-letter queue
     Replay(replay::Opts),
+    /// Rebuild the ledger from the WAL and the outcome journal (after Redis was lost)
+    RebuildLedger(rebuild_ledger::Opts),
+    /// Inspect, replay and purge the dead-letter queue
+    Dlq(dlq::Opts),
     /// Print the effective configuration (secrets redacted)
     Config(config::Opts),
     /// Exit 0 if a health URL answers 2xx (for container HEALTHCHECKs)
