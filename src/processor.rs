@@ -184,7 +184,9 @@ impl Processor {
             // The ledger lost this transaction (e.g. Redis was flushed). The
             // journal says whether it already finished; the message carries
             // enough to put it back.
-            tracing::warn!("transaction missing from ledger; restoring it from the journal and the message");
+            tracing::warn!(
+                "transaction missing from ledger; restoring it from the journal and the message"
+            );
             match self.restore_from_journal(&reg).await {
                 Ok(Restored::Finished) => return self.skip(&m, "already_done").await,
                 Ok(Restored::Unfinished) => {}

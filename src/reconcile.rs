@@ -140,7 +140,9 @@ pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<
             rec.attempts = k.attempts;
             rec.retry_count = k.retry_count;
             rec.error_message = k.error.clone();
-            rec.next_retry_at = (k.state == State::Failed).then_some(k.next_retry_at).flatten();
+            rec.next_retry_at = (k.state == State::Failed)
+                .then_some(k.next_retry_at)
+                .flatten();
             rec.updated_at = k.last_at;
         }
         // Untouched since ingest: as old as the record, so it is overdue at once.

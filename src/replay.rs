@@ -137,7 +137,11 @@ pub enum Scope {
 }
 
 /// The ids a scope covers, at most `limit`, in order, without repeats.
-pub async fn select(svc: &Services, scope: &Scope, limit: usize) -> Result<Vec<String>, ReplayError> {
+pub async fn select(
+    svc: &Services,
+    scope: &Scope,
+    limit: usize,
+) -> Result<Vec<String>, ReplayError> {
     let mut ids: Vec<String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut push = |id: String, ids: &mut Vec<String>| {

@@ -133,7 +133,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             for m in found {
                 let mut v = summary(m);
                 v["properties"] = serde_json::to_value(&m.properties)?;
-                v["body"] = serde_json::Value::String(String::from_utf8_lossy(&m.body).into_owned());
+                v["body"] =
+                    serde_json::Value::String(String::from_utf8_lossy(&m.body).into_owned());
                 if let Some(id) = tx_id(m) {
                     v["ledger"] = serde_json::to_value(svc.ledger.get(id).await?)?;
                 }
@@ -200,9 +201,13 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 let n = peek_all(&svc, usize::MAX)
                     .await?
                     .iter()
-                    .filter(|m| ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id)))
+                    .filter(|m| {
+                        ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id))
+                    })
                     .count();
-                anyhow::bail!("would delete {n} dead-lettered messages; run again with --yes to do it");
+                anyhow::bail!(
+                    "would delete {n} dead-lettered messages; run again with --yes to do it"
+                );
             }
             let who = operator(who.as_deref());
             let doomed = lock_dead_letters(&svc, |m| {

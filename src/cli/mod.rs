@@ -2,8 +2,8 @@
 //! and an `async fn run`.
 
 pub mod config;
-pub mod dlq;
 pub mod dev;
+pub mod dlq;
 pub mod healthcheck;
 pub mod mock;
 pub mod produce;

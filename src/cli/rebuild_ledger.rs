@@ -54,8 +54,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         ProgressBar::new(0)
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} segments {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} segments {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     o.progress = Some(bar.clone());
     let report = reconcile_when_free(&svc, &o, Duration::from_secs(60)).await?;

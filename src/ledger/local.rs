@@ -258,12 +258,7 @@ impl Ledger for LocalLedger {
         .await
     }
 
-    async fn try_lease(
-        &self,
-        name: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<bool, LedgerError> {
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         let (name, owner) = (name.to_owned(), owner.to_owned());
         self.run(move |c| {
             let now = Utc::now().timestamp_micros();

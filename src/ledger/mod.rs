@@ -165,8 +165,7 @@ pub trait Ledger: Send + Sync + 'static {
     /// Acquires the named lease for `owner`, or renews it if `owner` holds it,
     /// for `ttl` from now. False when another owner holds an unexpired lease.
     /// Keeps one reconciler active across instances.
-    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration)
-    -> Result<bool, LedgerError>;
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError>;
     /// A named value every instance sees (the reconciler's low watermark).
     async fn checkpoint(&self, name: &str) -> Result<Option<String>, LedgerError>;
     async fn set_checkpoint(&self, name: &str, value: &str) -> Result<(), LedgerError>;

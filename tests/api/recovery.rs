@@ -173,12 +173,19 @@ async fn start_mock(extra: &[&str]) -> (Proc, u16) {
 }
 
 async fn mock_calls(mock_port: u16) -> Value {
-    reqwest::get(format!("http://127.0.0.1:{mock_port}/calls"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    let url = format!("http://127.0.0.1:{mock_port}/calls");
+    let mut tries = 0;
+    loop {
+        match reqwest::get(&url).await {
+            Ok(r) => return r.json().await.unwrap(),
+            Err(e) if tries < 5 => {
+                tries += 1;
+                eprintln!("GET {url}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("GET {url}: {e}"),
+        }
+    }
 }
 
 fn body_of(id: &str, extra: &Value) -> Value {
@@ -277,7 +284,11 @@ async fn queue_loss_is_redriven_from_the_wal() {
     api.kill9();
 
     let purged = site.queue().purge(Subqueue::Main).await.unwrap();
-    assert_eq!(purged, ids.len(), "every message was in the queue, then lost");
+    assert_eq!(
+        purged,
+        ids.len(),
+        "every message was in the queue, then lost"
+    );
 
     let _serve = site.start("serve").await;
     wait_until_finished(&site, &ids, Duration::from_secs(60)).await;
@@ -301,7 +312,11 @@ async fn processor_killed_mid_call_retries_safely() {
     let ids = ingest(&site, "KILL", 3, json!({})).await;
     // Kill -9 while calls are in flight at the downstream.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while mock_calls(mock_port).await["total_calls"].as_u64().unwrap_or(0) == 0 {
+    while mock_calls(mock_port).await["total_calls"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
         assert!(Instant::now() < deadline, "no downstream call started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -316,7 +331,11 @@ async fn processor_killed_mid_call_retries_safely() {
     let _serve = site.start("serve").await;
     wait_until_finished(&site, &ids, Duration::from_secs(90)).await;
     let calls = audit(&site, &ids).await;
-    assert_eq!(calls["keys"], ids.len(), "one idempotency key per transaction");
+    assert_eq!(
+        calls["keys"],
+        ids.len(),
+        "one idempotency key per transaction"
+    );
 }
 
 /// Seed row "Redis corruption": the ledger is deleted mid-run. `rebuild-ledger`
@@ -435,7 +454,10 @@ async fn region_loss_recovers_from_the_surviving_wal() {
     };
     serve.kill9();
     let before = calls_per_key(&mock_calls(mock_port).await);
-    assert!(succeeded.len() < ids.len(), "some were unfinished at the loss");
+    assert!(
+        succeeded.len() < ids.len(),
+        "some were unfinished at the loss"
+    );
 
     // The secondary region: a copy of the blob container and nothing else.
     let secondary = tempfile::tempdir().unwrap();
@@ -453,7 +475,10 @@ async fn region_loss_recovers_from_the_surviving_wal() {
     wait_until_finished(&site, &ids, Duration::from_secs(90)).await;
     let after = calls_per_key(&audit(&site, &ids).await);
     for id in &succeeded {
-        assert_eq!(after[id], before[id], "{id} had succeeded and reached the downstream again");
+        assert_eq!(
+            after[id], before[id],
+            "{id} had succeeded and reached the downstream again"
+        );
     }
 }
 
@@ -507,8 +532,14 @@ async fn poison_is_dead_lettered_listed_and_replayed() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(ls.contains(&ids[0]) && ls.contains("PermanentFailure"), "{ls}");
-    assert!(ls.contains("garbage-1") && ls.contains("MalformedMessage"), "{ls}");
+    assert!(
+        ls.contains(&ids[0]) && ls.contains("PermanentFailure"),
+        "{ls}"
+    );
+    assert!(
+        ls.contains("garbage-1") && ls.contains("MalformedMessage"),
+        "{ls}"
+    );
     let show = site.ops(&["dlq", "show", &ids[0]]);
     assert!(show.contains("\"dead_letter\""), "{show}");
 
@@ -527,7 +558,10 @@ async fn poison_is_dead_lettered_listed_and_replayed() {
     assert!(!refused.status.success());
     let out = site.ops(&["dlq", "purge", "--yes", "--reason", "garbage"]);
     assert!(out.contains("1 dead-lettered messages purged"), "{out}");
-    assert!(site.ops(&["dlq", "ls"]).contains("0 dead-lettered messages"));
+    assert!(
+        site.ops(&["dlq", "ls"])
+            .contains("0 dead-lettered messages")
+    );
     let journal = read_journal(dir.path());
     assert!(
         journal
