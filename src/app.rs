@@ -159,6 +159,7 @@ impl Services {
             owner: self.instance.clone(),
             lock_duration: self.settings.lock_duration(),
             downstream_timeout: self.settings.downstream_timeout(),
+            journal_index: Default::default(),
         })
     }
 

@@ -25,6 +25,8 @@ async fn main() {
         Command::Reconcile(o) => cli::reconcile::run(o).await,
         Command::Replay(o) => cli::replay::run(o).await,
         Command::Wal(o) => cli::wal::run(o).await,
+        Command::RebuildLedger(o) => cli::rebuild_ledger::run(o).await,
+        Command::Dlq(o) => cli::dlq::run(o).await,
         Command::Config(o) => cli::config::run(o).await,
         Command::Healthcheck(o) => cli::healthcheck::run(o).await,
     };

@@ -7,7 +7,7 @@
 
 use crate::backoff::RetryPolicy;
 use crate::downstream::{CallResult, Downstream};
-use crate::journal::{EntryKind, Journal, JournalEntry};
+use crate::journal::{EntryKind, Journal, JournalEntry, JournalIndex};
 use crate::ledger::{ClaimOutcome, Ledger, LedgerError, RegisterOutcome};
 use crate::metrics;
 use crate::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
@@ -110,6 +110,13 @@ impl Outcome {
     }
 }
 
+enum Restored {
+    /// The journal says it finished: nothing left to do.
+    Finished,
+    Unfinished,
+    Conflict,
+}
+
 pub struct Processor {
     pub queue: Arc<dyn Queue>,
     pub ledger: Arc<dyn Ledger>,
@@ -120,6 +127,8 @@ pub struct Processor {
     pub owner: String,
     pub lock_duration: Duration,
     pub downstream_timeout: Duration,
+    /// The outcome journal as read so far, for transactions the ledger lost.
+    pub journal_index: Arc<tokio::sync::Mutex<JournalIndex>>,
 }
 
 impl Processor {
@@ -172,11 +181,16 @@ impl Processor {
             .claim(&reg.transaction_id, &self.owner, lease)
             .await;
         if let Ok(ClaimOutcome::NotFound) = claim {
-            // The ledger lost this transaction (e.g. Redis was flushed): the
-            // message carries enough to register it again.
-            tracing::warn!("transaction missing from ledger; registering from the message");
-            match self.ledger.register(reg.clone()).await {
-                Ok(RegisterOutcome::Conflict(_)) => {
+            // The ledger lost this transaction (e.g. Redis was flushed). The
+            // journal says whether it already finished; the message carries
+            // enough to put it back.
+            tracing::warn!(
+                "transaction missing from ledger; restoring it from the journal and the message"
+            );
+            match self.restore_from_journal(&reg).await {
+                Ok(Restored::Finished) => return self.skip(&m, "already_done").await,
+                Ok(Restored::Unfinished) => {}
+                Ok(Restored::Conflict) => {
                     return self
                         .dead_letter_message(
                             &m,
@@ -185,8 +199,7 @@ impl Processor {
                         )
                         .await;
                 }
-                Ok(_) => {}
-                Err(e) => return self.defer(&m, e.to_string()).await,
+                Err(e) => return self.defer(&m, e).await,
             }
             claim = self
                 .ledger
@@ -375,6 +388,39 @@ impl Processor {
             State::Failed => Outcome::RetryScheduled,
             _ => Outcome::DeadLettered,
         }
+    }
+
+    /// Puts a transaction the ledger lost back, as the outcome journal knows
+    /// it.
+    async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, String> {
+        let known = {
+            let mut idx = self.journal_index.lock().await;
+            idx.refresh(&self.journal, reg.received_at, Utc::now())
+                .await
+                .map_err(|e| format!("outcome journal: {e}"))?;
+            idx.known(&reg.transaction_id)
+        };
+        let rec = crate::reconcile::restored_record(reg, known.as_ref(), Utc::now());
+        let finished = rec.status.is_terminal();
+        if known.is_some() {
+            self.ledger
+                .restore_missing(rec)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            match self.ledger.register(reg.clone()).await {
+                Ok(RegisterOutcome::Conflict(_)) => return Ok(Restored::Conflict),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if finished {
+            tracing::info!(
+                "the journal says this transaction finished; not calling the downstream again"
+            );
+            return Ok(Restored::Finished);
+        }
+        Ok(Restored::Unfinished)
     }
 
     async fn skip(&self, m: &ReceivedMessage, why: &'static str) -> Outcome {

@@ -1,9 +1,15 @@
-//! The reconciler: joins the WAL with the ledger over a time window and
+//! The reconciler: joins the WAL with the ledger and the outcome journal over
+//! a time window, repairs the ledger from the two sources of truth and
 //! re-drives whatever is overdue, so a lost queue message or a lost ledger
-//! entry never loses a transaction.
+//! entry never loses a transaction and never re-delivers a finished one.
 //!
 //! For every transaction in the WAL window:
-//! - missing from the ledger → registered and enqueued;
+//! - missing from the ledger → restored from the WAL and the journal: a
+//!   transaction the journal says finished is restored `success` /
+//!   `dead_letter` and not re-driven; anything else is restored with its
+//!   journaled attempts (so fencing tokens keep growing) and re-driven;
+//! - in the ledger as non-terminal while the journal says it finished (the
+//!   ledger lost the settle) → corrected, not re-driven;
 //! - `pending` untouched for longer than `pending_after` → re-enqueued;
 //! - `failed` whose retry is overdue by `slack` → re-enqueued;
 //! - `processing` whose lease expired more than `slack` ago → re-enqueued.
@@ -11,18 +17,43 @@
 //! Re-enqueued copies carry a distinct message id (`<id>:redrive:<nonce>`), so
 //! Service Bus duplicate detection cannot drop them; the ledger's claim makes
 //! a redundant copy harmless.
+//!
+//! One reconciler is active at a time: passes run under the ledger lease
+//! [`LEASE`]. The background task starts each pass at the low watermark
+//! [`WATERMARK`] (the oldest `received_at` still non-terminal), kept in the
+//! ledger so every instance sees it. `rebuild-ledger` is the same join with
+//! re-driving switched off.
 
 use crate::app::Services;
-use crate::ledger::RegisterOutcome;
+use crate::journal::{JournalIndex, Known};
+use crate::ledger::LedgerError;
 use crate::metrics;
 use crate::processor::message_for;
 use crate::replay::registration_of;
-use crate::transaction::{State, TxRecord};
+use crate::transaction::{Registration, State, TxRecord};
 use crate::wal::{WalError, WalRecord};
 use bytes::Bytes;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::Serialize;
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
+
+/// Name of the ledger lease that makes one reconciler active at a time.
+pub const LEASE: &str = "reconciler";
+/// Name of the ledger checkpoint holding the low watermark (RFC 3339).
+pub const WATERMARK: &str = "reconciler.low_watermark";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("another instance holds the reconciler lease")]
+    LeaseHeld,
+}
 
 #[derive(Debug, Clone)]
 pub struct ReconcileOptions {
@@ -33,6 +64,34 @@ pub struct ReconcileOptions {
     pub dry_run: bool,
     /// Re-drives per second at most (0 = unlimited).
     pub rate_per_sec: u32,
+    /// False for a ledger rebuild: repair the ledger, enqueue nothing.
+    pub redrive: bool,
+    /// Holds (and renews) the reconciler lease for `owner` during the pass.
+    pub lease: Option<LeaseOptions>,
+    /// Advanced by one per WAL segment read.
+    pub progress: Option<indicatif::ProgressBar>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseOptions {
+    pub owner: String,
+    pub ttl: Duration,
+}
+
+impl ReconcileOptions {
+    pub fn new(from: DateTime<Utc>, to: DateTime<Utc>, pending_after: Duration) -> Self {
+        ReconcileOptions {
+            from,
+            to,
+            pending_after,
+            slack: pending_after,
+            dry_run: false,
+            rate_per_sec: 0,
+            redrive: true,
+            lease: None,
+            progress: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -41,16 +100,29 @@ pub struct ReconcileReport {
     pub records: u64,
     pub unreadable: u64,
     pub missing_from_ledger: u64,
+    /// Missing from the ledger and finished according to the journal: restored, not re-driven.
+    pub restored_finished: u64,
+    /// In the ledger as unfinished, finished according to the journal: corrected.
+    pub corrected_from_journal: u64,
     pub redriven_pending: u64,
     pub redriven_failed: u64,
     pub redriven_processing: u64,
     /// WAL records whose id the ledger holds with other content (a refused 409).
     pub conflicting: u64,
-    /// What was (or, in a dry run, would be) re-driven.
+    /// Oldest `received_at` still unfinished after the pass (None: everything finished).
+    pub oldest_unfinished: Option<DateTime<Utc>>,
+    /// The pass went through the whole window.
+    pub complete: bool,
+    /// What was (or, in a dry run, would be) done.
     pub actions: Vec<String>,
 }
 
 impl ReconcileReport {
+    /// Ledger entries found wrong or missing.
+    pub fn drift(&self) -> u64 {
+        self.missing_from_ledger + self.restored_finished + self.corrected_from_journal
+    }
+
     pub fn redriven(&self) -> u64 {
         self.missing_from_ledger
             + self.redriven_pending
@@ -59,48 +131,165 @@ impl ReconcileReport {
     }
 }
 
-enum Action {
-    None,
-    Register,
+/// The ledger record the WAL and the journal imply for a transaction.
+pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<Utc>) -> TxRecord {
+    let mut rec = TxRecord::new(reg, now);
+    match known {
+        Some(k) => {
+            rec.status = k.state;
+            rec.attempts = k.attempts;
+            rec.retry_count = k.retry_count;
+            rec.error_message = k.error.clone();
+            rec.next_retry_at = (k.state == State::Failed)
+                .then_some(k.next_retry_at)
+                .flatten();
+            rec.updated_at = k.last_at;
+        }
+        // Untouched since ingest: as old as the record, so it is overdue at once.
+        None => rec.updated_at = reg.received_at,
+    }
+    rec
+}
+
+#[derive(Debug)]
+enum Plan {
+    /// Young and missing: ingest may still be registering it.
+    Wait,
+    Nothing,
+    Restore(TxRecord),
+    Correct(TxRecord),
     Redrive(&'static str),
 }
 
-fn decide(
-    rec: Option<&TxRecord>,
-    wal: &WalRecord,
+fn plan(
+    current: Option<&TxRecord>,
+    reg: &Registration,
+    known: Option<&Known>,
     now: DateTime<Utc>,
     o: &ReconcileOptions,
-) -> Action {
+) -> Plan {
     let slack = ChronoDuration::from_std(o.slack).unwrap_or_default();
-    let Some(rec) = rec else {
-        return Action::Register;
+    let pending_after = ChronoDuration::from_std(o.pending_after).unwrap_or_default();
+    let finished = known.is_some_and(|k| k.state.is_terminal());
+    let Some(cur) = current else {
+        if known.is_none() && now - reg.received_at <= pending_after {
+            return Plan::Wait;
+        }
+        return Plan::Restore(restored_record(reg, known, now));
     };
-    if rec.sha256 != wal.sha256 {
-        return Action::None;
+    if !cur.status.is_terminal()
+        && finished
+        && let Some(k) = known
+    {
+        let mut rec = restored_record(reg, Some(k), now);
+        rec.wal_ref = cur.wal_ref.clone();
+        rec.created_at = cur.created_at;
+        rec.vendor = cur.vendor.clone();
+        rec.replay_nonce = cur.replay_nonce.clone();
+        rec.attempts = rec.attempts.max(cur.attempts);
+        rec.retry_count = rec.retry_count.max(cur.retry_count);
+        rec.updated_at = now;
+        return Plan::Correct(rec);
     }
-    match rec.status {
-        State::Pending
-            if now - rec.updated_at
-                > ChronoDuration::from_std(o.pending_after).unwrap_or_default() =>
-        {
-            Action::Redrive("pending")
+    match cur.status {
+        State::Pending if now - cur.updated_at > pending_after => Plan::Redrive("pending"),
+        State::Failed if cur.next_retry_at.is_none_or(|t| t + slack < now) => {
+            Plan::Redrive("failed")
         }
-        State::Failed if rec.next_retry_at.is_none_or(|t| t + slack < now) => {
-            Action::Redrive("failed")
+        State::Processing if cur.lease_until.is_none_or(|t| t + slack < now) => {
+            Plan::Redrive("processing")
         }
-        State::Processing if rec.lease_until.is_none_or(|t| t + slack < now) => {
-            Action::Redrive("processing")
-        }
-        _ => Action::None,
+        _ => Plan::Nothing,
     }
 }
 
-pub async fn reconcile(svc: &Services, o: &ReconcileOptions) -> Result<ReconcileReport, WalError> {
+/// Keeps the lease while a pass runs.
+struct LeaseKeeper<'a> {
+    svc: &'a Services,
+    opts: Option<&'a LeaseOptions>,
+    renewed: Instant,
+}
+
+impl LeaseKeeper<'_> {
+    async fn acquire(&mut self) -> Result<(), ReconcileError> {
+        if let Some(l) = self.opts {
+            if !self.svc.ledger.try_lease(LEASE, &l.owner, l.ttl).await? {
+                return Err(ReconcileError::LeaseHeld);
+            }
+            self.renewed = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn keep(&mut self) -> Result<(), ReconcileError> {
+        match self.opts {
+            Some(l) if self.renewed.elapsed() > l.ttl / 3 => self.acquire().await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One pass over `[o.from, o.to]`. The lease is held only while the pass
+/// runs, so an operator's `rtpd reconcile` gets its turn between background
+/// passes.
+pub async fn reconcile(
+    svc: &Services,
+    o: &ReconcileOptions,
+) -> Result<ReconcileReport, ReconcileError> {
+    let mut lease = LeaseKeeper {
+        svc,
+        opts: o.lease.as_ref(),
+        renewed: Instant::now(),
+    };
+    lease.acquire().await?;
+    let result = pass(svc, o, &mut lease).await;
+    if let Some(l) = &o.lease {
+        // A zero-length renewal ends the lease at once.
+        let _ = svc.ledger.try_lease(LEASE, &l.owner, Duration::ZERO).await;
+    }
+    result
+}
+
+/// Like [`reconcile`], waiting up to `patience` for the lease.
+pub async fn reconcile_when_free(
+    svc: &Services,
+    o: &ReconcileOptions,
+    patience: Duration,
+) -> Result<ReconcileReport, ReconcileError> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match reconcile(svc, o).await {
+            Err(ReconcileError::LeaseHeld) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn pass(
+    svc: &Services,
+    o: &ReconcileOptions,
+    lease: &mut LeaseKeeper<'_>,
+) -> Result<ReconcileReport, ReconcileError> {
     let mut report = ReconcileReport::default();
     let mut seen = HashSet::new();
     let pace = (o.rate_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / o.rate_per_sec as f64));
-    for seg in svc.wal.segments(o.from, o.to).await? {
+
+    // Outcomes of transactions received in the window are journaled after it starts.
+    let mut journal = JournalIndex::default();
+    journal.refresh(&svc.journal, o.from, Utc::now()).await?;
+
+    let segments = svc.wal.segments(o.from, o.to).await?;
+    if let Some(p) = &o.progress {
+        p.set_length(segments.len() as u64);
+    }
+    for seg in segments {
         report.segments += 1;
+        if let Some(p) = &o.progress {
+            p.inc(1);
+        }
+        lease.keep().await?;
         for (wal_ref, bytes) in svc.wal.read_segment(&seg.key).await? {
             report.records += 1;
             let wal: WalRecord = match serde_json::from_slice(&bytes) {
@@ -118,34 +307,9 @@ pub async fn reconcile(svc: &Services, o: &ReconcileOptions) -> Result<Reconcile
                 continue;
             }
             let id = wal.transaction_id.clone();
-            let current = match svc.ledger.get(&id).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(transaction_id = %id, error = %e, "ledger lookup failed; stopping this pass");
-                    return Ok(report);
-                }
-            };
+            let current = svc.ledger.get(&id).await?;
             if current.as_ref().is_some_and(|c| c.sha256 != wal.sha256) {
                 report.conflicting += 1;
-                continue;
-            }
-            let why = match decide(current.as_ref(), &wal, Utc::now(), o) {
-                Action::None => continue,
-                Action::Register => {
-                    report.missing_from_ledger += 1;
-                    "missing from ledger"
-                }
-                Action::Redrive(state) => {
-                    match state {
-                        "pending" => report.redriven_pending += 1,
-                        "failed" => report.redriven_failed += 1,
-                        _ => report.redriven_processing += 1,
-                    }
-                    state
-                }
-            };
-            report.actions.push(format!("{id}: {why}"));
-            if o.dry_run {
                 continue;
             }
             let wal_ref_s = current
@@ -153,15 +317,62 @@ pub async fn reconcile(svc: &Services, o: &ReconcileOptions) -> Result<Reconcile
                 .map(|c| c.wal_ref.clone())
                 .unwrap_or_else(|| wal_ref.to_string());
             let reg = registration_of(&wal, &wal_ref_s);
-            if current.is_none() {
-                match svc.ledger.register(reg.clone()).await {
-                    Ok(RegisterOutcome::Conflict(_)) => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(transaction_id = %id, error = %e, "could not register; stopping this pass");
-                        return Ok(report);
+            let known = journal.known(&id);
+            let now = Utc::now();
+            let p = plan(current.as_ref(), &reg, known.as_ref(), now, o);
+            let unfinished = match &p {
+                Plan::Restore(r) | Plan::Correct(r) => !r.status.is_terminal(),
+                Plan::Nothing => current.as_ref().is_some_and(|c| !c.status.is_terminal()),
+                Plan::Wait | Plan::Redrive(_) => true,
+            };
+            if unfinished {
+                report.oldest_unfinished = Some(
+                    report
+                        .oldest_unfinished
+                        .map_or(wal.received_at, |t| t.min(wal.received_at)),
+                );
+            }
+            let (why, redrive, scheduled) = match p {
+                Plan::Wait | Plan::Nothing => continue,
+                Plan::Restore(rec) => {
+                    let finished = rec.status.is_terminal();
+                    if finished {
+                        report.restored_finished += 1;
+                    } else {
+                        report.missing_from_ledger += 1;
+                    }
+                    let scheduled = rec.next_retry_at.filter(|t| *t > now);
+                    if !o.dry_run && !svc.ledger.restore_missing(rec.clone()).await? {
+                        // Someone (a processor) restored it meanwhile; it is in hand.
+                        continue;
+                    }
+                    if finished {
+                        ("missing from ledger; journal says finished", false, None)
+                    } else {
+                        ("missing from ledger", o.redrive, scheduled)
                     }
                 }
+                Plan::Correct(rec) => {
+                    report.corrected_from_journal += 1;
+                    if !o.dry_run {
+                        svc.ledger.restore(rec).await?;
+                    }
+                    ("ledger behind the journal; corrected", false, None)
+                }
+                Plan::Redrive(state) if o.redrive => {
+                    match state {
+                        "pending" => report.redriven_pending += 1,
+                        "failed" => report.redriven_failed += 1,
+                        _ => report.redriven_processing += 1,
+                    }
+                    (state, true, None)
+                }
+                Plan::Redrive(_) => continue,
+            };
+            let status = if redrive { " (re-drive)" } else { "" };
+            report.actions.push(format!("{id}: {why}{status}"));
+            if o.dry_run || !redrive {
+                continue;
             }
             let nonce = uuid::Uuid::new_v4().simple().to_string();
             let msg = message_for(
@@ -169,10 +380,11 @@ pub async fn reconcile(svc: &Services, o: &ReconcileOptions) -> Result<Reconcile
                 Bytes::from(wal.payload.into_bytes()),
                 "redrive",
                 Some(&format!("redrive:{nonce}")),
-                None,
+                scheduled,
             );
             if let Err(e) = svc.queue.send(vec![msg]).await {
                 tracing::warn!(transaction_id = %id, error = %e, "re-enqueue failed; stopping this pass");
+                record_metrics(&report, o);
                 return Ok(report);
             }
             tracing::info!(transaction_id = %id, reason = why, "re-driven from the WAL");
@@ -181,48 +393,193 @@ pub async fn reconcile(svc: &Services, o: &ReconcileOptions) -> Result<Reconcile
             }
         }
     }
-    if !o.dry_run {
-        metrics::reconciler("missing_from_ledger", report.missing_from_ledger);
-        metrics::reconciler("redriven_pending", report.redriven_pending);
-        metrics::reconciler("redriven_failed", report.redriven_failed);
-        metrics::reconciler("redriven_processing", report.redriven_processing);
-    }
+    report.complete = true;
+    record_metrics(&report, o);
     Ok(report)
 }
 
-/// Runs a pass every `interval` over the last `lookback`, until `shutdown`.
+fn record_metrics(r: &ReconcileReport, o: &ReconcileOptions) {
+    if o.dry_run {
+        return;
+    }
+    metrics::reconciler("drift_found", r.drift());
+    metrics::reconciler("missing_from_ledger", r.missing_from_ledger);
+    metrics::reconciler("restored_finished", r.restored_finished);
+    metrics::reconciler("corrected_from_journal", r.corrected_from_journal);
+    metrics::reconciler("redriven_pending", r.redriven_pending);
+    metrics::reconciler("redriven_failed", r.redriven_failed);
+    metrics::reconciler("redriven_processing", r.redriven_processing);
+    if o.redrive {
+        metrics::reconciler("redriven", r.redriven());
+    }
+}
+
+/// Where the next periodic pass may start after `r`: the oldest unfinished
+/// record, but never closer to the present than `margin` (a record received
+/// just before the pass may land in a segment flushed just after its listing).
+pub fn next_watermark(r: &ReconcileReport, to: DateTime<Utc>, margin: Duration) -> DateTime<Utc> {
+    let margin_floor = to - ChronoDuration::from_std(margin).unwrap_or_default();
+    r.oldest_unfinished
+        .map_or(margin_floor, |t| t.min(margin_floor))
+}
+
+/// Settings of the background reconciler.
+#[derive(Debug, Clone)]
+pub struct Periodic {
+    pub interval: Duration,
+    /// Window when no watermark is known (a fresh or rebuilt ledger).
+    pub lookback: Duration,
+    pub pending_after: Duration,
+    pub rate_per_sec: u32,
+}
+
+/// Runs a pass every `interval` while this instance holds the lease, starting
+/// at the shared low watermark, until `shutdown`.
 pub async fn run_periodically(
     svc: std::sync::Arc<Services>,
-    interval: Duration,
-    lookback: Duration,
-    pending_after: Duration,
+    p: Periodic,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let lease = LeaseOptions {
+        owner: svc.instance.clone(),
+        // Held only during a pass; after a crash mid-pass the next holder waits this long.
+        ttl: (p.interval * 3).max(Duration::from_secs(30)),
+    };
     loop {
         let now = Utc::now();
-        let o = ReconcileOptions {
-            from: now - ChronoDuration::from_std(lookback).unwrap_or_default(),
-            to: now,
-            pending_after,
-            slack: pending_after,
-            dry_run: false,
-            rate_per_sec: 500,
+        let fallback = now - ChronoDuration::from_std(p.lookback).unwrap_or_default();
+        let from = match svc.ledger.checkpoint(WATERMARK).await {
+            Ok(Some(t)) => DateTime::parse_from_rfc3339(&t)
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or(fallback),
+            Ok(None) => fallback,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconciler could not read its watermark");
+                fallback
+            }
         };
+        let mut o = ReconcileOptions::new(from, now, p.pending_after);
+        o.rate_per_sec = p.rate_per_sec;
+        o.lease = Some(lease.clone());
         match reconcile(&svc, &o).await {
-            Ok(r) if r.redriven() > 0 => tracing::warn!(
-                redriven = r.redriven(),
-                missing = r.missing_from_ledger,
-                pending = r.redriven_pending,
-                failed = r.redriven_failed,
-                processing = r.redriven_processing,
-                "reconciler re-drove overdue transactions"
-            ),
-            Ok(r) => tracing::debug!(records = r.records, "reconciler found nothing overdue"),
+            Ok(r) => {
+                if r.drift() + r.redriven() > 0 {
+                    tracing::warn!(
+                        drift = r.drift(),
+                        redriven = r.redriven(),
+                        missing = r.missing_from_ledger,
+                        restored_finished = r.restored_finished,
+                        corrected = r.corrected_from_journal,
+                        pending = r.redriven_pending,
+                        failed = r.redriven_failed,
+                        processing = r.redriven_processing,
+                        "reconciler repaired drift / re-drove overdue transactions"
+                    );
+                } else {
+                    tracing::debug!(records = r.records, %from, "reconciler found nothing to do");
+                }
+                if r.complete {
+                    let wm = next_watermark(&r, now, p.pending_after.max(p.interval));
+                    if let Err(e) = svc.ledger.set_checkpoint(WATERMARK, &wm.to_rfc3339()).await {
+                        tracing::warn!(error = %e, "reconciler could not store its watermark");
+                    }
+                }
+            }
+            Err(ReconcileError::LeaseHeld) => {
+                tracing::debug!("another instance holds the reconciler lease")
+            }
             Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(p.interval) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(age_secs: i64) -> Registration {
+        Registration {
+            transaction_id: "t".into(),
+            sha256: "aa".into(),
+            wal_ref: "w".into(),
+            vendor: None,
+            received_at: Utc::now() - ChronoDuration::seconds(age_secs),
+        }
+    }
+
+    fn known(state: State) -> Known {
+        Known {
+            state,
+            attempts: 2,
+            retry_count: 1,
+            error: None,
+            next_retry_at: None,
+            last_at: Utc::now(),
+        }
+    }
+
+    fn opts() -> ReconcileOptions {
+        ReconcileOptions::new(Utc::now(), Utc::now(), Duration::from_secs(10))
+    }
+
+    #[test]
+    fn missing_and_finished_is_restored_not_redriven() {
+        let now = Utc::now();
+        let r = reg(60);
+        match plan(None, &r, Some(&known(State::Success)), now, &opts()) {
+            Plan::Restore(rec) => {
+                assert_eq!(rec.status, State::Success);
+                assert_eq!(rec.attempts, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        match plan(None, &r, None, now, &opts()) {
+            Plan::Restore(rec) => assert_eq!(rec.status, State::Pending),
+            other => panic!("{other:?}"),
+        }
+        // Young and unknown: ingest may be registering it right now.
+        assert!(matches!(
+            plan(None, &reg(1), None, now, &opts()),
+            Plan::Wait
+        ));
+    }
+
+    #[test]
+    fn a_ledger_behind_the_journal_is_corrected() {
+        let now = Utc::now();
+        let r = reg(60);
+        let mut cur = TxRecord::new(&r, now - ChronoDuration::seconds(60));
+        cur.attempts = 3;
+        match plan(Some(&cur), &r, Some(&known(State::Success)), now, &opts()) {
+            Plan::Correct(rec) => {
+                assert_eq!(rec.status, State::Success);
+                assert_eq!(rec.attempts, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        // After a replay the journal says pending: a normal re-drive.
+        assert!(matches!(
+            plan(Some(&cur), &r, Some(&known(State::Pending)), now, &opts()),
+            Plan::Redrive("pending")
+        ));
+    }
+
+    #[test]
+    fn the_watermark_stays_behind_the_present() {
+        let to = Utc::now();
+        let mut r = ReconcileReport::default();
+        assert_eq!(
+            next_watermark(&r, to, Duration::from_secs(60)),
+            to - ChronoDuration::seconds(60)
+        );
+        r.oldest_unfinished = Some(to - ChronoDuration::seconds(3600));
+        assert_eq!(
+            next_watermark(&r, to, Duration::from_secs(60)),
+            to - ChronoDuration::seconds(3600)
+        );
     }
 }

@@ -120,3 +120,137 @@ pub async fn replay_one(
     tracing::info!(transaction_id = %id, operator = %req.operator, force = req.force, "transaction replayed");
     Ok(Replayed::Requeued { record, message_id })
 }
+
+/// Which transactions a bulk replay takes.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Ids(Vec<String>),
+    /// Every transaction in this ledger state (e.g. every `dead_letter`).
+    State(State),
+    /// Every transaction the WAL received in `[from, to]`.
+    Received {
+        from: chrono::DateTime<Utc>,
+        to: chrono::DateTime<Utc>,
+    },
+    /// The transactions of the messages in the dead-letter queue.
+    DeadLetterQueue,
+}
+
+/// The ids a scope covers, at most `limit`, in order, without repeats.
+pub async fn select(
+    svc: &Services,
+    scope: &Scope,
+    limit: usize,
+) -> Result<Vec<String>, ReplayError> {
+    let mut ids: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut push = |id: String, ids: &mut Vec<String>| {
+        if ids.len() < limit && seen.insert(id.clone()) {
+            ids.push(id);
+        }
+    };
+    match scope {
+        Scope::Ids(list) => {
+            for id in list {
+                push(id.clone(), &mut ids);
+            }
+        }
+        Scope::State(state) => {
+            let mut cursor = None;
+            loop {
+                let page = svc
+                    .ledger
+                    .list(crate::ledger::ListQuery {
+                        state: Some(*state),
+                        limit: 500,
+                        cursor,
+                    })
+                    .await?;
+                for r in page.items {
+                    push(r.transaction_id, &mut ids);
+                }
+                match page.next_cursor {
+                    Some(c) if ids.len() < limit => cursor = Some(c),
+                    _ => break,
+                }
+            }
+        }
+        Scope::Received { from, to } => {
+            for seg in svc.wal.segments(*from, *to).await? {
+                for (_, bytes) in svc.wal.read_segment(&seg.key).await? {
+                    if let Ok(w) = serde_json::from_slice::<WalRecord>(&bytes)
+                        && w.received_at >= *from
+                        && w.received_at <= *to
+                    {
+                        push(w.transaction_id, &mut ids);
+                    }
+                }
+            }
+        }
+        Scope::DeadLetterQueue => {
+            let mut from = 0i64;
+            loop {
+                let batch = svc.queue.peek_dead_letters(from, 250).await?;
+                let Some(last) = batch.last() else { break };
+                from = last.sequence_number + 1;
+                for m in batch {
+                    if let Some(id) = m.properties.get(crate::processor::props::TRANSACTION_ID) {
+                        push(id.clone(), &mut ids);
+                    }
+                }
+                if ids.len() >= limit {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Locks every dead-lettered message `take` accepts and returns them still
+/// locked (the rest are released). Messages stay locked while the scan runs,
+/// so each is seen once.
+pub async fn lock_dead_letters(
+    svc: &Services,
+    mut take: impl FnMut(&crate::queue::ReceivedMessage) -> bool,
+) -> Result<Vec<crate::queue::ReceivedMessage>, ReplayError> {
+    let mut kept = Vec::new();
+    let mut taken = Vec::new();
+    loop {
+        let batch = svc
+            .queue
+            .receive_dead_letters(100, std::time::Duration::from_millis(500))
+            .await?;
+        if batch.is_empty() {
+            break;
+        }
+        for m in batch {
+            if take(&m) {
+                taken.push(m);
+            } else {
+                kept.push(m);
+            }
+        }
+    }
+    for m in kept {
+        let _ = svc.queue.abandon(&m).await;
+    }
+    Ok(taken)
+}
+
+/// Removes from the dead-letter queue every message `take` accepts; returns
+/// how many were removed.
+pub async fn settle_dead_letters(
+    svc: &Services,
+    take: impl FnMut(&crate::queue::ReceivedMessage) -> bool,
+) -> Result<usize, ReplayError> {
+    let mut removed = 0;
+    for m in lock_dead_letters(svc, take).await? {
+        match svc.queue.complete(&m).await {
+            Ok(()) => removed += 1,
+            Err(QueueError::LockLost) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(removed)
+}

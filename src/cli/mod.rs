@@ -3,9 +3,11 @@
 
 pub mod config;
 pub mod dev;
+pub mod dlq;
 pub mod healthcheck;
 pub mod mock;
 pub mod produce;
+pub mod rebuild_ledger;
 pub mod reconcile;
 pub mod replay;
 pub mod serve;
@@ -39,12 +41,16 @@ pub enum Command {
     MockDownstream(mock::Opts),
     /// Send test transactions and report throughput and latency
     Produce(produce::Opts),
-    /// Re-drive overdue transactions from the WAL
+    /// Repair the ledger from the WAL and journal and re-drive overdue transactions
     Reconcile(reconcile::Opts),
-    /// Replay a transaction from the WAL
+    /// Replay transactions from the WAL: by id, time range, state or the dead-letter queue
     Replay(replay::Opts),
     /// Read WAL segments and records (`ls`, `cat`)
     Wal(wal::Opts),
+    /// Rebuild the ledger from the WAL and the outcome journal (after Redis was lost)
+    RebuildLedger(rebuild_ledger::Opts),
+    /// Inspect, replay and purge the dead-letter queue
+    Dlq(dlq::Opts),
     /// Print the effective configuration (secrets redacted)
     Config(config::Opts),
     /// Exit 0 if a health URL answers 2xx (for container HEALTHCHECKs)

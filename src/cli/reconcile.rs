@@ -1,10 +1,12 @@
-//! `rtpd reconcile`: one pass of the reconciler over a window of the WAL.
+//! `rtpd reconcile`: one pass of the reconciler over a window of the WAL,
+//! under the reconciler lease.
 
 use super::time_arg;
 use crate::app::Services;
 use crate::config::Settings;
-use crate::reconcile::{ReconcileOptions, reconcile};
+use crate::reconcile::{LeaseOptions, ReconcileOptions, ReconcileReport, reconcile_when_free};
 use chrono::{DateTime, Utc};
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
@@ -14,7 +16,7 @@ pub struct Opts {
     /// End of the window
     #[arg(long, default_value = "now", value_parser = time_arg::parse)]
     pub to: DateTime<Utc>,
-    /// Print what would be re-driven, change nothing
+    /// Print what would be done, change nothing
     #[arg(long)]
     pub dry_run: bool,
     /// Re-drive `pending` left untouched this long (default RTPD_RECONCILE_PENDING_AFTER_SECS)
@@ -32,39 +34,38 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         opts.pending_after_secs
             .unwrap_or(settings.reconcile_pending_after_secs),
     );
-    let report = reconcile(
-        &svc,
-        &ReconcileOptions {
-            from: opts.from,
-            to: opts.to,
-            pending_after,
-            slack: pending_after,
-            dry_run: opts.dry_run,
-            rate_per_sec: opts.rate,
-        },
-    )
-    .await?;
+    let mut o = ReconcileOptions::new(opts.from, opts.to, pending_after);
+    o.dry_run = opts.dry_run;
+    o.rate_per_sec = opts.rate;
+    // A dry run changes nothing, so it needs no lease.
+    if !opts.dry_run {
+        o.lease = Some(LeaseOptions {
+            owner: format!("cli-{}", svc.instance),
+            ttl: Duration::from_secs(60),
+        });
+    }
+    let report = reconcile_when_free(&svc, &o, Duration::from_secs(60)).await?;
+    print_report(&report, opts.dry_run);
+    Ok(())
+}
+
+pub fn print_report(report: &ReconcileReport, dry_run: bool) {
     for a in &report.actions {
-        println!(
-            "{}{a}",
-            if opts.dry_run {
-                "would re-drive "
-            } else {
-                "re-drove "
-            }
-        );
+        println!("{}{a}", if dry_run { "would do: " } else { "" });
     }
     println!(
-        "{} segments, {} records: {} missing from ledger, {} pending, {} failed, {} processing re-driven{}; {} conflicting, {} unreadable",
+        "{} segments, {} records: {} missing from ledger and unfinished (restored), {} missing and finished (restored, never re-driven), \
+         {} corrected from the journal; re-driven {} pending, {} failed, {} processing{}; {} conflicting, {} unreadable",
         report.segments,
         report.records,
         report.missing_from_ledger,
+        report.restored_finished,
+        report.corrected_from_journal,
         report.redriven_pending,
         report.redriven_failed,
         report.redriven_processing,
-        if opts.dry_run { " (dry run)" } else { "" },
+        if dry_run { " (dry run)" } else { "" },
         report.conflicting,
         report.unreadable
     );
-    Ok(())
 }

@@ -1,15 +1,35 @@
-//! `rtpd replay ID…`: put transactions back to `pending` and re-enqueue them
-//! from the WAL.
+//! `rtpd replay`: put transactions back to `pending` and re-enqueue them from
+//! the WAL — by id, by time range, by state, or from the dead-letter queue.
+//! Bulk replays are rate-limited and show progress; `--dry-run` lists.
 
+use super::time_arg;
 use crate::app::Services;
 use crate::config::Settings;
-use crate::replay::{ReplayRequest, Replayed, replay_one};
+use crate::replay::{ReplayRequest, Replayed, Scope, replay_one, select, settle_dead_letters};
+use crate::transaction::State;
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::{collections::HashSet, time::Duration};
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
     /// Transaction ids to replay
-    #[arg(required = true)]
     pub ids: Vec<String>,
+    /// Replay every transaction in this state (e.g. dead_letter)
+    #[arg(long, value_parser = parse_state)]
+    pub state: Option<State>,
+    /// Replay every transaction received since (RFC 3339 or an age like 2h)
+    #[arg(long, value_parser = time_arg::parse)]
+    pub from: Option<DateTime<Utc>>,
+    /// ... until (with --from)
+    #[arg(long, value_parser = time_arg::parse, requires = "from")]
+    pub to: Option<DateTime<Utc>>,
+    /// Replay the transactions in the dead-letter queue and remove their messages from it
+    #[arg(long)]
+    pub dlq: bool,
+    /// List what would be replayed, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
     /// Required to replay a transaction that already succeeded
     #[arg(long)]
     pub force: bool,
@@ -19,49 +39,162 @@ pub struct Opts {
     /// Who is replaying (default: $USER)
     #[arg(long)]
     pub operator: Option<String>,
+    /// Replays per second at most
+    #[arg(long, default_value_t = 50)]
+    pub rate: u32,
+    /// Replay at most this many
+    #[arg(long, default_value_t = 100_000)]
+    pub limit: usize,
+}
+
+fn parse_state(s: &str) -> Result<State, String> {
+    State::parse(s).ok_or_else(|| format!("{s:?} is not a state"))
+}
+
+impl Opts {
+    fn scope(&self) -> anyhow::Result<Scope> {
+        let chosen = [
+            !self.ids.is_empty(),
+            self.state.is_some(),
+            self.from.is_some(),
+            self.dlq,
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if chosen != 1 {
+            anyhow::bail!("choose exactly one of: ids, --state, --from/--to, --dlq");
+        }
+        Ok(if let Some(s) = self.state {
+            Scope::State(s)
+        } else if let Some(from) = self.from {
+            Scope::Received {
+                from,
+                to: self.to.unwrap_or_else(Utc::now),
+            }
+        } else if self.dlq {
+            Scope::DeadLetterQueue
+        } else {
+            Scope::Ids(self.ids.clone())
+        })
+    }
+}
+
+pub fn operator(given: Option<&str>) -> String {
+    given
+        .map(str::to_owned)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "operator".into())
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    let scope = opts.scope()?;
     let settings = Settings::load()?;
     let svc = Services::build(&settings).await?;
     let req = ReplayRequest {
         force: opts.force,
-        operator: opts
-            .operator
-            .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "operator".into()),
+        operator: operator(opts.operator.as_deref()),
         reason: opts.reason.clone(),
     };
-    let mut refused = 0;
-    for id in &opts.ids {
-        match replay_one(&svc, id, &req).await? {
+    let summary = replay_scope(&svc, &scope, &req, &opts).await?;
+    if summary.refused > 0 && !opts.dry_run {
+        anyhow::bail!(
+            "{} of {} transactions were not replayed",
+            summary.refused,
+            summary.selected
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub selected: usize,
+    pub replayed: usize,
+    pub refused: usize,
+    pub replayed_ids: HashSet<String>,
+}
+
+/// Replays (or lists) a scope; for the dead-letter queue, also removes the
+/// replayed transactions' messages from it.
+pub async fn replay_scope(
+    svc: &Services,
+    scope: &Scope,
+    req: &ReplayRequest,
+    opts: &Opts,
+) -> anyhow::Result<Summary> {
+    let ids = select(svc, scope, opts.limit).await?;
+    let mut s = Summary {
+        selected: ids.len(),
+        ..Summary::default()
+    };
+    let bulk = !matches!(scope, Scope::Ids(_));
+    let bar = if bulk && !opts.dry_run && ids.len() > 1 {
+        ProgressBar::new(ids.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:40} {pos}/{len} replayed {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let pace = (opts.rate > 0).then(|| Duration::from_secs_f64(1.0 / opts.rate as f64));
+    for id in &ids {
+        if opts.dry_run {
+            match svc.ledger.get(id).await? {
+                Some(r) if crate::transaction::machine::may_replay(&r, req.force, Utc::now()) => {
+                    println!("{id}: would replay (now {})", r.status)
+                }
+                Some(r) => println!("{id}: would refuse ({})", r.status),
+                None => println!("{id}: not in the ledger"),
+            }
+            continue;
+        }
+        let line = match replay_one(svc, id, req).await? {
             Replayed::Requeued { message_id, .. } => {
-                println!("{id}: replayed as message {message_id}")
+                s.replayed += 1;
+                s.replayed_ids.insert(id.clone());
+                format!("{id}: replayed as message {message_id}")
             }
             Replayed::Refused(r) => {
-                refused += 1;
-                println!(
+                s.refused += 1;
+                format!(
                     "{id}: refused ({}{})",
                     r.status,
-                    if r.status.is_terminal() {
+                    if r.status == State::Success {
                         "; use --force"
                     } else {
                         ""
                     }
-                );
+                )
             }
             Replayed::NotFound => {
-                refused += 1;
-                println!("{id}: not found");
+                s.refused += 1;
+                format!("{id}: not found")
             }
+        };
+        bar.suspend(|| println!("{line}"));
+        bar.inc(1);
+        if let Some(p) = pace {
+            tokio::time::sleep(p).await;
         }
     }
-    if refused > 0 {
-        anyhow::bail!(
-            "{refused} of {} transactions were not replayed",
-            opts.ids.len()
-        );
+    bar.finish_and_clear();
+    if matches!(scope, Scope::DeadLetterQueue) && !opts.dry_run {
+        let removed = settle_dead_letters(svc, |m| {
+            m.properties
+                .get(crate::processor::props::TRANSACTION_ID)
+                .is_some_and(|id| s.replayed_ids.contains(id))
+        })
+        .await?;
+        println!("{removed} dead-lettered messages removed (their transactions were replayed)");
     }
-    Ok(())
+    println!(
+        "{} selected, {} replayed, {} refused or missing{}",
+        s.selected,
+        s.replayed,
+        s.refused,
+        if opts.dry_run { " (dry run)" } else { "" }
+    );
+    Ok(s)
 }

@@ -83,13 +83,14 @@ pub async fn run_with(
         });
         let svc = services.clone();
         let stop = stop_rx.clone();
-        let (interval, lookback, pending_after) = (
-            Settings::secs(settings.reconcile_interval_secs),
-            Settings::secs(settings.reconcile_lookback_secs),
-            Settings::secs(settings.reconcile_pending_after_secs),
-        );
+        let periodic = reconcile::Periodic {
+            interval: Settings::secs(settings.reconcile_interval_secs),
+            lookback: Settings::secs(settings.reconcile_lookback_secs),
+            pending_after: Settings::secs(settings.reconcile_pending_after_secs),
+            rate_per_sec: 500,
+        };
         tasks.spawn(async move {
-            reconcile::run_periodically(svc, interval, lookback, pending_after, stop).await;
+            reconcile::run_periodically(svc, periodic, stop).await;
             Ok("reconciler")
         });
     }

@@ -33,6 +33,15 @@ CREATE TABLE IF NOT EXISTS state_counts (
     status TEXT PRIMARY KEY,
     n      INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS leases (
+    name     TEXT PRIMARY KEY,
+    owner    TEXT NOT NULL,
+    until_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 "#;
 
 pub struct LocalLedger {
@@ -234,6 +243,57 @@ impl Ledger for LocalLedger {
         self.run(move |c| {
             let before = load(c, &rec.transaction_id)?.map(|r| r.status);
             store(c, &rec, before)
+        })
+        .await
+    }
+
+    async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError> {
+        self.run(move |c| {
+            if load(c, &rec.transaction_id)?.is_some() {
+                return Ok(false);
+            }
+            store(c, &rec, None)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.run(move |c| {
+            let now = Utc::now().timestamp_micros();
+            let until = now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
+            let changed = c
+                .prepare_cached(
+                    "INSERT INTO leases (name, owner, until_us) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT(name) DO UPDATE SET owner = excluded.owner, until_us = excluded.until_us \
+                     WHERE leases.owner = excluded.owner OR leases.until_us <= ?4",
+                )?
+                .execute(params![name, owner, until, now])?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, LedgerError> {
+        let name = name.to_owned();
+        self.run(move |c| {
+            c.prepare_cached("SELECT value FROM checkpoints WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn set_checkpoint(&self, name: &str, value: &str) -> Result<(), LedgerError> {
+        let (name, value) = (name.to_owned(), value.to_owned());
+        self.run(move |c| {
+            c.prepare_cached(
+                "INSERT INTO checkpoints (name, value) VALUES (?1, ?2) \
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![name, value])?;
+            Ok(())
         })
         .await
     }

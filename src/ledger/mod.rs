@@ -159,6 +159,17 @@ pub trait Ledger: Send + Sync + 'static {
     /// Puts a record as rebuilt from the WAL and journal, replacing what is
     /// there (ledger rebuild only).
     async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError>;
+    /// Puts a rebuilt record only if the id is absent, atomically (the
+    /// processor and the reconciler may race to restore the same id).
+    /// Returns whether it was put.
+    async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError>;
+    /// Acquires the named lease for `owner`, or renews it if `owner` holds it,
+    /// for `ttl` from now. False when another owner holds an unexpired lease.
+    /// Keeps one reconciler active across instances.
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError>;
+    /// A named value every instance sees (the reconciler's low watermark).
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, LedgerError>;
+    async fn set_checkpoint(&self, name: &str, value: &str) -> Result<(), LedgerError>;
     async fn list(&self, q: ListQuery) -> Result<Page, LedgerError>;
     async fn counts(&self) -> Result<Counts, LedgerError>;
     async fn ping(&self) -> Result<(), LedgerError>;

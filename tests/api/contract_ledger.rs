@@ -323,6 +323,39 @@ pub async fn restore_replaces(l: Arc<dyn Ledger>) {
     assert_eq!((c.pending, c.success), (0, 1));
 }
 
+pub async fn restore_missing_never_overwrites(l: Arc<dyn Ledger>) {
+    let RegisterOutcome::New(mut rec) = l.register(reg("rm", "aa")).await.unwrap() else {
+        panic!()
+    };
+    rec.status = State::Success;
+    assert!(!l.restore_missing(rec.clone()).await.unwrap());
+    assert_eq!(l.get("rm").await.unwrap().unwrap().status, State::Pending);
+    rec.transaction_id = "rm2".into();
+    assert!(l.restore_missing(rec).await.unwrap());
+    assert_eq!(l.get("rm2").await.unwrap().unwrap().status, State::Success);
+    let c = l.counts().await.unwrap();
+    assert_eq!((c.pending, c.success), (1, 1));
+}
+
+pub async fn lease_has_one_holder(l: Arc<dyn Ledger>) {
+    let ttl = std::time::Duration::from_millis(300);
+    assert!(l.try_lease("recon", "a", ttl).await.unwrap());
+    assert!(!l.try_lease("recon", "b", ttl).await.unwrap());
+    // The holder renews; another name is independent.
+    assert!(l.try_lease("recon", "a", ttl).await.unwrap());
+    assert!(l.try_lease("other", "b", ttl).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(l.try_lease("recon", "b", ttl).await.unwrap());
+    assert!(!l.try_lease("recon", "a", ttl).await.unwrap());
+}
+
+pub async fn checkpoints_round_trip(l: Arc<dyn Ledger>) {
+    assert_eq!(l.checkpoint("wm").await.unwrap(), None);
+    l.set_checkpoint("wm", "one").await.unwrap();
+    l.set_checkpoint("wm", "two").await.unwrap();
+    assert_eq!(l.checkpoint("wm").await.unwrap().as_deref(), Some("two"));
+}
+
 macro_rules! ledger_contract {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -366,6 +399,18 @@ macro_rules! ledger_contract {
             #[tokio::test]
             async fn restore_replaces() {
                 super::restore_replaces($make().await).await
+            }
+            #[tokio::test]
+            async fn restore_missing_never_overwrites() {
+                super::restore_missing_never_overwrites($make().await).await
+            }
+            #[tokio::test]
+            async fn lease_has_one_holder() {
+                super::lease_has_one_holder($make().await).await
+            }
+            #[tokio::test]
+            async fn checkpoints_round_trip() {
+                super::checkpoints_round_trip($make().await).await
             }
         }
     };

@@ -6,6 +6,7 @@ mod contract_wal;
 mod crash;
 mod ingest;
 mod processing;
+mod recovery;
 mod redis_ledger;
 mod redis_outage;
 mod seed_routes;

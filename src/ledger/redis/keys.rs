@@ -76,6 +76,16 @@ impl Keys {
         keys
     }
 
+    /// A named lease (one key, its own slot).
+    pub fn lease(&self, name: &str) -> String {
+        format!("{{{}:ops}}:lease:{name}", self.prefix)
+    }
+
+    /// A named checkpoint value (one key, its own slot).
+    pub fn checkpoint(&self, name: &str) -> String {
+        format!("{{{}:ops}}:checkpoint:{name}", self.prefix)
+    }
+
     /// [`Keys::shard_keys`] of the id's shard followed by the id's record key.
     pub fn transition_keys(&self, id: &str) -> Vec<String> {
         let mut keys = self.shard_keys(shard_of(id));

@@ -112,6 +112,23 @@ impl RedisLedger {
             .unwrap_or_default()
     }
 
+    /// ARGV of RESTORE and RESTORE_MISSING: id, status, updated_at_us, expire_at_ms, fields.
+    fn restore_args(&self, rec: &TxRecord) -> Vec<String> {
+        let expire = if rec.status.is_terminal() {
+            self.expire_at_ms(rec.updated_at)
+        } else {
+            String::new()
+        };
+        let mut args = vec![
+            rec.transaction_id.clone(),
+            rec.status.as_str().to_owned(),
+            micros(rec.updated_at).to_string(),
+            expire,
+        ];
+        args.extend(flat_fields(rec));
+        args
+    }
+
     fn record(fields: Vec<String>) -> Result<TxRecord, LedgerError> {
         from_flat(fields)
             .map_err(malformed)?
@@ -278,19 +295,66 @@ impl Ledger for RedisLedger {
         })
     }
 
+    async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError> {
+        let (code, _) = self
+            .script(
+                "restore_missing",
+                &scripts::RESTORE_MISSING,
+                self.keys.transition_keys(&rec.transaction_id),
+                self.restore_args(&rec),
+            )
+            .await?;
+        match code.as_str() {
+            "restored" => Ok(true),
+            "exists" => Ok(false),
+            other => Err(unexpected("restore_missing", other)),
+        }
+    }
+
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
+        let mut conn = self.conn.clone();
+        let key = self.keys.lease(name);
+        let (owner, ms) = (
+            owner.to_owned(),
+            ttl.as_millis().max(if ttl.is_zero() { 0 } else { 1 }),
+        );
+        let held: i64 = self
+            .bounded("lease", async move {
+                scripts::LEASE
+                    .key(key)
+                    .arg(owner)
+                    .arg(ms.to_string())
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, LedgerError> {
+        let mut conn = self.conn.clone();
+        let key = self.keys.checkpoint(name);
+        self.bounded("checkpoint", async move {
+            redis::cmd("GET").arg(key).query_async(&mut conn).await
+        })
+        .await
+    }
+
+    async fn set_checkpoint(&self, name: &str, value: &str) -> Result<(), LedgerError> {
+        let mut conn = self.conn.clone();
+        let (key, value) = (self.keys.checkpoint(name), value.to_owned());
+        self.bounded("set_checkpoint", async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
     async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {
-        let expire = if rec.status.is_terminal() {
-            self.expire_at_ms(rec.updated_at)
-        } else {
-            String::new()
-        };
-        let mut args = vec![
-            rec.transaction_id.clone(),
-            rec.status.as_str().to_owned(),
-            micros(rec.updated_at).to_string(),
-            expire,
-        ];
-        args.extend(flat_fields(&rec));
+        let args = self.restore_args(&rec);
         let (code, _) = self
             .script(
                 "restore",

@@ -216,6 +216,38 @@ return {'restored', {}}
     )
 });
 
+/// Like [`RESTORE`], but only when the id is absent. Codes: `restored`, `exists`.
+pub static RESTORE_MISSING: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, status, updated = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', TX) == 1 then return {'exists', {}} end
+forget_stale(id)
+redis.call('HSET', TX, unpack(ARGV, 5))
+reindex(id, false, status, updated)
+set_expiry(status, ARGV[4])
+return {'restored', {}}
+"#,
+    )
+});
+
+/// One key (KEYS[1]). ARGV: owner, ttl_ms (0 releases). Returns 1 when the
+/// owner holds (or released) the lease, 0 when another owner holds it.
+pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) == 0 then
+  if holder then redis.call('DEL', KEYS[1]) end
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#,
+    )
+});
+
 /// Shard-level (KEYS[1..7] only). ARGV: cutoff_us, trim_n.
 /// Trims expired terminal entries, then returns the counts hash flat.
 pub static COUNTS: LazyLock<Script> = LazyLock::new(|| {

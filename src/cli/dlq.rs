@@ -1,0 +1,259 @@
+//! `rtpd dlq ls | show | replay | purge`: the dead-letter queue, through the
+//! queue port (the embedded queue or Service Bus' `$DeadLetterQueue`).
+
+use super::replay::{Opts as ReplayOpts, operator, replay_scope};
+use crate::app::Services;
+use crate::config::Settings;
+use crate::journal::{EntryKind, JournalEntry};
+use crate::processor::props;
+use crate::queue::ReceivedMessage;
+use crate::replay::{ReplayRequest, Scope, lock_dead_letters, settle_dead_letters};
+use crate::transaction::State;
+use chrono::Utc;
+
+#[derive(Debug, clap::Args)]
+pub struct Opts {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List dead-lettered messages with their reasons
+    Ls {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead-lettered message (by sequence number, message id or transaction id) and its ledger record
+    Show { target: String },
+    /// Replay the transactions of dead-lettered messages and remove those messages
+    Replay {
+        /// Only these transaction ids (default: all)
+        ids: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+        /// Required to replay a transaction that already succeeded
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        operator: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+    },
+    /// Delete dead-lettered messages (journaled per message); requires --yes
+    Purge {
+        /// Only these transaction ids (default: all)
+        ids: Vec<String>,
+        /// Confirm the deletion
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+async fn peek_all(svc: &Services, limit: usize) -> anyhow::Result<Vec<ReceivedMessage>> {
+    let mut out = Vec::new();
+    let mut from = 0i64;
+    while out.len() < limit {
+        let batch = svc
+            .queue
+            .peek_dead_letters(from, (limit - out.len()).min(250))
+            .await?;
+        let Some(last) = batch.last() else { break };
+        from = last.sequence_number + 1;
+        out.extend(batch);
+    }
+    Ok(out)
+}
+
+fn tx_id(m: &ReceivedMessage) -> Option<&str> {
+    m.properties.get(props::TRANSACTION_ID).map(String::as_str)
+}
+
+fn summary(m: &ReceivedMessage) -> serde_json::Value {
+    serde_json::json!({
+        "sequence_number": m.sequence_number,
+        "message_id": m.message_id,
+        "transaction_id": tx_id(m),
+        "reason": m.dead_letter_reason,
+        "description": m.dead_letter_description,
+        "delivery_count": m.delivery_count,
+        "enqueued_at": m.enqueued_at,
+    })
+}
+
+pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let svc = Services::build(&settings).await?;
+    match opts.command {
+        DlqCommand::Ls { limit, json } => {
+            let msgs = peek_all(&svc, limit).await?;
+            if !json {
+                println!("SEQ\tTRANSACTION\tMESSAGE ID\tREASON\tDESCRIPTION");
+            }
+            for m in &msgs {
+                if json {
+                    println!("{}", summary(m));
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        m.sequence_number,
+                        tx_id(m).unwrap_or("-"),
+                        m.message_id,
+                        m.dead_letter_reason.as_deref().unwrap_or("-"),
+                        m.dead_letter_description.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            if !json {
+                println!("{} dead-lettered messages", msgs.len());
+            }
+        }
+        DlqCommand::Show { target } => {
+            let msgs = peek_all(&svc, usize::MAX).await?;
+            let found: Vec<_> = msgs
+                .iter()
+                .filter(|m| {
+                    m.sequence_number.to_string() == target
+                        || m.message_id == target
+                        || tx_id(m) == Some(target.as_str())
+                })
+                .collect();
+            if found.is_empty() {
+                anyhow::bail!("no dead-lettered message matches {target}");
+            }
+            for m in found {
+                let mut v = summary(m);
+                v["properties"] = serde_json::to_value(&m.properties)?;
+                v["body"] =
+                    serde_json::Value::String(String::from_utf8_lossy(&m.body).into_owned());
+                if let Some(id) = tx_id(m) {
+                    v["ledger"] = serde_json::to_value(svc.ledger.get(id).await?)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        DlqCommand::Replay {
+            ids,
+            dry_run,
+            force,
+            reason,
+            operator: who,
+            rate,
+        } => {
+            let req = ReplayRequest {
+                force,
+                operator: operator(who.as_deref()),
+                reason,
+            };
+            let scope = if ids.is_empty() {
+                Scope::DeadLetterQueue
+            } else {
+                // Only ids that are in the dead-letter queue.
+                let in_dlq: Vec<String> = peek_all(&svc, usize::MAX)
+                    .await?
+                    .iter()
+                    .filter_map(|m| tx_id(m).map(str::to_owned))
+                    .filter(|id| ids.contains(id))
+                    .collect();
+                Scope::Ids(in_dlq)
+            };
+            let ropts = ReplayOpts {
+                ids: vec![],
+                state: None,
+                from: None,
+                to: None,
+                dlq: true,
+                dry_run,
+                force,
+                reason: None,
+                operator: None,
+                rate,
+                limit: usize::MAX,
+            };
+            let s = replay_scope(&svc, &scope, &req, &ropts).await?;
+            if matches!(scope, Scope::Ids(_)) && !dry_run {
+                let removed = settle_dead_letters(&svc, |m| {
+                    tx_id(m).is_some_and(|id| s.replayed_ids.contains(id))
+                })
+                .await?;
+                println!("{removed} dead-lettered messages removed");
+            }
+            if s.refused > 0 && !dry_run {
+                anyhow::bail!("{} of {} were not replayed", s.refused, s.selected);
+            }
+        }
+        DlqCommand::Purge {
+            ids,
+            yes,
+            reason,
+            operator: who,
+        } => {
+            if !yes {
+                let n = peek_all(&svc, usize::MAX)
+                    .await?
+                    .iter()
+                    .filter(|m| {
+                        ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id))
+                    })
+                    .count();
+                anyhow::bail!(
+                    "would delete {n} dead-lettered messages; run again with --yes to do it"
+                );
+            }
+            let who = operator(who.as_deref());
+            let doomed = lock_dead_letters(&svc, |m| {
+                ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id))
+            })
+            .await?;
+            let mut removed = 0;
+            // Journaled before it is deleted: the journal shows every purge.
+            for m in &doomed {
+                let id = tx_id(m).unwrap_or(&m.message_id).to_owned();
+                let state = match tx_id(m) {
+                    Some(id) => svc
+                        .ledger
+                        .get(id)
+                        .await?
+                        .map_or(State::DeadLetter, |r| r.status),
+                    None => State::DeadLetter,
+                };
+                svc.journal
+                    .append(&JournalEntry {
+                        v: 1,
+                        kind: EntryKind::Purge,
+                        transaction_id: id,
+                        at: Utc::now(),
+                        attempt: None,
+                        state,
+                        error: m.dead_letter_description.clone(),
+                        next_retry_at: None,
+                        actor: who.clone(),
+                        reason: Some(format!(
+                            "purged dead-lettered message {} ({}){}",
+                            m.message_id,
+                            m.dead_letter_reason.as_deref().unwrap_or("no reason"),
+                            reason
+                                .as_deref()
+                                .map(|r| format!(": {r}"))
+                                .unwrap_or_default()
+                        )),
+                    })
+                    .await?;
+                if svc.queue.complete(m).await.is_ok() {
+                    removed += 1;
+                }
+            }
+            println!("{removed} dead-lettered messages purged (journaled)");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! `rtpd rebuild-ledger`: after the ledger (Redis) was lost or corrupted,
+//! rebuild it from the WAL and the outcome journal. Finished transactions
+//! come back finished and are never delivered again; unfinished ones come
+//! back with their journaled attempts, for the reconciler to re-drive.
+
+use super::reconcile::print_report;
+use super::time_arg;
+use crate::app::Services;
+use crate::config::Settings;
+use crate::reconcile::{LeaseOptions, ReconcileOptions, reconcile_when_free};
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Opts {
+    /// Start of the window: RFC 3339 or an age like 2h, 7d (cover the outage and the retry horizon)
+    #[arg(long, value_parser = time_arg::parse)]
+    pub from: DateTime<Utc>,
+    /// End of the window
+    #[arg(long, default_value = "now", value_parser = time_arg::parse)]
+    pub to: DateTime<Utc>,
+    /// Print what would be restored, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also re-drive what is unfinished (otherwise the reconciler does it)
+    #[arg(long)]
+    pub redrive: bool,
+    /// Hide the progress bar
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let svc = Services::build(&settings).await?;
+    let mut o = ReconcileOptions::new(
+        opts.from,
+        opts.to,
+        Settings::secs(settings.reconcile_pending_after_secs),
+    );
+    o.dry_run = opts.dry_run;
+    o.redrive = opts.redrive;
+    o.rate_per_sec = 200;
+    if !opts.dry_run {
+        o.lease = Some(LeaseOptions {
+            owner: format!("rebuild-{}", svc.instance),
+            ttl: Duration::from_secs(60),
+        });
+    }
+    let bar = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} segments {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    o.progress = Some(bar.clone());
+    let report = reconcile_when_free(&svc, &o, Duration::from_secs(60)).await?;
+    bar.finish_and_clear();
+    print_report(&report, opts.dry_run);
+    let counts = svc.ledger.counts().await?;
+    println!(
+        "ledger now: {} pending, {} processing, {} failed, {} success, {} dead_letter",
+        counts.pending, counts.processing, counts.failed, counts.success, counts.dead_letter
+    );
+    Ok(())
+}
