@@ -4,6 +4,7 @@ mod contract_queue;
 mod contract_wal;
 mod ingest;
 mod processing;
+mod security;
 mod seed_routes;
 mod servicebus;
 mod support;
