@@ -3,6 +3,7 @@ mod contract_ledger;
 mod contract_queue;
 mod contract_wal;
 mod ingest;
+mod logs;
 mod processing;
 mod security;
 mod seed_routes;
