@@ -394,7 +394,7 @@ impl Auth {
         &'a self,
         s: &Signed<'_>,
         now: i64,
-    ) -> Result<(&'a Inner, &'a Vendor, &'a [SecretSlice<u8>], i64, [u8; 32]), AuthFailure> {
+    ) -> Result<SignedParts<'a>, AuthFailure> {
         let inner = self.inner.as_deref().ok_or(AuthFailure::UnknownVendor)?;
         let vendor = inner
             .vendors
@@ -420,7 +420,13 @@ impl Auth {
         if (now - ts).abs() > inner.window_secs {
             return Err(AuthFailure::StaleTimestamp);
         }
-        Ok((inner, vendor, secrets, ts, sig))
+        Ok(SignedParts {
+            inner,
+            vendor: &vendor.name,
+            secrets,
+            ts,
+            sig,
+        })
     }
 
     /// Verifies a signature over `timestamp + "." + content` and remembers it,
@@ -431,7 +437,13 @@ impl Auth {
         content: &[u8],
         now: i64,
     ) -> Result<Principal, AuthFailure> {
-        let (inner, vendor, secrets, ts, sig) = self.signed_parts(s, now)?;
+        let SignedParts {
+            inner,
+            vendor,
+            secrets,
+            ts,
+            sig,
+        } = self.signed_parts(s, now)?;
         let mut ok = false;
         for secret in secrets {
             let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret())
@@ -452,8 +464,17 @@ impl Auth {
         if !fresh {
             return Err(AuthFailure::ReusedSignature);
         }
-        Ok(Principal::Vendor(vendor.name.clone()))
+        Ok(Principal::Vendor(vendor.to_owned()))
     }
+}
+
+/// A signed request that passed the checks possible before the body is read.
+struct SignedParts<'a> {
+    inner: &'a Inner,
+    vendor: &'a str,
+    secrets: &'a [SecretSlice<u8>],
+    ts: i64,
+    sig: [u8; 32],
 }
 
 /// Signatures seen inside the replay window, bounded.
