@@ -203,7 +203,11 @@ fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
     println!(
         "  curl -s -X POST {base}/v1/transactions -H 'Content-Type: application/json'{key} \\\n       -d '{{\"transaction_id\":\"TX-001\",\"amount\":\"10.00\",\"currency\":\"USD\"}}'"
     );
+    println!("  curl -s {base}/v1/transactions/TX-001{key}");
+    println!("  curl -s {base}/metrics");
+    println!("  curl -s '{base}/v1/transactions?state=dead_letter'{admin}");
     if auth {
+        println!();
         println!("Signed with HMAC-SHA256 (see docs/security.md):");
         println!(
             "  body='{{\"transaction_id\":\"TX-002\",\"amount\":\"10.00\"}}'; ts=$(date +%s)\n  \
@@ -213,8 +217,5 @@ fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
             creds.hmac_secret, creds.hmac_vendor
         );
     }
-    println!("  curl -s {base}/v1/transactions/TX-001{key}");
-    println!("  curl -s {base}/metrics");
-    println!("  curl -s '{base}/v1/transactions?state=dead_letter'{admin}");
     println!();
 }
