@@ -6,6 +6,7 @@
 set -uo pipefail
 rtpd=${1:?usage: fuzz-api.sh <rtpd> <schemathesis> [max-examples]}
 st=${2:?usage: fuzz-api.sh <rtpd> <schemathesis> [max-examples]}
+rtpd=$(realpath "$rtpd"); st=$(realpath -s "$st")
 examples=${3:-25}
 work=$(mktemp -d "${TMPDIR:-/tmp}/rtpd-fuzz.XXXXXX")
 pid=""
@@ -30,11 +31,12 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-"$st" run "http://127.0.0.1:$port/openapi.json" \
+# From the temp dir: schemathesis keeps a cache in its working directory.
+(cd "$work" && "$st" run "http://127.0.0.1:$port/openapi.json" \
     --checks not_a_server_error,status_code_conformance \
     --max-examples "$examples" --seed 20240601 --workers 1 \
     -H "X-Api-Key: $key" -H "Authorization: Bearer $admin" \
-    --warnings off
+    --warnings off)
 rc=$?
 if ! kill -0 "$pid" 2>/dev/null; then
     echo "fuzz-api.sh: rtpd api died during the run" >&2
