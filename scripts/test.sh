@@ -5,7 +5,8 @@
 #   - Redis (installed from the OS packages if missing) on a free port
 #   - a Python virtualenv (.venv) with tests/requirements.txt
 #   - the Rust tests (cargo nextest), the Service Bus conformance check with
-#     Microsoft's SDK against the in-repo broker, and the deployment checks.
+#     Microsoft's SDK against the in-repo broker, a schemathesis pass over the
+#     HTTP API, and the deployment checks.
 # Needs: cargo (with cargo-nextest if present), node + npm, python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,9 @@ fi
 step "Service Bus conformance (Microsoft's azure-servicebus SDK against the test broker)"
 .venv/bin/python tests/servicebus/conformance.py --broker-bin target/debug/sb-test-broker \
     || failed+=("servicebus conformance")
+
+step "API fuzzing (schemathesis from /openapi.json against rtpd api, fixed budget)"
+scripts/fuzz-api.sh target/debug/rtpd .venv/bin/schemathesis 25 || failed+=("api fuzzing")
 
 step "Deployment files (compose, Bicep, emulator config)"
 target/debug/rtpd config --env-names >"$work/env-names" || die "rtpd config --env-names failed"

@@ -23,7 +23,7 @@ use crate::wal::{
     GroupCommit, JOURNAL_PREFIX, Log, REJECTED_PREFIX, WAL_PREFIX, local::LocalStore,
     store::ObjectStore,
 };
-use actix_web::{App, HttpServer, dev::Server, web};
+use actix_web::{App, HttpServer, dev::Server, middleware::from_fn, web};
 use anyhow::Context;
 use std::{net::TcpListener, sync::Arc};
 
@@ -204,13 +204,21 @@ impl Application {
         routes: fn(&mut web::ServiceConfig, web::Data<api::ApiState>),
     ) -> anyhow::Result<Application> {
         let port = listener.local_addr()?.port();
+        // A slow request head is cut off by actix (408); a slow body by
+        // `ingest::read_body`, with the same allowance.
+        let head_timeout = services.settings.request_timeout();
         let state = web::Data::new(api::ApiState::new(services, auth));
-        let server =
-            HttpServer::new(move || App::new().configure(|cfg| routes(cfg, state.clone())))
-                .listen(listener)?
-                .disable_signals()
-                .shutdown_timeout(10)
-                .run();
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(from_fn(api::limits::guard))
+                .configure(|cfg| routes(cfg, state.clone()))
+        })
+        .client_request_timeout(head_timeout)
+        .client_disconnect_timeout(std::time::Duration::from_secs(1))
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(10)
+        .run();
         Ok(Application { port, server })
     }
 

@@ -54,6 +54,12 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_ADMIN_TOKENS",
     "RTPD_ADMIN_TOKENS_FILE",
     "RTPD_PUBLIC_HEALTH",
+    "RTPD_SIGNATURE_WINDOW_SECS",
+    "RTPD_MAX_HEADER_BYTES",
+    "RTPD_REQUEST_TIMEOUT_SECS",
+    "RTPD_VENDOR_RATE_PER_SEC",
+    "RTPD_VENDOR_RATE_BURST",
+    "RTPD_MAX_IN_FLIGHT",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +214,18 @@ pub struct Settings {
     pub admin_tokens: Option<Secret>,
     pub admin_tokens_file: Option<PathBuf>,
     pub public_health: bool,
+    /// How far a signed request's timestamp may be from now, either way.
+    pub signature_window_secs: u32,
+    /// Request line plus headers; larger requests get 431.
+    pub max_header_bytes: usize,
+    /// Time allowed to receive the request head, and again the body.
+    pub request_timeout_secs: f64,
+    /// Sustained requests per second per vendor; 0 switches the limit off.
+    pub vendor_rate_per_sec: u32,
+    /// Requests a vendor may send at once above the sustained rate.
+    pub vendor_rate_burst: u32,
+    /// Requests handled at once by this process; beyond it, 503.
+    pub max_in_flight: usize,
 }
 
 impl Default for Settings {
@@ -254,6 +272,12 @@ impl Default for Settings {
             admin_tokens: None,
             admin_tokens_file: None,
             public_health: true,
+            signature_window_secs: 300,
+            max_header_bytes: 16 * 1024,
+            request_timeout_secs: 10.0,
+            vendor_rate_per_sec: 100,
+            vendor_rate_burst: 200,
+            max_in_flight: 1024,
         }
     }
 }
@@ -396,6 +420,36 @@ impl Settings {
                 "must be between 64 bytes and 64 MiB",
             ));
         }
+        if !(1..=86_400).contains(&self.signature_window_secs) {
+            return Err(ConfigError::new(
+                "RTPD_SIGNATURE_WINDOW_SECS",
+                "must be between 1 and 86400",
+            ));
+        }
+        // actix closes the connection past 128 KiB of head before we see it.
+        if !(1024..=128 * 1024).contains(&self.max_header_bytes) {
+            return Err(ConfigError::new(
+                "RTPD_MAX_HEADER_BYTES",
+                "must be between 1024 and 131072",
+            ));
+        }
+        if !(self.request_timeout_secs.is_finite()
+            && (0.1..=600.0).contains(&self.request_timeout_secs))
+        {
+            return Err(ConfigError::new(
+                "RTPD_REQUEST_TIMEOUT_SECS",
+                "must be between 0.1 and 600",
+            ));
+        }
+        if self.vendor_rate_per_sec > 0 && self.vendor_rate_burst == 0 {
+            return Err(ConfigError::new(
+                "RTPD_VENDOR_RATE_BURST",
+                "must be at least 1 when RTPD_VENDOR_RATE_PER_SEC is set",
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::new("RTPD_MAX_IN_FLIGHT", "must be at least 1"));
+        }
         if !matches!(self.downstream_url.scheme(), "http" | "https") {
             return Err(ConfigError::new(
                 "RTPD_DOWNSTREAM_URL",
@@ -451,6 +505,10 @@ impl Settings {
 
     pub fn secs(v: f64) -> Duration {
         Duration::from_secs_f64(v)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout_secs)
     }
 
     pub fn downstream_timeout(&self) -> Duration {
@@ -528,6 +586,21 @@ mod tests {
             assert_eq!(err.variable, "RTPD_BACKOFF_MAX_SECS");
             Ok(())
         });
+        for (name, value) in [
+            ("RTPD_SIGNATURE_WINDOW_SECS", "0"),
+            ("RTPD_MAX_HEADER_BYTES", "10"),
+            ("RTPD_REQUEST_TIMEOUT_SECS", "0"),
+            ("RTPD_VENDOR_RATE_BURST", "0"),
+            ("RTPD_MAX_IN_FLIGHT", "0"),
+            ("RTPD_VENDOR_RATE_PER_SEC", "-1"),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(name, value);
+                let err = Settings::load().unwrap_err();
+                assert_eq!(err.variable, name);
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -27,6 +27,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -50,6 +55,7 @@ struct Metrics {
     processed: Family<ResultLabel, Counter>,
     reconciler_actions: Family<ResultLabel, Counter>,
     ledger_transactions: Family<StateLabel, Gauge>,
+    api_rejected: Family<ReasonLabel, Counter>,
 }
 
 fn get() -> &'static Metrics {
@@ -122,7 +128,14 @@ fn get() -> &'static Metrics {
             "Transactions in the ledger by state",
             ledger_transactions.clone(),
         );
+        let api_rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "api_rejected",
+            "API calls refused (4xx other than 404/405, and load shedding) by reason",
+            api_rejected.clone(),
+        );
         Metrics {
+            api_rejected,
             registry,
             ingest_requests,
             ingest_seconds,
@@ -142,6 +155,13 @@ pub fn ingest_answered(code: u16, took: Duration) {
     let m = get();
     m.ingest_requests.get_or_create(&CodeLabel { code }).inc();
     m.ingest_seconds.observe(took.as_secs_f64());
+}
+
+pub fn api_rejected(reason: &'static str) {
+    get()
+        .api_rejected
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
 }
 
 pub fn wal_flushed(log: &'static str, records: usize, took: Duration, ok: bool) {

@@ -1,5 +1,6 @@
 //! HTTP errors: every one is a JSON body `{"error": <code>, "message": <text>}`.
 
+use crate::auth::AuthFailure;
 use actix_web::{HttpResponse, ResponseError, http::StatusCode};
 use serde_json::json;
 
@@ -7,8 +8,8 @@ use serde_json::json;
 pub enum ApiError {
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
-    #[error("missing or invalid credentials")]
-    Unauthenticated,
+    #[error("{0}")]
+    Unauthenticated(AuthFailure),
     #[error("this credential may not use this route")]
     Forbidden,
     #[error("{0}")]
@@ -19,6 +20,10 @@ pub enum ApiError {
     InvalidState(String),
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("request line and headers are larger than {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
     #[error("content type must be application/json")]
     UnsupportedMediaType,
     #[error("{what} is unavailable; retry later")]
@@ -42,10 +47,21 @@ impl ApiError {
         }
     }
 
+    /// Why the call was refused, for the rejected-calls log: the error code,
+    /// or for a 401 the precise credential problem.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated(f) => f.reason(),
+            other => other.code(),
+        }
+    }
+
     fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest { code, .. } => code,
-            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict { .. } => "conflict",
@@ -64,7 +80,9 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } | ApiError::InvalidState(_) => StatusCode::CONFLICT,
@@ -95,8 +113,11 @@ impl ResponseError for ApiError {
             | ApiError::TooManyRequests { retry_after_secs } => {
                 resp.insert_header(("Retry-After", retry_after_secs.to_string()));
             }
-            ApiError::Unauthenticated => {
-                resp.insert_header(("WWW-Authenticate", "ApiKey header=\"X-Api-Key\", Bearer"));
+            ApiError::Unauthenticated(_) => {
+                resp.insert_header((
+                    "WWW-Authenticate",
+                    "ApiKey header=\"X-Api-Key\", Rtpd-HMAC-SHA256 headers=\"X-Rtpd-Vendor X-Rtpd-Timestamp X-Rtpd-Signature\", Bearer",
+                ));
             }
             _ => {}
         }

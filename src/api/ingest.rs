@@ -7,35 +7,52 @@
 //! transaction; if the send then fails, the transaction is `pending` in the
 //! ledger and the reconciler re-drives it from the WAL.
 
-use super::{ApiError, ApiState};
+use super::rejected::BodySeen;
+use super::{ApiError, ApiState, VendorCheck};
 use crate::ledger::{LedgerError, RegisterOutcome};
 use crate::metrics;
 use crate::processor::message_for;
 use crate::transaction::{Registration, TransactionId, TxRecord};
 use crate::wal::{Source, WalError, WalRecord, sha256_hex};
-use actix_web::{HttpRequest, HttpResponse, ResponseError, http::header, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, http::header, web};
 use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use futures::StreamExt;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::json;
-use std::time::Instant;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 pub async fn ingest(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<ApiState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let resp = match accept(&req, payload, &state).await {
-        Ok(r) => r,
-        Err(e) => e.error_response(),
+    let result = accept(&req, payload, &state).await;
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status_code(),
     };
-    metrics::ingest_answered(resp.status().as_u16(), started.elapsed());
-    resp
+    metrics::ingest_answered(status.as_u16(), started.elapsed());
+    result
 }
 
-/// Reads the body up to `limit` bytes, refusing early on a declared length.
+/// Reads the body up to `limit` bytes within `timeout`, refusing early on a
+/// declared length. The timeout covers the whole body, so a client trickling
+/// bytes cannot hold a worker.
 pub async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(timeout, read_body_unbounded(req, payload, limit))
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?
+}
+
+async fn read_body_unbounded(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
@@ -59,6 +76,80 @@ pub async fn read_body(
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// Parses the body, refusing duplicate keys at any depth: serde_json would
+/// silently keep the last, and the processor or downstream might keep the first.
+fn parse_document(text: &str) -> Result<serde_json::Value, ApiError> {
+    match serde_json::from_str::<NoDuplicateKeys>(text) {
+        Ok(_) => {}
+        Err(e) if e.is_data() => {
+            return Err(ApiError::bad(
+                "duplicate_key",
+                format!("body has a duplicate key: {e}"),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::bad(
+                "invalid_json",
+                format!("body is not valid JSON: {e}"),
+            ));
+        }
+    }
+    serde_json::from_str(text)
+        .map_err(|e| ApiError::bad("invalid_json", format!("body is not valid JSON: {e}")))
+}
+
+/// Walks a JSON document and fails (as a data error) on a repeated key.
+struct NoDuplicateKeys;
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<NoDuplicateKeys>()?;
+            if !seen.insert(key) {
+                // The key itself is payload: it is not repeated in the message.
+                return Err(de::Error::custom("a key repeats within one object"));
+            }
+        }
+        Ok(NoDuplicateKeys)
+    }
 }
 
 fn is_json(req: &HttpRequest) -> bool {
@@ -148,20 +239,34 @@ async fn accept(
     payload: web::Payload,
     state: &ApiState,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = state.vendor(req)?;
+    let check = state.vendor_before_body(req)?;
     if !is_json(req) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let body = read_body(req, payload, state.services.settings.max_body_bytes).await?;
+    let settings = &state.services.settings;
+    let body = read_body(
+        req,
+        payload,
+        settings.max_body_bytes,
+        settings.request_timeout(),
+    )
+    .await?;
+    let sha = sha256_hex(&body);
+    req.extensions_mut().insert(BodySeen {
+        size: body.len(),
+        sha256: Some(sha.clone()),
+    });
+    let principal = match check {
+        VendorCheck::Done(p) => p,
+        VendorCheck::NeedsBody(signed) => state.vendor_signed(req, &signed, &body)?,
+    };
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad("invalid_utf8", "body is not valid UTF-8"))?;
-    let doc: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::bad("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let doc = parse_document(text)?;
     let serde_json::Value::Object(doc) = doc else {
         return Err(ApiError::bad("not_an_object", "body must be a JSON object"));
     };
     let id = transaction_id(req, &doc)?;
-    let sha = sha256_hex(&body);
     let svc = &state.services;
 
     if let Some(rec) = svc

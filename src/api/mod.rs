@@ -1,45 +1,174 @@
 //! The HTTP API (actix-web): ingest, transaction queries and replay, the
-//! seed-compatible routes, and health.
+//! seed-compatible routes, health, and the OpenAPI document. The route table
+//! lives here, once: the server registers it and a test compares it with
+//! `/openapi.json`.
 
 pub mod error;
 pub mod health;
 pub mod ingest;
+pub mod limits;
+pub mod openapi;
+pub mod rejected;
 pub mod seed;
 pub mod transactions;
 
 use crate::app::Services;
-use crate::auth::{API_KEY_HEADER, Auth, Principal};
-use actix_web::{HttpRequest, web};
+use crate::auth::{
+    API_KEY_HEADER, Auth, Principal, SIGNATURE_HEADER, Signed, TIMESTAMP_HEADER, VENDOR_HEADER,
+};
+use actix_web::{HttpMessage, HttpRequest, Route, http::Method, web};
 pub use error::ApiError;
-use std::sync::Arc;
+use governor::{
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use std::{num::NonZeroU32, sync::Arc};
+use tokio::sync::Semaphore;
 
 pub struct ApiState {
     pub services: Arc<Services>,
     pub auth: Auth,
+    /// Per-vendor request rate; `None` when `RTPD_VENDOR_RATE_PER_SEC=0`.
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Requests handled at once, across workers (`RTPD_MAX_IN_FLIGHT`).
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// The authenticated vendor of a request, kept in its extensions so a
+/// rejection after authentication can still name the vendor.
+#[derive(Debug, Clone)]
+pub struct CallerVendor(pub String);
+
+/// How a vendor authenticates this request.
+pub enum VendorCheck<'a> {
+    Done(Principal),
+    /// A signature over the body: verify once the body is read.
+    NeedsBody(Signed<'a>),
+}
+
+fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn signed_headers(req: &HttpRequest) -> Option<Signed<'_>> {
+    let (v, t, s) = (
+        header(req, VENDOR_HEADER),
+        header(req, TIMESTAMP_HEADER),
+        header(req, SIGNATURE_HEADER),
+    );
+    if v.is_none() && t.is_none() && s.is_none() {
+        return None;
+    }
+    Some(Signed {
+        vendor: v.unwrap_or(""),
+        timestamp: t.unwrap_or(""),
+        signature: s.unwrap_or(""),
+    })
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
 }
 
 impl ApiState {
     pub fn new(services: Arc<Services>, auth: Auth) -> ApiState {
-        ApiState { services, auth }
+        let s = &services.settings;
+        let limiter = NonZeroU32::new(s.vendor_rate_per_sec).map(|rate| {
+            let burst = NonZeroU32::new(s.vendor_rate_burst).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        let in_flight = Arc::new(Semaphore::new(s.max_in_flight));
+        ApiState {
+            services,
+            auth,
+            limiter,
+            in_flight,
+        }
     }
 
+    /// A vendor on a request without a body: an API key, or a signature over
+    /// `timestamp + "." + METHOD + " " + path?query`.
     pub fn vendor(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
-        let key = req
-            .headers()
-            .get(API_KEY_HEADER)
-            .and_then(|v| v.to_str().ok());
-        self.auth.vendor(key).ok_or(ApiError::Unauthenticated)
+        let p = match signed_headers(req) {
+            Some(s) if self.auth.is_enabled() => {
+                let target = req
+                    .uri()
+                    .path_and_query()
+                    .map_or(req.path(), |pq| pq.as_str());
+                let content = format!("{} {target}", req.method());
+                self.auth.verify_signed(&s, content.as_bytes(), now_unix())
+            }
+            _ => self.auth.vendor_by_key(header(req, API_KEY_HEADER)),
+        }
+        .map_err(ApiError::Unauthenticated)?;
+        self.admit(req, p)
+    }
+
+    /// The first half of a vendor check on a request with a body: an API key
+    /// is checked now; a signature's headers and timestamp are checked now
+    /// and the signature itself by [`ApiState::vendor_signed`] after the read.
+    pub fn vendor_before_body<'a>(
+        &self,
+        req: &'a HttpRequest,
+    ) -> Result<VendorCheck<'a>, ApiError> {
+        match signed_headers(req) {
+            Some(s) if self.auth.is_enabled() => {
+                self.auth
+                    .precheck_signed(&s, now_unix())
+                    .map_err(ApiError::Unauthenticated)?;
+                Ok(VendorCheck::NeedsBody(s))
+            }
+            _ => {
+                let p = self
+                    .auth
+                    .vendor_by_key(header(req, API_KEY_HEADER))
+                    .map_err(ApiError::Unauthenticated)?;
+                self.admit(req, p).map(VendorCheck::Done)
+            }
+        }
+    }
+
+    pub fn vendor_signed(
+        &self,
+        req: &HttpRequest,
+        s: &Signed<'_>,
+        body: &[u8],
+    ) -> Result<Principal, ApiError> {
+        let p = self
+            .auth
+            .verify_signed(s, body, now_unix())
+            .map_err(ApiError::Unauthenticated)?;
+        self.admit(req, p)
+    }
+
+    /// Remembers who the vendor is and applies its rate limit.
+    fn admit(&self, req: &HttpRequest, p: Principal) -> Result<Principal, ApiError> {
+        let Some(vendor) = p.vendor() else {
+            return Ok(p);
+        };
+        req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
+        if let Some(limiter) = &self.limiter
+            && let Err(not_until) = limiter.check_key(&vendor.to_owned())
+        {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            tracing::warn!(vendor, "vendor over its rate limit");
+            return Err(ApiError::TooManyRequests {
+                retry_after_secs: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1),
+            });
+        }
+        Ok(p)
     }
 
     pub fn admin(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
         if let Some(p) = self.auth.admin(bearer(req)) {
             return Ok(p);
         }
-        // A valid vendor key on an operator route is a permission problem, not an identity one.
-        if self.vendor(req).is_ok() {
-            return Err(ApiError::Forbidden);
+        // A valid vendor credential on an operator route is a permission problem, not an identity one.
+        match self.vendor(req) {
+            Ok(_) => Err(ApiError::Forbidden),
+            Err(ApiError::Unauthenticated(f)) => Err(ApiError::Unauthenticated(f)),
+            Err(other) => Err(other),
         }
-        Err(ApiError::Unauthenticated)
     }
 
     /// Admin, or any vendor (for reading a vendor's own transactions).
@@ -79,6 +208,49 @@ pub fn configure_health(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>
         }));
 }
 
+/// Every route the server serves: path (actix and OpenAPI share the `{id}`
+/// syntax), method, handler.
+pub fn routes() -> Vec<(&'static str, Method, Route)> {
+    vec![
+        (
+            "/v1/transactions",
+            Method::POST,
+            web::post().to(ingest::ingest),
+        ),
+        (
+            "/v1/transactions",
+            Method::GET,
+            web::get().to(transactions::list),
+        ),
+        (
+            "/v1/transactions/{id}",
+            Method::GET,
+            web::get().to(transactions::get),
+        ),
+        (
+            "/v1/transactions/{id}/replay",
+            Method::POST,
+            web::post().to(transactions::replay),
+        ),
+        ("/metrics", Method::GET, web::get().to(seed::metrics)),
+        ("/status", Method::GET, web::get().to(seed::status)),
+        (
+            "/transactions",
+            Method::GET,
+            web::get().to(seed::transactions),
+        ),
+        ("/replay/{id}", Method::POST, web::post().to(seed::replay)),
+        ("/healthz", Method::GET, web::get().to(health::healthz)),
+        ("/readyz", Method::GET, web::get().to(health::readyz)),
+        ("/openapi.json", Method::GET, web::get().to(openapi::serve)),
+    ]
+}
+
+/// `(METHOD, path)` of every served route.
+pub fn served_routes() -> Vec<(Method, &'static str)> {
+    routes().into_iter().map(|(p, m, _)| (m, p)).collect()
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
     cfg.app_data(state)
         .app_data(
@@ -88,21 +260,24 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
         .app_data(
             web::PathConfig::default()
                 .error_handler(|e, _| ApiError::bad("invalid_path", e.to_string()).into()),
-        )
-        .route("/v1/transactions", web::post().to(ingest::ingest))
-        .route("/v1/transactions", web::get().to(transactions::list))
-        .route("/v1/transactions/{id}", web::get().to(transactions::get))
-        .route(
-            "/v1/transactions/{id}/replay",
-            web::post().to(transactions::replay),
-        )
-        .route("/metrics", web::get().to(seed::metrics))
-        .route("/status", web::get().to(seed::status))
-        .route("/transactions", web::get().to(seed::transactions))
-        .route("/replay/{id}", web::post().to(seed::replay))
-        .route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .default_service(web::to(|| async {
-            Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
+        );
+    let mut table = routes();
+    let mut paths: Vec<&'static str> = Vec::new();
+    for (p, _, _) in &table {
+        if !paths.contains(p) {
+            paths.push(p);
+        }
+    }
+    for path in paths {
+        let mut resource = web::resource(path).default_service(web::to(|| async {
+            Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed)
         }));
+        for (_, _, route) in table.extract_if(.., |(p, _, _)| *p == path) {
+            resource = resource.route(route);
+        }
+        cfg.service(resource);
+    }
+    cfg.default_service(web::to(|| async {
+        Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
+    }));
 }

@@ -1,7 +1,7 @@
 //! `rtpd dev`: the whole pipeline in one process on embedded backends with a
 //! mock downstream, data under `./.rtpd`. Zero setup: it generates a vendor
-//! key and an admin token (kept in the data directory, so a restart keeps
-//! them) and prints how to use them.
+//! API key, a vendor HMAC signing secret and an admin token (kept in the data
+//! directory, so a restart keeps them) and prints how to use them.
 
 use super::mock::Opts as MockOpts;
 use super::serve::{Parts, run_with};
@@ -11,7 +11,10 @@ use crate::mock_downstream::Mock;
 use anyhow::Context;
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
-use std::{net::TcpListener, path::Path};
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
@@ -37,6 +40,11 @@ pub struct DevCredentials {
     pub vendor: String,
     pub api_key: String,
     pub admin_token: String,
+    /// A second vendor that signs its requests (added later: absent in old files).
+    #[serde(default)]
+    pub hmac_vendor: String,
+    #[serde(default)]
+    pub hmac_secret: String,
 }
 
 fn random_secret(prefix: &str) -> String {
@@ -47,18 +55,45 @@ fn random_secret(prefix: &str) -> String {
 /// Loads the dev credentials from the data directory, creating them once.
 pub fn dev_credentials(data_dir: &Path) -> anyhow::Result<DevCredentials> {
     let path = data_dir.join("dev-credentials.json");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()));
-    }
-    let creds = DevCredentials {
-        vendor: "dev-vendor".into(),
-        api_key: random_secret("rtpd_vk"),
-        admin_token: random_secret("rtpd_adm"),
+    let mut creds = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str::<DevCredentials>(&text)
+            .with_context(|| format!("reading {}", path.display()))?,
+        Err(_) => DevCredentials {
+            vendor: "dev-vendor".into(),
+            api_key: random_secret("rtpd_vk"),
+            admin_token: random_secret("rtpd_adm"),
+            hmac_vendor: String::new(),
+            hmac_secret: String::new(),
+        },
     };
-    std::fs::create_dir_all(data_dir)?;
-    std::fs::write(&path, serde_json::to_vec_pretty(&creds)?)
-        .with_context(|| format!("writing {}", path.display()))?;
+    if creds.hmac_secret.is_empty() {
+        creds.hmac_vendor = "dev-signer".into();
+        creds.hmac_secret = random_secret("rtpd_hs");
+        std::fs::create_dir_all(data_dir)?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&creds)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(creds)
+}
+
+/// The vendor credentials file `rtpd dev` points `RTPD_VENDOR_KEYS_FILE` at:
+/// HMAC secrets are accepted only from a file, as in production.
+fn write_vendor_keys_file(data_dir: &Path, creds: &DevCredentials) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("dev-vendor-keys");
+    let text = format!(
+        "# written by rtpd dev\n{}:sha256:{}\n{}:hmac:{}\n",
+        creds.vendor,
+        hash_secret(&creds.api_key),
+        creds.hmac_vendor,
+        creds.hmac_secret
+    );
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(path)
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
@@ -106,9 +141,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         tracing::warn!("RTPD_AUTH=none: the API accepts unauthenticated requests");
         Auth::disabled()
     } else {
-        settings.vendor_keys = Some(Secret::from(
-            format!("{}:sha256:{}", creds.vendor, hash_secret(&creds.api_key)).as_str(),
-        ));
+        settings.vendor_keys = None;
+        settings.vendor_keys_file = Some(write_vendor_keys_file(&settings.data_dir, &creds)?);
         settings.admin_tokens = Some(Secret::from(
             format!("dev-admin:sha256:{}", hash_secret(&creds.admin_token)).as_str(),
         ));
@@ -158,6 +192,10 @@ fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
             "  vendor API key   {}  (vendor {})",
             creds.api_key, creds.vendor
         );
+        println!(
+            "  HMAC secret      {}  (vendor {})",
+            creds.hmac_secret, creds.hmac_vendor
+        );
         println!("  admin token      {}", creds.admin_token);
     }
     println!();
@@ -168,5 +206,16 @@ fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
     println!("  curl -s {base}/v1/transactions/TX-001{key}");
     println!("  curl -s {base}/metrics");
     println!("  curl -s '{base}/v1/transactions?state=dead_letter'{admin}");
+    if auth {
+        println!();
+        println!("Signed with HMAC-SHA256 (see docs/security.md):");
+        println!(
+            "  body='{{\"transaction_id\":\"TX-002\",\"amount\":\"10.00\"}}'; ts=$(date +%s)\n  \
+             sig=$(printf '%s.%s' \"$ts\" \"$body\" | openssl dgst -sha256 -hmac '{}' -r | cut -d' ' -f1)\n  \
+             curl -s -X POST {base}/v1/transactions -H 'Content-Type: application/json' \\\n       \
+             -H 'X-Rtpd-Vendor: {}' -H \"X-Rtpd-Timestamp: $ts\" -H \"X-Rtpd-Signature: v1=$sig\" -d \"$body\"",
+            creds.hmac_secret, creds.hmac_vendor
+        );
+    }
     println!();
 }

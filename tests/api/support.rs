@@ -13,6 +13,9 @@ use std::{net::TcpListener, sync::Arc, time::Duration};
 
 pub const API_KEY: &str = "test-vendor-key";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// A vendor that signs its requests with HMAC-SHA256.
+pub const HMAC_VENDOR: &str = "globex";
+pub const HMAC_SECRET: &str = "test-hmac-secret-0123456789";
 
 pub struct TestApp {
     pub address: String,
@@ -35,6 +38,8 @@ pub struct AppOptions {
     /// Run the ledger on this Redis (a fresh key prefix per app) instead of
     /// the embedded one.
     pub redis_url: Option<String>,
+    /// Last word on the settings (limits, windows) before the app starts.
+    pub configure: fn(&mut Settings),
 }
 
 impl Default for AppOptions {
@@ -50,12 +55,17 @@ impl Default for AppOptions {
             downstream_timeout_secs: 1.0,
             tweak: None,
             redis_url: None,
+            configure: |_| {},
         }
     }
 }
 
 pub fn test_settings(dir: &std::path::Path) -> Settings {
+    // HMAC secrets come only from a file (a mounted secret in production).
+    let keys_file = dir.join("vendor-keys");
+    std::fs::write(&keys_file, format!("{HMAC_VENDOR}:hmac:{HMAC_SECRET}\n")).unwrap();
     Settings {
+        vendor_keys_file: Some(keys_file),
         data_dir: dir.to_owned(),
         http_addr: ([127, 0, 0, 1], 0).into(),
         backoff_base_secs: 0.05,
@@ -87,6 +97,7 @@ pub async fn spawn_app_with(o: AppOptions) -> TestApp {
     settings.max_retries = o.max_retries;
     settings.lock_duration_secs = o.lock_secs;
     settings.downstream_timeout_secs = o.downstream_timeout_secs;
+    (o.configure)(&mut settings);
     if let Some(t) = o.tweak {
         t(&mut settings);
     }
@@ -133,6 +144,25 @@ impl TestApp {
             r = r.header("X-Api-Key", k);
         }
         r.send().await.unwrap()
+    }
+
+    /// POSTs `body` signed as [`HMAC_VENDOR`] at unix time `ts`.
+    pub async fn post_signed(&self, body: &str, ts: i64) -> reqwest::Response {
+        let sig = rtp_durability::auth::sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes());
+        self.post_with_signature(body, ts, &sig).await
+    }
+
+    pub async fn post_with_signature(&self, body: &str, ts: i64, sig: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/transactions", self.address))
+            .header("Content-Type", "application/json")
+            .header("X-Rtpd-Vendor", HMAC_VENDOR)
+            .header("X-Rtpd-Timestamp", ts.to_string())
+            .header("X-Rtpd-Signature", sig)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn post_json(&self, body: &Value) -> reqwest::Response {
@@ -232,6 +262,10 @@ impl TestApp {
     pub async fn state_of(&self, id: &str) -> State {
         self.record(id).await.status
     }
+}
+
+pub fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
 }
 
 pub async fn json(r: reqwest::Response) -> Value {
