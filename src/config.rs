@@ -275,8 +275,8 @@ impl Default for Settings {
             signature_window_secs: 300,
             max_header_bytes: 16 * 1024,
             request_timeout_secs: 10.0,
-            vendor_rate_per_sec: 100,
-            vendor_rate_burst: 200,
+            vendor_rate_per_sec: 2000,
+            vendor_rate_burst: 4000,
             max_in_flight: 1024,
         }
     }

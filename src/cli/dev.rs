@@ -98,6 +98,10 @@ fn write_vendor_keys_file(data_dir: &Path, creds: &DevCredentials) -> anyhow::Re
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let mut settings = Settings::load()?;
+    // A developer's load tests should measure the pipeline, not the limiter.
+    if std::env::var_os("RTPD_VENDOR_RATE_PER_SEC").is_none() {
+        settings.vendor_rate_per_sec = 0;
+    }
     for (kind, name) in [
         (settings.wal != WalKind::Local, "RTPD_WAL"),
         (settings.ledger != LedgerKind::Local, "RTPD_LEDGER"),

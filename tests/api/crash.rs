@@ -20,13 +20,7 @@ impl Drop for Proc {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::support::free_port;
 
 pub async fn wait_http_ok(url: &str, within: Duration) {
     let client = reqwest::Client::new();

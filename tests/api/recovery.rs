@@ -32,13 +32,7 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::support::free_port;
 
 async fn wait_http_ok(url: &str, within: Duration) {
     let client = reqwest::Client::new();
