@@ -47,7 +47,8 @@ start_mock() {
     wait_up "http://127.0.0.1:$port/healthz"
 }
 
-produce() { "$rtpd" produce --url "$api" --count "$count" --concurrency "$conc" --quiet --prefix "$1" "${@:2}"; }
+# produce PREFIX [COUNT [CONCURRENCY [more rtpd produce flags]]]
+produce() { "$rtpd" produce --url "$api" --quiet --prefix "$1" --count "${2:-$count}" --concurrency "${3:-$conc}" "${@:4}"; }
 
 # drain SECONDS_START: waits until success == total; prints the processing rate
 drain() {
@@ -72,7 +73,7 @@ dev)
         wait_up "$api/healthz"
         key=$(python3 -c "import json;print(json.load(open('$work/dev$latency/dev-credentials.json'))['api_key'])")
         t0=$(date +%s.%N)
-        produce "D$latency" --api-key "$key"
+        produce "D$latency" "$count" "$conc" --api-key "$key"
         drain "$t0"
         kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=()
     done
@@ -83,14 +84,15 @@ azure)
     start_mock 0
     echo "== WAL on Azurite, group commit (default), $count transactions, concurrency $conc"
     start_serve gc RTPD_WAL=azure RTPD_STORAGE_CONNECTION_STRING="$RTPD_TEST_AZURITE_CONNECTION_STRING" RTPD_WAL_CONTAINER=bench-gc
-    produce GC
-    echo "== same, at half that concurrency"
-    produce GCH --concurrency $((conc / 2))
+    produce GC | tee "$work/gc.out"
+    half=$(sed -n 's/.*acknowledged (\([0-9]*\)\/s).*/\1/p' "$work/gc.out"); half=$((half / 2))
+    echo "== same, rate-limited to half that maximum ($half/s)"
+    produce GCH "$count" "$conc" --rate "$half"
     kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
     echo "== baseline: one PUT per transaction (RTPD_WAL_BATCH_MAX_RECORDS=1, $conc flushers)"
     start_serve one RTPD_WAL=azure RTPD_STORAGE_CONNECTION_STRING="$RTPD_TEST_AZURITE_CONNECTION_STRING" RTPD_WAL_CONTAINER=bench-one \
         RTPD_WAL_BATCH_MAX_RECORDS=1 RTPD_WAL_FLUSHERS="$conc"
-    produce ONE --count $((count / 4))
+    produce ONE $((count / 4))
     ;;
 ledger)
     scripts/redis.sh start "$work/redis.env" >/dev/null

@@ -63,37 +63,33 @@ impl Db {
     }
 
     /// Runs a read on a pooled read-only connection, outside the write batches.
+    /// Reads are point lookups and short pages (microseconds), so they run on
+    /// the calling task: a hop to a blocking thread would cost more than the read.
     pub async fn read<T, F>(&self, f: F) -> Result<T, DbError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     {
-        let readers = self.readers.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let pooled = readers.lock().map(|mut p| p.pop()).unwrap_or(None);
-            let conn = match pooled {
-                Some(c) => c,
-                None => {
-                    let c = Connection::open_with_flags(
-                        &path,
-                        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-                            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                    )?;
-                    c.busy_timeout(std::time::Duration::from_secs(10))?;
-                    c
-                }
-            };
-            let result = f(&conn);
-            if let Ok(mut p) = readers.lock()
-                && p.len() < 16
-            {
-                p.push(conn);
+        let pooled = self.readers.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(std::time::Duration::from_secs(10))?;
+                c
             }
-            result.map_err(DbError::Sqlite)
-        })
-        .await
-        .map_err(|_| DbError::Closed)?
+        };
+        let result = f(&conn);
+        if let Ok(mut p) = self.readers.lock()
+            && p.len() < 16
+        {
+            p.push(conn);
+        }
+        result.map_err(DbError::Sqlite)
     }
 
     /// Runs `f` in the next batch transaction and returns its result once committed.

@@ -199,3 +199,105 @@ async fn kill_9_during_load_loses_nothing_acknowledged() {
         assert_eq!(calls["by_key"][id]["successes"], 1, "{id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api_port, mock_port) = (free_port(), free_port());
+    let _mock = Proc(
+        rtpd()
+            .args([
+                "mock-downstream",
+                "--addr",
+                &format!("127.0.0.1:{mock_port}"),
+                "--success-rate",
+                "1",
+                "--latency-ms",
+                "1500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_http_ok(
+        &format!("http://127.0.0.1:{mock_port}/healthz"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut dev = spawn_dev(dir.path(), api_port, mock_port);
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let key = creds["api_key"].as_str().unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", key)
+        .json(&serde_json::json!({"transaction_id": "TERM-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Wait until the downstream call is in flight, then ask the process to stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m: Value = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if m["processing"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never started processing: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let term = Command::new("kill")
+        .arg("-TERM")
+        .arg(dev.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || {
+        let s = dev.0.wait().unwrap();
+        std::mem::forget(dev);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // The in-flight call was finished and recorded before exiting.
+    let out = rtpd()
+        .args(["wal", "cat", "TERM-1"])
+        .env("RTPD_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _dev = spawn_dev(dir.path(), api_port, mock_port);
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let rec: Value = client
+        .get(format!("{base}/v1/transactions/TERM-1"))
+        .header("X-Api-Key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rec["status"], "success", "{rec}");
+    assert_eq!(
+        rec["attempts"], 1,
+        "finished before exit, not redone after restart"
+    );
+}

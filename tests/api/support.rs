@@ -129,6 +129,11 @@ pub async fn spawn_app_with(o: AppOptions) -> TestApp {
 }
 
 impl TestApp {
+    /// Where the embedded backends keep their data (for `rtpd` CLI runs).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub async fn post_raw(
         &self,
         body: impl Into<reqwest::Body>,
