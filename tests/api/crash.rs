@@ -13,10 +13,17 @@ use std::{
 /// Kills the child when dropped, so a failing test leaves nothing running.
 pub struct Proc(pub Child);
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }
 
@@ -213,7 +220,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
                 "--success-rate",
                 "1",
                 "--latency-ms",
-                "1500",
+                "600",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -12,45 +12,12 @@ use serde_json::{Value, json};
 use std::{
     collections::BTreeMap,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-/// Kills the child when dropped, so a failing test leaves nothing running.
-struct Proc(Child);
-
-impl Proc {
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
+use crate::crash::{Proc, rtpd, wait_http_ok};
 use crate::support::free_port;
-
-async fn wait_http_ok(url: &str, within: Duration) {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(url).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} did not answer within {within:?}");
-}
-
-fn rtpd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rtpd"))
-}
 
 /// One deployment: a data directory, an API port and the mock downstream.
 struct Site {

@@ -495,10 +495,12 @@ async fn a_saturated_server_answers_503_with_retry_after() {
     // One request holds the only slot by sending its body slowly.
     let head = format!(
         "POST /v1/transactions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
-         X-Api-Key: {API_KEY}\r\nContent-Length: 31\r\n\r\n{{\"transaction_id\":\"H\""
+         X-Api-Key: {API_KEY}\r\nContent-Length: 41\r\n\r\n{{\"transaction_id\":\"H\""
     );
-    let holder = tokio::spawn(trickle(app.address.clone(), head, b"         }"));
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // 20 bytes at 200 ms each: the slot stays taken for about 4 s, long
+    // enough to be seen on a loaded machine.
+    let holder = tokio::spawn(trickle(app.address.clone(), head, b"                   }"));
+    let deadline = Instant::now() + Duration::from_secs(8);
     let busy = loop {
         let r = app
             .client
