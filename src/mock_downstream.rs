@@ -190,7 +190,7 @@ impl Mock {
         if !self.opts.latency.is_zero() {
             tokio::time::sleep(self.opts.latency).await;
         }
-        let resp = match answer {
+        match answer {
             Answer::Hang => {
                 tokio::time::sleep(self.opts.hang).await;
                 HttpResponse::GatewayTimeout().finish()
@@ -217,17 +217,7 @@ impl Mock {
                 }
                 r.json(serde_json::json!({"error": format!("mock failure {code}")}))
             }
-        };
-        if let Some(k) = self
-            .state
-            .lock()
-            .expect("mock state lock")
-            .keys
-            .get_mut(&key)
-        {
-            k.in_flight -= 1;
         }
-        resp
     }
 
     pub fn report(&self) -> serde_json::Value {

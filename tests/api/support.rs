@@ -321,19 +321,17 @@ pub fn redis_key_prefix() -> String {
     format!("t-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// A port for a test server, chosen below the kernel's ephemeral range
-/// (32768+) so no outgoing client connection can take it between choosing
-/// and binding; distinct within this process and checked free.
+/// A port for a test server, chosen at random below the kernel's ephemeral
+/// range (32768+) so no outgoing client connection can take it between
+/// choosing and binding, and checked free. Random rather than counted:
+/// nextest runs each test in its own process.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 60) as u16 * 200;
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = base + n % 200;
+    use rand::RngExt;
+    for _ in 0..1000 {
+        let port = rand::rng().random_range(20_000..32_000);
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
-        assert!(n < 2000, "no free test port near {base}");
     }
+    panic!("no free test port in 20000..32000");
 }
