@@ -132,21 +132,29 @@ impl ReconcileReport {
 }
 
 /// The ledger record the WAL and the journal imply for a transaction.
+///
+/// An unfinished one is restored as touched `now`: the journal records an
+/// attempt only once it ends, so an attempt by a process (or region) that was
+/// lost may still be running at the downstream. Dating the record now makes
+/// the re-drive wait the pending threshold (and a failed one's retry at least
+/// that slack), which keeps a second call from overlapping the lost one.
 pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<Utc>) -> TxRecord {
     let mut rec = TxRecord::new(reg, now);
-    match known {
-        Some(k) => {
-            rec.status = k.state;
-            rec.attempts = k.attempts;
-            rec.retry_count = k.retry_count;
-            rec.error_message = k.error.clone();
-            rec.next_retry_at = (k.state == State::Failed)
-                .then_some(k.next_retry_at)
-                .flatten();
-            rec.updated_at = k.last_at;
+    if let Some(k) = known {
+        rec.status = k.state;
+        rec.attempts = k.attempts;
+        rec.retry_count = k.retry_count;
+        rec.error_message = k.error.clone();
+        rec.next_retry_at = (k.state == State::Failed)
+            .then_some(k.next_retry_at)
+            .flatten();
+        rec.updated_at = k.last_at;
+    }
+    if !rec.status.is_terminal() {
+        rec.updated_at = now;
+        if rec.status == State::Failed {
+            rec.next_retry_at = Some(rec.next_retry_at.map_or(now, |t| t.max(now)));
         }
-        // Untouched since ingest: as old as the record, so it is overdue at once.
-        None => rec.updated_at = reg.received_at,
     }
     rec
 }
