@@ -47,7 +47,8 @@ pub fn rtpd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rtpd"))
 }
 
-pub fn spawn_mock(port: u16) -> Proc {
+/// `rtpd mock-downstream` that always succeeds, plus any extra flags.
+pub fn spawn_mock(port: u16, extra: &[&str]) -> Proc {
     Proc(
         rtpd()
             .args([
@@ -57,11 +58,46 @@ pub fn spawn_mock(port: u16) -> Proc {
                 "--success-rate",
                 "1",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     )
+}
+
+/// A mock downstream and `rtpd dev` in front of it, both answering.
+pub struct DevPipeline {
+    pub mock: Proc,
+    pub dev: Proc,
+    pub api_port: u16,
+    pub mock_port: u16,
+    pub base: String,
+    pub api_key: String,
+}
+
+pub async fn start_dev_pipeline(dir: &Path, mock_extra: &[&str]) -> DevPipeline {
+    let (api_port, mock_port) = (free_port(), free_port());
+    let mock = spawn_mock(mock_port, mock_extra);
+    wait_http_ok(
+        &format!("http://127.0.0.1:{mock_port}/healthz"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let dev = spawn_dev(dir, api_port, mock_port);
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let creds: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev-credentials.json")).unwrap())
+            .unwrap();
+    DevPipeline {
+        mock,
+        dev,
+        api_port,
+        mock_port,
+        base,
+        api_key: creds["api_key"].as_str().unwrap().to_owned(),
+    }
 }
 
 pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
@@ -92,21 +128,14 @@ pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_during_load_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let (api_port, mock_port) = (free_port(), free_port());
-    let _mock = spawn_mock(mock_port);
-    wait_http_ok(
-        &format!("http://127.0.0.1:{mock_port}/healthz"),
-        Duration::from_secs(20),
-    )
-    .await;
-    let mut dev = spawn_dev(dir.path(), api_port, mock_port);
-    let base = format!("http://127.0.0.1:{api_port}");
-    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
-    let creds: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
-    )
-    .unwrap();
-    let key = creds["api_key"].as_str().unwrap().to_owned();
+    let DevPipeline {
+        mock: _mock,
+        mut dev,
+        api_port,
+        mock_port,
+        base,
+        api_key: key,
+    } = start_dev_pipeline(dir.path(), &[]).await;
 
     let acked_file = dir.path().join("acked.txt");
     let opts = ProduceOpts {
@@ -210,36 +239,15 @@ async fn kill_9_during_load_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
-    let (api_port, mock_port) = (free_port(), free_port());
-    let _mock = Proc(
-        rtpd()
-            .args([
-                "mock-downstream",
-                "--addr",
-                &format!("127.0.0.1:{mock_port}"),
-                "--success-rate",
-                "1",
-                "--latency-ms",
-                "600",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_http_ok(
-        &format!("http://127.0.0.1:{mock_port}/healthz"),
-        Duration::from_secs(20),
-    )
-    .await;
-    let mut dev = spawn_dev(dir.path(), api_port, mock_port);
-    let base = format!("http://127.0.0.1:{api_port}");
-    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
-    let creds: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
-    )
-    .unwrap();
-    let key = creds["api_key"].as_str().unwrap();
+    let DevPipeline {
+        mock: _mock,
+        mut dev,
+        api_port,
+        mock_port,
+        base,
+        api_key,
+    } = start_dev_pipeline(dir.path(), &["--latency-ms", "600"]).await;
+    let key = api_key.as_str();
     let client = reqwest::Client::new();
     let r = client
         .post(format!("{base}/v1/transactions"))

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::crash::{Proc, rtpd, wait_http_ok};
+use crate::crash::{Proc, rtpd, spawn_mock, wait_http_ok};
 use crate::support::free_port;
 
 /// One deployment: a data directory, an API port and the mock downstream.
@@ -102,24 +102,6 @@ impl Site {
     fn queue(&self) -> LocalQueue {
         LocalQueue::open(&self.dir.join("queue.db"), LocalQueueOptions::default()).unwrap()
     }
-}
-
-fn spawn_mock(port: u16, extra: &[&str]) -> Proc {
-    Proc(
-        rtpd()
-            .args([
-                "mock-downstream",
-                "--addr",
-                &format!("127.0.0.1:{port}"),
-                "--success-rate",
-                "1",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 async fn start_mock(extra: &[&str]) -> (Proc, u16) {
