@@ -498,10 +498,28 @@ async fn a_saturated_server_answers_503_with_retry_after() {
          X-Api-Key: {API_KEY}\r\nContent-Length: 41\r\n\r\n{{\"transaction_id\":\"H\""
     );
     // 20 bytes at 200 ms each: the slot stays taken for about 4 s, long
-    // enough to be seen on a loaded machine.
-    let holder = tokio::spawn(trickle(app.address.clone(), head, b"                   }"));
-    let deadline = Instant::now() + Duration::from_secs(8);
+    // enough to be seen on a loaded machine. A probe can take the slot just
+    // as the holder arrives (the holder then gets the 503): start it again.
+    let hold = || {
+        tokio::spawn(trickle(
+            app.address.clone(),
+            head.clone(),
+            b"                   }",
+        ))
+    };
+    let mut holder = hold();
+    let mut attempt = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
     let busy = loop {
+        if holder.is_finished() {
+            let (answer, _) = (&mut holder).await.unwrap();
+            assert!(
+                answer.starts_with("HTTP/1.1 503"),
+                "holder ended early: {answer}"
+            );
+            attempt += 1;
+            holder = hold();
+        }
         let r = app
             .client
             .get(format!("{}/healthz", app.address))
@@ -511,7 +529,10 @@ async fn a_saturated_server_answers_503_with_retry_after() {
         if r.status() == 503 {
             break r;
         }
-        assert!(Instant::now() < deadline, "never saturated");
+        assert!(
+            Instant::now() < deadline,
+            "never saturated ({attempt} holders bounced)"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(busy.headers()["retry-after"], "1");
