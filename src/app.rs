@@ -1,173 +1,9 @@
-//! Start-up wiring: the one factory that turns configuration into adapters,
-//! and the HTTP application that binds its own listener.
+//! The HTTP application: binds its own listener, serves the API's routes.
 
-use crate::api;
-use crate::auth::Auth;
-use crate::backoff::RetryPolicy;
-use crate::config::{LedgerKind, QueueKind, Settings, WalKind};
-use crate::downstream::Downstream;
-use crate::journal::Journal;
-use crate::ledger::{
-    Ledger,
-    local::LocalLedger,
-    redis::{RedisLedger, RedisSettings},
-};
-use crate::processor::Processor;
-use crate::queue::servicebus::{ServiceBusQueue, ServiceBusSettings};
-use crate::queue::{
-    Queue,
-    local::{LocalQueue, LocalQueueOptions},
-};
-use crate::wal::azure::{AzureBlobSettings, AzureBlobStore};
-use crate::wal::{
-    GroupCommit, JOURNAL_PREFIX, Log, REJECTED_PREFIX, WAL_PREFIX, local::LocalStore,
-    store::ObjectStore,
-};
+use crate::api::{self, ApiState};
 use actix_web::{App, HttpServer, dev::Server, middleware::from_fn, web};
 use anyhow::Context;
-use std::{net::TcpListener, sync::Arc};
-
-/// The backends every part of the service shares.
-#[derive(Clone)]
-pub struct Services {
-    pub settings: Settings,
-    pub instance: String,
-    pub wal: Log,
-    pub journal: Journal,
-    /// Rejected inbound calls, for forensics.
-    pub rejected: Log,
-    pub ledger: Arc<dyn Ledger>,
-    pub queue: Arc<dyn Queue>,
-}
-
-impl Services {
-    /// The adapter factory: chooses each port's adapter once, from configuration.
-    pub async fn build(settings: &Settings) -> anyhow::Result<Services> {
-        let instance = settings.instance();
-        let store: Arc<dyn ObjectStore> = match settings.wal {
-            WalKind::Local => Arc::new(
-                LocalStore::open(settings.data_dir.join("objects"))
-                    .context("opening the local WAL directory")?,
-            ),
-            WalKind::Azure => Arc::new(
-                AzureBlobStore::connect(&AzureBlobSettings {
-                    connection_string: settings
-                        .storage_connection_string
-                        .as_ref()
-                        .map(|s| s.0.clone()),
-                    account_url: settings.storage_account_url.clone(),
-                    container: settings.wal_container.clone(),
-                    // Provisioned deployments (Entra ID) manage the container themselves.
-                    create_container: settings
-                        .wal_create_container
-                        .unwrap_or(settings.storage_connection_string.is_some()),
-                    client_id: settings.azure_client_id.clone(),
-                })
-                .await
-                .context("connecting to the Blob Storage WAL")?,
-            ),
-        };
-        let ledger: Arc<dyn Ledger> = match settings.ledger {
-            LedgerKind::Local => Arc::new(
-                LocalLedger::open(&settings.data_dir.join("ledger.db"))
-                    .context("opening the embedded ledger")?,
-            ),
-            LedgerKind::Redis => Arc::new(
-                RedisLedger::connect(&RedisSettings::from_settings(settings))
-                    .context("setting up the Redis ledger")?,
-            ),
-        };
-        let queue: Arc<dyn Queue> = match settings.queue {
-            QueueKind::Local => Arc::new(
-                LocalQueue::open(
-                    &settings.data_dir.join("queue.db"),
-                    LocalQueueOptions {
-                        lock_duration: settings.lock_duration(),
-                        max_delivery_count: settings.max_delivery_count,
-                        ..Default::default()
-                    },
-                )
-                .context("opening the embedded queue")?,
-            ),
-            QueueKind::Servicebus => Arc::new(
-                ServiceBusQueue::connect(&ServiceBusSettings {
-                    connection_string: settings
-                        .servicebus_connection_string
-                        .as_ref()
-                        .map(|s| s.0.clone()),
-                    namespace: settings.servicebus_namespace.clone(),
-                    queue: settings.servicebus_queue.clone(),
-                    client_id: settings.azure_client_id.clone(),
-                    prefetch: 0,
-                })
-                .await
-                .context("connecting to Service Bus")?,
-            ),
-        };
-        Ok(Services::from_parts(
-            settings, instance, store, ledger, queue,
-        ))
-    }
-
-    pub fn from_parts(
-        settings: &Settings,
-        instance: String,
-        store: Arc<dyn ObjectStore>,
-        ledger: Arc<dyn Ledger>,
-        queue: Arc<dyn Queue>,
-    ) -> Services {
-        let gc = GroupCommit {
-            max_records: settings.wal_batch_max_records,
-            flushers: settings.wal_flushers,
-            ..GroupCommit::default()
-        };
-        Services {
-            settings: settings.clone(),
-            wal: Log::start(store.clone(), WAL_PREFIX, &instance, gc.clone()),
-            journal: Journal::new(Log::start(
-                store.clone(),
-                JOURNAL_PREFIX,
-                &instance,
-                gc.clone(),
-            )),
-            rejected: Log::start(store, REJECTED_PREFIX, &instance, gc),
-            instance,
-            ledger,
-            queue,
-        }
-    }
-
-    pub fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            base: std::time::Duration::from_secs_f64(self.settings.backoff_base_secs),
-            max: std::time::Duration::from_secs_f64(self.settings.backoff_max_secs),
-            max_retries: self.settings.max_retries,
-        }
-    }
-
-    pub fn processor(&self) -> anyhow::Result<Processor> {
-        Ok(Processor {
-            queue: self.queue.clone(),
-            ledger: self.ledger.clone(),
-            journal: self.journal.clone(),
-            downstream: Downstream::new(
-                self.settings.downstream_url.clone(),
-                self.settings.downstream_timeout(),
-            )
-            .context("building the downstream HTTP client")?,
-            policy: self.retry_policy(),
-            owner: self.instance.clone(),
-            lock_duration: self.settings.lock_duration(),
-            downstream_timeout: self.settings.downstream_timeout(),
-            journal_index: Default::default(),
-        })
-    }
-
-    /// Logs where each port points; never a secret.
-    pub fn describe(&self) {
-        tracing::info!(wal = %self.wal.describe(), ledger = %self.ledger.describe(), queue = %self.queue.describe(), "backends");
-    }
-}
+use std::net::TcpListener;
 
 /// The HTTP API, bound and ready to run.
 pub struct Application {
@@ -176,38 +12,36 @@ pub struct Application {
 }
 
 impl Application {
-    pub fn build(services: Arc<Services>, auth: Auth) -> anyhow::Result<Application> {
-        let listener = TcpListener::bind(services.settings.http_addr)
-            .with_context(|| format!("binding {}", services.settings.http_addr))?;
-        Self::build_with_listener(services, auth, listener)
+    pub fn build(state: ApiState) -> anyhow::Result<Application> {
+        let addr = state.settings.http_addr;
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        Self::build_with_listener(state, listener)
     }
 
     pub fn build_with_listener(
-        services: Arc<Services>,
-        auth: Auth,
+        state: ApiState,
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
-        Self::build_routes(services, auth, listener, api::configure)
+        Self::build_routes(state, listener, api::configure)
     }
 
     /// Only health and metrics (for `rtpd processor`'s probes).
-    pub fn build_health_only(services: Arc<Services>) -> anyhow::Result<Application> {
-        let listener = TcpListener::bind(services.settings.http_addr)
-            .with_context(|| format!("binding {}", services.settings.http_addr))?;
-        Self::build_routes(services, Auth::disabled(), listener, api::configure_health)
+    pub fn build_health_only(state: ApiState) -> anyhow::Result<Application> {
+        let addr = state.settings.http_addr;
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        Self::build_routes(state, listener, api::configure_health)
     }
 
     fn build_routes(
-        services: Arc<Services>,
-        auth: Auth,
+        state: ApiState,
         listener: TcpListener,
-        routes: fn(&mut web::ServiceConfig, web::Data<api::ApiState>),
+        routes: fn(&mut web::ServiceConfig, web::Data<ApiState>),
     ) -> anyhow::Result<Application> {
         let port = listener.local_addr()?.port();
         // A slow request head is cut off by actix (408); a slow body by
         // `ingest::read_body`, with the same allowance.
-        let head_timeout = services.settings.request_timeout();
-        let state = web::Data::new(api::ApiState::new(services, auth));
+        let head_timeout = state.settings.request_timeout();
+        let state = web::Data::new(state);
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(from_fn(api::limits::guard))

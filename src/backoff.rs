@@ -1,4 +1,6 @@
-//! Retry delays: exponential with ±20% jitter, capped after jitter.
+//! Retry delays, in one place: the transaction retry policy (exponential with
+//! ±20% jitter, capped after jitter) and the plain exponential back-off that
+//! every reconnect and dependency-retry loop uses.
 //!
 //! Written out rather than taken from `backon`/`backoff`: those add jitter on
 //! top of the delay (0..delay), while the seed asks for a symmetric ±20% band
@@ -35,6 +37,46 @@ impl RetryPolicy {
     /// Whether attempt number `attempt` (1 = first call) may be followed by another.
     pub fn may_retry_after(&self, attempt: u32) -> bool {
         attempt <= self.max_retries
+    }
+}
+
+/// `base · 2^n`, never above `max`.
+pub fn exponential(base: Duration, max: Duration, n: u32) -> Duration {
+    base.saturating_mul(1u32 << n.min(31)).min(max)
+}
+
+/// Back-off for a loop that retries a dependency: each failure doubles the
+/// wait up to `max`; a success starts over.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base,
+            max,
+            failures: 0,
+        }
+    }
+
+    /// The wait after one more failure.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = exponential(self.base, self.max, self.failures);
+        self.failures = self.failures.saturating_add(1);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
     }
 }
 
@@ -84,5 +126,19 @@ mod tests {
         assert!(p.may_retry_after(1));
         assert!(p.may_retry_after(5));
         assert!(!p.may_retry_after(6));
+    }
+
+    #[test]
+    fn back_off_doubles_up_to_its_cap_and_starts_over() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let waits: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 500, 500]);
+        assert_eq!(b.failures(), 5);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        assert_eq!(
+            exponential(Duration::from_secs(1), Duration::from_secs(60), 40),
+            Duration::from_secs(60)
+        );
     }
 }

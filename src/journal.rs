@@ -3,7 +3,7 @@
 //! before the queue message is settled. With the WAL it is the source of
 //! truth; the ledger can be rebuilt from the two.
 
-use crate::transaction::State;
+use crate::transaction::{Registration, State, TxRecord};
 use crate::wal::{Log, WalError, WalRef};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -149,6 +149,34 @@ impl JournalIndex {
         }
         Some(k)
     }
+}
+
+/// The ledger record the WAL and the journal imply for a transaction.
+///
+/// An unfinished one is restored as touched `now`: the journal records an
+/// attempt only once it ends, so an attempt by a process (or region) that was
+/// lost may still be running at the downstream. Dating the record now makes
+/// the re-drive wait the pending threshold (and a failed one's retry at least
+/// that slack), which keeps a second call from overlapping the lost one.
+pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<Utc>) -> TxRecord {
+    let mut rec = TxRecord::new(reg, now);
+    if let Some(k) = known {
+        rec.status = k.state;
+        rec.attempts = k.attempts;
+        rec.retry_count = k.retry_count;
+        rec.error_message = k.error.clone();
+        rec.next_retry_at = (k.state == State::Failed)
+            .then_some(k.next_retry_at)
+            .flatten();
+        rec.updated_at = k.last_at;
+    }
+    if !rec.status.is_terminal() {
+        rec.updated_at = now;
+        if rec.status == State::Failed {
+            rec.next_retry_at = Some(rec.next_retry_at.map_or(now, |t| t.max(now)));
+        }
+    }
+    rec
 }
 
 #[cfg(test)]

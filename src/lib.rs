@@ -3,15 +3,19 @@
 //! A vendor's transaction is written byte-exact to a write-ahead log ([`wal`]),
 //! registered in a [`ledger`], and enqueued on a [`queue`]; the [`processor`]
 //! calls the [`downstream`] payment service with an idempotency key and records
-//! the outcome. The binary `rtpd` only wires these together.
+//! the outcome. [`services`] opens the adapters from the configuration and
+//! hands each flow the ports it uses; the binary `rtpd` only runs them.
 
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod azure;
 pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod downstream;
+pub mod envelope;
+pub mod intake;
 pub mod journal;
 pub mod ledger;
 pub mod metrics;
@@ -20,6 +24,7 @@ pub mod processor;
 pub mod queue;
 pub mod reconcile;
 pub mod replay;
+pub mod services;
 pub mod sqlite;
 pub mod telemetry;
 pub mod transaction;

@@ -5,75 +5,35 @@
 //! [`Processor::try_process_next`] is one unit of work; [`run`] only decides
 //! how many run at once and when to stop.
 
-use crate::backoff::RetryPolicy;
+use crate::backoff::{Backoff, RetryPolicy};
 use crate::downstream::{CallResult, Downstream};
-use crate::journal::{EntryKind, Journal, JournalEntry, JournalIndex};
+use crate::envelope::{Delivery, Envelope, props};
+use crate::journal::{EntryKind, Journal, JournalEntry, JournalIndex, restored_record};
 use crate::ledger::{ClaimOutcome, Ledger, LedgerError, RegisterOutcome};
 use crate::metrics;
 use crate::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
-use crate::transaction::{Registration, Settlement, State};
-use crate::wal::sha256_hex;
+use crate::transaction::{DeadLetterReason, Registration, Settlement, State};
 use chrono::Utc;
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-/// Application properties every queue message carries.
-pub mod props {
-    pub const TRANSACTION_ID: &str = "transaction_id";
-    pub const SHA256: &str = "sha256";
-    pub const WAL_REF: &str = "wal_ref";
-    pub const VENDOR: &str = "vendor";
-    pub const RECEIVED_AT: &str = "received_at";
-    /// `initial`, `retry`, `replay` or `redrive`.
-    pub const KIND: &str = "kind";
+/// Which dependency failed when a message was left for redelivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeferCause {
+    Ledger(String),
+    Journal(String),
+    Queue(String),
 }
 
-/// Builds the queue message for a transaction. The first enqueue uses the
-/// transaction id as message id (so Service Bus duplicate detection drops a
-/// vendor's retried POST); every later copy gets a distinct id via `suffix`.
-pub fn message_for(
-    reg: &Registration,
-    payload: bytes::Bytes,
-    kind: &str,
-    suffix: Option<&str>,
-    scheduled: Option<chrono::DateTime<Utc>>,
-) -> OutgoingMessage {
-    let mut properties = BTreeMap::from([
-        (props::TRANSACTION_ID.to_owned(), reg.transaction_id.clone()),
-        (props::SHA256.to_owned(), reg.sha256.clone()),
-        (props::WAL_REF.to_owned(), reg.wal_ref.clone()),
-        (props::RECEIVED_AT.to_owned(), reg.received_at.to_rfc3339()),
-        (props::KIND.to_owned(), kind.to_owned()),
-    ]);
-    if let Some(v) = &reg.vendor {
-        properties.insert(props::VENDOR.to_owned(), v.clone());
+impl std::fmt::Display for DeferCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeferCause::Ledger(e) => write!(f, "ledger: {e}"),
+            DeferCause::Journal(e) => write!(f, "outcome journal: {e}"),
+            DeferCause::Queue(e) => write!(f, "queue: {e}"),
+        }
     }
-    OutgoingMessage {
-        message_id: match suffix {
-            Some(s) => format!("{}:{s}", reg.transaction_id),
-            None => reg.transaction_id.clone(),
-        },
-        body: payload,
-        content_type: Some("application/json".into()),
-        properties,
-        scheduled_enqueue_at: scheduled,
-    }
-}
-
-fn registration_of(m: &ReceivedMessage) -> Option<Registration> {
-    let p = &m.properties;
-    Some(Registration {
-        transaction_id: p.get(props::TRANSACTION_ID)?.clone(),
-        sha256: p.get(props::SHA256)?.clone(),
-        wal_ref: p.get(props::WAL_REF).cloned().unwrap_or_default(),
-        vendor: p.get(props::VENDOR).cloned(),
-        received_at: p
-            .get(props::RECEIVED_AT)
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc))
-            .unwrap_or_else(Utc::now),
-    })
 }
 
 /// What one unit of work did.
@@ -92,7 +52,7 @@ pub enum Outcome {
     /// Another worker holds the claim; the message is left to its lock expiry.
     Busy,
     /// A dependency failed; the message was left to be redelivered.
-    Deferred(String),
+    Deferred(DeferCause),
 }
 
 impl Outcome {
@@ -156,25 +116,25 @@ impl Processor {
     }
 
     async fn handle(&self, m: ReceivedMessage) -> Outcome {
-        let Some(reg) = registration_of(&m) else {
-            return self
-                .dead_letter_message(
-                    &m,
-                    "MalformedMessage",
-                    "message has no transaction_id/sha256 properties",
-                )
-                .await;
+        let envelope = match Envelope::from_message(&m) {
+            Ok(e) => e,
+            Err(e) => {
+                return self
+                    .dead_letter_message(&m, DeadLetterReason::MalformedMessage, &e.to_string())
+                    .await;
+            }
         };
-        if sha256_hex(&m.body) != reg.sha256 {
+        if !envelope.payload_matches() {
             // The WAL still holds the true payload; the reconciler re-drives from it.
             return self
                 .dead_letter_message(
                     &m,
-                    "PayloadHashMismatch",
+                    DeadLetterReason::PayloadHashMismatch,
                     "message body does not match its sha256",
                 )
                 .await;
         }
+        let reg = envelope.registration;
         let lease = self.lock_duration + self.downstream_timeout;
         let mut claim = self
             .ledger
@@ -194,7 +154,7 @@ impl Processor {
                     return self
                         .dead_letter_message(
                             &m,
-                            "LedgerConflict",
+                            DeadLetterReason::LedgerConflict,
                             "ledger holds other content for this id",
                         )
                         .await;
@@ -219,18 +179,23 @@ impl Processor {
             Ok(ClaimOutcome::NotDue(_)) => return self.skip(&m, "retry_not_due").await,
             Ok(ClaimOutcome::NotFound) => {
                 return self
-                    .defer(&m, "transaction vanished from ledger".into())
+                    .defer(
+                        &m,
+                        DeferCause::Ledger("transaction vanished from ledger".into()),
+                    )
                     .await;
             }
-            Err(e) => return self.defer(&m, e.to_string()).await,
+            Err(e) => return self.defer(&m, DeferCause::Ledger(e.to_string())).await,
         };
         let attempt = rec.attempts;
         if attempt > self.policy.max_retries + 1 {
             // Earlier attempts died without recording anything (crash loop).
             let error = format!("{} attempts started without an outcome", attempt - 1);
-            return self
-                .finish(&m, &reg, attempt, Settlement::DeadLetter { error }, None)
-                .await;
+            let s = Settlement::DeadLetter {
+                reason: DeadLetterReason::AttemptsWithoutOutcome,
+                error,
+            };
+            return self.finish(&m, &reg, attempt, s, None).await;
         }
 
         tracing::info!(attempt, "calling downstream");
@@ -254,13 +219,9 @@ impl Processor {
                 let next_retry_at =
                     Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 tracing::warn!(attempt, error = %reason, retry_in_secs = delay.as_secs_f64(), "transient failure; retry scheduled");
-                let copy = message_for(
-                    &reg,
-                    m.body.clone(),
-                    "retry",
-                    Some(&format!("retry:{}", attempt + 1)),
-                    Some(next_retry_at),
-                );
+                let copy = Envelope::new(reg.clone(), m.body.clone(), Delivery::Retry(attempt + 1))
+                    .scheduled_at(Some(next_retry_at))
+                    .to_message();
                 let s = Settlement::Failed {
                     error: reason,
                     next_retry_at,
@@ -270,19 +231,19 @@ impl Processor {
             CallResult::Transient { reason, .. } => {
                 let error = format!("retries exhausted after {attempt} attempts: {reason}");
                 tracing::warn!(attempt, error = %error, "dead-lettering");
-                self.finish(&m, &reg, attempt, Settlement::DeadLetter { error }, None)
-                    .await
+                let s = Settlement::DeadLetter {
+                    reason: DeadLetterReason::RetriesExhausted,
+                    error,
+                };
+                self.finish(&m, &reg, attempt, s, None).await
             }
             CallResult::Permanent { reason } => {
                 tracing::warn!(attempt, error = %reason, "permanent failure; dead-lettering");
-                self.finish(
-                    &m,
-                    &reg,
-                    attempt,
-                    Settlement::DeadLetter { error: reason },
-                    None,
-                )
-                .await
+                let s = Settlement::DeadLetter {
+                    reason: DeadLetterReason::PermanentFailure,
+                    error: reason,
+                };
+                self.finish(&m, &reg, attempt, s, None).await
             }
         }
     }
@@ -325,12 +286,12 @@ impl Processor {
                 error,
                 next_retry_at,
             } => (Some(error.clone()), Some(*next_retry_at)),
-            Settlement::DeadLetter { error } => (Some(error.clone()), None),
+            Settlement::DeadLetter { error, .. } => (Some(error.clone()), None),
         };
         let entry = JournalEntry {
             v: 1,
             kind: EntryKind::Attempt,
-            transaction_id: reg.transaction_id.clone(),
+            transaction_id: reg.transaction_id.to_string(),
             at: Utc::now(),
             attempt: Some(attempt),
             state: s.state(),
@@ -340,12 +301,14 @@ impl Processor {
             reason: None,
         };
         if let Err(e) = self.journal.append(&entry).await {
-            return self.defer(m, format!("outcome journal: {e}")).await;
+            return self.defer(m, DeferCause::Journal(e.to_string())).await;
         }
         if let Some(copy) = retry
             && let Err(e) = self.queue.send(vec![copy]).await
         {
-            return self.defer(m, format!("scheduling retry: {e}")).await;
+            return self
+                .defer(m, DeferCause::Queue(format!("scheduling retry: {e}")))
+                .await;
         }
         match self
             .ledger
@@ -361,21 +324,11 @@ impl Processor {
                 let _ = self.queue.complete(m).await;
                 return Outcome::Fenced;
             }
-            Err(e) => return self.defer(m, e.to_string()).await,
+            Err(e) => return self.defer(m, DeferCause::Ledger(e.to_string())).await,
         }
-        let settled = match s.state() {
-            State::DeadLetter => {
-                let reason = if error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("retries exhausted"))
-                {
-                    "RetriesExhausted"
-                } else {
-                    "PermanentFailure"
-                };
-                self.queue
-                    .dead_letter(m, reason, error.as_deref().unwrap_or_default())
-                    .await
+        let settled = match &s {
+            Settlement::DeadLetter { reason, error } => {
+                self.queue.dead_letter(m, reason.as_str(), error).await
             }
             _ => self.queue.complete(m).await,
         };
@@ -392,26 +345,26 @@ impl Processor {
 
     /// Puts a transaction the ledger lost back, as the outcome journal knows
     /// it.
-    async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, String> {
+    async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
         let known = {
             let mut idx = self.journal_index.lock().await;
             idx.refresh(&self.journal, reg.received_at, Utc::now())
                 .await
-                .map_err(|e| format!("outcome journal: {e}"))?;
+                .map_err(|e| DeferCause::Journal(e.to_string()))?;
             idx.known(&reg.transaction_id)
         };
-        let rec = crate::reconcile::restored_record(reg, known.as_ref(), Utc::now());
+        let rec = restored_record(reg, known.as_ref(), Utc::now());
         let finished = rec.status.is_terminal();
         if known.is_some() {
             self.ledger
                 .restore_missing(rec)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| DeferCause::Ledger(e.to_string()))?;
         } else {
             match self.ledger.register(reg.clone()).await {
                 Ok(RegisterOutcome::Conflict(_)) => return Ok(Restored::Conflict),
                 Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(DeferCause::Ledger(e.to_string())),
             }
         }
         if finished {
@@ -428,27 +381,31 @@ impl Processor {
         match self.queue.complete(m).await {
             Ok(()) => Outcome::Skipped(why),
             Err(QueueError::LockLost) => Outcome::Fenced,
-            Err(e) => Outcome::Deferred(e.to_string()),
+            Err(e) => Outcome::Deferred(DeferCause::Queue(e.to_string())),
         }
     }
 
-    async fn defer(&self, m: &ReceivedMessage, error: String) -> Outcome {
-        tracing::warn!(error = %error, "dependency failed; message left for redelivery");
+    async fn defer(&self, m: &ReceivedMessage, cause: DeferCause) -> Outcome {
+        tracing::warn!(error = %cause, "dependency failed; message left for redelivery");
         let _ = self.queue.abandon(m).await;
-        Outcome::Deferred(error)
+        Outcome::Deferred(cause)
     }
 
     async fn dead_letter_message(
         &self,
         m: &ReceivedMessage,
-        reason: &str,
+        reason: DeadLetterReason,
         description: &str,
     ) -> Outcome {
-        tracing::warn!(reason, description, message_id = %m.message_id, "dead-lettering undecodable message");
-        match self.queue.dead_letter(m, reason, description).await {
+        tracing::warn!(%reason, description, message_id = %m.message_id, "dead-lettering undecodable message");
+        match self
+            .queue
+            .dead_letter(m, reason.as_str(), description)
+            .await
+        {
             Ok(()) => Outcome::DeadLettered,
             Err(QueueError::LockLost) => Outcome::Fenced,
-            Err(e) => Outcome::Deferred(e.to_string()),
+            Err(e) => Outcome::Deferred(DeferCause::Queue(e.to_string())),
         }
     }
 }
@@ -466,7 +423,7 @@ pub async fn run(
         let p = processor.clone();
         let mut stop = shutdown.clone();
         workers.spawn(async move {
-            let mut failures = 0u32;
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(6));
             loop {
                 if *stop.borrow() {
                     return;
@@ -478,14 +435,13 @@ pub async fn run(
                 };
                 match received {
                     Ok(msgs) => {
-                        failures = 0;
+                        backoff.reset();
                         for m in msgs {
                             p.process(m).await;
                         }
                     }
                     Err(e) => {
-                        failures = (failures + 1).min(6);
-                        let pause = Duration::from_millis(100 * 2u64.pow(failures));
+                        let pause = backoff.next_delay();
                         tracing::warn!(error = %e, "queue receive failed; pausing {pause:?}");
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {},

@@ -24,21 +24,32 @@
 //! ledger so every instance sees it. `rebuild-ledger` is the same join with
 //! re-driving switched off.
 
-use crate::app::Services;
-use crate::journal::{JournalIndex, Known};
-use crate::ledger::LedgerError;
+use crate::envelope::{Delivery, Envelope};
+use crate::journal::{Journal, JournalIndex, Known, restored_record};
+use crate::ledger::{Ledger, LedgerError};
 use crate::metrics;
-use crate::processor::message_for;
-use crate::replay::registration_of;
+use crate::queue::Queue;
 use crate::transaction::{Registration, State, TxRecord};
-use crate::wal::{WalError, WalRecord};
+use crate::wal::{Log, WalError, WalRecord};
 use bytes::Bytes;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::Serialize;
 use std::{
     collections::HashSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+/// The ports the reconciler joins and repairs.
+#[derive(Clone)]
+pub struct Reconciler {
+    pub wal: Log,
+    pub journal: Journal,
+    pub ledger: Arc<dyn Ledger>,
+    pub queue: Arc<dyn Queue>,
+    /// Lease owner name of this process.
+    pub instance: String,
+}
 
 /// Name of the ledger lease that makes one reconciler active at a time.
 pub const LEASE: &str = "reconciler";
@@ -131,34 +142,6 @@ impl ReconcileReport {
     }
 }
 
-/// The ledger record the WAL and the journal imply for a transaction.
-///
-/// An unfinished one is restored as touched `now`: the journal records an
-/// attempt only once it ends, so an attempt by a process (or region) that was
-/// lost may still be running at the downstream. Dating the record now makes
-/// the re-drive wait the pending threshold (and a failed one's retry at least
-/// that slack), which keeps a second call from overlapping the lost one.
-pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<Utc>) -> TxRecord {
-    let mut rec = TxRecord::new(reg, now);
-    if let Some(k) = known {
-        rec.status = k.state;
-        rec.attempts = k.attempts;
-        rec.retry_count = k.retry_count;
-        rec.error_message = k.error.clone();
-        rec.next_retry_at = (k.state == State::Failed)
-            .then_some(k.next_retry_at)
-            .flatten();
-        rec.updated_at = k.last_at;
-    }
-    if !rec.status.is_terminal() {
-        rec.updated_at = now;
-        if rec.status == State::Failed {
-            rec.next_retry_at = Some(rec.next_retry_at.map_or(now, |t| t.max(now)));
-        }
-    }
-    rec
-}
-
 #[derive(Debug)]
 enum Plan {
     /// Young and missing: ingest may still be registering it.
@@ -213,7 +196,7 @@ fn plan(
 
 /// Keeps the lease while a pass runs.
 struct LeaseKeeper<'a> {
-    svc: &'a Services,
+    ledger: &'a dyn Ledger,
     opts: Option<&'a LeaseOptions>,
     renewed: Instant,
 }
@@ -221,7 +204,7 @@ struct LeaseKeeper<'a> {
 impl LeaseKeeper<'_> {
     async fn acquire(&mut self) -> Result<(), ReconcileError> {
         if let Some(l) = self.opts {
-            if !self.svc.ledger.try_lease(LEASE, &l.owner, l.ttl).await? {
+            if !self.ledger.try_lease(LEASE, &l.owner, l.ttl).await? {
                 return Err(ReconcileError::LeaseHeld);
             }
             self.renewed = Instant::now();
@@ -237,173 +220,169 @@ impl LeaseKeeper<'_> {
     }
 }
 
-/// One pass over `[o.from, o.to]`. The lease is held only while the pass
-/// runs, so an operator's `rtpd reconcile` gets its turn between background
-/// passes.
-pub async fn reconcile(
-    svc: &Services,
-    o: &ReconcileOptions,
-) -> Result<ReconcileReport, ReconcileError> {
-    let mut lease = LeaseKeeper {
-        svc,
-        opts: o.lease.as_ref(),
-        renewed: Instant::now(),
-    };
-    lease.acquire().await?;
-    let result = pass(svc, o, &mut lease).await;
-    if let Some(l) = &o.lease {
-        // A zero-length renewal ends the lease at once.
-        let _ = svc.ledger.try_lease(LEASE, &l.owner, Duration::ZERO).await;
-    }
-    result
-}
-
-/// Like [`reconcile`], waiting up to `patience` for the lease.
-pub async fn reconcile_when_free(
-    svc: &Services,
-    o: &ReconcileOptions,
-    patience: Duration,
-) -> Result<ReconcileReport, ReconcileError> {
-    let deadline = Instant::now() + patience;
-    loop {
-        match reconcile(svc, o).await {
-            Err(ReconcileError::LeaseHeld) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            other => return other,
+impl Reconciler {
+    /// One pass over `[o.from, o.to]`. The lease is held only while the pass
+    /// runs, so an operator's `rtpd reconcile` gets its turn between background
+    /// passes.
+    pub async fn reconcile(&self, o: &ReconcileOptions) -> Result<ReconcileReport, ReconcileError> {
+        let mut lease = LeaseKeeper {
+            ledger: self.ledger.as_ref(),
+            opts: o.lease.as_ref(),
+            renewed: Instant::now(),
+        };
+        lease.acquire().await?;
+        let result = self.pass(o, &mut lease).await;
+        if let Some(l) = &o.lease {
+            // A zero-length renewal ends the lease at once.
+            let _ = self.ledger.try_lease(LEASE, &l.owner, Duration::ZERO).await;
         }
+        result
     }
-}
 
-async fn pass(
-    svc: &Services,
-    o: &ReconcileOptions,
-    lease: &mut LeaseKeeper<'_>,
-) -> Result<ReconcileReport, ReconcileError> {
-    let mut report = ReconcileReport::default();
-    let mut seen = HashSet::new();
-    let pace = (o.rate_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / o.rate_per_sec as f64));
-
-    // Outcomes of transactions received in the window are journaled after it starts.
-    let mut journal = JournalIndex::default();
-    journal.refresh(&svc.journal, o.from, Utc::now()).await?;
-
-    let segments = svc.wal.segments(o.from, o.to).await?;
-    if let Some(p) = &o.progress {
-        p.set_length(segments.len() as u64);
-    }
-    for seg in segments {
-        report.segments += 1;
-        if let Some(p) = &o.progress {
-            p.inc(1);
-        }
-        lease.keep().await?;
-        for (wal_ref, bytes) in svc.wal.read_segment(&seg.key).await? {
-            report.records += 1;
-            let wal: WalRecord = match serde_json::from_slice(&bytes) {
-                Ok(w) => w,
-                Err(e) => {
-                    report.unreadable += 1;
-                    tracing::error!(wal_ref = %wal_ref, error = %e, "unreadable WAL record");
-                    continue;
+    /// Like [`reconcile`], waiting up to `patience` for the lease.
+    pub async fn reconcile_when_free(
+        &self,
+        o: &ReconcileOptions,
+        patience: Duration,
+    ) -> Result<ReconcileReport, ReconcileError> {
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.reconcile(o).await {
+                Err(ReconcileError::LeaseHeld) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-            };
-            if wal.received_at < o.from
-                || wal.received_at > o.to
-                || !seen.insert(wal.transaction_id.clone())
-            {
-                continue;
+                other => return other,
             }
-            let id = wal.transaction_id.clone();
-            let current = svc.ledger.get(&id).await?;
-            if current.as_ref().is_some_and(|c| c.sha256 != wal.sha256) {
-                report.conflicting += 1;
-                continue;
+        }
+    }
+
+    async fn pass(
+        &self,
+        o: &ReconcileOptions,
+        lease: &mut LeaseKeeper<'_>,
+    ) -> Result<ReconcileReport, ReconcileError> {
+        let mut report = ReconcileReport::default();
+        let mut seen = HashSet::new();
+        let pace =
+            (o.rate_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / o.rate_per_sec as f64));
+
+        // Outcomes of transactions received in the window are journaled after it starts.
+        let mut journal = JournalIndex::default();
+        journal.refresh(&self.journal, o.from, Utc::now()).await?;
+
+        let segments = self.wal.segments(o.from, o.to).await?;
+        if let Some(p) = &o.progress {
+            p.set_length(segments.len() as u64);
+        }
+        for seg in segments {
+            report.segments += 1;
+            if let Some(p) = &o.progress {
+                p.inc(1);
             }
-            let wal_ref_s = current
-                .as_ref()
-                .map(|c| c.wal_ref.clone())
-                .unwrap_or_else(|| wal_ref.to_string());
-            let reg = registration_of(&wal, &wal_ref_s);
-            let known = journal.known(&id);
-            let now = Utc::now();
-            let p = plan(current.as_ref(), &reg, known.as_ref(), now, o);
-            let unfinished = match &p {
-                Plan::Restore(r) | Plan::Correct(r) => !r.status.is_terminal(),
-                Plan::Nothing => current.as_ref().is_some_and(|c| !c.status.is_terminal()),
-                Plan::Wait | Plan::Redrive(_) => true,
-            };
-            if unfinished {
-                report.oldest_unfinished = Some(
-                    report
-                        .oldest_unfinished
-                        .map_or(wal.received_at, |t| t.min(wal.received_at)),
-                );
-            }
-            let (why, redrive, scheduled) = match p {
-                Plan::Wait | Plan::Nothing => continue,
-                Plan::Restore(rec) => {
-                    let finished = rec.status.is_terminal();
-                    if finished {
-                        report.restored_finished += 1;
-                    } else {
-                        report.missing_from_ledger += 1;
-                    }
-                    let scheduled = rec.next_retry_at.filter(|t| *t > now);
-                    if !o.dry_run && !svc.ledger.restore_missing(rec.clone()).await? {
-                        // Someone (a processor) restored it meanwhile; it is in hand.
+            lease.keep().await?;
+            for (wal_ref, bytes) in self.wal.read_segment(&seg.key).await? {
+                report.records += 1;
+                let wal: WalRecord = match serde_json::from_slice(&bytes) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        report.unreadable += 1;
+                        tracing::error!(wal_ref = %wal_ref, error = %e, "unreadable WAL record");
                         continue;
                     }
-                    if finished {
-                        ("missing from ledger; journal says finished", false, None)
-                    } else {
-                        ("missing from ledger", o.redrive, scheduled)
-                    }
+                };
+                if wal.received_at < o.from
+                    || wal.received_at > o.to
+                    || !seen.insert(wal.transaction_id.clone())
+                {
+                    continue;
                 }
-                Plan::Correct(rec) => {
-                    report.corrected_from_journal += 1;
-                    if !o.dry_run {
-                        svc.ledger.restore(rec).await?;
-                    }
-                    ("ledger behind the journal; corrected", false, None)
+                let id = wal.transaction_id.clone();
+                let current = self.ledger.get(&id).await?;
+                if current.as_ref().is_some_and(|c| c.sha256 != wal.sha256) {
+                    report.conflicting += 1;
+                    continue;
                 }
-                Plan::Redrive(state) if o.redrive => {
-                    match state {
-                        "pending" => report.redriven_pending += 1,
-                        "failed" => report.redriven_failed += 1,
-                        _ => report.redriven_processing += 1,
-                    }
-                    (state, true, None)
+                let wal_ref = current.as_ref().map_or(wal_ref, |c| c.wal_ref.clone());
+                let reg = wal.registration(&wal_ref);
+                let known = journal.known(&id);
+                let now = Utc::now();
+                let p = plan(current.as_ref(), &reg, known.as_ref(), now, o);
+                let unfinished = match &p {
+                    Plan::Restore(r) | Plan::Correct(r) => !r.status.is_terminal(),
+                    Plan::Nothing => current.as_ref().is_some_and(|c| !c.status.is_terminal()),
+                    Plan::Wait | Plan::Redrive(_) => true,
+                };
+                if unfinished {
+                    report.oldest_unfinished = Some(
+                        report
+                            .oldest_unfinished
+                            .map_or(wal.received_at, |t| t.min(wal.received_at)),
+                    );
                 }
-                Plan::Redrive(_) => continue,
-            };
-            let status = if redrive { " (re-drive)" } else { "" };
-            report.actions.push(format!("{id}: {why}{status}"));
-            if o.dry_run || !redrive {
-                continue;
-            }
-            let nonce = uuid::Uuid::new_v4().simple().to_string();
-            let msg = message_for(
-                &reg,
-                Bytes::from(wal.payload.into_bytes()),
-                "redrive",
-                Some(&format!("redrive:{nonce}")),
-                scheduled,
-            );
-            if let Err(e) = svc.queue.send(vec![msg]).await {
-                tracing::warn!(transaction_id = %id, error = %e, "re-enqueue failed; stopping this pass");
-                record_metrics(&report, o);
-                return Ok(report);
-            }
-            tracing::info!(transaction_id = %id, reason = why, "re-driven from the WAL");
-            if let Some(p) = pace {
-                tokio::time::sleep(p).await;
+                let (why, redrive, scheduled) = match p {
+                    Plan::Wait | Plan::Nothing => continue,
+                    Plan::Restore(rec) => {
+                        let finished = rec.status.is_terminal();
+                        if finished {
+                            report.restored_finished += 1;
+                        } else {
+                            report.missing_from_ledger += 1;
+                        }
+                        let scheduled = rec.next_retry_at.filter(|t| *t > now);
+                        if !o.dry_run && !self.ledger.restore_missing(rec.clone()).await? {
+                            // Someone (a processor) restored it meanwhile; it is in hand.
+                            continue;
+                        }
+                        if finished {
+                            ("missing from ledger; journal says finished", false, None)
+                        } else {
+                            ("missing from ledger", o.redrive, scheduled)
+                        }
+                    }
+                    Plan::Correct(rec) => {
+                        report.corrected_from_journal += 1;
+                        if !o.dry_run {
+                            self.ledger.restore(rec).await?;
+                        }
+                        ("ledger behind the journal; corrected", false, None)
+                    }
+                    Plan::Redrive(state) if o.redrive => {
+                        match state {
+                            "pending" => report.redriven_pending += 1,
+                            "failed" => report.redriven_failed += 1,
+                            _ => report.redriven_processing += 1,
+                        }
+                        (state, true, None)
+                    }
+                    Plan::Redrive(_) => continue,
+                };
+                let status = if redrive { " (re-drive)" } else { "" };
+                report.actions.push(format!("{id}: {why}{status}"));
+                if o.dry_run || !redrive {
+                    continue;
+                }
+                let msg = Envelope::new(
+                    reg,
+                    Bytes::from(wal.payload.into_bytes()),
+                    Delivery::Redrive(Delivery::nonce()),
+                )
+                .scheduled_at(scheduled)
+                .to_message();
+                if let Err(e) = self.queue.send(vec![msg]).await {
+                    tracing::warn!(transaction_id = %id, error = %e, "re-enqueue failed; stopping this pass");
+                    record_metrics(&report, o);
+                    return Ok(report);
+                }
+                tracing::info!(transaction_id = %id, reason = why, "re-driven from the WAL");
+                if let Some(p) = pace {
+                    tokio::time::sleep(p).await;
+                }
             }
         }
+        report.complete = true;
+        record_metrics(&report, o);
+        Ok(report)
     }
-    report.complete = true;
-    record_metrics(&report, o);
-    Ok(report)
 }
 
 fn record_metrics(r: &ReconcileReport, o: &ReconcileOptions) {
@@ -444,7 +423,7 @@ pub struct Periodic {
 /// Runs a pass every `interval` while this instance holds the lease, starting
 /// at the shared low watermark, until `shutdown`.
 pub async fn run_periodically(
-    svc: std::sync::Arc<Services>,
+    svc: Arc<Reconciler>,
     p: Periodic,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -469,7 +448,7 @@ pub async fn run_periodically(
         let mut o = ReconcileOptions::new(from, now, p.pending_after);
         o.rate_per_sec = p.rate_per_sec;
         o.lease = Some(lease.clone());
-        match reconcile(&svc, &o).await {
+        match svc.reconcile(&o).await {
             Ok(r) => {
                 if r.drift() + r.redriven() > 0 {
                     tracing::warn!(
@@ -508,12 +487,13 @@ pub async fn run_periodically(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transaction::TransactionId;
 
     fn reg(age_secs: i64) -> Registration {
         Registration {
-            transaction_id: "t".into(),
+            transaction_id: TransactionId::parse("t").unwrap(),
             sha256: "aa".into(),
-            wal_ref: "w".into(),
+            wal_ref: "w#0+1".parse().unwrap(),
             vendor: None,
             received_at: Utc::now() - ChronoDuration::seconds(age_secs),
         }

@@ -1,15 +1,24 @@
 //! Operator replay: put a transaction back to `pending` and enqueue a fresh
 //! copy of its WAL record. Used by `rtpd replay` and the replay routes.
 
-use crate::app::Services;
-use crate::journal::{EntryKind, JournalEntry};
-use crate::ledger::{LedgerError, ReplayOutcome};
-use crate::processor::message_for;
-use crate::queue::QueueError;
-use crate::transaction::{Registration, State, TxRecord, machine};
-use crate::wal::{WalError, WalRecord, WalRef};
+use crate::envelope::{Delivery, Envelope, transaction_id_of};
+use crate::journal::{EntryKind, Journal, JournalEntry};
+use crate::ledger::{Ledger, LedgerError, ReplayOutcome};
+use crate::queue::{Queue, QueueError, ReceivedMessage};
+use crate::transaction::{State, TxRecord, WalRef, machine};
+use crate::wal::{Log, WalError, WalRecord};
 use bytes::Bytes;
 use chrono::Utc;
+use std::sync::Arc;
+
+/// The ports a replay uses.
+#[derive(Clone)]
+pub struct Replayer {
+    pub wal: Log,
+    pub journal: Journal,
+    pub ledger: Arc<dyn Ledger>,
+    pub queue: Arc<dyn Queue>,
+}
 
 #[derive(Debug, Clone)]
 pub struct ReplayRequest {
@@ -41,9 +50,8 @@ pub enum ReplayError {
 }
 
 /// Reads and checks one transaction's WAL record.
-pub async fn load_record(svc: &Services, wal_ref: &str) -> Result<WalRecord, WalError> {
-    let r: WalRef = wal_ref.parse()?;
-    let bytes = svc.wal.read(&r).await?;
+pub async fn load_record(wal: &Log, wal_ref: &WalRef) -> Result<WalRecord, WalError> {
+    let bytes = wal.read(wal_ref).await?;
     let rec: WalRecord =
         serde_json::from_slice(&bytes).map_err(|e| WalError::Corrupt(format!("{wal_ref}: {e}")))?;
     if !rec.payload_sha256_matches() {
@@ -54,71 +62,57 @@ pub async fn load_record(svc: &Services, wal_ref: &str) -> Result<WalRecord, Wal
     Ok(rec)
 }
 
-pub fn registration_of(rec: &WalRecord, wal_ref: &str) -> Registration {
-    Registration {
-        transaction_id: rec.transaction_id.clone(),
-        sha256: rec.sha256.clone(),
-        wal_ref: wal_ref.to_owned(),
-        vendor: rec.source.vendor.clone(),
-        received_at: rec.received_at,
+impl Replayer {
+    pub async fn replay_one(&self, id: &str, req: &ReplayRequest) -> Result<Replayed, ReplayError> {
+        let Some(current) = self.ledger.get(id).await? else {
+            return Ok(Replayed::NotFound);
+        };
+        if !machine::may_replay(&current, req.force, Utc::now()) {
+            return Ok(Replayed::Refused(current));
+        }
+        let wal = load_record(&self.wal, &current.wal_ref).await?;
+        let nonce = Delivery::nonce();
+        self.journal
+            .append(&JournalEntry {
+                v: 1,
+                kind: EntryKind::Replay,
+                transaction_id: id.to_owned(),
+                at: Utc::now(),
+                attempt: None,
+                state: State::Pending,
+                error: None,
+                next_retry_at: None,
+                actor: req.operator.clone(),
+                reason: Some(match &req.reason {
+                    Some(r) => format!(
+                        "{r} (replay {nonce}, from {}{})",
+                        current.status,
+                        if req.force { ", forced" } else { "" }
+                    ),
+                    None => format!(
+                        "replay {nonce}, from {}{}",
+                        current.status,
+                        if req.force { ", forced" } else { "" }
+                    ),
+                }),
+            })
+            .await?;
+        let record = match self.ledger.replay(id, &nonce, req.force).await? {
+            ReplayOutcome::Reset(r) => r,
+            ReplayOutcome::Refused(r) => return Ok(Replayed::Refused(r)),
+            ReplayOutcome::NotFound => return Ok(Replayed::NotFound),
+        };
+        let msg = Envelope::new(
+            wal.registration(&current.wal_ref),
+            Bytes::from(wal.payload.into_bytes()),
+            Delivery::Replay(nonce),
+        )
+        .to_message();
+        let message_id = msg.message_id.clone();
+        self.queue.send(vec![msg]).await?;
+        tracing::info!(transaction_id = %id, operator = %req.operator, force = req.force, "transaction replayed");
+        Ok(Replayed::Requeued { record, message_id })
     }
-}
-
-pub async fn replay_one(
-    svc: &Services,
-    id: &str,
-    req: &ReplayRequest,
-) -> Result<Replayed, ReplayError> {
-    let Some(current) = svc.ledger.get(id).await? else {
-        return Ok(Replayed::NotFound);
-    };
-    if !machine::may_replay(&current, req.force, Utc::now()) {
-        return Ok(Replayed::Refused(current));
-    }
-    let wal = load_record(svc, &current.wal_ref).await?;
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    svc.journal
-        .append(&JournalEntry {
-            v: 1,
-            kind: EntryKind::Replay,
-            transaction_id: id.to_owned(),
-            at: Utc::now(),
-            attempt: None,
-            state: State::Pending,
-            error: None,
-            next_retry_at: None,
-            actor: req.operator.clone(),
-            reason: Some(match &req.reason {
-                Some(r) => format!(
-                    "{r} (replay {nonce}, from {}{})",
-                    current.status,
-                    if req.force { ", forced" } else { "" }
-                ),
-                None => format!(
-                    "replay {nonce}, from {}{}",
-                    current.status,
-                    if req.force { ", forced" } else { "" }
-                ),
-            }),
-        })
-        .await?;
-    let record = match svc.ledger.replay(id, &nonce, req.force).await? {
-        ReplayOutcome::Reset(r) => r,
-        ReplayOutcome::Refused(r) => return Ok(Replayed::Refused(r)),
-        ReplayOutcome::NotFound => return Ok(Replayed::NotFound),
-    };
-    let suffix = format!("replay:{nonce}");
-    let msg = message_for(
-        &registration_of(&wal, &current.wal_ref),
-        Bytes::from(wal.payload.into_bytes()),
-        "replay",
-        Some(&suffix),
-        None,
-    );
-    let message_id = msg.message_id.clone();
-    svc.queue.send(vec![msg]).await?;
-    tracing::info!(transaction_id = %id, operator = %req.operator, force = req.force, "transaction replayed");
-    Ok(Replayed::Requeued { record, message_id })
 }
 
 /// Which transactions a bulk replay takes.
@@ -137,120 +131,118 @@ pub enum Scope {
 }
 
 /// The ids a scope covers, at most `limit`, in order, without repeats.
-pub async fn select(
-    svc: &Services,
-    scope: &Scope,
-    limit: usize,
-) -> Result<Vec<String>, ReplayError> {
-    let mut ids: Vec<String> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut push = |id: String, ids: &mut Vec<String>| {
-        if ids.len() < limit && seen.insert(id.clone()) {
-            ids.push(id);
-        }
-    };
-    match scope {
-        Scope::Ids(list) => {
-            for id in list {
-                push(id.clone(), &mut ids);
+impl Replayer {
+    pub async fn select(&self, scope: &Scope, limit: usize) -> Result<Vec<String>, ReplayError> {
+        let mut ids: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut push = |id: String, ids: &mut Vec<String>| {
+            if ids.len() < limit && seen.insert(id.clone()) {
+                ids.push(id);
             }
-        }
-        Scope::State(state) => {
-            let mut cursor = None;
-            loop {
-                let page = svc
-                    .ledger
-                    .list(crate::ledger::ListQuery {
-                        state: Some(*state),
-                        limit: 500,
-                        cursor,
-                    })
-                    .await?;
-                for r in page.items {
-                    push(r.transaction_id, &mut ids);
-                }
-                match page.next_cursor {
-                    Some(c) if ids.len() < limit => cursor = Some(c),
-                    _ => break,
+        };
+        match scope {
+            Scope::Ids(list) => {
+                for id in list {
+                    push(id.clone(), &mut ids);
                 }
             }
-        }
-        Scope::Received { from, to } => {
-            for seg in svc.wal.segments(*from, *to).await? {
-                for (_, bytes) in svc.wal.read_segment(&seg.key).await? {
-                    if let Ok(w) = serde_json::from_slice::<WalRecord>(&bytes)
-                        && w.received_at >= *from
-                        && w.received_at <= *to
-                    {
-                        push(w.transaction_id, &mut ids);
+            Scope::State(state) => {
+                let mut cursor = None;
+                loop {
+                    let page = self
+                        .ledger
+                        .list(crate::ledger::ListQuery {
+                            state: Some(*state),
+                            limit: 500,
+                            cursor,
+                        })
+                        .await?;
+                    for r in page.items {
+                        push(r.transaction_id.to_string(), &mut ids);
+                    }
+                    match page.next_cursor {
+                        Some(c) if ids.len() < limit => cursor = Some(c),
+                        _ => break,
+                    }
+                }
+            }
+            Scope::Received { from, to } => {
+                for seg in self.wal.segments(*from, *to).await? {
+                    for (_, bytes) in self.wal.read_segment(&seg.key).await? {
+                        if let Ok(w) = serde_json::from_slice::<WalRecord>(&bytes)
+                            && w.received_at >= *from
+                            && w.received_at <= *to
+                        {
+                            push(w.transaction_id.to_string(), &mut ids);
+                        }
+                    }
+                }
+            }
+            Scope::DeadLetterQueue => {
+                let mut from = 0i64;
+                loop {
+                    let batch = self.queue.peek_dead_letters(from, 250).await?;
+                    let Some(last) = batch.last() else { break };
+                    from = last.sequence_number + 1;
+                    for m in batch {
+                        if let Some(id) = transaction_id_of(&m) {
+                            push(id.to_owned(), &mut ids);
+                        }
+                    }
+                    if ids.len() >= limit {
+                        break;
                     }
                 }
             }
         }
-        Scope::DeadLetterQueue => {
-            let mut from = 0i64;
-            loop {
-                let batch = svc.queue.peek_dead_letters(from, 250).await?;
-                let Some(last) = batch.last() else { break };
-                from = last.sequence_number + 1;
-                for m in batch {
-                    if let Some(id) = m.properties.get(crate::processor::props::TRANSACTION_ID) {
-                        push(id.clone(), &mut ids);
-                    }
-                }
-                if ids.len() >= limit {
-                    break;
+        Ok(ids)
+    }
+
+    /// Locks every dead-lettered message `take` accepts and returns them still
+    /// locked (the rest are released). Messages stay locked while the scan runs,
+    /// so each is seen once.
+    pub async fn lock_dead_letters(
+        &self,
+        mut take: impl FnMut(&ReceivedMessage) -> bool,
+    ) -> Result<Vec<ReceivedMessage>, ReplayError> {
+        let mut kept = Vec::new();
+        let mut taken = Vec::new();
+        loop {
+            let batch = self
+                .queue
+                .receive_dead_letters(100, std::time::Duration::from_millis(500))
+                .await?;
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                if take(&m) {
+                    taken.push(m);
+                } else {
+                    kept.push(m);
                 }
             }
         }
-    }
-    Ok(ids)
-}
-
-/// Locks every dead-lettered message `take` accepts and returns them still
-/// locked (the rest are released). Messages stay locked while the scan runs,
-/// so each is seen once.
-pub async fn lock_dead_letters(
-    svc: &Services,
-    mut take: impl FnMut(&crate::queue::ReceivedMessage) -> bool,
-) -> Result<Vec<crate::queue::ReceivedMessage>, ReplayError> {
-    let mut kept = Vec::new();
-    let mut taken = Vec::new();
-    loop {
-        let batch = svc
-            .queue
-            .receive_dead_letters(100, std::time::Duration::from_millis(500))
-            .await?;
-        if batch.is_empty() {
-            break;
+        for m in kept {
+            let _ = self.queue.abandon(&m).await;
         }
-        for m in batch {
-            if take(&m) {
-                taken.push(m);
-            } else {
-                kept.push(m);
+        Ok(taken)
+    }
+
+    /// Removes from the dead-letter queue every message `take` accepts; returns
+    /// how many were removed.
+    pub async fn settle_dead_letters(
+        &self,
+        take: impl FnMut(&ReceivedMessage) -> bool,
+    ) -> Result<usize, ReplayError> {
+        let mut removed = 0;
+        for m in self.lock_dead_letters(take).await? {
+            match self.queue.complete(&m).await {
+                Ok(()) => removed += 1,
+                Err(QueueError::LockLost) => {}
+                Err(e) => return Err(e.into()),
             }
         }
+        Ok(removed)
     }
-    for m in kept {
-        let _ = svc.queue.abandon(&m).await;
-    }
-    Ok(taken)
-}
-
-/// Removes from the dead-letter queue every message `take` accepts; returns
-/// how many were removed.
-pub async fn settle_dead_letters(
-    svc: &Services,
-    take: impl FnMut(&crate::queue::ReceivedMessage) -> bool,
-) -> Result<usize, ReplayError> {
-    let mut removed = 0;
-    for m in lock_dead_letters(svc, take).await? {
-        match svc.queue.complete(&m).await {
-            Ok(()) => removed += 1,
-            Err(QueueError::LockLost) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(removed)
 }

@@ -58,6 +58,134 @@ impl<'de> Deserialize<'de> for TransactionId {
     }
 }
 
+impl PartialEq<str> for TransactionId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for TransactionId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<String> for TransactionId {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl std::ops::Deref for TransactionId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Hex sha256 of the exact payload bytes a vendor sent: computed once at
+/// intake, then carried and compared, never recomputed from text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Sha256(String);
+
+impl Sha256 {
+    pub fn of(bytes: &[u8]) -> Sha256 {
+        use sha2::Digest;
+        Sha256(hex::encode(sha2::Sha256::digest(bytes)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Values read back from our own stores and messages.
+impl From<&str> for Sha256 {
+    fn from(s: &str) -> Sha256 {
+        Sha256(s.to_owned())
+    }
+}
+
+impl From<String> for Sha256 {
+    fn from(s: String) -> Sha256 {
+        Sha256(s)
+    }
+}
+
+impl fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Sha256 {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Sha256 {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Sha256 {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+/// One record's place in a log: segment key, byte offset and length (without
+/// the newline). Written `<key>#<offset>+<len>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WalRef {
+    pub key: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a WAL reference: {0}")]
+pub struct InvalidWalRef(pub String);
+
+impl fmt::Display for WalRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}+{}", self.key, self.offset, self.len)
+    }
+}
+
+impl std::str::FromStr for WalRef {
+    type Err = InvalidWalRef;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidWalRef(s.to_owned());
+        let (key, range) = s.rsplit_once('#').ok_or_else(bad)?;
+        let (off, len) = range.split_once('+').ok_or_else(bad)?;
+        if key.is_empty() {
+            return Err(bad());
+        }
+        Ok(WalRef {
+            key: key.to_owned(),
+            offset: off.parse().map_err(|_| bad())?,
+            len: len.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl Serialize for WalRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WalRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The seed's states. `success` and `dead_letter` are terminal (a replay can
 /// move `dead_letter` back to `pending`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -107,12 +235,12 @@ impl fmt::Display for State {
 /// What the ledger knows about one transaction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TxRecord {
-    pub transaction_id: String,
+    pub transaction_id: TransactionId,
     pub status: State,
     /// Hex sha256 of the exact payload bytes the vendor sent.
-    pub sha256: String,
-    /// Where the payload lives in the WAL (see `wal::WalRef`).
-    pub wal_ref: String,
+    pub sha256: Sha256,
+    /// Where the payload lives in the WAL.
+    pub wal_ref: WalRef,
     /// Downstream attempts started so far; also the fencing token of the
     /// current claim.
     pub attempts: u32,
@@ -152,9 +280,9 @@ impl TxRecord {
 /// A new transaction to put in the ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Registration {
-    pub transaction_id: String,
-    pub sha256: String,
-    pub wal_ref: String,
+    pub transaction_id: TransactionId,
+    pub sha256: Sha256,
+    pub wal_ref: WalRef,
     pub vendor: Option<String>,
     pub received_at: DateTime<Utc>,
 }
@@ -169,8 +297,48 @@ pub enum Settlement {
         next_retry_at: DateTime<Utc>,
     },
     DeadLetter {
+        reason: DeadLetterReason,
         error: String,
     },
+}
+
+/// Why a transaction was dead-lettered: the dead-letter queue's reason and
+/// the group an operator replays by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeadLetterReason {
+    /// The downstream kept failing transiently until no retry was left.
+    RetriesExhausted,
+    /// The downstream refused it (a 4xx other than 408, 409 and 429).
+    PermanentFailure,
+    /// Attempts kept starting without recording an outcome (a crash loop).
+    AttemptsWithoutOutcome,
+    /// The message lacks the properties that name its transaction.
+    MalformedMessage,
+    /// The message body does not hash to the sha256 it carries.
+    PayloadHashMismatch,
+    /// The ledger holds other content for this transaction id.
+    LedgerConflict,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::RetriesExhausted => "RetriesExhausted",
+            // Reported as before: the group an operator looks at for a crash loop.
+            DeadLetterReason::PermanentFailure | DeadLetterReason::AttemptsWithoutOutcome => {
+                "PermanentFailure"
+            }
+            DeadLetterReason::MalformedMessage => "MalformedMessage",
+            DeadLetterReason::PayloadHashMismatch => "PayloadHashMismatch",
+            DeadLetterReason::LedgerConflict => "LedgerConflict",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Settlement {
@@ -248,7 +416,7 @@ pub mod machine {
                 rec.next_retry_at = Some(*next_retry_at);
                 rec.retry_count += 1;
             }
-            Settlement::DeadLetter { error } => {
+            Settlement::DeadLetter { error, .. } => {
                 rec.error_message = Some(error.clone());
                 rec.next_retry_at = None;
             }
@@ -284,9 +452,9 @@ mod tests {
     fn rec() -> TxRecord {
         TxRecord::new(
             &Registration {
-                transaction_id: "tx-1".into(),
+                transaction_id: TransactionId::parse("tx-1").unwrap(),
                 sha256: "00".into(),
-                wal_ref: "w".into(),
+                wal_ref: "w#0+1".parse().unwrap(),
                 vendor: None,
                 received_at: Utc::now(),
             },
@@ -369,6 +537,7 @@ mod tests {
         apply_settlement(
             &mut r,
             &Settlement::DeadLetter {
+                reason: DeadLetterReason::PermanentFailure,
                 error: "400".into(),
             },
             now,

@@ -1,10 +1,20 @@
 //! `GET /healthz` (the process answers) and `GET /readyz` (every dependency answers).
 
 use super::{ApiError, ApiState};
-use crate::app::Services;
+use crate::ledger::Ledger;
+use crate::queue::Queue;
+use crate::wal::Log;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+
+/// What `/readyz` and `/status` probe.
+#[derive(Clone)]
+pub struct Dependencies {
+    pub wal: Log,
+    pub ledger: Arc<dyn Ledger>,
+    pub queue: Arc<dyn Queue>,
+}
 
 pub async fn healthz(
     req: HttpRequest,
@@ -22,7 +32,7 @@ async fn probe<E: std::fmt::Display>(f: impl Future<Output = Result<(), E>>) -> 
     }
 }
 
-pub async fn check_dependencies(svc: &Services) -> BTreeMap<&'static str, String> {
+pub async fn check_dependencies(svc: &Dependencies) -> BTreeMap<&'static str, String> {
     let (wal, ledger, queue) = tokio::join!(
         probe(svc.wal.ping()),
         probe(svc.ledger.ping()),
@@ -36,7 +46,7 @@ pub async fn readyz(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.observer(&req)?;
-    let deps = check_dependencies(&state.services).await;
+    let deps = check_dependencies(&state.dependencies).await;
     let ready = deps.values().all(|v| v == "connected");
     let body = json!({ "ready": ready, "dependencies": deps });
     Ok(if ready {

@@ -1,26 +1,17 @@
-//! `POST /v1/transactions`: validate, dedup, make durable, register, enqueue,
-//! and answer with a durability receipt.
-//!
-//! Order: WAL → ledger → queue. Registering before the send closes the race
-//! in which a fast processor finds no ledger entry. A 2xx is sent only after
-//! the WAL append returned (the record is durable) and the ledger holds the
-//! transaction; if the send then fails, the transaction is `pending` in the
-//! ledger and the reconciler re-drives it from the WAL.
+//! `POST /v1/transactions`: read and validate the request, hand it to
+//! [`crate::intake`] (the durability step), and answer with a durability
+//! receipt.
 
 use super::rejected::BodySeen;
-use super::{ApiError, ApiState, VendorCheck};
-use crate::ledger::{LedgerError, RegisterOutcome};
+use super::{ApiError, ApiState, VendorCheck, json::parse_document};
+use crate::intake::{Dependency, IntakeError, IntakeOutcome, Submission};
 use crate::metrics;
-use crate::processor::message_for;
-use crate::transaction::{Registration, TransactionId, TxRecord};
-use crate::wal::{Source, WalError, WalRecord, sha256_hex};
+use crate::transaction::{Sha256, TransactionId, TxRecord};
+use crate::wal::Source;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, http::header, web};
 use bytes::{Bytes, BytesMut};
-use chrono::Utc;
 use futures::StreamExt;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::json;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 pub async fn ingest(
@@ -76,80 +67,6 @@ async fn read_body_unbounded(
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
-}
-
-/// Parses the body, refusing duplicate keys at any depth: serde_json would
-/// silently keep the last, and the processor or downstream might keep the first.
-fn parse_document(text: &str) -> Result<serde_json::Value, ApiError> {
-    match serde_json::from_str::<NoDuplicateKeys>(text) {
-        Ok(_) => {}
-        Err(e) if e.is_data() => {
-            return Err(ApiError::bad(
-                "duplicate_key",
-                format!("body has a duplicate key: {e}"),
-            ));
-        }
-        Err(e) => {
-            return Err(ApiError::bad(
-                "invalid_json",
-                format!("body is not valid JSON: {e}"),
-            ));
-        }
-    }
-    serde_json::from_str(text)
-        .map_err(|e| ApiError::bad("invalid_json", format!("body is not valid JSON: {e}")))
-}
-
-/// Walks a JSON document and fails (as a data error) on a repeated key.
-struct NoDuplicateKeys;
-
-impl<'de> Deserialize<'de> for NoDuplicateKeys {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NoDuplicateKeysVisitor)
-    }
-}
-
-struct NoDuplicateKeysVisitor;
-
-impl<'de> Visitor<'de> for NoDuplicateKeysVisitor {
-    type Value = NoDuplicateKeys;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(NoDuplicateKeys)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(NoDuplicateKeys)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(NoDuplicateKeys)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(NoDuplicateKeys)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(NoDuplicateKeys)
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(NoDuplicateKeys)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
-        Ok(NoDuplicateKeys)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            map.next_value::<NoDuplicateKeys>()?;
-            if !seen.insert(key) {
-                // The key itself is payload: it is not repeated in the message.
-                return Err(de::Error::custom("a key repeats within one object"));
-            }
-        }
-        Ok(NoDuplicateKeys)
-    }
 }
 
 fn is_json(req: &HttpRequest) -> bool {
@@ -213,24 +130,27 @@ fn receipt(rec: &TxRecord) -> serde_json::Value {
     })
 }
 
-fn existing(rec: TxRecord, sha: &str) -> Result<HttpResponse, ApiError> {
-    if rec.sha256 == sha {
-        let mut body = receipt(&rec);
-        body["duplicate"] = json!(true);
-        Ok(HttpResponse::Ok().json(body))
-    } else {
-        Err(ApiError::Conflict {
-            id: rec.transaction_id,
-            status: rec.status.to_string(),
-        })
-    }
-}
-
-fn ledger_unavailable(e: LedgerError) -> ApiError {
-    tracing::error!(error = %e, "ledger unavailable during ingest");
-    ApiError::Unavailable {
-        what: "the ledger",
-        retry_after_secs: 5,
+fn unavailable(e: IntakeError) -> ApiError {
+    match e {
+        IntakeError::Unavailable {
+            dependency: Dependency::Wal,
+            ..
+        } => ApiError::Unavailable {
+            what: "the write-ahead log",
+            retry_after_secs: 2,
+        },
+        IntakeError::Unavailable {
+            dependency: Dependency::Ledger,
+            message,
+        } => {
+            tracing::error!(error = %message, "ledger unavailable during ingest");
+            ApiError::Unavailable {
+                what: "the ledger",
+                retry_after_secs: 5,
+            }
+        }
+        IntakeError::NotUtf8 => ApiError::bad("invalid_utf8", "body is not valid UTF-8"),
+        other => ApiError::Unexpected(other.into()),
     }
 }
 
@@ -243,7 +163,7 @@ async fn accept(
     if !is_json(req) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let settings = &state.services.settings;
+    let settings = &state.settings;
     let body = read_body(
         req,
         payload,
@@ -251,10 +171,10 @@ async fn accept(
         settings.request_timeout(),
     )
     .await?;
-    let sha = sha256_hex(&body);
+    let sha = Sha256::of(&body);
     req.extensions_mut().insert(BodySeen {
         size: body.len(),
-        sha256: Some(sha.clone()),
+        sha256: Some(sha.to_string()),
     });
     let principal = match check {
         VendorCheck::Done(p) => p,
@@ -267,73 +187,29 @@ async fn accept(
         return Err(ApiError::bad("not_an_object", "body must be a JSON object"));
     };
     let id = transaction_id(req, &doc)?;
-    let svc = &state.services;
-
-    if let Some(rec) = svc
-        .ledger
-        .get(id.as_str())
-        .await
-        .map_err(ledger_unavailable)?
-    {
-        return existing(rec, &sha);
-    }
-
-    let received_at = Utc::now();
-    let record = WalRecord {
-        v: 1,
-        transaction_id: id.to_string(),
-        received_at,
+    let submission = Submission {
+        transaction_id: id,
+        payload: body,
+        sha256: sha,
         source: Source {
             vendor: principal.vendor().map(str::to_owned),
             remote_addr: req.peer_addr().map(|a| a.ip().to_string()),
         },
-        sha256: sha.clone(),
-        payload: text.to_owned(),
     };
-    let wal_ref = svc.wal.append_json(&record, received_at).await.map_err(|e| {
-        tracing::error!(transaction_id = %id, error = %e, "WAL append failed; not acknowledging");
-        match e {
-            WalError::Unavailable(_) | WalError::Closed => ApiError::Unavailable {
-                what: "the write-ahead log",
-                retry_after_secs: 2,
-            },
-            other => ApiError::Unexpected(other.into()),
+    match state.intake.accept(submission).await.map_err(unavailable)? {
+        IntakeOutcome::Accepted { record, enqueued } => {
+            let mut body = receipt(&record);
+            body["enqueued"] = json!(enqueued);
+            Ok(HttpResponse::Accepted().json(body))
         }
-    })?;
-
-    let reg = Registration {
-        transaction_id: id.to_string(),
-        sha256: sha.clone(),
-        wal_ref: wal_ref.to_string(),
-        vendor: record.source.vendor.clone(),
-        received_at,
-    };
-    let rec = match svc
-        .ledger
-        .register(reg.clone())
-        .await
-        .map_err(ledger_unavailable)?
-    {
-        RegisterOutcome::New(rec) => rec,
-        // A concurrent identical POST won the race; ours is a harmless extra WAL record.
-        RegisterOutcome::Duplicate(rec) | RegisterOutcome::Conflict(rec) => {
-            return existing(rec, &sha);
+        IntakeOutcome::Duplicate(record) => {
+            let mut body = receipt(&record);
+            body["duplicate"] = json!(true);
+            Ok(HttpResponse::Ok().json(body))
         }
-    };
-
-    let enqueued = match svc
-        .queue
-        .send(vec![message_for(&reg, body, "initial", None, None)])
-        .await
-    {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(transaction_id = %id, error = %e, "enqueue failed; the reconciler will re-drive from the WAL");
-            false
-        }
-    };
-    tracing::info!(transaction_id = %id, wal_ref = %wal_ref, enqueued, "transaction accepted");
-    let mut body = receipt(&rec);
-    body["enqueued"] = json!(enqueued);
-    Ok(HttpResponse::Accepted().json(body))
+        IntakeOutcome::Conflict(record) => Err(ApiError::Conflict {
+            id: record.transaction_id.to_string(),
+            status: record.status.to_string(),
+        }),
+    }
 }

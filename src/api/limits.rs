@@ -77,12 +77,12 @@ pub async fn guard(
             .await
             .map(ServiceResponse::map_into_left_body);
     };
-    let limit = state.services.settings.max_header_bytes;
+    let limit = state.settings.max_header_bytes;
     if head_size(&req) > limit {
         let err = ApiError::HeadersTooLarge { limit };
         metrics::api_rejected(err.reason());
         let call = call_record(req.request(), 431, err.reason());
-        rejected::record(&state.services, call).await;
+        rejected::record(&state.rejected, call).await;
         return Ok(req
             .into_response(err.error_response())
             .map_into_right_body());
@@ -108,7 +108,7 @@ pub async fn guard(
         metrics::api_rejected(reason);
         if rejected::is_recorded(status) {
             let call = call_record(res.request(), status, reason);
-            rejected::record(&state.services, call).await;
+            rejected::record(&state.rejected, call).await;
         }
     }
     Ok(res.map_into_left_body())

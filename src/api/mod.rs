@@ -6,16 +6,21 @@
 pub mod error;
 pub mod health;
 pub mod ingest;
+pub mod json;
 pub mod limits;
 pub mod openapi;
 pub mod rejected;
 pub mod seed;
 pub mod transactions;
 
-use crate::app::Services;
 use crate::auth::{
     API_KEY_HEADER, Auth, Principal, SIGNATURE_HEADER, Signed, TIMESTAMP_HEADER, VENDOR_HEADER,
 };
+use crate::config::Settings;
+use crate::intake::Intake;
+use crate::ledger::Ledger;
+use crate::replay::Replayer;
+use crate::wal::Log;
 use actix_web::{HttpMessage, HttpRequest, Route, http::Method, web};
 pub use error::ApiError;
 use governor::{
@@ -26,8 +31,13 @@ use std::{num::NonZeroU32, sync::Arc};
 use tokio::sync::Semaphore;
 
 pub struct ApiState {
-    pub services: Arc<Services>,
+    pub settings: Settings,
     pub auth: Auth,
+    pub intake: Intake,
+    pub replayer: Replayer,
+    /// Rejected inbound calls, for forensics.
+    pub rejected: Log,
+    pub dependencies: health::Dependencies,
     /// Per-vendor request rate; `None` when `RTPD_VENDOR_RATE_PER_SEC=0`.
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     /// Requests handled at once, across workers (`RTPD_MAX_IN_FLIGHT`).
@@ -71,19 +81,34 @@ fn now_unix() -> i64 {
 }
 
 impl ApiState {
-    pub fn new(services: Arc<Services>, auth: Auth) -> ApiState {
-        let s = &services.settings;
+    pub fn new(
+        settings: Settings,
+        auth: Auth,
+        intake: Intake,
+        replayer: Replayer,
+        rejected: Log,
+        dependencies: health::Dependencies,
+    ) -> ApiState {
+        let s = &settings;
         let limiter = NonZeroU32::new(s.vendor_rate_per_sec).map(|rate| {
             let burst = NonZeroU32::new(s.vendor_rate_burst).unwrap_or(rate);
             RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
         let in_flight = Arc::new(Semaphore::new(s.max_in_flight));
         ApiState {
-            services,
+            settings,
             auth,
+            intake,
+            replayer,
+            rejected,
+            dependencies,
             limiter,
             in_flight,
         }
+    }
+
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.intake.ledger
     }
 
     /// A vendor on a request without a body: an API key, or a signature over
@@ -181,7 +206,7 @@ impl ApiState {
 
     /// Health and metrics: open when `RTPD_PUBLIC_HEALTH` is true, else admin only.
     pub fn observer(&self, req: &HttpRequest) -> Result<(), ApiError> {
-        if self.services.settings.public_health {
+        if self.settings.public_health {
             return Ok(());
         }
         self.admin(req).map(|_| ())

@@ -2,7 +2,7 @@
 //! log beside the WAL): why, who if known, how big, the body's sha256, from
 //! where, when. Never the payload, and never enqueued.
 
-use crate::app::Services;
+use crate::wal::Log;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -57,15 +57,10 @@ pub fn path_of(path: &str) -> String {
 }
 
 /// Appends the record; a failure is logged and the rejection answered anyway.
-pub async fn record(services: &Services, call: RejectedCall) {
+pub async fn record(rejected: &Log, call: RejectedCall) {
     let at = call.at;
     let reason = call.reason.clone();
-    match tokio::time::timeout(
-        Duration::from_secs(2),
-        services.rejected.append_json(&call, at),
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_secs(2), rejected.append_json(&call, at)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, %reason, "could not record a rejected call"),
         Err(_) => tracing::warn!(%reason, "recording a rejected call timed out"),

@@ -22,7 +22,7 @@ pub async fn metrics(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let counts = state.services.ledger.counts().await;
+    let counts = state.ledger().counts().await;
     if accept.contains("text/plain") || accept.contains("application/openmetrics-text") {
         return Ok(HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
@@ -44,7 +44,7 @@ pub async fn status(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.observer(&req)?;
-    let deps = health::check_dependencies(&state.services).await;
+    let deps = health::check_dependencies(&state.dependencies).await;
     let healthy = deps.values().all(|v| v == "connected");
     let body = json!({
         "status": if healthy { "healthy" } else { "degraded" },
@@ -71,8 +71,7 @@ pub async fn transactions(
 ) -> Result<HttpResponse, ApiError> {
     state.admin(&req)?;
     let page = state
-        .services
-        .ledger
+        .ledger()
         .list(ListQuery {
             state: None,
             limit: parse_limit(Some(q.limit.unwrap_or(20)))?,

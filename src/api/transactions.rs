@@ -3,7 +3,7 @@
 use super::{ApiError, ApiState};
 use crate::auth::Principal;
 use crate::ledger::{LedgerError, ListQuery};
-use crate::replay::{ReplayError, ReplayRequest, Replayed, replay_one};
+use crate::replay::{ReplayError, ReplayRequest, Replayed};
 use crate::transaction::{State, TransactionId};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -31,8 +31,7 @@ pub async fn get(
     let who = state.admin_or_vendor(&req)?;
     let id = valid_id(&path)?;
     let rec = state
-        .services
-        .ledger
+        .ledger()
         .get(id.as_str())
         .await
         .map_err(ledger_error)?;
@@ -83,8 +82,7 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     state.admin(&req)?;
     let page = state
-        .services
-        .ledger
+        .ledger()
         .list(ListQuery {
             state: parse_state(q.state.as_deref())?,
             limit: parse_limit(q.limit)?,
@@ -92,9 +90,7 @@ pub async fn list(
         })
         .await
         .map_err(|e| match e {
-            LedgerError::Fatal(m) if m.contains("cursor") => {
-                ApiError::bad("invalid_cursor", "cursor is not valid")
-            }
+            LedgerError::InvalidCursor => ApiError::bad("invalid_cursor", "cursor is not valid"),
             other => ledger_error(other),
         })?;
     Ok(HttpResponse::Ok().json(page))
@@ -122,7 +118,7 @@ pub async fn do_replay(
         operator: who.name().to_owned(),
         reason: body.reason,
     };
-    match replay_one(&state.services, id.as_str(), &r).await {
+    match state.replayer.replay_one(id.as_str(), &r).await {
         Ok(Replayed::Requeued { record, message_id }) => Ok(HttpResponse::Accepted().json(json!({
             "transaction_id": record.transaction_id,
             "status": record.status,

@@ -2,12 +2,12 @@
 //! queue port (the embedded queue or Service Bus' `$DeadLetterQueue`).
 
 use super::replay::{Opts as ReplayOpts, operator, replay_scope};
-use crate::app::Services;
 use crate::config::Settings;
+use crate::envelope::transaction_id_of;
 use crate::journal::{EntryKind, JournalEntry};
-use crate::processor::props;
 use crate::queue::ReceivedMessage;
-use crate::replay::{ReplayRequest, Scope, lock_dead_letters, settle_dead_letters};
+use crate::replay::{ReplayRequest, Scope};
+use crate::services::Services;
 use crate::transaction::State;
 use chrono::Utc;
 
@@ -75,7 +75,7 @@ async fn peek_all(svc: &Services, limit: usize) -> anyhow::Result<Vec<ReceivedMe
 }
 
 fn tx_id(m: &ReceivedMessage) -> Option<&str> {
-    m.properties.get(props::TRANSACTION_ID).map(String::as_str)
+    transaction_id_of(m)
 }
 
 fn summary(m: &ReceivedMessage) -> serde_json::Value {
@@ -179,12 +179,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 rate,
                 limit: usize::MAX,
             };
-            let s = replay_scope(&svc, &scope, &req, &ropts).await?;
+            let s = replay_scope(&svc.replayer(), &scope, &req, &ropts).await?;
             if matches!(scope, Scope::Ids(_)) && !dry_run {
-                let removed = settle_dead_letters(&svc, |m| {
-                    tx_id(m).is_some_and(|id| s.replayed_ids.contains(id))
-                })
-                .await?;
+                let removed = svc
+                    .replayer()
+                    .settle_dead_letters(|m| tx_id(m).is_some_and(|id| s.replayed_ids.contains(id)))
+                    .await?;
                 println!("{removed} dead-lettered messages removed");
             }
             if s.refused > 0 && !dry_run {
@@ -210,10 +210,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 );
             }
             let who = operator(who.as_deref());
-            let doomed = lock_dead_letters(&svc, |m| {
-                ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id))
-            })
-            .await?;
+            let doomed = svc
+                .replayer()
+                .lock_dead_letters(|m| {
+                    ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id))
+                })
+                .await?;
             let mut removed = 0;
             // Journaled before it is deleted: the journal shows every purge.
             for m in &doomed {

@@ -5,9 +5,9 @@
 
 use super::reconcile::print_report;
 use super::time_arg;
-use crate::app::Services;
 use crate::config::Settings;
-use crate::reconcile::{LeaseOptions, ReconcileOptions, reconcile_when_free};
+use crate::reconcile::{LeaseOptions, ReconcileOptions};
+use crate::services::Services;
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Duration;
@@ -60,7 +60,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     o.progress = Some(bar.clone());
-    let report = reconcile_when_free(&svc, &o, Duration::from_secs(60)).await?;
+    let report = svc
+        .reconciler()
+        .reconcile_when_free(&o, Duration::from_secs(60))
+        .await?;
     bar.finish_and_clear();
     print_report(&report, opts.dry_run);
     let counts = svc.ledger.counts().await?;

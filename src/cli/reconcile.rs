@@ -2,9 +2,9 @@
 //! under the reconciler lease.
 
 use super::time_arg;
-use crate::app::Services;
 use crate::config::Settings;
-use crate::reconcile::{LeaseOptions, ReconcileOptions, ReconcileReport, reconcile_when_free};
+use crate::reconcile::{LeaseOptions, ReconcileOptions, ReconcileReport};
+use crate::services::Services;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
@@ -44,7 +44,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             ttl: Duration::from_secs(60),
         });
     }
-    let report = reconcile_when_free(&svc, &o, Duration::from_secs(60)).await?;
+    let report = svc
+        .reconciler()
+        .reconcile_when_free(&o, Duration::from_secs(60))
+        .await?;
     print_report(&report, opts.dry_run);
     Ok(())
 }

@@ -3,9 +3,10 @@
 //! Bulk replays are rate-limited and show progress; `--dry-run` lists.
 
 use super::time_arg;
-use crate::app::Services;
 use crate::config::Settings;
-use crate::replay::{ReplayRequest, Replayed, Scope, replay_one, select, settle_dead_letters};
+use crate::envelope::transaction_id_of;
+use crate::replay::{ReplayRequest, Replayed, Replayer, Scope};
+use crate::services::Services;
 use crate::transaction::State;
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -96,7 +97,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         operator: operator(opts.operator.as_deref()),
         reason: opts.reason.clone(),
     };
-    let summary = replay_scope(&svc, &scope, &req, &opts).await?;
+    let summary = replay_scope(&svc.replayer(), &scope, &req, &opts).await?;
     if summary.refused > 0 && !opts.dry_run {
         anyhow::bail!(
             "{} of {} transactions were not replayed",
@@ -118,12 +119,12 @@ pub struct Summary {
 /// Replays (or lists) a scope; for the dead-letter queue, also removes the
 /// replayed transactions' messages from it.
 pub async fn replay_scope(
-    svc: &Services,
+    svc: &Replayer,
     scope: &Scope,
     req: &ReplayRequest,
     opts: &Opts,
 ) -> anyhow::Result<Summary> {
-    let ids = select(svc, scope, opts.limit).await?;
+    let ids = svc.select(scope, opts.limit).await?;
     let mut s = Summary {
         selected: ids.len(),
         ..Summary::default()
@@ -150,7 +151,7 @@ pub async fn replay_scope(
             }
             continue;
         }
-        let line = match replay_one(svc, id, req).await? {
+        let line = match svc.replay_one(id, req).await? {
             Replayed::Requeued { message_id, .. } => {
                 s.replayed += 1;
                 s.replayed_ids.insert(id.clone());
@@ -181,12 +182,11 @@ pub async fn replay_scope(
     }
     bar.finish_and_clear();
     if matches!(scope, Scope::DeadLetterQueue) && !opts.dry_run {
-        let removed = settle_dead_letters(svc, |m| {
-            m.properties
-                .get(crate::processor::props::TRANSACTION_ID)
-                .is_some_and(|id| s.replayed_ids.contains(id))
-        })
-        .await?;
+        let removed = svc
+            .settle_dead_letters(|m| {
+                transaction_id_of(m).is_some_and(|id| s.replayed_ids.contains(id))
+            })
+            .await?;
         println!("{removed} dead-lettered messages removed (their transactions were replayed)");
     }
     println!(

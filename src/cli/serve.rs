@@ -1,9 +1,10 @@
 //! `rtpd serve | api | processor`: the parts of the service against the
 //! configured backends, until SIGTERM/Ctrl-C.
 
-use crate::app::{Application, Services};
+use crate::app::Application;
 use crate::auth::Auth;
 use crate::config::{AuthMode, Settings};
+use crate::services::Services;
 use crate::{processor, reconcile};
 use anyhow::Context;
 use std::{sync::Arc, time::Duration};
@@ -58,9 +59,9 @@ pub async fn run_with(
 
     if parts.api() || parts == Parts::Processor {
         let app = if parts.api() {
-            Application::build(services.clone(), auth)?
+            Application::build(services.api_state(auth))?
         } else {
-            Application::build_health_only(services.clone())?
+            Application::build_health_only(services.api_state(Auth::disabled()))?
         };
         tracing::info!(addr = %settings.http_addr, port = app.port(), "API listening");
         if let Some(tx) = ready {
@@ -81,7 +82,7 @@ pub async fn run_with(
             processor::run(p, concurrency, stop, GRACE).await?;
             Ok("processor")
         });
-        let svc = services.clone();
+        let reconciler = Arc::new(services.reconciler());
         let stop = stop_rx.clone();
         let periodic = reconcile::Periodic {
             interval: Settings::secs(settings.reconcile_interval_secs),
@@ -90,7 +91,7 @@ pub async fn run_with(
             rate_per_sec: 500,
         };
         tasks.spawn(async move {
-            reconcile::run_periodically(svc, periodic, stop).await;
+            reconcile::run_periodically(reconciler, periodic, stop).await;
             Ok("reconciler")
         });
     }

@@ -2,8 +2,8 @@
 //! Storage Explorer.
 
 use super::time_arg;
-use crate::app::Services;
 use crate::config::Settings;
+use crate::services::Services;
 use crate::wal::{Log, WalRef};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -79,8 +79,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             let mut printed = 0;
             if !window.journal
                 && let Ok(Some(rec)) = svc.ledger.get(&target).await
-                && let Ok(r) = rec.wal_ref.parse::<WalRef>()
-                && let Ok(bytes) = svc.wal.read(&r).await
+                && let Ok(bytes) = svc.wal.read(&rec.wal_ref).await
             {
                 println!("{}", String::from_utf8_lossy(&bytes));
                 printed += 1;

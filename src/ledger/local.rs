@@ -85,7 +85,7 @@ fn store(c: &Connection, rec: &TxRecord, before: Option<State>) -> rusqlite::Res
          ON CONFLICT(id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, doc = excluded.doc",
     )?
     .execute(params![
-        rec.transaction_id,
+        rec.transaction_id.as_str(),
         rec.status.as_str(),
         rec.updated_at.timestamp_micros(),
         doc
@@ -301,9 +301,7 @@ impl Ledger for LocalLedger {
     async fn list(&self, q: ListQuery) -> Result<Page, LedgerError> {
         let limit = q.limit.clamp(1, 1000);
         let cursor = match q.cursor.as_deref() {
-            Some(c) => {
-                Some(decode_cursor(c).ok_or_else(|| LedgerError::Fatal("invalid cursor".into()))?)
-            }
+            Some(c) => Some(decode_cursor(c).ok_or(LedgerError::InvalidCursor)?),
             None => None,
         };
         let state = q.state.map(|s| s.as_str());

@@ -59,6 +59,9 @@ pub enum LedgerError {
     },
     #[error("transaction {0} not found")]
     NotFound(String),
+    /// A list cursor this ledger did not hand out.
+    #[error("invalid cursor")]
+    InvalidCursor,
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
     #[error("ledger error: {0}")]

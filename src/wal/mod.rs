@@ -20,8 +20,6 @@ use chrono::{DateTime, Datelike, Duration as ChronoDuration, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
-    fmt,
-    str::FromStr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -31,7 +29,10 @@ use std::{
 use store::{ObjectInfo, ObjectStore, PutOptions, StoreError};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use crate::backoff::Backoff;
 use crate::metrics;
+pub use crate::transaction::WalRef;
+use crate::transaction::{InvalidWalRef, Registration, Sha256, TransactionId};
 
 /// Key prefix of transaction records.
 pub const WAL_PREFIX: &str = "wal/v1";
@@ -39,37 +40,6 @@ pub const WAL_PREFIX: &str = "wal/v1";
 pub const JOURNAL_PREFIX: &str = "outcomes/v1";
 /// Key prefix of rejected inbound calls (forensics).
 pub const REJECTED_PREFIX: &str = "rejected/v1";
-
-/// One record's place: segment key, byte offset and length (without the newline).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WalRef {
-    pub key: String,
-    pub offset: u64,
-    pub len: u64,
-}
-
-impl fmt::Display for WalRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}#{}+{}", self.key, self.offset, self.len)
-    }
-}
-
-impl FromStr for WalRef {
-    type Err = WalError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || WalError::BadRef(s.to_owned());
-        let (key, range) = s.rsplit_once('#').ok_or_else(bad)?;
-        let (off, len) = range.split_once('+').ok_or_else(bad)?;
-        if key.is_empty() {
-            return Err(bad());
-        }
-        Ok(WalRef {
-            key: key.to_owned(),
-            offset: off.parse().map_err(|_| bad())?,
-            len: len.parse().map_err(|_| bad())?,
-        })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -87,6 +57,12 @@ pub enum WalError {
     Fatal(String),
     #[error("WAL is shut down")]
     Closed,
+}
+
+impl From<InvalidWalRef> for WalError {
+    fn from(e: InvalidWalRef) -> Self {
+        WalError::BadRef(e.0)
+    }
 }
 
 impl From<StoreError> for WalError {
@@ -110,24 +86,30 @@ pub struct Source {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WalRecord {
     pub v: u32,
-    pub transaction_id: String,
+    pub transaction_id: TransactionId,
     pub received_at: DateTime<Utc>,
     pub source: Source,
     /// Hex sha256 of the payload bytes.
-    pub sha256: String,
+    pub sha256: Sha256,
     /// The payload exactly as received (validated UTF-8 JSON text).
     pub payload: String,
 }
 
 impl WalRecord {
-    pub fn payload_sha256_matches(&self) -> bool {
-        sha256_hex(self.payload.as_bytes()) == self.sha256
+    /// The ledger registration this record (at `wal_ref`) stands for.
+    pub fn registration(&self, wal_ref: &WalRef) -> Registration {
+        Registration {
+            transaction_id: self.transaction_id.clone(),
+            sha256: self.sha256.clone(),
+            wal_ref: wal_ref.clone(),
+            vendor: self.source.vendor.clone(),
+            received_at: self.received_at,
+        }
     }
-}
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
+    pub fn payload_sha256_matches(&self) -> bool {
+        Sha256::of(self.payload.as_bytes()) == self.sha256
+    }
 }
 
 /// Batching limits of one log.
@@ -395,9 +377,9 @@ impl Flusher {
         opts: &PutOptions,
     ) -> Result<(), WalError> {
         let deadline = Instant::now() + self.cfg.retry_deadline;
-        let mut delay = Duration::from_millis(20);
-        let mut retried = false;
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
+            let retried = backoff.failures() > 0;
             match self.store.put_new(key, body.clone(), opts).await {
                 Ok(()) => return Ok(()),
                 Err(StoreError::AlreadyExists(_)) if retried => {
@@ -409,11 +391,13 @@ impl Flusher {
                         Err(e) => Err(e.into()),
                     };
                 }
-                Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
+                Err(e) if e.is_retryable() => {
+                    let delay = backoff.next_delay();
+                    if Instant::now() + delay >= deadline {
+                        return Err(e.into());
+                    }
                     tracing::warn!(segment = %key, error = %e, "WAL put failed, retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
-                    retried = true;
                 }
                 Err(e) => return Err(e.into()),
             }

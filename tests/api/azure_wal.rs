@@ -1,7 +1,7 @@
 //! The service with its WAL on a real Azurite that dies under load: no 2xx
 //! while the WAL is down, and everything acknowledged survives and is processed.
 
-use crate::crash::{Proc, free_port};
+use crate::support::process::{Proc, free_port};
 use crate::support::{AppOptions, json, spawn_app_with};
 use rtp_durability::config::WalKind;
 use rtp_durability::replay::load_record;
@@ -157,9 +157,12 @@ async fn azurite_outage_gets_503_never_2xx_and_loses_nothing_acknowledged() {
     }
     let mut ids = Vec::new();
     for (body, receipt) in &acked {
-        let rec = load_record(&app.services, receipt["wal"]["ref"].as_str().unwrap())
-            .await
-            .unwrap();
+        let rec = load_record(
+            &app.services.wal,
+            &receipt["wal"]["ref"].as_str().unwrap().parse().unwrap(),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             rec.payload,
             body.to_string(),
@@ -167,7 +170,7 @@ async fn azurite_outage_gets_503_never_2xx_and_loses_nothing_acknowledged() {
         );
         ids.push(rec.transaction_id);
     }
-    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let id_refs: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
     app.drain_until_terminal(&id_refs).await;
     for id in &ids {
         assert_eq!(app.state_of(id).await, State::Success, "{id}");
@@ -211,11 +214,17 @@ async fn the_largest_allowed_payload_round_trips_through_the_blob_wal() {
         .await;
     assert_eq!(r.status(), 202);
     let receipt = json(r).await;
-    let rec = load_record(&app.services, receipt["wal"]["ref"].as_str().unwrap())
-        .await
-        .unwrap();
+    let rec = load_record(
+        &app.services.wal,
+        &receipt["wal"]["ref"].as_str().unwrap().parse().unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(rec.payload.as_bytes(), body.as_bytes());
-    assert_eq!(rec.sha256, rtp_durability::wal::sha256_hex(body.as_bytes()));
+    assert_eq!(
+        rec.sha256,
+        rtp_durability::transaction::Sha256::of(body.as_bytes())
+    );
     let over = app
         .post_raw(
             format!("{body} "),

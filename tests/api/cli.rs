@@ -1,7 +1,7 @@
 //! The `rtpd` command line against a running app's data: WAL views, config
 //! and errors that name the variable.
 
-use crate::crash::rtpd;
+use crate::support::process::rtpd;
 use crate::support::spawn_app;
 use serde_json::json;
 
@@ -37,7 +37,7 @@ async fn wal_ls_and_cat_show_segments_and_records() {
     assert_eq!(rec["transaction_id"], "CLI-1");
     assert_eq!(rec["payload"], "{\"n\":1,\"transaction_id\":\"CLI-1\"}");
     let wal_ref = app.record("CLI-2").await.wal_ref;
-    let by_ref = run(&["wal", "cat", &wal_ref]);
+    let by_ref = run(&["wal", "cat", &wal_ref.to_string()]);
     assert!(by_ref.contains("\"CLI-2\""), "{by_ref}");
     let missing = rtpd()
         .args(["wal", "cat", "NOPE"])

@@ -4,14 +4,18 @@ use chrono::Utc;
 use rtp_durability::ledger::{
     ClaimOutcome, Ledger, LedgerError, ListQuery, RegisterOutcome, ReplayOutcome,
 };
-use rtp_durability::transaction::{Registration, Settlement, State};
+use rtp_durability::transaction::{
+    DeadLetterReason, Registration, Settlement, State, TransactionId,
+};
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 fn reg(id: &str, sha: &str) -> Registration {
     Registration {
-        transaction_id: id.to_owned(),
-        sha256: sha.to_owned(),
-        wal_ref: format!("wal/v1/2026/01/01/00/s.ndjson#0+{}", id.len()),
+        transaction_id: TransactionId::parse(id).unwrap(),
+        sha256: sha.into(),
+        wal_ref: format!("wal/v1/2026/01/01/00/s.ndjson#0+{}", id.len())
+            .parse()
+            .unwrap(),
         vendor: Some("acme".into()),
         received_at: Utc::now(),
     }
@@ -125,6 +129,7 @@ pub async fn failed_retry_is_not_due_early(l: Arc<dyn Ledger>) {
             "w",
             2,
             Settlement::DeadLetter {
+                reason: DeadLetterReason::PermanentFailure,
                 error: "400".into(),
             },
         )
@@ -141,6 +146,7 @@ pub async fn replay_rules(l: Arc<dyn Ledger>) {
         "w",
         1,
         Settlement::DeadLetter {
+            reason: DeadLetterReason::PermanentFailure,
             error: "400".into(),
         },
     )
@@ -236,9 +242,17 @@ pub async fn counts_follow_transitions(l: Arc<dyn Ledger>) {
     l.claim("c1", "w", LEASE).await.unwrap();
     l.settle("c1", "w", 1, Settlement::Success).await.unwrap();
     l.claim("c2", "w", LEASE).await.unwrap();
-    l.settle("c2", "w", 1, Settlement::DeadLetter { error: "x".into() })
-        .await
-        .unwrap();
+    l.settle(
+        "c2",
+        "w",
+        1,
+        Settlement::DeadLetter {
+            reason: DeadLetterReason::PermanentFailure,
+            error: "x".into(),
+        },
+    )
+    .await
+    .unwrap();
     l.claim("c3", "w", LEASE).await.unwrap();
     l.settle(
         "c3",
@@ -293,7 +307,10 @@ pub async fn counts_exact_under_concurrency(l: Arc<dyn Ledger>) {
                 let s = if i % 3 == 1 {
                     Settlement::Success
                 } else {
-                    Settlement::DeadLetter { error: "e".into() }
+                    Settlement::DeadLetter {
+                        reason: DeadLetterReason::PermanentFailure,
+                        error: "e".into(),
+                    }
                 };
                 l.settle(&id, "w", c.attempts, s).await.unwrap();
             }
@@ -330,7 +347,7 @@ pub async fn restore_missing_never_overwrites(l: Arc<dyn Ledger>) {
     rec.status = State::Success;
     assert!(!l.restore_missing(rec.clone()).await.unwrap());
     assert_eq!(l.get("rm").await.unwrap().unwrap().status, State::Pending);
-    rec.transaction_id = "rm2".into();
+    rec.transaction_id = TransactionId::parse("rm2").unwrap();
     assert!(l.restore_missing(rec).await.unwrap());
     assert_eq!(l.get("rm2").await.unwrap().unwrap().status, State::Success);
     let c = l.counts().await.unwrap();

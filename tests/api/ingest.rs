@@ -2,7 +2,7 @@
 
 use crate::support::{API_KEY, json, spawn_app};
 use rtp_durability::replay::load_record;
-use rtp_durability::wal::sha256_hex;
+use rtp_durability::transaction::Sha256;
 use serde_json::json;
 
 #[tokio::test]
@@ -17,12 +17,15 @@ async fn new_transaction_gets_a_durability_receipt() {
     assert_eq!(receipt["transaction_id"], "TX-1");
     assert_eq!(receipt["status"], "pending");
     assert_eq!(receipt["enqueued"], true);
-    let sha = sha256_hex(body.as_bytes());
+    let sha = Sha256::of(body.as_bytes()).to_string();
     assert_eq!(receipt["wal"]["sha256"], sha);
     // The WAL record read back through its reference is byte-identical.
-    let rec = load_record(&app.services, receipt["wal"]["ref"].as_str().unwrap())
-        .await
-        .unwrap();
+    let rec = load_record(
+        &app.services.wal,
+        &receipt["wal"]["ref"].as_str().unwrap().parse().unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(rec.payload.as_bytes(), body.as_bytes());
     assert_eq!(rec.sha256, sha);
     assert_eq!(rec.source.vendor.as_deref(), Some("acme"));
@@ -68,7 +71,7 @@ async fn same_id_other_content_is_409_and_never_overwrites() {
     assert_eq!(b["error"], "conflict");
     assert_eq!(b["transaction_id"], "TX-3");
     let rec = app.record("TX-3").await;
-    let wal = load_record(&app.services, &rec.wal_ref).await.unwrap();
+    let wal = load_record(&app.services.wal, &rec.wal_ref).await.unwrap();
     assert!(wal.payload.contains("\"1\""), "original content kept");
 }
 

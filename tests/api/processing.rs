@@ -165,7 +165,7 @@ async fn a_transaction_missing_from_the_ledger_is_registered_from_its_message() 
         .unwrap()
         .unwrap();
     assert_eq!(rec.status, State::Success);
-    assert_eq!(rec.wal_ref, receipt["wal"]["ref"]);
+    assert_eq!(rec.wal_ref.to_string(), receipt["wal"]["ref"]);
 }
 
 /// The app wired to the in-repo Service Bus broker over real AMQP.

@@ -4,10 +4,10 @@
 //! every acknowledged id is `success` or `dead_letter`, and the downstream saw
 //! at most one success per idempotency key.
 
-use rtp_durability::processor::message_for;
+use rtp_durability::envelope::{Delivery, Envelope};
 use rtp_durability::queue::local::{LocalQueue, LocalQueueOptions};
 use rtp_durability::queue::{OutgoingMessage, Queue, Subqueue};
-use rtp_durability::transaction::Registration;
+use rtp_durability::transaction::{Registration, TransactionId};
 use serde_json::{Value, json};
 use std::{
     collections::BTreeMap,
@@ -16,8 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::crash::{Proc, rtpd, spawn_mock, wait_http_ok};
-use crate::support::free_port;
+use crate::support::process::{
+    Proc, free_port, mock_calls, poll_json, rtpd, start_mock, wait_http_ok,
+};
 
 /// One deployment: a data directory, an API port and the mock downstream.
 struct Site {
@@ -101,33 +102,6 @@ impl Site {
 
     fn queue(&self) -> LocalQueue {
         LocalQueue::open(&self.dir.join("queue.db"), LocalQueueOptions::default()).unwrap()
-    }
-}
-
-async fn start_mock(extra: &[&str]) -> (Proc, u16) {
-    let port = free_port();
-    let p = spawn_mock(port, extra);
-    wait_http_ok(
-        &format!("http://127.0.0.1:{port}/healthz"),
-        Duration::from_secs(20),
-    )
-    .await;
-    (p, port)
-}
-
-async fn mock_calls(mock_port: u16) -> Value {
-    let url = format!("http://127.0.0.1:{mock_port}/calls");
-    let mut tries = 0;
-    loop {
-        match reqwest::get(&url).await {
-            Ok(r) => return r.json().await.unwrap(),
-            Err(e) if tries < 5 => {
-                tries += 1;
-                eprintln!("GET {url}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("GET {url}: {e}"),
-        }
     }
 }
 
@@ -254,15 +228,12 @@ async fn processor_killed_mid_call_retries_safely() {
     let mut serve = site.start("serve").await;
     let ids = ingest(&site, "KILL", 3, json!({})).await;
     // Kill -9 while calls are in flight at the downstream.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while mock_calls(mock_port).await["total_calls"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(Instant::now() < deadline, "no downstream call started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_json(
+        &format!("http://127.0.0.1:{mock_port}/calls"),
+        Duration::from_secs(20),
+        |c| c["total_calls"].as_u64().unwrap_or(0) > 0,
+    )
+    .await;
     serve.kill9();
     let in_flight = mock_calls(mock_port).await;
     assert!(
@@ -343,21 +314,17 @@ async fn ledger_loss_heals_itself_from_the_journal() {
     // A stray copy of a finished transaction is still queued (a re-drive, or
     // a message whose settle was lost in the crash).
     let reg = Registration {
-        transaction_id: done[0].clone(),
-        sha256: rec["sha256"].as_str().unwrap().to_owned(),
-        wal_ref: rec["wal_ref"].as_str().unwrap().to_owned(),
+        transaction_id: TransactionId::parse(&done[0]).unwrap(),
+        sha256: rec["sha256"].as_str().unwrap().into(),
+        wal_ref: rec["wal_ref"].as_str().unwrap().parse().unwrap(),
         vendor: None,
         received_at: serde_json::from_value(rec["created_at"].clone()).unwrap(),
     };
     let payload = serde_json::to_vec(&body_of(&done[0], &json!({}))).unwrap();
     let q = site.queue();
-    q.send(vec![message_for(
-        &reg,
-        payload.into(),
-        "redrive",
-        Some("redrive:stray"),
-        None,
-    )])
+    q.send(vec![
+        Envelope::new(reg, payload.into(), Delivery::Redrive("stray".into())).to_message(),
+    ])
     .await
     .unwrap();
     drop(q);

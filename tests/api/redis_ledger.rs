@@ -10,7 +10,7 @@ use rtp_durability::ledger::{
     ClaimOutcome, Ledger, LedgerError, ListQuery, RegisterOutcome, ReplayOutcome,
 };
 use rtp_durability::transaction::{
-    Registration, Settlement, State, TxRecord,
+    DeadLetterReason, Registration, Settlement, State, TransactionId, TxRecord,
     machine::{self, ClaimDecision},
 };
 use std::time::{Duration, Instant};
@@ -33,9 +33,9 @@ fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
 
 fn reg(id: &str) -> Registration {
     Registration {
-        transaction_id: id.to_owned(),
+        transaction_id: TransactionId::parse(id).unwrap(),
         sha256: "aa".into(),
-        wal_ref: "wal/v1/x#0+1".into(),
+        wal_ref: "wal/v1/x#0+1".parse().unwrap(),
         vendor: None,
         received_at: micros(Utc::now()),
     }
@@ -106,13 +106,13 @@ fn variants(now: DateTime<Utc>) -> Vec<(&'static str, TxRecord)> {
 /// Puts `rec` under a fresh id and returns that id.
 async fn put(l: &RedisLedger, name: &str, n: usize, rec: &TxRecord) -> (String, TxRecord) {
     let mut rec = rec.clone();
-    rec.transaction_id = format!("{name}-{n}");
+    rec.transaction_id = TransactionId::parse(&format!("{name}-{n}")).unwrap();
     l.restore(rec.clone()).await.unwrap();
     assert_eq!(
         l.get(&rec.transaction_id).await.unwrap().as_ref(),
         Some(&rec)
     );
-    (rec.transaction_id.clone(), rec)
+    (rec.transaction_id.to_string(), rec)
 }
 
 #[tokio::test]
@@ -145,7 +145,10 @@ async fn scripts_decide_exactly_as_the_state_machine() {
                 error: "e".into(),
                 next_retry_at: now,
             },
-            Settlement::DeadLetter { error: "d".into() },
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::PermanentFailure,
+                error: "d".into(),
+            },
         ]
         .into_iter()
         .enumerate()
@@ -224,10 +227,19 @@ async fn terminal_records_expire_after_retention_and_counts_follow() {
     }
     for (id, s) in [
         ("gone-ok", Settlement::Success),
-        ("gone-dl", Settlement::DeadLetter { error: "x".into() }),
+        (
+            "gone-dl",
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::PermanentFailure,
+                error: "x".into(),
+            },
+        ),
         (
             "kept-replayed",
-            Settlement::DeadLetter { error: "x".into() },
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::PermanentFailure,
+                error: "x".into(),
+            },
         ),
     ] {
         l.claim(id, "w", Duration::from_secs(30)).await.unwrap();

@@ -161,7 +161,7 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
             app.services.ledger.get(id).await.unwrap().is_none(),
             "{id}: the restarted Redis is empty"
         );
-        let rec = load_record(&app.services, wal_ref)
+        let rec = load_record(&app.services.wal, &wal_ref.parse().unwrap())
             .await
             .expect("acknowledged record is in the WAL");
         assert_eq!(&rec.transaction_id, id);

@@ -10,7 +10,7 @@ use crate::support::{
 use rtp_durability::api::rejected::RejectedCall;
 use rtp_durability::auth::sign;
 use rtp_durability::replay::load_record;
-use rtp_durability::wal::sha256_hex;
+use rtp_durability::transaction::Sha256;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,9 +59,12 @@ async fn a_signed_transaction_is_accepted_and_attributed_to_its_vendor() {
     let r = app.post_signed(body, now_unix()).await;
     assert_eq!(r.status(), 202);
     let receipt = json(r).await;
-    let rec = load_record(&app.services, receipt["wal"]["ref"].as_str().unwrap())
-        .await
-        .unwrap();
+    let rec = load_record(
+        &app.services.wal,
+        &receipt["wal"]["ref"].as_str().unwrap().parse().unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(rec.source.vendor.as_deref(), Some(HMAC_VENDOR));
     assert_eq!(rec.payload, body);
     assert_eq!(
@@ -591,7 +594,7 @@ async fn rejected_calls_are_recorded_without_their_payload() {
     assert_eq!(c.size, Some(bad_json.len() as u64));
     assert_eq!(
         c.sha256.as_deref(),
-        Some(sha256_hex(bad_json.as_bytes()).as_str())
+        Some(Sha256::of(bad_json.as_bytes()).to_string().as_str())
     );
     assert_eq!(c.remote_addr.as_deref(), Some("127.0.0.1"));
     assert_eq!(
@@ -604,7 +607,7 @@ async fn rejected_calls_are_recorded_without_their_payload() {
     assert_eq!(c.claimed_vendor.as_deref(), Some(HMAC_VENDOR));
     assert_eq!(
         c.sha256.as_deref(),
-        Some(sha256_hex(signed_body.as_bytes()).as_str())
+        Some(Sha256::of(signed_body.as_bytes()).to_string().as_str())
     );
     let c = find("bad_api_key");
     assert_eq!(c.status, 401);

@@ -9,10 +9,10 @@
 //! could not take the WAL's credential (the two `TokenCredential` traits
 //! differ). Instead we feed the crate's `token-based-authentication` hook —
 //! a `StreamingCredentialsProvider` — from the same identity the WAL picks
-//! (`wal::azure::credential::EntraIdentity`), and the crate re-AUTHs every
+//! (`azure::identity::EntraIdentity`), and the crate re-AUTHs every
 //! connection on each new token.
 
-use crate::wal::azure::credential::{EntraIdentity, env_set};
+use crate::backoff::Backoff;
 use azure_core::credentials::TokenCredential;
 use futures::Stream;
 use redis::{BasicAuth, ErrorKind, RedisError, RedisResult};
@@ -58,11 +58,8 @@ impl EntraTokens {
     /// Chooses the identity like the WAL does (`RTPD_AZURE_CLIENT_ID` → that
     /// user-assigned managed identity) and starts refreshing.
     pub fn start(object_id: String, client_id: Option<&str>) -> Result<EntraTokens, String> {
-        let chosen = EntraIdentity::choose(client_id, env_set);
-        let identity = chosen.describe();
-        let credential = chosen
-            .credential()
-            .map_err(|e| format!("cannot set up {identity} for Redis: {e}"))?;
+        let (credential, identity) = crate::azure::identity::credential(client_id)
+            .map_err(|e| format!("{e} (for Redis)"))?;
         Ok(Self::with_credential(object_id, credential, identity))
     }
 
@@ -73,11 +70,11 @@ impl EntraTokens {
     ) -> EntraTokens {
         let (tx, rx) = watch::channel::<Current>(None);
         let task = tokio::spawn(async move {
-            let mut retry = Duration::from_secs(1);
+            let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
             loop {
                 let wait = match credential.get_token(&[SCOPE], None).await {
                     Ok(token) => {
-                        retry = Duration::from_secs(1);
+                        retry.reset();
                         let remaining =
                             token.expires_on - azure_core::time::OffsetDateTime::now_utc();
                         tx.send_replace(Some(Ok(BasicAuth::new(
@@ -93,9 +90,7 @@ impl EntraTokens {
                         if tx.borrow().as_ref().is_none_or(|c| c.is_err()) {
                             tx.send_replace(Some(Err(e.to_string())));
                         }
-                        let wait = retry;
-                        retry = (retry * 2).min(Duration::from_secs(60));
-                        wait
+                        retry.next_delay()
                     }
                 };
                 tokio::time::sleep(wait).await;

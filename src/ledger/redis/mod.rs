@@ -120,7 +120,7 @@ impl RedisLedger {
             String::new()
         };
         let mut args = vec![
-            rec.transaction_id.clone(),
+            rec.transaction_id.to_string(),
             rec.status.as_str().to_owned(),
             micros(rec.updated_at).to_string(),
             expire,
@@ -153,7 +153,7 @@ impl Ledger for RedisLedger {
         let mut reg = reg;
         reg.received_at = truncate(reg.received_at);
         let rec = TxRecord::new(&reg, now);
-        let mut args = vec![rec.transaction_id.clone(), micros(now).to_string()];
+        let mut args = vec![rec.transaction_id.to_string(), micros(now).to_string()];
         args.extend(flat_fields(&rec));
         let (code, fields) = self
             .script(
@@ -234,7 +234,7 @@ impl Ledger for RedisLedger {
                 error,
                 next_retry_at,
             } => (error.clone(), micros(*next_retry_at).to_string()),
-            Settlement::DeadLetter { error } => (error.clone(), String::new()),
+            Settlement::DeadLetter { error, .. } => (error.clone(), String::new()),
         };
         let (code, fields) = self
             .script(
@@ -372,9 +372,7 @@ impl Ledger for RedisLedger {
     async fn list(&self, q: ListQuery) -> Result<Page, LedgerError> {
         let limit = q.limit.clamp(1, 1000);
         let cursor = match q.cursor.as_deref() {
-            Some(c) => {
-                Some(decode_cursor(c).ok_or_else(|| LedgerError::Fatal("invalid cursor".into()))?)
-            }
+            Some(c) => Some(decode_cursor(c).ok_or(LedgerError::InvalidCursor)?),
             None => None,
         };
         let (max, cid) = match &cursor {

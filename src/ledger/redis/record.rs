@@ -4,7 +4,7 @@
 //! microseconds exactly). A hash rather than a JSON string so the scripts
 //! read and write single fields without re-encoding the whole document.
 
-use crate::transaction::{State, TxRecord};
+use crate::transaction::{Sha256, State, TransactionId, TxRecord};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 
@@ -21,10 +21,10 @@ pub fn truncate(t: DateTime<Utc>) -> DateTime<Utc> {
 /// Field/value pairs for `HSET`, `None`s left out.
 pub fn to_fields(r: &TxRecord) -> Vec<(&'static str, String)> {
     let mut f = vec![
-        ("transaction_id", r.transaction_id.clone()),
+        ("transaction_id", r.transaction_id.to_string()),
         ("status", r.status.as_str().to_owned()),
-        ("sha256", r.sha256.clone()),
-        ("wal_ref", r.wal_ref.clone()),
+        ("sha256", r.sha256.to_string()),
+        ("wal_ref", r.wal_ref.to_string()),
         ("attempts", r.attempts.to_string()),
         ("retry_count", r.retry_count.to_string()),
         ("created_at", micros(r.created_at).to_string()),
@@ -75,12 +75,18 @@ fn from_map(mut m: HashMap<String, String>) -> Result<TxRecord, String> {
         v.and_then(|s| s.parse().ok()).ok_or_else(|| bad(k))
     };
     Ok(TxRecord {
-        transaction_id: take("transaction_id").ok_or_else(|| bad("transaction_id"))?,
+        transaction_id: take("transaction_id")
+            .and_then(|s| TransactionId::parse(&s).ok())
+            .ok_or_else(|| bad("transaction_id"))?,
         status: take("status")
             .and_then(|s| State::parse(&s))
             .ok_or_else(|| bad("status"))?,
-        sha256: take("sha256").ok_or_else(|| bad("sha256"))?,
-        wal_ref: take("wal_ref").ok_or_else(|| bad("wal_ref"))?,
+        sha256: take("sha256")
+            .map(Sha256::from)
+            .ok_or_else(|| bad("sha256"))?,
+        wal_ref: take("wal_ref")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("wal_ref"))?,
         attempts: num(take("attempts"), "attempts")?,
         retry_count: num(take("retry_count"), "retry_count")?,
         error_message: take("error_message"),
@@ -104,9 +110,9 @@ mod tests {
         let now = truncate(Utc::now());
         let mut r = TxRecord::new(
             &Registration {
-                transaction_id: "t:1".into(),
+                transaction_id: TransactionId::parse("t:1").unwrap(),
                 sha256: "ab".into(),
-                wal_ref: "w#0+1".into(),
+                wal_ref: "w#0+1".parse().unwrap(),
                 vendor: None,
                 received_at: now,
             },

@@ -6,10 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
-use azure_identity::{
-    DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
-    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
-};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
@@ -47,8 +43,9 @@ impl TokenSource {
             },
             Credential::Signature(sig) => TokenSource::Signature(sig.clone()),
             Credential::Entra { client_id } => TokenSource::Entra(
-                entra_credential(client_id.as_deref())
-                    .map_err(|e| format!("Entra ID credential: {e}"))?,
+                crate::azure::identity::credential(client_id.as_deref())
+                    .map_err(|e| format!("Entra ID credential: {e}"))?
+                    .0,
             ),
         })
     }
@@ -118,32 +115,6 @@ fn sas_expiry(token: &str) -> Option<DateTime<Utc>> {
         .split(['&', ' '])
         .find_map(|p| p.strip_prefix("se="))?;
     DateTime::<Utc>::from_timestamp(se.parse().ok()?, 0)
-}
-
-/// Same choice as the WAL's Entra identity: workload identity, then a
-/// user-assigned managed identity (`RTPD_AZURE_CLIENT_ID`), then a
-/// system-assigned one where the platform advertises it, then developer tools.
-fn entra_credential(client_id: Option<&str>) -> azure_core::Result<Arc<dyn TokenCredential>> {
-    let env_set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
-    let client_id = client_id
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(str::to_owned);
-    Ok(if env_set("AZURE_FEDERATED_TOKEN_FILE") {
-        WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
-            client_id,
-            ..Default::default()
-        }))?
-    } else if let Some(client_id) = client_id {
-        ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
-            user_assigned_id: Some(UserAssignedId::ClientId(client_id)),
-            ..Default::default()
-        }))?
-    } else if env_set("IDENTITY_ENDPOINT") || env_set("MSI_ENDPOINT") {
-        ManagedIdentityCredential::new(None)?
-    } else {
-        DeveloperToolsCredential::new(None)?
-    })
 }
 
 #[cfg(test)]

@@ -91,9 +91,7 @@ impl Live {
 }
 
 fn backoff(failures: u32) -> Duration {
-    BACKOFF_BASE
-        .saturating_mul(1u32 << failures.min(16))
-        .min(BACKOFF_MAX)
+    crate::backoff::exponential(BACKOFF_BASE, BACKOFF_MAX, failures)
 }
 
 impl Links {

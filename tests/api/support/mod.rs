@@ -1,11 +1,15 @@
 //! Test helpers: `spawn_app()` runs the API on port 0 with embedded backends
 //! and a real mock downstream on port 0; typed request helpers; Azurite access.
+//! Real processes (`rtpd`, the mock downstream) live in [`process`].
 
-use rtp_durability::app::{Application, Services};
+pub mod process;
+
+use rtp_durability::app::Application;
 use rtp_durability::auth::{Auth, hash_secret};
 use rtp_durability::config::{Secret, Settings};
 use rtp_durability::mock_downstream::{Mock, MockOptions};
 use rtp_durability::processor::{Outcome, Processor};
+use rtp_durability::services::Services;
 use rtp_durability::transaction::{State, TxRecord};
 use rtp_durability::wal::azure::{AzureBlobSettings, AzureBlobStore};
 use serde_json::Value;
@@ -110,8 +114,7 @@ pub async fn spawn_app_with(o: AppOptions) -> TestApp {
     let services = Arc::new(Services::build(&settings).await.unwrap());
     let auth = Auth::from_settings(&settings).unwrap();
     let app = Application::build_with_listener(
-        services.clone(),
-        auth,
+        services.api_state(auth),
         TcpListener::bind("127.0.0.1:0").unwrap(),
     )
     .unwrap();

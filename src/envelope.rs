@@ -1,0 +1,273 @@
+//! The queue message, as a type: what every flow that sends a transaction to
+//! the queue (intake, retries, replay, the reconciler) builds, and what the
+//! processor and the dead-letter tools read back. The wire format — body,
+//! application properties and the message-id rule — lives here once.
+//!
+//! Message ids: the first enqueue of a transaction uses the transaction id,
+//! so Service Bus duplicate detection drops a vendor's retried POST; every
+//! later copy (a retry, a replay, a re-drive) gets a distinct id, so
+//! duplicate detection cannot drop it.
+
+use crate::queue::{OutgoingMessage, ReceivedMessage};
+use crate::transaction::{Registration, Sha256, TransactionId, WalRef};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+
+/// Application properties every queue message carries.
+pub mod props {
+    pub const TRANSACTION_ID: &str = "transaction_id";
+    pub const SHA256: &str = "sha256";
+    pub const WAL_REF: &str = "wal_ref";
+    pub const VENDOR: &str = "vendor";
+    pub const RECEIVED_AT: &str = "received_at";
+    /// `initial`, `retry`, `replay` or `redrive`.
+    pub const KIND: &str = "kind";
+    /// The retry number of a `retry`, the nonce of a `replay` or `redrive`.
+    pub const DELIVERY: &str = "delivery";
+}
+
+/// Which copy of a transaction a message is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The enqueue at intake.
+    Initial,
+    /// The scheduled copy for attempt number `n`.
+    Retry(u32),
+    /// An operator replay, with its nonce.
+    Replay(String),
+    /// A re-drive by the reconciler, with its nonce.
+    Redrive(String),
+}
+
+impl Delivery {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Delivery::Initial => "initial",
+            Delivery::Retry(_) => "retry",
+            Delivery::Replay(_) => "replay",
+            Delivery::Redrive(_) => "redrive",
+        }
+    }
+
+    /// A fresh nonce for a replay or a re-drive.
+    pub fn nonce() -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Delivery::Initial => None,
+            Delivery::Retry(n) => Some(n.to_string()),
+            Delivery::Replay(nonce) | Delivery::Redrive(nonce) => Some(nonce.clone()),
+        }
+    }
+
+    fn parse(kind: Option<&str>, detail: Option<&str>) -> Delivery {
+        let detail = detail.unwrap_or_default();
+        match kind {
+            Some("retry") => Delivery::Retry(detail.parse().unwrap_or(0)),
+            Some("replay") => Delivery::Replay(detail.to_owned()),
+            Some("redrive") => Delivery::Redrive(detail.to_owned()),
+            _ => Delivery::Initial,
+        }
+    }
+}
+
+/// Why a received message cannot be read as an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("message has no {0} property")]
+    Missing(&'static str),
+    #[error("message property {0} is invalid: {1}")]
+    Invalid(&'static str, String),
+}
+
+/// One transaction on its way through the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub registration: Registration,
+    pub delivery: Delivery,
+    /// The exact payload bytes the vendor sent.
+    pub payload: Bytes,
+    /// Invisible until then (a scheduled retry).
+    pub scheduled: Option<DateTime<Utc>>,
+}
+
+impl Envelope {
+    pub fn new(registration: Registration, payload: Bytes, delivery: Delivery) -> Envelope {
+        Envelope {
+            registration,
+            delivery,
+            payload,
+            scheduled: None,
+        }
+    }
+
+    pub fn scheduled_at(mut self, at: Option<DateTime<Utc>>) -> Envelope {
+        self.scheduled = at;
+        self
+    }
+
+    pub fn transaction_id(&self) -> &TransactionId {
+        &self.registration.transaction_id
+    }
+
+    /// The transaction id for the first enqueue, a distinct id for every later copy.
+    pub fn message_id(&self) -> String {
+        let id = &self.registration.transaction_id;
+        match &self.delivery {
+            Delivery::Initial => id.to_string(),
+            Delivery::Retry(n) => format!("{id}:retry:{n}"),
+            Delivery::Replay(nonce) => format!("{id}:replay:{nonce}"),
+            Delivery::Redrive(nonce) => format!("{id}:redrive:{nonce}"),
+        }
+    }
+
+    pub fn to_message(&self) -> OutgoingMessage {
+        let reg = &self.registration;
+        let mut properties = BTreeMap::from([
+            (
+                props::TRANSACTION_ID.to_owned(),
+                reg.transaction_id.to_string(),
+            ),
+            (props::SHA256.to_owned(), reg.sha256.to_string()),
+            (props::WAL_REF.to_owned(), reg.wal_ref.to_string()),
+            (props::RECEIVED_AT.to_owned(), reg.received_at.to_rfc3339()),
+            (props::KIND.to_owned(), self.delivery.kind().to_owned()),
+        ]);
+        if let Some(detail) = self.delivery.detail() {
+            properties.insert(props::DELIVERY.to_owned(), detail);
+        }
+        if let Some(v) = &reg.vendor {
+            properties.insert(props::VENDOR.to_owned(), v.clone());
+        }
+        OutgoingMessage {
+            message_id: self.message_id(),
+            body: self.payload.clone(),
+            content_type: Some("application/json".into()),
+            properties,
+            scheduled_enqueue_at: self.scheduled,
+        }
+    }
+
+    pub fn from_message(m: &ReceivedMessage) -> Result<Envelope, EnvelopeError> {
+        let p = &m.properties;
+        let get = |name: &'static str| p.get(name).ok_or(EnvelopeError::Missing(name));
+        let transaction_id = TransactionId::parse(get(props::TRANSACTION_ID)?)
+            .map_err(|e| EnvelopeError::Invalid(props::TRANSACTION_ID, e.to_string()))?;
+        let sha256 = Sha256::from(get(props::SHA256)?.as_str());
+        let wal_ref: WalRef =
+            get(props::WAL_REF)?
+                .parse()
+                .map_err(|e: crate::transaction::InvalidWalRef| {
+                    EnvelopeError::Invalid(props::WAL_REF, e.to_string())
+                })?;
+        let received_at = p
+            .get(props::RECEIVED_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or(m.enqueued_at);
+        Ok(Envelope {
+            registration: Registration {
+                transaction_id,
+                sha256,
+                wal_ref,
+                vendor: p.get(props::VENDOR).cloned(),
+                received_at,
+            },
+            delivery: Delivery::parse(
+                p.get(props::KIND).map(String::as_str),
+                p.get(props::DELIVERY).map(String::as_str),
+            ),
+            payload: m.body.clone(),
+            scheduled: None,
+        })
+    }
+
+    /// Whether the body is the payload the registration names.
+    pub fn payload_matches(&self) -> bool {
+        Sha256::of(&self.payload) == self.registration.sha256
+    }
+}
+
+/// The transaction id a received message names, if any (for listings).
+pub fn transaction_id_of(m: &ReceivedMessage) -> Option<&str> {
+    m.properties.get(props::TRANSACTION_ID).map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Subqueue;
+
+    fn reg() -> Registration {
+        Registration {
+            transaction_id: TransactionId::parse("TX-1").unwrap(),
+            sha256: Sha256::of(b"{}"),
+            wal_ref: "wal/v1/2026/01/01/00/s.ndjson#0+2".parse().unwrap(),
+            vendor: Some("acme".into()),
+            received_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        }
+    }
+
+    fn received(out: &OutgoingMessage) -> ReceivedMessage {
+        ReceivedMessage {
+            message_id: out.message_id.clone(),
+            body: out.body.clone(),
+            content_type: out.content_type.clone(),
+            properties: out.properties.clone(),
+            lock_token: uuid::Uuid::new_v4(),
+            delivery_count: 1,
+            sequence_number: 1,
+            enqueued_at: Utc::now(),
+            locked_until: Utc::now(),
+            subqueue: Subqueue::Main,
+            dead_letter_reason: None,
+            dead_letter_description: None,
+        }
+    }
+
+    #[test]
+    fn the_first_copy_uses_the_transaction_id_and_later_ones_differ() {
+        let ids: Vec<String> = [
+            Delivery::Initial,
+            Delivery::Retry(2),
+            Delivery::Replay("n1".into()),
+            Delivery::Redrive("n2".into()),
+        ]
+        .into_iter()
+        .map(|d| Envelope::new(reg(), Bytes::from_static(b"{}"), d).message_id())
+        .collect();
+        assert_eq!(
+            ids,
+            ["TX-1", "TX-1:retry:2", "TX-1:replay:n1", "TX-1:redrive:n2"]
+        );
+    }
+
+    #[test]
+    fn envelopes_round_trip_through_a_message() {
+        for d in [
+            Delivery::Initial,
+            Delivery::Retry(3),
+            Delivery::Replay("abc".into()),
+            Delivery::Redrive("def".into()),
+        ] {
+            let e = Envelope::new(reg(), Bytes::from_static(b"{}"), d);
+            let back = Envelope::from_message(&received(&e.to_message())).unwrap();
+            assert_eq!(back, e);
+            assert!(back.payload_matches());
+        }
+    }
+
+    #[test]
+    fn a_message_without_its_properties_is_refused() {
+        let mut out =
+            Envelope::new(reg(), Bytes::from_static(b"{}"), Delivery::Initial).to_message();
+        out.properties.remove(props::SHA256);
+        assert_eq!(
+            Envelope::from_message(&received(&out)),
+            Err(EnvelopeError::Missing(props::SHA256))
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! Intake: the durability step every way in shares (the HTTP API, and any
+//! other transport), without the transport. A validated submission goes in;
+//! `Accepted | Duplicate | Conflict` comes out, or an error saying which
+//! dependency is unavailable.
+//!
+//! Order: ledger lookup → WAL → ledger → queue. Registering before the send
+//! closes the race in which a fast processor finds no ledger entry. An
+//! `Accepted` is returned only after the WAL append returned (the record is
+//! durable) and the ledger holds the transaction; if the send then fails, the
+//! transaction is `pending` in the ledger and the reconciler re-drives it
+//! from the WAL (`enqueued: false`).
+
+use crate::envelope::{Delivery, Envelope};
+use crate::ledger::{Ledger, LedgerError, RegisterOutcome};
+use crate::queue::Queue;
+use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
+use crate::wal::{Log, Source, WalError, WalRecord};
+use bytes::Bytes;
+use chrono::Utc;
+use std::sync::Arc;
+
+/// One transaction as a transport received it, already validated: the id is
+/// parsed and the payload is a UTF-8 JSON object.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub transaction_id: TransactionId,
+    /// The exact bytes the vendor sent.
+    pub payload: Bytes,
+    pub sha256: Sha256,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IntakeOutcome {
+    /// Durable in the WAL and registered; `enqueued` says whether the send
+    /// succeeded (if not, the reconciler re-drives it).
+    Accepted { record: TxRecord, enqueued: bool },
+    /// Same id, same bytes: the existing transaction.
+    Duplicate(TxRecord),
+    /// Same id, other bytes: refused, nothing written.
+    Conflict(TxRecord),
+}
+
+/// A dependency intake needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Wal,
+    Ledger,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// Nothing was acknowledged; the caller may try again.
+    #[error("{dependency:?} unavailable: {message}")]
+    Unavailable {
+        dependency: Dependency,
+        message: String,
+    },
+    #[error("payload is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Wal(WalError),
+    #[error(transparent)]
+    Ledger(LedgerError),
+}
+
+fn ledger_error(e: LedgerError) -> IntakeError {
+    match e {
+        LedgerError::Unavailable(message) => IntakeError::Unavailable {
+            dependency: Dependency::Ledger,
+            message,
+        },
+        other => IntakeError::Ledger(other),
+    }
+}
+
+/// The ports intake writes to.
+#[derive(Clone)]
+pub struct Intake {
+    pub wal: Log,
+    pub ledger: Arc<dyn Ledger>,
+    pub queue: Arc<dyn Queue>,
+}
+
+impl Intake {
+    pub async fn accept(&self, s: Submission) -> Result<IntakeOutcome, IntakeError> {
+        if let Some(rec) = self
+            .ledger
+            .get(&s.transaction_id)
+            .await
+            .map_err(ledger_error)?
+        {
+            return Ok(existing(rec, &s.sha256));
+        }
+        let text = std::str::from_utf8(&s.payload).map_err(|_| IntakeError::NotUtf8)?;
+        let received_at = Utc::now();
+        let record = WalRecord {
+            v: 1,
+            transaction_id: s.transaction_id.clone(),
+            received_at,
+            source: s.source.clone(),
+            sha256: s.sha256.clone(),
+            payload: text.to_owned(),
+        };
+        let wal_ref = self
+            .wal
+            .append_json(&record, received_at)
+            .await
+            .map_err(|e| {
+                tracing::error!(transaction_id = %s.transaction_id, error = %e, "WAL append failed; not acknowledging");
+                match e {
+                    WalError::Unavailable(message) => IntakeError::Unavailable {
+                        dependency: Dependency::Wal,
+                        message,
+                    },
+                    WalError::Closed => IntakeError::Unavailable {
+                        dependency: Dependency::Wal,
+                        message: "the WAL is shut down".into(),
+                    },
+                    other => IntakeError::Wal(other),
+                }
+            })?;
+        let reg = Registration {
+            transaction_id: s.transaction_id.clone(),
+            sha256: s.sha256.clone(),
+            wal_ref,
+            vendor: s.source.vendor.clone(),
+            received_at,
+        };
+        let record = match self
+            .ledger
+            .register(reg.clone())
+            .await
+            .map_err(ledger_error)?
+        {
+            RegisterOutcome::New(rec) => rec,
+            // A concurrent first POST won the race; ours is a harmless extra WAL record.
+            RegisterOutcome::Duplicate(rec) | RegisterOutcome::Conflict(rec) => {
+                return Ok(existing(rec, &s.sha256));
+            }
+        };
+        let message = Envelope::new(reg, s.payload, Delivery::Initial).to_message();
+        let enqueued = match self.queue.send(vec![message]).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(transaction_id = %s.transaction_id, error = %e, "enqueue failed; the reconciler will re-drive from the WAL");
+                false
+            }
+        };
+        tracing::info!(transaction_id = %s.transaction_id, wal_ref = %record.wal_ref, enqueued, "transaction accepted");
+        Ok(IntakeOutcome::Accepted { record, enqueued })
+    }
+}
+
+fn existing(rec: TxRecord, sha: &Sha256) -> IntakeOutcome {
+    if rec.sha256 == *sha {
+        IntakeOutcome::Duplicate(rec)
+    } else {
+        IntakeOutcome::Conflict(rec)
+    }
+}

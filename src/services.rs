@@ -1,0 +1,220 @@
+//! Start-up wiring: the one factory that turns configuration into adapters
+//! (chosen once, from `Settings`), and hands each flow the ports it uses.
+//! Nothing below imports this module.
+
+use crate::api::{ApiState, health::Dependencies};
+use crate::auth::Auth;
+use crate::backoff::RetryPolicy;
+use crate::config::{LedgerKind, QueueKind, Settings, WalKind};
+use crate::downstream::Downstream;
+use crate::intake::Intake;
+use crate::journal::Journal;
+use crate::ledger::{
+    Ledger,
+    local::LocalLedger,
+    redis::{RedisLedger, RedisSettings},
+};
+use crate::processor::Processor;
+use crate::queue::servicebus::{ServiceBusQueue, ServiceBusSettings};
+use crate::queue::{
+    Queue,
+    local::{LocalQueue, LocalQueueOptions},
+};
+use crate::reconcile::Reconciler;
+use crate::replay::Replayer;
+use crate::wal::azure::{AzureBlobSettings, AzureBlobStore};
+use crate::wal::{
+    GroupCommit, JOURNAL_PREFIX, Log, REJECTED_PREFIX, WAL_PREFIX, local::LocalStore,
+    store::ObjectStore,
+};
+use anyhow::Context;
+use std::sync::Arc;
+
+/// The backends every part of the service shares.
+#[derive(Clone)]
+pub struct Services {
+    pub settings: Settings,
+    pub instance: String,
+    pub wal: Log,
+    pub journal: Journal,
+    /// Rejected inbound calls, for forensics.
+    pub rejected: Log,
+    pub ledger: Arc<dyn Ledger>,
+    pub queue: Arc<dyn Queue>,
+}
+
+impl Services {
+    /// The adapter factory: chooses each port's adapter once, from configuration.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Services> {
+        let instance = settings.instance();
+        let store: Arc<dyn ObjectStore> = match settings.wal {
+            WalKind::Local => Arc::new(
+                LocalStore::open(settings.data_dir.join("objects"))
+                    .context("opening the local WAL directory")?,
+            ),
+            WalKind::Azure => Arc::new(
+                AzureBlobStore::connect(&AzureBlobSettings {
+                    connection_string: settings
+                        .storage_connection_string
+                        .as_ref()
+                        .map(|s| s.0.clone()),
+                    account_url: settings.storage_account_url.clone(),
+                    container: settings.wal_container.clone(),
+                    // Provisioned deployments (Entra ID) manage the container themselves.
+                    create_container: settings
+                        .wal_create_container
+                        .unwrap_or(settings.storage_connection_string.is_some()),
+                    client_id: settings.azure_client_id.clone(),
+                })
+                .await
+                .context("connecting to the Blob Storage WAL")?,
+            ),
+        };
+        let ledger: Arc<dyn Ledger> = match settings.ledger {
+            LedgerKind::Local => Arc::new(
+                LocalLedger::open(&settings.data_dir.join("ledger.db"))
+                    .context("opening the embedded ledger")?,
+            ),
+            LedgerKind::Redis => Arc::new(
+                RedisLedger::connect(&RedisSettings::from_settings(settings))
+                    .context("setting up the Redis ledger")?,
+            ),
+        };
+        let queue: Arc<dyn Queue> = match settings.queue {
+            QueueKind::Local => Arc::new(
+                LocalQueue::open(
+                    &settings.data_dir.join("queue.db"),
+                    LocalQueueOptions {
+                        lock_duration: settings.lock_duration(),
+                        max_delivery_count: settings.max_delivery_count,
+                        ..Default::default()
+                    },
+                )
+                .context("opening the embedded queue")?,
+            ),
+            QueueKind::Servicebus => Arc::new(
+                ServiceBusQueue::connect(&ServiceBusSettings {
+                    connection_string: settings
+                        .servicebus_connection_string
+                        .as_ref()
+                        .map(|s| s.0.clone()),
+                    namespace: settings.servicebus_namespace.clone(),
+                    queue: settings.servicebus_queue.clone(),
+                    client_id: settings.azure_client_id.clone(),
+                    prefetch: 0,
+                })
+                .await
+                .context("connecting to Service Bus")?,
+            ),
+        };
+        Ok(Services::from_parts(
+            settings, instance, store, ledger, queue,
+        ))
+    }
+
+    pub fn from_parts(
+        settings: &Settings,
+        instance: String,
+        store: Arc<dyn ObjectStore>,
+        ledger: Arc<dyn Ledger>,
+        queue: Arc<dyn Queue>,
+    ) -> Services {
+        let gc = GroupCommit {
+            max_records: settings.wal_batch_max_records,
+            flushers: settings.wal_flushers,
+            ..GroupCommit::default()
+        };
+        Services {
+            settings: settings.clone(),
+            wal: Log::start(store.clone(), WAL_PREFIX, &instance, gc.clone()),
+            journal: Journal::new(Log::start(
+                store.clone(),
+                JOURNAL_PREFIX,
+                &instance,
+                gc.clone(),
+            )),
+            rejected: Log::start(store, REJECTED_PREFIX, &instance, gc),
+            instance,
+            ledger,
+            queue,
+        }
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            base: std::time::Duration::from_secs_f64(self.settings.backoff_base_secs),
+            max: std::time::Duration::from_secs_f64(self.settings.backoff_max_secs),
+            max_retries: self.settings.max_retries,
+        }
+    }
+
+    pub fn processor(&self) -> anyhow::Result<Processor> {
+        Ok(Processor {
+            queue: self.queue.clone(),
+            ledger: self.ledger.clone(),
+            journal: self.journal.clone(),
+            downstream: Downstream::new(
+                self.settings.downstream_url.clone(),
+                self.settings.downstream_timeout(),
+            )
+            .context("building the downstream HTTP client")?,
+            policy: self.retry_policy(),
+            owner: self.instance.clone(),
+            lock_duration: self.settings.lock_duration(),
+            downstream_timeout: self.settings.downstream_timeout(),
+            journal_index: Default::default(),
+        })
+    }
+
+    pub fn intake(&self) -> Intake {
+        Intake {
+            wal: self.wal.clone(),
+            ledger: self.ledger.clone(),
+            queue: self.queue.clone(),
+        }
+    }
+
+    pub fn replayer(&self) -> Replayer {
+        Replayer {
+            wal: self.wal.clone(),
+            journal: self.journal.clone(),
+            ledger: self.ledger.clone(),
+            queue: self.queue.clone(),
+        }
+    }
+
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler {
+            wal: self.wal.clone(),
+            journal: self.journal.clone(),
+            ledger: self.ledger.clone(),
+            queue: self.queue.clone(),
+            instance: self.instance.clone(),
+        }
+    }
+
+    pub fn dependencies(&self) -> Dependencies {
+        Dependencies {
+            wal: self.wal.clone(),
+            ledger: self.ledger.clone(),
+            queue: self.queue.clone(),
+        }
+    }
+
+    /// What the HTTP layer works with.
+    pub fn api_state(&self, auth: Auth) -> ApiState {
+        ApiState::new(
+            self.settings.clone(),
+            auth,
+            self.intake(),
+            self.replayer(),
+            self.rejected.clone(),
+            self.dependencies(),
+        )
+    }
+
+    /// Logs where each port points; never a secret.
+    pub fn describe(&self) {
+        tracing::info!(wal = %self.wal.describe(), ledger = %self.ledger.describe(), queue = %self.queue.describe(), "backends");
+    }
+}

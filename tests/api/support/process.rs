@@ -1,0 +1,169 @@
+//! Real processes for the scenario tests: `rtpd` subcommands, the mock
+//! downstream, `rtpd dev`, and polling their HTTP answers.
+
+pub use super::free_port;
+use serde_json::Value;
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Kills the child when dropped, so a failing test leaves nothing running.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn wait_http_ok(url: &str, within: Duration) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not answer within {within:?}");
+}
+
+pub fn rtpd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rtpd"))
+}
+
+/// `rtpd mock-downstream` that always succeeds, plus any extra flags.
+pub fn spawn_mock(port: u16, extra: &[&str]) -> Proc {
+    Proc(
+        rtpd()
+            .args([
+                "mock-downstream",
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+                "--success-rate",
+                "1",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A mock downstream and `rtpd dev` in front of it, both answering.
+pub struct DevPipeline {
+    pub mock: Proc,
+    pub dev: Proc,
+    pub api_port: u16,
+    pub mock_port: u16,
+    pub base: String,
+    pub api_key: String,
+}
+
+pub async fn start_dev_pipeline(dir: &Path, mock_extra: &[&str]) -> DevPipeline {
+    let (api_port, mock_port) = (free_port(), free_port());
+    let mock = spawn_mock(mock_port, mock_extra);
+    wait_http_ok(
+        &format!("http://127.0.0.1:{mock_port}/healthz"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let dev = spawn_dev(dir, api_port, mock_port);
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let creds: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev-credentials.json")).unwrap())
+            .unwrap();
+    DevPipeline {
+        mock,
+        dev,
+        api_port,
+        mock_port,
+        base,
+        api_key: creds["api_key"].as_str().unwrap().to_owned(),
+    }
+}
+
+pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
+    Proc(
+        rtpd()
+            .arg("dev")
+            .arg("--no-mock")
+            .env("RTPD_DATA_DIR", dir)
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
+            .env(
+                "RTPD_DOWNSTREAM_URL",
+                format!("http://127.0.0.1:{mock_port}/process"),
+            )
+            .env("RTPD_LOCK_DURATION_SECS", "2")
+            .env("RTPD_DOWNSTREAM_TIMEOUT_SECS", "1")
+            .env("RTPD_BACKOFF_BASE_SECS", "0.1")
+            .env("RTPD_BACKOFF_MAX_SECS", "0.5")
+            .env("RTPD_RECONCILE_INTERVAL_SECS", "0.5")
+            .env("RTPD_RECONCILE_PENDING_AFTER_SECS", "2")
+            .env("RTPD_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A mock downstream on a free port, answering.
+pub async fn start_mock(extra: &[&str]) -> (Proc, u16) {
+    let port = free_port();
+    let p = spawn_mock(port, extra);
+    wait_http_ok(
+        &format!("http://127.0.0.1:{port}/healthz"),
+        Duration::from_secs(20),
+    )
+    .await;
+    (p, port)
+}
+
+/// GETs `url` until its JSON answer satisfies `until`, and returns that answer;
+/// fails the test after `within`. Connection errors (a process starting or
+/// restarting) count as "not yet".
+pub async fn poll_json(url: &str, within: Duration, until: impl Fn(&Value) -> bool) -> Value {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + within;
+    let mut last = Value::Null;
+    loop {
+        if let Ok(r) = client.get(url).send().await
+            && let Ok(v) = r.json::<Value>().await
+        {
+            if until(&v) {
+                return v;
+            }
+            last = v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} did not reach the expected state within {within:?}; last answer: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The mock downstream's `/calls`, retried while it is busy.
+pub async fn mock_calls(mock_port: u16) -> Value {
+    poll_json(
+        &format!("http://127.0.0.1:{mock_port}/calls"),
+        Duration::from_secs(5),
+        |_| true,
+    )
+    .await
+}
