@@ -6,7 +6,6 @@
 //! top of the delay (0..delay), while the seed asks for a symmetric ±20% band
 //! whose cap still holds after jitter. The whole policy is the function below.
 
-use rand::RngExt;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +23,7 @@ impl RetryPolicy {
     /// Delay before retry number `retry` (1-based): `base * 2^(retry-1)`,
     /// jittered, never above `max`.
     pub fn delay(&self, retry: u32) -> Duration {
-        let factor = rand::rng().random_range((1.0 - JITTER)..=(1.0 + JITTER));
+        let factor = crate::clock::uniform(1.0 - JITTER, 1.0 + JITTER);
         self.delay_with(retry, factor)
     }
 

@@ -52,7 +52,7 @@ impl Delivery {
 
     /// A fresh nonce for a replay or a re-drive.
     pub fn nonce() -> String {
-        uuid::Uuid::new_v4().simple().to_string()
+        crate::clock::nonce()
     }
 
     fn detail(&self) -> Option<String> {

@@ -16,7 +16,6 @@ use crate::queue::Queue;
 use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
 use crate::wal::{Log, Source, WalError, WalRecord};
 use bytes::Bytes;
-use chrono::Utc;
 use std::sync::Arc;
 
 /// One transaction as a transport received it, already validated: the id is
@@ -93,7 +92,7 @@ impl Intake {
             return Ok(existing(rec, &s.sha256));
         }
         let text = std::str::from_utf8(&s.payload).map_err(|_| IntakeError::NotUtf8)?;
-        let received_at = Utc::now();
+        let received_at = crate::clock::now();
         let record = WalRecord {
             v: 1,
             transaction_id: s.transaction_id.clone(),

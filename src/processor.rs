@@ -13,7 +13,6 @@ use crate::ledger::{ClaimOutcome, Ledger, LedgerError, RegisterOutcome};
 use crate::metrics;
 use crate::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
 use crate::transaction::{DeadLetterReason, Registration, Settlement, State};
-use chrono::Utc;
 use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -217,7 +216,7 @@ impl Processor {
                     delay = delay.max(ra).min(self.policy.max);
                 }
                 let next_retry_at =
-                    Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                    crate::clock::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 tracing::warn!(attempt, error = %reason, retry_in_secs = delay.as_secs_f64(), "transient failure; retry scheduled");
                 let copy = Envelope::new(reg.clone(), m.body.clone(), Delivery::Retry(attempt + 1))
                     .scheduled_at(Some(next_retry_at))
@@ -292,7 +291,7 @@ impl Processor {
             v: 1,
             kind: EntryKind::Attempt,
             transaction_id: reg.transaction_id.to_string(),
-            at: Utc::now(),
+            at: crate::clock::now(),
             attempt: Some(attempt),
             state: s.state(),
             error: error.clone(),
@@ -348,12 +347,12 @@ impl Processor {
     async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
         let known = {
             let mut idx = self.journal_index.lock().await;
-            idx.refresh(&self.journal, reg.received_at, Utc::now())
+            idx.refresh(&self.journal, reg.received_at, crate::clock::now())
                 .await
                 .map_err(|e| DeferCause::Journal(e.to_string()))?;
             idx.known(&reg.transaction_id)
         };
-        let rec = restored_record(reg, known.as_ref(), Utc::now());
+        let rec = restored_record(reg, known.as_ref(), crate::clock::now());
         let finished = rec.status.is_terminal();
         if known.is_some() {
             self.ledger

@@ -34,11 +34,8 @@ use crate::wal::{Log, WalError, WalRecord};
 use bytes::Bytes;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::Serialize;
-use std::{
-    collections::HashSet,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
+use tokio::time::Instant;
 
 /// The ports the reconciler joins and repairs.
 #[derive(Clone)]
@@ -268,7 +265,9 @@ impl Reconciler {
 
         // Outcomes of transactions received in the window are journaled after it starts.
         let mut journal = JournalIndex::default();
-        journal.refresh(&self.journal, o.from, Utc::now()).await?;
+        journal
+            .refresh(&self.journal, o.from, crate::clock::now())
+            .await?;
 
         let segments = self.wal.segments(o.from, o.to).await?;
         if let Some(p) = &o.progress {
@@ -305,7 +304,7 @@ impl Reconciler {
                 let wal_ref = current.as_ref().map_or(wal_ref, |c| c.wal_ref.clone());
                 let reg = wal.registration(&wal_ref);
                 let known = journal.known(&id);
-                let now = Utc::now();
+                let now = crate::clock::now();
                 let p = plan(current.as_ref(), &reg, known.as_ref(), now, o);
                 let unfinished = match &p {
                     Plan::Restore(r) | Plan::Correct(r) => !r.status.is_terminal(),
@@ -433,7 +432,7 @@ pub async fn run_periodically(
         ttl: (p.interval * 3).max(Duration::from_secs(30)),
     };
     loop {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let fallback = now - ChronoDuration::from_std(p.lookback).unwrap_or_default();
         let from = match svc.ledger.checkpoint(WATERMARK).await {
             Ok(Some(t)) => DateTime::parse_from_rfc3339(&t)
@@ -495,7 +494,7 @@ mod tests {
             sha256: "aa".into(),
             wal_ref: "w#0+1".parse().unwrap(),
             vendor: None,
-            received_at: Utc::now() - ChronoDuration::seconds(age_secs),
+            received_at: crate::clock::now() - ChronoDuration::seconds(age_secs),
         }
     }
 
@@ -506,17 +505,21 @@ mod tests {
             retry_count: 1,
             error: None,
             next_retry_at: None,
-            last_at: Utc::now(),
+            last_at: crate::clock::now(),
         }
     }
 
     fn opts() -> ReconcileOptions {
-        ReconcileOptions::new(Utc::now(), Utc::now(), Duration::from_secs(10))
+        ReconcileOptions::new(
+            crate::clock::now(),
+            crate::clock::now(),
+            Duration::from_secs(10),
+        )
     }
 
     #[test]
     fn missing_and_finished_is_restored_not_redriven() {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let r = reg(60);
         match plan(None, &r, Some(&known(State::Success)), now, &opts()) {
             Plan::Restore(rec) => {
@@ -538,7 +541,7 @@ mod tests {
 
     #[test]
     fn a_ledger_behind_the_journal_is_corrected() {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let r = reg(60);
         let mut cur = TxRecord::new(&r, now - ChronoDuration::seconds(60));
         cur.attempts = 3;
@@ -558,7 +561,7 @@ mod tests {
 
     #[test]
     fn the_watermark_stays_behind_the_present() {
-        let to = Utc::now();
+        let to = crate::clock::now();
         let mut r = ReconcileReport::default();
         assert_eq!(
             next_watermark(&r, to, Duration::from_secs(60)),

@@ -67,7 +67,7 @@ impl Replayer {
         let Some(current) = self.ledger.get(id).await? else {
             return Ok(Replayed::NotFound);
         };
-        if !machine::may_replay(&current, req.force, Utc::now()) {
+        if !machine::may_replay(&current, req.force, crate::clock::now()) {
             return Ok(Replayed::Refused(current));
         }
         let wal = load_record(&self.wal, &current.wal_ref).await?;
@@ -77,7 +77,7 @@ impl Replayer {
                 v: 1,
                 kind: EntryKind::Replay,
                 transaction_id: id.to_owned(),
-                at: Utc::now(),
+                at: crate::clock::now(),
                 attempt: None,
                 state: State::Pending,
                 error: None,

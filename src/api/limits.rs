@@ -50,7 +50,7 @@ fn call_record(req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
         .and_then(|v| v.parse::<u64>().ok());
     RejectedCall {
         v: 1,
-        at: chrono::Utc::now(),
+        at: crate::clock::now(),
         status,
         reason: reason.to_owned(),
         method: req.method().to_string(),

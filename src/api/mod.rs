@@ -77,7 +77,7 @@ fn signed_headers(req: &HttpRequest) -> Option<Signed<'_>> {
 }
 
 fn now_unix() -> i64 {
-    chrono::Utc::now().timestamp()
+    crate::clock::now().timestamp()
 }
 
 impl ApiState {

@@ -50,7 +50,7 @@ pub async fn status(
         "status": if healthy { "healthy" } else { "degraded" },
         "database": deps.get("ledger").cloned().unwrap_or_default(),
         "dependencies": deps,
-        "timestamp": chrono::Utc::now(),
+        "timestamp": crate::clock::now(),
     });
     Ok(if healthy {
         HttpResponse::Ok().json(body)

@@ -13,7 +13,6 @@ use crate::transaction::{
     machine::{self, ClaimDecision},
 };
 use async_trait::async_trait;
-use chrono::Utc;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::{
     path::{Path, PathBuf},
@@ -136,7 +135,7 @@ impl Ledger for LocalLedger {
                     RegisterOutcome::Conflict(existing)
                 });
             }
-            let rec = TxRecord::new(&reg, Utc::now());
+            let rec = TxRecord::new(&reg, crate::clock::now());
             store(c, &rec, None)?;
             Ok(RegisterOutcome::New(rec))
         })
@@ -159,7 +158,7 @@ impl Ledger for LocalLedger {
             let Some(mut rec) = load(c, &id)? else {
                 return Ok(ClaimOutcome::NotFound);
             };
-            let now = Utc::now();
+            let now = crate::clock::now();
             Ok(match machine::decide_claim(&rec, now) {
                 ClaimDecision::Terminal => ClaimOutcome::Terminal(rec),
                 ClaimDecision::Busy => ClaimOutcome::Busy(rec),
@@ -195,7 +194,7 @@ impl Ledger for LocalLedger {
                     return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(Fenced)));
                 }
                 let before = rec.status;
-                machine::apply_settlement(&mut rec, &s, Utc::now());
+                machine::apply_settlement(&mut rec, &s, crate::clock::now());
                 store(c, &rec, Some(before))?;
                 Ok(Some(rec))
             })
@@ -227,7 +226,7 @@ impl Ledger for LocalLedger {
             let Some(mut rec) = load(c, &id)? else {
                 return Ok(ReplayOutcome::NotFound);
             };
-            let now = Utc::now();
+            let now = crate::clock::now();
             if !machine::may_replay(&rec, force, now) {
                 return Ok(ReplayOutcome::Refused(rec));
             }
@@ -261,7 +260,7 @@ impl Ledger for LocalLedger {
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         let (name, owner) = (name.to_owned(), owner.to_owned());
         self.run(move |c| {
-            let now = Utc::now().timestamp_micros();
+            let now = crate::clock::now().timestamp_micros();
             let until = now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
             let changed = c
                 .prepare_cached(

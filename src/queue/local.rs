@@ -138,7 +138,7 @@ impl LocalQueue {
             }
             let mut until = deadline;
             if let Some(t) = next_visible {
-                let in_us = (t - Utc::now().timestamp_micros()).max(0) as u64;
+                let in_us = (t - crate::clock::now().timestamp_micros()).max(0) as u64;
                 until = until.min(now + Duration::from_micros(in_us));
             }
             tokio::select! {
@@ -160,7 +160,7 @@ impl LocalQueue {
         let changed = self
             .db
             .run(move |c| {
-                let now = Utc::now().timestamp_micros();
+                let now = crate::clock::now().timestamp_micros();
                 let mut p: Vec<&dyn rusqlite::ToSql> = vec![&seq, &token, &now];
                 p.extend(extra.iter().map(|e| e as &dyn rusqlite::ToSql));
                 c.prepare_cached(sql)?.execute(p.as_slice())
@@ -218,7 +218,7 @@ fn lock_batch(
     lock_us: i64,
     max_delivery: u32,
 ) -> rusqlite::Result<(Vec<ReceivedMessage>, Option<i64>)> {
-    let now = Utc::now().timestamp_micros();
+    let now = crate::clock::now().timestamp_micros();
     let code = subqueue_code(sub);
     let mut out = Vec::new();
     loop {
@@ -285,7 +285,7 @@ impl Queue for LocalQueue {
         let window = dur_us(self.opts.duplicate_detection_window);
         self.db
             .run(move |c| {
-                let now = Utc::now().timestamp_micros();
+                let now = crate::clock::now().timestamp_micros();
                 c.prepare_cached("DELETE FROM sent_ids WHERE sent_at < ?1")?
                     .execute(params![now - window])?;
                 for m in messages {
@@ -390,7 +390,7 @@ impl Queue for LocalQueue {
         let until = self
             .db
             .run(move |c| {
-                let now = Utc::now().timestamp_micros();
+                let now = crate::clock::now().timestamp_micros();
                 let until = now + lock_us;
                 let n = c.execute(
                     "UPDATE messages SET locked_until = ?4, visible_at = ?4 \

@@ -24,10 +24,11 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 use store::{ObjectInfo, ObjectStore, PutOptions, StoreError};
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::metrics;
@@ -317,7 +318,7 @@ impl Flusher {
     }
 
     async fn flush(&self, batch: Vec<Append>) {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let key = format!(
             "{}{}-{}-{:010}.ndjson",

@@ -94,7 +94,7 @@ impl RedisLedger {
     }
 
     fn now() -> DateTime<Utc> {
-        truncate(Utc::now())
+        truncate(crate::clock::now())
     }
 
     /// When a record that became terminal at `at` expires (ms since the
