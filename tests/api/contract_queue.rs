@@ -105,6 +105,10 @@ pub async fn abandon_makes_visible_and_counts(q: Arc<dyn Queue>) {
     q.abandon(&m).await.unwrap();
     let again = q.receive(1, WAIT).await.unwrap().remove(0);
     assert_eq!(again.delivery_count, 2);
+    assert_ne!(
+        again.lock_token, m.lock_token,
+        "a redelivery gets a new lock"
+    );
     q.complete(&again).await.unwrap();
 }
 

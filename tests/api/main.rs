@@ -6,6 +6,7 @@ mod contract_queue;
 mod contract_wal;
 mod crash;
 mod ingest;
+mod intake;
 mod logs;
 mod processing;
 mod recovery;

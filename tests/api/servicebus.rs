@@ -106,61 +106,6 @@ async fn receive_waits_then_returns_empty() {
 }
 
 #[tokio::test]
-async fn abandon_redelivers_with_higher_delivery_count() {
-    let (_b, q, _) = setup(10).await;
-    q.send(vec![msg("ab-1", "x")]).await.unwrap();
-    let m = receive_one(&q).await;
-    q.abandon(&m).await.unwrap();
-    let again = receive_one(&q).await;
-    assert_eq!(again.message_id, "ab-1");
-    assert_eq!(again.delivery_count, 2);
-    assert_ne!(again.lock_token, m.lock_token);
-    q.complete(&again).await.unwrap();
-}
-
-#[tokio::test]
-async fn lock_expiry_redelivers_and_settling_the_expired_lock_is_lock_lost() {
-    let (_b, q, _) = setup(10).await;
-    q.send(vec![msg("le-1", "x")]).await.unwrap();
-    let m = receive_one(&q).await;
-    tokio::time::sleep(LOCK + Duration::from_millis(300)).await;
-    assert!(matches!(q.complete(&m).await, Err(QueueError::LockLost)));
-    assert!(matches!(q.renew_lock(&m).await, Err(QueueError::LockLost)));
-    let again = receive_one(&q).await;
-    assert_eq!(again.message_id, "le-1");
-    assert_eq!(again.delivery_count, 2);
-    q.complete(&again).await.unwrap();
-}
-
-#[tokio::test]
-async fn max_delivery_count_moves_to_dead_letter() {
-    let (_b, q, _) = setup(2).await;
-    q.send(vec![msg("mx-1", "x")]).await.unwrap();
-    for _ in 0..2 {
-        let m = receive_one(&q).await;
-        q.abandon(&m).await.unwrap();
-    }
-    assert!(
-        q.receive(1, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let dead = q
-        .receive_dead_letters(1, Duration::from_secs(2))
-        .await
-        .unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].message_id, "mx-1");
-    assert_eq!(dead[0].subqueue, Subqueue::DeadLetter);
-    assert_eq!(
-        dead[0].dead_letter_reason.as_deref(),
-        Some("MaxDeliveryCountExceeded")
-    );
-    q.complete(&dead[0]).await.unwrap();
-}
-
-#[tokio::test]
 async fn dead_letter_reason_round_trips_through_peek_and_receive() {
     let (_b, q, _) = setup(10).await;
     q.send(vec![msg("dl-1", "a"), msg("dl-2", "b")])
@@ -230,40 +175,6 @@ async fn duplicate_detection_drops_same_id_keeps_distinct_ids() {
             ("dup-1-retry-1".to_string(), Bytes::from("retry"))
         ]
     );
-}
-
-#[tokio::test]
-async fn scheduled_message_is_invisible_until_due() {
-    let (_b, q, _) = setup(10).await;
-    let due = Utc::now() + chrono::TimeDelta::milliseconds(1500);
-    q.send(vec![OutgoingMessage {
-        scheduled_enqueue_at: Some(due),
-        ..msg("sc-1", "later")
-    }])
-    .await
-    .unwrap();
-    assert!(
-        q.receive(1, Duration::from_millis(700))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let m = receive_one(&q).await;
-    assert!(Utc::now() >= due - chrono::TimeDelta::milliseconds(100));
-    assert_eq!(m.message_id, "sc-1");
-    q.complete(&m).await.unwrap();
-}
-
-#[tokio::test]
-async fn renew_lock_moves_expiry() {
-    let (_b, q, _) = setup(10).await;
-    q.send(vec![msg("rl-1", "x")]).await.unwrap();
-    let m = receive_one(&q).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let until = q.renew_lock(&m).await.unwrap();
-    assert!(until > m.locked_until, "{until} > {}", m.locked_until);
-    tokio::time::sleep(Duration::from_millis(1200)).await; // past the original expiry
-    q.complete(&m).await.unwrap();
 }
 
 #[tokio::test]

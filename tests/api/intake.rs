@@ -1,0 +1,272 @@
+//! The central guarantee at the layer every way in shares, without a socket:
+//! `Intake::accept` answers `Accepted` only once the record is durable in the
+//! WAL and registered; a WAL it cannot write means nothing is registered or
+//! enqueued; a failed send still leaves a durable, registered transaction.
+//! Real embedded adapters (local WAL directory, SQLite ledger and queue); a
+//! wrapper injects the failures.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rtp_durability::intake::{Dependency, Intake, IntakeError, IntakeOutcome, Submission};
+use rtp_durability::ledger::{Ledger, local::LocalLedger};
+use rtp_durability::queue::{
+    OutgoingMessage, Queue, QueueError, ReceivedMessage,
+    local::{LocalQueue, LocalQueueOptions},
+};
+use rtp_durability::replay::load_record;
+use rtp_durability::transaction::{Sha256, State, TransactionId};
+use rtp_durability::wal::{
+    GroupCommit, Log, Source, WAL_PREFIX,
+    local::LocalStore,
+    store::{ObjectInfo, ObjectStore, PutOptions, StoreError},
+};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+use std::time::Duration;
+
+/// The local store, refusing writes while `down` is set.
+struct Flaky {
+    inner: LocalStore,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl ObjectStore for Flaky {
+    async fn put_new(&self, key: &str, body: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected outage".into()));
+        }
+        self.inner.put_new(key, body, opts).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        self.inner.get_range(key, offset, len).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    fn describe(&self) -> String {
+        "flaky local store".into()
+    }
+}
+
+/// The local queue, refusing sends while `down` is set.
+struct FlakyQueue {
+    inner: LocalQueue,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl Queue for FlakyQueue {
+    async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(QueueError::Unavailable("injected outage".into()));
+        }
+        self.inner.send(messages).await
+    }
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        self.inner.receive(max, wait).await
+    }
+    async fn receive_dead_letters(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        self.inner.receive_dead_letters(max, wait).await
+    }
+    async fn peek_dead_letters(
+        &self,
+        from: i64,
+        max: usize,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        self.inner.peek_dead_letters(from, max).await
+    }
+    async fn complete(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+        self.inner.complete(m).await
+    }
+    async fn abandon(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+        self.inner.abandon(m).await
+    }
+    async fn dead_letter(
+        &self,
+        m: &ReceivedMessage,
+        reason: &str,
+        description: &str,
+    ) -> Result<(), QueueError> {
+        self.inner.dead_letter(m, reason, description).await
+    }
+    async fn renew_lock(
+        &self,
+        m: &ReceivedMessage,
+    ) -> Result<chrono::DateTime<chrono::Utc>, QueueError> {
+        self.inner.renew_lock(m).await
+    }
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.inner.ping().await
+    }
+    fn describe(&self) -> String {
+        "flaky local queue".into()
+    }
+}
+
+struct Rig {
+    intake: Intake,
+    store: Arc<Flaky>,
+    queue: Arc<FlakyQueue>,
+    _dir: tempfile::TempDir,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Flaky {
+        inner: LocalStore::open(dir.path().join("objects")).unwrap(),
+        down: AtomicBool::new(false),
+    });
+    let queue = Arc::new(FlakyQueue {
+        inner: LocalQueue::open(&dir.path().join("queue.db"), LocalQueueOptions::default())
+            .unwrap(),
+        down: AtomicBool::new(false),
+    });
+    let gc = GroupCommit {
+        retry_deadline: Duration::from_millis(200),
+        ..GroupCommit::default()
+    };
+    let intake = Intake {
+        wal: Log::start(store.clone(), WAL_PREFIX, "intake-test", gc),
+        ledger: Arc::new(LocalLedger::open(&dir.path().join("ledger.db")).unwrap()),
+        queue: queue.clone(),
+    };
+    Rig {
+        intake,
+        store,
+        queue,
+        _dir: dir,
+    }
+}
+
+fn submission(id: &str, body: &str) -> Submission {
+    Submission {
+        transaction_id: TransactionId::parse(id).unwrap(),
+        payload: Bytes::from(body.to_owned()),
+        sha256: Sha256::of(body.as_bytes()),
+        source: Source {
+            vendor: Some("acme".into()),
+            remote_addr: None,
+        },
+    }
+}
+
+async fn queued(q: &FlakyQueue) -> Vec<String> {
+    let got = q
+        .inner
+        .receive(10, Duration::from_millis(200))
+        .await
+        .unwrap();
+    got.iter().map(|m| m.message_id.clone()).collect()
+}
+
+#[tokio::test]
+async fn accepted_means_durable_registered_and_enqueued() {
+    let r = rig();
+    let body = r#"{"transaction_id":"IN-1","amount":"1.00"}"#;
+    let IntakeOutcome::Accepted { record, enqueued } =
+        r.intake.accept(submission("IN-1", body)).await.unwrap()
+    else {
+        panic!("a new transaction is accepted")
+    };
+    assert!(enqueued);
+    assert_eq!(record.status, State::Pending);
+    let wal = load_record(&r.intake.wal, &record.wal_ref).await.unwrap();
+    assert_eq!(wal.payload.as_bytes(), body.as_bytes(), "byte-identical");
+    assert_eq!(wal.sha256, Sha256::of(body.as_bytes()));
+    let held = r.intake.ledger.get("IN-1").await.unwrap().unwrap();
+    assert_eq!(held.wal_ref, record.wal_ref);
+    assert_eq!(queued(&r.queue).await, ["IN-1"]);
+}
+
+#[tokio::test]
+async fn same_bytes_is_a_duplicate_and_other_bytes_a_conflict_with_nothing_written() {
+    let r = rig();
+    let body = r#"{"transaction_id":"IN-2"}"#;
+    r.intake.accept(submission("IN-2", body)).await.unwrap();
+    assert!(matches!(
+        r.intake.accept(submission("IN-2", body)).await.unwrap(),
+        IntakeOutcome::Duplicate(_)
+    ));
+    let IntakeOutcome::Conflict(existing) = r
+        .intake
+        .accept(submission("IN-2", r#"{"transaction_id":"IN-2","x":1}"#))
+        .await
+        .unwrap()
+    else {
+        panic!("other bytes under the same id conflict")
+    };
+    assert_eq!(
+        existing.sha256,
+        Sha256::of(body.as_bytes()),
+        "never overwritten"
+    );
+    assert_eq!(queued(&r.queue).await, ["IN-2"], "enqueued once");
+}
+
+#[tokio::test]
+async fn a_wal_that_cannot_be_written_registers_and_enqueues_nothing() {
+    let r = rig();
+    r.store.down.store(true, Ordering::SeqCst);
+    let err = r
+        .intake
+        .accept(submission("IN-3", r#"{"transaction_id":"IN-3"}"#))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IntakeError::Unavailable {
+                dependency: Dependency::Wal,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(r.intake.ledger.get("IN-3").await.unwrap().is_none());
+    assert!(queued(&r.queue).await.is_empty());
+    // Once the WAL is back the same submission is accepted.
+    r.store.down.store(false, Ordering::SeqCst);
+    assert!(matches!(
+        r.intake
+            .accept(submission("IN-3", r#"{"transaction_id":"IN-3"}"#))
+            .await
+            .unwrap(),
+        IntakeOutcome::Accepted { enqueued: true, .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_failed_send_still_leaves_a_durable_pending_transaction() {
+    let r = rig();
+    r.queue.down.store(true, Ordering::SeqCst);
+    let body = r#"{"transaction_id":"IN-4"}"#;
+    let IntakeOutcome::Accepted { record, enqueued } =
+        r.intake.accept(submission("IN-4", body)).await.unwrap()
+    else {
+        panic!("durable and registered: accepted")
+    };
+    assert!(!enqueued, "the reconciler re-drives it");
+    assert_eq!(
+        r.intake.ledger.get("IN-4").await.unwrap().unwrap().status,
+        State::Pending
+    );
+    let wal = load_record(&r.intake.wal, &record.wal_ref).await.unwrap();
+    assert_eq!(wal.payload, body);
+}
