@@ -188,7 +188,19 @@ impl<'de> Deserialize<'de> for WalRef {
 
 /// The seed's states. `success` and `dead_letter` are terminal (a replay can
 /// move `dead_letter` back to `pending`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    PartialOrd,
+    Ord,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Pending,
@@ -233,13 +245,17 @@ impl fmt::Display for State {
 }
 
 /// What the ledger knows about one transaction.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Transaction)]
 pub struct TxRecord {
+    #[schema(value_type = String)]
     pub transaction_id: TransactionId,
     pub status: State,
     /// Hex sha256 of the exact payload bytes the vendor sent.
+    #[schema(value_type = String)]
     pub sha256: Sha256,
-    /// Where the payload lives in the WAL.
+    /// Where the payload lives in the WAL: `<segment>#<offset>+<length>`.
+    #[schema(value_type = String)]
     pub wal_ref: WalRef,
     /// Downstream attempts started so far; also the fencing token of the
     /// current claim.

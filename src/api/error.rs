@@ -2,7 +2,19 @@
 
 use crate::auth::AuthFailure;
 use actix_web::{HttpResponse, ResponseError, http::StatusCode};
-use serde_json::json;
+
+/// Every error the API answers: `{"error": <code>, "message": <text>}`; a 409
+/// also names the transaction and its current state.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A stable code, e.g. `invalid_json`, `conflict`, `unauthenticated`.
+    pub error: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -100,10 +112,15 @@ impl ResponseError for ApiError {
             // The cause chain is logged once, here; the client gets no internals.
             tracing::error!(error = ?e, "unexpected error");
         }
-        let mut body = json!({ "error": self.code(), "message": self.to_string() });
+        let mut body = ErrorBody {
+            error: self.code().to_owned(),
+            message: self.to_string(),
+            transaction_id: None,
+            status: None,
+        };
         if let ApiError::Conflict { id, status } = self {
-            body["transaction_id"] = json!(id);
-            body["status"] = json!(status);
+            body.transaction_id = Some(id.clone());
+            body.status = Some(status.clone());
         }
         let mut resp = HttpResponse::build(self.status_code());
         match self {

@@ -3,17 +3,38 @@
 //! receipt.
 
 use super::rejected::BodySeen;
-use super::{ApiError, ApiState, VendorCheck, json::parse_document};
+use super::{ApiError, ApiState, VendorCheck, error::ErrorBody, json::parse_document};
 use crate::intake::{Dependency, IntakeError, IntakeOutcome, Submission};
 use crate::metrics;
-use crate::transaction::{Sha256, TransactionId, TxRecord};
+use crate::transaction::{Sha256, State, TransactionId, TxRecord, WalRef};
 use crate::wal::Source;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, http::header, web};
 use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use serde_json::json;
+use serde::Serialize;
 use std::time::{Duration, Instant};
+use utoipa::ToSchema;
 
+/// Submit a transaction; a 2xx only once it is durable in the WAL.
+#[utoipa::path(
+    post,
+    path = "/v1/transactions",
+    operation_id = "ingestTransaction",
+    request_body(content = TransactionPayload, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "The transaction id, when the body has none")),
+    responses(
+        (status = 202, description = "New transaction, durable and enqueued", body = Receipt),
+        (status = 200, description = "Same id and same content as before: the existing receipt", body = Receipt),
+        (status = 400, description = "Invalid JSON, a duplicate key, a bad or missing transaction id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong vendor credentials", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within RTPD_REQUEST_TIMEOUT_SECS", body = ErrorBody),
+        (status = 409, description = "Same id, different content: refused, nothing overwritten", body = ErrorBody),
+        (status = 413, description = "Body larger than RTPD_MAX_BODY_BYTES", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+    ),
+    security(("ApiKey" = []), ("VendorSignature" = [], "VendorId" = [], "SignatureTimestamp" = []))
+)]
 pub async fn ingest(
     req: HttpRequest,
     payload: web::Payload,
@@ -121,13 +142,58 @@ fn transaction_id(
     TransactionId::parse(id).map_err(|e| ApiError::bad("invalid_transaction_id", e.to_string()))
 }
 
-fn receipt(rec: &TxRecord) -> serde_json::Value {
-    json!({
-        "transaction_id": rec.transaction_id,
-        "status": rec.status,
-        "received_at": rec.created_at,
-        "wal": { "ref": rec.wal_ref, "sha256": rec.sha256 },
-    })
+/// The durability receipt: where the exact bytes are in the WAL, and their sha256.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Receipt {
+    #[schema(value_type = String)]
+    pub transaction_id: TransactionId,
+    pub status: State,
+    pub received_at: DateTime<Utc>,
+    pub wal: WalReceipt,
+    /// On 202: whether the queue took the message (if not, the reconciler re-drives it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enqueued: Option<bool>,
+    /// On 200: this id was seen before with the same bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WalReceipt {
+    /// `<segment>#<offset>+<length>`.
+    #[serde(rename = "ref")]
+    #[schema(value_type = String)]
+    pub wal_ref: WalRef,
+    #[schema(value_type = String)]
+    pub sha256: Sha256,
+}
+
+impl Receipt {
+    fn of(rec: TxRecord) -> Receipt {
+        Receipt {
+            transaction_id: rec.transaction_id,
+            status: rec.status,
+            received_at: rec.created_at,
+            wal: WalReceipt {
+                wal_ref: rec.wal_ref,
+                sha256: rec.sha256,
+            },
+            enqueued: None,
+            duplicate: None,
+        }
+    }
+}
+
+/// Any JSON object, kept byte-exact. `transaction_id` may instead come from
+/// the `Idempotency-Key` header. Duplicate keys are refused.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // documents the wire shape; the handler reads raw bytes
+pub struct TransactionPayload {
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    transaction_id: Option<String>,
+    /// Any other members, kept byte-exact.
+    #[serde(flatten)]
+    other: std::collections::HashMap<String, serde_json::Value>,
 }
 
 fn unavailable(e: IntakeError) -> ApiError {
@@ -198,15 +264,15 @@ async fn accept(
     };
     match state.intake.accept(submission).await.map_err(unavailable)? {
         IntakeOutcome::Accepted { record, enqueued } => {
-            let mut body = receipt(&record);
-            body["enqueued"] = json!(enqueued);
-            Ok(HttpResponse::Accepted().json(body))
+            Ok(HttpResponse::Accepted().json(Receipt {
+                enqueued: Some(enqueued),
+                ..Receipt::of(record)
+            }))
         }
-        IntakeOutcome::Duplicate(record) => {
-            let mut body = receipt(&record);
-            body["duplicate"] = json!(true);
-            Ok(HttpResponse::Ok().json(body))
-        }
+        IntakeOutcome::Duplicate(record) => Ok(HttpResponse::Ok().json(Receipt {
+            duplicate: Some(true),
+            ..Receipt::of(record)
+        })),
         IntakeOutcome::Conflict(record) => Err(ApiError::Conflict {
             id: record.transaction_id.to_string(),
             status: record.status.to_string(),

@@ -1,13 +1,13 @@
 //! `GET /v1/transactions/{id}`, `GET /v1/transactions`, and replay.
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, error::ErrorBody};
 use crate::auth::Principal;
-use crate::ledger::{LedgerError, ListQuery};
+use crate::ledger::{LedgerError, ListQuery, Page};
 use crate::replay::{ReplayError, ReplayRequest, Replayed};
-use crate::transaction::{State, TransactionId};
+use crate::transaction::{State, TransactionId, TxRecord};
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 pub(crate) fn ledger_error(e: LedgerError) -> ApiError {
     match e {
@@ -23,6 +23,21 @@ fn valid_id(id: &str) -> Result<TransactionId, ApiError> {
     TransactionId::parse(id).map_err(|e| ApiError::bad("invalid_transaction_id", e.to_string()))
 }
 
+/// One transaction: state, attempts, last error, next retry, timestamps, WAL ref.
+/// A vendor sees only its own; others look absent.
+#[utoipa::path(
+    get,
+    path = "/v1/transactions/{id}",
+    operation_id = "getTransaction",
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-")),
+    responses(
+        (status = 200, description = "The ledger's view of the transaction", body = TxRecord),
+        (status = 400, description = "Invalid transaction id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such transaction (or another vendor's)", body = ErrorBody),
+    ),
+    security(("AdminToken" = []), ("ApiKey" = []), ("VendorSignature" = [], "VendorId" = [], "SignatureTimestamp" = []))
+)]
 pub async fn get(
     req: HttpRequest,
     path: web::Path<String>,
@@ -45,11 +60,17 @@ pub async fn get(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only transactions in this state.
+    #[param(value_type = Option<State>)]
     pub state: Option<String>,
+    /// Page size, 1–1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
@@ -75,6 +96,20 @@ pub fn parse_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
+/// Transactions, newest update first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/transactions",
+    operation_id = "listTransactions",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of transactions", body = Page),
+        (status = 400, description = "Invalid state, limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
+    ),
+    security(("AdminToken" = []))
+)]
 pub async fn list(
     req: HttpRequest,
     q: web::Query<ListParams>,
@@ -96,12 +131,24 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(page))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
+    /// Required to replay a transaction that already succeeded (the downstream is called again).
     #[serde(default)]
     pub force: bool,
+    /// Why (recorded in the outcome journal).
     pub reason: Option<String>,
+}
+
+/// A replay was accepted: the transaction is `pending` again and a fresh copy is queued.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplayAccepted {
+    #[schema(value_type = String)]
+    pub transaction_id: TransactionId,
+    pub status: State,
+    pub message_id: String,
+    pub message: String,
 }
 
 /// Shared by `POST /v1/transactions/{id}/replay` and the seed's `POST /replay/{id}`.
@@ -119,23 +166,53 @@ pub async fn do_replay(
         reason: body.reason,
     };
     match state.replayer.replay_one(id.as_str(), &r).await {
-        Ok(Replayed::Requeued { record, message_id }) => Ok(HttpResponse::Accepted().json(json!({
-            "transaction_id": record.transaction_id,
-            "status": record.status,
-            "message_id": message_id,
-            "message": format!("Transaction {} reset to pending and re-enqueued from the WAL", record.transaction_id),
-        }))),
-        Ok(Replayed::Refused(rec)) => Err(ApiError::InvalidState(if rec.status == State::Success {
-            format!("transaction {id} already succeeded; replay it with force to call the downstream again")
-        } else {
-            format!("transaction {id} is {} with a live claim; try again later", rec.status)
-        })),
+        Ok(Replayed::Requeued { record, message_id }) => {
+            Ok(HttpResponse::Accepted().json(ReplayAccepted {
+                message: format!(
+                    "Transaction {} reset to pending and re-enqueued from the WAL",
+                    record.transaction_id
+                ),
+                transaction_id: record.transaction_id,
+                status: record.status,
+                message_id,
+            }))
+        }
+        Ok(Replayed::Refused(rec)) => {
+            Err(ApiError::InvalidState(if rec.status == State::Success {
+                format!(
+                    "transaction {id} already succeeded; replay it with force to call the downstream again"
+                )
+            } else {
+                format!(
+                    "transaction {id} is {} with a live claim; try again later",
+                    rec.status
+                )
+            }))
+        }
         Ok(Replayed::NotFound) => Err(ApiError::NotFound(format!("transaction {id} not found"))),
         Err(ReplayError::Ledger(e)) => Err(ledger_error(e)),
         Err(e) => Err(ApiError::Unexpected(e.into())),
     }
 }
 
+/// Operator replay: back to `pending`, re-enqueued from the WAL.
+#[utoipa::path(
+    post,
+    path = "/v1/transactions/{id}/replay",
+    operation_id = "replayTransaction",
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-")),
+    request_body(content = Option<ReplayBody>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),
+        (status = 400, description = "Invalid id or body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
+        (status = 404, description = "No such transaction", body = ErrorBody),
+        (status = 409, description = "Not replayable now (a success without force, or a live claim)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ),
+    security(("AdminToken" = []))
+)]
 pub async fn replay(
     req: HttpRequest,
     path: web::Path<String>,

@@ -8,7 +8,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use rtp_durability::intake::{Dependency, Intake, IntakeError, IntakeOutcome, Submission};
-use rtp_durability::ledger::{Ledger, local::LocalLedger};
+use rtp_durability::ledger::local::LocalLedger;
 use rtp_durability::queue::{
     OutgoingMessage, Queue, QueueError, ReceivedMessage,
     local::{LocalQueue, LocalQueueOptions},
