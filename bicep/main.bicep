@@ -1,10 +1,12 @@
 // rtp-durability on Azure Container Apps, one region per deployment.
 //
-//   vendor --HTTPS--> api --> Blob WAL (WORM) + Managed Redis ledger + Service Bus queue
+//   vendor --HTTPS--> api --> Blob WAL (WORM) + ledger (Managed Redis or PostgreSQL) + Service Bus queue
 //                              processor <-- queue --> downstream payment service
 //
 // Deploy with infra/deploy.sh and a parameter file (infra/main.<region>.bicepparam);
 // see docs/deploy.md. Every data-plane credential is the app's managed identity.
+// Every resource's api-version is one whose published schema
+// tests/deploy/check_deploy.py validates the resource against.
 
 targetScope = 'resourceGroup'
 
@@ -36,6 +38,7 @@ param prefix string = 'rtpd'
 param uniqueSuffix string = uniqueString(resourceGroup().id)
 
 param logAnalyticsName string = 'log-${prefix}-${uniqueSuffix}'
+param appInsightsName string = 'appi-${prefix}-${uniqueSuffix}'
 param environmentName string = 'cae-${prefix}-${uniqueSuffix}'
 param appIdentityName string = 'id-${prefix}-app'
 param scalerIdentityName string = 'id-${prefix}-scaler'
@@ -45,12 +48,14 @@ param storageAccountName string = take('st${toLower(prefix)}${uniqueSuffix}', 24
 
 param serviceBusNamespaceName string = 'sb-${prefix}-${uniqueSuffix}'
 param redisName string = 'redis-${prefix}-${uniqueSuffix}'
+param postgresServerName string = 'psql-${prefix}-${uniqueSuffix}'
 
 @maxLength(24)
 param keyVaultName string = take('kv-${prefix}-${uniqueSuffix}', 24)
 
 param apiAppName string = 'ca-${prefix}-api'
 param processorAppName string = 'ca-${prefix}-processor'
+param metricsCollectorAppName string = 'ca-${prefix}-otelcol'
 
 // ---------------------------------------------------------------- SKUs
 
@@ -68,8 +73,45 @@ param storageSku string = 'Standard_RAGZRS'
 ])
 param serviceBusSku string = 'Standard'
 
-@description('Azure Managed Redis SKU.')
+@description('Azure Managed Redis SKU (ledger = redis).')
 param redisSku string = 'Balanced_B1'
+
+// ---------------------------------------------------------------- ledger
+
+@description('Where the ledger lives: Azure Managed Redis (rebuildable from the WAL and the outcome journal) or Azure Database for PostgreSQL Flexible Server (ACID, point-in-time restore). Only the chosen one is deployed.')
+@allowed([
+  'redis'
+  'postgres'
+])
+param ledger string = 'redis'
+
+@description('PostgreSQL compute SKU (ledger = postgres). Zone-redundant HA needs General Purpose or Memory Optimized.')
+param postgresSkuName string = 'Standard_D2ds_v5'
+
+@allowed([
+  'GeneralPurpose'
+  'MemoryOptimized'
+])
+param postgresSkuTier string = 'GeneralPurpose'
+
+@description('PostgreSQL major version.')
+param postgresVersion string = '17'
+
+@minValue(32)
+param postgresStorageGb int = 128
+
+@description('Object id of the Entra user or group that administers the PostgreSQL server (ledger = postgres). It runs the one-time role creation in docs/deploy.md; rtpd never gets admin rights.')
+param postgresAdminObjectId string = ''
+
+@description('Display name (user principal name for a user) of that administrator.')
+param postgresAdminName string = ''
+
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param postgresAdminType string = 'Group'
 
 // ---------------------------------------------------------------- WAL
 
@@ -119,13 +161,26 @@ param backoffMaxSecs int = 3600
 ])
 param logLevel string = 'info'
 
-@description('Vendor credentials, stored in Key Vault as `vendor-keys`. Required on the first deployment; leave empty afterwards to keep the stored value.')
+@description('Vendor credentials, stored in Key Vault as `vendor-keys` and mounted into the api as a file. Required on the first deployment; leave empty afterwards to keep the stored value.')
 @secure()
 param vendorKeys string = ''
 
-@description('Admin tokens, stored in Key Vault as `admin-tokens`. Same rule as vendorKeys.')
+@description('Admin tokens, stored in Key Vault as `admin-tokens` and mounted as a file. Same rule as vendorKeys.')
 @secure()
 param adminTokens string = ''
+
+// ---------------------------------------------------------------- vendor ingress
+
+@description('Source addresses allowed to reach the api, as { name, ipAddressRange (CIDR), description }. Empty: open to the internet (vendors still authenticate).')
+param apiIpAllowList array = []
+
+@description('Client certificates (mTLS) at the api\'s ingress: ignore, accept (optional), require. The platform accepts any well-formed certificate, self-signed included, and only forwards it; see docs/security.md.')
+@allowed([
+  'ignore'
+  'accept'
+  'require'
+])
+param apiClientCertificateMode string = 'ignore'
 
 // ---------------------------------------------------------------- scale
 
@@ -141,9 +196,29 @@ param processorMaxReplicas int = 10
 @description('Queue messages per processor replica that KEDA scales towards.')
 param processorMessagesPerReplica int = 50
 
+// ---------------------------------------------------------------- observability
+
 @minValue(30)
 @maxValue(730)
 param logRetentionDays int = 30
+
+@description('Deploy the small OpenTelemetry Collector app that forwards rtpd\'s OTLP metrics to Application Insights (the environment\'s managed agent carries traces and logs only). Without it the oldest-pending alert has no data.')
+param deployMetricsCollector bool = true
+
+@description('OpenTelemetry Collector (contrib) image for the metrics collector; mirror it into your registry for production.')
+param metricsCollectorImage string = 'otel/opentelemetry-collector-contrib:0.131.0'
+
+@description('Resource id of an existing action group the alerts notify; empty: alerts fire in the portal only.')
+param alertActionGroupId string = ''
+
+@description('Alert when the oldest pending transaction is older than this many seconds.')
+@minValue(60)
+param oldestPendingAlertSecs int = 900
+
+@description('Alert when more than this percentage of api requests in 5 minutes are 5xx.')
+@minValue(1)
+@maxValue(100)
+param http5xxAlertPercent int = 5
 
 // ---------------------------------------------------------------- resources
 
@@ -156,13 +231,23 @@ module identity './modules/identity.bicep' = {
   }
 }
 
+module monitoring './modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    location: location
+    logAnalyticsName: logAnalyticsName
+    appInsightsName: appInsightsName
+    logRetentionDays: logRetentionDays
+  }
+}
+
 module containerEnvironment './modules/environment.bicep' = {
   name: 'environment'
   params: {
     location: location
-    logAnalyticsName: logAnalyticsName
     environmentName: environmentName
-    logRetentionDays: logRetentionDays
+    logAnalyticsName: monitoring.outputs.logAnalyticsName
+    appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
   }
 }
 
@@ -176,6 +261,7 @@ module storage './modules/storage.bicep' = {
     walImmutabilityDays: walImmutabilityDays
     softDeleteDays: blobSoftDeleteDays
     appPrincipalId: identity.outputs.appPrincipalId
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsId
   }
 }
 
@@ -191,16 +277,34 @@ module serviceBus './modules/servicebus.bicep' = {
     queueDuplicateDetectionWindow: queueDuplicateDetectionWindow
     appPrincipalId: identity.outputs.appPrincipalId
     scalerPrincipalId: identity.outputs.scalerPrincipalId
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsId
   }
 }
 
-module redis './modules/redis.bicep' = {
+module redis './modules/redis.bicep' = if (ledger == 'redis') {
   name: 'redis'
   params: {
     location: location
     name: redisName
     sku: redisSku
     appPrincipalId: identity.outputs.appPrincipalId
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsId
+  }
+}
+
+module postgres './modules/postgres.bicep' = if (ledger == 'postgres') {
+  name: 'postgres'
+  params: {
+    location: location
+    name: postgresServerName
+    skuName: postgresSkuName
+    skuTier: postgresSkuTier
+    version: postgresVersion
+    storageGb: postgresStorageGb
+    adminObjectId: postgresAdminObjectId
+    adminName: postgresAdminName
+    adminType: postgresAdminType
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsId
   }
 }
 
@@ -212,6 +316,7 @@ module keyVault './modules/keyvault.bicep' = {
     vendorKeys: vendorKeys
     adminTokens: adminTokens
     appPrincipalId: identity.outputs.appPrincipalId
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsId
   }
 }
 
@@ -221,6 +326,17 @@ module registryAccess './modules/registry-access.bicep' = if (!empty(registryNam
   params: {
     registryName: registryName
     appPrincipalId: identity.outputs.appPrincipalId
+  }
+}
+
+module metricsCollector './modules/otel-collector.bicep' = if (deployMetricsCollector) {
+  name: 'otel-collector'
+  params: {
+    location: location
+    name: metricsCollectorAppName
+    environmentId: containerEnvironment.outputs.environmentId
+    image: metricsCollectorImage
+    appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
   }
 }
 
@@ -241,11 +357,15 @@ module apps './modules/apps.bicep' = {
     appIdentityId: identity.outputs.appIdentityId
     appClientId: identity.outputs.appClientId
     appPrincipalId: identity.outputs.appPrincipalId
+    appIdentityName: identity.outputs.appIdentityName
     scalerIdentityId: identity.outputs.scalerIdentityId
     storageAccountUrl: storage.outputs.accountUrl
     walContainerName: storage.outputs.walContainerName
-    redisHostName: redis.outputs.hostName
-    redisPort: redis.outputs.port
+    ledger: ledger
+    redisHostName: redis.?outputs.hostName ?? ''
+    redisPort: redis.?outputs.port ?? 10000
+    postgresHostName: postgres.?outputs.hostName ?? ''
+    postgresDatabaseName: postgres.?outputs.databaseName ?? ''
     serviceBusNamespaceName: serviceBus.outputs.namespaceName
     serviceBusFqdn: serviceBus.outputs.namespaceFqdn
     queueName: serviceBus.outputs.queueName
@@ -257,12 +377,40 @@ module apps './modules/apps.bicep' = {
     logLevel: logLevel
     vendorKeysSecretUrl: keyVault.outputs.vendorKeysSecretUrl
     adminTokensSecretUrl: keyVault.outputs.adminTokensSecretUrl
+    metricsEndpoint: metricsCollector.?outputs.otlpMetricsUrl ?? ''
+    apiIpAllowList: apiIpAllowList
+    apiClientCertificateMode: apiClientCertificateMode
     apiMinReplicas: apiMinReplicas
     apiMaxReplicas: apiMaxReplicas
     apiConcurrentRequests: apiConcurrentRequests
     processorMinReplicas: processorMinReplicas
     processorMaxReplicas: processorMaxReplicas
     processorMessagesPerReplica: processorMessagesPerReplica
+  }
+}
+
+module alerts './modules/alerts.bicep' = {
+  name: 'alerts'
+  params: {
+    location: location
+    prefix: prefix
+    serviceBusNamespaceId: serviceBus.outputs.namespaceId
+    queueName: serviceBus.outputs.queueName
+    appInsightsId: monitoring.outputs.appInsightsId
+    apiRoleName: apps.outputs.apiServiceName
+    actionGroupId: alertActionGroupId
+    oldestPendingAlertSecs: oldestPendingAlertSecs
+    http5xxAlertPercent: http5xxAlertPercent
+  }
+}
+
+module workbook './modules/workbook.bicep' = {
+  name: 'workbook'
+  params: {
+    location: location
+    displayName: 'rtpd pipeline (${location})'
+    appInsightsId: monitoring.outputs.appInsightsId
+    logAnalyticsId: monitoring.outputs.logAnalyticsId
   }
 }
 
@@ -274,7 +422,13 @@ output storageAccountUrl string = storage.outputs.accountUrl
 output walContainerName string = storage.outputs.walContainerName
 output serviceBusNamespace string = serviceBus.outputs.namespaceFqdn
 output serviceBusQueue string = serviceBus.outputs.queueName
-output redisHostName string = redis.outputs.hostName
+output ledger string = ledger
+output redisHostName string = redis.?outputs.hostName ?? ''
+output postgresHostName string = postgres.?outputs.hostName ?? ''
+output postgresDatabase string = postgres.?outputs.databaseName ?? ''
 output keyVaultUri string = keyVault.outputs.vaultUri
+output appIdentityName string = identity.outputs.appIdentityName
 output appIdentityClientId string = identity.outputs.appClientId
 output appIdentityPrincipalId string = identity.outputs.appPrincipalId
+output appInsightsName string = monitoring.outputs.appInsightsName
+output workbookId string = workbook.outputs.workbookId

@@ -20,6 +20,12 @@ environment:
                             first deployment, stored in Key Vault as vendor-keys
   DEPLOY_ADMIN_TOKENS_FILE  file with the admin tokens; required on the first
                             deployment, stored in Key Vault as admin-tokens
+  DEPLOY_LEDGER             redis (default) or postgres
+  DEPLOY_POSTGRES_ADMIN_OBJECT_ID, DEPLOY_POSTGRES_ADMIN_NAME
+                            required with DEPLOY_LEDGER=postgres: the Entra group (object
+                            id, display name) administering the PostgreSQL server
+  DEPLOY_ALERT_ACTION_GROUP_ID
+                            resource id of an action group the alerts notify (optional)
 EOF
   exit 2
 }
@@ -52,6 +58,19 @@ command -v az >/dev/null || die "the Azure CLI (az) is not installed"
 [[ -n ${DEPLOY_DOWNSTREAM_URL:-} ]] || die "set DEPLOY_DOWNSTREAM_URL to the downstream payment service URL"
 az group show --name "$resource_group" --output none 2>/dev/null ||
   die "resource group '$resource_group' not found; create it first: az group create --name $resource_group --location <region>"
+
+export DEPLOY_LEDGER=${DEPLOY_LEDGER:-redis}
+case $DEPLOY_LEDGER in
+  redis) ;;
+  postgres)
+    [[ -n ${DEPLOY_POSTGRES_ADMIN_OBJECT_ID:-} && -n ${DEPLOY_POSTGRES_ADMIN_NAME:-} ]] ||
+      die "DEPLOY_LEDGER=postgres needs DEPLOY_POSTGRES_ADMIN_OBJECT_ID and DEPLOY_POSTGRES_ADMIN_NAME (the Entra administrator group)"
+    ;;
+  *) die "DEPLOY_LEDGER must be redis or postgres, not '$DEPLOY_LEDGER'" ;;
+esac
+export DEPLOY_POSTGRES_ADMIN_OBJECT_ID=${DEPLOY_POSTGRES_ADMIN_OBJECT_ID:-}
+export DEPLOY_POSTGRES_ADMIN_NAME=${DEPLOY_POSTGRES_ADMIN_NAME:-}
+export DEPLOY_ALERT_ACTION_GROUP_ID=${DEPLOY_ALERT_ACTION_GROUP_ID:-}
 
 # The parameter file reads these with readEnvironmentVariable().
 export DEPLOY_IMAGE=$image

@@ -17,5 +17,21 @@ param storageSku = 'Standard_RAGZRS'
 param serviceBusSku = 'Standard'
 param redisSku = 'Balanced_B1'
 
+// Ledger: 'redis' (Azure Managed Redis) or 'postgres' (Flexible Server, zone-redundant
+// HA, Entra ID only). For postgres also set the Entra administrator (a group of
+// operators) and run the one-time role step in docs/deploy.md after the first deployment.
+param ledger = readEnvironmentVariable('DEPLOY_LEDGER', 'redis')
+param postgresAdminObjectId = readEnvironmentVariable('DEPLOY_POSTGRES_ADMIN_OBJECT_ID', '')
+param postgresAdminName = readEnvironmentVariable('DEPLOY_POSTGRES_ADMIN_NAME', '')
+
+// Vendor ingress (docs/security.md, "Vendor ingress"): source ranges allowed to reach
+// the api, e.g. [{ name: 'acme', ipAddressRange: '203.0.113.0/24', description: 'Acme egress' }],
+// and the client-certificate mode (ignore | accept | require).
+param apiIpAllowList = []
+param apiClientCertificateMode = 'ignore'
+
+// Alerts notify this action group (resource id); empty: portal only.
+param alertActionGroupId = readEnvironmentVariable('DEPLOY_ALERT_ACTION_GROUP_ID', '')
+
 param apiMinReplicas = 2
 param processorMinReplicas = 1

@@ -1,10 +1,17 @@
 // The two container apps, both running the rtpd image:
-//   api        `rtpd api`: external HTTPS ingress, >= 2 replicas, probes on /healthz and /readyz
+//   api        `rtpd api`: external HTTPS ingress (optional IP allow-list and
+//              client-certificate mode), >= 2 replicas
 //   processor  `rtpd processor`: no ingress, >= 1 replica, scaled by KEDA on the queue length
+// Both have startup (/healthz), liveness (/healthz) and readiness (/readyz) probes.
 //
-// Both get the same RTPD_* settings (sharedEnv). tests/deploy/check_deploy.py
-// reads the `name: 'RTPD_...'` entries below and checks them against the
-// variables rtpd reads; keep each entry a plain { name, value | secretRef } object.
+// Secrets: the Key Vault secrets are Container Apps secrets (by versionless
+// URL, through the app identity) mounted as files under /run/secrets/rtpd;
+// rtpd reads RTPD_VENDOR_KEYS_FILE / RTPD_ADMIN_TOKENS_FILE. HMAC vendor
+// secrets may only come from a file. The processor gets the admin tokens only.
+//
+// tests/deploy/check_deploy.py evaluates the env arrays below (variables,
+// concat, conditionals) and checks every name against the variables rtpd
+// reads; keep each entry a plain { name, value | secretRef } object.
 
 param location string
 param environmentId string
@@ -21,12 +28,22 @@ param registryServer string
 param appIdentityId string
 param appClientId string
 param appPrincipalId string
+param appIdentityName string
 param scalerIdentityId string
 
 param storageAccountUrl string
 param walContainerName string
+
+@allowed([
+  'redis'
+  'postgres'
+])
+param ledger string
 param redisHostName string
 param redisPort int
+param postgresHostName string
+param postgresDatabaseName string
+
 param serviceBusNamespaceName string
 param serviceBusFqdn string
 param queueName string
@@ -41,6 +58,19 @@ param logLevel string
 param vendorKeysSecretUrl string
 param adminTokensSecretUrl string
 
+@description('OTLP/HTTP URL for rtpd\'s metrics (the collector app); empty: metrics are not exported.')
+param metricsEndpoint string
+
+@description('{ name, ipAddressRange, description } entries allowed to reach the api; empty allows all.')
+param apiIpAllowList array
+
+@allowed([
+  'ignore'
+  'accept'
+  'require'
+])
+param apiClientCertificateMode string
+
 @minValue(2)
 param apiMinReplicas int
 param apiMaxReplicas int
@@ -52,25 +82,100 @@ param processorMaxReplicas int
 param processorMessagesPerReplica int
 
 var httpPort = 8080
+var secretsVolumeName = 'rtpd-secrets'
+var secretsMountPath = '/run/secrets/rtpd'
+var apiServiceName = 'rtpd-api'
+var processorServiceName = 'rtpd-processor'
 
-var secrets = [
-  {
-    name: 'vendor-keys'
-    keyVaultUrl: vendorKeysSecretUrl
-    identity: appIdentityId
-  }
-  {
-    name: 'admin-tokens'
-    keyVaultUrl: adminTokensSecretUrl
-    identity: appIdentityId
-  }
-]
+var vendorKeysSecret = {
+  name: 'vendor-keys'
+  keyVaultUrl: vendorKeysSecretUrl
+  identity: appIdentityId
+}
+var adminTokensSecret = {
+  name: 'admin-tokens'
+  keyVaultUrl: adminTokensSecretUrl
+  identity: appIdentityId
+}
+
+// One file per secret, named like the secret. The platform re-fetches a
+// versionless Key Vault secret within 30 minutes of a rotation; rtpd re-reads
+// the files on change or SIGHUP (docs/deploy.md, "Rotating a secret").
+var apiSecretsVolume = {
+  name: secretsVolumeName
+  storageType: 'Secret'
+  secrets: [
+    {
+      secretRef: 'vendor-keys'
+      path: 'vendor-keys'
+    }
+    {
+      secretRef: 'admin-tokens'
+      path: 'admin-tokens'
+    }
+  ]
+}
+var processorSecretsVolume = {
+  name: secretsVolumeName
+  storageType: 'Secret'
+  secrets: [
+    {
+      secretRef: 'admin-tokens'
+      path: 'admin-tokens'
+    }
+  ]
+}
+var secretsMount = {
+  volumeName: secretsVolumeName
+  mountPath: secretsMountPath
+}
 
 var registry = {
   server: registryServer
   identity: appIdentityId
 }
 var registries = empty(registryServer) ? [] : [registry]
+
+var redisLedgerEnv = [
+  {
+    // The user name is the identity's object id, as Azure Managed Redis expects
+    // for Entra ID; the password is a token rtpd fetches and renews.
+    name: 'RTPD_REDIS_URL'
+    value: 'rediss://${appPrincipalId}@${redisHostName}:${redisPort}'
+  }
+  {
+    name: 'RTPD_REDIS_ENTRA'
+    value: 'true'
+  }
+]
+var postgresLedgerEnv = [
+  {
+    // The role is named after the app identity (created once by an Entra
+    // administrator, docs/deploy.md); the password is an Entra token rtpd
+    // fetches and renews.
+    name: 'RTPD_POSTGRES_URL'
+    value: 'postgres://${appIdentityName}@${postgresHostName}:5432/${postgresDatabaseName}?sslmode=require'
+  }
+  {
+    name: 'RTPD_POSTGRES_ENTRA'
+    value: 'true'
+  }
+]
+var ledgerEnv = ledger == 'postgres' ? postgresLedgerEnv : redisLedgerEnv
+
+// Standard OpenTelemetry variables only. OTEL_EXPORTER_OTLP_ENDPOINT and
+// OTEL_EXPORTER_OTLP_PROTOCOL (grpc) are injected by the environment's managed
+// agent (traces, logs -> Application Insights); metrics go to the collector app.
+var metricsEnv = empty(metricsEndpoint) ? [] : [
+  {
+    name: 'OTEL_EXPORTER_OTLP_METRICS_ENDPOINT'
+    value: metricsEndpoint
+  }
+  {
+    name: 'OTEL_EXPORTER_OTLP_METRICS_PROTOCOL'
+    value: 'http/protobuf'
+  }
+]
 
 var sharedEnv = [
   {
@@ -86,8 +191,9 @@ var sharedEnv = [
     value: logLevel
   }
   {
-    // Two identities are attached to the processor; this one is rtpd's.
-    name: 'RTPD_AZURE_CLIENT_ID'
+    // The standard Azure SDK variable: two identities are attached to the
+    // processor, and this one is rtpd's.
+    name: 'AZURE_CLIENT_ID'
     value: appClientId
   }
   {
@@ -109,17 +215,7 @@ var sharedEnv = [
   }
   {
     name: 'RTPD_LEDGER'
-    value: 'redis'
-  }
-  {
-    // The user name is the identity's object id, as Azure Managed Redis expects
-    // for Entra ID; the password is a token rtpd fetches and renews.
-    name: 'RTPD_REDIS_URL'
-    value: 'rediss://${appPrincipalId}@${redisHostName}:${redisPort}'
-  }
-  {
-    name: 'RTPD_REDIS_ENTRA'
-    value: 'true'
+    value: ledger
   }
   {
     name: 'RTPD_QUEUE'
@@ -158,33 +254,79 @@ var sharedEnv = [
     value: 'keys'
   }
   {
-    name: 'RTPD_VENDOR_KEYS'
-    secretRef: 'vendor-keys'
+    name: 'RTPD_ADMIN_TOKENS_FILE'
+    value: '${secretsMountPath}/admin-tokens'
   }
   {
-    name: 'RTPD_ADMIN_TOKENS'
-    secretRef: 'admin-tokens'
-  }
-  {
-    // Platform probes carry no credentials.
+    // Platform probes carry no credentials: /healthz and /readyz are open.
     name: 'RTPD_PUBLIC_HEALTH'
     value: 'true'
   }
+  {
+    // /metrics and /status stay admin-only; metrics leave over OTLP.
+    name: 'RTPD_PUBLIC_METRICS'
+    value: 'false'
+  }
 ]
 
+var apiEnv = [
+  {
+    name: 'RTPD_VENDOR_KEYS_FILE'
+    value: '${secretsMountPath}/vendor-keys'
+  }
+  {
+    name: 'OTEL_SERVICE_NAME'
+    value: apiServiceName
+  }
+]
+
+var processorEnv = [
+  {
+    name: 'OTEL_SERVICE_NAME'
+    value: processorServiceName
+  }
+]
+
+// Startup gates the other two, so liveness needs no initial delay: a replica
+// gets up to 30 s to answer /healthz before it is restarted.
+var startupProbe = {
+  type: 'Startup'
+  httpGet: {
+    path: '/healthz'
+    port: httpPort
+  }
+  initialDelaySeconds: 1
+  periodSeconds: 3
+  timeoutSeconds: 3
+  failureThreshold: 10
+}
+
+// The process answers: restart it only when it does not.
 var livenessProbe = {
   type: 'Liveness'
   httpGet: {
     path: '/healthz'
     port: httpPort
   }
-  initialDelaySeconds: 5
   periodSeconds: 10
   timeoutSeconds: 3
   failureThreshold: 3
 }
 
-resource api 'Microsoft.App/containerApps@2025-01-01' = {
+// What this replica can do right now; the api keeps answering vendors with
+// its own 503 + Retry-After while a backend blips.
+var readinessProbe = {
+  type: 'Readiness'
+  httpGet: {
+    path: '/readyz'
+    port: httpPort
+  }
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 3
+}
+
+resource api 'Microsoft.App/containerApps@2026-07-01' = {
   name: apiAppName
   location: location
   identity: {
@@ -203,8 +345,21 @@ resource api 'Microsoft.App/containerApps@2025-01-01' = {
         targetPort: httpPort
         transport: 'auto'
         allowInsecure: false
+        // Allow rules only (Container Apps takes all-allow or all-deny); none = open.
+        ipSecurityRestrictions: [
+          for rule in apiIpAllowList: {
+            name: rule.name
+            description: rule.?description ?? ''
+            ipAddressRange: rule.ipAddressRange
+            action: 'Allow'
+          }
+        ]
+        clientCertificateMode: apiClientCertificateMode
       }
-      secrets: secrets
+      secrets: [
+        vendorKeysSecret
+        adminTokensSecret
+      ]
       registries: registries
     }
     template: {
@@ -215,25 +370,23 @@ resource api 'Microsoft.App/containerApps@2025-01-01' = {
           args: [
             'api'
           ]
-          env: sharedEnv
+          env: concat(sharedEnv, ledgerEnv, metricsEnv, apiEnv)
+          volumeMounts: [
+            secretsMount
+          ]
           resources: {
             cpu: json('0.5')
             memory: '1Gi'
           }
           probes: [
+            startupProbe
             livenessProbe
-            {
-              type: 'Readiness'
-              httpGet: {
-                path: '/readyz'
-                port: httpPort
-              }
-              periodSeconds: 5
-              timeoutSeconds: 3
-              failureThreshold: 3
-            }
+            readinessProbe
           ]
         }
+      ]
+      volumes: [
+        apiSecretsVolume
       ]
       scale: {
         minReplicas: apiMinReplicas
@@ -253,7 +406,7 @@ resource api 'Microsoft.App/containerApps@2025-01-01' = {
   }
 }
 
-resource processor 'Microsoft.App/containerApps@2025-01-01' = {
+resource processor 'Microsoft.App/containerApps@2026-07-01' = {
   name: processorAppName
   location: location
   identity: {
@@ -268,9 +421,11 @@ resource processor 'Microsoft.App/containerApps@2025-01-01' = {
     workloadProfileName: 'Consumption'
     configuration: {
       activeRevisionsMode: 'Single'
-      // No ingress: the processor only pulls from the queue. /healthz is still
-      // served on the container port for the liveness probe.
-      secrets: secrets
+      // No ingress: the processor only pulls from the queue. /healthz and
+      // /readyz are still served on the container port for the probes.
+      secrets: [
+        adminTokensSecret
+      ]
       registries: registries
     }
     template: {
@@ -281,15 +436,23 @@ resource processor 'Microsoft.App/containerApps@2025-01-01' = {
           args: [
             'processor'
           ]
-          env: sharedEnv
+          env: concat(sharedEnv, ledgerEnv, metricsEnv, processorEnv)
+          volumeMounts: [
+            secretsMount
+          ]
           resources: {
             cpu: json('0.5')
             memory: '1Gi'
           }
           probes: [
+            startupProbe
             livenessProbe
+            readinessProbe
           ]
         }
+      ]
+      volumes: [
+        processorSecretsVolume
       ]
       scale: {
         // Never zero: scheduled retries and the reconciler need a running processor.
@@ -318,3 +481,6 @@ resource processor 'Microsoft.App/containerApps@2025-01-01' = {
 output apiFqdn string = api.properties.configuration.ingress.fqdn
 output apiUrl string = 'https://${api.properties.configuration.ingress.fqdn}'
 output processorName string = processor.name
+@description('OTEL_SERVICE_NAME of the api: cloud_RoleName in Application Insights.')
+output apiServiceName string = apiServiceName
+output processorServiceName string = processorServiceName

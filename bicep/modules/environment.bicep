@@ -1,22 +1,19 @@
-// Log Analytics workspace and the Container Apps environment that ships to it.
+// The Container Apps environment: platform logs to Log Analytics, and the
+// managed OpenTelemetry agent sending rtpd's traces and logs to Application
+// Insights. The agent injects OTEL_EXPORTER_OTLP_ENDPOINT (gRPC) into every app.
+// Application Insights does not take metrics from the agent; rtpd's OTLP
+// metrics go to the collector app in otel-collector.bicep instead.
 
 param location string
-param logAnalyticsName string
 param environmentName string
-param logRetentionDays int
+param logAnalyticsName string
+param appInsightsConnectionString string
 
-resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
+resource logs 'Microsoft.OperationalInsights/workspaces@2025-07-01' existing = {
   name: logAnalyticsName
-  location: location
-  properties: {
-    sku: {
-      name: 'PerGB2018'
-    }
-    retentionInDays: logRetentionDays
-  }
 }
 
-resource appsEnvironment 'Microsoft.App/managedEnvironments@2025-01-01' = {
+resource appsEnvironment 'Microsoft.App/managedEnvironments@2026-07-01' = {
   name: environmentName
   location: location
   properties: {
@@ -25,6 +22,21 @@ resource appsEnvironment 'Microsoft.App/managedEnvironments@2025-01-01' = {
       logAnalyticsConfiguration: {
         customerId: logs.properties.customerId
         sharedKey: logs.listKeys().primarySharedKey
+      }
+    }
+    appInsightsConfiguration: {
+      connectionString: appInsightsConnectionString
+    }
+    openTelemetryConfiguration: {
+      tracesConfiguration: {
+        destinations: [
+          'appInsights'
+        ]
+      }
+      logsConfiguration: {
+        destinations: [
+          'appInsights'
+        ]
       }
     }
     workloadProfiles: [

@@ -1,6 +1,6 @@
 // Key Vault (RBAC) with the vendor credentials and admin tokens that the
-// container apps reference by URL. The app identity may read exactly these two
-// secrets.
+// container apps reference by URL and mount as files. The app identity may
+// read exactly these two secrets.
 //
 // Secret values are written only when given: the first deployment must pass
 // both; later deployments pass empty strings and leave the stored values (and
@@ -17,13 +17,16 @@ param adminTokens string
 
 param appPrincipalId string
 
+@description('Log Analytics workspace receiving the audit log (every secret read) and metrics.')
+param logAnalyticsWorkspaceId string
+
 var vendorKeysSecretName = 'vendor-keys'
 var adminTokensSecretName = 'admin-tokens'
 
 // Built-in role: Key Vault Secrets User.
 var secretsUserRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '4633458b-17de-408a-b874-0445c86b69e6')
 
-resource vault 'Microsoft.KeyVault/vaults@2024-11-01' = {
+resource vault 'Microsoft.KeyVault/vaults@2026-05-15' = {
   name: name
   location: location
   properties: {
@@ -40,7 +43,7 @@ resource vault 'Microsoft.KeyVault/vaults@2024-11-01' = {
   }
 }
 
-resource vendorKeysValue 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = if (!empty(vendorKeys)) {
+resource vendorKeysValue 'Microsoft.KeyVault/vaults/secrets@2026-05-15' = if (!empty(vendorKeys)) {
   parent: vault
   name: vendorKeysSecretName
   properties: {
@@ -48,7 +51,7 @@ resource vendorKeysValue 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = if (!e
   }
 }
 
-resource adminTokensValue 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = if (!empty(adminTokens)) {
+resource adminTokensValue 'Microsoft.KeyVault/vaults/secrets@2026-05-15' = if (!empty(adminTokens)) {
   parent: vault
   name: adminTokensSecretName
   properties: {
@@ -57,12 +60,12 @@ resource adminTokensValue 'Microsoft.KeyVault/vaults/secrets@2024-11-01' = if (!
 }
 
 // Scopes for the role assignments, whether or not this deployment wrote a value.
-resource vendorKeysSecret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' existing = {
+resource vendorKeysSecret 'Microsoft.KeyVault/vaults/secrets@2026-05-15' existing = {
   parent: vault
   name: vendorKeysSecretName
 }
 
-resource adminTokensSecret 'Microsoft.KeyVault/vaults/secrets@2024-11-01' existing = {
+resource adminTokensSecret 'Microsoft.KeyVault/vaults/secrets@2026-05-15' existing = {
   parent: vault
   name: adminTokensSecretName
 }
@@ -93,7 +96,28 @@ resource appReadsAdminTokens 'Microsoft.Authorization/roleAssignments@2022-04-01
   ]
 }
 
+resource vaultDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: vault
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'audit'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
 output vaultUri string = vault.properties.vaultUri
-// Versionless URLs: Container Apps picks up a rotated value without a redeploy.
+// Versionless URLs: Container Apps fetches a rotated value within 30 minutes
+// without a redeploy (docs/deploy.md, "Rotating a secret").
 output vendorKeysSecretUrl string = '${vault.properties.vaultUri}secrets/${vendorKeysSecretName}'
 output adminTokensSecretUrl string = '${vault.properties.vaultUri}secrets/${adminTokensSecretName}'

@@ -11,7 +11,10 @@ param sku string
 @description('Principal (object) id of the identity rtpd runs as; it is also the Redis user name.')
 param appPrincipalId string
 
-resource cluster 'Microsoft.Cache/redisEnterprise@2025-04-01' = {
+@description('Log Analytics workspace receiving connection logs and metrics.')
+param logAnalyticsWorkspaceId string
+
+resource cluster 'Microsoft.Cache/redisEnterprise@2025-07-01' = {
   name: name
   location: location
   sku: {
@@ -23,7 +26,7 @@ resource cluster 'Microsoft.Cache/redisEnterprise@2025-04-01' = {
   }
 }
 
-resource database 'Microsoft.Cache/redisEnterprise/databases@2025-04-01' = {
+resource database 'Microsoft.Cache/redisEnterprise/databases@2025-07-01' = {
   parent: cluster
   name: 'default' // the only database name Azure Managed Redis accepts
   properties: {
@@ -43,7 +46,7 @@ resource database 'Microsoft.Cache/redisEnterprise/databases@2025-04-01' = {
   }
 }
 
-resource appAccess 'Microsoft.Cache/redisEnterprise/databases/accessPolicyAssignments@2025-04-01' = {
+resource appAccess 'Microsoft.Cache/redisEnterprise/databases/accessPolicyAssignments@2025-07-01' = {
   parent: database
   name: 'rtpdapp'
   properties: {
@@ -51,6 +54,36 @@ resource appAccess 'Microsoft.Cache/redisEnterprise/databases/accessPolicyAssign
     user: {
       objectId: appPrincipalId
     }
+  }
+}
+
+// Connection events (who connected, authenticated, disconnected) are a
+// database-level log; metrics are the cluster's.
+resource clusterDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: cluster
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+resource databaseDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: database
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
   }
 }
 

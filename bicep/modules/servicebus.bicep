@@ -28,6 +28,9 @@ param queueDuplicateDetectionWindow string
 param appPrincipalId string
 param scalerPrincipalId string
 
+@description('Log Analytics workspace receiving the namespace\'s logs and metrics.')
+param logAnalyticsWorkspaceId string
+
 // Built-in roles: Azure Service Bus Data Sender, Data Receiver, Data Owner.
 var dataSenderRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39')
 var dataReceiverRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0')
@@ -46,7 +49,7 @@ var skuSettings = {
   }
 }
 
-resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
+resource namespace 'Microsoft.ServiceBus/namespaces@2026-01-01' = {
   name: name
   location: location
   sku: skuSettings[sku]
@@ -59,7 +62,7 @@ resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
 
 // Keep these settings in step with infra/servicebus-emulator/Config.json
 // (tests/deploy/check_deploy.py compares them).
-resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = {
+resource queue 'Microsoft.ServiceBus/namespaces/queues@2026-01-01' = {
   parent: namespace
   name: queueName
   properties: {
@@ -104,6 +107,29 @@ resource scalerReadsQueueLength 'Microsoft.Authorization/roleAssignments@2022-04
   }
 }
 
+// Operational and runtime audit logs, and the metrics the dead-letter alert and
+// the workbook read (ActiveMessages, DeadletteredMessages, ...).
+resource namespaceDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: namespace
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+output namespaceId string = namespace.id
 output namespaceName string = namespace.name
 // e.g. sb-rtpd-xyz.servicebus.windows.net (serviceBusEndpoint is https://<fqdn>:443/).
 output namespaceFqdn string = split(replace(namespace.properties.serviceBusEndpoint, 'https://', ''), ':')[0]

@@ -24,10 +24,13 @@ param softDeleteDays int
 @description('Principal (object) id of the identity rtpd runs as.')
 param appPrincipalId string
 
+@description('Log Analytics workspace receiving the blob logs and the account metrics.')
+param logAnalyticsWorkspaceId string
+
 // Built-in role: Storage Blob Data Contributor.
 var blobDataContributorRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', 'ba92f5b4-2d11-453d-a403-e96b0029c9fe')
 
-resource account 'Microsoft.Storage/storageAccounts@2025-01-01' = {
+resource account 'Microsoft.Storage/storageAccounts@2026-09-01' = {
   name: name
   location: location
   kind: 'StorageV2'
@@ -46,7 +49,7 @@ resource account 'Microsoft.Storage/storageAccounts@2025-01-01' = {
   }
 }
 
-resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2025-01-01' = {
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2026-09-01' = {
   parent: account
   name: 'default'
   properties: {
@@ -62,7 +65,7 @@ resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2025-01-01'
   }
 }
 
-resource walContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2025-01-01' = {
+resource walContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2026-09-01' = {
   parent: blobService
   name: walContainerName
   properties: {
@@ -73,7 +76,7 @@ resource walContainer 'Microsoft.Storage/storageAccounts/blobServices/containers
 // Segments are written once (conditional create) and never appended to, so
 // protected append writes stay off. The policy is created unlocked; locking it
 // is a deliberate, irreversible operator step (docs/deploy.md).
-resource walWorm 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2025-01-01' = {
+resource walWorm 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2026-09-01' = {
   parent: walContainer
   name: 'default'
   properties: {
@@ -89,6 +92,43 @@ resource walWriter 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
     principalId: appPrincipalId
     principalType: 'ServicePrincipal'
     roleDefinitionId: blobDataContributorRoleId
+  }
+}
+
+// Every read, write and delete on blobs (the WAL's audit trail), and capacity and
+// transaction metrics. Diagnostic settings are per service: the account itself
+// has metrics only.
+resource accountDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: account
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    metrics: [
+      {
+        category: 'Transaction'
+        enabled: true
+      }
+    ]
+  }
+}
+
+resource blobDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: blobService
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'Transaction'
+        enabled: true
+      }
+    ]
   }
 }
 
