@@ -1,9 +1,9 @@
 //! Who rtpd is to Entra ID: one identity, chosen once from the settings and
 //! the environment the process runs in, used by Blob Storage, Service Bus and
 //! Redis alike. First match wins:
-//! 1. `AZURE_FEDERATED_TOKEN_FILE` set → workload identity (AKS). Its client id is
-//!    `RTPD_AZURE_CLIENT_ID` if set, else `AZURE_CLIENT_ID` from the pod.
-//! 2. `RTPD_AZURE_CLIENT_ID` set → user-assigned managed identity with that client id.
+//! 1. `AZURE_FEDERATED_TOKEN_FILE` set → workload identity (AKS), with the client id below.
+//! 2. A client id — `RTPD_AZURE_CLIENT_ID`, else the Azure SDKs' standard
+//!    `AZURE_CLIENT_ID` — → the user-assigned managed identity with that client id.
 //! 3. `IDENTITY_ENDPOINT` or `MSI_ENDPOINT` set → system-assigned managed identity
 //!    (App Service, Container Apps, Functions).
 //! 4. Otherwise → developer tools (Azure CLI, then Azure Developer CLI).
@@ -84,9 +84,20 @@ pub fn env_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
 
+/// The client id of a user-assigned identity: `RTPD_AZURE_CLIENT_ID` (given),
+/// else `AZURE_CLIENT_ID` as every Azure SDK reads it.
+pub fn client_id(given: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    given
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .or_else(|| env("AZURE_CLIENT_ID").filter(|c| !c.trim().is_empty()))
+}
+
 /// A credential for the process's identity, described for logs.
-pub fn credential(client_id: Option<&str>) -> Result<(Arc<dyn TokenCredential>, String), String> {
-    let chosen = EntraIdentity::choose(client_id, env_set);
+pub fn credential(given: Option<&str>) -> Result<(Arc<dyn TokenCredential>, String), String> {
+    let client_id = client_id(given, |name| std::env::var(name).ok());
+    let chosen = EntraIdentity::choose(client_id.as_deref(), env_set);
     let identity = chosen.describe();
     let credential = chosen
         .credential()
@@ -143,5 +154,14 @@ mod tests {
             EntraIdentity::choose(None, env(&[])),
             EntraIdentity::DeveloperTools
         );
+    }
+
+    #[test]
+    fn the_standard_azure_client_id_is_honoured_after_rtpds_own() {
+        let env = |name: &str| (name == "AZURE_CLIENT_ID").then(|| "from-env".to_owned());
+        assert_eq!(client_id(Some("own"), env).as_deref(), Some("own"));
+        assert_eq!(client_id(None, env).as_deref(), Some("from-env"));
+        assert_eq!(client_id(Some(" "), env).as_deref(), Some("from-env"));
+        assert_eq!(client_id(None, |_| None), None);
     }
 }
