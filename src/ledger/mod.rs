@@ -16,6 +16,7 @@
 //!   journal are, and the ledger can be rebuilt from them.
 
 pub mod local;
+pub mod postgres;
 pub mod redis;
 
 use crate::transaction::{Registration, Settlement, State, TxRecord};

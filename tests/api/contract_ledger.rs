@@ -457,6 +457,14 @@ async fn redis() -> Arc<dyn Ledger> {
 
 ledger_contract!(redis_ledger, redis);
 
+async fn postgres() -> Arc<dyn Ledger> {
+    Arc::new(
+        crate::support::postgres_ledger(Some(Duration::from_secs(30 * 86_400))).await,
+    )
+}
+
+ledger_contract!(postgres_ledger, postgres);
+
 #[tokio::test]
 async fn local_ledger_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
