@@ -7,6 +7,7 @@ mod contract_wal;
 mod crash;
 mod ingest;
 mod logs;
+mod postgres_ledger;
 mod processing;
 mod recovery;
 mod redis_ledger;
