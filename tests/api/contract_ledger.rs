@@ -649,7 +649,7 @@ ledger_contract!(redis_ledger, redis);
 
 async fn postgres() -> Arc<dyn Ledger> {
     Arc::new(
-        crate::support::postgres_ledger(Some(Duration::from_secs(30 * 86_400))).await,
+        crate::support::postgres::ledger(Some(Duration::from_secs(30 * 86_400))).await,
     )
 }
 

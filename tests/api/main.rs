@@ -8,6 +8,7 @@ mod crash;
 mod ingest;
 mod logs;
 mod postgres_ledger;
+mod postgres_pipeline;
 mod processing;
 mod recovery;
 mod redis_ledger;

@@ -4,10 +4,8 @@
 //! and at once, the seed's `messages` view, retention, a dead database as a
 //! fast `Unavailable`, and the round trips a transaction costs.
 
-use crate::support::{
-    AppOptions, json, postgres_client, postgres_database_url, postgres_ledger,
-    postgres_ledger_at, postgres_schema_url, spawn_app_with,
-};
+use crate::support::postgres::{client, database_url, ledger, ledger_at, schema_url};
+use crate::support::{AppOptions, json, spawn_app_with};
 use chrono::Utc;
 use rtp_durability::ledger::postgres::{DEFAULT_TIMEOUT, PostgresLedger, schema};
 use rtp_durability::ledger::{ClaimOutcome, Counts, Ledger, LedgerError, RegisterOutcome};
@@ -35,9 +33,9 @@ fn reg(id: &str) -> Registration {
 
 /// Several ledgers on one schema, each with its own pool: processes.
 async fn processes(n: usize) -> (String, Vec<Arc<PostgresLedger>>) {
-    let url = postgres_schema_url().await;
+    let url = schema_url().await;
     let ledgers = (0..n)
-        .map(|_| Arc::new(postgres_ledger_at(&url, None)))
+        .map(|_| Arc::new(ledger_at(&url, None)))
         .collect();
     (url, ledgers)
 }
@@ -117,7 +115,7 @@ async fn a_stale_owner_racing_the_takeover_is_fenced_or_first_never_both() {
 /// Counts by state, computed the slow way, as an auditor would.
 async fn counted_by_rows(url: &str) -> Counts {
     let mut c = Counts::default();
-    for row in postgres_client(url)
+    for row in client(url)
         .await
         .query("SELECT status, count(*) FROM transactions GROUP BY status", &[])
         .await
@@ -196,7 +194,7 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
     assert!(again.applied.is_empty());
     assert_eq!(ls[2].get("kept").await.unwrap().unwrap().status, State::Pending);
     assert_eq!(ls[3].counts().await.unwrap().pending, 1);
-    let rows = postgres_client(&url)
+    let rows = client(&url)
         .await
         .query("SELECT version FROM rtpd_schema_migrations ORDER BY version", &[])
         .await
@@ -207,8 +205,8 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
 
 #[tokio::test]
 async fn the_seed_messages_view_answers_the_seeds_queries() {
-    let url = postgres_schema_url().await;
-    let l = postgres_ledger_at(&url, None);
+    let url = schema_url().await;
+    let l = ledger_at(&url, None);
     for id in ["m-ok", "m-retry", "m-dead", "m-new"] {
         l.register(reg(id)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await; // distinct created_at
@@ -234,7 +232,7 @@ async fn the_seed_messages_view_answers_the_seeds_queries() {
         l.claim(id, "w", LEASE).await.unwrap();
         l.settle(id, "w", 1, s).await.unwrap();
     }
-    let c = postgres_client(&url).await;
+    let c = client(&url).await;
     // The seed's troubleshooting query, verbatim.
     let rows = c
         .query(
@@ -292,7 +290,7 @@ async fn the_seed_messages_view_answers_the_seeds_queries() {
 #[tokio::test]
 async fn retention_deletes_expired_terminal_records_in_batches_and_counts_follow() {
     let retention = Duration::from_millis(600);
-    let l = postgres_ledger(Some(retention)).await;
+    let l = ledger(Some(retention)).await;
     for id in ["gone-ok", "gone-dl", "kept-replayed", "kept-pending", "kept-failed"] {
         l.register(reg(id)).await.unwrap();
     }
@@ -353,7 +351,7 @@ async fn a_dead_postgres_is_a_fast_unavailable() {
         .local_addr()
         .unwrap()
         .port();
-    let l = postgres_ledger_at(&format!("postgresql://postgres@127.0.0.1:{port}/x"), None);
+    let l = ledger_at(&format!("postgresql://postgres@127.0.0.1:{port}/x"), None);
     let started = Instant::now();
     let e = l.ping().await.unwrap_err();
     assert!(matches!(e, LedgerError::Unavailable(_)), "{e:?}");
@@ -374,7 +372,7 @@ async fn a_dead_postgres_is_a_fast_unavailable() {
 /// one round trip: the pool prepares a statement once per connection.
 #[tokio::test]
 async fn a_transaction_costs_at_most_four_round_trips() {
-    let (url, db) = postgres_database_url().await;
+    let (url, db) = database_url().await;
     let app = spawn_app_with(AppOptions {
         tweak: Some(Box::new(move |s| {
             s.ledger = rtp_durability::config::LedgerKind::Postgres;
@@ -384,7 +382,7 @@ async fn a_transaction_costs_at_most_four_round_trips() {
         ..Default::default()
     })
     .await;
-    let admin = postgres_client(&crate::support::postgres_url()).await;
+    let admin = client(&crate::support::postgres::url()).await;
     let calls = || async {
         let row = admin
             .query_one(

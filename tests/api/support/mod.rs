@@ -1,7 +1,9 @@
 //! Test helpers: `spawn_app()` runs the API on port 0 with embedded backends
 //! and a real mock downstream on port 0; typed request helpers; Azurite access.
-//! Real processes (`rtpd`, the mock downstream) live in [`process`].
+//! Real processes (`rtpd`, the mock downstream) live in [`process`];
+//! PostgreSQL databases, schemas and servers for tests in [`postgres`].
 
+pub mod postgres;
 pub mod process;
 
 use rtp_durability::app::Application;
@@ -339,75 +341,3 @@ pub fn free_port() -> u16 {
     panic!("no free test port in 20000..32000");
 }
 
-/// The PostgreSQL the test script starts (`scripts/postgres.sh`). Tests that
-/// need it fail loudly without it: run them through `scripts/test.sh`.
-pub fn postgres_url() -> String {
-    std::env::var("RTPD_TEST_POSTGRES_URL")
-        .expect("RTPD_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL (or: scripts/postgres.sh start FILE; set -a; . FILE)")
-}
-
-/// A plain client to the database at `url` (test set-up and checks).
-pub async fn postgres_client(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the test PostgreSQL");
-    tokio::spawn(conn);
-    client
-}
-
-/// A fresh schema in the test database, and a URL whose connections use it
-/// (`search_path`), so each test has its own tables.
-pub async fn postgres_schema_url() -> String {
-    let base = postgres_url();
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    postgres_client(&base)
-        .await
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    with_search_path(&base, &schema)
-}
-
-pub fn with_search_path(url: &str, schema: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options=-c%20search_path%3D{schema}")
-}
-
-/// A fresh database on the test server (for measurements that
-/// pg_stat_statements groups by database), and its URL.
-pub async fn postgres_database_url() -> (String, String) {
-    let base = postgres_url();
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    postgres_client(&base)
-        .await
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').expect("database in the URL");
-    (format!("{prefix}/{name}"), name)
-}
-
-/// A PostgreSQL ledger on a fresh schema of the test server.
-pub async fn postgres_ledger(
-    retention: Option<Duration>,
-) -> rtp_durability::ledger::postgres::PostgresLedger {
-    postgres_ledger_at(&postgres_schema_url().await, retention)
-}
-
-pub fn postgres_ledger_at(
-    url: &str,
-    retention: Option<Duration>,
-) -> rtp_durability::ledger::postgres::PostgresLedger {
-    use rtp_durability::ledger::postgres::{
-        DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, PostgresLedger, PostgresSettings,
-    };
-    PostgresLedger::connect(&PostgresSettings {
-        url: url.into(),
-        entra: false,
-        client_id: None,
-        retention,
-        timeout: DEFAULT_TIMEOUT,
-        pool_size: DEFAULT_POOL_SIZE,
-    })
-    .unwrap()
-}
