@@ -1,10 +1,10 @@
 //! The ledger contract, written once and run against every ledger adapter.
 
+use chrono::DateTime;
 use chrono::Utc;
 use rtp_durability::ledger::{
     ClaimOutcome, Ledger, LedgerError, ListQuery, RegisterOutcome, ReplayOutcome,
 };
-use chrono::DateTime;
 use rtp_durability::transaction::{
     DeadLetterReason, Registration, Settlement, State, TransactionId, TxRecord,
     machine::{self, ClaimDecision},
@@ -648,9 +648,7 @@ async fn redis() -> Arc<dyn Ledger> {
 ledger_contract!(redis_ledger, redis);
 
 async fn postgres() -> Arc<dyn Ledger> {
-    Arc::new(
-        crate::support::postgres::ledger(Some(Duration::from_secs(30 * 86_400))).await,
-    )
+    Arc::new(crate::support::postgres::ledger(Some(Duration::from_secs(30 * 86_400))).await)
 }
 
 ledger_contract!(postgres_ledger, postgres);

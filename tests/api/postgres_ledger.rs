@@ -34,9 +34,7 @@ fn reg(id: &str) -> Registration {
 /// Several ledgers on one schema, each with its own pool: processes.
 async fn processes(n: usize) -> (String, Vec<Arc<PostgresLedger>>) {
     let url = schema_url().await;
-    let ledgers = (0..n)
-        .map(|_| Arc::new(ledger_at(&url, None)))
-        .collect();
+    let ledgers = (0..n).map(|_| Arc::new(ledger_at(&url, None))).collect();
     (url, ledgers)
 }
 
@@ -96,8 +94,10 @@ async fn a_stale_owner_racing_the_takeover_is_fenced_or_first_never_both() {
         // The old owner settles while a new owner takes over the expired lease.
         let (old, new) = (ls[0].clone(), ls[1].clone());
         let (a, b) = (id.clone(), id.clone());
-        let settle =
-            tokio::spawn(async move { old.settle(&a, "old", first.attempts, Settlement::Success).await });
+        let settle = tokio::spawn(async move {
+            old.settle(&a, "old", first.attempts, Settlement::Success)
+                .await
+        });
         let claim = tokio::spawn(async move { new.claim(&b, "new", LEASE).await.unwrap() });
         let (settled, claimed) = (settle.await.unwrap(), claim.await.unwrap());
         match (settled, claimed) {
@@ -117,7 +117,10 @@ async fn counted_by_rows(url: &str) -> Counts {
     let mut c = Counts::default();
     for row in client(url)
         .await
-        .query("SELECT status, count(*) FROM transactions GROUP BY status", &[])
+        .query(
+            "SELECT status, count(*) FROM transactions GROUP BY status",
+            &[],
+        )
         .await
         .unwrap()
     {
@@ -170,7 +173,13 @@ async fn counts_stay_exact_under_concurrent_writers_in_separate_processes() {
     let counts = ls[0].counts().await.unwrap();
     assert_eq!(counts, counted_by_rows(&url).await);
     assert_eq!(
-        (counts.pending, counts.processing, counts.success, counts.failed, counts.dead_letter),
+        (
+            counts.pending,
+            counts.processing,
+            counts.success,
+            counts.failed,
+            counts.dead_letter
+        ),
         (48 + 24, 48, 48, 48, 24)
     );
 }
@@ -187,16 +196,25 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
         assert_eq!(r.version, schema::latest());
         applied += r.applied.len();
     }
-    assert!(applied <= schema::MIGRATIONS.len(), "applied twice: {applied}");
+    assert!(
+        applied <= schema::MIGRATIONS.len(),
+        "applied twice: {applied}"
+    );
     ls[0].register(reg("kept")).await.unwrap();
     // Again, later: nothing to do, nothing lost.
     let again = ls[1].migrate().await.unwrap();
     assert!(again.applied.is_empty());
-    assert_eq!(ls[2].get("kept").await.unwrap().unwrap().status, State::Pending);
+    assert_eq!(
+        ls[2].get("kept").await.unwrap().unwrap().status,
+        State::Pending
+    );
     assert_eq!(ls[3].counts().await.unwrap().pending, 1);
     let rows = client(&url)
         .await
-        .query("SELECT version FROM rtpd_schema_migrations ORDER BY version", &[])
+        .query(
+            "SELECT version FROM rtpd_schema_migrations ORDER BY version",
+            &[],
+        )
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
@@ -241,14 +259,24 @@ async fn the_seed_messages_view_answers_the_seeds_queries() {
         )
         .await
         .unwrap();
-    let got: Vec<(String, String, Option<String>)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let got: Vec<(String, String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     assert_eq!(
         got,
         [
             ("m-new".into(), "pending".into(), None),
-            ("m-dead".into(), "dead_letter".into(), Some("400 Bad Request".into())),
-            ("m-retry".into(), "failed".into(), Some("503 Service Unavailable".into())),
+            (
+                "m-dead".into(),
+                "dead_letter".into(),
+                Some("400 Bad Request".into())
+            ),
+            (
+                "m-retry".into(),
+                "failed".into(),
+                Some("503 Service Unavailable".into())
+            ),
             ("m-ok".into(), "success".into(), None),
         ]
     );
@@ -291,7 +319,13 @@ async fn the_seed_messages_view_answers_the_seeds_queries() {
 async fn retention_deletes_expired_terminal_records_in_batches_and_counts_follow() {
     let retention = Duration::from_millis(600);
     let l = ledger(Some(retention)).await;
-    for id in ["gone-ok", "gone-dl", "kept-replayed", "kept-pending", "kept-failed"] {
+    for id in [
+        "gone-ok",
+        "gone-dl",
+        "kept-replayed",
+        "kept-pending",
+        "kept-failed",
+    ] {
         l.register(reg(id)).await.unwrap();
     }
     for (id, s) in [
@@ -322,7 +356,11 @@ async fn retention_deletes_expired_terminal_records_in_batches_and_counts_follow
         l.settle(id, "w", 1, s).await.unwrap();
     }
     l.replay("kept-replayed", "n", false).await.unwrap();
-    assert_eq!(l.purge_expired().await.unwrap(), 0, "nothing is old enough yet");
+    assert_eq!(
+        l.purge_expired().await.unwrap(),
+        0,
+        "nothing is old enough yet"
+    );
 
     tokio::time::sleep(retention + Duration::from_millis(300)).await;
     assert_eq!(l.purge_expired().await.unwrap(), 2);
@@ -432,5 +470,8 @@ async fn a_transaction_costs_at_most_four_round_trips() {
     println!("postgres ledger: {per_tx:.2} statements (round trips) per transaction");
     assert!(per_tx <= 4.0, "{per_tx} round trips per transaction");
     assert!(per_tx >= 4.0, "the count sees every call: {per_tx}");
-    assert_eq!(app.services.ledger.counts().await.unwrap().success as i64, N + 1);
+    assert_eq!(
+        app.services.ledger.counts().await.unwrap().success as i64,
+        N + 1
+    );
 }

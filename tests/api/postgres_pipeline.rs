@@ -40,7 +40,8 @@ impl Pipeline {
         } else {
             self.processor_port
         };
-        let log = std::fs::File::create(self.dir.join(format!("{part}-{}.log", self.runs))).unwrap();
+        let log =
+            std::fs::File::create(self.dir.join(format!("{part}-{}.log", self.runs))).unwrap();
         Proc(
             rtpd()
                 .arg(part)
@@ -119,7 +120,10 @@ async fn postgres_ledger_pipeline_survives_kill_9_and_a_database_restart() {
                 "RTPD_DOWNSTREAM_URL",
                 format!("http://127.0.0.1:{mock_port}/process"),
             ),
-            ("RTPD_VENDOR_KEYS", format!("acme:sha256:{}", hash_secret(KEY))),
+            (
+                "RTPD_VENDOR_KEYS",
+                format!("acme:sha256:{}", hash_secret(KEY)),
+            ),
             ("RTPD_VENDOR_RATE_PER_SEC", "0".into()),
             ("RTPD_LOCK_DURATION_SECS", "2".into()),
             ("RTPD_DOWNSTREAM_TIMEOUT_SECS", "1".into()),
@@ -147,7 +151,10 @@ async fn postgres_ledger_pipeline_survives_kill_9_and_a_database_restart() {
     processor.kill9();
     api.kill9();
     let summary1 = run.await.unwrap();
-    assert!(summary1.acked > 0 && summary1.acked < 20_000, "{summary1:?}");
+    assert!(
+        summary1.acked > 0 && summary1.acked < 20_000,
+        "{summary1:?}"
+    );
     let mut acked = acked_ids(&acked1, &summary1);
 
     // 2. Restarted, under load again; PostgreSQL crashes and comes back.
@@ -182,11 +189,7 @@ async fn postgres_ledger_pipeline_survives_kill_9_and_a_database_restart() {
         );
         refused += 1;
     }
-    let ready = client
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     tokio::time::sleep(Duration::from_secs(1)).await;
     pg.up();
@@ -215,7 +218,10 @@ async fn postgres_ledger_pipeline_survives_kill_9_and_a_database_restart() {
         |_| true,
     )
     .await;
-    assert_eq!(calls["duplicate_successes"], 0, "at most one success per id");
+    assert_eq!(
+        calls["duplicate_successes"], 0,
+        "at most one success per id"
+    );
     assert_eq!(calls["concurrent_overlaps"], 0);
     for id in &acked {
         let rec: Value = client

@@ -64,7 +64,9 @@ mod tests {
 
     #[test]
     fn connection_and_shutdown_states_are_transient_others_fatal() {
-        for c in ["08006", "08001", "57P01", "57P03", "53300", "40001", "40P01", "28P01"] {
+        for c in [
+            "08006", "08001", "57P01", "57P03", "53300", "40001", "40P01", "28P01",
+        ] {
             assert!(transient_state(&SqlState::from_code(c)), "{c}");
         }
         for c in ["23505", "42P01", "22P02", "42601"] {

@@ -300,7 +300,9 @@ impl Ledger for PostgresLedger {
                 )
                 .await?;
             if let Some(row) = rows.first() {
-                return Ok(RegisterOutcome::New(sql::record(row, 0).map_err(malformed)?));
+                return Ok(RegisterOutcome::New(
+                    sql::record(row, 0).map_err(malformed)?,
+                ));
             }
             if let Some(existing) = self.inner.get(&rec.transaction_id).await? {
                 return Ok(if existing.sha256 == reg.sha256 {

@@ -340,4 +340,3 @@ pub fn free_port() -> u16 {
     }
     panic!("no free test port in 20000..32000");
 }
-
