@@ -3,7 +3,8 @@
 #
 #   scripts/bench.sh dev [COUNT] [CONCURRENCY]     rtpd dev: ack rate and latency, drain rate at 0 ms and 20 ms downstream
 #   scripts/bench.sh azure [COUNT] [CONCURRENCY]   rtpd serve with the WAL on Azurite: group commit vs one PUT per transaction
-#   scripts/bench.sh ledger [COUNT] [CONCURRENCY]  rtpd serve: embedded ledger vs Redis ledger, same run
+#   scripts/bench.sh ledger [COUNT] [CONCURRENCY]  rtpd serve: embedded vs Redis vs PostgreSQL ledger, same run,
+#                                                  with round trips per transaction for Redis and PostgreSQL
 #
 # Each scenario starts its own processes on free ports with fresh data and stops them.
 set -euo pipefail
@@ -21,6 +22,7 @@ cleanup() {
     wait 2>/dev/null || true
     [[ -f "$work/azurite.env" ]] && scripts/azurite.sh stop "$work/azurite.env" >/dev/null 2>&1
     [[ -f "$work/redis.env" ]] && scripts/redis.sh stop "$work/redis.env" >/dev/null 2>&1
+    [[ -f "$work/postgres.env" ]] && scripts/postgres.sh stop "$work/postgres.env" >/dev/null 2>&1
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -36,6 +38,7 @@ start_serve() {
     env RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/data-$1" RTPD_AUTH=none RTPD_LOG_LEVEL=warn \
         RTPD_DOWNSTREAM_URL="$downstream" "${@:2}" "$rtpd" serve >"$work/$1.log" 2>&1 &
     pids+=($!)
+    serve_pid=$!
     wait_up "$api/healthz"
 }
 
@@ -96,14 +99,45 @@ azure)
     ;;
 ledger)
     scripts/redis.sh start "$work/redis.env" >/dev/null
-    set -a; . "$work/redis.env"; set +a
+    scripts/postgres.sh start "$work/postgres.env" >/dev/null
+    set -a; . "$work/redis.env"; . "$work/postgres.env"; set +a
+    pg() { "$PG_BIN/psql" -At -q "$RTPD_TEST_POSTGRES_URL" -c "$1"; }
     start_mock 0
     echo "== embedded ledger, $count transactions, concurrency $conc"
     start_serve local
     t0=$(date +%s.%N); produce LOC; drain "$t0"
+    kill "$serve_pid"
     echo "== Redis ledger"
     start_serve redis RTPD_LEDGER=redis RTPD_REDIS_URL="$RTPD_TEST_REDIS_URL" RTPD_REDIS_KEY_PREFIX="bench$$"
+    redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
     t0=$(date +%s.%N); produce RED; drain "$t0"
+    # Every command the service sent during the run (reconciler and /metrics polls included).
+    redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' | python3 -c "
+import re, sys
+calls = {m[1]: int(m[2]) for m in re.finditer(r'cmdstat_(\w+):calls=(\d+)', sys.stdin.read())}
+calls.pop('info', None); calls.pop('config', None)
+print(f'Redis commands per transaction: {sum(calls.values()) / $count:.2f}  ' + ', '.join(f'{k} {v / $count:.2f}' for k, v in sorted(calls.items())))"
+    kill "$serve_pid"
+    echo "== PostgreSQL ledger"
+    start_serve postgres RTPD_LEDGER=postgres RTPD_POSTGRES_URL="$RTPD_TEST_POSTGRES_URL"
+    pg "SELECT pg_stat_statements_reset()" >/dev/null
+    t0=$(date +%s.%N); produce PG; drain "$t0"
+    # Top-level statements of the service's database, by ledger call; one
+    # round trip each (prepared once per pooled connection).
+    pg "SELECT CASE WHEN query LIKE 'WITH claimed%' THEN 'claim'
+                    WHEN query LIKE 'WITH settled%' THEN 'settle'
+                    WHEN query LIKE 'INSERT INTO transactions%DO NOTHING RETURNING%' THEN 'register'
+                    WHEN query LIKE 'SELECT transaction_id%FROM transactions WHERE transaction_id = \$1' THEN 'get'
+                    ELSE 'other' END, sum(calls)
+        FROM pg_stat_statements
+        WHERE toplevel AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND query NOT LIKE '%pg_stat_statements%'
+        GROUP BY 1 ORDER BY 1" | python3 -c "
+import sys
+calls = dict((k, int(v)) for k, v in (l.split('|') for l in sys.stdin.read().split()))
+ops = ('get', 'register', 'claim', 'settle')
+hot, other = sum(calls.get(k, 0) for k in ops), calls.get('other', 0)
+print(f'PostgreSQL round trips per transaction: {hot / $count:.2f} on the hot path (' + ', '.join(f'{k} {calls.get(k, 0) / $count:.2f}' for k in ops) + f'); other statements (reconciler, /metrics polls, retention): {other / $count:.2f}')"
     ;;
 *)
     echo "usage: scripts/bench.sh dev|azure|ledger [COUNT] [CONCURRENCY]" >&2

@@ -34,6 +34,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_LEDGER_RETENTION_DAYS",
     "RTPD_POSTGRES_URL",
     "RTPD_POSTGRES_ENTRA",
+    "RTPD_POSTGRES_PAYLOAD",
     "RTPD_QUEUE",
     "RTPD_SERVICEBUS_CONNECTION_STRING",
     "RTPD_SERVICEBUS_NAMESPACE",
@@ -195,6 +196,9 @@ pub struct Settings {
     pub postgres_url: Option<Secret>,
     /// Entra ID access tokens as the password (Azure Database for PostgreSQL).
     pub postgres_entra: bool,
+    /// Keep a copy of each payload in the ledger (the `payload` column of
+    /// the seed's `messages` view); the WAL has it either way.
+    pub postgres_payload: bool,
 
     pub queue: QueueKind,
     pub servicebus_connection_string: Option<Secret>,
@@ -258,6 +262,7 @@ impl Default for Settings {
             ledger_retention_days: 30,
             postgres_url: None,
             postgres_entra: false,
+            postgres_payload: false,
             queue: QueueKind::Local,
             servicebus_connection_string: None,
             servicebus_namespace: None,

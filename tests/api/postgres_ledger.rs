@@ -475,3 +475,39 @@ async fn a_transaction_costs_at_most_four_round_trips() {
         N + 1
     );
 }
+
+#[tokio::test]
+async fn the_messages_view_shows_the_payload_only_when_configured() {
+    for keep in [false, true] {
+        let url = schema_url().await;
+        let ledger_url = url.clone();
+        let app = spawn_app_with(AppOptions {
+            tweak: Some(Box::new(move |s| {
+                s.ledger = rtp_durability::config::LedgerKind::Postgres;
+                s.postgres_url = Some(ledger_url.as_str().into());
+                s.postgres_payload = keep;
+            })),
+            ..Default::default()
+        })
+        .await;
+        let body =
+            json!({ "transaction_id": "with-payload", "amount": "12.50", "currency": "EUR" });
+        assert_eq!(app.post_json(&body).await.status(), 202);
+        let row = client(&url)
+            .await
+            .query_one(
+                "SELECT payload::text FROM messages WHERE transaction_id = 'with-payload'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let payload: Option<String> = row.get(0);
+        match keep {
+            false => assert_eq!(payload, None, "the WAL holds it; no second copy"),
+            true => assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&payload.unwrap()).unwrap(),
+                body
+            ),
+        }
+    }
+}

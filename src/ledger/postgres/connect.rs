@@ -32,6 +32,8 @@ pub struct PostgresSettings {
     pub timeout: Duration,
     /// Connections this process opens at most.
     pub pool_size: usize,
+    /// Keep a copy of each payload in the `payload` column.
+    pub payload: bool,
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,6 +55,7 @@ impl PostgresSettings {
                 .then(|| Duration::from_secs(u64::from(s.ledger_retention_days) * 86_400)),
             timeout: DEFAULT_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
+            payload: s.postgres_payload,
         })
     }
 }

@@ -60,6 +60,7 @@ struct Inner {
     retention: Option<Duration>,
     timeout: Duration,
     describe: String,
+    payload: bool,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -81,6 +82,7 @@ impl PostgresLedger {
             retention: s.retention,
             timeout: s.timeout,
             describe: c.describe,
+            payload: s.payload,
         });
         let bg = inner.clone();
         let task = tokio::spawn(async move { bg.background().await });
@@ -277,6 +279,21 @@ fn changed_row(rows: &[Row]) -> Result<Option<(bool, TxRecord)>, LedgerError> {
 #[async_trait]
 impl Ledger for PostgresLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
+        self.register_with_payload(reg, &[]).await
+    }
+
+    async fn register_with_payload(
+        &self,
+        reg: Registration,
+        payload: &[u8],
+    ) -> Result<RegisterOutcome, LedgerError> {
+        let payload = match (self.inner.payload, payload.is_empty()) {
+            (true, false) => Some(
+                std::str::from_utf8(payload)
+                    .map_err(|e| malformed(format!("payload is not UTF-8: {e}")))?,
+            ),
+            _ => None,
+        };
         let mut reg = reg;
         reg.received_at = truncate(reg.received_at);
         let rec = TxRecord::new(&reg, now());
@@ -296,6 +313,7 @@ impl Ledger for PostgresLedger {
                         &rec.vendor,
                         &rec.created_at,
                         &rec.updated_at,
+                        &payload,
                     ],
                 )
                 .await?;

@@ -33,14 +33,15 @@ pub const GET: &str = concat!(
     " FROM transactions WHERE transaction_id = $1"
 );
 
-/// $1 id, $2 sha256, $3 wal_ref, $4 vendor, $5 created_at, $6 updated_at.
+/// $1 id, $2 sha256, $3 wal_ref, $4 vendor, $5 created_at, $6 updated_at,
+/// $7 payload (JSON text, or NULL when the ledger keeps no copy).
 /// Returns the new row, or nothing when the id exists (the caller reads it
 /// with [`GET`]: a row committed by a concurrent insert after this
 /// statement's snapshot is invisible to any part of this statement).
 pub const REGISTER: &str = concat!(
     "INSERT INTO transactions (transaction_id, status, sha256, wal_ref, attempts, retry_count, \
-                               vendor, created_at, updated_at) \
-     VALUES ($1, 'pending', $2, $3, 0, 0, $4, $5, $6) \
+                               vendor, created_at, updated_at, payload) \
+     VALUES ($1, 'pending', $2, $3, 0, 0, $4, $5, $6, $7::text::jsonb) \
      ON CONFLICT (transaction_id) DO NOTHING \
      RETURNING ",
     cols!()

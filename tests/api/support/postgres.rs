@@ -77,6 +77,7 @@ pub fn ledger_at(
         retention,
         timeout: DEFAULT_TIMEOUT,
         pool_size: DEFAULT_POOL_SIZE,
+        payload: false,
     })
     .unwrap()
 }
