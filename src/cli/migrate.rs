@@ -3,7 +3,7 @@
 //! deployment step with a more privileged role).
 
 use crate::config::{LedgerKind, Settings};
-use crate::ledger::postgres::{PostgresLedger, PostgresSettings, schema};
+use crate::ledger::postgres::{self, PostgresSettings, schema};
 use anyhow::{Context, bail};
 
 #[derive(Debug, clap::Args)]
@@ -17,12 +17,9 @@ pub async fn run(_opts: Opts) -> anyhow::Result<()> {
             settings.ledger
         );
     }
-    let ledger = PostgresLedger::connect(&PostgresSettings::from_settings(&settings)?)
-        .context("setting up the PostgreSQL ledger")?;
-    let done = ledger
-        .migrate()
+    let done = postgres::migrate(&PostgresSettings::from_settings(&settings)?)
         .await
-        .with_context(|| format!("migrating {}", ledger_describe(&ledger)))?;
+        .context("migrating the PostgreSQL ledger")?;
     if done.applied.is_empty() {
         println!(
             "ledger schema at version {} (this build: {}); nothing to apply",
@@ -36,9 +33,4 @@ pub async fn run(_opts: Opts) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn ledger_describe(l: &PostgresLedger) -> String {
-    use crate::ledger::Ledger;
-    l.describe()
 }

@@ -511,3 +511,58 @@ async fn the_messages_view_shows_the_payload_only_when_configured() {
         }
     }
 }
+
+#[tokio::test]
+async fn truncating_the_table_zeroes_the_counts() {
+    let url = schema_url().await;
+    let l = ledger_at(&url, None);
+    for id in ["tr-1", "tr-2"] {
+        l.register(reg(id)).await.unwrap();
+    }
+    l.claim("tr-1", "w", LEASE).await.unwrap();
+    assert_eq!(l.counts().await.unwrap().total(), 2);
+    client(&url)
+        .await
+        .batch_execute("TRUNCATE transactions")
+        .await
+        .unwrap();
+    assert_eq!(l.counts().await.unwrap(), Counts::default());
+    l.register(reg("tr-1")).await.unwrap();
+    assert_eq!(l.counts().await.unwrap().pending, 1);
+}
+
+#[tokio::test]
+async fn rtpd_migrate_applies_once_then_reports_nothing_to_do() {
+    let url = schema_url().await;
+    let migrate = || {
+        crate::support::process::rtpd()
+            .arg("migrate")
+            .env("RTPD_LEDGER", "postgres")
+            .env("RTPD_POSTGRES_URL", &url)
+            .env("RTPD_LOG_LEVEL", "warn")
+            .output()
+            .unwrap()
+    };
+    let first = migrate();
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(out.contains("applied [1]"), "{out}");
+    let again = migrate();
+    let out = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success());
+    assert!(out.contains("nothing to apply"), "{out}");
+    // Without a PostgreSQL ledger there is nothing to migrate: exit 1, one line.
+    let local = crate::support::process::rtpd()
+        .arg("migrate")
+        .env("RTPD_LEDGER", "local")
+        .output()
+        .unwrap();
+    assert_eq!(local.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&local.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("RTPD_LEDGER"), "{err}");
+}

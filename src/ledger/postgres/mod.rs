@@ -104,15 +104,21 @@ impl PostgresLedger {
     }
 }
 
+/// Applies pending migrations and nothing else: no ledger, no background
+/// work (what `rtpd migrate` runs).
+pub async fn migrate(s: &PostgresSettings) -> Result<schema::Applied, LedgerError> {
+    let c = connect::connect(s)?;
+    let mut conn = c.pool.get().await.map_err(errors::pool)?;
+    bounded("migrate", MIGRATE_TIMEOUT, schema::migrate(&mut conn)).await
+}
+
+/// Migrations may rewrite tables; they get longer than a ledger call.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Inner {
     async fn migrate(&self) -> Result<schema::Applied, LedgerError> {
         let mut conn = self.pool.get().await.map_err(errors::pool)?;
-        let applied = bounded(
-            "migrate",
-            Duration::from_secs(60),
-            schema::migrate(&mut conn),
-        )
-        .await?;
+        let applied = bounded("migrate", MIGRATE_TIMEOUT, schema::migrate(&mut conn)).await?;
         if !applied.applied.is_empty() {
             tracing::info!(applied = ?applied.applied, version = applied.version, "ledger schema migrated");
         }

@@ -27,6 +27,11 @@ pub async fn client(url: &str) -> tokio_postgres::Client {
 /// A fresh schema in the test database, and a URL whose connections use it
 /// (`search_path`), so each test has its own tables.
 pub async fn schema_url() -> String {
+    new_schema().await.0
+}
+
+/// As [`schema_url`], with the schema's name.
+pub async fn new_schema() -> (String, String) {
     let base = url();
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     client(&base)
@@ -34,7 +39,18 @@ pub async fn schema_url() -> String {
         .batch_execute(&format!("CREATE SCHEMA {schema}"))
         .await
         .unwrap();
-    with_search_path(&base, &schema)
+    (with_search_path(&base, &schema), schema)
+}
+
+/// Drops everything in `schema` (a lost database), leaving it empty.
+pub async fn wipe_schema(schema: &str) {
+    client(&url())
+        .await
+        .batch_execute(&format!(
+            "DROP SCHEMA {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .await
+        .unwrap();
 }
 
 pub fn with_search_path(url: &str, schema: &str) -> String {

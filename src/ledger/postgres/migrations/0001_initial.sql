@@ -72,6 +72,19 @@ CREATE TRIGGER transactions_count_states
     AFTER INSERT OR DELETE OR UPDATE OF status ON transactions
     FOR EACH ROW EXECUTE FUNCTION rtpd_count_states();
 
+-- TRUNCATE fires no row triggers: an emptied table has zero of everything.
+CREATE FUNCTION rtpd_zero_counts() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE state_counts
+    SET pending = 0, processing = 0, success = 0, failed = 0, dead_letter = 0;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER transactions_truncate_counts
+    AFTER TRUNCATE ON transactions
+    FOR EACH STATEMENT EXECUTE FUNCTION rtpd_zero_counts();
+
 CREATE TABLE leases (
     name       text PRIMARY KEY,
     owner      text NOT NULL,
