@@ -92,7 +92,7 @@ impl PostgresLedger {
         })
     }
 
-    /// Applies pending migrations now (what `rtpd migrate` runs).
+    /// Applies pending migrations now.
     pub async fn migrate(&self) -> Result<schema::Applied, LedgerError> {
         self.inner.migrate().await
     }
@@ -109,7 +109,7 @@ impl PostgresLedger {
 pub async fn migrate(s: &PostgresSettings) -> Result<schema::Applied, LedgerError> {
     let c = connect::connect(s)?;
     let mut conn = c.pool.get().await.map_err(errors::pool)?;
-    bounded("migrate", MIGRATE_TIMEOUT, schema::migrate(&mut conn)).await
+    run_migrations(&mut conn).await
 }
 
 /// Migrations may rewrite tables; they get longer than a ledger call.
@@ -118,7 +118,7 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
 impl Inner {
     async fn migrate(&self) -> Result<schema::Applied, LedgerError> {
         let mut conn = self.pool.get().await.map_err(errors::pool)?;
-        let applied = bounded("migrate", MIGRATE_TIMEOUT, schema::migrate(&mut conn)).await?;
+        let applied = run_migrations(&mut conn).await?;
         if !applied.applied.is_empty() {
             tracing::info!(applied = ?applied.applied, version = applied.version, "ledger schema migrated");
         }
@@ -156,8 +156,13 @@ impl Inner {
         let Some(retention) = self.retention else {
             return Ok(0);
         };
-        let cutoff = crate::clock::now()
-            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        // A retention longer than the calendar goes back deletes nothing.
+        let Some(cutoff) = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|r| crate::clock::now().checked_sub_signed(r))
+        else {
+            return Ok(0);
+        };
         let mut total = 0;
         loop {
             let n = self
@@ -241,31 +246,21 @@ impl Inner {
     }
 }
 
-async fn bounded<T, E>(
+async fn bounded<T>(
     what: &str,
     timeout: Duration,
-    f: impl Future<Output = Result<T, E>>,
-) -> Result<T, LedgerError>
-where
-    E: Into<LedgerErrorOf>,
-{
-    match tokio::time::timeout(timeout, f).await {
-        Ok(r) => r.map_err(|e| e.into().0),
-        Err(_) => Err(timed_out(what, timeout)),
-    }
+    f: impl Future<Output = Result<T, LedgerError>>,
+) -> Result<T, LedgerError> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(what, timeout)))
 }
 
-/// Lets [`bounded`] take futures failing with either error type.
-struct LedgerErrorOf(LedgerError);
-impl From<LedgerError> for LedgerErrorOf {
-    fn from(e: LedgerError) -> Self {
-        LedgerErrorOf(e)
-    }
-}
-impl From<tokio_postgres::Error> for LedgerErrorOf {
-    fn from(e: tokio_postgres::Error) -> Self {
-        LedgerErrorOf(classify(e))
-    }
+async fn run_migrations(conn: &mut Object) -> Result<schema::Applied, LedgerError> {
+    bounded("migrate", MIGRATE_TIMEOUT, async {
+        schema::migrate(conn).await.map_err(classify)
+    })
+    .await
 }
 
 fn now() -> DateTime<Utc> {
