@@ -3,7 +3,8 @@
 #
 #   scripts/bench.sh dev [COUNT] [CONCURRENCY]     rtpd dev: ack rate and latency, drain rate at 0 ms and 20 ms downstream
 #   scripts/bench.sh azure [COUNT] [CONCURRENCY]   rtpd serve with the WAL on Azurite: group commit vs one PUT per transaction
-#   scripts/bench.sh ledger [COUNT] [CONCURRENCY]  rtpd serve: embedded ledger vs Redis ledger, same run
+#   scripts/bench.sh ledger [COUNT] [CONCURRENCY]  rtpd serve: embedded vs Redis vs PostgreSQL ledger, same run,
+#                                                  with round trips per transaction for Redis and PostgreSQL
 #
 # Each scenario starts its own processes on free ports with fresh data and stops them.
 set -euo pipefail
@@ -21,6 +22,7 @@ cleanup() {
     wait 2>/dev/null || true
     [[ -f "$work/azurite.env" ]] && scripts/azurite.sh stop "$work/azurite.env" >/dev/null 2>&1
     [[ -f "$work/redis.env" ]] && scripts/redis.sh stop "$work/redis.env" >/dev/null 2>&1
+    [[ -f "$work/postgres.env" ]] && scripts/postgres.sh stop "$work/postgres.env" >/dev/null 2>&1
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -36,6 +38,7 @@ start_serve() {
     env RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/data-$1" RTPD_AUTH=none RTPD_LOG_LEVEL=warn \
         RTPD_DOWNSTREAM_URL="$downstream" "${@:2}" "$rtpd" serve >"$work/$1.log" 2>&1 &
     pids+=($!)
+    serve_pid=$!
     wait_up "$api/healthz"
 }
 
@@ -96,14 +99,53 @@ azure)
     ;;
 ledger)
     scripts/redis.sh start "$work/redis.env" >/dev/null
-    set -a; . "$work/redis.env"; set +a
+    scripts/postgres.sh start "$work/postgres.env" >/dev/null
+    set -a; . "$work/redis.env"; . "$work/postgres.env"; set +a
+    pg() { "$PG_BIN/psql" -At -q "$RTPD_TEST_POSTGRES_URL" -c "$1"; }
     start_mock 0
     echo "== embedded ledger, $count transactions, concurrency $conc"
     start_serve local
     t0=$(date +%s.%N); produce LOC; drain "$t0"
+    kill "$serve_pid"
     echo "== Redis ledger"
     start_serve redis RTPD_LEDGER=redis RTPD_REDIS_URL="$RTPD_TEST_REDIS_URL" RTPD_REDIS_KEY_PREFIX="bench$$"
     t0=$(date +%s.%N); produce RED; drain "$t0"
+    # Round trips: the commands the service sends for a sample of 1,000 more
+    # (MONITOR, which slows Redis, so not during the timed run). Commands run
+    # inside scripts are marked "lua" and are not round trips; the hot path is
+    # HGETALL (get) and the 8-key transition scripts (register, claim, settle).
+    redis-cli -p "$REDIS_PORT" MONITOR >"$work/monitor.txt" &
+    mon=$!
+    sleep 0.5
+    produce REDM 1000 >/dev/null; drain "$(date +%s.%N)" >/dev/null
+    kill "$mon"
+    python3 - "$work/monitor.txt" <<'PY'
+import re, sys
+client = [l for l in open(sys.argv[1]) if '] "' in l and '[0 lua]' not in l and ' lua]' not in l]
+hot = sum(1 for l in client if re.search(r'\] "(?i:hgetall)"', l) or re.search(r'"(?i:evalsha)" "[0-9a-f]{40}" "8"', l))
+print(f"Redis round trips per transaction: {hot / 1000:.2f} on the hot path; all commands sent: {len(client) / 1000:.2f} (with /metrics polls and the reconciler)")
+PY
+    kill "$serve_pid"
+    echo "== PostgreSQL ledger"
+    start_serve postgres RTPD_LEDGER=postgres RTPD_POSTGRES_URL="$RTPD_TEST_POSTGRES_URL"
+    pg "SELECT pg_stat_statements_reset()" >/dev/null
+    t0=$(date +%s.%N); produce PG; drain "$t0"
+    # Top-level statements of the service's database, by ledger call; one
+    # round trip each (prepared once per pooled connection).
+    pg "SELECT CASE WHEN query LIKE 'WITH claimed%' THEN 'claim'
+                    WHEN query LIKE 'WITH settled%' THEN 'settle'
+                    WHEN query LIKE 'INSERT INTO transactions%DO NOTHING RETURNING%' THEN 'register'
+                    WHEN query LIKE 'SELECT transaction_id%FROM transactions WHERE transaction_id = \$1' THEN 'get'
+                    ELSE 'other' END, sum(calls)
+        FROM pg_stat_statements
+        WHERE toplevel AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND query NOT LIKE '%pg_stat_statements%'
+        GROUP BY 1 ORDER BY 1" | python3 -c "
+import sys
+calls = dict((k, int(v)) for k, v in (l.split('|') for l in sys.stdin.read().split()))
+ops = ('get', 'register', 'claim', 'settle')
+hot, other = sum(calls.get(k, 0) for k in ops), calls.get('other', 0)
+print(f'PostgreSQL round trips per transaction: {hot / $count:.2f} on the hot path (' + ', '.join(f'{k} {calls.get(k, 0) / $count:.2f}' for k in ops) + f'); other statements (reconciler, /metrics polls, retention): {other / $count:.2f}')"
     ;;
 *)
     echo "usage: scripts/bench.sh dev|azure|ledger [COUNT] [CONCURRENCY]" >&2

@@ -3,6 +3,7 @@
 # what it started:
 #   - Azurite (pinned in azurite/, installed with npm ci) on a free port
 #   - Redis (installed from the OS packages if missing) on a free port
+#   - PostgreSQL (the OS packages' binaries, installed if missing) on a free port
 #   - a Python virtualenv (.venv) with tests/requirements.txt
 #   - the Rust tests (cargo nextest), the Service Bus conformance check with
 #     Microsoft's SDK against the in-repo broker, a schemathesis pass over the
@@ -17,6 +18,7 @@ failed=()
 cleanup() {
     scripts/azurite.sh stop "$work/azurite.env" >/dev/null 2>&1 || true
     [[ -x scripts/redis.sh ]] && scripts/redis.sh stop "$work/redis.env" >/dev/null 2>&1 || true
+    scripts/postgres.sh stop "$work/postgres.env" >/dev/null 2>&1 || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -33,6 +35,10 @@ if [[ -x scripts/redis.sh ]]; then
     scripts/redis.sh start "$work/redis.env" || die "could not start Redis"
     set -a; . "$work/redis.env"; set +a
 fi
+
+step "PostgreSQL"
+scripts/postgres.sh start "$work/postgres.env" || die "could not start PostgreSQL"
+set -a; . "$work/postgres.env"; set +a
 
 step "Python test dependencies (.venv)"
 if [[ ! -x .venv/bin/python ]]; then

@@ -32,6 +32,9 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_REDIS_KEY_PREFIX",
     "RTPD_REDIS_ENTRA",
     "RTPD_LEDGER_RETENTION_DAYS",
+    "RTPD_POSTGRES_URL",
+    "RTPD_POSTGRES_ENTRA",
+    "RTPD_POSTGRES_PAYLOAD",
     "RTPD_QUEUE",
     "RTPD_SERVICEBUS_CONNECTION_STRING",
     "RTPD_SERVICEBUS_NAMESPACE",
@@ -74,6 +77,7 @@ pub enum WalKind {
 pub enum LedgerKind {
     Local,
     Redis,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +192,13 @@ pub struct Settings {
     pub redis_key_prefix: String,
     pub redis_entra: bool,
     pub ledger_retention_days: u32,
+    /// `postgresql://…` or `host=… dbname=…`; may carry a password.
+    pub postgres_url: Option<Secret>,
+    /// Entra ID access tokens as the password (Azure Database for PostgreSQL).
+    pub postgres_entra: bool,
+    /// Keep a copy of each payload in the ledger (the `payload` column of
+    /// the seed's `messages` view); the WAL has it either way.
+    pub postgres_payload: bool,
 
     pub queue: QueueKind,
     pub servicebus_connection_string: Option<Secret>,
@@ -249,6 +260,9 @@ impl Default for Settings {
             redis_key_prefix: "rtpd".into(),
             redis_entra: false,
             ledger_retention_days: 30,
+            postgres_url: None,
+            postgres_entra: false,
+            postgres_payload: false,
             queue: QueueKind::Local,
             servicebus_connection_string: None,
             servicebus_namespace: None,
@@ -493,6 +507,20 @@ impl Settings {
                 return Err(ConfigError::new(
                     "RTPD_REDIS_URL",
                     "must start with redis:// or rediss://",
+                ));
+            }
+        }
+        if self.ledger == LedgerKind::Postgres {
+            let Some(u) = &self.postgres_url else {
+                return Err(ConfigError::new(
+                    "RTPD_POSTGRES_URL",
+                    "is required with RTPD_LEDGER=postgres",
+                ));
+            };
+            if let Err(e) = u.expose().parse::<tokio_postgres::Config>() {
+                return Err(ConfigError::new(
+                    "RTPD_POSTGRES_URL",
+                    format!("is not a PostgreSQL connection string: {e}"),
                 ));
             }
         }

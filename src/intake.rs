@@ -128,7 +128,7 @@ impl Intake {
         };
         let record = match self
             .ledger
-            .register(reg.clone())
+            .register_with_payload(reg.clone(), &s.payload)
             .await
             .map_err(ledger_error)?
         {

@@ -27,6 +27,7 @@ async fn main() {
         Command::Wal(o) => cli::wal::run(o).await,
         Command::RebuildLedger(o) => cli::rebuild_ledger::run(o).await,
         Command::Dlq(o) => cli::dlq::run(o).await,
+        Command::Migrate(o) => cli::migrate::run(o).await,
         Command::Config(o) => cli::config::run(o).await,
         Command::Healthcheck(o) => cli::healthcheck::run(o).await,
     };

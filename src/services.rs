@@ -12,6 +12,7 @@ use crate::journal::Journal;
 use crate::ledger::{
     Ledger,
     local::LocalLedger,
+    postgres::{PostgresLedger, PostgresSettings},
     redis::{RedisLedger, RedisSettings},
 };
 use crate::processor::Processor;
@@ -78,6 +79,10 @@ impl Services {
             LedgerKind::Redis => Arc::new(
                 RedisLedger::connect(&RedisSettings::from_settings(settings))
                     .context("setting up the Redis ledger")?,
+            ),
+            LedgerKind::Postgres => Arc::new(
+                PostgresLedger::connect(&PostgresSettings::from_settings(settings)?)
+                    .context("setting up the PostgreSQL ledger")?,
             ),
         };
         let queue: Arc<dyn Queue> = match settings.queue {

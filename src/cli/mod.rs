@@ -5,6 +5,7 @@ pub mod config;
 pub mod dev;
 pub mod dlq;
 pub mod healthcheck;
+pub mod migrate;
 pub mod mock;
 pub mod produce;
 pub mod rebuild_ledger;
@@ -51,6 +52,8 @@ pub enum Command {
     RebuildLedger(rebuild_ledger::Opts),
     /// Inspect, replay and purge the dead-letter queue
     Dlq(dlq::Opts),
+    /// Apply the PostgreSQL ledger's schema migrations and exit
+    Migrate(migrate::Opts),
     /// Print the effective configuration (secrets redacted)
     Config(config::Opts),
     /// Exit 0 if a health URL answers 2xx (for container HEALTHCHECKs)

@@ -16,6 +16,7 @@
 //!   journal are, and the ledger can be rebuilt from them.
 
 pub mod local;
+pub mod postgres;
 pub mod redis;
 
 use crate::transaction::{Registration, Settlement, State, TxRecord};
@@ -139,6 +140,16 @@ pub fn decode_cursor(c: &str) -> Option<(i64, String)> {
 #[async_trait]
 pub trait Ledger: Send + Sync + 'static {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError>;
+    /// `register` with the payload bytes at hand (a UTF-8 JSON object), for
+    /// a ledger configured to keep a copy of them for SQL queries
+    /// (PostgreSQL with `RTPD_POSTGRES_PAYLOAD`); the others ignore them.
+    async fn register_with_payload(
+        &self,
+        reg: Registration,
+        _payload: &[u8],
+    ) -> Result<RegisterOutcome, LedgerError> {
+        self.register(reg).await
+    }
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError>;
     async fn claim(
         &self,

@@ -8,6 +8,8 @@ mod crash;
 mod ingest;
 mod intake;
 mod logs;
+mod postgres_ledger;
+mod postgres_pipeline;
 mod processing;
 mod recovery;
 mod redis_ledger;

@@ -27,6 +27,8 @@ struct Site {
     mock_port: u16,
     /// Extra environment for every `rtpd` process of this site.
     env: Vec<(String, String)>,
+    /// The schema of the site's ledger on the test PostgreSQL, if it has one.
+    postgres_schema: Option<String>,
 }
 
 impl Site {
@@ -36,7 +38,18 @@ impl Site {
             api_port: free_port(),
             mock_port,
             env: Vec::new(),
+            postgres_schema: None,
         }
+    }
+
+    /// The same, with its ledger on a fresh schema of the test PostgreSQL.
+    async fn on_postgres(dir: &Path, mock_port: u16) -> Site {
+        let (url, schema) = crate::support::postgres::new_schema().await;
+        let mut site = Site::new(dir, mock_port);
+        site.env.push(("RTPD_LEDGER".into(), "postgres".into()));
+        site.env.push(("RTPD_POSTGRES_URL".into(), url));
+        site.postgres_schema = Some(schema);
+        site
     }
 
     fn base(&self) -> String {
@@ -93,7 +106,12 @@ impl Site {
         stdout
     }
 
-    fn delete_ledger(&self) {
+    /// Loses the ledger: its files, or everything in its PostgreSQL schema.
+    async fn delete_ledger(&self) {
+        if let Some(schema) = &self.postgres_schema {
+            crate::support::postgres::wipe_schema(schema).await;
+            return;
+        }
         for f in ["ledger.db", "ledger.db-wal", "ledger.db-shm"] {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
@@ -259,8 +277,18 @@ async fn processor_killed_mid_call_retries_safely() {
 async fn ledger_loss_is_rebuilt_without_redelivery() {
     let dir = tempfile::tempdir().unwrap();
     let (_mock, mock_port) = start_mock(&["--latency-ms", "20"]).await;
-    let site = Site::new(dir.path(), mock_port);
+    rebuilt_without_redelivery(Site::new(dir.path(), mock_port), mock_port).await;
+}
 
+/// The same with the ledger on PostgreSQL, its tables dropped mid-run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_ledger_loss_is_rebuilt_without_redelivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&["--latency-ms", "20"]).await;
+    rebuilt_without_redelivery(Site::on_postgres(dir.path(), mock_port).await, mock_port).await;
+}
+
+async fn rebuilt_without_redelivery(site: Site, mock_port: u16) {
     let mut serve = site.start("serve").await;
     let done = ingest(&site, "LDONE", 15, json!({})).await;
     wait_until_finished(&site, &done, Duration::from_secs(60)).await;
@@ -268,7 +296,7 @@ async fn ledger_loss_is_rebuilt_without_redelivery() {
     // More arrive; the ledger dies while they are being processed.
     let mid = ingest(&site, "LMID", 15, json!({})).await;
     serve.kill9();
-    site.delete_ledger();
+    site.delete_ledger().await;
 
     let dry = site.ops(&["rebuild-ledger", "--from", "1h", "--dry-run", "--quiet"]);
     assert!(dry.contains("(dry run)"), "{dry}");
@@ -310,7 +338,7 @@ async fn ledger_loss_heals_itself_from_the_journal() {
         .await
         .unwrap();
     serve.kill9();
-    site.delete_ledger();
+    site.delete_ledger().await;
     // A stray copy of a finished transaction is still queued (a re-drive, or
     // a message whose settle was lost in the crash).
     let reg = Registration {

@@ -1,17 +1,14 @@
-//! Redis-specific ledger behaviour beyond the shared contract: the Lua
-//! scripts decide exactly as `transaction::machine` does, retention expires
+//! Redis-specific ledger behaviour beyond the shared contract (which checks
+//! that the Lua scripts decide exactly as `transaction::machine`): retention expires
 //! terminal records and keeps counts honest, and a dead Redis is a fast
 //! `Unavailable`.
 
 use crate::support::{redis_key_prefix, redis_url};
 use chrono::{DateTime, Utc};
 use rtp_durability::ledger::redis::{DEFAULT_TIMEOUT, RedisLedger, RedisSettings};
-use rtp_durability::ledger::{
-    ClaimOutcome, Ledger, LedgerError, ListQuery, RegisterOutcome, ReplayOutcome,
-};
+use rtp_durability::ledger::{Ledger, LedgerError, ListQuery, RegisterOutcome, ReplayOutcome};
 use rtp_durability::transaction::{
     DeadLetterReason, Registration, Settlement, State, TransactionId, TxRecord,
-    machine::{self, ClaimDecision},
 };
 use std::time::{Duration, Instant};
 
@@ -39,183 +36,6 @@ fn reg(id: &str) -> Registration {
         vendor: None,
         received_at: micros(Utc::now()),
     }
-}
-
-/// Records in every state the machine distinguishes.
-fn variants(now: DateTime<Utc>) -> Vec<(&'static str, TxRecord)> {
-    let base = TxRecord::new(&reg("x"), now);
-    let later = now + chrono::Duration::seconds(60);
-    let earlier = now - chrono::Duration::seconds(60);
-    let with = |f: &dyn Fn(&mut TxRecord)| {
-        let mut r = base.clone();
-        r.attempts = 2;
-        f(&mut r);
-        r
-    };
-    vec![
-        ("pending", base.clone()),
-        (
-            "processing-live",
-            with(&|r| {
-                r.status = State::Processing;
-                r.lease_owner = Some("w1".into());
-                r.lease_until = Some(later);
-            }),
-        ),
-        (
-            "processing-expired",
-            with(&|r| {
-                r.status = State::Processing;
-                r.lease_owner = Some("w1".into());
-                r.lease_until = Some(earlier);
-            }),
-        ),
-        (
-            "processing-no-lease",
-            with(&|r| r.status = State::Processing),
-        ),
-        (
-            "failed-not-due",
-            with(&|r| {
-                r.status = State::Failed;
-                r.retry_count = 1;
-                r.error_message = Some("503".into());
-                r.next_retry_at = Some(later);
-            }),
-        ),
-        (
-            "failed-due",
-            with(&|r| {
-                r.status = State::Failed;
-                r.retry_count = 1;
-                r.next_retry_at = Some(earlier);
-            }),
-        ),
-        ("failed-no-retry-at", with(&|r| r.status = State::Failed)),
-        ("success", with(&|r| r.status = State::Success)),
-        (
-            "dead_letter",
-            with(&|r| {
-                r.status = State::DeadLetter;
-                r.error_message = Some("400".into());
-            }),
-        ),
-    ]
-}
-
-/// Puts `rec` under a fresh id and returns that id.
-async fn put(l: &RedisLedger, name: &str, n: usize, rec: &TxRecord) -> (String, TxRecord) {
-    let mut rec = rec.clone();
-    rec.transaction_id = TransactionId::parse(&format!("{name}-{n}")).unwrap();
-    l.restore(rec.clone()).await.unwrap();
-    assert_eq!(
-        l.get(&rec.transaction_id).await.unwrap().as_ref(),
-        Some(&rec)
-    );
-    (rec.transaction_id.to_string(), rec)
-}
-
-#[tokio::test]
-async fn scripts_decide_exactly_as_the_state_machine() {
-    let l = ledger_with(redis_url(), Some(Duration::from_secs(86_400)));
-    let now = micros(Utc::now());
-    let lease = Duration::from_secs(30);
-    for (i, (name, rec)) in variants(now).into_iter().enumerate() {
-        // claim
-        let (id, before) = put(&l, name, i * 10, &rec).await;
-        let got = l.claim(&id, "w2", lease).await.unwrap();
-        match (machine::decide_claim(&before, Utc::now()), got) {
-            (ClaimDecision::Terminal, ClaimOutcome::Terminal(r))
-            | (ClaimDecision::Busy, ClaimOutcome::Busy(r))
-            | (ClaimDecision::NotDue, ClaimOutcome::NotDue(r)) => assert_eq!(r, before, "{name}"),
-            (ClaimDecision::Claim { attempt }, ClaimOutcome::Claimed(r)) => {
-                let mut want = before.clone();
-                machine::apply_claim(&mut want, "w2", r.lease_until.unwrap(), r.updated_at);
-                assert_eq!(r, want, "{name}");
-                assert_eq!(r.attempts, attempt, "{name}");
-                assert_eq!(l.get(&id).await.unwrap(), Some(want), "{name}");
-            }
-            (d, o) => panic!("{name}: machine says {d:?}, Redis says {o:?}"),
-        }
-
-        // settle, by the owner of record and by a stranger
-        for (j, s) in [
-            Settlement::Success,
-            Settlement::Failed {
-                error: "e".into(),
-                next_retry_at: now,
-            },
-            Settlement::DeadLetter {
-                reason: DeadLetterReason::PermanentFailure,
-                error: "d".into(),
-            },
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            for (k, (owner, attempt)) in [("w1", 2), ("w2", 2), ("w1", 3)].into_iter().enumerate() {
-                let (id, before) = put(&l, name, i * 10 + 1 + j * 3 + k, &rec).await;
-                let got = l.settle(&id, owner, attempt, s.clone()).await;
-                if machine::holds(&before, owner, attempt) {
-                    let r = got.unwrap();
-                    let mut want = before.clone();
-                    machine::apply_settlement(&mut want, &s, r.updated_at);
-                    assert_eq!(r, want, "{name} {s:?}");
-                    assert_eq!(l.get(&id).await.unwrap(), Some(want), "{name}");
-                } else {
-                    assert!(
-                        matches!(got, Err(LedgerError::Fenced { .. })),
-                        "{name}: {got:?}"
-                    );
-                    assert_eq!(
-                        l.get(&id).await.unwrap(),
-                        Some(before),
-                        "fenced changes nothing"
-                    );
-                }
-            }
-        }
-
-        // replay, with and without force
-        for (j, force) in [false, true].into_iter().enumerate() {
-            let (id, before) = put(&l, name, i * 10 + 100 + j, &rec).await;
-            match l.replay(&id, "n", force).await.unwrap() {
-                ReplayOutcome::Reset(r) => {
-                    assert!(machine::may_replay(&before, force, Utc::now()), "{name}");
-                    let mut want = before.clone();
-                    machine::apply_replay(&mut want, "n", r.updated_at);
-                    assert_eq!(r, want, "{name}");
-                }
-                ReplayOutcome::Refused(r) => {
-                    assert!(!machine::may_replay(&before, force, Utc::now()), "{name}");
-                    assert_eq!(r, before);
-                }
-                ReplayOutcome::NotFound => panic!("{name}: restored record not found"),
-            }
-        }
-    }
-    // Every transition kept the per-state counts equal to the records.
-    let counts = l.counts().await.unwrap();
-    let mut by_state = rtp_durability::ledger::Counts::default();
-    let mut cursor = None;
-    loop {
-        let page = l
-            .list(ListQuery {
-                state: None,
-                limit: 50,
-                cursor,
-            })
-            .await
-            .unwrap();
-        for r in &page.items {
-            *by_state.slot(r.status) += 1;
-        }
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => break,
-        }
-    }
-    assert_eq!(counts, by_state);
 }
 
 #[tokio::test]

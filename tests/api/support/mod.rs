@@ -1,7 +1,9 @@
 //! Test helpers: `spawn_app()` runs the API on port 0 with embedded backends
 //! and a real mock downstream on port 0; typed request helpers; Azurite access.
-//! Real processes (`rtpd`, the mock downstream) live in [`process`].
+//! Real processes (`rtpd`, the mock downstream) live in [`process`];
+//! PostgreSQL databases, schemas and servers for tests in [`postgres`].
 
+pub mod postgres;
 pub mod process;
 
 use rtp_durability::app::Application;
