@@ -198,6 +198,7 @@ impl Services {
             wal: self.wal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
+            reached: Default::default(),
         }
     }
 
