@@ -47,6 +47,7 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt \
     || die "pip install -r tests/requirements.txt failed"
 export SB_INTEROP_PYTHON="$repo/.venv/bin/python"
+export RTPD_TEST_PYTHON="$repo/.venv/bin/python"
 
 step "Build"
 cargo build --quiet --bins --workspace || die "build failed"

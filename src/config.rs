@@ -57,6 +57,8 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_ADMIN_TOKENS",
     "RTPD_ADMIN_TOKENS_FILE",
     "RTPD_PUBLIC_HEALTH",
+    "RTPD_PUBLIC_METRICS",
+    "RTPD_CREDENTIALS_POLL_SECS",
     "RTPD_SIGNATURE_WINDOW_SECS",
     "RTPD_MAX_HEADER_BYTES",
     "RTPD_REQUEST_TIMEOUT_SECS",
@@ -225,6 +227,10 @@ pub struct Settings {
     pub admin_tokens: Option<Secret>,
     pub admin_tokens_file: Option<PathBuf>,
     pub public_health: bool,
+    /// `/metrics` and `/status` without auth (else admin only).
+    pub public_metrics: bool,
+    /// How often the credential files are re-read (0: only on SIGHUP).
+    pub credentials_poll_secs: f64,
     /// How far a signed request's timestamp may be from now, either way.
     pub signature_window_secs: u32,
     /// Request line plus headers; larger requests get 431.
@@ -286,6 +292,8 @@ impl Default for Settings {
             admin_tokens: None,
             admin_tokens_file: None,
             public_health: true,
+            public_metrics: false,
+            credentials_poll_secs: 5.0,
             signature_window_secs: 300,
             max_header_bytes: 16 * 1024,
             request_timeout_secs: 10.0,
@@ -432,6 +440,15 @@ impl Settings {
             return Err(ConfigError::new(
                 "RTPD_MAX_BODY_BYTES",
                 "must be between 64 bytes and 64 MiB",
+            ));
+        }
+        if !(self.credentials_poll_secs.is_finite()
+            && (self.credentials_poll_secs == 0.0
+                || (0.1..=86_400.0).contains(&self.credentials_poll_secs)))
+        {
+            return Err(ConfigError::new(
+                "RTPD_CREDENTIALS_POLL_SECS",
+                "must be 0 (only on SIGHUP) or between 0.1 and 86400",
             ));
         }
         if !(1..=86_400).contains(&self.signature_window_secs) {
@@ -620,6 +637,7 @@ mod tests {
             ("RTPD_REQUEST_TIMEOUT_SECS", "0"),
             ("RTPD_VENDOR_RATE_BURST", "0"),
             ("RTPD_MAX_IN_FLIGHT", "0"),
+            ("RTPD_CREDENTIALS_POLL_SECS", "0.01"),
             ("RTPD_VENDOR_RATE_PER_SEC", "-1"),
         ] {
             figment::Jail::expect_with(|jail| {

@@ -1,40 +1,49 @@
 //! `rtpd`: parse the command line, set up logging, run one subcommand,
-//! report how it ended.
+//! report how it ended. Exit status: 0 done, 1 failed (one line on stderr),
+//! 2 usage error (clap), 3 `reconcile --dry-run` found drift.
 
-use clap::Parser;
-use rtp_durability::cli::{self, Cli, Command};
+use clap::FromArgMatches;
+use rtp_durability::cli::{self, Cli, Command, Ending};
 use rtp_durability::config::{LogFormat, Settings};
 use rtp_durability::telemetry;
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli::command().get_matches()).unwrap_or_else(|e| e.exit());
     // Logging follows the configuration when it loads; a bad configuration is
     // reported by the subcommand itself.
     let (format, level) = Settings::load()
         .map(|s| (s.log_format, s.log_level))
         .unwrap_or((LogFormat::Text, "info".into()));
     telemetry::init(format, &level);
-    let result = match cli.command {
-        Command::Dev(o) => cli::dev::run(o).await,
-        Command::Serve(_) => serve(cli::serve::Parts::Both).await,
-        Command::Api(_) => serve(cli::serve::Parts::Api).await,
-        Command::Processor(_) => serve(cli::serve::Parts::Processor).await,
-        Command::MockDownstream(o) => cli::mock::run(o).await,
-        Command::Produce(o) => cli::produce::run(o).await,
+    match run(cli.command).await {
+        Ok(Ending::Done) => {}
+        Ok(ending) => std::process::exit(ending.code()),
+        Err(e) => {
+            // One readable line; the cause chain joined.
+            eprintln!("rtpd: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<Ending> {
+    let done = |r: anyhow::Result<()>| r.map(|()| Ending::Done);
+    match command {
         Command::Reconcile(o) => cli::reconcile::run(o).await,
-        Command::Replay(o) => cli::replay::run(o).await,
-        Command::Wal(o) => cli::wal::run(o).await,
-        Command::RebuildLedger(o) => cli::rebuild_ledger::run(o).await,
-        Command::Dlq(o) => cli::dlq::run(o).await,
-        Command::Migrate(o) => cli::migrate::run(o).await,
-        Command::Config(o) => cli::config::run(o).await,
-        Command::Healthcheck(o) => cli::healthcheck::run(o).await,
-    };
-    if let Err(e) = result {
-        // One readable line; the cause chain joined.
-        eprintln!("rtpd: {e:#}");
-        std::process::exit(1);
+        Command::Dev(o) => done(cli::dev::run(o).await),
+        Command::Serve(_) => done(serve(cli::serve::Parts::Both).await),
+        Command::Api(_) => done(serve(cli::serve::Parts::Api).await),
+        Command::Processor(_) => done(serve(cli::serve::Parts::Processor).await),
+        Command::MockDownstream(o) => done(cli::mock::run(o).await),
+        Command::Produce(o) => done(cli::produce::run(o).await),
+        Command::Replay(o) => done(cli::replay::run(o).await),
+        Command::Wal(o) => done(cli::wal::run(o).await),
+        Command::RebuildLedger(o) => done(cli::rebuild_ledger::run(o).await),
+        Command::Dlq(o) => done(cli::dlq::run(o).await),
+        Command::Migrate(o) => done(cli::migrate::run(o).await),
+        Command::Config(o) => done(cli::config::run(o).await),
+        Command::Healthcheck(o) => done(cli::healthcheck::run(o).await),
     }
 }
 

@@ -24,8 +24,32 @@ pub struct Replayer {
 pub struct ReplayRequest {
     /// Required to replay a `success`.
     pub force: bool,
-    pub operator: String,
+    pub operator: Operator,
     pub reason: Option<String>,
+}
+
+/// Who asked for a replay or a purge, as the journal records it (`actor`):
+/// how they came in, and the name that came with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operator {
+    /// Through the HTTP API with an admin token: the token's configured name
+    /// (`RTPD_ADMIN_TOKENS[_FILE]`, `<name>:sha256:<hash>`). `api:<name>`.
+    AdminToken(String),
+    /// Through the HTTP API with `RTPD_AUTH=none`. `api:anonymous`.
+    Anonymous,
+    /// From the command line: `--operator`, else `$USER`. Self-declared,
+    /// so marked as such: `cli:<name>`.
+    Cli(String),
+}
+
+impl std::fmt::Display for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Operator::AdminToken(name) => write!(f, "api:{name}"),
+            Operator::Anonymous => f.write_str("api:anonymous"),
+            Operator::Cli(name) => write!(f, "cli:{name}"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -82,7 +106,7 @@ impl Replayer {
                 state: State::Pending,
                 error: None,
                 next_retry_at: None,
-                actor: req.operator.clone(),
+                actor: req.operator.to_string(),
                 reason: Some(match &req.reason {
                     Some(r) => format!(
                         "{r} (replay {nonce}, from {}{})",

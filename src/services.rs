@@ -203,6 +203,7 @@ impl Services {
             wal: self.wal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
+            reached: Default::default(),
         }
     }
 

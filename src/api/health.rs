@@ -1,4 +1,15 @@
-//! `GET /healthz` (the process answers) and `GET /readyz` (every dependency answers).
+//! `GET /healthz` (the process answers) and `GET /readyz` (this replica is
+//! set up to answer vendors).
+//!
+//! Readiness decides whether the platform sends this replica traffic. It
+//! turns true once the replica has reached its WAL and its ledger (so a
+//! replica or a new revision whose configuration, identity or network cannot
+//! reach them never takes traffic) and stays true through later outages of
+//! any dependency: those are shared by every replica, and taking them all out
+//! of the load balancer would trade rtpd's own answers (a 503 with
+//! Retry-After for the WAL or the ledger; a 202 with `enqueued: false` for
+//! the queue, re-driven by the reconciler) for the platform's bare error.
+//! The body, and `/status`, say what each dependency answered.
 
 use super::{ApiError, ApiState, error::ErrorBody};
 use crate::ledger::Ledger;
@@ -6,6 +17,7 @@ use crate::queue::Queue;
 use crate::wal::Log;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 use utoipa::ToSchema;
 
@@ -15,6 +27,21 @@ pub struct Dependencies {
     pub wal: Log,
     pub ledger: Arc<dyn Ledger>,
     pub queue: Arc<dyn Queue>,
+    /// Set once this replica has reached its WAL and its ledger.
+    pub reached: Arc<AtomicBool>,
+}
+
+/// Where the replica stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyStatus {
+    /// Not ready: it has not reached its WAL and its ledger yet.
+    Starting,
+    /// Ready, every dependency answers.
+    Ready,
+    /// Ready, and a dependency does not answer now: vendors get rtpd's own
+    /// answer for it (see the module comment).
+    Degraded,
 }
 
 /// `{"status": "ok"}`.
@@ -23,10 +50,11 @@ pub struct Liveness {
     pub status: String,
 }
 
-/// Whether every dependency answers, and what each said.
+/// Whether this replica should get traffic, and what each dependency said.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
     pub ready: bool,
+    pub status: ReadyStatus,
     pub dependencies: BTreeMap<String, String>,
 }
 
@@ -69,14 +97,15 @@ pub async fn check_dependencies(svc: &Dependencies) -> BTreeMap<&'static str, St
     BTreeMap::from([("wal", wal), ("ledger", ledger), ("queue", queue)])
 }
 
-/// Readiness: every dependency (WAL, ledger, queue) answers.
+/// Readiness: 200 once this replica has reached its WAL and its ledger, and
+/// from then on (`degraded` while a dependency does not answer).
 #[utoipa::path(
     get,
     path = "/readyz",
     operation_id = "readyz",
     responses(
-        (status = 200, description = "Every dependency answers", body = Readiness),
-        (status = 503, description = "A dependency does not answer", body = Readiness),
+        (status = 200, description = "Ready (status ready or degraded)", body = Readiness),
+        (status = 503, description = "Starting: the WAL or the ledger has not answered yet", body = Readiness),
         (status = 401, description = "Admin token required (RTPD_PUBLIC_HEALTH=false)", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
     ),
@@ -88,9 +117,21 @@ pub async fn readyz(
 ) -> Result<HttpResponse, ApiError> {
     state.observer(&req)?;
     let deps = check_dependencies(&state.dependencies).await;
-    let ready = deps.values().all(|v| v == "connected");
+    let connected = |k: &str| deps.get(k).is_some_and(|v| v == "connected");
+    if connected("wal") && connected("ledger") {
+        state.dependencies.reached.store(true, Ordering::Relaxed);
+    }
+    let ready = state.dependencies.reached.load(Ordering::Relaxed);
+    let status = if !ready {
+        ReadyStatus::Starting
+    } else if deps.values().all(|v| v == "connected") {
+        ReadyStatus::Ready
+    } else {
+        ReadyStatus::Degraded
+    };
     let body = Readiness {
         ready,
+        status,
         dependencies: deps.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
     };
     Ok(if ready {

@@ -33,7 +33,11 @@ use utoipa::ToSchema;
         (status = 413, description = "Body larger than RTPD_MAX_BODY_BYTES", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
     ),
-    security(("ApiKey" = []), ("VendorSignature" = [], "VendorId" = [], "SignatureTimestamp" = []))
+    security(
+        ("ApiKey" = []),
+        ("VendorSignature" = [], "VendorId" = [], "SignatureTimestamp" = []),
+        ("WebhookSignature" = [], "WebhookId" = [], "WebhookTimestamp" = [])
+    )
 )]
 pub async fn ingest(
     req: HttpRequest,

@@ -15,6 +15,7 @@ pub mod transactions;
 
 use crate::auth::{
     API_KEY_HEADER, Auth, Principal, SIGNATURE_HEADER, Signed, TIMESTAMP_HEADER, VENDOR_HEADER,
+    WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER,
 };
 use crate::config::Settings;
 use crate::intake::Intake;
@@ -67,12 +68,31 @@ fn signed_headers(req: &HttpRequest) -> Option<Signed<'_>> {
         header(req, SIGNATURE_HEADER),
     );
     if v.is_none() && t.is_none() && s.is_none() {
-        return None;
+        return webhook_headers(req);
     }
     Some(Signed {
         vendor: v.unwrap_or(""),
         timestamp: t.unwrap_or(""),
         signature: s.unwrap_or(""),
+        webhook_id: None,
+    })
+}
+
+/// Standard Webhooks headers, when there are no `X-Rtpd-*` ones.
+fn webhook_headers(req: &HttpRequest) -> Option<Signed<'_>> {
+    let (id, t, s) = (
+        header(req, WEBHOOK_ID_HEADER),
+        header(req, WEBHOOK_TIMESTAMP_HEADER),
+        header(req, WEBHOOK_SIGNATURE_HEADER),
+    );
+    if id.is_none() && t.is_none() && s.is_none() {
+        return None;
+    }
+    Some(Signed {
+        vendor: "",
+        timestamp: t.unwrap_or(""),
+        signature: s.unwrap_or(""),
+        webhook_id: Some(id.unwrap_or("")),
     })
 }
 
@@ -204,9 +224,17 @@ impl ApiState {
         }
     }
 
-    /// Health and metrics: open when `RTPD_PUBLIC_HEALTH` is true, else admin only.
+    /// Health probes: open when `RTPD_PUBLIC_HEALTH` is true, else admin only.
     pub fn observer(&self, req: &HttpRequest) -> Result<(), ApiError> {
         if self.settings.public_health {
+            return Ok(());
+        }
+        self.admin(req).map(|_| ())
+    }
+
+    /// `/metrics` and `/status`: admin only unless `RTPD_PUBLIC_METRICS` is true.
+    pub fn metrics_reader(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        if self.settings.public_metrics {
             return Ok(());
         }
         self.admin(req).map(|_| ())

@@ -15,8 +15,9 @@ use utoipa::{Modify, OpenApi};
 const DESCRIPTION: &str = "Every error is JSON: {\"error\": <code>, \"message\": <text>}. Vendors \
 authenticate with an API key (X-Api-Key) or an HMAC-SHA256 signature (X-Rtpd-Vendor, \
 X-Rtpd-Timestamp, X-Rtpd-Signature: v1=<hex> over timestamp + \".\" + body; for a request without \
-a body, over timestamp + \".\" + METHOD + \" \" + path?query). Operators use Authorization: Bearer \
-<admin token>. See docs/security.md.";
+a body, over timestamp + \".\" + METHOD + \" \" + path?query), or a Standard Webhooks signature \
+(webhook-id, webhook-timestamp, webhook-signature: v1,<base64> over id + \".\" + timestamp + \".\" + \
+body). Operators use Authorization: Bearer <admin token>. See docs/security.md.";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -71,6 +72,24 @@ impl Modify for SecuritySchemes {
             header(
                 "X-Rtpd-Signature",
                 "v1=<hex HMAC-SHA256 of timestamp + \".\" + body>; each signature is accepted once",
+            ),
+        );
+        c.add_security_scheme(
+            "WebhookId",
+            header("webhook-id", "Standard Webhooks message id"),
+        );
+        c.add_security_scheme(
+            "WebhookTimestamp",
+            header(
+                "webhook-timestamp",
+                "Standard Webhooks attempt time, unix seconds; refused outside the replay window",
+            ),
+        );
+        c.add_security_scheme(
+            "WebhookSignature",
+            header(
+                "webhook-signature",
+                "Space-separated v1,<base64 HMAC-SHA256 of id + \".\" + timestamp + \".\" + body> (whsec_ secret); each attempt accepted once",
             ),
         );
         c.add_security_scheme(

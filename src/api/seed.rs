@@ -58,7 +58,7 @@ pub struct SeedTransaction {
             (StateCounts = "application/json"),
             (String = "text/plain")
         )),
-        (status = 401, description = "Admin token required (RTPD_PUBLIC_HEALTH=false)", body = ErrorBody),
+        (status = 401, description = "Admin token required (unless RTPD_PUBLIC_METRICS=true)", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
     ),
     security((), ("AdminToken" = []))
@@ -67,7 +67,7 @@ pub async fn metrics(
     req: HttpRequest,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.observer(&req)?;
+    state.metrics_reader(&req)?;
     let accept = req
         .headers()
         .get(header::ACCEPT)
@@ -99,7 +99,7 @@ pub async fn metrics(
     responses(
         (status = 200, description = "Every dependency connected", body = StatusReport),
         (status = 503, description = "A dependency is unavailable", body = StatusReport),
-        (status = 401, description = "Admin token required (RTPD_PUBLIC_HEALTH=false)", body = ErrorBody),
+        (status = 401, description = "Admin token required (unless RTPD_PUBLIC_METRICS=true)", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
     ),
     security((), ("AdminToken" = []))
@@ -108,7 +108,7 @@ pub async fn status(
     req: HttpRequest,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.observer(&req)?;
+    state.metrics_reader(&req)?;
     let deps = health::check_dependencies(&state.dependencies).await;
     let healthy = deps.values().all(|v| v == "connected");
     let body = StatusReport {

@@ -3,7 +3,7 @@
 use super::{ApiError, ApiState, error::ErrorBody};
 use crate::auth::Principal;
 use crate::ledger::{LedgerError, ListQuery, Page};
-use crate::replay::{ReplayError, ReplayRequest, Replayed};
+use crate::replay::{Operator, ReplayError, ReplayRequest, Replayed};
 use crate::transaction::{State, TransactionId, TxRecord};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
@@ -162,7 +162,10 @@ pub async fn do_replay(
     let id = valid_id(id)?;
     let r = ReplayRequest {
         force: body.force,
-        operator: who.name().to_owned(),
+        operator: match who {
+            Principal::Admin(name) => Operator::AdminToken(name),
+            _ => Operator::Anonymous,
+        },
         reason: body.reason,
     };
     match state.replayer.replay_one(id.as_str(), &r).await {

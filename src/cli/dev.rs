@@ -102,6 +102,11 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     if std::env::var_os("RTPD_VENDOR_RATE_PER_SEC").is_none() {
         settings.vendor_rate_per_sec = 0;
     }
+    // Counts on a developer's own machine: /metrics and /status stay open
+    // (as the banner's curl line shows) unless set otherwise.
+    if std::env::var_os("RTPD_PUBLIC_METRICS").is_none() {
+        settings.public_metrics = true;
+    }
     for (kind, name) in [
         (settings.wal != WalKind::Local, "RTPD_WAL"),
         (settings.ledger != LedgerKind::Local, "RTPD_LEDGER"),

@@ -40,7 +40,8 @@ pub enum DlqCommand {
         force: bool,
         #[arg(long)]
         reason: Option<String>,
-        #[arg(long)]
+        /// Who is replaying; journaled as cli:<name>
+        #[arg(long, env = "USER")]
         operator: Option<String>,
         #[arg(long, default_value_t = 50)]
         rate: u32,
@@ -54,7 +55,8 @@ pub enum DlqCommand {
         yes: bool,
         #[arg(long)]
         reason: Option<String>,
-        #[arg(long)]
+        /// Who is purging; journaled as cli:<name>
+        #[arg(long, env = "USER")]
         operator: Option<String>,
     },
 }
@@ -238,7 +240,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                         state,
                         error: m.dead_letter_description.clone(),
                         next_retry_at: None,
-                        actor: who.clone(),
+                        actor: who.to_string(),
                         reason: Some(format!(
                             "purged dead-lettered message {} ({}){}",
                             m.message_id,

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dev;
 pub mod dlq;
+pub mod environment;
 pub mod healthcheck;
 pub mod migrate;
 pub mod mock;
@@ -15,7 +16,7 @@ pub mod serve;
 pub mod time_arg;
 pub mod wal;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,6 +59,39 @@ pub enum Command {
     Config(config::Opts),
     /// Exit 0 if a health URL answers 2xx (for container HEALTHCHECKs)
     Healthcheck(healthcheck::Opts),
+}
+
+/// The command line as `rtpd` parses it: each subcommand's `--help` ends
+/// with the `RTPD_*` variables it reads and its exit status.
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for name in names {
+        let (reads, exit) = environment::of(&name);
+        cmd = cmd.mut_subcommand(&name, |c| environment::describe(c, reads, exit));
+    }
+    cmd
+}
+
+/// How a subcommand ended, when success has more than one meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Exit 0.
+    Done,
+    /// Exit 3: `rtpd reconcile --dry-run` found something to do.
+    Drift,
+}
+
+impl Ending {
+    pub fn code(self) -> i32 {
+        match self {
+            Ending::Done => 0,
+            Ending::Drift => 3,
+        }
+    }
 }
 
 /// Resolves when SIGTERM or Ctrl-C arrives.

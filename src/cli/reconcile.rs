@@ -1,7 +1,7 @@
 //! `rtpd reconcile`: one pass of the reconciler over a window of the WAL,
 //! under the reconciler lease.
 
-use super::time_arg;
+use super::{Ending, time_arg};
 use crate::config::Settings;
 use crate::reconcile::{LeaseOptions, ReconcileOptions, ReconcileReport};
 use crate::services::Services;
@@ -19,15 +19,16 @@ pub struct Opts {
     /// Print what would be done, change nothing
     #[arg(long)]
     pub dry_run: bool,
-    /// Re-drive `pending` left untouched this long (default RTPD_RECONCILE_PENDING_AFTER_SECS)
-    #[arg(long)]
+    /// Re-drive `pending` left untouched this long
+    #[arg(long, env = "RTPD_RECONCILE_PENDING_AFTER_SECS")]
     pub pending_after_secs: Option<f64>,
     /// Re-drives per second at most
     #[arg(long, default_value_t = 200)]
     pub rate: u32,
 }
 
-pub async fn run(opts: Opts) -> anyhow::Result<()> {
+/// Exit 3 from `--dry-run` when the pass found something to do.
+pub async fn run(opts: Opts) -> anyhow::Result<Ending> {
     let settings = Settings::load()?;
     let svc = Services::build(&settings).await?;
     let pending_after = Settings::secs(
@@ -49,7 +50,18 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .reconcile_when_free(&o, Duration::from_secs(60))
         .await?;
     print_report(&report, opts.dry_run);
-    Ok(())
+    Ok(if opts.dry_run && found_drift(&report) {
+        Ending::Drift
+    } else {
+        Ending::Done
+    })
+}
+
+/// The WAL, the journal and the ledger disagree: ledger entries missing or
+/// wrong, transactions overdue for a re-drive, or WAL records unreadable.
+/// (Conflicting records are refused 409s, not drift.)
+pub fn found_drift(report: &ReconcileReport) -> bool {
+    report.drift() + report.redriven() + report.unreadable > 0
 }
 
 pub fn print_report(report: &ReconcileReport, dry_run: bool) {

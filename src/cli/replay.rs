@@ -5,7 +5,7 @@
 use super::time_arg;
 use crate::config::Settings;
 use crate::envelope::transaction_id_of;
-use crate::replay::{ReplayRequest, Replayed, Replayer, Scope};
+use crate::replay::{Operator, ReplayRequest, Replayed, Replayer, Scope};
 use crate::services::Services;
 use crate::transaction::State;
 use chrono::{DateTime, Utc};
@@ -37,8 +37,8 @@ pub struct Opts {
     /// Why (recorded in the outcome journal)
     #[arg(long)]
     pub reason: Option<String>,
-    /// Who is replaying (default: $USER)
-    #[arg(long)]
+    /// Who is replaying; journaled as cli:<name>
+    #[arg(long, env = "USER")]
     pub operator: Option<String>,
     /// Replays per second at most
     #[arg(long, default_value_t = 50)]
@@ -81,11 +81,16 @@ impl Opts {
     }
 }
 
-pub fn operator(given: Option<&str>) -> String {
-    given
-        .map(str::to_owned)
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "operator".into())
+/// The command line's operator: `--operator`, else `$USER` (clap reads it),
+/// journaled as `cli:<name>`.
+pub fn operator(given: Option<&str>) -> Operator {
+    Operator::Cli(
+        given
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .unwrap_or("unknown")
+            .to_owned(),
+    )
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {

@@ -33,13 +33,24 @@ impl Parts {
 const GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(parts: Parts, settings: Settings) -> anyhow::Result<()> {
+    if settings.auth == AuthMode::None {
+        tracing::warn!("RTPD_AUTH=none: the API accepts unauthenticated requests");
+    }
     let auth = if parts.api() {
-        if settings.auth == AuthMode::None {
-            tracing::warn!("RTPD_AUTH=none: the API accepts unauthenticated requests");
-        }
         Auth::from_settings(&settings)?
     } else {
-        Auth::disabled()
+        // The processor's health server: /metrics and /status are for operators.
+        let auth = Auth::operators(&settings)?;
+        if auth.is_enabled()
+            && !settings.public_metrics
+            && settings.admin_tokens.is_none()
+            && settings.admin_tokens_file.is_none()
+        {
+            tracing::warn!(
+                "no RTPD_ADMIN_TOKENS or RTPD_ADMIN_TOKENS_FILE: /metrics and /status answer 401 to everyone"
+            );
+        }
+        auth
     };
     run_with(parts, settings, auth, None).await
 }
@@ -57,11 +68,23 @@ pub async fn run_with(
     let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
     let mut api_handle = None;
 
+    // Rotated credential files apply without a restart (polled, and on SIGHUP).
+    let credentials = auth
+        .watch(
+            Settings::secs(settings.credentials_poll_secs),
+            stop_rx.clone(),
+        )
+        .context("installing the SIGHUP handler")?;
+    tasks.spawn(async move {
+        credentials.await;
+        Ok("credential watcher")
+    });
+
     if parts.api() || parts == Parts::Processor {
         let app = if parts.api() {
             Application::build(services.api_state(auth))?
         } else {
-            Application::build_health_only(services.api_state(Auth::disabled()))?
+            Application::build_health_only(services.api_state(auth))?
         };
         tracing::info!(addr = %settings.http_addr, port = app.port(), "API listening");
         if let Some(tx) = ready {

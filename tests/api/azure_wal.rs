@@ -66,6 +66,9 @@ async fn azurite_outage_gets_503_never_2xx_and_loses_nothing_acknowledged() {
     })
     .await;
 
+    // The platform's readiness probe finds the replica ready.
+    assert_eq!(app.admin_get("/readyz").await.status(), 200);
+
     // Under load before the outage: all acknowledged.
     let mut acked = Vec::new();
     let mut posts = tokio::task::JoinSet::new();
@@ -132,13 +135,25 @@ async fn azurite_outage_gets_503_never_2xx_and_loses_nothing_acknowledged() {
         assert!(r.headers().contains_key("retry-after"));
         assert_eq!(json(r).await["error"], "unavailable");
     }
+    // The replica stays in the load balancer, so vendors keep getting rtpd's
+    // own 503 + Retry-After; readiness and /status say the WAL is down.
     let ready = app
         .client
         .get(format!("{}/readyz", app.address))
         .send()
         .await
         .unwrap();
-    assert_eq!(ready.status(), 503, "readiness reports the WAL down");
+    assert_eq!(ready.status(), 200, "still ready: the outage is shared");
+    let ready = json(ready).await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert!(
+        ready["dependencies"]["wal"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("unavailable")),
+        "readiness reports the WAL down: {ready}"
+    );
+    let status = app.admin_get("/status").await;
+    assert_eq!(status.status(), 503, "/status reports the WAL down");
 
     // Back on the same data: ingest resumes, and everything acknowledged is there.
     let _azurite = start_azurite(port, data.path());

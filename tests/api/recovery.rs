@@ -17,7 +17,7 @@ use std::{
 };
 
 use crate::support::process::{
-    Proc, free_port, mock_calls, poll_json, rtpd, start_mock, wait_http_ok,
+    Proc, free_port, mock_calls, poll_json, read_journal, rtpd, start_mock, wait_http_ok,
 };
 
 /// One deployment: a data directory, an API port and the mock downstream.
@@ -502,9 +502,9 @@ async fn poison_is_dead_lettered_listed_and_replayed() {
     );
     let journal = read_journal(dir.path());
     assert!(
-        journal
-            .iter()
-            .any(|e| e["kind"] == "purge" && e["transaction_id"] == "garbage-1"),
+        journal.iter().any(|e| e["kind"] == "purge"
+            && e["transaction_id"] == "garbage-1"
+            && e["actor"].as_str().is_some_and(|a| a.starts_with("cli:"))),
         "{journal:?}"
     );
     assert!(
@@ -551,26 +551,7 @@ async fn bulk_replay_by_state_and_forced_replay() {
     ]);
     let journal = read_journal(dir.path());
     assert!(journal.iter().any(|e| e["kind"] == "replay"
-        && e["actor"] == "alice"
+        && e["actor"] == "cli:alice"
         && e["reason"].as_str().unwrap_or("").contains("vendor asked")
         && e["reason"].as_str().unwrap_or("").contains("forced")));
-}
-
-/// Every journal entry under the local store, in no particular order.
-fn read_journal(dir: &Path) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("objects").join("outcomes")];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if let Ok(text) = std::fs::read_to_string(e.path()) {
-                out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
-            }
-        }
-    }
-    out
 }

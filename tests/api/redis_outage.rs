@@ -1,82 +1,15 @@
 //! Redis restarted without persistence under a running service: while it is
-//! down the service says so (readiness 503, ingest 503 + Retry-After, never a
-//! 2xx); when it is back (empty) the service recovers by itself, and every
+//! down the service says so (ingest 503 + Retry-After, never a 2xx; readiness
+//! stays 200 and reports the ledger down, so the replica keeps answering
+//! vendors itself); when it is back (empty) the service recovers by itself, and every
 //! transaction acknowledged before the outage is still in the WAL although
 //! the ledger has forgotten it — the gap a ledger rebuild closes.
 
+use crate::support::process::OwnRedis;
 use crate::support::{AppOptions, json, spawn_app_with};
 use rtp_durability::replay::load_record;
 use serde_json::json;
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
-
-/// A redis-server of this test alone, so killing it disturbs no other test.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = OwnRedis {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        r.launch();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts redis-server on the same port, empty, without persistence.
-    fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is not installed: run scripts/redis.sh start FILE once (it installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(c) = redis::Client::open(self.url())
-                && let Ok(mut con) = c.get_connection_with_timeout(Duration::from_millis(200))
-                && redis::cmd("PING").query::<String>(&mut con).is_ok()
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("own redis-server on port {} did not come up", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn losing_redis_loses_no_acknowledged_transaction() {
@@ -107,8 +40,9 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
     redis.kill();
 
     let ready = app.admin_get("/readyz").await;
-    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.status(), 200, "still in the load balancer");
     let ready = json(ready).await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
     assert!(
         ready["dependencies"]["ledger"]
             .as_str()
@@ -116,6 +50,7 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
             .starts_with("unavailable"),
         "{ready}"
     );
+    assert_eq!(app.admin_get("/status").await.status(), 503);
     for i in 0..3 {
         let started = Instant::now();
         let r = app
@@ -136,17 +71,21 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
 
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let r = app.admin_get("/readyz").await;
+        let r = app.admin_get("/status").await;
         if r.status() == 200 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "readiness did not recover: {}",
+            "the ledger did not come back: {}",
             json(r).await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        json(app.admin_get("/readyz").await).await["status"],
+        "ready"
+    );
     // The vendor's retry of a refused POST and a brand-new one are accepted.
     for id in ["during-0", "after-0"] {
         let r = app

@@ -12,14 +12,7 @@ async fn metrics_are_json_for_plain_clients_and_prometheus_on_request() {
         .await;
     app.post_json(&json!({"transaction_id": "M-3"})).await;
     app.drain_until_terminal(&["M-1", "M-2", "M-3"]).await;
-    let m = json(
-        app.client
-            .get(format!("{}/metrics", app.address))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let m = json(app.admin_get("/metrics").await).await;
     assert_eq!(
         m,
         json!({"pending": 0, "processing": 0, "success": 2, "failed": 0, "dead_letter": 1, "total": 3})
@@ -27,6 +20,7 @@ async fn metrics_are_json_for_plain_clients_and_prometheus_on_request() {
     let text = app
         .client
         .get(format!("{}/metrics", app.address))
+        .bearer_auth(crate::support::ADMIN_TOKEN)
         .header("Accept", "text/plain")
         .send()
         .await
@@ -53,14 +47,7 @@ async fn metrics_are_json_for_plain_clients_and_prometheus_on_request() {
 #[tokio::test]
 async fn status_transactions_and_replay_have_the_seed_shapes() {
     let app = spawn_app().await;
-    let status = json(
-        app.client
-            .get(format!("{}/status", app.address))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let status = json(app.admin_get("/status").await).await;
     assert_eq!(status["status"], "healthy");
     assert_eq!(status["database"], "connected");
     assert!(status["timestamp"].is_string());
@@ -150,6 +137,7 @@ async fn health_and_readiness() {
     )
     .await;
     assert_eq!(r["ready"], true);
+    assert_eq!(r["status"], "ready");
     assert_eq!(r["dependencies"]["wal"], "connected");
     let nf = app
         .client

@@ -167,3 +167,88 @@ pub async fn mock_calls(mock_port: u16) -> Value {
     )
     .await
 }
+
+/// A redis-server of this test alone, so killing it disturbs no other test.
+pub struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> OwnRedis {
+        let mut r = OwnRedis::reserve();
+        r.launch();
+        r
+    }
+
+    /// A port for it, with nothing listening there yet (see [`OwnRedis::launch`]).
+    pub fn reserve() -> OwnRedis {
+        OwnRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server on the same port, empty, without persistence.
+    pub fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run scripts/redis.sh start FILE once (it installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(c) = redis::Client::open(self.url())
+                && let Ok(mut con) = c.get_connection_with_timeout(Duration::from_millis(200))
+                && redis::cmd("PING").query::<String>(&mut con).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("own redis-server on port {} did not come up", self.port);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Every journal entry under the local store, in no particular order.
+pub fn read_journal(dir: &Path) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.join("objects").join("outcomes")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if let Ok(text) = std::fs::read_to_string(e.path()) {
+                out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+            }
+        }
+    }
+    out
+}

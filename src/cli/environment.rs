@@ -1,0 +1,378 @@
+//! The `Environment:` and `Exit status:` sections of each subcommand's
+//! `--help`, generated from one table: which part of the configuration each
+//! `RTPD_*` variable belongs to, and which parts each subcommand reads. The
+//! names come from [`ENV_NAMES`], so the help cannot list a variable rtpd does
+//! not read; a test keeps the table and the list in step.
+
+use crate::config::{ENV_NAMES, Settings};
+
+/// Parts of the configuration, as a set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reads(u8);
+
+impl Reads {
+    /// Logging and the config file: every subcommand.
+    pub const LOGGING: Reads = Reads(1);
+    /// Where the WAL, the ledger and the queue are.
+    pub const BACKENDS: Reads = Reads(1 << 1);
+    /// The HTTP server and its operators (the API, and the processor's health server).
+    pub const SERVER: Reads = Reads(1 << 2);
+    /// Vendors: credentials and limits of ingest.
+    pub const VENDORS: Reads = Reads(1 << 3);
+    /// Processing: the downstream, retries, the background reconciler.
+    pub const PROCESSING: Reads = Reads(1 << 4);
+    /// When an untouched `pending` transaction counts as lost.
+    pub const REDRIVE: Reads = Reads(1 << 5);
+    pub const ALL: Reads = Reads(u8::MAX);
+
+    const fn with(self, other: Reads) -> Reads {
+        Reads(self.0 | other.0)
+    }
+
+    fn overlaps(self, other: Reads) -> bool {
+        self.0 & other.0 != 0
+    }
+}
+
+/// Each variable's part of the configuration and what it means.
+const VARIABLES: &[(&str, Reads, &str)] = &[
+    (
+        "RTPD_CONFIG_FILE",
+        Reads::LOGGING,
+        "TOML file with any of these settings (keys in lower case, no prefix)",
+    ),
+    ("RTPD_LOG_FORMAT", Reads::LOGGING, "text or json"),
+    ("RTPD_LOG_LEVEL", Reads::LOGGING, "tracing filter"),
+    (
+        "RTPD_DATA_DIR",
+        Reads::BACKENDS,
+        "where the embedded backends keep their data",
+    ),
+    (
+        "RTPD_INSTANCE_ID",
+        Reads::BACKENDS,
+        "name in lease owners and segment keys (default: hostname-pid)",
+    ),
+    ("RTPD_WAL", Reads::BACKENDS, "local or azure"),
+    (
+        "RTPD_STORAGE_CONNECTION_STRING",
+        Reads::BACKENDS,
+        "Blob Storage connection string (Azurite, account key, SAS)",
+    ),
+    (
+        "RTPD_STORAGE_ACCOUNT_URL",
+        Reads::BACKENDS,
+        "https://<account>.blob.core.windows.net, with Entra ID",
+    ),
+    (
+        "RTPD_WAL_CONTAINER",
+        Reads::BACKENDS,
+        "blob container of the WAL",
+    ),
+    (
+        "RTPD_WAL_CREATE_CONTAINER",
+        Reads::BACKENDS,
+        "create the container at start-up (default: with a connection string)",
+    ),
+    (
+        "RTPD_WAL_BATCH_MAX_RECORDS",
+        Reads::BACKENDS,
+        "records per WAL segment at most",
+    ),
+    (
+        "RTPD_WAL_FLUSHERS",
+        Reads::BACKENDS,
+        "WAL segment flushes in flight",
+    ),
+    (
+        "RTPD_AZURE_CLIENT_ID",
+        Reads::BACKENDS,
+        "user-assigned managed identity (else the standard AZURE_CLIENT_ID)",
+    ),
+    ("RTPD_LEDGER", Reads::BACKENDS, "local, redis or postgres"),
+    (
+        "RTPD_POSTGRES_URL",
+        Reads::BACKENDS,
+        "PostgreSQL connection URL (postgresql://…)",
+    ),
+    (
+        "RTPD_POSTGRES_ENTRA",
+        Reads::BACKENDS,
+        "Entra ID tokens as the PostgreSQL password",
+    ),
+    (
+        "RTPD_POSTGRES_PAYLOAD",
+        Reads::BACKENDS,
+        "also keep each payload in the PostgreSQL ledger (messages view)",
+    ),
+    (
+        "RTPD_REDIS_URL",
+        Reads::BACKENDS,
+        "redis:// or rediss:// (default redis://127.0.0.1:6379)",
+    ),
+    ("RTPD_REDIS_KEY_PREFIX", Reads::BACKENDS, "Redis key prefix"),
+    (
+        "RTPD_REDIS_ENTRA",
+        Reads::BACKENDS,
+        "Entra ID tokens as the Redis password",
+    ),
+    (
+        "RTPD_LEDGER_RETENTION_DAYS",
+        Reads::BACKENDS,
+        "days finished transactions stay in the ledger",
+    ),
+    ("RTPD_QUEUE", Reads::BACKENDS, "local or servicebus"),
+    (
+        "RTPD_SERVICEBUS_CONNECTION_STRING",
+        Reads::BACKENDS,
+        "Service Bus SAS or emulator connection string",
+    ),
+    (
+        "RTPD_SERVICEBUS_NAMESPACE",
+        Reads::BACKENDS,
+        "<ns>.servicebus.windows.net, with Entra ID",
+    ),
+    ("RTPD_SERVICEBUS_QUEUE", Reads::BACKENDS, "queue name"),
+    (
+        "RTPD_LOCK_DURATION_SECS",
+        Reads::BACKENDS,
+        "embedded queue's message lock",
+    ),
+    (
+        "RTPD_MAX_DELIVERY_COUNT",
+        Reads::BACKENDS,
+        "embedded queue's deliveries before its dead-letter queue",
+    ),
+    ("RTPD_HTTP_ADDR", Reads::SERVER, "listen address"),
+    (
+        "RTPD_AUTH",
+        Reads::SERVER,
+        "keys, or none (no credentials checked, warned)",
+    ),
+    (
+        "RTPD_ADMIN_TOKENS",
+        Reads::SERVER,
+        "operators: <name>:sha256:<hex of token>, comma separated",
+    ),
+    (
+        "RTPD_ADMIN_TOKENS_FILE",
+        Reads::SERVER,
+        "a file of admin tokens; re-read on change and on SIGHUP",
+    ),
+    (
+        "RTPD_PUBLIC_HEALTH",
+        Reads::SERVER,
+        "/healthz and /readyz without a token",
+    ),
+    (
+        "RTPD_PUBLIC_METRICS",
+        Reads::SERVER,
+        "/metrics and /status without a token",
+    ),
+    (
+        "RTPD_CREDENTIALS_POLL_SECS",
+        Reads::SERVER,
+        "how often credential files are re-read (0: only on SIGHUP)",
+    ),
+    (
+        "RTPD_MAX_HEADER_BYTES",
+        Reads::SERVER,
+        "request line and headers at most (431)",
+    ),
+    (
+        "RTPD_REQUEST_TIMEOUT_SECS",
+        Reads::SERVER,
+        "time to send the request head, and again the body (408)",
+    ),
+    (
+        "RTPD_MAX_IN_FLIGHT",
+        Reads::SERVER,
+        "requests handled at once (503 + Retry-After)",
+    ),
+    (
+        "RTPD_VENDOR_KEYS",
+        Reads::VENDORS,
+        "vendors: <vendor>:sha256:<hex of key>, comma separated",
+    ),
+    (
+        "RTPD_VENDOR_KEYS_FILE",
+        Reads::VENDORS,
+        "a file of vendor keys and signing secrets (hmac, whsec); re-read on change and on SIGHUP",
+    ),
+    (
+        "RTPD_SIGNATURE_WINDOW_SECS",
+        Reads::VENDORS,
+        "signed requests' timestamp tolerance, either way",
+    ),
+    ("RTPD_MAX_BODY_BYTES", Reads::VENDORS, "largest body (413)"),
+    (
+        "RTPD_VENDOR_RATE_PER_SEC",
+        Reads::VENDORS,
+        "per-vendor rate (429 + Retry-After; 0: off)",
+    ),
+    (
+        "RTPD_VENDOR_RATE_BURST",
+        Reads::VENDORS,
+        "per-vendor burst above the rate",
+    ),
+    (
+        "RTPD_DOWNSTREAM_URL",
+        Reads::PROCESSING,
+        "the payment service",
+    ),
+    (
+        "RTPD_DOWNSTREAM_TIMEOUT_SECS",
+        Reads::PROCESSING,
+        "per downstream call",
+    ),
+    (
+        "RTPD_MAX_RETRIES",
+        Reads::PROCESSING,
+        "retries before dead-letter",
+    ),
+    (
+        "RTPD_BACKOFF_BASE_SECS",
+        Reads::PROCESSING,
+        "first retry delay (doubles, ±20% jitter)",
+    ),
+    (
+        "RTPD_BACKOFF_MAX_SECS",
+        Reads::PROCESSING,
+        "longest retry delay",
+    ),
+    (
+        "RTPD_PROCESSOR_CONCURRENCY",
+        Reads::PROCESSING,
+        "messages processed at once",
+    ),
+    (
+        "RTPD_RECONCILE_INTERVAL_SECS",
+        Reads::PROCESSING,
+        "background reconciler: time between passes",
+    ),
+    (
+        "RTPD_RECONCILE_LOOKBACK_SECS",
+        Reads::PROCESSING,
+        "background reconciler: window without a watermark",
+    ),
+    (
+        "RTPD_RECONCILE_PENDING_AFTER_SECS",
+        Reads::REDRIVE,
+        "when an untouched pending transaction counts as lost and is re-driven",
+    ),
+];
+
+/// What each subcommand reads, and how it ends.
+pub fn of(subcommand: &str) -> (Reads, &'static str) {
+    const COMMON: &str = "0 done; 1 failed (one line on stderr: \"rtpd: <why>\"); 2 usage error";
+    const SERVICE: &str = "0 stopped by SIGTERM or Ctrl-C; 1 failed to start (configuration, \
+        backends) or a part stopped; 2 usage error";
+    let logging = Reads::LOGGING;
+    let backends = logging.with(Reads::BACKENDS);
+    match subcommand {
+        "dev" | "serve" => (Reads::ALL, SERVICE),
+        "api" => (backends.with(Reads::SERVER).with(Reads::VENDORS), SERVICE),
+        "processor" => (
+            backends
+                .with(Reads::SERVER)
+                .with(Reads::PROCESSING)
+                .with(Reads::REDRIVE),
+            SERVICE,
+        ),
+        "config" => (Reads::ALL, COMMON),
+        "reconcile" => (
+            backends.with(Reads::REDRIVE),
+            "0 done (with --dry-run: nothing to do); 3 --dry-run found drift (ledger entries \
+             missing or wrong, transactions overdue for a re-drive, unreadable WAL records); \
+             1 failed (one line on stderr); 2 usage error",
+        ),
+        "replay" => (
+            backends,
+            "0 every selected transaction replayed (or listed, with --dry-run); 1 failed, or \
+             some were refused or not found (listed above); 2 usage error",
+        ),
+        "dlq" => (
+            backends,
+            "0 done; 1 failed, no message matches (show), --yes missing (purge), or some were \
+             not replayed (replay); 2 usage error",
+        ),
+        "wal" | "rebuild-ledger" | "migrate" => (
+            backends,
+            "0 done; 1 failed or not found (one line on stderr); 2 usage error",
+        ),
+        "healthcheck" => (
+            logging,
+            "0 the URL answered 2xx within 3 s; 1 it did not; 2 usage error",
+        ),
+        _ => (logging, COMMON),
+    }
+}
+
+/// The text after a subcommand's options in `--help`.
+pub fn section(reads: Reads, exit: &str) -> String {
+    let defaults = serde_json::to_value(Settings::default()).unwrap_or_default();
+    let mut out = String::from("Environment:\n");
+    for name in ENV_NAMES {
+        // A name without a row is shown where everything is read (and a test fails).
+        let (part, meaning) = VARIABLES
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map_or((Reads::ALL, ""), |(_, part, meaning)| (*part, *meaning));
+        if !reads.overlaps(part) {
+            continue;
+        }
+        let field = name.trim_start_matches("RTPD_").to_ascii_lowercase();
+        let default = match defaults.get(&field) {
+            None | Some(serde_json::Value::Null) => String::new(),
+            Some(serde_json::Value::String(s)) if s == "[redacted]" => String::new(),
+            Some(v) => format!(" [default: {v}]"),
+        };
+        out.push_str(&format!("  {name:<36} {meaning}{default}\n"));
+    }
+    out.push_str("\nExit status:\n  ");
+    out.push_str(exit);
+    out
+}
+
+/// Adds the sections to a subcommand and to its own subcommands.
+pub fn describe(cmd: clap::Command, reads: Reads, exit: &'static str) -> clap::Command {
+    let nested: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let mut cmd = cmd.after_help(section(reads, exit));
+    for name in nested {
+        cmd = cmd.mut_subcommand(name, |c| describe(c, reads, exit));
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_exactly_the_variables_rtpd_reads() {
+        for name in ENV_NAMES {
+            assert!(
+                VARIABLES.iter().any(|(n, _, _)| n == name),
+                "{name} has no row in cli/environment.rs"
+            );
+        }
+        for (name, _, _) in VARIABLES {
+            assert!(ENV_NAMES.contains(name), "{name} is not in ENV_NAMES");
+        }
+    }
+
+    #[test]
+    fn sections_list_only_what_is_read() {
+        let (reads, exit) = of("api");
+        let api = section(reads, exit);
+        assert!(api.contains("RTPD_VENDOR_KEYS_FILE"));
+        assert!(api.contains("RTPD_MAX_BODY_BYTES") && api.contains("[default: 262144]"));
+        assert!(!api.contains("RTPD_DOWNSTREAM_URL"), "{api}");
+        let (reads, exit) = of("produce");
+        let produce = section(reads, exit);
+        assert!(produce.contains("RTPD_LOG_LEVEL") && !produce.contains("RTPD_WAL "));
+    }
+}
