@@ -110,6 +110,8 @@ async fn postgres_ledger_pipeline_survives_kill_9_and_a_database_restart() {
             ("RTPD_DATA_DIR", dir.path().display().to_string()),
             ("RTPD_LEDGER", "postgres".into()),
             ("RTPD_POSTGRES_URL", pg.url.clone()),
+            // The test reads /metrics without a token.
+            ("RTPD_PUBLIC_METRICS", "true".into()),
             ("RTPD_QUEUE", "servicebus".into()),
             (
                 "RTPD_SERVICEBUS_CONNECTION_STRING",
