@@ -14,8 +14,9 @@ use secrecy::SecretString;
 
 const LOCK: Duration = Duration::from_secs(2);
 
-async fn broker(max_delivery_count: u32) -> BrokerHandle {
+async fn broker(max_delivery_count: u32, queues: &[&str]) -> BrokerHandle {
     sb_test_broker::start(BrokerConfig {
+        queues: queues.iter().map(|q| q.to_string()).collect(),
         lock_duration: LOCK,
         max_delivery_count,
         duplicate_window: Duration::from_secs(60),
@@ -29,16 +30,14 @@ async fn broker(max_delivery_count: u32) -> BrokerHandle {
 fn settings(b: &BrokerHandle, queue: &str) -> ServiceBusSettings {
     ServiceBusSettings {
         connection_string: Some(SecretString::from(b.connection_string())),
-        namespace: None,
         queue: queue.into(),
-        client_id: None,
-        prefetch: 0,
+        ..Default::default()
     }
 }
 
 async fn setup(max_delivery_count: u32) -> (BrokerHandle, ServiceBusQueue, String) {
-    let b = broker(max_delivery_count).await;
     let queue = format!("q-{}", uuid::Uuid::new_v4().simple());
+    let b = broker(max_delivery_count, &[&queue]).await;
     let q = ServiceBusQueue::connect(&settings(&b, &queue))
         .await
         .expect("connects");
@@ -343,7 +342,7 @@ async fn reconnects_after_connection_loss_and_old_locks_are_lost() {
 
 #[tokio::test]
 async fn wrong_key_is_refused_and_describe_names_the_queue() {
-    let b = broker(10).await;
+    let b = broker(10, &["q-auth"]).await;
     let mut s = settings(&b, "q-auth");
     s.connection_string = Some(SecretString::from(
         b.connection_string().replace("SAS_KEY_VALUE", "wrong"),
@@ -365,11 +364,8 @@ async fn wrong_key_is_refused_and_describe_names_the_queue() {
 #[tokio::test]
 async fn settings_are_validated() {
     let base = ServiceBusSettings {
-        connection_string: None,
-        namespace: None,
         queue: "q".into(),
-        client_id: None,
-        prefetch: 0,
+        ..Default::default()
     };
     assert!(matches!(
         ServiceBusQueue::connect(&base).await,
