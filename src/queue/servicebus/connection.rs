@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::super::{QueueError, Subqueue};
 use super::auth::TokenSource;
-use super::connection_string::Endpoint;
+use super::connection_string::{Endpoint, Target, Transport};
 use super::receiver::ReceiverLink;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,6 +43,9 @@ const IDLE_TIMEOUT_MS: u32 = 60_000;
 pub(super) struct Links {
     pub endpoint: Endpoint,
     pub queue: String,
+    /// Where the socket goes and over what.
+    pub target: Target,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
     tokens: TokenSource,
     prefetch: u32,
     state: Mutex<ConnState>,
@@ -97,10 +100,19 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl Links {
-    pub fn new(endpoint: Endpoint, queue: String, tokens: TokenSource, prefetch: u32) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        queue: String,
+        tokens: TokenSource,
+        prefetch: u32,
+        target: Target,
+        tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    ) -> Self {
         Self {
             endpoint,
             queue,
+            target,
+            tls,
             tokens,
             prefetch,
             state: Mutex::new(ConnState::default()),
@@ -164,23 +176,46 @@ impl Links {
         }
     }
 
-    async fn connect(&self) -> Result<Live, String> {
-        let hostname = self
-            .endpoint
-            .host
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let mut connection = Connection::builder()
-            .container_id(format!("rtpd-{}", Uuid::new_v4()))
-            .hostname(hostname.as_str())
+    /// Open the AMQP connection over the configured transport.
+    async fn open(&self) -> Result<ConnectionHandle<()>, String> {
+        let target = &self.target;
+        let url = target.url();
+        let container = format!("rtpd-{}", Uuid::new_v4());
+        let builder = Connection::builder()
+            .container_id(container)
+            .hostname(self.endpoint.hostname.as_str())
             .sasl_profile(SaslProfile::Anonymous)
             .max_frame_size(MAX_FRAME_SIZE)
-            .idle_time_out(IDLE_TIMEOUT_MS)
-            .open(self.endpoint.url.as_str())
-            .await
-            .map_err(|e| format!("opening connection: {e}"))?;
+            .idle_time_out(IDLE_TIMEOUT_MS);
+        let opened = match (target.transport, target.tls) {
+            (Transport::Amqp, false) => builder.open(url.as_str()).await,
+            (Transport::Amqp, true) => {
+                builder
+                    .domain(target.host.as_str())
+                    .tls_connector(tokio_rustls::TlsConnector::from(self.tls.clone()))
+                    .open(url.as_str())
+                    .await
+            }
+            (Transport::WebSockets, tls) => {
+                let connector = tls.then(|| {
+                    fe2o3_amqp_ws::tokio_tungstenite::Connector::Rustls(self.tls.clone())
+                });
+                let ws = fe2o3_amqp_ws::WebSocketStream::connect_tls_with_config(
+                    url.as_str(),
+                    None,
+                    true,
+                    connector,
+                )
+                .await
+                .map_err(|e| format!("opening WebSocket {url}: {e}"))?;
+                builder.open_with_stream(ws).await
+            }
+        };
+        opened.map_err(|e| format!("opening connection to {url}: {e}"))
+    }
+
+    async fn connect(&self) -> Result<Live, String> {
+        let mut connection = self.open().await?;
         let mut session = Session::begin(&mut connection)
             .await
             .map_err(|e| format!("beginning session: {e}"))?;

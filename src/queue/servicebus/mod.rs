@@ -24,8 +24,12 @@ mod connection_string;
 mod management;
 mod message;
 mod receiver;
+mod tls;
+
+pub use connection_string::Transport;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex as StdMutex;
 use std::time::Duration;
 
@@ -56,7 +60,8 @@ const BATCH_OVERHEAD: u64 = 64;
 const ENTRY_OVERHEAD: u64 = 8;
 
 /// `RTPD_SERVICEBUS_*` settings: a connection string (SAS or emulator) or a
-/// namespace (Entra ID), the queue, and the receive prefetch.
+/// namespace (Entra ID), the queue, the receive prefetch, and how to reach
+/// the namespace.
 #[derive(Clone)]
 pub struct ServiceBusSettings {
     pub connection_string: Option<SecretString>,
@@ -65,6 +70,31 @@ pub struct ServiceBusSettings {
     pub client_id: Option<String>,
     /// Credit kept granted beyond a receive's own `max` (0: exactly `max`).
     pub prefetch: u32,
+    /// AMQP on 5671, or AMQP over WebSockets on 443 (`RTPD_SERVICEBUS_TRANSPORT`).
+    pub transport: Transport,
+    /// Connect here instead of the namespace host, as the SDKs' custom
+    /// endpoint address (`RTPD_SERVICEBUS_CUSTOM_ENDPOINT`): a gateway or proxy.
+    pub custom_endpoint: Option<String>,
+    /// Extra CA certificates (PEM) to trust (`RTPD_SERVICEBUS_CA_FILE`).
+    pub ca_file: Option<PathBuf>,
+    /// Lifetime of the SAS tokens signed from a shared key.
+    pub sas_token_lifetime: Duration,
+}
+
+impl Default for ServiceBusSettings {
+    fn default() -> Self {
+        Self {
+            connection_string: None,
+            namespace: None,
+            queue: "rtp-transactions".into(),
+            client_id: None,
+            prefetch: 0,
+            transport: Transport::Amqp,
+            custom_endpoint: None,
+            ca_file: None,
+            sas_token_lifetime: Duration::from_secs(3600),
+        }
+    }
 }
 
 struct Held {
@@ -113,9 +143,20 @@ impl ServiceBusQueue {
                 "the connection string's EntityPath {entity:?} differs from RTPD_SERVICEBUS_QUEUE {queue:?}"
             )));
         }
-        let tokens = auth::TokenSource::new(&endpoint.credential).map_err(QueueError::Fatal)?;
+        let custom = s
+            .custom_endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(connection_string::CustomEndpoint::parse)
+            .transpose()
+            .map_err(|e| QueueError::Fatal(format!("RTPD_SERVICEBUS_CUSTOM_ENDPOINT: {e}")))?;
+        let tls = tls::client_config(s.ca_file.as_deref()).map_err(QueueError::Fatal)?;
+        let tokens = auth::TokenSource::new(&endpoint.credential, s.sas_token_lifetime)
+            .map_err(QueueError::Fatal)?;
         let emulator = endpoint.emulator;
-        let links = Links::new(endpoint, queue, tokens, s.prefetch);
+        let target = endpoint.target(s.transport, custom.as_ref());
+        let links = Links::new(endpoint, queue, tokens, s.prefetch, target, tls);
         let queue = ServiceBusQueue {
             links,
             held: StdMutex::new(HashMap::new()),
@@ -419,9 +460,10 @@ impl Queue for ServiceBusQueue {
 
     fn describe(&self) -> String {
         format!(
-            "azure service bus queue {} at {} ({}{})",
+            "azure service bus queue {} at {} via {} ({}{})",
             self.links.queue,
             self.links.endpoint.host,
+            self.links.target.url(),
             self.links.describe_auth(),
             if self.emulator {
                 ", emulator, no TLS"
