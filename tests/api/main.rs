@@ -14,4 +14,5 @@ mod redis_outage;
 mod security;
 mod seed_routes;
 mod servicebus;
+mod servicebus_azure;
 mod support;

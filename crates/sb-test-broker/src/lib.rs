@@ -220,6 +220,7 @@ pub(crate) struct Shared {
     /// Transfers the broker received on sending links (each attempt counts).
     pub(crate) transfers_received: AtomicU64,
     refused_cleartext: AtomicU64,
+    connections: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -368,6 +369,11 @@ impl BrokerHandle {
         self.shared.transfers_received.load(Ordering::Relaxed)
     }
 
+    /// Connections accepted so far (a client that reconnects shows here).
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
     /// Connections refused because they did not open with a TLS ClientHello.
     pub fn refused_cleartext(&self) -> u64 {
         self.shared.refused_cleartext.load(Ordering::Relaxed)
@@ -442,6 +448,7 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<BrokerHandle> {
         management_log: Mutex::new(Vec::new()),
         transfers_received: AtomicU64::new(0),
         refused_cleartext: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
     });
     let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
     let acceptor = tls.map(|t| t.acceptor);
@@ -479,6 +486,7 @@ async fn accept_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     socket.set_nodelay(true).ok();
+    shared.connections.fetch_add(1, Ordering::Relaxed);
     let Some(acceptor) = tls else {
         return serve_transport(shared, socket).await;
     };
