@@ -21,9 +21,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, Claim, Need};
 use crate::frame::{self, Frame, FrameError};
-use crate::management::{
-    self, ARGUMENT_OUT_OF_RANGE, LOCK_LOST, decode_message, encode_message,
-};
+use crate::management::{self, ARGUMENT_OUT_OF_RANGE, LOCK_LOST, decode_message, encode_message};
 use crate::store::{AmqpMessage, Settlement, Subqueue, message_id_string, now_ms};
 use crate::{LinkKind, Shared, lock};
 
@@ -309,7 +307,8 @@ impl Conn {
             .filter(|t| *t > 0)
             .map(|t| Duration::from_millis(u64::from(t) / 2));
         self.opened = true;
-        let idle_ms = u32::try_from(self.shared.config.idle_time_out.as_millis()).unwrap_or(u32::MAX);
+        let idle_ms =
+            u32::try_from(self.shared.config.idle_time_out.as_millis()).unwrap_or(u32::MAX);
         // The service's own values: max frame 65,536, idle-time-out 120,000 ms.
         let reply = Open {
             container_id: format!("{}_G0", Uuid::new_v4().simple()),
@@ -377,7 +376,9 @@ impl Conn {
             Some(Node::Queue(q, sub)) if client_sends => {
                 (LinkKind::Sender, Some(entity_path(q, *sub)), Need::Send)
             }
-            Some(Node::Queue(q, sub)) => (LinkKind::Receiver, Some(entity_path(q, *sub)), Need::Listen),
+            Some(Node::Queue(q, sub)) => {
+                (LinkKind::Receiver, Some(entity_path(q, *sub)), Need::Listen)
+            }
         };
         let now = now_ms();
         let refusal = match &node {
@@ -883,7 +884,14 @@ impl Conn {
     pub(crate) fn force_detach(&mut self, kind: Option<LinkKind>, why: &str) {
         for (ch, h, name, _) in self.links_where(|m| kind.is_none_or(|k| m.kind == k)) {
             let description = format!("The link '{name}' is force detached. {why}");
-            self.detach_link(ch, h, link_error(ErrorCondition::Custom(Symbol::from(DETACH_FORCED)), &description));
+            self.detach_link(
+                ch,
+                h,
+                link_error(
+                    ErrorCondition::Custom(Symbol::from(DETACH_FORCED)),
+                    &description,
+                ),
+            );
         }
     }
 
@@ -915,7 +923,14 @@ impl Conn {
                 "The link '{name}' is force detached. Code: {code}. Details: {role}.IdleTimerExpired: Idle timeout: {} ms.",
                 idle.as_millis()
             );
-            self.detach_link(ch, h, link_error(ErrorCondition::Custom(Symbol::from(DETACH_FORCED)), &description));
+            self.detach_link(
+                ch,
+                h,
+                link_error(
+                    ErrorCondition::Custom(Symbol::from(DETACH_FORCED)),
+                    &description,
+                ),
+            );
         }
         if auth::enabled(&config) {
             let now = now_ms();
@@ -929,7 +944,11 @@ impl Conn {
                 let description = format!(
                     "ExpiredToken: the token authorizing link '{name}' has expired; put a new token on $cbs before it does."
                 );
-                self.detach_link(ch, h, link_error(AmqpError::UnauthorizedAccess, &description));
+                self.detach_link(
+                    ch,
+                    h,
+                    link_error(AmqpError::UnauthorizedAccess, &description),
+                );
             }
         }
         let has_links = self.sessions.values().any(|s| !s.links.is_empty());
@@ -1166,7 +1185,9 @@ fn settle(shared: &Shared, u: &Unsettled, state: &DeliveryState) -> Option<Deliv
     Some(match result {
         // Service Bus echoes the outcome it applied; a dead-letter comes back as
         // `rejected` without an error (an error there means the settlement failed).
-        Ok(()) if matches!(state, DeliveryState::Rejected(_)) => DeliveryState::Rejected(Rejected { error: None }),
+        Ok(()) if matches!(state, DeliveryState::Rejected(_)) => {
+            DeliveryState::Rejected(Rejected { error: None })
+        }
         Ok(()) => state.clone(),
         Err(_) => DeliveryState::Rejected(Rejected {
             error: Some(link_error(

@@ -241,11 +241,9 @@ impl Shared {
     ) -> Option<&'a mut QueueState> {
         let key = name.to_ascii_lowercase();
         if self.config.auto_create_queues {
-            return Some(
-                inner.queues.entry(key).or_insert_with(|| {
-                    QueueState::new(name.to_string(), self.config.queue_settings())
-                }),
-            );
+            return Some(inner.queues.entry(key).or_insert_with(|| {
+                QueueState::new(name.to_string(), self.config.queue_settings())
+            }));
         }
         inner.queues.get_mut(&key)
     }
@@ -303,7 +301,9 @@ impl BrokerHandle {
     /// A connection string signing with another policy's key.
     pub fn connection_string_for(&self, key_name: &str, key: &str) -> String {
         if self.shared.config.tls {
-            format!("Endpoint=sb://localhost/;SharedAccessKeyName={key_name};SharedAccessKey={key};")
+            format!(
+                "Endpoint=sb://localhost/;SharedAccessKeyName={key_name};SharedAccessKey={key};"
+            )
         } else {
             format!(
                 "Endpoint=sb://{};SharedAccessKeyName={key_name};SharedAccessKey={key};UseDevelopmentEmulator=true;",
@@ -391,8 +391,7 @@ impl BrokerHandle {
     /// Answer the next `count` `$management` requests with `status` (e.g. 503).
     pub fn fail_next_management(&self, count: usize, status: i32) {
         let mut f = lock(&self.shared.faults);
-        f.fail_management
-            .extend(std::iter::repeat_n(status, count));
+        f.fail_management.extend(std::iter::repeat_n(status, count));
     }
 
     /// Force-detach every open link of a kind (all links with `None`), as the

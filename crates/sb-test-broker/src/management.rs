@@ -239,13 +239,14 @@ pub fn dead_letter_fields_refused(
 fn log_request(shared: &Shared, node: String, request: &AmqpMessage, open_links: Vec<String>) {
     let operation = prop_string(request, "operation").unwrap_or_default();
     let associated_link_name = prop_string(request, "associated-link-name");
-    let server_timeout_ms = app_prop(request, "com.microsoft:server-timeout").and_then(|v| match v {
-        SimpleValue::Uint(n) => Some(i64::from(*n)),
-        SimpleValue::Int(n) => Some(i64::from(*n)),
-        SimpleValue::Long(n) => Some(*n),
-        SimpleValue::Ulong(n) => i64::try_from(*n).ok(),
-        _ => None,
-    });
+    let server_timeout_ms =
+        app_prop(request, "com.microsoft:server-timeout").and_then(|v| match v {
+            SimpleValue::Uint(n) => Some(i64::from(*n)),
+            SimpleValue::Int(n) => Some(i64::from(*n)),
+            SimpleValue::Long(n) => Some(*n),
+            SimpleValue::Ulong(n) => i64::try_from(*n).ok(),
+            _ => None,
+        });
     lock(&shared.management_log).push(ManagementRequest {
         node,
         operation,

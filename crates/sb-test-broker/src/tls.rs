@@ -47,9 +47,7 @@ pub fn generate() -> std::io::Result<TestTls> {
         .distinguished_name
         .push(DnType::CommonName, "localhost");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let server_cert = server
-        .signed_by(&server_key, &issuer)
-        .map_err(tls_error)?;
+    let server_cert = server.signed_by(&server_key, &issuer).map_err(tls_error)?;
 
     let chain = vec![
         CertificateDer::from(server_cert.der().to_vec()),

@@ -81,8 +81,8 @@ impl TokenSource {
                 })
             }
             TokenSource::Signature(sig) => {
-                let expires_at =
-                    sas_expiry(sig.expose_secret()).unwrap_or_else(|| Utc::now() + Duration::from_secs(3600));
+                let expires_at = sas_expiry(sig.expose_secret())
+                    .unwrap_or_else(|| Utc::now() + Duration::from_secs(3600));
                 Ok(Token {
                     kind: SAS_TOKEN_TYPE,
                     value: sig.clone(),

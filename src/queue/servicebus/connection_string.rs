@@ -266,10 +266,16 @@ mod tests {
     fn emulator_keeps_port_and_uses_plain_amqp() {
         let e = parse("Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;").unwrap();
         assert!(e.emulator);
-        assert_eq!(e.target(Transport::Amqp, None).url(), "amqp://127.0.0.1:5673");
+        assert_eq!(
+            e.target(Transport::Amqp, None).url(),
+            "amqp://127.0.0.1:5673"
+        );
         assert_eq!(e.host, "127.0.0.1:5673");
         let e = parse("Endpoint=sb://localhost;SharedAccessKeyName=a;SharedAccessKey=b;UseDevelopmentEmulator=true").unwrap();
-        assert_eq!(e.target(Transport::Amqp, None).url(), "amqp://localhost:5672");
+        assert_eq!(
+            e.target(Transport::Amqp, None).url(),
+            "amqp://localhost:5672"
+        );
     }
 
     #[test]
@@ -282,8 +288,10 @@ mod tests {
 
     #[test]
     fn targets_per_transport_and_custom_endpoint() {
-        let e = parse("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=a;SharedAccessKey=b")
-            .unwrap();
+        let e = parse(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=a;SharedAccessKey=b",
+        )
+        .unwrap();
         assert_eq!(
             e.target(Transport::Amqp, None).url(),
             "amqps://ns.servicebus.windows.net:5671"
@@ -294,11 +302,17 @@ mod tests {
         );
         let custom = CustomEndpoint::parse("sb://gateway.internal:8443").unwrap();
         let t = e.target(Transport::Amqp, Some(&custom));
-        assert_eq!((t.host.as_str(), t.port, t.tls), ("gateway.internal", 8443, true));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls),
+            ("gateway.internal", 8443, true)
+        );
         assert_eq!(e.audience("q"), "sb://ns.servicebus.windows.net/q");
         assert_eq!(CustomEndpoint::parse("localhost").unwrap().port, None);
         let emu = parse("Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=a;SharedAccessKey=b;UseDevelopmentEmulator=true").unwrap();
-        assert_eq!(emu.target(Transport::Amqp, None).url(), "amqp://127.0.0.1:5673");
+        assert_eq!(
+            emu.target(Transport::Amqp, None).url(),
+            "amqp://127.0.0.1:5673"
+        );
     }
 
     #[test]

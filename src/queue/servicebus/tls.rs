@@ -17,9 +17,7 @@ pub(super) fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>
         let mut added = 0;
         for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", what()))? {
             let cert = cert.map_err(|e| format!("{}: {e}", what()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", what()))?;
+            roots.add(cert).map_err(|e| format!("{}: {e}", what()))?;
             added += 1;
         }
         if added == 0 {
