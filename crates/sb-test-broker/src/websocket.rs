@@ -24,6 +24,8 @@ pub async fn accept<S>(stream: S) -> std::io::Result<DuplexStream>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The callback's signature is tungstenite's, large error type included.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != PATH {
             return Err(refuse(StatusCode::NOT_FOUND, "not a Service Bus endpoint"));
