@@ -39,6 +39,9 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_SERVICEBUS_CONNECTION_STRING",
     "RTPD_SERVICEBUS_NAMESPACE",
     "RTPD_SERVICEBUS_QUEUE",
+    "RTPD_SERVICEBUS_TRANSPORT",
+    "RTPD_SERVICEBUS_CUSTOM_ENDPOINT",
+    "RTPD_SERVICEBUS_CA_FILE",
     "RTPD_DOWNSTREAM_URL",
     "RTPD_DOWNSTREAM_TIMEOUT_SECS",
     "RTPD_MAX_RETRIES",
@@ -87,6 +90,14 @@ pub enum LedgerKind {
 pub enum QueueKind {
     Local,
     Servicebus,
+}
+
+/// How rtpd reaches Service Bus: AMQP on 5671, or AMQP over WebSockets on 443.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServicebusTransport {
+    Amqp,
+    Websockets,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +218,12 @@ pub struct Settings {
     pub servicebus_namespace: Option<String>,
     #[serde(deserialize_with = "scalar_string")]
     pub servicebus_queue: String,
+    pub servicebus_transport: ServicebusTransport,
+    /// Connect here instead of the namespace host (a gateway or proxy).
+    #[serde(deserialize_with = "opt_scalar_string")]
+    pub servicebus_custom_endpoint: Option<String>,
+    /// PEM file of extra CA certificates to trust for Service Bus TLS.
+    pub servicebus_ca_file: Option<PathBuf>,
 
     pub downstream_url: url::Url,
     pub downstream_timeout_secs: f64,
@@ -273,6 +290,9 @@ impl Default for Settings {
             servicebus_connection_string: None,
             servicebus_namespace: None,
             servicebus_queue: "rtp-transactions".into(),
+            servicebus_transport: ServicebusTransport::Amqp,
+            servicebus_custom_endpoint: None,
+            servicebus_ca_file: None,
             downstream_url: url::Url::parse("http://127.0.0.1:8081/process")
                 .expect("constant URL parses"),
             downstream_timeout_secs: 10.0,

@@ -5,7 +5,7 @@
 use crate::api::{ApiState, health::Dependencies};
 use crate::auth::Auth;
 use crate::backoff::RetryPolicy;
-use crate::config::{LedgerKind, QueueKind, Settings, WalKind};
+use crate::config::{LedgerKind, QueueKind, ServicebusTransport, Settings, WalKind};
 use crate::downstream::Downstream;
 use crate::intake::Intake;
 use crate::journal::Journal;
@@ -16,7 +16,7 @@ use crate::ledger::{
     redis::{RedisLedger, RedisSettings},
 };
 use crate::processor::Processor;
-use crate::queue::servicebus::{ServiceBusQueue, ServiceBusSettings};
+use crate::queue::servicebus::{ServiceBusQueue, ServiceBusSettings, Transport};
 use crate::queue::{
     Queue,
     local::{LocalQueue, LocalQueueOptions},
@@ -106,7 +106,13 @@ impl Services {
                     namespace: settings.servicebus_namespace.clone(),
                     queue: settings.servicebus_queue.clone(),
                     client_id: settings.azure_client_id.clone(),
-                    prefetch: 0,
+                    transport: match settings.servicebus_transport {
+                        ServicebusTransport::Amqp => Transport::Amqp,
+                        ServicebusTransport::Websockets => Transport::WebSockets,
+                    },
+                    custom_endpoint: settings.servicebus_custom_endpoint.clone(),
+                    ca_file: settings.servicebus_ca_file.clone(),
+                    ..Default::default()
                 })
                 .await
                 .context("connecting to Service Bus")?,

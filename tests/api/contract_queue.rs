@@ -277,7 +277,9 @@ async fn local_queue_survives_reopen() {
 /// The Service Bus adapter over real AMQP against the in-repo test broker.
 async fn servicebus() -> Arc<dyn Queue> {
     use rtp_durability::queue::servicebus::{ServiceBusQueue, ServiceBusSettings};
+    let queue = format!("contract-{}", uuid::Uuid::new_v4().simple());
     let broker = sb_test_broker::start(sb_test_broker::BrokerConfig {
+        queues: vec![queue.clone()],
         lock_duration: LOCK,
         max_delivery_count: MAX_DELIVERY,
         duplicate_window: Duration::from_secs(60),
@@ -288,10 +290,8 @@ async fn servicebus() -> Arc<dyn Queue> {
     .unwrap();
     let q = ServiceBusQueue::connect(&ServiceBusSettings {
         connection_string: Some(broker.connection_string().into()),
-        namespace: None,
-        queue: format!("contract-{}", uuid::Uuid::new_v4().simple()),
-        client_id: None,
-        prefetch: 0,
+        queue,
+        ..Default::default()
     })
     .await
     .unwrap();

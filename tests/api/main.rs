@@ -19,5 +19,6 @@ mod redis_outage;
 mod security;
 mod seed_routes;
 mod servicebus;
+mod servicebus_azure;
 mod support;
 mod webhooks;

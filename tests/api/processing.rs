@@ -173,6 +173,7 @@ async fn spawn_on_servicebus(
     mock: rtp_durability::mock_downstream::MockOptions,
 ) -> (crate::support::TestApp, sb_test_broker::BrokerHandle) {
     let broker = sb_test_broker::start(sb_test_broker::BrokerConfig {
+        queues: vec!["rtp-transactions".into()],
         lock_duration: Duration::from_secs(1),
         max_delivery_count: 10,
         duplicate_window: Duration::from_secs(60),

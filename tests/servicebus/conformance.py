@@ -3,22 +3,30 @@
 official Python SDK (azure-servicebus).
 
 Starts `sb-test-broker` itself (path from --broker-bin or $SB_TEST_BROKER_BIN,
-default target/debug/sb-test-broker) on a free port with short lock settings,
-or uses --connection-string for a broker that is already running (then pass
-the same --lock-duration-secs / --max-delivery-count it runs with).
+default target/debug/sb-test-broker) on free ports: a strict broker with short
+lock settings for the message cases, and further instances for the cases that
+need other settings (short idle timers, TLS, WebSockets, a shifted clock,
+policies with limited rights). Each is driven through its `--control` input
+(create a queue, inject a fault, force a detach).
 
 Prints one line per case and ends with `N passed, M failed`; exits non-zero on
-any failure. Every case uses its own queue (the broker creates queues on first
-use), so cases do not see each other's messages.
+any failure. Every case uses its own queue, so cases do not see each other's
+messages.
 """
 
 import argparse
+import base64
 import datetime
+import hashlib
+import hmac
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import urllib.parse
 import uuid
 
 from azure.servicebus import (
@@ -26,26 +34,95 @@ from azure.servicebus import (
     ServiceBusMessage,
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
+    TransportType,
 )
-from azure.servicebus.exceptions import MessageLockLostError
+from azure.servicebus.amqp import AmqpAnnotatedMessage
+from azure.servicebus.exceptions import (
+    MessageLockLostError,
+    MessageSizeExceededError,
+    MessagingEntityNotFoundError,
+    ServiceBusAuthenticationError,
+    ServiceBusAuthorizationError,
+    ServiceBusError,
+)
 
 LOCK_SECS = 3
 MAX_DELIVERY = 3
 DUP_WINDOW_SECS = 60
+KEY = "SAS_KEY_VALUE"
+LINK_IDLE_SECS = 2
+CLOCK_OFFSET_MS = 30_000
 
 
 def utcnow():
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+class Broker:
+    """One sb-test-broker process, driven through --control."""
+
+    def __init__(self, binary, extra, tmp, lock_secs=LOCK_SECS):
+        self.ca_file = None
+        args = [binary, "--port", "0", "--control", "--lock-duration-secs", str(lock_secs),
+                "--max-delivery-count", str(MAX_DELIVERY), "--duplicate-window-secs", str(DUP_WINDOW_SECS),
+                "--sas-key", KEY] + extra
+        if "--tls" in extra:
+            self.ca_file = os.path.join(tmp, f"ca-{uuid.uuid4().hex[:6]}.pem")
+            args += ["--ca-file", self.ca_file]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"broker did not start: {line!r}")
+        self.addr = line.split("listening on ", 1)[1]
+        self.port = int(self.addr.rsplit(":", 1)[1])
+        self.tls = "--tls" in extra
+
+    def control(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        if not answer.startswith("ok"):
+            raise RuntimeError(f"broker control {command!r}: {answer!r}")
+        return answer[2:].strip()
+
+    def connection_string(self, key_name="RootManageSharedAccessKey", key=KEY):
+        if self.tls:
+            return f"Endpoint=sb://localhost/;SharedAccessKeyName={key_name};SharedAccessKey={key};"
+        return (f"Endpoint=sb://{self.addr};SharedAccessKeyName={key_name};"
+                f"SharedAccessKey={key};UseDevelopmentEmulator=true;")
+
+    def client(self, conn_str=None, **kwargs):
+        if self.tls:
+            # The SDKs reach a namespace on another port through a custom endpoint address
+            # (which otherwise defaults the SDK to WebSockets).
+            kwargs.setdefault("custom_endpoint_address", f"sb://localhost:{self.port}")
+            kwargs.setdefault("connection_verify", self.ca_file)
+            kwargs.setdefault("transport_type", TransportType.Amqp)
+        return ServiceBusClient.from_connection_string(conn_str or self.connection_string(), **kwargs)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 class Ctx:
-    def __init__(self, client, lock_secs, max_delivery):
+    def __init__(self, client, lock_secs, max_delivery, broker=None, brokers=None):
         self.client = client
         self.lock_secs = lock_secs
         self.max_delivery = max_delivery
+        self.broker = broker
+        self.brokers = brokers
 
-    def queue(self):
-        return "conf-" + uuid.uuid4().hex[:10]
+    def queue(self, broker=None):
+        name = "conf-" + uuid.uuid4().hex[:10]
+        broker = broker or self.broker
+        if broker:
+            broker.control(f"create-queue {name}")
+        return name
 
     def send(self, queue, *messages):
         with self.client.get_queue_sender(queue) as s:
@@ -308,56 +385,297 @@ CASES = [
 ]
 
 
-def start_broker(binary, sas_key):
-    args = [binary, "--port", "0", "--lock-duration-secs", str(LOCK_SECS),
-            "--max-delivery-count", str(MAX_DELIVERY), "--duplicate-window-secs", str(DUP_WINDOW_SECS),
-            "--sas-key", sas_key]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise RuntimeError(f"broker did not start: {line!r}")
-    return proc, line.split("listening on ", 1)[1]
+def case_unknown_queue_is_not_found(ctx):
+    # The broker is strict, as Service Bus: no queue is created on first use.
+    try:
+        ctx.send("conf-missing-" + uuid.uuid4().hex[:6], ServiceBusMessage("x"))
+    except MessagingEntityNotFoundError:
+        return
+    raise AssertionError("sending to an unknown queue succeeded")
+
+
+def case_large_message_crosses_frames(ctx):
+    # 200 KB travels in several 64 KiB frames both ways (the service's max-frame-size).
+    q = ctx.queue()
+    body = os.urandom(200 * 1024)
+    ctx.send(q, ServiceBusMessage(body, message_id="big-1"))
+    r, got = ctx.receive(q)
+    with r:
+        expect(len(got) == 1 and b"".join(got[0].body) == body, "large body changed")
+        r.complete_message(got[0])
+
+
+def case_message_size_limit_is_advertised(ctx):
+    q = ctx.queue()
+    with ctx.client.get_queue_sender(q) as s:
+        try:
+            s.send_messages(ServiceBusMessage(b"x" * (300 * 1024)))
+        except MessageSizeExceededError:
+            return
+    raise AssertionError("a 300 KB message was sent over a 256 KiB link")
+
+
+def case_message_id_over_128_is_refused(ctx):
+    q = ctx.queue()
+    long_id = "i" * 129
+    try:
+        ctx.send(q, AmqpAnnotatedMessage(data_body=b"x", properties={"message_id": long_id}))
+    except ServiceBusError as e:
+        expect("128" in str(e), f"refusal does not name the limit: {e}")
+    else:
+        raise AssertionError("a 129-character message id was accepted")
+    ctx.send(q, AmqpAnnotatedMessage(data_body=b"x", properties={"message_id": "i" * 128}))
+    r, got = ctx.receive(q)
+    with r:
+        expect([m.message_id for m in got] == ["i" * 128], "128-character id not delivered")
+        r.complete_message(got[0])
+
+
+def case_dead_letter_fields_over_4096_are_refused(ctx):
+    q = ctx.queue()
+    ctx.send(q, ServiceBusMessage("poison", message_id="dlf-1"))
+    r, got = ctx.receive(q)
+    with r:
+        try:
+            r.dead_letter_message(got[0], reason="R", error_description="d" * 4097)
+        except ServiceBusError:
+            pass
+        else:
+            raise AssertionError("a 4,097-character dead-letter description was accepted")
+    # Refused, the message kept its lock (the SDK closed that receiver): it comes back.
+    r, again = ctx.receive(q, wait=ctx.lock_secs + 3)
+    with r:
+        expect([m.message_id for m in again] == ["dlf-1"], "the refused dead-letter changed the message")
+        r.dead_letter_message(again[0], reason="R", error_description="d" * 4096)
+    r, dead = ctx.receive(q, sub_queue=ServiceBusSubQueue.DEAD_LETTER)
+    with r:
+        expect(len(dead) == 1 and len(dead[0].dead_letter_error_description) == 4096, "not dead-lettered")
+        r.complete_message(dead[0])
+
+
+def case_server_busy_is_retried_by_the_sdk(ctx):
+    q = ctx.queue()
+    ctx.broker.control("reject-transfers 1 com.microsoft:server-busy")
+    ctx.send(q, ServiceBusMessage("busy", message_id="busy-1"))
+    r, got = ctx.receive(q, count=2, wait=2)
+    with r:
+        expect([m.message_id for m in got] == ["busy-1"], f"got {[m.message_id for m in got]}")
+        r.complete_message(got[0])
+
+
+def case_management_503_is_retried_by_the_sdk(ctx):
+    q = ctx.queue()
+    ctx.send(q, ServiceBusMessage("p", message_id="mg-1"))
+    ctx.broker.control("fail-management 1 503")
+    with ctx.client.get_queue_receiver(q) as r:
+        peeked = r.peek_messages(max_message_count=5)
+        expect([m.message_id for m in peeked] == ["mg-1"], f"peeked {[m.message_id for m in peeked]}")
+
+
+def case_forced_detach_of_every_link_is_survived(ctx):
+    q = ctx.queue()
+    with ctx.client.get_queue_sender(q) as s:
+        s.send_messages(ServiceBusMessage("a", message_id="fd-1"))
+        ctx.broker.control("detach all")
+        time.sleep(0.3)
+        s.send_messages(ServiceBusMessage("b", message_id="fd-2"))
+    r, got = ctx.receive(q, count=2)
+    with r:
+        expect(sorted(m.message_id for m in got) == ["fd-1", "fd-2"], f"got {[m.message_id for m in got]}")
+        for m in got:
+            r.complete_message(m)
+
+
+def case_idle_links_are_detached_and_settled_through_management(ctx):
+    b = ctx.brokers("timers")
+    q = ctx.queue(b)
+    with b.client() as client:
+        with client.get_queue_sender(q) as s:
+            s.send_messages(ServiceBusMessage("a", message_id="idle-1"))
+            time.sleep(LINK_IDLE_SECS + 1)  # the sender link is force-detached meanwhile
+            s.send_messages(ServiceBusMessage("b", message_id="idle-2"))
+        with client.get_queue_receiver(q) as r:
+            got = []
+            deadline = time.monotonic() + 5
+            while len(got) < 2 and time.monotonic() < deadline:
+                got += r.receive_messages(max_message_count=2 - len(got), max_wait_time=1)
+            expect(sorted(m.message_id for m in got) == ["idle-1", "idle-2"], f"got {[m.message_id for m in got]}")
+            time.sleep(LINK_IDLE_SECS + 1)  # the receiving link is gone: the SDK settles by lock token
+            for m in got:
+                r.complete_message(m)
+    expect(b.control(f"counts {q}") == "0 0", "messages completed after the detach are still there")
+
+
+def case_expired_token_detaches_links(ctx):
+    b = ctx.broker
+    q = ctx.queue()
+    expiry = int(time.time()) + 3
+    token = sas_token(f"sb://{b.addr}/{q}", "RootManageSharedAccessKey", KEY, expiry)
+    conn = f"Endpoint=sb://{b.addr};SharedAccessSignature={token};UseDevelopmentEmulator=true;"
+    with b.client(conn) as client, client.get_queue_sender(q) as s:
+        s.send_messages(ServiceBusMessage("a"))
+        time.sleep(4)
+        try:
+            s.send_messages(ServiceBusMessage("b"))
+        except (ServiceBusAuthenticationError, ServiceBusAuthorizationError, ServiceBusError):
+            return
+    raise AssertionError("a link outlived its token")
+
+
+def case_token_for_another_queue_is_refused(ctx):
+    b = ctx.broker
+    q = ctx.queue()
+    token = sas_token(f"sb://{b.addr}/other-queue", "RootManageSharedAccessKey", KEY, int(time.time()) + 300)
+    conn = f"Endpoint=sb://{b.addr};SharedAccessSignature={token};UseDevelopmentEmulator=true;"
+    with b.client(conn) as client:
+        try:
+            with client.get_queue_sender(q) as s:
+                s.send_messages(ServiceBusMessage("a"))
+        except (ServiceBusAuthenticationError, ServiceBusAuthorizationError, ServiceBusError):
+            return
+    raise AssertionError("a token for another queue was accepted")
+
+
+def case_send_right_does_not_allow_listen(ctx):
+    b = ctx.broker
+    q = ctx.queue()
+    with b.client(b.connection_string("sender", "SENDER_KEY")) as client:
+        with client.get_queue_sender(q) as s:
+            s.send_messages(ServiceBusMessage("a", message_id="rt-1"))
+        try:
+            with client.get_queue_receiver(q) as r:
+                got = r.receive_messages(max_message_count=1, max_wait_time=1)
+                expect(got == [], "a Send-only policy received a message")
+        except (ServiceBusAuthorizationError, ServiceBusAuthenticationError, ServiceBusError) as e:
+            expect("Listen" in str(e), f"refusal does not name the Listen claim: {e}")
+        else:
+            raise AssertionError("a Send-only policy opened a receiver")
+    r, got = ctx.receive(q)
+    with r:
+        expect([m.message_id for m in got] == ["rt-1"], "the Send-only policy's message is missing")
+        r.complete_message(got[0])
+
+
+def case_clock_offset_shows_in_lock_times(ctx):
+    b = ctx.brokers("offset")
+    q = ctx.queue(b)
+    with b.client() as client:
+        with client.get_queue_sender(q) as s:
+            s.send_messages(ServiceBusMessage("t", message_id="co-1"))
+        with client.get_queue_receiver(q) as r:
+            got = r.receive_messages(max_message_count=1, max_wait_time=5)
+            expect(len(got) == 1, "not received")
+            ahead = (got[0].locked_until_utc - utcnow()).total_seconds()
+            expected = LOCK_SECS + CLOCK_OFFSET_MS / 1000
+            expect(abs(ahead - expected) < 2, f"locked until {ahead:.1f}s ahead, expected about {expected}s")
+            r.complete_message(got[0])
+
+
+def case_tls_on_connect(ctx):
+    b = ctx.brokers("tls")
+    q = ctx.queue(b)
+    with b.client() as client:
+        with client.get_queue_sender(q) as s:
+            s.send_messages(ServiceBusMessage("over tls", message_id="tls-1"))
+        with client.get_queue_receiver(q) as r:
+            got = r.receive_messages(max_message_count=1, max_wait_time=5)
+            expect([m.message_id for m in got] == ["tls-1"], "not received over TLS")
+            r.complete_message(got[0])
+    # A client that opens with the cleartext AMQP header is refused, as on 5671.
+    with socket.create_connection(("127.0.0.1", b.port), timeout=5) as raw:
+        raw.sendall(b"AMQP\x00\x01\x00\x00")
+        try:
+            answer = raw.recv(8)
+        except ConnectionResetError:
+            answer = b""
+        expect(answer == b"", f"the TLS listener answered a cleartext AMQP header: {answer!r}")
+
+
+def case_amqp_over_websockets(ctx):
+    b = ctx.brokers("websockets")
+    q = ctx.queue(b)
+    with b.client(transport_type=TransportType.AmqpOverWebsocket) as client:
+        with client.get_queue_sender(q) as s:
+            s.send_messages(ServiceBusMessage("over wss", message_id="ws-1"))
+        with client.get_queue_receiver(q) as r:
+            got = r.receive_messages(max_message_count=1, max_wait_time=5)
+            expect([m.message_id for m in got] == ["ws-1"], "not received over WebSockets")
+            r.complete_message(got[0])
+
+
+def sas_token(uri, key_name, key, expiry):
+    resource = urllib.parse.quote_plus(uri)
+    digest = hmac.new(key.encode(), f"{resource}\n{expiry}".encode(), hashlib.sha256).digest()
+    signature = urllib.parse.quote_plus(base64.b64encode(digest))
+    return f"SharedAccessSignature sr={resource}&sig={signature}&se={expiry}&skn={key_name}"
+
+
+CASES += [
+    case_unknown_queue_is_not_found,
+    case_large_message_crosses_frames,
+    case_message_size_limit_is_advertised,
+    case_message_id_over_128_is_refused,
+    case_dead_letter_fields_over_4096_are_refused,
+    case_server_busy_is_retried_by_the_sdk,
+    case_management_503_is_retried_by_the_sdk,
+    case_forced_detach_of_every_link_is_survived,
+    case_idle_links_are_detached_and_settled_through_management,
+    case_expired_token_detaches_links,
+    case_token_for_another_queue_is_refused,
+    case_send_right_does_not_allow_listen,
+    case_clock_offset_shows_in_lock_times,
+    case_tls_on_connect,
+    case_amqp_over_websockets,
+]
+
+# Extra broker instances, started on first use.
+PROFILES = {
+    # Locks outlive the idle timer here, so settling after a detach is still in time.
+    "timers": (["--link-idle-timeout-secs", str(LINK_IDLE_SECS), "--connection-idle-timeout-secs", "3"], 30),
+    "offset": (["--clock-offset-ms", str(CLOCK_OFFSET_MS)], LOCK_SECS),
+    "tls": (["--tls"], LOCK_SECS),
+    "websockets": (["--tls", "--websockets"], LOCK_SECS),
+}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker-bin", default=os.environ.get("SB_TEST_BROKER_BIN", "target/debug/sb-test-broker"))
-    p.add_argument("--connection-string", default=os.environ.get("SB_CONNECTION_STRING"))
-    p.add_argument("--lock-duration-secs", type=int, default=LOCK_SECS)
-    p.add_argument("--max-delivery-count", type=int, default=MAX_DELIVERY)
     p.add_argument("-k", dest="only", help="run only cases whose name contains this")
     a = p.parse_args()
 
-    proc = None
-    conn_str = a.connection_string
-    if not conn_str:
-        key = "SAS_KEY_VALUE"
-        proc, addr = start_broker(a.broker_bin, key)
-        conn_str = (f"Endpoint=sb://{addr};SharedAccessKeyName=RootManageSharedAccessKey;"
-                    f"SharedAccessKey={key};UseDevelopmentEmulator=true;")
+    tmp = tempfile.mkdtemp(prefix="sb-conformance-")
+    started = {}
+
+    def brokers(profile):
+        if profile not in started:
+            extra, lock_secs = PROFILES[profile]
+            started[profile] = Broker(a.broker_bin, extra, tmp, lock_secs)
+        return started[profile]
+
+    main_broker = Broker(a.broker_bin, ["--sas-rule", "sender:SENDER_KEY:send"], tmp)
     passed = failed = 0
     try:
-        with ServiceBusClient.from_connection_string(conn_str) as client:
-            ctx = Ctx(client, a.lock_duration_secs, a.max_delivery_count)
+        with main_broker.client() as client:
+            ctx = Ctx(client, LOCK_SECS, MAX_DELIVERY, main_broker, brokers)
             for case in CASES:
                 name = case.__name__[len("case_"):]
                 if a.only and a.only not in name:
                     continue
-                started = time.monotonic()
+                t0 = time.monotonic()
                 try:
                     case(ctx)
                     passed += 1
-                    print(f"PASS {name} ({time.monotonic() - started:.1f}s)", flush=True)
+                    print(f"PASS {name} ({time.monotonic() - t0:.1f}s)", flush=True)
                 except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the run
                     failed += 1
                     print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
                     if os.environ.get("SB_CONFORMANCE_TRACE"):
                         traceback.print_exc()
     finally:
-        if proc:
-            proc.terminate()
-            proc.wait(timeout=5)
+        main_broker.stop()
+        for b in started.values():
+            b.stop()
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

@@ -15,18 +15,25 @@ use fe2o3_amqp_types::performatives::{
 };
 use fe2o3_amqp_types::primitives::{Symbol, Value};
 use serde_bytes::ByteBuf;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::Shared;
-use crate::frame::{self, Frame, FrameError, MAX_FRAME_SIZE};
-use crate::management::{self, LOCK_LOST, decode_message, encode_message};
-use crate::store::{AmqpMessage, Settlement, Subqueue, now_ms};
+use crate::auth::{self, Claim, Need};
+use crate::frame::{self, Frame, FrameError};
+use crate::management::{self, ARGUMENT_OUT_OF_RANGE, LOCK_LOST, decode_message, encode_message};
+use crate::store::{AmqpMessage, Settlement, Subqueue, message_id_string, now_ms};
+use crate::{LinkKind, Shared, lock};
 
 const BATCH_FORMAT: u32 = 0x8001_3700;
-const MAX_MESSAGE_SIZE: u64 = 256 * 1024;
+/// Service Bus's limits on a message's id and on its headers (properties,
+/// application properties and annotations together).
+const MAX_MESSAGE_ID: usize = 128;
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+const MESSAGE_SIZE_EXCEEDED: &str = "amqp:link:message-size-exceeded";
+const DETACH_FORCED: &str = "amqp:link:detach-forced";
+/// The service's highest channel number.
+const CHANNEL_MAX: u16 = 4999;
 const SENDER_CREDIT: u32 = 1000;
 const INCOMING_WINDOW: u32 = 65_536;
 const TICK: Duration = Duration::from_millis(50);
@@ -103,6 +110,7 @@ enum Link {
 }
 
 struct Unsettled {
+    handle: u32,
     queue: String,
     sub: Subqueue,
     sequence: i64,
@@ -116,7 +124,18 @@ struct Session {
     remote_incoming_window: u32,
     next_delivery_id: u32,
     links: HashMap<u32, Link>,
+    meta: HashMap<u32, LinkMeta>,
     unsettled: HashMap<u32, Unsettled>,
+}
+
+/// What the idle timer and the authorization checks need to know about a link.
+struct LinkMeta {
+    name: String,
+    kind: LinkKind,
+    /// Entity path for authorization (`q`, `q/$deadletterqueue/$management`); none for `$cbs`.
+    entity: Option<String>,
+    need: Need,
+    last_active: Instant,
 }
 
 struct Conn {
@@ -125,19 +144,27 @@ struct Conn {
     remote_max_frame: usize,
     heartbeat_every: Option<Duration>,
     last_write: Instant,
+    last_read: Instant,
     sessions: HashMap<u16, Session>,
+    /// Claims left by put-tokens on this connection.
+    claims: Vec<Claim>,
+    /// Since when the connection has had no link.
+    no_links_since: Option<Instant>,
     opened: bool,
     closing: bool,
 }
 
-pub async fn serve(shared: Arc<Shared>, mut socket: TcpStream) -> Result<(), FrameError> {
-    socket.set_nodelay(true).ok();
+pub async fn serve<S>(shared: Arc<Shared>, mut socket: S) -> Result<(), FrameError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     frame::handshake(&mut socket).await?;
-    let (mut reader, mut writer) = socket.into_split();
+    let max_frame = shared.config.max_frame_size;
+    let (mut reader, mut writer) = tokio::io::split(socket);
     let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(64);
     let read_task = tokio::spawn(async move {
         loop {
-            let f = frame::read_frame(&mut reader).await;
+            let f = frame::read_frame(&mut reader, max_frame).await;
             let stop = f.is_err();
             if tx.send(f).await.is_err() || stop {
                 break;
@@ -146,13 +173,17 @@ pub async fn serve(shared: Arc<Shared>, mut socket: TcpStream) -> Result<(), Fra
     });
     let mut changed = shared.changed.subscribe();
     let mut kill = shared.kill.subscribe();
+    let mut detach = shared.detach.subscribe();
     let mut conn = Conn {
         shared,
         out: BytesMut::new(),
         remote_max_frame: 512,
         heartbeat_every: None,
         last_write: Instant::now(),
+        last_read: Instant::now(),
         sessions: HashMap::new(),
+        claims: Vec::new(),
+        no_links_since: Some(Instant::now()),
         opened: false,
         closing: false,
     };
@@ -161,21 +192,35 @@ pub async fn serve(shared: Arc<Shared>, mut socket: TcpStream) -> Result<(), Fra
         tokio::select! {
             f = rx.recv() => match f {
                 Some(Ok(f)) => {
+                    conn.last_read = Instant::now();
                     if let Err(e) = conn.on_frame(f) {
                         break Err(e);
                     }
+                }
+                Some(Err(FrameError::Protocol(why))) => {
+                    // A frame over the max-frame-size (or otherwise malformed) ends the
+                    // connection with a framing error, as the spec asks.
+                    conn.close_with(AmqpError::FrameSizeTooSmall.into(), &why);
+                    let buf = conn.out.split();
+                    let _ = writer.write_all(&buf).await;
+                    break Err(FrameError::Protocol(why));
                 }
                 Some(Err(e)) => break Err(e),
                 None => break Ok(()),
             },
             _ = changed.changed() => {}
             _ = kill.changed() => break Ok(()),
+            _ = detach.changed() => {
+                let (_, kind) = *detach.borrow_and_update();
+                conn.force_detach(kind, "The link is force detached (requested by the test).");
+            }
             _ = tick.tick() => {
                 if let Some(every) = conn.heartbeat_every
                     && conn.last_write.elapsed() >= every
                 {
                     frame::encode_heartbeat(&mut conn.out);
                 }
+                conn.on_tick();
             }
         }
         conn.pump_all();
@@ -195,11 +240,13 @@ pub async fn serve(shared: Arc<Shared>, mut socket: TcpStream) -> Result<(), Fra
     result
 }
 
+/// An error with all three fields on the wire: Microsoft's Python SDK reads
+/// `info` by position, and `serde_amqp` would drop a trailing null.
 fn link_error(condition: impl Into<ErrorCondition>, description: &str) -> definitions::Error {
     definitions::Error {
         condition: condition.into(),
         description: Some(description.to_string()),
-        info: None,
+        info: Some(Box::default()),
     }
 }
 
@@ -229,16 +276,21 @@ impl Conn {
             Performative::Attach(attach) => self.on_attach(f.channel, attach),
             Performative::Detach(detach) => {
                 if let Some(s) = self.sessions.get_mut(&f.channel) {
-                    s.links.remove(&detach.handle.0);
-                    let ch = s.local_channel;
-                    self.send(
-                        ch,
-                        Performative::Detach(Detach {
-                            handle: detach.handle,
-                            closed: detach.closed,
-                            error: None,
-                        }),
-                    );
+                    let handle = detach.handle.0;
+                    // A detach answering ours (or a refused attach) needs no answer.
+                    if s.links.remove(&handle).is_some() {
+                        s.meta.remove(&handle);
+                        s.unsettled.retain(|_, u| u.handle != handle);
+                        let ch = s.local_channel;
+                        self.send(
+                            ch,
+                            Performative::Detach(Detach {
+                                handle: detach.handle,
+                                closed: detach.closed,
+                                error: None,
+                            }),
+                        );
+                    }
                 }
             }
             Performative::Flow(flow) => self.on_flow(f.channel, flow),
@@ -249,19 +301,21 @@ impl Conn {
     }
 
     fn on_open(&mut self, open: Open) {
-        self.remote_max_frame =
-            (open.max_frame_size.0 as usize).clamp(512, MAX_FRAME_SIZE as usize);
+        self.remote_max_frame = (open.max_frame_size.0 as usize).max(512);
         self.heartbeat_every = open
             .idle_time_out
             .filter(|t| *t > 0)
             .map(|t| Duration::from_millis(u64::from(t) / 2));
         self.opened = true;
+        let idle_ms =
+            u32::try_from(self.shared.config.idle_time_out.as_millis()).unwrap_or(u32::MAX);
+        // The service's own values: max frame 65,536, idle-time-out 120,000 ms.
         let reply = Open {
-            container_id: format!("sb-test-broker-{}", Uuid::new_v4().simple()),
+            container_id: format!("{}_G0", Uuid::new_v4().simple()),
             hostname: None,
-            max_frame_size: MAX_FRAME_SIZE.into(),
-            channel_max: open.channel_max,
-            idle_time_out: None,
+            max_frame_size: self.shared.config.max_frame_size.into(),
+            channel_max: open.channel_max.0.min(CHANNEL_MAX).into(),
+            idle_time_out: Some(idle_ms),
             outgoing_locales: None,
             incoming_locales: None,
             offered_capabilities: None,
@@ -279,6 +333,7 @@ impl Conn {
             remote_incoming_window: begin.incoming_window,
             next_delivery_id: 0,
             links: HashMap::new(),
+            meta: HashMap::new(),
             unsettled: HashMap::new(),
         };
         let reply = Begin {
@@ -311,6 +366,21 @@ impl Conn {
             attach.source.as_ref().and_then(|s| s.address.clone())
         };
         let node = address.as_deref().and_then(parse_address);
+        let (kind, entity, need) = match &node {
+            Some(Node::Cbs) | None => (LinkKind::Cbs, None, Need::SendOrListen),
+            Some(Node::Management(q, sub)) => (
+                LinkKind::Management,
+                Some(format!("{}/$management", entity_path(q, *sub))),
+                Need::SendOrListen,
+            ),
+            Some(Node::Queue(q, sub)) if client_sends => {
+                (LinkKind::Sender, Some(entity_path(q, *sub)), Need::Send)
+            }
+            Some(Node::Queue(q, sub)) => {
+                (LinkKind::Receiver, Some(entity_path(q, *sub)), Need::Listen)
+            }
+        };
+        let now = now_ms();
         let refusal = match &node {
             None => Some(link_error(
                 AmqpError::NotFound,
@@ -327,7 +397,22 @@ impl Conn {
                 "cannot send to a dead-letter queue",
             )),
             _ => None,
-        };
+        }
+        .or_else(|| {
+            let entity = entity.as_deref()?;
+            if !auth::enabled(&self.shared.config)
+                || auth::authorized_until(&self.claims, entity, need).is_some_and(|t| t > now)
+            {
+                return None;
+            }
+            Some(link_error(
+                AmqpError::UnauthorizedAccess,
+                &format!(
+                    "Unauthorized access. '{}' claim(s) are required to perform this operation. Resource: '{entity}'.",
+                    need.claim_name()
+                ),
+            ))
+        });
         let reply_address = match attach.target.as_deref() {
             Some(TargetArchetype::Target(t)) => t.address.clone(),
             #[allow(unreachable_patterns)]
@@ -352,7 +437,7 @@ impl Conn {
             unsettled: None,
             incomplete_unsettled: false,
             initial_delivery_count: if client_sends { None } else { Some(0) },
-            max_message_size: Some(MAX_MESSAGE_SIZE),
+            max_message_size: Some(self.shared.config.max_message_size),
             offered_capabilities: None,
             desired_capabilities: None,
             properties: None,
@@ -366,6 +451,7 @@ impl Conn {
         } else {
             reply
         };
+        tracing::debug!(name = %attach.name, ?address, ?kind, refused = ?refusal, "attach");
         self.send(local_channel, Performative::Attach(reply));
         if let Some(error) = refusal {
             self.send(
@@ -380,13 +466,22 @@ impl Conn {
         }
         let Some(node) = node else { return };
         if let Node::Queue(q, _) | Node::Management(q, _) = &node {
-            let mut inner = self.shared.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = lock(&self.shared.inner);
             self.shared.queue_mut(&mut inner, q);
         }
-        let session = self
-            .sessions
-            .get_mut(&channel)
-            .expect("session checked above");
+        let Some(session) = self.sessions.get_mut(&channel) else {
+            return;
+        };
+        session.meta.insert(
+            handle,
+            LinkMeta {
+                name: attach.name.clone(),
+                kind,
+                entity,
+                need,
+                last_active: Instant::now(),
+            },
+        );
         if client_sends {
             session.links.insert(
                 handle,
@@ -493,6 +588,9 @@ impl Conn {
         };
         s.next_incoming_id = s.next_incoming_id.wrapping_add(1);
         let handle = t.handle.0;
+        if let Some(m) = s.meta.get_mut(&handle) {
+            m.last_active = Instant::now();
+        }
         let Some(Link::Incoming(link)) = s.links.get_mut(&handle) else {
             return;
         };
@@ -562,6 +660,31 @@ impl Conn {
         };
         match node {
             Node::Queue(q, _) => {
+                self.shared
+                    .transfers_received
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let injected = lock(&self.shared.faults).reject_transfers.pop_front();
+                if let Some(condition) = injected {
+                    return DeliveryState::Rejected(Rejected {
+                        error: Some(link_error(
+                            ErrorCondition::Custom(Symbol::from(condition.as_str())),
+                            "The request was rejected (fault injected by the test broker).",
+                        )),
+                    });
+                }
+                let limit = self.shared.config.max_message_size;
+                if payload.len() as u64 > limit {
+                    return DeliveryState::Rejected(Rejected {
+                        error: Some(link_error(
+                            ErrorCondition::Custom(Symbol::from(MESSAGE_SIZE_EXCEEDED)),
+                            &format!(
+                                "The received message (delivery-id:{}, size:{} bytes) exceeds the limit ({limit} bytes) currently allowed on the link.",
+                                t.delivery_id.unwrap_or_default(),
+                                payload.len()
+                            ),
+                        )),
+                    });
+                }
                 let messages = if t.message_format == Some(BATCH_FORMAT) {
                     match &decoded.body {
                         Body::Data(batch) => {
@@ -586,10 +709,22 @@ impl Conn {
                 } else {
                     vec![decoded]
                 };
+                if let Some(refusal) = messages.iter().find_map(limit_refusal) {
+                    return DeliveryState::Rejected(Rejected {
+                        error: Some(refusal),
+                    });
+                }
                 let now = now_ms();
                 {
-                    let mut inner = self.shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-                    let queue = self.shared.queue_mut(&mut inner, q);
+                    let mut inner = lock(&self.shared.inner);
+                    let Some(queue) = self.shared.queue_mut(&mut inner, q) else {
+                        return DeliveryState::Rejected(Rejected {
+                            error: Some(link_error(
+                                AmqpError::NotFound,
+                                &format!("The messaging entity '{q}' could not be found."),
+                            )),
+                        });
+                    };
                     for m in messages {
                         queue.enqueue(m, now);
                     }
@@ -598,12 +733,22 @@ impl Conn {
                 DeliveryState::Accepted(Accepted {})
             }
             Node::Cbs => {
-                let reply = management::handle_cbs(&self.shared, &decoded);
+                let (reply, claim) = management::handle_cbs(&self.shared, &decoded);
+                if let Some(claim) = claim {
+                    self.claims.retain(|c| c.path != claim.path);
+                    self.claims.push(claim);
+                }
                 self.route_reply(channel, node, reply);
                 DeliveryState::Accepted(Accepted {})
             }
             Node::Management(q, sub) => {
-                let reply = management::handle_management(&self.shared, q, *sub, &decoded);
+                let reply = management::handle_management(
+                    &self.shared,
+                    q,
+                    *sub,
+                    &decoded,
+                    self.link_names(),
+                );
                 self.route_reply(channel, node, reply);
                 DeliveryState::Accepted(Accepted {})
             }
@@ -646,10 +791,19 @@ impl Conn {
         let mut id = d.first;
         loop {
             if let Some(u) = s.unsettled.remove(&id) {
+                if let Some(m) = s.meta.get_mut(&u.handle) {
+                    m.last_active = Instant::now();
+                }
                 let state = match &d.state {
                     Some(state) => settle(&self.shared, &u, state),
                     None => None,
                 };
+                // A refused settlement leaves the lock (and the delivery) as it was.
+                if let Some(DeliveryState::Rejected(Rejected { error: Some(e) })) = &state
+                    && e.condition == ErrorCondition::Custom(Symbol::from(ARGUMENT_OUT_OF_RANGE))
+                {
+                    s.unsettled.insert(id, u);
+                }
                 if !d.settled
                     && let Some(state) = state
                 {
@@ -675,6 +829,143 @@ impl Conn {
             );
         }
         self.shared.notify();
+    }
+
+    fn link_names(&self) -> Vec<String> {
+        self.sessions
+            .values()
+            .flat_map(|s| s.meta.values().map(|m| m.name.clone()))
+            .collect()
+    }
+
+    fn close_with(&mut self, condition: ErrorCondition, description: &str) {
+        self.send(
+            0,
+            Performative::Close(Close {
+                error: Some(link_error(condition, description)),
+            }),
+        );
+        self.closing = true;
+    }
+
+    /// Detach a link from the broker's side; its locks stay until they expire.
+    fn detach_link(&mut self, channel: u16, handle: u32, error: definitions::Error) {
+        let Some(s) = self.sessions.get_mut(&channel) else {
+            return;
+        };
+        if s.links.remove(&handle).is_none() {
+            return;
+        }
+        s.meta.remove(&handle);
+        s.unsettled.retain(|_, u| u.handle != handle);
+        let ch = s.local_channel;
+        self.send(
+            ch,
+            Performative::Detach(Detach {
+                handle: Handle(handle),
+                closed: true,
+                error: Some(error),
+            }),
+        );
+    }
+
+    fn links_where(&self, keep: impl Fn(&LinkMeta) -> bool) -> Vec<(u16, u32, String, LinkKind)> {
+        self.sessions
+            .iter()
+            .flat_map(|(ch, s)| {
+                s.meta
+                    .iter()
+                    .filter(|(_, m)| keep(m))
+                    .map(|(h, m)| (*ch, *h, m.name.clone(), m.kind))
+            })
+            .collect()
+    }
+
+    pub(crate) fn force_detach(&mut self, kind: Option<LinkKind>, why: &str) {
+        for (ch, h, name, _) in self.links_where(|m| kind.is_none_or(|k| m.kind == k)) {
+            let description = format!("The link '{name}' is force detached. {why}");
+            self.detach_link(
+                ch,
+                h,
+                link_error(
+                    ErrorCondition::Custom(Symbol::from(DETACH_FORCED)),
+                    &description,
+                ),
+            );
+        }
+    }
+
+    /// The service's timers: heartbeat silence, idle links, expired tokens,
+    /// and connections left without links.
+    fn on_tick(&mut self) {
+        if !self.opened || self.closing {
+            return;
+        }
+        let config = self.shared.config.clone();
+        if self.last_read.elapsed() > config.idle_time_out {
+            self.close_with(
+                AmqpError::ResourceLimitExceeded.into(),
+                &format!(
+                    "The connection was silent for longer than its idle time-out of {} ms.",
+                    config.idle_time_out.as_millis()
+                ),
+            );
+            return;
+        }
+        let idle = config.link_idle_timeout;
+        for (ch, h, name, kind) in self.links_where(|m| m.last_active.elapsed() >= idle) {
+            let (code, role) = match kind {
+                LinkKind::Sender => ("publisher", "AmqpMessagePublisher"),
+                LinkKind::Receiver => ("consumer", "AmqpMessageConsumer"),
+                LinkKind::Management | LinkKind::Cbs => ("requestresponse", "AmqpRequestResponse"),
+            };
+            let description = format!(
+                "The link '{name}' is force detached. Code: {code}. Details: {role}.IdleTimerExpired: Idle timeout: {} ms.",
+                idle.as_millis()
+            );
+            self.detach_link(
+                ch,
+                h,
+                link_error(
+                    ErrorCondition::Custom(Symbol::from(DETACH_FORCED)),
+                    &description,
+                ),
+            );
+        }
+        if auth::enabled(&config) {
+            let now = now_ms();
+            let claims = self.claims.clone();
+            let expired = self.links_where(|m| {
+                m.entity.as_deref().is_some_and(|e| {
+                    auth::authorized_until(&claims, e, m.need).is_none_or(|t| t <= now)
+                })
+            });
+            for (ch, h, name, _) in expired {
+                let description = format!(
+                    "ExpiredToken: the token authorizing link '{name}' has expired; put a new token on $cbs before it does."
+                );
+                self.detach_link(
+                    ch,
+                    h,
+                    link_error(AmqpError::UnauthorizedAccess, &description),
+                );
+            }
+        }
+        let has_links = self.sessions.values().any(|s| !s.links.is_empty());
+        if has_links {
+            self.no_links_since = None;
+        } else {
+            let since = *self.no_links_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= config.connection_idle_timeout {
+                self.close_with(
+                    ErrorCondition::ConnectionError(definitions::ConnectionError::ConnectionForced),
+                    &format!(
+                        "The connection was inactive for more than the allowed {} milliseconds and is closed by container 'LinkTracker'.",
+                        config.connection_idle_timeout.as_millis()
+                    ),
+                );
+            }
+        }
     }
 
     fn pump_all(&mut self) {
@@ -707,14 +998,17 @@ impl Conn {
             let next = match &link.node {
                 Node::Queue(q, sub) => {
                     let now = now_ms();
-                    let mut inner = self.shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-                    let queue = self.shared.queue_mut(&mut inner, q);
+                    let mut inner = lock(&self.shared.inner);
+                    let Some(queue) = self.shared.queue_mut(&mut inner, q) else {
+                        return;
+                    };
                     queue.expire_locks(now);
                     if link.receive_and_delete {
                         queue.take(*sub, now).map(|m| (m, None))
                     } else {
                         queue.lease(*sub, now).map(|l| {
                             let u = Unsettled {
+                                handle,
                                 queue: q.clone(),
                                 sub: *sub,
                                 sequence: l.sequence,
@@ -743,6 +1037,9 @@ impl Conn {
             };
             link.credit -= 1;
             link.delivery_count = link.delivery_count.wrapping_add(1);
+            if let Some(m) = s.meta.get_mut(&handle) {
+                m.last_active = Instant::now();
+            }
             let settled = unsettled.is_none();
             // Lock tokens travel as the delivery tag in .NET GUID byte order.
             let tag = match &unsettled {
@@ -804,6 +1101,47 @@ impl Conn {
     }
 }
 
+/// The path a token audience must cover for a queue or its dead-letter queue.
+fn entity_path(queue: &str, sub: Subqueue) -> String {
+    match sub {
+        Subqueue::Main => queue.to_ascii_lowercase(),
+        Subqueue::DeadLetter => format!("{}/$deadletterqueue", queue.to_ascii_lowercase()),
+    }
+}
+
+/// Service Bus's per-message limits: a message id of at most 128 characters
+/// and at most 64 KiB of headers.
+fn limit_refusal(m: &AmqpMessage) -> Option<definitions::Error> {
+    let id = m
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_id.as_ref())
+        .map(message_id_string)
+        .unwrap_or_default();
+    if id.chars().count() > MAX_MESSAGE_ID {
+        return Some(link_error(
+            ErrorCondition::Custom(Symbol::from(ARGUMENT_OUT_OF_RANGE)),
+            &format!(
+                "The message id of {} characters exceeds the maximum of {MAX_MESSAGE_ID}.",
+                id.chars().count()
+            ),
+        ));
+    }
+    let size = |v: Result<Vec<u8>, serde_amqp::Error>| v.map_or(0, |b| b.len());
+    let header_bytes = size(serde_amqp::to_vec(&m.properties))
+        + size(serde_amqp::to_vec(&m.application_properties))
+        + size(serde_amqp::to_vec(&m.message_annotations));
+    if header_bytes > MAX_HEADER_BYTES {
+        return Some(link_error(
+            ErrorCondition::Custom(Symbol::from(MESSAGE_SIZE_EXCEEDED)),
+            &format!(
+                "The message headers ({header_bytes} bytes) exceed the maximum of {MAX_HEADER_BYTES} bytes."
+            ),
+        ));
+    }
+    None
+}
+
 /// Apply a receiver's outcome to the store; returns the outcome to confirm.
 fn settle(shared: &Shared, u: &Unsettled, state: &DeliveryState) -> Option<DeliveryState> {
     let how = match state {
@@ -819,6 +1157,17 @@ fn settle(shared: &Shared, u: &Unsettled, state: &DeliveryState) -> Option<Deliv
             };
             let description = field("DeadLetterErrorDescription")
                 .or_else(|| r.error.as_ref().and_then(|e| e.description.clone()));
+            if let Some(why) = management::dead_letter_fields_refused(
+                field("DeadLetterReason").as_deref(),
+                description.as_deref(),
+            ) {
+                return Some(DeliveryState::Rejected(Rejected {
+                    error: Some(link_error(
+                        ErrorCondition::Custom(Symbol::from(ARGUMENT_OUT_OF_RANGE)),
+                        &why,
+                    )),
+                }));
+            }
             Settlement::DeadLetter {
                 reason: field("DeadLetterReason"),
                 description,
@@ -827,23 +1176,24 @@ fn settle(shared: &Shared, u: &Unsettled, state: &DeliveryState) -> Option<Deliv
         _ => return None,
     };
     let result = {
-        let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let queue = shared.queue_mut(&mut inner, &u.queue);
-        queue.settle(u.sub, u.sequence, u.lock_token, how, now_ms())
+        let mut inner = lock(&shared.inner);
+        match shared.queue_mut(&mut inner, &u.queue) {
+            Some(queue) => queue.settle(u.sub, u.sequence, u.lock_token, how, now_ms()),
+            None => Err(crate::store::LockLost),
+        }
     };
     Some(match result {
         // Service Bus echoes the outcome it applied; a dead-letter comes back as
         // `rejected` without an error (an error there means the settlement failed).
-        Ok(()) if matches!(state, DeliveryState::Rejected(_)) => DeliveryState::Rejected(Rejected { error: None }),
+        Ok(()) if matches!(state, DeliveryState::Rejected(_)) => {
+            DeliveryState::Rejected(Rejected { error: None })
+        }
         Ok(()) => state.clone(),
         Err(_) => DeliveryState::Rejected(Rejected {
-            error: Some(definitions::Error {
-                condition: ErrorCondition::Custom(Symbol::from(LOCK_LOST)),
-                description: Some(
-                    "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue.".into(),
-                ),
-                info: None,
-            }),
+            error: Some(link_error(
+                ErrorCondition::Custom(Symbol::from(LOCK_LOST)),
+                "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue.",
+            )),
         }),
     })
 }

@@ -13,8 +13,8 @@ pub const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
 pub const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
 const FRAME_TYPE_AMQP: u8 = 0;
 const FRAME_TYPE_SASL: u8 = 1;
-/// Refuse frames larger than this (we advertise it as our max-frame-size).
-pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// SASL frames are small; refuse larger ones before the AMQP max-frame-size applies.
+const MAX_SASL_FRAME_SIZE: u32 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -34,10 +34,15 @@ pub struct Frame {
     pub payload: Bytes,
 }
 
-async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, u16, BytesMut), FrameError> {
+async fn read_raw<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_frame_size: u32,
+) -> Result<(u8, u16, BytesMut), FrameError> {
     let size = r.read_u32().await?;
-    if !(8..=MAX_FRAME_SIZE).contains(&size) {
-        return Err(FrameError::Protocol(format!("bad frame size {size}")));
+    if !(8..=max_frame_size).contains(&size) {
+        return Err(FrameError::Protocol(format!(
+            "frame of {size} bytes is outside 8..={max_frame_size} (the max-frame-size)"
+        )));
     }
     let mut rest = vec![0u8; size as usize - 4];
     r.read_exact(&mut rest).await?;
@@ -52,8 +57,11 @@ async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, u16, BytesMut)
     Ok((ftype, channel, body))
 }
 
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameError> {
-    let (ftype, channel, body) = read_raw(r).await?;
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_frame_size: u32,
+) -> Result<Frame, FrameError> {
+    let (ftype, channel, body) = read_raw(r, max_frame_size).await?;
     if ftype != FRAME_TYPE_AMQP {
         return Err(FrameError::Protocol(format!(
             "unexpected frame type {ftype}"
@@ -129,7 +137,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             ]),
         };
         s.write_all(&encode_sasl(&offer)?).await?;
-        let (ftype, _, body) = read_raw(s).await?;
+        let (ftype, _, body) = read_raw(s, MAX_SASL_FRAME_SIZE).await?;
         if ftype != FRAME_TYPE_SASL {
             return Err(FrameError::Protocol("expected sasl-init".into()));
         }

@@ -20,40 +20,120 @@
 //!
 //! Not a production broker: state is in memory, one lock across all queues.
 
+mod auth;
 mod connection;
 mod frame;
 mod management;
 mod sas;
 mod store;
+mod tls;
+mod websocket;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use store::QueueState;
 pub use store::{QueueSettings, Subqueue};
 
-/// How the broker behaves; the defaults are Service Bus's queue defaults
-/// except for shorter windows that suit tests.
+/// What a shared access rule may do, as Service Bus names its claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rights {
+    pub send: bool,
+    pub listen: bool,
+    pub manage: bool,
+}
+
+impl Rights {
+    pub const ALL: Rights = Rights {
+        send: true,
+        listen: true,
+        manage: true,
+    };
+    pub const SEND: Rights = Rights {
+        send: true,
+        listen: false,
+        manage: false,
+    };
+    pub const LISTEN: Rights = Rights {
+        send: false,
+        listen: true,
+        manage: false,
+    };
+}
+
+/// A shared access policy: key name, key, rights.
+#[derive(Debug, Clone)]
+pub struct SasRule {
+    pub name: String,
+    pub key: String,
+    pub rights: Rights,
+}
+
+/// The name under which [`BrokerConfig::sas_key`] signs, with every right.
+pub const ROOT_KEY_NAME: &str = "RootManageSharedAccessKey";
+
+/// Which links a forced detach hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// The client sends to a queue.
+    Sender,
+    /// The client receives from a queue or its dead-letter queue.
+    Receiver,
+    /// Either link of a `$management` client.
+    Management,
+    /// Either link of a `$cbs` client.
+    Cbs,
+}
+
+/// How the broker behaves; the defaults are Service Bus's own values except
+/// for shorter windows that suit tests.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// Address to bind; port 0 picks a free port.
     pub bind: SocketAddr,
     /// Queues that exist at start.
     pub queues: Vec<String>,
-    /// Create a queue the first time a link or request names it (lets tests
-    /// isolate themselves with random queue names).
+    /// Create a queue the first time a link or request names it. Off by
+    /// default: Service Bus answers `amqp:not-found` for an unknown entity.
     pub auto_create_queues: bool,
     pub lock_duration: Duration,
     pub max_delivery_count: u32,
     pub duplicate_window: Duration,
-    /// When set, SAS tokens presented on `$cbs` must be signed with this key.
+    /// When set, `$cbs` tokens must be signed with this key under
+    /// [`ROOT_KEY_NAME`] (or with one of `sas_rules`), must not be expired, and
+    /// every link needs a token whose audience covers its entity and whose
+    /// rights allow what the link does. Unset, anything goes.
     pub sas_key: Option<String>,
+    /// More shared access policies, for rights checks.
+    pub sas_rules: Vec<SasRule>,
+    /// When set, token audiences must name this host (`sb://<host>/...`).
+    pub namespace: Option<String>,
+    /// TLS on connect with a generated test CA; a cleartext first byte is refused.
+    pub tls: bool,
+    /// AMQP over WebSockets (`/$servicebus/websocket`) instead of raw AMQP.
+    pub websockets: bool,
+    /// Advertised in Open and enforced on incoming frames (Service Bus: 65,536).
+    pub max_frame_size: u32,
+    /// Advertised in Open; a connection silent for longer is closed (Service Bus: 120 s).
+    pub idle_time_out: Duration,
+    /// A link with no transfer or settlement for this long is force-detached
+    /// (`amqp:link:detach-forced`; Service Bus: 10 minutes).
+    pub link_idle_timeout: Duration,
+    /// A connection without links for this long is closed (Service Bus: 60 s).
+    pub connection_idle_timeout: Duration,
+    /// Advertised on attach and enforced on sends (Service Bus Standard: 256 KiB).
+    pub max_message_size: u64,
+    /// Added to the broker's clock in the lock and enqueue times it reports,
+    /// to test clients against a service clock that is not theirs.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for BrokerConfig {
@@ -61,11 +141,21 @@ impl Default for BrokerConfig {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             queues: Vec::new(),
-            auto_create_queues: true,
+            auto_create_queues: false,
             lock_duration: Duration::from_secs(30),
             max_delivery_count: 10,
             duplicate_window: Duration::from_secs(600),
             sas_key: None,
+            sas_rules: Vec::new(),
+            namespace: None,
+            tls: false,
+            websockets: false,
+            max_frame_size: 65_536,
+            idle_time_out: Duration::from_secs(120),
+            link_idle_timeout: Duration::from_secs(600),
+            connection_idle_timeout: Duration::from_secs(60),
+            max_message_size: 256 * 1024,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -76,12 +166,43 @@ impl BrokerConfig {
             lock_duration: self.lock_duration,
             max_delivery_count: self.max_delivery_count,
             duplicate_window: self.duplicate_window,
+            clock_offset_ms: self.clock_offset_ms,
         }
     }
 }
 
 pub(crate) struct Inner {
     queues: HashMap<String, QueueState>,
+}
+
+/// Failures injected by tests, each consumed by the next matching operation.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Error conditions for the next sends to a queue (rejected outcomes).
+    pub reject_transfers: VecDeque<String>,
+    /// Status codes for the next `$management` requests.
+    pub fail_management: VecDeque<i32>,
+}
+
+/// One `$cbs` put-token the broker accepted.
+#[derive(Debug, Clone)]
+pub struct CbsPut {
+    pub kind: String,
+    pub audience: String,
+    pub token: String,
+}
+
+/// One `$management` request as received.
+#[derive(Debug, Clone)]
+pub struct ManagementRequest {
+    pub node: String,
+    pub operation: String,
+    /// `associated-link-name`, when the client named its receiving link.
+    pub associated_link_name: Option<String>,
+    /// `com.microsoft:server-timeout` in milliseconds, when given.
+    pub server_timeout_ms: Option<i64>,
+    /// Link names open on the requesting connection at the time.
+    pub open_links: Vec<String>,
 }
 
 pub(crate) struct Shared {
@@ -91,7 +212,19 @@ pub(crate) struct Shared {
     changed: watch::Sender<u64>,
     /// Bumped to drop every open connection (reconnect tests).
     kill: watch::Sender<u64>,
-    pub(crate) tokens: Mutex<Vec<(String, String)>>,
+    /// Forced detaches requested by tests: (request number, which links).
+    pub(crate) detach: watch::Sender<(u64, Option<LinkKind>)>,
+    pub(crate) tokens: Mutex<Vec<CbsPut>>,
+    pub(crate) faults: Mutex<Faults>,
+    pub(crate) management_log: Mutex<Vec<ManagementRequest>>,
+    /// Transfers the broker received on sending links (each attempt counts).
+    pub(crate) transfers_received: AtomicU64,
+    refused_cleartext: AtomicU64,
+    connections: AtomicU64,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
@@ -99,21 +232,36 @@ impl Shared {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// The queue named `name` (case-insensitive, as in Service Bus), created on demand.
-    pub(crate) fn queue_mut<'a>(&self, inner: &'a mut Inner, name: &str) -> &'a mut QueueState {
+    /// The queue named `name` (case-insensitive, as in Service Bus), created
+    /// on demand when the broker auto-creates queues.
+    pub(crate) fn queue_mut<'a>(
+        &self,
+        inner: &'a mut Inner,
+        name: &str,
+    ) -> Option<&'a mut QueueState> {
         let key = name.to_ascii_lowercase();
-        inner
-            .queues
-            .entry(key)
-            .or_insert_with(|| QueueState::new(name.to_string(), self.config.queue_settings()))
+        if self.config.auto_create_queues {
+            return Some(inner.queues.entry(key).or_insert_with(|| {
+                QueueState::new(name.to_string(), self.config.queue_settings())
+            }));
+        }
+        inner.queues.get_mut(&key)
     }
 
     pub(crate) fn queue_exists(&self, name: &str) -> bool {
         if self.config.auto_create_queues {
             return true;
         }
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.queues.contains_key(&name.to_ascii_lowercase())
+        lock(&self.inner)
+            .queues
+            .contains_key(&name.to_ascii_lowercase())
+    }
+
+    fn create_queue(&self, name: &str) {
+        lock(&self.inner)
+            .queues
+            .entry(name.to_ascii_lowercase())
+            .or_insert_with(|| QueueState::new(name.to_string(), self.config.queue_settings()));
     }
 }
 
@@ -122,6 +270,7 @@ pub struct BrokerHandle {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept: JoinHandle<()>,
+    ca_pem: Option<String>,
 }
 
 impl BrokerHandle {
@@ -133,37 +282,125 @@ impl BrokerHandle {
         self.addr
     }
 
-    /// A connection string the official SDKs accept for this broker.
-    pub fn connection_string(&self) -> String {
-        let key = self
-            .shared
+    fn key(&self) -> String {
+        self.shared
             .config
             .sas_key
             .clone()
-            .unwrap_or_else(|| "SAS_KEY_VALUE".into());
-        format!(
-            "Endpoint=sb://{};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey={key};UseDevelopmentEmulator=true;",
-            self.addr
-        )
+            .unwrap_or_else(|| "SAS_KEY_VALUE".into())
+    }
+
+    /// A connection string the official SDKs accept for this broker. Without
+    /// TLS it is the emulator form (plain AMQP, port kept); with TLS it names
+    /// `localhost` as a namespace would, and clients reach the port through
+    /// [`BrokerHandle::custom_endpoint`].
+    pub fn connection_string(&self) -> String {
+        self.connection_string_for(ROOT_KEY_NAME, &self.key())
+    }
+
+    /// A connection string signing with another policy's key.
+    pub fn connection_string_for(&self, key_name: &str, key: &str) -> String {
+        if self.shared.config.tls {
+            format!(
+                "Endpoint=sb://localhost/;SharedAccessKeyName={key_name};SharedAccessKey={key};"
+            )
+        } else {
+            format!(
+                "Endpoint=sb://{};SharedAccessKeyName={key_name};SharedAccessKey={key};UseDevelopmentEmulator=true;",
+                self.addr
+            )
+        }
+    }
+
+    /// Where to connect when the connection string names a namespace host
+    /// (`sb://localhost:<port>`), as the SDKs' custom endpoint address.
+    pub fn custom_endpoint(&self) -> String {
+        format!("sb://localhost:{}", self.addr.port())
+    }
+
+    /// The test CA's certificate (PEM) when TLS is on.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// Create a queue (strict brokers refuse unknown ones).
+    pub fn create_queue(&self, name: &str) {
+        self.shared.create_queue(name);
     }
 
     /// (active, dead-lettered) message counts of a queue; active includes
     /// locked and scheduled messages.
     pub fn counts(&self, queue: &str) -> (usize, usize) {
-        let inner = self.shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner
+        lock(&self.shared.inner)
             .queues
             .get(&queue.to_ascii_lowercase())
             .map_or((0, 0), |q| q.counts())
     }
 
+    /// Messages of a queue's main entity that are locked right now.
+    pub fn locked(&self, queue: &str) -> usize {
+        let now = store::now_ms();
+        lock(&self.shared.inner)
+            .queues
+            .get(&queue.to_ascii_lowercase())
+            .map_or(0, |q| q.locked(now))
+    }
+
     /// Tokens presented on `$cbs` so far, as (type, token).
     pub fn cbs_tokens(&self) -> Vec<(String, String)> {
-        self.shared
-            .tokens
-            .lock()
-            .map(|t| t.clone())
-            .unwrap_or_default()
+        lock(&self.shared.tokens)
+            .iter()
+            .map(|p| (p.kind.clone(), p.token.clone()))
+            .collect()
+    }
+
+    /// Every accepted put-token with its audience, in order.
+    pub fn cbs_puts(&self) -> Vec<CbsPut> {
+        lock(&self.shared.tokens).clone()
+    }
+
+    /// Every `$management` request so far.
+    pub fn management_requests(&self) -> Vec<ManagementRequest> {
+        lock(&self.shared.management_log).clone()
+    }
+
+    /// Transfers received on client-sending links so far (retries included).
+    pub fn transfers_received(&self) -> u64 {
+        self.shared.transfers_received.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far (a client that reconnects shows here).
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused because they did not open with a TLS ClientHello.
+    pub fn refused_cleartext(&self) -> u64 {
+        self.shared.refused_cleartext.load(Ordering::Relaxed)
+    }
+
+    /// Reject the next `count` sends to any queue with `condition`
+    /// (`com.microsoft:server-busy`, `com.microsoft:timeout`,
+    /// `amqp:resource-limit-exceeded`, ...).
+    pub fn reject_next_transfers(&self, count: usize, condition: &str) {
+        let mut f = lock(&self.shared.faults);
+        f.reject_transfers
+            .extend(std::iter::repeat_n(condition.to_string(), count));
+    }
+
+    /// Answer the next `count` `$management` requests with `status` (e.g. 503).
+    pub fn fail_next_management(&self, count: usize, status: i32) {
+        let mut f = lock(&self.shared.faults);
+        f.fail_management.extend(std::iter::repeat_n(status, count));
+    }
+
+    /// Force-detach every open link of a kind (all links with `None`), as the
+    /// service's idle timer does.
+    pub fn force_detach(&self, kind: Option<LinkKind>) {
+        self.shared.detach.send_modify(|(n, k)| {
+            *n = n.wrapping_add(1);
+            *k = kind;
+        });
     }
 
     /// Drop every open connection abruptly, as a network failure would.
@@ -187,6 +424,11 @@ impl Drop for BrokerHandle {
 pub async fn start(config: BrokerConfig) -> std::io::Result<BrokerHandle> {
     let listener = TcpListener::bind(config.bind).await?;
     let addr = listener.local_addr()?;
+    let tls = if config.tls {
+        Some(tls::generate()?)
+    } else {
+        None
+    };
     let mut queues = HashMap::new();
     for name in &config.queues {
         queues.insert(
@@ -199,16 +441,25 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<BrokerHandle> {
         inner: Mutex::new(Inner { queues }),
         changed: watch::channel(0).0,
         kill: watch::channel(0).0,
+        detach: watch::channel((0, None)).0,
         tokens: Mutex::new(Vec::new()),
+        faults: Mutex::new(Faults::default()),
+        management_log: Mutex::new(Vec::new()),
+        transfers_received: AtomicU64::new(0),
+        refused_cleartext: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
     });
+    let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
+    let acceptor = tls.map(|t| t.acceptor);
     let accept_shared = shared.clone();
     let accept = tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((socket, peer)) => {
                     let shared = accept_shared.clone();
+                    let acceptor = acceptor.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection::serve(shared, socket).await {
+                        if let Err(e) = accept_connection(shared, socket, acceptor).await {
                             tracing::debug!(%peer, error = %e, "connection ended");
                         }
                     });
@@ -224,5 +475,46 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<BrokerHandle> {
         addr,
         shared,
         accept,
+        ca_pem,
     })
+}
+
+async fn accept_connection(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
+    socket.set_nodelay(true).ok();
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let Some(acceptor) = tls else {
+        return serve_transport(shared, socket).await;
+    };
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(30), socket.peek(&mut first))
+        .await
+        .map_err(|_| std::io::Error::other("no bytes within 30 s"))??;
+    if n == 0 || first[0] != tls::TLS_HANDSHAKE_RECORD {
+        // Service Bus answers nothing here; closing at once keeps tests fast.
+        shared.refused_cleartext.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            first_byte = first[0],
+            "refused a connection that did not open with a TLS ClientHello"
+        );
+        return Ok(());
+    }
+    let stream = acceptor.accept(socket).await?;
+    serve_transport(shared, stream).await
+}
+
+async fn serve_transport<S>(shared: Arc<Shared>, stream: S) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let result = if shared.config.websockets {
+        let ws = websocket::accept(stream).await?;
+        connection::serve(shared, ws).await
+    } else {
+        connection::serve(shared, stream).await
+    };
+    result.map_err(|e| std::io::Error::other(e.to_string()))
 }

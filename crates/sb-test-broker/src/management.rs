@@ -8,10 +8,12 @@ use fe2o3_amqp_types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Times
 use serde_bytes::ByteBuf;
 use uuid::Uuid;
 
-use crate::Shared;
+use crate::auth::{self, Claim};
 use crate::store::{AmqpMessage, Settlement, Subqueue, now_ms};
+use crate::{CbsPut, ManagementRequest, Shared, lock};
 
 pub const LOCK_LOST: &str = "com.microsoft:message-lock-lost";
+pub const ARGUMENT_OUT_OF_RANGE: &str = "com.microsoft:argument-out-of-range";
 
 fn app_prop<'a>(m: &'a AmqpMessage, key: &str) -> Option<&'a SimpleValue> {
     m.application_properties.as_ref().and_then(|p| p.0.get(key))
@@ -159,14 +161,20 @@ fn response(request: &AmqpMessage, reply: Reply, cbs: bool) -> AmqpMessage {
     }
 }
 
-/// Answer a `$cbs` request. With a SAS key configured the token signature is checked.
-pub fn handle_cbs(shared: &Shared, request: &AmqpMessage) -> AmqpMessage {
+/// Answer a `$cbs` request; an accepted put-token returns the claim it grants.
+pub fn handle_cbs(shared: &Shared, request: &AmqpMessage) -> (AmqpMessage, Option<Claim>) {
     let op = prop_string(request, "operation").unwrap_or_default();
     let kind = prop_string(request, "type").unwrap_or_default();
+    let audience = prop_string(request, "name").unwrap_or_default();
+    let expiration = match app_prop(request, "expiration") {
+        Some(SimpleValue::Timestamp(t)) => Some(t.milliseconds()),
+        _ => None,
+    };
     let token = match &request.body {
         Body::Value(AmqpValue(Value::String(s))) => s.clone(),
         _ => String::new(),
     };
+    let mut claim = None;
     let reply = if op != "put-token" {
         Reply::err(
             400,
@@ -179,26 +187,73 @@ pub fn handle_cbs(shared: &Shared, request: &AmqpMessage) -> AmqpMessage {
             "amqp:invalid-field",
             format!("unsupported token type {kind}"),
         )
-    } else if kind == "servicebus.windows.net:sastoken"
-        && !crate::sas::valid(&shared.config, &token)
-    {
-        Reply::err(
-            401,
-            "amqp:unauthorized-access",
-            "InvalidSignature: the token has an invalid signature",
-        )
     } else {
-        if let Ok(mut tokens) = shared.tokens.lock() {
-            tokens.push((kind, token));
-        }
-        Reply {
-            status: 202,
-            description: "Accepted".into(),
-            condition: None,
-            body: Value::Null,
+        let granted = auth::claim_for(&shared.config, &kind, &audience, &token, expiration);
+        tracing::debug!(%audience, %kind, ?granted, "put-token");
+        match granted {
+            Err((status, condition, description)) => Reply::err(status, condition, description),
+            Ok(c) => {
+                claim = Some(c);
+                lock(&shared.tokens).push(CbsPut {
+                    kind,
+                    audience,
+                    token,
+                });
+                Reply {
+                    status: 202,
+                    description: "Accepted".into(),
+                    condition: None,
+                    body: Value::Null,
+                }
+            }
         }
     };
-    response(request, reply, true)
+    (response(request, reply, true), claim)
+}
+
+/// Dead-letter reason and description longer than this are refused, as the service does.
+pub const MAX_DEAD_LETTER_FIELD: usize = 4096;
+
+/// Why a dead-letter's fields are refused, if they are.
+pub fn dead_letter_fields_refused(
+    reason: Option<&str>,
+    description: Option<&str>,
+) -> Option<String> {
+    for (name, value) in [
+        ("DeadLetterReason", reason),
+        ("DeadLetterErrorDescription", description),
+    ] {
+        if let Some(v) = value
+            && v.chars().count() > MAX_DEAD_LETTER_FIELD
+        {
+            return Some(format!(
+                "The {name} of {} characters exceeds the maximum of {MAX_DEAD_LETTER_FIELD}.",
+                v.chars().count()
+            ));
+        }
+    }
+    None
+}
+
+/// A request's bookkeeping properties, for tests to read back.
+fn log_request(shared: &Shared, node: String, request: &AmqpMessage, open_links: Vec<String>) {
+    let operation = prop_string(request, "operation").unwrap_or_default();
+    let associated_link_name = prop_string(request, "associated-link-name");
+    let server_timeout_ms =
+        app_prop(request, "com.microsoft:server-timeout").and_then(|v| match v {
+            SimpleValue::Uint(n) => Some(i64::from(*n)),
+            SimpleValue::Int(n) => Some(i64::from(*n)),
+            SimpleValue::Long(n) => Some(*n),
+            SimpleValue::Ulong(n) => i64::try_from(*n).ok(),
+            _ => None,
+        });
+    lock(&shared.management_log).push(ManagementRequest {
+        node,
+        operation,
+        associated_link_name,
+        server_timeout_ms,
+        open_links,
+    });
 }
 
 /// Answer a `<queue>/$management` request.
@@ -207,19 +262,52 @@ pub fn handle_management(
     queue: &str,
     sub: Subqueue,
     request: &AmqpMessage,
+    open_links: Vec<String>,
 ) -> AmqpMessage {
     let op = prop_string(request, "operation").unwrap_or_default();
+    let node = match sub {
+        Subqueue::Main => format!("{queue}/$management"),
+        Subqueue::DeadLetter => format!("{queue}/$DeadLetterQueue/$management"),
+    };
+    log_request(shared, node, request, open_links);
     let map = body_map(request);
     let now = now_ms();
-    let reply = {
-        let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let q = shared.queue_mut(&mut inner, queue);
-        q.expire_locks(now);
-        match op.as_str() {
+    let injected = lock(&shared.faults).fail_management.pop_front();
+    let reply = if let Some(status) = injected {
+        Reply::err(
+            status,
+            "com.microsoft:server-busy",
+            "The server is busy. Please retry the operation later (injected).",
+        )
+    } else {
+        let mut inner = lock(&shared.inner);
+        match shared.queue_mut(&mut inner, queue) {
+            None => Reply::err(
+                404,
+                "amqp:not-found",
+                format!("The messaging entity '{queue}' could not be found."),
+            ),
+            Some(q) => operation(q, sub, &op, &map, now),
+        }
+    };
+    shared.notify();
+    response(request, reply, false)
+}
+
+fn operation(
+    q: &mut crate::store::QueueState,
+    sub: Subqueue,
+    op: &str,
+    map: &OrderedMap<Value, Value>,
+    now: i64,
+) -> Reply {
+    q.expire_locks(now);
+    {
+        match op {
             "com.microsoft:renew-lock" => {
                 let mut expirations = Vec::new();
                 let mut lost = false;
-                for v in list(get(&map, "lock-tokens")) {
+                for v in list(get(map, "lock-tokens")) {
                     let Value::Uuid(u) = v else { continue };
                     match q.renew_lock(Uuid::from_bytes(u.into_inner()), now) {
                         Ok(until) => {
@@ -244,10 +332,10 @@ pub fn handle_management(
                 }
             }
             "com.microsoft:peek-message" => {
-                let from = get(&map, "from-sequence-number")
+                let from = get(map, "from-sequence-number")
                     .and_then(as_i64)
                     .unwrap_or(0);
-                let count = get(&map, "message-count")
+                let count = get(map, "message-count")
                     .and_then(as_i64)
                     .unwrap_or(1)
                     .max(0) as usize;
@@ -273,7 +361,7 @@ pub fn handle_management(
             }
             "com.microsoft:schedule-message" => {
                 let mut sequences = Vec::new();
-                for entry in list(get(&map, "messages")) {
+                for entry in list(get(map, "messages")) {
                     let Value::Map(entry) = entry else { continue };
                     let Some(Value::Binary(bytes)) = get(&entry, "message") else {
                         continue;
@@ -295,7 +383,7 @@ pub fn handle_management(
                 Reply::ok(200, Value::Map(body))
             }
             "com.microsoft:cancel-scheduled-message" => {
-                for v in list(get(&map, "sequence-numbers")) {
+                for v in list(get(map, "sequence-numbers")) {
                     if let Some(seq) = as_i64(&v) {
                         q.cancel_scheduled(seq, now);
                     }
@@ -303,18 +391,28 @@ pub fn handle_management(
                 Reply::ok(200, Value::Null)
             }
             "com.microsoft:update-disposition" => {
-                let status = get(&map, "disposition-status")
+                let status = get(map, "disposition-status")
                     .and_then(as_string)
                     .unwrap_or_default();
+                let reason = get(map, "deadletter-reason").and_then(as_string);
+                let description = get(map, "deadletter-description").and_then(as_string);
                 let how = match status.as_str() {
                     "completed" => Some(Settlement::Complete),
                     "abandoned" => Some(Settlement::Abandon),
                     "suspended" => Some(Settlement::DeadLetter {
-                        reason: get(&map, "deadletter-reason").and_then(as_string),
-                        description: get(&map, "deadletter-description").and_then(as_string),
+                        reason: reason.clone(),
+                        description: description.clone(),
                     }),
                     _ => None,
                 };
+                let too_long = if status == "suspended" {
+                    dead_letter_fields_refused(reason.as_deref(), description.as_deref())
+                } else {
+                    None
+                };
+                if let Some(why) = too_long {
+                    return Reply::err(400, ARGUMENT_OUT_OF_RANGE, why);
+                }
                 match how {
                     None => Reply::err(
                         400,
@@ -323,7 +421,7 @@ pub fn handle_management(
                     ),
                     Some(how) => {
                         let mut lost = false;
-                        for v in list(get(&map, "lock-tokens")) {
+                        for v in list(get(map, "lock-tokens")) {
                             let Value::Uuid(u) = v else { continue };
                             let token = Uuid::from_bytes(u.into_inner());
                             let settled = q
@@ -349,9 +447,7 @@ pub fn handle_management(
                 format!("operation {other} is not supported by the test broker"),
             ),
         }
-    };
-    shared.notify();
-    response(request, reply, false)
+    }
 }
 
 #[cfg(test)]

@@ -1,48 +1,53 @@
-//! Shared Access Signature check for `$cbs` put-token, per the documented
-//! algorithm: HMAC-SHA256 over `<url-encoded resource>\n<expiry>`, base64.
+//! Shared Access Signatures, per the documented algorithm: HMAC-SHA256 over
+//! `<url-encoded resource>\n<expiry>`, base64, in
+//! `SharedAccessSignature sr=..&sig=..&se=..&skn=..`.
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use percent_encoding::percent_decode_str;
 use sha2::Sha256;
 
-use crate::BrokerConfig;
+#[derive(Debug, Clone)]
+pub struct SasFields {
+    /// `sr` as sent (URL-encoded), which is what was signed.
+    pub resource_raw: String,
+    /// `sr` decoded.
+    pub resource: String,
+    pub signature: String,
+    pub expiry: i64,
+    pub key_name: String,
+}
 
-pub fn valid(config: &BrokerConfig, token: &str) -> bool {
-    let Some(key) = &config.sas_key else {
-        return true;
-    };
-    let Some(fields) = token.strip_prefix("SharedAccessSignature ") else {
-        return false;
-    };
-    let (mut sr, mut sig, mut se) = (None, None, None);
+pub fn parse(token: &str) -> Option<SasFields> {
+    let fields = token.strip_prefix("SharedAccessSignature ")?;
+    let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
     for pair in fields.split('&') {
         match pair.split_once('=') {
             Some(("sr", v)) => sr = Some(v),
             Some(("sig", v)) => sig = Some(v),
             Some(("se", v)) => se = Some(v),
+            Some(("skn", v)) => skn = Some(v),
             _ => {}
         }
     }
-    let (Some(sr), Some(sig), Some(se)) = (sr, sig, se) else {
-        return false;
-    };
-    let Ok(expiry) = se.parse::<i64>() else {
-        return false;
-    };
-    if expiry * 1000 < crate::store::now_ms() {
-        return false;
-    }
-    let Ok(signature) = percent_decode_str(sig).decode_utf8() else {
-        return false;
-    };
-    let Ok(signature) = base64::engine::general_purpose::STANDARD.decode(signature.as_bytes())
+    let sr = sr?;
+    Some(SasFields {
+        resource_raw: sr.to_string(),
+        resource: percent_decode_str(sr).decode_utf8_lossy().into_owned(),
+        signature: percent_decode_str(sig?).decode_utf8().ok()?.into_owned(),
+        expiry: se?.parse().ok()?,
+        key_name: percent_decode_str(skn?).decode_utf8().ok()?.into_owned(),
+    })
+}
+
+pub fn signature_valid(f: &SasFields, key: &str) -> bool {
+    let Ok(signature) = base64::engine::general_purpose::STANDARD.decode(f.signature.as_bytes())
     else {
         return false;
     };
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key.as_bytes()) else {
         return false;
     };
-    mac.update(format!("{sr}\n{se}").as_bytes());
+    mac.update(format!("{}\n{}", f.resource_raw, f.expiry).as_bytes());
     mac.verify_slice(&signature).is_ok()
 }

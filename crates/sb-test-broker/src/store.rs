@@ -40,6 +40,8 @@ pub struct QueueSettings {
     pub lock_duration: Duration,
     pub max_delivery_count: u32,
     pub duplicate_window: Duration,
+    /// Added to the times the queue reports (lock expiry, enqueue time).
+    pub clock_offset_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +264,7 @@ impl QueueState {
     /// The next visible message, locked for `lock_duration`.
     pub fn lease(&mut self, sub: Subqueue, now: i64) -> Option<Leased> {
         let lock_ms = self.settings.lock_duration.as_millis() as i64;
+        let offset = self.settings.clock_offset_ms;
         let entity = self.entity(sub);
         let (seq, stored) = entity
             .messages
@@ -272,7 +275,7 @@ impl QueueState {
             token,
             until_ms: now + lock_ms,
         });
-        let message = decorate(stored, *seq, Some((token, now + lock_ms)));
+        let message = decorate(stored, *seq, Some((token, now + lock_ms)), offset);
         Some(Leased {
             sequence: *seq,
             lock_token: token,
@@ -282,6 +285,7 @@ impl QueueState {
 
     /// Receive-and-delete: the next visible message, removed.
     pub fn take(&mut self, sub: Subqueue, now: i64) -> Option<AmqpMessage> {
+        let offset = self.settings.clock_offset_ms;
         let entity = self.entity(sub);
         let seq = *entity
             .messages
@@ -289,7 +293,7 @@ impl QueueState {
             .find(|(_, s)| s.lock.is_none() && s.visible_ms <= now)?
             .0;
         let stored = entity.messages.remove(&seq)?;
-        Some(decorate(&stored, seq, None))
+        Some(decorate(&stored, seq, None, offset))
     }
 
     fn locked_mut(
@@ -355,7 +359,9 @@ impl QueueState {
         None
     }
 
+    /// Extends a lock; returns the new expiry as the broker reports it (clock offset applied).
     pub fn renew_lock(&mut self, token: Uuid, now: i64) -> Result<i64, LockLost> {
+        let offset = self.settings.clock_offset_ms;
         let lock_ms = self.settings.lock_duration.as_millis() as i64;
         let (sub, seq) = self.find_lock(token).ok_or(LockLost)?;
         let stored = self.locked_mut(sub, seq, token, now)?;
@@ -363,40 +369,50 @@ impl QueueState {
         if let Some(l) = stored.lock.as_mut() {
             l.until_ms = until;
         }
-        Ok(until)
+        Ok(until + offset)
     }
 
     /// Browse without locking, from `from` on (scheduled and locked messages included).
     pub fn peek(&mut self, sub: Subqueue, from: i64, count: usize) -> Vec<AmqpMessage> {
+        let offset = self.settings.clock_offset_ms;
         self.entity(sub)
             .messages
             .range(from..)
             .take(count)
-            .map(|(seq, s)| decorate(s, *seq, None))
+            .map(|(seq, s)| decorate(s, *seq, None, offset))
             .collect()
     }
 
     pub fn counts(&self) -> (usize, usize) {
         (self.main.messages.len(), self.dead_letter.messages.len())
     }
+
+    /// Messages of the main entity under a live lock.
+    pub fn locked(&self, now: i64) -> usize {
+        self.main
+            .messages
+            .values()
+            .filter(|s| s.lock.as_ref().is_some_and(|l| l.until_ms > now))
+            .count()
+    }
 }
 
 /// The message as a receiver sees it: broker annotations and header delivery-count.
-fn decorate(stored: &Stored, seq: i64, lock: Option<(Uuid, i64)>) -> AmqpMessage {
+fn decorate(stored: &Stored, seq: i64, lock: Option<(Uuid, i64)>, offset_ms: i64) -> AmqpMessage {
     let mut m = stored.message.clone();
     m.header.get_or_insert_with(Header::default).delivery_count = stored.failed_deliveries;
     set_annotation(&mut m, SEQUENCE_NUMBER, Value::Long(seq));
     set_annotation(
         &mut m,
         ENQUEUED_TIME,
-        Value::Timestamp(Timestamp::from_milliseconds(stored.enqueued_ms)),
+        Value::Timestamp(Timestamp::from_milliseconds(stored.enqueued_ms + offset_ms)),
     );
     if let Some((token, until)) = lock {
         set_annotation(&mut m, LOCK_TOKEN, Value::Uuid((*token.as_bytes()).into()));
         set_annotation(
             &mut m,
             LOCKED_UNTIL,
-            Value::Timestamp(Timestamp::from_milliseconds(until)),
+            Value::Timestamp(Timestamp::from_milliseconds(until + offset_ms)),
         );
     }
     m
@@ -414,6 +430,7 @@ mod tests {
                 lock_duration: Duration::from_secs(10),
                 max_delivery_count,
                 duplicate_window: Duration::from_secs(60),
+                clock_offset_ms: 0,
             },
         )
     }

@@ -17,8 +17,6 @@ use super::connection_string::Credential;
 pub(super) const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
 pub(super) const JWT_TOKEN_TYPE: &str = "jwt";
 const ENTRA_SCOPE: &str = "https://servicebus.azure.net/.default";
-/// Lifetime of the SAS tokens we sign; re-put well before.
-const SAS_LIFETIME: Duration = Duration::from_secs(60 * 60);
 
 pub(super) struct Token {
     pub kind: &'static str,
@@ -29,17 +27,23 @@ pub(super) struct Token {
 /// Produces tokens for an audience; chosen once at connect time.
 #[derive(Clone)]
 pub(super) enum TokenSource {
-    SharedKey { name: String, key: SecretString },
+    SharedKey {
+        name: String,
+        key: SecretString,
+        /// Lifetime of the tokens we sign.
+        lifetime: Duration,
+    },
     Signature(SecretString),
     Entra(Arc<dyn TokenCredential>),
 }
 
 impl TokenSource {
-    pub fn new(credential: &Credential) -> Result<Self, String> {
+    pub fn new(credential: &Credential, sas_lifetime: Duration) -> Result<Self, String> {
         Ok(match credential {
             Credential::SharedKey { name, key } => TokenSource::SharedKey {
                 name: name.clone(),
                 key: key.clone(),
+                lifetime: sas_lifetime,
             },
             Credential::Signature(sig) => TokenSource::Signature(sig.clone()),
             Credential::Entra { client_id } => TokenSource::Entra(
@@ -60,8 +64,12 @@ impl TokenSource {
 
     pub async fn token(&self, audience: &str) -> Result<Token, String> {
         match self {
-            TokenSource::SharedKey { name, key } => {
-                let expires_at = Utc::now() + SAS_LIFETIME;
+            TokenSource::SharedKey {
+                name,
+                key,
+                lifetime,
+            } => {
+                let expires_at = Utc::now() + *lifetime;
                 let value = sign_sas(audience, name, key.expose_secret(), expires_at.timestamp());
                 Ok(Token {
                     kind: SAS_TOKEN_TYPE,
@@ -70,8 +78,8 @@ impl TokenSource {
                 })
             }
             TokenSource::Signature(sig) => {
-                let expires_at =
-                    sas_expiry(sig.expose_secret()).unwrap_or_else(|| Utc::now() + SAS_LIFETIME);
+                let expires_at = sas_expiry(sig.expose_secret())
+                    .unwrap_or_else(|| Utc::now() + Duration::from_secs(3600));
                 Ok(Token {
                     kind: SAS_TOKEN_TYPE,
                     value: sig.clone(),

@@ -1,11 +1,17 @@
 //! The AMQP connection to the namespace and the links on it: one connection
-//! and one session, CBS tokens re-put before they expire, a sender, one
-//! peek-lock receiver and one `$management` client per subqueue — created on
-//! first use, reused for every message, re-created after a failure. A lost
-//! connection is re-opened with exponential backoff.
+//! and one session, a sender, one peek-lock receiver and one `$management`
+//! client per subqueue — created on first use, reused for every message,
+//! re-created after a failure. A lost connection is re-opened with
+//! exponential backoff.
+//!
+//! The service force-detaches links idle for 10 minutes, `$cbs` included, so
+//! every token put (at connect, before a `$management` node's first use, and
+//! each refresh) goes over a `$cbs` link attached for it and closed after.
+//! Tokens are re-put a quarter of their life (at most 5 minutes) before they
+//! expire: once a token expires the service detaches the links it authorized.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -28,14 +34,18 @@ use uuid::Uuid;
 
 use super::super::{QueueError, Subqueue};
 use super::auth::TokenSource;
-use super::connection_string::Endpoint;
+use super::connection_string::{Endpoint, Target, Transport};
+use super::errors::{self, Kind};
 use super::receiver::ReceiverLink;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Re-put a token this long before it expires.
-const TOKEN_REFRESH_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// Re-put a token at most this long before it expires (a quarter of its life if shorter).
+const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// A management request's own wait, a little over the server timeout we ask for.
+const MANAGEMENT_WAIT: Duration =
+    Duration::from_millis(super::management::SERVER_TIMEOUT_MS as u64 + 5_000);
 /// Service Bus's own frame limit is 256 KiB on Standard; ask for no more than 1 MiB.
 const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const IDLE_TIMEOUT_MS: u32 = 60_000;
@@ -43,6 +53,9 @@ const IDLE_TIMEOUT_MS: u32 = 60_000;
 pub(super) struct Links {
     pub endpoint: Endpoint,
     pub queue: String,
+    /// Where the socket goes and over what.
+    pub target: Target,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
     tokens: TokenSource,
     prefetch: u32,
     state: Mutex<ConnState>,
@@ -61,7 +74,9 @@ pub(super) struct Live {
     connection: Mutex<ConnectionHandle<()>>,
     session: Mutex<SessionHandle<()>>,
     broken: Arc<AtomicBool>,
-    cbs_refresh: JoinHandle<()>,
+    /// Audiences with a token on this connection, re-put before they expire.
+    claims: Mutex<Vec<String>>,
+    cbs_refresh: std::sync::Mutex<Option<JoinHandle<()>>>,
     pub sender: Mutex<Option<Sender>>,
     receivers: [Mutex<Option<ReceiverLink>>; 2],
     mgmt: [Mutex<Option<MgmtClient>>; 2],
@@ -84,7 +99,14 @@ impl Live {
     }
 
     async fn close(&self) {
-        self.cbs_refresh.abort();
+        if let Some(task) = self
+            .cbs_refresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
         let mut conn = self.connection.lock().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.close()).await;
     }
@@ -95,10 +117,19 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl Links {
-    pub fn new(endpoint: Endpoint, queue: String, tokens: TokenSource, prefetch: u32) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        queue: String,
+        tokens: TokenSource,
+        prefetch: u32,
+        target: Target,
+        tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    ) -> Self {
         Self {
             endpoint,
             queue,
+            target,
+            tls,
             tokens,
             prefetch,
             state: Mutex::new(ConnState::default()),
@@ -139,8 +170,14 @@ impl Links {
             )));
         }
         match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
-            Ok(Ok(live)) => {
+            Ok(Ok((live, expires))) => {
                 let live = Arc::new(live);
+                let task = tokio::spawn(refresh_tokens(
+                    Arc::downgrade(&live),
+                    self.tokens.clone(),
+                    expires,
+                ));
+                *live.cbs_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
                 state.live = Some(live.clone());
                 state.failures = 0;
                 state.retry_at = None;
@@ -162,48 +199,80 @@ impl Links {
         }
     }
 
-    async fn connect(&self) -> Result<Live, String> {
-        let hostname = self
-            .endpoint
-            .host
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let mut connection = Connection::builder()
-            .container_id(format!("rtpd-{}", Uuid::new_v4()))
-            .hostname(hostname.as_str())
+    /// Open the AMQP connection over the configured transport.
+    async fn open(&self) -> Result<ConnectionHandle<()>, String> {
+        let target = &self.target;
+        let url = target.url();
+        let container = format!("rtpd-{}", Uuid::new_v4());
+        let builder = Connection::builder()
+            .container_id(container)
+            .hostname(self.endpoint.hostname.as_str())
             .sasl_profile(SaslProfile::Anonymous)
             .max_frame_size(MAX_FRAME_SIZE)
-            .idle_time_out(IDLE_TIMEOUT_MS)
-            .open(self.endpoint.url.as_str())
-            .await
-            .map_err(|e| format!("opening connection: {e}"))?;
+            .idle_time_out(IDLE_TIMEOUT_MS);
+        let opened = match (target.transport, target.tls) {
+            (Transport::Amqp, false) => builder.open(url.as_str()).await,
+            (Transport::Amqp, true) => {
+                // Service Bus expects a TLS ClientHello as the first byte on 5671, not
+                // the AMQP TLS protocol header (`AMQP 2.1.0.0`) that AMQP 1.0 starts with.
+                builder
+                    .alt_tls_establishment(true)
+                    .domain(target.host.as_str())
+                    .tls_connector(tokio_rustls::TlsConnector::from(self.tls.clone()))
+                    .open(url.as_str())
+                    .await
+            }
+            (Transport::WebSockets, tls) => {
+                let connector = tls
+                    .then(|| fe2o3_amqp_ws::tokio_tungstenite::Connector::Rustls(self.tls.clone()));
+                let ws = fe2o3_amqp_ws::WebSocketStream::connect_tls_with_config(
+                    url.as_str(),
+                    None,
+                    true,
+                    connector,
+                )
+                .await
+                .map_err(|e| format!("opening WebSocket {url}: {e}"))?;
+                builder.open_with_stream(ws).await
+            }
+        };
+        opened.map_err(|e| format!("opening connection to {url}: {e}"))
+    }
+
+    /// A connection and session with a token for the queue; returns when it expires.
+    async fn connect(&self) -> Result<(Live, chrono::DateTime<Utc>), String> {
+        let mut connection = self.open().await?;
         let mut session = Session::begin(&mut connection)
             .await
             .map_err(|e| format!("beginning session: {e}"))?;
-        let mut cbs = CbsClient::attach(&mut session)
-            .await
-            .map_err(|e| format!("attaching $cbs: {e}"))?;
         let audience = self.endpoint.audience(&self.queue);
-        let expires = put_token(&mut cbs, &self.tokens, &audience).await?;
-        let broken = Arc::new(AtomicBool::new(false));
-        let cbs_refresh = tokio::spawn(refresh_tokens(
-            cbs,
-            self.tokens.clone(),
-            audience,
-            expires,
-            broken.clone(),
-        ));
-        Ok(Live {
+        let expires =
+            put_tokens(&mut session, &self.tokens, std::slice::from_ref(&audience)).await?;
+        let live = Live {
             connection: Mutex::new(connection),
             session: Mutex::new(session),
-            broken,
-            cbs_refresh,
+            broken: Arc::new(AtomicBool::new(false)),
+            claims: Mutex::new(vec![audience]),
+            cbs_refresh: std::sync::Mutex::new(None),
             sender: Mutex::new(None),
             receivers: [Mutex::new(None), Mutex::new(None)],
             mgmt: [Mutex::new(None), Mutex::new(None)],
-        })
+        };
+        Ok((live, expires))
+    }
+
+    /// Put a token for `audience` on this connection unless one is there already.
+    async fn claim(&self, live: &Live, audience: String) -> Result<(), QueueError> {
+        let mut claims = live.claims.lock().await;
+        if claims.contains(&audience) {
+            return Ok(());
+        }
+        let mut session = live.session.lock().await;
+        put_tokens(&mut session, &self.tokens, std::slice::from_ref(&audience))
+            .await
+            .map_err(|e| attach_failure(live, &e, &audience))?;
+        claims.push(audience);
+        Ok(())
     }
 
     /// Attach the sender if there is none.
@@ -221,8 +290,12 @@ impl Links {
             )
             .await
             .map_err(|e| {
-                live.mark_broken();
-                QueueError::Unavailable(format!("attaching sender to {}: {e}", self.queue))
+                let detail = format!("{e:?}");
+                attach_failure(
+                    live,
+                    &detail,
+                    &format!("attaching sender to {}", self.queue),
+                )
             })?;
             *slot = Some(sender);
         }
@@ -248,8 +321,8 @@ impl Links {
                 .attach(&mut session)
                 .await
                 .map_err(|e| {
-                    live.mark_broken();
-                    QueueError::Unavailable(format!("attaching receiver to {entity}: {e}"))
+                    let detail = format!("{e:?}");
+                    attach_failure(live, &detail, &format!("attaching receiver to {entity}"))
                 })?
         };
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
@@ -267,112 +340,210 @@ impl Links {
             .cloned()
     }
 
-    /// Run one request on the subqueue's `$management` node.
+    /// The receiving link's name if it is still the one of `generation`.
+    pub async fn receiver_name(&self, sub: Subqueue, generation: u64) -> Option<String> {
+        self.current_receiver(sub, generation).await.map(|l| l.name)
+    }
+
+    /// Run one request on the subqueue's `$management` node. A link the
+    /// service detached (idle for 10 minutes, typically) is re-attached and
+    /// the request sent again at once, so a lock renewal is not late.
     pub async fn management<Req>(
         &self,
         sub: Subqueue,
         request: Req,
     ) -> Result<Req::Response, QueueError>
     where
+        Req: Request + Clone + Send,
+        Req::Body: Send,
+        Req::Response: Response<Error = MgmtError> + Send,
+        <Req::Response as Response>::Body: std::fmt::Debug + Send,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.management_once(sub, request.clone()).await {
+                Err(Failure::Link(e)) if attempt == 1 => {
+                    tracing::info!(error = %e, "$management link failed; re-attaching and retrying once");
+                }
+                Err(Failure::Link(e)) => return Err(QueueError::Unavailable(e)),
+                Err(Failure::Answer(e)) => return Err(e),
+                Ok(r) => return Ok(r),
+            }
+        }
+    }
+
+    async fn management_once<Req>(
+        &self,
+        sub: Subqueue,
+        request: Req,
+    ) -> Result<Req::Response, Failure>
+    where
         Req: Request + Send,
         Req::Body: Send,
         Req::Response: Response<Error = MgmtError> + Send,
         <Req::Response as Response>::Body: std::fmt::Debug + Send,
     {
-        let live = self.live().await?;
+        let live = self.live().await.map_err(Failure::Answer)?;
         let mut slot = live.mgmt[index(sub)].lock().await;
         if slot.is_none() {
             let entity = self.entity(sub);
+            let node = format!("{entity}/$management");
+            // The SDKs claim the management node separately from its entity.
+            self.claim(&live, self.endpoint.audience(&node))
+                .await
+                .map_err(Failure::Answer)?;
             let mut session = live.session.lock().await;
             let client = MgmtClient::builder()
-                .management_node_address(format!("{entity}/$management"))
+                .management_node_address(node.clone())
                 .client_node_addr(format!("{entity}-rtpd-mgmt-{}", Uuid::new_v4().simple()))
                 .attach(&mut session)
                 .await
                 .map_err(|e| {
-                    live.mark_broken();
-                    QueueError::Unavailable(format!("attaching {entity}/$management: {e}"))
+                    let detail = format!("{e:?}");
+                    Failure::Answer(attach_failure(&live, &detail, &format!("attaching {node}")))
                 })?;
             *slot = Some(client);
         }
         let Some(client) = slot.as_mut() else {
             unreachable!("attached above")
         };
-        match tokio::time::timeout(Duration::from_secs(30), client.call(request)).await {
+        match tokio::time::timeout(MANAGEMENT_WAIT, client.call(request)).await {
             Ok(Ok(r)) => Ok(r),
+            Ok(Err(MgmtError::Status(status))) => {
+                // A status answer leaves the links fine.
+                Err(Failure::Answer(management_error(MgmtError::Status(status))))
+            }
             Ok(Err(e)) => {
-                // A status answer leaves the links fine; anything else may have left a
-                // response in flight that the next call would mistake for its own.
-                if !matches!(e, MgmtError::Status(_)) {
-                    *slot = None;
-                }
-                Err(management_error(e))
+                // Anything else may have left a response in flight that the next
+                // call would mistake for its own: start over on a new link.
+                *slot = None;
+                Err(Failure::Link(format!("$management: {e}")))
             }
             Err(_) => {
                 *slot = None;
-                Err(QueueError::Unavailable(
+                Err(Failure::Answer(QueueError::Unavailable(
                     "management request timed out".into(),
-                ))
+                )))
             }
         }
     }
 }
 
-/// 410 is Service Bus's "lock lost"; other statuses are answers (fatal unless
-/// the service says it is busy or failing); anything else is a link problem.
+/// Why a management request failed: the link (worth one immediate retry on a
+/// new link) or the service's answer.
+pub(super) enum Failure {
+    Link(String),
+    Answer(QueueError),
+}
+
+/// A link that could not be attached: a refusal the service names (no such
+/// entity, no right) is final; anything else may be the connection, so the
+/// next operation opens a new one.
+fn attach_failure(live: &Live, detail: &str, what: &str) -> QueueError {
+    match errors::kind_in_text(detail) {
+        kind @ (Kind::NotFound | Kind::Unauthorized) => errors::from_condition(kind, what, detail),
+        _ => {
+            live.mark_broken();
+            QueueError::Unavailable(format!("{what}: {detail}"))
+        }
+    }
+}
+
+/// 410 is Service Bus's "lock lost"; 401 and 404 are named refusals; 408,
+/// 429 and 5xx mean try again; other statuses are final answers.
 fn management_error(e: MgmtError) -> QueueError {
+    let text = format!("$management: {e}");
     match &e {
         MgmtError::Status(status) => match status.code.0.get() {
             410 => QueueError::LockLost,
-            code if code >= 500 || code == 408 || code == 429 => {
-                QueueError::Unavailable(format!("$management: {e}"))
-            }
-            _ => QueueError::Fatal(format!("$management: {e}")),
+            401 => errors::from_condition(Kind::Unauthorized, "$management", &e.to_string()),
+            404 => errors::from_condition(Kind::NotFound, "$management", &e.to_string()),
+            code if code >= 500 || code == 408 || code == 429 => QueueError::Unavailable(text),
+            _ => QueueError::Fatal(text),
         },
-        _ => QueueError::Unavailable(format!("$management: {e}")),
+        _ => QueueError::Unavailable(text),
     }
 }
 
-async fn put_token(
-    cbs: &mut CbsClient,
+/// Put a token for each audience over a `$cbs` link attached for the
+/// purpose and closed after; returns the earliest expiry.
+async fn put_tokens(
+    session: &mut SessionHandle<()>,
     tokens: &TokenSource,
-    audience: &str,
+    audiences: &[String],
 ) -> Result<chrono::DateTime<Utc>, String> {
-    let token = tokens.token(audience).await?;
-    let cbs_token = CbsToken::new(
-        token.value.expose_secret(),
-        token.kind,
-        Some(Timestamp::from_milliseconds(
-            token.expires_at.timestamp_millis(),
-        )),
-    );
-    cbs.put_token(audience, cbs_token)
+    let mut cbs = CbsClient::attach(session)
         .await
-        .map_err(|e| format!("cbs put-token: {e}"))?;
-    Ok(token.expires_at)
+        .map_err(|e| format!("attaching $cbs: {e:?}"))?;
+    let mut earliest: Option<chrono::DateTime<Utc>> = None;
+    let mut result = Ok(());
+    for audience in audiences {
+        let token = match tokens.token(audience).await {
+            Ok(t) => t,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        let cbs_token = CbsToken::new(
+            token.value.expose_secret(),
+            token.kind,
+            Some(Timestamp::from_milliseconds(
+                token.expires_at.timestamp_millis(),
+            )),
+        );
+        if let Err(e) = cbs.put_token(audience.as_str(), cbs_token).await {
+            result = Err(format!("cbs put-token for {audience}: {e:?}"));
+            break;
+        }
+        earliest = Some(earliest.map_or(token.expires_at, |t| t.min(token.expires_at)));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), cbs.close()).await;
+    result?;
+    earliest.ok_or_else(|| "no audience to put a token for".to_string())
 }
 
-/// Re-put the token before it expires; a failure marks the connection broken
-/// so the next operation reconnects (and authenticates afresh).
-async fn refresh_tokens(
-    mut cbs: CbsClient,
-    tokens: TokenSource,
-    audience: String,
-    mut expires: chrono::DateTime<Utc>,
-    broken: Arc<AtomicBool>,
-) {
+/// How long to wait before re-putting a token that expires at `expires`.
+fn refresh_wait(expires: chrono::DateTime<Utc>) -> Duration {
+    let left = (expires - Utc::now()).to_std().unwrap_or_default();
+    let margin = TOKEN_REFRESH_MARGIN.min(left / 4);
+    left.saturating_sub(margin).max(Duration::from_secs(1))
+}
+
+/// Re-put every claimed audience's token before it expires; a failure marks
+/// the connection broken so the next operation reconnects (and authenticates
+/// afresh).
+async fn refresh_tokens(live: Weak<Live>, tokens: TokenSource, mut expires: chrono::DateTime<Utc>) {
     loop {
-        let wait = (expires - TOKEN_REFRESH_MARGIN - Utc::now())
-            .to_std()
-            .unwrap_or(Duration::from_secs(1));
-        tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
-        match put_token(&mut cbs, &tokens, &audience).await {
+        tokio::time::sleep(refresh_wait(expires)).await;
+        let Some(live) = live.upgrade() else { return };
+        let audiences = live.claims.lock().await.clone();
+        let put = {
+            let mut session = live.session.lock().await;
+            put_tokens(&mut session, &tokens, &audiences).await
+        };
+        match put {
             Ok(next) => expires = next,
             Err(e) => {
                 tracing::warn!(error = %e, "service bus token refresh failed");
-                broken.store(true, Ordering::Release);
+                live.mark_broken();
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_refreshed_well_before_they_expire() {
+        let hour = refresh_wait(Utc::now() + chrono::TimeDelta::hours(1));
+        assert!(hour <= Duration::from_secs(55 * 60) && hour > Duration::from_secs(54 * 60));
+        let short = refresh_wait(Utc::now() + chrono::TimeDelta::seconds(8));
+        assert!(short <= Duration::from_secs(6) && short >= Duration::from_secs(5));
+        assert_eq!(refresh_wait(Utc::now()), Duration::from_secs(1));
     }
 }

@@ -19,17 +19,118 @@ pub(super) struct Endpoint {
     /// Host as the audience names it: `ns.servicebus.windows.net`, or
     /// `host:port` for the emulator (the official SDKs keep the port there).
     pub host: String,
-    /// `amqps://host:5671` or, for the emulator, `amqp://host:port`.
-    pub url: String,
+    /// The namespace's host name alone (AMQP Open hostname, TLS server name).
+    pub hostname: String,
     pub emulator: bool,
     pub entity_path: Option<String>,
     pub credential: Credential,
+}
+
+/// How the connection reaches the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// AMQP on 5671 (TLS from the first byte).
+    #[default]
+    Amqp,
+    /// AMQP over WebSockets on 443 (`/$servicebus/websocket`), for networks
+    /// that only let HTTPS out.
+    WebSockets,
+}
+
+/// Where to open the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Target {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub transport: Transport,
+}
+
+impl Target {
+    /// `amqps://host:port`, or the WebSocket URL.
+    pub fn url(&self) -> String {
+        match (self.transport, self.tls) {
+            (Transport::Amqp, true) => format!("amqps://{}:{}", self.host, self.port),
+            (Transport::Amqp, false) => format!("amqp://{}:{}", self.host, self.port),
+            (Transport::WebSockets, true) => {
+                format!("wss://{}:{}/$servicebus/websocket", self.host, self.port)
+            }
+            (Transport::WebSockets, false) => {
+                format!("ws://{}:{}/$servicebus/websocket", self.host, self.port)
+            }
+        }
+    }
 }
 
 impl Endpoint {
     /// Token audience for an entity.
     pub fn audience(&self, entity: &str) -> String {
         format!("sb://{}/{}", self.host, entity)
+    }
+
+    /// Where to connect: the namespace on 5671 (443 for WebSockets), the
+    /// emulator's own port in plain AMQP, or a custom endpoint address (a
+    /// proxy or gateway; the namespace stays the audience and Open hostname).
+    pub fn target(&self, transport: Transport, custom: Option<&CustomEndpoint>) -> Target {
+        let default_port = match transport {
+            Transport::Amqp => 5671,
+            Transport::WebSockets => 443,
+        };
+        if let Some(c) = custom {
+            return Target {
+                host: c.host.clone(),
+                port: c.port.unwrap_or(default_port),
+                tls: true,
+                transport,
+            };
+        }
+        if self.emulator {
+            let port = self
+                .host
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(5672);
+            return Target {
+                host: self.hostname.clone(),
+                port,
+                tls: false,
+                transport,
+            };
+        }
+        Target {
+            host: self.hostname.clone(),
+            port: default_port,
+            tls: true,
+            transport,
+        }
+    }
+}
+
+/// A custom endpoint address: `sb://host[:port]`, `amqps://host[:port]` or `host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomEndpoint {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl CustomEndpoint {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let s = s.trim();
+        let with_scheme = if s.contains("://") {
+            s.to_string()
+        } else {
+            format!("sb://{s}")
+        };
+        let url = url::Url::parse(&with_scheme)
+            .map_err(|e| ParseError(format!("not an address: {e}")))?;
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| ParseError("has no host".into()))?;
+        Ok(CustomEndpoint {
+            host: host.trim_matches(['[', ']']).to_string(),
+            port: url.port(),
+        })
     }
 }
 
@@ -87,19 +188,17 @@ pub(super) fn parse(connection_string: &str) -> Result<Endpoint, ParseError> {
             ));
         }
     };
-    let (host, url) = if emulator {
+    let host = if emulator {
         // As the official SDKs do for Microsoft's emulator: plain AMQP, port kept.
-        let port = port.unwrap_or(5672);
-        (
-            format!("{hostname}:{port}"),
-            format!("amqp://{hostname}:{port}"),
-        )
+        format!("{hostname}:{}", port.unwrap_or(5672))
     } else {
-        (hostname.clone(), format!("amqps://{hostname}:5671"))
+        // A port in a namespace's Endpoint is ignored, as the SDKs do; a custom
+        // endpoint address says where else to connect.
+        hostname.clone()
     };
     Ok(Endpoint {
         host,
-        url,
+        hostname,
         emulator,
         entity_path: entity,
         credential,
@@ -130,7 +229,7 @@ pub(super) fn from_namespace(
         format!("{host}.servicebus.windows.net")
     };
     Ok(Endpoint {
-        url: format!("amqps://{host}:5671"),
+        hostname: host.clone(),
         host,
         emulator: false,
         entity_path: None,
@@ -148,7 +247,10 @@ mod tests {
         let e = parse("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=abc=;EntityPath=q1")
             .unwrap();
         assert_eq!(e.host, "ns.servicebus.windows.net");
-        assert_eq!(e.url, "amqps://ns.servicebus.windows.net:5671");
+        assert_eq!(
+            e.target(Transport::Amqp, None).url(),
+            "amqps://ns.servicebus.windows.net:5671"
+        );
         assert_eq!(e.entity_path.as_deref(), Some("q1"));
         assert_eq!(e.audience("q1"), "sb://ns.servicebus.windows.net/q1");
         match e.credential {
@@ -164,10 +266,16 @@ mod tests {
     fn emulator_keeps_port_and_uses_plain_amqp() {
         let e = parse("Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;").unwrap();
         assert!(e.emulator);
-        assert_eq!(e.url, "amqp://127.0.0.1:5673");
+        assert_eq!(
+            e.target(Transport::Amqp, None).url(),
+            "amqp://127.0.0.1:5673"
+        );
         assert_eq!(e.host, "127.0.0.1:5673");
         let e = parse("Endpoint=sb://localhost;SharedAccessKeyName=a;SharedAccessKey=b;UseDevelopmentEmulator=true").unwrap();
-        assert_eq!(e.url, "amqp://localhost:5672");
+        assert_eq!(
+            e.target(Transport::Amqp, None).url(),
+            "amqp://localhost:5672"
+        );
     }
 
     #[test]
@@ -179,11 +287,43 @@ mod tests {
     }
 
     #[test]
+    fn targets_per_transport_and_custom_endpoint() {
+        let e = parse(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=a;SharedAccessKey=b",
+        )
+        .unwrap();
+        assert_eq!(
+            e.target(Transport::Amqp, None).url(),
+            "amqps://ns.servicebus.windows.net:5671"
+        );
+        assert_eq!(
+            e.target(Transport::WebSockets, None).url(),
+            "wss://ns.servicebus.windows.net:443/$servicebus/websocket"
+        );
+        let custom = CustomEndpoint::parse("sb://gateway.internal:8443").unwrap();
+        let t = e.target(Transport::Amqp, Some(&custom));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls),
+            ("gateway.internal", 8443, true)
+        );
+        assert_eq!(e.audience("q"), "sb://ns.servicebus.windows.net/q");
+        assert_eq!(CustomEndpoint::parse("localhost").unwrap().port, None);
+        let emu = parse("Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=a;SharedAccessKey=b;UseDevelopmentEmulator=true").unwrap();
+        assert_eq!(
+            emu.target(Transport::Amqp, None).url(),
+            "amqp://127.0.0.1:5673"
+        );
+    }
+
+    #[test]
     fn namespace_form() {
         let e = from_namespace("myns", None).unwrap();
         assert_eq!(e.host, "myns.servicebus.windows.net");
         let e = from_namespace("sb://myns.servicebus.windows.net/", Some("id".into())).unwrap();
-        assert_eq!(e.url, "amqps://myns.servicebus.windows.net:5671");
+        assert_eq!(
+            e.target(Transport::Amqp, None).url(),
+            "amqps://myns.servicebus.windows.net:5671"
+        );
         assert!(matches!(
             e.credential,
             Credential::Entra { client_id: Some(_) }

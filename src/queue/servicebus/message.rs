@@ -12,6 +12,7 @@ use fe2o3_amqp::types::messaging::{
     MessageId, Properties,
 };
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Value};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::super::{OutgoingMessage, QueueError, ReceivedMessage, Subqueue};
@@ -27,17 +28,49 @@ const LOCKED_UNTIL: &str = "x-opt-locked-until";
 const LOCK_TOKEN: &str = "x-opt-lock-token";
 const DEAD_LETTER_REASON: &str = "DeadLetterReason";
 const DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
+/// Service Bus refuses message ids longer than this (the .NET SDK checks it
+/// before sending).
+pub(super) const MAX_MESSAGE_ID: usize = 128;
+/// The port's message id when it is longer than [`MAX_MESSAGE_ID`]; the wire
+/// carries a shortened id and the receiver restores this one.
+const FULL_MESSAGE_ID: &str = "rtpd_message_id";
+/// Characters of a hash that keep shortened ids distinct.
+const ID_HASH_CHARS: usize = 32;
+
+/// The id Service Bus sees: the port's id when it fits, else its first
+/// characters, `~` and a hash of the whole id, 128 characters together. The
+/// same long id always maps to the same short one, so duplicate detection
+/// still drops a copy sent twice, and different long ids stay different.
+pub(super) fn wire_message_id(id: &str) -> String {
+    if id.chars().count() <= MAX_MESSAGE_ID {
+        return id.to_string();
+    }
+    let hash = hex::encode(Sha256::digest(id.as_bytes()));
+    let keep: String = id
+        .chars()
+        .take(MAX_MESSAGE_ID - ID_HASH_CHARS - 1)
+        .collect();
+    format!("{keep}~{}", &hash[..ID_HASH_CHARS])
+}
 
 pub(super) fn to_amqp(m: &OutgoingMessage) -> AmqpMessage {
+    let wire_id = wire_message_id(&m.message_id);
+    let shortened = wire_id != m.message_id;
     let properties = Properties {
-        message_id: Some(MessageId::String(m.message_id.clone())),
+        message_id: Some(MessageId::String(wire_id)),
         content_type: m.content_type.as_deref().map(Symbol::from),
         ..Default::default()
     };
-    let application_properties = (!m.properties.is_empty()).then(|| {
+    let application_properties = (!m.properties.is_empty() || shortened).then(|| {
         let mut map = fe2o3_amqp::types::primitives::OrderedMap::new();
         for (k, v) in &m.properties {
             map.insert(k.clone(), SimpleValue::String(v.clone()));
+        }
+        if shortened {
+            map.insert(
+                FULL_MESSAGE_ID.to_string(),
+                SimpleValue::String(m.message_id.clone()),
+            );
         }
         ApplicationProperties(map)
     });
@@ -166,7 +199,7 @@ pub(super) fn lock_token(delivery_tag: Option<&[u8]>, m: &AmqpMessage) -> Option
 pub(super) fn from_amqp(m: &AmqpMessage, lock_token: Uuid, subqueue: Subqueue) -> ReceivedMessage {
     let props = m.properties.clone().unwrap_or_default();
     let mut properties = BTreeMap::new();
-    let (mut reason, mut description) = (None, None);
+    let (mut reason, mut description, mut full_id) = (None, None, None);
     if let Some(app) = &m.application_properties {
         for (k, v) in app.0.iter() {
             let Some(v) = simple_to_string(v) else {
@@ -175,6 +208,7 @@ pub(super) fn from_amqp(m: &AmqpMessage, lock_token: Uuid, subqueue: Subqueue) -
             match k.as_str() {
                 DEAD_LETTER_REASON => reason = Some(v),
                 DEAD_LETTER_DESCRIPTION => description = Some(v),
+                FULL_MESSAGE_ID => full_id = Some(v),
                 _ => {
                     properties.insert(k.clone(), v);
                 }
@@ -188,11 +222,13 @@ pub(super) fn from_amqp(m: &AmqpMessage, lock_token: Uuid, subqueue: Subqueue) -
         _ => 0,
     };
     ReceivedMessage {
-        message_id: props
-            .message_id
-            .as_ref()
-            .map(message_id_string)
-            .unwrap_or_default(),
+        message_id: full_id.unwrap_or_else(|| {
+            props
+                .message_id
+                .as_ref()
+                .map(message_id_string)
+                .unwrap_or_default()
+        }),
         body: body_bytes(&m.body),
         content_type: props.content_type.map(|s| s.0),
         properties,
@@ -229,6 +265,30 @@ mod tests {
         assert_eq!(r.content_type.as_deref(), Some("application/json"));
         assert_eq!(r.properties, out.properties);
         assert_eq!(r.delivery_count, 1);
+    }
+
+    #[test]
+    fn long_message_ids_fit_stay_distinct_and_round_trip() {
+        let base = "t".repeat(128);
+        let a = wire_message_id(&format!("{base}:retry:1"));
+        let b = wire_message_id(&format!("{base}:retry:2"));
+        assert_eq!(a.chars().count(), MAX_MESSAGE_ID);
+        assert_ne!(a, b);
+        assert_eq!(a, wire_message_id(&format!("{base}:retry:1")), "stable");
+        assert_eq!(wire_message_id("short:retry:1"), "short:retry:1");
+        let out = OutgoingMessage {
+            message_id: format!("{base}:retry:1"),
+            body: Bytes::new(),
+            content_type: None,
+            properties: BTreeMap::new(),
+            scheduled_enqueue_at: None,
+        };
+        let back = from_amqp(&to_amqp(&out), Uuid::nil(), Subqueue::Main);
+        assert_eq!(back.message_id, out.message_id);
+        assert!(
+            back.properties.is_empty(),
+            "the full id is not an application property"
+        );
     }
 
     #[test]
