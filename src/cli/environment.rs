@@ -134,6 +134,21 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
     ),
     ("RTPD_SERVICEBUS_QUEUE", Reads::BACKENDS, "queue name"),
     (
+        "RTPD_SERVICEBUS_TRANSPORT",
+        Reads::BACKENDS,
+        "amqp (5671) or websockets (443)",
+    ),
+    (
+        "RTPD_SERVICEBUS_CUSTOM_ENDPOINT",
+        Reads::BACKENDS,
+        "connect to this address instead of the namespace host",
+    ),
+    (
+        "RTPD_SERVICEBUS_CA_FILE",
+        Reads::BACKENDS,
+        "extra CA certificate (PEM) to trust for Service Bus",
+    ),
+    (
         "RTPD_LOCK_DURATION_SECS",
         Reads::BACKENDS,
         "embedded queue's message lock",
