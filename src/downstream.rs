@@ -55,7 +55,7 @@ pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+    (at.with_timezone(&chrono::Utc) - crate::clock::now())
         .to_std()
         .ok()
 }

@@ -422,7 +422,7 @@ pub async fn run(
         let p = processor.clone();
         let mut stop = shutdown.clone();
         workers.spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(6));
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(6400));
             loop {
                 if *stop.borrow() {
                     return;

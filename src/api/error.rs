@@ -6,13 +6,16 @@ use actix_web::{HttpResponse, ResponseError, http::StatusCode};
 /// Every error the API answers: `{"error": <code>, "message": <text>}`; a 409
 /// also names the transaction and its current state.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
     /// A stable code, e.g. `invalid_json`, `conflict`, `unauthenticated`.
     pub error: String,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub transaction_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub status: Option<String>,
 }
 

@@ -129,10 +129,23 @@ pub async fn readyz(
     } else {
         ReadyStatus::Degraded
     };
+    // Anyone may ask when health is public; only an operator gets the
+    // backends' own error text (hosts, entity names).
+    let detailed = state.admin(&req).is_ok();
     let body = Readiness {
         ready,
         status,
-        dependencies: deps.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        dependencies: deps
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if detailed || v == "connected" {
+                    v
+                } else {
+                    "unavailable".to_owned()
+                };
+                (k.to_owned(), v)
+            })
+            .collect(),
     };
     Ok(if ready {
         HttpResponse::Ok().json(body)

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
     path = "/v1/transactions",
     operation_id = "ingestTransaction",
     request_body(content = TransactionPayload, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "The transaction id, when the body has none")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "The transaction id, when the body has none", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 202, description = "New transaction, durable and enqueued", body = Receipt),
         (status = 200, description = "Same id and same content as before: the existing receipt", body = Receipt),
@@ -156,9 +156,11 @@ pub struct Receipt {
     pub wal: WalReceipt,
     /// On 202: whether the queue took the message (if not, the reconciler re-drives it).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub enqueued: Option<bool>,
     /// On 200: this id was seen before with the same bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub duplicate: Option<bool>,
 }
 
@@ -193,7 +195,12 @@ impl Receipt {
 #[derive(Serialize, ToSchema)]
 #[allow(dead_code)] // documents the wire shape; the handler reads raw bytes
 pub struct TransactionPayload {
-    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    #[schema(
+        pattern = "^[A-Za-z0-9._:-]{1,128}$",
+        min_length = 1,
+        max_length = 128,
+        nullable = false
+    )]
     transaction_id: Option<String>,
     /// Any other members, kept byte-exact.
     #[serde(flatten)]

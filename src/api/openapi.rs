@@ -110,7 +110,7 @@ struct EveryRoute;
 
 impl Modify for EveryRoute {
     fn modify(&self, doc: &mut Document) {
-        let error = || ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody")));
+        let error = || ContentBuilder::new().schema(Some(Ref::from_schema_name("Error")));
         let retry_after = || {
             HeaderBuilder::new()
                 .schema(Some(ObjectBuilder::new().schema_type(Type::Integer)))
@@ -248,8 +248,8 @@ mod tests {
         for name in [
             "Receipt",
             "Transaction",
-            "ErrorBody",
-            "ReplayBody",
+            "Error",
+            "ReplayRequest",
             "State",
             "Page",
         ] {

@@ -128,7 +128,7 @@ pub async fn status(
 #[into_params(parameter_in = Query)]
 pub struct SeedListParams {
     /// How many, 1–1000 (default 20).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, default = 20)]
     pub limit: Option<usize>,
 }
 
@@ -181,7 +181,7 @@ pub async fn transactions(
     post,
     path = "/replay/{id}",
     operation_id = "seedReplay",
-    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-")),
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),

@@ -29,7 +29,7 @@ fn valid_id(id: &str) -> Result<TransactionId, ApiError> {
     get,
     path = "/v1/transactions/{id}",
     operation_id = "getTransaction",
-    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-")),
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
     responses(
         (status = 200, description = "The ledger's view of the transaction", body = TxRecord),
         (status = 400, description = "Invalid transaction id", body = ErrorBody),
@@ -68,7 +68,7 @@ pub struct ListParams {
     #[param(value_type = Option<State>)]
     pub state: Option<String>,
     /// Page size, 1–1000 (default 50).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, default = 50)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -133,6 +133,7 @@ pub async fn list(
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ReplayRequest)]
 pub struct ReplayBody {
     /// Required to replay a transaction that already succeeded (the downstream is called again).
     #[serde(default)]
@@ -203,7 +204,7 @@ pub async fn do_replay(
     post,
     path = "/v1/transactions/{id}/replay",
     operation_id = "replayTransaction",
-    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-")),
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),

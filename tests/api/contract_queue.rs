@@ -69,6 +69,12 @@ pub async fn batch_send(q: Arc<dyn Queue>) {
 pub async fn lock_expiry_redelivers(q: Arc<dyn Queue>) {
     q.send(vec![msg("x")]).await.unwrap();
     let first = q.receive(1, WAIT).await.unwrap().remove(0);
+    // Expired but not yet redelivered: the holder has lost it already.
+    tokio::time::sleep(LOCK + Duration::from_millis(300)).await;
+    assert!(matches!(
+        q.complete(&first).await,
+        Err(QueueError::LockLost)
+    ));
     let second = q.receive(1, LOCK * 4).await.unwrap().remove(0);
     assert_eq!(second.message_id, "x");
     assert_eq!(second.delivery_count, 2);
@@ -109,6 +115,7 @@ pub async fn abandon_makes_visible_and_counts(q: Arc<dyn Queue>) {
         again.lock_token, m.lock_token,
         "a redelivery gets a new lock"
     );
+    assert_eq!(again.message_id, "ab");
     q.complete(&again).await.unwrap();
 }
 
@@ -163,7 +170,8 @@ pub async fn explicit_dead_letter_keeps_reason(q: Arc<dyn Queue>) {
 
 pub async fn scheduled_is_invisible_until_due(q: Arc<dyn Queue>) {
     let mut m = msg("later");
-    m.scheduled_enqueue_at = Some(Utc::now() + chrono::Duration::milliseconds(1500));
+    let due = Utc::now() + chrono::Duration::milliseconds(1500);
+    m.scheduled_enqueue_at = Some(due);
     q.send(vec![m]).await.unwrap();
     assert!(
         q.receive(1, Duration::from_millis(500))
@@ -174,6 +182,10 @@ pub async fn scheduled_is_invisible_until_due(q: Arc<dyn Queue>) {
     let got = q.receive(1, Duration::from_secs(5)).await.unwrap();
     assert_eq!(got.len(), 1, "due message arrives within the wait");
     assert!(Utc::now() >= got[0].enqueued_at);
+    assert!(
+        Utc::now() >= due - chrono::Duration::milliseconds(100),
+        "delivered before it was due"
+    );
     q.complete(&got[0]).await.unwrap();
 }
 

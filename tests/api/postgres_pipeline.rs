@@ -95,6 +95,7 @@ fn acked_ids(path: &Path, summary: &Summary) -> Vec<String> {
 async fn postgres_ledger_pipeline_survives_kill_9_and_a_database_restart() {
     let pg = OwnPostgres::start();
     let broker = sb_test_broker::start(sb_test_broker::BrokerConfig {
+        queues: vec!["rtp-transactions".into()],
         lock_duration: Duration::from_secs(2),
         duplicate_window: Duration::from_secs(60),
         sas_key: Some("pg-pipeline".into()),

@@ -17,11 +17,15 @@ fn transient_state(code: &SqlState) -> bool {
     // deadlock, which a retry resolves; 25006: read-only transaction (a
     // failover demoted the server we talk to); 28000/28P01: authentication
     // failed (an Entra ID token expired or a secret rotated: reconnecting
-    // with fresh credentials is the fix).
+    // with fresh credentials is the fix); 57014/55P03: a statement or lock
+    // timeout set on the role or database; 40003: outcome unknown.
     c.starts_with("08")
         || c.starts_with("53")
         || c.starts_with("57P0")
-        || matches!(c, "40001" | "40P01" | "25006" | "28000" | "28P01")
+        || matches!(
+            c,
+            "40001" | "40P01" | "40003" | "25006" | "28000" | "28P01" | "57014" | "55P03"
+        )
 }
 
 pub fn classify(e: tokio_postgres::Error) -> LedgerError {
