@@ -6,7 +6,8 @@
 #   - a Python virtualenv (.venv) with tests/requirements.txt
 #   - the Rust tests (cargo nextest), the Service Bus conformance check with
 #     Microsoft's SDK against the in-repo broker, a schemathesis pass over the
-#     HTTP API, and the deployment checks.
+#     HTTP API, the deployment checks, and the quick fault campaign
+#     (scripts/chaos.sh --quick: its own stack, >= 100 faults, an auditor).
 # Needs: cargo (with cargo-nextest if present), node + npm, python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,9 @@ scripts/fuzz-api.sh target/debug/rtpd .venv/bin/schemathesis 25 || failed+=("api
 step "Deployment files (compose, Bicep, emulator config)"
 target/debug/rtpd config --env-names >"$work/env-names" || die "rtpd config --env-names failed"
 .venv/bin/python tests/deploy/check_deploy.py --env-names "$work/env-names" || failed+=("deployment checks")
+
+step "Fault campaign (scripts/chaos.sh --quick: real processes under >= 100 seeded faults, audited)"
+scripts/chaos.sh --quick --bin-dir target/debug || failed+=("fault campaign")
 
 if ((${#failed[@]})); then
     printf '\nFAILED: %s\n' "${failed[*]}"
