@@ -150,8 +150,11 @@ def campaign(args) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     quick = args.quick
     n_faults = args.faults or (100 if quick else 1000)
+    # 10 % more are planned: a fault whose target is still busy (a Redis
+    # rebuild takes minutes) when the phase ends is not started.
+    n_plan = int(n_faults * 1.1) + 1
     rate = args.rate or 20.0
-    gap = args.gap or (1.2 if quick else 1.5)
+    gap = args.gap or (1.2 if quick else 1.3)
     settings = Settings()
     out = Path(args.out or REPO / "target/chaos" / f"{datetime.now():%Y%m%d-%H%M%S}-seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +162,7 @@ def campaign(args) -> int:
         f"scripts/chaos.sh {'--quick ' if quick else ''}--seed {seed}")
     stack = build_stack(args, settings)
     try:
-        faults = plan(seed, n_faults, gap, with_skew=stack.libfaketime is not None)
+        faults = plan(seed, n_plan, gap, with_skew=stack.libfaketime is not None)
         phase = faults[-1].planned_at + 10
         warmup = 5.0
         rng = random.Random(f"workload-{seed}")
@@ -169,16 +172,18 @@ def campaign(args) -> int:
         producer.start()
         time.sleep(warmup)
         inj = Injector(stack, faults, rebuild_from=t_start - 120, log=log)
-        log(f"fault phase: {n_faults} faults planned over ~{phase:.0f}s")
+        log(f"fault phase: {n_plan} faults planned over ~{phase:.0f}s (at least {n_faults} to inject)")
         runner = threading.Thread(target=inj.run, daemon=True)
         runner.start()
         t_faults = time.time()
         while runner.is_alive():
             runner.join(30)
             done = sum(1 for f in faults if f.ended)
-            log(f"faults started {inj.started}/{n_faults}, healed {done}; sent {producer.sent}, "
+            log(f"faults started {inj.started}/{n_plan}, healed {done}; sent {producer.sent}, "
                 f"answered {len(producer.done)}")
-        inj.wait_healed()
+        inj.wait_healed(timeout=60)
+        inj.stop.set()  # faults still waiting for a busy target are not started
+        inj.wait_healed(timeout=900)
         fault_secs = time.time() - t_faults
         log("faults done; the producer stops sending and finishes what is in flight")
         producer.finish(timeout=120)
@@ -186,14 +191,24 @@ def campaign(args) -> int:
         log("auditing")
         with producer.lock:
             txs_done = list(producer.done)
-        result = audit(stack, txs_done, faults, t_start)
+        try:
+            result = audit(stack, txs_done, faults, t_start)
+        except Exception as e:  # keep the history and the fault record for a post-mortem
+            (out / "history.jsonl").write_text("".join(json.dumps(t.record()) + "\n" for t in txs_done))
+            (out / "faults.json").write_text(json.dumps([f.record() for f in faults], default=str))
+            shutil.copytree(stack.logs, out / "logs", dirs_exist_ok=True)
+            log(f"the audit could not run: {type(e).__name__}: {e}; history and logs in {out}")
+            return 2
         by_kind = Counter(f.kind for f in faults if f.started)
+        if sum(by_kind.values()) < n_faults:
+            log(f"only {sum(by_kind.values())} faults were injected, fewer than {n_faults}")
         failed = Counter(f.kind for f in faults if f.started and not f.ok)
         report = {
             "seed": seed, "mode": "quick" if quick else "long", "rate": rate,
             "replay": f"scripts/chaos.sh {'--quick ' if quick else ''}--seed {seed}",
             "settings": vars(settings), "clock_skew_injected": stack.libfaketime is not None,
-            "faults_injected": sum(by_kind.values()), "faults_by_kind": dict(by_kind),
+            "faults_injected": sum(by_kind.values()), "faults_planned": len(faults),
+            "faults_by_kind": dict(by_kind),
             "faults_not_carried_out": dict(failed), "fault_phase_secs": fault_secs,
             "quiescence": q, "restarts": {n: s.starts for n, s in stack.services.items()},
             "respawns": {n: s.respawns for n, s in stack.services.items() if s.respawns},
@@ -339,8 +354,11 @@ def main() -> int:
     try:
         return soak(args) if args.soak else campaign(args)
     except Exception as e:
+        import traceback
+
+        traceback.print_exc()
         log(f"the campaign could not run: {type(e).__name__}: {e}")
-        raise
+        return 2
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ KINDS: dict[str, tuple[str, int]] = {
     "kill_processor": ("processor", 14),
     "redis_restart": ("redis", 6),
     "redis_pause": ("redis", 5),
-    "redis_loss": ("redis", 3),
+    "redis_loss": ("redis", 2),
     "servicebus_restart_purge": ("broker", 5),
     "servicebus_pause": ("broker", 5),
     "azurite_restart": ("azurite", 5),
@@ -130,10 +130,24 @@ class Injector:
     def _when_free(self, f: Fault):
         with self.cv:
             while not self._free(f):
+                if self.stop.is_set():
+                    f.note = "not started: its target was still busy when the fault phase ended"
+                    return
                 self.cv.wait(0.2)
             self.busy.add(self._resource(f))
             self.started += 1
         self._one(f)
+
+    def _hold(self, resource: str):
+        with self.cv:
+            while resource in self.busy:
+                self.cv.wait(0.2)
+            self.busy.add(resource)
+
+    def _release(self, resource: str):
+        with self.cv:
+            self.busy.discard(resource)
+            self.cv.notify_all()
 
     def wait_healed(self, timeout: float = 600):
         deadline = time.time() + timeout
@@ -177,20 +191,29 @@ class Injector:
         else:  # redis_loss: everything in the ledger is gone; an operator rebuilds it
             self.stack.redis_cli("FLUSHALL")
             f.detail["flushed_at"] = time.time()
-            # The window an operator would pick: the run so far, at most the
-            # last 10 minutes (older records come back with the final reconcile).
-            since = max(self.rebuild_from, time.time() - self.rebuild_window)
-            start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-            for attempt in range(1, 11):
-                r = self.stack.cli("rebuild-ledger", "--from", start, "--quiet", timeout=900)
-                text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
-                tail = [line for line in text.strip().splitlines() if line.strip()][-2:]
-                f.detail[f"rebuild_{attempt}"] = {"exit": r.returncode, "output": tail}
-                if r.returncode == 0:
-                    break
-                time.sleep(2)
-            else:
-                raise RuntimeError("rtpd rebuild-ledger failed 10 times")
+            # Redis itself may fail again during the rebuild; one rebuild at a time.
+            self._release("redis")
+            self._hold("rebuild")
+            try:
+                self._rebuild(f)
+            finally:
+                self._release("rebuild")
+
+    def _rebuild(self, f: Fault):
+        # The window an operator would pick: the run so far, at most the
+        # last 10 minutes (older records come back with the final reconcile).
+        since = max(self.rebuild_from, time.time() - self.rebuild_window)
+        start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        for attempt in range(1, 4):
+            r = self.stack.cli("rebuild-ledger", "--from", start, "--quiet", timeout=300)
+            text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+            tail = [line for line in text.strip().splitlines() if line.strip()][-2:]
+            f.detail[f"rebuild_{attempt}"] = {"exit": r.returncode, "output": tail}
+            if r.returncode == 0:
+                break
+            time.sleep(3)
+        else:
+            raise RuntimeError(f"rtpd rebuild-ledger failed 3 times: {tail[-1] if tail else ''}")
 
     def _servicebus(self, f: Fault):
         svc = self.stack.services["broker"]
