@@ -204,16 +204,18 @@ class Injector:
         # last 10 minutes (older records come back with the final reconcile).
         since = max(self.rebuild_from, time.time() - self.rebuild_window)
         start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-        for attempt in range(1, 4):
-            r = self.stack.cli("rebuild-ledger", "--from", start, "--quiet", timeout=300)
+        # The CLI exits on the first dependency error (another fault may be
+        # under way); the operator runs it again, for up to 10 tries.
+        for attempt in range(1, 11):
+            r = self.stack.cli("rebuild-ledger", "--from", start, "--quiet", timeout=120)
             text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
             tail = [line for line in text.strip().splitlines() if line.strip()][-2:]
             f.detail[f"rebuild_{attempt}"] = {"exit": r.returncode, "output": tail}
             if r.returncode == 0:
                 break
-            time.sleep(3)
+            time.sleep(5)
         else:
-            raise RuntimeError(f"rtpd rebuild-ledger failed 3 times: {tail[-1] if tail else ''}")
+            raise RuntimeError(f"rtpd rebuild-ledger failed 10 times: {tail[-1] if tail else ''}")
 
     def _servicebus(self, f: Fault):
         svc = self.stack.services["broker"]
