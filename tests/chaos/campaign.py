@@ -297,12 +297,16 @@ def soak(args) -> int:
         t_start = time.time()
         producer.start()
         samples = []
-        while time.time() < t_start + secs:
-            samples.append({"t": round(time.time() - t_start, 1), "rss_kib": stack.rss_kib(),
-                            "sent": producer.sent, "answered": len(producer.done)})
-            time.sleep(10)
-        samples.append({"t": round(time.time() - t_start, 1), "rss_kib": stack.rss_kib(),
-                        "sent": producer.sent, "answered": len(producer.done)})
+        with open(out / "rss.jsonl", "w") as rss_log:  # written as it goes: kept if the run is cut short
+            while True:
+                samples.append({"t": round(time.time() - t_start, 1), "rss_kib": stack.rss_kib(),
+                                "sent": producer.sent, "answered": len(producer.done),
+                                "ledger": counts(stack)})
+                rss_log.write(json.dumps(samples[-1]) + "\n")
+                rss_log.flush()
+                if time.time() >= t_start + secs:
+                    break
+                time.sleep(10)
         producer.finish(timeout=120)
         achieved = producer.sent / secs
         q = quiesce(stack, t_start, drain_secs=300)
