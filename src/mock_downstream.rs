@@ -5,6 +5,10 @@
 //! A payload may script its own fate with `"_mock": {"script": ["503", "ok"]}`:
 //! call n for that key answers the n-th entry (`ok`, a status code, or `hang`);
 //! calls past the end succeed.
+//!
+//! `POST /control` changes the success rate, failure mix, latency or hang
+//! length of a running mock (a downstream "storm" in the fault campaign)
+//! without restarting it, so its per-key accounting survives the storm.
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, dev::Server, web};
 use rand::RngExt;
@@ -12,7 +16,7 @@ use serde::Serialize;
 use std::{
     collections::BTreeMap,
     net::TcpListener,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -79,6 +83,13 @@ pub struct KeyStats {
     pub successes: u64,
     /// Calls that overlapped another call for the same key.
     pub concurrent_overlaps: u64,
+    /// Hex sha256 of the body of each successful call, so an audit can check
+    /// that what executed is what the vendor's receipt names.
+    pub success_sha256: Vec<String>,
+    /// When the last call for this key arrived (Unix ms): after it the
+    /// processor only settles, so an audit reads it as the time the
+    /// transaction became final.
+    pub last_call_ms: i64,
     #[serde(skip)]
     in_flight: u32,
 }
@@ -104,9 +115,19 @@ struct MockState {
     calls_without_key: u64,
 }
 
+/// Fields of `POST /control`; absent ones stay as they are.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    pub success_rate: Option<f64>,
+    pub failure_mix: Option<String>,
+    pub latency_ms: Option<u64>,
+    pub hang_secs: Option<u64>,
+}
+
 #[derive(Clone)]
 pub struct Mock {
-    opts: Arc<MockOptions>,
+    opts: Arc<RwLock<MockOptions>>,
     state: Arc<Mutex<MockState>>,
 }
 
@@ -119,12 +140,38 @@ enum Answer {
 impl Mock {
     pub fn new(opts: MockOptions) -> Mock {
         Mock {
-            opts: Arc::new(opts),
+            opts: Arc::new(RwLock::new(opts)),
             state: Arc::default(),
         }
     }
 
-    fn pick(&self, script: Option<&Vec<String>>, call_no: u64) -> Answer {
+    fn options(&self) -> MockOptions {
+        self.opts.read().expect("mock options lock").clone()
+    }
+
+    /// Applies a `POST /control` body; the options in force after it.
+    pub fn control(&self, c: Control) -> Result<MockOptions, String> {
+        let mut opts = self.options();
+        if let Some(rate) = c.success_rate {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err("success_rate must be between 0 and 1".into());
+            }
+            opts.success_rate = rate;
+        }
+        if let Some(mix) = &c.failure_mix {
+            opts.failure_mix = parse_mix(mix)?;
+        }
+        if let Some(ms) = c.latency_ms {
+            opts.latency = Duration::from_millis(ms);
+        }
+        if let Some(secs) = c.hang_secs {
+            opts.hang = Duration::from_secs(secs);
+        }
+        *self.opts.write().expect("mock options lock") = opts.clone();
+        Ok(opts)
+    }
+
+    fn pick(&self, opts: &MockOptions, script: Option<&Vec<String>>, call_no: u64) -> Answer {
         if let Some(script) = script {
             return match script.get(call_no as usize - 1).map(String::as_str) {
                 None | Some("ok") => Answer::Ok,
@@ -133,15 +180,15 @@ impl Mock {
             };
         }
         let mut rng = rand::rng();
-        if rng.random_bool(self.opts.success_rate.clamp(0.0, 1.0)) {
+        if rng.random_bool(opts.success_rate.clamp(0.0, 1.0)) {
             return Answer::Ok;
         }
-        let total: u32 = self.opts.failure_mix.iter().map(|(_, w)| *w).sum();
+        let total: u32 = opts.failure_mix.iter().map(|(_, w)| *w).sum();
         if total == 0 {
             return Answer::Status(503);
         }
         let mut roll = rng.random_range(0..total);
-        for (f, w) in &self.opts.failure_mix {
+        for (f, w) in &opts.failure_mix {
             if roll < *w {
                 return match f {
                     Failure::Status(c) => Answer::Status(*c),
@@ -175,6 +222,7 @@ impl Mock {
             let mut st = self.state.lock().expect("mock state lock");
             let k = st.keys.entry(key.clone()).or_default();
             k.calls += 1;
+            k.last_call_ms = crate::clock::now().timestamp_millis();
             if k.in_flight > 0 {
                 k.concurrent_overlaps += 1;
             }
@@ -186,25 +234,26 @@ impl Mock {
             state: self.state.clone(),
             key: key.clone(),
         };
-        let answer = self.pick(script.as_ref(), call_no);
-        if !self.opts.latency.is_zero() {
-            tokio::time::sleep(self.opts.latency).await;
+        let opts = self.options();
+        let answer = self.pick(&opts, script.as_ref(), call_no);
+        if !opts.latency.is_zero() {
+            tokio::time::sleep(opts.latency).await;
         }
         match answer {
             Answer::Hang => {
-                tokio::time::sleep(self.opts.hang).await;
+                tokio::time::sleep(opts.hang).await;
                 HttpResponse::GatewayTimeout().finish()
             }
             Answer::Ok if already => HttpResponse::Conflict()
                 .json(serde_json::json!({"status": "already_processed", "idempotency_key": key})),
             Answer::Ok => {
-                self.state
-                    .lock()
-                    .expect("mock state lock")
-                    .keys
-                    .entry(key.clone())
-                    .or_default()
-                    .successes += 1;
+                {
+                    let mut st = self.state.lock().expect("mock state lock");
+                    let k = st.keys.entry(key.clone()).or_default();
+                    k.successes += 1;
+                    k.success_sha256
+                        .push(crate::transaction::Sha256::of(&body).as_str().to_owned());
+                }
                 HttpResponse::Ok()
                     .json(serde_json::json!({"status": "processed", "idempotency_key": key}))
             }
@@ -245,6 +294,7 @@ impl Mock {
         let server = HttpServer::new(move || {
             let m = self.clone();
             let m2 = self.clone();
+            let m3 = self.clone();
             App::new()
                 .route(
                     "/process",
@@ -258,6 +308,25 @@ impl Mock {
                     web::get().to(move || {
                         let m = m2.clone();
                         async move { HttpResponse::Ok().json(m.report()) }
+                    }),
+                )
+                .route(
+                    "/control",
+                    web::post().to(move |c: web::Json<Control>| {
+                        let m = m3.clone();
+                        async move {
+                            match m.control(c.into_inner()) {
+                                Ok(o) => HttpResponse::Ok().json(serde_json::json!({
+                                    "success_rate": o.success_rate,
+                                    "latency_ms": o.latency.as_millis() as u64,
+                                    "hang_secs": o.hang.as_secs(),
+                                    "failure_kinds": o.failure_mix.len(),
+                                })),
+                                Err(e) => HttpResponse::BadRequest().json(
+                                    serde_json::json!({"error": "invalid_control", "message": e}),
+                                ),
+                            }
+                        }
                     }),
                 )
                 .route(
@@ -287,5 +356,32 @@ mod tests {
         );
         assert!(parse_mix("200=1").is_err());
         assert!(parse_mix("503").is_err());
+    }
+
+    #[test]
+    fn control_changes_a_running_mock() {
+        let m = Mock::new(MockOptions::default());
+        let o = m
+            .control(Control {
+                success_rate: Some(0.0),
+                failure_mix: Some("429=1".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(o.success_rate, 0.0);
+        assert_eq!(o.failure_mix, vec![(Failure::Status(429), 1)]);
+        assert!(matches!(m.pick(&m.options(), None, 1), Answer::Status(429)));
+        assert!(
+            m.control(Control {
+                success_rate: Some(2.0),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert_eq!(
+            m.options().success_rate,
+            0.0,
+            "a refused control changes nothing"
+        );
     }
 }
