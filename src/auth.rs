@@ -34,8 +34,10 @@
 //! bad version of the file. A poll applies new content only once two polls
 //! in a row read the same bytes, so a file caught half-written by a writer
 //! that does not write aside and rename is neither applied (a cut at a line
-//! end still parses, minus the vendors after it) nor reported; SIGHUP means
-//! "the file is complete" and applies at once.
+//! end still parses, minus the vendors after it) nor reported — unless the
+//! writer stalls for a whole poll. A file that keeps changing is reported
+//! once; an empty file is refused. SIGHUP means "the file is complete" and
+//! applies at once.
 
 use crate::config::{AuthMode, ConfigError, Secret, Settings};
 use arc_swap::ArcSwap;
@@ -189,8 +191,16 @@ struct FileState {
     /// New content read by the last poll and not yet applied: the next poll
     /// applies it if it reads the same bytes again.
     settling: Option<[u8; 32]>,
+    /// Polls in a row that found content different from the poll before:
+    /// a file that keeps changing is reported once it passes
+    /// [`UNSETTLED_POLLS_REPORTED`].
+    unsettled_polls: u32,
     unreadable: Option<String>,
 }
+
+/// Polls in a row with changing content after which a credential file is
+/// reported as never settling (a writer that rewrites it faster than the poll).
+const UNSETTLED_POLLS_REPORTED: u32 = 3;
 
 /// Whether new file content is applied at the first read or only once it
 /// has stopped changing.
@@ -735,6 +745,9 @@ pub struct Reloaded {
     /// Files whose content changed since the last poll and will be applied
     /// (or refused) at the next poll if it is still the same.
     pub settling: Vec<&'static str>,
+    /// Files reported (once) because they changed at every one of the
+    /// last few polls and so were never applied.
+    pub unsettled: Vec<&'static str>,
 }
 
 impl Auth {
@@ -880,6 +893,7 @@ fn changed(src: &Source, state: &mut FileState, wait: Wait, done: &mut Reloaded)
     let hash: [u8; 32] = Sha256::digest(&bytes).into();
     if state.seen == Some(hash) {
         state.settling = None;
+        state.unsettled_polls = 0;
         return None;
     }
     if wait == Wait::UntilSettled && state.settling != Some(hash) {
@@ -888,12 +902,38 @@ fn changed(src: &Source, state: &mut FileState, wait: Wait, done: &mut Reloaded)
             "credential file changed; applying it at the next poll if it stays the same"
         );
         state.settling = Some(hash);
+        state.unsettled_polls += 1;
+        if state.unsettled_polls == UNSETTLED_POLLS_REPORTED {
+            tracing::warn!(
+                variable = src.file_var,
+                path = %path.display(),
+                polls = state.unsettled_polls,
+                "credential file keeps changing between polls; not applied; \
+                 send SIGHUP once it is complete to apply it at once"
+            );
+            done.unsettled.push(src.file_var);
+        }
         done.settling.push(src.file_var);
         return None;
     }
     state.settling = None;
+    state.unsettled_polls = 0;
     state.seen = Some(hash);
     match String::from_utf8(bytes) {
+        // An emptied file is far more often a write in progress (`> file`
+        // before the writer has its content) than a wish to revoke every
+        // credential: refuse it; revoking all is done by a file of comments.
+        Ok(text) if text.trim().is_empty() => {
+            refuse(
+                src,
+                &ConfigError::new(
+                    src.file_var,
+                    "the file is empty (to revoke every credential, leave a comment line in it)",
+                ),
+                done,
+            );
+            None
+        }
         Ok(text) => Some(text),
         Err(_) => {
             refuse(
@@ -1311,6 +1351,55 @@ mod tests {
         std::fs::write(&keys, line("acme", "a2") + &line("globex", "g1")).unwrap();
         assert_eq!(a.reload().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
         assert_eq!(vendors(&a), ["g1", "a2"]);
+    }
+
+    #[test]
+    fn a_file_that_never_settles_is_reported_once_and_sighup_applies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("vendor-keys");
+        let line = |name: &str, key: &str| format!("{name}:sha256:{}\n", hash_secret(key));
+        std::fs::write(&keys, line("acme", "a1")).unwrap();
+        let a = Auth::from_settings(&Settings {
+            vendor_keys_file: Some(keys.clone()),
+            ..Settings::default()
+        })
+        .unwrap();
+        let mut reports = 0;
+        for i in 0..20 {
+            // Each version whole (written aside, renamed), but a new one every poll.
+            let tmp = dir.path().join("tmp");
+            std::fs::write(&tmp, line("acme", "a2") + &line("rot", &format!("r{i}"))).unwrap();
+            std::fs::rename(&tmp, &keys).unwrap();
+            let r = a.poll();
+            assert!(r.applied.is_empty() && r.refused.is_empty());
+            assert_eq!(r.settling, vec!["RTPD_VENDOR_KEYS_FILE"]);
+            reports += r.unsettled.len();
+        }
+        assert_eq!(reports, 1, "reported once, not at every poll");
+        assert!(a.vendor(Some("a2")).is_none());
+        assert_eq!(a.reload().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert!(a.vendor(Some("a2")).is_some());
+    }
+
+    #[test]
+    fn an_emptied_credential_file_is_refused_and_the_old_tokens_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let admins = dir.path().join("admin-tokens");
+        let entry = format!("ops:sha256:{}\n", hash_secret("tok-0123456789"));
+        std::fs::write(&admins, &entry).unwrap();
+        let a = Auth::operators(&Settings {
+            admin_tokens_file: Some(admins.clone()),
+            ..Settings::default()
+        })
+        .unwrap();
+        std::fs::write(&admins, "").unwrap();
+        assert_eq!(a.poll().settling, vec!["RTPD_ADMIN_TOKENS_FILE"]);
+        assert_eq!(a.poll().refused, vec!["RTPD_ADMIN_TOKENS_FILE"]);
+        assert!(a.admin(Some("tok-0123456789")).is_some());
+        // Revoking every token on purpose: a file of comments.
+        std::fs::write(&admins, "# all revoked\n").unwrap();
+        assert_eq!(a.reload().applied, vec!["RTPD_ADMIN_TOKENS_FILE"]);
+        assert!(a.admin(Some("tok-0123456789")).is_none());
     }
 
     #[test]

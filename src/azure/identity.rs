@@ -104,9 +104,23 @@ pub fn credential(given: Option<&str>) -> Result<(Arc<dyn TokenCredential>, Stri
     let client_id = client_id(given, |name| std::env::var(name).ok());
     let chosen = EntraIdentity::choose(client_id.as_deref(), env_set);
     let identity = chosen.describe();
+    // One credential per identity for the whole process: every backend and
+    // the journal's operator label share its token cache, so the principal
+    // the CLI journals is the one whose token the backends presented.
+    static SHARED: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<dyn TokenCredential>>>,
+    > = std::sync::OnceLock::new();
+    let mut shared = SHARED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = shared.get(&identity) {
+        return Ok((c.clone(), identity));
+    }
     let credential = chosen
         .credential()
         .map_err(|e| format!("cannot set up {identity}: {e}"))?;
+    shared.insert(identity.clone(), credential.clone());
     Ok((credential, identity))
 }
 

@@ -85,7 +85,14 @@ fn entra(p: &EntraPrincipal) -> Operator {
 
 fn fall_back(given: Option<&str>, why: &str) -> Operator {
     let op = declared(given);
-    eprintln!("rtpd: journaling the operator as {op}, not an Entra principal: {why}");
+    // Azure's errors span several lines (one per credential tried): one line here.
+    let why = why
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    eprintln!("rtpd: will journal the operator as {op}, not an Entra principal: {why}");
     op
 }
 

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::{collections::HashSet, time::Duration};
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("selection").required(true).args(["ids", "state", "from", "dlq"])))]
 pub struct Opts {
     /// Transaction ids to replay
     pub ids: Vec<String>,
@@ -83,6 +84,16 @@ impl Opts {
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    if let (Some(from), Some(to)) = (opts.from, opts.to)
+        && to < from
+    {
+        // A usage error, as clap reports them: exit status 2.
+        clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("--to ({to}) is before --from ({from})\n"),
+        )
+        .exit();
+    }
     let scope = opts.scope()?;
     let settings = Settings::load()?;
     let svc = Services::build(&settings).await?;

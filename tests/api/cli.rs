@@ -427,3 +427,27 @@ async fn a_command_line_with_an_entra_identity_journals_its_principal() {
     );
     assert!(!asked.lock().unwrap().is_empty());
 }
+
+#[test]
+fn replay_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = |args: &[&str]| {
+        let out = rtpd()
+            .args(args)
+            .env("RTPD_DATA_DIR", dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    for args in [
+        &["replay"][..],
+        &["replay", "X-1", "--dlq"],
+        &["replay", "--state", "dead_letter", "--from", "1h"],
+        &["replay", "--from", "2h", "--to", "5h"],
+    ] {
+        let (code, err) = status(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(!err.trim().is_empty(), "{args:?} says why");
+    }
+}
