@@ -173,6 +173,8 @@ pub struct OwnRedis {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Append-only file, fsynced on every write: a kill loses nothing.
+    aof: bool,
 }
 
 impl OwnRedis {
@@ -188,18 +190,41 @@ impl OwnRedis {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            aof: false,
         }
+    }
+
+    /// Like [`OwnRedis::start`], with an append-only file fsynced on every
+    /// write: killed and launched again, it comes back with its data.
+    pub fn start_persistent() -> OwnRedis {
+        let mut r = OwnRedis::reserve();
+        r.aof = true;
+        r.launch();
+        r
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Starts redis-server on the same port, empty, without persistence.
+    /// Starts redis-server on the same port: empty, without persistence,
+    /// unless started persistent (then with the data it had).
     pub fn launch(&mut self) {
+        let persistence: &[&str] = if self.aof {
+            &[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ]
+        } else {
+            &["--save", "", "--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
