@@ -1,52 +1,18 @@
 //! The service with its WAL on a real Azurite that dies under load: no 2xx
 //! while the WAL is down, and everything acknowledged survives and is processed.
 
-use crate::support::process::{Proc, free_port};
+use crate::support::process::{free_port, start_azurite};
 use crate::support::{AppOptions, json, spawn_app_with};
 use rtp_durability::config::WalKind;
 use rtp_durability::replay::load_record;
 use rtp_durability::transaction::State;
 use serde_json::json;
 use std::{
-    path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-const DEV_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-fn start_azurite(port: u16, data: &Path) -> Proc {
-    let main = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/azurite/node_modules/azurite/dist/src/blob/main.js"
-    );
-    assert!(
-        Path::new(main).is_file(),
-        "Azurite is not installed: run scripts/test.sh (npm ci in azurite/)"
-    );
-    let child = Command::new("node")
-        .arg(main)
-        .args([
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            &port.to_string(),
-            "--location",
-        ])
-        .arg(data)
-        .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node runs");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "Azurite did not start on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Proc(child)
-}
+use crate::support::process::AZURITE_DEV_KEY as DEV_KEY;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn azurite_outage_gets_503_never_2xx_and_loses_nothing_acknowledged() {

@@ -10,7 +10,10 @@
 //!   mid-backlog. `RTPD_TEST_RECOVERY_TX` sets the number of transactions
 //!   (the figure is 600; CI runs 150).
 
-use crate::support::process::{OwnRedis, Proc, free_port, rtpd, spawn_mock, wait_http_ok};
+use crate::support::process::{
+    OwnRedis, Proc, azurite_connection_string_on, free_port, rtpd, spawn_mock, start_azurite,
+    stop_azurite, wait_http_ok,
+};
 use crate::support::{AppOptions, json, spawn_app_with};
 use rtp_durability::mock_downstream::MockOptions;
 use rtp_durability::processor::Outcome;
@@ -19,7 +22,6 @@ use sb_test_broker::{BrokerConfig, BrokerHandle};
 use serde_json::{Value, json};
 use std::{
     collections::BTreeSet,
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -142,6 +144,9 @@ enum Fault {
     /// The Service Bus broker stopped and started again on its port. The
     /// test broker keeps messages in memory, so this also loses the queue.
     ServiceBus,
+    /// Azurite stopped and started again with its data; the WAL (and the
+    /// outcome journal) on Blob Storage instead of a local directory.
+    Blob,
 }
 
 const QUEUE: &str = "rtp-transactions";
@@ -161,6 +166,7 @@ fn broker_config(bind: std::net::SocketAddr) -> BrokerConfig {
 
 struct Stack {
     redis: OwnRedis,
+    azurite: Option<(Proc, u16, tempfile::TempDir)>,
     broker: Option<BrokerHandle>,
     broker_addr: std::net::SocketAddr,
     mock_port: u16,
@@ -182,8 +188,12 @@ impl Stack {
     }
 }
 
-async fn start_stack() -> Stack {
+async fn start_stack(fault: Fault) -> Stack {
     let redis = OwnRedis::start_persistent();
+    let azurite = (fault == Fault::Blob).then(|| {
+        let (port, data) = (free_port(), tempfile::tempdir().unwrap());
+        (start_azurite(port, data.path()), port, data)
+    });
     let broker = sb_test_broker::start(broker_config("127.0.0.1:0".parse().unwrap()))
         .await
         .unwrap();
@@ -196,11 +206,10 @@ async fn start_stack() -> Stack {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(&str, String)> = vec![
+    let mut env: Vec<(&str, String)> = vec![
         ("RTPD_DATA_DIR", dir.path().display().to_string()),
         ("RTPD_AUTH", "none".into()),
         ("RTPD_PUBLIC_METRICS", "true".into()),
-        ("RTPD_WAL", "local".into()),
         ("RTPD_LEDGER", "redis".into()),
         ("RTPD_REDIS_URL", redis.url()),
         ("RTPD_QUEUE", "servicebus".into()),
@@ -225,6 +234,16 @@ async fn start_stack() -> Stack {
         ("RTPD_RECOVERY_PROBE_SECS", "0.5".into()),
         ("RTPD_LOG_LEVEL", "warn".into()),
     ];
+    match &azurite {
+        Some((_, port, _)) => env.extend([
+            ("RTPD_WAL", "azure".into()),
+            (
+                "RTPD_STORAGE_CONNECTION_STRING",
+                azurite_connection_string_on(*port),
+            ),
+        ]),
+        None => env.push(("RTPD_WAL", "local".into())),
+    }
     let spawn = |sub: &str, port: u16| {
         let log = std::fs::File::create(dir.path().join(format!("{sub}.log"))).unwrap();
         Proc(
@@ -252,6 +271,7 @@ async fn start_stack() -> Stack {
     wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30)).await;
     Stack {
         redis,
+        azurite,
         broker: Some(broker),
         broker_addr,
         mock_port,
@@ -326,7 +346,7 @@ async fn scenario(fault: Fault, prefix: &'static str) -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(150);
-    let mut s = start_stack().await;
+    let mut s = start_stack(fault).await;
     let producer = produce(s.base.clone(), prefix, n);
 
     // Mid-backlog: some done, most still to do.
@@ -359,6 +379,12 @@ async fn scenario(fault: Fault, prefix: &'static str) -> Duration {
                     .await
                     .expect("the broker starts again on its port"),
             );
+        }
+        Fault::Blob => {
+            let (proc, port, data) = s.azurite.as_mut().unwrap();
+            stop_azurite(proc);
+            tokio::time::sleep(OUTAGE).await;
+            *proc = start_azurite(*port, data.path());
         }
     }
     let returned = Instant::now();
@@ -437,4 +463,9 @@ async fn redis_outage_mid_backlog_recovers_within_30s_of_its_return() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn servicebus_restart_mid_backlog_recovers_within_30s_of_its_return() {
     scenario(Fault::ServiceBus, "RT-SB").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_storage_outage_mid_backlog_recovers_within_30s_of_its_return() {
+    scenario(Fault::Blob, "RT-BLOB").await;
 }
