@@ -453,11 +453,11 @@ impl Processor {
                     return Ok(r);
                 }
             }
-            if let Err(e) = &r {
-                if waiting.is_none() {
-                    tracing::warn!(dependency = ?what, error = %e, "dependency unavailable; keeping the message locked and retrying");
-                    waiting = Some(self.waiting.enter());
-                }
+            if let Err(e) = &r
+                && waiting.is_none()
+            {
+                tracing::warn!(dependency = ?what, error = %e, "dependency unavailable; keeping the message locked and retrying");
+                waiting = Some(self.waiting.enter());
             }
             if what == Held::Ledger {
                 self.ledger_down.store(true, Ordering::Relaxed);

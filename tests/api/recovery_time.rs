@@ -322,8 +322,7 @@ fn produce(base: String, prefix: &'static str, n: usize) -> tokio::task::JoinHan
             });
         }
         while workers.join_next().await.transpose().unwrap().is_some() {}
-        let ids = acked.lock().unwrap().clone();
-        ids
+        acked.lock().unwrap().clone()
     })
 }
 
