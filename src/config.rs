@@ -52,6 +52,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_MAX_DELIVERY_COUNT",
     "RTPD_MAX_BODY_BYTES",
     "RTPD_RECONCILE_INTERVAL_SECS",
+    "RTPD_RECOVERY_PROBE_SECS",
     "RTPD_RECONCILE_LOOKBACK_SECS",
     "RTPD_RECONCILE_PENDING_AFTER_SECS",
     "RTPD_AUTH",
@@ -237,6 +238,9 @@ pub struct Settings {
     pub reconcile_interval_secs: f64,
     pub reconcile_lookback_secs: f64,
     pub reconcile_pending_after_secs: f64,
+    /// How often the dependencies are probed to notice one returning (and
+    /// re-drive at once).
+    pub recovery_probe_secs: f64,
 
     pub auth: AuthMode,
     pub vendor_keys: Option<Secret>,
@@ -306,6 +310,7 @@ impl Default for Settings {
             reconcile_interval_secs: 60.0,
             reconcile_lookback_secs: 3600.0,
             reconcile_pending_after_secs: 300.0,
+            recovery_probe_secs: 1.0,
             auth: AuthMode::Keys,
             vendor_keys: None,
             vendor_keys_file: None,
@@ -411,6 +416,12 @@ impl Settings {
         if !(self.reconcile_interval_secs.is_finite() && self.reconcile_interval_secs >= 0.1) {
             return Err(ConfigError::new(
                 "RTPD_RECONCILE_INTERVAL_SECS",
+                "must be at least 0.1",
+            ));
+        }
+        if !(self.recovery_probe_secs.is_finite() && self.recovery_probe_secs >= 0.1) {
+            return Err(ConfigError::new(
+                "RTPD_RECOVERY_PROBE_SECS",
                 "must be at least 0.1",
             ));
         }

@@ -266,6 +266,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "background reconciler: time between passes",
     ),
     (
+        "RTPD_RECOVERY_PROBE_SECS",
+        Reads::PROCESSING,
+        "how often the WAL, ledger and queue are probed; one that returns triggers a reconcile pass at once",
+    ),
+    (
         "RTPD_RECONCILE_LOOKBACK_SECS",
         Reads::PROCESSING,
         "background reconciler: window without a watermark",
