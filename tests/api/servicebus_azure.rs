@@ -514,3 +514,83 @@ async fn settling_and_renewing_are_not_refused_on_the_local_clock_alone() {
     assert_eq!(dead[0].subqueue, Subqueue::DeadLetter);
     q.complete(&dead[0]).await.unwrap();
 }
+
+// Review of the above: drains on a long round trip, stale prefetched locks.
+
+#[tokio::test]
+async fn a_drain_answered_after_a_long_round_trip_does_not_starve_the_next_receive() {
+    let queue = queue_name();
+    // Every frame from the service arrives 200 ms late: the drain's answer too.
+    let b = broker_with(&queue, |c| c.write_delay = Duration::from_millis(200)).await;
+    let q = connect(&b, &queue).await;
+    let other = connect(&b, &queue).await;
+    let none = q.receive(5, Duration::from_millis(300)).await.unwrap();
+    assert!(none.is_empty(), "the queue is empty");
+    // The next receive starts at once, before the drain's answer is back;
+    // messages come while it waits.
+    let ids: Vec<String> = (0..5).map(|i| format!("rtt-{i}")).collect();
+    let outgoing: Vec<_> = ids.iter().map(|i| msg(i)).collect();
+    let sending = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        other.send(outgoing).await
+    });
+    let first = q.receive(5, Duration::from_secs(3)).await.unwrap();
+    sending.await.unwrap().expect("sent");
+    assert!(
+        !first.is_empty(),
+        "the receive after a drain got nothing: its credit was counted from a stale delivery count"
+    );
+    let mut seen: Vec<String> = Vec::new();
+    for m in first {
+        q.complete(&m).await.expect("settles");
+        seen.push(m.message_id);
+    }
+    for _ in 0..10 {
+        if seen.len() == ids.len() {
+            break;
+        }
+        for m in q.receive(5, Duration::from_secs(1)).await.unwrap() {
+            q.complete(&m).await.expect("settles");
+            seen.push(m.message_id);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ids, "each message once");
+    wait_counts(&b, &queue, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn prefetched_messages_are_never_handed_over_after_their_lock_ran_out() {
+    let queue = queue_name();
+    // Service Bus's shortest lock.
+    let b = broker_with(&queue, |_| {}).await;
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        prefetch: 3,
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    q.send(vec![msg("pf-1"), msg("pf-2"), msg("pf-3")])
+        .await
+        .unwrap();
+    let first = q.receive(1, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    q.complete(&first[0]).await.unwrap();
+    // The two prefetched messages wait here past their lock.
+    tokio::time::sleep(LOCK + Duration::from_millis(500)).await;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        if seen.len() == 2 {
+            break;
+        }
+        for m in q.receive(3, Duration::from_secs(1)).await.unwrap() {
+            q.complete(&m).await.unwrap_or_else(|e| {
+                panic!("{} was handed over with a spent lock: {e}", m.message_id)
+            });
+            seen.push(m.message_id);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["pf-2", "pf-3"]);
+    wait_counts(&b, &queue, (0, 0)).await;
+}

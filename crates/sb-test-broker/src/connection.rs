@@ -160,7 +160,7 @@ where
 {
     frame::handshake(&mut socket).await?;
     let max_frame = shared.config.max_frame_size;
-    let (mut reader, mut writer) = tokio::io::split(socket);
+    let (mut reader, writer) = tokio::io::split(socket);
     let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(64);
     let read_task = tokio::spawn(async move {
         loop {
@@ -187,6 +187,7 @@ where
         opened: false,
         closing: false,
     };
+    let mut writer = Writer::new(writer, conn.shared.config.write_delay);
     let mut tick = tokio::time::interval(TICK);
     let result = loop {
         tokio::select! {
@@ -202,7 +203,7 @@ where
                     // connection with a framing error, as the spec asks.
                     conn.close_with(AmqpError::FrameSizeTooSmall.into(), &why);
                     let buf = conn.out.split();
-                    let _ = writer.write_all(&buf).await;
+                    let _ = writer.write(buf.freeze()).await;
                     break Err(FrameError::Protocol(why));
                 }
                 Some(Err(e)) => break Err(e),
@@ -226,7 +227,7 @@ where
         conn.pump_all();
         if !conn.out.is_empty() {
             let buf = conn.out.split();
-            if let Err(e) = writer.write_all(&buf).await {
+            if let Err(e) = writer.write(buf.freeze()).await {
                 break Err(e.into());
             }
             conn.last_write = Instant::now();
@@ -236,8 +237,71 @@ where
         }
     };
     read_task.abort();
-    let _ = writer.shutdown().await;
+    writer.shutdown().await;
     result
+}
+
+/// The connection's writing half, written at once or, with a write delay,
+/// by a task that holds each buffer until its time (order kept).
+enum Writer<W> {
+    Direct(W),
+    Delayed {
+        queue: mpsc::UnboundedSender<(tokio::time::Instant, Bytes)>,
+        task: tokio::task::JoinHandle<()>,
+        failed: Arc<std::sync::atomic::AtomicBool>,
+    },
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Writer<W> {
+    fn new(mut w: W, delay: Duration) -> Self {
+        if delay.is_zero() {
+            return Writer::Direct(w);
+        }
+        let (queue, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Bytes)>();
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = failed.clone();
+        let task = tokio::spawn(async move {
+            while let Some((due, buf)) = rx.recv().await {
+                tokio::time::sleep_until(due + delay).await;
+                if w.write_all(&buf).await.is_err() {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        Writer::Delayed {
+            queue,
+            task,
+            failed,
+        }
+    }
+
+    async fn write(&mut self, buf: Bytes) -> std::io::Result<()> {
+        match self {
+            Writer::Direct(w) => w.write_all(&buf).await,
+            Writer::Delayed { queue, failed, .. } => {
+                if failed.load(std::sync::atomic::Ordering::Relaxed)
+                    || queue.send((tokio::time::Instant::now(), buf)).is_err()
+                {
+                    return Err(std::io::Error::other("delayed writer failed"));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Writer::Direct(mut w) => {
+                let _ = w.shutdown().await;
+            }
+            Writer::Delayed { queue, task, .. } => {
+                drop(queue);
+                let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            }
+        }
+    }
 }
 
 /// An error with all three fields on the wire: Microsoft's Python SDK reads

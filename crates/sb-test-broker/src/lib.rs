@@ -134,6 +134,10 @@ pub struct BrokerConfig {
     /// Added to the broker's clock in the lock and enqueue times it reports,
     /// to test clients against a service clock that is not theirs.
     pub clock_offset_ms: i64,
+    /// Every frame the broker writes leaves this much later (order kept), as
+    /// a long round trip to a distant region would: flow replies, transfers
+    /// and answers all arrive late.
+    pub write_delay: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -156,6 +160,7 @@ impl Default for BrokerConfig {
             connection_idle_timeout: Duration::from_secs(60),
             max_message_size: 256 * 1024,
             clock_offset_ms: 0,
+            write_delay: Duration::ZERO,
         }
     }
 }

@@ -74,6 +74,9 @@ struct Opts {
     /// Added to the times the broker reports (lock expiry, enqueue time).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     clock_offset_ms: i64,
+    /// Hold every frame the broker writes this long (a long round trip).
+    #[arg(long, default_value_t = 0)]
+    write_delay_ms: u64,
     /// Read control commands on standard input (see the binary's doc).
     #[arg(long)]
     control: bool,
@@ -177,6 +180,7 @@ async fn main() -> std::io::Result<()> {
         connection_idle_timeout: secs(opts.connection_idle_timeout_secs),
         max_message_size: opts.max_message_size,
         clock_offset_ms: opts.clock_offset_ms,
+        write_delay: std::time::Duration::from_millis(opts.write_delay_ms),
     };
     let broker = sb_test_broker::start(config).await?;
     if let (Some(path), Some(pem)) = (&opts.ca_file, broker.ca_pem()) {
