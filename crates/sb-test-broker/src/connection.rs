@@ -174,6 +174,7 @@ where
     let mut changed = shared.changed.subscribe();
     let mut kill = shared.kill.subscribe();
     let mut detach = shared.detach.subscribe();
+    let mut revoke = shared.revoke.subscribe();
     let mut conn = Conn {
         shared,
         out: BytesMut::new(),
@@ -211,6 +212,11 @@ where
             },
             _ = changed.changed() => {}
             _ = kill.changed() => break Ok(()),
+            _ = revoke.changed() => {
+                revoke.borrow_and_update();
+                conn.claims.clear();
+                conn.on_tick();
+            }
             _ = detach.changed() => {
                 let (_, kind) = *detach.borrow_and_update();
                 conn.force_detach(kind, "The link is force detached (requested by the test).");
@@ -679,6 +685,16 @@ impl Conn {
             link.credit = SENDER_CREDIT;
         }
         let node = link.node.clone();
+        if matches!(node, Node::Queue(..)) {
+            let mut faults = lock(&self.shared.faults);
+            if faults.hold_transfers > 0 {
+                faults.hold_transfers -= 1;
+                self.shared
+                    .transfers_received
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
         let outcome = self.deliver_incoming(channel, &node, &first, buf.freeze());
         let Some(s) = self.sessions.get(&channel) else {
             return;

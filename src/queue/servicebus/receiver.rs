@@ -120,6 +120,13 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
     let mut pending: Option<Pending> = None;
     // Deliveries that arrived between receives (prefetch).
     let mut buffered: Vec<Buffered> = Vec::new();
+    // A receive the link failed under, answered once the link is closed (so
+    // that what the caller does next, such as putting a token on `$cbs`, does
+    // not race this link's detach on the session).
+    let mut failed: Option<(
+        oneshot::Sender<Result<Vec<AmqpDelivery>, String>>,
+        Result<Vec<AmqpDelivery>, String>,
+    )> = None;
     loop {
         let deadline = pending.as_ref().map(|p| p.deadline);
         tokio::select! {
@@ -140,7 +147,7 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
                     let got: Vec<_> = std::mem::take(&mut buffered).into_iter().map(|b| b.delivery).collect();
                     let wanted = u32::try_from(max - got.len()).unwrap_or(u32::MAX);
                     if let Err(e) = receiver.set_credit(wanted.max(prefetch)).await {
-                        let _ = reply.send(if got.is_empty() { Err(format!("granting credit: {e}")) } else { Ok(got) });
+                        failed = Some((reply, if got.is_empty() { Err(format!("granting credit: {e}")) } else { Ok(got) }));
                         break;
                     }
                     let wait = if got.is_empty() { wait } else { wait.min(BATCH_LINGER) };
@@ -176,7 +183,7 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
                     if let Some(p) = pending.take() {
                         // Messages already taken are still ours to report; their
                         // settlement goes by lock token once this link is gone.
-                        let _ = p.reply.send(if p.got.is_empty() { Err(format!("receiving: {e}")) } else { Ok(p.got) });
+                        failed = Some((p.reply, if p.got.is_empty() { Err(format!("receiving: {e}")) } else { Ok(p.got) }));
                     }
                     break;
                 }
@@ -186,12 +193,25 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
                     if prefetch == 0 && p.got.len() < p.max {
                         let drained = drain(&mut receiver, &mut p.got, DRAIN_WAIT).await;
                         if let Err(e) = drained {
-                            let _ = p.reply.send(if p.got.is_empty() { Err(e) } else { Ok(p.got) });
+                            failed = Some((p.reply, if p.got.is_empty() { Err(e) } else { Ok(p.got) }));
                             break;
                         }
                     }
                     let _ = p.reply.send(Ok(p.got));
                 }
+            }
+        }
+    }
+    // Say at once that this link is gone, so the next receive attaches a new
+    // one instead of queueing behind the close below.
+    commands.close();
+    while let Ok(command) = commands.try_recv() {
+        match command {
+            Command::Receive { reply, .. } => {
+                let _ = reply.send(Err("receiving link is closed".into()));
+            }
+            Command::Settle { reply, .. } => {
+                let _ = reply.send(Err("receiving link is closed".into()));
             }
         }
     }
@@ -206,6 +226,9 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
     }
     // The connection may already be gone; do not let a dead peer hold the task.
     let _ = tokio::time::timeout(Duration::from_secs(5), receiver.close()).await;
+    if let Some((reply, result)) = failed {
+        let _ = reply.send(result);
+    }
 }
 
 fn released() -> TerminalDeliveryState {

@@ -8,8 +8,10 @@
 //! create-queue NAME
 //! reject-transfers COUNT CONDITION      e.g. reject-transfers 2 com.microsoft:server-busy
 //! fail-management COUNT STATUS          e.g. fail-management 1 503
+//! hold-transfers COUNT                  take the next sends and never answer them
 //! detach all|sender|receiver|management|cbs
 //! drop-connections
+//! revoke-tokens                         forget every token, as if all had expired
 //! counts QUEUE                          answers `ok ACTIVE DEAD_LETTERED`
 //! ```
 
@@ -120,6 +122,10 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
             broker.reject_next_transfers(number(1)?, condition);
             Ok(String::new())
         }
+        ["hold-transfers", _] => {
+            broker.hold_next_transfers(number(1)?);
+            Ok(String::new())
+        }
         ["fail-management", _, _] => {
             let status = i32::try_from(number(2)?).map_err(|e| e.to_string())?;
             broker.fail_next_management(number(1)?, status);
@@ -139,6 +145,10 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
         }
         ["drop-connections"] => {
             broker.drop_connections();
+            Ok(String::new())
+        }
+        ["revoke-tokens"] => {
+            broker.revoke_tokens();
             Ok(String::new())
         }
         ["counts", queue] => {
