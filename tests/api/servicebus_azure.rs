@@ -711,3 +711,26 @@ async fn a_refused_token_is_put_again_and_the_operation_retried_once() {
     q.complete(&again[0]).await.unwrap();
     wait_counts(&b, &queue, (0, 0)).await;
 }
+
+#[tokio::test]
+async fn limits_are_counted_in_utf16_code_units_as_the_service_does() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = connect(&b, &queue).await;
+    // 100 characters, 200 UTF-16 code units: over the 128 the service takes.
+    let id = "😀".repeat(100);
+    q.send(vec![msg(&id)])
+        .await
+        .expect("a long id is shortened to what the service takes");
+    let m = receive_one(&q).await;
+    assert_eq!(m.message_id, id, "the full id comes back");
+    // 3,000 characters, 6,000 code units: cut to 4,096 code units.
+    q.dead_letter(&m, "R", &"😀".repeat(3000))
+        .await
+        .expect("the description is cut to what the service takes");
+    wait_counts(&b, &queue, (0, 1)).await;
+    let dead = q.peek_dead_letters(0, 1).await.unwrap();
+    let description = dead[0].dead_letter_description.clone().unwrap_or_default();
+    assert_eq!(description.encode_utf16().count(), 4096);
+    assert_eq!(description, "😀".repeat(2048));
+}

@@ -1198,12 +1198,13 @@ fn limit_refusal(m: &AmqpMessage) -> Option<definitions::Error> {
         .and_then(|p| p.message_id.as_ref())
         .map(message_id_string)
         .unwrap_or_default();
-    if id.chars().count() > MAX_MESSAGE_ID {
+    // .NET string lengths, as the service counts: UTF-16 code units.
+    let units = id.encode_utf16().count();
+    if units > MAX_MESSAGE_ID {
         return Some(link_error(
             ErrorCondition::Custom(Symbol::from(ARGUMENT_OUT_OF_RANGE)),
             &format!(
-                "The message id of {} characters exceeds the maximum of {MAX_MESSAGE_ID}.",
-                id.chars().count()
+                "The message id of {units} characters exceeds the maximum of {MAX_MESSAGE_ID}."
             ),
         ));
     }

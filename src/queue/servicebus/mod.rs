@@ -64,7 +64,8 @@ use management::{Disposition, PeekMessage, RenewLock, UpdateDisposition};
 /// Settle on the receiving link only while our clock gives the lock at least
 /// this long; closer to its end, `$management` asks the service instead.
 pub const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
-/// The service keeps at most this many characters of a dead-letter reason or description.
+/// The service keeps at most this many UTF-16 code units (.NET characters)
+/// of a dead-letter reason or description.
 pub const MAX_DEAD_LETTER_FIELD: usize = 4096;
 /// A held lock is forgotten this long after its end (by our clock; the
 /// margin covers clocks that disagree).
@@ -149,12 +150,9 @@ pub struct ServiceBusQueue {
     emulator: bool,
 }
 
-/// At most `max` characters of `s`, cut on a character boundary.
+/// At most `max` UTF-16 code units of `s`, cut between characters.
 fn truncate_chars(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => s[..at].to_string(),
-        None => s.to_string(),
-    }
+    message::truncate_utf16(s, max).to_string()
 }
 
 impl ServiceBusQueue {
