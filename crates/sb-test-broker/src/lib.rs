@@ -397,6 +397,11 @@ impl BrokerHandle {
             .extend(std::iter::repeat_n(condition.to_string(), count));
     }
 
+    /// Drop every injected fault not used up yet.
+    pub fn clear_faults(&self) {
+        *lock(&self.shared.faults) = Faults::default();
+    }
+
     /// Take the next `count` sends to any queue and never answer them (the
     /// message is not stored), as a service that stopped responding.
     pub fn hold_next_transfers(&self, count: usize) {

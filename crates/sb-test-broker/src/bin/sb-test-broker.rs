@@ -8,10 +8,12 @@
 //! create-queue NAME
 //! reject-transfers COUNT CONDITION      e.g. reject-transfers 2 com.microsoft:server-busy
 //! fail-management COUNT STATUS          e.g. fail-management 1 503
+//! clear-faults                          drop injected faults not used up yet
 //! hold-transfers COUNT                  take the next sends and never answer them
 //! detach all|sender|receiver|management|cbs
 //! drop-connections
 //! revoke-tokens                         forget every token, as if all had expired
+//! connections                           answers `ok N`: connections accepted so far
 //! counts QUEUE                          answers `ok ACTIVE DEAD_LETTERED`
 //! ```
 
@@ -122,6 +124,10 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
             broker.reject_next_transfers(number(1)?, condition);
             Ok(String::new())
         }
+        ["clear-faults"] => {
+            broker.clear_faults();
+            Ok(String::new())
+        }
         ["hold-transfers", _] => {
             broker.hold_next_transfers(number(1)?);
             Ok(String::new())
@@ -147,6 +153,7 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
             broker.drop_connections();
             Ok(String::new())
         }
+        ["connections"] => Ok(format!(" {}", broker.connections())),
         ["revoke-tokens"] => {
             broker.revoke_tokens();
             Ok(String::new())
