@@ -38,6 +38,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(2);
 pub(super) const BUFFER_MAX_AGE: Duration = Duration::from_secs(2);
 
 pub(super) type AmqpDelivery = Delivery<Body<Value>>;
+type Received = Result<Vec<AmqpDelivery>, String>;
+type Reply = oneshot::Sender<Received>;
 
 enum Command {
     Receive {
@@ -123,10 +125,7 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
     // A receive the link failed under, answered once the link is closed (so
     // that what the caller does next, such as putting a token on `$cbs`, does
     // not race this link's detach on the session).
-    let mut failed: Option<(
-        oneshot::Sender<Result<Vec<AmqpDelivery>, String>>,
-        Result<Vec<AmqpDelivery>, String>,
-    )> = None;
+    let mut failed: Option<(Reply, Received)> = None;
     loop {
         let deadline = pending.as_ref().map(|p| p.deadline);
         tokio::select! {
