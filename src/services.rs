@@ -118,6 +118,9 @@ impl Services {
                     },
                     custom_endpoint: settings.servicebus_custom_endpoint.clone(),
                     ca_file: settings.servicebus_ca_file.clone(),
+                    send_timeout: std::time::Duration::from_secs_f64(
+                        settings.servicebus_send_timeout_secs,
+                    ),
                     ..Default::default()
                 })
                 .await

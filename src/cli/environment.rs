@@ -149,6 +149,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "extra CA certificate (PEM) to trust for Service Bus",
     ),
     (
+        "RTPD_SERVICEBUS_SEND_TIMEOUT_SECS",
+        Reads::BACKENDS,
+        "how long one Service Bus send may take, busy waits included",
+    ),
+    (
         "RTPD_LOCK_DURATION_SECS",
         Reads::BACKENDS,
         "embedded queue's message lock",
