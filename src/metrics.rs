@@ -56,6 +56,8 @@ struct Metrics {
     reconciler_actions: Family<ResultLabel, Counter>,
     ledger_transactions: Family<StateLabel, Gauge>,
     api_rejected: Family<ReasonLabel, Counter>,
+    rejected_unrecorded: Counter,
+    http_protocol_errors: Counter,
 }
 
 fn get() -> &'static Metrics {
@@ -134,8 +136,22 @@ fn get() -> &'static Metrics {
             "API calls refused (4xx other than 404/405, and load shedding) by reason",
             api_rejected.clone(),
         );
+        let rejected_unrecorded = Counter::default();
+        registry.register(
+            "rejected_calls_unrecorded",
+            "Refused calls left out of rejected/v1 by sampling (counted in the next record of the same source and reason)",
+            rejected_unrecorded.clone(),
+        );
+        let http_protocol_errors = Counter::default();
+        registry.register(
+            "http_protocol_errors",
+            "Connections closed by the HTTP/1 parser for a malformed request or body (answered by actix before any route)",
+            http_protocol_errors.clone(),
+        );
         Metrics {
+            http_protocol_errors,
             api_rejected,
+            rejected_unrecorded,
             registry,
             ingest_requests,
             ingest_seconds,
@@ -162,6 +178,14 @@ pub fn api_rejected(reason: &'static str) {
         .api_rejected
         .get_or_create(&ReasonLabel { reason })
         .inc();
+}
+
+pub fn http_protocol_error() {
+    get().http_protocol_errors.inc();
+}
+
+pub fn rejected_call_unrecorded() {
+    get().rejected_unrecorded.inc();
 }
 
 pub fn wal_flushed(log: &'static str, records: usize, took: Duration, ok: bool) {

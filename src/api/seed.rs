@@ -1,9 +1,7 @@
 //! The seed's routes, same shapes as `transaction-queue-proxy`:
 //! `GET /metrics`, `GET /status`, `GET /transactions?limit=N`, `POST /replay/{id}`.
 
-use super::transactions::{
-    ReplayAccepted, ReplayBody, do_replay, ledger_error, parse_limit, parse_replay_body,
-};
+use super::transactions::{ReplayAccepted, ReplayBody, ledger_error, parse_limit, replay_route};
 use super::{ApiError, ApiState, error::ErrorBody, health};
 use crate::ledger::ListQuery;
 use crate::metrics as prom;
@@ -185,7 +183,7 @@ pub async fn transactions(
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),
-        (status = 400, description = "Invalid id or body", body = ErrorBody),
+        (status = 400, description = "Invalid id or body, or force without a reason", body = ErrorBody),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
@@ -197,9 +195,8 @@ pub async fn transactions(
 pub async fn replay(
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = parse_replay_body(&body)?;
-    do_replay(&req, &path, body, &state).await
+    replay_route(&req, &path, payload, &state).await
 }

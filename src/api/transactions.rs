@@ -138,7 +138,7 @@ pub struct ReplayBody {
     /// Required to replay a transaction that already succeeded (the downstream is called again).
     #[serde(default)]
     pub force: bool,
-    /// Why (recorded in the outcome journal).
+    /// Why (recorded in the outcome journal); required with `force`.
     pub reason: Option<String>,
 }
 
@@ -152,14 +152,41 @@ pub struct ReplayAccepted {
     pub message: String,
 }
 
-/// Shared by `POST /v1/transactions/{id}/replay` and the seed's `POST /replay/{id}`.
-pub async fn do_replay(
+/// Shared by `POST /v1/transactions/{id}/replay` and the seed's `POST
+/// /replay/{id}`: the operator is authenticated before a byte of the body
+/// is read, and the body is read by the one body reader (size limit, read
+/// timeout), so an anonymous client cannot hold a slot by sending slowly.
+pub async fn replay_route(
     req: &HttpRequest,
+    id: &str,
+    payload: web::Payload,
+    state: &ApiState,
+) -> Result<HttpResponse, ApiError> {
+    let who = state.admin(req)?;
+    let settings = &state.settings;
+    let body = super::ingest::read_body(
+        req,
+        payload,
+        settings.max_body_bytes,
+        settings.request_timeout(),
+    )
+    .await?;
+    let body = parse_replay_body(&body)?;
+    if body.force && body.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        return Err(ApiError::bad(
+            "reason_required",
+            "a forced replay calls the downstream again: say why in \"reason\"",
+        ));
+    }
+    do_replay(who, id, body, state).await
+}
+
+async fn do_replay(
+    who: Principal,
     id: &str,
     body: ReplayBody,
     state: &ApiState,
 ) -> Result<HttpResponse, ApiError> {
-    let who = state.admin(req)?;
     let id = valid_id(id)?;
     let r = ReplayRequest {
         force: body.force,
@@ -208,7 +235,7 @@ pub async fn do_replay(
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),
-        (status = 400, description = "Invalid id or body", body = ErrorBody),
+        (status = 400, description = "Invalid id or body, or force without a reason", body = ErrorBody),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
@@ -220,11 +247,10 @@ pub async fn do_replay(
 pub async fn replay(
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = parse_replay_body(&body)?;
-    do_replay(&req, &path, body, &state).await
+    replay_route(&req, &path, payload, &state).await
 }
 
 pub fn parse_replay_body(body: &[u8]) -> Result<ReplayBody, ApiError> {

@@ -96,6 +96,12 @@ pub fn operator(given: Option<&str>) -> Operator {
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let scope = opts.scope()?;
     let settings = Settings::load()?;
+    if let Scope::Received { from, to } = &scope {
+        time_arg::check_retention(*from, *to, settings.wal_retention_days)?;
+    }
+    if opts.force && opts.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        anyhow::bail!("--force calls the downstream again: say why with --reason");
+    }
     let svc = Services::build(&settings).await?;
     let req = ReplayRequest {
         force: opts.force,

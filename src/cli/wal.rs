@@ -50,6 +50,9 @@ fn log_of<'a>(svc: &'a Services, w: &Window) -> &'a Log {
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let settings = Settings::load()?;
+    if let WalCommand::Ls(w) = &opts.command {
+        time_arg::check_retention(w.from, w.to, settings.wal_retention_days)?;
+    }
     let svc = Services::build(&settings).await?;
     match opts.command {
         WalCommand::Ls(w) => {
@@ -85,6 +88,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 printed += 1;
             }
             if printed == 0 {
+                time_arg::check_retention(window.from, window.to, settings.wal_retention_days)?;
                 for s in log.segments(window.from, window.to).await? {
                     for (_, bytes) in log.read_segment(&s.key).await? {
                         let id = serde_json::from_slice::<serde_json::Value>(&bytes)
