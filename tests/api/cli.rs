@@ -253,7 +253,9 @@ async fn replays_are_journaled_with_who_asked_and_how() {
     app.drain_until_terminal(&["WHO-1"]).await;
     // From the command line: --operator, else $USER, marked as such.
     let out = rtpd()
-        .args(["replay", "WHO-1", "--force", "--reason", "cli test"])
+        .args([
+            "replay", "WHO-1", "--vendor", "acme", "--force", "--reason", "cli test",
+        ])
         .env("RTPD_DATA_DIR", app.data_dir())
         .env("USER", "carol")
         .output()

@@ -190,7 +190,7 @@ async fn slow_anonymous_replays_against_the_release_binary_leave_vendor_posts_20
     loop {
         let calls = mock_calls(mock_port).await;
         let n = (0..5)
-            .filter(|i| calls["by_key"].get(format!("REL-{i}")).is_some())
+            .filter(|i| calls["by_key"].get(format!("dev-vendor/REL-{i}")).is_some())
             .count();
         if n == 5 {
             break;
@@ -433,7 +433,7 @@ async fn any_content_encoding_but_identity_is_refused_with_415_on_every_route() 
         .unwrap();
     assert_error(r, 415, "unsupported_content_encoding", "br").await;
     for id in ["GZ-1", "GZ-2", "GZ-3"] {
-        assert!(app.services.ledger.get(id).await.unwrap().is_none(), "{id}");
+        assert!(app.find(id).await.is_none(), "{id}");
     }
     // Replay and GET routes: the same.
     let r = app
@@ -565,7 +565,7 @@ async fn duplicate_or_mixed_credentials_are_refused() {
         .await
         .unwrap();
     assert_error(r, 400, "duplicate_credentials", "two X-Api-Key").await;
-    assert!(app.services.ledger.get("DUP-1").await.unwrap().is_none());
+    assert!(app.find("DUP-1").await.is_none());
     let r = app
         .client
         .get(&url)
@@ -604,7 +604,7 @@ async fn duplicate_or_mixed_credentials_are_refused() {
         .await
         .unwrap();
     assert_error(r, 400, "ambiguous_credentials", "key + signature").await;
-    assert!(app.services.ledger.get("DUP-2").await.unwrap().is_none());
+    assert!(app.find("DUP-2").await.is_none());
 }
 
 #[tokio::test]
@@ -783,4 +783,189 @@ async fn malformed_requests_are_counted_and_not_logged_as_errors() {
         !text.lines().any(|l| l.contains("ERROR")),
         "a client's malformed request wrote an ERROR line:\n{text}"
     );
+}
+
+/// Signed GET of one transaction as the signing vendor.
+async fn signed_get(app: &crate::support::TestApp, path: &str) -> reqwest::Response {
+    let ts = now_unix();
+    app.client
+        .get(format!("{}{path}", app.address))
+        .header("X-Rtpd-Vendor", HMAC_VENDOR)
+        .header("X-Rtpd-Timestamp", ts.to_string())
+        .header(
+            "X-Rtpd-Signature",
+            rtp_durability::auth::sign(
+                crate::support::HMAC_SECRET.as_bytes(),
+                ts,
+                format!("GET {path}").as_bytes(),
+            ),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_vendors_may_send_the_same_transaction_id() {
+    let app = spawn_app().await;
+    // The signing vendor takes the id first.
+    let theirs = r#"{"transaction_id":"T-1","amount":"2.00"}"#;
+    let r = app.post_signed(theirs, now_unix()).await;
+    assert_eq!(r.status(), 202);
+    let their_receipt = json(r).await;
+    // The other vendor's payment with the same id is its own transaction,
+    // and nothing of the first one shows.
+    let ours = json!({"transaction_id": "T-1", "amount": "1.00"});
+    let r = app.post_json(&ours).await;
+    assert_eq!(r.status(), 202);
+    let receipt = json(r).await;
+    assert_eq!(receipt["transaction_id"], "T-1");
+    assert_ne!(receipt["wal"]["ref"], their_receipt["wal"]["ref"]);
+    assert_ne!(receipt["wal"]["sha256"], their_receipt["wal"]["sha256"]);
+    let r = app.post_json(&ours).await;
+    assert_eq!(r.status(), 200);
+    let again = json(r).await;
+    assert_eq!(again["wal"], receipt["wal"], "our own receipt");
+    let r = app
+        .post_json(&json!({"transaction_id": "T-1", "amount": "9.00"}))
+        .await;
+    let conflict = assert_error(r, 409, "conflict", "our own conflict").await;
+    assert_eq!(conflict["transaction_id"], "T-1");
+
+    let mine = json(app.get_tx("T-1").await).await;
+    assert_eq!(mine["vendor"], "acme");
+    assert_eq!(mine["transaction_id"], "T-1");
+    assert_eq!(mine["sha256"], receipt["wal"]["sha256"]);
+    let r = signed_get(&app, "/v1/transactions/T-1").await;
+    assert_eq!(r.status(), 200);
+    let other = json(r).await;
+    assert_eq!(other["vendor"], HMAC_VENDOR);
+    assert_eq!(other["sha256"], their_receipt["wal"]["sha256"]);
+
+    // Operators name the vendor when two share an id.
+    let r = app.admin_get("/v1/transactions/T-1").await;
+    assert_error(r, 400, "ambiguous_transaction_id", "two vendors' T-1").await;
+    let r = app.admin_get("/v1/transactions/T-1?vendor=acme").await;
+    assert_eq!(json(r).await["sha256"], receipt["wal"]["sha256"]);
+    let r = app
+        .admin_get(&format!("/v1/transactions/T-1?vendor={HMAC_VENDOR}"))
+        .await;
+    assert_eq!(json(r).await["vendor"], HMAC_VENDOR);
+    let list = json(app.admin_get("/v1/transactions").await).await;
+    let mut vendors: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["transaction_id"] == "T-1")
+        .map(|i| i["vendor"].as_str().unwrap())
+        .collect();
+    vendors.sort();
+    assert_eq!(vendors, ["acme", HMAC_VENDOR]);
+
+    // Two transactions downstream: one call each, under keys that differ.
+    app.drain_until_terminal(&["acme/T-1", "globex/T-1"]).await;
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["acme/T-1"]["calls"], 1, "{calls}");
+    assert_eq!(calls["by_key"]["globex/T-1"]["calls"], 1, "{calls}");
+    let r = app
+        .admin_post(
+            &format!("/v1/transactions/T-1/replay?vendor={HMAC_VENDOR}"),
+            Some(json!({"force": true, "reason": "vendor asked"})),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let replayed = json(r).await;
+    assert_eq!(replayed["transaction_id"], "T-1");
+    assert_eq!(replayed["vendor"], HMAC_VENDOR);
+    app.drain_until_terminal(&["globex/T-1"]).await;
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["globex/T-1"]["calls"], 2);
+    assert_eq!(calls["by_key"]["acme/T-1"]["calls"], 1);
+}
+
+#[tokio::test]
+async fn entries_written_before_vendor_scoping_stay_their_vendors() {
+    use rtp_durability::transaction::{Sha256, TransactionId};
+    use rtp_durability::wal::{Source, WalRecord};
+    let app = spawn_app().await;
+    // An entry from before keys were scoped: under the bare id, recording
+    // its vendor.
+    let body = r#"{"transaction_id":"OLD-1"}"#;
+    let at = chrono::Utc::now();
+    let record = WalRecord {
+        v: 1,
+        transaction_id: TransactionId::parse("OLD-1").unwrap(),
+        received_at: at,
+        source: Source {
+            vendor: Some("acme".into()),
+            remote_addr: None,
+        },
+        sha256: Sha256::of(body.as_bytes()),
+        payload: body.into(),
+    };
+    let wal_ref = app.services.wal.append_json(&record, at).await.unwrap();
+    let mut reg = record.registration(&wal_ref);
+    reg.transaction_id = TransactionId::parse("OLD-1").unwrap();
+    app.services.ledger.register(reg).await.unwrap();
+
+    // Its vendor finds it: a repeat is a duplicate, not a new transaction.
+    let r = app
+        .post_raw(body.to_owned(), "application/json", Some(API_KEY))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["wal"]["ref"], wal_ref.to_string());
+    assert_eq!(json(app.get_tx("OLD-1").await).await["vendor"], "acme");
+    // Another vendor's OLD-1 is another transaction.
+    let r = app.post_signed(body, now_unix()).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        signed_get(&app, "/v1/transactions/OLD-1").await.status(),
+        200
+    );
+    let r = app.admin_get("/v1/transactions/OLD-1?vendor=acme").await;
+    assert_eq!(json(r).await["wal_ref"], wal_ref.to_string());
+    // The reconciler sees the old entry as the WAL record's: nothing is
+    // missing from the ledger.
+    let now = chrono::Utc::now();
+    let mut o = rtp_durability::reconcile::ReconcileOptions::new(
+        now - chrono::Duration::hours(1),
+        now + chrono::Duration::minutes(1),
+        Duration::from_secs(3600),
+    );
+    o.dry_run = true;
+    let report = app.services.reconciler().reconcile(&o).await.unwrap();
+    assert_eq!(report.missing_from_ledger, 0, "{report:?}");
+    assert_eq!(report.conflicting, 0, "{report:?}");
+}
+
+#[test]
+fn queue_message_ids_stay_within_128_characters() {
+    use rtp_durability::envelope::{Delivery, Envelope};
+    use rtp_durability::transaction::{Registration, Sha256, TransactionId};
+    let key = format!("{}/{}", "v".repeat(64), "i".repeat(128));
+    let reg = Registration {
+        transaction_id: TransactionId::parse_key(&key).unwrap(),
+        sha256: Sha256::of(b"{}"),
+        wal_ref: "wal/v1/2026/01/01/00/s.ndjson#0+2".parse().unwrap(),
+        vendor: Some("v".repeat(64)),
+        received_at: chrono::Utc::now(),
+    };
+    for d in [
+        Delivery::Initial,
+        Delivery::Retry(3),
+        Delivery::Replay("n".repeat(32)),
+    ] {
+        let m =
+            Envelope::new(reg.clone(), bytes::Bytes::from_static(b"{}"), d.clone()).to_message();
+        assert!(m.message_id.len() <= 128, "{d:?}: {}", m.message_id);
+        let again = Envelope::new(reg.clone(), bytes::Bytes::from_static(b"{}"), d).to_message();
+        assert_eq!(m.message_id, again.message_id, "the same copy, the same id");
+        assert_eq!(m.properties["transaction_id"], key);
+    }
+    let short = Registration {
+        transaction_id: TransactionId::parse_key("acme/T-1").unwrap(),
+        ..reg
+    };
+    let m = Envelope::new(short, bytes::Bytes::from_static(b"{}"), Delivery::Initial).to_message();
+    assert_eq!(m.message_id, "acme/T-1");
 }
