@@ -264,15 +264,23 @@ async fn probes_answer_while_the_vendor_pool_is_full() {
     })
     .await;
     // A vendor's slow body holds the only vendor slot.
-    let holder = slow_request(
-        &app.address,
-        format!(
-            "POST /v1/transactions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
-             X-Api-Key: {API_KEY}\r\nContent-Length: 100\r\n\r\n{{"
-        ),
-    );
+    let hold = || {
+        slow_request(
+            &app.address,
+            format!(
+                "POST /v1/transactions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+                 X-Api-Key: {API_KEY}\r\nContent-Length: 100\r\n\r\n{{"
+            ),
+        )
+    };
+    let mut holder = hold();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        // A probe can take the slot just as the holder arrives (the holder
+        // then gets the 503): start it again.
+        if holder.is_finished() {
+            holder = hold();
+        }
         if app.get_tx("P-1").await.status() == 503 {
             break;
         }
