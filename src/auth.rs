@@ -593,6 +593,14 @@ impl Auth {
         self.inner.is_some()
     }
 
+    /// The names of the vendors configured now (none with `RTPD_AUTH=none`),
+    /// for operators looking up an id without naming its vendor.
+    pub fn vendor_names(&self) -> Vec<String> {
+        self.current()
+            .map(|i| i.vendors.iter().map(|v| v.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// The credentials in use now.
     fn current(&self) -> Option<Arc<Inner>> {
         self.inner.as_ref().map(|live| live.current.load_full())

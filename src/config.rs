@@ -32,6 +32,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_REDIS_KEY_PREFIX",
     "RTPD_REDIS_ENTRA",
     "RTPD_LEDGER_RETENTION_DAYS",
+    "RTPD_WAL_RETENTION_DAYS",
     "RTPD_POSTGRES_URL",
     "RTPD_POSTGRES_ENTRA",
     "RTPD_POSTGRES_PAYLOAD",
@@ -70,6 +71,9 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_VENDOR_RATE_PER_SEC",
     "RTPD_VENDOR_RATE_BURST",
     "RTPD_MAX_IN_FLIGHT",
+    "RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED",
+    "RTPD_UNAUTHENTICATED_RATE_PER_SEC",
+    "RTPD_UNAUTHENTICATED_RATE_BURST",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +271,17 @@ pub struct Settings {
     pub vendor_rate_burst: u32,
     /// Requests handled at once by this process; beyond it, 503.
     pub max_in_flight: usize,
+    /// Of those, requests without a credential that checks out before the
+    /// body (anonymous, bad key, bad token): their own smaller pool, so
+    /// they cannot take the vendors' slots.
+    pub max_in_flight_unauthenticated: usize,
+    /// Unauthenticated requests per second per source address (IPv4
+    /// address, IPv6 /64); 0 switches the limit off.
+    pub unauthenticated_rate_per_sec: u32,
+    pub unauthenticated_rate_burst: u32,
+    /// How far back the WAL is kept (the storage lifecycle rule); operator
+    /// time ranges that reach further back are refused.
+    pub wal_retention_days: u32,
 }
 
 impl Default for Settings {
@@ -329,6 +344,10 @@ impl Default for Settings {
             vendor_rate_per_sec: 2000,
             vendor_rate_burst: 4000,
             max_in_flight: 1024,
+            max_in_flight_unauthenticated: 64,
+            unauthenticated_rate_per_sec: 20,
+            unauthenticated_rate_burst: 40,
+            wal_retention_days: 400,
         }
     }
 }
@@ -526,6 +545,24 @@ impl Settings {
         }
         if self.max_in_flight == 0 {
             return Err(ConfigError::new("RTPD_MAX_IN_FLIGHT", "must be at least 1"));
+        }
+        if self.max_in_flight_unauthenticated == 0 {
+            return Err(ConfigError::new(
+                "RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED",
+                "must be at least 1",
+            ));
+        }
+        if self.unauthenticated_rate_per_sec > 0 && self.unauthenticated_rate_burst == 0 {
+            return Err(ConfigError::new(
+                "RTPD_UNAUTHENTICATED_RATE_BURST",
+                "must be at least 1 when RTPD_UNAUTHENTICATED_RATE_PER_SEC is set",
+            ));
+        }
+        if self.wal_retention_days == 0 {
+            return Err(ConfigError::new(
+                "RTPD_WAL_RETENTION_DAYS",
+                "must be at least 1 (the days of WAL the storage keeps)",
+            ));
         }
         if !matches!(self.downstream_url.scheme(), "http" | "https") {
             return Err(ConfigError::new(

@@ -94,6 +94,9 @@ pub struct Envelope {
     pub scheduled: Option<DateTime<Utc>>,
 }
 
+/// Service Bus's limit on a message id.
+pub const MAX_MESSAGE_ID_LEN: usize = 128;
+
 impl Envelope {
     pub fn new(registration: Registration, payload: Bytes, delivery: Delivery) -> Envelope {
         Envelope {
@@ -113,14 +116,23 @@ impl Envelope {
         &self.registration.transaction_id
     }
 
-    /// The transaction id for the first enqueue, a distinct id for every later copy.
+    /// The transaction's key for the first enqueue, a distinct id for every
+    /// later copy. Service Bus message ids are at most 128 characters and a
+    /// key (`<vendor>/<id>`) may be up to 193: a longer one is replaced by
+    /// `sha256:<hex of it>` (the same every time, so duplicate detection
+    /// still works); the `transaction_id` property keeps the key.
     pub fn message_id(&self) -> String {
         let id = &self.registration.transaction_id;
-        match &self.delivery {
+        let id = match &self.delivery {
             Delivery::Initial => id.to_string(),
             Delivery::Retry(n) => format!("{id}:retry:{n}"),
             Delivery::Replay(nonce) => format!("{id}:replay:{nonce}"),
             Delivery::Redrive(nonce) => format!("{id}:redrive:{nonce}"),
+        };
+        if id.len() <= MAX_MESSAGE_ID_LEN {
+            id
+        } else {
+            format!("sha256:{}", Sha256::of(id.as_bytes()))
         }
     }
 
@@ -154,7 +166,7 @@ impl Envelope {
     pub fn from_message(m: &ReceivedMessage) -> Result<Envelope, EnvelopeError> {
         let p = &m.properties;
         let get = |name: &'static str| p.get(name).ok_or(EnvelopeError::Missing(name));
-        let transaction_id = TransactionId::parse(get(props::TRANSACTION_ID)?)
+        let transaction_id = TransactionId::parse_key(get(props::TRANSACTION_ID)?)
             .map_err(|e| EnvelopeError::Invalid(props::TRANSACTION_ID, e.to_string()))?;
         let sha256 = Sha256::from(get(props::SHA256)?.as_str());
         let wal_ref: WalRef =

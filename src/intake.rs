@@ -11,7 +11,7 @@
 //! from the WAL (`enqueued: false`).
 
 use crate::envelope::{Delivery, Envelope};
-use crate::ledger::{Ledger, LedgerError, RegisterOutcome};
+use crate::ledger::{self, Ledger, LedgerError, RegisterOutcome};
 use crate::queue::Queue;
 use crate::resend::Resend;
 use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
@@ -20,7 +20,8 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 /// One transaction as a transport received it, already validated: the id is
-/// parsed and the payload is a UTF-8 JSON object.
+/// parsed and the payload is a UTF-8 JSON object. The id is the vendor's;
+/// intake keys the transaction by (vendor, id).
 #[derive(Debug, Clone)]
 pub struct Submission {
     pub transaction_id: TransactionId,
@@ -87,9 +88,9 @@ pub struct Intake {
 
 impl Intake {
     pub async fn accept(&self, s: Submission) -> Result<IntakeOutcome, IntakeError> {
-        if let Some(rec) = self
-            .ledger
-            .get(&s.transaction_id)
+        // The same id from two vendors is two transactions.
+        let key = TransactionId::scoped(s.source.vendor.as_deref(), &s.transaction_id);
+        if let Some(rec) = ledger::find(&*self.ledger, &key)
             .await
             .map_err(ledger_error)?
         {
@@ -124,7 +125,7 @@ impl Intake {
                 }
             })?;
         let reg = Registration {
-            transaction_id: s.transaction_id.clone(),
+            transaction_id: key,
             sha256: s.sha256.clone(),
             wal_ref,
             vendor: s.source.vendor.clone(),

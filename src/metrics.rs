@@ -68,6 +68,8 @@ struct Metrics {
     recovery_oldest_wait: Gauge<f64, AtomicU64>,
     resend: Family<ResultLabel, Counter>,
     dependency_returned: Family<DependencyLabel, Counter>,
+    rejected_unrecorded: Counter,
+    http_protocol_errors: Counter,
 }
 
 fn get() -> &'static Metrics {
@@ -170,12 +172,26 @@ fn get() -> &'static Metrics {
             "A dependency answered again after an outage (each triggers a recovery pass)",
             dependency_returned.clone(),
         );
+        let rejected_unrecorded = Counter::default();
+        registry.register(
+            "rejected_calls_unrecorded",
+            "Refused calls left out of rejected/v1 by sampling (counted in the next record of the same source and reason)",
+            rejected_unrecorded.clone(),
+        );
+        let http_protocol_errors = Counter::default();
+        registry.register(
+            "http_protocol_errors",
+            "Connections closed by the HTTP/1 parser for a malformed request or body (answered by actix before any route)",
+            http_protocol_errors.clone(),
+        );
         Metrics {
             recovery_waiting,
             recovery_oldest_wait,
             resend,
             dependency_returned,
+            http_protocol_errors,
             api_rejected,
+            rejected_unrecorded,
             registry,
             ingest_requests,
             ingest_seconds,
@@ -202,6 +218,14 @@ pub fn api_rejected(reason: &'static str) {
         .api_rejected
         .get_or_create(&ReasonLabel { reason })
         .inc();
+}
+
+pub fn http_protocol_error() {
+    get().http_protocol_errors.inc();
+}
+
+pub fn rejected_call_unrecorded() {
+    get().rejected_unrecorded.inc();
 }
 
 pub fn wal_flushed(log: &'static str, records: usize, took: Duration, ok: bool) {

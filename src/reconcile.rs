@@ -289,21 +289,27 @@ impl Reconciler {
                         continue;
                     }
                 };
-                if wal.received_at < o.from
-                    || wal.received_at > o.to
-                    || !seen.insert(wal.transaction_id.clone())
-                {
+                if wal.received_at < o.from || wal.received_at > o.to || !seen.insert(wal.key()) {
                     continue;
                 }
-                let id = wal.transaction_id.clone();
-                let current = self.ledger.get(&id).await?;
+                // The vendor-scoped key, or the key of an entry written
+                // before keys were scoped (then that key is used throughout).
+                let mut id = wal.key();
+                let current = crate::ledger::find(&*self.ledger, &id).await?;
+                if let Some(c) = &current {
+                    id = c.transaction_id.clone();
+                }
                 if current.as_ref().is_some_and(|c| c.sha256 != wal.sha256) {
                     report.conflicting += 1;
                     continue;
                 }
                 let wal_ref = current.as_ref().map_or(wal_ref, |c| c.wal_ref.clone());
-                let reg = wal.registration(&wal_ref);
-                let known = journal.known(&id);
+                let mut reg = wal.registration(&wal_ref);
+                reg.transaction_id = id.clone();
+                // Outcomes journaled before keys were scoped are under the bare id.
+                let known = journal
+                    .known(&id)
+                    .or_else(|| id.unscoped().and_then(|bare| journal.known(&bare)));
                 let now = crate::clock::now();
                 let p = plan(current.as_ref(), &reg, known.as_ref(), now, o);
                 let unfinished = match &p {

@@ -5,7 +5,7 @@ use crate::envelope::{Delivery, Envelope, transaction_id_of};
 use crate::journal::{EntryKind, Journal, JournalEntry};
 use crate::ledger::{Ledger, LedgerError, ReplayOutcome};
 use crate::queue::{Queue, QueueError, ReceivedMessage};
-use crate::transaction::{State, TxRecord, WalRef, machine};
+use crate::transaction::{State, TransactionId, TxRecord, WalRef, machine};
 use crate::wal::{Log, WalError, WalRecord};
 use bytes::Bytes;
 use chrono::Utc;
@@ -91,10 +91,22 @@ pub async fn load_record(wal: &Log, wal_ref: &WalRef) -> Result<WalRecord, WalEr
 }
 
 impl Replayer {
-    pub async fn replay_one(&self, id: &str, req: &ReplayRequest) -> Result<Replayed, ReplayError> {
-        let Some(current) = self.ledger.get(id).await? else {
+    /// Replays the transaction with this key (`<vendor>/<id>`, or a bare id
+    /// when authentication is off or for an entry written before keys were
+    /// scoped by vendor).
+    pub async fn replay_one(
+        &self,
+        key: &str,
+        req: &ReplayRequest,
+    ) -> Result<Replayed, ReplayError> {
+        let Ok(key) = TransactionId::parse_key(key) else {
             return Ok(Replayed::NotFound);
         };
+        let Some(current) = crate::ledger::find(&*self.ledger, &key).await? else {
+            return Ok(Replayed::NotFound);
+        };
+        let id = current.transaction_id.to_string();
+        let id = id.as_str();
         if !machine::may_replay(&current, req.force, crate::clock::now()) {
             return Ok(Replayed::Refused(current));
         }
@@ -130,8 +142,10 @@ impl Replayer {
             ReplayOutcome::Refused(r) => return Ok(Replayed::Refused(r)),
             ReplayOutcome::NotFound => return Ok(Replayed::NotFound),
         };
+        let mut reg = wal.registration(&current.wal_ref);
+        reg.transaction_id = current.transaction_id.clone();
         let msg = Envelope::new(
-            wal.registration(&current.wal_ref),
+            reg,
             Bytes::from(wal.payload.into_bytes()),
             Delivery::Replay(nonce),
         )
@@ -201,7 +215,7 @@ impl Replayer {
                             && w.received_at >= *from
                             && w.received_at <= *to
                         {
-                            push(w.transaction_id.to_string(), &mut ids);
+                            push(w.key().to_string(), &mut ids);
                         }
                     }
                 }

@@ -8,7 +8,11 @@ use std::fmt;
 /// Longest accepted transaction id.
 pub const MAX_ID_LEN: usize = 128;
 
-/// A validated transaction id: 1–128 characters of `A-Za-z0-9._:-`.
+/// Longest vendor name (credentials refuse longer ones).
+pub const MAX_VENDOR_LEN: usize = 64;
+
+/// A validated transaction id: 1–128 characters of `A-Za-z0-9._:-` — or,
+/// as a ledger key, `<vendor>/<id>` (see [`TransactionId::scoped`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct TransactionId(String);
@@ -43,6 +47,61 @@ impl TransactionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key of `id` received from `vendor`: `<vendor>/<id>`. A
+    /// transaction is identified by (vendor, id): the same id from two
+    /// vendors is two transactions, with two ledger entries, two queue
+    /// identities and two downstream `Idempotency-Key`s. `/` is allowed in
+    /// neither ids nor vendor names, so a key reads one way only (`:` would
+    /// not do: ids may contain it). Without a vendor (`RTPD_AUTH=none`) the
+    /// key is the id itself, as in the seed.
+    ///
+    /// Entries written before keys were scoped are under the bare id and
+    /// belong to the vendor recorded in them: see `ledger::find`.
+    pub fn scoped(vendor: Option<&str>, id: &TransactionId) -> TransactionId {
+        match vendor {
+            Some(v) if id.scope().is_none() => TransactionId(format!("{v}/{}", id.0)),
+            _ => id.clone(),
+        }
+    }
+
+    /// The vendor of a scoped key.
+    pub fn scope(&self) -> Option<&str> {
+        self.0.split_once('/').map(|(v, _)| v)
+    }
+
+    /// The vendor's own id: the key without its `<vendor>/`.
+    pub fn vendor_id(&self) -> TransactionId {
+        match self.0.split_once('/') {
+            Some((_, id)) => TransactionId(id.to_owned()),
+            None => self.clone(),
+        }
+    }
+
+    /// The bare id of a scoped key (where an entry written before scoping is).
+    pub fn unscoped(&self) -> Option<TransactionId> {
+        self.0
+            .split_once('/')
+            .map(|(_, id)| TransactionId(id.to_owned()))
+    }
+
+    /// An id, or a `<vendor>/<id>` key (what ledgers, queue messages and
+    /// the journal hold). Input from vendors goes through [`Self::parse`].
+    pub fn parse_key(s: &str) -> Result<Self, InvalidId> {
+        let Some((vendor, id)) = s.split_once('/') else {
+            return Self::parse(s);
+        };
+        let vendor_ok = !vendor.is_empty()
+            && vendor.len() <= MAX_VENDOR_LEN
+            && vendor
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !vendor_ok {
+            return Err(InvalidId::IllegalCharacter);
+        }
+        Self::parse(id)?;
+        Ok(Self(s.to_owned()))
+    }
 }
 
 impl fmt::Display for TransactionId {
@@ -54,7 +113,7 @@ impl fmt::Display for TransactionId {
 impl<'de> Deserialize<'de> for TransactionId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        TransactionId::parse(&s).map_err(serde::de::Error::custom)
+        TransactionId::parse_key(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -487,6 +546,18 @@ mod tests {
             Err(InvalidId::TooLong)
         );
         assert!(TransactionId::parse(&"a".repeat(128)).is_ok());
+        // Ledger keys: `<vendor>/<id>`, never from a vendor's input.
+        assert!(TransactionId::parse("acme/T-1").is_err());
+        let key = TransactionId::parse_key("acme/T:1").unwrap();
+        assert_eq!(key.scope(), Some("acme"));
+        assert_eq!(key.vendor_id(), "T:1");
+        assert!(TransactionId::parse_key("a/b/c").is_err());
+        assert!(TransactionId::parse_key("/x").is_err());
+        assert!(TransactionId::parse_key(&format!("{}/x", "v".repeat(65))).is_err());
+        let id = TransactionId::parse("T:1").unwrap();
+        assert_eq!(TransactionId::scoped(Some("acme"), &id), key);
+        assert_eq!(TransactionId::scoped(None, &id), id);
+        assert_eq!(TransactionId::scoped(Some("other"), &key), key);
         for bad in ["a b", "a/b", "é", "a\n", "a#b"] {
             assert_eq!(
                 TransactionId::parse(bad),

@@ -41,6 +41,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("content type must be application/json")]
     UnsupportedMediaType,
+    #[error(
+        "request bodies are not accepted with a Content-Encoding (other than identity); send them uncompressed"
+    )]
+    UnsupportedContentEncoding,
     #[error("{what} is unavailable; retry later")]
     Unavailable {
         what: &'static str,
@@ -83,6 +87,7 @@ impl ApiError {
             ApiError::InvalidState(_) => "invalid_state",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedContentEncoding => "unsupported_content_encoding",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::TooManyRequests { .. } => "rate_limited",
             ApiError::RequestTimeout => "request_timeout",
@@ -102,7 +107,9 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } | ApiError::InvalidState(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedContentEncoding => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

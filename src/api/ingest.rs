@@ -177,7 +177,8 @@ pub struct WalReceipt {
 impl Receipt {
     fn of(rec: TxRecord) -> Receipt {
         Receipt {
-            transaction_id: rec.transaction_id,
+            // The vendor's own id, not the ledger's `<vendor>/<id>` key.
+            transaction_id: rec.transaction_id.vendor_id(),
             status: rec.status,
             received_at: rec.created_at,
             wal: WalReceipt {
@@ -285,7 +286,7 @@ async fn accept(
             ..Receipt::of(record)
         })),
         IntakeOutcome::Conflict(record) => Err(ApiError::Conflict {
-            id: record.transaction_id.to_string(),
+            id: record.transaction_id.vendor_id().to_string(),
             status: record.status.to_string(),
         }),
     }

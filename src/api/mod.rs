@@ -28,8 +28,71 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
-use std::{num::NonZeroU32, sync::Arc};
+use std::{net::IpAddr, num::NonZeroU32, sync::Arc};
 use tokio::sync::Semaphore;
+
+/// Requests to the probe routes (`/healthz`, `/readyz`, `/metrics`,
+/// `/status`) handled at once: a pool of their own, so neither vendors nor
+/// anonymous clients can starve the platform's probes, and probes cannot
+/// take the vendors' slots.
+pub const PROBE_IN_FLIGHT: usize = 16;
+
+/// Routes served from the probe pool.
+pub fn is_probe_route(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/status")
+}
+
+/// Headers that carry a credential. Each may appear once; a request that
+/// repeats one is refused rather than served by whichever copy came first.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    API_KEY_HEADER,
+    VENDOR_HEADER,
+    TIMESTAMP_HEADER,
+    SIGNATURE_HEADER,
+    WEBHOOK_ID_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+];
+
+/// Refuses credentials that could be read two ways: a repeated credential
+/// header, or more than one scheme at once (say an API key and a Bearer
+/// token: serving that as the stronger of the two would let whichever check
+/// runs first decide).
+pub fn check_credential_headers(req: &HttpRequest) -> Result<(), ApiError> {
+    let h = req.headers();
+    for name in CREDENTIAL_HEADERS {
+        if h.get_all(*name).nth(1).is_some() {
+            return Err(ApiError::bad(
+                "duplicate_credentials",
+                format!(
+                    "the {name} header appears more than once; send each credential header once"
+                ),
+            ));
+        }
+    }
+    let schemes = [
+        h.contains_key("authorization"),
+        h.contains_key(API_KEY_HEADER),
+        [VENDOR_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER]
+            .iter()
+            .any(|n| h.contains_key(*n)),
+        [
+            WEBHOOK_ID_HEADER,
+            WEBHOOK_TIMESTAMP_HEADER,
+            WEBHOOK_SIGNATURE_HEADER,
+        ]
+        .iter()
+        .any(|n| h.contains_key(*n)),
+    ];
+    if schemes.iter().filter(|s| **s).count() > 1 {
+        return Err(ApiError::bad(
+            "ambiguous_credentials",
+            "send one kind of credential: Authorization: Bearer, X-Api-Key, X-Rtpd-* signature headers, or webhook-* signature headers",
+        ));
+    }
+    Ok(())
+}
 
 pub struct ApiState {
     pub settings: Settings,
@@ -43,6 +106,16 @@ pub struct ApiState {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     /// Requests handled at once, across workers (`RTPD_MAX_IN_FLIGHT`).
     pub in_flight: Arc<Semaphore>,
+    /// Requests without a credential that checks out before the body
+    /// (`RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED`), apart from `in_flight`.
+    pub unauthenticated: Arc<Semaphore>,
+    /// The probe routes' own pool ([`PROBE_IN_FLIGHT`]).
+    pub probes: Arc<Semaphore>,
+    /// Unauthenticated requests per source address (IPv6: /64); `None`
+    /// when `RTPD_UNAUTHENTICATED_RATE_PER_SEC=0`.
+    source_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Which refused calls are written to `rejected/v1`.
+    pub rejected_sampler: rejected::Sampler,
 }
 
 /// The authenticated vendor of a request, kept in its extensions so a
@@ -115,7 +188,16 @@ impl ApiState {
             RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
         let in_flight = Arc::new(Semaphore::new(s.max_in_flight));
+        let unauthenticated = Arc::new(Semaphore::new(s.max_in_flight_unauthenticated));
+        let source_limiter = NonZeroU32::new(s.unauthenticated_rate_per_sec).map(|rate| {
+            let burst = NonZeroU32::new(s.unauthenticated_rate_burst).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
         ApiState {
+            unauthenticated,
+            probes: Arc::new(Semaphore::new(PROBE_IN_FLIGHT)),
+            source_limiter,
+            rejected_sampler: rejected::Sampler::default(),
             settings,
             auth,
             intake,
@@ -125,6 +207,45 @@ impl ApiState {
             limiter,
             in_flight,
         }
+    }
+
+    /// Whether the request carries a credential that checks out without
+    /// its body: an admin token, an API key, or signature headers whose
+    /// vendor signs and whose timestamp is fresh (the signature itself is
+    /// checked once the body is read, within the body read timeout). Such
+    /// requests use the main in-flight pool; the rest use the
+    /// unauthenticated one. With `RTPD_AUTH=none` every request does.
+    pub fn presents_credential(&self, req: &HttpRequest) -> bool {
+        if !self.auth.is_enabled() {
+            return true;
+        }
+        if let Some(token) = bearer(req) {
+            return self.auth.admin(Some(token)).is_some();
+        }
+        match signed_headers(req) {
+            Some(s) => self.auth.precheck_signed(&s, now_unix()).is_ok(),
+            None => self.auth.vendor_by_key(header(req, API_KEY_HEADER)).is_ok(),
+        }
+    }
+
+    /// The per-source-address limit on requests without a valid credential.
+    pub fn admit_unauthenticated(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        let (Some(limiter), Some(peer)) = (&self.source_limiter, req.peer_addr()) else {
+            return Ok(());
+        };
+        let source = rejected::source_of(peer.ip());
+        let checked = limiter.check_key(&source);
+        if limiter.len() > 100_000 {
+            limiter.retain_recent();
+        }
+        if let Err(not_until) = checked {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            tracing::debug!(%source, "unauthenticated requests over the per-source limit");
+            return Err(ApiError::TooManyRequests {
+                retry_after_secs: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1),
+            });
+        }
+        Ok(())
     }
 
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
@@ -241,62 +362,97 @@ impl ApiState {
     }
 }
 
+/// The token of `Authorization: Bearer <token>`; the scheme name is
+/// case-insensitive (RFC 9110, section 11.1).
 fn bearer(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let value = header(req, "authorization")?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
+
+/// Puts a handler on a route whose method is already set, so one table
+/// entry serves GET and HEAD alike.
+type Handler = fn(Route) -> Route;
 
 /// Health and metrics only: what `rtpd processor` serves for probes.
 pub fn configure_health(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
-    cfg.app_data(state)
-        .route("/metrics", web::get().to(seed::metrics))
-        .route("/status", web::get().to(seed::status))
-        .route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .default_service(web::to(|| async {
-            Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
-        }));
+    cfg.app_data(state);
+    let table: Vec<(&'static str, Method, Handler)> = vec![
+        ("/metrics", Method::GET, |r| r.to(seed::metrics)),
+        ("/status", Method::GET, |r| r.to(seed::status)),
+        ("/healthz", Method::GET, |r| r.to(health::healthz)),
+        ("/readyz", Method::GET, |r| r.to(health::readyz)),
+    ];
+    register(cfg, table);
 }
 
 /// Every route the server serves: path (actix and OpenAPI share the `{id}`
-/// syntax), method, handler.
-pub fn routes() -> Vec<(&'static str, Method, Route)> {
+/// syntax), method, handler. Each GET route also answers HEAD, and every
+/// path answers OPTIONS (see [`register`]).
+pub fn routes() -> Vec<(&'static str, Method, Handler)> {
     vec![
-        (
-            "/v1/transactions",
-            Method::POST,
-            web::post().to(ingest::ingest),
-        ),
-        (
-            "/v1/transactions",
-            Method::GET,
-            web::get().to(transactions::list),
-        ),
-        (
-            "/v1/transactions/{id}",
-            Method::GET,
-            web::get().to(transactions::get),
-        ),
-        (
-            "/v1/transactions/{id}/replay",
-            Method::POST,
-            web::post().to(transactions::replay),
-        ),
-        ("/metrics", Method::GET, web::get().to(seed::metrics)),
-        ("/status", Method::GET, web::get().to(seed::status)),
-        (
-            "/transactions",
-            Method::GET,
-            web::get().to(seed::transactions),
-        ),
-        ("/replay/{id}", Method::POST, web::post().to(seed::replay)),
-        ("/healthz", Method::GET, web::get().to(health::healthz)),
-        ("/readyz", Method::GET, web::get().to(health::readyz)),
-        ("/openapi.json", Method::GET, web::get().to(openapi::serve)),
+        ("/v1/transactions", Method::POST, |r| r.to(ingest::ingest)),
+        ("/v1/transactions", Method::GET, |r| {
+            r.to(transactions::list)
+        }),
+        ("/v1/transactions/{id}", Method::GET, |r| {
+            r.to(transactions::get)
+        }),
+        ("/v1/transactions/{id}/replay", Method::POST, |r| {
+            r.to(transactions::replay)
+        }),
+        ("/metrics", Method::GET, |r| r.to(seed::metrics)),
+        ("/status", Method::GET, |r| r.to(seed::status)),
+        ("/transactions", Method::GET, |r| r.to(seed::transactions)),
+        ("/replay/{id}", Method::POST, |r| r.to(seed::replay)),
+        ("/healthz", Method::GET, |r| r.to(health::healthz)),
+        ("/readyz", Method::GET, |r| r.to(health::readyz)),
+        ("/openapi.json", Method::GET, |r| r.to(openapi::serve)),
     ]
+}
+
+/// Registers a route table: each path once, HEAD beside every GET (RFC 9110
+/// requires it; actix sends HEAD the GET answer's headers without its body),
+/// OPTIONS answered 204 with `Allow` and no CORS headers (the API is for
+/// servers, not browsers), any other method 405, any other path 404.
+fn register(cfg: &mut web::ServiceConfig, mut table: Vec<(&'static str, Method, Handler)>) {
+    let mut paths: Vec<&'static str> = Vec::new();
+    for (p, _, _) in &table {
+        if !paths.contains(p) {
+            paths.push(p);
+        }
+    }
+    for path in paths {
+        let mut resource = web::resource(path).default_service(web::to(|| async {
+            Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed)
+        }));
+        let mut allow: Vec<String> = Vec::new();
+        for (_, method, handler) in table.extract_if(.., |(p, _, _)| *p == path) {
+            if method == Method::GET {
+                resource = resource.route(handler(web::route().method(Method::HEAD)));
+                allow.push("HEAD".into());
+            }
+            allow.push(method.to_string());
+            resource = resource.route(handler(web::route().method(method.clone())));
+        }
+        allow.push("OPTIONS".into());
+        let allow = allow.join(", ");
+        resource = resource.route(web::route().method(Method::OPTIONS).to(move || {
+            let allow = allow.clone();
+            async move {
+                actix_web::HttpResponse::NoContent()
+                    .insert_header((actix_web::http::header::ALLOW, allow))
+                    .finish()
+            }
+        }));
+        cfg.service(resource);
+    }
+    cfg.default_service(web::to(|| async {
+        Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
+    }));
 }
 
 /// `(METHOD, path)` of every served route.
@@ -314,23 +470,5 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
             web::PathConfig::default()
                 .error_handler(|e, _| ApiError::bad("invalid_path", e.to_string()).into()),
         );
-    let mut table = routes();
-    let mut paths: Vec<&'static str> = Vec::new();
-    for (p, _, _) in &table {
-        if !paths.contains(p) {
-            paths.push(p);
-        }
-    }
-    for path in paths {
-        let mut resource = web::resource(path).default_service(web::to(|| async {
-            Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed)
-        }));
-        for (_, _, route) in table.extract_if(.., |(p, _, _)| *p == path) {
-            resource = resource.route(route);
-        }
-        cfg.service(resource);
-    }
-    cfg.default_service(web::to(|| async {
-        Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
-    }));
+    register(cfg, routes());
 }

@@ -2,7 +2,7 @@
 //! `GET /metrics`, `GET /status`, `GET /transactions?limit=N`, `POST /replay/{id}`.
 
 use super::transactions::{
-    ReplayAccepted, ReplayBody, do_replay, ledger_error, parse_limit, parse_replay_body,
+    ReplayAccepted, ReplayBody, VendorParam, ledger_error, parse_limit, replay_route,
 };
 use super::{ApiError, ApiState, error::ErrorBody, health};
 use crate::ledger::ListQuery;
@@ -40,6 +40,11 @@ pub struct StatusReport {
 pub struct SeedTransaction {
     #[schema(value_type = String)]
     pub transaction_id: TransactionId,
+    /// Whose transaction it is (absent when authentication is off); the
+    /// same id from two vendors is two transactions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub vendor: Option<String>,
     pub status: State,
     pub retry_count: u32,
     pub error_message: Option<String>,
@@ -165,7 +170,8 @@ pub async fn transactions(
         .items
         .into_iter()
         .map(|r| SeedTransaction {
-            transaction_id: r.transaction_id,
+            transaction_id: r.transaction_id.vendor_id(),
+            vendor: r.vendor,
             status: r.status,
             retry_count: r.retry_count,
             error_message: r.error_message,
@@ -181,11 +187,11 @@ pub async fn transactions(
     post,
     path = "/replay/{id}",
     operation_id = "seedReplay",
-    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$"), VendorParam),
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),
-        (status = 400, description = "Invalid id or body", body = ErrorBody),
+        (status = 400, description = "Invalid id or body, or force without a reason", body = ErrorBody),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
@@ -197,9 +203,9 @@ pub async fn transactions(
 pub async fn replay(
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    q: web::Query<VendorParam>,
+    payload: web::Payload,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = parse_replay_body(&body)?;
-    do_replay(&req, &path, body, &state).await
+    replay_route(&req, &path, q.vendor.as_deref(), payload, &state).await
 }

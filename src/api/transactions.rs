@@ -23,13 +23,91 @@ fn valid_id(id: &str) -> Result<TransactionId, ApiError> {
     TransactionId::parse(id).map_err(|e| ApiError::bad("invalid_transaction_id", e.to_string()))
 }
 
+/// Whose transaction an operator means: the same id from two vendors is two
+/// transactions.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VendorParam {
+    /// Operators: the vendor whose transaction this is (needed for every
+    /// transaction a vendor sent while authentication is on). A vendor's own
+    /// credential decides for it; this is then ignored.
+    pub vendor: Option<String>,
+}
+
+/// The transaction a caller means by `id`: a vendor's own; for an operator
+/// the one of `?vendor=`, else the only one with that id (the bare id of an
+/// unscoped entry, or any configured vendor's). Two vendors' transactions
+/// with the id and no `?vendor=`: 400 `ambiguous_transaction_id`.
+pub(crate) async fn resolve(
+    state: &ApiState,
+    who: &Principal,
+    id: &str,
+    vendor: Option<&str>,
+) -> Result<Option<TxRecord>, ApiError> {
+    let id = valid_id(id)?;
+    let vendor = match who {
+        Principal::Vendor(v) => Some(v.as_str()),
+        _ => vendor.filter(|v| !v.is_empty()),
+    };
+    let ledger = &**state.ledger();
+    if let Some(v) = vendor {
+        let key = TransactionId::parse_key(&format!("{v}/{id}")).map_err(|_| {
+            ApiError::bad(
+                "invalid_vendor",
+                "vendor may contain only A-Z a-z 0-9 - _ . (at most 64)",
+            )
+        })?;
+        return crate::ledger::find(ledger, &key)
+            .await
+            .map_err(ledger_error);
+    }
+    let mut found: Vec<TxRecord> = Vec::new();
+    let candidates = std::iter::once(id.to_string()).chain(
+        state
+            .auth
+            .vendor_names()
+            .into_iter()
+            .map(|v| format!("{v}/{id}")),
+    );
+    for key in candidates {
+        if let Some(r) = ledger.get(&key).await.map_err(ledger_error)? {
+            found.push(r);
+        }
+    }
+    if found.len() > 1 {
+        let vendors: Vec<&str> = found
+            .iter()
+            .map(|r| r.vendor.as_deref().unwrap_or("(none)"))
+            .collect();
+        return Err(ApiError::bad(
+            "ambiguous_transaction_id",
+            format!(
+                "vendors {} each sent transaction {id}: add ?vendor=<name>",
+                vendors.join(", ")
+            ),
+        ));
+    }
+    Ok(found.pop())
+}
+
+/// A record as the API shows it: the vendor's own id in `transaction_id`
+/// (not the ledger's `<vendor>/<id>` key), the vendor in `vendor`.
+pub(crate) fn as_shown(mut r: TxRecord) -> TxRecord {
+    r.transaction_id = r.transaction_id.vendor_id();
+    r
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("transaction {id} not found"))
+}
+
 /// One transaction: state, attempts, last error, next retry, timestamps, WAL ref.
 /// A vendor sees only its own; others look absent.
 #[utoipa::path(
     get,
     path = "/v1/transactions/{id}",
     operation_id = "getTransaction",
-    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$"), VendorParam),
     responses(
         (status = 200, description = "The ledger's view of the transaction", body = TxRecord),
         (status = 400, description = "Invalid transaction id", body = ErrorBody),
@@ -41,22 +119,18 @@ fn valid_id(id: &str) -> Result<TransactionId, ApiError> {
 pub async fn get(
     req: HttpRequest,
     path: web::Path<String>,
+    q: web::Query<VendorParam>,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     let who = state.admin_or_vendor(&req)?;
-    let id = valid_id(&path)?;
-    let rec = state
-        .ledger()
-        .get(id.as_str())
-        .await
-        .map_err(ledger_error)?;
-    match rec {
+    let vendor = q.vendor.as_deref();
+    match resolve(&state, &who, &path, vendor).await? {
         // A vendor sees only its own transactions; others look absent.
         Some(r) if matches!(&who, Principal::Vendor(v) if r.vendor.as_deref() != Some(v.as_str())) => {
-            Err(ApiError::NotFound(format!("transaction {id} not found")))
+            Err(not_found(&path))
         }
-        Some(r) => Ok(HttpResponse::Ok().json(r)),
-        None => Err(ApiError::NotFound(format!("transaction {id} not found"))),
+        Some(r) => Ok(HttpResponse::Ok().json(as_shown(r))),
+        None => Err(not_found(&path)),
     }
 }
 
@@ -128,7 +202,10 @@ pub async fn list(
             LedgerError::InvalidCursor => ApiError::bad("invalid_cursor", "cursor is not valid"),
             other => ledger_error(other),
         })?;
-    Ok(HttpResponse::Ok().json(page))
+    Ok(HttpResponse::Ok().json(Page {
+        items: page.items.into_iter().map(as_shown).collect(),
+        next_cursor: page.next_cursor,
+    }))
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -138,7 +215,7 @@ pub struct ReplayBody {
     /// Required to replay a transaction that already succeeded (the downstream is called again).
     #[serde(default)]
     pub force: bool,
-    /// Why (recorded in the outcome journal).
+    /// Why (recorded in the outcome journal); required with `force`.
     pub reason: Option<String>,
 }
 
@@ -147,36 +224,74 @@ pub struct ReplayBody {
 pub struct ReplayAccepted {
     #[schema(value_type = String)]
     pub transaction_id: TransactionId,
+    /// Whose transaction it is (absent when authentication is off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub vendor: Option<String>,
     pub status: State,
     pub message_id: String,
     pub message: String,
 }
 
-/// Shared by `POST /v1/transactions/{id}/replay` and the seed's `POST /replay/{id}`.
-pub async fn do_replay(
+/// Shared by `POST /v1/transactions/{id}/replay` and the seed's `POST
+/// /replay/{id}`: the operator is authenticated before a byte of the body
+/// is read, and the body is read by the one body reader (size limit, read
+/// timeout), so an anonymous client cannot hold a slot by sending slowly.
+pub async fn replay_route(
     req: &HttpRequest,
     id: &str,
-    body: ReplayBody,
+    vendor: Option<&str>,
+    payload: web::Payload,
     state: &ApiState,
 ) -> Result<HttpResponse, ApiError> {
     let who = state.admin(req)?;
+    let settings = &state.settings;
+    let body = super::ingest::read_body(
+        req,
+        payload,
+        settings.max_body_bytes,
+        settings.request_timeout(),
+    )
+    .await?;
+    let body = parse_replay_body(&body)?;
+    if body.force && body.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        return Err(ApiError::bad(
+            "reason_required",
+            "a forced replay calls the downstream again: say why in \"reason\"",
+        ));
+    }
+    do_replay(who, id, vendor, body, state).await
+}
+
+async fn do_replay(
+    who: Principal,
+    id: &str,
+    vendor: Option<&str>,
+    body: ReplayBody,
+    state: &ApiState,
+) -> Result<HttpResponse, ApiError> {
+    let Some(current) = resolve(state, &who, id, vendor).await? else {
+        return Err(not_found(id));
+    };
+    let key = current.transaction_id;
     let id = valid_id(id)?;
     let r = ReplayRequest {
         force: body.force,
-        operator: match who {
-            Principal::Admin(name) => Operator::AdminToken(name),
+        operator: match &who {
+            Principal::Admin(name) => Operator::AdminToken(name.clone()),
             _ => Operator::Anonymous,
         },
         reason: body.reason,
     };
-    match state.replayer.replay_one(id.as_str(), &r).await {
+    match state.replayer.replay_one(key.as_str(), &r).await {
         Ok(Replayed::Requeued { record, message_id }) => {
             Ok(HttpResponse::Accepted().json(ReplayAccepted {
                 message: format!(
                     "Transaction {} reset to pending and re-enqueued from the WAL",
                     record.transaction_id
                 ),
-                transaction_id: record.transaction_id,
+                transaction_id: record.transaction_id.vendor_id(),
+                vendor: record.vendor,
                 status: record.status,
                 message_id,
             }))
@@ -193,7 +308,7 @@ pub async fn do_replay(
                 )
             }))
         }
-        Ok(Replayed::NotFound) => Err(ApiError::NotFound(format!("transaction {id} not found"))),
+        Ok(Replayed::NotFound) => Err(not_found(&id)),
         Err(ReplayError::Ledger(e)) => Err(ledger_error(e)),
         Err(e) => Err(ApiError::Unexpected(e.into())),
     }
@@ -204,11 +319,11 @@ pub async fn do_replay(
     post,
     path = "/v1/transactions/{id}/replay",
     operation_id = "replayTransaction",
-    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "Transaction id: 1–128 characters of A-Za-z0-9._:-", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$"), VendorParam),
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),
-        (status = 400, description = "Invalid id or body", body = ErrorBody),
+        (status = 400, description = "Invalid id or body, or force without a reason", body = ErrorBody),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
@@ -220,11 +335,11 @@ pub async fn do_replay(
 pub async fn replay(
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    q: web::Query<VendorParam>,
+    payload: web::Payload,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = parse_replay_body(&body)?;
-    do_replay(&req, &path, body, &state).await
+    replay_route(&req, &path, q.vendor.as_deref(), payload, &state).await
 }
 
 pub fn parse_replay_body(body: &[u8]) -> Result<ReplayBody, ApiError> {

@@ -70,10 +70,43 @@ pub fn dev_credentials(data_dir: &Path) -> anyhow::Result<DevCredentials> {
         creds.hmac_vendor = "dev-signer".into();
         creds.hmac_secret = random_secret("rtpd_hs");
         std::fs::create_dir_all(data_dir)?;
-        std::fs::write(&path, serde_json::to_vec_pretty(&creds)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_private(&path, &serde_json::to_vec_pretty(&creds)?)?;
     }
+    // Files written by earlier versions were world-readable.
+    restrict(&path)?;
     Ok(creds)
+}
+
+/// Writes a file only its owner may read: created 0600, so the secrets are
+/// never readable by others, not even for a moment.
+fn write_private(path: &Path, content: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content)
+        .with_context(|| format!("writing {}", path.display()))?;
+    restrict(path)
+}
+
+/// 0600 on an existing file (`mode` above applies only on creation).
+fn restrict(path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {} to its owner", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// The vendor credentials file `rtpd dev` points `RTPD_VENDOR_KEYS_FILE` at:
@@ -87,12 +120,7 @@ fn write_vendor_keys_file(data_dir: &Path, creds: &DevCredentials) -> anyhow::Re
         creds.hmac_vendor,
         creds.hmac_secret
     );
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    write_private(&path, text.as_bytes())?;
     Ok(path)
 }
 

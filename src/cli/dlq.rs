@@ -173,6 +173,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             };
             let ropts = ReplayOpts {
                 ids: vec![],
+                vendor: None,
                 state: None,
                 from: None,
                 to: None,

@@ -121,6 +121,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         Reads::BACKENDS,
         "days finished transactions stay in the ledger",
     ),
+    (
+        "RTPD_WAL_RETENTION_DAYS",
+        Reads::BACKENDS,
+        "days of WAL kept; operator time ranges (replay, wal ls) may not reach further back",
+    ),
     ("RTPD_QUEUE", Reads::BACKENDS, "local or servicebus"),
     (
         "RTPD_SERVICEBUS_CONNECTION_STRING",
@@ -208,6 +213,21 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "RTPD_MAX_IN_FLIGHT",
         Reads::SERVER,
         "requests handled at once (503 + Retry-After)",
+    ),
+    (
+        "RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED",
+        Reads::SERVER,
+        "requests without a valid credential handled at once, a pool of their own (503)",
+    ),
+    (
+        "RTPD_UNAUTHENTICATED_RATE_PER_SEC",
+        Reads::SERVER,
+        "requests without a valid credential per source address (IPv6: /64) per second (429; 0: off)",
+    ),
+    (
+        "RTPD_UNAUTHENTICATED_RATE_BURST",
+        Reads::SERVER,
+        "burst above that rate, per source address",
     ),
     (
         "RTPD_VENDOR_KEYS",

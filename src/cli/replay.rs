@@ -15,8 +15,13 @@ use std::{collections::HashSet, time::Duration};
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("selection").required(true).args(["ids", "state", "from", "dlq"])))]
 pub struct Opts {
-    /// Transaction ids to replay
+    /// Transaction ids to replay: `<vendor>/<id>` (or the id with --vendor;
+    /// a bare id when authentication is off)
     pub ids: Vec<String>,
+    /// The vendor whose transaction ids these are (the same id from two
+    /// vendors is two transactions)
+    #[arg(long)]
+    pub vendor: Option<String>,
     /// Replay every transaction in this state (e.g. dead_letter)
     #[arg(long, value_parser = parse_state)]
     pub state: Option<State>,
@@ -78,7 +83,10 @@ impl Opts {
         } else if self.dlq {
             Scope::DeadLetterQueue
         } else {
-            Scope::Ids(self.ids.clone())
+            Scope::Ids(match &self.vendor {
+                Some(v) => self.ids.iter().map(|id| format!("{v}/{id}")).collect(),
+                None => self.ids.clone(),
+            })
         })
     }
 }
@@ -94,8 +102,19 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         )
         .exit();
     }
+    if opts.force && opts.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        // A usage error, as clap reports them: exit status 2.
+        clap::Error::raw(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "--force calls the downstream again: say why with --reason\n",
+        )
+        .exit();
+    }
     let scope = opts.scope()?;
     let settings = Settings::load()?;
+    if let Scope::Received { from, to } = &scope {
+        time_arg::check_retention(*from, *to, settings.wal_retention_days)?;
+    }
     let svc = Services::build(&settings).await?;
     let req = ReplayRequest {
         force: opts.force,
@@ -147,7 +166,11 @@ pub async fn replay_scope(
     let pace = (opts.rate > 0).then(|| Duration::from_secs_f64(1.0 / opts.rate as f64));
     for id in &ids {
         if opts.dry_run {
-            match svc.ledger.get(id).await? {
+            let found = match crate::transaction::TransactionId::parse_key(id) {
+                Ok(key) => crate::ledger::find(&*svc.ledger, &key).await?,
+                Err(_) => None,
+            };
+            match found {
                 Some(r) if crate::transaction::machine::may_replay(&r, req.force, Utc::now()) => {
                     println!("{id}: would replay (now {})", r.status)
                 }
@@ -176,7 +199,7 @@ pub async fn replay_scope(
             }
             Replayed::NotFound => {
                 s.refused += 1;
-                format!("{id}: not found")
+                format!("{id}: not found (a vendor's transaction: <vendor>/<id>, or --vendor)")
             }
         };
         bar.suspend(|| println!("{line}"));

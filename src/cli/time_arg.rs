@@ -14,13 +14,37 @@ pub fn parse(s: &str) -> Result<DateTime<Utc>, String> {
         .parse()
         .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor an age like 90m, 2h, 7d"))?;
     let d = match unit {
-        "s" => Duration::seconds(n),
-        "m" => Duration::minutes(n),
-        "h" => Duration::hours(n),
-        "d" => Duration::days(n),
+        "s" => Duration::try_seconds(n),
+        "m" => Duration::try_minutes(n),
+        "h" => Duration::try_hours(n),
+        "d" => Duration::try_days(n),
         _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
     };
-    Ok(Utc::now() - d)
+    d.and_then(|d| Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| format!("{s:?} is too far back"))
+}
+
+/// Refuses a time range that starts before the WAL's retention: nothing is
+/// kept there, and walking its hourly partitions one list call each would
+/// take hours.
+pub fn check_retention(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    retention_days: u32,
+) -> anyhow::Result<()> {
+    let oldest = Utc::now() - Duration::days(i64::from(retention_days));
+    if from < oldest {
+        anyhow::bail!(
+            "--from {} is before the WAL's retention ({retention_days} days, RTPD_WAL_RETENTION_DAYS): \
+             the oldest start allowed is {}",
+            from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            oldest.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+    }
+    if to < from {
+        anyhow::bail!("--to is before --from");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -35,5 +59,17 @@ mod tests {
         assert!((ago.num_seconds() - 7200).abs() < 5);
         assert!(parse("2w").is_err());
         assert!(parse("yesterday").is_err());
+    }
+
+    #[test]
+    fn ranges_beyond_the_wal_retention_are_refused() {
+        assert!(parse("99999999999999h").is_err());
+        let far = parse("99999999h").unwrap();
+        let e = check_retention(far, Utc::now(), 30)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RTPD_WAL_RETENTION_DAYS"), "{e}");
+        assert!(check_retention(parse("29d").unwrap(), Utc::now(), 30).is_ok());
+        assert!(check_retention(Utc::now(), parse("1h").unwrap(), 30).is_err());
     }
 }

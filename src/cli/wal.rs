@@ -4,7 +4,7 @@
 use super::time_arg;
 use crate::config::Settings;
 use crate::services::Services;
-use crate::wal::{Log, WalRef};
+use crate::wal::{Log, WalRecord, WalRef};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 
@@ -50,6 +50,9 @@ fn log_of<'a>(svc: &'a Services, w: &Window) -> &'a Log {
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let settings = Settings::load()?;
+    if let WalCommand::Ls(w) = &opts.command {
+        time_arg::check_retention(w.from, w.to, settings.wal_retention_days)?;
+    }
     let svc = Services::build(&settings).await?;
     match opts.command {
         WalCommand::Ls(w) => {
@@ -85,16 +88,23 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 printed += 1;
             }
             if printed == 0 {
+                time_arg::check_retention(window.from, window.to, settings.wal_retention_days)?;
                 for s in log.segments(window.from, window.to).await? {
                     for (_, bytes) in log.read_segment(&s.key).await? {
-                        let id = serde_json::from_slice::<serde_json::Value>(&bytes)
-                            .ok()
-                            .and_then(|v| {
-                                v.get("transaction_id")
-                                    .and_then(|i| i.as_str())
-                                    .map(str::to_owned)
-                            });
-                        if id.as_deref() == Some(target.as_str()) {
+                        let v = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+                        let id = v.as_ref().and_then(|v| {
+                            v.get("transaction_id")
+                                .and_then(|i| i.as_str())
+                                .map(str::to_owned)
+                        });
+                        // A WAL record by its vendor's id, or by its key
+                        // (`<vendor>/<id>`).
+                        let key = v
+                            .and_then(|v| serde_json::from_value::<WalRecord>(v).ok())
+                            .map(|w| w.key().to_string());
+                        if id.as_deref() == Some(target.as_str())
+                            || key.as_deref() == Some(target.as_str())
+                        {
                             println!("{}", String::from_utf8_lossy(&bytes));
                             printed += 1;
                         }

@@ -19,7 +19,7 @@ pub mod local;
 pub mod postgres;
 pub mod redis;
 
-use crate::transaction::{Registration, Settlement, State, TxRecord};
+use crate::transaction::{Registration, Settlement, State, TransactionId, TxRecord};
 use async_trait::async_trait;
 use base64::Engine;
 use serde::Serialize;
@@ -124,6 +124,23 @@ impl Counts {
 }
 
 /// List order is newest update first; a cursor is the last item's position.
+/// A transaction by its key. For a vendor's `<vendor>/<id>` key, an entry
+/// written before keys were scoped by vendor (under the bare id) is that
+/// vendor's transaction if the entry records that vendor; one recording
+/// another vendor (or none) is not.
+pub async fn find(
+    ledger: &dyn Ledger,
+    key: &TransactionId,
+) -> Result<Option<TxRecord>, LedgerError> {
+    let (Some(vendor), Some(bare)) = (key.scope(), key.unscoped()) else {
+        return ledger.get(key).await;
+    };
+    Ok(ledger
+        .get_first(&[key.as_str(), bare.as_str()])
+        .await?
+        .filter(|r| r.transaction_id == *key || r.vendor.as_deref() == Some(vendor)))
+}
+
 pub fn encode_cursor(updated_at_us: i64, id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{updated_at_us}:{id}"))
 }
@@ -151,6 +168,18 @@ pub trait Ledger: Send + Sync + 'static {
         self.register(reg).await
     }
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError>;
+    /// The entry of the first of `ids` the ledger holds, in the order given
+    /// (a vendor-scoped key, then the bare id of an entry written before
+    /// keys were scoped). One round trip where the store allows it
+    /// (PostgreSQL overrides this); by default one `get` each.
+    async fn get_first(&self, ids: &[&str]) -> Result<Option<TxRecord>, LedgerError> {
+        for id in ids {
+            if let Some(r) = self.get(id).await? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
     async fn claim(
         &self,
         id: &str,

@@ -185,6 +185,12 @@ impl ObjectStore for LocalStore {
         tokio::task::spawn_blocking(move || {
             (|| {
                 let mut f = fs::File::open(&path)?;
+                // The length comes from a reference (possibly typed by an
+                // operator): check it against the object before allocating.
+                let size = f.metadata()?.len();
+                if offset.checked_add(len).is_none_or(|end| end > size) {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                }
                 f.seek(SeekFrom::Start(offset))?;
                 let mut buf = vec![0; len as usize];
                 f.read_exact(&mut buf)?;

@@ -87,6 +87,7 @@ pub struct Source {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WalRecord {
     pub v: u32,
+    /// The id as the vendor sent it; the transaction's key is [`WalRecord::key`].
     pub transaction_id: TransactionId,
     pub received_at: DateTime<Utc>,
     pub source: Source,
@@ -97,10 +98,17 @@ pub struct WalRecord {
 }
 
 impl WalRecord {
-    /// The ledger registration this record (at `wal_ref`) stands for.
+    /// The transaction's key: the id scoped by the vendor that sent it.
+    pub fn key(&self) -> TransactionId {
+        TransactionId::scoped(self.source.vendor.as_deref(), &self.transaction_id)
+    }
+
+    /// The ledger registration this record (at `wal_ref`) stands for, under
+    /// its key. (A caller that found an older, unscoped ledger entry for it
+    /// keeps that entry's key.)
     pub fn registration(&self, wal_ref: &WalRef) -> Registration {
         Registration {
-            transaction_id: self.transaction_id.clone(),
+            transaction_id: self.key(),
             sha256: self.sha256.clone(),
             wal_ref: wal_ref.clone(),
             vendor: self.source.vendor.clone(),

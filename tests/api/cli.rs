@@ -253,7 +253,9 @@ async fn replays_are_journaled_with_who_asked_and_how() {
     app.drain_until_terminal(&["WHO-1"]).await;
     // From the command line: --operator, else $USER, marked as such.
     let out = rtpd()
-        .args(["replay", "WHO-1", "--force", "--reason", "cli test"])
+        .args([
+            "replay", "WHO-1", "--vendor", "acme", "--force", "--reason", "cli test",
+        ])
         .env("RTPD_DATA_DIR", app.data_dir())
         .env("USER", "carol")
         .output()
@@ -377,7 +379,15 @@ async fn a_command_line_with_an_entra_identity_journals_its_principal() {
 
     let entra_url = redis_url().replacen("redis://", &format!("redis://{object_id}@"), 1);
     let out = rtpd()
-        .args(["replay", "ENTRA-1", "--force", "--reason", "entra test"])
+        .args([
+            "replay",
+            "ENTRA-1",
+            "--vendor",
+            "acme",
+            "--force",
+            "--reason",
+            "entra test",
+        ])
         .env("RTPD_DATA_DIR", app.data_dir())
         .env("RTPD_LEDGER", "redis")
         .env("RTPD_REDIS_URL", &entra_url)

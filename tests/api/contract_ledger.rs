@@ -44,6 +44,30 @@ pub async fn register_new_duplicate_conflict(l: Arc<dyn Ledger>) {
     l.ping().await.unwrap();
 }
 
+/// `get_first` answers the first of the ids the ledger holds, in the order
+/// given: a vendor-scoped key before the bare id of an older entry.
+pub async fn get_first_takes_the_ids_in_order(l: Arc<dyn Ledger>) {
+    assert!(l.get_first(&["acme/g1", "g1"]).await.unwrap().is_none());
+    l.register(reg("g1", "aa")).await.unwrap();
+    let r = l.get_first(&["acme/g1", "g1"]).await.unwrap().unwrap();
+    assert_eq!(r.transaction_id, "g1");
+    let mut scoped = reg("g1", "bb");
+    scoped.transaction_id = TransactionId::parse_key("acme/g1").unwrap();
+    l.register(scoped).await.unwrap();
+    let r = l.get_first(&["acme/g1", "g1"]).await.unwrap().unwrap();
+    assert_eq!(r.transaction_id, "acme/g1");
+    assert_eq!(r.sha256.as_str(), "bb");
+    let r = l.get_first(&["g1", "acme/g1"]).await.unwrap().unwrap();
+    assert_eq!(r.transaction_id, "g1");
+    assert!(l.get_first(&[]).await.unwrap().is_none());
+    // A key holding a vendor's full-length id (64 + 1 + 128 characters).
+    let long = format!("{}/{}", "v".repeat(64), "i".repeat(128));
+    let mut reg_long = reg("g2", "cc");
+    reg_long.transaction_id = TransactionId::parse_key(&long).unwrap();
+    l.register(reg_long).await.unwrap();
+    assert_eq!(l.get(&long).await.unwrap().unwrap().transaction_id, long);
+}
+
 pub async fn claim_fences_and_settles(l: Arc<dyn Ledger>) {
     l.register(reg("t2", "aa")).await.unwrap();
     let ClaimOutcome::Claimed(c) = l.claim("t2", "w1", LEASE).await.unwrap() else {
@@ -566,6 +590,10 @@ macro_rules! ledger_contract {
             #[tokio::test]
             async fn register_new_duplicate_conflict() {
                 super::register_new_duplicate_conflict($make().await).await
+            }
+            #[tokio::test]
+            async fn get_first_takes_the_ids_in_order() {
+                super::get_first_takes_the_ids_in_order($make().await).await
             }
             #[tokio::test]
             async fn claim_fences_and_settles() {

@@ -90,7 +90,12 @@ async fn kill_9_during_load_loses_nothing_acknowledged() {
             .await
             .unwrap();
         assert_eq!(rec["status"], "success", "{id}: {rec}");
-        assert_eq!(calls["by_key"][id]["successes"], 1, "{id}");
+        // The downstream Idempotency-Key is the vendor-scoped key.
+        assert_eq!(
+            calls["by_key"][format!("dev-vendor/{id}")]["successes"],
+            1,
+            "{id}"
+        );
     }
 }
 

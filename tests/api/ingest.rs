@@ -1,6 +1,6 @@
 //! `POST /v1/transactions`: receipts, dedup, conflicts, and every bad input.
 
-use crate::support::{API_KEY, json, spawn_app};
+use crate::support::{API_KEY, json, key, spawn_app};
 use rtp_durability::replay::load_record;
 use rtp_durability::transaction::Sha256;
 use serde_json::json;
@@ -49,7 +49,7 @@ async fn identical_repeat_is_200_and_enqueued_once() {
     assert_eq!(again["status"], "pending");
     app.drain_until_terminal(&["TX-2"]).await;
     app.assert_queue_empty().await;
-    assert_eq!(app.mock_calls().await["by_key"]["TX-2"]["calls"], 1);
+    assert_eq!(app.mock_calls().await["by_key"][key("TX-2")]["calls"], 1);
     // After success a repeat reports the current state.
     assert_eq!(json(app.post_json(&body).await).await["status"], "success");
 }

@@ -191,9 +191,10 @@ async fn accepted_means_durable_registered_and_enqueued() {
     let wal = load_record(&r.intake.wal, &record.wal_ref).await.unwrap();
     assert_eq!(wal.payload.as_bytes(), body.as_bytes(), "byte-identical");
     assert_eq!(wal.sha256, Sha256::of(body.as_bytes()));
-    let held = r.intake.ledger.get("IN-1").await.unwrap().unwrap();
+    let held = r.intake.ledger.get("acme/IN-1").await.unwrap().unwrap();
     assert_eq!(held.wal_ref, record.wal_ref);
-    assert_eq!(queued(&r.queue).await, ["IN-1"]);
+    // The message id is the vendor-scoped key.
+    assert_eq!(queued(&r.queue).await, ["acme/IN-1"]);
 }
 
 #[tokio::test]
@@ -218,7 +219,7 @@ async fn same_bytes_is_a_duplicate_and_other_bytes_a_conflict_with_nothing_writt
         Sha256::of(body.as_bytes()),
         "never overwritten"
     );
-    assert_eq!(queued(&r.queue).await, ["IN-2"], "enqueued once");
+    assert_eq!(queued(&r.queue).await, ["acme/IN-2"], "enqueued once");
 }
 
 #[tokio::test]
@@ -240,7 +241,7 @@ async fn a_wal_that_cannot_be_written_registers_and_enqueues_nothing() {
         ),
         "{err:?}"
     );
-    assert!(r.intake.ledger.get("IN-3").await.unwrap().is_none());
+    assert!(r.intake.ledger.get("acme/IN-3").await.unwrap().is_none());
     assert!(queued(&r.queue).await.is_empty());
     // Once the WAL is back the same submission is accepted.
     r.store.down.store(false, Ordering::SeqCst);
@@ -265,7 +266,13 @@ async fn a_failed_send_still_leaves_a_durable_pending_transaction() {
     };
     assert!(!enqueued, "the reconciler re-drives it");
     assert_eq!(
-        r.intake.ledger.get("IN-4").await.unwrap().unwrap().status,
+        r.intake
+            .ledger
+            .get("acme/IN-4")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         State::Pending
     );
     let wal = load_record(&r.intake.wal, &record.wal_ref).await.unwrap();

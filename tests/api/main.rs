@@ -6,6 +6,7 @@ mod contract_queue;
 mod contract_wal;
 mod crash;
 mod credentials;
+mod hostile_clients;
 mod ingest;
 mod intake;
 mod logs;

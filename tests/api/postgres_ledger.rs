@@ -496,7 +496,7 @@ async fn the_messages_view_shows_the_payload_only_when_configured() {
         let row = client(&url)
             .await
             .query_one(
-                "SELECT payload::text FROM messages WHERE transaction_id = 'with-payload'",
+                "SELECT payload::text FROM messages WHERE transaction_id = 'acme/with-payload'",
                 &[],
             )
             .await

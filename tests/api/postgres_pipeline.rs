@@ -237,7 +237,12 @@ async fn postgres_ledger_pipeline_survives_kill_9_and_a_database_restart() {
             .await
             .unwrap();
         assert_eq!(rec["status"], "success", "{id}: {rec}");
-        assert_eq!(calls["by_key"][id]["successes"], 1, "{id}");
+        // The downstream Idempotency-Key is the vendor-scoped key.
+        assert_eq!(
+            calls["by_key"][format!("acme/{id}")]["successes"],
+            1,
+            "{id}"
+        );
     }
     println!(
         "acknowledged {total} ({} before the kill, {} around the database restart, \

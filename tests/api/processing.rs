@@ -1,7 +1,7 @@
 //! The processor against a real mock downstream: success, retries,
 //! dead-letters, and a worker that dies without settling.
 
-use crate::support::{AppOptions, json, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, json, key, spawn_app, spawn_app_with};
 use rtp_durability::ledger::ClaimOutcome;
 use rtp_durability::processor::Outcome;
 use rtp_durability::queue::Subqueue;
@@ -20,7 +20,7 @@ async fn happy_path_calls_downstream_once_with_the_idempotency_key() {
     assert_eq!(rec.status, State::Success);
     assert_eq!(rec.attempts, 1);
     let calls = app.mock_calls().await;
-    assert_eq!(calls["by_key"]["OK-1"]["calls"], 1);
+    assert_eq!(calls["by_key"][key("OK-1")]["calls"], 1);
     assert_eq!(calls["calls_without_key"], 0);
     assert_eq!(calls["concurrent_overlaps"], 0);
     app.assert_queue_empty().await;
@@ -45,8 +45,8 @@ async fn transient_failures_are_retried_then_succeed() {
     assert_eq!(rec.attempts, 4);
     assert_eq!(rec.retry_count, 3);
     let calls = app.mock_calls().await;
-    assert_eq!(calls["by_key"]["TR-1"]["calls"], 4);
-    assert_eq!(calls["by_key"]["TR-1"]["successes"], 1);
+    assert_eq!(calls["by_key"][key("TR-1")]["calls"], 4);
+    assert_eq!(calls["by_key"][key("TR-1")]["successes"], 1);
 }
 
 #[tokio::test]
@@ -89,7 +89,7 @@ async fn exhausted_retries_are_dead_lettered() {
         dl[0].dead_letter_reason.as_deref(),
         Some("RetriesExhausted")
     );
-    assert_eq!(app.mock_calls().await["by_key"]["EX-1"]["calls"], 3);
+    assert_eq!(app.mock_calls().await["by_key"][key("EX-1")]["calls"], 3);
 }
 
 #[tokio::test]
@@ -114,7 +114,7 @@ async fn a_worker_that_dies_without_settling_is_recovered_with_one_success() {
     assert!(matches!(
         app.services
             .ledger
-            .claim("DIE-1", "worker-a", lease)
+            .claim(&key("DIE-1"), "worker-a", lease)
             .await
             .unwrap(),
         ClaimOutcome::Claimed(_)
@@ -122,7 +122,7 @@ async fn a_worker_that_dies_without_settling_is_recovered_with_one_success() {
     let resp = app
         .client
         .post(format!("{}/process", app.mock_address))
-        .header("Idempotency-Key", "DIE-1")
+        .header("Idempotency-Key", key("DIE-1"))
         .body(m.body.clone())
         .send()
         .await
@@ -138,7 +138,8 @@ async fn a_worker_that_dies_without_settling_is_recovered_with_one_success() {
     let calls = app.mock_calls().await;
     assert_eq!(calls["keys"], 1, "the downstream saw one idempotency key");
     assert_eq!(
-        calls["by_key"]["DIE-1"]["successes"], 1,
+        calls["by_key"][key("DIE-1")]["successes"],
+        1,
         "exactly one success"
     );
     assert_eq!(calls["duplicate_successes"], 0);
@@ -160,7 +161,7 @@ async fn a_transaction_missing_from_the_ledger_is_registered_from_its_message() 
         p.try_process_next(Duration::from_secs(2)).await.unwrap(),
         Outcome::Succeeded
     );
-    let rec = rtp_durability::ledger::Ledger::get(fresh.as_ref(), "LOST-1")
+    let rec = rtp_durability::ledger::Ledger::get(fresh.as_ref(), &key("LOST-1"))
         .await
         .unwrap()
         .unwrap();
@@ -222,9 +223,9 @@ async fn over_servicebus_retries_and_dead_letters_flow_end_to_end() {
         dl[0].dead_letter_reason.as_deref(),
         Some("PermanentFailure")
     );
-    assert_eq!(dl[0].properties["transaction_id"], "SB-P");
+    assert_eq!(dl[0].properties["transaction_id"], key("SB-P"));
     let calls = app.mock_calls().await;
-    assert_eq!(calls["by_key"]["SB-R"]["calls"], 2);
+    assert_eq!(calls["by_key"][key("SB-R")]["calls"], 2);
     assert_eq!(calls["duplicate_successes"], 0);
     app.assert_queue_empty().await;
 }
@@ -258,7 +259,8 @@ async fn over_servicebus_a_processor_killed_mid_call_is_redelivered_with_one_suc
     let calls = app.mock_calls().await;
     assert_eq!(calls["keys"], 1);
     assert_eq!(
-        calls["by_key"]["SB-KILL"]["successes"], 1,
+        calls["by_key"][key("SB-KILL")]["successes"],
+        1,
         "exactly one success"
     );
     assert_eq!(calls["duplicate_successes"], 0);

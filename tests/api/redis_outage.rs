@@ -97,7 +97,7 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
     // The gap: the ledger forgot what it acknowledged; the WAL did not.
     for (id, wal_ref, sha) in &acked {
         assert!(
-            app.services.ledger.get(id).await.unwrap().is_none(),
+            app.find(id).await.is_none(),
             "{id}: the restarted Redis is empty"
         );
         let rec = load_record(&app.services.wal, &wal_ref.parse().unwrap())

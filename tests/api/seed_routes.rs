@@ -1,6 +1,6 @@
 //! The seed's routes keep the seed's shapes; health and listing.
 
-use crate::support::{json, spawn_app};
+use crate::support::{json, key, spawn_app};
 use rtp_durability::transaction::State;
 use serde_json::json;
 
@@ -83,7 +83,7 @@ async fn status_transactions_and_replay_have_the_seed_shapes() {
         .await;
     assert_eq!(forced.status(), 202);
     app.drain_until_terminal(&["RP-1"]).await;
-    assert_eq!(app.mock_calls().await["by_key"]["RP-1"]["calls"], 3);
+    assert_eq!(app.mock_calls().await["by_key"][key("RP-1")]["calls"], 3);
     assert_eq!(app.admin_post("/replay/NOPE", None).await.status(), 404);
 }
 

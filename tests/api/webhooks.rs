@@ -102,7 +102,7 @@ async fn a_delivery_signed_by_the_standardwebhooks_library_is_accepted_once_per_
     let r = deliver(&app, "msg_wh1", ts, &sig, body).await;
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     assert_eq!(
-        app.record("WH-1").await.vendor.as_deref(),
+        app.record("hooli/WH-1").await.vendor.as_deref(),
         Some("hooli"),
         "the secret that matched names the vendor"
     );

@@ -17,6 +17,13 @@ from datetime import datetime
 from stack import CONTAINER, http_json
 
 
+
+def vendor_id(key: str) -> str:
+    """The vendor's own id of a ledger key / Idempotency-Key (`<vendor>/<id>`
+    when authentication is on). The campaign has one vendor, so ids stay
+    unique."""
+    return key.split("/", 1)[-1]
+
 def parse_ts(s: str | None) -> float | None:
     if not s:
         return None
@@ -75,7 +82,7 @@ def journal_entries(conn_str: str) -> dict[str, list[dict]]:
         for line in data.splitlines():
             if line.strip():
                 e = json.loads(line)
-                out[e["transaction_id"]].append(e)
+                out[vendor_id(e["transaction_id"])].append(e)
     for entries in out.values():
         entries.sort(key=lambda e: e["at"])
     return out
@@ -102,7 +109,7 @@ def audit(stack, txs: list, faults: list, t_start: float) -> dict:
     ledger = ledger_records(stack)
     calls = mock_calls(stack)
     journal = journal_entries(stack.conn["storage"])
-    by_key = calls.get("by_key", {})
+    by_key = {vendor_id(k): v for k, v in calls.get("by_key", {}).items()}
     losses = sorted(f.detail["flushed_at"] for f in faults if f.kind == "redis_loss" and "flushed_at" in f.detail)
 
     acked = [t for t in txs if t.final == "acked"]

@@ -218,6 +218,15 @@ impl Inner {
             .transpose()
     }
 
+    async fn get_first(&self, ids: &[&str]) -> Result<Option<TxRecord>, LedgerError> {
+        let ids: Vec<&str> = ids.to_vec();
+        self.query("get", sql::GET_FIRST, &[&ids])
+            .await?
+            .first()
+            .map(|r| sql::record(r, 0).map_err(malformed))
+            .transpose()
+    }
+
     async fn put(&self, statement: &str, rec: &TxRecord) -> Result<u64, LedgerError> {
         let attempts = i32::try_from(rec.attempts).map_err(malformed)?;
         let retry_count = i32::try_from(rec.retry_count).map_err(malformed)?;
@@ -339,6 +348,10 @@ impl Ledger for PostgresLedger {
 
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
         self.inner.get(id).await
+    }
+
+    async fn get_first(&self, ids: &[&str]) -> Result<Option<TxRecord>, LedgerError> {
+        self.inner.get_first(ids).await
     }
 
     async fn claim(

@@ -33,6 +33,14 @@ pub const GET: &str = concat!(
     " FROM transactions WHERE transaction_id = $1"
 );
 
+/// $1 ids (text[]): the row of the first of them that exists.
+pub const GET_FIRST: &str = concat!(
+    "SELECT ",
+    cols!(),
+    " FROM transactions WHERE transaction_id = ANY($1::text[]) \
+     ORDER BY array_position($1::text[], transaction_id::text) LIMIT 1"
+);
+
 /// $1 id, $2 sha256, $3 wal_ref, $4 vendor, $5 created_at, $6 updated_at,
 /// $7 payload (JSON text, or NULL when the ledger keeps no copy).
 /// Returns the new row, or nothing when the id exists (the caller reads it
@@ -206,7 +214,7 @@ pub fn record(row: &Row, at: usize) -> Result<TxRecord, String> {
         u32::try_from(n).map_err(|e| bad(name, &e))
     };
     Ok(TxRecord {
-        transaction_id: TransactionId::parse(&id).map_err(|e| bad("transaction_id", &e))?,
+        transaction_id: TransactionId::parse_key(&id).map_err(|e| bad("transaction_id", &e))?,
         status: State::parse(&status).ok_or_else(|| bad("status", &status))?,
         sha256: row
             .try_get::<_, String>(at + 2)

@@ -76,7 +76,7 @@ fn from_map(mut m: HashMap<String, String>) -> Result<TxRecord, String> {
     };
     Ok(TxRecord {
         transaction_id: take("transaction_id")
-            .and_then(|s| TransactionId::parse(&s).ok())
+            .and_then(|s| TransactionId::parse_key(&s).ok())
             .ok_or_else(|| bad("transaction_id"))?,
         status: take("status")
             .and_then(|s| State::parse(&s))

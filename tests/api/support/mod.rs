@@ -18,6 +18,8 @@ use serde_json::Value;
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
 pub const API_KEY: &str = "test-vendor-key";
+/// The vendor whose key is [`API_KEY`].
+pub const VENDOR: &str = "acme";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// A vendor that signs its requests with HMAC-SHA256.
 pub const HMAC_VENDOR: &str = "globex";
@@ -209,13 +211,25 @@ impl TestApp {
         r.send().await.unwrap()
     }
 
+    /// The ledger entry of `id`: a key as given when it has a `/`, else the
+    /// transaction of that id from the API-key vendor, the signing vendor,
+    /// or no vendor, in that order.
     pub async fn record(&self, id: &str) -> TxRecord {
-        self.services
-            .ledger
-            .get(id)
-            .await
-            .unwrap()
-            .expect("transaction in ledger")
+        self.find(id).await.expect("transaction in ledger")
+    }
+
+    pub async fn find(&self, id: &str) -> Option<TxRecord> {
+        let keys = if id.contains('/') {
+            vec![id.to_owned()]
+        } else {
+            vec![key(id), format!("{HMAC_VENDOR}/{id}"), id.to_owned()]
+        };
+        for k in keys {
+            if let Some(r) = self.services.ledger.get(&k).await.unwrap() {
+                return Some(r);
+            }
+        }
+        None
     }
 
     /// Processes until every listed transaction is terminal. Waits only inside
@@ -272,6 +286,12 @@ impl TestApp {
     pub async fn state_of(&self, id: &str) -> State {
         self.record(id).await.status
     }
+}
+
+/// The ledger key (and downstream `Idempotency-Key`) of a transaction the
+/// API-key vendor sent: `<vendor>/<id>`.
+pub fn key(id: &str) -> String {
+    format!("{VENDOR}/{id}")
 }
 
 pub fn now_unix() -> i64 {

@@ -97,10 +97,34 @@ pub async fn start_dev_pipeline(dir: &Path, mock_extra: &[&str]) -> DevPipeline 
     }
 }
 
+/// The release build of `rtpd` when `RTPD_TEST_RELEASE_BIN` names it
+/// (`scripts/test.sh` builds it and sets it), else this build's.
+pub fn release_rtpd() -> Command {
+    match std::env::var_os("RTPD_TEST_RELEASE_BIN") {
+        Some(bin) => Command::new(bin),
+        None => {
+            eprintln!(
+                "RTPD_TEST_RELEASE_BIN is not set: running the debug build (scripts/test.sh sets it)"
+            );
+            rtpd()
+        }
+    }
+}
+
 pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
+    spawn_dev_with(rtpd(), dir, api_port, mock_port, &[])
+}
+
+/// `rtpd dev --no-mock` from `bin`, with the test settings and `env` on top.
+pub fn spawn_dev_with(
+    mut bin: Command,
+    dir: &Path,
+    api_port: u16,
+    mock_port: u16,
+    env: &[(&str, &str)],
+) -> Proc {
     Proc(
-        rtpd()
-            .arg("dev")
+        bin.arg("dev")
             .arg("--no-mock")
             .env("RTPD_DATA_DIR", dir)
             .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
@@ -115,6 +139,7 @@ pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
             .env("RTPD_RECONCILE_INTERVAL_SECS", "0.5")
             .env("RTPD_RECONCILE_PENDING_AFTER_SECS", "2")
             .env("RTPD_LOG_LEVEL", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,0 +1,980 @@
+//! Hostile and clumsy clients, from the outside probe of issue 20: slow
+//! anonymous requests cannot starve vendors or probes, refusals are JSON and
+//! sampled before they reach storage, HTTP conventions (HEAD, OPTIONS,
+//! Bearer), no Content-Encoding, ambiguous credentials refused, private dev
+//! credentials, bounded operator ranges and WAL reads.
+
+use crate::support::process::{
+    Proc, mock_calls, release_rtpd, rtpd, spawn_dev_with, start_mock, wait_http_ok,
+};
+use crate::support::{
+    ADMIN_TOKEN, API_KEY, AppOptions, HMAC_VENDOR, free_port, json, now_unix, spawn_app,
+    spawn_app_with,
+};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn assert_error(r: reqwest::Response, status: u16, code: &str, case: &str) -> Value {
+    assert_eq!(r.status().as_u16(), status, "{case}");
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(ct.as_deref(), Some("application/json"), "{case}");
+    let b: Value = r
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{case}: body is not JSON: {e}"));
+    assert_eq!(b["error"], code, "{case}: {b}");
+    b
+}
+
+/// Opens a connection, sends `head`, then one byte of filler a second for
+/// as long as the server keeps it open. Returns the connection's task and a
+/// receiver for the response head (`None` if the server closed silently).
+fn slow_request(
+    address: &str,
+    head: String,
+) -> tokio::task::JoinHandle<Option<(String, Duration)>> {
+    let address = address.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        let stream = TcpStream::connect(address).await.ok()?;
+        let (mut rd, mut wr) = stream.into_split();
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            if wr.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if wr.write_all(b" ").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        // Until the end of the response head.
+        let read = tokio::time::timeout(Duration::from_secs(30), async {
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        writer.abort();
+        let took = started.elapsed();
+        (read.is_ok() && !answer.is_empty())
+            .then(|| (String::from_utf8_lossy(&answer).into_owned(), took))
+    })
+}
+
+/// The starvation probe: `n` anonymous replay requests that declare a
+/// 100-byte body and send one byte a second.
+fn slow_anonymous_replays(
+    address: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Option<(String, Duration)>>> {
+    (0..n)
+        .map(|i| {
+            let path = if i % 2 == 0 {
+                format!("/replay/X-{i}")
+            } else {
+                format!("/v1/transactions/X-{i}/replay")
+            };
+            slow_request(
+                address,
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Each slow anonymous request was answered 401 (or 429 from the
+/// per-source limit) at once, without its body being waited for.
+async fn assert_refused_at_once(
+    slow: Vec<tokio::task::JoinHandle<Option<(String, Duration)>>>,
+    within: Duration,
+) {
+    for task in slow {
+        let (answer, took) = task
+            .await
+            .unwrap()
+            .expect("a slow anonymous request got no answer: it holds a slot");
+        assert!(
+            answer.starts_with("HTTP/1.1 401") || answer.starts_with("HTTP/1.1 429"),
+            "{answer}"
+        );
+        assert!(took < within, "answered after {took:?}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn slow_anonymous_replays_do_not_starve_vendors() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight = 5;
+            // A body read would hold its slot this long.
+            s.request_timeout_secs = 60.0;
+        },
+        ..Default::default()
+    })
+    .await;
+    let slow = slow_anonymous_replays(&app.address, 12);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..5 {
+        let r = app
+            .post_json(&json!({"transaction_id": format!("STARVE-{i}")}))
+            .await;
+        assert_eq!(
+            r.status(),
+            202,
+            "vendor POST {i} while anonymous replays trickle"
+        );
+    }
+    assert_refused_at_once(slow, Duration::from_secs(5)).await;
+}
+
+/// Issue 20's reproduction, against the release binary: `RTPD_MAX_IN_FLIGHT`
+/// 20 and 25 slow anonymous replays; vendor POSTs still get 202.
+#[tokio::test]
+async fn slow_anonymous_replays_against_the_release_binary_leave_vendor_posts_202() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let _dev: Proc = spawn_dev_with(
+        release_rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &[
+            ("RTPD_MAX_IN_FLIGHT", "20"),
+            ("RTPD_REQUEST_TIMEOUT_SECS", "60"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let key = creds["api_key"].as_str().unwrap().to_owned();
+
+    let slow = slow_anonymous_replays(&base, 25);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        let r = client
+            .post(format!("{base}/v1/transactions"))
+            .header("X-Api-Key", &key)
+            .json(&json!({"transaction_id": format!("REL-{i}"), "amount": "1.00"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "vendor POST {i}");
+    }
+    // And the probes answer.
+    let r = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_refused_at_once(slow, Duration::from_secs(5)).await;
+    // The five were processed: one downstream call each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let calls = mock_calls(mock_port).await;
+        let n = (0..5)
+            .filter(|i| calls["by_key"].get(format!("dev-vendor/REL-{i}")).is_some())
+            .count();
+        if n == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processed {n} of 5: {calls}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn replay_bodies_are_read_only_after_authentication_and_refused_as_json() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| s.max_body_bytes = 1024,
+        ..Default::default()
+    })
+    .await;
+    for path in ["/replay/A-1", "/v1/transactions/A-1/replay"] {
+        let url = format!("{}{path}", app.address);
+        // Anonymous: 401 before the (invalid) body is parsed.
+        let r = app
+            .client
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 401, "unauthenticated", "anonymous replay, bad body").await;
+        // A vendor: 403, body unread.
+        let r = app
+            .client
+            .post(&url)
+            .header("X-Api-Key", API_KEY)
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 403, "forbidden", "vendor replay").await;
+        // An operator with too large a body: the one body reader's JSON 413.
+        let big = format!(r#"{{"reason":"{}"}}"#, "x".repeat(2000));
+        let r = app
+            .client
+            .post(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .header("Content-Type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 413, "payload_too_large", "operator, big body").await;
+        let r = app
+            .client
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .body(big)
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 401, "unauthenticated", "anonymous, big body").await;
+    }
+}
+
+#[tokio::test]
+async fn probes_answer_while_the_vendor_pool_is_full() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight = 1;
+            s.request_timeout_secs = 30.0;
+        },
+        ..Default::default()
+    })
+    .await;
+    // A vendor's slow body holds the only vendor slot.
+    let hold = || {
+        slow_request(
+            &app.address,
+            format!(
+                "POST /v1/transactions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+                 X-Api-Key: {API_KEY}\r\nContent-Length: 100\r\n\r\n{{"
+            ),
+        )
+    };
+    let mut holder = hold();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // A probe can take the slot just as the holder arrives (the holder
+        // then gets the 503): start it again.
+        if holder.is_finished() {
+            holder = hold();
+        }
+        if app.get_tx("P-1").await.status() == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the vendor pool never filled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The probes have their own pool.
+    for path in ["/healthz", "/readyz"] {
+        let r = app
+            .client
+            .get(format!("{}{path}", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path} while vendors are saturated");
+    }
+    let r = app.admin_get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    holder.abort();
+}
+
+#[tokio::test]
+async fn unauthenticated_callers_are_rate_limited_per_source_address() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.unauthenticated_rate_per_sec = 1;
+            s.unauthenticated_rate_burst = 3;
+        },
+        ..Default::default()
+    })
+    .await;
+    let bad = |i: usize| {
+        app.client
+            .post(format!("{}/v1/transactions", app.address))
+            .header("X-Api-Key", "wrong")
+            .header("Content-Type", "application/json")
+            .body(format!(r#"{{"transaction_id":"U-{i}"}}"#))
+            .send()
+    };
+    for i in 0..3 {
+        assert_error(
+            bad(i).await.unwrap(),
+            401,
+            "unauthenticated",
+            "within burst",
+        )
+        .await;
+    }
+    let r = bad(3).await.unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    assert_error(r, 429, "rate_limited", "over the per-source limit").await;
+    // Callers with a credential are not limited by their address.
+    assert_eq!(app.get_tx("U-1").await.status(), 404);
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "U-OK"}))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(app.admin_get("/v1/transactions").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_keys_writes_a_bounded_number_of_rejected_records() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| s.unauthenticated_rate_per_sec = 0,
+        ..Default::default()
+    })
+    .await;
+    let flood = 300;
+    for i in 0..flood {
+        let r = app
+            .client
+            .post(format!("{}/v1/transactions", app.address))
+            .header("X-Api-Key", format!("wrong-{i}"))
+            .header("Content-Type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let now = chrono::Utc::now();
+    let log = &app.services.rejected;
+    let mut records = 0;
+    let mut segments = 0;
+    for seg in log
+        .segments(
+            now - chrono::Duration::hours(1),
+            now + chrono::Duration::hours(1),
+        )
+        .await
+        .unwrap()
+    {
+        segments += 1;
+        records += log.read_segment(&seg.key).await.unwrap().len();
+    }
+    eprintln!("{flood} refused calls: {records} records in {segments} segments");
+    assert!(records >= 1, "nothing recorded");
+    assert!(
+        records <= rtp_durability::api::rejected::PER_SOURCE_BURST as usize + 1,
+        "{records} records for {flood} calls from one source"
+    );
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("Accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unrecorded: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rtpd_rejected_calls_unrecorded_total "))
+        .unwrap_or_else(|| panic!("no unrecorded counter in {text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(unrecorded as usize + records, flood);
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn any_content_encoding_but_identity_is_refused_with_415_on_every_route() {
+    let app = spawn_app().await;
+    let post = |body: Vec<u8>, encoding: &str| {
+        app.client
+            .post(format!("{}/v1/transactions", app.address))
+            .header("X-Api-Key", API_KEY)
+            .header("Content-Type", "application/json")
+            .header("Content-Encoding", encoding)
+            .body(body)
+            .send()
+    };
+    let real = gzip(br#"{"transaction_id":"GZ-1"}"#);
+    let r = post(real, "gzip").await.unwrap();
+    assert_error(r, 415, "unsupported_content_encoding", "real gzip").await;
+    let r = post(br#"{"transaction_id":"GZ-2"}"#.to_vec(), "gzip")
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        415,
+        "unsupported_content_encoding",
+        "plain body labelled gzip",
+    )
+    .await;
+    let r = post(br#"{"transaction_id":"GZ-3"}"#.to_vec(), "br")
+        .await
+        .unwrap();
+    assert_error(r, 415, "unsupported_content_encoding", "br").await;
+    for id in ["GZ-1", "GZ-2", "GZ-3"] {
+        assert!(app.find(id).await.is_none(), "{id}");
+    }
+    // Replay and GET routes: the same.
+    let r = app
+        .client
+        .post(format!("{}/replay/GZ-1", app.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("Content-Encoding", "gzip")
+        .body(gzip(b"{}"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 415, "unsupported_content_encoding", "replay").await;
+    let r = app
+        .client
+        .get(format!("{}/v1/transactions", app.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("Content-Encoding", "deflate")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 415, "unsupported_content_encoding", "list").await;
+    // `identity` is no encoding.
+    let r = post(br#"{"transaction_id":"GZ-4"}"#.to_vec(), "identity")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
+#[tokio::test]
+async fn head_is_answered_on_every_get_route() {
+    let app = spawn_app().await;
+    for (path, auth, status) in [
+        ("/healthz", None, 200),
+        ("/readyz", None, 200),
+        ("/openapi.json", None, 200),
+        ("/metrics", Some(ADMIN_TOKEN), 200),
+        ("/status", Some(ADMIN_TOKEN), 200),
+        ("/transactions", Some(ADMIN_TOKEN), 200),
+        ("/v1/transactions", Some(ADMIN_TOKEN), 200),
+        ("/v1/transactions/NOPE", Some(ADMIN_TOKEN), 404),
+        ("/v1/transactions", None, 401),
+    ] {
+        let mut req = app.client.head(format!("{}{path}", app.address));
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "HEAD {path}");
+        assert!(r.headers().contains_key("content-type"), "HEAD {path}");
+        assert!(
+            r.bytes().await.unwrap().is_empty(),
+            "HEAD {path} has a body"
+        );
+    }
+    // HEAD is not a way around POST-only routes.
+    let r = app
+        .client
+        .head(format!("{}/replay/X", app.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+}
+
+#[tokio::test]
+async fn options_answers_204_with_allow_and_no_cors() {
+    let app = spawn_app().await;
+    for (path, allow) in [
+        ("/v1/transactions", "POST, HEAD, GET, OPTIONS"),
+        ("/v1/transactions/X/replay", "POST, OPTIONS"),
+        ("/healthz", "HEAD, GET, OPTIONS"),
+    ] {
+        let r = app
+            .client
+            .request(reqwest::Method::OPTIONS, format!("{}{path}", app.address))
+            .header("Origin", "https://evil.example")
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204, "OPTIONS {path}");
+        assert_eq!(r.headers()["allow"], allow, "OPTIONS {path}");
+        assert!(
+            !r.headers()
+                .keys()
+                .any(|k| k.as_str().starts_with("access-control-")),
+            "OPTIONS {path} answered CORS headers"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let app = spawn_app().await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = app
+            .client
+            .get(format!("{}/v1/transactions", app.address))
+            .header("Authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let r = app
+        .client
+        .get(format!("{}/v1/transactions", app.address))
+        .header("Authorization", format!("Basic {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 401, "unauthenticated", "Basic is not Bearer").await;
+}
+
+#[tokio::test]
+async fn duplicate_or_mixed_credentials_are_refused() {
+    let app = spawn_app().await;
+    let url = format!("{}/v1/transactions", app.address);
+    // Two API keys, the first valid: refused, not served by the first.
+    let r = app
+        .client
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("X-Api-Key", API_KEY)
+        .header("X-Api-Key", "other")
+        .body(r#"{"transaction_id":"DUP-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 400, "duplicate_credentials", "two X-Api-Key").await;
+    assert!(app.find("DUP-1").await.is_none());
+    let r = app
+        .client
+        .get(&url)
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("Authorization", "Bearer nope")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 400, "duplicate_credentials", "two Authorization").await;
+    // A vendor key and an admin token together: not served as admin.
+    let r = app
+        .client
+        .get(&url)
+        .header("X-Api-Key", API_KEY)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        r,
+        400,
+        "ambiguous_credentials",
+        "key + bearer on an admin route",
+    )
+    .await;
+    let r = app
+        .client
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("X-Api-Key", API_KEY)
+        .header("X-Rtpd-Vendor", HMAC_VENDOR)
+        .header("X-Rtpd-Timestamp", now_unix().to_string())
+        .header("X-Rtpd-Signature", format!("v1={}", "0".repeat(64)))
+        .body(r#"{"transaction_id":"DUP-2"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 400, "ambiguous_credentials", "key + signature").await;
+    assert!(app.find("DUP-2").await.is_none());
+}
+
+#[tokio::test]
+async fn a_forced_replay_needs_a_reason() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "WHY-1"}))
+            .await
+            .status(),
+        202
+    );
+    app.drain_until_terminal(&["WHY-1"]).await;
+    for path in ["/replay/WHY-1", "/v1/transactions/WHY-1/replay"] {
+        for body in [
+            json!({"force": true}),
+            json!({"force": true, "reason": "  "}),
+        ] {
+            let r = app.admin_post(path, Some(body.clone())).await;
+            assert_error(r, 400, "reason_required", &format!("{path} {body}")).await;
+        }
+    }
+    let out = rtpd()
+        .args(["replay", "WHY-1", "--force"])
+        .env("RTPD_DATA_DIR", app.data_dir())
+        .output()
+        .unwrap();
+    // A usage error: exit status 2, as clap's.
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("--reason"), "{err}");
+    let r = app
+        .admin_post(
+            "/replay/WHY-1",
+            Some(json!({"force": true, "reason": "downstream lost it"})),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let _ = json(r).await;
+}
+
+#[tokio::test]
+async fn operator_ranges_stop_at_the_wal_retention_and_wal_cat_checks_lengths() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "RANGE-1"}))
+            .await
+            .status(),
+        202
+    );
+    let run = |args: &[&str]| {
+        let started = Instant::now();
+        let out = rtpd()
+            .args(args)
+            .env("RTPD_DATA_DIR", app.data_dir())
+            .env("RTPD_WAL_RETENTION_DAYS", "30")
+            .output()
+            .unwrap();
+        (out, started.elapsed())
+    };
+    for args in [
+        &["replay", "--from", "99999999h", "--dry-run"][..],
+        &["wal", "ls", "--from", "99999999h"],
+        &["wal", "ls", "--from", "31d"],
+        &["wal", "cat", "NOPE", "--from", "99999999h"],
+    ] {
+        let (out, took) = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("RTPD_WAL_RETENTION_DAYS"), "{args:?}: {err}");
+        eprintln!("{args:?}: refused in {took:?}");
+    }
+    let (ok, _) = run(&["wal", "ls", "--from", "29d"]);
+    assert!(ok.status.success());
+
+    let wal_ref = app.record("RANGE-1").await.wal_ref.to_string();
+    let segment = wal_ref.split('#').next().unwrap();
+    for len in ["99999999999", "18446744073709551615"] {
+        let target = format!("{segment}#0+{len}");
+        let (out, _) = run(&["wal", "cat", &target]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{target}: {err}");
+        assert_eq!(err.lines().count(), 1, "{target}: {err}");
+        assert!(err.contains("past the end"), "{target}: {err}");
+    }
+    let (out, _) = run(&["wal", "cat", &format!("{segment}#18446744073709551615+1")]);
+    assert_eq!(out.status.code(), Some(1));
+    let (out, _) = run(&["wal", "cat", &wal_ref]);
+    assert!(out.status.success());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn rtpd_dev_keeps_its_credentials_readable_by_the_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A file an earlier version left world-readable is tightened too.
+    let old = dir.path().join("dev-credentials.json");
+    std::fs::write(
+        &old,
+        r#"{"vendor":"dev-vendor","api_key":"rtpd_vk_x","admin_token":"rtpd_adm_x","hmac_vendor":"","hmac_secret":""}"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _p = crate::support::process::start_dev_pipeline(dir.path(), &[]).await;
+    for name in ["dev-credentials.json", "dev-vendor-keys"] {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_are_counted_and_not_logged_as_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let log = dir.path().join("stderr.log");
+    let _dev = Proc(
+        rtpd()
+            .args(["dev", "--no-mock"])
+            .env("RTPD_DATA_DIR", dir.path())
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
+            .env(
+                "RTPD_DOWNSTREAM_URL",
+                format!("http://127.0.0.1:{mock_port}/process"),
+            )
+            .env("RTPD_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+    let raw = |bytes: &'static [u8]| async move {
+        let mut s = TcpStream::connect(("127.0.0.1", api_port)).await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let answers = [
+        raw(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await,
+        raw(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n").await,
+        raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: \x01\x02\r\n\r\n").await,
+        raw(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n").await,
+    ];
+    eprintln!("{answers:#?}");
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(creds["admin_token"].as_str().unwrap())
+        .header("Accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rtpd_http_protocol_errors_total "))
+        .unwrap_or_else(|| panic!("no protocol error counter: {metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(counted >= 1, "{metrics}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.lines().any(|l| l.contains("ERROR")),
+        "a client's malformed request wrote an ERROR line:\n{text}"
+    );
+}
+
+/// Signed GET of one transaction as the signing vendor.
+async fn signed_get(app: &crate::support::TestApp, path: &str) -> reqwest::Response {
+    let ts = now_unix();
+    app.client
+        .get(format!("{}{path}", app.address))
+        .header("X-Rtpd-Vendor", HMAC_VENDOR)
+        .header("X-Rtpd-Timestamp", ts.to_string())
+        .header(
+            "X-Rtpd-Signature",
+            rtp_durability::auth::sign(
+                crate::support::HMAC_SECRET.as_bytes(),
+                ts,
+                format!("GET {path}").as_bytes(),
+            )
+            .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_vendors_may_send_the_same_transaction_id() {
+    let app = spawn_app().await;
+    // The signing vendor takes the id first.
+    let theirs = r#"{"transaction_id":"T-1","amount":"2.00"}"#;
+    let r = app.post_signed(theirs, now_unix()).await;
+    assert_eq!(r.status(), 202);
+    let their_receipt = json(r).await;
+    // The other vendor's payment with the same id is its own transaction,
+    // and nothing of the first one shows.
+    let ours = json!({"transaction_id": "T-1", "amount": "1.00"});
+    let r = app.post_json(&ours).await;
+    assert_eq!(r.status(), 202);
+    let receipt = json(r).await;
+    assert_eq!(receipt["transaction_id"], "T-1");
+    assert_ne!(receipt["wal"]["ref"], their_receipt["wal"]["ref"]);
+    assert_ne!(receipt["wal"]["sha256"], their_receipt["wal"]["sha256"]);
+    let r = app.post_json(&ours).await;
+    assert_eq!(r.status(), 200);
+    let again = json(r).await;
+    assert_eq!(again["wal"], receipt["wal"], "our own receipt");
+    let r = app
+        .post_json(&json!({"transaction_id": "T-1", "amount": "9.00"}))
+        .await;
+    let conflict = assert_error(r, 409, "conflict", "our own conflict").await;
+    assert_eq!(conflict["transaction_id"], "T-1");
+
+    let mine = json(app.get_tx("T-1").await).await;
+    assert_eq!(mine["vendor"], "acme");
+    assert_eq!(mine["transaction_id"], "T-1");
+    assert_eq!(mine["sha256"], receipt["wal"]["sha256"]);
+    let r = signed_get(&app, "/v1/transactions/T-1").await;
+    assert_eq!(r.status(), 200);
+    let other = json(r).await;
+    assert_eq!(other["vendor"], HMAC_VENDOR);
+    assert_eq!(other["sha256"], their_receipt["wal"]["sha256"]);
+
+    // Operators name the vendor when two share an id.
+    let r = app.admin_get("/v1/transactions/T-1").await;
+    assert_error(r, 400, "ambiguous_transaction_id", "two vendors' T-1").await;
+    let r = app.admin_get("/v1/transactions/T-1?vendor=acme").await;
+    assert_eq!(json(r).await["sha256"], receipt["wal"]["sha256"]);
+    let r = app
+        .admin_get(&format!("/v1/transactions/T-1?vendor={HMAC_VENDOR}"))
+        .await;
+    assert_eq!(json(r).await["vendor"], HMAC_VENDOR);
+    let list = json(app.admin_get("/v1/transactions").await).await;
+    let mut vendors: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["transaction_id"] == "T-1")
+        .map(|i| i["vendor"].as_str().unwrap())
+        .collect();
+    vendors.sort();
+    assert_eq!(vendors, ["acme", HMAC_VENDOR]);
+
+    // Two transactions downstream: one call each, under keys that differ.
+    app.drain_until_terminal(&["acme/T-1", "globex/T-1"]).await;
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["acme/T-1"]["calls"], 1, "{calls}");
+    assert_eq!(calls["by_key"]["globex/T-1"]["calls"], 1, "{calls}");
+    let r = app
+        .admin_post(
+            &format!("/v1/transactions/T-1/replay?vendor={HMAC_VENDOR}"),
+            Some(json!({"force": true, "reason": "vendor asked"})),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let replayed = json(r).await;
+    assert_eq!(replayed["transaction_id"], "T-1");
+    assert_eq!(replayed["vendor"], HMAC_VENDOR);
+    app.drain_until_terminal(&["globex/T-1"]).await;
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["globex/T-1"]["calls"], 2);
+    assert_eq!(calls["by_key"]["acme/T-1"]["calls"], 1);
+}
+
+#[tokio::test]
+async fn entries_written_before_vendor_scoping_stay_their_vendors() {
+    use rtp_durability::transaction::{Sha256, TransactionId};
+    use rtp_durability::wal::{Source, WalRecord};
+    let app = spawn_app().await;
+    // An entry from before keys were scoped: under the bare id, recording
+    // its vendor.
+    let body = r#"{"transaction_id":"OLD-1"}"#;
+    let at = chrono::Utc::now();
+    let record = WalRecord {
+        v: 1,
+        transaction_id: TransactionId::parse("OLD-1").unwrap(),
+        received_at: at,
+        source: Source {
+            vendor: Some("acme".into()),
+            remote_addr: None,
+        },
+        sha256: Sha256::of(body.as_bytes()),
+        payload: body.into(),
+    };
+    let wal_ref = app.services.wal.append_json(&record, at).await.unwrap();
+    let mut reg = record.registration(&wal_ref);
+    reg.transaction_id = TransactionId::parse("OLD-1").unwrap();
+    app.services.ledger.register(reg).await.unwrap();
+
+    // Its vendor finds it: a repeat is a duplicate, not a new transaction.
+    let r = app
+        .post_raw(body.to_owned(), "application/json", Some(API_KEY))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["wal"]["ref"], wal_ref.to_string());
+    assert_eq!(json(app.get_tx("OLD-1").await).await["vendor"], "acme");
+    // Another vendor's OLD-1 is another transaction.
+    let r = app.post_signed(body, now_unix()).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        signed_get(&app, "/v1/transactions/OLD-1").await.status(),
+        200
+    );
+    let r = app.admin_get("/v1/transactions/OLD-1?vendor=acme").await;
+    assert_eq!(json(r).await["wal_ref"], wal_ref.to_string());
+    // The reconciler sees the old entry as the WAL record's: nothing is
+    // missing from the ledger.
+    let now = chrono::Utc::now();
+    let mut o = rtp_durability::reconcile::ReconcileOptions::new(
+        now - chrono::Duration::hours(1),
+        now + chrono::Duration::minutes(1),
+        Duration::from_secs(3600),
+    );
+    o.dry_run = true;
+    let report = app.services.reconciler().reconcile(&o).await.unwrap();
+    assert_eq!(report.missing_from_ledger, 0, "{report:?}");
+    assert_eq!(report.conflicting, 0, "{report:?}");
+}
+
+#[test]
+fn queue_message_ids_stay_within_128_characters() {
+    use rtp_durability::envelope::{Delivery, Envelope};
+    use rtp_durability::transaction::{Registration, Sha256, TransactionId};
+    let key = format!("{}/{}", "v".repeat(64), "i".repeat(128));
+    let reg = Registration {
+        transaction_id: TransactionId::parse_key(&key).unwrap(),
+        sha256: Sha256::of(b"{}"),
+        wal_ref: "wal/v1/2026/01/01/00/s.ndjson#0+2".parse().unwrap(),
+        vendor: Some("v".repeat(64)),
+        received_at: chrono::Utc::now(),
+    };
+    for d in [
+        Delivery::Initial,
+        Delivery::Retry(3),
+        Delivery::Replay("n".repeat(32)),
+    ] {
+        let m =
+            Envelope::new(reg.clone(), bytes::Bytes::from_static(b"{}"), d.clone()).to_message();
+        assert!(m.message_id.len() <= 128, "{d:?}: {}", m.message_id);
+        let again = Envelope::new(reg.clone(), bytes::Bytes::from_static(b"{}"), d).to_message();
+        assert_eq!(m.message_id, again.message_id, "the same copy, the same id");
+        assert_eq!(m.properties["transaction_id"], key);
+    }
+    let short = Registration {
+        transaction_id: TransactionId::parse_key("acme/T-1").unwrap(),
+        ..reg
+    };
+    let m = Envelope::new(short, bytes::Bytes::from_static(b"{}"), Delivery::Initial).to_message();
+    assert_eq!(m.message_id, "acme/T-1");
+}
