@@ -27,6 +27,8 @@ pub struct Submission {
     pub payload: Bytes,
     pub sha256: Sha256,
     pub source: Source,
+    /// The vendor's deadline: no downstream call starts after it.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +102,7 @@ impl Intake {
             source: s.source.clone(),
             sha256: s.sha256.clone(),
             payload: text.to_owned(),
+            expires_at: s.expires_at,
         };
         let wal_ref = self
             .wal
@@ -125,6 +128,7 @@ impl Intake {
             wal_ref,
             vendor: s.source.vendor.clone(),
             received_at,
+            expires_at: s.expires_at,
         };
         let record = match self
             .ledger

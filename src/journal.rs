@@ -60,6 +60,8 @@ pub struct Known {
     pub state: State,
     /// Highest attempt number journaled (the ledger's fencing token must pass it).
     pub attempts: u32,
+    /// `attempts` at the last replay: where the current retry budget began.
+    pub attempt_base: u32,
     pub retry_count: u32,
     pub error: Option<String>,
     pub next_retry_at: Option<DateTime<Utc>>,
@@ -83,6 +85,8 @@ impl Known {
             EntryKind::Replay => {
                 self.state = State::Pending;
                 self.next_retry_at = None;
+                self.attempt_base = self.attempts;
+                self.retry_count = 0;
             }
             EntryKind::Purge => {}
         }
@@ -139,6 +143,7 @@ impl JournalIndex {
         let mut k = Known {
             state: State::Pending,
             attempts: 0,
+            attempt_base: 0,
             retry_count: 0,
             error: None,
             next_retry_at: None,
@@ -163,6 +168,7 @@ pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<
     if let Some(k) = known {
         rec.status = k.state;
         rec.attempts = k.attempts;
+        rec.attempt_base = k.attempt_base;
         rec.retry_count = k.retry_count;
         rec.error_message = k.error.clone();
         rec.next_retry_at = (k.state == State::Failed)
@@ -214,7 +220,10 @@ mod tests {
             .get_mut("t")
             .unwrap()
             .push(entry(EntryKind::Replay, 5, None, State::Pending));
-        assert_eq!(idx.known("t").unwrap().state, State::Pending);
+        let k = idx.known("t").unwrap();
+        assert_eq!(k.state, State::Pending);
+        // A replay starts a fresh retry budget from the attempts made so far.
+        assert_eq!((k.attempt_base, k.retry_count), (2, 0));
         idx.entries
             .get_mut("t")
             .unwrap()

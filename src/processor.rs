@@ -187,9 +187,11 @@ impl Processor {
             Err(e) => return self.defer(&m, DeferCause::Ledger(e.to_string())).await,
         };
         let attempt = rec.attempts;
-        if attempt > self.policy.max_retries + 1 {
+        // Attempts in the current retry budget: a replay starts a new one.
+        let tries = retries_budget_attempt(&rec);
+        if tries > self.policy.max_retries + 1 {
             // Earlier attempts died without recording anything (crash loop).
-            let error = format!("{} attempts started without an outcome", attempt - 1);
+            let error = format!("{} attempts started without an outcome", tries - 1);
             let s = Settlement::DeadLetter {
                 reason: DeadLetterReason::AttemptsWithoutOutcome,
                 error,
@@ -210,8 +212,8 @@ impl Processor {
             CallResult::Transient {
                 reason,
                 retry_after,
-            } if self.policy.may_retry_after(attempt) => {
-                let mut delay = self.policy.delay(attempt);
+            } if self.policy.may_retry_after(tries) => {
+                let mut delay = self.policy.delay(tries);
                 if let Some(ra) = retry_after {
                     delay = delay.max(ra).min(self.policy.max);
                 }
@@ -228,7 +230,7 @@ impl Processor {
                 self.finish(&m, &reg, attempt, s, Some(copy)).await
             }
             CallResult::Transient { reason, .. } => {
-                let error = format!("retries exhausted after {attempt} attempts: {reason}");
+                let error = format!("retries exhausted after {tries} attempts: {reason}");
                 tracing::warn!(attempt, error = %error, "dead-lettering");
                 let s = Settlement::DeadLetter {
                     reason: DeadLetterReason::RetriesExhausted,
@@ -407,6 +409,12 @@ impl Processor {
             Err(e) => Outcome::Deferred(DeferCause::Queue(e.to_string())),
         }
     }
+}
+
+/// Attempt number `rec.attempts` counted within the current retry budget
+/// (1 = the first call since registration or since the last replay).
+pub fn retries_budget_attempt(rec: &crate::transaction::TxRecord) -> u32 {
+    rec.attempts.saturating_sub(rec.attempt_base)
 }
 
 /// Runs `concurrency` workers until `shutdown` turns true, then lets in-flight

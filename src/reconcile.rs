@@ -176,6 +176,8 @@ fn plan(
         rec.replay_nonce = cur.replay_nonce.clone();
         rec.attempts = rec.attempts.max(cur.attempts);
         rec.retry_count = rec.retry_count.max(cur.retry_count);
+        rec.attempt_base = rec.attempt_base.max(cur.attempt_base);
+        rec.expires_at = cur.expires_at.or(rec.expires_at);
         rec.updated_at = now;
         return Plan::Correct(rec);
     }
@@ -495,6 +497,7 @@ mod tests {
             wal_ref: "w#0+1".parse().unwrap(),
             vendor: None,
             received_at: crate::clock::now() - ChronoDuration::seconds(age_secs),
+            expires_at: None,
         }
     }
 
@@ -502,6 +505,7 @@ mod tests {
         Known {
             state,
             attempts: 2,
+            attempt_base: 0,
             retry_count: 1,
             error: None,
             next_retry_at: None,

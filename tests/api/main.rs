@@ -13,6 +13,7 @@ mod postgres_ledger;
 mod postgres_pipeline;
 mod probes;
 mod processing;
+mod processor_faults;
 mod recovery;
 mod redis_ledger;
 mod redis_outage;

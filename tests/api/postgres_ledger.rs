@@ -28,6 +28,7 @@ fn reg(id: &str) -> Registration {
         wal_ref: "wal/v1/x#0+1".parse().unwrap(),
         vendor: Some("acme".into()),
         received_at: Utc::now(),
+        expires_at: None,
     }
 }
 

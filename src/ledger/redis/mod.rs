@@ -152,6 +152,7 @@ impl Ledger for RedisLedger {
         let now = Self::now();
         let mut reg = reg;
         reg.received_at = truncate(reg.received_at);
+        reg.expires_at = reg.expires_at.map(truncate);
         let rec = TxRecord::new(&reg, now);
         let mut args = vec![rec.transaction_id.to_string(), micros(now).to_string()];
         args.extend(flat_fields(&rec));

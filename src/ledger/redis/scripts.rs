@@ -190,7 +190,10 @@ else
 end
 if not may then return {'refused', redis.call('HGETALL', TX)} end
 -- machine::apply_replay
-redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s)
+-- a fresh retry budget: retries count from the attempts made so far
+local attempts = redis.call('HGET', TX, 'attempts') or '0'
+redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s,
+           'attempt_base', attempts, 'retry_count', '0')
 redis.call('HDEL', TX, 'next_retry_at', 'lease_owner', 'lease_until')
 redis.call('PERSIST', TX)
 reindex(id, status, 'pending', now_s)
