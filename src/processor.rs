@@ -199,6 +199,19 @@ impl Processor {
             return self.finish(&m, &reg, attempt, s, None).await;
         }
 
+        if let Some(deadline) = deadline_passed(&rec, &reg, crate::clock::now()) {
+            let error = format!(
+                "deadline_exceeded: expires_at {} passed before attempt {attempt} could start",
+                deadline.to_rfc3339()
+            );
+            tracing::warn!(attempt, error = %error, "dead-lettering");
+            let s = Settlement::DeadLetter {
+                reason: DeadLetterReason::DeadlineExceeded,
+                error,
+            };
+            return self.finish(&m, &reg, attempt, s, None).await;
+        }
+
         tracing::info!(attempt, "calling downstream");
         let result = self
             .call_renewing_lock(&m, &reg.transaction_id, attempt)
@@ -219,6 +232,20 @@ impl Processor {
                 }
                 let next_retry_at =
                     crate::clock::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                if let Some(deadline) = deadline_passed(&rec, &reg, next_retry_at) {
+                    // The retry could not start in time: end now rather than wait for it.
+                    let error = format!(
+                        "deadline_exceeded: expires_at {} comes before the next retry ({}); last error: {reason}",
+                        deadline.to_rfc3339(),
+                        next_retry_at.to_rfc3339()
+                    );
+                    tracing::warn!(attempt, error = %error, "dead-lettering");
+                    let s = Settlement::DeadLetter {
+                        reason: DeadLetterReason::DeadlineExceeded,
+                        error,
+                    };
+                    return self.finish(&m, &reg, attempt, s, None).await;
+                }
                 tracing::warn!(attempt, error = %reason, retry_in_secs = delay.as_secs_f64(), "transient failure; retry scheduled");
                 let copy = Envelope::new(reg.clone(), m.body.clone(), Delivery::Retry(attempt + 1))
                     .scheduled_at(Some(next_retry_at))
@@ -409,6 +436,16 @@ impl Processor {
             Err(e) => Outcome::Deferred(DeferCause::Queue(e.to_string())),
         }
     }
+}
+
+/// The vendor's deadline, if it is at or before `at` (the ledger's copy, or
+/// the message's for a record written before deadlines were stored).
+pub fn deadline_passed(
+    rec: &crate::transaction::TxRecord,
+    reg: &Registration,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    rec.expires_at.or(reg.expires_at).filter(|t| *t <= at)
 }
 
 /// Attempt number `rec.attempts` counted within the current retry budget

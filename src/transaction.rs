@@ -347,6 +347,8 @@ pub enum DeadLetterReason {
     PayloadHashMismatch,
     /// The ledger holds other content for this transaction id.
     LedgerConflict,
+    /// The vendor's `expires_at` passed: no downstream call starts after it.
+    DeadlineExceeded,
 }
 
 impl DeadLetterReason {
@@ -360,6 +362,7 @@ impl DeadLetterReason {
             DeadLetterReason::MalformedMessage => "MalformedMessage",
             DeadLetterReason::PayloadHashMismatch => "PayloadHashMismatch",
             DeadLetterReason::LedgerConflict => "LedgerConflict",
+            DeadLetterReason::DeadlineExceeded => "DeadlineExceeded",
         }
     }
 }

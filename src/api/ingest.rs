@@ -22,11 +22,14 @@ use utoipa::ToSchema;
     path = "/v1/transactions",
     operation_id = "ingestTransaction",
     request_body(content = TransactionPayload, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "The transaction id, when the body has none", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The transaction id, when the body has none", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$"),
+        ("X-Rtpd-Expires-At" = Option<String>, Header, description = "The payment's deadline (RFC 3339), when the body has no expires_at: no downstream call starts after it", format = DateTime),
+    ),
     responses(
         (status = 202, description = "New transaction, durable and enqueued", body = Receipt),
         (status = 200, description = "Same id and same content as before: the existing receipt", body = Receipt),
-        (status = 400, description = "Invalid JSON, a duplicate key, a bad or missing transaction id", body = ErrorBody),
+        (status = 400, description = "Invalid JSON, a duplicate key, a bad or missing transaction id, an invalid expires_at", body = ErrorBody),
         (status = 401, description = "Missing or wrong vendor credentials", body = ErrorBody),
         (status = 408, description = "The body did not arrive within RTPD_REQUEST_TIMEOUT_SECS", body = ErrorBody),
         (status = 409, description = "Same id, different content: refused, nothing overwritten", body = ErrorBody),
@@ -250,6 +253,11 @@ pub struct TransactionPayload {
         nullable = false
     )]
     transaction_id: Option<String>,
+    /// The payment's deadline (RFC 3339): no downstream call starts after
+    /// it, and the transaction dead-letters with `DeadlineExceeded`. May
+    /// instead come from the `X-Rtpd-Expires-At` header.
+    #[schema(format = DateTime, nullable = false)]
+    expires_at: Option<String>,
     /// Any other members, kept byte-exact.
     #[serde(flatten)]
     other: std::collections::HashMap<String, serde_json::Value>,

@@ -5,6 +5,7 @@ mod contract_ledger;
 mod contract_queue;
 mod contract_wal;
 mod crash;
+mod deadline;
 mod credentials;
 mod ingest;
 mod intake;
