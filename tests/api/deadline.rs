@@ -30,10 +30,17 @@ async fn deadline_passed_dead_letters_without_a_downstream_call() {
             .is_some_and(|e| e.starts_with("deadline_exceeded")),
         "{rec:?}"
     );
-    assert_eq!(calls_for(&app, "DL-1").await, 0, "no call after the deadline");
+    assert_eq!(
+        calls_for(&app, "DL-1").await,
+        0,
+        "no call after the deadline"
+    );
     let dl = app.services.queue.peek_dead_letters(0, 10).await.unwrap();
     assert_eq!(dl.len(), 1);
-    assert_eq!(dl[0].dead_letter_reason.as_deref(), Some("DeadlineExceeded"));
+    assert_eq!(
+        dl[0].dead_letter_reason.as_deref(),
+        Some("DeadlineExceeded")
+    );
 }
 
 /// A transient failure whose next retry would start after the deadline ends
@@ -72,8 +79,16 @@ async fn retries_stop_at_the_deadline() {
 async fn invalid_expires_at_is_a_400_naming_the_field() {
     let app = spawn_app().await;
     for (name, body, header) in [
-        ("body text", json!({"transaction_id": "BAD-1", "expires_at": "tomorrow"}), None),
-        ("body number", json!({"transaction_id": "BAD-2", "expires_at": 17}), None),
+        (
+            "body text",
+            json!({"transaction_id": "BAD-1", "expires_at": "tomorrow"}),
+            None,
+        ),
+        (
+            "body number",
+            json!({"transaction_id": "BAD-2", "expires_at": 17}),
+            None,
+        ),
         ("header", json!({"transaction_id": "BAD-3"}), Some("soon")),
         (
             "body and header differ",
@@ -114,7 +129,9 @@ async fn expires_at_is_stored(on: On) {
     assert_eq!(app.record("DL-S").await.expires_at, Some(at));
     let shown = json(app.get_tx("DL-S").await).await;
     assert_eq!(
-        shown["expires_at"].as_str().map(|s| s.parse::<DateTime<Utc>>().unwrap()),
+        shown["expires_at"]
+            .as_str()
+            .map(|s| s.parse::<DateTime<Utc>>().unwrap()),
         Some(at),
         "{shown}"
     );
