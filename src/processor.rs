@@ -187,6 +187,9 @@ impl Processor {
             Err(e) => return self.defer(&m, DeferCause::Ledger(e.to_string())).await,
         };
         let attempt = rec.attempts;
+        if rec.sha256 != reg.sha256 {
+            return self.refuse_stale_copy(&m, &reg, &rec).await;
+        }
         // Attempts in the current retry budget: a replay starts a new one.
         let tries = retries_budget_attempt(&rec);
         if tries > self.policy.max_retries + 1 {
@@ -369,6 +372,56 @@ impl Processor {
             State::Failed => Outcome::RetryScheduled,
             _ => Outcome::DeadLettered,
         }
+    }
+
+    /// A copy whose bytes are not the ones the ledger accepted for this id
+    /// (issue 12 item 10): the downstream never sees them. The claim just
+    /// taken ends as `failed`, due at once and journaled, so the true
+    /// payload is re-driven from the WAL (by the reconciler, or by the
+    /// transaction's own message); the stale copy goes to the dead-letter
+    /// queue as evidence.
+    async fn refuse_stale_copy(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+        rec: &crate::transaction::TxRecord,
+    ) -> Outcome {
+        let attempt = rec.attempts;
+        let error = format!(
+            "a message carried other bytes (sha256 {}) than the ledger accepted ({}); downstream not called",
+            reg.sha256, rec.sha256
+        );
+        tracing::error!(attempt, error = %error, "stale copy with other content");
+        let now = crate::clock::now();
+        let entry = JournalEntry {
+            v: 1,
+            kind: EntryKind::Attempt,
+            transaction_id: reg.transaction_id.to_string(),
+            at: now,
+            attempt: Some(attempt),
+            state: State::Failed,
+            error: Some(error.clone()),
+            next_retry_at: Some(now),
+            actor: self.owner.clone(),
+            reason: None,
+        };
+        if let Err(e) = self.journal.append(&entry).await {
+            return self.defer(m, DeferCause::Journal(e.to_string())).await;
+        }
+        let s = Settlement::Failed {
+            error: error.clone(),
+            next_retry_at: now,
+        };
+        match self
+            .ledger
+            .settle(&reg.transaction_id, &self.owner, attempt, s)
+            .await
+        {
+            Ok(_) | Err(LedgerError::Fenced { .. }) => {}
+            Err(e) => return self.defer(m, DeferCause::Ledger(e.to_string())).await,
+        }
+        self.dead_letter_message(m, DeadLetterReason::LedgerConflict, &error)
+            .await
     }
 
     /// Puts a transaction the ledger lost back, as the outcome journal knows

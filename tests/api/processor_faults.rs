@@ -198,3 +198,73 @@ async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
     );
     assert_eq!(after["by_key"][id]["successes"], 1);
 }
+
+/// Issue 12 item 10: a copy of a transaction carrying other bytes than the
+/// ledger accepted (a stale or forged message; its body hashes to its own
+/// sha256) never reaches the downstream. The transaction is left `failed`
+/// and due, the stale copy dead-lettered, and the true payload then goes
+/// through.
+async fn stale_copy_with_other_bytes(on: On) {
+    use bytes::Bytes;
+    use rtp_durability::envelope::{Delivery, Envelope};
+    use rtp_durability::transaction::Sha256;
+    use std::time::Duration;
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "SC-1";
+    app.post_json(&json!({"transaction_id": id, "amount": "1.00"}))
+        .await;
+    let rec = app.record(id).await;
+    // Hold the true message back while the stale copy is processed.
+    let original = app
+        .services
+        .queue
+        .receive(1, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let other = Bytes::from_static(br#"{"transaction_id":"SC-1","amount":"999.00"}"#);
+    let reg = rtp_durability::transaction::Registration {
+        transaction_id: rec.transaction_id.clone(),
+        sha256: Sha256::of(&other),
+        wal_ref: rec.wal_ref.clone(),
+        vendor: rec.vendor.clone(),
+        received_at: rec.created_at,
+        expires_at: None,
+    };
+    let stale = Envelope::new(reg, other, Delivery::Redrive("stale".into())).to_message();
+    app.services.queue.send(vec![stale]).await.unwrap();
+    let outcome = app
+        .processor
+        .try_process_next(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::DeadLettered);
+    assert_eq!(
+        calls_for(&app, id).await,
+        0,
+        "other bytes never go downstream"
+    );
+    let after = app.record(id).await;
+    assert_eq!(after.status, State::Failed, "{after:?}");
+    assert_eq!(after.sha256, rec.sha256);
+    let dl = app.services.queue.peek_dead_letters(0, 10).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].dead_letter_reason.as_deref(), Some("LedgerConflict"));
+
+    // The true message, released, goes through with the accepted bytes.
+    app.services.queue.abandon(&original).await.unwrap();
+    app.drain_until_terminal(&[id]).await;
+    assert_eq!(app.state_of(id).await, State::Success);
+    assert_eq!(calls_for(&app, id).await, 1);
+}
+
+#[tokio::test]
+async fn processor_refuses_a_copy_whose_sha256_differs_from_the_ledger_sqlite() {
+    stale_copy_with_other_bytes(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn processor_refuses_a_copy_whose_sha256_differs_from_the_ledger_redis() {
+    stale_copy_with_other_bytes(On::Redis).await
+}
