@@ -175,7 +175,9 @@ impl Processor {
                 tracing::info!(lease_until = ?rec.lease_until, "claimed elsewhere; message left to its lock expiry");
                 return Outcome::Busy;
             }
-            Ok(ClaimOutcome::NotDue(_)) => return self.skip(&m, "retry_not_due").await,
+            Ok(ClaimOutcome::NotDue(rec)) => {
+                return self.reschedule_early_copy(&m, &reg, &rec).await;
+            }
             Ok(ClaimOutcome::NotFound) => {
                 return self
                     .defer(
@@ -372,6 +374,35 @@ impl Processor {
             State::Failed => Outcome::RetryScheduled,
             _ => Outcome::DeadLettered,
         }
+    }
+
+    /// A copy that arrived before its retry was due (issue 12 item 11: clocks
+    /// differ, or a re-drive crossed a scheduled retry). Completing it could
+    /// drop the only copy of the retry, so a copy due at `next_retry_at` is
+    /// sent first (with a distinct message id), then this one is completed.
+    async fn reschedule_early_copy(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+        rec: &crate::transaction::TxRecord,
+    ) -> Outcome {
+        let copy = Envelope::new(
+            reg.clone(),
+            m.body.clone(),
+            Delivery::Redrive(Delivery::nonce()),
+        )
+        .scheduled_at(rec.next_retry_at)
+        .to_message();
+        tracing::info!(next_retry_at = ?rec.next_retry_at, "copy arrived before its retry was due; rescheduled");
+        if let Err(e) = self.queue.send(vec![copy]).await {
+            return self
+                .defer(
+                    m,
+                    DeferCause::Queue(format!("rescheduling an early copy: {e}")),
+                )
+                .await;
+        }
+        self.skip(m, "retry_rescheduled").await
     }
 
     /// A copy whose bytes are not the ones the ledger accepted for this id

@@ -268,3 +268,68 @@ async fn processor_refuses_a_copy_whose_sha256_differs_from_the_ledger_sqlite() 
 async fn processor_refuses_a_copy_whose_sha256_differs_from_the_ledger_redis() {
     stale_copy_with_other_bytes(On::Redis).await
 }
+
+/// Issue 12 item 11: a retry copy that arrives before its retry is due (the
+/// only copy there is) is rescheduled for `next_retry_at`, not completed and
+/// lost.
+async fn early_retry_copy(on: On) {
+    use bytes::Bytes;
+    use rtp_durability::envelope::{Delivery, Envelope};
+    use rtp_durability::transaction::{Registration, Settlement, Sha256, TransactionId};
+    use std::time::Duration;
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "ND-1";
+    let body = Bytes::from_static(br#"{"transaction_id":"ND-1"}"#);
+    let reg = Registration {
+        transaction_id: TransactionId::parse(id).unwrap(),
+        sha256: Sha256::of(&body),
+        wal_ref: "wal/v1/2026/01/01/00/x.ndjson#0+25".parse().unwrap(),
+        vendor: Some("acme".into()),
+        received_at: chrono::Utc::now(),
+        expires_at: None,
+    };
+    let ledger = &app.services.ledger;
+    ledger.register(reg.clone()).await.unwrap();
+    ledger
+        .claim(id, "earlier-worker", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    ledger
+        .settle(
+            id,
+            "earlier-worker",
+            1,
+            Settlement::Failed {
+                error: "503".into(),
+                next_retry_at: due,
+            },
+        )
+        .await
+        .unwrap();
+    // The retry copy, delivered early (its sender's clock ran ahead).
+    let early = Envelope::new(reg, body, Delivery::Retry(2)).to_message();
+    app.services.queue.send(vec![early]).await.unwrap();
+    let first = app
+        .processor
+        .try_process_next(Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(first, Outcome::Skipped("retry_rescheduled"));
+    assert_eq!(calls_for(&app, id).await, 0, "not called before it is due");
+    // The rescheduled copy arrives once due and the retry runs.
+    let outcomes = app.drain_until_terminal(&[id]).await;
+    assert_eq!(outcomes, vec![Outcome::Succeeded]);
+    assert_eq!(calls_for(&app, id).await, 1);
+    app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn early_retry_copy_is_rescheduled_not_dropped_sqlite() {
+    early_retry_copy(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn early_retry_copy_is_rescheduled_not_dropped_redis() {
+    early_retry_copy(On::Redis).await
+}
