@@ -192,6 +192,11 @@ impl Processor {
         if rec.sha256 != reg.sha256 {
             return self.refuse_stale_copy(&m, &reg, &rec).await;
         }
+        match self.journaled_success(&rec).await {
+            Ok(false) => {}
+            Ok(true) => return self.settle_from_journal(&m, &reg, attempt).await,
+            Err(e) => return self.defer(&m, e).await,
+        }
         // Attempts in the current retry budget: a replay starts a new one.
         let tries = retries_budget_attempt(&rec);
         if tries > self.policy.max_retries + 1 {
@@ -376,6 +381,63 @@ impl Processor {
         }
     }
 
+    /// Whether the journal holds a success for this transaction (since its
+    /// last replay) that the ledger missed (issue 12 item 7: the settle
+    /// failed after the journal write). Read only when an earlier attempt of
+    /// this retry budget ended without the ledger recording its outcome
+    /// (more attempts than recorded retries), so the hot path does not list
+    /// the journal.
+    async fn journaled_success(
+        &self,
+        rec: &crate::transaction::TxRecord,
+    ) -> Result<bool, DeferCause> {
+        if retries_budget_attempt(rec) <= rec.retry_count + 1 {
+            return Ok(false);
+        }
+        JournalIndex::refresh_shared(
+            &self.journal_index,
+            &self.journal,
+            rec.created_at,
+            crate::clock::now(),
+            crate::journal::SHARED_INDEX_MAX_IDS,
+        )
+        .await
+        .map_err(|e| DeferCause::Journal(e.to_string()))?;
+        let known = self.journal_index.lock().await.known(&rec.transaction_id);
+        Ok(known.is_some_and(|k| k.state == State::Success))
+    }
+
+    /// Records in the ledger the success the journal already holds, under
+    /// the claim just taken, and completes the message: no downstream call.
+    async fn settle_from_journal(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+        attempt: u32,
+    ) -> Outcome {
+        tracing::warn!(
+            attempt,
+            "the journal holds a success the ledger missed; settling from it, not calling the downstream"
+        );
+        match self
+            .ledger
+            .settle(
+                &reg.transaction_id,
+                &self.owner,
+                attempt,
+                Settlement::Success,
+            )
+            .await
+        {
+            Ok(_) => self.skip(m, "already_done").await,
+            Err(LedgerError::Fenced { .. }) => {
+                let _ = self.queue.complete(m).await;
+                Outcome::Fenced
+            }
+            Err(e) => self.defer(m, DeferCause::Ledger(e.to_string())).await,
+        }
+    }
+
     /// A copy that arrived before its retry was due (issue 12 item 11: clocks
     /// differ, or a re-drive crossed a scheduled retry). Completing it could
     /// drop the only copy of the retry, so a copy due at `next_retry_at` is
@@ -458,13 +520,16 @@ impl Processor {
     /// Puts a transaction the ledger lost back, as the outcome journal knows
     /// it.
     async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
-        let known = {
-            let mut idx = self.journal_index.lock().await;
-            idx.refresh(&self.journal, reg.received_at, crate::clock::now())
-                .await
-                .map_err(|e| DeferCause::Journal(e.to_string()))?;
-            idx.known(&reg.transaction_id)
-        };
+        JournalIndex::refresh_shared(
+            &self.journal_index,
+            &self.journal,
+            reg.received_at,
+            crate::clock::now(),
+            crate::journal::SHARED_INDEX_MAX_IDS,
+        )
+        .await
+        .map_err(|e| DeferCause::Journal(e.to_string()))?;
+        let known = self.journal_index.lock().await.known(&reg.transaction_id);
         let rec = restored_record(reg, known.as_ref(), crate::clock::now());
         let finished = rec.status.is_terminal();
         if known.is_some() {

@@ -333,3 +333,66 @@ async fn early_retry_copy_is_rescheduled_not_dropped_sqlite() {
 async fn early_retry_copy_is_rescheduled_not_dropped_redis() {
     early_retry_copy(On::Redis).await
 }
+
+/// Issue 12 item 7: an attempt whose success reached the journal but not the
+/// ledger (the settle failed after the journal write) is not followed by a
+/// second downstream call: the next claim reads the journal and settles the
+/// ledger from it.
+async fn journaled_success(on: On) {
+    use rtp_durability::journal::{EntryKind, JournalEntry};
+    use std::time::Duration;
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "JS-1";
+    app.post_json(&json!({"transaction_id": id})).await;
+    // A worker claimed it, the downstream took it, the journal says so ...
+    let ledger = &app.services.ledger;
+    let rtp_durability::ledger::ClaimOutcome::Claimed(c) = ledger
+        .claim(id, "lost-worker", Duration::from_millis(1))
+        .await
+        .unwrap()
+    else {
+        panic!("claimable")
+    };
+    app.services
+        .journal
+        .append(&JournalEntry {
+            v: 1,
+            kind: EntryKind::Attempt,
+            transaction_id: id.into(),
+            at: chrono::Utc::now(),
+            attempt: Some(c.attempts),
+            state: State::Success,
+            error: None,
+            next_retry_at: None,
+            actor: "lost-worker".into(),
+            reason: None,
+        })
+        .await
+        .unwrap();
+    // ... and its settle never reached the ledger: still `processing`, lease gone.
+    assert_eq!(app.state_of(id).await, State::Processing);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let outcome = app
+        .processor
+        .try_process_next(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Skipped("already_done"));
+    assert_eq!(app.state_of(id).await, State::Success);
+    assert_eq!(
+        calls_for(&app, id).await,
+        0,
+        "no call after a journaled success"
+    );
+    app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn claim_after_a_journaled_success_does_not_call_again_sqlite() {
+    journaled_success(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn claim_after_a_journaled_success_does_not_call_again_redis() {
+    journaled_success(On::Redis).await
+}
