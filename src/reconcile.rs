@@ -293,16 +293,20 @@ impl Reconciler {
                 };
                 if wal.received_at < o.from
                     || wal.received_at > o.to
-                    || !seen.insert(wal.transaction_id.clone())
+                    || seen.contains(&wal.transaction_id)
                 {
                     continue;
                 }
                 let id = wal.transaction_id.clone();
                 let current = self.ledger.get(&id).await?;
                 if current.as_ref().is_some_and(|c| c.sha256 != wal.sha256) {
+                    // A record the ledger did not accept (a refused re-POST, the
+                    // loser of two first POSTs). The id is not done with: the
+                    // record the ledger holds may come later in the WAL.
                     report.conflicting += 1;
                     continue;
                 }
+                seen.insert(id.clone());
                 let wal_ref = current.as_ref().map_or(wal_ref, |c| c.wal_ref.clone());
                 let reg = wal.registration(&wal_ref);
                 let known = journal.known(&id);

@@ -15,6 +15,7 @@ mod postgres_pipeline;
 mod probes;
 mod processing;
 mod processor_faults;
+mod reconciler;
 mod recovery;
 mod redis_ledger;
 mod redis_outage;
