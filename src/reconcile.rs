@@ -384,9 +384,106 @@ impl Reconciler {
                 }
             }
         }
+        if o.redrive
+            && !self
+                .redrive_unfinished_outside_window(o, &seen, &journal, &mut report)
+                .await?
+        {
+            record_metrics(&report, o);
+            return Ok(report);
+        }
         report.complete = true;
         record_metrics(&report, o);
         Ok(report)
+    }
+}
+
+impl Reconciler {
+    /// Issue 12 item 3: walks the ledger's non-terminal states (pending,
+    /// failed, processing) for transactions the WAL window did not cover (a
+    /// replayed old transaction, anything older than the watermark) and
+    /// re-drives the overdue ones from their WAL record, whatever their age.
+    /// False when a send failed (the pass stops there).
+    async fn redrive_unfinished_outside_window(
+        &self,
+        o: &ReconcileOptions,
+        seen: &HashSet<crate::transaction::TransactionId>,
+        journal: &JournalIndex,
+        report: &mut ReconcileReport,
+    ) -> Result<bool, ReconcileError> {
+        for state in [State::Pending, State::Failed, State::Processing] {
+            let mut cursor = None;
+            loop {
+                let page = self
+                    .ledger
+                    .list(crate::ledger::ListQuery {
+                        state: Some(state),
+                        limit: 500,
+                        cursor,
+                    })
+                    .await?;
+                for cur in page.items {
+                    if seen.contains(&cur.transaction_id) {
+                        continue;
+                    }
+                    let now = crate::clock::now();
+                    let reg = Registration {
+                        transaction_id: cur.transaction_id.clone(),
+                        sha256: cur.sha256.clone(),
+                        wal_ref: cur.wal_ref.clone(),
+                        vendor: cur.vendor.clone(),
+                        received_at: cur.created_at,
+                        expires_at: cur.expires_at,
+                    };
+                    let known = journal.known(&cur.transaction_id);
+                    let Plan::Redrive(why) = plan(Some(&cur), &reg, known.as_ref(), now, o) else {
+                        continue;
+                    };
+                    let wal: WalRecord = match self
+                        .wal
+                        .read(&cur.wal_ref)
+                        .await
+                        .map(|b| serde_json::from_slice::<WalRecord>(&b))
+                    {
+                        Ok(Ok(w)) if w.payload_sha256_matches() && w.sha256 == cur.sha256 => w,
+                        Ok(_) => {
+                            report.unreadable += 1;
+                            tracing::error!(transaction_id = %cur.transaction_id, wal_ref = %cur.wal_ref, "WAL record unreadable or not the ledger's");
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    match why {
+                        "pending" => report.redriven_pending += 1,
+                        "failed" => report.redriven_failed += 1,
+                        _ => report.redriven_processing += 1,
+                    }
+                    report.actions.push(format!(
+                        "{}: {why}, outside the WAL window (re-drive)",
+                        cur.transaction_id
+                    ));
+                    if o.dry_run {
+                        continue;
+                    }
+                    let msg = Envelope::new(
+                        wal.registration(&cur.wal_ref),
+                        Bytes::from(wal.payload.into_bytes()),
+                        Delivery::Redrive(Delivery::nonce()),
+                    )
+                    .to_message();
+                    if let Err(e) = self.queue.send(vec![msg]).await {
+                        tracing::warn!(transaction_id = %cur.transaction_id, error = %e, "re-enqueue failed; stopping this pass");
+                        return Ok(false);
+                    }
+                    tracing::info!(transaction_id = %cur.transaction_id, reason = why, "re-driven from the WAL (outside the window)");
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(true)
     }
 }
 

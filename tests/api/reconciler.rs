@@ -80,3 +80,47 @@ async fn reconciler_matches_wal_record_by_sha_sqlite() {
 async fn reconciler_matches_wal_record_by_sha_redis() {
     reconciler_matches_wal_record_by_sha(On::Redis).await
 }
+
+/// Issue 12 item 3: a replayed transaction older than the reconciler's WAL
+/// window, whose replay message was lost, is still re-driven: the
+/// reconciler walks the ledger's non-terminal states whatever their age.
+async fn old_replayed_pending_is_redriven(on: On) {
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "OLD-1";
+    app.post_json(&json!({"transaction_id": id, "_mock": {"script": ["400", "ok"]}}))
+        .await;
+    app.drain_until_terminal(&[id]).await;
+    assert_eq!(app.state_of(id).await, State::DeadLetter);
+    let r = app
+        .admin_post(&format!("/v1/transactions/{id}/replay"), None)
+        .await;
+    assert!(r.status().is_success());
+    lose_queue_messages(&app).await;
+    // A window that starts after the transaction was received (the watermark
+    // moved past it long ago).
+    let now = Utc::now();
+    let o = ReconcileOptions::new(
+        now + ChronoDuration::seconds(1),
+        now + ChronoDuration::minutes(1),
+        Duration::ZERO,
+    );
+    let report = app.services.reconciler().reconcile(&o).await.unwrap();
+    assert_eq!(report.redriven_pending, 1, "{report:?}");
+    assert_eq!(
+        report.actions,
+        vec![format!("{id}: pending, outside the WAL window (re-drive)")]
+    );
+    app.drain_until_terminal(&[id]).await;
+    assert_eq!(app.state_of(id).await, State::Success);
+    assert_eq!(app.mock_calls().await["by_key"][id]["calls"], 2);
+}
+
+#[tokio::test]
+async fn old_replayed_pending_is_redriven_outside_the_wal_window_sqlite() {
+    old_replayed_pending_is_redriven(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn old_replayed_pending_is_redriven_outside_the_wal_window_redis() {
+    old_replayed_pending_is_redriven(On::Redis).await
+}
