@@ -14,6 +14,12 @@
 //! - `failed` whose retry is overdue by `slack` → re-enqueued;
 //! - `processing` whose lease expired more than `slack` ago → re-enqueued.
 //!
+//! A WAL record whose sha256 is not the ledger's (a refused re-POST) does not
+//! stand for its id: the record the ledger accepted is matched instead. After
+//! the window, the ledger's unfinished states are walked too, so a
+//! transaction older than the window (a replayed old one) is re-driven by the
+//! same rules.
+//!
 //! Re-enqueued copies carry a distinct message id (`<id>:redrive:<nonce>`), so
 //! Service Bus duplicate detection cannot drop them; the ledger's claim makes
 //! a redundant copy harmless.
