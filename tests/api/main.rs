@@ -17,6 +17,7 @@ mod processing;
 mod processor_faults;
 mod reconciler;
 mod recovery;
+mod recovery_time;
 mod redis_ledger;
 mod redis_outage;
 mod security;
