@@ -21,6 +21,8 @@ pub mod props {
     pub const WAL_REF: &str = "wal_ref";
     pub const VENDOR: &str = "vendor";
     pub const RECEIVED_AT: &str = "received_at";
+    /// The vendor's deadline (RFC 3339), when it gave one.
+    pub const EXPIRES_AT: &str = "expires_at";
     /// `initial`, `retry`, `replay` or `redrive`.
     pub const KIND: &str = "kind";
     /// The retry number of a `retry`, the nonce of a `replay` or `redrive`.
@@ -154,6 +156,9 @@ impl Envelope {
         if let Some(v) = &reg.vendor {
             properties.insert(props::VENDOR.to_owned(), v.clone());
         }
+        if let Some(t) = reg.expires_at {
+            properties.insert(props::EXPIRES_AT.to_owned(), t.to_rfc3339());
+        }
         OutgoingMessage {
             message_id: self.message_id(),
             body: self.payload.clone(),
@@ -180,6 +185,14 @@ impl Envelope {
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc))
             .unwrap_or(m.enqueued_at);
+        let expires_at = p
+            .get(props::EXPIRES_AT)
+            .map(|t| {
+                DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| EnvelopeError::Invalid(props::EXPIRES_AT, e.to_string()))
+            })
+            .transpose()?;
         Ok(Envelope {
             registration: Registration {
                 transaction_id,
@@ -187,6 +200,7 @@ impl Envelope {
                 wal_ref,
                 vendor: p.get(props::VENDOR).cloned(),
                 received_at,
+                expires_at,
             },
             delivery: Delivery::parse(
                 p.get(props::KIND).map(String::as_str),
@@ -220,6 +234,7 @@ mod tests {
             wal_ref: "wal/v1/2026/01/01/00/s.ndjson#0+2".parse().unwrap(),
             vendor: Some("acme".into()),
             received_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            expires_at: None,
         }
     }
 

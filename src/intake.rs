@@ -29,6 +29,8 @@ pub struct Submission {
     pub payload: Bytes,
     pub sha256: Sha256,
     pub source: Source,
+    /// The vendor's deadline: no downstream call starts after it.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +107,7 @@ impl Intake {
             source: s.source.clone(),
             sha256: s.sha256.clone(),
             payload: text.to_owned(),
+            expires_at: s.expires_at,
         };
         let wal_ref = self
             .wal
@@ -130,6 +133,7 @@ impl Intake {
             wal_ref,
             vendor: s.source.vendor.clone(),
             received_at,
+            expires_at: s.expires_at,
         };
         let record = match self
             .ledger

@@ -60,6 +60,8 @@ pub struct Known {
     pub state: State,
     /// Highest attempt number journaled (the ledger's fencing token must pass it).
     pub attempts: u32,
+    /// `attempts` at the last replay: where the current retry budget began.
+    pub attempt_base: u32,
     pub retry_count: u32,
     pub error: Option<String>,
     pub next_retry_at: Option<DateTime<Utc>>,
@@ -83,12 +85,18 @@ impl Known {
             EntryKind::Replay => {
                 self.state = State::Pending;
                 self.next_retry_at = None;
+                self.attempt_base = self.attempts;
+                self.retry_count = 0;
             }
             EntryKind::Purge => {}
         }
         self.last_at = self.last_at.max(e.at);
     }
 }
+
+/// Most transaction ids a shared (processor) journal index holds before it
+/// starts over.
+pub const SHARED_INDEX_MAX_IDS: usize = 100_000;
 
 /// The journal folded per transaction id. Segments are immutable, so a
 /// refresh reads only segments it has not seen; one index can be refreshed
@@ -98,6 +106,8 @@ pub struct JournalIndex {
     seen: std::collections::HashSet<String>,
     entries: std::collections::HashMap<String, Vec<JournalEntry>>,
     pub unreadable: u64,
+    /// Bumped each time a shared index starts over.
+    generation: u64,
 }
 
 impl JournalIndex {
@@ -112,22 +122,86 @@ impl JournalIndex {
             if self.seen.contains(&seg.key) {
                 continue;
             }
-            for (r, bytes) in journal.log.read_segment(&seg.key).await? {
-                match serde_json::from_slice::<JournalEntry>(&bytes) {
-                    Ok(e) => self
-                        .entries
-                        .entry(e.transaction_id.clone())
-                        .or_default()
-                        .push(e),
-                    Err(err) => {
-                        self.unreadable += 1;
-                        tracing::error!(journal_ref = %r, error = %err, "unreadable journal entry");
-                    }
-                }
-            }
+            let records = journal.log.read_segment(&seg.key).await?;
+            self.absorb(records);
             self.seen.insert(seg.key);
         }
         Ok(())
+    }
+
+    /// Transaction ids held; past [`SHARED_INDEX_MAX_IDS`] a shared index
+    /// starts over.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// [`JournalIndex::refresh`] for an index many workers share (the
+    /// processor's): the lock is held only to pick the unseen segments and to
+    /// merge what was read, never across a list or a read, and the index is
+    /// bounded: past `max_ids` ids ([`SHARED_INDEX_MAX_IDS`] in the
+    /// processor) it starts over (a new
+    /// generation; a refresh that straddled one reads its window again).
+    pub async fn refresh_shared(
+        shared: &tokio::sync::Mutex<JournalIndex>,
+        journal: &Journal,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        max_ids: usize,
+    ) -> Result<(), WalError> {
+        let listed = journal.log.segments(from, to).await?;
+        loop {
+            let (generation, unseen) = {
+                let mut idx = shared.lock().await;
+                if idx.entries.len() > max_ids {
+                    let generation = idx.generation + 1;
+                    *idx = JournalIndex {
+                        generation,
+                        ..JournalIndex::default()
+                    };
+                }
+                let unseen: Vec<String> = listed
+                    .iter()
+                    .map(|s| s.key.clone())
+                    .filter(|k| !idx.seen.contains(k))
+                    .collect();
+                (idx.generation, unseen)
+            };
+            let mut read = Vec::with_capacity(unseen.len());
+            for key in unseen {
+                let records = journal.log.read_segment(&key).await?;
+                read.push((key, records));
+            }
+            let mut idx = shared.lock().await;
+            if idx.generation != generation {
+                continue; // emptied meanwhile: what this window had seen is gone
+            }
+            for (key, records) in read {
+                if idx.seen.insert(key) {
+                    idx.absorb(records);
+                } // else another worker merged it meanwhile
+            }
+            return Ok(());
+        }
+    }
+
+    fn absorb(&mut self, records: Vec<(WalRef, bytes::Bytes)>) {
+        for (r, bytes) in records {
+            match serde_json::from_slice::<JournalEntry>(&bytes) {
+                Ok(e) => self
+                    .entries
+                    .entry(e.transaction_id.clone())
+                    .or_default()
+                    .push(e),
+                Err(err) => {
+                    self.unreadable += 1;
+                    tracing::error!(journal_ref = %r, error = %err, "unreadable journal entry");
+                }
+            }
+        }
     }
 
     /// The fold of everything journaled for `id`, or `None` if nothing is.
@@ -139,6 +213,7 @@ impl JournalIndex {
         let mut k = Known {
             state: State::Pending,
             attempts: 0,
+            attempt_base: 0,
             retry_count: 0,
             error: None,
             next_retry_at: None,
@@ -163,6 +238,7 @@ pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<
     if let Some(k) = known {
         rec.status = k.state;
         rec.attempts = k.attempts;
+        rec.attempt_base = k.attempt_base;
         rec.retry_count = k.retry_count;
         rec.error_message = k.error.clone();
         rec.next_retry_at = (k.state == State::Failed)
@@ -198,6 +274,54 @@ mod tests {
         }
     }
 
+    /// Issue 12 item 12: the processor's shared index is bounded: once over
+    /// its bound, the next refresh starts over with the window it reads.
+    #[tokio::test]
+    async fn shared_journal_index_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(crate::wal::local::LocalStore::open(dir.path()).unwrap());
+        let journal = Journal::new(Log::start(
+            store,
+            crate::wal::JOURNAL_PREFIX,
+            "test",
+            crate::wal::GroupCommit::default(),
+        ));
+        let mut c = entry(EntryKind::Attempt, 0, Some(1), State::Success);
+        c.transaction_id = "c".into();
+        c.at = crate::clock::now();
+        journal.append(&c).await.unwrap();
+        let mut full = JournalIndex::default();
+        for id in ["x", "y", "z"] {
+            full.entries.insert(
+                id.into(),
+                vec![entry(EntryKind::Attempt, 1, Some(1), State::Failed)],
+            );
+            full.seen.insert(format!("seg-{id}"));
+        }
+        let shared = tokio::sync::Mutex::new(full);
+        let (from, to) = (
+            c.at - chrono::Duration::minutes(1),
+            c.at + chrono::Duration::minutes(1),
+        );
+        JournalIndex::refresh_shared(&shared, &journal, from, to, 2)
+            .await
+            .unwrap();
+        let idx = shared.lock().await;
+        assert_eq!(
+            idx.len(),
+            1,
+            "emptied, then filled with the window just read"
+        );
+        assert_eq!(idx.known("c").unwrap().state, State::Success);
+        assert!(idx.known("x").is_none());
+        drop(idx);
+        // Under the bound nothing is dropped.
+        JournalIndex::refresh_shared(&shared, &journal, from, to, 2)
+            .await
+            .unwrap();
+        assert_eq!(shared.lock().await.len(), 1);
+    }
+
     #[test]
     fn the_fold_follows_time_and_replays() {
         let mut idx = JournalIndex::default();
@@ -214,7 +338,10 @@ mod tests {
             .get_mut("t")
             .unwrap()
             .push(entry(EntryKind::Replay, 5, None, State::Pending));
-        assert_eq!(idx.known("t").unwrap().state, State::Pending);
+        let k = idx.known("t").unwrap();
+        assert_eq!(k.state, State::Pending);
+        // A replay starts a fresh retry budget from the attempts made so far.
+        assert_eq!((k.attempt_base, k.retry_count), (2, 0));
         idx.entries
             .get_mut("t")
             .unwrap()

@@ -240,7 +240,9 @@ impl Processor {
                 tracing::info!(lease_until = ?rec.lease_until, "claimed elsewhere; message left to its lock expiry");
                 return Outcome::Busy;
             }
-            Ok(ClaimOutcome::NotDue(_)) => return self.skip(&m, "retry_not_due").await,
+            Ok(ClaimOutcome::NotDue(rec)) => {
+                return self.reschedule_early_copy(&m, &reg, &rec).await;
+            }
             Ok(ClaimOutcome::NotFound) => {
                 return self
                     .defer(
@@ -252,11 +254,34 @@ impl Processor {
             Err(e) => return self.defer(&m, DeferCause::Ledger(e.to_string())).await,
         };
         let attempt = rec.attempts;
-        if attempt > self.policy.max_retries + 1 {
+        if rec.sha256 != reg.sha256 {
+            return self.refuse_stale_copy(&m, &reg, &rec).await;
+        }
+        match self.journaled_success(&rec).await {
+            Ok(false) => {}
+            Ok(true) => return self.settle_from_journal(&m, &reg, attempt).await,
+            Err(e) => return self.defer(&m, e).await,
+        }
+        // Attempts in the current retry budget: a replay starts a new one.
+        let tries = retries_budget_attempt(&rec);
+        if tries > self.policy.max_retries + 1 {
             // Earlier attempts died without recording anything (crash loop).
-            let error = format!("{} attempts started without an outcome", attempt - 1);
+            let error = format!("{} attempts started without an outcome", tries - 1);
             let s = Settlement::DeadLetter {
                 reason: DeadLetterReason::AttemptsWithoutOutcome,
+                error,
+            };
+            return self.finish(&m, &reg, attempt, s, None).await;
+        }
+
+        if let Some(deadline) = deadline_passed(&rec, &reg, crate::clock::now()) {
+            let error = format!(
+                "deadline_exceeded: expires_at {} passed before attempt {attempt} could start",
+                deadline.to_rfc3339()
+            );
+            tracing::warn!(attempt, error = %error, "dead-lettering");
+            let s = Settlement::DeadLetter {
+                reason: DeadLetterReason::DeadlineExceeded,
                 error,
             };
             return self.finish(&m, &reg, attempt, s, None).await;
@@ -275,13 +300,27 @@ impl Processor {
             CallResult::Transient {
                 reason,
                 retry_after,
-            } if self.policy.may_retry_after(attempt) => {
-                let mut delay = self.policy.delay(attempt);
+            } if self.policy.may_retry_after(tries) => {
+                let mut delay = self.policy.delay(tries);
                 if let Some(ra) = retry_after {
                     delay = delay.max(ra).min(self.policy.max);
                 }
                 let next_retry_at =
                     crate::clock::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                if let Some(deadline) = deadline_passed(&rec, &reg, next_retry_at) {
+                    // The retry could not start in time: end now rather than wait for it.
+                    let error = format!(
+                        "deadline_exceeded: expires_at {} comes before the next retry ({}); last error: {reason}",
+                        deadline.to_rfc3339(),
+                        next_retry_at.to_rfc3339()
+                    );
+                    tracing::warn!(attempt, error = %error, "dead-lettering");
+                    let s = Settlement::DeadLetter {
+                        reason: DeadLetterReason::DeadlineExceeded,
+                        error,
+                    };
+                    return self.finish(&m, &reg, attempt, s, None).await;
+                }
                 tracing::warn!(attempt, error = %reason, retry_in_secs = delay.as_secs_f64(), "transient failure; retry scheduled");
                 let copy = Envelope::new(reg.clone(), m.body.clone(), Delivery::Retry(attempt + 1))
                     .scheduled_at(Some(next_retry_at))
@@ -293,7 +332,7 @@ impl Processor {
                 self.finish(&m, &reg, attempt, s, Some(copy)).await
             }
             CallResult::Transient { reason, .. } => {
-                let error = format!("retries exhausted after {attempt} attempts: {reason}");
+                let error = format!("retries exhausted after {tries} attempts: {reason}");
                 tracing::warn!(attempt, error = %error, "dead-lettering");
                 let s = Settlement::DeadLetter {
                     reason: DeadLetterReason::RetriesExhausted,
@@ -420,6 +459,142 @@ impl Processor {
         }
     }
 
+    /// Whether the journal holds a success for this transaction (since its
+    /// last replay) that the ledger missed (issue 12 item 7: the settle
+    /// failed after the journal write). Read only when an earlier attempt of
+    /// this retry budget ended without the ledger recording its outcome
+    /// (more attempts than recorded retries), so the hot path does not list
+    /// the journal.
+    async fn journaled_success(
+        &self,
+        rec: &crate::transaction::TxRecord,
+    ) -> Result<bool, DeferCause> {
+        if retries_budget_attempt(rec) <= rec.retry_count + 1 {
+            return Ok(false);
+        }
+        JournalIndex::refresh_shared(
+            &self.journal_index,
+            &self.journal,
+            rec.created_at,
+            crate::clock::now(),
+            crate::journal::SHARED_INDEX_MAX_IDS,
+        )
+        .await
+        .map_err(|e| DeferCause::Journal(e.to_string()))?;
+        let known = self.journal_index.lock().await.known(&rec.transaction_id);
+        Ok(known.is_some_and(|k| k.state == State::Success))
+    }
+
+    /// Records in the ledger the success the journal already holds, under
+    /// the claim just taken, and completes the message: no downstream call.
+    async fn settle_from_journal(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+        attempt: u32,
+    ) -> Outcome {
+        tracing::warn!(
+            attempt,
+            "the journal holds a success the ledger missed; settling from it, not calling the downstream"
+        );
+        match self
+            .ledger
+            .settle(
+                &reg.transaction_id,
+                &self.owner,
+                attempt,
+                Settlement::Success,
+            )
+            .await
+        {
+            Ok(_) => self.skip(m, "already_done").await,
+            Err(LedgerError::Fenced { .. }) => {
+                let _ = self.queue.complete(m).await;
+                Outcome::Fenced
+            }
+            Err(e) => self.defer(m, DeferCause::Ledger(e.to_string())).await,
+        }
+    }
+
+    /// A copy that arrived before its retry was due (issue 12 item 11: clocks
+    /// differ, or a re-drive crossed a scheduled retry). Completing it could
+    /// drop the only copy of the retry, so a copy due at `next_retry_at` is
+    /// sent first (with a distinct message id), then this one is completed.
+    async fn reschedule_early_copy(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+        rec: &crate::transaction::TxRecord,
+    ) -> Outcome {
+        let copy = Envelope::new(
+            reg.clone(),
+            m.body.clone(),
+            Delivery::Redrive(Delivery::nonce()),
+        )
+        .scheduled_at(rec.next_retry_at)
+        .to_message();
+        tracing::info!(next_retry_at = ?rec.next_retry_at, "copy arrived before its retry was due; rescheduled");
+        if let Err(e) = self.queue.send(vec![copy]).await {
+            return self
+                .defer(
+                    m,
+                    DeferCause::Queue(format!("rescheduling an early copy: {e}")),
+                )
+                .await;
+        }
+        self.skip(m, "retry_rescheduled").await
+    }
+
+    /// A copy whose bytes are not the ones the ledger accepted for this id
+    /// (issue 12 item 10): the downstream never sees them. The claim just
+    /// taken ends as `failed`, due at once and journaled, so the true
+    /// payload is re-driven from the WAL (by the reconciler, or by the
+    /// transaction's own message); the stale copy goes to the dead-letter
+    /// queue as evidence.
+    async fn refuse_stale_copy(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+        rec: &crate::transaction::TxRecord,
+    ) -> Outcome {
+        let attempt = rec.attempts;
+        let error = format!(
+            "a message carried other bytes (sha256 {}) than the ledger accepted ({}); downstream not called",
+            reg.sha256, rec.sha256
+        );
+        tracing::error!(attempt, error = %error, "stale copy with other content");
+        let now = crate::clock::now();
+        let entry = JournalEntry {
+            v: 1,
+            kind: EntryKind::Attempt,
+            transaction_id: reg.transaction_id.to_string(),
+            at: now,
+            attempt: Some(attempt),
+            state: State::Failed,
+            error: Some(error.clone()),
+            next_retry_at: Some(now),
+            actor: self.owner.clone(),
+            reason: None,
+        };
+        if let Err(e) = self.journal.append(&entry).await {
+            return self.defer(m, DeferCause::Journal(e.to_string())).await;
+        }
+        let s = Settlement::Failed {
+            error: error.clone(),
+            next_retry_at: now,
+        };
+        match self
+            .ledger
+            .settle(&reg.transaction_id, &self.owner, attempt, s)
+            .await
+        {
+            Ok(_) | Err(LedgerError::Fenced { .. }) => {}
+            Err(e) => return self.defer(m, DeferCause::Ledger(e.to_string())).await,
+        }
+        self.dead_letter_message(m, DeadLetterReason::LedgerConflict, &error)
+            .await
+    }
+
     /// Runs `op` until its answer is anything but "unavailable", keeping the
     /// message locked meanwhile: between tries it waits with back-off and
     /// renews the lock before it runs low. A ledger or journal blip then
@@ -505,13 +680,16 @@ impl Processor {
     /// Puts a transaction the ledger lost back, as the outcome journal knows
     /// it.
     async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
-        let known = {
-            let mut idx = self.journal_index.lock().await;
-            idx.refresh(&self.journal, reg.received_at, crate::clock::now())
-                .await
-                .map_err(|e| DeferCause::Journal(e.to_string()))?;
-            idx.known(&reg.transaction_id)
-        };
+        JournalIndex::refresh_shared(
+            &self.journal_index,
+            &self.journal,
+            reg.received_at,
+            crate::clock::now(),
+            crate::journal::SHARED_INDEX_MAX_IDS,
+        )
+        .await
+        .map_err(|e| DeferCause::Journal(e.to_string()))?;
+        let known = self.journal_index.lock().await.known(&reg.transaction_id);
         let rec = restored_record(reg, known.as_ref(), crate::clock::now());
         let finished = rec.status.is_terminal();
         if known.is_some() {
@@ -567,6 +745,22 @@ impl Processor {
             Err(e) => Outcome::Deferred(DeferCause::Queue(e.to_string())),
         }
     }
+}
+
+/// The vendor's deadline, if it is at or before `at` (the ledger's copy, or
+/// the message's for a record written before deadlines were stored).
+pub fn deadline_passed(
+    rec: &crate::transaction::TxRecord,
+    reg: &Registration,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    rec.expires_at.or(reg.expires_at).filter(|t| *t <= at)
+}
+
+/// Attempt number `rec.attempts` counted within the current retry budget
+/// (1 = the first call since registration or since the last replay).
+pub fn retries_budget_attempt(rec: &crate::transaction::TxRecord) -> u32 {
+    rec.attempts.saturating_sub(rec.attempt_base)
 }
 
 /// Runs `concurrency` workers until `shutdown` turns true, then lets in-flight

@@ -14,6 +14,12 @@
 //! - `failed` whose retry is overdue by `slack` → re-enqueued;
 //! - `processing` whose lease expired more than `slack` ago → re-enqueued.
 //!
+//! A WAL record whose sha256 is not the ledger's (a refused re-POST) does not
+//! stand for its id: the record the ledger accepted is matched instead. After
+//! the window, the ledger's unfinished states are walked too, so a
+//! transaction older than the window (a replayed old one) is re-driven by the
+//! same rules.
+//!
 //! Re-enqueued copies carry a distinct message id (`<id>:redrive:<nonce>`), so
 //! Service Bus duplicate detection cannot drop them; the ledger's claim makes
 //! a redundant copy harmless.
@@ -176,6 +182,8 @@ fn plan(
         rec.replay_nonce = cur.replay_nonce.clone();
         rec.attempts = rec.attempts.max(cur.attempts);
         rec.retry_count = rec.retry_count.max(cur.retry_count);
+        rec.attempt_base = rec.attempt_base.max(cur.attempt_base);
+        rec.expires_at = cur.expires_at.or(rec.expires_at);
         rec.updated_at = now;
         return Plan::Correct(rec);
     }
@@ -289,7 +297,10 @@ impl Reconciler {
                         continue;
                     }
                 };
-                if wal.received_at < o.from || wal.received_at > o.to || !seen.insert(wal.key()) {
+                if wal.received_at < o.from
+                    || wal.received_at > o.to
+                    || seen.contains(&wal.key())
+                {
                     continue;
                 }
                 // The vendor-scoped key, or the key of an entry written
@@ -300,9 +311,15 @@ impl Reconciler {
                     id = c.transaction_id.clone();
                 }
                 if current.as_ref().is_some_and(|c| c.sha256 != wal.sha256) {
+                    // A record the ledger did not accept (a refused re-POST, the
+                    // loser of two first POSTs). The id is not done with: the
+                    // record the ledger holds may come later in the WAL.
                     report.conflicting += 1;
                     continue;
                 }
+                seen.insert(wal.key());
+                // A pre-scoping entry is met under its bare key in the ledger walk.
+                seen.insert(id.clone());
                 let wal_ref = current.as_ref().map_or(wal_ref, |c| c.wal_ref.clone());
                 let mut reg = wal.registration(&wal_ref);
                 reg.transaction_id = id.clone();
@@ -384,9 +401,106 @@ impl Reconciler {
                 }
             }
         }
+        if o.redrive
+            && !self
+                .redrive_unfinished_outside_window(o, &seen, &journal, &mut report)
+                .await?
+        {
+            record_metrics(&report, o);
+            return Ok(report);
+        }
         report.complete = true;
         record_metrics(&report, o);
         Ok(report)
+    }
+}
+
+impl Reconciler {
+    /// Issue 12 item 3: walks the ledger's non-terminal states (pending,
+    /// failed, processing) for transactions the WAL window did not cover (a
+    /// replayed old transaction, anything older than the watermark) and
+    /// re-drives the overdue ones from their WAL record, whatever their age.
+    /// False when a send failed (the pass stops there).
+    async fn redrive_unfinished_outside_window(
+        &self,
+        o: &ReconcileOptions,
+        seen: &HashSet<crate::transaction::TransactionId>,
+        journal: &JournalIndex,
+        report: &mut ReconcileReport,
+    ) -> Result<bool, ReconcileError> {
+        for state in [State::Pending, State::Failed, State::Processing] {
+            let mut cursor = None;
+            loop {
+                let page = self
+                    .ledger
+                    .list(crate::ledger::ListQuery {
+                        state: Some(state),
+                        limit: 500,
+                        cursor,
+                    })
+                    .await?;
+                for cur in page.items {
+                    if seen.contains(&cur.transaction_id) {
+                        continue;
+                    }
+                    let now = crate::clock::now();
+                    let reg = Registration {
+                        transaction_id: cur.transaction_id.clone(),
+                        sha256: cur.sha256.clone(),
+                        wal_ref: cur.wal_ref.clone(),
+                        vendor: cur.vendor.clone(),
+                        received_at: cur.created_at,
+                        expires_at: cur.expires_at,
+                    };
+                    let known = journal.known(&cur.transaction_id);
+                    let Plan::Redrive(why) = plan(Some(&cur), &reg, known.as_ref(), now, o) else {
+                        continue;
+                    };
+                    let wal: WalRecord = match self
+                        .wal
+                        .read(&cur.wal_ref)
+                        .await
+                        .map(|b| serde_json::from_slice::<WalRecord>(&b))
+                    {
+                        Ok(Ok(w)) if w.payload_sha256_matches() && w.sha256 == cur.sha256 => w,
+                        Ok(_) => {
+                            report.unreadable += 1;
+                            tracing::error!(transaction_id = %cur.transaction_id, wal_ref = %cur.wal_ref, "WAL record unreadable or not the ledger's");
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    match why {
+                        "pending" => report.redriven_pending += 1,
+                        "failed" => report.redriven_failed += 1,
+                        _ => report.redriven_processing += 1,
+                    }
+                    report.actions.push(format!(
+                        "{}: {why}, outside the WAL window (re-drive)",
+                        cur.transaction_id
+                    ));
+                    if o.dry_run {
+                        continue;
+                    }
+                    let msg = Envelope::new(
+                        wal.registration(&cur.wal_ref),
+                        Bytes::from(wal.payload.into_bytes()),
+                        Delivery::Redrive(Delivery::nonce()),
+                    )
+                    .to_message();
+                    if let Err(e) = self.queue.send(vec![msg]).await {
+                        tracing::warn!(transaction_id = %cur.transaction_id, error = %e, "re-enqueue failed; stopping this pass");
+                        return Ok(false);
+                    }
+                    tracing::info!(transaction_id = %cur.transaction_id, reason = why, "re-driven from the WAL (outside the window)");
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -501,6 +615,7 @@ mod tests {
             wal_ref: "w#0+1".parse().unwrap(),
             vendor: None,
             received_at: crate::clock::now() - ChronoDuration::seconds(age_secs),
+            expires_at: None,
         }
     }
 
@@ -508,6 +623,7 @@ mod tests {
         Known {
             state,
             attempts: 2,
+            attempt_base: 0,
             retry_count: 1,
             error: None,
             next_retry_at: None,

@@ -319,6 +319,11 @@ pub struct TxRecord {
     /// Downstream attempts started so far; also the fencing token of the
     /// current claim.
     pub attempts: u32,
+    /// `attempts` when the current retry budget began: 0, or the attempt
+    /// count at the last operator replay. Retries are counted from here, so a
+    /// replay grants a full budget while the fencing token keeps growing.
+    #[serde(default)]
+    pub attempt_base: u32,
     pub retry_count: u32,
     pub error_message: Option<String>,
     pub next_retry_at: Option<DateTime<Utc>>,
@@ -327,6 +332,9 @@ pub struct TxRecord {
     pub vendor: Option<String>,
     /// Set by an operator replay so the replayed copy is not taken for a duplicate.
     pub replay_nonce: Option<String>,
+    /// The vendor's deadline (`expires_at`): no downstream call starts after it.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -339,6 +347,7 @@ impl TxRecord {
             sha256: reg.sha256.clone(),
             wal_ref: reg.wal_ref.clone(),
             attempts: 0,
+            attempt_base: 0,
             retry_count: 0,
             error_message: None,
             next_retry_at: None,
@@ -346,6 +355,7 @@ impl TxRecord {
             lease_until: None,
             vendor: reg.vendor.clone(),
             replay_nonce: None,
+            expires_at: reg.expires_at,
             created_at: reg.received_at,
             updated_at: now,
         }
@@ -360,6 +370,9 @@ pub struct Registration {
     pub wal_ref: WalRef,
     pub vendor: Option<String>,
     pub received_at: DateTime<Utc>,
+    /// The vendor's deadline, if it gave one.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// How an attempt ended, as recorded by its (fenced) owner.
@@ -393,6 +406,8 @@ pub enum DeadLetterReason {
     PayloadHashMismatch,
     /// The ledger holds other content for this transaction id.
     LedgerConflict,
+    /// The vendor's `expires_at` passed: no downstream call starts after it.
+    DeadlineExceeded,
 }
 
 impl DeadLetterReason {
@@ -406,6 +421,7 @@ impl DeadLetterReason {
             DeadLetterReason::MalformedMessage => "MalformedMessage",
             DeadLetterReason::PayloadHashMismatch => "PayloadHashMismatch",
             DeadLetterReason::LedgerConflict => "LedgerConflict",
+            DeadLetterReason::DeadlineExceeded => "DeadlineExceeded",
         }
     }
 }
@@ -510,6 +526,9 @@ pub mod machine {
 
     pub fn apply_replay(rec: &mut TxRecord, nonce: &str, now: DateTime<Utc>) {
         rec.status = State::Pending;
+        // A fresh retry budget; the attempt number (fencing token) keeps growing.
+        rec.attempt_base = rec.attempts;
+        rec.retry_count = 0;
         rec.replay_nonce = Some(nonce.to_owned());
         rec.next_retry_at = None;
         rec.lease_owner = None;
@@ -532,6 +551,7 @@ mod tests {
                 wal_ref: "w#0+1".parse().unwrap(),
                 vendor: None,
                 received_at: Utc::now(),
+                expires_at: None,
             },
             Utc::now(),
         )

@@ -22,11 +22,14 @@ use utoipa::ToSchema;
     path = "/v1/transactions",
     operation_id = "ingestTransaction",
     request_body(content = TransactionPayload, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "The transaction id, when the body has none", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The transaction id, when the body has none", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]{1,128}$"),
+        ("X-Rtpd-Expires-At" = Option<String>, Header, description = "The payment's deadline (RFC 3339), when the body has no expires_at: no downstream call starts after it", format = DateTime),
+    ),
     responses(
         (status = 202, description = "New transaction, durable and enqueued", body = Receipt),
         (status = 200, description = "Same id and same content as before: the existing receipt", body = Receipt),
-        (status = 400, description = "Invalid JSON, a duplicate key, a bad or missing transaction id", body = ErrorBody),
+        (status = 400, description = "Invalid JSON, a duplicate key, a bad or missing transaction id, an invalid expires_at", body = ErrorBody),
         (status = 401, description = "Missing or wrong vendor credentials", body = ErrorBody),
         (status = 408, description = "The body did not arrive within RTPD_REQUEST_TIMEOUT_SECS", body = ErrorBody),
         (status = 409, description = "Same id, different content: refused, nothing overwritten", body = ErrorBody),
@@ -146,6 +149,54 @@ fn transaction_id(
     TransactionId::parse(id).map_err(|e| ApiError::bad("invalid_transaction_id", e.to_string()))
 }
 
+/// Header that carries the vendor's deadline when the body does not.
+pub const EXPIRES_AT_HEADER: &str = "X-Rtpd-Expires-At";
+
+/// The vendor's deadline: `expires_at` in the body or the
+/// `X-Rtpd-Expires-At` header (RFC 3339); when both are given they must
+/// name the same instant.
+fn expires_at(
+    req: &HttpRequest,
+    doc: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    let parse = |s: &str, whence: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|e| {
+                ApiError::bad(
+                    "invalid_expires_at",
+                    format!("{whence} must be an RFC 3339 time such as 2026-01-31T12:00:00Z: {e}"),
+                )
+            })
+    };
+    let header = match req.headers().get(EXPIRES_AT_HEADER) {
+        Some(v) => {
+            let s = v.to_str().map_err(|_| {
+                ApiError::bad("invalid_expires_at", "X-Rtpd-Expires-At must be ASCII")
+            })?;
+            Some(parse(s, "X-Rtpd-Expires-At")?)
+        }
+        None => None,
+    };
+    let body = match doc.get("expires_at") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(parse(s, "expires_at")?),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "invalid_expires_at",
+                "expires_at must be a string (RFC 3339)",
+            ));
+        }
+    };
+    match (body, header) {
+        (Some(b), Some(h)) if b != h => Err(ApiError::bad(
+            "invalid_expires_at",
+            "expires_at and X-Rtpd-Expires-At differ",
+        )),
+        (b, h) => Ok(b.or(h)),
+    }
+}
+
 /// The durability receipt: where the exact bytes are in the WAL, and their sha256.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Receipt {
@@ -203,6 +254,11 @@ pub struct TransactionPayload {
         nullable = false
     )]
     transaction_id: Option<String>,
+    /// The payment's deadline (RFC 3339): no downstream call starts after
+    /// it, and the transaction dead-letters with `DeadlineExceeded`. May
+    /// instead come from the `X-Rtpd-Expires-At` header.
+    #[schema(format = DateTime, nullable = false)]
+    expires_at: Option<String>,
     /// Any other members, kept byte-exact.
     #[serde(flatten)]
     other: std::collections::HashMap<String, serde_json::Value>,
@@ -265,6 +321,7 @@ async fn accept(
         return Err(ApiError::bad("not_an_object", "body must be a JSON object"));
     };
     let id = transaction_id(req, &doc)?;
+    let expires_at = expires_at(req, &doc)?;
     let submission = Submission {
         transaction_id: id,
         payload: body,
@@ -273,6 +330,7 @@ async fn accept(
             vendor: principal.vendor().map(str::to_owned),
             remote_addr: req.peer_addr().map(|a| a.ip().to_string()),
         },
+        expires_at,
     };
     match state.intake.accept(submission).await.map_err(unavailable)? {
         IntakeOutcome::Accepted { record, enqueued } => {

@@ -81,12 +81,7 @@ impl LocalStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         fs::create_dir_all(root.join(".tmp")).map_err(|e| io_fatal(&root, e))?;
-        // Leftover temporaries are puts that never completed: not durable, never acknowledged.
-        if let Ok(entries) = fs::read_dir(root.join(".tmp")) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+        remove_abandoned_temporaries(&root.join(".tmp"));
         Ok(LocalStore {
             dirs: Arc::new(DurableDirs {
                 root: root.clone(),
@@ -120,6 +115,47 @@ impl LocalStore {
         }
         Ok(self.root.join(key))
     }
+}
+
+/// A temporary older than this belongs to no put still running, whoever made it.
+const ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// Leftover temporaries are puts that never completed: not durable, never
+/// acknowledged. But the directory may be shared with a running server (a CLI
+/// such as `rtpd wal` or `rtpd reconcile` opened next to it), whose in-flight
+/// temporaries must survive: a temporary (named `<pid>-<seq>`) is removed
+/// only when the process that made it is gone, or when it is older than
+/// [`ABANDONED_AFTER`].
+fn remove_abandoned_temporaries(tmp_dir: &Path) {
+    let Ok(entries) = fs::read_dir(tmp_dir) else {
+        return;
+    };
+    let now = crate::clock::now();
+    for e in entries.flatten() {
+        let owner = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| now - chrono::DateTime::<chrono::Utc>::from(t) > ABANDONED_AFTER)
+            .unwrap_or(false);
+        if old || owner.is_none_or(|pid| !process_alive(pid)) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether process `pid` exists. Where that cannot be told (no `/proc`), a
+/// process counts as alive, so only age removes its temporaries.
+fn process_alive(pid: u32) -> bool {
+    let proc_root = Path::new("/proc");
+    if !proc_root.join("self").exists() {
+        return true;
+    }
+    pid == std::process::id() || proc_root.join(pid.to_string()).exists()
 }
 
 fn io_fatal(path: &Path, e: io::Error) -> StoreError {

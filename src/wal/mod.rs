@@ -95,6 +95,9 @@ pub struct WalRecord {
     pub sha256: Sha256,
     /// The payload exactly as received (validated UTF-8 JSON text).
     pub payload: String,
+    /// The vendor's deadline (`expires_at`, from the body or the header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl WalRecord {
@@ -113,6 +116,7 @@ impl WalRecord {
             wal_ref: wal_ref.clone(),
             vendor: self.source.vendor.clone(),
             received_at: self.received_at,
+            expires_at: self.expires_at,
         }
     }
 

@@ -20,6 +20,7 @@ fn reg(id: &str, sha: &str) -> Registration {
             .unwrap(),
         vendor: Some("acme".into()),
         received_at: Utc::now(),
+        expires_at: None,
     }
 }
 
@@ -183,7 +184,17 @@ pub async fn replay_rules(l: Arc<dyn Ledger>) {
     };
     assert_eq!(r.status, State::Pending);
     assert_eq!(r.replay_nonce.as_deref(), Some("n1"));
-    l.claim("t5", "w", LEASE).await.unwrap();
+    // A replay grants a fresh retry budget: retries count from attempt 1 on.
+    assert_eq!((r.attempts, r.attempt_base, r.retry_count), (1, 1, 0));
+    assert_eq!(l.get("t5").await.unwrap().unwrap().attempt_base, 1);
+    let ClaimOutcome::Claimed(c) = l.claim("t5", "w", LEASE).await.unwrap() else {
+        panic!("a replayed record is claimable")
+    };
+    assert_eq!(
+        (c.attempts, c.attempt_base),
+        (2, 1),
+        "the fencing token keeps growing"
+    );
     l.settle("t5", "w", 2, Settlement::Success).await.unwrap();
     assert!(matches!(
         l.replay("t5", "n2", false).await.unwrap(),

@@ -6,7 +6,11 @@ use rtp_durability::wal::{
     GroupCommit, Log, WAL_PREFIX, WalRef,
     store::{ObjectStore, PutOptions, StoreError},
 };
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 fn opts() -> PutOptions {
     PutOptions {
@@ -203,4 +207,48 @@ async fn azurite_store_survives_reopen() {
     let again = Arc::new(again) as Arc<dyn ObjectStore>;
     let slot = std::sync::Mutex::new(vec![again, store]);
     survives_reopen(move || slot.lock().unwrap().pop().unwrap()).await;
+}
+
+/// Issue 12 item 13: a CLI opening the local WAL next to a running server
+/// must not delete the server's in-flight temporaries; it removes only those
+/// of processes that are gone, and any older than an hour.
+#[test]
+fn local_store_open_keeps_a_live_process_temp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join(".tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut live = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let put = |name: String| {
+        std::fs::write(tmp.join(&name), b"partial").unwrap();
+        name
+    };
+    let in_flight = put(format!("{}-7", live.id()));
+    let of_the_dead = put(format!("{}-3", gone.id()));
+    let stale = put(format!("{}-8", live.id()));
+    std::fs::File::options()
+        .write(true)
+        .open(tmp.join(&stale))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+
+    rtp_durability::wal::local::LocalStore::open(dir.path()).unwrap();
+
+    let left: BTreeSet<String> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    live.kill().unwrap();
+    live.wait().unwrap();
+    assert!(
+        left.contains(&in_flight),
+        "a live server's temporary survives: {left:?}"
+    );
+    assert!(!left.contains(&of_the_dead), "{left:?}");
+    assert!(!left.contains(&stale), "{left:?}");
 }

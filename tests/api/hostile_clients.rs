@@ -911,6 +911,7 @@ async fn entries_written_before_vendor_scoping_stay_their_vendors() {
         },
         sha256: Sha256::of(body.as_bytes()),
         payload: body.into(),
+        expires_at: None,
     };
     let wal_ref = app.services.wal.append_json(&record, at).await.unwrap();
     let mut reg = record.registration(&wal_ref);
@@ -958,6 +959,7 @@ fn queue_message_ids_stay_within_128_characters() {
         wal_ref: "wal/v1/2026/01/01/00/s.ndjson#0+2".parse().unwrap(),
         vendor: Some("v".repeat(64)),
         received_at: chrono::Utc::now(),
+        expires_at: None,
     };
     for d in [
         Delivery::Initial,

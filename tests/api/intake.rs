@@ -165,6 +165,7 @@ fn submission(id: &str, body: &str) -> Submission {
             vendor: Some("acme".into()),
             remote_addr: None,
         },
+        expires_at: None,
     }
 }
 

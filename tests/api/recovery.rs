@@ -347,6 +347,7 @@ async fn ledger_loss_heals_itself_from_the_journal() {
         wal_ref: rec["wal_ref"].as_str().unwrap().parse().unwrap(),
         vendor: None,
         received_at: serde_json::from_value(rec["created_at"].clone()).unwrap(),
+        expires_at: None,
     };
     let payload = serde_json::to_vec(&body_of(&done[0], &json!({}))).unwrap();
     let q = site.queue();

@@ -35,6 +35,7 @@ fn reg(id: &str) -> Registration {
         wal_ref: "wal/v1/x#0+1".parse().unwrap(),
         vendor: None,
         received_at: micros(Utc::now()),
+        expires_at: None,
     }
 }
 

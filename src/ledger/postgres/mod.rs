@@ -230,6 +230,7 @@ impl Inner {
     async fn put(&self, statement: &str, rec: &TxRecord) -> Result<u64, LedgerError> {
         let attempts = i32::try_from(rec.attempts).map_err(malformed)?;
         let retry_count = i32::try_from(rec.retry_count).map_err(malformed)?;
+        let attempt_base = i32::try_from(rec.attempt_base).map_err(malformed)?;
         let (wal_ref, status) = (rec.wal_ref.to_string(), rec.status.as_str());
         self.execute(
             "restore",
@@ -249,6 +250,8 @@ impl Inner {
                 &rec.replay_nonce,
                 &truncate(rec.created_at),
                 &truncate(rec.updated_at),
+                &attempt_base,
+                &rec.expires_at.map(truncate),
             ],
         )
         .await
@@ -306,6 +309,7 @@ impl Ledger for PostgresLedger {
         };
         let mut reg = reg;
         reg.received_at = truncate(reg.received_at);
+        reg.expires_at = reg.expires_at.map(truncate);
         let rec = TxRecord::new(&reg, now());
         let wal_ref = rec.wal_ref.to_string();
         // A conflicting row that retention deletes between the two statements
@@ -324,6 +328,7 @@ impl Ledger for PostgresLedger {
                         &rec.created_at,
                         &rec.updated_at,
                         &payload,
+                        &rec.expires_at,
                     ],
                 )
                 .await?;

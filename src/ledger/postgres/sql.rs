@@ -22,7 +22,8 @@ use tokio_postgres::Row;
 macro_rules! cols {
     () => {
         "transaction_id, status, sha256, wal_ref, attempts, retry_count, error_message, \
-         next_retry_at, lease_owner, lease_until, vendor, replay_nonce, created_at, updated_at"
+         next_retry_at, lease_owner, lease_until, vendor, replay_nonce, created_at, updated_at, \
+         attempt_base, expires_at"
     };
 }
 
@@ -42,14 +43,14 @@ pub const GET_FIRST: &str = concat!(
 );
 
 /// $1 id, $2 sha256, $3 wal_ref, $4 vendor, $5 created_at, $6 updated_at,
-/// $7 payload (JSON text, or NULL when the ledger keeps no copy).
+/// $7 payload (JSON text, or NULL when the ledger keeps no copy), $8 expires_at.
 /// Returns the new row, or nothing when the id exists (the caller reads it
 /// with [`GET`]: a row committed by a concurrent insert after this
 /// statement's snapshot is invisible to any part of this statement).
 pub const REGISTER: &str = concat!(
     "INSERT INTO transactions (transaction_id, status, sha256, wal_ref, attempts, retry_count, \
-                               vendor, created_at, updated_at, payload) \
-     VALUES ($1, 'pending', $2, $3, 0, 0, $4, $5, $6, $7::text::jsonb) \
+                               vendor, created_at, updated_at, payload, expires_at) \
+     VALUES ($1, 'pending', $2, $3, 0, 0, $4, $5, $6, $7::text::jsonb, $8::timestamptz) \
      ON CONFLICT (transaction_id) DO NOTHING \
      RETURNING ",
     cols!()
@@ -105,6 +106,7 @@ pub const REPLAY: &str = concat!(
     "WITH reset AS ( \
          UPDATE transactions \
          SET status = 'pending', replay_nonce = $2::text, next_retry_at = NULL, \
+             attempt_base = attempts, retry_count = 0, \
              lease_owner = NULL, lease_until = NULL, updated_at = $4::timestamptz \
          WHERE transaction_id = $1 \
            AND (status IN ('pending', 'failed', 'dead_letter') \
@@ -119,25 +121,26 @@ pub const REPLAY: &str = concat!(
      SELECT true, * FROM reset UNION ALL SELECT false, * FROM latest"
 );
 
-/// $1..$14: the record's columns in [`cols!`] order. Replaces whatever is there.
+/// $1..$16: the record's columns in [`cols!`] order. Replaces whatever is there.
 pub const RESTORE: &str = concat!(
     "INSERT INTO transactions (",
     cols!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
      ON CONFLICT (transaction_id) DO UPDATE SET \
          status = excluded.status, sha256 = excluded.sha256, wal_ref = excluded.wal_ref, \
          attempts = excluded.attempts, retry_count = excluded.retry_count, \
          error_message = excluded.error_message, next_retry_at = excluded.next_retry_at, \
          lease_owner = excluded.lease_owner, lease_until = excluded.lease_until, \
          vendor = excluded.vendor, replay_nonce = excluded.replay_nonce, \
-         created_at = excluded.created_at, updated_at = excluded.updated_at"
+         created_at = excluded.created_at, updated_at = excluded.updated_at, \
+         attempt_base = excluded.attempt_base, expires_at = excluded.expires_at"
 );
 
 /// As [`RESTORE`], but only when the id is absent: affects 1 row or 0.
 pub const RESTORE_MISSING: &str = concat!(
     "INSERT INTO transactions (",
     cols!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
      ON CONFLICT (transaction_id) DO NOTHING"
 );
 
@@ -231,5 +234,7 @@ pub fn record(row: &Row, at: usize) -> Result<TxRecord, String> {
         replay_nonce: row.try_get(at + 11).map_err(|e| bad("replay_nonce", &e))?,
         created_at: row.try_get(at + 12).map_err(|e| bad("created_at", &e))?,
         updated_at: row.try_get(at + 13).map_err(|e| bad("updated_at", &e))?,
+        attempt_base: count(14, "attempt_base")?,
+        expires_at: row.try_get(at + 15).map_err(|e| bad("expires_at", &e))?,
     })
 }

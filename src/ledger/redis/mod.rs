@@ -152,6 +152,7 @@ impl Ledger for RedisLedger {
         let now = Self::now();
         let mut reg = reg;
         reg.received_at = truncate(reg.received_at);
+        reg.expires_at = reg.expires_at.map(truncate);
         let rec = TxRecord::new(&reg, now);
         let mut args = vec![rec.transaction_id.to_string(), micros(now).to_string()];
         args.extend(flat_fields(&rec));
@@ -194,20 +195,14 @@ impl Ledger for RedisLedger {
         owner: &str,
         lease: Duration,
     ) -> Result<ClaimOutcome, LedgerError> {
-        let now = Self::now();
-        let until =
-            truncate(now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX));
+        // The script reads the time from the Redis server (see scripts::CLAIM).
+        let lease_us = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 4);
         let (code, fields) = self
             .script(
                 "claim",
                 &scripts::CLAIM,
                 self.keys.transition_keys(id),
-                vec![
-                    id.to_owned(),
-                    owner.to_owned(),
-                    micros(now).to_string(),
-                    micros(until).to_string(),
-                ],
+                vec![id.to_owned(), owner.to_owned(), lease_us.to_string()],
             )
             .await?;
         Ok(match code.as_str() {

@@ -26,6 +26,7 @@ pub fn to_fields(r: &TxRecord) -> Vec<(&'static str, String)> {
         ("sha256", r.sha256.to_string()),
         ("wal_ref", r.wal_ref.to_string()),
         ("attempts", r.attempts.to_string()),
+        ("attempt_base", r.attempt_base.to_string()),
         ("retry_count", r.retry_count.to_string()),
         ("created_at", micros(r.created_at).to_string()),
         ("updated_at", micros(r.updated_at).to_string()),
@@ -40,6 +41,7 @@ pub fn to_fields(r: &TxRecord) -> Vec<(&'static str, String)> {
         ("lease_until", r.lease_until.map(|t| micros(t).to_string())),
         ("vendor", r.vendor.clone()),
         ("replay_nonce", r.replay_nonce.clone()),
+        ("expires_at", r.expires_at.map(|t| micros(t).to_string())),
     ];
     f.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
     f
@@ -88,6 +90,11 @@ fn from_map(mut m: HashMap<String, String>) -> Result<TxRecord, String> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("wal_ref"))?,
         attempts: num(take("attempts"), "attempts")?,
+        // Absent in records written before replays reset the retry budget.
+        attempt_base: match take("attempt_base") {
+            Some(v) => num(Some(v), "attempt_base")?,
+            None => 0,
+        },
         retry_count: num(take("retry_count"), "retry_count")?,
         error_message: take("error_message"),
         next_retry_at: time(take("next_retry_at"), "next_retry_at")?,
@@ -95,6 +102,7 @@ fn from_map(mut m: HashMap<String, String>) -> Result<TxRecord, String> {
         lease_until: time(take("lease_until"), "lease_until")?,
         vendor: take("vendor"),
         replay_nonce: take("replay_nonce"),
+        expires_at: time(take("expires_at"), "expires_at")?,
         created_at: time(take("created_at"), "created_at")?.ok_or_else(|| bad("created_at"))?,
         updated_at: time(take("updated_at"), "updated_at")?.ok_or_else(|| bad("updated_at"))?,
     })
@@ -115,6 +123,7 @@ mod tests {
                 wal_ref: "w#0+1".parse().unwrap(),
                 vendor: None,
                 received_at: now,
+                expires_at: None,
             },
             now,
         );
@@ -133,6 +142,8 @@ mod tests {
         r.vendor = Some("acme".into());
         r.replay_nonce = Some("n".into());
         r.attempts = 7;
+        r.attempt_base = 5;
+        r.expires_at = Some(now);
         assert_eq!(from_flat(flat(&r)).unwrap(), Some(r));
         assert_eq!(from_flat(vec![]).unwrap(), None);
         assert!(from_flat(vec!["status".into(), "nope".into()]).is_err());

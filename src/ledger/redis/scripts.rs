@@ -104,13 +104,19 @@ return {'new', {}}
     )
 });
 
-/// ARGV: id, owner, now_us, lease_until_us.
+/// ARGV: id, owner, lease_us.
 /// Codes: `not_found`, `terminal`, `busy`, `not_due`, `claimed`.
+/// "Now" is the Redis server's clock (`TIME`), the one clock every processor
+/// shares: a processor whose clock runs behind cannot take over a live lease,
+/// nor one running ahead claim a retry early.
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local id, owner, now_s, until_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now = tonumber(now_s)
+local id, owner, lease_us = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_s = string.format('%.0f', now)
+local until_s = string.format('%.0f', now + lease_us)
 local h = redis.call('HMGET', TX, 'status', 'lease_until', 'next_retry_at', 'attempts')
 local status = h[1]
 if not status then return {'not_found', {}} end
@@ -190,7 +196,10 @@ else
 end
 if not may then return {'refused', redis.call('HGETALL', TX)} end
 -- machine::apply_replay
-redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s)
+-- a fresh retry budget: retries count from the attempts made so far
+local attempts = redis.call('HGET', TX, 'attempts') or '0'
+redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s,
+           'attempt_base', attempts, 'retry_count', '0')
 redis.call('HDEL', TX, 'next_retry_at', 'lease_owner', 'lease_until')
 redis.call('PERSIST', TX)
 reindex(id, status, 'pending', now_s)

@@ -1,0 +1,398 @@
+//! Recovery paths of the processor (issue 12): each test is named after the
+//! defect it proves fixed, runs the real processor against a real mock
+//! downstream, and the ledger on SQLite, Redis or PostgreSQL.
+
+use crate::support::{AppOptions, TestApp, json, spawn_app_with};
+use rtp_durability::config::LedgerKind;
+use rtp_durability::processor::Outcome;
+use rtp_durability::transaction::State;
+use serde_json::json;
+
+/// The ledgers every recovery scenario runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum On {
+    Sqlite,
+    Redis,
+    Postgres,
+}
+
+pub async fn app_on(on: On, mut o: AppOptions) -> TestApp {
+    match on {
+        On::Sqlite => {}
+        On::Redis => o.redis_url = Some(crate::support::redis_url()),
+        On::Postgres => {
+            let url = crate::support::postgres::schema_url().await;
+            o.tweak = Some(Box::new(move |s| {
+                s.ledger = LedgerKind::Postgres;
+                s.postgres_url = Some(url.as_str().into());
+            }));
+        }
+    }
+    spawn_app_with(o).await
+}
+
+async fn calls_for(app: &TestApp, id: &str) -> u64 {
+    app.mock_calls().await["by_key"][id]["calls"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Issue 12 item 1: a transaction dead-lettered because its retries ran out,
+/// replayed after the downstream recovered, is called again with a full
+/// retry budget (the fencing attempt number keeps growing).
+async fn replay_after_exhausted_retries(on: On) {
+    let app = app_on(
+        on,
+        AppOptions {
+            max_retries: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = "RB-1";
+    app.post_json(
+        &json!({"transaction_id": id, "_mock": {"script": ["503", "503", "503", "503", "ok"]}}),
+    )
+    .await;
+    app.drain_until_terminal(&[id]).await;
+    let rec = app.record(id).await;
+    assert_eq!(rec.status, State::DeadLetter);
+    assert_eq!(rec.attempts, 3, "first call + 2 retries");
+    assert_eq!(calls_for(&app, id).await, 3);
+
+    // Replay: a full budget again. Call 4 answers 503 (a retry is scheduled,
+    // not a dead-letter), call 5 succeeds.
+    let r = app
+        .admin_post(&format!("/v1/transactions/{id}/replay"), None)
+        .await;
+    assert!(r.status().is_success(), "{}", json(r).await);
+    let rec = app.record(id).await;
+    assert_eq!(rec.status, State::Pending);
+    assert_eq!(rec.attempt_base, 3);
+    assert_eq!(rec.retry_count, 0, "the retry count restarts");
+    let outcomes = app.drain_until_terminal(&[id]).await;
+    assert!(
+        outcomes.contains(&Outcome::RetryScheduled),
+        "the replayed copy may be retried: {outcomes:?}"
+    );
+    let rec = app.record(id).await;
+    assert_eq!(rec.status, State::Success, "{rec:?}");
+    assert_eq!(rec.attempts, 5, "the fencing token keeps growing");
+    assert_eq!(calls_for(&app, id).await, 5);
+}
+
+#[tokio::test]
+async fn replay_after_exhausted_retries_grants_fresh_budget_sqlite() {
+    replay_after_exhausted_retries(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn replay_after_exhausted_retries_grants_fresh_budget_redis() {
+    replay_after_exhausted_retries(On::Redis).await
+}
+
+#[tokio::test]
+async fn replay_after_exhausted_retries_grants_fresh_budget_postgres() {
+    replay_after_exhausted_retries(On::Postgres).await
+}
+
+/// Issue 12 item 1, end to end as it was reproduced: `rtpd dev` and
+/// `rtpd mock-downstream` as real processes, `RTPD_MAX_RETRIES=2`, the mock
+/// answering `503, 503, 503, ok`. Exhausted retries dead-letter after three
+/// calls; the operator's replay then calls the downstream once more and
+/// succeeds.
+#[tokio::test]
+async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
+    use crate::support::process::{Proc, poll_json, rtpd, start_mock};
+    use std::{process::Stdio, time::Duration};
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = crate::support::free_port();
+    let _dev = Proc(
+        rtpd()
+            .args(["dev", "--no-mock"])
+            .env("RTPD_DATA_DIR", dir.path())
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
+            .env(
+                "RTPD_DOWNSTREAM_URL",
+                format!("http://127.0.0.1:{mock_port}/process"),
+            )
+            .env("RTPD_MAX_RETRIES", "2")
+            .env("RTPD_BACKOFF_BASE_SECS", "0.1")
+            .env("RTPD_BACKOFF_MAX_SECS", "0.2")
+            .env("RTPD_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    crate::support::process::wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20))
+        .await;
+    let creds: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let (key, admin) = (
+        creds["api_key"].as_str().unwrap(),
+        creds["admin_token"].as_str().unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let id = "E2E-RB-1";
+    let r = client
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", key)
+        .json(&json!({"transaction_id": id, "_mock": {"script": ["503", "503", "503", "ok"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let status = |want: &'static str| {
+        let url = format!("{base}/v1/transactions/{id}");
+        let key = key.to_owned();
+        async move {
+            let client = reqwest::Client::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let v: serde_json::Value = client
+                    .get(&url)
+                    .header("X-Api-Key", &key)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if v["status"] == want {
+                    return v;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{id} never {want}: {v}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    status("dead_letter").await;
+    let calls = format!("http://127.0.0.1:{mock_port}/calls");
+    let before = poll_json(&calls, Duration::from_secs(5), |v| {
+        v["by_key"][id]["calls"] == 3
+    })
+    .await;
+    assert_eq!(before["by_key"][id]["calls"], 3, "first call + 2 retries");
+
+    let r = client
+        .post(format!("{base}/v1/transactions/{id}/replay"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    let done = status("success").await;
+    assert_eq!(done["attempts"], 4, "{done}");
+    let after = crate::support::process::mock_calls(mock_port).await;
+    assert_eq!(
+        after["by_key"][id]["calls"], 4,
+        "one more downstream call per replay"
+    );
+    assert_eq!(after["by_key"][id]["successes"], 1);
+}
+
+/// Issue 12 item 10: a copy of a transaction carrying other bytes than the
+/// ledger accepted (a stale or forged message; its body hashes to its own
+/// sha256) never reaches the downstream. The transaction is left `failed`
+/// and due, the stale copy dead-lettered, and the true payload then goes
+/// through.
+async fn stale_copy_with_other_bytes(on: On) {
+    use bytes::Bytes;
+    use rtp_durability::envelope::{Delivery, Envelope};
+    use rtp_durability::transaction::Sha256;
+    use std::time::Duration;
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "SC-1";
+    app.post_json(&json!({"transaction_id": id, "amount": "1.00"}))
+        .await;
+    let rec = app.record(id).await;
+    // Hold the true message back while the stale copy is processed.
+    let original = app
+        .services
+        .queue
+        .receive(1, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let other = Bytes::from_static(br#"{"transaction_id":"SC-1","amount":"999.00"}"#);
+    let reg = rtp_durability::transaction::Registration {
+        transaction_id: rec.transaction_id.clone(),
+        sha256: Sha256::of(&other),
+        wal_ref: rec.wal_ref.clone(),
+        vendor: rec.vendor.clone(),
+        received_at: rec.created_at,
+        expires_at: None,
+    };
+    let stale = Envelope::new(reg, other, Delivery::Redrive("stale".into())).to_message();
+    app.services.queue.send(vec![stale]).await.unwrap();
+    let outcome = app
+        .processor
+        .try_process_next(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::DeadLettered);
+    assert_eq!(
+        calls_for(&app, id).await,
+        0,
+        "other bytes never go downstream"
+    );
+    let after = app.record(id).await;
+    assert_eq!(after.status, State::Failed, "{after:?}");
+    assert_eq!(after.sha256, rec.sha256);
+    let dl = app.services.queue.peek_dead_letters(0, 10).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].dead_letter_reason.as_deref(), Some("LedgerConflict"));
+
+    // The true message, released, goes through with the accepted bytes.
+    app.services.queue.abandon(&original).await.unwrap();
+    app.drain_until_terminal(&[id]).await;
+    assert_eq!(app.state_of(id).await, State::Success);
+    assert_eq!(calls_for(&app, id).await, 1);
+}
+
+#[tokio::test]
+async fn processor_refuses_a_copy_whose_sha256_differs_from_the_ledger_sqlite() {
+    stale_copy_with_other_bytes(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn processor_refuses_a_copy_whose_sha256_differs_from_the_ledger_redis() {
+    stale_copy_with_other_bytes(On::Redis).await
+}
+
+/// Issue 12 item 11: a retry copy that arrives before its retry is due (the
+/// only copy there is) is rescheduled for `next_retry_at`, not completed and
+/// lost.
+async fn early_retry_copy(on: On) {
+    use bytes::Bytes;
+    use rtp_durability::envelope::{Delivery, Envelope};
+    use rtp_durability::transaction::{Registration, Settlement, Sha256, TransactionId};
+    use std::time::Duration;
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "ND-1";
+    let body = Bytes::from_static(br#"{"transaction_id":"ND-1"}"#);
+    let reg = Registration {
+        transaction_id: TransactionId::parse(id).unwrap(),
+        sha256: Sha256::of(&body),
+        wal_ref: "wal/v1/2026/01/01/00/x.ndjson#0+25".parse().unwrap(),
+        vendor: Some("acme".into()),
+        received_at: chrono::Utc::now(),
+        expires_at: None,
+    };
+    let ledger = &app.services.ledger;
+    ledger.register(reg.clone()).await.unwrap();
+    ledger
+        .claim(id, "earlier-worker", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    ledger
+        .settle(
+            id,
+            "earlier-worker",
+            1,
+            Settlement::Failed {
+                error: "503".into(),
+                next_retry_at: due,
+            },
+        )
+        .await
+        .unwrap();
+    // The retry copy, delivered early (its sender's clock ran ahead).
+    let early = Envelope::new(reg, body, Delivery::Retry(2)).to_message();
+    app.services.queue.send(vec![early]).await.unwrap();
+    let first = app
+        .processor
+        .try_process_next(Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(first, Outcome::Skipped("retry_rescheduled"));
+    assert_eq!(calls_for(&app, id).await, 0, "not called before it is due");
+    // The rescheduled copy arrives once due and the retry runs.
+    let outcomes = app.drain_until_terminal(&[id]).await;
+    assert_eq!(outcomes, vec![Outcome::Succeeded]);
+    assert_eq!(calls_for(&app, id).await, 1);
+    app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn early_retry_copy_is_rescheduled_not_dropped_sqlite() {
+    early_retry_copy(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn early_retry_copy_is_rescheduled_not_dropped_redis() {
+    early_retry_copy(On::Redis).await
+}
+
+/// Issue 12 item 7: an attempt whose success reached the journal but not the
+/// ledger (the settle failed after the journal write) is not followed by a
+/// second downstream call: the next claim reads the journal and settles the
+/// ledger from it.
+async fn journaled_success(on: On) {
+    use rtp_durability::journal::{EntryKind, JournalEntry};
+    use std::time::Duration;
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "JS-1";
+    app.post_json(&json!({"transaction_id": id})).await;
+    // A worker claimed it, the downstream took it, the journal says so ...
+    let ledger = &app.services.ledger;
+    let rtp_durability::ledger::ClaimOutcome::Claimed(c) = ledger
+        .claim(id, "lost-worker", Duration::from_millis(1))
+        .await
+        .unwrap()
+    else {
+        panic!("claimable")
+    };
+    app.services
+        .journal
+        .append(&JournalEntry {
+            v: 1,
+            kind: EntryKind::Attempt,
+            transaction_id: id.into(),
+            at: chrono::Utc::now(),
+            attempt: Some(c.attempts),
+            state: State::Success,
+            error: None,
+            next_retry_at: None,
+            actor: "lost-worker".into(),
+            reason: None,
+        })
+        .await
+        .unwrap();
+    // ... and its settle never reached the ledger: still `processing`, lease gone.
+    assert_eq!(app.state_of(id).await, State::Processing);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let outcome = app
+        .processor
+        .try_process_next(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Skipped("already_done"));
+    assert_eq!(app.state_of(id).await, State::Success);
+    assert_eq!(
+        calls_for(&app, id).await,
+        0,
+        "no call after a journaled success"
+    );
+    app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn claim_after_a_journaled_success_does_not_call_again_sqlite() {
+    journaled_success(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn claim_after_a_journaled_success_does_not_call_again_redis() {
+    journaled_success(On::Redis).await
+}
