@@ -17,6 +17,7 @@ use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
 use crate::wal::{Log, Source, WalError, WalRecord};
 use bytes::Bytes;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// One transaction as a transport received it, already validated: the id is
 /// parsed and the payload is a UTF-8 JSON object.
@@ -100,10 +101,12 @@ impl Intake {
             source: s.source.clone(),
             sha256: s.sha256.clone(),
             payload: text.to_owned(),
+            trace_parent: crate::telemetry::propagation::current_traceparent(),
         };
         let wal_ref = self
             .wal
             .append_json(&record, received_at)
+            .instrument(tracing::info_span!("wal.append", otel.kind = "client"))
             .await
             .map_err(|e| {
                 tracing::error!(transaction_id = %s.transaction_id, error = %e, "WAL append failed; not acknowledging");

@@ -10,6 +10,7 @@ use crate::wal::{Log, WalError, WalRecord};
 use bytes::Bytes;
 use chrono::Utc;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// The ports a replay uses.
 #[derive(Clone)]
@@ -88,6 +89,11 @@ pub async fn load_record(wal: &Log, wal_ref: &WalRef) -> Result<WalRecord, WalEr
 
 impl Replayer {
     pub async fn replay_one(&self, id: &str, req: &ReplayRequest) -> Result<Replayed, ReplayError> {
+        let span = tracing::info_span!("replay", transaction_id = %id, force = req.force);
+        self.replay_traced(id, req).instrument(span).await
+    }
+
+    async fn replay_traced(&self, id: &str, req: &ReplayRequest) -> Result<Replayed, ReplayError> {
         let Some(current) = self.ledger.get(id).await? else {
             return Ok(Replayed::NotFound);
         };
@@ -95,6 +101,11 @@ impl Replayer {
             return Ok(Replayed::Refused(current));
         }
         let wal = load_record(&self.wal, &current.wal_ref).await?;
+        // The replay's trace points back at the vendor's original POST.
+        crate::telemetry::propagation::link_to(
+            &tracing::Span::current(),
+            wal.trace_parent.as_deref(),
+        );
         let nonce = Delivery::nonce();
         self.journal
             .append(&JournalEntry {

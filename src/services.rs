@@ -23,6 +23,7 @@ use crate::queue::{
 };
 use crate::reconcile::Reconciler;
 use crate::replay::Replayer;
+use crate::telemetry::ports::{InstrumentedLedger, InstrumentedQueue};
 use crate::wal::azure::{AzureBlobSettings, AzureBlobStore};
 use crate::wal::{
     GroupCommit, JOURNAL_PREFIX, Log, REJECTED_PREFIX, WAL_PREFIX, local::LocalStore,
@@ -135,6 +136,9 @@ impl Services {
             flushers: settings.wal_flushers,
             ..GroupCommit::default()
         };
+        // Every flow sees the ports through the decorators that trace and time them.
+        let ledger: Arc<dyn Ledger> = Arc::new(InstrumentedLedger(ledger));
+        let queue: Arc<dyn Queue> = Arc::new(InstrumentedQueue(queue));
         Services {
             settings: settings.clone(),
             wal: Log::start(store.clone(), WAL_PREFIX, &instance, gc.clone()),

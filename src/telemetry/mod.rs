@@ -1,0 +1,86 @@
+//! Logs, traces and metrics export. Logging: human-readable by default, JSON
+//! with `RTPD_LOG_FORMAT=json`. Payloads are never logged; lines about a
+//! transaction carry its id. Traces and metrics go out over OTLP when the
+//! standard `OTEL_EXPORTER_OTLP_*` variables (or `rtpd dev --otlp`) say where
+//! ([`otlp`]); trace context crosses processes as W3C `traceparent`
+//! ([`propagation`]).
+
+pub mod otlp;
+pub mod ports;
+pub mod propagation;
+
+use crate::config::LogFormat;
+use opentelemetry::trace::TracerProvider as _;
+pub use otlp::{OtlpError, OtlpOverride};
+use std::time::Duration;
+use tracing::Subscriber;
+use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*, registry::LookupSpan};
+
+/// The running exporters; call [`Telemetry::shutdown`] before exiting so the
+/// last spans and metrics leave.
+pub struct Telemetry {
+    exporters: otlp::Exporters,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn traces(&self) -> bool {
+        self.exporters.tracer.is_some()
+    }
+
+    /// Flushes and stops the exporters, waiting a few seconds at most.
+    pub fn shutdown(self) {
+        if let Some(t) = &self.exporters.tracer {
+            let _ = t.shutdown_with_timeout(Duration::from_secs(5));
+        }
+        if let Some(m) = &self.exporters.meter {
+            let _ = m.shutdown_with_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+fn otel_layer<S>(exporters: &otlp::Exporters) -> Option<impl Layer<S>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    exporters.tracer.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("rtpd"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+    })
+}
+
+/// Sets up logging, and the OTLP exporters when configured. Must run inside
+/// the Tokio runtime. A second call (tests) keeps the first subscriber.
+pub fn init(format: LogFormat, level: &str, over: &OtlpOverride) -> Result<Telemetry, OtlpError> {
+    let exporters = otlp::start(over)?;
+    if let Some(m) = &exporters.meter {
+        opentelemetry::global::set_meter_provider(m.clone());
+        crate::metrics::export_over_otlp();
+    }
+    let filter = EnvFilter::try_new(format!(
+        "{level},actix_server=warn,actix_web=warn,hyper=warn,reqwest=warn,h2=warn,tonic=warn,opentelemetry=warn"
+    ))
+    .unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => registry
+            .with(otel_layer(&exporters))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(otel_layer(&exporters))
+            .with(fmt::layer().with_target(false))
+            .try_init(),
+    };
+    let _ = result;
+    Ok(Telemetry { exporters })
+}
