@@ -55,7 +55,8 @@ pub async fn run(parts: Parts, settings: Settings) -> anyhow::Result<()> {
     run_with(parts, settings, auth, None).await
 }
 
-/// How often the ledger gauges are read between scrapes.
+/// How often at most the ledger gauges are read between scrapes (more often
+/// when `OTEL_METRIC_EXPORT_INTERVAL` is shorter).
 const LEDGER_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the parts; `ready` hears the API's port once it is bound.
@@ -86,7 +87,8 @@ pub async fn run_with(
     // Ledger gauges (state counts, oldest pending age) for the OTLP export.
     let (ledger, stop) = (services.ledger.clone(), stop_rx.clone());
     tasks.spawn(async move {
-        crate::metrics::watch_ledger(ledger, LEDGER_GAUGES_EVERY, stop).await;
+        let every = crate::telemetry::otlp::metric_export_interval().min(LEDGER_GAUGES_EVERY);
+        crate::metrics::watch_ledger(ledger, every, stop).await;
         Ok("ledger gauges")
     });
 

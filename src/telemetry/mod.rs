@@ -13,8 +13,10 @@ use crate::config::LogFormat;
 use opentelemetry::trace::TracerProvider as _;
 pub use otlp::{OtlpError, OtlpOverride};
 use std::time::Duration;
-use tracing::Subscriber;
-use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*, registry::LookupSpan};
+use tracing::{Level, Subscriber};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::Targets, fmt, prelude::*, registry::LookupSpan,
+};
 
 /// The running exporters; call [`Telemetry::shutdown`] before exiting so the
 /// last spans and metrics leave.
@@ -43,12 +45,18 @@ fn otel_layer<S>(exporters: &otlp::Exporters) -> Option<impl Layer<S>>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
+    // rtpd's own spans at info, whatever RTPD_LOG_LEVEL keeps out of the
+    // logs: a quiet log must not cost the traces.
+    let spans = Targets::new()
+        .with_default(Level::WARN)
+        .with_target("rtp_durability", Level::INFO);
     exporters.tracer.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("rtpd"))
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
+            .with_filter(spans)
     })
 }
 
@@ -64,21 +72,20 @@ pub fn init(format: LogFormat, level: &str, over: &OtlpOverride) -> Result<Telem
         "{level},actix_server=warn,actix_web=warn,hyper=warn,reqwest=warn,h2=warn,tonic=warn,opentelemetry=warn"
     ))
     .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry().with(otel_layer(&exporters));
     let result = match format {
         LogFormat::Json => registry
-            .with(otel_layer(&exporters))
             .with(
                 fmt::layer()
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_span_list(false),
+                    .with_span_list(false)
+                    .with_filter(filter),
             )
             .try_init(),
         LogFormat::Text => registry
-            .with(otel_layer(&exporters))
-            .with(fmt::layer().with_target(false))
+            .with(fmt::layer().with_target(false).with_filter(filter))
             .try_init(),
     };
     let _ = result;

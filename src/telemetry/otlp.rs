@@ -96,6 +96,16 @@ fn resource() -> Resource {
     }
 }
 
+/// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds; 60 s when unset), which the
+/// periodic reader follows; gauges fed by polling should be read as often.
+pub fn metric_export_interval() -> std::time::Duration {
+    env("OTEL_METRIC_EXPORT_INTERVAL")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(std::time::Duration::from_secs(60))
+}
+
 fn with_path(base: &str, path: &str) -> String {
     format!("{}/{path}", base.trim_end_matches('/'))
 }

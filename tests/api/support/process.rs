@@ -98,10 +98,23 @@ pub async fn start_dev_pipeline(dir: &Path, mock_extra: &[&str]) -> DevPipeline 
 }
 
 pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
+    spawn_dev_with(dir, api_port, mock_port, &[], &[])
+}
+
+/// [`spawn_dev`] with extra `rtpd dev` arguments and environment.
+pub fn spawn_dev_with(
+    dir: &Path,
+    api_port: u16,
+    mock_port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     Proc(
         rtpd()
             .arg("dev")
             .arg("--no-mock")
+            .args(args)
+            .envs(env.iter().copied())
             .env("RTPD_DATA_DIR", dir)
             .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
             .env(
