@@ -230,3 +230,123 @@ async fn a_backlog_ages_the_oldest_pending_and_a_poison_message_counts_as_dead_l
     let body = json(app.admin_get("/metrics").await).await;
     assert_eq!(body["dead_letter"], 1);
 }
+
+/// Microsoft's Python SDK, reading the message `rtpd api` put on (a test
+/// broker that behaves like) Service Bus, finds the ingest span's context in
+/// `Diagnostic-Id` and `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_bus_message_carries_the_trace_to_microsofts_sdk() {
+    let python = std::env::var("SB_INTEROP_PYTHON")
+        .expect("SB_INTEROP_PYTHON is not set: run the tests with scripts/test.sh, which installs the Python SDK");
+    let receiver = OtlpReceiver::start();
+    let queue = format!("q-{}", uuid::Uuid::new_v4().simple());
+    let broker = sb_test_broker::start(sb_test_broker::BrokerConfig {
+        queues: vec![queue.clone()],
+        lock_duration: Duration::from_secs(5),
+        duplicate_window: Duration::from_secs(60),
+        sas_key: Some("otel-test".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let key = "otel-test-key";
+    let _api = crate::support::process::Proc(
+        crate::support::process::rtpd()
+            .arg("api")
+            .env("RTPD_DATA_DIR", dir.path())
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("RTPD_QUEUE", "servicebus")
+            .env(
+                "RTPD_SERVICEBUS_CONNECTION_STRING",
+                broker.connection_string(),
+            )
+            .env("RTPD_SERVICEBUS_QUEUE", &queue)
+            .env(
+                "RTPD_VENDOR_KEYS",
+                format!("acme:sha256:{}", rtp_durability::auth::hash_secret(key)),
+            )
+            .env("RTPD_LOG_LEVEL", "warn")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.url)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let body = r#"{"transaction_id":"SB-TRACE-1","amount":"3.00"}"#;
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", key)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    receiver
+        .wait_for(Duration::from_secs(30), "the ingest span", |r| {
+            r.spans().iter().any(|s| s.name == "ingest")
+        })
+        .await;
+    let ingest = receiver
+        .spans()
+        .into_iter()
+        .find(|s| s.name == "ingest")
+        .unwrap();
+    assert_eq!(
+        ingest.parent_span_id, "",
+        "no incoming traceparent: a new trace"
+    );
+    let expected = format!("00-{}-{}-01", ingest.trace_id, ingest.span_id);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servicebus/interop.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args(["receive-check", "--connection-string"])
+        .arg(broker.connection_string())
+        .args([
+            "--queue",
+            &queue,
+            "--message-id",
+            "SB-TRACE-1",
+            "--body",
+            body,
+        ])
+        .args(["--some-properties", "--property"])
+        .arg(format!("Diagnostic-Id={expected}"))
+        .arg("--property")
+        .arg(format!("traceparent={expected}"))
+        .arg("--property")
+        .arg("transaction_id=SB-TRACE-1")
+        .output()
+        .await
+        .expect("python runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python receive-check failed: {text}");
+    receiver.stop().await;
+}
+
+/// A protocol this build cannot speak is a start-up error naming the variable,
+/// not a silent fallback to another protocol.
+#[test]
+fn an_unsupported_otlp_protocol_is_refused_by_name() {
+    let out = crate::support::process::rtpd()
+        .args(["config"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("rtpd: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL:") && err.contains("http/json"),
+        "{err}"
+    );
+}
