@@ -86,6 +86,7 @@ impl Downstream {
         let span = tracing::info_span!(
             "downstream.call",
             otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
             http.request.method = "POST",
             url.full = %self.url,
             attempt,
@@ -97,6 +98,9 @@ impl Downstream {
             .instrument(span.clone())
             .await;
         span.record("result", result.label());
+        if !matches!(result, CallResult::Success { .. }) {
+            span.record("otel.status_code", "error");
+        }
         result
     }
 

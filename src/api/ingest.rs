@@ -47,9 +47,13 @@ pub async fn ingest(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
+    // Named as OpenTelemetry's HTTP conventions name a server span, which is
+    // what Application Insights lists under requests.
     let span = tracing::info_span!(
         "ingest",
+        otel.name = "POST /v1/transactions",
         otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
         http.request.method = "POST",
         http.route = "/v1/transactions",
         transaction_id = tracing::field::Empty,
@@ -68,6 +72,9 @@ pub async fn ingest(
         Err(e) => e.status_code(),
     };
     span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     metrics::ingest_answered(status.as_u16(), started.elapsed());
     result
 }

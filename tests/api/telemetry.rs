@@ -55,7 +55,7 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
     assert_eq!(r.status(), 202);
 
     let names = [
-        "ingest",
+        "POST /v1/transactions",
         "wal.append",
         "wal.flush",
         "ledger.register",
@@ -75,7 +75,11 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
         .await;
     let spans = receiver.spans();
     let span = |name: &str| one(&spans, name, VENDOR_TRACE)[0].clone();
-    let (ingest, process, call) = (span("ingest"), span("process"), span("downstream.call"));
+    let (ingest, process, call) = (
+        span("POST /v1/transactions"),
+        span("process"),
+        span("downstream.call"),
+    );
     assert_eq!(
         ingest.parent_span_id, VENDOR_SPAN,
         "ingest continues the vendor's span"
@@ -290,13 +294,13 @@ async fn the_service_bus_message_carries_the_trace_to_microsofts_sdk() {
     assert_eq!(r.status(), 202);
     receiver
         .wait_for(Duration::from_secs(30), "the ingest span", |r| {
-            r.spans().iter().any(|s| s.name == "ingest")
+            r.spans().iter().any(|s| s.name == "POST /v1/transactions")
         })
         .await;
     let ingest = receiver
         .spans()
         .into_iter()
-        .find(|s| s.name == "ingest")
+        .find(|s| s.name == "POST /v1/transactions")
         .unwrap();
     assert_eq!(
         ingest.parent_span_id, "",
