@@ -336,6 +336,63 @@ async fn the_service_bus_message_carries_the_trace_to_microsofts_sdk() {
     receiver.stop().await;
 }
 
+/// Over OTLP/gRPC (what the Container Apps agent accepts), chosen with the
+/// standard variables alone: the same one trace.
+#[tokio::test]
+async fn grpc_export_carries_the_same_trace() {
+    let receiver = OtlpReceiver::start_grpc().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let _dev = spawn_dev_with(
+        dir.path(),
+        api_port,
+        mock_port,
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.url),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            // Metrics elsewhere: this receiver has the trace service only.
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", creds["api_key"].as_str().unwrap())
+        .header("traceparent", format!("00-{VENDOR_TRACE}-{VENDOR_SPAN}-01"))
+        .json(&json!({"transaction_id": "GRPC-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    receiver
+        .wait_for(
+            Duration::from_secs(30),
+            "the payment's spans over gRPC",
+            |r| {
+                let spans = r.spans();
+                ["POST /v1/transactions", "process", "downstream.call"]
+                    .iter()
+                    .all(|n| !one(&spans, n, VENDOR_TRACE).is_empty())
+            },
+        )
+        .await;
+    let spans = receiver.spans();
+    let ingest = one(&spans, "POST /v1/transactions", VENDOR_TRACE)[0];
+    assert_eq!(ingest.parent_span_id, VENDOR_SPAN);
+    assert_eq!(ingest.service_name, "rtpd");
+    let process = one(&spans, "process", VENDOR_TRACE)[0];
+    assert_eq!(process.parent_span_id, ingest.span_id);
+    receiver.stop().await;
+}
+
 /// A protocol this build cannot speak is a start-up error naming the variable,
 /// not a silent fallback to another protocol.
 #[test]

@@ -1,10 +1,17 @@
-//! A real OTLP/HTTP receiver for tests: `POST /v1/traces` and `/v1/metrics`
-//! in binary protobuf, decoded with the official OpenTelemetry definitions
-//! (`opentelemetry-proto`'s prost types), kept for the test to read.
+//! Real OTLP receivers for tests, decoding with the official OpenTelemetry
+//! definitions (`opentelemetry-proto`'s prost types) and keeping what they
+//! got for the test to read: OTLP/HTTP (`POST /v1/traces` and `/v1/metrics`
+//! in binary protobuf) with [`OtlpReceiver::start`], OTLP/gRPC (the trace
+//! service) with [`OtlpReceiver::start_grpc`].
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use prost::Message;
@@ -47,7 +54,12 @@ struct Received {
 pub struct OtlpReceiver {
     pub url: String,
     received: Arc<Mutex<Received>>,
-    handle: actix_web::dev::ServerHandle,
+    stop: Stop,
+}
+
+enum Stop {
+    Http(actix_web::dev::ServerHandle),
+    Grpc(tokio::sync::oneshot::Sender<()>),
 }
 
 fn text(v: &Option<AnyValue>) -> String {
@@ -66,10 +78,7 @@ fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn traces(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpResponse {
-    let Ok(req) = ExportTraceServiceRequest::decode(body) else {
-        return HttpResponse::BadRequest().finish();
-    };
+fn keep_spans(req: ExportTraceServiceRequest, r: &Mutex<Received>) {
     let mut r = r.lock().unwrap();
     for rs in req.resource_spans {
         let resource = attrs(&rs.resource.map(|r| r.attributes).unwrap_or_default());
@@ -95,9 +104,29 @@ async fn traces(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpRes
             }
         }
     }
+}
+
+async fn traces(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpResponse {
+    let Ok(req) = ExportTraceServiceRequest::decode(body) else {
+        return HttpResponse::BadRequest().finish();
+    };
+    keep_spans(req, &r);
     HttpResponse::Ok()
         .content_type("application/x-protobuf")
         .finish()
+}
+
+struct GrpcTraces(Arc<Mutex<Received>>);
+
+#[tonic::async_trait]
+impl TraceService for GrpcTraces {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep_spans(request.into_inner(), &self.0);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
 }
 
 async fn metrics(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpResponse {
@@ -159,7 +188,31 @@ impl OtlpReceiver {
         OtlpReceiver {
             url: format!("http://127.0.0.1:{port}"),
             received,
-            handle,
+            stop: Stop::Http(handle),
+        }
+    }
+
+    /// An OTLP/gRPC receiver of spans (the trace service only).
+    pub async fn start_grpc() -> OtlpReceiver {
+        let received = Arc::new(Mutex::new(Received::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = TraceServiceServer::new(GrpcTraces(received.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        OtlpReceiver {
+            url: format!("http://127.0.0.1:{port}"),
+            received,
+            stop: Stop::Grpc(stop),
         }
     }
 
@@ -197,6 +250,11 @@ impl OtlpReceiver {
     }
 
     pub async fn stop(self) {
-        self.handle.stop(false).await;
+        match self.stop {
+            Stop::Http(h) => h.stop(false).await,
+            Stop::Grpc(tx) => {
+                let _ = tx.send(());
+            }
+        }
     }
 }
