@@ -8,7 +8,8 @@
 #   scripts/bench.sh otel [COUNT] [CONCURRENCY]    rtpd serve: OTLP export off vs collector down vs a collector
 #                                                  that accepts everything; ack rate and peak RSS, two rounds
 #
-# RTPD_BENCH_BIN=path/to/rtpd skips the release build and uses that binary.
+# RTPD_BENCH_BIN=path/to/rtpd skips the release build and uses that binary;
+# RTPD_BENCH_ROUNDS sets the rounds of the otel scenario (2).
 #
 # Each scenario starts its own processes on free ports with fresh data and stops them.
 set -euo pipefail
@@ -170,7 +171,7 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$sink_port" &
     pids+=($!)
     dead_port=$(free_port)   # nothing listens there: connection refused
-    for round in 1 2; do
+    for round in $(seq "${RTPD_BENCH_ROUNDS:-2}"); do
         for mode in off down up; do
             case $mode in
             off) otel=() ;;

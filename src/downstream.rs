@@ -6,7 +6,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use std::time::{Duration, Instant};
 
 use crate::metrics;
-use crate::telemetry::propagation;
+use crate::trace_context;
 use tracing::Instrument;
 
 /// Header carrying the attempt number (1 = first call).
@@ -119,8 +119,8 @@ impl Downstream {
             .header("Idempotency-Key", transaction_id)
             .header(ATTEMPT_HEADER, attempt.to_string());
         // The payment service continues our trace.
-        if let Some(tp) = propagation::traceparent_of(span) {
-            request = request.header(propagation::TRACEPARENT, tp);
+        if let Some(tp) = trace_context::traceparent_of(span) {
+            request = request.header(trace_context::TRACEPARENT, tp);
         }
         let sent = request.body(payload).send().await;
         let result = match sent {

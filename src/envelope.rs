@@ -26,7 +26,7 @@ pub mod props {
     /// The retry number of a `retry`, the nonce of a `replay` or `redrive`.
     pub const DELIVERY: &str = "delivery";
     /// W3C trace context of the span that sent the message.
-    pub const TRACEPARENT: &str = crate::telemetry::propagation::TRACEPARENT;
+    pub const TRACEPARENT: &str = crate::trace_context::TRACEPARENT;
     /// The same value under the name Microsoft's Service Bus SDKs read and
     /// write (W3C format), so Azure Functions and the .NET/Java/Python
     /// clients continue the trace.
@@ -110,7 +110,7 @@ impl Envelope {
             delivery,
             payload,
             scheduled: None,
-            trace_parent: crate::telemetry::propagation::current_traceparent(),
+            trace_parent: crate::trace_context::current_traceparent(),
         }
     }
 

@@ -101,7 +101,7 @@ impl Intake {
             source: s.source.clone(),
             sha256: s.sha256.clone(),
             payload: text.to_owned(),
-            trace_parent: crate::telemetry::propagation::current_traceparent(),
+            trace_parent: crate::trace_context::current_traceparent(),
         };
         let wal_ref = self
             .wal

@@ -28,5 +28,6 @@ pub mod replay;
 pub mod services;
 pub mod sqlite;
 pub mod telemetry;
+pub mod trace_context;
 pub mod transaction;
 pub mod wal;

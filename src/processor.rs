@@ -116,7 +116,7 @@ impl Processor {
             outcome = tracing::field::Empty,
         );
         // Continue the sender's trace (ours, or a Microsoft SDK's Diagnostic-Id).
-        crate::telemetry::propagation::continue_from(
+        crate::trace_context::continue_from(
             &span,
             m.properties
                 .get(props::TRACEPARENT)

@@ -102,10 +102,7 @@ impl Replayer {
         }
         let wal = load_record(&self.wal, &current.wal_ref).await?;
         // The replay's trace points back at the vendor's original POST.
-        crate::telemetry::propagation::link_to(
-            &tracing::Span::current(),
-            wal.trace_parent.as_deref(),
-        );
+        crate::trace_context::link_to(&tracing::Span::current(), wal.trace_parent.as_deref());
         let nonce = Delivery::nonce();
         self.journal
             .append(&JournalEntry {

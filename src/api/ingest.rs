@@ -6,7 +6,7 @@ use super::rejected::BodySeen;
 use super::{ApiError, ApiState, VendorCheck, error::ErrorBody, json::parse_document};
 use crate::intake::{Dependency, IntakeError, IntakeOutcome, Submission};
 use crate::metrics;
-use crate::telemetry::propagation;
+use crate::trace_context;
 use crate::transaction::{Sha256, State, TransactionId, TxRecord, WalRef};
 use crate::wal::Source;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, http::header, web};
@@ -60,10 +60,10 @@ pub async fn ingest(
         http.response.status_code = tracing::field::Empty,
     );
     // A vendor that traces its own calls gets ours as the continuation.
-    propagation::continue_from(
+    trace_context::continue_from(
         &span,
         req.headers()
-            .get(propagation::TRACEPARENT)
+            .get(trace_context::TRACEPARENT)
             .and_then(|v| v.to_str().ok()),
     );
     let result = accept(&req, payload, &state).instrument(span.clone()).await;

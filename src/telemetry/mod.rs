@@ -3,11 +3,11 @@
 //! transaction carry its id. Traces and metrics go out over OTLP when the
 //! standard `OTEL_EXPORTER_OTLP_*` variables (or `rtpd dev --otlp`) say where
 //! ([`otlp`]); trace context crosses processes as W3C `traceparent`
-//! ([`propagation`]).
+//! ([`crate::trace_context`]); ledger and queue calls are traced by the
+//! decorators in [`ports`].
 
 pub mod otlp;
 pub mod ports;
-pub mod propagation;
 
 use crate::config::LogFormat;
 use opentelemetry::trace::TracerProvider as _;
@@ -56,6 +56,10 @@ where
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
+            // Nothing reads OpenTelemetry's own current context (trace
+            // context is taken from the tracing span), so entering a span on
+            // every poll need not attach one.
+            .with_context_activation(false)
             .with_filter(spans)
     })
 }

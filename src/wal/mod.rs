@@ -372,7 +372,7 @@ impl Flusher {
             segment = %key,
         );
         for a in &batch[1..] {
-            crate::telemetry::propagation::link_spans(&span, &a.span);
+            crate::trace_context::link_spans(&span, &a.span);
         }
         let started = Instant::now();
         let result = self

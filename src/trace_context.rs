@@ -1,5 +1,7 @@
 //! W3C trace context across process boundaries: read from an incoming
-//! `traceparent`, written into queue messages and downstream calls.
+//! `traceparent`, written into queue messages, WAL records and downstream
+//! calls. A wire-format concern like [`crate::envelope`], so it sits low and
+//! imports nothing of rtpd; the exporters are in [`crate::telemetry`].
 //!
 //! With no exporter configured, spans carry no OpenTelemetry context and
 //! nothing is propagated: `current_traceparent` is `None`.
