@@ -5,8 +5,8 @@
 #   scripts/bench.sh azure [COUNT] [CONCURRENCY]   rtpd serve with the WAL on Azurite: group commit vs one PUT per transaction
 #   scripts/bench.sh ledger [COUNT] [CONCURRENCY]  rtpd serve: embedded vs Redis vs PostgreSQL ledger, same run,
 #                                                  with round trips per transaction for Redis and PostgreSQL
-#   scripts/bench.sh otel [COUNT] [CONCURRENCY]    rtpd serve: OTLP export off vs collector down vs a collector
-#                                                  that accepts everything; ack rate and peak RSS, two rounds
+#   scripts/bench.sh otel [COUNT] [CONCURRENCY]    rtpd api: OTLP export off vs collector down vs a collector
+#                                                  that accepts everything; ack rate, peak RSS, CPU per transaction
 #
 # RTPD_BENCH_BIN=path/to/rtpd skips the release build and uses that binary;
 # RTPD_BENCH_ROUNDS sets the rounds of the otel scenario (2).
@@ -45,7 +45,7 @@ start_serve() {
     local port; port=$(free_port)
     api=http://127.0.0.1:$port
     env RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/data-$1" RTPD_AUTH=none RTPD_LOG_LEVEL=warn \
-        RTPD_DOWNSTREAM_URL="$downstream" "${@:2}" "$rtpd" serve >"$work/$1.log" 2>&1 &
+        RTPD_DOWNSTREAM_URL="$downstream" "${@:2}" "$rtpd" "${serve_cmd:-serve}" >"$work/$1.log" 2>&1 &
     pids+=($!)
     serve_pid=$!
     wait_up "$api/healthz"
@@ -171,6 +171,8 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$sink_port" &
     pids+=($!)
     dead_port=$(free_port)   # nothing listens there: connection refused
+    serve_cmd=api            # ingest alone: the processor would compete for the CPU
+    tick=$(getconf CLK_TCK)
     for round in $(seq "${RTPD_BENCH_ROUNDS:-2}"); do
         for mode in off down up; do
             case $mode in
@@ -181,7 +183,8 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
             echo "== OTLP export $mode (round $round), $count transactions, concurrency $conc"
             start_serve "otel-$mode-$round" "${otel[@]}"
             produce "O$mode$round"
-            echo "peak RSS: $(awk '/VmHWM/ {print $2 " " $3}' "/proc/$serve_pid/status")"
+            cpu=$(awk -v t="$tick" -v n="$count" '{printf "%.0f", ($14 + $15) * 1000000 / t / n}' "/proc/$serve_pid/stat")
+            echo "peak RSS: $(awk '/VmHWM/ {print $2 " " $3}' "/proc/$serve_pid/status"); CPU per transaction: ${cpu} µs"
             kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
         done
     done

@@ -15,7 +15,11 @@ pub use otlp::{OtlpError, OtlpOverride};
 use std::time::Duration;
 use tracing::{Level, Subscriber};
 use tracing_subscriber::{
-    EnvFilter, Layer, filter::Targets, fmt, prelude::*, registry::LookupSpan,
+    EnvFilter, Layer,
+    filter::{self, FilterExt, Targets},
+    fmt,
+    prelude::*,
+    registry::LookupSpan,
 };
 
 /// The running exporters; call [`Telemetry::shutdown`] before exiting so the
@@ -50,6 +54,9 @@ where
     let spans = Targets::new()
         .with_default(Level::WARN)
         .with_target("rtp_durability", Level::INFO);
+    // While the collector fails, no spans are built at all (see ExportHealth).
+    let health = exporters.health.clone();
+    let spans = spans.and(filter::filter_fn(move |_| health.recording()));
     exporters.tracer.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("rtpd"))

@@ -6,12 +6,22 @@
 //! drops what does not fit, on its own thread; metrics are read every
 //! `OTEL_METRIC_EXPORT_INTERVAL` (60 s by default) by the periodic reader,
 //! also on its own thread. A dead collector costs at most one full queue.
+//!
+//! While exports fail, rtpd stops recording spans ([`ExportHealth`]): they
+//! would be dropped anyway, and building them is most of tracing's cost. A
+//! probe window of [`PROBE_WINDOW_MS`] every [`PROBE_EVERY_SECS`] lets a few
+//! through, so the first export that succeeds turns recording back on.
 
 use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::{
     Resource,
+    error::OTelSdkResult,
     metrics::{PeriodicReader, SdkMeterProvider},
-    trace::{BatchSpanProcessor, SdkTracerProvider},
+    trace::{BatchSpanProcessor, SdkTracerProvider, SpanData},
+};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
 };
 
 const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -35,6 +45,70 @@ pub enum OtlpError {
     Build(String),
 }
 
+/// How often, while the collector is failing, spans are recorded for
+/// [`PROBE_WINDOW_MS`] to find out whether it is back.
+pub const PROBE_EVERY_SECS: i64 = 30;
+pub const PROBE_WINDOW_MS: i64 = 100;
+
+/// Whether the last span export reached the collector; shared by the
+/// exporter (which reports) and the tracing filter (which asks).
+#[derive(Debug, Default)]
+pub struct ExportHealth {
+    failing: AtomicBool,
+}
+
+impl ExportHealth {
+    fn report(&self, ok: bool) {
+        if self.failing.swap(!ok, Ordering::Relaxed) == ok {
+            if ok {
+                tracing::warn!("OTLP span export works again; recording spans");
+            } else {
+                tracing::warn!(
+                    probe_every_secs = PROBE_EVERY_SECS,
+                    "OTLP span export failed; spans are not recorded until the collector answers again"
+                );
+            }
+        }
+    }
+
+    /// Whether new spans should be recorded now.
+    pub fn recording(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+            || in_probe_window(crate::clock::now().timestamp_millis())
+    }
+}
+
+fn in_probe_window(unix_ms: i64) -> bool {
+    unix_ms.rem_euclid(PROBE_EVERY_SECS * 1000) < PROBE_WINDOW_MS
+}
+
+/// The OTLP span exporter, reporting each export's result to [`ExportHealth`].
+#[derive(Debug)]
+struct HealthReporting {
+    inner: SpanExporter,
+    health: Arc<ExportHealth>,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for HealthReporting {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.health.report(result.is_ok());
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// Where to export, when it is not the environment's business.
 #[derive(Debug, Clone, Default)]
 pub struct OtlpOverride {
@@ -47,6 +121,7 @@ pub struct OtlpOverride {
 pub struct Exporters {
     pub tracer: Option<SdkTracerProvider>,
     pub meter: Option<SdkMeterProvider>,
+    pub health: Arc<ExportHealth>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -136,16 +211,22 @@ fn metric_exporter(over: &OtlpOverride) -> Result<MetricExporter, OtlpError> {
 /// set). Must run inside the Tokio runtime: the gRPC transport needs it.
 pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
     let (traces, metrics) = wanted(over);
+    let health = Arc::new(ExportHealth::default());
     if !traces && !metrics {
         return Ok(Exporters {
             tracer: None,
             meter: None,
+            health,
         });
     }
     check_protocols()?;
     let resource = resource();
     let tracer = if traces {
-        let batch = BatchSpanProcessor::builder(span_exporter(over)?).build();
+        let exporter = HealthReporting {
+            inner: span_exporter(over)?,
+            health: health.clone(),
+        };
+        let batch = BatchSpanProcessor::builder(exporter).build();
         Some(
             SdkTracerProvider::builder()
                 .with_span_processor(batch)
@@ -166,12 +247,40 @@ pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
     } else {
         None
     };
-    Ok(Exporters { tracer, meter })
+    Ok(Exporters {
+        tracer,
+        meter,
+        health,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_export_stops_recording_outside_the_probe_window_and_success_resumes_it() {
+        let h = ExportHealth::default();
+        assert!(h.recording());
+        h.report(false);
+        let before = crate::clock::now().timestamp_millis();
+        let recording = h.recording();
+        let after = crate::clock::now().timestamp_millis();
+        if in_probe_window(before) == in_probe_window(after) {
+            assert_eq!(recording, in_probe_window(before));
+        }
+        h.report(true);
+        assert!(h.recording());
+    }
+
+    #[test]
+    fn the_probe_window_is_the_first_100_ms_of_every_30_s() {
+        assert!(in_probe_window(1_800_000_000_000));
+        assert!(in_probe_window(1_800_000_000_099));
+        assert!(!in_probe_window(1_800_000_000_100));
+        assert!(!in_probe_window(1_800_000_029_999));
+        assert!(in_probe_window(1_800_000_030_050));
+    }
 
     #[test]
     fn endpoint_paths_are_appended_once() {
