@@ -182,8 +182,14 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
             esac
             echo "== OTLP export $mode (round $round), $count transactions, concurrency $conc"
             start_serve "otel-$mode-$round" "${otel[@]}"
+            # Warm-up: the service has met its collector (or found it dead)
+            # before the measured run, as a long-running one has.
+            produce "W$mode$round" 2000 >/dev/null
+            sleep 2
+            ticks() { awk '{print $14 + $15}' "/proc/$serve_pid/stat"; }
+            t0=$(ticks)
             produce "O$mode$round"
-            cpu=$(awk -v t="$tick" -v n="$count" '{printf "%.0f", ($14 + $15) * 1000000 / t / n}' "/proc/$serve_pid/stat")
+            cpu=$(( ($(ticks) - t0) * 1000000 / tick / count ))
             echo "peak RSS: $(awk '/VmHWM/ {print $2 " " $3}' "/proc/$serve_pid/status"); CPU per transaction: ${cpu} µs"
             kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
         done
