@@ -42,6 +42,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_SERVICEBUS_TRANSPORT",
     "RTPD_SERVICEBUS_CUSTOM_ENDPOINT",
     "RTPD_SERVICEBUS_CA_FILE",
+    "RTPD_SERVICEBUS_SEND_TIMEOUT_SECS",
     "RTPD_DOWNSTREAM_URL",
     "RTPD_DOWNSTREAM_TIMEOUT_SECS",
     "RTPD_MAX_RETRIES",
@@ -52,6 +53,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_MAX_DELIVERY_COUNT",
     "RTPD_MAX_BODY_BYTES",
     "RTPD_RECONCILE_INTERVAL_SECS",
+    "RTPD_RECOVERY_PROBE_SECS",
     "RTPD_RECONCILE_LOOKBACK_SECS",
     "RTPD_RECONCILE_PENDING_AFTER_SECS",
     "RTPD_AUTH",
@@ -224,6 +226,8 @@ pub struct Settings {
     pub servicebus_custom_endpoint: Option<String>,
     /// PEM file of extra CA certificates to trust for Service Bus TLS.
     pub servicebus_ca_file: Option<PathBuf>,
+    /// How long one send may take, waits for a busy service included.
+    pub servicebus_send_timeout_secs: f64,
 
     pub downstream_url: url::Url,
     pub downstream_timeout_secs: f64,
@@ -237,6 +241,9 @@ pub struct Settings {
     pub reconcile_interval_secs: f64,
     pub reconcile_lookback_secs: f64,
     pub reconcile_pending_after_secs: f64,
+    /// How often the dependencies are probed to notice one returning (and
+    /// re-drive at once).
+    pub recovery_probe_secs: f64,
 
     pub auth: AuthMode,
     pub vendor_keys: Option<Secret>,
@@ -293,6 +300,7 @@ impl Default for Settings {
             servicebus_transport: ServicebusTransport::Amqp,
             servicebus_custom_endpoint: None,
             servicebus_ca_file: None,
+            servicebus_send_timeout_secs: 60.0,
             downstream_url: url::Url::parse("http://127.0.0.1:8081/process")
                 .expect("constant URL parses"),
             downstream_timeout_secs: 10.0,
@@ -306,6 +314,7 @@ impl Default for Settings {
             reconcile_interval_secs: 60.0,
             reconcile_lookback_secs: 3600.0,
             reconcile_pending_after_secs: 300.0,
+            recovery_probe_secs: 1.0,
             auth: AuthMode::Keys,
             vendor_keys: None,
             vendor_keys_file: None,
@@ -412,6 +421,23 @@ impl Settings {
             return Err(ConfigError::new(
                 "RTPD_RECONCILE_INTERVAL_SECS",
                 "must be at least 0.1",
+            ));
+        }
+        if !(self.recovery_probe_secs.is_finite() && self.recovery_probe_secs >= 0.1) {
+            return Err(ConfigError::new(
+                "RTPD_RECOVERY_PROBE_SECS",
+                "must be at least 0.1",
+            ));
+        }
+        if !(self.servicebus_send_timeout_secs.is_finite()
+            && (1.0..=3600.0).contains(&self.servicebus_send_timeout_secs))
+        {
+            return Err(ConfigError::new(
+                "RTPD_SERVICEBUS_SEND_TIMEOUT_SECS",
+                format!(
+                    "must be between 1 and 3600 seconds, got {}",
+                    self.servicebus_send_timeout_secs
+                ),
             ));
         }
         if self.downstream_timeout_secs <= 0.0 {

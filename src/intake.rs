@@ -13,6 +13,7 @@
 use crate::envelope::{Delivery, Envelope};
 use crate::ledger::{Ledger, LedgerError, RegisterOutcome};
 use crate::queue::Queue;
+use crate::resend::Resend;
 use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
 use crate::wal::{Log, Source, WalError, WalRecord};
 use bytes::Bytes;
@@ -80,6 +81,9 @@ pub struct Intake {
     pub wal: Log,
     pub ledger: Arc<dyn Ledger>,
     pub queue: Arc<dyn Queue>,
+    /// Where a failed send goes to be retried at once (else only the
+    /// reconciler re-drives it).
+    pub resend: Option<Resend>,
 }
 
 impl Intake {
@@ -142,10 +146,14 @@ impl Intake {
             }
         };
         let message = Envelope::new(reg, s.payload, Delivery::Initial).to_message();
-        let enqueued = match self.queue.send(vec![message]).await {
+        let enqueued = match self.queue.send(vec![message.clone()]).await {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(transaction_id = %s.transaction_id, error = %e, "enqueue failed; the reconciler will re-drive from the WAL");
+                let resending = self
+                    .resend
+                    .as_ref()
+                    .is_some_and(|r| r.push(&s.transaction_id, message));
+                tracing::warn!(transaction_id = %s.transaction_id, error = %e, resending, "enqueue failed; resent when the queue answers, else re-driven by the reconciler from the WAL");
                 false
             }
         };

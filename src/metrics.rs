@@ -42,6 +42,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DependencyLabel {
+    dependency: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -85,6 +90,10 @@ struct Metrics {
     dead_lettered: Family<CauseLabel, Counter>,
     port_calls: Family<PortCallLabel, Histogram>,
     api_rejected: Family<ReasonLabel, Counter>,
+    recovery_waiting: Gauge,
+    recovery_oldest_wait: Gauge<f64, AtomicU64>,
+    resend: Family<ResultLabel, Counter>,
+    dependency_returned: Family<DependencyLabel, Counter>,
 }
 
 fn get() -> &'static Metrics {
@@ -182,7 +191,35 @@ fn get() -> &'static Metrics {
             "API calls refused (4xx other than 404/405, and load shedding) by reason",
             api_rejected.clone(),
         );
+        let recovery_waiting = Gauge::default();
+        registry.register(
+            "recovery_waiting",
+            "Transactions held back by a dependency outage (kept locked for the ledger or journal, or waiting to be resent)",
+            recovery_waiting.clone(),
+        );
+        let recovery_oldest_wait = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "recovery_oldest_wait_seconds",
+            "How long the oldest transaction held back by a dependency outage has waited",
+            recovery_oldest_wait.clone(),
+        );
+        let resend = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "resend",
+            "In-process resend queue: failed sends queued, sent, failed again, dropped (full)",
+            resend.clone(),
+        );
+        let dependency_returned = Family::<DependencyLabel, Counter>::default();
+        registry.register(
+            "dependency_returned",
+            "A dependency answered again after an outage (each triggers a recovery pass)",
+            dependency_returned.clone(),
+        );
         Metrics {
+            recovery_waiting,
+            recovery_oldest_wait,
+            resend,
+            dependency_returned,
             api_rejected,
             registry,
             ingest_requests,
@@ -453,6 +490,23 @@ pub fn reconciler(result: &'static str, n: u64) {
         o.reconciler_actions
             .add(n, &[KeyValue::new("result", result)]);
     }
+}
+
+pub fn recovery_waiting(n: usize, oldest: Duration) {
+    let m = get();
+    m.recovery_waiting.set(n as i64);
+    m.recovery_oldest_wait.set(oldest.as_secs_f64());
+}
+
+pub fn resend(result: &'static str) {
+    get().resend.get_or_create(&ResultLabel { result }).inc();
+}
+
+pub fn dependency_returned(dependency: &'static str) {
+    get()
+        .dependency_returned
+        .get_or_create(&DependencyLabel { dependency })
+        .inc();
 }
 
 /// Reads the ledger's counts and its oldest pending transaction into the

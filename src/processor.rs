@@ -12,8 +12,18 @@ use crate::journal::{EntryKind, Journal, JournalEntry, JournalIndex, restored_re
 use crate::ledger::{ClaimOutcome, Ledger, LedgerError, RegisterOutcome};
 use crate::metrics;
 use crate::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
+use crate::recovery::Waiting;
+use crate::resend::Resend;
 use crate::transaction::{DeadLetterReason, Registration, Settlement, State};
-use std::{sync::Arc, time::Duration};
+use crate::wal::WalError;
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -88,7 +98,52 @@ pub struct Processor {
     pub downstream_timeout: Duration,
     /// The outcome journal as read so far, for transactions the ledger lost.
     pub journal_index: Arc<tokio::sync::Mutex<JournalIndex>>,
+    /// Where a retry copy goes when its send fails.
+    pub resend: Resend,
+    /// Messages held while a dependency does not answer.
+    pub waiting: Arc<Waiting>,
+    /// Set while the ledger does not answer: workers stop taking new messages.
+    pub ledger_down: AtomicBool,
 }
+
+/// An error that means "the dependency does not answer now; try again".
+trait Unavailable: std::fmt::Display {
+    fn is_unavailable(&self) -> bool;
+}
+
+impl Unavailable for LedgerError {
+    fn is_unavailable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+impl Unavailable for WalError {
+    fn is_unavailable(&self) -> bool {
+        matches!(self, WalError::Unavailable(_))
+    }
+}
+
+/// Which dependency a held message waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Ledger,
+    Journal,
+}
+
+/// Why a message could not be held until its dependency answered.
+#[derive(Debug)]
+enum HoldLost {
+    /// The lock is gone (expired, or settled elsewhere): the message is redelivered.
+    Lock,
+    /// The lock could not be renewed and has run out.
+    Expired(String),
+}
+
+/// First and longest wait between tries of a write the dependency refused.
+const HOLD_BACKOFF_BASE: Duration = Duration::from_millis(100);
+const HOLD_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often an idle worker asks whether the ledger is back.
+const LEDGER_DOWN_POLL: Duration = Duration::from_millis(250);
 
 impl Processor {
     /// Receives at most one message (waiting up to `wait`) and handles it.
@@ -150,10 +205,15 @@ impl Processor {
         }
         let reg = envelope.registration;
         let lease = self.lock_duration + self.downstream_timeout;
-        let mut claim = self
-            .ledger
-            .claim(&reg.transaction_id, &self.owner, lease)
-            .await;
+        let mut claim = match self
+            .hold(&m, Held::Ledger, || {
+                self.ledger.claim(&reg.transaction_id, &self.owner, lease)
+            })
+            .await
+        {
+            Ok(c) => c,
+            Err(lost) => return self.lost_hold(lost),
+        };
         if let Ok(ClaimOutcome::NotFound) = claim {
             // The ledger lost this transaction (e.g. Redis was flushed). The
             // journal says whether it already finished; the message carries
@@ -175,10 +235,15 @@ impl Processor {
                 }
                 Err(e) => return self.defer(&m, e).await,
             }
-            claim = self
-                .ledger
-                .claim(&reg.transaction_id, &self.owner, lease)
-                .await;
+            claim = match self
+                .hold(&m, Held::Ledger, || {
+                    self.ledger.claim(&reg.transaction_id, &self.owner, lease)
+                })
+                .await
+            {
+                Ok(c) => c,
+                Err(lost) => return self.lost_hold(lost),
+            };
         }
         let rec = match claim {
             Ok(ClaimOutcome::Claimed(rec)) => rec,
@@ -314,21 +379,34 @@ impl Processor {
             actor: self.owner.clone(),
             reason: None,
         };
-        if let Err(e) = self.journal.append(&entry).await {
-            return self.defer(m, DeferCause::Journal(e.to_string())).await;
-        }
-        if let Some(copy) = retry
-            && let Err(e) = self.queue.send(vec![copy]).await
-        {
-            return self
-                .defer(m, DeferCause::Queue(format!("scheduling retry: {e}")))
-                .await;
-        }
         match self
-            .ledger
-            .settle(&reg.transaction_id, &self.owner, attempt, s.clone())
+            .hold(m, Held::Journal, || self.journal.append(&entry))
             .await
         {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return self.defer(m, DeferCause::Journal(e.to_string())).await,
+            Err(lost) => return self.lost_hold(lost),
+        }
+        if let Some(copy) = retry
+            && let Err(e) = self.queue.send(vec![copy.clone()]).await
+        {
+            // The journal holds the failure and the ledger is about to: the
+            // copy is resent from memory as soon as the queue answers (and
+            // re-driven by the reconciler if this process dies first).
+            tracing::warn!(error = %e, "could not schedule the retry copy; handing it to the resend queue");
+            self.resend.push(&reg.transaction_id, copy);
+        }
+        let settled = self
+            .hold(m, Held::Ledger, || {
+                self.ledger
+                    .settle(&reg.transaction_id, &self.owner, attempt, s.clone())
+            })
+            .await;
+        let settled = match settled {
+            Ok(r) => r,
+            Err(lost) => return self.lost_hold(lost),
+        };
+        match settled {
             Ok(_) => {}
             Err(LedgerError::Fenced { .. }) => {
                 tracing::warn!(
@@ -356,6 +434,88 @@ impl Processor {
             State::Failed => Outcome::RetryScheduled,
             _ => Outcome::DeadLettered,
         }
+    }
+
+    /// Runs `op` until its answer is anything but "unavailable", keeping the
+    /// message locked meanwhile: between tries it waits with back-off and
+    /// renews the lock before it runs low. A ledger or journal blip then
+    /// costs the time of the blip, not a lease expiry or a reconciler pass,
+    /// and burns no deliveries. Ends early only when the lock is lost.
+    async fn hold<T, E, F, Fut>(
+        &self,
+        m: &ReceivedMessage,
+        what: Held,
+        mut op: F,
+    ) -> Result<Result<T, E>, HoldLost>
+    where
+        E: Unavailable,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut backoff = Backoff::new(HOLD_BACKOFF_BASE, HOLD_BACKOFF_MAX);
+        let mut locked_until = m.locked_until;
+        let mut waiting = None;
+        loop {
+            let r = op().await;
+            match &r {
+                Err(e) if e.is_unavailable() => {}
+                _ => {
+                    if what == Held::Ledger && r.is_ok() {
+                        self.ledger_down.store(false, Ordering::Relaxed);
+                    }
+                    if waiting.is_some() {
+                        tracing::info!(dependency = ?what, waited = backoff.failures(), "dependency answered again; carrying on with the held message");
+                    }
+                    return Ok(r);
+                }
+            }
+            if let Err(e) = &r
+                && waiting.is_none()
+            {
+                tracing::warn!(dependency = ?what, error = %e, "dependency unavailable; keeping the message locked and retrying");
+                waiting = Some(self.waiting.enter());
+            }
+            if what == Held::Ledger {
+                self.ledger_down.store(true, Ordering::Relaxed);
+            }
+            // Never sleep through a good part of the lock: a renewal is due
+            // before the next try.
+            let pause = backoff.next_delay().min(self.lock_duration / 3);
+            let now = crate::clock::now();
+            let margin =
+                chrono::Duration::from_std(self.lock_duration / 2 + pause).unwrap_or_default();
+            if locked_until - now < margin {
+                match self.queue.renew_lock(m).await {
+                    Ok(until) => locked_until = until,
+                    Err(QueueError::LockLost) => return Err(HoldLost::Lock),
+                    Err(e) if locked_until <= crate::clock::now() => {
+                        return Err(HoldLost::Expired(e.to_string()));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew the held message's lock"),
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    fn lost_hold(&self, lost: HoldLost) -> Outcome {
+        match lost {
+            HoldLost::Lock => {
+                tracing::warn!(
+                    "lost the message lock while waiting for a dependency; it will be redelivered"
+                );
+                Outcome::Fenced
+            }
+            HoldLost::Expired(e) => {
+                tracing::warn!(error = %e, "the lock ran out while waiting for a dependency; it will be redelivered");
+                Outcome::Deferred(DeferCause::Queue(e))
+            }
+        }
+    }
+
+    /// Whether workers should pause taking new messages: the ledger does not answer.
+    pub fn ledger_down(&self) -> bool {
+        self.ledger_down.load(Ordering::Relaxed)
     }
 
     /// Puts a transaction the ledger lost back, as the outcome journal knows
@@ -445,6 +605,19 @@ pub async fn run(
             loop {
                 if *stop.borrow() {
                     return;
+                }
+                if p.ledger_down() {
+                    // Taking messages now would only hold more of them;
+                    // whoever holds one clears the flag when the ledger
+                    // answers, and so does a ping.
+                    tokio::select! {
+                        _ = tokio::time::sleep(LEDGER_DOWN_POLL) => {},
+                        _ = stop.changed() => return,
+                    }
+                    if p.ledger.ping().await.is_ok() {
+                        p.ledger_down.store(false, Ordering::Relaxed);
+                    }
+                    continue;
                 }
                 // Only the wait for a message is cancelled by shutdown, never its handling.
                 let received = tokio::select! {

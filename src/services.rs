@@ -22,7 +22,9 @@ use crate::queue::{
     local::{LocalQueue, LocalQueueOptions},
 };
 use crate::reconcile::Reconciler;
+use crate::recovery::{self, Waiting};
 use crate::replay::Replayer;
+use crate::resend::{self, Resend};
 use crate::telemetry::ports::{InstrumentedLedger, InstrumentedQueue};
 use crate::wal::azure::{AzureBlobSettings, AzureBlobStore};
 use crate::wal::{
@@ -43,6 +45,10 @@ pub struct Services {
     pub rejected: Log,
     pub ledger: Arc<dyn Ledger>,
     pub queue: Arc<dyn Queue>,
+    /// Failed sends after a ledger write, resent from memory.
+    pub resend: Resend,
+    /// Work held back by a dependency outage (the recovery gauges).
+    pub waiting: Arc<Waiting>,
 }
 
 impl Services {
@@ -113,6 +119,9 @@ impl Services {
                     },
                     custom_endpoint: settings.servicebus_custom_endpoint.clone(),
                     ca_file: settings.servicebus_ca_file.clone(),
+                    send_timeout: std::time::Duration::from_secs_f64(
+                        settings.servicebus_send_timeout_secs,
+                    ),
                     ..Default::default()
                 })
                 .await
@@ -139,7 +148,10 @@ impl Services {
         // Every flow sees the ports through the decorators that trace and time them.
         let ledger: Arc<dyn Ledger> = Arc::new(InstrumentedLedger(ledger));
         let queue: Arc<dyn Queue> = Arc::new(InstrumentedQueue(queue));
+        let waiting = Arc::new(Waiting::default());
         Services {
+            resend: Resend::start(queue.clone(), waiting.clone(), resend::CAPACITY),
+            waiting,
             settings: settings.clone(),
             wal: Log::start(store.clone(), WAL_PREFIX, &instance, gc.clone()),
             journal: Journal::new(Log::start(
@@ -178,6 +190,9 @@ impl Services {
             lock_duration: self.settings.lock_duration(),
             downstream_timeout: self.settings.downstream_timeout(),
             journal_index: Default::default(),
+            resend: self.resend.clone(),
+            waiting: self.waiting.clone(),
+            ledger_down: Default::default(),
         })
     }
 
@@ -186,6 +201,7 @@ impl Services {
             wal: self.wal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
+            resend: Some(self.resend.clone()),
         }
     }
 
@@ -214,6 +230,23 @@ impl Services {
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             reached: Default::default(),
+        }
+    }
+
+    /// The dependency watcher; it re-drives on a return only when given the
+    /// reconciler (a process that runs the processor).
+    pub fn recovery_watch(&self, with_reconciler: bool) -> recovery::Watch {
+        let s = &self.settings;
+        recovery::Watch {
+            wal: self.wal.clone(),
+            ledger: self.ledger.clone(),
+            queue: self.queue.clone(),
+            reconciler: with_reconciler.then(|| Arc::new(self.reconciler())),
+            waiting: self.waiting.clone(),
+            every: Settings::secs(s.recovery_probe_secs),
+            lookback: Settings::secs(s.reconcile_lookback_secs),
+            pending_after: (s.lock_duration() + s.downstream_timeout())
+                .min(Settings::secs(s.reconcile_pending_after_secs)),
         }
     }
 

@@ -149,6 +149,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "extra CA certificate (PEM) to trust for Service Bus",
     ),
     (
+        "RTPD_SERVICEBUS_SEND_TIMEOUT_SECS",
+        Reads::BACKENDS,
+        "how long one Service Bus send may take, busy waits included",
+    ),
+    (
         "RTPD_LOCK_DURATION_SECS",
         Reads::BACKENDS,
         "embedded queue's message lock",
@@ -264,6 +269,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "RTPD_RECONCILE_INTERVAL_SECS",
         Reads::PROCESSING,
         "background reconciler: time between passes",
+    ),
+    (
+        "RTPD_RECOVERY_PROBE_SECS",
+        Reads::PROCESSING,
+        "how often the WAL, ledger and queue are probed; one that returns triggers a reconcile pass at once",
     ),
     (
         "RTPD_RECONCILE_LOOKBACK_SECS",

@@ -5,7 +5,7 @@ use crate::app::Application;
 use crate::auth::Auth;
 use crate::config::{AuthMode, Settings};
 use crate::services::Services;
-use crate::{processor, reconcile};
+use crate::{processor, reconcile, recovery};
 use anyhow::Context;
 use std::{sync::Arc, time::Duration};
 use tokio::{sync::watch, task::JoinSet};
@@ -108,6 +108,13 @@ pub async fn run_with(
             Ok("api")
         });
     }
+    // Notices a dependency returning; a process with the processor re-drives at once.
+    let watch = services.recovery_watch(parts.processor());
+    let stop = stop_rx.clone();
+    tasks.spawn(async move {
+        recovery::watch_dependencies(watch, stop).await;
+        Ok("recovery watcher")
+    });
     if parts.processor() {
         let p = Arc::new(services.processor()?);
         let concurrency = settings.processor_concurrency;

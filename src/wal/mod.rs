@@ -397,8 +397,9 @@ impl Flusher {
     }
 
     /// Retries transient errors until the deadline. A put whose answer was
-    /// lost may have landed: `AlreadyExists` on a retry is success only if the
-    /// stored bytes are ours.
+    /// lost may have landed — on our retry, or on the SDK's own retry inside
+    /// the first call — so `AlreadyExists` is success when the stored bytes
+    /// are ours: the key is unique to this flush, nobody else writes it.
     async fn put_with_retry(
         &self,
         key: &str,
@@ -408,10 +409,9 @@ impl Flusher {
         let deadline = Instant::now() + self.cfg.retry_deadline;
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
-            let retried = backoff.failures() > 0;
             match self.store.put_new(key, body.clone(), opts).await {
                 Ok(()) => return Ok(()),
-                Err(StoreError::AlreadyExists(_)) if retried => {
+                Err(StoreError::AlreadyExists(_)) => {
                     return match self.store.get(key).await {
                         Ok(stored) if stored == body => Ok(()),
                         Ok(_) => Err(WalError::Fatal(format!(

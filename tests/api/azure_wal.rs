@@ -1,52 +1,18 @@
 //! The service with its WAL on a real Azurite that dies under load: no 2xx
 //! while the WAL is down, and everything acknowledged survives and is processed.
 
-use crate::support::process::{Proc, free_port};
+use crate::support::process::{free_port, start_azurite};
 use crate::support::{AppOptions, json, spawn_app_with};
 use rtp_durability::config::WalKind;
 use rtp_durability::replay::load_record;
 use rtp_durability::transaction::State;
 use serde_json::json;
 use std::{
-    path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-const DEV_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-fn start_azurite(port: u16, data: &Path) -> Proc {
-    let main = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/azurite/node_modules/azurite/dist/src/blob/main.js"
-    );
-    assert!(
-        Path::new(main).is_file(),
-        "Azurite is not installed: run scripts/test.sh (npm ci in azurite/)"
-    );
-    let child = Command::new("node")
-        .arg(main)
-        .args([
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            &port.to_string(),
-            "--location",
-        ])
-        .arg(data)
-        .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node runs");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "Azurite did not start on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Proc(child)
-}
+use crate::support::process::AZURITE_DEV_KEY as DEV_KEY;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn azurite_outage_gets_503_never_2xx_and_loses_nothing_acknowledged() {
@@ -248,4 +214,80 @@ async fn the_largest_allowed_payload_round_trips_through_the_blob_wal() {
         )
         .await;
     assert_eq!(over.status(), 413);
+}
+
+/// The blob store, with the SDK's first try of each PUT having committed
+/// already: before passing the PUT on, it stores `first_try` (the same bytes,
+/// or other bytes) under the key, so the real PUT answers 409.
+struct FirstTryCommitted {
+    inner: rtp_durability::wal::azure::AzureBlobStore,
+    same_bytes: bool,
+}
+
+#[async_trait::async_trait]
+impl rtp_durability::wal::store::ObjectStore for FirstTryCommitted {
+    async fn put_new(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        opts: &rtp_durability::wal::store::PutOptions,
+    ) -> Result<(), rtp_durability::wal::store::StoreError> {
+        let first_try = if self.same_bytes {
+            body.clone()
+        } else {
+            bytes::Bytes::from_static(b"{\"someone\":\"else\"}\n")
+        };
+        self.inner.put_new(key, first_try, opts).await.unwrap();
+        self.inner.put_new(key, body, opts).await
+    }
+    async fn get(&self, key: &str) -> Result<bytes::Bytes, rtp_durability::wal::store::StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, rtp_durability::wal::store::StoreError> {
+        self.inner.get_range(key, offset, len).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<rtp_durability::wal::store::ObjectInfo>, rtp_durability::wal::store::StoreError>
+    {
+        self.inner.list(prefix).await
+    }
+    async fn ping(&self) -> Result<(), rtp_durability::wal::store::StoreError> {
+        self.inner.ping().await
+    }
+    fn describe(&self) -> String {
+        "Azurite, first try committed".into()
+    }
+}
+
+/// Issue 12 item 5: the SDK retries a blob PUT whose answer it lost; the
+/// first try had committed, so the retry gets 409. The key is unique to the
+/// flush: identical stored bytes are our own write (durable, acknowledged);
+/// other bytes are an error, never an acknowledgement.
+#[tokio::test]
+async fn wal_put_409_after_an_sdk_retry_is_success_only_for_identical_bytes() {
+    use rtp_durability::wal::{GroupCommit, Log, WAL_PREFIX};
+    use std::sync::Arc;
+    for same_bytes in [true, false] {
+        let store = Arc::new(FirstTryCommitted {
+            inner: crate::support::azurite_store().await,
+            same_bytes,
+        });
+        let log = Log::start(store.clone(), WAL_PREFIX, "item5", GroupCommit::default());
+        let line = br#"{"transaction_id":"I5","amount":1}"#.to_vec();
+        let result = log.append(line.clone(), chrono::Utc::now()).await;
+        if same_bytes {
+            let r = result.expect("a 409 over our own bytes is our durable write");
+            assert_eq!(&log.read(&r).await.unwrap()[..], &line[..]);
+        } else {
+            let e = result.expect_err("a 409 over other bytes must not be acknowledged");
+            assert!(e.to_string().contains("other content"), "{e}");
+        }
+    }
 }

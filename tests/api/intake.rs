@@ -146,6 +146,7 @@ fn rig() -> Rig {
         wal: Log::start(store.clone(), WAL_PREFIX, "intake-test", gc),
         ledger: Arc::new(LocalLedger::open(&dir.path().join("ledger.db")).unwrap()),
         queue: queue.clone(),
+        resend: None,
     };
     Rig {
         intake,
@@ -269,4 +270,42 @@ async fn a_failed_send_still_leaves_a_durable_pending_transaction() {
     );
     let wal = load_record(&r.intake.wal, &record.wal_ref).await.unwrap();
     assert_eq!(wal.payload, body);
+}
+
+/// Issue 22: a send that fails after the ledger write is retried from the
+/// in-process resend queue as soon as the queue answers again, with the
+/// message id of the first send (duplicate detection drops it if that one
+/// landed after all), not minutes later by the reconciler.
+#[tokio::test]
+async fn a_failed_send_is_resent_as_soon_as_the_queue_answers() {
+    let mut r = rig();
+    let waiting = Arc::new(rtp_durability::recovery::Waiting::default());
+    let resend = rtp_durability::resend::Resend::start(r.queue.clone(), waiting.clone(), 10);
+    r.intake.resend = Some(resend.clone());
+    r.queue.down.store(true, Ordering::SeqCst);
+    let body = r#"{"transaction_id":"IN-5"}"#;
+    let IntakeOutcome::Accepted { enqueued, .. } =
+        r.intake.accept(submission("IN-5", body)).await.unwrap()
+    else {
+        panic!("durable and registered: accepted")
+    };
+    assert!(!enqueued);
+    assert_eq!(resend.len(), 1, "held for resending");
+    assert_eq!(waiting.snapshot().0, 1, "counted as waiting on recovery");
+    assert!(
+        r.queue
+            .receive(1, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing reached the queue while it was down"
+    );
+    r.queue.down.store(false, Ordering::SeqCst);
+    let got = r.queue.receive(1, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(got.len(), 1, "resent once the queue answered");
+    assert_eq!(got[0].message_id, "IN-5");
+    assert_eq!(&got[0].body[..], body.as_bytes());
+    r.queue.complete(&got[0]).await.unwrap();
+    assert!(resend.is_empty());
+    assert_eq!(waiting.snapshot().0, 0);
 }

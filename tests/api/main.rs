@@ -14,6 +14,7 @@ mod postgres_pipeline;
 mod probes;
 mod processing;
 mod recovery;
+mod recovery_time;
 mod redis_ledger;
 mod redis_outage;
 mod security;

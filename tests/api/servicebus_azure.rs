@@ -270,22 +270,103 @@ async fn idle_links_and_token_refresh_survive_the_service_timers() {
 // 4. Error mapping.
 
 #[tokio::test]
-async fn server_busy_is_retryable_and_backs_off_before_the_next_send() {
+async fn server_busy_is_waited_out_inside_the_send() {
     let queue = queue_name();
     let b = broker_with(&queue, |_| {}).await;
-    let q = connect(&b, &queue).await;
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        server_busy_pause: Duration::from_millis(300),
+        send_timeout: Duration::from_secs(30),
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    let seen = b.transfers_received();
     b.reject_next_transfers(1, "com.microsoft:server-busy");
-    let e = q.send(vec![msg("busy-1")]).await.expect_err("busy");
+    q.send(vec![msg("busy-1")])
+        .await
+        .expect("the send waits out the pause and goes through");
+    assert_eq!(
+        b.transfers_received(),
+        seen + 2,
+        "one busy answer, one accepted send"
+    );
+    let m = receive_one(&q).await;
+    assert_eq!(m.message_id, "busy-1");
+    q.complete(&m).await.unwrap();
+}
+
+#[tokio::test]
+async fn server_busy_longer_than_the_send_timeout_fails_retryable_without_hammering() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    // The SDKs' 10 s pause, a send limited to less.
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        send_timeout: Duration::from_secs(2),
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    b.reject_next_transfers(1, "com.microsoft:server-busy");
+    let e = q.send(vec![msg("busy-2")]).await.expect_err("busy");
     assert!(e.is_retryable(), "server-busy must be retryable: {e}");
     assert!(e.to_string().contains("busy"), "{e}");
     let seen = b.transfers_received();
-    let again = q.send(vec![msg("busy-1")]).await.expect_err("backing off");
+    let again = q.send(vec![msg("busy-2")]).await.expect_err("paused");
     assert!(again.is_retryable(), "{again}");
     assert_eq!(
         b.transfers_received(),
         seen,
-        "the next send within the back-off must not reach the service"
+        "a send within the pause must not reach the service"
     );
+}
+
+#[tokio::test]
+async fn a_send_the_service_never_answers_fails_at_its_own_timeout() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        send_timeout: Duration::from_secs(1),
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    b.hold_next_transfers(1);
+    let e = q
+        .send(vec![msg("held-1")])
+        .await
+        .expect_err("no answer comes");
+    assert!(e.is_retryable(), "{e}");
+    assert!(
+        e.to_string().contains("RTPD_SERVICEBUS_SEND_TIMEOUT_SECS"),
+        "{e}"
+    );
+    q.send(vec![msg("held-1")])
+        .await
+        .expect("the next send goes through on a new link");
+    let m = receive_one(&q).await;
+    assert_eq!(m.message_id, "held-1");
+    q.complete(&m).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lock_left_to_expire_is_forgotten_when_the_message_comes_back() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |c| c.lock_duration = Duration::from_secs(1)).await;
+    let q = connect(&b, &queue).await;
+    q.send(vec![msg("busy-claim")]).await.unwrap();
+    // The processor's Busy outcome: the message is left to its lock expiry.
+    let first = receive_one(&q).await;
+    assert_eq!(q.held_locks(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = receive_one(&q).await;
+    assert_eq!(again.message_id, first.message_id);
+    assert_eq!(
+        q.held_locks(),
+        1,
+        "the expired lock of the first delivery is still held"
+    );
+    q.complete(&again).await.unwrap();
+    assert_eq!(q.held_locks(), 0);
 }
 
 #[tokio::test]
@@ -513,4 +594,143 @@ async fn settling_and_renewing_are_not_refused_on_the_local_clock_alone() {
         .unwrap();
     assert_eq!(dead[0].subqueue, Subqueue::DeadLetter);
     q.complete(&dead[0]).await.unwrap();
+}
+
+// Review of the above: drains on a long round trip, stale prefetched locks.
+
+#[tokio::test]
+async fn a_drain_answered_after_a_long_round_trip_does_not_starve_the_next_receive() {
+    let queue = queue_name();
+    // Every frame from the service arrives 200 ms late: the drain's answer too.
+    let b = broker_with(&queue, |c| c.write_delay = Duration::from_millis(200)).await;
+    let q = connect(&b, &queue).await;
+    let other = connect(&b, &queue).await;
+    let none = q.receive(5, Duration::from_millis(300)).await.unwrap();
+    assert!(none.is_empty(), "the queue is empty");
+    // The next receive starts at once, before the drain's answer is back;
+    // messages come while it waits.
+    let ids: Vec<String> = (0..5).map(|i| format!("rtt-{i}")).collect();
+    let outgoing: Vec<_> = ids.iter().map(|i| msg(i)).collect();
+    let sending = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        other.send(outgoing).await
+    });
+    let first = q.receive(5, Duration::from_secs(3)).await.unwrap();
+    sending.await.unwrap().expect("sent");
+    assert!(
+        !first.is_empty(),
+        "the receive after a drain got nothing: its credit was counted from a stale delivery count"
+    );
+    let mut seen: Vec<String> = Vec::new();
+    for m in first {
+        q.complete(&m).await.expect("settles");
+        seen.push(m.message_id);
+    }
+    for _ in 0..10 {
+        if seen.len() == ids.len() {
+            break;
+        }
+        for m in q.receive(5, Duration::from_secs(1)).await.unwrap() {
+            q.complete(&m).await.expect("settles");
+            seen.push(m.message_id);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ids, "each message once");
+    wait_counts(&b, &queue, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn prefetched_messages_are_never_handed_over_after_their_lock_ran_out() {
+    let queue = queue_name();
+    // Service Bus's shortest lock.
+    let b = broker_with(&queue, |_| {}).await;
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        prefetch: 3,
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    q.send(vec![msg("pf-1"), msg("pf-2"), msg("pf-3")])
+        .await
+        .unwrap();
+    let first = q.receive(1, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    q.complete(&first[0]).await.unwrap();
+    // The two prefetched messages wait here past their lock.
+    tokio::time::sleep(LOCK + Duration::from_millis(500)).await;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        if seen.len() == 2 {
+            break;
+        }
+        for m in q.receive(3, Duration::from_secs(1)).await.unwrap() {
+            q.complete(&m).await.unwrap_or_else(|e| {
+                panic!("{} was handed over with a spent lock: {e}", m.message_id)
+            });
+            seen.push(m.message_id);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["pf-2", "pf-3"]);
+    wait_counts(&b, &queue, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn a_refused_token_is_put_again_and_the_operation_retried_once() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = std::sync::Arc::new(connect(&b, &queue).await);
+    q.send(vec![msg("tok-1")]).await.unwrap();
+    let m = receive_one(&q).await;
+    // Every token expires at once: the service detaches the links they
+    // authorized with amqp:unauthorized-access and new links need a token.
+    b.revoke_tokens();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let puts = b.cbs_puts().len();
+    q.complete(&m)
+        .await
+        .expect("settled through $management after a fresh token");
+    assert!(b.cbs_puts().len() > puts, "no fresh token was put");
+    // Again, then a receive first (its link was detached with the token).
+    b.revoke_tokens();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let none = q
+        .receive(1, Duration::from_millis(300))
+        .await
+        .expect("the receive puts a fresh token and re-attaches");
+    assert!(none.is_empty());
+    b.revoke_tokens();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    q.send(vec![msg("tok-2")])
+        .await
+        .expect("the send puts a fresh token and goes through");
+    let again = q.receive(1, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message_id, "tok-2");
+    q.complete(&again[0]).await.unwrap();
+    wait_counts(&b, &queue, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn limits_are_counted_in_utf16_code_units_as_the_service_does() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = connect(&b, &queue).await;
+    // 100 characters, 200 UTF-16 code units: over the 128 the service takes.
+    let id = "😀".repeat(100);
+    q.send(vec![msg(&id)])
+        .await
+        .expect("a long id is shortened to what the service takes");
+    let m = receive_one(&q).await;
+    assert_eq!(m.message_id, id, "the full id comes back");
+    // 3,000 characters, 6,000 code units: cut to 4,096 code units.
+    q.dead_letter(&m, "R", &"😀".repeat(3000))
+        .await
+        .expect("the description is cut to what the service takes");
+    wait_counts(&b, &queue, (0, 1)).await;
+    let dead = q.peek_dead_letters(0, 1).await.unwrap();
+    let description = dead[0].dead_letter_description.clone().unwrap_or_default();
+    assert_eq!(description.encode_utf16().count(), 4096);
+    assert_eq!(description, "😀".repeat(2048));
 }

@@ -603,6 +603,107 @@ def case_amqp_over_websockets(ctx):
             r.complete_message(got[0])
 
 
+def case_timeout_rejection_is_retried_by_the_sdk(ctx):
+    q = ctx.queue()
+    ctx.broker.control("reject-transfers 1 com.microsoft:timeout")
+    ctx.send(q, ServiceBusMessage("t", message_id="timeout-1"))
+    r, got = ctx.receive(q, count=2, wait=2)
+    with r:
+        expect([m.message_id for m in got] == ["timeout-1"], f"got {[m.message_id for m in got]}")
+        r.complete_message(got[0])
+
+
+def case_resource_limit_rejection_is_an_error(ctx):
+    q = ctx.queue()
+    # Enough for every retry the SDK makes, if it makes any.
+    ctx.broker.control("reject-transfers 10 amqp:resource-limit-exceeded")
+    try:
+        ctx.send(q, ServiceBusMessage("full", message_id="quota-1"))
+    except ServiceBusError as e:
+        expect("resource-limit" in str(e).lower() or "quota" in type(e).__name__.lower(),
+               f"the refusal is not named: {type(e).__name__}: {e}")
+    else:
+        raise AssertionError("a send the service refused for its quota was reported as sent")
+    finally:
+        # Take back the injected refusals the SDK did not use up.
+        ctx.broker.control("clear-faults")
+    expect(ctx.broker.control(f"counts {q}") == "0 0", "a refused message was stored")
+
+
+def case_headers_over_64_kib_are_refused(ctx):
+    q = ctx.queue()
+    big = ServiceBusMessage("h", message_id="hdr-1", application_properties={"big": "x" * (70 * 1024)})
+    try:
+        ctx.send(q, big)
+    except ServiceBusError:
+        pass
+    else:
+        raise AssertionError("a message with 70 KiB of headers was accepted")
+    ok = ServiceBusMessage("h", message_id="hdr-2", application_properties={"big": "x" * (60 * 1024)})
+    ctx.send(q, ok)
+    r, got = ctx.receive(q)
+    with r:
+        expect([m.message_id for m in got] == ["hdr-2"], f"got {[m.message_id for m in got]}")
+        r.complete_message(got[0])
+
+
+def case_connection_without_links_is_closed_and_reopened(ctx):
+    b = ctx.brokers("timers")
+    q = ctx.queue(b)
+    with b.client() as client:
+        with client.get_queue_sender(q) as s:
+            s.send_messages(ServiceBusMessage("a", message_id="cidle-1"))
+        before = int(b.control("connections"))
+        time.sleep(4)  # no link for longer than the broker's 3 s: the connection is closed
+        with client.get_queue_sender(q) as s:
+            s.send_messages(ServiceBusMessage("b", message_id="cidle-2"))
+        expect(int(b.control("connections")) > before, "the SDK reused a connection the broker closed")
+        with client.get_queue_receiver(q) as r:
+            got = []
+            deadline = time.monotonic() + 5
+            while len(got) < 2 and time.monotonic() < deadline:
+                got += r.receive_messages(max_message_count=2 - len(got), max_wait_time=1)
+            expect(sorted(m.message_id for m in got) == ["cidle-1", "cidle-2"], f"got {[m.message_id for m in got]}")
+            for m in got:
+                r.complete_message(m)
+
+
+def case_short_receives_on_a_long_round_trip(ctx):
+    # Every broker frame 200 ms late: flow replies (drains) arrive after the
+    # next receive has begun, as on a distant region.
+    b = ctx.brokers("delay")
+    q = ctx.queue(b)
+    with b.client() as client:
+        with client.get_queue_receiver(q) as r:
+            expect(r.receive_messages(max_message_count=5, max_wait_time=1) == [], "the queue is empty")
+            with client.get_queue_sender(q) as s:
+                s.send_messages([ServiceBusMessage(str(i), message_id=f"rtt-{i}") for i in range(5)])
+            got = []
+            deadline = time.monotonic() + 10
+            while len(got) < 5 and time.monotonic() < deadline:
+                got += r.receive_messages(max_message_count=5 - len(got), max_wait_time=2)
+            expect(sorted(m.message_id for m in got) == [f"rtt-{i}" for i in range(5)],
+                   f"got {[m.message_id for m in got]}")
+            for m in got:
+                r.complete_message(m)
+    expect(b.control(f"counts {q}") == "0 0", "messages left behind")
+
+
+def case_dropped_connections_are_survived(ctx):
+    q = ctx.queue()
+    with ctx.client.get_queue_sender(q) as s:
+        s.send_messages(ServiceBusMessage("a", message_id="drop-1"))
+        ctx.broker.control("drop-connections")
+        time.sleep(0.5)
+        s.send_messages(ServiceBusMessage("b", message_id="drop-2"))
+    r, got = ctx.receive(q, count=2)
+    with r:
+        expect(sorted(m.message_id for m in got) == ["drop-1", "drop-2"], f"got {[m.message_id for m in got]}")
+        for m in got:
+            r.complete_message(m)
+
+
+
 def sas_token(uri, key_name, key, expiry):
     resource = urllib.parse.quote_plus(uri)
     digest = hmac.new(key.encode(), f"{resource}\n{expiry}".encode(), hashlib.sha256).digest()
@@ -626,6 +727,12 @@ CASES += [
     case_clock_offset_shows_in_lock_times,
     case_tls_on_connect,
     case_amqp_over_websockets,
+    case_timeout_rejection_is_retried_by_the_sdk,
+    case_resource_limit_rejection_is_an_error,
+    case_headers_over_64_kib_are_refused,
+    case_connection_without_links_is_closed_and_reopened,
+    case_short_receives_on_a_long_round_trip,
+    case_dropped_connections_are_survived,
 ]
 
 # Extra broker instances, started on first use.
@@ -635,6 +742,7 @@ PROFILES = {
     "offset": (["--clock-offset-ms", str(CLOCK_OFFSET_MS)], LOCK_SECS),
     "tls": (["--tls"], LOCK_SECS),
     "websockets": (["--tls", "--websockets"], LOCK_SECS),
+    "delay": (["--write-delay-ms", "200"], 30),
 }
 
 

@@ -160,7 +160,7 @@ where
 {
     frame::handshake(&mut socket).await?;
     let max_frame = shared.config.max_frame_size;
-    let (mut reader, mut writer) = tokio::io::split(socket);
+    let (mut reader, writer) = tokio::io::split(socket);
     let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(64);
     let read_task = tokio::spawn(async move {
         loop {
@@ -174,6 +174,7 @@ where
     let mut changed = shared.changed.subscribe();
     let mut kill = shared.kill.subscribe();
     let mut detach = shared.detach.subscribe();
+    let mut revoke = shared.revoke.subscribe();
     let mut conn = Conn {
         shared,
         out: BytesMut::new(),
@@ -187,6 +188,7 @@ where
         opened: false,
         closing: false,
     };
+    let mut writer = Writer::new(writer, conn.shared.config.write_delay);
     let mut tick = tokio::time::interval(TICK);
     let result = loop {
         tokio::select! {
@@ -202,7 +204,7 @@ where
                     // connection with a framing error, as the spec asks.
                     conn.close_with(AmqpError::FrameSizeTooSmall.into(), &why);
                     let buf = conn.out.split();
-                    let _ = writer.write_all(&buf).await;
+                    let _ = writer.write(buf.freeze()).await;
                     break Err(FrameError::Protocol(why));
                 }
                 Some(Err(e)) => break Err(e),
@@ -210,6 +212,11 @@ where
             },
             _ = changed.changed() => {}
             _ = kill.changed() => break Ok(()),
+            _ = revoke.changed() => {
+                revoke.borrow_and_update();
+                conn.claims.clear();
+                conn.on_tick();
+            }
             _ = detach.changed() => {
                 let (_, kind) = *detach.borrow_and_update();
                 conn.force_detach(kind, "The link is force detached (requested by the test).");
@@ -226,7 +233,7 @@ where
         conn.pump_all();
         if !conn.out.is_empty() {
             let buf = conn.out.split();
-            if let Err(e) = writer.write_all(&buf).await {
+            if let Err(e) = writer.write(buf.freeze()).await {
                 break Err(e.into());
             }
             conn.last_write = Instant::now();
@@ -236,8 +243,71 @@ where
         }
     };
     read_task.abort();
-    let _ = writer.shutdown().await;
+    writer.shutdown().await;
     result
+}
+
+/// The connection's writing half, written at once or, with a write delay,
+/// by a task that holds each buffer until its time (order kept).
+enum Writer<W> {
+    Direct(W),
+    Delayed {
+        queue: mpsc::UnboundedSender<(tokio::time::Instant, Bytes)>,
+        task: tokio::task::JoinHandle<()>,
+        failed: Arc<std::sync::atomic::AtomicBool>,
+    },
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Writer<W> {
+    fn new(mut w: W, delay: Duration) -> Self {
+        if delay.is_zero() {
+            return Writer::Direct(w);
+        }
+        let (queue, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Bytes)>();
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = failed.clone();
+        let task = tokio::spawn(async move {
+            while let Some((due, buf)) = rx.recv().await {
+                tokio::time::sleep_until(due + delay).await;
+                if w.write_all(&buf).await.is_err() {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        Writer::Delayed {
+            queue,
+            task,
+            failed,
+        }
+    }
+
+    async fn write(&mut self, buf: Bytes) -> std::io::Result<()> {
+        match self {
+            Writer::Direct(w) => w.write_all(&buf).await,
+            Writer::Delayed { queue, failed, .. } => {
+                if failed.load(std::sync::atomic::Ordering::Relaxed)
+                    || queue.send((tokio::time::Instant::now(), buf)).is_err()
+                {
+                    return Err(std::io::Error::other("delayed writer failed"));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Writer::Direct(mut w) => {
+                let _ = w.shutdown().await;
+            }
+            Writer::Delayed { queue, task, .. } => {
+                drop(queue);
+                let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            }
+        }
+    }
 }
 
 /// An error with all three fields on the wire: Microsoft's Python SDK reads
@@ -615,6 +685,16 @@ impl Conn {
             link.credit = SENDER_CREDIT;
         }
         let node = link.node.clone();
+        if matches!(node, Node::Queue(..)) {
+            let mut faults = lock(&self.shared.faults);
+            if faults.hold_transfers > 0 {
+                faults.hold_transfers -= 1;
+                self.shared
+                    .transfers_received
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
         let outcome = self.deliver_incoming(channel, &node, &first, buf.freeze());
         let Some(s) = self.sessions.get(&channel) else {
             return;
@@ -1118,12 +1198,13 @@ fn limit_refusal(m: &AmqpMessage) -> Option<definitions::Error> {
         .and_then(|p| p.message_id.as_ref())
         .map(message_id_string)
         .unwrap_or_default();
-    if id.chars().count() > MAX_MESSAGE_ID {
+    // .NET string lengths, as the service counts: UTF-16 code units.
+    let units = id.encode_utf16().count();
+    if units > MAX_MESSAGE_ID {
         return Some(link_error(
             ErrorCondition::Custom(Symbol::from(ARGUMENT_OUT_OF_RANGE)),
             &format!(
-                "The message id of {} characters exceeds the maximum of {MAX_MESSAGE_ID}.",
-                id.chars().count()
+                "The message id of {units} characters exceeds the maximum of {MAX_MESSAGE_ID}."
             ),
         ));
     }

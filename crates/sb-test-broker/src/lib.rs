@@ -134,6 +134,10 @@ pub struct BrokerConfig {
     /// Added to the broker's clock in the lock and enqueue times it reports,
     /// to test clients against a service clock that is not theirs.
     pub clock_offset_ms: i64,
+    /// Every frame the broker writes leaves this much later (order kept), as
+    /// a long round trip to a distant region would: flow replies, transfers
+    /// and answers all arrive late.
+    pub write_delay: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -156,6 +160,7 @@ impl Default for BrokerConfig {
             connection_idle_timeout: Duration::from_secs(60),
             max_message_size: 256 * 1024,
             clock_offset_ms: 0,
+            write_delay: Duration::ZERO,
         }
     }
 }
@@ -180,6 +185,8 @@ pub(crate) struct Inner {
 pub(crate) struct Faults {
     /// Error conditions for the next sends to a queue (rejected outcomes).
     pub reject_transfers: VecDeque<String>,
+    /// The next this many sends are taken and never answered (nor stored).
+    pub hold_transfers: usize,
     /// Status codes for the next `$management` requests.
     pub fail_management: VecDeque<i32>,
 }
@@ -212,6 +219,8 @@ pub(crate) struct Shared {
     changed: watch::Sender<u64>,
     /// Bumped to drop every open connection (reconnect tests).
     kill: watch::Sender<u64>,
+    /// Bumped to forget every token put so far, as their expiry would.
+    pub(crate) revoke: watch::Sender<u64>,
     /// Forced detaches requested by tests: (request number, which links).
     pub(crate) detach: watch::Sender<(u64, Option<LinkKind>)>,
     pub(crate) tokens: Mutex<Vec<CbsPut>>,
@@ -388,6 +397,17 @@ impl BrokerHandle {
             .extend(std::iter::repeat_n(condition.to_string(), count));
     }
 
+    /// Drop every injected fault not used up yet.
+    pub fn clear_faults(&self) {
+        *lock(&self.shared.faults) = Faults::default();
+    }
+
+    /// Take the next `count` sends to any queue and never answer them (the
+    /// message is not stored), as a service that stopped responding.
+    pub fn hold_next_transfers(&self, count: usize) {
+        lock(&self.shared.faults).hold_transfers += count;
+    }
+
     /// Answer the next `count` `$management` requests with `status` (e.g. 503).
     pub fn fail_next_management(&self, count: usize, status: i32) {
         let mut f = lock(&self.shared.faults);
@@ -401,6 +421,13 @@ impl BrokerHandle {
             *n = n.wrapping_add(1);
             *k = kind;
         });
+    }
+
+    /// Forget every token put on `$cbs` so far, as if all had expired: links
+    /// they authorized are detached with `amqp:unauthorized-access` and new
+    /// links need a new token.
+    pub fn revoke_tokens(&self) {
+        self.shared.revoke.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Drop every open connection abruptly, as a network failure would.
@@ -441,6 +468,7 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<BrokerHandle> {
         inner: Mutex::new(Inner { queues }),
         changed: watch::channel(0).0,
         kill: watch::channel(0).0,
+        revoke: watch::channel(0).0,
         detach: watch::channel((0, None)).0,
         tokens: Mutex::new(Vec::new()),
         faults: Mutex::new(Faults::default()),

@@ -223,12 +223,13 @@ pub fn dead_letter_fields_refused(
         ("DeadLetterReason", reason),
         ("DeadLetterErrorDescription", description),
     ] {
+        // .NET string lengths, as the service counts: UTF-16 code units.
         if let Some(v) = value
-            && v.chars().count() > MAX_DEAD_LETTER_FIELD
+            && v.encode_utf16().count() > MAX_DEAD_LETTER_FIELD
         {
             return Some(format!(
                 "The {name} of {} characters exceeds the maximum of {MAX_DEAD_LETTER_FIELD}.",
-                v.chars().count()
+                v.encode_utf16().count()
             ));
         }
     }
@@ -454,6 +455,15 @@ fn operation(
 mod tests {
     use super::*;
     use fe2o3_amqp_types::messaging::Header;
+
+    #[test]
+    fn dead_letter_fields_are_counted_in_utf16_code_units() {
+        // 3,000 characters, 6,000 UTF-16 code units: over the service's 4,096.
+        let emoji = "😀".repeat(3000);
+        assert!(dead_letter_fields_refused(None, Some(&emoji)).is_some());
+        assert!(dead_letter_fields_refused(Some(&"😀".repeat(2048)), None).is_none());
+        assert!(dead_letter_fields_refused(Some(&"é".repeat(4096)), None).is_none());
+    }
 
     #[test]
     fn full_header_round_trips() {

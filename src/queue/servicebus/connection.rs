@@ -275,6 +275,27 @@ impl Links {
         Ok(())
     }
 
+    /// Put a fresh token for every audience claimed on the open connection,
+    /// after the service refused one (`amqp:unauthorized-access`: expired,
+    /// or a refresh that came late).
+    pub async fn reput_tokens(&self) -> Result<(), QueueError> {
+        let live = self.live().await?;
+        let audiences = live.claims.lock().await.clone();
+        let mut session = live.session.lock().await;
+        let mut result = put_tokens(&mut session, &self.tokens, &audiences).await;
+        if let Err(e) = &result {
+            // The links the service just detached are still closing on this
+            // session; one more try after they have.
+            tracing::info!(error = %e, "putting a fresh token failed; trying once more");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            result = put_tokens(&mut session, &self.tokens, &audiences).await;
+        }
+        result.map(|_| ()).map_err(|e| {
+            live.mark_broken();
+            QueueError::Unavailable(format!("putting a fresh token on $cbs: {e}"))
+        })
+    }
+
     /// Attach the sender if there is none.
     pub async fn ensure_sender(
         &self,
@@ -300,6 +321,19 @@ impl Links {
             *slot = Some(sender);
         }
         Ok(())
+    }
+
+    /// Forget the sender link (a send was cut off mid-way); the next send
+    /// attaches a new one.
+    pub async fn drop_sender(&self) {
+        let live = self.state.lock().await.live.clone();
+        if let Some(live) = live
+            && let Some(sender) = live.sender.lock().await.take()
+        {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), sender.close()).await;
+            });
+        }
     }
 
     /// The receiving link for a subqueue, attached (peek-lock, manual credit) if needed.
@@ -360,14 +394,20 @@ impl Links {
         <Req::Response as Response>::Body: std::fmt::Debug + Send,
     {
         let mut attempt = 0;
+        let mut reauthorized = false;
         loop {
             attempt += 1;
             match self.management_once(sub, request.clone()).await {
                 Err(Failure::Link(e)) if attempt == 1 => {
                     tracing::info!(error = %e, "$management link failed; re-attaching and retrying once");
                 }
+                Err(Failure::Answer(e)) if errors::is_unauthorized(&e) && !reauthorized => {
+                    tracing::info!(error = %e, "$management refused our token; putting a fresh one and retrying once");
+                    reauthorized = true;
+                    self.reput_tokens().await?;
+                }
                 Err(Failure::Link(e)) => return Err(QueueError::Unavailable(e)),
-                Err(Failure::Answer(e)) => return Err(e),
+                Err(Failure::Answer(e) | Failure::Busy(e)) => return Err(e),
                 Ok(r) => return Ok(r),
             }
         }
@@ -435,6 +475,8 @@ impl Links {
 pub(super) enum Failure {
     Link(String),
     Answer(QueueError),
+    /// `com.microsoft:server-busy`: the send pause is set; try after it.
+    Busy(QueueError),
 }
 
 /// A link that could not be attached: a refusal the service names (no such
@@ -442,7 +484,9 @@ pub(super) enum Failure {
 /// next operation opens a new one.
 fn attach_failure(live: &Live, detail: &str, what: &str) -> QueueError {
     match errors::kind_in_text(detail) {
-        kind @ (Kind::NotFound | Kind::Unauthorized) => errors::from_condition(kind, what, detail),
+        kind @ (Kind::NotFound | Kind::Unauthorized | Kind::Refused) => {
+            errors::from_condition(kind, what, detail)
+        }
         _ => {
             live.mark_broken();
             QueueError::Unavailable(format!("{what}: {detail}"))
@@ -473,7 +517,11 @@ async fn put_tokens(
     tokens: &TokenSource,
     audiences: &[String],
 ) -> Result<chrono::DateTime<Utc>, String> {
-    let mut cbs = CbsClient::attach(session)
+    // A name of its own each time: a `$cbs` link whose close the service has
+    // not finished must not make the next attach a duplicate.
+    let mut cbs = CbsClient::builder()
+        .client_node_addr(format!("cbs-rtpd-{}", Uuid::new_v4().simple()))
+        .attach(session)
         .await
         .map_err(|e| format!("attaching $cbs: {e:?}"))?;
     let mut earliest: Option<chrono::DateTime<Utc>> = None;

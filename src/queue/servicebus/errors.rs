@@ -24,26 +24,79 @@ pub(super) enum Kind {
     LockLost,
     /// The service detached the link (idle timer, or a test's forced detach).
     Detached,
-    Other,
+    /// A passing failure of the service or of the link or connection
+    /// (`amqp:internal-error`, `amqp:connection:forced`, `amqp:link:stolen`,
+    /// `com.microsoft:operation-cancelled`, ...), and any condition not
+    /// known here: the SDKs re-make the link or connection and retry.
+    Transient,
+    /// A request the service will never take as it is (`amqp:not-allowed`,
+    /// `com.microsoft:entity-disabled`, argument errors, decode errors).
+    Refused,
+}
+
+/// What a condition's name means; unknown names are transient, as the Go
+/// SDK treats them (it re-makes the connection).
+fn kind_of_name(name: &str) -> Kind {
+    match name {
+        "com.microsoft:server-busy" => Kind::ServerBusy,
+        "com.microsoft:timeout" => Kind::Timeout,
+        "amqp:resource-limit-exceeded" => Kind::Quota,
+        "amqp:link:message-size-exceeded" => Kind::TooLarge,
+        "amqp:unauthorized-access" | "com.microsoft:publisher-revoked" => Kind::Unauthorized,
+        "amqp:not-found" | "com.microsoft:entity-not-found" => Kind::NotFound,
+        "com.microsoft:message-lock-lost" => Kind::LockLost,
+        "amqp:link:detach-forced" => Kind::Detached,
+        "amqp:not-allowed"
+        | "amqp:not-implemented"
+        | "amqp:decode-error"
+        | "amqp:invalid-field"
+        | "amqp:precondition-failed"
+        | "com.microsoft:entity-disabled"
+        | "com.microsoft:argument-error"
+        | "com.microsoft:argument-out-of-range"
+        | "com.microsoft:entity-already-exists" => Kind::Refused,
+        _ => Kind::Transient,
+    }
 }
 
 pub(super) fn kind(condition: &ErrorCondition) -> Kind {
-    match condition {
-        ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded) => Kind::Quota,
-        ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess) => Kind::Unauthorized,
-        ErrorCondition::AmqpError(AmqpError::NotFound) => Kind::NotFound,
-        ErrorCondition::LinkError(LinkError::MessageSizeExceeded) => Kind::TooLarge,
-        ErrorCondition::LinkError(LinkError::DetachForced) => Kind::Detached,
-        ErrorCondition::Custom(s) => match s.0.as_str() {
-            "com.microsoft:server-busy" => Kind::ServerBusy,
-            "com.microsoft:timeout" => Kind::Timeout,
-            "com.microsoft:message-lock-lost" => Kind::LockLost,
-            "com.microsoft:entity-not-found" => Kind::NotFound,
-            "amqp:link:message-size-exceeded" => Kind::TooLarge,
-            _ => Kind::Other,
+    let name = match condition {
+        ErrorCondition::Custom(s) => s.0.clone(),
+        other => condition_name(other),
+    };
+    kind_of_name(&name)
+}
+
+/// The AMQP name of a condition `fe2o3-amqp` knows by an enum.
+fn condition_name(condition: &ErrorCondition) -> String {
+    let name = match condition {
+        ErrorCondition::AmqpError(e) => match e {
+            AmqpError::InternalError => "amqp:internal-error",
+            AmqpError::NotFound => "amqp:not-found",
+            AmqpError::UnauthorizedAccess => "amqp:unauthorized-access",
+            AmqpError::DecodeError => "amqp:decode-error",
+            AmqpError::ResourceLimitExceeded => "amqp:resource-limit-exceeded",
+            AmqpError::NotAllowed => "amqp:not-allowed",
+            AmqpError::InvalidField => "amqp:invalid-field",
+            AmqpError::NotImplemented => "amqp:not-implemented",
+            AmqpError::ResourceLocked => "amqp:resource-locked",
+            AmqpError::PreconditionFailed => "amqp:precondition-failed",
+            AmqpError::ResourceDeleted => "amqp:resource-deleted",
+            AmqpError::IllegalState => "amqp:illegal-state",
+            AmqpError::FrameSizeTooSmall => "amqp:frame-size-too-small",
         },
-        _ => Kind::Other,
-    }
+        ErrorCondition::LinkError(e) => match e {
+            LinkError::DetachForced => "amqp:link:detach-forced",
+            LinkError::TransferLimitExceeded => "amqp:link:transfer-limit-exceeded",
+            LinkError::MessageSizeExceeded => "amqp:link:message-size-exceeded",
+            LinkError::Redirect => "amqp:link:redirect",
+            LinkError::Stolen => "amqp:link:stolen",
+        },
+        ErrorCondition::ConnectionError(_) => "amqp:connection",
+        ErrorCondition::SessionError(_) => "amqp:session",
+        _ => "",
+    };
+    name.to_string()
 }
 
 /// The port's error for a condition the service answered with; `what` says
@@ -51,8 +104,7 @@ pub(super) fn kind(condition: &ErrorCondition) -> Kind {
 pub(super) fn from_condition(kind: Kind, what: &str, detail: &str) -> QueueError {
     match kind {
         Kind::ServerBusy => QueueError::Unavailable(format!(
-            "{what}: service bus is busy (com.microsoft:server-busy), pausing {}s: {detail}",
-            SERVER_BUSY_BACKOFF.as_secs()
+            "{what}: service bus is busy (com.microsoft:server-busy): {detail}"
         )),
         Kind::Timeout => QueueError::Unavailable(format!(
             "{what}: service bus timed out (com.microsoft:timeout): {detail}"
@@ -65,7 +117,7 @@ pub(super) fn from_condition(kind: Kind, what: &str, detail: &str) -> QueueError
             "{what}: message size exceeded (amqp:link:message-size-exceeded): {detail}"
         )),
         Kind::Unauthorized => QueueError::Fatal(format!(
-            "{what}: unauthorized (amqp:unauthorized-access): {detail}"
+            "{what}: {UNAUTHORIZED} (amqp:unauthorized-access): {detail}"
         )),
         Kind::NotFound => QueueError::Fatal(format!(
             "{what}: entity not found (amqp:not-found): {detail}"
@@ -74,8 +126,21 @@ pub(super) fn from_condition(kind: Kind, what: &str, detail: &str) -> QueueError
         Kind::Detached => QueueError::Unavailable(format!(
             "{what}: link detached by the service (amqp:link:detach-forced): {detail}"
         )),
-        Kind::Other => QueueError::Fatal(format!("{what}: {detail}")),
+        Kind::Transient => QueueError::Unavailable(format!(
+            "{what}: the link or connection failed (retrying on a new one): {detail}"
+        )),
+        Kind::Refused => {
+            QueueError::Fatal(format!("{what}: the service refused the request: {detail}"))
+        }
     }
+}
+
+const UNAUTHORIZED: &str = "unauthorized";
+
+/// Whether the port error says the service refused our token (after which
+/// a fresh token is put and the operation tried once more).
+pub(super) fn is_unauthorized(e: &QueueError) -> bool {
+    matches!(e, QueueError::Fatal(m) if m.contains("(amqp:unauthorized-access)"))
 }
 
 pub(super) fn from_error(e: &definitions::Error, what: &str) -> QueueError {
@@ -87,16 +152,107 @@ pub(super) fn from_error(e: &definitions::Error, what: &str) -> QueueError {
     from_condition(kind(&e.condition), what, &detail)
 }
 
-/// A link-level failure whose cause is only known by its text (attach
-/// errors of the management client wrap the service's error deep inside).
+/// A link-level failure whose cause is only known by its text (`fe2o3-amqp`
+/// wraps the service's error deep inside its own): the condition by its
+/// enum name (`UnauthorizedAccess`) or its AMQP name.
 pub(super) fn kind_in_text(text: &str) -> Kind {
-    if text.contains("UnauthorizedAccess") || text.contains("unauthorized-access") {
-        Kind::Unauthorized
-    } else if text.contains("NotFound") || text.contains("amqp:not-found") {
-        Kind::NotFound
-    } else if text.contains("DetachForced") || text.contains("detach-forced") {
-        Kind::Detached
-    } else {
-        Kind::Other
+    const NAMES: &[(&str, Kind)] = &[
+        ("UnauthorizedAccess", Kind::Unauthorized),
+        ("unauthorized-access", Kind::Unauthorized),
+        ("publisher-revoked", Kind::Unauthorized),
+        ("entity-not-found", Kind::NotFound),
+        ("amqp:not-found", Kind::NotFound),
+        ("AmqpError(NotFound)", Kind::NotFound),
+        ("DetachForced", Kind::Detached),
+        ("detach-forced", Kind::Detached),
+        ("server-busy", Kind::ServerBusy),
+        ("com.microsoft:timeout", Kind::Timeout),
+        ("ResourceLimitExceeded", Kind::Quota),
+        ("resource-limit-exceeded", Kind::Quota),
+        ("MessageSizeExceeded", Kind::TooLarge),
+        ("message-size-exceeded", Kind::TooLarge),
+        ("entity-disabled", Kind::Refused),
+        ("AmqpError(NotAllowed)", Kind::Refused),
+        ("amqp:not-allowed", Kind::Refused),
+    ];
+    NAMES
+        .iter()
+        .find(|(name, _)| text.contains(name))
+        .map_or(Kind::Transient, |(_, k)| *k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fe2o3_amqp::types::definitions::ConnectionError;
+    use fe2o3_amqp::types::primitives::Symbol;
+
+    fn custom(name: &str) -> ErrorCondition {
+        ErrorCondition::Custom(Symbol::from(name))
+    }
+
+    /// As the Go SDK (internal/errors.go) and .NET (ServiceBusFailureReason) read them.
+    #[test]
+    fn conditions_map_as_the_sdks_read_them() {
+        let retryable = [
+            custom("com.microsoft:server-busy"),
+            custom("com.microsoft:timeout"),
+            custom("com.microsoft:operation-cancelled"),
+            custom("amqp:resource-limit-exceeded"),
+            ErrorCondition::AmqpError(AmqpError::InternalError),
+            ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded),
+            ErrorCondition::ConnectionError(ConnectionError::ConnectionForced),
+            ErrorCondition::LinkError(LinkError::DetachForced),
+            ErrorCondition::LinkError(LinkError::TransferLimitExceeded),
+            ErrorCondition::LinkError(LinkError::Stolen),
+            custom("com.microsoft:something-new"),
+        ];
+        for c in retryable {
+            let e = from_condition(kind(&c), "op", "d");
+            assert!(e.is_retryable(), "{c:?} should be retryable: {e}");
+        }
+        let permanent = [
+            ErrorCondition::LinkError(LinkError::MessageSizeExceeded),
+            custom("amqp:link:message-size-exceeded"),
+            ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
+            ErrorCondition::AmqpError(AmqpError::NotFound),
+            ErrorCondition::AmqpError(AmqpError::NotAllowed),
+            custom("com.microsoft:entity-disabled"),
+            custom("com.microsoft:argument-out-of-range"),
+            custom("com.microsoft:entity-not-found"),
+        ];
+        for c in permanent {
+            let e = from_condition(kind(&c), "op", "d");
+            assert!(!e.is_retryable(), "{c:?} should be permanent: {e}");
+        }
+        assert!(matches!(
+            from_condition(kind(&custom("com.microsoft:message-lock-lost")), "op", "d"),
+            QueueError::LockLost
+        ));
+    }
+
+    #[test]
+    fn link_failures_are_named_from_their_text() {
+        assert_eq!(
+            kind_in_text(
+                "LinkStateError(RemoteClosedWithError(Error { condition: AmqpError(UnauthorizedAccess), .. }))"
+            ),
+            Kind::Unauthorized
+        );
+        assert_eq!(
+            kind_in_text("RemoteDetachedWithError(Error { condition: LinkError(DetachForced) })"),
+            Kind::Detached
+        );
+        assert_eq!(
+            kind_in_text("condition: AmqpError(NotFound)"),
+            Kind::NotFound
+        );
+        assert_eq!(kind_in_text("connection reset by peer"), Kind::Transient);
+        assert!(is_unauthorized(&from_condition(
+            Kind::Unauthorized,
+            "op",
+            "d"
+        )));
+        assert!(!is_unauthorized(&from_condition(Kind::NotFound, "op", "d")));
     }
 }

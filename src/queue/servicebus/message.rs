@@ -28,8 +28,8 @@ const LOCKED_UNTIL: &str = "x-opt-locked-until";
 const LOCK_TOKEN: &str = "x-opt-lock-token";
 const DEAD_LETTER_REASON: &str = "DeadLetterReason";
 const DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
-/// Service Bus refuses message ids longer than this (the .NET SDK checks it
-/// before sending).
+/// Service Bus refuses message ids longer than this many UTF-16 code units
+/// (the service and the .NET SDK count .NET string lengths).
 pub(super) const MAX_MESSAGE_ID: usize = 128;
 /// The port's message id when it is longer than [`MAX_MESSAGE_ID`]; the wire
 /// carries a shortened id and the receiver restores this one.
@@ -42,15 +42,30 @@ const ID_HASH_CHARS: usize = 32;
 /// same long id always maps to the same short one, so duplicate detection
 /// still drops a copy sent twice, and different long ids stay different.
 pub(super) fn wire_message_id(id: &str) -> String {
-    if id.chars().count() <= MAX_MESSAGE_ID {
+    if utf16_len(id) <= MAX_MESSAGE_ID {
         return id.to_string();
     }
     let hash = hex::encode(Sha256::digest(id.as_bytes()));
-    let keep: String = id
-        .chars()
-        .take(MAX_MESSAGE_ID - ID_HASH_CHARS - 1)
-        .collect();
+    let keep = truncate_utf16(id, MAX_MESSAGE_ID - ID_HASH_CHARS - 1);
     format!("{keep}~{}", &hash[..ID_HASH_CHARS])
+}
+
+/// A string's length as Service Bus (.NET) counts it: UTF-16 code units.
+pub(super) fn utf16_len(s: &str) -> usize {
+    s.chars().map(char::len_utf16).sum()
+}
+
+/// The longest prefix of `s` of at most `max` UTF-16 code units, cut
+/// between characters (never inside a surrogate pair).
+pub(super) fn truncate_utf16(s: &str, max: usize) -> &str {
+    let mut units = 0;
+    for (at, c) in s.char_indices() {
+        units += c.len_utf16();
+        if units > max {
+            return &s[..at];
+        }
+    }
+    s
 }
 
 pub(super) fn to_amqp(m: &OutgoingMessage) -> AmqpMessage {
@@ -289,6 +304,25 @@ mod tests {
             back.properties.is_empty(),
             "the full id is not an application property"
         );
+    }
+
+    #[test]
+    fn lengths_count_utf16_code_units_as_the_service_does() {
+        assert_eq!(utf16_len("abc"), 3);
+        assert_eq!(utf16_len("é"), 1);
+        assert_eq!(utf16_len("😀"), 2);
+        assert_eq!(
+            truncate_utf16("a😀b", 2),
+            "a",
+            "a surrogate pair is never split"
+        );
+        assert_eq!(truncate_utf16("a😀b", 3), "a😀");
+        assert_eq!(truncate_utf16("ab", 10), "ab");
+        let emoji_id = "😀".repeat(100);
+        let wire = wire_message_id(&emoji_id);
+        assert!(utf16_len(&wire) <= MAX_MESSAGE_ID, "{}", utf16_len(&wire));
+        assert_ne!(wire, emoji_id);
+        assert_eq!(wire_message_id(&"é".repeat(128)), "é".repeat(128));
     }
 
     #[test]

@@ -19,8 +19,15 @@
 //! reason and description are cut to the service's 4,096 characters first.
 //!
 //! Forced detaches (the service's 10-minute idle timer) are re-attached and
-//! the operation retried once at once; `com.microsoft:server-busy` pauses
-//! sends for 10 s, as the SDKs do; see `errors` for the rest.
+//! the operation retried once at once. A send has its own time limit
+//! (`RTPD_SERVICEBUS_SEND_TIMEOUT_SECS`): after `com.microsoft:server-busy`
+//! sends wait out a 10 s pause inside that limit and try again, as the SDKs
+//! do, and fail (retryable) only when the pause would outlast it; see
+//! `errors` for the rest.
+//!
+//! Locks held here are forgotten when the service hands the same message
+//! out again (the old lock is gone) and [`HELD_GRACE`] after they ended, so
+//! a message left to its lock expiry (the processor's `Busy`) leaves nothing behind.
 
 mod auth;
 mod connection;
@@ -57,8 +64,12 @@ use management::{Disposition, PeekMessage, RenewLock, UpdateDisposition};
 /// Settle on the receiving link only while our clock gives the lock at least
 /// this long; closer to its end, `$management` asks the service instead.
 pub const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
-/// The service keeps at most this many characters of a dead-letter reason or description.
+/// The service keeps at most this many UTF-16 code units (.NET characters)
+/// of a dead-letter reason or description.
 pub const MAX_DEAD_LETTER_FIELD: usize = 4096;
+/// A held lock is forgotten this long after its end (by our clock; the
+/// margin covers clocks that disagree).
+pub const HELD_GRACE: Duration = Duration::from_secs(600);
 /// Service Bus Standard's message size limit; the sender's link may say otherwise.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 256 * 1024;
 /// Room for a batch's own sections and each entry's data-section header.
@@ -85,6 +96,11 @@ pub struct ServiceBusSettings {
     pub ca_file: Option<PathBuf>,
     /// Lifetime of the SAS tokens signed from a shared key.
     pub sas_token_lifetime: Duration,
+    /// How long one send may take, re-attaching and busy pauses included
+    /// (`RTPD_SERVICEBUS_SEND_TIMEOUT_SECS`).
+    pub send_timeout: Duration,
+    /// How long sends pause after `com.microsoft:server-busy` (the SDKs: 10 s).
+    pub server_busy_pause: Duration,
 }
 
 impl Default for ServiceBusSettings {
@@ -99,12 +115,15 @@ impl Default for ServiceBusSettings {
             custom_endpoint: None,
             ca_file: None,
             sas_token_lifetime: Duration::from_secs(3600),
+            send_timeout: Duration::from_secs(60),
+            server_busy_pause: errors::SERVER_BUSY_BACKOFF,
         }
     }
 }
 
 struct Held {
     generation: u64,
+    sequence_number: i64,
     subqueue: Subqueue,
     /// The delivery on its link; gone once a link settlement was tried.
     info: Option<DeliveryInfo>,
@@ -124,17 +143,16 @@ pub struct ServiceBusQueue {
     held: StdMutex<HashMap<Uuid, Held>>,
     /// One receive in flight per subqueue; settling does not wait for it.
     receiving: [Mutex<()>; 2],
-    /// After `com.microsoft:server-busy`, sends wait until then.
-    busy_until: StdMutex<Option<std::time::Instant>>,
+    /// After `com.microsoft:server-busy`, sends wait until then (`clock` time).
+    busy_until: StdMutex<Option<DateTime<Utc>>>,
+    send_timeout: Duration,
+    server_busy_pause: Duration,
     emulator: bool,
 }
 
-/// At most `max` characters of `s`, cut on a character boundary.
+/// At most `max` UTF-16 code units of `s`, cut between characters.
 fn truncate_chars(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => s[..at].to_string(),
-        None => s.to_string(),
-    }
+    message::truncate_utf16(s, max).to_string()
 }
 
 impl ServiceBusQueue {
@@ -186,6 +204,8 @@ impl ServiceBusQueue {
             held: StdMutex::new(HashMap::new()),
             receiving: [Mutex::new(()), Mutex::new(())],
             busy_until: StdMutex::new(None),
+            send_timeout: s.send_timeout,
+            server_busy_pause: s.server_busy_pause,
             emulator,
         };
         // Fail at start-up on a wrong host, key or queue rather than at the first message.
@@ -195,6 +215,12 @@ impl ServiceBusQueue {
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many message locks this process holds (settled or expired ones
+    /// are forgotten); for tests and diagnostics.
+    pub fn held_locks(&self) -> usize {
+        self.held().len()
     }
 
     async fn receive_from(
@@ -210,24 +236,54 @@ impl ServiceBusQueue {
             .lock()
             .await;
         let deadline = tokio::time::Instant::now() + wait;
+        let what = format!("receiving from {}", self.links.entity(sub));
         let mut retried = false;
+        let mut reauthorized = false;
         let (link, deliveries) = loop {
             let live = self.links.live().await?;
-            let link = self.links.receiver(&live, sub).await?;
+            let link = match self.links.receiver(&live, sub).await {
+                Ok(link) => link,
+                Err(e) if errors::is_unauthorized(&e) && !reauthorized => {
+                    tracing::info!(error = %e, "the service refused our token; putting a fresh one and attaching again");
+                    reauthorized = true;
+                    self.reput_tokens().await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             // A failed receive ends that link; the service detaches idle ones, so
             // one new link is tried at once before giving up.
-            match link.receive(max, left).await {
+            let e = match link.receive(max, left).await {
                 Ok(d) => break (link, d),
-                Err(e) if !retried => {
+                Err(e) => e,
+            };
+            match errors::kind_in_text(&e) {
+                Kind::Unauthorized if !reauthorized => {
+                    tracing::info!(error = %e, "receiving link lost its authorization; putting a fresh token and re-attaching");
+                    reauthorized = true;
+                    self.reput_tokens().await;
+                }
+                kind @ (Kind::Unauthorized | Kind::NotFound | Kind::Refused) => {
+                    return Err(errors::from_condition(kind, &what, &e));
+                }
+                _ if !retried => {
                     tracing::info!(error = %e, "receiving link failed; re-attaching");
                     retried = true;
                 }
-                Err(e) => return Err(QueueError::Unavailable(e)),
+                kind => {
+                    let e = errors::from_condition(kind, &what, &e);
+                    // Whatever the service said, a receive is worth trying again later.
+                    return Err(match e {
+                        QueueError::Fatal(m) => QueueError::Unavailable(m),
+                        other => other,
+                    });
+                }
             }
         };
         let mut out = Vec::with_capacity(deliveries.len());
         let mut held = self.held();
+        forget_ended(&mut held, crate::clock::now());
         for delivery in deliveries {
             let tag = delivery.delivery_tag().to_vec();
             let (info, amqp) = delivery.into_parts();
@@ -235,10 +291,14 @@ impl ServiceBusQueue {
             // delivery itself; a random token keeps it addressable here.
             let token = message::lock_token(Some(&tag), &amqp).unwrap_or_else(Uuid::new_v4);
             let received = message::from_amqp(&amqp, token, sub);
+            // The service hands a message out again only once its old lock is
+            // gone (a message left to its lock expiry): forget that lock.
+            held.retain(|_, h| h.subqueue != sub || h.sequence_number != received.sequence_number);
             held.insert(
                 token,
                 Held {
                     generation: link.generation,
+                    sequence_number: received.sequence_number,
                     subqueue: sub,
                     info: Some(info),
                     locked_until: received.locked_until,
@@ -307,7 +367,64 @@ impl ServiceBusQueue {
         }
     }
 
-    /// One attempt at sending; a link failure is worth one more on a new link.
+    /// Put fresh tokens after the service refused one. A failure here has
+    /// marked the connection broken, so the retry that follows reconnects
+    /// (and authenticates afresh) instead.
+    async fn reput_tokens(&self) {
+        if let Err(e) = self.links.reput_tokens().await {
+            tracing::info!(error = %e, "putting fresh tokens failed; the retry reconnects");
+        }
+    }
+
+    /// Send, waiting out server-busy pauses that end before `deadline`;
+    /// a link failure is worth one more try on a new link at once.
+    async fn send_within(
+        &self,
+        messages: &[OutgoingMessage],
+        deadline: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        let mut link_retried = false;
+        let mut reauthorized = false;
+        loop {
+            let busy = *self.busy_until.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(until) = busy {
+                let now = crate::clock::now();
+                if until > now {
+                    if until > deadline {
+                        return Err(QueueError::Unavailable(format!(
+                            "sending to {}: service bus said it is busy (com.microsoft:server-busy); its pause ends in {:.1}s, after this send's time limit",
+                            self.links.queue,
+                            (until - now).as_seconds_f64()
+                        )));
+                    }
+                    tokio::time::sleep((until - now).to_std().unwrap_or_default()).await;
+                    continue;
+                }
+            }
+            match self.send_once(messages).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Answer(e)) if errors::is_unauthorized(&e) && !reauthorized => {
+                    tracing::info!(error = %e, "the service refused our token; putting a fresh one and sending again");
+                    reauthorized = true;
+                    self.reput_tokens().await;
+                }
+                Err(Failure::Answer(e)) => return Err(e),
+                // The pause is set: wait it out above, or give up if it is too long.
+                Err(Failure::Busy(e)) => {
+                    tracing::info!(error = %e, "service bus is busy; pausing sends");
+                }
+                Err(Failure::Link(e)) if !link_retried => {
+                    // The service detaches idle senders; the same messages again are
+                    // safe (duplicate detection drops a copy that did arrive).
+                    tracing::info!(error = %e, "sender link failed; re-attaching and sending again at once");
+                    link_retried = true;
+                }
+                Err(Failure::Link(e)) => return Err(QueueError::Unavailable(e)),
+            }
+        }
+    }
+
+    /// One attempt at sending.
     async fn send_once(&self, messages: &[OutgoingMessage]) -> Result<(), Failure> {
         let what = format!("sending to {}", self.links.queue);
         let live = self.links.live().await.map_err(Failure::Answer)?;
@@ -372,7 +489,8 @@ impl ServiceBusQueue {
                     };
                     if errors::kind(&e.condition) == Kind::ServerBusy {
                         *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(std::time::Instant::now() + errors::SERVER_BUSY_BACKOFF);
+                            Some(crate::clock::now() + self.server_busy_pause);
+                        return Err(Failure::Busy(errors::from_error(&e, &what)));
                     }
                     return Err(Failure::Answer(errors::from_error(&e, &what)));
                 }
@@ -408,6 +526,12 @@ impl ServiceBusQueue {
     }
 }
 
+/// Forget locks that ended more than [`HELD_GRACE`] before `now`.
+fn forget_ended(held: &mut HashMap<Uuid, Held>, now: DateTime<Utc>) {
+    let horizon = now - HELD_GRACE;
+    held.retain(|_, h| h.locked_until > horizon);
+}
+
 /// Pack encoded messages into batches under the link's size limit.
 fn pack(encoded: Vec<Vec<u8>>, limit: u64) -> Vec<Vec<Vec<u8>>> {
     let mut batches: Vec<Vec<Vec<u8>>> = Vec::new();
@@ -434,28 +558,18 @@ impl Queue for ServiceBusQueue {
         if messages.is_empty() {
             return Ok(());
         }
-        let busy = *self.busy_until.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(until) = busy
-            && let Some(left) = until.checked_duration_since(std::time::Instant::now())
-        {
-            return Err(QueueError::Unavailable(format!(
-                "sending to {}: service bus said it is busy (com.microsoft:server-busy); sends pause {:.1}s more",
-                self.links.queue,
-                left.as_secs_f64()
-            )));
-        }
-        match self.send_once(&messages).await {
-            Ok(()) => Ok(()),
-            Err(Failure::Answer(e)) => Err(e),
-            Err(Failure::Link(e)) => {
-                // The service detaches idle senders; the same messages again are
-                // safe (duplicate detection drops a copy that did arrive).
-                tracing::info!(error = %e, "sender link failed; re-attaching and sending again at once");
-                match self.send_once(&messages).await {
-                    Ok(()) => Ok(()),
-                    Err(Failure::Answer(e)) => Err(e),
-                    Err(Failure::Link(e)) => Err(QueueError::Unavailable(e)),
-                }
+        let deadline = crate::clock::now() + self.send_timeout;
+        match tokio::time::timeout(self.send_timeout, self.send_within(&messages, deadline)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The send was cut off mid-way: its link may hold a transfer in
+                // doubt, so the next send attaches a new one (duplicate
+                // detection drops a copy that did arrive).
+                self.links.drop_sender().await;
+                Err(QueueError::Unavailable(format!(
+                    "sending to {}: no answer within {:?} (RTPD_SERVICEBUS_SEND_TIMEOUT_SECS)",
+                    self.links.queue, self.send_timeout
+                )))
             }
         }
     }
@@ -579,6 +693,29 @@ impl Queue for ServiceBusQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locks_are_forgotten_a_grace_after_they_end() {
+        let now = Utc::now();
+        let entry = |ended_ago: i64| Held {
+            generation: 1,
+            sequence_number: ended_ago,
+            subqueue: Subqueue::Main,
+            info: None,
+            locked_until: now - chrono::TimeDelta::seconds(ended_ago),
+        };
+        let mut held = HashMap::new();
+        let (fresh, recent, old) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        held.insert(fresh, entry(-30));
+        held.insert(recent, entry(HELD_GRACE.as_secs() as i64 - 5));
+        held.insert(old, entry(HELD_GRACE.as_secs() as i64 + 5));
+        forget_ended(&mut held, now);
+        assert!(held.contains_key(&fresh) && held.contains_key(&recent));
+        assert!(
+            !held.contains_key(&old),
+            "a lock ended past the grace is kept"
+        );
+    }
 
     #[test]
     fn packing_respects_limit() {

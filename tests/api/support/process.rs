@@ -186,6 +186,8 @@ pub struct OwnRedis {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Append-only file, fsynced on every write: a kill loses nothing.
+    aof: bool,
 }
 
 impl OwnRedis {
@@ -201,18 +203,41 @@ impl OwnRedis {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            aof: false,
         }
+    }
+
+    /// Like [`OwnRedis::start`], with an append-only file fsynced on every
+    /// write: killed and launched again, it comes back with its data.
+    pub fn start_persistent() -> OwnRedis {
+        let mut r = OwnRedis::reserve();
+        r.aof = true;
+        r.launch();
+        r
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Starts redis-server on the same port, empty, without persistence.
+    /// Starts redis-server on the same port: empty, without persistence,
+    /// unless started persistent (then with the data it had).
     pub fn launch(&mut self) {
+        let persistence: &[&str] = if self.aof {
+            &[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ]
+        } else {
+            &["--save", "", "--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -264,4 +289,60 @@ pub fn read_journal(dir: &Path) -> Vec<Value> {
         }
     }
     out
+}
+
+/// The well-known Azurite account key.
+pub const AZURITE_DEV_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// An Azurite of this test alone on `port`, keeping its data in `data`.
+pub fn start_azurite(port: u16, data: &Path) -> Proc {
+    let main = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/azurite/node_modules/azurite/dist/src/blob/main.js"
+    );
+    assert!(
+        Path::new(main).is_file(),
+        "Azurite is not installed: run scripts/test.sh (npm ci in azurite/)"
+    );
+    let child = Command::new("node")
+        .arg(main)
+        .args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+        ])
+        .arg(data)
+        .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "Azurite did not start on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Proc(child)
+}
+
+/// The connection string of an Azurite started by [`start_azurite`].
+pub fn azurite_connection_string_on(port: u16) -> String {
+    format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_DEV_KEY};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+}
+
+/// Stops an Azurite with SIGTERM (it saves its metadata then; a kill -9
+/// would lose blobs it had acknowledged) and reaps it.
+pub fn stop_azurite(p: &mut Proc) {
+    let stopped = Command::new("kill")
+        .arg("-TERM")
+        .arg(p.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    p.0.wait().unwrap();
 }

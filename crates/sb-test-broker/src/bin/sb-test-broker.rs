@@ -8,8 +8,12 @@
 //! create-queue NAME
 //! reject-transfers COUNT CONDITION      e.g. reject-transfers 2 com.microsoft:server-busy
 //! fail-management COUNT STATUS          e.g. fail-management 1 503
+//! clear-faults                          drop injected faults not used up yet
+//! hold-transfers COUNT                  take the next sends and never answer them
 //! detach all|sender|receiver|management|cbs
 //! drop-connections
+//! revoke-tokens                         forget every token, as if all had expired
+//! connections                           answers `ok N`: connections accepted so far
 //! counts QUEUE                          answers `ok ACTIVE DEAD_LETTERED`
 //! ```
 
@@ -74,6 +78,9 @@ struct Opts {
     /// Added to the times the broker reports (lock expiry, enqueue time).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     clock_offset_ms: i64,
+    /// Hold every frame the broker writes this long (a long round trip).
+    #[arg(long, default_value_t = 0)]
+    write_delay_ms: u64,
     /// Read control commands on standard input (see the binary's doc).
     #[arg(long)]
     control: bool,
@@ -117,6 +124,14 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
             broker.reject_next_transfers(number(1)?, condition);
             Ok(String::new())
         }
+        ["clear-faults"] => {
+            broker.clear_faults();
+            Ok(String::new())
+        }
+        ["hold-transfers", _] => {
+            broker.hold_next_transfers(number(1)?);
+            Ok(String::new())
+        }
         ["fail-management", _, _] => {
             let status = i32::try_from(number(2)?).map_err(|e| e.to_string())?;
             broker.fail_next_management(number(1)?, status);
@@ -136,6 +151,11 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
         }
         ["drop-connections"] => {
             broker.drop_connections();
+            Ok(String::new())
+        }
+        ["connections"] => Ok(format!(" {}", broker.connections())),
+        ["revoke-tokens"] => {
+            broker.revoke_tokens();
             Ok(String::new())
         }
         ["counts", queue] => {
@@ -177,6 +197,7 @@ async fn main() -> std::io::Result<()> {
         connection_idle_timeout: secs(opts.connection_idle_timeout_secs),
         max_message_size: opts.max_message_size,
         clock_offset_ms: opts.clock_offset_ms,
+        write_delay: std::time::Duration::from_millis(opts.write_delay_ms),
     };
     let broker = sb_test_broker::start(config).await?;
     if let (Some(path), Some(pem)) = (&opts.ca_file, broker.ca_pem()) {
