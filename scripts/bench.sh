@@ -5,6 +5,11 @@
 #   scripts/bench.sh azure [COUNT] [CONCURRENCY]   rtpd serve with the WAL on Azurite: group commit vs one PUT per transaction
 #   scripts/bench.sh ledger [COUNT] [CONCURRENCY]  rtpd serve: embedded vs Redis vs PostgreSQL ledger, same run,
 #                                                  with round trips per transaction for Redis and PostgreSQL
+#   scripts/bench.sh otel [COUNT] [CONCURRENCY]    rtpd api: OTLP export off vs collector down vs a collector
+#                                                  that accepts everything; ack rate, peak RSS, CPU per transaction
+#
+# RTPD_BENCH_BIN=path/to/rtpd skips the release build and uses that binary;
+# RTPD_BENCH_ROUNDS sets the rounds of the otel scenario (2).
 #
 # Each scenario starts its own processes on free ports with fresh data and stops them.
 set -euo pipefail
@@ -13,8 +18,12 @@ what=${1:-dev}
 count=${2:-20000}
 conc=${3:-64}
 
-cargo build --release --quiet --bin rtpd
-rtpd=$PWD/target/release/rtpd
+if [[ -n "${RTPD_BENCH_BIN:-}" ]]; then
+    rtpd=$RTPD_BENCH_BIN
+else
+    cargo build --release --quiet --bin rtpd
+    rtpd=$PWD/target/release/rtpd
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/rtpd-bench.XXXXXX")
 pids=()
 cleanup() {
@@ -36,7 +45,7 @@ start_serve() {
     local port; port=$(free_port)
     api=http://127.0.0.1:$port
     env RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/data-$1" RTPD_AUTH=none RTPD_LOG_LEVEL=warn \
-        RTPD_DOWNSTREAM_URL="$downstream" "${@:2}" "$rtpd" serve >"$work/$1.log" 2>&1 &
+        RTPD_DOWNSTREAM_URL="$downstream" "${@:2}" "$rtpd" "${serve_cmd:-serve}" >"$work/$1.log" 2>&1 &
     pids+=($!)
     serve_pid=$!
     wait_up "$api/healthz"
@@ -147,8 +156,47 @@ ops = ('get', 'register', 'claim', 'settle')
 hot, other = sum(calls.get(k, 0) for k in ops), calls.get('other', 0)
 print(f'PostgreSQL round trips per transaction: {hot / $count:.2f} on the hot path (' + ', '.join(f'{k} {calls.get(k, 0) / $count:.2f}' for k in ops) + f'); other statements (reconciler, /metrics polls, retention): {other / $count:.2f}')"
     ;;
+otel)
+    start_mock 0
+    # A collector that takes everything (200 to any POST), for "exporter on".
+    sink_port=$(free_port)
+    python3 -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200); self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$sink_port" &
+    pids+=($!)
+    dead_port=$(free_port)   # nothing listens there: connection refused
+    serve_cmd=api            # ingest alone: the processor would compete for the CPU
+    tick=$(getconf CLK_TCK)
+    for round in $(seq "${RTPD_BENCH_ROUNDS:-2}"); do
+        for mode in off down up; do
+            case $mode in
+            off) otel=() ;;
+            down) otel=(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$dead_port" OTEL_METRIC_EXPORT_INTERVAL=5000) ;;
+            up) otel=(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$sink_port" OTEL_METRIC_EXPORT_INTERVAL=5000) ;;
+            esac
+            echo "== OTLP export $mode (round $round), $count transactions, concurrency $conc"
+            start_serve "otel-$mode-$round" "${otel[@]}"
+            # Warm-up: the service has met its collector (or found it dead)
+            # before the measured run, as a long-running one has.
+            produce "W$mode$round" 2000 >/dev/null
+            sleep 2
+            ticks() { awk '{print $14 + $15}' "/proc/$serve_pid/stat"; }
+            t0=$(ticks)
+            produce "O$mode$round"
+            cpu=$(( ($(ticks) - t0) * 1000000 / tick / count ))
+            echo "peak RSS: $(awk '/VmHWM/ {print $2 " " $3}' "/proc/$serve_pid/status"); CPU per transaction: ${cpu} µs"
+            kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
+        done
+    done
+    ;;
 *)
-    echo "usage: scripts/bench.sh dev|azure|ledger [COUNT] [CONCURRENCY]" >&2
+    echo "usage: scripts/bench.sh dev|azure|ledger|otel [COUNT] [CONCURRENCY]" >&2
     exit 2
     ;;
 esac

@@ -6,6 +6,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use std::time::{Duration, Instant};
 
 use crate::metrics;
+use crate::trace_context;
+use tracing::Instrument;
 
 /// Header carrying the attempt number (1 = first call).
 pub const ATTEMPT_HEADER: &str = "X-Rtpd-Attempt";
@@ -81,19 +83,50 @@ impl Downstream {
     }
 
     pub async fn call(&self, transaction_id: &str, attempt: u32, payload: Bytes) -> CallResult {
+        let span = tracing::info_span!(
+            "downstream.call",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = "POST",
+            url.full = %self.url,
+            attempt,
+            http.response.status_code = tracing::field::Empty,
+            result = tracing::field::Empty,
+        );
+        let result = self
+            .call_once(transaction_id, attempt, payload, &span)
+            .instrument(span.clone())
+            .await;
+        span.record("result", result.label());
+        if !matches!(result, CallResult::Success { .. }) {
+            span.record("otel.status_code", "error");
+        }
+        result
+    }
+
+    async fn call_once(
+        &self,
+        transaction_id: &str,
+        attempt: u32,
+        payload: Bytes,
+        span: &tracing::Span,
+    ) -> CallResult {
         let started = Instant::now();
-        let sent = self
+        let mut request = self
             .client
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", transaction_id)
-            .header(ATTEMPT_HEADER, attempt.to_string())
-            .body(payload)
-            .send()
-            .await;
+            .header(ATTEMPT_HEADER, attempt.to_string());
+        // The payment service continues our trace.
+        if let Some(tp) = trace_context::traceparent_of(span) {
+            request = request.header(trace_context::TRACEPARENT, tp);
+        }
+        let sent = request.body(payload).send().await;
         let result = match sent {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                span.record("http.response.status_code", status);
                 let retry_after = parse_retry_after(resp.headers());
                 // Drain the body so the connection can be reused.
                 let _ = resp.bytes().await;

@@ -27,6 +27,12 @@ pub mod props {
     pub const KIND: &str = "kind";
     /// The retry number of a `retry`, the nonce of a `replay` or `redrive`.
     pub const DELIVERY: &str = "delivery";
+    /// W3C trace context of the span that sent the message.
+    pub const TRACEPARENT: &str = crate::trace_context::TRACEPARENT;
+    /// The same value under the name Microsoft's Service Bus SDKs read and
+    /// write (W3C format), so Azure Functions and the .NET/Java/Python
+    /// clients continue the trace.
+    pub const DIAGNOSTIC_ID: &str = "Diagnostic-Id";
 }
 
 /// Which copy of a transaction a message is.
@@ -94,6 +100,9 @@ pub struct Envelope {
     pub payload: Bytes,
     /// Invisible until then (a scheduled retry).
     pub scheduled: Option<DateTime<Utc>>,
+    /// W3C `traceparent` of the sender's span: a new envelope takes the
+    /// current span's, a received one the sender's.
+    pub trace_parent: Option<String>,
 }
 
 /// Service Bus's limit on a message id.
@@ -106,6 +115,7 @@ impl Envelope {
             delivery,
             payload,
             scheduled: None,
+            trace_parent: crate::trace_context::current_traceparent(),
         }
     }
 
@@ -159,6 +169,10 @@ impl Envelope {
         if let Some(t) = reg.expires_at {
             properties.insert(props::EXPIRES_AT.to_owned(), t.to_rfc3339());
         }
+        if let Some(tp) = &self.trace_parent {
+            properties.insert(props::TRACEPARENT.to_owned(), tp.clone());
+            properties.insert(props::DIAGNOSTIC_ID.to_owned(), tp.clone());
+        }
         OutgoingMessage {
             message_id: self.message_id(),
             body: self.payload.clone(),
@@ -208,6 +222,11 @@ impl Envelope {
             ),
             payload: m.body.clone(),
             scheduled: None,
+            // A message from a Microsoft SDK may carry only Diagnostic-Id.
+            trace_parent: p
+                .get(props::TRACEPARENT)
+                .or_else(|| p.get(props::DIAGNOSTIC_ID))
+                .cloned(),
         })
     }
 
@@ -285,6 +304,32 @@ mod tests {
             assert_eq!(back, e);
             assert!(back.payload_matches());
         }
+    }
+
+    #[test]
+    fn trace_context_travels_as_traceparent_and_diagnostic_id() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut e = Envelope::new(reg(), Bytes::from_static(b"{}"), Delivery::Initial);
+        e.trace_parent = Some(tp.to_owned());
+        let mut out = e.to_message();
+        assert_eq!(out.properties[props::TRACEPARENT], tp);
+        assert_eq!(out.properties[props::DIAGNOSTIC_ID], tp);
+        assert_eq!(
+            Envelope::from_message(&received(&out))
+                .unwrap()
+                .trace_parent
+                .as_deref(),
+            Some(tp)
+        );
+        // Written by a Microsoft SDK: Diagnostic-Id only.
+        out.properties.remove(props::TRACEPARENT);
+        assert_eq!(
+            Envelope::from_message(&received(&out))
+                .unwrap()
+                .trace_parent
+                .as_deref(),
+            Some(tp)
+        );
     }
 
     #[test]

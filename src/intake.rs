@@ -18,6 +18,7 @@ use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
 use crate::wal::{Log, Source, WalError, WalRecord};
 use bytes::Bytes;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// One transaction as a transport received it, already validated: the id is
 /// parsed and the payload is a UTF-8 JSON object. The id is the vendor's;
@@ -108,10 +109,12 @@ impl Intake {
             sha256: s.sha256.clone(),
             payload: text.to_owned(),
             expires_at: s.expires_at,
+            trace_parent: crate::trace_context::current_traceparent(),
         };
         let wal_ref = self
             .wal
             .append_json(&record, received_at)
+            .instrument(tracing::info_span!("wal.append", otel.kind = "client"))
             .await
             .map_err(|e| {
                 tracing::error!(transaction_id = %s.transaction_id, error = %e, "WAL append failed; not acknowledging");

@@ -30,5 +30,6 @@ pub mod resend;
 pub mod services;
 pub mod sqlite;
 pub mod telemetry;
+pub mod trace_context;
 pub mod transaction;
 pub mod wal;

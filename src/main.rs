@@ -15,8 +15,23 @@ async fn main() {
     let (format, level) = Settings::load()
         .map(|s| (s.log_format, s.log_level))
         .unwrap_or((LogFormat::Text, "info".into()));
-    telemetry::init(format, &level);
-    match run(cli.command).await {
+    let otlp = match &cli.command {
+        Command::Dev(o) => telemetry::OtlpOverride {
+            endpoint: o.otlp.clone(),
+        },
+        _ => telemetry::OtlpOverride::default(),
+    };
+    let telemetry = match telemetry::init(format, &level, &otlp) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("rtpd: {e}");
+            std::process::exit(1);
+        }
+    };
+    let ended = run(cli.command).await;
+    // The last spans and metrics leave before the process does.
+    telemetry.shutdown();
+    match ended {
         Ok(Ending::Done) => {}
         Ok(ending) => std::process::exit(ending.code()),
         Err(e) => {

@@ -1,18 +1,25 @@
-//! Process metrics (Prometheus text via `prometheus-client`). Names live here
-//! and only here; labels have few distinct values. Every notable occurrence
-//! bumps one metric through a function of this module.
+//! Process metrics: Prometheus text via `prometheus-client` for `/metrics`,
+//! and the same names over OTLP when an exporter is configured
+//! ([`export_over_otlp`]). Names live here and only here; labels have few
+//! distinct values. Every notable occurrence bumps one metric through a
+//! function of this module.
 
+use chrono::{DateTime, Utc};
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter as OtelCounter, Histogram as OtelHistogram, Meter},
+};
+use prometheus_client::metrics::gauge::Gauge as PromGauge;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use std::{
-    sync::{OnceLock, atomic::AtomicU64},
-    time::Duration,
-};
+use std::sync::{Mutex, atomic::AtomicU64};
+use std::{sync::OnceLock, time::Duration};
 
-use crate::ledger::Counts;
+use crate::ledger::{Counts, Ledger, LedgerError};
+use crate::transaction::State;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
@@ -44,11 +51,27 @@ struct StateLabel {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortCallLabel {
+    port: &'static str,
+    op: &'static str,
+    result: &'static str,
+}
+
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const BATCH_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ]
-    .into_iter()
+    LATENCY_BUCKETS.into_iter()
 }
 
 struct Metrics {
@@ -59,10 +82,13 @@ struct Metrics {
     wal_flush_records: Family<LogLabel, Histogram>,
     wal_flush_failures: Family<LogLabel, Counter>,
     downstream_calls: Family<ResultLabel, Counter>,
-    downstream_seconds: Histogram,
+    downstream_seconds: Family<ResultLabel, Histogram>,
     processed: Family<ResultLabel, Counter>,
     reconciler_actions: Family<ResultLabel, Counter>,
     ledger_transactions: Family<StateLabel, Gauge>,
+    oldest_pending_age: PromGauge<f64, AtomicU64>,
+    dead_lettered: Family<CauseLabel, Counter>,
+    port_calls: Family<PortCallLabel, Histogram>,
     api_rejected: Family<ReasonLabel, Counter>,
     recovery_waiting: Gauge,
     recovery_oldest_wait: Gauge<f64, AtomicU64>,
@@ -96,11 +122,8 @@ fn get() -> &'static Metrics {
             "Time to make one segment durable",
             wal_flush_seconds.clone(),
         );
-        let wal_flush_records = Family::<LogLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
-            ])
-        });
+        let wal_flush_records =
+            Family::<LogLabel, Histogram>::new_with_constructor(|| Histogram::new(BATCH_BUCKETS));
         registry.register(
             "wal_flush_records",
             "Records per flushed segment (group commit batch size)",
@@ -118,10 +141,12 @@ fn get() -> &'static Metrics {
             "Downstream calls by classified result",
             downstream_calls.clone(),
         );
-        let downstream_seconds = Histogram::new(latency_buckets());
+        let downstream_seconds = Family::<ResultLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
         registry.register(
             "downstream_duration_seconds",
-            "Downstream call latency",
+            "Downstream call latency by classified result",
             downstream_seconds.clone(),
         );
         let processed = Family::<ResultLabel, Counter>::default();
@@ -141,6 +166,26 @@ fn get() -> &'static Metrics {
             "ledger_transactions",
             "Transactions in the ledger by state",
             ledger_transactions.clone(),
+        );
+        let oldest_pending_age = PromGauge::<f64, AtomicU64>::default();
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the oldest transaction waiting in pending (0 when none)",
+            oldest_pending_age.clone(),
+        );
+        let dead_lettered = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "dead_lettered",
+            "Transactions and messages dead-lettered, by cause",
+            dead_lettered.clone(),
+        );
+        let port_calls = Family::<PortCallLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register(
+            "port_call_duration_seconds",
+            "Ledger and queue calls by port, operation and result",
+            port_calls.clone(),
         );
         let api_rejected = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -203,14 +248,167 @@ fn get() -> &'static Metrics {
             processed,
             reconciler_actions,
             ledger_transactions,
+            oldest_pending_age,
+            dead_lettered,
+            port_calls,
         }
     })
+}
+
+/// The same metrics as OTel instruments, once an exporter is configured.
+struct Otel {
+    ingest_requests: OtelCounter<u64>,
+    ingest_seconds: OtelHistogram<f64>,
+    wal_flush_seconds: OtelHistogram<f64>,
+    wal_flush_records: OtelHistogram<u64>,
+    wal_flush_failures: OtelCounter<u64>,
+    downstream_calls: OtelCounter<u64>,
+    downstream_seconds: OtelHistogram<f64>,
+    processed: OtelCounter<u64>,
+    reconciler_actions: OtelCounter<u64>,
+    dead_lettered: OtelCounter<u64>,
+    port_calls: OtelHistogram<f64>,
+    api_rejected: OtelCounter<u64>,
+}
+
+static OTEL: OnceLock<Otel> = OnceLock::new();
+
+/// What the ledger said when last asked, for the gauges of both exports.
+#[derive(Default)]
+struct LedgerSnapshot {
+    counts: Option<Counts>,
+    oldest_pending: Option<DateTime<Utc>>,
+}
+
+static LEDGER: Mutex<LedgerSnapshot> = Mutex::new(LedgerSnapshot {
+    counts: None,
+    oldest_pending: None,
+});
+
+fn snapshot() -> (Option<Counts>, Option<DateTime<Utc>>) {
+    let s = LEDGER.lock().unwrap_or_else(|e| e.into_inner());
+    (s.counts, s.oldest_pending)
+}
+
+fn age_secs(oldest: Option<DateTime<Utc>>) -> f64 {
+    oldest
+        .map(|t| ((crate::clock::now() - t).num_milliseconds().max(0) as f64) / 1000.0)
+        .unwrap_or(0.0)
+}
+
+fn counter(m: &Meter, name: &'static str, help: &'static str) -> OtelCounter<u64> {
+    m.u64_counter(name).with_description(help).build()
+}
+
+fn seconds(m: &Meter, name: &'static str, help: &'static str) -> OtelHistogram<f64> {
+    m.f64_histogram(name)
+        .with_description(help)
+        .with_unit("s")
+        .with_boundaries(LATENCY_BUCKETS.to_vec())
+        .build()
+}
+
+/// Registers the OTel instruments on the global meter provider (set by
+/// `telemetry::init` before anything is measured). Called once; later calls
+/// do nothing.
+pub fn export_over_otlp() {
+    OTEL.get_or_init(|| {
+        let m = opentelemetry::global::meter("rtpd");
+        // Observable gauges: read at each export from the last ledger snapshot.
+        m.i64_observable_gauge("rtpd_ledger_transactions")
+            .with_description("Transactions in the ledger by state")
+            .with_callback(|o| {
+                if let (Some(c), _) = snapshot() {
+                    for (state, n) in c.by_state() {
+                        o.observe(n as i64, &[KeyValue::new("state", state.as_str())]);
+                    }
+                }
+            })
+            .build();
+        m.f64_observable_gauge("rtpd_oldest_pending_age_seconds")
+            .with_description("Age of the oldest transaction waiting in pending (0 when none)")
+            .with_unit("s")
+            .with_callback(|o| {
+                let (counts, oldest) = snapshot();
+                if counts.is_some() {
+                    o.observe(age_secs(oldest), &[]);
+                }
+            })
+            .build();
+        Otel {
+            ingest_requests: counter(
+                &m,
+                "rtpd_ingest_requests",
+                "Transaction POSTs by response status",
+            ),
+            ingest_seconds: seconds(
+                &m,
+                "rtpd_ingest_duration_seconds",
+                "Time from request to durability receipt",
+            ),
+            wal_flush_seconds: seconds(
+                &m,
+                "rtpd_wal_flush_duration_seconds",
+                "Time to make one segment durable",
+            ),
+            wal_flush_records: m
+                .u64_histogram("rtpd_wal_flush_records")
+                .with_description("Records per flushed segment (group commit batch size)")
+                .with_boundaries(BATCH_BUCKETS.to_vec())
+                .build(),
+            wal_flush_failures: counter(
+                &m,
+                "rtpd_wal_flush_failures",
+                "Segments that could not be made durable",
+            ),
+            downstream_calls: counter(
+                &m,
+                "rtpd_downstream_calls",
+                "Downstream calls by classified result",
+            ),
+            downstream_seconds: seconds(
+                &m,
+                "rtpd_downstream_duration_seconds",
+                "Downstream call latency by classified result",
+            ),
+            processed: counter(&m, "rtpd_processed", "Queue messages handled by outcome"),
+            reconciler_actions: counter(
+                &m,
+                "rtpd_reconciler_actions",
+                "Reconciler findings and re-drives",
+            ),
+            dead_lettered: counter(
+                &m,
+                "rtpd_dead_lettered",
+                "Transactions and messages dead-lettered, by cause",
+            ),
+            port_calls: seconds(
+                &m,
+                "rtpd_port_call_duration_seconds",
+                "Ledger and queue calls by port, operation and result",
+            ),
+            api_rejected: counter(
+                &m,
+                "rtpd_api_rejected",
+                "API calls refused (4xx other than 404/405, and load shedding) by reason",
+            ),
+        }
+    });
+}
+
+fn otel() -> Option<&'static Otel> {
+    OTEL.get()
 }
 
 pub fn ingest_answered(code: u16, took: Duration) {
     let m = get();
     m.ingest_requests.get_or_create(&CodeLabel { code }).inc();
     m.ingest_seconds.observe(took.as_secs_f64());
+    if let Some(o) = otel() {
+        let code = [KeyValue::new("code", i64::from(code))];
+        o.ingest_requests.add(1, &code);
+        o.ingest_seconds.record(took.as_secs_f64(), &[]);
+    }
 }
 
 pub fn api_rejected(reason: &'static str) {
@@ -218,6 +416,9 @@ pub fn api_rejected(reason: &'static str) {
         .api_rejected
         .get_or_create(&ReasonLabel { reason })
         .inc();
+    if let Some(o) = otel() {
+        o.api_rejected.add(1, &[KeyValue::new("reason", reason)]);
+    }
 }
 
 pub fn http_protocol_error() {
@@ -241,18 +442,67 @@ pub fn wal_flushed(log: &'static str, records: usize, took: Duration, ok: bool) 
     } else {
         m.wal_flush_failures.get_or_create(&l).inc();
     }
+    if let Some(o) = otel() {
+        let l = [KeyValue::new("log", log)];
+        if ok {
+            o.wal_flush_seconds.record(took.as_secs_f64(), &l);
+            o.wal_flush_records.record(records as u64, &l);
+        } else {
+            o.wal_flush_failures.add(1, &l);
+        }
+    }
 }
 
 pub fn downstream_called(result: &'static str, took: Duration) {
     let m = get();
-    m.downstream_calls
-        .get_or_create(&ResultLabel { result })
-        .inc();
-    m.downstream_seconds.observe(took.as_secs_f64());
+    let l = ResultLabel { result };
+    m.downstream_calls.get_or_create(&l).inc();
+    m.downstream_seconds
+        .get_or_create(&l)
+        .observe(took.as_secs_f64());
+    if let Some(o) = otel() {
+        let l = [KeyValue::new("result", result)];
+        o.downstream_calls.add(1, &l);
+        o.downstream_seconds.record(took.as_secs_f64(), &l);
+    }
 }
 
 pub fn processed(result: &'static str) {
     get().processed.get_or_create(&ResultLabel { result }).inc();
+    if let Some(o) = otel() {
+        o.processed.add(1, &[KeyValue::new("result", result)]);
+    }
+}
+
+/// A transaction or an undecodable message went to the dead-letter state
+/// (`cause`: `permanent_failure`, `retries_exhausted`, `undecodable`, ...).
+pub fn dead_lettered(cause: &'static str) {
+    get()
+        .dead_lettered
+        .get_or_create(&CauseLabel { cause })
+        .inc();
+    if let Some(o) = otel() {
+        o.dead_lettered.add(1, &[KeyValue::new("cause", cause)]);
+    }
+}
+
+/// One call through a ledger or queue port (the instrumented decorators).
+pub fn port_call(port: &'static str, op: &'static str, ok: bool, took: Duration) {
+    let result = if ok { "ok" } else { "error" };
+    get()
+        .port_calls
+        .get_or_create(&PortCallLabel { port, op, result })
+        .observe(took.as_secs_f64());
+    if let Some(o) = otel() {
+        o.port_calls.record(
+            took.as_secs_f64(),
+            &[
+                KeyValue::new("port", port),
+                KeyValue::new("op", op),
+                KeyValue::new("result", result),
+            ],
+        );
+    }
 }
 
 pub fn reconciler(result: &'static str, n: u64) {
@@ -260,6 +510,10 @@ pub fn reconciler(result: &'static str, n: u64) {
         .reconciler_actions
         .get_or_create(&ResultLabel { result })
         .inc_by(n);
+    if let Some(o) = otel() {
+        o.reconciler_actions
+            .add(n, &[KeyValue::new("result", result)]);
+    }
 }
 
 pub fn recovery_waiting(n: usize, oldest: Duration) {
@@ -279,9 +533,47 @@ pub fn dependency_returned(dependency: &'static str) {
         .inc();
 }
 
-/// Prometheus text exposition, with the ledger's state counts as gauges.
-pub fn render(counts: Option<&Counts>) -> String {
+/// Reads the ledger's counts and its oldest pending transaction into the
+/// gauges (`rtpd_ledger_transactions`, `rtpd_oldest_pending_age_seconds`).
+/// Called on each Prometheus scrape and periodically by the service, so the
+/// OTLP export sees fresh values too. Returns the counts.
+pub async fn observe_ledger(ledger: &dyn Ledger) -> Result<Counts, LedgerError> {
+    let counts = ledger.counts().await?;
+    let oldest = ledger.oldest_update(State::Pending).await?;
+    let mut s = LEDGER.lock().unwrap_or_else(|e| e.into_inner());
+    s.counts = Some(counts);
+    s.oldest_pending = oldest;
+    Ok(counts)
+}
+
+/// Keeps the ledger gauges fresh for the OTLP export (which has no scrape
+/// to trigger [`observe_ledger`]) until `stop` turns true.
+pub async fn watch_ledger(
+    ledger: std::sync::Arc<dyn Ledger>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if let Err(e) = observe_ledger(ledger.as_ref()).await {
+            tracing::debug!(error = %e, "could not read the ledger gauges");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The gauges' last values: state counts and the oldest pending age in seconds.
+pub fn ledger_gauges() -> (Option<Counts>, f64) {
+    let (counts, oldest) = snapshot();
+    (counts, age_secs(oldest))
+}
+
+/// Prometheus text exposition, with the ledger gauges as last observed.
+pub fn render() -> String {
     let m = get();
+    let (counts, oldest) = snapshot();
     if let Some(c) = counts {
         for (state, n) in c.by_state() {
             m.ledger_transactions
@@ -290,6 +582,7 @@ pub fn render(counts: Option<&Counts>) -> String {
                 })
                 .set(n as i64);
         }
+        m.oldest_pending_age.set(age_secs(oldest));
     }
     let mut out = String::new();
     if encode(&mut out, &m.registry).is_err() {

@@ -90,6 +90,10 @@ pub struct KeyStats {
     /// processor only settles, so an audit reads it as the time the
     /// transaction became final.
     pub last_call_ms: i64,
+    /// The `traceparent` header of each call that carried one, so a test
+    /// can check the caller's trace reached the payment service.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub traceparents: Vec<String>,
     #[serde(skip)]
     in_flight: u32,
 }
@@ -218,10 +222,16 @@ impl Mock {
             .ok()
             .and_then(|v| v.get("_mock")?.get("script").cloned())
             .and_then(|s| serde_json::from_value(s).ok());
+        let traceparent = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let (call_no, already) = {
             let mut st = self.state.lock().expect("mock state lock");
             let k = st.keys.entry(key.clone()).or_default();
             k.calls += 1;
+            k.traceparents.extend(traceparent);
             k.last_call_ms = crate::clock::now().timestamp_millis();
             if k.in_flight > 0 {
                 k.concurrent_overlaps += 1;

@@ -162,9 +162,24 @@ impl Processor {
             .get(props::TRANSACTION_ID)
             .cloned()
             .unwrap_or_default();
-        let span =
-            tracing::info_span!("process", transaction_id = %id, delivery = m.delivery_count);
-        let outcome = self.handle(m).instrument(span).await;
+        let span = tracing::info_span!(
+            "process",
+            otel.kind = "consumer",
+            transaction_id = %id,
+            delivery = m.delivery_count,
+            message_id = %m.message_id,
+            outcome = tracing::field::Empty,
+        );
+        // Continue the sender's trace (ours, or a Microsoft SDK's Diagnostic-Id).
+        crate::trace_context::continue_from(
+            &span,
+            m.properties
+                .get(props::TRACEPARENT)
+                .or_else(|| m.properties.get(props::DIAGNOSTIC_ID))
+                .map(String::as_str),
+        );
+        let outcome = self.handle(m).instrument(span.clone()).await;
+        span.record("outcome", outcome.label());
         metrics::processed(outcome.label());
         outcome
     }
@@ -444,6 +459,7 @@ impl Processor {
         }
         let settled = match &s {
             Settlement::DeadLetter { reason, error } => {
+                metrics::dead_lettered(reason.as_str());
                 self.queue.dead_letter(m, reason.as_str(), error).await
             }
             _ => self.queue.complete(m).await,
@@ -740,7 +756,10 @@ impl Processor {
             .dead_letter(m, reason.as_str(), description)
             .await
         {
-            Ok(()) => Outcome::DeadLettered,
+            Ok(()) => {
+                metrics::dead_lettered(reason.as_str());
+                Outcome::DeadLettered
+            }
             Err(QueueError::LockLost) => Outcome::Fenced,
             Err(e) => Outcome::Deferred(DeferCause::Queue(e.to_string())),
         }

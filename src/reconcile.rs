@@ -42,6 +42,7 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::Serialize;
 use std::{collections::HashSet, sync::Arc, time::Duration};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// The ports the reconciler joins and repairs.
 #[derive(Clone)]
@@ -236,7 +237,18 @@ impl Reconciler {
             renewed: Instant::now(),
         };
         lease.acquire().await?;
-        let result = self.pass(o, &mut lease).await;
+        let span = tracing::info_span!(
+            "reconcile",
+            from = %o.from,
+            to = %o.to,
+            drift = tracing::field::Empty,
+            redriven = tracing::field::Empty,
+        );
+        let result = self.pass(o, &mut lease).instrument(span.clone()).await;
+        if let Ok(r) = &result {
+            span.record("drift", r.drift());
+            span.record("redriven", r.redriven());
+        }
         if let Some(l) = &o.lease {
             // A zero-length renewal ends the lease at once.
             let _ = self.ledger.try_lease(LEASE, &l.owner, Duration::ZERO).await;

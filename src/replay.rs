@@ -10,6 +10,7 @@ use crate::wal::{Log, WalError, WalRecord};
 use bytes::Bytes;
 use chrono::Utc;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// The ports a replay uses.
 #[derive(Clone)]
@@ -99,6 +100,15 @@ impl Replayer {
         key: &str,
         req: &ReplayRequest,
     ) -> Result<Replayed, ReplayError> {
+        let span = tracing::info_span!("replay", transaction_id = %key, force = req.force);
+        self.replay_traced(key, req).instrument(span).await
+    }
+
+    async fn replay_traced(
+        &self,
+        key: &str,
+        req: &ReplayRequest,
+    ) -> Result<Replayed, ReplayError> {
         let Ok(key) = TransactionId::parse_key(key) else {
             return Ok(Replayed::NotFound);
         };
@@ -111,6 +121,8 @@ impl Replayer {
             return Ok(Replayed::Refused(current));
         }
         let wal = load_record(&self.wal, &current.wal_ref).await?;
+        // The replay's trace points back at the vendor's original POST.
+        crate::trace_context::link_to(&tracing::Span::current(), wal.trace_parent.as_deref());
         let nonce = Delivery::nonce();
         self.journal
             .append(&JournalEntry {

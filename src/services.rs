@@ -25,6 +25,7 @@ use crate::reconcile::Reconciler;
 use crate::recovery::{self, Waiting};
 use crate::replay::Replayer;
 use crate::resend::{self, Resend};
+use crate::telemetry::ports::{InstrumentedLedger, InstrumentedQueue};
 use crate::wal::azure::{AzureBlobSettings, AzureBlobStore};
 use crate::wal::{
     GroupCommit, JOURNAL_PREFIX, Log, REJECTED_PREFIX, WAL_PREFIX, local::LocalStore,
@@ -144,6 +145,9 @@ impl Services {
             flushers: settings.wal_flushers,
             ..GroupCommit::default()
         };
+        // Every flow sees the ports through the decorators that trace and time them.
+        let ledger: Arc<dyn Ledger> = Arc::new(InstrumentedLedger(ledger));
+        let queue: Arc<dyn Queue> = Arc::new(InstrumentedQueue(queue));
         let waiting = Arc::new(Waiting::default());
         Services {
             resend: Resend::start(queue.clone(), waiting.clone(), resend::CAPACITY),

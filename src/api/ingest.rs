@@ -6,6 +6,7 @@ use super::rejected::BodySeen;
 use super::{ApiError, ApiState, VendorCheck, error::ErrorBody, json::parse_document};
 use crate::intake::{Dependency, IntakeError, IntakeOutcome, Submission};
 use crate::metrics;
+use crate::trace_context;
 use crate::transaction::{Sha256, State, TransactionId, TxRecord, WalRef};
 use crate::wal::Source;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, http::header, web};
@@ -14,6 +15,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 /// Submit a transaction; a 2xx only once it is durable in the WAL.
@@ -48,11 +50,34 @@ pub async fn ingest(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = accept(&req, payload, &state).await;
+    // Named as OpenTelemetry's HTTP conventions name a server span, which is
+    // what Application Insights lists under requests.
+    let span = tracing::info_span!(
+        "ingest",
+        otel.name = "POST /v1/transactions",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        http.route = "/v1/transactions",
+        transaction_id = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    // A vendor that traces its own calls gets ours as the continuation.
+    trace_context::continue_from(
+        &span,
+        req.headers()
+            .get(trace_context::TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let result = accept(&req, payload, &state).instrument(span.clone()).await;
     let status = match &result {
         Ok(r) => r.status(),
         Err(e) => e.status_code(),
     };
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     metrics::ingest_answered(status.as_u16(), started.elapsed());
     result
 }
@@ -322,6 +347,7 @@ async fn accept(
     };
     let id = transaction_id(req, &doc)?;
     let expires_at = expires_at(req, &doc)?;
+    tracing::Span::current().record("transaction_id", id.as_str());
     let submission = Submission {
         transaction_id: id,
         payload: body,

@@ -79,11 +79,11 @@ pub async fn metrics(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let counts = state.ledger().counts().await;
+    let counts = prom::observe_ledger(state.ledger().as_ref()).await;
     if accept.contains("text/plain") || accept.contains("application/openmetrics-text") {
         return Ok(HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
-            .body(prom::render(counts.as_ref().ok())));
+            .body(prom::render()));
     }
     let c = counts.map_err(ledger_error)?;
     Ok(HttpResponse::Ok().json(StateCounts {

@@ -33,6 +33,10 @@ pub struct Opts {
     /// Use RTPD_DOWNSTREAM_URL instead of starting the mock
     #[arg(long)]
     pub no_mock: bool,
+    /// Export traces and metrics over OTLP/HTTP to this collector, e.g.
+    /// http://127.0.0.1:4318 (instead of the OTEL_EXPORTER_OTLP_* variables)
+    #[arg(long, value_name = "URL")]
+    pub otlp: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -307,6 +307,40 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
     ),
 ];
 
+/// The standard OpenTelemetry variables rtpd honours (no `RTPD_` copies):
+/// export is off unless an endpoint is set.
+const OTEL_VARIABLES: &[(&str, &str)] = &[
+    (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTLP collector for traces and metrics; export is off when unset",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "grpc or http/protobuf (default); _TRACES_/_METRICS_ variants per signal",
+    ),
+    (
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "traces only, full URL (also _METRICS_ENDPOINT)",
+    ),
+    (
+        "OTEL_SERVICE_NAME",
+        "service name on every span and metric [default: rtpd]",
+    ),
+    (
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "more resource attributes, k=v,k2=v2",
+    ),
+    (
+        "OTEL_METRIC_EXPORT_INTERVAL",
+        "milliseconds between metric exports [default: 60000]",
+    ),
+    (
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "spans held while the collector is slow or down; more are dropped [default: 2048]",
+    ),
+    ("OTEL_SDK_DISABLED", "true turns every export off"),
+];
+
 /// What each subcommand reads, and how it ends.
 pub fn of(subcommand: &str) -> (Reads, &'static str) {
     const COMMON: &str = "0 done; 1 failed (one line on stderr: \"rtpd: <why>\"); 2 usage error";
@@ -374,6 +408,12 @@ pub fn section(reads: Reads, exit: &str) -> String {
         };
         out.push_str(&format!("  {name:<36} {meaning}{default}\n"));
     }
+    if reads.overlaps(Reads::BACKENDS) {
+        out.push_str("\nOpenTelemetry (standard variables; rtpd dev also takes --otlp URL):\n");
+        for (name, meaning) in OTEL_VARIABLES {
+            out.push_str(&format!("  {name:<36} {meaning}\n"));
+        }
+    }
     out.push_str("\nExit status:\n  ");
     out.push_str(exit);
     out
@@ -419,5 +459,7 @@ mod tests {
         let (reads, exit) = of("produce");
         let produce = section(reads, exit);
         assert!(produce.contains("RTPD_LOG_LEVEL") && !produce.contains("RTPD_WAL "));
+        assert!(api.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{api}");
+        assert!(!produce.contains("OTEL_"), "{produce}");
     }
 }

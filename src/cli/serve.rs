@@ -55,6 +55,10 @@ pub async fn run(parts: Parts, settings: Settings) -> anyhow::Result<()> {
     run_with(parts, settings, auth, None).await
 }
 
+/// How often at most the ledger gauges are read between scrapes (more often
+/// when `OTEL_METRIC_EXPORT_INTERVAL` is shorter).
+const LEDGER_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the parts; `ready` hears the API's port once it is bound.
 pub async fn run_with(
     parts: Parts,
@@ -78,6 +82,14 @@ pub async fn run_with(
     tasks.spawn(async move {
         credentials.await;
         Ok("credential watcher")
+    });
+
+    // Ledger gauges (state counts, oldest pending age) for the OTLP export.
+    let (ledger, stop) = (services.ledger.clone(), stop_rx.clone());
+    tasks.spawn(async move {
+        let every = crate::telemetry::otlp::metric_export_interval().min(LEDGER_GAUGES_EVERY);
+        crate::metrics::watch_ledger(ledger, every, stop).await;
+        Ok("ledger gauges")
     });
 
     if parts.api() || parts == Parts::Processor {

@@ -358,6 +358,21 @@ impl Ledger for LocalLedger {
             .map_err(db_err)
     }
 
+    async fn oldest_update(
+        &self,
+        state: State,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, LedgerError> {
+        let us: Option<i64> = self
+            .db
+            .read(move |c| {
+                c.prepare_cached("SELECT MIN(updated_at) FROM transactions WHERE status = ?1")?
+                    .query_row(params![state.as_str()], |r| r.get(0))
+            })
+            .await
+            .map_err(db_err)?;
+        Ok(us.and_then(chrono::DateTime::from_timestamp_micros))
+    }
+
     async fn ping(&self) -> Result<(), LedgerError> {
         self.run(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }

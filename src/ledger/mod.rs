@@ -22,6 +22,7 @@ pub mod redis;
 use crate::transaction::{Registration, Settlement, State, TransactionId, TxRecord};
 use async_trait::async_trait;
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -215,6 +216,10 @@ pub trait Ledger: Send + Sync + 'static {
     async fn set_checkpoint(&self, name: &str, value: &str) -> Result<(), LedgerError>;
     async fn list(&self, q: ListQuery) -> Result<Page, LedgerError>;
     async fn counts(&self) -> Result<Counts, LedgerError>;
+    /// The least recent `updated_at` among the records in `state` — for
+    /// `pending`, since when the oldest waiting transaction has waited — or
+    /// `None` when no record is in it. Read from the index `list` uses.
+    async fn oldest_update(&self, state: State) -> Result<Option<DateTime<Utc>>, LedgerError>;
     async fn ping(&self) -> Result<(), LedgerError>;
     fn describe(&self) -> String;
 }

@@ -29,6 +29,7 @@ use std::{
 use store::{ObjectInfo, ObjectStore, PutOptions, StoreError};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::metrics;
@@ -98,6 +99,10 @@ pub struct WalRecord {
     /// The vendor's deadline (`expires_at`, from the body or the header).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// W3C `traceparent` of the ingest span, so a replay links back to the
+    /// original trace (absent when tracing is off, and in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 impl WalRecord {
@@ -151,6 +156,8 @@ struct Append {
     line: Vec<u8>,
     at: DateTime<Utc>,
     reply: oneshot::Sender<Result<WalRef, WalError>>,
+    /// The appender's span: the flush that carries this line links to it.
+    span: tracing::Span,
 }
 
 /// A group-committed log of JSON lines under one key prefix.
@@ -194,7 +201,12 @@ impl Log {
         debug_assert!(!line.contains(&b'\n'));
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Append { line, at, reply })
+            .send(Append {
+                line,
+                at,
+                reply,
+                span: tracing::Span::current(),
+            })
             .await
             .map_err(|_| WalError::Closed)?;
         rx.await.map_err(|_| WalError::Closed)?
@@ -361,8 +373,24 @@ impl Flusher {
                 ("last_received_at".into(), last.to_rfc3339()),
             ]),
         };
+        // One span per segment: a child of the first appender's span (so a
+        // lone request's trace shows its flush), linked to every other one.
+        let span = tracing::info_span!(
+            parent: &batch[0].span,
+            "wal.flush",
+            otel.kind = "client",
+            log = self.prefix,
+            records = batch.len(),
+            segment = %key,
+        );
+        for a in &batch[1..] {
+            crate::trace_context::link_spans(&span, &a.span);
+        }
         let started = Instant::now();
-        let result = self.put_with_retry(&key, Bytes::from(body), &opts).await;
+        let result = self
+            .put_with_retry(&key, Bytes::from(body), &opts)
+            .instrument(span)
+            .await;
         metrics::wal_flushed(self.prefix, batch.len(), started.elapsed(), result.is_ok());
         match result {
             Ok(()) => {

@@ -310,6 +310,53 @@ pub async fn counts_follow_transitions(l: Arc<dyn Ledger>) {
     assert_eq!(c.total(), 6);
 }
 
+/// `oldest_update` is the least recent `updated_at` of the records in a state,
+/// and follows them as they move on.
+pub async fn oldest_update_follows_the_state(l: Arc<dyn Ledger>) {
+    assert_eq!(l.oldest_update(State::Pending).await.unwrap(), None);
+    let us = |r: &TxRecord| r.updated_at.timestamp_micros();
+    let at = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros());
+    for id in ["o1", "o2", "o3"] {
+        l.register(reg(id, "aa")).await.unwrap();
+    }
+    let recs = futures::future::join_all(["o1", "o2", "o3"].map(|id| l.get(id))).await;
+    let recs: Vec<TxRecord> = recs.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    let oldest = recs.iter().map(us).min();
+    assert_eq!(at(l.oldest_update(State::Pending).await.unwrap()), oldest);
+    // The oldest leaves pending: the next oldest is reported.
+    let first = recs
+        .iter()
+        .min_by_key(|r| (us(r), r.transaction_id.to_string()))
+        .unwrap();
+    let ClaimOutcome::Claimed(claimed) = l
+        .claim(first.transaction_id.as_str(), "w", LEASE)
+        .await
+        .unwrap()
+    else {
+        panic!("claimable")
+    };
+    let rest: Vec<&TxRecord> = recs
+        .iter()
+        .filter(|r| r.transaction_id != first.transaction_id)
+        .collect();
+    assert_eq!(
+        at(l.oldest_update(State::Pending).await.unwrap()),
+        rest.iter().map(|r| us(r)).min()
+    );
+    assert_eq!(
+        at(l.oldest_update(State::Processing).await.unwrap()),
+        Some(us(&claimed))
+    );
+    for r in rest {
+        let id = r.transaction_id.as_str();
+        l.claim(id, "w", LEASE).await.unwrap();
+        l.settle(id, "w", 1, Settlement::Success).await.unwrap();
+    }
+    assert_eq!(l.oldest_update(State::Pending).await.unwrap(), None);
+    assert_eq!(l.oldest_update(State::DeadLetter).await.unwrap(), None);
+    assert!(l.oldest_update(State::Success).await.unwrap().is_some());
+}
+
 /// Many claimers race for one transaction: exactly one wins.
 pub async fn concurrent_claimers_one_wins(l: Arc<dyn Ledger>) {
     l.register(reg("race", "aa")).await.unwrap();
@@ -629,6 +676,10 @@ macro_rules! ledger_contract {
             #[tokio::test]
             async fn counts_follow_transitions() {
                 super::counts_follow_transitions($make().await).await
+            }
+            #[tokio::test]
+            async fn oldest_update_follows_the_state() {
+                super::oldest_update_follows_the_state($make().await).await
             }
             #[tokio::test]
             async fn concurrent_claimers_one_wins() {

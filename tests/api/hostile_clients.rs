@@ -155,6 +155,7 @@ async fn slow_anonymous_replays_against_the_release_binary_leave_vendor_posts_20
         dir.path(),
         api_port,
         mock_port,
+        &[],
         &[
             ("RTPD_MAX_IN_FLIGHT", "20"),
             ("RTPD_REQUEST_TIMEOUT_SECS", "60"),
@@ -912,6 +913,7 @@ async fn entries_written_before_vendor_scoping_stay_their_vendors() {
         sha256: Sha256::of(body.as_bytes()),
         payload: body.into(),
         expires_at: None,
+        trace_parent: None,
     };
     let wal_ref = app.services.wal.append_json(&record, at).await.unwrap();
     let mut reg = record.registration(&wal_ref);

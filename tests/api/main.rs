@@ -26,4 +26,5 @@ mod seed_routes;
 mod servicebus;
 mod servicebus_azure;
 mod support;
+mod telemetry;
 mod webhooks;

@@ -46,6 +46,7 @@ async fn reconciler_matches_wal_record_by_sha(on: On) {
                 sha256: Sha256::of(refused.as_bytes()),
                 payload: refused.into(),
                 expires_at: None,
+                trace_parent: None,
             },
             Utc::now(),
         )

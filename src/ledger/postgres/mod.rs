@@ -536,6 +536,17 @@ impl Ledger for PostgresLedger {
         Ok(counts)
     }
 
+    async fn oldest_update(&self, state: State) -> Result<Option<DateTime<Utc>>, LedgerError> {
+        let rows = self
+            .inner
+            .query("oldest_update", sql::OLDEST_UPDATE, &[&state.as_str()])
+            .await?;
+        match rows.first() {
+            Some(row) => row.try_get(0).map_err(malformed),
+            None => Ok(None),
+        }
+    }
+
     async fn ping(&self) -> Result<(), LedgerError> {
         self.inner.query("ping", sql::PING, &[]).await.map(|_| ())
     }

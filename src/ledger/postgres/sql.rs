@@ -177,6 +177,9 @@ pub const LIST_STATE: &str = concat!(
      ORDER BY updated_at DESC, transaction_id DESC LIMIT $4"
 );
 
+/// $1 state. The least recent update in that state (the status index).
+pub const OLDEST_UPDATE: &str = "SELECT min(updated_at) FROM transactions WHERE status = $1::text";
+
 /// The sums of the counter slots, in `State::ALL` order.
 pub const COUNTS: &str = "\
     SELECT coalesce(sum(pending), 0)::bigint, coalesce(sum(processing), 0)::bigint, \

@@ -438,6 +438,38 @@ impl Ledger for RedisLedger {
         Ok(Page { items, next_cursor })
     }
 
+    async fn oldest_update(&self, state: State) -> Result<Option<DateTime<Utc>>, LedgerError> {
+        // Each shard's state index is scored by `updated_at` (µs): its first
+        // entry is that shard's oldest.
+        let firsts = (0..SHARDS).map(|shard| {
+            let mut conn = self.conn.clone();
+            let key = self.keys.index(shard, Some(state));
+            async move {
+                redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES")
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+            }
+        });
+        let firsts = self
+            .bounded("oldest_update", futures::future::try_join_all(firsts))
+            .await?;
+        let mut oldest: Option<i64> = None;
+        for first in firsts {
+            if let [_, score] = first.as_slice() {
+                let us = score
+                    .parse::<f64>()
+                    .map_err(|_| malformed(format!("index score {score:?}")))?
+                    as i64;
+                oldest = Some(oldest.map_or(us, |o| o.min(us)));
+            }
+        }
+        Ok(oldest.and_then(DateTime::from_timestamp_micros))
+    }
+
     async fn counts(&self) -> Result<Counts, LedgerError> {
         let cutoff = self.cutoff_us(Self::now());
         let shards = (0..SHARDS).map(|shard| {

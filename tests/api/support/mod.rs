@@ -1,8 +1,10 @@
 //! Test helpers: `spawn_app()` runs the API on port 0 with embedded backends
 //! and a real mock downstream on port 0; typed request helpers; Azurite access.
 //! Real processes (`rtpd`, the mock downstream) live in [`process`];
-//! PostgreSQL databases, schemas and servers for tests in [`postgres`].
+//! PostgreSQL databases, schemas and servers for tests in [`postgres`]; an
+//! OTLP/HTTP receiver in [`otlp`].
 
+pub mod otlp;
 pub mod postgres;
 pub mod process;
 

@@ -112,20 +112,24 @@ pub fn release_rtpd() -> Command {
 }
 
 pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
-    spawn_dev_with(rtpd(), dir, api_port, mock_port, &[])
+    spawn_dev_with(rtpd(), dir, api_port, mock_port, &[], &[])
 }
 
-/// `rtpd dev --no-mock` from `bin`, with the test settings and `env` on top.
+/// `rtpd dev --no-mock` from `bin`, with extra arguments and the test
+/// settings and `env` on top.
 pub fn spawn_dev_with(
     mut bin: Command,
     dir: &Path,
     api_port: u16,
     mock_port: u16,
+    args: &[&str],
     env: &[(&str, &str)],
 ) -> Proc {
     Proc(
         bin.arg("dev")
             .arg("--no-mock")
+            .args(args)
+            .envs(env.iter().copied())
             .env("RTPD_DATA_DIR", dir)
             .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
             .env(

@@ -1,0 +1,132 @@
+//! Logs, traces and metrics export. Logging: human-readable by default, JSON
+//! with `RTPD_LOG_FORMAT=json`. Payloads are never logged; lines about a
+//! transaction carry its id. Traces and metrics go out over OTLP when the
+//! standard `OTEL_EXPORTER_OTLP_*` variables (or `rtpd dev --otlp`) say where
+//! ([`otlp`]); trace context crosses processes as W3C `traceparent`
+//! ([`crate::trace_context`]); ledger and queue calls are traced by the
+//! decorators in [`ports`].
+
+pub mod otlp;
+pub mod ports;
+
+use crate::config::LogFormat;
+use opentelemetry::trace::TracerProvider as _;
+pub use otlp::{OtlpError, OtlpOverride};
+use std::time::Duration;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{self, FilterExt, Targets},
+    fmt,
+    layer::Context,
+    prelude::*,
+    registry::LookupSpan,
+};
+
+/// actix's HTTP/1 dispatcher logs a client's malformed request or body
+/// (bad header bytes, a broken chunked body, Content-Length with
+/// Transfer-Encoding) at ERROR, so anyone could write ERROR lines. Those
+/// lines are kept out of the log and counted instead
+/// (`rtpd_http_protocol_errors`); `RTPD_LOG_LEVEL=debug` shows them.
+const ACTIX_DISPATCHER: &str = "actix_http::h1::dispatcher";
+
+struct ProtocolErrors;
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for ProtocolErrors {
+    fn on_event(&self, _event: &Event<'_>, _ctx: Context<'_, S>) {
+        crate::metrics::http_protocol_error();
+    }
+}
+
+/// The running exporters; call [`Telemetry::shutdown`] before exiting so the
+/// last spans and metrics leave.
+pub struct Telemetry {
+    exporters: otlp::Exporters,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn traces(&self) -> bool {
+        self.exporters.tracer.is_some()
+    }
+
+    /// Flushes and stops the exporters, waiting a few seconds at most.
+    pub fn shutdown(self) {
+        if let Some(t) = &self.exporters.tracer {
+            let _ = t.shutdown_with_timeout(Duration::from_secs(5));
+        }
+        if let Some(m) = &self.exporters.meter {
+            let _ = m.shutdown_with_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+fn otel_layer<S>(exporters: &otlp::Exporters) -> Option<impl Layer<S>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    // rtpd's own spans at info, whatever RTPD_LOG_LEVEL keeps out of the
+    // logs: a quiet log must not cost the traces.
+    let spans = Targets::new()
+        .with_default(Level::WARN)
+        .with_target("rtp_durability", Level::INFO);
+    // While the collector fails, no spans are built at all (see ExportHealth).
+    let health = exporters.health.clone();
+    let spans = spans.and(filter::filter_fn(move |_| health.recording()));
+    exporters.tracer.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("rtpd"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            // Nothing reads OpenTelemetry's own current context (trace
+            // context is taken from the tracing span), so entering a span on
+            // every poll need not attach one.
+            .with_context_activation(false)
+            .with_filter(spans)
+    })
+}
+
+/// Sets up logging, and the OTLP exporters when configured. Must run inside
+/// the Tokio runtime. A second call (tests) keeps the first subscriber.
+pub fn init(format: LogFormat, level: &str, over: &OtlpOverride) -> Result<Telemetry, OtlpError> {
+    let exporters = otlp::start(over)?;
+    if let Some(m) = &exporters.meter {
+        opentelemetry::global::set_meter_provider(m.clone());
+        crate::metrics::export_over_otlp();
+    }
+    let quiet_dispatcher = if matches!(level, "debug" | "trace") {
+        ""
+    } else {
+        ",actix_http::h1::dispatcher=off"
+    };
+    let filter = EnvFilter::try_new(format!(
+        "{level},actix_server=warn,actix_web=warn,hyper=warn,reqwest=warn,h2=warn,tonic=warn,opentelemetry=warn{quiet_dispatcher}"
+    ))
+    .unwrap_or_else(|_| EnvFilter::new("info"));
+    // The filter is the log's, per layer, so the counter still sees what
+    // the log leaves out.
+    let counter = ProtocolErrors.with_filter(filter::filter_fn(|m| {
+        m.target() == ACTIX_DISPATCHER && *m.level() == Level::ERROR
+    }));
+    let registry = tracing_subscriber::registry()
+        .with(counter)
+        .with(otel_layer(&exporters));
+    let result = match format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_filter(filter),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_target(false).with_filter(filter))
+            .try_init(),
+    };
+    let _ = result;
+    Ok(Telemetry { exporters })
+}

@@ -1,0 +1,296 @@
+//! The OTLP exporters: traces and metrics, off unless an endpoint is given
+//! (the standard `OTEL_EXPORTER_OTLP_*` variables, or `rtpd dev --otlp URL`).
+//!
+//! Export never blocks a request: spans go through the SDK's batch processor,
+//! whose queue is bounded (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048 by default) and
+//! drops what does not fit, on its own thread; metrics are read every
+//! `OTEL_METRIC_EXPORT_INTERVAL` (60 s by default) by the periodic reader,
+//! also on its own thread. A dead collector costs at most one full queue.
+//!
+//! While exports fail, rtpd stops recording spans ([`ExportHealth`]): they
+//! would be dropped anyway, and building them is most of tracing's cost. A
+//! probe window of [`PROBE_WINDOW_MS`] every [`PROBE_EVERY_SECS`] lets a few
+//! through, so the first export that succeeds turns recording back on.
+
+use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    metrics::{PeriodicReader, SdkMeterProvider},
+    trace::{BatchSpanProcessor, SdkTracerProvider, SpanData},
+};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+const METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
+const PROTOCOL_VARS: [&str; 3] = [
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+];
+const SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
+/// The service name when `OTEL_SERVICE_NAME` does not say otherwise.
+pub const DEFAULT_SERVICE_NAME: &str = "rtpd";
+
+/// Why the exporters could not be set up; names the variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("{var}: {message}")]
+    Invalid { var: &'static str, message: String },
+    #[error("OTLP exporter: {0}")]
+    Build(String),
+}
+
+/// How often, while the collector is failing, spans are recorded for
+/// [`PROBE_WINDOW_MS`] to find out whether it is back.
+pub const PROBE_EVERY_SECS: i64 = 30;
+pub const PROBE_WINDOW_MS: i64 = 100;
+
+/// Whether the last span export reached the collector; shared by the
+/// exporter (which reports) and the tracing filter (which asks).
+#[derive(Debug, Default)]
+pub struct ExportHealth {
+    failing: AtomicBool,
+}
+
+impl ExportHealth {
+    fn report(&self, ok: bool) {
+        if self.failing.swap(!ok, Ordering::Relaxed) == ok {
+            if ok {
+                tracing::warn!("OTLP span export works again; recording spans");
+            } else {
+                tracing::warn!(
+                    probe_every_secs = PROBE_EVERY_SECS,
+                    "OTLP span export failed; spans are not recorded until the collector answers again"
+                );
+            }
+        }
+    }
+
+    /// Whether new spans should be recorded now.
+    pub fn recording(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+            || in_probe_window(crate::clock::now().timestamp_millis())
+    }
+}
+
+fn in_probe_window(unix_ms: i64) -> bool {
+    unix_ms.rem_euclid(PROBE_EVERY_SECS * 1000) < PROBE_WINDOW_MS
+}
+
+/// The OTLP span exporter, reporting each export's result to [`ExportHealth`].
+#[derive(Debug)]
+struct HealthReporting {
+    inner: SpanExporter,
+    health: Arc<ExportHealth>,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for HealthReporting {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.health.report(result.is_ok());
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Where to export, when it is not the environment's business.
+#[derive(Debug, Clone, Default)]
+pub struct OtlpOverride {
+    /// OTLP/HTTP base URL (`http://127.0.0.1:4318`): `/v1/traces` and
+    /// `/v1/metrics` are appended, as for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub endpoint: Option<String>,
+}
+
+/// The providers that are running; dropping them does not flush, `shutdown` does.
+pub struct Exporters {
+    pub tracer: Option<SdkTracerProvider>,
+    pub meter: Option<SdkMeterProvider>,
+    pub health: Arc<ExportHealth>,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Which signals the configuration asks to export.
+pub fn wanted(over: &OtlpOverride) -> (bool, bool) {
+    if env(SDK_DISABLED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return (false, false);
+    }
+    let all = over.endpoint.is_some() || env(ENDPOINT).is_some();
+    (
+        all || env(TRACES_ENDPOINT).is_some(),
+        all || env(METRICS_ENDPOINT).is_some(),
+    )
+}
+
+/// Refuses protocol values this build cannot speak, naming the variable
+/// (the SDK alone would silently fall back to another protocol).
+fn check_protocols() -> Result<(), OtlpError> {
+    for var in PROTOCOL_VARS {
+        if let Some(v) = env(var)
+            && !matches!(v.trim(), "grpc" | "http/protobuf")
+        {
+            return Err(OtlpError::Invalid {
+                var,
+                message: format!("{v:?} is not supported; use grpc or http/protobuf"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn resource() -> Resource {
+    // The builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself;
+    // an unset service name would otherwise be "unknown_service".
+    let r = Resource::builder().build();
+    let named = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    if named {
+        r
+    } else {
+        Resource::builder()
+            .with_service_name(DEFAULT_SERVICE_NAME)
+            .build()
+    }
+}
+
+/// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds; 60 s when unset), which the
+/// periodic reader follows; gauges fed by polling should be read as often.
+pub fn metric_export_interval() -> std::time::Duration {
+    env("OTEL_METRIC_EXPORT_INTERVAL")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(std::time::Duration::from_secs(60))
+}
+
+fn with_path(base: &str, path: &str) -> String {
+    format!("{}/{path}", base.trim_end_matches('/'))
+}
+
+fn span_exporter(over: &OtlpOverride) -> Result<SpanExporter, OtlpError> {
+    let built = match &over.endpoint {
+        Some(base) => SpanExporter::builder()
+            .with_http()
+            .with_endpoint(with_path(base, "v1/traces"))
+            .build(),
+        None => SpanExporter::builder().build(),
+    };
+    built.map_err(|e| OtlpError::Build(e.to_string()))
+}
+
+fn metric_exporter(over: &OtlpOverride) -> Result<MetricExporter, OtlpError> {
+    let built = match &over.endpoint {
+        Some(base) => MetricExporter::builder()
+            .with_http()
+            .with_endpoint(with_path(base, "v1/metrics"))
+            .build(),
+        None => MetricExporter::builder().build(),
+    };
+    built.map_err(|e| OtlpError::Build(e.to_string()))
+}
+
+/// Builds the exporters the configuration asks for (none when no endpoint is
+/// set). Must run inside the Tokio runtime: the gRPC transport needs it.
+pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
+    let (traces, metrics) = wanted(over);
+    let health = Arc::new(ExportHealth::default());
+    if !traces && !metrics {
+        return Ok(Exporters {
+            tracer: None,
+            meter: None,
+            health,
+        });
+    }
+    check_protocols()?;
+    let resource = resource();
+    let tracer = if traces {
+        let exporter = HealthReporting {
+            inner: span_exporter(over)?,
+            health: health.clone(),
+        };
+        let batch = BatchSpanProcessor::builder(exporter).build();
+        Some(
+            SdkTracerProvider::builder()
+                .with_span_processor(batch)
+                .with_resource(resource.clone())
+                .build(),
+        )
+    } else {
+        None
+    };
+    let meter = if metrics {
+        let reader = PeriodicReader::builder(metric_exporter(over)?).build();
+        Some(
+            SdkMeterProvider::builder()
+                .with_reader(reader)
+                .with_resource(resource)
+                .build(),
+        )
+    } else {
+        None
+    };
+    Ok(Exporters {
+        tracer,
+        meter,
+        health,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_export_stops_recording_outside_the_probe_window_and_success_resumes_it() {
+        let h = ExportHealth::default();
+        assert!(h.recording());
+        h.report(false);
+        let before = crate::clock::now().timestamp_millis();
+        let recording = h.recording();
+        let after = crate::clock::now().timestamp_millis();
+        if in_probe_window(before) == in_probe_window(after) {
+            assert_eq!(recording, in_probe_window(before));
+        }
+        h.report(true);
+        assert!(h.recording());
+    }
+
+    #[test]
+    fn the_probe_window_is_the_first_100_ms_of_every_30_s() {
+        assert!(in_probe_window(1_800_000_000_000));
+        assert!(in_probe_window(1_800_000_000_099));
+        assert!(!in_probe_window(1_800_000_000_100));
+        assert!(!in_probe_window(1_800_000_029_999));
+        assert!(in_probe_window(1_800_000_030_050));
+    }
+
+    #[test]
+    fn endpoint_paths_are_appended_once() {
+        assert_eq!(
+            with_path("http://h:4318/", "v1/traces"),
+            "http://h:4318/v1/traces"
+        );
+        assert_eq!(
+            with_path("http://h:4318", "v1/metrics"),
+            "http://h:4318/v1/metrics"
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! Observability: one payment is one trace from the vendor's POST to the
+//! payment call, exported over OTLP to a real receiver; the metrics go out
+//! over OTLP too; the gauges operators page on move with the pipeline.
+
+use crate::support::otlp::{OtlpReceiver, Span};
+use crate::support::process::{free_port, rtpd, spawn_dev_with, start_mock, wait_http_ok};
+use crate::support::{self, AppOptions, json, spawn_app_with};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const VENDOR_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const VENDOR_SPAN: &str = "00f067aa0ba902b7";
+
+fn one<'a>(spans: &'a [Span], name: &str, trace: &str) -> Vec<&'a Span> {
+    spans
+        .iter()
+        .filter(|s| s.name == name && s.trace_id == trace)
+        .collect()
+}
+
+#[tokio::test]
+async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
+    let receiver = OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let _dev = spawn_dev_with(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &["--otlp", &receiver.url],
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_SERVICE_NAME", "rtpd-under-test"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+
+    // The vendor traces its own call: ours continues it.
+    let r = client
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", creds["api_key"].as_str().unwrap())
+        .header("traceparent", format!("00-{VENDOR_TRACE}-{VENDOR_SPAN}-01"))
+        .json(&json!({"transaction_id": "TRACE-1", "amount": "1.00"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let names = [
+        "POST /v1/transactions",
+        "wal.append",
+        "wal.flush",
+        "ledger.register",
+        "queue.send",
+        "process",
+        "ledger.claim",
+        "downstream.call",
+        "ledger.settle",
+    ];
+    receiver
+        .wait_for(Duration::from_secs(30), "every span of the payment", |r| {
+            let spans = r.spans();
+            names
+                .iter()
+                .all(|n| !one(&spans, n, VENDOR_TRACE).is_empty())
+        })
+        .await;
+    let spans = receiver.spans();
+    let span = |name: &str| one(&spans, name, VENDOR_TRACE)[0].clone();
+    let (ingest, process, call) = (
+        span("POST /v1/transactions"),
+        span("process"),
+        span("downstream.call"),
+    );
+    assert_eq!(
+        ingest.parent_span_id, VENDOR_SPAN,
+        "ingest continues the vendor's span"
+    );
+    assert_eq!(ingest.kind, 2, "server");
+    assert_eq!(ingest.attributes["transaction_id"], "TRACE-1");
+    assert_eq!(ingest.attributes["http.response.status_code"], "202");
+    assert_eq!(ingest.service_name, "rtpd-under-test");
+    assert_eq!(span("wal.append").parent_span_id, ingest.span_id);
+    assert_eq!(span("wal.flush").parent_span_id, span("wal.append").span_id);
+    assert_eq!(span("queue.send").parent_span_id, ingest.span_id);
+    assert_eq!(span("queue.send").kind, 4, "producer");
+    assert_eq!(
+        process.parent_span_id, ingest.span_id,
+        "the processor continues the message's context"
+    );
+    assert_eq!(process.kind, 5, "consumer");
+    assert_eq!(process.attributes["outcome"], "success");
+    assert_eq!(call.parent_span_id, process.span_id);
+    assert_eq!(call.attributes["result"], "success");
+    assert_eq!(call.attributes["http.response.status_code"], "200");
+
+    // The payment service saw the same trace, as the downstream call's child.
+    let calls = crate::support::process::mock_calls(mock_port).await;
+    let tps = calls["by_key"]["TRACE-1"]["traceparents"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        tps,
+        [json!(format!("00-{VENDOR_TRACE}-{}-01", call.span_id))]
+    );
+
+    // An operator replay links back to the original trace through the WAL record.
+    let r = client
+        .post(format!("{base}/v1/transactions/TRACE-1/replay"))
+        .bearer_auth(creds["admin_token"].as_str().unwrap())
+        .json(&json!({"force": true, "reason": "telemetry test"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    receiver
+        .wait_for(Duration::from_secs(30), "the replay span", |r| {
+            r.spans().iter().any(|s| s.name == "replay")
+        })
+        .await;
+    let spans = receiver.spans();
+    let replay = spans.iter().find(|s| s.name == "replay").unwrap();
+    assert_ne!(
+        replay.trace_id, VENDOR_TRACE,
+        "a replay is its own operation"
+    );
+    assert_eq!(replay.links, [format!("{VENDOR_TRACE}/{}", ingest.span_id)]);
+
+    // The metrics went out over OTLP under the /metrics names.
+    receiver
+        .wait_for(Duration::from_secs(30), "the metrics", |r| {
+            let points = r.points();
+            let has = |metric: &str, key: &str, value: &str| {
+                points.iter().any(|p| {
+                    p.metric == metric
+                        && p.attributes.get(key).map(String::as_str) == Some(value)
+                        && p.value >= 1.0
+                })
+            };
+            has("rtpd_ingest_requests", "code", "202")
+                && has("rtpd_downstream_calls", "result", "success")
+                && has("rtpd_ledger_transactions", "state", "success")
+                && points
+                    .iter()
+                    .any(|p| p.metric == "rtpd_oldest_pending_age_seconds")
+                && r.histograms()
+                    .iter()
+                    .any(|h| h == "rtpd_downstream_duration_seconds")
+                && r.histograms()
+                    .iter()
+                    .any(|h| h == "rtpd_wal_flush_duration_seconds")
+        })
+        .await;
+    receiver.stop().await;
+}
+
+fn gauge(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+}
+
+async fn prometheus(app: &support::TestApp) -> String {
+    app.client
+        .get(format!("{}/metrics", app.address))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .header("Accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_backlog_ages_the_oldest_pending_and_a_poison_message_counts_as_dead_lettered() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let age = "rtpd_oldest_pending_age_seconds ";
+    let dead = "rtpd_ledger_transactions{state=\"dead_letter\"} ";
+    let r = app
+        .post_json(&json!({"transaction_id": "G-ok", "amount": "1"}))
+        .await;
+    assert_eq!(r.status(), 202);
+    let r = app
+        .post_json(&json!({"transaction_id": "G-poison", "_mock": {"script": ["400"]}}))
+        .await;
+    assert_eq!(r.status(), 202);
+
+    // Nothing processed yet: the backlog's oldest entry ages.
+    let first = gauge(&prometheus(&app).await, age);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = gauge(&prometheus(&app).await, age);
+    assert!(
+        second > first,
+        "oldest pending age grows: {first} then {second}"
+    );
+    assert!(second >= 0.05, "{second}");
+    assert_eq!(gauge(&prometheus(&app).await, dead), 0.0);
+
+    app.drain_until_terminal(&["G-ok", "G-poison"]).await;
+    let text = prometheus(&app).await;
+    assert_eq!(gauge(&text, age), 0.0, "no pending transaction left");
+    assert_eq!(gauge(&text, dead), 1.0);
+    assert_eq!(
+        gauge(
+            &text,
+            "rtpd_dead_lettered_total{cause=\"PermanentFailure\"} "
+        ),
+        1.0
+    );
+    assert_eq!(
+        gauge(&text, "rtpd_ledger_transactions{state=\"success\"} "),
+        1.0
+    );
+    assert!(
+        gauge(
+            &text,
+            "rtpd_downstream_duration_seconds_count{result=\"permanent\"} "
+        ) >= 1.0,
+        "{text}"
+    );
+    let body = json(app.admin_get("/metrics").await).await;
+    assert_eq!(body["dead_letter"], 1);
+}
+
+/// Microsoft's Python SDK, reading the message `rtpd api` put on (a test
+/// broker that behaves like) Service Bus, finds the ingest span's context in
+/// `Diagnostic-Id` and `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_bus_message_carries_the_trace_to_microsofts_sdk() {
+    let python = std::env::var("SB_INTEROP_PYTHON")
+        .expect("SB_INTEROP_PYTHON is not set: run the tests with scripts/test.sh, which installs the Python SDK");
+    let receiver = OtlpReceiver::start();
+    let queue = format!("q-{}", uuid::Uuid::new_v4().simple());
+    let broker = sb_test_broker::start(sb_test_broker::BrokerConfig {
+        queues: vec![queue.clone()],
+        lock_duration: Duration::from_secs(5),
+        duplicate_window: Duration::from_secs(60),
+        sas_key: Some("otel-test".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let key = "otel-test-key";
+    let _api = crate::support::process::Proc(
+        crate::support::process::rtpd()
+            .arg("api")
+            .env("RTPD_DATA_DIR", dir.path())
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("RTPD_QUEUE", "servicebus")
+            .env(
+                "RTPD_SERVICEBUS_CONNECTION_STRING",
+                broker.connection_string(),
+            )
+            .env("RTPD_SERVICEBUS_QUEUE", &queue)
+            .env(
+                "RTPD_VENDOR_KEYS",
+                format!("acme:sha256:{}", rtp_durability::auth::hash_secret(key)),
+            )
+            .env("RTPD_LOG_LEVEL", "warn")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.url)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let body = r#"{"transaction_id":"SB-TRACE-1","amount":"3.00"}"#;
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", key)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    receiver
+        .wait_for(Duration::from_secs(30), "the ingest span", |r| {
+            r.spans().iter().any(|s| s.name == "POST /v1/transactions")
+        })
+        .await;
+    let ingest = receiver
+        .spans()
+        .into_iter()
+        .find(|s| s.name == "POST /v1/transactions")
+        .unwrap();
+    assert_eq!(
+        ingest.parent_span_id, "",
+        "no incoming traceparent: a new trace"
+    );
+    let expected = format!("00-{}-{}-01", ingest.trace_id, ingest.span_id);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servicebus/interop.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args(["receive-check", "--connection-string"])
+        .arg(broker.connection_string())
+        .args([
+            "--queue",
+            &queue,
+            "--message-id",
+            "SB-TRACE-1",
+            "--body",
+            body,
+        ])
+        .args(["--some-properties", "--property"])
+        .arg(format!("Diagnostic-Id={expected}"))
+        .arg("--property")
+        .arg(format!("traceparent={expected}"))
+        .arg("--property")
+        .arg("transaction_id=SB-TRACE-1")
+        .output()
+        .await
+        .expect("python runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python receive-check failed: {text}");
+    receiver.stop().await;
+}
+
+/// Over OTLP/gRPC (what the Container Apps agent accepts), chosen with the
+/// standard variables alone: the same one trace.
+#[tokio::test]
+async fn grpc_export_carries_the_same_trace() {
+    let receiver = OtlpReceiver::start_grpc().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let _dev = spawn_dev_with(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.url),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            // Metrics elsewhere: this receiver has the trace service only.
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", creds["api_key"].as_str().unwrap())
+        .header("traceparent", format!("00-{VENDOR_TRACE}-{VENDOR_SPAN}-01"))
+        .json(&json!({"transaction_id": "GRPC-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    receiver
+        .wait_for(
+            Duration::from_secs(30),
+            "the payment's spans over gRPC",
+            |r| {
+                let spans = r.spans();
+                ["POST /v1/transactions", "process", "downstream.call"]
+                    .iter()
+                    .all(|n| !one(&spans, n, VENDOR_TRACE).is_empty())
+            },
+        )
+        .await;
+    let spans = receiver.spans();
+    let ingest = one(&spans, "POST /v1/transactions", VENDOR_TRACE)[0];
+    assert_eq!(ingest.parent_span_id, VENDOR_SPAN);
+    assert_eq!(ingest.service_name, "rtpd");
+    let process = one(&spans, "process", VENDOR_TRACE)[0];
+    assert_eq!(process.parent_span_id, ingest.span_id);
+    receiver.stop().await;
+}
+
+/// A protocol this build cannot speak is a start-up error naming the variable,
+/// not a silent fallback to another protocol.
+#[test]
+fn an_unsupported_otlp_protocol_is_refused_by_name() {
+    let out = crate::support::process::rtpd()
+        .args(["config"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("rtpd: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL:") && err.contains("http/json"),
+        "{err}"
+    );
+}
