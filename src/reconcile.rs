@@ -309,10 +309,7 @@ impl Reconciler {
                         continue;
                     }
                 };
-                if wal.received_at < o.from
-                    || wal.received_at > o.to
-                    || seen.contains(&wal.key())
-                {
+                if wal.received_at < o.from || wal.received_at > o.to || seen.contains(&wal.key()) {
                     continue;
                 }
                 // The vendor-scoped key, or the key of an entry written

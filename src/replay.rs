@@ -104,11 +104,7 @@ impl Replayer {
         self.replay_traced(key, req).instrument(span).await
     }
 
-    async fn replay_traced(
-        &self,
-        key: &str,
-        req: &ReplayRequest,
-    ) -> Result<Replayed, ReplayError> {
+    async fn replay_traced(&self, key: &str, req: &ReplayRequest) -> Result<Replayed, ReplayError> {
         let Ok(key) = TransactionId::parse_key(key) else {
             return Ok(Replayed::NotFound);
         };

@@ -75,6 +75,11 @@ impl Ledger for InstrumentedLedger {
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
         ledger("get", Some(id), self.0.get(id)).await
     }
+    // Forwarded, not left to the trait's default: the ledger's own may save
+    // round trips (PostgreSQL answers in one statement).
+    async fn get_first(&self, ids: &[&str]) -> Result<Option<TxRecord>, LedgerError> {
+        ledger("get_first", ids.first().copied(), self.0.get_first(ids)).await
+    }
     async fn claim(
         &self,
         id: &str,

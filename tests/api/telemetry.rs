@@ -105,7 +105,8 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
 
     // The payment service saw the same trace, as the downstream call's child.
     let calls = crate::support::process::mock_calls(mock_port).await;
-    let tps = calls["by_key"]["TRACE-1"]["traceparents"]
+    // The Idempotency-Key is the vendor-scoped key (`rtpd dev`'s vendor).
+    let tps = calls["by_key"]["dev-vendor/TRACE-1"]["traceparents"]
         .as_array()
         .unwrap()
         .clone();
@@ -318,7 +319,7 @@ async fn the_service_bus_message_carries_the_trace_to_microsofts_sdk() {
             "--queue",
             &queue,
             "--message-id",
-            "SB-TRACE-1",
+            &support::key("SB-TRACE-1"),
             "--body",
             body,
         ])
@@ -327,7 +328,7 @@ async fn the_service_bus_message_carries_the_trace_to_microsofts_sdk() {
         .arg("--property")
         .arg(format!("traceparent={expected}"))
         .arg("--property")
-        .arg("transaction_id=SB-TRACE-1")
+        .arg(format!("transaction_id={}", support::key("SB-TRACE-1")))
         .output()
         .await
         .expect("python runs");
