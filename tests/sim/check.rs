@@ -32,8 +32,9 @@ pub mod inv {
     /// Ledger, journal and WAL agree at the end.
     pub const LEDGER_JOURNAL_DISAGREE: &str = "ledger_journal_disagree";
     pub const WAL_RECORD_DROPPED: &str = "wal_record_dropped";
-    /// A 500 says "not accepted" (a 503 says "maybe"): it must not be durable.
-    pub const DURABLE_BUT_FAILED: &str = "durable_but_answered_500";
+    /// A WAL append answered as failed must not be durable at that moment
+    /// (a put that landed is found and acknowledged, not reported failed).
+    pub const DURABLE_BUT_REFUSED: &str = "durable_but_refused";
     /// An accepted replay calls the downstream again.
     pub const REPLAY_WITHOUT_CALL: &str = "replay_without_call";
     /// A dependency outage must not burn a message's deliveries.
@@ -205,11 +206,12 @@ pub async fn check(
     }
 
     for p in &h.posts {
-        if p.answer == Answer::Failed
-            && !acked.get(p.id.as_str()).is_some_and(|s| s.contains(&p.sha))
-            && wal.iter().any(|(_, w)| w.transaction_id == p.id && w.sha256 == p.sha)
-        {
-            add(inv::DURABLE_BUT_FAILED, &p.id, "answered 500, the record is in the WAL".into());
+        if p.durable_when_refused {
+            add(
+                inv::DURABLE_BUT_REFUSED,
+                &p.id,
+                format!("answered {:?} for a WAL failure while the record was durable", p.answer),
+            );
         }
     }
 

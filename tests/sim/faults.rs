@@ -106,7 +106,7 @@ impl Faults {
     }
 
     /// Decides one operation's fate and waits out its delay or hang.
-    async fn fate(&self, op: &'static str, may_land: bool) -> Fate {
+    async fn fate(&self, op: &'static str, id: &str, may_land: bool) -> Fate {
         let (on, pb, pa, ph, pd, md, down) = {
             let s = self.sw.lock().unwrap();
             (
@@ -135,15 +135,15 @@ impl Faults {
             } else {
                 Fate::Before
             };
-            self.log.note(format!("fault {op} hung then failed {fate:?}"));
+            self.log.note(format!("fault {op} {id} hung then failed {fate:?}"));
             return fate;
         }
         if self.chance.p(pb) {
-            self.log.note(format!("fault {op} failed before"));
+            self.log.note(format!("fault {op} {id} failed before"));
             return Fate::Before;
         }
         if may_land && self.chance.p(pa) {
-            self.log.note(format!("fault {op} failed after taking effect"));
+            self.log.note(format!("fault {op} {id} failed after taking effect"));
             return Fate::After;
         }
         Fate::Ok
@@ -152,7 +152,10 @@ impl Faults {
 
 macro_rules! guarded {
     ($self:ident, $op:literal, $land:expr, $err:expr, $call:expr) => {{
-        match $self.f.fate($op, $land).await {
+        guarded!($self, $op, "", $land, $err, $call)
+    }};
+    ($self:ident, $op:literal, $id:expr, $land:expr, $err:expr, $call:expr) => {{
+        match $self.f.fate($op, $id, $land).await {
             Fate::Before => Err($err),
             Fate::After => {
                 let _ = $call.await;
@@ -175,25 +178,25 @@ fn lerr() -> LedgerError {
 #[async_trait]
 impl Ledger for FaultyLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
-        guarded!(self, "ledger.register", true, lerr(), self.inner.register(reg.clone()))
+        guarded!(self, "ledger.register", reg.transaction_id.as_str(), true, lerr(), self.inner.register(reg.clone()))
     }
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
-        guarded!(self, "ledger.get", false, lerr(), self.inner.get(id))
+        guarded!(self, "ledger.get", id, false, lerr(), self.inner.get(id))
     }
     async fn claim(&self, id: &str, owner: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
-        guarded!(self, "ledger.claim", true, lerr(), self.inner.claim(id, owner, lease))
+        guarded!(self, "ledger.claim", id, true, lerr(), self.inner.claim(id, owner, lease))
     }
     async fn settle(&self, id: &str, owner: &str, attempt: u32, s: Settlement) -> Result<TxRecord, LedgerError> {
-        guarded!(self, "ledger.settle", true, lerr(), self.inner.settle(id, owner, attempt, s.clone()))
+        guarded!(self, "ledger.settle", id, true, lerr(), self.inner.settle(id, owner, attempt, s.clone()))
     }
     async fn replay(&self, id: &str, nonce: &str, force: bool) -> Result<ReplayOutcome, LedgerError> {
-        guarded!(self, "ledger.replay", true, lerr(), self.inner.replay(id, nonce, force))
+        guarded!(self, "ledger.replay", id, true, lerr(), self.inner.replay(id, nonce, force))
     }
     async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {
-        guarded!(self, "ledger.restore", true, lerr(), self.inner.restore(rec.clone()))
+        guarded!(self, "ledger.restore", rec.transaction_id.as_str(), true, lerr(), self.inner.restore(rec.clone()))
     }
     async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError> {
-        guarded!(self, "ledger.restore_missing", true, lerr(), self.inner.restore_missing(rec.clone()))
+        guarded!(self, "ledger.restore_missing", rec.transaction_id.as_str(), true, lerr(), self.inner.restore_missing(rec.clone()))
     }
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         guarded!(self, "ledger.try_lease", true, lerr(), self.inner.try_lease(name, owner, ttl))

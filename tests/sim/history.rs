@@ -37,6 +37,9 @@ pub struct Post {
     pub id: String,
     pub sha: Sha256,
     pub answer: Answer,
+    /// Refused for a WAL failure, yet the WAL held this very record when
+    /// the answer went out.
+    pub durable_when_refused: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -109,7 +112,13 @@ impl Recorder {
     }
 
     pub fn post(&self, p: Post) {
-        self.line(format!("post {} {} -> {:?}", p.id, &p.sha.as_str()[..8], p.answer));
+        self.line(format!(
+            "post {} {} -> {:?}{}",
+            p.id,
+            &p.sha.as_str()[..8],
+            p.answer,
+            if p.durable_when_refused { " (yet durable)" } else { "" }
+        ));
         self.h.lock().unwrap().posts.push(p);
     }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rtp_durability::backoff::RetryPolicy;
 use rtp_durability::envelope::transaction_id_of;
-use rtp_durability::intake::{Intake, IntakeError, IntakeOutcome, Submission};
+use rtp_durability::intake::{Dependency, Intake, IntakeError, IntakeOutcome, Submission};
 use rtp_durability::journal::Journal;
 use rtp_durability::ledger::{Ledger, memory::MemoryLedger};
 use rtp_durability::processor::{self, Processor};
@@ -23,7 +23,8 @@ use rtp_durability::reconcile::{self, Periodic, ReconcileOptions, Reconciler};
 use rtp_durability::replay::{Operator, ReplayRequest, Replayed, Replayer};
 use rtp_durability::transaction::{Sha256, TransactionId};
 use rtp_durability::wal::{
-    GroupCommit, JOURNAL_PREFIX, Log, Source, WAL_PREFIX, memory::MemoryStore, store::ObjectStore,
+    GroupCommit, JOURNAL_PREFIX, Log, Source, WAL_PREFIX, WalRecord, memory::MemoryStore,
+    split_lines, store::ObjectStore,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -81,6 +82,7 @@ struct World {
     store: Arc<dyn ObjectStore>,
     memory_ledger: Arc<MemoryLedger>,
     memory_queue: Arc<MemoryQueue>,
+    memory_store: Arc<MemoryStore>,
     downstream: PaymentService,
     procs: Mutex<Vec<Proc>>,
 }
@@ -142,6 +144,7 @@ async fn simulate(seed: u64) -> RunResult {
         }),
         memory_ledger: memory_ledger.clone(),
         memory_queue: memory_queue.clone(),
+        memory_store: memory_store.clone(),
         downstream: PaymentService::new(faults.clone(), rec.clone(), DOWNSTREAM_TIMEOUT),
         procs: Mutex::new(Vec::new()),
     });
@@ -360,6 +363,8 @@ impl World {
     /// One POST to a live process: the answer, or none if it died meanwhile.
     async fn post(self: &Arc<Self>, id: &str, bytes: Bytes) -> Answer {
         let sha = Sha256::of(&bytes);
+        let sent_at = rtp_durability::clock::now();
+        let mut wal_refused = false;
         let answer = match self.live() {
             None => Answer::Refused,
             Some(i) => {
@@ -385,18 +390,47 @@ impl World {
                     Ok(Ok(IntakeOutcome::Accepted { .. })) => Answer::Accepted,
                     Ok(Ok(IntakeOutcome::Duplicate(_))) => Answer::Duplicate,
                     Ok(Ok(IntakeOutcome::Conflict(_))) => Answer::Conflict,
-                    Ok(Err(IntakeError::Unavailable { .. })) => Answer::Unavailable,
-                    Ok(Err(_)) => Answer::Failed,
+                    Ok(Err(IntakeError::Unavailable { dependency, .. })) => {
+                        wal_refused = dependency == Dependency::Wal;
+                        Answer::Unavailable
+                    }
+                    Ok(Err(e)) => {
+                        wal_refused = matches!(e, IntakeError::Wal(_));
+                        Answer::Failed
+                    }
                     Err(_) => Answer::NoAnswer,
                 }
             }
         };
+        let durable_when_refused =
+            wal_refused && self.wal_holds(id, &sha, sent_at).await;
         self.rec.post(Post {
             id: id.to_owned(),
             sha,
             answer,
+            durable_when_refused,
         });
         answer
+    }
+
+    /// Whether the WAL holds a record of `id` with `sha` received since `since`.
+    async fn wal_holds(&self, id: &str, sha: &Sha256, since: DateTime<Utc>) -> bool {
+        let store = &self.memory_store;
+        for o in store.list(&format!("{WAL_PREFIX}/")).await.unwrap_or_default() {
+            let Ok(body) = store.get(&o.key).await else {
+                continue;
+            };
+            for (_, line) in split_lines(&o.key, &body) {
+                if let Ok(w) = serde_json::from_slice::<WalRecord>(&line)
+                    && w.transaction_id == id
+                    && w.sha256 == *sha
+                    && w.received_at >= since
+                {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// A vendor: posts, re-posts after a failure (sometimes other bytes),
