@@ -8,9 +8,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::{collections::BTreeMap, sync::Mutex};
 
+/// Body and metadata by key.
+type Objects = BTreeMap<String, (Bytes, BTreeMap<String, String>)>;
+
 #[derive(Default)]
 pub struct MemoryStore {
-    objects: Mutex<BTreeMap<String, (Bytes, BTreeMap<String, String>)>>,
+    objects: Mutex<Objects>,
 }
 
 impl MemoryStore {
@@ -18,7 +21,7 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, (Bytes, BTreeMap<String, String>)>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut Objects) -> T) -> T {
         f(&mut self.objects.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }

@@ -59,9 +59,16 @@ impl std::fmt::Display for Violation {
     }
 }
 
-async fn records(store: &MemoryStore, prefix: &str) -> Vec<(rtp_durability::wal::WalRef, bytes::Bytes)> {
+async fn records(
+    store: &MemoryStore,
+    prefix: &str,
+) -> Vec<(rtp_durability::wal::WalRef, bytes::Bytes)> {
     let mut out = Vec::new();
-    for o in store.list(&format!("{prefix}/")).await.expect("memory list") {
+    for o in store
+        .list(&format!("{prefix}/"))
+        .await
+        .expect("memory list")
+    {
         let body = store.get(&o.key).await.expect("memory get");
         out.extend(split_lines(&o.key, &body));
     }
@@ -74,6 +81,9 @@ pub async fn check(
     store: &MemoryStore,
     queue: &MemoryQueue,
 ) -> Vec<Violation> {
+    let dlq = queue.peek_dead_letters(0, 10_000).await.unwrap_or_default();
+    let wal_lines = records(store, WAL_PREFIX).await;
+    let journal_lines = records(store, JOURNAL_PREFIX).await;
     let h = rec.h.lock().unwrap();
     let mut v = Vec::new();
     let mut add = |invariant: &'static str, id: &str, detail: String| {
@@ -86,15 +96,16 @@ pub async fn check(
             v.push(x);
         }
     };
-    let ledger: BTreeMap<&str, &TxRecord> =
-        ledger.iter().map(|r| (r.transaction_id.as_str(), r)).collect();
-    let wal: Vec<(rtp_durability::wal::WalRef, WalRecord)> = records(store, WAL_PREFIX)
-        .await
+    let ledger: BTreeMap<&str, &TxRecord> = ledger
+        .iter()
+        .map(|r| (r.transaction_id.as_str(), r))
+        .collect();
+    let wal: Vec<(rtp_durability::wal::WalRef, WalRecord)> = wal_lines
         .into_iter()
         .filter_map(|(r, b)| Some((r, serde_json::from_slice(&b).ok()?)))
         .collect();
     let mut journal: BTreeMap<String, Vec<JournalEntry>> = BTreeMap::new();
-    for (_, b) in records(store, JOURNAL_PREFIX).await {
+    for (_, b) in journal_lines {
         if let Ok(e) = serde_json::from_slice::<JournalEntry>(&b) {
             journal.entry(e.transaction_id.clone()).or_default().push(e);
         }
@@ -111,7 +122,7 @@ pub async fn check(
             a if a.is_ack() => {
                 acked.entry(&p.id).or_default().insert(&p.sha);
             }
-            Answer::Unavailable | Answer::Failed | Answer::NoAnswer => {
+            Answer::Unavailable | Answer::Failed | Answer::Unanswered => {
                 maybe.entry(&p.id).or_default().insert(&p.sha);
             }
             _ => {}
@@ -120,32 +131,67 @@ pub async fn check(
 
     for (id, shas) in &acked {
         if shas.len() > 1 {
-            add(inv::OTHER_BYTES_ACCEPTED, id, format!("{} different payloads acknowledged", shas.len()));
+            add(
+                inv::OTHER_BYTES_ACCEPTED,
+                id,
+                format!("{} different payloads acknowledged", shas.len()),
+            );
         }
         let Some(r) = ledger.get(id) else {
-            add(inv::ACKED_NOT_FINISHED, id, "acknowledged, missing from the ledger".into());
+            add(
+                inv::ACKED_NOT_FINISHED,
+                id,
+                "acknowledged, missing from the ledger".into(),
+            );
             continue;
         };
         if !r.status.is_terminal() {
-            add(inv::ACKED_NOT_FINISHED, id, format!("acknowledged, ends {}", r.status));
+            add(
+                inv::ACKED_NOT_FINISHED,
+                id,
+                format!("acknowledged, ends {}", r.status),
+            );
         } else if r.status == State::DeadLetter && r.error_message.is_none() {
-            add(inv::ACKED_NOT_FINISHED, id, "dead_letter without a reason".into());
+            add(
+                inv::ACKED_NOT_FINISHED,
+                id,
+                "dead_letter without a reason".into(),
+            );
         }
         let stored = wal.iter().find(|(w, _)| *w == r.wal_ref).map(|(_, x)| x);
         match stored {
-            Some(w) if shas.contains(&w.sha256) && w.payload_sha256_matches() && w.sha256 == r.sha256 => {}
+            Some(w)
+                if shas.contains(&w.sha256)
+                    && w.payload_sha256_matches()
+                    && w.sha256 == r.sha256 => {}
             Some(w) => add(
                 inv::WAL_DIFFERS,
                 id,
-                format!("ledger names {} at {}, holding {}", &r.sha256.as_str()[..8], r.wal_ref, &w.sha256.as_str()[..8]),
+                format!(
+                    "ledger names {} at {}, holding {}",
+                    &r.sha256.as_str()[..8],
+                    r.wal_ref,
+                    &w.sha256.as_str()[..8]
+                ),
             ),
-            None => add(inv::WAL_DIFFERS, id, format!("no WAL record at {}", r.wal_ref)),
+            None => add(
+                inv::WAL_DIFFERS,
+                id,
+                format!("no WAL record at {}", r.wal_ref),
+            ),
         }
     }
 
     for c in &h.calls {
         if c.overlapped {
-            add(inv::OVERLAPPING_CALLS, &c.id, format!("attempt {} started while another call was in flight", c.attempt));
+            add(
+                inv::OVERLAPPING_CALLS,
+                &c.id,
+                format!(
+                    "attempt {} started while another call was in flight",
+                    c.attempt
+                ),
+            );
         }
         if c.key != c.id {
             add(inv::WRONG_KEY, &c.id, format!("key {:?}", c.key));
@@ -154,53 +200,90 @@ pub async fn check(
             Some(shas) if !shas.contains(&c.sha) => add(
                 inv::EXECUTED_OTHER_BYTES,
                 &c.id,
-                format!("attempt {} sent {} but the receipt names {}", c.attempt, &c.sha.as_str()[..8], shas.iter().map(|s| &s.as_str()[..8]).collect::<Vec<_>>().join(",")),
+                format!(
+                    "attempt {} sent {} but the receipt names {}",
+                    c.attempt,
+                    &c.sha.as_str()[..8],
+                    shas.iter()
+                        .map(|s| &s.as_str()[..8])
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
             ),
             Some(_) => {}
             None => {
                 if !maybe.get(c.id.as_str()).is_some_and(|m| m.contains(&c.sha)) {
-                    add(inv::EXECUTED_REFUSED, &c.id, format!("attempt {} sent bytes the vendor was refused", c.attempt));
+                    add(
+                        inv::EXECUTED_REFUSED,
+                        &c.id,
+                        format!("attempt {} sent bytes the vendor was refused", c.attempt),
+                    );
                 }
             }
         }
         let succeeded = journal.get(&c.id).and_then(|es| {
             es.iter()
-                .filter(|e| e.kind == EntryKind::Attempt && e.state == State::Success && e.at < c.start)
+                .filter(|e| {
+                    e.kind == EntryKind::Attempt && e.state == State::Success && e.at < c.start
+                })
                 .map(|e| e.at)
                 .max()
         });
         if let Some(t) = succeeded {
-            let forced = h.replays.iter().any(|r| r.id == c.id && r.force && r.at >= t && r.at <= c.start);
+            let forced = h
+                .replays
+                .iter()
+                .any(|r| r.id == c.id && r.force && r.at >= t && r.at <= c.start);
             if !forced {
-                add(inv::CALL_AFTER_SUCCESS, &c.id, format!("attempt {} after a success journaled at {t}", c.attempt));
+                add(
+                    inv::CALL_AFTER_SUCCESS,
+                    &c.id,
+                    format!("attempt {} after a success journaled at {t}", c.attempt),
+                );
             }
         }
     }
 
     for r in &h.replays {
         if r.requeued && !h.calls.iter().any(|c| c.id == r.id && c.start >= r.at) {
-            add(inv::REPLAY_WITHOUT_CALL, &r.id, format!("replay at {} accepted, no downstream call followed", r.at));
+            add(
+                inv::REPLAY_WITHOUT_CALL,
+                &r.id,
+                format!("replay at {} accepted, no downstream call followed", r.at),
+            );
         }
     }
 
     for (id, es) in &journal {
-        let Some(r) = ledger.get(id.as_str()) else { continue };
+        let Some(r) = ledger.get(id.as_str()) else {
+            continue;
+        };
         let last = es.iter().rev().find(|e| e.kind != EntryKind::Purge);
         if let Some(e) = last
             && r.status.is_terminal()
             && e.state != r.status
         {
-            add(inv::LEDGER_JOURNAL_DISAGREE, id, format!("ledger {} journal {}", r.status, e.state));
+            add(
+                inv::LEDGER_JOURNAL_DISAGREE,
+                id,
+                format!("ledger {} journal {}", r.status, e.state),
+            );
         }
     }
 
     for (_, w) in &wal {
         let id = w.transaction_id.as_str();
         match ledger.get(id) {
-            None => add(inv::WAL_RECORD_DROPPED, id, "in the WAL, never in the ledger".into()),
-            Some(r) if r.sha256 == w.sha256 && !r.status.is_terminal() => {
-                add(inv::WAL_RECORD_DROPPED, id, format!("in the WAL, ends {}", r.status))
-            }
+            None => add(
+                inv::WAL_RECORD_DROPPED,
+                id,
+                "in the WAL, never in the ledger".into(),
+            ),
+            Some(r) if r.sha256 == w.sha256 && !r.status.is_terminal() => add(
+                inv::WAL_RECORD_DROPPED,
+                id,
+                format!("in the WAL, ends {}", r.status),
+            ),
             _ => {}
         }
     }
@@ -210,16 +293,24 @@ pub async fn check(
             add(
                 inv::DURABLE_BUT_REFUSED,
                 &p.id,
-                format!("answered {:?} for a WAL failure while the record was durable", p.answer),
+                format!(
+                    "answered {:?} for a WAL failure while the record was durable",
+                    p.answer
+                ),
             );
         }
     }
 
-    let dlq = queue.peek_dead_letters(0, 10_000).await.unwrap_or_default();
     for m in dlq {
         if m.dead_letter_reason.as_deref() == Some(MAX_DELIVERY_COUNT_EXCEEDED) {
-            let id = rtp_durability::envelope::transaction_id_of(&m).unwrap_or_default().to_owned();
-            add(inv::DELIVERIES_BURNT, &id, format!("message {} dead-lettered by the broker", m.message_id));
+            let id = rtp_durability::envelope::transaction_id_of(&m)
+                .unwrap_or_default()
+                .to_owned();
+            add(
+                inv::DELIVERIES_BURNT,
+                &id,
+                format!("message {} dead-lettered by the broker", m.message_id),
+            );
         }
     }
 

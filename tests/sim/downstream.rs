@@ -39,7 +39,13 @@ impl PaymentService {
     }
 
     /// The answer the service gives; runs to the end even if the caller left.
-    async fn serve(self, key: String, id: String, attempt: u32, payload: Bytes) -> (u16, Option<Duration>) {
+    async fn serve(
+        self,
+        key: String,
+        id: String,
+        attempt: u32,
+        payload: Bytes,
+    ) -> (u16, Option<Duration>) {
         let sha = Sha256::of(&payload);
         let overlapped = {
             let mut k = self.keys.lock().unwrap();
@@ -60,13 +66,19 @@ impl PaymentService {
         let f = &self.faults;
         let (p_transient, p_permanent) = {
             let s = f.sw.lock().unwrap();
-            if s.on { (s.p_transient, s.p_permanent) } else { (0.0, 0.0) }
+            if s.on {
+                (s.p_transient, s.p_permanent)
+            } else {
+                (0.0, 0.0)
+            }
         };
         let storm = f.storm();
         tokio::time::sleep(f.chance.ms(5, 400)).await;
         let (status, retry_after, executed) = match storm {
             Some(Storm::ServerErrors) => (503, None, false),
-            Some(Storm::TooManyRequests) => (429, Some(Duration::from_secs(f.chance.range(1, 5))), false),
+            Some(Storm::TooManyRequests) => {
+                (429, Some(Duration::from_secs(f.chance.range(1, 5))), false)
+            }
             Some(Storm::Hangs) => {
                 // Holds the request past the caller's timeout, then gives up without paying.
                 tokio::time::sleep(self.timeout + Duration::from_millis(500)).await;

@@ -135,7 +135,8 @@ impl Faults {
             } else {
                 Fate::Before
             };
-            self.log.note(format!("fault {op} {id} hung then failed {fate:?}"));
+            self.log
+                .note(format!("fault {op} {id} hung then failed {fate:?}"));
             return fate;
         }
         if self.chance.p(pb) {
@@ -143,7 +144,8 @@ impl Faults {
             return Fate::Before;
         }
         if may_land && self.chance.p(pa) {
-            self.log.note(format!("fault {op} {id} failed after taking effect"));
+            self.log
+                .note(format!("fault {op} {id} failed after taking effect"));
             return Fate::After;
         }
         Fate::Ok
@@ -151,9 +153,7 @@ impl Faults {
 }
 
 macro_rules! guarded {
-    ($self:ident, $op:literal, $land:expr, $err:expr, $call:expr) => {{
-        guarded!($self, $op, "", $land, $err, $call)
-    }};
+    ($self:ident, $op:literal, $land:expr, $err:expr, $call:expr) => {{ guarded!($self, $op, "", $land, $err, $call) }};
     ($self:ident, $op:literal, $id:expr, $land:expr, $err:expr, $call:expr) => {{
         match $self.f.fate($op, $id, $land).await {
             Fate::Before => Err($err),
@@ -178,37 +178,119 @@ fn lerr() -> LedgerError {
 #[async_trait]
 impl Ledger for FaultyLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
-        guarded!(self, "ledger.register", reg.transaction_id.as_str(), true, lerr(), self.inner.register(reg.clone()))
+        guarded!(
+            self,
+            "ledger.register",
+            reg.transaction_id.as_str(),
+            true,
+            lerr(),
+            self.inner.register(reg.clone())
+        )
     }
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
         guarded!(self, "ledger.get", id, false, lerr(), self.inner.get(id))
     }
-    async fn claim(&self, id: &str, owner: &str, lease: Duration) -> Result<ClaimOutcome, LedgerError> {
-        guarded!(self, "ledger.claim", id, true, lerr(), self.inner.claim(id, owner, lease))
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, LedgerError> {
+        guarded!(
+            self,
+            "ledger.claim",
+            id,
+            true,
+            lerr(),
+            self.inner.claim(id, owner, lease)
+        )
     }
-    async fn settle(&self, id: &str, owner: &str, attempt: u32, s: Settlement) -> Result<TxRecord, LedgerError> {
-        guarded!(self, "ledger.settle", id, true, lerr(), self.inner.settle(id, owner, attempt, s.clone()))
+    async fn settle(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        s: Settlement,
+    ) -> Result<TxRecord, LedgerError> {
+        guarded!(
+            self,
+            "ledger.settle",
+            id,
+            true,
+            lerr(),
+            self.inner.settle(id, owner, attempt, s.clone())
+        )
     }
-    async fn replay(&self, id: &str, nonce: &str, force: bool) -> Result<ReplayOutcome, LedgerError> {
-        guarded!(self, "ledger.replay", id, true, lerr(), self.inner.replay(id, nonce, force))
+    async fn replay(
+        &self,
+        id: &str,
+        nonce: &str,
+        force: bool,
+    ) -> Result<ReplayOutcome, LedgerError> {
+        guarded!(
+            self,
+            "ledger.replay",
+            id,
+            true,
+            lerr(),
+            self.inner.replay(id, nonce, force)
+        )
     }
     async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {
-        guarded!(self, "ledger.restore", rec.transaction_id.as_str(), true, lerr(), self.inner.restore(rec.clone()))
+        guarded!(
+            self,
+            "ledger.restore",
+            rec.transaction_id.as_str(),
+            true,
+            lerr(),
+            self.inner.restore(rec.clone())
+        )
     }
     async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError> {
-        guarded!(self, "ledger.restore_missing", rec.transaction_id.as_str(), true, lerr(), self.inner.restore_missing(rec.clone()))
+        guarded!(
+            self,
+            "ledger.restore_missing",
+            rec.transaction_id.as_str(),
+            true,
+            lerr(),
+            self.inner.restore_missing(rec.clone())
+        )
     }
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
-        guarded!(self, "ledger.try_lease", true, lerr(), self.inner.try_lease(name, owner, ttl))
+        guarded!(
+            self,
+            "ledger.try_lease",
+            true,
+            lerr(),
+            self.inner.try_lease(name, owner, ttl)
+        )
     }
     async fn checkpoint(&self, name: &str) -> Result<Option<String>, LedgerError> {
-        guarded!(self, "ledger.checkpoint", false, lerr(), self.inner.checkpoint(name))
+        guarded!(
+            self,
+            "ledger.checkpoint",
+            false,
+            lerr(),
+            self.inner.checkpoint(name)
+        )
     }
     async fn set_checkpoint(&self, name: &str, value: &str) -> Result<(), LedgerError> {
-        guarded!(self, "ledger.set_checkpoint", true, lerr(), self.inner.set_checkpoint(name, value))
+        guarded!(
+            self,
+            "ledger.set_checkpoint",
+            true,
+            lerr(),
+            self.inner.set_checkpoint(name, value)
+        )
     }
     async fn list(&self, q: ListQuery) -> Result<Page, LedgerError> {
-        guarded!(self, "ledger.list", false, lerr(), self.inner.list(q.clone()))
+        guarded!(
+            self,
+            "ledger.list",
+            false,
+            lerr(),
+            self.inner.list(q.clone())
+        )
     }
     async fn counts(&self) -> Result<Counts, LedgerError> {
         guarded!(self, "ledger.counts", false, lerr(), self.inner.counts())
@@ -233,16 +315,40 @@ fn qerr() -> QueueError {
 #[async_trait]
 impl Queue for FaultyQueue {
     async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
-        guarded!(self, "queue.send", true, qerr(), self.inner.send(messages.clone()))
+        guarded!(
+            self,
+            "queue.send",
+            true,
+            qerr(),
+            self.inner.send(messages.clone())
+        )
     }
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>, QueueError> {
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
         // A receive that fails after locking leaves the messages to their lock expiry.
-        guarded!(self, "queue.receive", true, qerr(), self.inner.receive(max, wait))
+        guarded!(
+            self,
+            "queue.receive",
+            true,
+            qerr(),
+            self.inner.receive(max, wait)
+        )
     }
-    async fn receive_dead_letters(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>, QueueError> {
+    async fn receive_dead_letters(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
         self.inner.receive_dead_letters(max, wait).await
     }
-    async fn peek_dead_letters(&self, from: i64, max: usize) -> Result<Vec<ReceivedMessage>, QueueError> {
+    async fn peek_dead_letters(
+        &self,
+        from: i64,
+        max: usize,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
         self.inner.peek_dead_letters(from, max).await
     }
     async fn complete(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
@@ -251,11 +357,28 @@ impl Queue for FaultyQueue {
     async fn abandon(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
         guarded!(self, "queue.abandon", true, qerr(), self.inner.abandon(m))
     }
-    async fn dead_letter(&self, m: &ReceivedMessage, reason: &str, description: &str) -> Result<(), QueueError> {
-        guarded!(self, "queue.dead_letter", true, qerr(), self.inner.dead_letter(m, reason, description))
+    async fn dead_letter(
+        &self,
+        m: &ReceivedMessage,
+        reason: &str,
+        description: &str,
+    ) -> Result<(), QueueError> {
+        guarded!(
+            self,
+            "queue.dead_letter",
+            true,
+            qerr(),
+            self.inner.dead_letter(m, reason, description)
+        )
     }
     async fn renew_lock(&self, m: &ReceivedMessage) -> Result<DateTime<Utc>, QueueError> {
-        guarded!(self, "queue.renew_lock", true, qerr(), self.inner.renew_lock(m))
+        guarded!(
+            self,
+            "queue.renew_lock",
+            true,
+            qerr(),
+            self.inner.renew_lock(m)
+        )
     }
     async fn ping(&self) -> Result<(), QueueError> {
         self.inner.ping().await
@@ -277,11 +400,19 @@ fn serr() -> StoreError {
 #[async_trait]
 impl ObjectStore for FaultyStore {
     async fn put_new(&self, key: &str, body: Bytes, opts: &PutOptions) -> Result<(), StoreError> {
-        let r = guarded!(self, "store.put_new", true, serr(), self.inner.put_new(key, body.clone(), opts))?;
+        let r = guarded!(
+            self,
+            "store.put_new",
+            true,
+            serr(),
+            self.inner.put_new(key, body.clone(), opts)
+        )?;
         let p = self.f.sw.lock().unwrap().p_put_conflict_after_landing;
         if self.f.is_on() && self.f.chance.p(p) {
             // The SDK retried a PUT whose first answer was lost; the retry found its own blob.
-            self.f.log.note(format!("fault store.put_new {key} landed, answered AlreadyExists"));
+            self.f.log.note(format!(
+                "fault store.put_new {key} landed, answered AlreadyExists"
+            ));
             return Err(StoreError::AlreadyExists(key.to_owned()));
         }
         Ok(r)
@@ -290,7 +421,13 @@ impl ObjectStore for FaultyStore {
         guarded!(self, "store.get", false, serr(), self.inner.get(key))
     }
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
-        guarded!(self, "store.get_range", false, serr(), self.inner.get_range(key, offset, len))
+        guarded!(
+            self,
+            "store.get_range",
+            false,
+            serr(),
+            self.inner.get_range(key, offset, len)
+        )
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         guarded!(self, "store.list", false, serr(), self.inner.list(prefix))

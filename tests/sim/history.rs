@@ -21,7 +21,7 @@ pub enum Answer {
     /// 500: an error that does not say "maybe".
     Failed,
     /// The process died before answering.
-    NoAnswer,
+    Unanswered,
     /// No process was up to take the connection: nothing was received.
     Refused,
 }
@@ -117,7 +117,11 @@ impl Recorder {
             p.id,
             &p.sha.as_str()[..8],
             p.answer,
-            if p.durable_when_refused { " (yet durable)" } else { "" }
+            if p.durable_when_refused {
+                " (yet durable)"
+            } else {
+                ""
+            }
         ));
         self.h.lock().unwrap().posts.push(p);
     }
@@ -127,7 +131,11 @@ impl Recorder {
             "replay {}{} -> {}",
             r.id,
             if r.force { " forced" } else { "" },
-            if r.requeued { "requeued" } else { "not requeued" }
+            if r.requeued {
+                "requeued"
+            } else {
+                "not requeued"
+            }
         ));
         self.h.lock().unwrap().replays.push(r);
     }

@@ -31,7 +31,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 fn replay_line(seed: u64) -> String {
-    format!("scripts/sim.sh --seed {seed}   (or: SIM_SEED={seed} cargo nextest run --test sim --run-ignored only -E 'test(replay_seed)' --no-capture)")
+    format!(
+        "scripts/sim.sh --seed {seed}   (or: SIM_SEED={seed} cargo nextest run --test sim --run-ignored only -E 'test(replay_seed)' --no-capture)"
+    )
 }
 
 /// Seed → invariants it is known to break, with the issue-12 item they belong to.
@@ -45,7 +47,10 @@ fn known_defects() -> BTreeMap<u64, BTreeMap<String, String>> {
         }
         let mut parts = line.split_whitespace();
         let (Some(seed), Some(inv)) = (parts.next(), parts.next()) else {
-            panic!("known-defects.txt line {}: want `<seed> <invariant> <item>`", n + 1)
+            panic!(
+                "known-defects.txt line {}: want `<seed> <invariant> <item>`",
+                n + 1
+            )
         };
         let seed: u64 = seed
             .parse()
@@ -95,12 +100,21 @@ fn run_range(seeds: std::ops::Range<u64>) -> Vec<RunResult> {
     );
     let mut by_inv: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for r in &out {
-        for inv in r.violations.iter().map(|v| v.invariant).collect::<BTreeSet<_>>() {
+        for inv in r
+            .violations
+            .iter()
+            .map(|v| v.invariant)
+            .collect::<BTreeSet<_>>()
+        {
             by_inv.entry(inv).or_default().push(r.seed);
         }
     }
     for (inv, seeds) in &by_inv {
-        println!("  {inv}: {} seed(s), first {:?}", seeds.len(), &seeds[..seeds.len().min(8)]);
+        println!(
+            "  {inv}: {} seed(s), first {:?}",
+            seeds.len(),
+            &seeds[..seeds.len().min(8)]
+        );
     }
     out
 }
@@ -204,7 +218,11 @@ fn same_seed_same_history() {
     for seed in [3, 11] {
         let a = run_seed(seed);
         let b = run_seed(seed);
-        assert!(a.lines.len() > 20, "seed {seed} did something: {} lines", a.lines.len());
+        assert!(
+            a.lines.len() > 20,
+            "seed {seed} did something: {} lines",
+            a.lines.len()
+        );
         if a.lines != b.lines {
             let at = a.lines.iter().zip(&b.lines).position(|(x, y)| x != y);
             panic!(
@@ -252,7 +270,12 @@ fn write_known_defects() {
         .map(|l| format!("{l}\n"))
         .collect::<String>();
     for r in &results {
-        for inv in r.violations.iter().map(|v| v.invariant).collect::<BTreeSet<_>>() {
+        for inv in r
+            .violations
+            .iter()
+            .map(|v| v.invariant)
+            .collect::<BTreeSet<_>>()
+        {
             text.push_str(&format!("{} {inv} {}\n", r.seed, traced_to(inv)));
         }
     }

@@ -5,7 +5,7 @@
 
 use crate::check::{self, Violation};
 use crate::downstream::PaymentService;
-use crate::faults::{Chance, FaultyLedger, FaultyQueue, FaultyStore, Faults, Storm, Switches};
+use crate::faults::{Chance, Faults, FaultyLedger, FaultyQueue, FaultyStore, Storm, Switches};
 use crate::history::{Answer, Post, Recorder, Replay};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -237,7 +237,13 @@ fn schedule(c: &Chance, transactions: usize) -> Vec<(Duration, Action)> {
     }
     for _ in 0..c.range(0, 8) {
         let tx = c.range(0, transactions as u64 - 1) as usize;
-        s.push((c.ms(5_000, 115_000), Action::Replay { tx, force: c.p(0.3) }));
+        s.push((
+            c.ms(5_000, 115_000),
+            Action::Replay {
+                tx,
+                force: c.p(0.3),
+            },
+        ));
     }
     for _ in 0..c.range(2, 12) {
         let at = c.ms(1_000, 110_000);
@@ -284,7 +290,12 @@ impl World {
             retry_deadline: Duration::from_secs(5),
         };
         let wal = Log::start(self.store.clone(), WAL_PREFIX, &instance, gc.clone());
-        let journal = Journal::new(Log::start(self.store.clone(), JOURNAL_PREFIX, &instance, gc));
+        let journal = Journal::new(Log::start(
+            self.store.clone(),
+            JOURNAL_PREFIX,
+            &instance,
+            gc,
+        ));
         p.intake = Some(Intake {
             wal: wal.clone(),
             ledger: self.ledger.clone(),
@@ -355,7 +366,9 @@ impl World {
     /// A live process chosen by chance, with the tasks it runs requests in.
     fn live(&self) -> Option<usize> {
         let procs = self.procs.lock().unwrap();
-        let up: Vec<usize> = (0..procs.len()).filter(|i| procs[*i].intake.is_some()).collect();
+        let up: Vec<usize> = (0..procs.len())
+            .filter(|i| procs[*i].intake.is_some())
+            .collect();
         drop(procs);
         self.chance.pick(&up)
     }
@@ -398,12 +411,11 @@ impl World {
                         wal_refused = matches!(e, IntakeError::Wal(_));
                         Answer::Failed
                     }
-                    Err(_) => Answer::NoAnswer,
+                    Err(_) => Answer::Unanswered,
                 }
             }
         };
-        let durable_when_refused =
-            wal_refused && self.wal_holds(id, &sha, sent_at).await;
+        let durable_when_refused = wal_refused && self.wal_holds(id, &sha, sent_at).await;
         self.rec.post(Post {
             id: id.to_owned(),
             sha,
@@ -416,7 +428,11 @@ impl World {
     /// Whether the WAL holds a record of `id` with `sha` received since `since`.
     async fn wal_holds(&self, id: &str, sha: &Sha256, since: DateTime<Utc>) -> bool {
         let store = &self.memory_store;
-        for o in store.list(&format!("{WAL_PREFIX}/")).await.unwrap_or_default() {
+        for o in store
+            .list(&format!("{WAL_PREFIX}/"))
+            .await
+            .unwrap_or_default()
+        {
             let Ok(body) = store.get(&o.key).await else {
                 continue;
             };
@@ -540,7 +556,9 @@ impl World {
             }
             Action::LedgerWipe { rebuild_after } => {
                 self.memory_ledger.wipe();
-                self.faults.log.note("fault ledger wiped (Redis loss)".into());
+                self.faults
+                    .log
+                    .note("fault ledger wiped (Redis loss)".into());
                 if let Some(d) = rebuild_after {
                     background.spawn(async move {
                         tokio::time::sleep(d).await;
@@ -550,27 +568,37 @@ impl World {
             }
             Action::LedgerDown(d) => {
                 self.faults.sw.lock().unwrap().ledger_down_until = Some(Instant::now() + d);
-                self.faults.log.note(format!("fault ledger unavailable for {d:?}"));
+                self.faults
+                    .log
+                    .note(format!("fault ledger unavailable for {d:?}"));
             }
             Action::Storm(kind, d) => {
                 self.faults.sw.lock().unwrap().storm = Some((kind, Instant::now() + d));
-                self.faults.log.note(format!("fault downstream {kind:?} for {d:?}"));
+                self.faults
+                    .log
+                    .note(format!("fault downstream {kind:?} for {d:?}"));
             }
             Action::LoseMessage => {
                 if let Some(q) = c.pick(&self.memory_queue.main_sequence_numbers()) {
                     self.memory_queue.lose(q);
-                    self.faults.log.note(format!("fault queue message {q} lost"));
+                    self.faults
+                        .log
+                        .note(format!("fault queue message {q} lost"));
                 }
             }
             Action::CopyMessage => {
                 if let Some(q) = c.pick(&self.memory_queue.main_sequence_numbers()) {
                     self.memory_queue.redeliver_copy(q);
-                    self.faults.log.note(format!("fault queue message {q} delivered twice"));
+                    self.faults
+                        .log
+                        .note(format!("fault queue message {q} delivered twice"));
                 }
             }
             Action::PurgeQueue => {
                 let n = self.memory_queue.purge(Subqueue::Main);
-                self.faults.log.note(format!("fault queue purged ({n} messages)"));
+                self.faults
+                    .log
+                    .note(format!("fault queue purged ({n} messages)"));
             }
         }
     }
