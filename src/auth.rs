@@ -31,7 +31,13 @@
 //! every `RTPD_CREDENTIALS_POLL_SECS` when their content changed, and at once
 //! on SIGHUP. A file that does not parse, or would leave no vendor, is
 //! refused whole and the credentials in use stay, with one error logged per
-//! bad version of the file.
+//! bad version of the file. A poll applies new content only once two polls
+//! in a row read the same bytes, so a file caught half-written by a writer
+//! that does not write aside and rename is neither applied (a cut at a line
+//! end still parses, minus the vendors after it) nor reported — unless the
+//! writer stalls for a whole poll. A file that keeps changing is reported
+//! once; an empty file is refused. SIGHUP means "the file is complete" and
+//! applies at once.
 
 use crate::config::{AuthMode, ConfigError, Secret, Settings};
 use arc_swap::ArcSwap;
@@ -182,7 +188,28 @@ struct FileStates {
 #[derive(Default)]
 struct FileState {
     seen: Option<[u8; 32]>,
+    /// New content read by the last poll and not yet applied: the next poll
+    /// applies it if it reads the same bytes again.
+    settling: Option<[u8; 32]>,
+    /// Polls in a row that found content different from the poll before:
+    /// a file that keeps changing is reported once it passes
+    /// [`UNSETTLED_POLLS_REPORTED`].
+    unsettled_polls: u32,
     unreadable: Option<String>,
+}
+
+/// Polls in a row with changing content after which a credential file is
+/// reported as never settling (a writer that rewrites it faster than the poll).
+const UNSETTLED_POLLS_REPORTED: u32 = 3;
+
+/// Whether new file content is applied at the first read or only once it
+/// has stopped changing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// SIGHUP and direct calls: the operator says the file is complete.
+    No,
+    /// Polling: the same content must be read twice in a row.
+    UntilSettled,
 }
 
 /// Vendor and admin credentials; cheap to clone. Clones share the
@@ -275,14 +302,20 @@ fn decode_webhook_secret(value: &str) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
+/// HMAC-SHA256 keyed with `key`. HMAC takes a key of any length, so this
+/// does not fail; if it ever did, the request is refused, not the process.
+fn keyed(key: &[u8]) -> Result<Hmac<Sha256>, AuthFailure> {
+    Hmac::<Sha256>::new_from_slice(key).map_err(|_| AuthFailure::BadSignature)
+}
+
 /// `v1=<hex>` for `timestamp + "." + content`: what a vendor sends in
 /// `X-Rtpd-Signature`.
-pub fn sign(secret: &[u8], timestamp: i64, content: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
+pub fn sign(secret: &[u8], timestamp: i64, content: &[u8]) -> Option<String> {
+    let mut mac = keyed(secret).ok()?;
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(content);
-    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+    Some(format!("v1={}", hex::encode(mac.finalize().into_bytes())))
 }
 
 enum Entry {
@@ -681,8 +714,7 @@ impl Auth {
         } = Self::signed_parts(&inner, s, now)?;
         let mut ok = false;
         for secret in secrets {
-            let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret())
-                .expect("HMAC accepts any key length");
+            let mut mac = keyed(secret.expose_secret())?;
             mac.update(ts.to_string().as_bytes());
             mac.update(b".");
             mac.update(content);
@@ -710,6 +742,12 @@ pub struct Reloaded {
     pub applied: Vec<&'static str>,
     /// Files whose new content was refused (the old credentials stay).
     pub refused: Vec<&'static str>,
+    /// Files whose content changed since the last poll and will be applied
+    /// (or refused) at the next poll if it is still the same.
+    pub settling: Vec<&'static str>,
+    /// Files reported (once) because they changed at every one of the
+    /// last few polls and so were never applied.
+    pub unsettled: Vec<&'static str>,
 }
 
 impl Auth {
@@ -717,7 +755,19 @@ impl Auth {
     /// changed. Each file is applied whole or not at all: a file that cannot
     /// be read or parsed, or that would leave no vendor, is refused and its
     /// previous credentials stay; one error is logged per refused version.
+    /// What SIGHUP does.
     pub fn reload(&self) -> Reloaded {
+        self.reread(Wait::No)
+    }
+
+    /// [`Auth::reload`] for a timer: content that changed since the last
+    /// poll waits for the next one, and is applied (or refused) only if it
+    /// is still the same then — a writer may be half-way through it.
+    pub fn poll(&self) -> Reloaded {
+        self.reread(Wait::UntilSettled)
+    }
+
+    fn reread(&self, wait: Wait) -> Reloaded {
         let mut done = Reloaded::default();
         let Some(live) = &self.inner else {
             return done;
@@ -727,7 +777,7 @@ impl Auth {
         let mut vendors = None;
         let mut admins = None;
         if let Some(src) = &live.vendors
-            && let Some(text) = changed(src, &mut files.vendors, &mut done)
+            && let Some(text) = changed(src, &mut files.vendors, wait, &mut done)
         {
             match src.vendors_of(Some(&text)) {
                 Ok(v) => {
@@ -737,7 +787,7 @@ impl Auth {
                 Err(e) => refuse(src, &e, &mut done),
             }
         }
-        if let Some(text) = changed(&live.admins, &mut files.admins, &mut done) {
+        if let Some(text) = changed(&live.admins, &mut files.admins, wait, &mut done) {
             match live.admins.admins_of(Some(&text)) {
                 Ok(a) => {
                     done.applied.push(live.admins.file_var);
@@ -800,21 +850,25 @@ impl Auth {
                         None => std::future::pending::<()>().await,
                     }
                 };
-                tokio::select! {
+                let wait = tokio::select! {
                     _ = stop.changed() => return,
-                    _ = polled => {}
-                    _ = hup => tracing::info!("SIGHUP: re-reading the credential files"),
-                }
+                    _ = polled => Wait::UntilSettled,
+                    _ = hup => {
+                        tracing::info!("SIGHUP: re-reading the credential files");
+                        Wait::No
+                    }
+                };
                 let auth = auth.clone();
                 // File reads are blocking; they are small and rare.
-                let _ = tokio::task::spawn_blocking(move || auth.reload()).await;
+                let _ = tokio::task::spawn_blocking(move || auth.reread(wait)).await;
             }
         })
     }
 }
 
-/// The file's content if it differs from what was last applied or refused.
-fn changed(src: &Source, state: &mut FileState, done: &mut Reloaded) -> Option<String> {
+/// The file's content if it differs from what was last applied or refused
+/// (and, when `wait` says so, was read the same at the previous poll).
+fn changed(src: &Source, state: &mut FileState, wait: Wait, done: &mut Reloaded) -> Option<String> {
     let path = src.file.as_deref()?;
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -838,10 +892,48 @@ fn changed(src: &Source, state: &mut FileState, done: &mut Reloaded) -> Option<S
     state.unreadable = None;
     let hash: [u8; 32] = Sha256::digest(&bytes).into();
     if state.seen == Some(hash) {
+        state.settling = None;
+        state.unsettled_polls = 0;
         return None;
     }
+    if wait == Wait::UntilSettled && state.settling != Some(hash) {
+        tracing::debug!(
+            variable = src.file_var,
+            "credential file changed; applying it at the next poll if it stays the same"
+        );
+        state.settling = Some(hash);
+        state.unsettled_polls += 1;
+        if state.unsettled_polls == UNSETTLED_POLLS_REPORTED {
+            tracing::warn!(
+                variable = src.file_var,
+                path = %path.display(),
+                polls = state.unsettled_polls,
+                "credential file keeps changing between polls; not applied; \
+                 send SIGHUP once it is complete to apply it at once"
+            );
+            done.unsettled.push(src.file_var);
+        }
+        done.settling.push(src.file_var);
+        return None;
+    }
+    state.settling = None;
+    state.unsettled_polls = 0;
     state.seen = Some(hash);
     match String::from_utf8(bytes) {
+        // An emptied file is far more often a write in progress (`> file`
+        // before the writer has its content) than a wish to revoke every
+        // credential: refuse it; revoking all is done by a file of comments.
+        Ok(text) if text.trim().is_empty() => {
+            refuse(
+                src,
+                &ConfigError::new(
+                    src.file_var,
+                    "the file is empty (to revoke every credential, leave a comment line in it)",
+                ),
+                done,
+            );
+            None
+        }
         Ok(text) => Some(text),
         Err(_) => {
             refuse(
@@ -933,8 +1025,7 @@ fn verify_webhook(
             continue;
         };
         for secret in webhooks {
-            let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret())
-                .expect("HMAC accepts any key length");
+            let mut mac = keyed(secret.expose_secret())?;
             mac.update(prefix.as_bytes());
             mac.update(content);
             let expected: [u8; 32] = mac.finalize().into_bytes().into();
@@ -1086,7 +1177,7 @@ mod tests {
         let now = 1_700_000_000;
         let body = b"{\"transaction_id\":\"T\"}";
         for secret in ["old-secret-0123456789", "new-secret-0123456789"] {
-            let sig = sign(secret.as_bytes(), now, body);
+            let sig = sign(secret.as_bytes(), now, body).unwrap();
             let s = Signed {
                 vendor: "globex",
                 timestamp: &now.to_string(),
@@ -1106,7 +1197,7 @@ mod tests {
                 Err(AuthFailure::StaleTimestamp)
             );
         }
-        let sig = sign(b"old-secret-0123456789", now, body);
+        let sig = sign(b"old-secret-0123456789", now, body).unwrap();
         let ts = now.to_string();
         let s = |vendor, timestamp, signature| Signed {
             vendor,
@@ -1203,6 +1294,112 @@ mod tests {
         std::fs::write(&keys, line("acme", "k4")).unwrap();
         assert_eq!(a.reload().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
         assert!(a.vendor(Some("k4")).is_some());
+    }
+
+    #[test]
+    fn a_file_caught_half_written_is_applied_only_once_it_stops_changing() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("vendor-keys");
+        let line = |name: &str, key: &str| format!("{name}:sha256:{}\n", hash_secret(key));
+        std::fs::write(&keys, line("acme", "a1") + &line("globex", "g1")).unwrap();
+        let a = Auth::from_settings(&Settings {
+            vendor_keys_file: Some(keys.clone()),
+            ..Settings::default()
+        })
+        .unwrap();
+        let vendors = |a: &Auth| {
+            ["a1", "g1", "a2", "g2"]
+                .into_iter()
+                .filter(|k| a.vendor(Some(k)).is_some())
+                .collect::<Vec<_>>()
+        };
+        let settling = Reloaded {
+            settling: vec!["RTPD_VENDOR_KEYS_FILE"],
+            ..Reloaded::default()
+        };
+        let whole = line("acme", "a2") + &line("globex", "g2");
+
+        // Written in place, caught after the first line: it parses, but
+        // applying it would lock globex out. The poll waits.
+        std::fs::write(&keys, line("acme", "a2")).unwrap();
+        assert_eq!(a.poll(), settling);
+        assert_eq!(vendors(&a), ["a1", "g1"], "nothing of the partial file");
+        // The writer finishes: changed again, so still waiting ...
+        std::fs::write(&keys, &whole).unwrap();
+        assert_eq!(a.poll(), settling);
+        assert_eq!(vendors(&a), ["a1", "g1"]);
+        // ... until a poll reads the same bytes again.
+        assert_eq!(a.poll().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert_eq!(vendors(&a), ["a2", "g2"]);
+        assert_eq!(a.poll(), Reloaded::default(), "unchanged");
+
+        // Cut inside a hash: it does not parse. While it is still being
+        // written nothing is said; once it stays, it is refused once and
+        // the keys in use stay.
+        let cut = &whole[..whole.len() - 20];
+        std::fs::write(&keys, cut).unwrap();
+        assert_eq!(a.poll(), settling);
+        assert_eq!(a.poll().refused, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert_eq!(a.poll(), Reloaded::default(), "refused once");
+        assert_eq!(vendors(&a), ["a2", "g2"]);
+        // Fixed: applied at the second poll that reads it.
+        std::fs::write(&keys, line("acme", "a1") + &line("globex", "g2")).unwrap();
+        assert_eq!(a.poll(), settling);
+        assert_eq!(a.poll().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert_eq!(vendors(&a), ["a1", "g2"]);
+        // SIGHUP (reload) does not wait: the operator says the file is whole.
+        std::fs::write(&keys, line("acme", "a2") + &line("globex", "g1")).unwrap();
+        assert_eq!(a.reload().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert_eq!(vendors(&a), ["g1", "a2"]);
+    }
+
+    #[test]
+    fn a_file_that_never_settles_is_reported_once_and_sighup_applies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("vendor-keys");
+        let line = |name: &str, key: &str| format!("{name}:sha256:{}\n", hash_secret(key));
+        std::fs::write(&keys, line("acme", "a1")).unwrap();
+        let a = Auth::from_settings(&Settings {
+            vendor_keys_file: Some(keys.clone()),
+            ..Settings::default()
+        })
+        .unwrap();
+        let mut reports = 0;
+        for i in 0..20 {
+            // Each version whole (written aside, renamed), but a new one every poll.
+            let tmp = dir.path().join("tmp");
+            std::fs::write(&tmp, line("acme", "a2") + &line("rot", &format!("r{i}"))).unwrap();
+            std::fs::rename(&tmp, &keys).unwrap();
+            let r = a.poll();
+            assert!(r.applied.is_empty() && r.refused.is_empty());
+            assert_eq!(r.settling, vec!["RTPD_VENDOR_KEYS_FILE"]);
+            reports += r.unsettled.len();
+        }
+        assert_eq!(reports, 1, "reported once, not at every poll");
+        assert!(a.vendor(Some("a2")).is_none());
+        assert_eq!(a.reload().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert!(a.vendor(Some("a2")).is_some());
+    }
+
+    #[test]
+    fn an_emptied_credential_file_is_refused_and_the_old_tokens_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let admins = dir.path().join("admin-tokens");
+        let entry = format!("ops:sha256:{}\n", hash_secret("tok-0123456789"));
+        std::fs::write(&admins, &entry).unwrap();
+        let a = Auth::operators(&Settings {
+            admin_tokens_file: Some(admins.clone()),
+            ..Settings::default()
+        })
+        .unwrap();
+        std::fs::write(&admins, "").unwrap();
+        assert_eq!(a.poll().settling, vec!["RTPD_ADMIN_TOKENS_FILE"]);
+        assert_eq!(a.poll().refused, vec!["RTPD_ADMIN_TOKENS_FILE"]);
+        assert!(a.admin(Some("tok-0123456789")).is_some());
+        // Revoking every token on purpose: a file of comments.
+        std::fs::write(&admins, "# all revoked\n").unwrap();
+        assert_eq!(a.reload().applied, vec!["RTPD_ADMIN_TOKENS_FILE"]);
+        assert!(a.admin(Some("tok-0123456789")).is_none());
     }
 
     #[test]

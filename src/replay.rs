@@ -37,8 +37,11 @@ pub enum Operator {
     AdminToken(String),
     /// Through the HTTP API with `RTPD_AUTH=none`. `api:anonymous`.
     Anonymous,
-    /// From the command line: `--operator`, else `$USER`. Self-declared,
-    /// so marked as such: `cli:<name>`.
+    /// From the command line with an Entra identity: the principal its
+    /// access token names (`alice@contoso.com (oid …)`). `entra:<principal>`.
+    Entra(String),
+    /// From the command line without one: `--operator`, else `$USER`.
+    /// Self-declared, so marked as such: `cli:<name>`.
     Cli(String),
 }
 
@@ -47,6 +50,7 @@ impl std::fmt::Display for Operator {
         match self {
             Operator::AdminToken(name) => write!(f, "api:{name}"),
             Operator::Anonymous => f.write_str("api:anonymous"),
+            Operator::Entra(principal) => write!(f, "entra:{principal}"),
             Operator::Cli(name) => write!(f, "cli:{name}"),
         }
     }

@@ -1,7 +1,8 @@
 //! `rtpd dlq ls | show | replay | purge`: the dead-letter queue, through the
 //! queue port (the embedded queue or Service Bus' `$DeadLetterQueue`).
 
-use super::replay::{Opts as ReplayOpts, operator, replay_scope};
+use super::operator::resolve as operator;
+use super::replay::{Opts as ReplayOpts, replay_scope};
 use crate::config::Settings;
 use crate::envelope::transaction_id_of;
 use crate::journal::{EntryKind, JournalEntry};
@@ -40,7 +41,8 @@ pub enum DlqCommand {
         force: bool,
         #[arg(long)]
         reason: Option<String>,
-        /// Who is replaying; journaled as cli:<name>
+        /// Who is replaying, journaled as cli:<name> when the command has no
+        /// Entra identity (with one, the Entra principal is journaled instead)
         #[arg(long, env = "USER")]
         operator: Option<String>,
         #[arg(long, default_value_t = 50)]
@@ -55,7 +57,8 @@ pub enum DlqCommand {
         yes: bool,
         #[arg(long)]
         reason: Option<String>,
-        /// Who is purging; journaled as cli:<name>
+        /// Who is purging, journaled as cli:<name> when the command has no
+        /// Entra identity (with one, the Entra principal is journaled instead)
         #[arg(long, env = "USER")]
         operator: Option<String>,
     },
@@ -153,7 +156,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         } => {
             let req = ReplayRequest {
                 force,
-                operator: operator(who.as_deref()),
+                operator: operator(&settings, who.as_deref()).await,
                 reason,
             };
             let scope = if ids.is_empty() {
@@ -211,7 +214,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                     "would delete {n} dead-lettered messages; run again with --yes to do it"
                 );
             }
-            let who = operator(who.as_deref());
+            let who = operator(&settings, who.as_deref()).await;
             let doomed = svc
                 .replayer()
                 .lock_dead_letters(|m| {

@@ -8,6 +8,7 @@ pub mod environment;
 pub mod healthcheck;
 pub mod migrate;
 pub mod mock;
+pub mod operator;
 pub mod produce;
 pub mod rebuild_ledger;
 pub mod reconcile;

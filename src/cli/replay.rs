@@ -5,7 +5,7 @@
 use super::time_arg;
 use crate::config::Settings;
 use crate::envelope::transaction_id_of;
-use crate::replay::{Operator, ReplayRequest, Replayed, Replayer, Scope};
+use crate::replay::{ReplayRequest, Replayed, Replayer, Scope};
 use crate::services::Services;
 use crate::transaction::State;
 use chrono::{DateTime, Utc};
@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::{collections::HashSet, time::Duration};
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("selection").required(true).args(["ids", "state", "from", "dlq"])))]
 pub struct Opts {
     /// Transaction ids to replay
     pub ids: Vec<String>,
@@ -37,7 +38,8 @@ pub struct Opts {
     /// Why (recorded in the outcome journal)
     #[arg(long)]
     pub reason: Option<String>,
-    /// Who is replaying; journaled as cli:<name>
+    /// Who is replaying, journaled as cli:<name> when the command has no Entra
+    /// identity (with one, the Entra principal is journaled instead)
     #[arg(long, env = "USER")]
     pub operator: Option<String>,
     /// Replays per second at most
@@ -81,25 +83,23 @@ impl Opts {
     }
 }
 
-/// The command line's operator: `--operator`, else `$USER` (clap reads it),
-/// journaled as `cli:<name>`.
-pub fn operator(given: Option<&str>) -> Operator {
-    Operator::Cli(
-        given
-            .map(str::trim)
-            .filter(|g| !g.is_empty())
-            .unwrap_or("unknown")
-            .to_owned(),
-    )
-}
-
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    if let (Some(from), Some(to)) = (opts.from, opts.to)
+        && to < from
+    {
+        // A usage error, as clap reports them: exit status 2.
+        clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("--to ({to}) is before --from ({from})\n"),
+        )
+        .exit();
+    }
     let scope = opts.scope()?;
     let settings = Settings::load()?;
     let svc = Services::build(&settings).await?;
     let req = ReplayRequest {
         force: opts.force,
-        operator: operator(opts.operator.as_deref()),
+        operator: super::operator::resolve(&settings, opts.operator.as_deref()).await,
         reason: opts.reason.clone(),
     };
     let summary = replay_scope(&svc.replayer(), &scope, &req, &opts).await?;

@@ -276,3 +276,178 @@ async fn replays_are_journaled_with_who_asked_and_how() {
     assert_eq!(actor_of("api test"), "api:ops");
     assert_eq!(actor_of("cli test"), "cli:carol");
 }
+
+/// A JWT shaped like an Entra ID access token with these claims; the
+/// signature is not one (nothing here checks it, see `cli::operator`).
+fn unsigned_token(claims: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.{}",
+        b64.encode(br#"{"typ":"JWT","alg":"RS256"}"#),
+        b64.encode(claims.to_string()),
+        b64.encode(b"not-a-signature")
+    )
+}
+
+/// A managed identity endpoint as App Service and Container Apps run it
+/// (`IDENTITY_ENDPOINT`, `X-IDENTITY-HEADER`): hands out `token` and
+/// records the resource of each request.
+async fn identity_endpoint(
+    token: String,
+    header: &'static str,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = asked.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = HttpServer::new(move || {
+        let (token, seen) = (token.clone(), seen.clone());
+        App::new().route(
+            "/msi/token",
+            web::get().to(move |req: HttpRequest| {
+                let (token, seen) = (token.clone(), seen.clone());
+                async move {
+                    if req.headers().get("x-identity-header").map(|v| v.as_bytes())
+                        != Some(header.as_bytes())
+                    {
+                        return HttpResponse::Unauthorized().finish();
+                    }
+                    let query: std::collections::HashMap<String, String> =
+                        url::form_urlencoded::parse(req.query_string().as_bytes())
+                            .into_owned()
+                            .collect();
+                    let resource = query.get("resource").cloned().unwrap_or_default();
+                    seen.lock().unwrap().push(resource.clone());
+                    let expires = chrono::Utc::now().timestamp() + 3600;
+                    HttpResponse::Ok().json(json!({
+                        "access_token": token,
+                        "expires_on": expires.to_string(),
+                        "resource": resource,
+                        "token_type": "Bearer",
+                    }))
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    (format!("http://127.0.0.1:{port}/msi/token"), asked)
+}
+
+#[tokio::test]
+async fn a_command_line_with_an_entra_identity_journals_its_principal() {
+    use crate::support::{AppOptions, redis_url, spawn_app_with};
+    // The identity: a managed identity whose tokens carry these claims.
+    let object_id = uuid::Uuid::new_v4().to_string();
+    let token = unsigned_token(json!({
+        "oid": object_id,
+        "appid": "client-42",
+        "aud": "https://redis.azure.com",
+    }));
+    let (endpoint, asked) = identity_endpoint(token.clone(), "identity-secret").await;
+    // Redis admits it the way Azure Managed Redis does: the object id as the
+    // user name, the access token as the password.
+    let admin = redis::Client::open(redis_url()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&object_id)
+        .arg("on")
+        .arg(format!(">{token}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis_url()),
+        ..AppOptions::default()
+    })
+    .await;
+    app.post_json(&json!({"transaction_id": "ENTRA-1"})).await;
+    app.drain_until_terminal(&["ENTRA-1"]).await;
+
+    let entra_url = redis_url().replacen("redis://", &format!("redis://{object_id}@"), 1);
+    let out = rtpd()
+        .args(["replay", "ENTRA-1", "--force", "--reason", "entra test"])
+        .env("RTPD_DATA_DIR", app.data_dir())
+        .env("RTPD_LEDGER", "redis")
+        .env("RTPD_REDIS_URL", &entra_url)
+        .env("RTPD_REDIS_ENTRA", "true")
+        .env(
+            "RTPD_REDIS_KEY_PREFIX",
+            &app.services.settings.redis_key_prefix,
+        )
+        .env("IDENTITY_ENDPOINT", &endpoint)
+        .env("IDENTITY_HEADER", "identity-secret")
+        .env("USER", "mallory")
+        .output()
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&object_id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let journal = crate::support::process::read_journal(app.data_dir());
+    let replay = journal
+        .iter()
+        .find(|e| {
+            e["kind"] == "replay"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("entra test"))
+        })
+        .unwrap_or_else(|| panic!("no replay entry: {journal:?}"));
+    // The principal the token names, not the self-declared $USER.
+    assert_eq!(
+        replay["actor"],
+        format!("entra:app client-42 (oid {object_id})")
+    );
+    assert!(
+        asked
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|r| r == "https://redis.azure.com"),
+        "{asked:?}"
+    );
+    assert!(!asked.lock().unwrap().is_empty());
+}
+
+#[test]
+fn replay_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = |args: &[&str]| {
+        let out = rtpd()
+            .args(args)
+            .env("RTPD_DATA_DIR", dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    for args in [
+        &["replay"][..],
+        &["replay", "X-1", "--dlq"],
+        &["replay", "--state", "dead_letter", "--from", "1h"],
+        &["replay", "--from", "2h", "--to", "5h"],
+    ] {
+        let (code, err) = status(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(!err.trim().is_empty(), "{args:?} says why");
+    }
+}

@@ -107,7 +107,7 @@ async fn logs_never_contain_payloads_or_secrets() {
 
     let ts = chrono::Utc::now().timestamp();
     let signed = format!(r#"{{"transaction_id":"LOG-4","note":"{marker}"}}"#);
-    let sig = sign(hmac_secret.as_bytes(), ts, signed.as_bytes());
+    let sig = sign(hmac_secret.as_bytes(), ts, signed.as_bytes()).unwrap();
     let send_signed = |sig: String| {
         client
             .post(format!("{base}/v1/transactions"))
@@ -120,7 +120,7 @@ async fn logs_never_contain_payloads_or_secrets() {
     };
     assert_eq!(send_signed(sig.clone()).await.unwrap().status(), 202);
     assert_eq!(send_signed(sig.clone()).await.unwrap().status(), 401);
-    let forged = sign(b"forged-secret-0123456789", ts, signed.as_bytes());
+    let forged = sign(b"forged-secret-0123456789", ts, signed.as_bytes()).unwrap();
     assert_eq!(send_signed(forged.clone()).await.unwrap().status(), 401);
 
     let r = client

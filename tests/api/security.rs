@@ -82,22 +82,14 @@ async fn a_signed_transaction_is_accepted_and_attributed_to_its_vendor() {
             .header("X-Rtpd-Signature", sig)
             .send()
     };
-    let r = get(sign(
-        HMAC_SECRET.as_bytes(),
-        ts,
-        b"GET /v1/transactions/SIG-1",
-    ))
-    .await
-    .unwrap();
+    let r = get(sign(HMAC_SECRET.as_bytes(), ts, b"GET /v1/transactions/SIG-1").unwrap())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(json(r).await["vendor"], HMAC_VENDOR);
-    let r = get(sign(
-        HMAC_SECRET.as_bytes(),
-        ts,
-        b"GET /v1/transactions/OTHER",
-    ))
-    .await
-    .unwrap();
+    let r = get(sign(HMAC_SECRET.as_bytes(), ts, b"GET /v1/transactions/OTHER").unwrap())
+        .await
+        .unwrap();
     assert_error(r, 401, "unauthenticated", "signature for another path").await;
     // Another vendor's transaction looks absent.
     assert_eq!(app.get_tx("SIG-1").await.status(), 404);
@@ -108,11 +100,11 @@ async fn bad_signatures_are_401_and_nothing_is_enqueued() {
     let app = spawn_app().await;
     let now = now_unix();
     let body = r#"{"transaction_id":"SIG-BAD"}"#;
-    let good = sign(HMAC_SECRET.as_bytes(), now, body.as_bytes());
+    let good = sign(HMAC_SECRET.as_bytes(), now, body.as_bytes()).unwrap();
 
     let r = app.post_with_signature(body, now, "v1=zz").await;
     assert_error(r, 401, "unauthenticated", "malformed signature").await;
-    let wrong = sign(b"not-the-secret-0123456789", now, body.as_bytes());
+    let wrong = sign(b"not-the-secret-0123456789", now, body.as_bytes()).unwrap();
     let r = app.post_with_signature(body, now, &wrong).await;
     assert_error(r, 401, "unauthenticated", "wrong secret").await;
     let r = app
@@ -124,12 +116,12 @@ async fn bad_signatures_are_401_and_nothing_is_enqueued() {
 
     // A signature captured earlier and replayed after the window (5 min).
     let old = now - 301;
-    let captured = sign(HMAC_SECRET.as_bytes(), old, body.as_bytes());
+    let captured = sign(HMAC_SECRET.as_bytes(), old, body.as_bytes()).unwrap();
     let r = app.post_with_signature(body, old, &captured).await;
     let b = assert_error(r, 401, "unauthenticated", "stale timestamp").await;
     assert!(b["message"].as_str().unwrap().contains("window"), "{b}");
     let future = now + 301;
-    let ahead = sign(HMAC_SECRET.as_bytes(), future, body.as_bytes());
+    let ahead = sign(HMAC_SECRET.as_bytes(), future, body.as_bytes()).unwrap();
     let r = app.post_with_signature(body, future, &ahead).await;
     assert_error(r, 401, "unauthenticated", "far-future timestamp").await;
 
@@ -302,7 +294,7 @@ async fn hostile_bodies_and_ids_get_their_4xx() {
         .header("X-Rtpd-Timestamp", ts.to_string())
         .header(
             "X-Rtpd-Signature",
-            sign(HMAC_SECRET.as_bytes(), ts, b"GET /v1/transactions"),
+            sign(HMAC_SECRET.as_bytes(), ts, b"GET /v1/transactions").unwrap(),
         )
         .send()
         .await
@@ -565,7 +557,8 @@ async fn rejected_calls_are_recorded_without_their_payload() {
         b"not-the-secret-0123456789",
         now_unix(),
         signed_body.as_bytes(),
-    );
+    )
+    .unwrap();
     app.post_with_signature(&signed_body, now_unix(), &wrong)
         .await;
     app.post_raw(

@@ -203,7 +203,7 @@ async fn several_signatures_rotate_and_a_vendor_may_use_both_schemes() {
     assert_eq!(r.status(), 202);
 
     // Hooli declared only Standard Webhooks: rtpd's own scheme is not its.
-    let sig = rtp_durability::auth::sign(b"whatever-secret-0123456789", ts, b"{}");
+    let sig = rtp_durability::auth::sign(b"whatever-secret-0123456789", ts, b"{}").unwrap();
     let r = app
         .client
         .post(format!("{}/v1/transactions", app.address))

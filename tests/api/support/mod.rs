@@ -158,7 +158,7 @@ impl TestApp {
 
     /// POSTs `body` signed as [`HMAC_VENDOR`] at unix time `ts`.
     pub async fn post_signed(&self, body: &str, ts: i64) -> reqwest::Response {
-        let sig = rtp_durability::auth::sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes());
+        let sig = rtp_durability::auth::sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
         self.post_with_signature(body, ts, &sig).await
     }
 
