@@ -54,8 +54,13 @@ pub struct RunResult {
     pub lines: Vec<String>,
 }
 
+/// The virtual clock is process-wide: under `cargo test` (tests as threads
+/// of one process) runs take turns.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// Runs one seed to the end on a fresh single-threaded runtime with paused time.
 pub fn run_seed(seed: u64) -> RunResult {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
