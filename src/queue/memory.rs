@@ -42,6 +42,9 @@ pub struct MemoryQueue {
     inner: Mutex<Inner>,
     opts: MemoryQueueOptions,
     notify: Notify,
+    /// How far the broker's clock runs ahead when it releases scheduled
+    /// messages (clock skew between the broker and its clients).
+    scheduled_skew: Mutex<chrono::Duration>,
 }
 
 fn dur(d: Duration) -> chrono::Duration {
@@ -75,6 +78,7 @@ impl MemoryQueue {
             }),
             opts,
             notify: Notify::new(),
+            scheduled_skew: Mutex::new(chrono::Duration::zero()),
         }
     }
 
@@ -123,7 +127,12 @@ impl MemoryQueue {
                 q,
                 Stored {
                     lock: None,
-                    visible_at: now,
+                    // A scheduled message not yet released stays invisible until its time.
+                    visible_at: if s.delivery_count == 0 {
+                        s.visible_at.max(now)
+                    } else {
+                        now
+                    },
                     delivery_count: 0,
                     ..s
                 },
@@ -132,6 +141,15 @@ impl MemoryQueue {
         });
         self.notify.notify_waiters();
         done
+    }
+
+    /// Releases scheduled messages up to `skew` before their time from now on,
+    /// as a broker whose clock runs ahead does.
+    pub fn set_scheduled_skew(&self, skew: Duration) {
+        *self
+            .scheduled_skew
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = dur(skew);
     }
 
     /// Deletes every message of a subqueue; returns how many.
@@ -150,12 +168,23 @@ impl MemoryQueue {
     ) -> (Vec<ReceivedMessage>, Option<DateTime<Utc>>) {
         let lock = dur(self.opts.lock_duration);
         let max_delivery = self.opts.max_delivery_count;
+        let skew = *self
+            .scheduled_skew
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         self.with(|i| {
             let now = crate::clock::now();
             let mut ready: Vec<(DateTime<Utc>, i64)> = i
                 .messages
                 .iter()
-                .filter(|(_, s)| s.subqueue == sub && s.visible_at <= now)
+                .filter(|(_, s)| {
+                    let early = if s.out.scheduled_enqueue_at.is_some() && s.delivery_count == 0 {
+                        skew
+                    } else {
+                        chrono::Duration::zero()
+                    };
+                    s.subqueue == sub && s.visible_at <= now + early
+                })
                 .map(|(q, s)| (s.visible_at, *q))
                 .collect();
             ready.sort();

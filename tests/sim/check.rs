@@ -39,6 +39,9 @@ pub mod inv {
     pub const REPLAY_WITHOUT_CALL: &str = "replay_without_call";
     /// A dependency outage must not burn a message's deliveries.
     pub const DELIVERIES_BURNT: &str = "deliveries_burnt";
+    /// The retry copy a `failed` transaction waits for (its next attempt) is
+    /// not completed unprocessed.
+    pub const RETRY_DROPPED: &str = "retry_dropped";
     /// The queue holds a bounded number of copies of one transaction.
     pub const COPIES_PILE_UP: &str = "copies_pile_up";
 }
@@ -312,6 +315,14 @@ pub async fn check(
                 format!("message {} dead-lettered by the broker", m.message_id),
             );
         }
+    }
+
+    for (id, m) in &h.retries_dropped {
+        add(
+            inv::RETRY_DROPPED,
+            id,
+            format!("{m} completed while the transaction was failed"),
+        );
     }
 
     for (id, n) in &h.max_copies {

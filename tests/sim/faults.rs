@@ -7,11 +7,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
+use rtp_durability::envelope::props;
+use rtp_durability::ledger::memory::MemoryLedger;
 use rtp_durability::ledger::{
     ClaimOutcome, Counts, Ledger, LedgerError, ListQuery, Page, RegisterOutcome, ReplayOutcome,
 };
+use rtp_durability::queue::memory::MemoryQueue;
 use rtp_durability::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
-use rtp_durability::transaction::{Registration, Settlement, TxRecord};
+use rtp_durability::transaction::{Registration, Settlement, State, TxRecord};
 use rtp_durability::wal::store::{ObjectInfo, ObjectStore, PutOptions, StoreError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -306,6 +309,9 @@ impl Ledger for FaultyLedger {
 pub struct FaultyQueue {
     pub inner: Arc<dyn Queue>,
     pub f: Faults,
+    /// To see, when a retry copy is completed, whether its transaction still waits for it.
+    pub ledger: Arc<MemoryLedger>,
+    pub memory: Arc<MemoryQueue>,
 }
 
 fn qerr() -> QueueError {
@@ -352,7 +358,25 @@ impl Queue for FaultyQueue {
         self.inner.peek_dead_letters(from, max).await
     }
     async fn complete(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
-        guarded!(self, "queue.complete", true, qerr(), self.inner.complete(m))
+        let r = guarded!(self, "queue.complete", true, qerr(), self.inner.complete(m));
+        if r.is_ok()
+            && m.properties.get(props::KIND).map(String::as_str) == Some("retry")
+            && let Some(id) = m.properties.get(props::TRANSACTION_ID)
+            && let Ok(Some(rec)) = self.ledger.get(id).await
+            && rec.status == State::Failed
+            && m.properties
+                .get(props::DELIVERY)
+                .and_then(|n| n.parse::<u32>().ok())
+                == Some(rec.attempts + 1)
+            && !self
+                .memory
+                .main_messages()
+                .iter()
+                .any(|o| o.properties.get(props::TRANSACTION_ID) == Some(id))
+        {
+            self.f.log.retry_dropped(id, &m.message_id);
+        }
+        r
     }
     async fn abandon(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
         guarded!(self, "queue.abandon", true, qerr(), self.inner.abandon(m))

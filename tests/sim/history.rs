@@ -75,6 +75,9 @@ pub struct History {
     /// Most queue messages seen at once for one transaction.
     pub max_copies: BTreeMap<String, usize>,
     pub faults: usize,
+    /// Retry copies completed while their transaction was still `failed`
+    /// (waiting for exactly that copy): (id, message id).
+    pub retries_dropped: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -167,6 +170,17 @@ impl Recorder {
             "call {id} answered {answer}{}",
             if executed { " (executed)" } else { "" }
         ));
+    }
+
+    pub fn retry_dropped(&self, id: &str, message_id: &str) {
+        self.line(format!(
+            "retry copy {message_id} completed while {id} is failed"
+        ));
+        self.h
+            .lock()
+            .unwrap()
+            .retries_dropped
+            .push((id.to_owned(), message_id.to_owned()));
     }
 
     pub fn copies(&self, counts: BTreeMap<String, usize>) {

@@ -254,6 +254,7 @@ fn traced_to(invariant: &str) -> &'static str {
         inv::DURABLE_BUT_REFUSED => "#12.5 first-try AlreadyExists not compared",
         inv::COPIES_PILE_UP => "#12.12 every pass re-sends every old pending",
         inv::OTHER_BYTES_ACCEPTED => "N1 other bytes accepted after a ledger loss",
+        inv::RETRY_DROPPED => "#12.11 NotDue completes a retry that arrived early",
         inv::LEDGER_JOURNAL_DISAGREE => "N2 replay journaled, its ledger step failed",
         _ => "untraced",
     }

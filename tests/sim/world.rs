@@ -142,6 +142,8 @@ async fn simulate(seed: u64) -> RunResult {
         queue: Arc::new(FaultyQueue {
             inner: memory_queue.clone(),
             f: faults.clone(),
+            ledger: memory_ledger.clone(),
+            memory: memory_queue.clone(),
         }),
         store: Arc::new(FaultyStore {
             inner: memory_store.clone(),
@@ -189,6 +191,7 @@ async fn simulate(seed: u64) -> RunResult {
     tokio::time::sleep_until(origin + ACTIVE).await;
     rec.line("quiescent phase: faults off, every process up".into());
     faults.off();
+    memory_queue.set_scheduled_skew(Duration::ZERO);
     for i in 0..PROCESSES {
         if world.procs.lock().unwrap()[i].intake.is_none() {
             world.start(i);
@@ -225,14 +228,24 @@ async fn simulate(seed: u64) -> RunResult {
 #[derive(Debug, Clone)]
 enum Action {
     Vendor(usize),
-    Replay { tx: usize, force: bool },
-    Crash { proc: usize, down: Duration },
-    LedgerWipe { rebuild_after: Option<Duration> },
+    Replay {
+        tx: usize,
+        force: bool,
+    },
+    Crash {
+        proc: usize,
+        down: Duration,
+    },
+    LedgerWipe {
+        rebuild_after: Option<Duration>,
+    },
     LedgerDown(Duration),
     Storm(Storm, Duration),
     LoseMessage,
     CopyMessage,
     PurgeQueue,
+    /// The broker's clock runs ahead: scheduled messages come this early.
+    QueueClockAhead(Duration),
 }
 
 fn schedule(c: &Chance, transactions: usize) -> Vec<(Duration, Action)> {
@@ -252,7 +265,7 @@ fn schedule(c: &Chance, transactions: usize) -> Vec<(Duration, Action)> {
     }
     for _ in 0..c.range(2, 12) {
         let at = c.ms(1_000, 110_000);
-        let a = match c.range(0, 9) {
+        let a = match c.range(0, 10) {
             0 | 1 => Action::Crash {
                 proc: c.range(0, PROCESSES as u64 - 1) as usize,
                 down: c.ms(500, 12_000),
@@ -268,7 +281,8 @@ fn schedule(c: &Chance, transactions: usize) -> Vec<(Duration, Action)> {
             ),
             5 | 6 => Action::LoseMessage,
             7 | 8 => Action::CopyMessage,
-            _ => Action::PurgeQueue,
+            9 => Action::PurgeQueue,
+            _ => Action::QueueClockAhead(c.ms(200, 3_000)),
         };
         s.push((at, a));
     }
@@ -598,6 +612,12 @@ impl World {
                         .log
                         .note(format!("fault queue message {q} delivered twice"));
                 }
+            }
+            Action::QueueClockAhead(d) => {
+                self.memory_queue.set_scheduled_skew(d);
+                self.faults
+                    .log
+                    .note(format!("fault queue clock {d:?} ahead"));
             }
             Action::PurgeQueue => {
                 let n = self.memory_queue.purge(Subqueue::Main);
