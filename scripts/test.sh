@@ -5,7 +5,9 @@
 #   - Redis (installed from the OS packages if missing) on a free port
 #   - PostgreSQL (the OS packages' binaries, installed if missing) on a free port
 #   - a Python virtualenv (.venv) with tests/requirements.txt
-#   - the Rust tests (cargo nextest), the Service Bus conformance check with
+#   - the Rust tests (cargo nextest; they include the deterministic simulation's
+#     CI budget, tests/sim: 300 seeds against tests/sim/known-defects.txt), the
+#     Service Bus conformance check with
 #     Microsoft's SDK against the in-repo broker, a schemathesis pass over the
 #     HTTP API, and the deployment checks.
 # Needs: cargo (with cargo-nextest if present), node + npm, python3.

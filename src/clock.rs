@@ -4,11 +4,13 @@
 //! A running service reads the system clock and the thread RNG. The
 //! deterministic simulation switches the whole process, once, to a virtual
 //! clock (tokio's paused time, counted from a fixed start) and a seeded
-//! generator, so one seed replays exactly one history.
+//! generator, so one seed replays exactly one history. The harness runs many
+//! seeds in one process, one after the other, so switching again restarts the
+//! virtual clock and reseeds the generator.
 
 use chrono::{DateTime, Utc};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, RwLock};
 
 struct Simulated {
     start: DateTime<Utc>,
@@ -16,30 +18,37 @@ struct Simulated {
     rng: Mutex<StdRng>,
 }
 
-static SIMULATED: OnceLock<Simulated> = OnceLock::new();
+static SIMULATED: RwLock<Option<Simulated>> = RwLock::new(None);
+
+fn simulated() -> std::sync::RwLockReadGuard<'static, Option<Simulated>> {
+    SIMULATED.read().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Switches this process to virtual time starting at `start` (measured by
-/// tokio's clock, which the caller pauses) and to an RNG seeded with `seed`.
-/// Only the simulation harness calls this; it cannot be undone. Returns false
-/// if the process was already switched.
+/// tokio's clock from this call on; the caller runs on a paused runtime) and
+/// to an RNG seeded with `seed`. Only the simulation harness calls this; it
+/// cannot be undone, but calling it again restarts the clock at `start` and
+/// reseeds (one seed after another in one process; never concurrently).
+/// Returns false if the process was already switched.
 pub fn simulate(start: DateTime<Utc>, seed: u64) -> bool {
-    SIMULATED
-        .set(Simulated {
-            start,
-            origin: tokio::time::Instant::now(),
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
-        })
-        .is_ok()
+    let mut s = SIMULATED.write().unwrap_or_else(|e| e.into_inner());
+    let first = s.is_none();
+    *s = Some(Simulated {
+        start,
+        origin: tokio::time::Instant::now(),
+        rng: Mutex::new(StdRng::seed_from_u64(seed)),
+    });
+    first
 }
 
 /// Whether the process runs on virtual time.
 pub fn is_simulated() -> bool {
-    SIMULATED.get().is_some()
+    simulated().is_some()
 }
 
 /// Now, as every decision about leases, retries and deadlines sees it.
 pub fn now() -> DateTime<Utc> {
-    match SIMULATED.get() {
+    match simulated().as_ref() {
         Some(s) => {
             let elapsed = tokio::time::Instant::now().saturating_duration_since(s.origin);
             s.start + chrono::Duration::from_std(elapsed).unwrap_or_default()
@@ -50,7 +59,7 @@ pub fn now() -> DateTime<Utc> {
 
 /// A uniformly drawn number in `[lo, hi]`.
 pub fn uniform(lo: f64, hi: f64) -> f64 {
-    match SIMULATED.get() {
+    match simulated().as_ref() {
         Some(s) => s
             .rng
             .lock()
@@ -62,7 +71,7 @@ pub fn uniform(lo: f64, hi: f64) -> f64 {
 
 /// A fresh 32-hex-digit nonce (replays, re-drives).
 pub fn nonce() -> String {
-    let bits: u128 = match SIMULATED.get() {
+    let bits: u128 = match simulated().as_ref() {
         Some(s) => s.rng.lock().unwrap_or_else(|e| e.into_inner()).random(),
         None => rand::rng().random(),
     };

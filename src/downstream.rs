@@ -1,5 +1,9 @@
 //! The downstream payment service: one POST per attempt, carrying
 //! `Idempotency-Key: <transaction_id>`, and the classification of its answer.
+//!
+//! [`Downstream`] is the port the processor calls; [`HttpDownstream`] is the
+//! real one. The deterministic simulation (`tests/sim`) plugs in a simulated
+//! payment service behind the same trait.
 
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
@@ -62,27 +66,47 @@ pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         .ok()
 }
 
+/// The payment service as the processor sees it.
+///
+/// Contract: `call` sends one attempt of `transaction_id` carrying it as the
+/// idempotency key, and classifies the answer; it returns within the
+/// configured timeout (a hang is `Transient`).
+#[async_trait::async_trait]
+pub trait Downstream: Send + Sync + 'static {
+    async fn call(&self, transaction_id: &str, attempt: u32, payload: Bytes) -> CallResult;
+    /// For logs; never contains a secret.
+    fn describe(&self) -> String;
+}
+
+/// The payment service over HTTP.
 #[derive(Clone)]
-pub struct Downstream {
+pub struct HttpDownstream {
     client: reqwest::Client,
     url: url::Url,
 }
 
-impl Downstream {
-    pub fn new(url: url::Url, timeout: Duration) -> Result<Downstream, reqwest::Error> {
+impl HttpDownstream {
+    pub fn new(url: url::Url, timeout: Duration) -> Result<HttpDownstream, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(256)
             .build()?;
-        Ok(Downstream { client, url })
+        Ok(HttpDownstream { client, url })
     }
 
     pub fn url(&self) -> &url::Url {
         &self.url
     }
+}
 
-    pub async fn call(&self, transaction_id: &str, attempt: u32, payload: Bytes) -> CallResult {
+#[async_trait::async_trait]
+impl Downstream for HttpDownstream {
+    fn describe(&self) -> String {
+        self.url.to_string()
+    }
+
+    async fn call(&self, transaction_id: &str, attempt: u32, payload: Bytes) -> CallResult {
         let span = tracing::info_span!(
             "downstream.call",
             otel.kind = "client",
@@ -104,6 +128,9 @@ impl Downstream {
         result
     }
 
+}
+
+impl HttpDownstream {
     async fn call_once(
         &self,
         transaction_id: &str,

@@ -90,7 +90,7 @@ pub struct Processor {
     pub queue: Arc<dyn Queue>,
     pub ledger: Arc<dyn Ledger>,
     pub journal: Journal,
-    pub downstream: Downstream,
+    pub downstream: Arc<dyn Downstream>,
     pub policy: RetryPolicy,
     /// Lease owner name of this process.
     pub owner: String,

@@ -6,7 +6,7 @@ use crate::api::{ApiState, health::Dependencies};
 use crate::auth::Auth;
 use crate::backoff::RetryPolicy;
 use crate::config::{LedgerKind, QueueKind, ServicebusTransport, Settings, WalKind};
-use crate::downstream::Downstream;
+use crate::downstream::HttpDownstream;
 use crate::intake::Intake;
 use crate::journal::Journal;
 use crate::ledger::{
@@ -180,11 +180,13 @@ impl Services {
             queue: self.queue.clone(),
             ledger: self.ledger.clone(),
             journal: self.journal.clone(),
-            downstream: Downstream::new(
-                self.settings.downstream_url.clone(),
-                self.settings.downstream_timeout(),
-            )
-            .context("building the downstream HTTP client")?,
+            downstream: Arc::new(
+                HttpDownstream::new(
+                    self.settings.downstream_url.clone(),
+                    self.settings.downstream_timeout(),
+                )
+                .context("building the downstream HTTP client")?,
+            ),
             policy: self.retry_policy(),
             owner: self.instance.clone(),
             lock_duration: self.settings.lock_duration(),

@@ -16,6 +16,7 @@
 //!   journal are, and the ledger can be rebuilt from them.
 
 pub mod local;
+pub mod memory;
 pub mod postgres;
 pub mod redis;
 

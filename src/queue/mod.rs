@@ -17,6 +17,7 @@
 //! - Ordering is not guaranteed.
 
 pub mod local;
+pub mod memory;
 pub mod servicebus;
 
 use async_trait::async_trait;

@@ -13,6 +13,7 @@
 
 pub mod azure;
 pub mod local;
+pub mod memory;
 pub mod store;
 
 use bytes::Bytes;

@@ -720,6 +720,13 @@ async fn local() -> Arc<dyn Ledger> {
 
 ledger_contract!(local_ledger, local);
 
+/// The simulation's ledger (`tests/sim`) behaves like the real ones.
+async fn memory() -> Arc<dyn Ledger> {
+    Arc::new(rtp_durability::ledger::memory::MemoryLedger::new())
+}
+
+ledger_contract!(memory_ledger, memory);
+
 async fn redis() -> Arc<dyn Ledger> {
     use rtp_durability::ledger::redis::{DEFAULT_TIMEOUT, RedisLedger, RedisSettings};
     Arc::new(

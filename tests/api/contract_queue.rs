@@ -272,6 +272,18 @@ async fn local() -> Arc<dyn Queue> {
 
 queue_contract!(local_queue, local);
 
+/// The simulation's queue (`tests/sim`) behaves like the real ones.
+async fn memory() -> Arc<dyn Queue> {
+    use rtp_durability::queue::memory::{MemoryQueue, MemoryQueueOptions};
+    Arc::new(MemoryQueue::new(MemoryQueueOptions {
+        lock_duration: LOCK,
+        max_delivery_count: MAX_DELIVERY,
+        duplicate_detection_window: Duration::from_secs(60),
+    }))
+}
+
+queue_contract!(memory_queue, memory);
+
 #[tokio::test]
 async fn local_queue_survives_reopen() {
     use rtp_durability::queue::local::{LocalQueue, LocalQueueOptions};

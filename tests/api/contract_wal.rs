@@ -180,6 +180,13 @@ async fn local() -> Arc<dyn ObjectStore> {
     Arc::new(rtp_durability::wal::local::LocalStore::open(dir).unwrap())
 }
 
+/// The simulation's store (`tests/sim`) behaves like the real ones.
+async fn memory() -> Arc<dyn ObjectStore> {
+    Arc::new(rtp_durability::wal::memory::MemoryStore::new())
+}
+
+wal_contract!(memory_store, memory);
+
 async fn azurite() -> Arc<dyn ObjectStore> {
     Arc::new(crate::support::azurite_store().await)
 }
