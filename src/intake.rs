@@ -157,12 +157,12 @@ impl Intake {
                 let resending = self
                     .resend
                     .as_ref()
-                    .is_some_and(|r| r.push(&s.transaction_id, message));
-                tracing::warn!(transaction_id = %s.transaction_id, error = %e, resending, "enqueue failed; resent when the queue answers, else re-driven by the reconciler from the WAL");
+                    .is_some_and(|r| r.push(&record.transaction_id, message));
+                tracing::warn!(transaction_id = %record.transaction_id, error = %e, resending, "enqueue failed; resent when the queue answers, else re-driven by the reconciler from the WAL");
                 false
             }
         };
-        tracing::info!(transaction_id = %s.transaction_id, wal_ref = %record.wal_ref, enqueued, "transaction accepted");
+        tracing::info!(transaction_id = %record.transaction_id, wal_ref = %record.wal_ref, enqueued, "transaction accepted");
         Ok(IntakeOutcome::Accepted { record, enqueued })
     }
 }

@@ -491,8 +491,12 @@ impl Reconciler {
                     if o.dry_run {
                         continue;
                     }
+                    // Under the ledger's key: an entry written before keys
+                    // were scoped keeps its bare key (the WAL record's is scoped).
+                    let mut reg = wal.registration(&cur.wal_ref);
+                    reg.transaction_id = cur.transaction_id.clone();
                     let msg = Envelope::new(
-                        wal.registration(&cur.wal_ref),
+                        reg,
                         Bytes::from(wal.payload.into_bytes()),
                         Delivery::Redrive(Delivery::nonce()),
                     )

@@ -1,17 +1,11 @@
 //! The vendor's deadline (`expires_at`, issue 12): no downstream call starts
 //! after it; the transaction dead-letters with `DeadlineExceeded`.
 
-use crate::processor_faults::{On, app_on};
+use crate::processor_faults::{On, app_on, calls_for};
 use crate::support::{API_KEY, AppOptions, json, spawn_app, spawn_app_with};
 use chrono::{DateTime, Duration as ChronoDuration, SubsecRound, Utc};
 use rtp_durability::transaction::State;
 use serde_json::json;
-
-async fn calls_for(app: &crate::support::TestApp, id: &str) -> u64 {
-    app.mock_calls().await["by_key"][id]["calls"]
-        .as_u64()
-        .unwrap_or(0)
-}
 
 #[tokio::test]
 async fn deadline_passed_dead_letters_without_a_downstream_call() {

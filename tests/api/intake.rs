@@ -311,7 +311,10 @@ async fn a_failed_send_is_resent_as_soon_as_the_queue_answers() {
     r.queue.down.store(false, Ordering::SeqCst);
     let got = r.queue.receive(1, Duration::from_secs(15)).await.unwrap();
     assert_eq!(got.len(), 1, "resent once the queue answered");
-    assert_eq!(got[0].message_id, "IN-5");
+    assert_eq!(
+        got[0].message_id, "acme/IN-5",
+        "the first send's id: the key"
+    );
     assert_eq!(&got[0].body[..], body.as_bytes());
     r.queue.complete(&got[0]).await.unwrap();
     assert!(resend.is_empty());

@@ -31,8 +31,14 @@ pub async fn app_on(on: On, mut o: AppOptions) -> TestApp {
     spawn_app_with(o).await
 }
 
-async fn calls_for(app: &TestApp, id: &str) -> u64 {
-    app.mock_calls().await["by_key"][id]["calls"]
+/// Downstream calls for the transaction `id` addresses (see
+/// [`TestApp::find`]), counted under its `Idempotency-Key`: the ledger key.
+pub async fn calls_for(app: &TestApp, id: &str) -> u64 {
+    let key = match app.find(id).await {
+        Some(r) => r.transaction_id.to_string(),
+        None => id.to_owned(),
+    };
+    app.mock_calls().await["by_key"][key.as_str()]["calls"]
         .as_u64()
         .unwrap_or(0)
 }
@@ -139,6 +145,8 @@ async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
     );
     let client = reqwest::Client::new();
     let id = "E2E-RB-1";
+    // The downstream's Idempotency-Key: the ledger key `<vendor>/<id>`.
+    let idem = format!("{}/{id}", creds["vendor"].as_str().unwrap());
     let r = client
         .post(format!("{base}/v1/transactions"))
         .header("X-Api-Key", key)
@@ -177,10 +185,14 @@ async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
     status("dead_letter").await;
     let calls = format!("http://127.0.0.1:{mock_port}/calls");
     let before = poll_json(&calls, Duration::from_secs(5), |v| {
-        v["by_key"][id]["calls"] == 3
+        v["by_key"][idem.as_str()]["calls"] == 3
     })
     .await;
-    assert_eq!(before["by_key"][id]["calls"], 3, "first call + 2 retries");
+    assert_eq!(
+        before["by_key"][idem.as_str()]["calls"],
+        3,
+        "first call + 2 retries"
+    );
 
     let r = client
         .post(format!("{base}/v1/transactions/{id}/replay"))
@@ -193,10 +205,11 @@ async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
     assert_eq!(done["attempts"], 4, "{done}");
     let after = crate::support::process::mock_calls(mock_port).await;
     assert_eq!(
-        after["by_key"][id]["calls"], 4,
+        after["by_key"][idem.as_str()]["calls"],
+        4,
         "one more downstream call per replay"
     );
-    assert_eq!(after["by_key"][id]["successes"], 1);
+    assert_eq!(after["by_key"][idem.as_str()]["successes"], 1);
 }
 
 /// Issue 12 item 10: a copy of a transaction carrying other bytes than the
@@ -346,8 +359,10 @@ async fn journaled_success(on: On) {
     app.post_json(&json!({"transaction_id": id})).await;
     // A worker claimed it, the downstream took it, the journal says so ...
     let ledger = &app.services.ledger;
+    // The ledger key (and journal key) of the transaction: `<vendor>/<id>`.
+    let key = app.record(id).await.transaction_id.to_string();
     let rtp_durability::ledger::ClaimOutcome::Claimed(c) = ledger
-        .claim(id, "lost-worker", Duration::from_millis(1))
+        .claim(&key, "lost-worker", Duration::from_millis(1))
         .await
         .unwrap()
     else {
@@ -358,7 +373,7 @@ async fn journaled_success(on: On) {
         .append(&JournalEntry {
             v: 1,
             kind: EntryKind::Attempt,
-            transaction_id: id.into(),
+            transaction_id: key.clone(),
             at: chrono::Utc::now(),
             attempt: Some(c.attempts),
             state: State::Success,

@@ -1,7 +1,7 @@
 //! Recovery paths of the reconciler (issue 12), against the real pipeline.
 
 use crate::processor_faults::{On, app_on};
-use crate::support::{AppOptions, TestApp};
+use crate::support::{AppOptions, TestApp, VENDOR, key};
 use chrono::{Duration as ChronoDuration, Utc};
 use rtp_durability::reconcile::ReconcileOptions;
 use rtp_durability::transaction::{Sha256, State, TransactionId};
@@ -42,7 +42,11 @@ async fn reconciler_matches_wal_record_by_sha(on: On) {
                 v: 1,
                 transaction_id: TransactionId::parse(id).unwrap(),
                 received_at: Utc::now(),
-                source: Source::default(),
+                // The same vendor's refused re-POST: same key `<vendor>/<id>`.
+                source: Source {
+                    vendor: Some(VENDOR.into()),
+                    ..Default::default()
+                },
                 sha256: Sha256::of(refused.as_bytes()),
                 payload: refused.into(),
                 expires_at: None,
@@ -69,7 +73,7 @@ async fn reconciler_matches_wal_record_by_sha(on: On) {
     assert_eq!(rec.status, State::Success);
     assert_eq!(rec.sha256, accepted);
     let calls = app.mock_calls().await;
-    assert_eq!(calls["by_key"][id]["calls"], 1);
+    assert_eq!(calls["by_key"][key(id).as_str()]["calls"], 1, "{calls}");
 }
 
 #[tokio::test]
@@ -109,11 +113,17 @@ async fn old_replayed_pending_is_redriven(on: On) {
     assert_eq!(report.redriven_pending, 1, "{report:?}");
     assert_eq!(
         report.actions,
-        vec![format!("{id}: pending, outside the WAL window (re-drive)")]
+        vec![format!(
+            "{}: pending, outside the WAL window (re-drive)",
+            key(id)
+        )]
     );
     app.drain_until_terminal(&[id]).await;
     assert_eq!(app.state_of(id).await, State::Success);
-    assert_eq!(app.mock_calls().await["by_key"][id]["calls"], 2);
+    assert_eq!(
+        app.mock_calls().await["by_key"][key(id).as_str()]["calls"],
+        2
+    );
 }
 
 #[tokio::test]

@@ -121,7 +121,8 @@ async fn ledger_outage_holds_the_message_locked_until_the_ledger_returns() {
         let rec = app.record(id).await;
         assert_eq!(rec.status, State::Success, "{id}");
         assert_eq!(rec.attempts, 1, "{id}: one attempt, no lease expiry");
-        assert_eq!(calls["by_key"][id]["calls"], 1, "{id}: {calls}");
+        let key = rec.transaction_id.to_string();
+        assert_eq!(calls["by_key"][key.as_str()]["calls"], 1, "{key}: {calls}");
     }
     assert_eq!(calls["concurrent_overlaps"], 0);
     assert!(
