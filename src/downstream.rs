@@ -127,7 +127,6 @@ impl Downstream for HttpDownstream {
         }
         result
     }
-
 }
 
 impl HttpDownstream {

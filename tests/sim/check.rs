@@ -99,9 +99,11 @@ pub async fn check(
             v.push(x);
         }
     };
+    // The history names transactions by the vendor's id; the ledger, the
+    // journal and the Idempotency-Key by the vendor-scoped key.
     let ledger: BTreeMap<&str, &TxRecord> = ledger
         .iter()
-        .map(|r| (r.transaction_id.as_str(), r))
+        .map(|r| (bare(r.transaction_id.as_str()), r))
         .collect();
     let wal: Vec<(rtp_durability::wal::WalRef, WalRecord)> = wal_lines
         .into_iter()
@@ -110,7 +112,10 @@ pub async fn check(
     let mut journal: BTreeMap<String, Vec<JournalEntry>> = BTreeMap::new();
     for (_, b) in journal_lines {
         if let Ok(e) = serde_json::from_slice::<JournalEntry>(&b) {
-            journal.entry(e.transaction_id.clone()).or_default().push(e);
+            journal
+                .entry(bare(&e.transaction_id).to_owned())
+                .or_default()
+                .push(e);
         }
     }
     for es in journal.values_mut() {
@@ -196,7 +201,7 @@ pub async fn check(
                 ),
             );
         }
-        if c.key != c.id {
+        if c.key != format!("{VENDOR}/{}", c.id) {
             add(inv::WRONG_KEY, &c.id, format!("key {:?}", c.key));
         }
         match acked.get(c.id.as_str()) {
@@ -306,8 +311,7 @@ pub async fn check(
 
     for m in dlq {
         if m.dead_letter_reason.as_deref() == Some(MAX_DELIVERY_COUNT_EXCEEDED) {
-            let id = rtp_durability::envelope::transaction_id_of(&m)
-                .unwrap_or_default()
+            let id = bare(rtp_durability::envelope::transaction_id_of(&m).unwrap_or_default())
                 .to_owned();
             add(
                 inv::DELIVERIES_BURNT,
@@ -320,7 +324,7 @@ pub async fn check(
     for (id, m) in &h.retries_dropped {
         add(
             inv::RETRY_DROPPED,
-            id,
+            bare(id),
             format!("{m} completed while the transaction was failed"),
         );
     }
@@ -332,4 +336,12 @@ pub async fn check(
     }
     v.sort_by(|a, b| (a.invariant, &a.id).cmp(&(b.invariant, &b.id)));
     v
+}
+
+/// The simulated vendor: every transaction is keyed `acme/<id>`.
+const VENDOR: &str = "acme";
+
+/// The vendor's id of a ledger or journal key.
+fn bare(key: &str) -> &str {
+    key.strip_prefix("acme/").unwrap_or(key)
 }

@@ -528,7 +528,9 @@ impl World {
                     };
                     let id = id.clone();
                     p.tasks.spawn(async move {
-                        let _ = tx.send(r.replay_one(&id, &req).await);
+                        // The operator names the vendor's transaction by its key.
+                        let key = format!("acme/{id}");
+                        let _ = tx.send(r.replay_one(&key, &req).await);
                     });
                 }
                 matches!(rx.await, Ok(Ok(Replayed::Requeued { .. })))
