@@ -61,6 +61,8 @@ impl ObjectStore for Flaky {
 struct FlakyQueue {
     inner: LocalQueue,
     down: AtomicBool,
+    /// Sends do not answer while set (a broker gone mid-send).
+    hang: AtomicBool,
 }
 
 #[async_trait]
@@ -68,6 +70,10 @@ impl Queue for FlakyQueue {
     async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(QueueError::Unavailable("injected outage".into()));
+        }
+        // Not answering until `hang` is cleared.
+        while self.hang.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.inner.send(messages).await
     }
@@ -137,6 +143,7 @@ fn rig() -> Rig {
         inner: LocalQueue::open(&dir.path().join("queue.db"), LocalQueueOptions::default())
             .unwrap(),
         down: AtomicBool::new(false),
+        hang: AtomicBool::new(false),
     });
     let gc = GroupCommit {
         retry_deadline: Duration::from_millis(200),
@@ -310,9 +317,46 @@ async fn a_failed_send_is_resent_as_soon_as_the_queue_answers() {
     r.queue.down.store(false, Ordering::SeqCst);
     let got = r.queue.receive(1, Duration::from_secs(15)).await.unwrap();
     assert_eq!(got.len(), 1, "resent once the queue answered");
-    assert_eq!(got[0].message_id, "IN-5");
+    assert_eq!(
+        got[0].message_id, "acme/IN-5",
+        "the scoped id (one id space per vendor)"
+    );
     assert_eq!(&got[0].body[..], body.as_bytes());
     r.queue.complete(&got[0]).await.unwrap();
     assert!(resend.is_empty());
     assert_eq!(waiting.snapshot().0, 0);
+}
+
+/// A send that never answers (the broker went away mid-send) does not hold
+/// the vendor's request: intake stops waiting after its own bound
+/// (`INGEST_SEND_WAIT`), answers `Accepted` with `enqueued: false` (the
+/// record is durable and `pending`) and hands the message to the resend
+/// queue, which delivers it once the queue answers.
+#[tokio::test]
+async fn a_send_that_never_answers_is_left_to_the_resend_queue() {
+    let mut r = rig();
+    let waiting = Arc::new(rtp_durability::recovery::Waiting::default());
+    let resend = rtp_durability::resend::Resend::start(r.queue.clone(), waiting.clone(), 10);
+    r.intake.resend = Some(resend.clone());
+    r.queue.hang.store(true, Ordering::SeqCst);
+    let body = r#"{"transaction_id":"IN-HANG"}"#;
+    // Only a guard against hanging forever; the bound itself is 5 s.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        r.intake.accept(submission("IN-HANG", body)),
+    )
+    .await
+    .expect("intake answered although the send never did")
+    .unwrap();
+    let IntakeOutcome::Accepted { record, enqueued } = outcome else {
+        panic!("durable and registered: accepted, got {outcome:?}")
+    };
+    assert!(!enqueued, "the send did not go through: enqueued is false");
+    assert_eq!(record.status, State::Pending);
+    assert_eq!(waiting.snapshot().0, 1, "counted as waiting on recovery");
+    r.queue.hang.store(false, Ordering::SeqCst);
+    let got = r.queue.receive(1, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(got.len(), 1, "resent once the queue answered");
+    assert_eq!(got[0].message_id, "acme/IN-HANG");
+    assert_eq!(&got[0].body[..], body.as_bytes());
 }
