@@ -166,7 +166,7 @@ impl Intake {
                 let resending = self
                     .resend
                     .as_ref()
-                    .is_some_and(|r| r.push(&s.transaction_id, message));
+                    .is_some_and(|r| r.push_failed(&s.transaction_id, message, &e));
                 tracing::warn!(transaction_id = %s.transaction_id, error = %e, resending, "enqueue failed; resent when the queue answers, else re-driven by the reconciler from the WAL");
                 false
             }

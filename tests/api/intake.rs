@@ -360,3 +360,114 @@ async fn a_send_that_never_answers_is_left_to_the_resend_queue() {
     assert_eq!(got[0].message_id, "acme/IN-HANG");
     assert_eq!(&got[0].body[..], body.as_bytes());
 }
+
+/// One message the queue refuses for good (`message-size-exceeded`, a fatal
+/// error) does not sit at the head of the resend queue retried forever: it
+/// is dropped (the transaction stays `pending` for the reconciler) and the
+/// messages behind it are resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resend_queue_is_not_blocked_by_a_message_the_queue_refuses() {
+    /// The local queue, refusing for good any message whose id starts with TOO-BIG.
+    struct Refusing(LocalQueue);
+    #[async_trait]
+    impl Queue for Refusing {
+        async fn send(&self, m: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+            if m.iter().any(|m| m.message_id.starts_with("TOO-BIG")) {
+                return Err(QueueError::Fatal("message-size-exceeded".into()));
+            }
+            self.0.send(m).await
+        }
+        async fn receive(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive(max, wait).await
+        }
+        async fn receive_dead_letters(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive_dead_letters(max, wait).await
+        }
+        async fn peek_dead_letters(
+            &self,
+            from: i64,
+            max: usize,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.peek_dead_letters(from, max).await
+        }
+        async fn complete(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.complete(m).await
+        }
+        async fn abandon(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.abandon(m).await
+        }
+        async fn dead_letter(
+            &self,
+            m: &ReceivedMessage,
+            r: &str,
+            d: &str,
+        ) -> Result<(), QueueError> {
+            self.0.dead_letter(m, r, d).await
+        }
+        async fn renew_lock(
+            &self,
+            m: &ReceivedMessage,
+        ) -> Result<chrono::DateTime<chrono::Utc>, QueueError> {
+            self.0.renew_lock(m).await
+        }
+        async fn ping(&self) -> Result<(), QueueError> {
+            self.0.ping().await
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(Refusing(
+        LocalQueue::open(&dir.path().join("q.db"), LocalQueueOptions::default()).unwrap(),
+    ));
+    let waiting = Arc::new(rtp_durability::recovery::Waiting::default());
+    let resend = rtp_durability::resend::Resend::start(q.clone(), waiting.clone(), 10_000);
+    let msg = |id: &str| OutgoingMessage {
+        message_id: id.into(),
+        body: Bytes::from_static(b"{}"),
+        content_type: Some("application/json".into()),
+        properties: Default::default(),
+        scheduled_enqueue_at: None,
+    };
+    // As a retry copy is handed over (on any error) ...
+    assert!(resend.push("TOO-BIG", msg("TOO-BIG")));
+    for i in 0..5 {
+        assert!(resend.push(&format!("OK-{i}"), msg(&format!("OK-{i}"))));
+    }
+    let mut ids = Vec::new();
+    while ids.len() < 5 {
+        let got = q.receive(10, Duration::from_secs(15)).await.unwrap();
+        assert!(
+            !got.is_empty(),
+            "the messages behind the refused one are resent (got {ids:?}; {} still held)",
+            resend.len()
+        );
+        for m in got {
+            ids.push(m.message_id.clone());
+            q.complete(&m).await.unwrap();
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, ["OK-0", "OK-1", "OK-2", "OK-3", "OK-4"]);
+    assert!(resend.is_empty(), "the refused message is not kept");
+    assert_eq!(waiting.snapshot().0, 0, "nothing counted as waiting");
+    // ... while intake's send error is looked at first: a permanent
+    // refusal is not queued at all.
+    assert!(!resend.push_failed(
+        "TOO-BIG-2",
+        msg("TOO-BIG-2"),
+        &QueueError::Fatal("message-size-exceeded".into())
+    ));
+    assert!(resend.is_empty());
+    assert!(resend.push_failed("OK-5", msg("OK-5"), &QueueError::Unavailable("down".into())));
+}
