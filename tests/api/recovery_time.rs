@@ -525,3 +525,114 @@ async fn servicebus_restart_mid_backlog_recovers_within_30s_of_its_return() {
 async fn blob_storage_outage_mid_backlog_recovers_within_30s_of_its_return() {
     scenario(Fault::Blob, "RT-BLOB").await;
 }
+
+/// Recording an outcome does not need the message lock: when the lock is
+/// lost while the settle waits for the ledger, the worker still records the
+/// outcome once the ledger answers (instead of returning `Fenced` with the
+/// transaction left `processing` until its lease runs out and it is called
+/// again). Only the claim's hold stops on a lost lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lock_lost_while_the_settle_waits_for_the_ledger_still_records_the_outcome() {
+    use async_trait::async_trait;
+    use rtp_durability::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
+    /// The real queue, except that every lock renewal says the lock is lost.
+    struct LosesLocks(Arc<dyn Queue>);
+    #[async_trait]
+    impl Queue for LosesLocks {
+        async fn send(&self, m: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+            self.0.send(m).await
+        }
+        async fn receive(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive(max, wait).await
+        }
+        async fn receive_dead_letters(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive_dead_letters(max, wait).await
+        }
+        async fn peek_dead_letters(
+            &self,
+            from: i64,
+            max: usize,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.peek_dead_letters(from, max).await
+        }
+        async fn complete(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.complete(m).await
+        }
+        async fn abandon(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.abandon(m).await
+        }
+        async fn dead_letter(
+            &self,
+            m: &ReceivedMessage,
+            r: &str,
+            d: &str,
+        ) -> Result<(), QueueError> {
+            self.0.dead_letter(m, r, d).await
+        }
+        async fn renew_lock(
+            &self,
+            _m: &ReceivedMessage,
+        ) -> Result<chrono::DateTime<chrono::Utc>, QueueError> {
+            Err(QueueError::LockLost)
+        }
+        async fn ping(&self) -> Result<(), QueueError> {
+            self.0.ping().await
+        }
+        fn describe(&self) -> String {
+            "loses locks".into()
+        }
+    }
+
+    let mut redis = OwnRedis::start_persistent();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        lock_secs: 2.0,
+        downstream_timeout_secs: 5.0,
+        mock: MockOptions {
+            success_rate: 1.0,
+            latency: Duration::from_millis(1500),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .post_json(&json!({ "transaction_id": "LOST-LOCK", "amount": "1.00" }))
+        .await;
+    assert_eq!(r.status(), 202);
+    let mut p = app.services.processor().unwrap();
+    p.queue = Arc::new(LosesLocks(app.services.queue.clone()));
+    let waiting = p.waiting.clone();
+    let work = p.try_process_next(Duration::from_secs(5));
+    let check = async {
+        // The call takes 1.5 s; the claim happened before it started.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis.kill();
+        until("the settle is held", Duration::from_secs(10), || {
+            waiting.snapshot().0 == 1
+        })
+        .await;
+        // Past the 2 s lock: the renewal has said the lock is lost.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        redis.launch();
+    };
+    let (outcome, ()) = tokio::join!(work, check);
+    assert_eq!(
+        outcome.unwrap(),
+        Outcome::Succeeded,
+        "the outcome is recorded although the lock was lost"
+    );
+    let rec = app.record("LOST-LOCK").await;
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(rec.attempts, 1);
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["acme/LOST-LOCK"]["calls"], 1, "{calls}");
+}
