@@ -500,7 +500,7 @@ impl Processor {
                     renewing = false;
                 }
             }
-            tokio::time::sleep(pause).await;
+            crate::clock::sleep(pause).await;
         }
     }
 
@@ -600,8 +600,11 @@ pub async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let mut workers = tokio::task::JoinSet::new();
+    // One idle worker at a time pings the ledger while it is down.
+    let pinging = Arc::new(AtomicBool::new(false));
     for _ in 0..concurrency {
         let p = processor.clone();
+        let pinging = pinging.clone();
         let mut stop = shutdown.clone();
         workers.spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(6400));
@@ -614,11 +617,17 @@ pub async fn run(
                     // whoever holds one clears the flag when the ledger
                     // answers, and so does a ping.
                     tokio::select! {
-                        _ = tokio::time::sleep(LEDGER_DOWN_POLL) => {},
+                        _ = crate::clock::sleep(LEDGER_DOWN_POLL) => {},
                         _ = stop.changed() => return,
                     }
-                    if p.ledger.ping().await.is_ok() {
-                        p.ledger_down.store(false, Ordering::Relaxed);
+                    if pinging
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        if p.ledger.ping().await.is_ok() {
+                            p.ledger_down.store(false, Ordering::Relaxed);
+                        }
+                        pinging.store(false, Ordering::Release);
                     }
                     continue;
                 }

@@ -10,6 +10,7 @@
 //! and live leases of others, the attempt number fences a late settle, and the
 //! reconciler corrects from the journal before it re-drives.
 
+use crate::clock::Instant;
 use crate::ledger::Ledger;
 use crate::metrics;
 use crate::queue::Queue;
@@ -24,7 +25,6 @@ use std::{
     },
     time::Duration,
 };
-use tokio::time::Instant;
 
 /// Work held back by a dependency outage: messages the processor keeps locked
 /// while the ledger or the journal does not answer, and sends waiting in the
@@ -233,7 +233,7 @@ pub async fn watch_dependencies(w: Watch, mut shutdown: tokio::sync::watch::Rece
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(w.every) => {}
+            _ = crate::clock::sleep(w.every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }

@@ -163,7 +163,7 @@ async fn run(weak: Weak<Inner>) {
                 let pause = backoff.next_delay();
                 tracing::warn!(transaction_id = %id, error = %e, waiting = lock(&inner).len(), "resend failed; retrying in {pause:?}");
                 drop(inner);
-                tokio::time::sleep(pause).await;
+                crate::clock::sleep(pause).await;
             }
         }
     }
