@@ -78,6 +78,15 @@ pub fn nonce() -> String {
     format!("{bits:032x}")
 }
 
+/// The monotonic instant timers use: tokio's, which the simulation pauses
+/// and advances with the virtual clock.
+pub type Instant = tokio::time::Instant;
+
+/// Waits `d` on the clock [`now`] reads (virtual in the simulation).
+pub async fn sleep(d: std::time::Duration) {
+    tokio::time::sleep(d).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

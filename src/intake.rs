@@ -12,13 +12,20 @@
 
 use crate::envelope::{Delivery, Envelope};
 use crate::ledger::{self, Ledger, LedgerError, RegisterOutcome};
-use crate::queue::Queue;
+use crate::queue::{Queue, QueueError};
 use crate::resend::Resend;
 use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
 use crate::wal::{Log, Source, WalError, WalRecord};
 use bytes::Bytes;
 use std::sync::Arc;
 use tracing::Instrument;
+
+/// How long intake waits for the queue to take a message before it answers
+/// the vendor anyway: the record is durable and registered `pending`, so the
+/// message goes to the resend queue (and the reconciler re-drives it if that
+/// fails too) and the vendor gets `enqueued: false`. A send left waiting on
+/// a broker that went away must not hold the vendor's request open.
+pub const INGEST_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One transaction as a transport received it, already validated: the id is
 /// parsed and the payload is a UTF-8 JSON object. The id is the vendor's;
@@ -151,13 +158,22 @@ impl Intake {
             }
         };
         let message = Envelope::new(reg, s.payload, Delivery::Initial).to_message();
-        let enqueued = match self.queue.send(vec![message.clone()]).await {
+        let sent =
+            match tokio::time::timeout(INGEST_SEND_WAIT, self.queue.send(vec![message.clone()]))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(QueueError::Unavailable(format!(
+                    "no answer from the queue within {INGEST_SEND_WAIT:?}"
+                ))),
+            };
+        let enqueued = match sent {
             Ok(()) => true,
             Err(e) => {
                 let resending = self
                     .resend
                     .as_ref()
-                    .is_some_and(|r| r.push(&record.transaction_id, message));
+                    .is_some_and(|r| r.push_failed(&record.transaction_id, message, &e));
                 tracing::warn!(transaction_id = %record.transaction_id, error = %e, resending, "enqueue failed; resent when the queue answers, else re-driven by the reconciler from the WAL");
                 false
             }

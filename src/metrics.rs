@@ -208,7 +208,7 @@ fn get() -> &'static Metrics {
         let resend = Family::<ResultLabel, Counter>::default();
         registry.register(
             "resend",
-            "In-process resend queue: failed sends queued, sent, failed again, dropped (full)",
+            "In-process resend queue: failed sends queued, sent, failed again, dropped (full), refused (a permanent queue error; left to the reconciler)",
             resend.clone(),
         );
         let dependency_returned = Family::<DependencyLabel, Counter>::default();

@@ -126,6 +126,11 @@ impl Unavailable for WalError {
 /// Which dependency a held message waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
+    /// The claim: it needs the message lock (without it another worker may
+    /// take the message), so the hold ends when the lock is lost.
+    Claim,
+    /// Recording an outcome (ledger settle, journal): it does not need the
+    /// lock, so it goes on after the lock is lost.
     Ledger,
     Journal,
 }
@@ -206,7 +211,7 @@ impl Processor {
         let reg = envelope.registration;
         let lease = self.lock_duration + self.downstream_timeout;
         let mut claim = match self
-            .hold(&m, Held::Ledger, || {
+            .hold(&m, Held::Claim, || {
                 self.ledger.claim(&reg.transaction_id, &self.owner, lease)
             })
             .await
@@ -236,7 +241,7 @@ impl Processor {
                 Err(e) => return self.defer(&m, e).await,
             }
             claim = match self
-                .hold(&m, Held::Ledger, || {
+                .hold(&m, Held::Claim, || {
                     self.ledger.claim(&reg.transaction_id, &self.owner, lease)
                 })
                 .await
@@ -615,7 +620,8 @@ impl Processor {
     /// message locked meanwhile: between tries it waits with back-off and
     /// renews the lock before it runs low. A ledger or journal blip then
     /// costs the time of the blip, not a lease expiry or a reconciler pass,
-    /// and burns no deliveries. Ends early only when the lock is lost.
+    /// and burns no deliveries. Only the claim ([`Held::Claim`]) ends early
+    /// when the lock is lost; recording an outcome goes on without it.
     async fn hold<T, E, F, Fut>(
         &self,
         m: &ReceivedMessage,
@@ -629,13 +635,14 @@ impl Processor {
     {
         let mut backoff = Backoff::new(HOLD_BACKOFF_BASE, HOLD_BACKOFF_MAX);
         let mut locked_until = m.locked_until;
+        let mut renewing = true;
         let mut waiting = None;
         loop {
             let r = op().await;
             match &r {
                 Err(e) if e.is_unavailable() => {}
                 _ => {
-                    if what == Held::Ledger && r.is_ok() {
+                    if what != Held::Journal && r.is_ok() {
                         self.ledger_down.store(false, Ordering::Relaxed);
                     }
                     if waiting.is_some() {
@@ -650,7 +657,7 @@ impl Processor {
                 tracing::warn!(dependency = ?what, error = %e, "dependency unavailable; keeping the message locked and retrying");
                 waiting = Some(self.waiting.enter());
             }
-            if what == Held::Ledger {
+            if what != Held::Journal {
                 self.ledger_down.store(true, Ordering::Relaxed);
             }
             // Never sleep through a good part of the lock: a renewal is due
@@ -659,17 +666,32 @@ impl Processor {
             let now = crate::clock::now();
             let margin =
                 chrono::Duration::from_std(self.lock_duration / 2 + pause).unwrap_or_default();
-            if locked_until - now < margin {
-                match self.queue.renew_lock(m).await {
-                    Ok(until) => locked_until = until,
-                    Err(QueueError::LockLost) => return Err(HoldLost::Lock),
-                    Err(e) if locked_until <= crate::clock::now() => {
-                        return Err(HoldLost::Expired(e.to_string()));
+            if renewing && locked_until - now < margin {
+                let lost = match self.queue.renew_lock(m).await {
+                    Ok(until) => {
+                        locked_until = until;
+                        None
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not renew the held message's lock"),
+                    Err(QueueError::LockLost) => Some(HoldLost::Lock),
+                    Err(e) if locked_until <= crate::clock::now() => {
+                        Some(HoldLost::Expired(e.to_string()))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not renew the held message's lock");
+                        None
+                    }
+                };
+                if let Some(lost) = lost {
+                    if what == Held::Claim {
+                        return Err(lost);
+                    }
+                    // The outcome is recorded all the same (a redelivery
+                    // then finds it); only the settlement will fail.
+                    tracing::warn!(dependency = ?what, lost = ?lost, "lost the message lock while recording the outcome; recording it anyway");
+                    renewing = false;
                 }
             }
-            tokio::time::sleep(pause).await;
+            crate::clock::sleep(pause).await;
         }
     }
 
@@ -791,8 +813,11 @@ pub async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let mut workers = tokio::task::JoinSet::new();
+    // One idle worker at a time pings the ledger while it is down.
+    let pinging = Arc::new(AtomicBool::new(false));
     for _ in 0..concurrency {
         let p = processor.clone();
+        let pinging = pinging.clone();
         let mut stop = shutdown.clone();
         workers.spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(6400));
@@ -805,11 +830,17 @@ pub async fn run(
                     // whoever holds one clears the flag when the ledger
                     // answers, and so does a ping.
                     tokio::select! {
-                        _ = tokio::time::sleep(LEDGER_DOWN_POLL) => {},
+                        _ = crate::clock::sleep(LEDGER_DOWN_POLL) => {},
                         _ = stop.changed() => return,
                     }
-                    if p.ledger.ping().await.is_ok() {
-                        p.ledger_down.store(false, Ordering::Relaxed);
+                    if pinging
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        if p.ledger.ping().await.is_ok() {
+                            p.ledger_down.store(false, Ordering::Relaxed);
+                        }
+                        pinging.store(false, Ordering::Release);
                     }
                     continue;
                 }

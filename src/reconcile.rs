@@ -81,6 +81,10 @@ pub struct ReconcileOptions {
     pub rate_per_sec: u32,
     /// False for a ledger rebuild: repair the ledger, enqueue nothing.
     pub redrive: bool,
+    /// False: leave `pending` records alone (their messages are known to be
+    /// safe in the queue), still correcting from the journal and re-driving
+    /// expired leases and overdue retries.
+    pub redrive_pending: bool,
     /// Holds (and renews) the reconciler lease for `owner` during the pass.
     pub lease: Option<LeaseOptions>,
     /// Advanced by one per WAL segment read.
@@ -103,6 +107,7 @@ impl ReconcileOptions {
             dry_run: false,
             rate_per_sec: 0,
             redrive: true,
+            redrive_pending: true,
             lease: None,
             progress: None,
         }
@@ -189,7 +194,9 @@ fn plan(
         return Plan::Correct(rec);
     }
     match cur.status {
-        State::Pending if now - cur.updated_at > pending_after => Plan::Redrive("pending"),
+        State::Pending if o.redrive_pending && now - cur.updated_at > pending_after => {
+            Plan::Redrive("pending")
+        }
         State::Failed if cur.next_retry_at.is_none_or(|t| t + slack < now) => {
             Plan::Redrive("failed")
         }

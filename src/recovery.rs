@@ -10,6 +10,7 @@
 //! and live leases of others, the attempt number fences a late settle, and the
 //! reconciler corrects from the journal before it re-drives.
 
+use crate::clock::Instant;
 use crate::ledger::Ledger;
 use crate::metrics;
 use crate::queue::Queue;
@@ -24,7 +25,6 @@ use std::{
     },
     time::Duration,
 };
-use tokio::time::Instant;
 
 /// Work held back by a dependency outage: messages the processor keeps locked
 /// while the ledger or the journal does not answer, and sends waiting in the
@@ -122,12 +122,41 @@ async fn up<E>(f: impl Future<Output = Result<(), E>>, limit: Duration) -> bool 
     matches!(tokio::time::timeout(limit, f).await, Ok(Ok(())))
 }
 
+/// Passes run at most this often: a flapping dependency gets one pass per
+/// interval, not one per return.
+const MIN_PASS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a pass owed after a return is tried (another instance holding
+/// the reconciler lease) before it is left to the periodic reconciler.
+const OWED_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A recovery pass owed since a return.
+#[derive(Debug, Clone, Copy)]
+struct Owed {
+    /// The queue was among what returned: messages may be lost with it.
+    queue: bool,
+    /// The longest of the queue outages that returned.
+    queue_outage: Duration,
+    /// The longest outage that returned.
+    longest: Duration,
+    since: Instant,
+}
+
 /// Probes the dependencies every `w.every`; when one that was down answers
-/// again, runs a reconcile pass at once and logs
+/// again, runs a reconcile pass (at most one per [`MIN_PASS_INTERVAL`],
+/// only while this instance can take the reconciler lease) and logs
 /// `dependency returned: X, re-drove N`. Runs until `shutdown`.
+///
+/// What the pass re-drives depends on what returned. After a ledger or WAL
+/// outage the queue kept its messages: `pending` records are left alone (a
+/// queued backlog is not copied), only journal corrections, expired leases
+/// and overdue retries. After a queue outage, `pending` records untouched
+/// since before the outage began are re-driven (their messages may be lost
+/// with the queue); younger ones were sent, or are in a resend queue.
 pub async fn watch_dependencies(w: Watch, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut down: BTreeMap<Dependency, Instant> = BTreeMap::new();
     let limit = w.every.max(Duration::from_secs(2));
+    let mut owed: Option<Owed> = None;
+    let mut last_pass: Option<Instant> = None;
     loop {
         w.waiting.publish();
         let (wal, ledger, queue) = tokio::join!(
@@ -153,41 +182,81 @@ pub async fn watch_dependencies(w: Watch, mut shutdown: tokio::sync::watch::Rece
                 _ => {}
             }
         }
+        for (dep, outage) in &returned {
+            metrics::dependency_returned(dep.as_str());
+            let o = owed.get_or_insert(Owed {
+                queue: false,
+                queue_outage: Duration::ZERO,
+                longest: Duration::ZERO,
+                since: Instant::now(),
+            });
+            o.longest = o.longest.max(*outage);
+            if *dep == Dependency::Queue {
+                o.queue = true;
+                o.queue_outage = o.queue_outage.max(*outage);
+            }
+            tracing::warn!(
+                dependency = dep.as_str(),
+                outage_secs = outage.as_secs_f64(),
+                "dependency returned: {}",
+                dep.as_str()
+            );
+        }
         // A pass needs the WAL and the ledger (and the queue to re-drive):
         // run it once everything that returned is joined by the rest.
-        if !returned.is_empty() {
-            let redriven = if down.is_empty() {
-                let longest = returned.iter().map(|(_, d)| *d).max().unwrap_or_default();
-                recovery_pass(&w, longest).await
-            } else {
-                None
-            };
-            for (dep, outage) in &returned {
-                metrics::dependency_returned(dep.as_str());
-                tracing::warn!(
-                    dependency = dep.as_str(),
-                    outage_secs = outage.as_secs_f64(),
-                    redriven = redriven.unwrap_or(0),
-                    "dependency returned: {}, re-drove {}",
-                    dep.as_str(),
-                    redriven.unwrap_or(0)
-                );
+        if let Some(o) = owed
+            && down.is_empty()
+            && last_pass.is_none_or(|t| t.elapsed() >= MIN_PASS_INTERVAL)
+        {
+            match recovery_pass(&w, o).await {
+                Pass::Ran(redriven) => {
+                    last_pass = Some(Instant::now());
+                    owed = None;
+                    tracing::warn!(
+                        redriven,
+                        queue_returned = o.queue,
+                        "dependency returned: re-drove {redriven}"
+                    );
+                }
+                Pass::Skipped => owed = None,
+                Pass::Failed if o.since.elapsed() < OWED_PATIENCE => {
+                    last_pass = Some(Instant::now());
+                }
+                Pass::Failed => owed = None,
+                Pass::Busy if o.since.elapsed() >= OWED_PATIENCE => {
+                    tracing::warn!(
+                        "recovery pass not run: the reconciler lease stayed with another pass; the periodic reconciler covers it"
+                    );
+                    owed = None;
+                }
+                Pass::Busy => {}
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(w.every) => {}
+            _ = crate::clock::sleep(w.every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }
 }
 
-/// One reconcile pass from the shared watermark (or the lookback) to now.
-/// A `pending` untouched since before the outage began (at most
-/// `w.pending_after` ago) is re-driven: its message may have been lost with
-/// the queue, or dead-lettered by deliveries the outage burnt. The number
-/// re-driven, or None without a reconciler or when the pass could not run.
-async fn recovery_pass(w: &Watch, outage: Duration) -> Option<u64> {
-    let r = w.reconciler.as_ref()?;
+enum Pass {
+    /// Ran; the number re-driven.
+    Ran(u64),
+    /// Another pass holds the reconciler lease; try again later.
+    Busy,
+    /// Failed; tried again after [`MIN_PASS_INTERVAL`].
+    Failed,
+    /// Not run here (no reconciler in this process).
+    Skipped,
+}
+
+/// One reconcile pass from the shared watermark (or the lookback) to now,
+/// under the reconciler lease (not waiting for it: whoever holds it is
+/// running a pass). See [`watch_dependencies`] for what it re-drives.
+async fn recovery_pass(w: &Watch, owed: Owed) -> Pass {
+    let Some(r) = w.reconciler.as_ref() else {
+        return Pass::Skipped;
+    };
     let now = crate::clock::now();
     let fallback = now - ChronoDuration::from_std(w.lookback).unwrap_or_default();
     let from = match r.ledger.checkpoint(crate::reconcile::WATERMARK).await {
@@ -196,21 +265,28 @@ async fn recovery_pass(w: &Watch, outage: Duration) -> Option<u64> {
             .unwrap_or(fallback),
         _ => fallback,
     };
-    let pending_after = outage.min(w.pending_after).max(MIN_PENDING_AFTER);
-    let mut o = ReconcileOptions::new(from, now, pending_after);
+    let threshold = owed.longest.min(w.pending_after).max(MIN_PENDING_AFTER);
+    let mut o = ReconcileOptions::new(from, now, threshold);
+    if owed.queue {
+        // Untouched since before the queue went away (not capped: younger
+        // ones were sent while it was up, or are in a resend queue).
+        o.pending_after = owed.queue_outage.max(MIN_PENDING_AFTER);
+    } else {
+        o.redrive_pending = false;
+    }
     o.lease = Some(crate::reconcile::LeaseOptions {
         owner: r.instance.clone(),
         ttl: Duration::from_secs(30),
     });
-    // The periodic pass may hold the lease right now; it ends soon.
-    match r.reconcile_when_free(&o, Duration::from_secs(10)).await {
+    match r.reconcile(&o).await {
         Ok(report) => {
             metrics::reconciler("recovery_redriven", report.redriven());
-            Some(report.redriven())
+            Pass::Ran(report.redriven())
         }
+        Err(crate::reconcile::ReconcileError::LeaseHeld) => Pass::Busy,
         Err(e) => {
             tracing::warn!(error = %e, "recovery reconcile pass failed");
-            None
+            Pass::Failed
         }
     }
 }

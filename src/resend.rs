@@ -11,7 +11,7 @@
 
 use crate::backoff::Backoff;
 use crate::metrics;
-use crate::queue::{OutgoingMessage, Queue};
+use crate::queue::{OutgoingMessage, Queue, QueueError};
 use crate::recovery::{WaitGuard, Waiting};
 use std::{
     collections::VecDeque,
@@ -61,6 +61,24 @@ impl Resend {
         Resend { inner }
     }
 
+    /// Hands over a message whose send failed with `error`, if resending can
+    /// help: only a retryable error (`Unavailable`) is queued. A permanent
+    /// refusal (too large, not found, unauthorized, fatal) is not: it is
+    /// logged and counted (`result="refused"`) and the transaction stays
+    /// `pending` for the reconciler. False when not queued.
+    pub fn push_failed(
+        &self,
+        transaction_id: &str,
+        message: OutgoingMessage,
+        error: &QueueError,
+    ) -> bool {
+        if !error.is_retryable() {
+            refused(transaction_id, error);
+            return false;
+        }
+        self.push(transaction_id, message)
+    }
+
     /// Hands over a message whose send failed. False when the queue is full:
     /// the message is then left to the reconciler.
     pub fn push(&self, transaction_id: &str, message: OutgoingMessage) -> bool {
@@ -103,6 +121,17 @@ fn lock(inner: &Inner) -> std::sync::MutexGuard<'_, VecDeque<Item>> {
     inner.items.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A message the queue refuses for good: not resent; the reconciler re-drives
+/// the `pending` transaction from the WAL (and an operator sees it overdue).
+fn refused(transaction_id: &str, error: &QueueError) {
+    metrics::resend("refused");
+    tracing::error!(
+        transaction_id,
+        error = %error,
+        "the queue refused the message for good; not resending it (the transaction stays pending for the reconciler)"
+    );
+}
+
 async fn run(weak: Weak<Inner>) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     loop {
@@ -122,12 +151,19 @@ async fn run(weak: Weak<Inner>) {
                 metrics::resend("sent");
                 tracing::info!(transaction_id = %id, "resent after a failed send");
             }
+            Err(e) if !e.is_retryable() => {
+                // Sending it again cannot help, and it must not hold up the
+                // messages behind it: drop it; the ledger keeps it `pending`.
+                lock(&inner).pop_front();
+                backoff.reset();
+                refused(&id, &e);
+            }
             Err(e) => {
                 metrics::resend("failed");
                 let pause = backoff.next_delay();
                 tracing::warn!(transaction_id = %id, error = %e, waiting = lock(&inner).len(), "resend failed; retrying in {pause:?}");
                 drop(inner);
-                tokio::time::sleep(pause).await;
+                crate::clock::sleep(pause).await;
             }
         }
     }

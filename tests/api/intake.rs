@@ -61,6 +61,8 @@ impl ObjectStore for Flaky {
 struct FlakyQueue {
     inner: LocalQueue,
     down: AtomicBool,
+    /// Sends do not answer while set (a broker gone mid-send).
+    hang: AtomicBool,
 }
 
 #[async_trait]
@@ -68,6 +70,10 @@ impl Queue for FlakyQueue {
     async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(QueueError::Unavailable("injected outage".into()));
+        }
+        // Not answering until `hang` is cleared.
+        while self.hang.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.inner.send(messages).await
     }
@@ -137,6 +143,7 @@ fn rig() -> Rig {
         inner: LocalQueue::open(&dir.path().join("queue.db"), LocalQueueOptions::default())
             .unwrap(),
         down: AtomicBool::new(false),
+        hang: AtomicBool::new(false),
     });
     let gc = GroupCommit {
         retry_deadline: Duration::from_millis(200),
@@ -319,4 +326,149 @@ async fn a_failed_send_is_resent_as_soon_as_the_queue_answers() {
     r.queue.complete(&got[0]).await.unwrap();
     assert!(resend.is_empty());
     assert_eq!(waiting.snapshot().0, 0);
+}
+
+/// A send that never answers (the broker went away mid-send) does not hold
+/// the vendor's request: intake stops waiting after its own bound
+/// (`INGEST_SEND_WAIT`), answers `Accepted` with `enqueued: false` (the
+/// record is durable and `pending`) and hands the message to the resend
+/// queue, which delivers it once the queue answers.
+#[tokio::test]
+async fn a_send_that_never_answers_is_left_to_the_resend_queue() {
+    let mut r = rig();
+    let waiting = Arc::new(rtp_durability::recovery::Waiting::default());
+    let resend = rtp_durability::resend::Resend::start(r.queue.clone(), waiting.clone(), 10);
+    r.intake.resend = Some(resend.clone());
+    r.queue.hang.store(true, Ordering::SeqCst);
+    let body = r#"{"transaction_id":"IN-HANG"}"#;
+    // Only a guard against hanging forever; the bound itself is 5 s.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        r.intake.accept(submission("IN-HANG", body)),
+    )
+    .await
+    .expect("intake answered although the send never did")
+    .unwrap();
+    let IntakeOutcome::Accepted { record, enqueued } = outcome else {
+        panic!("durable and registered: accepted, got {outcome:?}")
+    };
+    assert!(!enqueued, "the send did not go through: enqueued is false");
+    assert_eq!(record.status, State::Pending);
+    assert_eq!(waiting.snapshot().0, 1, "counted as waiting on recovery");
+    r.queue.hang.store(false, Ordering::SeqCst);
+    let got = r.queue.receive(1, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(got.len(), 1, "resent once the queue answered");
+    assert_eq!(got[0].message_id, "acme/IN-HANG");
+    assert_eq!(&got[0].body[..], body.as_bytes());
+}
+
+/// One message the queue refuses for good (`message-size-exceeded`, a fatal
+/// error) does not sit at the head of the resend queue retried forever: it
+/// is dropped (the transaction stays `pending` for the reconciler) and the
+/// messages behind it are resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resend_queue_is_not_blocked_by_a_message_the_queue_refuses() {
+    /// The local queue, refusing for good any message whose id starts with TOO-BIG.
+    struct Refusing(LocalQueue);
+    #[async_trait]
+    impl Queue for Refusing {
+        async fn send(&self, m: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+            if m.iter().any(|m| m.message_id.starts_with("TOO-BIG")) {
+                return Err(QueueError::Fatal("message-size-exceeded".into()));
+            }
+            self.0.send(m).await
+        }
+        async fn receive(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive(max, wait).await
+        }
+        async fn receive_dead_letters(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive_dead_letters(max, wait).await
+        }
+        async fn peek_dead_letters(
+            &self,
+            from: i64,
+            max: usize,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.peek_dead_letters(from, max).await
+        }
+        async fn complete(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.complete(m).await
+        }
+        async fn abandon(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.abandon(m).await
+        }
+        async fn dead_letter(
+            &self,
+            m: &ReceivedMessage,
+            r: &str,
+            d: &str,
+        ) -> Result<(), QueueError> {
+            self.0.dead_letter(m, r, d).await
+        }
+        async fn renew_lock(
+            &self,
+            m: &ReceivedMessage,
+        ) -> Result<chrono::DateTime<chrono::Utc>, QueueError> {
+            self.0.renew_lock(m).await
+        }
+        async fn ping(&self) -> Result<(), QueueError> {
+            self.0.ping().await
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let q = Arc::new(Refusing(
+        LocalQueue::open(&dir.path().join("q.db"), LocalQueueOptions::default()).unwrap(),
+    ));
+    let waiting = Arc::new(rtp_durability::recovery::Waiting::default());
+    let resend = rtp_durability::resend::Resend::start(q.clone(), waiting.clone(), 10_000);
+    let msg = |id: &str| OutgoingMessage {
+        message_id: id.into(),
+        body: Bytes::from_static(b"{}"),
+        content_type: Some("application/json".into()),
+        properties: Default::default(),
+        scheduled_enqueue_at: None,
+    };
+    // As a retry copy is handed over (on any error) ...
+    assert!(resend.push("TOO-BIG", msg("TOO-BIG")));
+    for i in 0..5 {
+        assert!(resend.push(&format!("OK-{i}"), msg(&format!("OK-{i}"))));
+    }
+    let mut ids = Vec::new();
+    while ids.len() < 5 {
+        let got = q.receive(10, Duration::from_secs(15)).await.unwrap();
+        assert!(
+            !got.is_empty(),
+            "the messages behind the refused one are resent (got {ids:?}; {} still held)",
+            resend.len()
+        );
+        for m in got {
+            ids.push(m.message_id.clone());
+            q.complete(&m).await.unwrap();
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, ["OK-0", "OK-1", "OK-2", "OK-3", "OK-4"]);
+    assert!(resend.is_empty(), "the refused message is not kept");
+    assert_eq!(waiting.snapshot().0, 0, "nothing counted as waiting");
+    // ... while intake's send error is looked at first: a permanent
+    // refusal is not queued at all.
+    assert!(!resend.push_failed(
+        "TOO-BIG-2",
+        msg("TOO-BIG-2"),
+        &QueueError::Fatal("message-size-exceeded".into())
+    ));
+    assert!(resend.is_empty());
+    assert!(resend.push_failed("OK-5", msg("OK-5"), &QueueError::Unavailable("down".into())));
 }

@@ -556,3 +556,76 @@ async fn bulk_replay_by_state_and_forced_replay() {
         && e["reason"].as_str().unwrap_or("").contains("vendor asked")
         && e["reason"].as_str().unwrap_or("").contains("forced")));
 }
+
+/// A backlog whose messages are safe in the queue is not copied by recovery
+/// passes: a ledger that blips three times (each return seen by the
+/// watcher, probing every 0.1 s) leaves exactly one message per queued
+/// transaction — a ledger return does not re-drive `pending`, and passes are
+/// rate-limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flapping_ledger_does_not_copy_the_queued_backlog() {
+    use crate::support::process::OwnRedis;
+    use crate::support::{AppOptions, spawn_app_with};
+    use rtp_durability::envelope::props;
+    use rtp_durability::recovery;
+    use std::{collections::BTreeMap, time::Duration};
+    let mut redis = OwnRedis::start_persistent();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        configure: |s| s.recovery_probe_secs = 0.1,
+        ..Default::default()
+    })
+    .await;
+    const N: usize = 20;
+    for i in 0..N {
+        let r = app
+            .post_json(&json!({ "transaction_id": format!("FLAP-{i:03}"), "amount": "1.00" }))
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    // The backlog waits in the queue (no processor runs), older than any
+    // pending threshold the recovery pass can use (lock 2 s + timeout 1 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(recovery::watch_dependencies(
+        app.services.recovery_watch(true),
+        stop_rx,
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        redis.launch();
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = watcher.await;
+
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    loop {
+        let got = app
+            .services
+            .queue
+            .receive(100, Duration::from_millis(500))
+            .await
+            .unwrap();
+        if got.is_empty() {
+            break;
+        }
+        for m in got {
+            let id = m
+                .properties
+                .get(props::TRANSACTION_ID)
+                .cloned()
+                .unwrap_or_default();
+            *per_id.entry(id).or_default() += 1;
+            app.services.queue.complete(&m).await.unwrap();
+        }
+    }
+    let total: usize = per_id.values().sum();
+    assert_eq!(per_id.len(), N, "every queued transaction has its message");
+    assert_eq!(
+        total, N,
+        "a backlog still in the queue must not be copied by recovery passes: {per_id:?}"
+    );
+}

@@ -282,11 +282,27 @@ async fn start_stack(fault: Fault) -> Stack {
     }
 }
 
+/// Everything one scenario waits for (start-up, progress, the producer,
+/// recovery, the checks) fits in this, under nextest's 120 s limit, so a
+/// slow run fails with its logs instead of being killed without them.
+const SCENARIO_BUDGET: Duration = Duration::from_secs(100);
+/// One HTTP request's own limit: a request left unanswered (a connection
+/// that died under it) counts as a connection error.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .unwrap()
+}
+
 /// Posts `n` transactions, 8 at a time; a vendor re-POSTs the same bytes
-/// after a 503 or a connection error until it gets its receipt.
+/// after a 503, a connection error or a request that timed out, until it
+/// gets its receipt.
 fn produce(base: String, prefix: &'static str, n: usize) -> tokio::task::JoinHandle<Vec<String>> {
     tokio::spawn(async move {
-        let client = reqwest::Client::new();
+        let client = http_client();
         let acked = Arc::new(Mutex::new(Vec::new()));
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut workers = tokio::task::JoinSet::new();
@@ -300,11 +316,15 @@ fn produce(base: String, prefix: &'static str, n: usize) -> tokio::task::JoinHan
                         return;
                     }
                     let id = format!("{prefix}-{i:04}");
-                    let body = json!({ "transaction_id": id, "amount": "1.00", "currency": "USD" });
+                    let body = serde_json::to_vec(
+                        &json!({ "transaction_id": id, "amount": "1.00", "currency": "USD" }),
+                    )
+                    .unwrap();
                     loop {
                         match client
                             .post(format!("{base}/v1/transactions"))
-                            .json(&body)
+                            .header("content-type", "application/json")
+                            .body(body.clone())
                             .send()
                             .await
                         {
@@ -314,6 +334,7 @@ fn produce(base: String, prefix: &'static str, n: usize) -> tokio::task::JoinHan
                                 "{id}: only 503 while a dependency is down, got {}",
                                 r.status()
                             ),
+                            // Connection refused/reset, or no answer within HTTP_TIMEOUT.
                             Err(_) => {}
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -327,8 +348,8 @@ fn produce(base: String, prefix: &'static str, n: usize) -> tokio::task::JoinHan
     })
 }
 
-async fn metrics(base: &str) -> Option<Value> {
-    let r = reqwest::get(format!("{base}/metrics")).await.ok()?;
+async fn metrics(client: &reqwest::Client, base: &str) -> Option<Value> {
+    let r = client.get(format!("{base}/metrics")).send().await.ok()?;
     if !r.status().is_success() {
         return None;
     }
@@ -339,6 +360,34 @@ fn count(m: &Value, k: &str) -> u64 {
     m[k].as_u64().unwrap_or(0)
 }
 
+/// Samples the ledger counts from `from` on, concurrently with the producer,
+/// until all `n` are terminal and none is open; returns when that was first
+/// seen, or the last counts if `until` came first.
+fn watch_terminal(
+    base: String,
+    n: usize,
+    until: Instant,
+) -> tokio::task::JoinHandle<Result<Instant, Value>> {
+    tokio::spawn(async move {
+        let client = http_client();
+        let mut last = Value::Null;
+        loop {
+            if let Some(m) = metrics(&client, &base).await {
+                let terminal = count(&m, "success") + count(&m, "dead_letter");
+                let open = count(&m, "pending") + count(&m, "processing") + count(&m, "failed");
+                if terminal >= n as u64 && open == 0 {
+                    return Ok(Instant::now());
+                }
+                last = m;
+            }
+            if Instant::now() >= until {
+                return Err(last);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// Runs the scenario and returns the time from the dependency's return until
 /// every acknowledged transaction was terminal.
 async fn scenario(fault: Fault, prefix: &'static str) -> Duration {
@@ -346,20 +395,23 @@ async fn scenario(fault: Fault, prefix: &'static str) -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(150);
+    let budget_end = Instant::now() + SCENARIO_BUDGET;
+    let left = || budget_end.saturating_duration_since(Instant::now());
     let mut s = start_stack(fault).await;
+    let client = http_client();
     let producer = produce(s.base.clone(), prefix, n);
 
     // Mid-backlog: some done, most still to do.
-    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(m) = metrics(&s.base).await
+        if let Some(m) = metrics(&client, &s.base).await
             && count(&m, "success") >= (n / 4) as u64
         {
             break;
         }
-        if Instant::now() >= deadline {
+        if left() < OUTAGE + RECOVERY_BOUND {
             panic!(
-                "no progress before the fault; logs in {}",
+                "no progress before the fault ({:?} of the budget left); logs in {}",
+                left(),
                 s.keep_logs(fault).display()
             );
         }
@@ -388,38 +440,40 @@ async fn scenario(fault: Fault, prefix: &'static str) -> Duration {
         }
     }
     let returned = Instant::now();
+    // Sampled while the producer is still at work: the time is when the
+    // counts got there, not when the producer (or this test) noticed. Room
+    // for the checks after it (up to ~10 s) stays in the budget.
+    let checks = Duration::from_secs(10);
+    let watcher = watch_terminal(
+        s.base.clone(),
+        n,
+        (returned + RECOVERY_BOUND + Duration::from_secs(20)).min(budget_end - checks),
+    );
 
-    let acked = producer.await.unwrap();
+    let acked = match tokio::time::timeout(left().saturating_sub(checks), producer).await {
+        Ok(acked) => acked.unwrap(),
+        Err(_) => panic!(
+            "{fault:?}: the producer did not get every receipt within the budget; logs in {}",
+            s.keep_logs(fault).display()
+        ),
+    };
     assert_eq!(
         acked.len(),
         n,
         "every transaction was acknowledged in the end"
     );
-    let limit = returned + RECOVERY_BOUND + Duration::from_secs(20);
-    let mut last = Value::Null;
-    let recovered = loop {
-        if let Some(m) = metrics(&s.base).await {
-            let terminal = count(&m, "success") + count(&m, "dead_letter");
-            let open = count(&m, "pending") + count(&m, "processing") + count(&m, "failed");
-            if terminal >= n as u64 && open == 0 {
-                break returned.elapsed();
-            }
-            last = m;
-        }
-        if Instant::now() >= limit {
-            panic!(
-                "{fault:?}: not all terminal long after the return; last counts: {last}; logs in {}",
-                s.keep_logs(fault).display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let recovered = match watcher.await.unwrap() {
+        Ok(at) => at.saturating_duration_since(returned),
+        Err(last) => panic!(
+            "{fault:?}: not all terminal long after the return; last counts: {last}; logs in {}",
+            s.keep_logs(fault).display()
+        ),
     };
     eprintln!(
         "recovery time after a {OUTAGE:?} {fault:?} outage, {n} transactions: {:.2} s",
         recovered.as_secs_f64()
     );
 
-    let client = reqwest::Client::new();
     let calls: Value = client
         .get(format!("http://127.0.0.1:{}/calls", s.mock_port))
         .send()
@@ -450,7 +504,8 @@ async fn scenario(fault: Fault, prefix: &'static str) -> Duration {
     assert!(not_success.is_empty(), "{not_success:?}");
     assert!(
         recovered <= RECOVERY_BOUND,
-        "{fault:?}: all terminal only {recovered:?} after the return (bound {RECOVERY_BOUND:?})"
+        "{fault:?}: all terminal only {recovered:?} after the return (bound {RECOVERY_BOUND:?}); logs in {}",
+        s.keep_logs(fault).display()
     );
     recovered
 }
@@ -468,4 +523,115 @@ async fn servicebus_restart_mid_backlog_recovers_within_30s_of_its_return() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn blob_storage_outage_mid_backlog_recovers_within_30s_of_its_return() {
     scenario(Fault::Blob, "RT-BLOB").await;
+}
+
+/// Recording an outcome does not need the message lock: when the lock is
+/// lost while the settle waits for the ledger, the worker still records the
+/// outcome once the ledger answers (instead of returning `Fenced` with the
+/// transaction left `processing` until its lease runs out and it is called
+/// again). Only the claim's hold stops on a lost lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lock_lost_while_the_settle_waits_for_the_ledger_still_records_the_outcome() {
+    use async_trait::async_trait;
+    use rtp_durability::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
+    /// The real queue, except that every lock renewal says the lock is lost.
+    struct LosesLocks(Arc<dyn Queue>);
+    #[async_trait]
+    impl Queue for LosesLocks {
+        async fn send(&self, m: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+            self.0.send(m).await
+        }
+        async fn receive(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive(max, wait).await
+        }
+        async fn receive_dead_letters(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.receive_dead_letters(max, wait).await
+        }
+        async fn peek_dead_letters(
+            &self,
+            from: i64,
+            max: usize,
+        ) -> Result<Vec<ReceivedMessage>, QueueError> {
+            self.0.peek_dead_letters(from, max).await
+        }
+        async fn complete(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.complete(m).await
+        }
+        async fn abandon(&self, m: &ReceivedMessage) -> Result<(), QueueError> {
+            self.0.abandon(m).await
+        }
+        async fn dead_letter(
+            &self,
+            m: &ReceivedMessage,
+            r: &str,
+            d: &str,
+        ) -> Result<(), QueueError> {
+            self.0.dead_letter(m, r, d).await
+        }
+        async fn renew_lock(
+            &self,
+            _m: &ReceivedMessage,
+        ) -> Result<chrono::DateTime<chrono::Utc>, QueueError> {
+            Err(QueueError::LockLost)
+        }
+        async fn ping(&self) -> Result<(), QueueError> {
+            self.0.ping().await
+        }
+        fn describe(&self) -> String {
+            "loses locks".into()
+        }
+    }
+
+    let mut redis = OwnRedis::start_persistent();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        lock_secs: 2.0,
+        downstream_timeout_secs: 5.0,
+        mock: MockOptions {
+            success_rate: 1.0,
+            latency: Duration::from_millis(1500),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .post_json(&json!({ "transaction_id": "LOST-LOCK", "amount": "1.00" }))
+        .await;
+    assert_eq!(r.status(), 202);
+    let mut p = app.services.processor().unwrap();
+    p.queue = Arc::new(LosesLocks(app.services.queue.clone()));
+    let waiting = p.waiting.clone();
+    let work = p.try_process_next(Duration::from_secs(5));
+    let check = async {
+        // The call takes 1.5 s; the claim happened before it started.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis.kill();
+        until("the settle is held", Duration::from_secs(10), || {
+            waiting.snapshot().0 == 1
+        })
+        .await;
+        // Past the 2 s lock: the renewal has said the lock is lost.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        redis.launch();
+    };
+    let (outcome, ()) = tokio::join!(work, check);
+    assert_eq!(
+        outcome.unwrap(),
+        Outcome::Succeeded,
+        "the outcome is recorded although the lock was lost"
+    );
+    let rec = app.record("LOST-LOCK").await;
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(rec.attempts, 1);
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"]["acme/LOST-LOCK"]["calls"], 1, "{calls}");
 }

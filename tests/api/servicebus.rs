@@ -388,3 +388,88 @@ async fn interop_with_official_python_sdk() {
     );
     q.complete(&m).await.unwrap();
 }
+
+/// A send in flight when the Service Bus connection dies comes back with a
+/// retryable error as soon as the connection is known lost — it does not
+/// wait for a disposition that cannot arrive (nor out the whole send time
+/// limit, 60 s by default). Sixteen senders race the broker's death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_in_flight_when_the_broker_dies_returns_promptly() {
+    use rtp_durability::queue::servicebus::{ServiceBusQueue, ServiceBusSettings};
+    use rtp_durability::queue::{OutgoingMessage, Queue, QueueError};
+    use secrecy::SecretString;
+    use std::sync::Arc;
+    let b = sb_test_broker::start(sb_test_broker::BrokerConfig {
+        queues: vec!["q-hang".into()],
+        sas_key: Some("K".into()),
+        duplicate_window: std::time::Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let q = Arc::new(
+        ServiceBusQueue::connect(&ServiceBusSettings {
+            connection_string: Some(SecretString::from(b.connection_string())),
+            queue: "q-hang".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..16 {
+        let (q, stop) = (q.clone(), stop.clone());
+        tasks.spawn(async move {
+            // (hung sends, sends that failed with a non-retryable error, sends that went through)
+            let (mut hung, mut fatal, mut ok) = (0, 0, 0);
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let m = OutgoingMessage {
+                    message_id: format!("m-{t}-{i}"),
+                    body: bytes::Bytes::from(vec![b'x'; 2000]),
+                    content_type: Some("application/json".into()),
+                    properties: Default::default(),
+                    scheduled_enqueue_at: None,
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(15), q.send(vec![m]))
+                    .await
+                {
+                    Err(_) => {
+                        hung += 1;
+                        break;
+                    }
+                    Ok(Ok(())) => ok += 1,
+                    Ok(Err(QueueError::Unavailable(_))) => {}
+                    Ok(Err(e)) => {
+                        eprintln!("send {t}-{i}: {e}");
+                        fatal += 1;
+                    }
+                }
+            }
+            (hung, fatal, ok)
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    b.shutdown();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut hung, mut fatal, mut ok) = (0, 0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (h, f, o) = r.unwrap();
+        hung += h;
+        fatal += f;
+        ok += o;
+    }
+    assert!(ok > 0, "no send went through before the broker stopped");
+    assert_eq!(
+        hung, 0,
+        "{hung} of 16 sends in flight at the broker's death never returned (waited 15 s)"
+    );
+    assert_eq!(
+        fatal, 0,
+        "a lost connection is a retryable (Unavailable) failure"
+    );
+}

@@ -74,6 +74,10 @@ pub(super) struct Live {
     connection: Mutex<ConnectionHandle<()>>,
     session: Mutex<SessionHandle<()>>,
     broken: Arc<AtomicBool>,
+    /// Tells operations in flight (sends waiting for a disposition) that
+    /// this connection is gone, so they fail at once instead of waiting out
+    /// their time limit.
+    broken_signal: tokio::sync::watch::Sender<bool>,
     /// Audiences with a token on this connection, re-put before they expire.
     claims: Mutex<Vec<String>>,
     cbs_refresh: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -92,6 +96,16 @@ fn index(sub: Subqueue) -> usize {
 impl Live {
     pub fn mark_broken(&self) {
         self.broken.store(true, Ordering::Release);
+        self.broken_signal.send_replace(true);
+    }
+
+    /// Resolves once the connection is known broken (at once if it already is).
+    pub fn broken(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.broken_signal.subscribe();
+        async move {
+            // The sender lives as long as the `Live`; if it went, so did the connection.
+            let _ = rx.wait_for(|b| *b).await;
+        }
     }
 
     async fn usable(&self) -> bool {
@@ -109,6 +123,34 @@ impl Live {
         }
         let mut conn = self.connection.lock().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.close()).await;
+    }
+}
+
+/// How often [`watch_connection`] looks at the connection's event loop.
+const CONNECTION_WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// Marks `live` broken as soon as its connection's event loop stops (the
+/// socket closed, the service closed the connection), which wakes every
+/// send waiting on it. Ends with the connection.
+async fn watch_connection(live: Weak<Live>) {
+    loop {
+        tokio::time::sleep(CONNECTION_WATCH_EVERY).await;
+        let Some(live) = live.upgrade() else { return };
+        if live.broken.load(Ordering::Acquire) {
+            live.mark_broken();
+            return;
+        }
+        // `try_lock`: a close in progress holds the lock; look again later.
+        let closed = live
+            .connection
+            .try_lock()
+            .map(|c| c.is_closed())
+            .unwrap_or(false);
+        if closed {
+            tracing::warn!("service bus connection closed; failing operations in flight on it");
+            live.mark_broken();
+            return;
+        }
     }
 }
 
@@ -178,6 +220,7 @@ impl Links {
                     expires,
                 ));
                 *live.cbs_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+                tokio::spawn(watch_connection(Arc::downgrade(&live)));
                 state.live = Some(live.clone());
                 state.failures = 0;
                 state.retry_at = None;
@@ -252,6 +295,7 @@ impl Links {
             connection: Mutex::new(connection),
             session: Mutex::new(session),
             broken: Arc::new(AtomicBool::new(false)),
+            broken_signal: tokio::sync::watch::Sender::new(false),
             claims: Mutex::new(vec![audience]),
             cbs_refresh: std::sync::Mutex::new(None),
             sender: Mutex::new(None),

@@ -426,11 +426,32 @@ impl ServiceBusQueue {
 
     /// One attempt at sending.
     async fn send_once(&self, messages: &[OutgoingMessage]) -> Result<(), Failure> {
-        let what = format!("sending to {}", self.links.queue);
         let live = self.links.live().await.map_err(Failure::Answer)?;
+        let broken = live.broken();
+        tokio::select! {
+            result = self.send_on(&live, messages) => result,
+            () = broken => {
+                // A disposition can no longer arrive on this connection: fail
+                // now (retryable) rather than wait out the send's time limit.
+                // Duplicate detection drops a copy that did arrive.
+                Err(Failure::Link(format!(
+                    "sending to {}: the connection was lost while the send was in flight",
+                    self.links.queue
+                )))
+            }
+        }
+    }
+
+    /// One attempt at sending on `live`.
+    async fn send_on(
+        &self,
+        live: &connection::Live,
+        messages: &[OutgoingMessage],
+    ) -> Result<(), Failure> {
+        let what = format!("sending to {}", self.links.queue);
         let mut slot = live.sender.lock().await;
         self.links
-            .ensure_sender(&live, &mut slot)
+            .ensure_sender(live, &mut slot)
             .await
             .map_err(Failure::Answer)?;
         let Some(sender) = slot.as_mut() else {
