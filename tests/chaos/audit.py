@@ -88,6 +88,12 @@ def journal_entries(conn_str: str) -> dict[str, list[dict]]:
     return out
 
 
+def verdict(violations: list[dict], known: list[str] | set[str] = ()) -> int:
+    """The campaign's exit code: 1 if any violation is of a check not listed
+    as known (`--known CHECK`), else 0."""
+    return 1 if any(v["check"] not in set(known) for v in violations) else 0
+
+
 def split_ref(ref: str) -> tuple[str, int, int]:
     seg, _, rng = ref.rpartition("#")
     off, _, ln = rng.partition("+")
@@ -100,15 +106,24 @@ def dead_letter_reason(rec: dict) -> str:
 
 
 def audit(stack, txs: list, faults: list, t_start: float) -> dict:
+    """Reads the evidence from the running stack and checks it."""
+    conn = stack.conn["storage"]
+    return check(txs, faults, ledger=ledger_records(stack), calls=mock_calls(stack),
+                 journal=journal_entries(conn), read_wal=lambda keys: read_segments(conn, keys))
+
+
+def check(txs: list, faults: list, ledger: dict[str, dict], calls: dict,
+          journal: dict[str, list[dict]], read_wal) -> dict:
+    """The checks, over evidence already read: the vendor's history (`txs`),
+    the ledger's records by id, the mock's `/calls`, the outcome journal by
+    id, and `read_wal(segment keys) -> {key: bytes | Exception}`. Pure, so a
+    doctored history can be fed to it (tests/chaos/test_audit.py)."""
     violations: list[dict] = []
     notes: Counter = Counter()
 
     def violate(check: str, tid: str | None, **evidence):
         violations.append({"check": check, "transaction_id": tid, **evidence})
 
-    ledger = ledger_records(stack)
-    calls = mock_calls(stack)
-    journal = journal_entries(stack.conn["storage"])
     by_key = {vendor_id(k): v for k, v in calls.get("by_key", {}).items()}
     losses = sorted(f.detail["flushed_at"] for f in faults if f.kind == "redis_loss" and "flushed_at" in f.detail)
 
@@ -161,7 +176,7 @@ def audit(stack, txs: list, faults: list, t_start: float) -> dict:
                 violate("executed_other_bytes", t.id, executed=sha, acked=t.sha256)
 
     # The WAL: every acknowledged record readable and byte-identical.
-    segments = read_segments(stack.conn["storage"], {split_ref(r)[0] for r in refs.values()})
+    segments = read_wal({split_ref(r)[0] for r in refs.values()})
     wal_ok = 0
     by_id = {t.id: t for t in acked}
     for tid, ref in refs.items():

@@ -34,7 +34,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from audit import audit
+from audit import audit, verdict
 from faults import Injector, plan
 from producer import Producer, make_transactions
 from stack import REPO, Settings, Stack, http_json
@@ -238,10 +238,10 @@ def finish(report: dict, out: Path, stack: Stack, history: list) -> int:
     for x in v[:20]:
         print("VIOLATION", json.dumps(x, default=str)[:400])
     known = set(report.get("known_checks", []))
-    failing = [x for x in v if x["check"] not in known]
-    if v and not failing:
+    code = verdict(v, known)
+    if v and code == 0:
         print(f"only known violations ({', '.join(sorted(known))}): exit 0")
-    return 1 if failing else 0
+    return code
 
 
 def max_rate(stack, count: int) -> dict:
