@@ -51,7 +51,8 @@ def iso(t: float) -> str:
 def counts(stack) -> dict:
     for url in stack.api_urls:
         try:
-            status, body = http_json("GET", f"{url}/metrics", timeout=10)
+            # /metrics is admin-only (RTPD_PUBLIC_METRICS is off, as in production)
+            status, body = http_json("GET", f"{url}/metrics", headers=stack.admin_headers(), timeout=10)
             if status == 200 and isinstance(body, dict):
                 return body
         except OSError:
@@ -142,7 +143,13 @@ def build_stack(args, settings) -> Stack:
     work = Path(tempfile.mkdtemp(prefix="rtpd-chaos."))
     stack = Stack(work, Path(args.bin_dir), settings, faketime=not args.no_skew)
     log(f"work dir {work}; libfaketime: {stack.libfaketime or 'not installed (no clock skew)'}")
-    stack.start(log=log)
+    try:
+        stack.start(log=log)
+    except BaseException:
+        # what did start (Azurite, Redis, ...) is stopped; the logs are kept
+        log(f"the stack did not start; logs in {stack.logs}")
+        stack.stop()
+        raise
     return stack
 
 
