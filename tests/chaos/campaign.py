@@ -160,7 +160,9 @@ def campaign(args) -> int:
     # 10 % more are planned: a fault whose target is still busy (a Redis
     # rebuild takes minutes) when the phase ends is not started.
     n_plan = int(n_faults * 1.1) + 1
-    rate = args.rate or 20.0
+    # quick: 10 tx/s keeps the WAL a rebuild and the audit read small enough
+    # for a CI step of a few minutes on 2 cores
+    rate = args.rate or (10.0 if quick else 20.0)
     gap = args.gap or (1.2 if quick else 1.3)
     settings = Settings()
     out = Path(args.out or REPO / "target/chaos" / f"{datetime.now():%Y%m%d-%H%M%S}-seed{seed}")
@@ -346,7 +348,7 @@ def main() -> int:
     p.add_argument("--soak", action="store_true", help="soak mode: no faults, RSS sampled")
     p.add_argument("--seed", type=int)
     p.add_argument("--faults", type=int, help="faults to inject (default 100 quick, 1000 long)")
-    p.add_argument("--rate", type=float, help="transactions per second offered")
+    p.add_argument("--rate", type=float, help="transactions per second offered (default 10 quick, 20 long)")
     p.add_argument("--gap", type=float, help="mean seconds between fault starts")
     p.add_argument("--soak-minutes", type=float, default=10)
     p.add_argument("--max-count", type=int, default=3000, help="soak: transactions per API to measure the maximum rate")

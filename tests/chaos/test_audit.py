@@ -251,20 +251,50 @@ class AuditSelfCheck(unittest.TestCase):
         t.dup = [{"t0": T0 + 10, "t1": T0 + 10.1, "api": 1, "status": 409, "body": {}}]
         self.assert_violation(w, "same_bytes_refused_409", t.id)
 
+    @staticmethod
+    def accept_other_bytes(w: World, n: int, at: float, flush_at: float | None):
+        """Tx n's other bytes answered 202 at `at`; a ledger loss at `flush_at`."""
+        t = w.tx(n)
+        t.conflict_sha256 = hashlib.sha256(b"other bytes").hexdigest()
+        t.conflict = [{"t0": at, "t1": at + 0.1, "api": 1, "status": 202, "body": {}}]
+        if flush_at is not None:
+            loss = Fault(seq=0, kind="redis_loss", target="redis", planned_at=0, hold=0,
+                         started=flush_at, ended=flush_at + 1)
+            loss.detail["flushed_at"] = flush_at
+            w.faults = [loss]
+        return t
+
     def test_conflicting_bytes_accepted(self):
         w = World()
-        t = w.tx(0)
-        t.conflict = [{"t0": T0 + 10, "t1": T0 + 10.1, "api": 1, "status": 202, "body": {}}]
+        t = self.accept_other_bytes(w, 0, T0 + 10, None)
         self.assert_violation(w, "conflicting_bytes_accepted", t.id)
-        # after a ledger loss between the acknowledgement and the conflicting
-        # POST it is the documented gap: a note, not a violation
-        loss = Fault(seq=0, kind="redis_loss", target="redis", planned_at=0, hold=0,
-                     started=T0 + 5, ended=T0 + 6)
-        loss.detail["flushed_at"] = T0 + 5
-        w.faults = [loss]
-        r = w.audit()
-        self.assertEqual([v for v in r["violations"] if v["check"] == "conflicting_bytes_accepted"], [])
-        self.assertEqual(r["summary"]["notes"]["conflicting_bytes_accepted_after_ledger_loss"], 1)
+        # a loss before the first POST of the acknowledged bytes explains nothing
+        w = World()
+        t = self.accept_other_bytes(w, 3, T0 + 10, T0 + 1)
+        r = self.assert_violation(w, "conflicting_bytes_accepted", t.id)
+        self.assertNotIn("conflicting_bytes_accepted_after_ledger_loss", {v["check"] for v in r["violations"]})
+
+    def test_conflicting_bytes_accepted_after_ledger_loss(self):
+        # the flush lands while the acknowledged POST is in flight (its
+        # ledger write already done): still the ledger-loss gap, named apart
+        w = World()
+        t = self.accept_other_bytes(w, 0, T0 + 10, T0 - 0.005)
+        r = self.assert_violation(w, "conflicting_bytes_accepted_after_ledger_loss", t.id)
+        self.assertNotIn("conflicting_bytes_accepted", {v["check"] for v in r["violations"]})
+
+    def test_bytes_accepted_after_ledger_loss_held_and_executed(self):
+        w = World()
+        t = self.accept_other_bytes(w, 2, T0 + 10, T0 + 5)
+        w.ledger[t.id]["sha256"] = t.conflict_sha256
+        w.by_key[f"chaos/{t.id}"]["success_sha256"] = [t.conflict_sha256]
+        self.assert_violation(w, "ledger_holds_bytes_accepted_after_ledger_loss", t.id)
+        r = self.assert_violation(w, "executed_bytes_accepted_after_ledger_loss", t.id)
+        checks = {v["check"] for v in r["violations"]}
+        self.assertNotIn("executed_other_bytes", checks)
+        self.assertNotIn("ledger_sha256_differs_from_acknowledged", checks)
+        # bytes nobody was acknowledged for are still executed_other_bytes
+        w.by_key[f"chaos/{t.id}"]["success_sha256"] = [hashlib.sha256(b"third").hexdigest()]
+        self.assert_violation(w, "executed_other_bytes", t.id)
 
     def test_known_checks_do_not_fail_the_run(self):
         w = World()
