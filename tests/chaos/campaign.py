@@ -80,13 +80,18 @@ def quiesce(stack, t_start: float, drain_secs: float) -> dict:
     drained, c = wait_drained(stack, drain_secs)
     log(f"drained={drained} {c}")
     log("rtpd reconcile over the whole run")
-    r = stack.cli("reconcile", "--from", iso(t_start - 120),
-                  "--pending-after-secs", str(stack.s.pending_after_secs), timeout=900)
-    out = (r.stdout + r.stderr).strip().splitlines()
-    log(f"reconcile exit {r.returncode}: {out[-1] if out else ''}")
+    try:
+        r = stack.cli("reconcile", "--from", iso(t_start - 120),
+                      "--pending-after-secs", str(stack.s.pending_after_secs), timeout=900)
+        code, out = r.returncode, (r.stdout + r.stderr).strip().splitlines()
+    except subprocess.TimeoutExpired as e:
+        # Reported, and the audit still runs: losing the run's history to a
+        # slow reconcile (a long run on a busy machine did) hides everything.
+        code, out = "timeout after 900 s", [f"rtpd reconcile did not finish: {e}"]
+    log(f"reconcile exit {code}: {out[-1] if out else ''}")
     drained2, c2 = wait_drained(stack, drain_secs)
     log(f"after reconcile drained={drained2} {c2}")
-    return {"drained_before_reconcile": drained, "reconcile_exit": r.returncode,
+    return {"drained_before_reconcile": drained, "reconcile_exit": code,
             "reconcile_output": out[-3:], "drained_after_reconcile": drained2, "counts": c2}
 
 
@@ -196,16 +201,18 @@ def campaign(args) -> int:
         fault_secs = time.time() - t_faults
         log("faults done; the producer stops sending and finishes what is in flight")
         producer.finish(timeout=120)
-        q = quiesce(stack, t_start, drain_secs=60 if quick else 300)
+        try:
+            q = quiesce(stack, t_start, drain_secs=60 if quick else 300)
+        except Exception:
+            postmortem(out, producer, faults, stack)
+            raise
         log("auditing")
         with producer.lock:
             txs_done = list(producer.done)
         try:
             result = audit(stack, txs_done, faults, t_start)
         except Exception as e:  # keep the history and the fault record for a post-mortem
-            (out / "history.jsonl").write_text("".join(json.dumps(t.record()) + "\n" for t in txs_done))
-            (out / "faults.json").write_text(json.dumps([f.record() for f in faults], default=str))
-            shutil.copytree(stack.logs, out / "logs", dirs_exist_ok=True)
+            postmortem(out, producer, faults, stack)
             log(f"the audit could not run: {type(e).__name__}: {e}; history and logs in {out}")
             return 2
         by_kind = Counter(f.kind for f in faults if f.started)
@@ -230,6 +237,15 @@ def campaign(args) -> int:
         stack.stop()
         if not args.keep:
             shutil.rmtree(stack.work, ignore_errors=True)
+
+
+def postmortem(out: Path, producer, faults, stack):
+    """History, fault record and logs of a run that could not be audited."""
+    with producer.lock:
+        txs_done = list(producer.done)
+    (out / "history.jsonl").write_text("".join(json.dumps(t.record()) + "\n" for t in txs_done))
+    (out / "faults.json").write_text(json.dumps([f.record() for f in faults], default=str))
+    shutil.copytree(stack.logs, out / "logs", dirs_exist_ok=True)
 
 
 def finish(report: dict, out: Path, stack: Stack, history: list) -> int:
