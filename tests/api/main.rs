@@ -25,6 +25,7 @@ mod security;
 mod seed_routes;
 mod servicebus;
 mod servicebus_azure;
+mod servicebus_speed;
 mod support;
 mod telemetry;
 mod webhooks;
