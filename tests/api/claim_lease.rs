@@ -154,7 +154,9 @@ async fn a_journal_outage_longer_than_the_lease_lets_no_one_call_again() {
 /// the call to the new holder. No second call, no overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_slow_to_call_does_not_call_on_a_lapsed_claim() {
-    let app = spawn_app_with(options(Duration::from_millis(1500))).await;
+    // Calls take 0.8 s (within the 1 s timeout): worker A is ready to call
+    // while the other worker's call is in flight.
+    let app = spawn_app_with(options(Duration::from_millis(800))).await;
     let id = key("SC-1");
     let r = app
         .post_json(&json!({ "transaction_id": "SC-1", "amount": "1.00" }))
@@ -162,7 +164,7 @@ async fn a_worker_slow_to_call_does_not_call_on_a_lapsed_claim() {
     assert_eq!(r.status(), 202);
     lapse_an_attempt(&app, &id).await;
     let store = Switchable::new(app.services.journal.log().store().clone());
-    store.delay_next_list(LEASE + Duration::from_secs(1));
+    store.delay_next_list(LEASE + Duration::from_millis(500));
     let a = worker(&app, "worker-a", journal_on(store, "worker-a"));
 
     let work = a.try_process_next(Duration::from_secs(5));
@@ -217,7 +219,6 @@ async fn a_lease_that_lapsed_while_the_ledger_was_down_is_not_called_on() {
     let store = Switchable::new(app.services.journal.log().store().clone());
     store.delay_next_list(LEASE + Duration::from_secs(1));
     let a = worker(&app, "worker-a", journal_on(store, "worker-a"));
-    let waiting = a.waiting.clone();
 
     let work = a.try_process_next(Duration::from_secs(5));
     let check = async {
@@ -227,7 +228,6 @@ async fn a_lease_that_lapsed_while_the_ledger_was_down_is_not_called_on() {
         // the ledger down.
         tokio::time::sleep(LEASE + Duration::from_secs(2)).await;
         let during = calls(&app, &id).await;
-        let held = waiting.snapshot().0;
         redis.launch();
         redrive_lapsed(&app).await;
         let other = app
@@ -235,11 +235,10 @@ async fn a_lease_that_lapsed_while_the_ledger_was_down_is_not_called_on() {
             .try_process_next(Duration::from_secs(2))
             .await
             .unwrap();
-        (during, held, other)
+        (during, other)
     };
-    let (outcome, (during, held, other)) = tokio::join!(work, check);
+    let (outcome, (during, other)) = tokio::join!(work, check);
     assert_eq!(during, 0, "no call while the lease could not be extended");
-    assert_eq!(held, 1, "worker A held its message meanwhile");
     let outcome = outcome.unwrap();
     let rec = app.record("LD-1").await;
     assert_eq!(rec.status, State::Success);
