@@ -1,5 +1,6 @@
 mod azure_blob;
 mod azure_wal;
+mod claim_lease;
 mod cli;
 mod contract_ledger;
 mod contract_queue;
