@@ -730,6 +730,20 @@ def case_dropped_connections_are_survived(ctx):
 
 
 
+def case_refused_attach_is_retried_by_the_sdk(ctx):
+    # A busy answer to an attach is about that link: the SDK retries it.
+    q = ctx.queue()
+    ctx.send(q, ServiceBusMessage("a", message_id="ra-1"))
+    ctx.broker.control("refuse-attaches 1 com.microsoft:server-busy")
+    try:
+        r, got = ctx.receive(q, count=1, wait=30)
+    finally:
+        ctx.broker.control("clear-faults")
+    with r:
+        expect([m.message_id for m in got] == ["ra-1"], f"got {[m.message_id for m in got]}")
+        r.complete_message(got[0])
+
+
 def sas_token(uri, key_name, key, expiry):
     resource = urllib.parse.quote_plus(uri)
     digest = hmac.new(key.encode(), f"{resource}\n{expiry}".encode(), hashlib.sha256).digest()
@@ -759,6 +773,7 @@ CASES += [
     case_connection_without_links_is_closed_and_reopened,
     case_short_receives_on_a_long_round_trip,
     case_dropped_connections_are_survived,
+    case_refused_attach_is_retried_by_the_sdk,
 ]
 
 # Extra broker instances, started on first use.

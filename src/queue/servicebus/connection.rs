@@ -546,13 +546,18 @@ pub(super) enum Failure {
 }
 
 /// A link that could not be attached: a refusal the service names (no such
-/// entity, no right) is final; anything else may be the connection, so the
-/// next operation opens a new one.
+/// entity, no right) is final; busy, timed out or over quota is the
+/// service's answer about this link, retryable, and leaves the connection
+/// (and everything in flight on it) alone; anything else may be the
+/// connection, so the next operation opens a new one.
 fn attach_failure(live: &Live, detail: &str, what: &str) -> QueueError {
     match errors::kind_in_text(detail) {
-        kind @ (Kind::NotFound | Kind::Unauthorized | Kind::Refused) => {
-            errors::from_condition(kind, what, detail)
-        }
+        kind @ (Kind::NotFound
+        | Kind::Unauthorized
+        | Kind::Refused
+        | Kind::ServerBusy
+        | Kind::Timeout
+        | Kind::Quota) => errors::from_condition(kind, what, detail),
         _ => {
             live.mark_broken();
             QueueError::Unavailable(format!("{what}: {detail}"))

@@ -77,6 +77,10 @@ pub const MAX_DEAD_LETTER_FIELD: usize = 4096;
 /// A held lock is forgotten this long after its end (by our clock; the
 /// margin covers clocks that disagree).
 pub const HELD_GRACE: Duration = Duration::from_secs(600);
+/// At most this many locks are held here; past it the ones that end first
+/// are forgotten (their settlement then reports the lock lost), so a
+/// runaway receiver cannot grow the map without bound inside the grace.
+pub const MAX_HELD: usize = 100_000;
 /// Service Bus Standard's message size limit; the sender's link may say otherwise.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 256 * 1024;
 /// Room for a batch's own sections and each entry's data-section header.
@@ -334,6 +338,7 @@ impl ServiceBusQueue {
             );
             out.push(received);
         }
+        bound_held(&mut held, MAX_HELD);
         Ok(out)
     }
 
@@ -350,7 +355,7 @@ impl ServiceBusQueue {
             })),
             Settle::DeadLetter { .. } => None,
         };
-        let comfortably_locked = held.locked_until > Utc::now() + EXPIRY_MARGIN;
+        let comfortably_locked = held.locked_until > crate::clock::now() + EXPIRY_MARGIN;
         if let (Some(state), true, Some(info)) = (link_state, comfortably_locked, held.info.take())
             && let Some(link) = self
                 .links
@@ -707,6 +712,19 @@ fn forget_ended(held: &mut HashMap<Uuid, Held>, now: DateTime<Utc>) {
     held.retain(|_, h| h.locked_until > horizon);
 }
 
+/// Keep at most `max` held locks, forgetting those that end first.
+fn bound_held(held: &mut HashMap<Uuid, Held>, max: usize) {
+    let excess = held.len().saturating_sub(max);
+    if excess == 0 {
+        return;
+    }
+    let mut ends: Vec<_> = held.iter().map(|(t, h)| (h.locked_until, *t)).collect();
+    ends.select_nth_unstable(excess - 1);
+    for (_, token) in &ends[..excess] {
+        held.remove(token);
+    }
+}
+
 /// Pack encoded messages into batches under the link's size limit.
 fn pack(encoded: Vec<Vec<u8>>, limit: u64) -> Vec<Vec<Vec<u8>>> {
     let mut batches: Vec<Vec<Vec<u8>>> = Vec::new();
@@ -895,6 +913,34 @@ mod tests {
             !held.contains_key(&old),
             "a lock ended past the grace is kept"
         );
+    }
+
+    #[test]
+    fn held_locks_are_bounded_in_number_keeping_the_latest() {
+        let now = Utc::now();
+        let mut held = HashMap::new();
+        let mut tokens = Vec::new();
+        for i in 0..10i64 {
+            let t = Uuid::new_v4();
+            tokens.push(t);
+            held.insert(
+                t,
+                Held {
+                    generation: 1,
+                    sequence_number: i,
+                    subqueue: Subqueue::Main,
+                    info: None,
+                    locked_until: now + chrono::TimeDelta::seconds(i),
+                },
+            );
+        }
+        bound_held(&mut held, 4);
+        assert_eq!(held.len(), 4);
+        for t in &tokens[6..] {
+            assert!(held.contains_key(t), "a lock that ends last was dropped");
+        }
+        bound_held(&mut held, 4);
+        assert_eq!(held.len(), 4);
     }
 
     #[test]
