@@ -587,6 +587,22 @@ mod tests {
         }
     }
 
+    /// Issue 20, D5: scoping is total. An unscoped id is always prefixed
+    /// with the vendor; a value that is already a key (it holds a `/`) is
+    /// never taken as it is, so no input can name another vendor's key.
+    #[test]
+    fn scoping_never_yields_another_vendors_key() {
+        let foreign = TransactionId::parse_key("globex/X").unwrap();
+        let k = TransactionId::scoped(Some("acme"), &foreign);
+        assert_ne!(k.scope(), Some("globex"), "acme's input became {k}");
+        let k = TransactionId::scoped(None, &foreign);
+        assert_ne!(
+            k.scope(),
+            Some("globex"),
+            "unauthenticated input became {k}"
+        );
+    }
+
     #[test]
     fn states_round_trip_their_names() {
         for s in State::ALL {

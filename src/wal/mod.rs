@@ -476,6 +476,18 @@ mod tests {
         );
     }
 
+    /// Issue 20, D5: a WAL record from one vendor whose id reads as another
+    /// vendor's key does not yield that vendor's key.
+    #[test]
+    fn a_record_cannot_claim_another_vendors_key() {
+        let line = r#"{"v":1,"transaction_id":"globex/X","received_at":"2026-01-01T00:00:00Z",
+            "source":{"vendor":"acme","remote_addr":null},"sha256":"00","payload":"{}"}"#;
+        if let Ok(r) = serde_json::from_str::<WalRecord>(line) {
+            let key = r.key();
+            assert_ne!(key.scope(), Some("globex"), "acme's record claims {key}");
+        }
+    }
+
     #[test]
     fn segments_split_into_records() {
         let body = Bytes::from_static(b"{\"a\":1}\n{\"b\":2}\n");
