@@ -1139,8 +1139,7 @@ async fn entries_written_before_vendor_scoping_stay_their_vendors() {
         trace_parent: None,
     };
     let wal_ref = app.services.wal.append_json(&record, at).await.unwrap();
-    let mut reg = record.registration(&wal_ref);
-    reg.transaction_id = TransactionId::parse("OLD-1").unwrap();
+    let reg = record.registration_as(TransactionId::parse("OLD-1").unwrap(), &wal_ref);
     app.services.ledger.register(reg).await.unwrap();
 
     // Its vendor finds it: a repeat is a duplicate, not a new transaction.
