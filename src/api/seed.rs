@@ -114,7 +114,7 @@ pub async fn status(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.metrics_reader(&req)?;
-    let deps = health::check_dependencies(&state.dependencies).await;
+    let deps = state.dependencies.checked().await;
     let healthy = deps.values().all(|v| v == "connected");
     let body = StatusReport {
         status: if healthy { "healthy" } else { "degraded" }.into(),
