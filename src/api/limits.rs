@@ -182,10 +182,14 @@ enum Held {
     /// `/healthz`, or the request is over.
     #[default]
     Nothing,
-    /// A slot the request keeps to its end.
-    Kept(OwnedSemaphorePermit),
+    /// A slot the request keeps to its end (held, never read: dropping it
+    /// gives the slot back).
+    Kept(#[allow(dead_code)] OwnedSemaphorePermit),
     /// A signed request whose signature is not verified yet.
-    Unverified(OwnedSemaphorePermit, Option<SourceSlot>),
+    Unverified(
+        #[allow(dead_code)] OwnedSemaphorePermit,
+        #[allow(dead_code)] Option<SourceSlot>,
+    ),
 }
 
 impl InFlight {

@@ -4,7 +4,7 @@
 use super::transactions::{
     ReplayAccepted, ReplayBody, VendorParam, ledger_error, parse_limit, replay_route,
 };
-use super::{ApiError, ApiState, error::ErrorBody, health};
+use super::{ApiError, ApiState, error::ErrorBody};
 use crate::ledger::ListQuery;
 use crate::metrics as prom;
 use crate::transaction::{State, TransactionId};
