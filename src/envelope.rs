@@ -129,22 +129,27 @@ impl Envelope {
     }
 
     /// The transaction's key for the first enqueue, a distinct id for every
-    /// later copy. Service Bus message ids are at most 128 characters and a
-    /// key (`<vendor>/<id>`) may be up to 193: a longer one is replaced by
-    /// `sha256:<hex of it>` (the same every time, so duplicate detection
-    /// still works); the `transaction_id` property keeps the key.
+    /// later copy: `<key>/<kind>/<n or nonce>` (`acme/TX-1/retry/2`). `/`
+    /// can appear in neither a transaction id nor a vendor name, so a
+    /// copy's id is never another transaction's key (`X:retry:2` is a
+    /// valid id; `X/retry/2` is not) nor another transaction's copy (a key
+    /// holds at most one `/`, a copy's id two or three, and its last two
+    /// parts are fixed words and digits or a hex nonce). Service Bus message
+    /// ids are at most 128 characters and a key (`<vendor>/<id>`) may be up
+    /// to 193: a longer id is replaced by `~sha256:<hex of it>` (the same
+    /// every time, so duplicate detection still works; `~` is in neither
+    /// ids nor vendor names, so it is never an unhashed id either); the
+    /// `transaction_id` property keeps the key.
     pub fn message_id(&self) -> String {
         let id = &self.registration.transaction_id;
-        let id = match &self.delivery {
-            Delivery::Initial => id.to_string(),
-            Delivery::Retry(n) => format!("{id}:retry:{n}"),
-            Delivery::Replay(nonce) => format!("{id}:replay:{nonce}"),
-            Delivery::Redrive(nonce) => format!("{id}:redrive:{nonce}"),
+        let id = match self.delivery.detail() {
+            None => id.to_string(),
+            Some(detail) => format!("{id}/{}/{detail}", self.delivery.kind()),
         };
         if id.len() <= MAX_MESSAGE_ID_LEN {
             id
         } else {
-            format!("sha256:{}", Sha256::of(id.as_bytes()))
+            format!("~sha256:{}", Sha256::of(id.as_bytes()))
         }
     }
 
@@ -287,8 +292,41 @@ mod tests {
         .collect();
         assert_eq!(
             ids,
-            ["TX-1", "TX-1:retry:2", "TX-1:replay:n1", "TX-1:redrive:n2"]
+            ["TX-1", "TX-1/retry/2", "TX-1/replay/n1", "TX-1/redrive/n2"]
         );
+    }
+
+    /// Issue 20, D4: an id shaped like another id's copy (`X:retry:2`, and
+    /// the same for every kind of copy, scoped or not) gets its own message
+    /// id, and a hashed long id never equals an unhashed one.
+    #[test]
+    fn a_copys_message_id_is_never_another_transactions() {
+        let with = |key: &str, d: Delivery| {
+            let reg = Registration {
+                transaction_id: TransactionId::parse_key(key).unwrap(),
+                ..reg()
+            };
+            Envelope::new(reg, Bytes::from_static(b"{}"), d).message_id()
+        };
+        for key in ["X", "acme/X"] {
+            for (copy, shaped) in [
+                (Delivery::Retry(2), "X:retry:2"),
+                (Delivery::Replay("n1".into()), "X:replay:n1"),
+                (Delivery::Redrive("n2".into()), "X:redrive:n2"),
+            ] {
+                let of_x = with(key, copy);
+                let shaped = key.replace('X', shaped);
+                assert_ne!(of_x, with(&shaped, Delivery::Initial), "{of_x}");
+                assert_ne!(
+                    with(key, Delivery::Initial),
+                    with(&shaped, Delivery::Initial)
+                );
+            }
+        }
+        let long = format!("{}/{}", "v".repeat(64), "i".repeat(128));
+        let hashed = with(&long, Delivery::Retry(2));
+        assert!(hashed.starts_with("~sha256:") && hashed.len() <= MAX_MESSAGE_ID_LEN);
+        assert!(TransactionId::parse_key(&hashed).is_err(), "{hashed}");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub enum IntakeError {
     },
     #[error("payload is not UTF-8")]
     NotUtf8,
+    /// The submission's id or vendor cannot be scoped into a key.
+    #[error(transparent)]
+    InvalidId(crate::transaction::InvalidId),
     #[error(transparent)]
     Wal(WalError),
     #[error(transparent)]
@@ -99,7 +102,10 @@ pub struct Intake {
 impl Intake {
     pub async fn accept(&self, s: Submission) -> Result<IntakeOutcome, IntakeError> {
         // The same id from two vendors is two transactions.
-        let key = TransactionId::scoped(s.source.vendor.as_deref(), &s.transaction_id);
+        // A key (`<vendor>/<id>`) where the vendor's own id belongs is refused:
+        // no intake can name another vendor's transaction.
+        let key = TransactionId::scoped(s.source.vendor.as_deref(), &s.transaction_id)
+            .map_err(IntakeError::InvalidId)?;
         if let Some(rec) = ledger::find(&*self.ledger, &key)
             .await
             .map_err(ledger_error)?

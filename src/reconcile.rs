@@ -308,7 +308,12 @@ impl Reconciler {
             lease.keep().await?;
             for (wal_ref, bytes) in self.wal.read_segment(&seg.key).await? {
                 report.records += 1;
-                let wal: WalRecord = match serde_json::from_slice(&bytes) {
+                // A record whose id is already a key (`<vendor>/<id>`) names
+                // no transaction: unreadable, never another vendor's.
+                let (wal, key) = match serde_json::from_slice::<WalRecord>(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|w| w.key().map(|k| (w, k)).map_err(|e| e.to_string()))
+                {
                     Ok(w) => w,
                     Err(e) => {
                         report.unreadable += 1;
@@ -316,12 +321,12 @@ impl Reconciler {
                         continue;
                     }
                 };
-                if wal.received_at < o.from || wal.received_at > o.to || seen.contains(&wal.key()) {
+                if wal.received_at < o.from || wal.received_at > o.to || seen.contains(&key) {
                     continue;
                 }
                 // The vendor-scoped key, or the key of an entry written
                 // before keys were scoped (then that key is used throughout).
-                let mut id = wal.key();
+                let mut id = key.clone();
                 let current = crate::ledger::find(&*self.ledger, &id).await?;
                 if let Some(c) = &current {
                     id = c.transaction_id.clone();
@@ -333,12 +338,11 @@ impl Reconciler {
                     report.conflicting += 1;
                     continue;
                 }
-                seen.insert(wal.key());
+                seen.insert(key);
                 // A pre-scoping entry is met under its bare key in the ledger walk.
                 seen.insert(id.clone());
                 let wal_ref = current.as_ref().map_or(wal_ref, |c| c.wal_ref.clone());
-                let mut reg = wal.registration(&wal_ref);
-                reg.transaction_id = id.clone();
+                let reg = wal.registration_as(id.clone(), &wal_ref);
                 // Outcomes journaled before keys were scoped are under the bare id.
                 let known = journal
                     .known(&id)
@@ -478,7 +482,13 @@ impl Reconciler {
                         .await
                         .map(|b| serde_json::from_slice::<WalRecord>(&b))
                     {
-                        Ok(Ok(w)) if w.payload_sha256_matches() && w.sha256 == cur.sha256 => w,
+                        Ok(Ok(w))
+                            if w.payload_sha256_matches()
+                                && w.sha256 == cur.sha256
+                                && w.key().is_ok() =>
+                        {
+                            w
+                        }
                         Ok(_) => {
                             report.unreadable += 1;
                             tracing::error!(transaction_id = %cur.transaction_id, wal_ref = %cur.wal_ref, "WAL record unreadable or not the ledger's");
@@ -500,8 +510,7 @@ impl Reconciler {
                     }
                     // Under the ledger's key: an entry written before keys
                     // were scoped keeps its bare key (the WAL record's is scoped).
-                    let mut reg = wal.registration(&cur.wal_ref);
-                    reg.transaction_id = cur.transaction_id.clone();
+                    let reg = wal.registration_as(cur.transaction_id.clone(), &cur.wal_ref);
                     let msg = Envelope::new(
                         reg,
                         Bytes::from(wal.payload.into_bytes()),

@@ -150,8 +150,9 @@ impl Replayer {
             ReplayOutcome::Refused(r) => return Ok(Replayed::Refused(r)),
             ReplayOutcome::NotFound => return Ok(Replayed::NotFound),
         };
-        let mut reg = wal.registration(&current.wal_ref);
-        reg.transaction_id = current.transaction_id.clone();
+        // Under the ledger's key (an entry from before scoping keeps its
+        // bare one); the WAL record gives the rest.
+        let reg = wal.registration_as(current.transaction_id.clone(), &current.wal_ref);
         let msg = Envelope::new(
             reg,
             Bytes::from(wal.payload.into_bytes()),
@@ -222,8 +223,9 @@ impl Replayer {
                         if let Ok(w) = serde_json::from_slice::<WalRecord>(&bytes)
                             && w.received_at >= *from
                             && w.received_at <= *to
+                            && let Ok(key) = w.key()
                         {
-                            push(w.key().to_string(), &mut ids);
+                            push(key.to_string(), &mut ids);
                         }
                     }
                 }

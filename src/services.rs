@@ -227,12 +227,7 @@ impl Services {
     }
 
     pub fn dependencies(&self) -> Dependencies {
-        Dependencies {
-            wal: self.wal.clone(),
-            ledger: self.ledger.clone(),
-            queue: self.queue.clone(),
-            reached: Default::default(),
-        }
+        Dependencies::new(self.wal.clone(), self.ledger.clone(), self.queue.clone())
     }
 
     /// The dependency watcher; it re-drives on a return only when given the

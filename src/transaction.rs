@@ -25,6 +25,11 @@ pub enum InvalidId {
     TooLong,
     #[error("transaction_id may contain only A-Z a-z 0-9 . _ : -")]
     IllegalCharacter,
+    /// A `<vendor>/<id>` key where a vendor's own id belongs.
+    #[error("transaction_id may not contain /: it is a vendor's own id, not a <vendor>/<id> key")]
+    AlreadyScoped,
+    #[error("vendor may contain only A-Z a-z 0-9 - _ . (at most 64)")]
+    IllegalVendor,
 }
 
 impl TransactionId {
@@ -56,12 +61,20 @@ impl TransactionId {
     /// not do: ids may contain it). Without a vendor (`RTPD_AUTH=none`) the
     /// key is the id itself, as in the seed.
     ///
+    /// Total: `id` must be a vendor's own id. One that is already a key
+    /// (it holds a `/`) is refused, with or without a vendor, so no input
+    /// can name another vendor's key; so is a vendor name that is not one.
+    ///
     /// Entries written before keys were scoped are under the bare id and
     /// belong to the vendor recorded in them: see `ledger::find`.
-    pub fn scoped(vendor: Option<&str>, id: &TransactionId) -> TransactionId {
+    pub fn scoped(vendor: Option<&str>, id: &TransactionId) -> Result<TransactionId, InvalidId> {
+        if id.0.contains('/') {
+            return Err(InvalidId::AlreadyScoped);
+        }
         match vendor {
-            Some(v) if id.scope().is_none() => TransactionId(format!("{v}/{}", id.0)),
-            _ => id.clone(),
+            Some(v) if valid_vendor(v) => Ok(TransactionId(format!("{v}/{}", id.0))),
+            Some(_) => Err(InvalidId::IllegalVendor),
+            None => Ok(id.clone()),
         }
     }
 
@@ -91,17 +104,21 @@ impl TransactionId {
         let Some((vendor, id)) = s.split_once('/') else {
             return Self::parse(s);
         };
-        let vendor_ok = !vendor.is_empty()
-            && vendor.len() <= MAX_VENDOR_LEN
-            && vendor
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !vendor_ok {
+        if !valid_vendor(vendor) {
             return Err(InvalidId::IllegalCharacter);
         }
         Self::parse(id)?;
         Ok(Self(s.to_owned()))
     }
+}
+
+/// A vendor name as credentials allow it: 1–64 of `A-Za-z0-9-_.`.
+fn valid_vendor(vendor: &str) -> bool {
+    !vendor.is_empty()
+        && vendor.len() <= MAX_VENDOR_LEN
+        && vendor
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl fmt::Display for TransactionId {
@@ -585,14 +602,45 @@ mod tests {
         assert!(TransactionId::parse_key("/x").is_err());
         assert!(TransactionId::parse_key(&format!("{}/x", "v".repeat(65))).is_err());
         let id = TransactionId::parse("T:1").unwrap();
-        assert_eq!(TransactionId::scoped(Some("acme"), &id), key);
-        assert_eq!(TransactionId::scoped(None, &id), id);
-        assert_eq!(TransactionId::scoped(Some("other"), &key), key);
+        assert_eq!(TransactionId::scoped(Some("acme"), &id), Ok(key));
+        assert_eq!(TransactionId::scoped(None, &id), Ok(id));
         for bad in ["a b", "a/b", "é", "a\n", "a#b"] {
             assert_eq!(
                 TransactionId::parse(bad),
                 Err(InvalidId::IllegalCharacter),
                 "{bad:?}"
+            );
+        }
+    }
+
+    /// Issue 20, D5: scoping is total. An unscoped id is always prefixed
+    /// with the vendor; a value that is already a key (it holds a `/`) is
+    /// never taken as it is, so no input can name another vendor's key.
+    #[test]
+    fn scoping_never_yields_another_vendors_key() {
+        let foreign = TransactionId::parse_key("globex/X").unwrap();
+        for vendor in [Some("acme"), Some("globex"), None] {
+            assert_eq!(
+                TransactionId::scoped(vendor, &foreign),
+                Err(InvalidId::AlreadyScoped),
+                "{vendor:?}"
+            );
+        }
+        // An unscoped id is always prefixed, whatever it looks like.
+        for id in ["X", "globex:X", "X:retry:2", &"i".repeat(MAX_ID_LEN)] {
+            let id = TransactionId::parse(id).unwrap();
+            let key = TransactionId::scoped(Some("acme"), &id).unwrap();
+            assert_eq!(key.scope(), Some("acme"), "{key}");
+            assert_eq!(key.vendor_id(), id);
+            assert_eq!(TransactionId::parse_key(&key).as_ref(), Ok(&key));
+        }
+        // A vendor name that could not be read back out of the key.
+        let id = TransactionId::parse("X").unwrap();
+        for vendor in ["", "a/b", "a b", &"v".repeat(MAX_VENDOR_LEN + 1)] {
+            assert_eq!(
+                TransactionId::scoped(Some(vendor), &id),
+                Err(InvalidId::IllegalVendor),
+                "{vendor:?}"
             );
         }
     }

@@ -10,6 +10,11 @@
 //! Retry-After for the WAL or the ledger; a 202 with `enqueued: false` for
 //! the queue, re-driven by the reconciler) for the platform's bare error.
 //! The body, and `/status`, say what each dependency answered.
+//!
+//! Under a flood of probes: `/healthz` waits for no in-flight pool (see
+//! `limits::guard`), so it answers whatever else is busy; `/readyz` and
+//! `/status` share one dependency check per [`CHECK_REUSED_FOR`], made by
+//! one request at a time.
 
 use super::{ApiError, ApiState, error::ErrorBody};
 use crate::ledger::Ledger;
@@ -19,7 +24,15 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+use tokio::time::Instant;
 use utoipa::ToSchema;
+
+/// How long one dependency check answers `/readyz` and `/status`: a flood
+/// of probes costs one check a second, not one check each.
+pub const CHECK_REUSED_FOR: Duration = Duration::from_secs(1);
+
+/// What each dependency answered: `connected`, or `unavailable: <why>`.
+pub type Checked = BTreeMap<&'static str, String>;
 
 /// What `/readyz` and `/status` probe.
 #[derive(Clone)]
@@ -29,6 +42,60 @@ pub struct Dependencies {
     pub queue: Arc<dyn Queue>,
     /// Set once this replica has reached its WAL and its ledger.
     pub reached: Arc<AtomicBool>,
+    last: Arc<LastCheck>,
+}
+
+/// The last check, and the right to make the next one.
+#[derive(Default)]
+struct LastCheck {
+    result: std::sync::Mutex<Option<(Instant, Checked)>>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl Dependencies {
+    pub fn new(wal: Log, ledger: Arc<dyn Ledger>, queue: Arc<dyn Queue>) -> Dependencies {
+        Dependencies {
+            wal,
+            ledger,
+            queue,
+            reached: Default::default(),
+            last: Default::default(),
+        }
+    }
+
+    fn last(&self, max_age: Option<Duration>) -> Option<Checked> {
+        let last = self.last.result.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref()
+            .filter(|(at, _)| max_age.is_none_or(|age| at.elapsed() < age))
+            .map(|(_, checked)| checked.clone())
+    }
+
+    /// What each dependency answered: the last check while it is younger
+    /// than [`CHECK_REUSED_FOR`], else a new one. One caller at a time makes
+    /// it; the others meanwhile get the last check (a hung dependency holds
+    /// one probe, not every probe), or wait for it when there is none yet.
+    pub async fn checked(&self) -> Checked {
+        if let Some(fresh) = self.last(Some(CHECK_REUSED_FOR)) {
+            return fresh;
+        }
+        let _refreshing = match self.last.refreshing.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some(last) = self.last(None) {
+                    return last;
+                }
+                self.last.refreshing.lock().await
+            }
+        };
+        // Made by another caller while this one waited.
+        if let Some(fresh) = self.last(Some(CHECK_REUSED_FOR)) {
+            return fresh;
+        }
+        let checked = check_dependencies(self).await;
+        *self.last.result.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), checked.clone()));
+        checked
+    }
 }
 
 /// Where the replica stands.
@@ -88,7 +155,7 @@ async fn probe<E: std::fmt::Display>(f: impl Future<Output = Result<(), E>>) -> 
     }
 }
 
-pub async fn check_dependencies(svc: &Dependencies) -> BTreeMap<&'static str, String> {
+async fn check_dependencies(svc: &Dependencies) -> Checked {
     let (wal, ledger, queue) = tokio::join!(
         probe(svc.wal.ping()),
         probe(svc.ledger.ping()),
@@ -116,7 +183,7 @@ pub async fn readyz(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.observer(&req)?;
-    let deps = check_dependencies(&state.dependencies).await;
+    let deps = state.dependencies.checked().await;
     let connected = |k: &str| deps.get(k).is_some_and(|v| v == "connected");
     if connected("wal") && connected("ledger") {
         state.dependencies.reached.store(true, Ordering::Relaxed);

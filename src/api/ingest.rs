@@ -309,6 +309,7 @@ fn unavailable(e: IntakeError) -> ApiError {
             }
         }
         IntakeError::NotUtf8 => ApiError::bad("invalid_utf8", "body is not valid UTF-8"),
+        IntakeError::InvalidId(e) => ApiError::bad("invalid_transaction_id", e.to_string()),
         other => ApiError::Unexpected(other.into()),
     }
 }

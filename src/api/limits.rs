@@ -6,11 +6,17 @@
 //! keeping.
 //!
 //! The in-flight cap is three pools, so no class of caller can starve
-//! another: the probe routes have their own ([`super::PROBE_IN_FLIGHT`]);
-//! requests whose credential checks out before the body share
-//! `RTPD_MAX_IN_FLIGHT`; the rest (anonymous, wrong key or token) share
-//! `RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED`, after a per-source-address rate
-//! limit (`RTPD_UNAUTHENTICATED_RATE_PER_SEC`, 429).
+//! another: the probe routes have their own ([`super::PROBE_IN_FLIGHT`]),
+//! except `/healthz`, which waits for no pool; requests whose credential
+//! checks out before the body (an admin token, an API key) share
+//! `RTPD_MAX_IN_FLIGHT`; the rest share `RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED`.
+//! Signed requests are among the rest until their signature verifies
+//! (after the body): anyone can forge well-formed signature headers, so
+//! they only then move to the vendors' pool ([`InFlight::promote`]).
+//! Per source address ([`Sources`]): anonymous requests meet a rate
+//! (`RTPD_UNAUTHENTICATED_RATE_PER_SEC`, 429); signed ones not verified yet
+//! are capped in number, and those that end unverified are charged to the
+//! rate — a genuine vendor's never are.
 //!
 //! Also enforced elsewhere: the body size and the body read timeout in
 //! `ingest::read_body` (every route that reads a body, after its caller is
@@ -18,7 +24,7 @@
 //! (`app.rs`), per-vendor rate limits in `ApiState::admit`.
 
 use super::rejected::{self, BodySeen, RejectedCall};
-use super::{ApiError, ApiState, CallerVendor};
+use super::{ApiError, ApiState, Caller, CallerVendor};
 use crate::auth::VENDOR_HEADER;
 use crate::metrics;
 use actix_web::{
@@ -29,6 +35,205 @@ use actix_web::{
     middleware::Next,
     web,
 };
+use governor::{
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Sources tracked at most, in each map below; past it, the stale are dropped.
+const MAX_TRACKED_SOURCES: usize = 100_000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn retry_after(wait: Duration) -> ApiError {
+    ApiError::TooManyRequests {
+        retry_after_secs: u32::try_from(wait.as_secs_f64().ceil() as u64)
+            .unwrap_or(u32::MAX)
+            .max(1),
+    }
+}
+
+/// Limits per source address (an IPv4 address, an IPv6 /64), on callers
+/// without a verified credential. Off (`None` rate) when
+/// `RTPD_UNAUTHENTICATED_RATE_PER_SEC=0`, for a deployment behind a proxy
+/// where every caller has the proxy's address.
+pub struct Sources {
+    rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Signed requests not verified yet, in flight per source; at most
+    /// `unverified_cap` (`RTPD_UNAUTHENTICATED_RATE_BURST`).
+    unverified: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    unverified_cap: usize,
+    /// Sources whose signed requests failed faster than the rate allows:
+    /// their signed requests are refused until then.
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Sources {
+    pub fn new(rate_per_sec: u32, burst: u32) -> Sources {
+        let rate = NonZeroU32::new(rate_per_sec).map(|rate| {
+            let burst = NonZeroU32::new(burst).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        Sources {
+            rate,
+            unverified: Default::default(),
+            unverified_cap: burst.max(1) as usize,
+            blocked: Default::default(),
+        }
+    }
+
+    /// A request without a valid credential: one unit of its source's rate.
+    pub fn admit_anonymous(&self, source: IpAddr) -> Result<(), ApiError> {
+        let Some(rate) = &self.rate else {
+            return Ok(());
+        };
+        let checked = rate.check_key(&source);
+        if rate.len() > MAX_TRACKED_SOURCES {
+            rate.retain_recent();
+        }
+        checked.map_err(|not_until| {
+            tracing::debug!(%source, "unauthenticated requests over the per-source limit");
+            retry_after(not_until.wait_time_from(DefaultClock::default().now()))
+        })
+    }
+
+    /// A signed request whose signature is checked only after its body. It
+    /// is not charged to the rate — a signing vendor signs every request,
+    /// and a genuine signature is never charged — but its source may have
+    /// at most `RTPD_UNAUTHENTICATED_RATE_BURST` of them waiting for their
+    /// bodies at once, and none while its failures are over the rate.
+    pub fn admit_unverified(&self, source: IpAddr) -> Result<Option<SourceSlot>, ApiError> {
+        if self.rate.is_none() {
+            return Ok(None);
+        }
+        if let Some(until) = lock(&self.blocked).get(&source).copied() {
+            let now = Instant::now();
+            if until > now {
+                tracing::debug!(%source, "signed requests refused: too many failed signatures");
+                return Err(retry_after(until - now));
+            }
+        }
+        let mut counts = lock(&self.unverified);
+        let n = counts.entry(source).or_default();
+        if *n >= self.unverified_cap {
+            tracing::debug!(%source, "too many unverified signed requests from one source");
+            return Err(retry_after(Duration::from_secs(1)));
+        }
+        *n += 1;
+        Ok(Some(SourceSlot {
+            counts: self.unverified.clone(),
+            source,
+        }))
+    }
+
+    /// A signed request that ended with its signature unverified (refused,
+    /// timed out, or never checked): charged to its source's rate; over it,
+    /// the source's signed requests are refused until the rate allows again.
+    pub fn charge_unverified(&self, source: IpAddr) {
+        let Some(rate) = &self.rate else {
+            return;
+        };
+        if let Err(not_until) = rate.check_key(&source) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let now = Instant::now();
+            let mut blocked = lock(&self.blocked);
+            if blocked.len() > MAX_TRACKED_SOURCES {
+                blocked.retain(|_, until| *until > now);
+            }
+            blocked.insert(source, now + wait);
+        }
+    }
+}
+
+/// One unverified signed request of a source, counted while it lives.
+pub struct SourceSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.counts);
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The in-flight slot a request holds, shared with its handler through the
+/// request's extensions so that a signed request can move from the
+/// unauthenticated pool to the vendors' once its signature verifies.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<Mutex<Held>>);
+
+#[derive(Default)]
+enum Held {
+    /// `/healthz`, or the request is over.
+    #[default]
+    Nothing,
+    /// A slot the request keeps to its end (held, never read: dropping it
+    /// gives the slot back).
+    Kept(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// A signed request whose signature is not verified yet.
+    Unverified(
+        #[allow(dead_code)] OwnedSemaphorePermit,
+        #[allow(dead_code)] Option<SourceSlot>,
+    ),
+}
+
+impl InFlight {
+    fn holding(held: Held) -> InFlight {
+        InFlight(Arc::new(Mutex::new(held)))
+    }
+
+    /// The signature verified: the request takes a slot in the vendors'
+    /// pool (503 when it is full) and gives back its unverified one.
+    pub fn promote(&self, vendors: &Arc<Semaphore>) -> Result<(), ApiError> {
+        let mut held = lock(&self.0);
+        if matches!(*held, Held::Unverified(..)) {
+            let permit = vendors.clone().try_acquire_owned().map_err(|_| busy())?;
+            *held = Held::Kept(permit);
+        }
+        Ok(())
+    }
+
+    fn is_unverified(&self) -> bool {
+        matches!(*lock(&self.0), Held::Unverified(..))
+    }
+
+    fn release(&self) {
+        *lock(&self.0) = Held::Nothing;
+    }
+}
+
+/// Gives the slot back when the guard is done with the request, whichever
+/// way it ends (the extensions may outlive it).
+struct Release(InFlight);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+fn busy() -> ApiError {
+    metrics::api_rejected("busy");
+    ApiError::Unavailable {
+        what: "the API (too many requests in flight)",
+        retry_after_secs: 1,
+    }
+}
 
 /// Bytes of the request line and headers, as they came over the wire.
 fn head_size(req: &ServiceRequest) -> usize {
@@ -131,27 +336,49 @@ pub async fn guard(
     if encoded(&req) {
         return refuse(&state, req, ApiError::UnsupportedContentEncoding).await;
     }
-    let pool = if super::is_probe_route(req.path()) {
-        &state.probes
-    } else if state.presents_credential(req.request()) {
-        &state.in_flight
+    let source = req.peer_addr().map(|a| rejected::source_of(a.ip()));
+    let acquire = |pool: &Arc<Semaphore>| pool.clone().try_acquire_owned().map_err(|_| busy());
+    let held = if req.path() == "/healthz" {
+        // Liveness answers whatever else is busy.
+        Ok(Held::Nothing)
+    } else if super::is_probe_route(req.path()) {
+        acquire(&state.probes).map(Held::Kept)
     } else {
-        if let Err(e) = state.admit_unauthenticated(req.request()) {
-            return refuse(&state, req, e).await;
+        match state.caller(req.request()) {
+            Caller::Credentialed => acquire(&state.in_flight).map(Held::Kept),
+            Caller::Signed => {
+                let slot = match source.map(|s| state.sources.admit_unverified(s)) {
+                    Some(Err(e)) => return refuse(&state, req, e).await,
+                    Some(Ok(slot)) => slot,
+                    None => None,
+                };
+                acquire(&state.unauthenticated).map(|p| Held::Unverified(p, slot))
+            }
+            Caller::Other => {
+                if let Some(Err(e)) = source.map(|s| state.sources.admit_anonymous(s)) {
+                    return refuse(&state, req, e).await;
+                }
+                acquire(&state.unauthenticated).map(Held::Kept)
+            }
         }
-        &state.unauthenticated
     };
-    let Ok(_permit) = pool.clone().try_acquire_owned() else {
-        metrics::api_rejected("busy");
-        let err = ApiError::Unavailable {
-            what: "the API (too many requests in flight)",
-            retry_after_secs: 1,
-        };
-        return Ok(req
-            .into_response(err.error_response())
-            .map_into_right_body());
+    let in_flight = match held {
+        Ok(held) => InFlight::holding(held),
+        Err(err) => {
+            return Ok(req
+                .into_response(err.error_response())
+                .map_into_right_body());
+        }
     };
+    req.extensions_mut().insert(in_flight.clone());
+    let release = Release(in_flight);
     let res = next.call(req).await?;
+    if release.0.is_unverified()
+        && let Some(source) = source
+    {
+        state.sources.charge_unverified(source);
+    }
+    drop(release);
     let status = res.status().as_u16();
     if (400..500).contains(&status) && status != 404 && status != 405 {
         let reason = res

@@ -28,7 +28,7 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
-use std::{net::IpAddr, num::NonZeroU32, sync::Arc};
+use std::{num::NonZeroU32, sync::Arc};
 use tokio::sync::Semaphore;
 
 /// Requests to the probe routes (`/healthz`, `/readyz`, `/metrics`,
@@ -107,15 +107,27 @@ pub struct ApiState {
     /// Requests handled at once, across workers (`RTPD_MAX_IN_FLIGHT`).
     pub in_flight: Arc<Semaphore>,
     /// Requests without a credential that checks out before the body
-    /// (`RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED`), apart from `in_flight`.
+    /// (`RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED`), apart from `in_flight`:
+    /// anonymous ones, and signed ones until their signature verifies.
     pub unauthenticated: Arc<Semaphore>,
     /// The probe routes' own pool ([`PROBE_IN_FLIGHT`]).
     pub probes: Arc<Semaphore>,
-    /// Unauthenticated requests per source address (IPv6: /64); `None`
-    /// when `RTPD_UNAUTHENTICATED_RATE_PER_SEC=0`.
-    source_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Limits per source address on callers without a verified credential.
+    pub sources: limits::Sources,
     /// Which refused calls are written to `rejected/v1`.
     pub rejected_sampler: rejected::Sampler,
+}
+
+/// Who a request is, as far as can be told before its body: which
+/// in-flight pool it waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// An admin token or an API key that checks out (or auth is off).
+    Credentialed,
+    /// Well-formed signature headers: verified only with the body.
+    Signed,
+    /// Anonymous, or a wrong key, token or signature header.
+    Other,
 }
 
 /// The authenticated vendor of a request, kept in its extensions so a
@@ -189,14 +201,12 @@ impl ApiState {
         });
         let in_flight = Arc::new(Semaphore::new(s.max_in_flight));
         let unauthenticated = Arc::new(Semaphore::new(s.max_in_flight_unauthenticated));
-        let source_limiter = NonZeroU32::new(s.unauthenticated_rate_per_sec).map(|rate| {
-            let burst = NonZeroU32::new(s.unauthenticated_rate_burst).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
+        let sources =
+            limits::Sources::new(s.unauthenticated_rate_per_sec, s.unauthenticated_rate_burst);
         ApiState {
             unauthenticated,
             probes: Arc::new(Semaphore::new(PROBE_IN_FLIGHT)),
-            source_limiter,
+            sources,
             rejected_sampler: rejected::Sampler::default(),
             settings,
             auth,
@@ -209,43 +219,35 @@ impl ApiState {
         }
     }
 
-    /// Whether the request carries a credential that checks out without
-    /// its body: an admin token, an API key, or signature headers whose
-    /// vendor signs and whose timestamp is fresh (the signature itself is
-    /// checked once the body is read, within the body read timeout). Such
-    /// requests use the main in-flight pool; the rest use the
-    /// unauthenticated one. With `RTPD_AUTH=none` every request does.
-    pub fn presents_credential(&self, req: &HttpRequest) -> bool {
+    /// Which pool the request waits in (see [`limits`]): an admin token or
+    /// an API key checks out before the body; signature headers of a
+    /// signing vendor with a fresh timestamp only say the request may be
+    /// signed — anyone can forge them — so it waits with the
+    /// unauthenticated until [`ApiState::vendor_signed`] (or
+    /// [`ApiState::vendor`], for a request without a body) verifies it.
+    /// With `RTPD_AUTH=none` every request is credentialed.
+    pub fn caller(&self, req: &HttpRequest) -> Caller {
         if !self.auth.is_enabled() {
-            return true;
+            return Caller::Credentialed;
         }
-        if let Some(token) = bearer(req) {
-            return self.auth.admin(Some(token)).is_some();
-        }
-        match signed_headers(req) {
-            Some(s) => self.auth.precheck_signed(&s, now_unix()).is_ok(),
-            None => self.auth.vendor_by_key(header(req, API_KEY_HEADER)).is_ok(),
-        }
-    }
-
-    /// The per-source-address limit on requests without a valid credential.
-    pub fn admit_unauthenticated(&self, req: &HttpRequest) -> Result<(), ApiError> {
-        let (Some(limiter), Some(peer)) = (&self.source_limiter, req.peer_addr()) else {
-            return Ok(());
+        let ok = if let Some(token) = bearer(req) {
+            self.auth.admin(Some(token)).is_some()
+        } else {
+            match signed_headers(req) {
+                Some(s) => {
+                    return match self.auth.precheck_signed(&s, now_unix()) {
+                        Ok(()) => Caller::Signed,
+                        Err(_) => Caller::Other,
+                    };
+                }
+                None => self.auth.vendor_by_key(header(req, API_KEY_HEADER)).is_ok(),
+            }
         };
-        let source = rejected::source_of(peer.ip());
-        let checked = limiter.check_key(&source);
-        if limiter.len() > 100_000 {
-            limiter.retain_recent();
+        if ok {
+            Caller::Credentialed
+        } else {
+            Caller::Other
         }
-        if let Err(not_until) = checked {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            tracing::debug!(%source, "unauthenticated requests over the per-source limit");
-            return Err(ApiError::TooManyRequests {
-                retry_after_secs: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1),
-            });
-        }
-        Ok(())
     }
 
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
@@ -307,11 +309,16 @@ impl ApiState {
         self.admit(req, p)
     }
 
-    /// Remembers who the vendor is and applies its rate limit.
+    /// Remembers who the vendor is and applies its rate limit. A signed
+    /// request, verified now, moves to the vendors' in-flight pool.
     fn admit(&self, req: &HttpRequest, p: Principal) -> Result<Principal, ApiError> {
         let Some(vendor) = p.vendor() else {
             return Ok(p);
         };
+        let in_flight = req.extensions().get::<limits::InFlight>().cloned();
+        if let Some(in_flight) = in_flight {
+            in_flight.promote(&self.in_flight)?;
+        }
         req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
         if let Some(limiter) = &self.limiter
             && let Err(not_until) = limiter.check_key(&vendor.to_owned())

@@ -4,7 +4,7 @@
 use super::transactions::{
     ReplayAccepted, ReplayBody, VendorParam, ledger_error, parse_limit, replay_route,
 };
-use super::{ApiError, ApiState, error::ErrorBody, health};
+use super::{ApiError, ApiState, error::ErrorBody};
 use crate::ledger::ListQuery;
 use crate::metrics as prom;
 use crate::transaction::{State, TransactionId};
@@ -114,7 +114,7 @@ pub async fn status(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.metrics_reader(&req)?;
-    let deps = health::check_dependencies(&state.dependencies).await;
+    let deps = state.dependencies.checked().await;
     let healthy = deps.values().all(|v| v == "connected");
     let body = StatusReport {
         status: if healthy { "healthy" } else { "degraded" }.into(),

@@ -51,12 +51,8 @@ pub(crate) async fn resolve(
     };
     let ledger = &**state.ledger();
     if let Some(v) = vendor {
-        let key = TransactionId::parse_key(&format!("{v}/{id}")).map_err(|_| {
-            ApiError::bad(
-                "invalid_vendor",
-                "vendor may contain only A-Z a-z 0-9 - _ . (at most 64)",
-            )
-        })?;
+        let key = TransactionId::scoped(Some(v), &id)
+            .map_err(|e| ApiError::bad("invalid_vendor", e.to_string()))?;
         return crate::ledger::find(ledger, &key)
             .await
             .map_err(ledger_error);
@@ -67,7 +63,8 @@ pub(crate) async fn resolve(
             .auth
             .vendor_names()
             .into_iter()
-            .map(|v| format!("{v}/{id}")),
+            .filter_map(|v| TransactionId::scoped(Some(&v), &id).ok())
+            .map(|k| k.to_string()),
     );
     for key in candidates {
         if let Some(r) = ledger.get(&key).await.map_err(ledger_error)? {

@@ -124,7 +124,7 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
     (
         "RTPD_WAL_RETENTION_DAYS",
         Reads::BACKENDS,
-        "days of WAL kept; operator time ranges (replay, wal ls) may not reach further back",
+        "days of WAL kept; operator time ranges (replay, wal, reconcile) may not reach further back",
     ),
     ("RTPD_QUEUE", Reads::BACKENDS, "local or servicebus"),
     (
@@ -217,7 +217,7 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
     (
         "RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED",
         Reads::SERVER,
-        "requests without a valid credential handled at once, a pool of their own (503)",
+        "requests without a valid credential (signed ones until verified) handled at once, a pool of their own (503)",
     ),
     (
         "RTPD_UNAUTHENTICATED_RATE_PER_SEC",

@@ -30,6 +30,7 @@ pub struct Opts {
 /// Exit 3 from `--dry-run` when the pass found something to do.
 pub async fn run(opts: Opts) -> anyhow::Result<Ending> {
     let settings = Settings::load()?;
+    time_arg::check_retention(opts.from, opts.to, settings.wal_retention_days)?;
     let svc = Services::build(&settings).await?;
     let pending_after = Settings::secs(
         opts.pending_after_secs

@@ -7,7 +7,7 @@ use crate::config::Settings;
 use crate::envelope::transaction_id_of;
 use crate::replay::{ReplayRequest, Replayed, Replayer, Scope};
 use crate::services::Services;
-use crate::transaction::State;
+use crate::transaction::{State, TransactionId};
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::{collections::HashSet, time::Duration};
@@ -84,7 +84,18 @@ impl Opts {
             Scope::DeadLetterQueue
         } else {
             Scope::Ids(match &self.vendor {
-                Some(v) => self.ids.iter().map(|id| format!("{v}/{id}")).collect(),
+                // With --vendor each id is that vendor's own: scoped, never
+                // taken as a key (`other/X` is refused, not replayed as other's).
+                Some(v) => self
+                    .ids
+                    .iter()
+                    .map(|id| {
+                        TransactionId::parse(id)
+                            .and_then(|id| TransactionId::scoped(Some(v), &id))
+                            .map(|k| k.to_string())
+                            .map_err(|e| anyhow::anyhow!("{id} with --vendor {v}: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
                 None => self.ids.clone(),
             })
         })
@@ -166,7 +177,7 @@ pub async fn replay_scope(
     let pace = (opts.rate > 0).then(|| Duration::from_secs_f64(1.0 / opts.rate as f64));
     for id in &ids {
         if opts.dry_run {
-            let found = match crate::transaction::TransactionId::parse_key(id) {
+            let found = match TransactionId::parse_key(id) {
                 Ok(key) => crate::ledger::find(&*svc.ledger, &key).await?,
                 Err(_) => None,
             };

@@ -24,25 +24,44 @@ pub fn parse(s: &str) -> Result<DateTime<Utc>, String> {
         .ok_or_else(|| format!("{s:?} is too far back"))
 }
 
-/// Refuses a time range that starts before the WAL's retention: nothing is
-/// kept there, and walking its hourly partitions one list call each would
-/// take hours.
+/// How far past now `--to` may reach: a replica whose clock runs a little
+/// ahead may have written records stamped after this machine's now; nothing
+/// is written later than that.
+const LATEST_AHEAD_HOURS: i64 = 1;
+
+/// Refuses a time range that starts before the WAL's retention or ends
+/// more than [`LATEST_AHEAD_HOURS`] after now: nothing is kept before, nothing
+/// written after, and walking their hourly partitions one list call each
+/// would take hours.
 pub fn check_retention(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     retention_days: u32,
 ) -> anyhow::Result<()> {
-    let oldest = Utc::now() - Duration::days(i64::from(retention_days));
+    let now = Utc::now();
+    // A minute's slack: the default `--from 24h` was taken when the
+    // arguments were parsed, and must pass a retention of one day.
+    let oldest = now - Duration::days(i64::from(retention_days)) - Duration::seconds(60);
+    let secs = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     if from < oldest {
         anyhow::bail!(
             "--from {} is before the WAL's retention ({retention_days} days, RTPD_WAL_RETENTION_DAYS): \
              the oldest start allowed is {}",
-            from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            oldest.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            secs(from),
+            secs(oldest)
+        );
+    }
+    let latest = now + Duration::hours(LATEST_AHEAD_HOURS);
+    if to > latest {
+        anyhow::bail!(
+            "--to {} is in the future: the latest end allowed is {} (now + {LATEST_AHEAD_HOURS} h; \
+             nothing in the WAL is later)",
+            secs(to),
+            secs(latest)
         );
     }
     if to < from {
-        anyhow::bail!("--to is before --from");
+        anyhow::bail!("--to {} is before --from {}", secs(to), secs(from));
     }
     Ok(())
 }
@@ -71,5 +90,16 @@ mod tests {
         assert!(e.contains("RTPD_WAL_RETENTION_DAYS"), "{e}");
         assert!(check_retention(parse("29d").unwrap(), Utc::now(), 30).is_ok());
         assert!(check_retention(Utc::now(), parse("1h").unwrap(), 30).is_err());
+        let future = parse("2999-01-01T00:00:00Z").unwrap();
+        let e = check_retention(parse("1h").unwrap(), future, 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--to 2999-01-01T00:00:00Z is in the future"),
+            "{e}"
+        );
+        assert!(
+            check_retention(parse("1h").unwrap(), Utc::now() + Duration::minutes(30), 30).is_ok()
+        );
     }
 }

@@ -101,7 +101,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                         // (`<vendor>/<id>`).
                         let key = v
                             .and_then(|v| serde_json::from_value::<WalRecord>(v).ok())
-                            .map(|w| w.key().to_string());
+                            .and_then(|w| w.key().ok())
+                            .map(|k| k.to_string());
                         if id.as_deref() == Some(target.as_str())
                             || key.as_deref() == Some(target.as_str())
                         {

@@ -35,7 +35,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::metrics;
 pub use crate::transaction::WalRef;
-use crate::transaction::{InvalidWalRef, Registration, Sha256, TransactionId};
+use crate::transaction::{InvalidId, InvalidWalRef, Registration, Sha256, TransactionId};
 
 /// Key prefix of transaction records.
 pub const WAL_PREFIX: &str = "wal/v1";
@@ -107,17 +107,19 @@ pub struct WalRecord {
 }
 
 impl WalRecord {
-    /// The transaction's key: the id scoped by the vendor that sent it.
-    pub fn key(&self) -> TransactionId {
+    /// The transaction's key: the id scoped by the vendor that sent it. A
+    /// record whose id is already a key (holds a `/`) has none: it is read
+    /// as unreadable, never as another vendor's transaction.
+    pub fn key(&self) -> Result<TransactionId, InvalidId> {
         TransactionId::scoped(self.source.vendor.as_deref(), &self.transaction_id)
     }
 
-    /// The ledger registration this record (at `wal_ref`) stands for, under
-    /// its key. (A caller that found an older, unscoped ledger entry for it
-    /// keeps that entry's key.)
-    pub fn registration(&self, wal_ref: &WalRef) -> Registration {
+    /// The ledger registration this record (at `wal_ref`) stands for,
+    /// under `key`: its [`WalRecord::key`], or the key the ledger holds it
+    /// by (an entry written before keys were scoped keeps its bare key).
+    pub fn registration_as(&self, key: TransactionId, wal_ref: &WalRef) -> Registration {
         Registration {
-            transaction_id: self.key(),
+            transaction_id: key,
             sha256: self.sha256.clone(),
             wal_ref: wal_ref.clone(),
             vendor: self.source.vendor.clone(),
@@ -474,6 +476,21 @@ mod tests {
             truncate_to_hour(t).to_rfc3339(),
             "2026-11-22T05:00:00+00:00"
         );
+    }
+
+    /// Issue 20, D5: a WAL record from one vendor whose id reads as another
+    /// vendor's key does not yield that vendor's key.
+    #[test]
+    fn a_record_cannot_claim_another_vendors_key() {
+        let line = r#"{"v":1,"transaction_id":"globex/X","received_at":"2026-01-01T00:00:00Z",
+            "source":{"vendor":"acme","remote_addr":null},"sha256":"00","payload":"{}"}"#;
+        let r: WalRecord = serde_json::from_str(line).unwrap();
+        assert_eq!(r.key(), Err(InvalidId::AlreadyScoped));
+        let own = WalRecord {
+            transaction_id: TransactionId::parse("X").unwrap(),
+            ..r
+        };
+        assert_eq!(own.key().unwrap(), "acme/X");
     }
 
     #[test]

@@ -461,3 +461,91 @@ fn replay_usage_errors_exit_2() {
         assert!(!err.trim().is_empty(), "{args:?} says why");
     }
 }
+
+/// Runs `rtpd` against the app's data with `env`; a command still running
+/// after 20 s (walking hourly partitions without end) is killed and
+/// reported as such.
+fn rtpd_bounded(
+    app: &crate::support::TestApp,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut child = rtpd()
+        .args(args)
+        .env("RTPD_DATA_DIR", app.data_dir())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("rtpd {args:?} still running after 20 s: its range is unbounded");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Issue 20, D3: `--to` is bounded like `--from` on `wal ls`, `wal cat` and
+/// `replay`, and `reconcile` checks its window against the WAL's retention
+/// too: exit 1 with one line saying which bound, at once.
+#[tokio::test]
+async fn operator_ranges_are_bounded_at_both_ends_on_every_command() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "TO-1"}))
+            .await
+            .status(),
+        202
+    );
+    let retention = [("RTPD_WAL_RETENTION_DAYS", "30")];
+    let far = "2999-01-01T00:00:00Z";
+    for (args, says) in [
+        (&["wal", "ls", "--to", far][..], "--to"),
+        (&["wal", "ls", "--journal", "--to", far], "--to"),
+        (&["wal", "cat", "NOPE", "--to", far], "--to"),
+        (
+            &["replay", "--from", "1h", "--to", far, "--dry-run"],
+            "--to",
+        ),
+        (&["reconcile", "--dry-run", "--to", far], "--to"),
+        (&["reconcile", "--to", far], "--to"),
+        (
+            &["reconcile", "--dry-run", "--from", "99999999h"],
+            "RTPD_WAL_RETENTION_DAYS",
+        ),
+        (
+            &["reconcile", "--dry-run", "--from", "31d"],
+            "RTPD_WAL_RETENTION_DAYS",
+        ),
+        (
+            &["reconcile", "--dry-run", "--from", "1h", "--to", "2h"],
+            "--to",
+        ),
+    ] {
+        let out = rtpd_bounded(&app, args, &retention);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // Inside the bounds, each still runs.
+    for args in [
+        &["wal", "ls", "--from", "29d", "--to", "now"][..],
+        &["wal", "cat", "TO-1", "--to", "now"],
+        &["replay", "--from", "1h", "--to", "now", "--dry-run"],
+        &["reconcile", "--dry-run", "--from", "29d", "--to", "now"],
+    ] {
+        let out = rtpd_bounded(&app, args, &retention);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -5,11 +5,11 @@
 //! credentials, bounded operator ranges and WAL reads.
 
 use crate::support::process::{
-    Proc, mock_calls, release_rtpd, rtpd, spawn_dev_with, start_mock, wait_http_ok,
+    OwnRedis, Proc, mock_calls, release_rtpd, rtpd, spawn_dev_with, start_mock, wait_http_ok,
 };
 use crate::support::{
-    ADMIN_TOKEN, API_KEY, AppOptions, HMAC_VENDOR, free_port, json, now_unix, spawn_app,
-    spawn_app_with,
+    ADMIN_TOKEN, API_KEY, AppOptions, HMAC_SECRET, HMAC_VENDOR, free_port, json, key, now_unix,
+    spawn_app, spawn_app_with,
 };
 use serde_json::{Value, json};
 use std::io::Write;
@@ -40,9 +40,26 @@ fn slow_request(
     address: &str,
     head: String,
 ) -> tokio::task::JoinHandle<Option<(String, Duration)>> {
+    slow_request_from(address, None, head)
+}
+
+/// [`slow_request`] from a chosen local address (say `127.0.0.2`, another
+/// source address than the vendors' `127.0.0.1`).
+fn slow_request_from(
+    address: &str,
+    from: Option<std::net::IpAddr>,
+    head: String,
+) -> tokio::task::JoinHandle<Option<(String, Duration)>> {
     let address = address.trim_start_matches("http://").to_owned();
     tokio::spawn(async move {
-        let stream = TcpStream::connect(address).await.ok()?;
+        let stream = match from {
+            None => TcpStream::connect(address).await.ok()?,
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                socket.bind((ip, 0).into()).ok()?;
+                socket.connect(address.parse().ok()?).await.ok()?
+            }
+        };
         let (mut rd, mut wr) = stream.into_split();
         let started = Instant::now();
         let writer = tokio::spawn(async move {
@@ -201,6 +218,153 @@ async fn slow_anonymous_replays_against_the_release_binary_leave_vendor_posts_20
     }
 }
 
+/// Standard Webhooks secret of the test's webhook-signing vendor.
+const HOOLI_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Issue 20, D1, against the release binary: forged but well-formed
+/// signature headers (both `X-Rtpd-*` and `webhook-*`) with trickled bodies.
+/// They wait in the unauthenticated pool, not the vendors' one, and at most
+/// `RTPD_UNAUTHENTICATED_RATE_BURST` at once from one address; API-key,
+/// HMAC and Standard Webhooks vendors still get 202, the signing ones well
+/// past that burst from their own single address.
+#[tokio::test]
+async fn forged_signature_headers_wait_in_the_unverified_pool_and_vendor_posts_get_202() {
+    use rtp_durability::auth::{hash_secret, sign, sign_webhook};
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let keys = dir.path().join("vendor-keys");
+    std::fs::write(
+        &keys,
+        format!(
+            "acme:sha256:{}\n{HMAC_VENDOR}:hmac:{HMAC_SECRET}\nhooli:whsec:{HOOLI_SECRET}\n",
+            hash_secret(API_KEY)
+        ),
+    )
+    .unwrap();
+    let _serve = Proc(
+        release_rtpd()
+            .arg("serve")
+            .env("RTPD_DATA_DIR", dir.path())
+            .env("RTPD_VENDOR_KEYS_FILE", &keys)
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
+            .env(
+                "RTPD_DOWNSTREAM_URL",
+                format!("http://127.0.0.1:{mock_port}/process"),
+            )
+            .env("RTPD_MAX_IN_FLIGHT", "8")
+            .env("RTPD_REQUEST_TIMEOUT_SECS", "60")
+            .env("RTPD_UNAUTHENTICATED_RATE_BURST", "10")
+            .env("RTPD_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+
+    // 12 forged requests from 127.0.0.2, half in each form: more than the
+    // 8 vendor slots, 2 more than the per-address limit of 10.
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let ts = now_unix();
+    let forged: Vec<_> = (0..12)
+        .map(|i| {
+            let signature = if i % 2 == 0 {
+                format!(
+                    "X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
+                     X-Rtpd-Signature: v1={}\r\n",
+                    "ab".repeat(32)
+                )
+            } else {
+                format!(
+                    "webhook-id: msg_forged_{i}\r\nwebhook-timestamp: {ts}\r\n\
+                     webhook-signature: v1,{}\r\n",
+                    "A".repeat(43) + "="
+                )
+            };
+            slow_request_from(
+                &base,
+                Some(attacker),
+                format!(
+                    "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                     {signature}Content-Length: 100\r\n\r\n{{"
+                ),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let client = reqwest::Client::new();
+    let post = |headers: Vec<(String, String)>, body: String| {
+        let mut r = client
+            .post(format!("{base}/v1/transactions"))
+            .header("Content-Type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        r.send()
+    };
+    for i in 0..5 {
+        let body = format!(r#"{{"transaction_id":"KEY-{i}"}}"#);
+        let r = post(vec![("X-Api-Key".into(), API_KEY.into())], body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "API-key vendor POST {i}");
+    }
+    // More signed POSTs from one address than the per-address limit allows
+    // unauthenticated callers: a verified signature is not limited by it.
+    for i in 0..15 {
+        let body = format!(r#"{{"transaction_id":"HMAC-{i}"}}"#);
+        let ts = now_unix();
+        let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
+        let r = post(
+            vec![
+                ("X-Rtpd-Vendor".into(), HMAC_VENDOR.into()),
+                ("X-Rtpd-Timestamp".into(), ts.to_string()),
+                ("X-Rtpd-Signature".into(), sig),
+            ],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 202, "HMAC vendor POST {i}");
+    }
+    for i in 0..15 {
+        let body = format!(r#"{{"transaction_id":"HOOK-{i}"}}"#);
+        let ts = now_unix();
+        let id = format!("msg_{i}");
+        let sig = sign_webhook(HOOLI_SECRET, &id, ts, body.as_bytes()).unwrap();
+        let r = post(
+            vec![
+                ("webhook-id".into(), id),
+                ("webhook-timestamp".into(), ts.to_string()),
+                ("webhook-signature".into(), sig),
+            ],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 202, "Standard Webhooks vendor POST {i}");
+    }
+    // The forged requests: 10 still waiting for their bodies, 2 refused at
+    // once by the per-address limit.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut refused = 0;
+    for task in forged {
+        if task.is_finished() {
+            let (answer, took) = task.await.unwrap().expect("closed without an answer");
+            assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+            assert!(took < Duration::from_secs(2), "{took:?}: {answer}");
+            refused += 1;
+        } else {
+            task.abort();
+        }
+    }
+    assert_eq!(refused, 2, "forged requests over the per-address limit");
+}
+
 #[tokio::test]
 async fn replay_bodies_are_read_only_after_authentication_and_refused_as_json() {
     let app = spawn_app_with(AppOptions {
@@ -301,6 +465,65 @@ async fn probes_answer_while_the_vendor_pool_is_full() {
     let r = app.admin_get("/metrics").await;
     assert_eq!(r.status(), 200);
     holder.abort();
+}
+
+/// Issue 20, D2: a flood of `/readyz` while a dependency hangs (Redis
+/// stopped: each check waits out its timeout) neither fills the probe pool
+/// so that `/healthz` answers 503, nor multiplies the dependency checks.
+#[tokio::test]
+async fn a_readyz_flood_leaves_healthz_200_and_checks_dependencies_once() {
+    let redis = OwnRedis::start();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    let get = |path: &'static str| {
+        app.client
+            .get(format!("{}{path}", app.address))
+            .timeout(Duration::from_secs(20))
+            .send()
+    };
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let pings = || {
+        let mut c = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut c)
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0u64, |n| n.parse().unwrap())
+    };
+    let before = pings();
+    // Past the cache's second: the flood finds the result stale.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    redis.signal("STOP");
+    let flood: Vec<_> = (0..40)
+        .map(|_| {
+            let r = get("/readyz");
+            tokio::spawn(async move { r.await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let r = get("/healthz").await.unwrap();
+        assert_eq!(r.status(), 200, "/healthz {i} during the /readyz flood");
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for f in flood {
+        *statuses.entry(f.await.unwrap().unwrap()).or_default() += 1;
+    }
+    redis.signal("CONT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let checks = pings() - before;
+    eprintln!("40 concurrent /readyz: {statuses:?}, {checks} Redis PINGs");
+    assert_eq!(statuses.get(&200), Some(&40), "{statuses:?}");
+    assert!(checks <= 2, "{checks} ledger checks for 40 /readyz");
 }
 
 #[tokio::test]
@@ -916,8 +1139,7 @@ async fn entries_written_before_vendor_scoping_stay_their_vendors() {
         trace_parent: None,
     };
     let wal_ref = app.services.wal.append_json(&record, at).await.unwrap();
-    let mut reg = record.registration(&wal_ref);
-    reg.transaction_id = TransactionId::parse("OLD-1").unwrap();
+    let reg = record.registration_as(TransactionId::parse("OLD-1").unwrap(), &wal_ref);
     app.services.ledger.register(reg).await.unwrap();
 
     // Its vendor finds it: a repeat is a duplicate, not a new transaction.
@@ -981,4 +1203,41 @@ fn queue_message_ids_stay_within_128_characters() {
     };
     let m = Envelope::new(short, bytes::Bytes::from_static(b"{}"), Delivery::Initial).to_message();
     assert_eq!(m.message_id, "acme/T-1");
+}
+
+/// Issue 20, D4: a transaction id that reads like another's derived copy
+/// (`X:retry:2` is what X's second attempt used to be sent as) is its own
+/// transaction: both are processed, once each, and neither's message is
+/// dropped by the queue's duplicate detection as a copy of the other.
+#[tokio::test]
+async fn an_id_shaped_like_another_ids_retry_copy_is_not_deduped_away() {
+    let app = spawn_app().await;
+    // X fails once: its retry copy (attempt 2) goes to the queue.
+    let x = json!({"transaction_id": "X", "_mock": {"script": ["503", "ok"]}});
+    assert_eq!(app.post_json(&x).await.status(), 202);
+    app.drain_until_terminal(&["X"]).await;
+    assert_eq!(
+        app.state_of("X").await,
+        rtp_durability::transaction::State::Success
+    );
+    // Then a vendor's transaction whose id is that copy's old message id.
+    let r = app.post_json(&json!({"transaction_id": "X:retry:2"})).await;
+    assert_eq!(r.status(), 202);
+    for _ in 0..4 {
+        if app.state_of("X:retry:2").await.is_terminal() {
+            break;
+        }
+        app.processor
+            .try_process_next(Duration::from_millis(500))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        app.state_of("X:retry:2").await,
+        rtp_durability::transaction::State::Success,
+        "X:retry:2 was never delivered: its message was dropped as a duplicate of X's retry copy"
+    );
+    let calls = app.mock_calls().await;
+    assert_eq!(calls["by_key"][key("X")]["calls"], 2, "{calls}");
+    assert_eq!(calls["by_key"][key("X:retry:2")]["calls"], 1, "{calls}");
 }

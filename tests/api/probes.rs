@@ -40,6 +40,14 @@ async fn wait_status(app: &TestApp, path: &str, want: u16, within: Duration) -> 
     }
 }
 
+/// Waits until the last dependency check is too old to answer `/readyz`
+/// and `/status` (they reuse one for `CHECK_REUSED_FOR`), so the next
+/// request checks again and sees an outage that began since.
+async fn outlive_the_last_check() {
+    tokio::time::sleep(rtp_durability::api::health::CHECK_REUSED_FOR + Duration::from_millis(100))
+        .await;
+}
+
 #[tokio::test]
 async fn metrics_and_status_need_the_admin_token_unless_public_metrics() {
     let app = spawn_app().await;
@@ -183,7 +191,9 @@ async fn a_service_bus_outage_keeps_the_replica_ready_and_ingest_answers_202() {
     assert_eq!(receipt["enqueued"], false, "{receipt}");
     assert!(receipt["wal"]["ref"].is_string(), "{receipt}");
 
-    // Still ready (in the load balancer), and saying what is missing.
+    // Still ready (in the load balancer), and saying what is missing — once
+    // the last dependency check (reused for a second) is past.
+    outlive_the_last_check().await;
     let r = get(&app, "/readyz", None).await;
     assert_eq!(r.status(), 200);
     let ready = json(r).await;
@@ -248,6 +258,7 @@ async fn a_replica_turns_ready_once_it_reaches_its_wal_and_ledger_and_stays_in_t
         .await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
+    outlive_the_last_check().await;
     let r = get(&app, "/readyz", None).await;
     assert_eq!(r.status(), 200);
     let ready = json(r).await;

@@ -278,6 +278,18 @@ impl OwnRedis {
         panic!("own redis-server on port {} did not come up", self.port);
     }
 
+    /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the server: stopped, it
+    /// keeps its connections and answers nothing.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("not running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
