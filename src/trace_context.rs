@@ -57,7 +57,7 @@ pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
 /// trace id nor its sampled flag carries over.
 pub fn link_untrusted(span: &tracing::Span, traceparent: Option<&str>) {
     if let Some(sc) = traceparent.and_then(span_context) {
-        span.record("vendor.trace_id", sc.trace_id().to_string());
+        span.record("vendor.trace_id", sc.trace_id().to_string().as_str());
         span.add_link(sc);
     }
 }

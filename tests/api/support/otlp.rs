@@ -246,16 +246,6 @@ impl OtlpReceiver {
         self.received.lock().unwrap().metric_resources.clone()
     }
 
-    /// Metric names received (sums, gauges and histograms).
-    pub fn metric_names(&self) -> std::collections::BTreeSet<String> {
-        let r = self.received.lock().unwrap();
-        r.points
-            .iter()
-            .map(|p| p.metric.clone())
-            .chain(r.histograms.iter().cloned())
-            .collect()
-    }
-
     /// Waits until `until` holds for what was received; fails the test after `within`.
     pub async fn wait_for(
         &self,
