@@ -281,6 +281,9 @@ struct Otel {
     http_protocol_errors: OtelCounter<u64>,
 }
 
+/// What waits on recovery (count, oldest wait in seconds), for the OTLP gauges.
+static RECOVERY: Mutex<(i64, f64)> = Mutex::new((0, 0.0));
+
 static OTEL: OnceLock<Otel> = OnceLock::new();
 
 /// What the ledger said when last asked, for the gauges of both exports.
@@ -399,14 +402,15 @@ impl Otel {
                 counts.map(|_| age_secs(oldest))
             },
         );
-        // The recovery gauges are set as things happen; read where /metrics reads them.
+        // The recovery gauges are set as things happen (`recovery_waiting`).
         i.gauge_i64("rtpd_recovery_waiting", RECOVERY_WAITING_HELP, |observe| {
-            observe(get().recovery_waiting.get(), &[])
+            let (n, _) = *RECOVERY.lock().unwrap_or_else(|e| e.into_inner());
+            observe(n, &[])
         });
         i.gauge_seconds(
             "rtpd_recovery_oldest_wait_seconds",
             RECOVERY_OLDEST_WAIT_HELP,
-            || Some(get().recovery_oldest_wait.get()),
+            || Some(RECOVERY.lock().unwrap_or_else(|e| e.into_inner()).1),
         );
         let o = Otel {
             ingest_requests: i.counter(
@@ -607,6 +611,7 @@ pub fn recovery_waiting(n: usize, oldest: Duration) {
     let m = get();
     m.recovery_waiting.set(n as i64);
     m.recovery_oldest_wait.set(oldest.as_secs_f64());
+    *RECOVERY.lock().unwrap_or_else(|e| e.into_inner()) = (n as i64, oldest.as_secs_f64());
 }
 
 pub fn resend(result: &'static str) {
