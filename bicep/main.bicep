@@ -215,7 +215,7 @@ param alertActionGroupId string = ''
 @minValue(60)
 param oldestPendingAlertSecs int = 900
 
-@description('Alert when more than this percentage of api requests in 5 minutes are 5xx.')
+@description('Alert when more than this percentage of transaction POSTs in 5 minutes are answered 5xx (rtpd_ingest_requests).')
 @minValue(1)
 @maxValue(100)
 param http5xxAlertPercent int = 5

@@ -7,6 +7,9 @@
 #                                                  with round trips per transaction for Redis and PostgreSQL
 #   scripts/bench.sh otel [COUNT] [CONCURRENCY]    rtpd api: OTLP export off vs collector down vs a collector
 #                                                  that accepts everything; ack rate, peak RSS, CPU per transaction
+#   scripts/bench.sh otel-one off|down|up [COUNT] [CONCURRENCY]
+#                                                  one such run, for an outside timer that alternates modes
+#                                                  (prints one line: mode, ack/s, CPU µs per transaction, peak RSS)
 #   scripts/bench.sh stack [COUNT] [CONCURRENCY]   the production-shaped stack: Azurite WAL, Redis ledger, the
 #                                                  in-repo Service Bus broker, mock downstream at 0 ms; `rtpd api` +
 #                                                  `rtpd processor` split, and `rtpd serve` in one process; acks/s,
@@ -169,6 +172,44 @@ ops = ('get', 'register', 'claim', 'settle')
 hot, other = sum(calls.get(k, 0) for k in ops), calls.get('other', 0)
 print(f'PostgreSQL round trips per transaction: {hot / $count:.2f} on the hot path (' + ', '.join(f'{k} {calls.get(k, 0) / $count:.2f}' for k in ops) + f'); other statements (reconciler, /metrics polls, retention): {other / $count:.2f}')"
     ;;
+otel-one)
+    # Arguments shift: MODE COUNT CONCURRENCY.
+    mode=${2:?otel-one needs off, down or up}
+    count=${3:-20000}
+    conc=${4:-64}
+    start_mock 0
+    sink_port=$(free_port)
+    if [[ $mode == up ]]; then
+        python3 -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200); self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$sink_port" &
+        pids+=($!)
+    fi
+    case $mode in
+    off) otel=() ;;
+    down | up) otel=(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$sink_port" OTEL_METRIC_EXPORT_INTERVAL=5000) ;;
+    *) echo "bench: otel-one off|down|up" >&2; exit 2 ;;
+    esac
+    serve_cmd=api
+    tick=$(getconf CLK_TCK)
+    start_serve "otel-$mode" "${otel[@]}"
+    produce "W$mode" 2000 >/dev/null
+    sleep 2
+    t0=$(awk '{print $14 + $15}' "/proc/$serve_pid/stat")
+    s0=$(date +%s.%N)
+    produce "O$mode" >/dev/null
+    s1=$(date +%s.%N)
+    cpu=$(( ($(awk '{print $14 + $15}' "/proc/$serve_pid/stat") - t0) * 1000000 / tick / count ))
+    python3 -c "print(f'$mode ack/s {$count / ($s1 - $s0):.0f} cpu_us_per_tx $cpu', end=' ')"
+    echo "peak_rss $(awk '/VmHWM/ {print $2 $3}' "/proc/$serve_pid/status")"
+    kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
+    ;;
 otel)
     start_mock 0
     # A collector that takes everything (200 to any POST), for "exporter on".
@@ -316,7 +357,7 @@ PY
     printf '%s\n' "${results[@]}"
     ;;
 *)
-    echo "usage: scripts/bench.sh dev|azure|ledger|otel|stack [COUNT] [CONCURRENCY]" >&2
+    echo "usage: scripts/bench.sh dev|azure|ledger|otel|stack [COUNT] [CONCURRENCY] | otel-one off|down|up [COUNT] [CONCURRENCY]" >&2
     exit 2
     ;;
 esac

@@ -70,6 +70,16 @@ const BATCH_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
 ];
 
+// Help texts shared by both exports.
+const RECOVERY_WAITING_HELP: &str = "Transactions held back by a dependency outage (kept locked for the ledger or journal, or waiting to be resent)";
+const RECOVERY_OLDEST_WAIT_HELP: &str =
+    "How long the oldest transaction held back by a dependency outage has waited";
+const RESEND_HELP: &str = "In-process resend queue: failed sends queued, sent, failed again, dropped (full), refused (a permanent queue error; left to the reconciler)";
+const DEPENDENCY_RETURNED_HELP: &str =
+    "A dependency answered again after an outage (each triggers a recovery pass)";
+const REJECTED_UNRECORDED_HELP: &str = "Refused calls left out of rejected/v1 by sampling (counted in the next record of the same source and reason)";
+const HTTP_PROTOCOL_ERRORS_HELP: &str = "Connections closed by the HTTP/1 parser for a malformed request or body (answered by actix before any route)";
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     LATENCY_BUCKETS.into_iter()
 }
@@ -196,37 +206,33 @@ fn get() -> &'static Metrics {
         let recovery_waiting = Gauge::default();
         registry.register(
             "recovery_waiting",
-            "Transactions held back by a dependency outage (kept locked for the ledger or journal, or waiting to be resent)",
+            RECOVERY_WAITING_HELP,
             recovery_waiting.clone(),
         );
         let recovery_oldest_wait = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "recovery_oldest_wait_seconds",
-            "How long the oldest transaction held back by a dependency outage has waited",
+            RECOVERY_OLDEST_WAIT_HELP,
             recovery_oldest_wait.clone(),
         );
         let resend = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "resend",
-            "In-process resend queue: failed sends queued, sent, failed again, dropped (full), refused (a permanent queue error; left to the reconciler)",
-            resend.clone(),
-        );
+        registry.register("resend", RESEND_HELP, resend.clone());
         let dependency_returned = Family::<DependencyLabel, Counter>::default();
         registry.register(
             "dependency_returned",
-            "A dependency answered again after an outage (each triggers a recovery pass)",
+            DEPENDENCY_RETURNED_HELP,
             dependency_returned.clone(),
         );
         let rejected_unrecorded = Counter::default();
         registry.register(
             "rejected_calls_unrecorded",
-            "Refused calls left out of rejected/v1 by sampling (counted in the next record of the same source and reason)",
+            REJECTED_UNRECORDED_HELP,
             rejected_unrecorded.clone(),
         );
         let http_protocol_errors = Counter::default();
         registry.register(
             "http_protocol_errors",
-            "Connections closed by the HTTP/1 parser for a malformed request or body (answered by actix before any route)",
+            HTTP_PROTOCOL_ERRORS_HELP,
             http_protocol_errors.clone(),
         );
         Metrics {
@@ -271,6 +277,8 @@ struct Otel {
     api_rejected: OtelCounter<u64>,
     resend: OtelCounter<u64>,
     dependency_returned: OtelCounter<u64>,
+    rejected_unrecorded: OtelCounter<u64>,
+    http_protocol_errors: OtelCounter<u64>,
 }
 
 /// What waits on recovery (count, oldest wait in seconds), for the OTLP gauges.
@@ -301,129 +309,180 @@ fn age_secs(oldest: Option<DateTime<Utc>>) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn counter(m: &Meter, name: &'static str, help: &'static str) -> OtelCounter<u64> {
-    m.u64_counter(name).with_description(help).build()
+/// Builds the OTel instruments and keeps their names, so a test can hold
+/// them against the Prometheus registry's.
+struct Instruments {
+    m: Meter,
+    names: Vec<&'static str>,
 }
 
-fn seconds(m: &Meter, name: &'static str, help: &'static str) -> OtelHistogram<f64> {
-    m.f64_histogram(name)
-        .with_description(help)
-        .with_unit("s")
-        .with_boundaries(LATENCY_BUCKETS.to_vec())
-        .build()
+impl Instruments {
+    fn counter(&mut self, name: &'static str, help: &'static str) -> OtelCounter<u64> {
+        self.names.push(name);
+        self.m.u64_counter(name).with_description(help).build()
+    }
+
+    fn seconds(&mut self, name: &'static str, help: &'static str) -> OtelHistogram<f64> {
+        self.names.push(name);
+        self.m
+            .f64_histogram(name)
+            .with_description(help)
+            .with_unit("s")
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build()
+    }
+
+    fn records(&mut self, name: &'static str, help: &'static str) -> OtelHistogram<u64> {
+        self.names.push(name);
+        self.m
+            .u64_histogram(name)
+            .with_description(help)
+            .with_boundaries(BATCH_BUCKETS.to_vec())
+            .build()
+    }
+
+    /// An observable gauge whose callback observes `read()`'s values.
+    fn gauge_i64(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn(&dyn Fn(i64, &[KeyValue])) + Send + Sync + 'static,
+    ) {
+        self.names.push(name);
+        self.m
+            .i64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |o| read(&|v, attrs| o.observe(v, attrs)))
+            .build();
+    }
+
+    fn gauge_seconds(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> Option<f64> + Send + Sync + 'static,
+    ) {
+        self.names.push(name);
+        self.m
+            .f64_observable_gauge(name)
+            .with_description(help)
+            .with_unit("s")
+            .with_callback(move |o| {
+                if let Some(v) = read() {
+                    o.observe(v, &[]);
+                }
+            })
+            .build();
+    }
+}
+
+impl Otel {
+    fn build(m: Meter) -> (Otel, Vec<&'static str>) {
+        let mut i = Instruments {
+            m,
+            names: Vec::new(),
+        };
+        // Observable gauges: read at each export from the last ledger snapshot.
+        i.gauge_i64(
+            "rtpd_ledger_transactions",
+            "Transactions in the ledger by state",
+            |observe| {
+                if let (Some(c), _) = snapshot() {
+                    for (state, n) in c.by_state() {
+                        observe(n as i64, &[KeyValue::new("state", state.as_str())]);
+                    }
+                }
+            },
+        );
+        i.gauge_seconds(
+            "rtpd_oldest_pending_age_seconds",
+            "Age of the oldest transaction waiting in pending (0 when none)",
+            || {
+                let (counts, oldest) = snapshot();
+                counts.map(|_| age_secs(oldest))
+            },
+        );
+        // The recovery gauges are set as things happen (`recovery_waiting`).
+        i.gauge_i64("rtpd_recovery_waiting", RECOVERY_WAITING_HELP, |observe| {
+            let (n, _) = *RECOVERY.lock().unwrap_or_else(|e| e.into_inner());
+            observe(n, &[])
+        });
+        i.gauge_seconds(
+            "rtpd_recovery_oldest_wait_seconds",
+            RECOVERY_OLDEST_WAIT_HELP,
+            || Some(RECOVERY.lock().unwrap_or_else(|e| e.into_inner()).1),
+        );
+        let o = Otel {
+            ingest_requests: i.counter(
+                "rtpd_ingest_requests",
+                "Transaction POSTs by response status",
+            ),
+            ingest_seconds: i.seconds(
+                "rtpd_ingest_duration_seconds",
+                "Time from request to durability receipt",
+            ),
+            wal_flush_seconds: i.seconds(
+                "rtpd_wal_flush_duration_seconds",
+                "Time to make one segment durable",
+            ),
+            wal_flush_records: i.records(
+                "rtpd_wal_flush_records",
+                "Records per flushed segment (group commit batch size)",
+            ),
+            wal_flush_failures: i.counter(
+                "rtpd_wal_flush_failures",
+                "Segments that could not be made durable",
+            ),
+            downstream_calls: i.counter(
+                "rtpd_downstream_calls",
+                "Downstream calls by classified result",
+            ),
+            downstream_seconds: i.seconds(
+                "rtpd_downstream_duration_seconds",
+                "Downstream call latency by classified result",
+            ),
+            processed: i.counter("rtpd_processed", "Queue messages handled by outcome"),
+            reconciler_actions: i.counter(
+                "rtpd_reconciler_actions",
+                "Reconciler findings and re-drives",
+            ),
+            dead_lettered: i.counter(
+                "rtpd_dead_lettered",
+                "Transactions and messages dead-lettered, by cause",
+            ),
+            port_calls: i.seconds(
+                "rtpd_port_call_duration_seconds",
+                "Ledger and queue calls by port, operation and result",
+            ),
+            api_rejected: i.counter(
+                "rtpd_api_rejected",
+                "API calls refused (4xx other than 404/405, and load shedding) by reason",
+            ),
+            resend: i.counter("rtpd_resend", RESEND_HELP),
+            dependency_returned: i.counter("rtpd_dependency_returned", DEPENDENCY_RETURNED_HELP),
+            rejected_unrecorded: i
+                .counter("rtpd_rejected_calls_unrecorded", REJECTED_UNRECORDED_HELP),
+            http_protocol_errors: i.counter("rtpd_http_protocol_errors", HTTP_PROTOCOL_ERRORS_HELP),
+        };
+        (o, i.names)
+    }
 }
 
 /// Registers the OTel instruments on the global meter provider (set by
 /// `telemetry::init` before anything is measured). Called once; later calls
 /// do nothing.
 pub fn export_over_otlp() {
-    OTEL.get_or_init(|| {
-        let m = opentelemetry::global::meter("rtpd");
-        // Observable gauges: read at each export from the last ledger snapshot.
-        m.i64_observable_gauge("rtpd_ledger_transactions")
-            .with_description("Transactions in the ledger by state")
-            .with_callback(|o| {
-                if let (Some(c), _) = snapshot() {
-                    for (state, n) in c.by_state() {
-                        o.observe(n as i64, &[KeyValue::new("state", state.as_str())]);
-                    }
-                }
-            })
-            .build();
-        m.f64_observable_gauge("rtpd_oldest_pending_age_seconds")
-            .with_description("Age of the oldest transaction waiting in pending (0 when none)")
-            .with_unit("s")
-            .with_callback(|o| {
-                let (counts, oldest) = snapshot();
-                if counts.is_some() {
-                    o.observe(age_secs(oldest), &[]);
-                }
-            })
-            .build();
-        m.i64_observable_gauge("rtpd_recovery_waiting")
-            .with_description("Transactions held back by a dependency outage (held messages and resend-queue entries)")
-            .with_callback(|o| {
-                let (n, _) = *RECOVERY.lock().unwrap_or_else(|e| e.into_inner());
-                o.observe(n, &[]);
-            })
-            .build();
-        m.f64_observable_gauge("rtpd_recovery_oldest_wait_seconds")
-            .with_description("How long the oldest transaction held back by an outage has waited (0 when none)")
-            .with_unit("s")
-            .with_callback(|o| {
-                let (_, oldest) = *RECOVERY.lock().unwrap_or_else(|e| e.into_inner());
-                o.observe(oldest, &[]);
-            })
-            .build();
-        Otel {
-            ingest_requests: counter(
-                &m,
-                "rtpd_ingest_requests",
-                "Transaction POSTs by response status",
-            ),
-            ingest_seconds: seconds(
-                &m,
-                "rtpd_ingest_duration_seconds",
-                "Time from request to durability receipt",
-            ),
-            wal_flush_seconds: seconds(
-                &m,
-                "rtpd_wal_flush_duration_seconds",
-                "Time to make one segment durable",
-            ),
-            wal_flush_records: m
-                .u64_histogram("rtpd_wal_flush_records")
-                .with_description("Records per flushed segment (group commit batch size)")
-                .with_boundaries(BATCH_BUCKETS.to_vec())
-                .build(),
-            wal_flush_failures: counter(
-                &m,
-                "rtpd_wal_flush_failures",
-                "Segments that could not be made durable",
-            ),
-            downstream_calls: counter(
-                &m,
-                "rtpd_downstream_calls",
-                "Downstream calls by classified result",
-            ),
-            downstream_seconds: seconds(
-                &m,
-                "rtpd_downstream_duration_seconds",
-                "Downstream call latency by classified result",
-            ),
-            processed: counter(&m, "rtpd_processed", "Queue messages handled by outcome"),
-            reconciler_actions: counter(
-                &m,
-                "rtpd_reconciler_actions",
-                "Reconciler findings and re-drives",
-            ),
-            dead_lettered: counter(
-                &m,
-                "rtpd_dead_lettered",
-                "Transactions and messages dead-lettered, by cause",
-            ),
-            port_calls: seconds(
-                &m,
-                "rtpd_port_call_duration_seconds",
-                "Ledger and queue calls by port, operation and result",
-            ),
-            api_rejected: counter(
-                &m,
-                "rtpd_api_rejected",
-                "API calls refused (4xx other than 404/405, and load shedding) by reason",
-            ),
-            resend: counter(&m, "rtpd_resend", "Resend-queue events by result"),
-            dependency_returned: counter(
-                &m,
-                "rtpd_dependency_returned",
-                "Dependencies that answered again after an outage",
-            ),
-        }
-    });
+    OTEL.get_or_init(|| Otel::build(opentelemetry::global::meter("rtpd")).0);
 }
 
 fn otel() -> Option<&'static Otel> {
     OTEL.get()
+}
+
+/// Whether the metrics go out over OTLP (then something must keep the
+/// ledger gauges fresh between exports: [`watch_ledger`]).
+pub fn exported_over_otlp() -> bool {
+    OTEL.get().is_some()
 }
 
 pub fn ingest_answered(code: u16, took: Duration) {
@@ -449,10 +508,16 @@ pub fn api_rejected(reason: &'static str) {
 
 pub fn http_protocol_error() {
     get().http_protocol_errors.inc();
+    if let Some(o) = otel() {
+        o.http_protocol_errors.add(1, &[]);
+    }
 }
 
 pub fn rejected_call_unrecorded() {
     get().rejected_unrecorded.inc();
+    if let Some(o) = otel() {
+        o.rejected_unrecorded.add(1, &[]);
+    }
 }
 
 pub fn wal_flushed(log: &'static str, records: usize, took: Duration, ok: bool) {
@@ -623,4 +688,32 @@ pub fn render() -> String {
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Every series on `/metrics` is exported over OTLP under the same
+    /// name, and nothing else is.
+    #[test]
+    fn the_otlp_instruments_are_the_prometheus_series() {
+        let prometheus: BTreeSet<String> = render()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_owned)
+            .collect();
+        assert!(prometheus.len() > 10, "{prometheus:?}");
+        let (_, names) = Otel::build(opentelemetry::global::meter("names"));
+        let otlp: BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
+        assert_eq!(otlp.len(), names.len(), "an instrument built twice");
+        let missing: Vec<_> = prometheus.difference(&otlp).collect();
+        let extra: Vec<_> = otlp.difference(&prometheus).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "on /metrics only: {missing:?}; over OTLP only: {extra:?}"
+        );
+    }
 }

@@ -223,7 +223,8 @@ impl Processor {
         let span = tracing::info_span!(
             "process",
             otel.kind = "consumer",
-            transaction_id = %id,
+            transaction_id = crate::transaction::TransactionId::vendor_part(&id),
+            transaction_key = %id,
             delivery = m.delivery_count,
             message_id = %m.message_id,
             outcome = tracing::field::Empty,

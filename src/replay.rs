@@ -100,7 +100,12 @@ impl Replayer {
         key: &str,
         req: &ReplayRequest,
     ) -> Result<Replayed, ReplayError> {
-        let span = tracing::info_span!("replay", transaction_id = %key, force = req.force);
+        let span = tracing::info_span!(
+            "replay",
+            transaction_id = crate::transaction::TransactionId::vendor_part(key),
+            transaction_key = %key,
+            force = req.force
+        );
         self.replay_traced(key, req).instrument(span).await
     }
 

@@ -51,6 +51,17 @@ pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
+/// Links `span` to the span an untrusted caller's `traceparent` names, and
+/// records that trace id as `vendor.trace_id` (a field `span` declares);
+/// `span` stays the root of a trace of its own, so neither the caller's
+/// trace id nor its sampled flag carries over.
+pub fn link_untrusted(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(sc) = traceparent.and_then(span_context) {
+        span.record("vendor.trace_id", sc.trace_id().to_string().as_str());
+        span.add_link(sc);
+    }
+}
+
 /// Links `span` to the span `traceparent` names (a replay to its original
 /// trace, a WAL flush to the requests it carried).
 pub fn link_to(span: &tracing::Span, traceparent: Option<&str>) {

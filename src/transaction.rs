@@ -91,6 +91,12 @@ impl TransactionId {
         }
     }
 
+    /// The vendor's id within a key held as text (a span attribute):
+    /// `acme/TX-1` → `TX-1`; a bare id is itself.
+    pub fn vendor_part(key: &str) -> &str {
+        key.split_once('/').map_or(key, |(_, id)| id)
+    }
+
     /// The bare id of a scoped key (where an entry written before scoping is).
     pub fn unscoped(&self) -> Option<TransactionId> {
         self.0

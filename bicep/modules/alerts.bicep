@@ -2,7 +2,11 @@
 //   dead letters   Service Bus metric DeadletteredMessages on the queue > 0
 //   oldest pending rtpd's OTLP gauge rtpd_oldest_pending_age_seconds (App
 //                  Insights customMetrics, sent by the metrics collector app)
-//   5xx rate       share of the api's requests answered 5xx (App Insights requests)
+//   5xx rate       share of transaction POSTs answered 5xx: rtpd's counter
+//                  rtpd_ingest_requests{code} (customMetrics). Not the
+//                  requests table: spans are sampled and lost while the
+//                  agent is unreachable; the counter is exported whatever
+//                  the sampling.
 // Each notifies actionGroupId when one is given.
 
 param location string
@@ -109,13 +113,15 @@ resource oldestPending 'Microsoft.Insights/scheduledQueryRules@2022-08-01-previe
   }
 }
 
-// Ratio, not count, and only over windows with enough traffic to mean something.
+// Ratio, not count, and only over windows with enough traffic to mean
+// something. The metrics collector app turns the cumulative counter into
+// deltas (cumulativetodelta), so value sums per window.
 resource http5xx 'Microsoft.Insights/scheduledQueryRules@2022-08-01-preview' = {
   name: '${prefix}-api-5xx-rate'
   location: location
   kind: 'LogAlert'
   properties: {
-    displayName: '${prefix}: more than ${http5xxAlertPercent}% of api requests answered 5xx'
+    displayName: '${prefix}: more than ${http5xxAlertPercent}% of transaction POSTs answered 5xx'
     description: 'The api answers 5xx (503 = a backend is unavailable; vendors retry after Retry-After).'
     severity: 2
     enabled: true
@@ -127,7 +133,7 @@ resource http5xx 'Microsoft.Insights/scheduledQueryRules@2022-08-01-preview' = {
     criteria: {
       allOf: [
         {
-          query: 'requests | where cloud_RoleName == "${apiRoleName}" | summarize total = count(), failed = countif(toint(resultCode) >= 500) | where total >= 20 | project percent_5xx = 100.0 * failed / total'
+          query: 'customMetrics | where name == "rtpd_ingest_requests" and cloud_RoleName == "${apiRoleName}" | extend code = toint(customDimensions.code) | summarize total = sum(value), failed = sumif(value, code >= 500) | where total >= 20 | project percent_5xx = 100.0 * failed / total'
           timeAggregation: 'Maximum'
           metricMeasureColumn: 'percent_5xx'
           operator: 'GreaterThan'

@@ -60,10 +60,17 @@ pub async fn ingest(
         http.request.method = "POST",
         http.route = "/v1/transactions",
         transaction_id = tracing::field::Empty,
+        transaction_key = tracing::field::Empty,
+        vendor.trace_id = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
     );
-    // A vendor that traces its own calls gets ours as the continuation.
-    trace_context::continue_from(
+    // A vendor's trace context is not trusted (W3C Trace Context allows a
+    // service to ignore an untrusted parent): its sampled flag must not
+    // hide a payment from the traces, nor its trace id choose ours. Each
+    // payment starts a trace of rtpd's own, sampled as the operator's
+    // OTEL_TRACES_SAMPLER says, with a link to the vendor's span (and its
+    // trace id as an attribute) for correlation.
+    trace_context::link_untrusted(
         &span,
         req.headers()
             .get(trace_context::TRACEPARENT)
@@ -348,7 +355,12 @@ async fn accept(
     };
     let id = transaction_id(req, &doc)?;
     let expires_at = expires_at(req, &doc)?;
-    tracing::Span::current().record("transaction_id", id.as_str());
+    let span = tracing::Span::current();
+    span.record("transaction_id", id.as_str());
+    span.record(
+        "transaction_key",
+        TransactionId::scoped(principal.vendor(), &id).as_str(),
+    );
     let submission = Submission {
         transaction_id: id,
         payload: body,

@@ -85,12 +85,16 @@ pub async fn run_with(
     });
 
     // Ledger gauges (state counts, oldest pending age) for the OTLP export.
-    let (ledger, stop) = (services.ledger.clone(), stop_rx.clone());
-    tasks.spawn(async move {
-        let every = crate::telemetry::otlp::metric_export_interval().min(LEDGER_GAUGES_EVERY);
-        crate::metrics::watch_ledger(ledger, every, stop).await;
-        Ok("ledger gauges")
-    });
+    // Only then: a Prometheus scrape reads the ledger itself, and with
+    // neither nobody would read what this task polls.
+    if crate::metrics::exported_over_otlp() {
+        let (ledger, stop) = (services.ledger.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            let every = crate::telemetry::otlp::metric_export_interval().min(LEDGER_GAUGES_EVERY);
+            crate::metrics::watch_ledger(ledger, every, stop).await;
+            Ok("ledger gauges")
+        });
+    }
 
     if parts.api() || parts == Parts::Processor {
         let app = if parts.api() {

@@ -11,6 +11,7 @@ pub mod ports;
 
 use crate::config::LogFormat;
 use opentelemetry::trace::TracerProvider as _;
+use otlp::Exporters;
 pub use otlp::{OtlpError, OtlpOverride};
 use std::time::Duration;
 use tracing::{Event, Level, Subscriber};
@@ -38,6 +39,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for ProtocolErrors {
     }
 }
 
+/// How long the final flush may hold the exit, traces and metrics together.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
 /// The running exporters; call [`Telemetry::shutdown`] before exiting so the
 /// last spans and metrics leave.
 pub struct Telemetry {
@@ -50,13 +54,53 @@ impl Telemetry {
         self.exporters.tracer.is_some()
     }
 
-    /// Flushes and stops the exporters, waiting a few seconds at most.
+    /// Flushes and stops the exporters, waiting [`SHUTDOWN_FLUSH`] at most
+    /// in all: traces and metrics flush at once, each on a thread of its
+    /// own, and whatever has not left by then is dropped with the process.
+    /// (The SDK's own timeouts are per provider and do not cover an export
+    /// already stuck on a collector that accepts and never answers.)
     pub fn shutdown(self) {
-        if let Some(t) = &self.exporters.tracer {
-            let _ = t.shutdown_with_timeout(Duration::from_secs(5));
+        let Exporters {
+            tracer,
+            meter,
+            probe,
+            ..
+        } = self.exporters;
+        drop(probe);
+        let deadline = std::time::Instant::now() + SHUTDOWN_FLUSH;
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let mut flushing = 0;
+        let mut flush = |f: Box<dyn FnOnce() + Send>| {
+            let done = done.clone();
+            let spawned = std::thread::Builder::new()
+                .name("otlp-shutdown".into())
+                .spawn(move || {
+                    f();
+                    let _ = done.send(());
+                });
+            if spawned.is_ok() {
+                flushing += 1;
+            }
+        };
+        if let Some(t) = tracer {
+            flush(Box::new(move || {
+                let _ = t.shutdown_with_timeout(SHUTDOWN_FLUSH);
+            }));
         }
-        if let Some(m) = &self.exporters.meter {
-            let _ = m.shutdown_with_timeout(Duration::from_secs(5));
+        if let Some(m) = meter {
+            flush(Box::new(move || {
+                let _ = m.shutdown_with_timeout(SHUTDOWN_FLUSH);
+            }));
+        }
+        for _ in 0..flushing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if finished.recv_timeout(left).is_err() {
+                tracing::warn!(
+                    after_secs = SHUTDOWN_FLUSH.as_secs(),
+                    "OTLP flush on shutdown did not finish; the last spans and metrics are dropped"
+                );
+                return;
+            }
         }
     }
 }

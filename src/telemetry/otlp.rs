@@ -8,10 +8,17 @@
 //! also on its own thread. A dead collector costs at most one full queue.
 //!
 //! While exports fail, rtpd stops recording spans ([`ExportHealth`]): they
-//! would be dropped anyway, and building them is most of tracing's cost. A
-//! probe window of [`PROBE_WINDOW_MS`] every [`PROBE_EVERY_SECS`] lets a few
-//! through, so the first export that succeeds turns recording back on.
+//! would be dropped anyway, and building them is most of tracing's cost.
+//! Meanwhile a probe thread sends an empty export every [`PROBE_EVERY`];
+//! the first that the collector accepts turns recording back on. The probe
+//! does not depend on traffic, so tracing resumes within one probe interval
+//! of the collector's return, whatever the request pattern.
+//!
+//! Every export carries `service.instance.id` (the replica's or host's name
+//! and a uuid of this process), so replicas do not collide
+//! ([`instance_id`]).
 
+use opentelemetry::KeyValue;
 use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::{
     Resource,
@@ -22,7 +29,9 @@ use opentelemetry_sdk::{
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
+    mpsc,
 };
+use std::time::Duration;
 
 const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
@@ -45,10 +54,10 @@ pub enum OtlpError {
     Build(String),
 }
 
-/// How often, while the collector is failing, spans are recorded for
-/// [`PROBE_WINDOW_MS`] to find out whether it is back.
-pub const PROBE_EVERY_SECS: i64 = 30;
-pub const PROBE_WINDOW_MS: i64 = 100;
+/// How often, while span exports fail, an empty export asks the collector
+/// whether it is back. An empty request costs the collector nothing and
+/// rtpd one small POST (or gRPC call) per interval, during an outage only.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// Whether the last span export reached the collector; shared by the
 /// exporter (which reports) and the tracing filter (which asks).
@@ -64,7 +73,7 @@ impl ExportHealth {
                 tracing::warn!("OTLP span export works again; recording spans");
             } else {
                 tracing::warn!(
-                    probe_every_secs = PROBE_EVERY_SECS,
+                    probe_every_secs = PROBE_EVERY.as_secs(),
                     "OTLP span export failed; spans are not recorded until the collector answers again"
                 );
             }
@@ -74,12 +83,32 @@ impl ExportHealth {
     /// Whether new spans should be recorded now.
     pub fn recording(&self) -> bool {
         !self.failing.load(Ordering::Relaxed)
-            || in_probe_window(crate::clock::now().timestamp_millis())
     }
 }
 
-fn in_probe_window(unix_ms: i64) -> bool {
-    unix_ms.rem_euclid(PROBE_EVERY_SECS * 1000) < PROBE_WINDOW_MS
+/// Starts the probe thread: while `health` says exports fail, it sends an
+/// empty export through `exporter` every [`PROBE_EVERY`] and reports the
+/// result. It ends when the returned sender is dropped. A plain thread, as
+/// the batch processor's: the blocking HTTP client must not run on the
+/// Tokio runtime, and the gRPC channel's worker is already on it.
+fn start_probe(
+    exporter: SpanExporter,
+    health: Arc<ExportHealth>,
+) -> Result<mpsc::Sender<()>, OtlpError> {
+    use opentelemetry_sdk::trace::SpanExporter as _;
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("otlp-probe".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(PROBE_EVERY) {
+                if !health.recording() {
+                    let ok = futures::executor::block_on(exporter.export(Vec::new())).is_ok();
+                    health.report(ok);
+                }
+            }
+        })
+        .map_err(|e| OtlpError::Build(format!("probe thread: {e}")))?;
+    Ok(stop)
 }
 
 /// The OTLP span exporter, reporting each export's result to [`ExportHealth`].
@@ -122,6 +151,8 @@ pub struct Exporters {
     pub tracer: Option<SdkTracerProvider>,
     pub meter: Option<SdkMeterProvider>,
     pub health: Arc<ExportHealth>,
+    /// Dropping it stops the probe thread.
+    pub probe: Option<mpsc::Sender<()>>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -156,19 +187,50 @@ fn check_protocols() -> Result<(), OtlpError> {
     Ok(())
 }
 
+/// This process's `service.instance.id`: the replica's name (Container
+/// Apps' `CONTAINER_APP_REPLICA_NAME`), else the host name, then a uuid
+/// made at start-up, so two processes never share one — not two replicas,
+/// not a restart of the same one. Application Insights shows it as
+/// `cloud_RoleInstance`.
+pub fn instance_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{}-{}", host_name(), uuid::Uuid::new_v4().simple()))
+        .clone()
+}
+
+fn host_name() -> String {
+    env("CONTAINER_APP_REPLICA_NAME")
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .or_else(|| env("HOSTNAME"))
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
 fn resource() -> Resource {
     // The builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself;
-    // an unset service name would otherwise be "unknown_service".
-    let r = Resource::builder().build();
-    let named = env("OTEL_SERVICE_NAME").is_some()
-        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
-    if named {
-        r
-    } else {
-        Resource::builder()
-            .with_service_name(DEFAULT_SERVICE_NAME)
-            .build()
+    // what is added here yields to them.
+    let given = |key: &str| {
+        env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
+            a.split(',')
+                .any(|kv| kv.split('=').next().map(str::trim) == Some(key))
+        })
+    };
+    let mut r = Resource::builder();
+    // An unset service name would otherwise be "unknown_service".
+    if env("OTEL_SERVICE_NAME").is_none() && !given("service.name") {
+        r = r.with_service_name(DEFAULT_SERVICE_NAME);
     }
+    if !given("service.instance.id") {
+        r = r.with_attribute(KeyValue::new("service.instance.id", instance_id()));
+    }
+    if !given("host.name") {
+        r = r.with_attribute(KeyValue::new("host.name", host_name()));
+    }
+    r.build()
 }
 
 /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds; 60 s when unset), which the
@@ -217,24 +279,25 @@ pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
             tracer: None,
             meter: None,
             health,
+            probe: None,
         });
     }
     check_protocols()?;
     let resource = resource();
-    let tracer = if traces {
+    let (tracer, probe) = if traces {
         let exporter = HealthReporting {
             inner: span_exporter(over)?,
             health: health.clone(),
         };
+        let probe = start_probe(span_exporter(over)?, health.clone())?;
         let batch = BatchSpanProcessor::builder(exporter).build();
-        Some(
-            SdkTracerProvider::builder()
-                .with_span_processor(batch)
-                .with_resource(resource.clone())
-                .build(),
-        )
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(batch)
+            .with_resource(resource.clone())
+            .build();
+        (Some(provider), Some(probe))
     } else {
-        None
+        (None, None)
     };
     let meter = if metrics {
         let reader = PeriodicReader::builder(metric_exporter(over)?).build();
@@ -251,6 +314,7 @@ pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
         tracer,
         meter,
         health,
+        probe,
     })
 }
 
@@ -259,27 +323,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failing_export_stops_recording_outside_the_probe_window_and_success_resumes_it() {
+    fn a_failing_export_stops_recording_and_a_success_resumes_it() {
         let h = ExportHealth::default();
         assert!(h.recording());
         h.report(false);
-        let before = crate::clock::now().timestamp_millis();
-        let recording = h.recording();
-        let after = crate::clock::now().timestamp_millis();
-        if in_probe_window(before) == in_probe_window(after) {
-            assert_eq!(recording, in_probe_window(before));
-        }
+        assert!(!h.recording());
         h.report(true);
         assert!(h.recording());
     }
 
     #[test]
-    fn the_probe_window_is_the_first_100_ms_of_every_30_s() {
-        assert!(in_probe_window(1_800_000_000_000));
-        assert!(in_probe_window(1_800_000_000_099));
-        assert!(!in_probe_window(1_800_000_000_100));
-        assert!(!in_probe_window(1_800_000_029_999));
-        assert!(in_probe_window(1_800_000_030_050));
+    fn an_instance_id_is_the_host_and_a_uuid_of_this_process() {
+        let id = instance_id();
+        let (host, uuid) = id.rsplit_once('-').unwrap();
+        assert_eq!(host, host_name());
+        assert_eq!(uuid.len(), 32, "{id}");
+        assert_eq!(instance_id(), id, "one per process");
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! and queue call, whatever the adapter. `services` wraps each port once at
 //! start-up; the adapters know nothing of it.
 //!
+//! A call about one transaction names it as every span does:
+//! `transaction_id` (the vendor's id) and `transaction_key`
+//! (`<vendor>/<id>`, the ledger's and queue's key).
+//!
 //! A call gets a span only inside a traced flow (an ingest, a processor
 //! attempt, a reconcile pass): a probe's ping or an idle receive loop would
 //! otherwise start a trace of its own every few seconds.
@@ -12,7 +16,7 @@ use crate::ledger::{
 };
 use crate::metrics;
 use crate::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
-use crate::transaction::{Registration, Settlement, State, TxRecord};
+use crate::transaction::{Registration, Settlement, State, TransactionId, TxRecord};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::{future::Future, sync::Arc, time::Duration};
@@ -23,7 +27,7 @@ async fn observed<T, E>(
     port: &'static str,
     op: &'static str,
     kind: &'static str,
-    transaction_id: Option<&str>,
+    key: Option<&str>,
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
     let started = Instant::now();
@@ -34,7 +38,8 @@ async fn observed<T, E>(
             "port call",
             otel.name = %format_args!("{port}.{op}"),
             otel.kind = kind,
-            transaction_id = transaction_id,
+            transaction_id = key.map(TransactionId::vendor_part),
+            transaction_key = key,
         );
         f.instrument(span).await
     };

@@ -3,7 +3,9 @@
 //! over OTLP too; the gauges operators page on move with the pipeline.
 
 use crate::support::otlp::{OtlpReceiver, Span};
-use crate::support::process::{free_port, rtpd, spawn_dev_with, start_mock, wait_http_ok};
+use crate::support::process::{
+    Proc, dev_command, free_port, rtpd, spawn_dev_with, start_mock, wait_http_ok,
+};
 use crate::support::{self, AppOptions, json, spawn_app_with};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -44,11 +46,13 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
     .unwrap();
     let client = reqwest::Client::new();
 
-    // The vendor traces its own call: ours continues it.
+    // The vendor traces its own call, and does not sample it (`-00`): the
+    // payment is traced all the same, in a trace of rtpd's own, linked to
+    // the vendor's span.
     let r = client
         .post(format!("{base}/v1/transactions"))
         .header("X-Api-Key", creds["api_key"].as_str().unwrap())
-        .header("traceparent", format!("00-{VENDOR_TRACE}-{VENDOR_SPAN}-01"))
+        .header("traceparent", format!("00-{VENDOR_TRACE}-{VENDOR_SPAN}-00"))
         .json(&json!({"transaction_id": "TRACE-1", "amount": "1.00"}))
         .send()
         .await
@@ -67,26 +71,69 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
         "ledger.settle",
     ];
     receiver
+        .wait_for(Duration::from_secs(30), "the ingest span", |r| {
+            r.spans().iter().any(|s| s.name == "POST /v1/transactions")
+        })
+        .await;
+    let trace = receiver
+        .spans()
+        .into_iter()
+        .find(|s| s.name == "POST /v1/transactions")
+        .unwrap()
+        .trace_id;
+    assert_ne!(
+        trace, VENDOR_TRACE,
+        "the vendor does not choose the trace id"
+    );
+    receiver
         .wait_for(Duration::from_secs(30), "every span of the payment", |r| {
             let spans = r.spans();
-            names
-                .iter()
-                .all(|n| !one(&spans, n, VENDOR_TRACE).is_empty())
+            names.iter().all(|n| !one(&spans, n, &trace).is_empty())
         })
         .await;
     let spans = receiver.spans();
-    let span = |name: &str| one(&spans, name, VENDOR_TRACE)[0].clone();
+    let span = |name: &str| one(&spans, name, &trace)[0].clone();
     let (ingest, process, call) = (
         span("POST /v1/transactions"),
         span("process"),
         span("downstream.call"),
     );
+    assert_eq!(ingest.parent_span_id, "", "a root span of rtpd's trace");
     assert_eq!(
-        ingest.parent_span_id, VENDOR_SPAN,
-        "ingest continues the vendor's span"
+        ingest.links,
+        [format!("{VENDOR_TRACE}/{VENDOR_SPAN}")],
+        "linked to the vendor's span"
     );
+    assert_eq!(ingest.attributes["vendor.trace_id"], VENDOR_TRACE);
     assert_eq!(ingest.kind, 2, "server");
-    assert_eq!(ingest.attributes["transaction_id"], "TRACE-1");
+    // Every span that names the payment names it the same two ways: the
+    // vendor's id and the vendor-scoped key, so one query joins them.
+    let named: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == trace && s.attributes.contains_key("transaction_id"))
+        .collect();
+    for name in [
+        "POST /v1/transactions",
+        "ledger.register",
+        "queue.send",
+        "process",
+        "ledger.claim",
+        "ledger.settle",
+    ] {
+        assert!(
+            named.iter().any(|s| s.name == name),
+            "{name} has transaction_id"
+        );
+    }
+    for s in &named {
+        assert_eq!(s.attributes["transaction_id"], "TRACE-1", "{}", s.name);
+        assert_eq!(
+            s.attributes.get("transaction_key").map(String::as_str),
+            Some("dev-vendor/TRACE-1"),
+            "{}",
+            s.name
+        );
+    }
     assert_eq!(ingest.attributes["http.response.status_code"], "202");
     assert_eq!(ingest.service_name, "rtpd-under-test");
     assert_eq!(span("wal.append").parent_span_id, ingest.span_id);
@@ -110,10 +157,7 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
         .as_array()
         .unwrap()
         .clone();
-    assert_eq!(
-        tps,
-        [json!(format!("00-{VENDOR_TRACE}-{}-01", call.span_id))]
-    );
+    assert_eq!(tps, [json!(format!("00-{trace}-{}-01", call.span_id))]);
 
     // An operator replay links back to the original trace through the WAL record.
     let r = client
@@ -131,11 +175,8 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
         .await;
     let spans = receiver.spans();
     let replay = spans.iter().find(|s| s.name == "replay").unwrap();
-    assert_ne!(
-        replay.trace_id, VENDOR_TRACE,
-        "a replay is its own operation"
-    );
-    assert_eq!(replay.links, [format!("{VENDOR_TRACE}/{}", ingest.span_id)]);
+    assert_ne!(replay.trace_id, trace, "a replay is its own operation");
+    assert_eq!(replay.links, [format!("{trace}/{}", ingest.span_id)]);
 
     // The metrics went out over OTLP under the /metrics names.
     receiver
@@ -166,6 +207,27 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
                     .any(|h| h == "rtpd_wal_flush_duration_seconds")
         })
         .await;
+
+    // Each process is its own instance (replicas must not collide), the
+    // same one on traces and metrics.
+    let instance = ingest.resource.get("service.instance.id").cloned();
+    let instance = instance.expect("spans carry service.instance.id");
+    assert!(
+        instance.len() > 32,
+        "host name and a process uuid: {instance}"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.resource.get("service.instance.id") == Some(&instance))
+    );
+    for resource in receiver.metric_resources() {
+        assert_eq!(
+            resource.get("service.instance.id"),
+            Some(&instance),
+            "metrics carry the same service.instance.id"
+        );
+    }
     receiver.stop().await;
 }
 
@@ -385,17 +447,23 @@ async fn grpc_export_carries_the_same_trace() {
             "the payment's spans over gRPC",
             |r| {
                 let spans = r.spans();
-                ["POST /v1/transactions", "process", "downstream.call"]
+                let Some(ingest) = spans.iter().find(|s| s.name == "POST /v1/transactions") else {
+                    return false;
+                };
+                ["process", "downstream.call"]
                     .iter()
-                    .all(|n| !one(&spans, n, VENDOR_TRACE).is_empty())
+                    .all(|n| !one(&spans, n, &ingest.trace_id).is_empty())
             },
         )
         .await;
     let spans = receiver.spans();
-    let ingest = one(&spans, "POST /v1/transactions", VENDOR_TRACE)[0];
-    assert_eq!(ingest.parent_span_id, VENDOR_SPAN);
+    let ingest = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/transactions")
+        .unwrap();
+    assert_eq!(ingest.links, [format!("{VENDOR_TRACE}/{VENDOR_SPAN}")]);
     assert_eq!(ingest.service_name, "rtpd");
-    let process = one(&spans, "process", VENDOR_TRACE)[0];
+    let process = one(&spans, "process", &ingest.trace_id)[0];
     assert_eq!(process.parent_span_id, ingest.span_id);
     receiver.stop().await;
 }
@@ -417,4 +485,210 @@ fn an_unsupported_otlp_protocol_is_refused_by_name() {
         err.starts_with("rtpd: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL:") && err.contains("http/json"),
         "{err}"
     );
+}
+
+async fn post(client: &reqwest::Client, base: &str, key: &str, id: &str) {
+    let r = client
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", key)
+        .json(&json!({"transaction_id": id, "amount": "1.00"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{id}");
+}
+
+fn api_key(dir: &std::path::Path) -> String {
+    let creds: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev-credentials.json")).unwrap())
+            .unwrap();
+    creds["api_key"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `log` (a process's output) has a line containing `text`.
+async fn wait_for_log(log: &std::path::Path, text: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let seen = std::fs::read_to_string(log).unwrap_or_default();
+        if seen.contains(text) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {text:?} in the log within {within:?}:\n{seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The collector is down while payments arrive, then comes back: the
+/// payments after it returns are traced again, without waiting for luck.
+#[tokio::test]
+async fn tracing_resumes_once_the_collector_is_back() {
+    let collector_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("rtpd.log");
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let mut cmd = dev_command(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &["--otlp", &format!("http://127.0.0.1:{collector_port}")],
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+        ],
+    );
+    let _dev = Proc(
+        cmd.stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let key = api_key(dir.path());
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        post(&client, &base, &key, &format!("DOWN-{i}")).await;
+    }
+    crate::support::process::poll_json(
+        &format!("http://127.0.0.1:{mock_port}/calls"),
+        Duration::from_secs(20),
+        |calls| (0..5).all(|i| calls["by_key"][format!("dev-vendor/DOWN-{i}")].is_object()),
+    )
+    .await;
+    wait_for_log(&log, "OTLP span export failed", Duration::from_secs(20)).await;
+    // The spans already queued meet the dead collector too (one batch every
+    // 100 ms, 0.5 s each), so none is left to reach the collector later
+    // and mistake a stale export for recovery.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let receiver = OtlpReceiver::start_on(collector_port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let mut i = 0;
+    loop {
+        let traced = receiver.spans().iter().any(|s| {
+            s.name == "POST /v1/transactions"
+                && s.attributes
+                    .get("transaction_id")
+                    .is_some_and(|id| id.starts_with("UP-"))
+        });
+        if traced {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no payment traced within 12 s of the collector's return ({i} posted)"
+        );
+        post(&client, &base, &key, &format!("UP-{i}")).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // And traced whole, not a probe's stray span.
+    let id = format!("UP-{i}");
+    post(&client, &base, &key, &id).await;
+    receiver
+        .wait_for(Duration::from_secs(10), "a whole payment", |r| {
+            let spans = r.spans();
+            let Some(ingest) = spans.iter().find(|s| {
+                s.name == "POST /v1/transactions" && s.attributes.get("transaction_id") == Some(&id)
+            }) else {
+                return false;
+            };
+            !one(&spans, "downstream.call", &ingest.trace_id).is_empty()
+        })
+        .await;
+    receiver.stop().await;
+}
+
+/// Shutting down against a collector that accepts connections and never
+/// answers takes the bounded flush (2 s), not the exporters' 10 s timeouts.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_hanging_collector() {
+    // Accepts and holds every connection, answering nothing.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hang.incoming() {
+            held.push(c);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let mut dev = spawn_dev_with(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &["--otlp", &format!("http://127.0.0.1:{hang_port}")],
+        // Nothing is exported before the stop: the spans and metrics are
+        // all left for the final flush.
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let key = api_key(dir.path());
+    post(&reqwest::Client::new(), &base, &key, "HANG-1").await;
+
+    crate::support::process::terminate(&dev);
+    let stopped = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = dev.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(6),
+            "rtpd still running 6 s after SIGTERM (a hanging collector held the shutdown)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    eprintln!("stopped in {:?}", stopped.elapsed());
+}
+
+/// With OTLP export off, the ledger's gauges are read by a scrape and by
+/// nothing else: no background task polls the ledger.
+#[tokio::test]
+async fn without_export_only_a_scrape_reads_the_ledger_gauges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let _dev = spawn_dev_with(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &[],
+        &[("RTPD_PUBLIC_METRICS", "true")],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let counts_calls = |text: &str| {
+        gauge(
+            text,
+            "rtpd_port_call_duration_seconds_count{port=\"ledger\",op=\"counts\",result=\"ok\"} ",
+        )
+    };
+    let client = reqwest::Client::new();
+    let scrape = || async {
+        client
+            .get(format!("{base}/metrics"))
+            .header("Accept", "text/plain")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert_eq!(counts_calls(&scrape().await), 1.0, "the scrape's own read");
+    assert_eq!(counts_calls(&scrape().await), 2.0);
 }

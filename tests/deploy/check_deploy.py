@@ -870,6 +870,52 @@ class Checker:
             raise CheckError("; ".join(problems))
         return f"maxDeliveryCount {emulator_mdc}, lock {emulator_lock}s"
 
+    # ------------------------------------------------------------ telemetry
+
+    # Application Insights tables filled from spans. Spans are sampled
+    # (OTEL_TRACES_SAMPLER) and dropped while the collector is unreachable,
+    # so an alert reading them goes quiet exactly when it is needed; alerts
+    # read metrics (customMetrics, Azure platform metrics), which are
+    # exported whatever the sampling.
+    SPAN_TABLES = ("requests", "dependencies", "traces", "exceptions", "AppRequests", "AppDependencies", "AppTraces", "AppExceptions")
+
+    def alert_queries(self) -> list[tuple[str, str]]:
+        bicep = self.need_bicep()
+        out = []
+
+        def walk(f, value, name):
+            for v in bicep.expand(f, value):
+                if isinstance(v, dict):
+                    for k, item in v.items():
+                        if k == "query":
+                            for q in bicep.expand(f, item):
+                                if isinstance(q, bicep_tree.Interp):
+                                    q = "".join(p if isinstance(p, str) else "${}" for p in q.parts)
+                                if isinstance(q, str):
+                                    out.append((name, q))
+                        else:
+                            walk(f, item, name)
+                elif isinstance(v, list):
+                    for item in v:
+                        walk(f, item, name)
+
+        for f, r in bicep.resources("Microsoft.Insights/scheduledQueryRules"):
+            walk(f, r.body, r.symbol)
+        return out
+
+    def alerts_read_metrics(self) -> str:
+        queries = self.alert_queries()
+        if not queries:
+            raise CheckError("no scheduledQueryRules query found")
+        problems = []
+        for name, q in queries:
+            tables = set(re.findall(r"\b(" + "|".join(self.SPAN_TABLES) + r")\b", q))
+            if tables:
+                problems.append(f"{name} reads {', '.join(sorted(tables))} (spans, sampled): {q}")
+        if problems:
+            raise CheckError("; ".join(problems))
+        return ", ".join(sorted({n for n, _ in queries}))
+
     # ------------------------------------------------------------ 4. bicep references
 
     def module_target(self, path: Path, module) -> Path | None:
@@ -1156,6 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
     c.run("bicep: module outputs and resource properties referenced exist", c.bicep_members_resolve)
     c.run("bicep: parameter files' using targets exist", c.param_files_using)
     c.run("bicep: parameter files match main.bicep's parameters", c.param_files_match)
+
+    c.run("telemetry: alert rules read metrics, not sampled spans", c.alerts_read_metrics)
 
     c.run("schema: every resource type/api-version has a published schema", c.bicep_api_versions)
     c.run("schema: resource bodies match their schema", c.bicep_schema)

@@ -33,6 +33,8 @@ pub struct Span {
     /// `trace_id/span_id` of each link.
     pub links: Vec<String>,
     pub service_name: String,
+    /// The resource's attributes (`service.name`, `service.instance.id`, ...).
+    pub resource: BTreeMap<String, String>,
 }
 
 /// One received number data point (sums and gauges), flattened.
@@ -49,6 +51,8 @@ struct Received {
     points: Vec<Point>,
     /// Histogram metric names seen.
     histograms: Vec<String>,
+    /// The resource attributes of each metrics export.
+    metric_resources: Vec<BTreeMap<String, String>>,
 }
 
 pub struct OtlpReceiver {
@@ -100,6 +104,7 @@ fn keep_spans(req: ExportTraceServiceRequest, r: &Mutex<Received>) {
                         })
                         .collect(),
                     service_name: service.clone(),
+                    resource: resource.clone(),
                 });
             }
         }
@@ -135,6 +140,8 @@ async fn metrics(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpRe
     };
     let mut r = r.lock().unwrap();
     for rm in req.resource_metrics {
+        let resource = attrs(&rm.resource.map(|r| r.attributes).unwrap_or_default());
+        r.metric_resources.push(resource);
         for sm in rm.scope_metrics {
             for m in sm.metrics {
                 let points = match &m.data {
@@ -168,9 +175,15 @@ async fn metrics(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpRe
 
 impl OtlpReceiver {
     pub fn start() -> OtlpReceiver {
+        Self::start_on(0)
+    }
+
+    /// An OTLP/HTTP receiver on `port` (0: any free port), e.g. one that
+    /// comes up where rtpd was told a collector would be.
+    pub fn start_on(port: u16) -> OtlpReceiver {
         let received = Arc::new(Mutex::new(Received::default()));
         let data = web::Data::new(received.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = HttpServer::new(move || {
             App::new()
@@ -226,6 +239,11 @@ impl OtlpReceiver {
 
     pub fn histograms(&self) -> Vec<String> {
         self.received.lock().unwrap().histograms.clone()
+    }
+
+    /// The resource attributes of every metrics export received.
+    pub fn metric_resources(&self) -> Vec<BTreeMap<String, String>> {
+        self.received.lock().unwrap().metric_resources.clone()
     }
 
     /// Waits until `until` holds for what was received; fails the test after `within`.

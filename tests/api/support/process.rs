@@ -122,37 +122,60 @@ pub fn spawn_dev(dir: &Path, api_port: u16, mock_port: u16) -> Proc {
 /// `rtpd dev --no-mock` from `bin`, with extra arguments and the test
 /// settings and `env` on top.
 pub fn spawn_dev_with(
-    mut bin: Command,
+    bin: Command,
     dir: &Path,
     api_port: u16,
     mock_port: u16,
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Proc {
+    let mut cmd = dev_command(bin, dir, api_port, mock_port, args, env);
     Proc(
-        bin.arg("dev")
-            .arg("--no-mock")
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RTPD_DATA_DIR", dir)
-            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
-            .env(
-                "RTPD_DOWNSTREAM_URL",
-                format!("http://127.0.0.1:{mock_port}/process"),
-            )
-            .env("RTPD_LOCK_DURATION_SECS", "2")
-            .env("RTPD_DOWNSTREAM_TIMEOUT_SECS", "1")
-            .env("RTPD_BACKOFF_BASE_SECS", "0.1")
-            .env("RTPD_BACKOFF_MAX_SECS", "0.5")
-            .env("RTPD_RECONCILE_INTERVAL_SECS", "0.5")
-            .env("RTPD_RECONCILE_PENDING_AFTER_SECS", "2")
-            .env("RTPD_LOG_LEVEL", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
+        cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     )
+}
+
+/// The command [`spawn_dev_with`] runs, for a test that wants its output.
+pub fn dev_command(
+    mut bin: Command,
+    dir: &Path,
+    api_port: u16,
+    mock_port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Command {
+    bin.arg("dev")
+        .arg("--no-mock")
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RTPD_DATA_DIR", dir)
+        .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
+        .env(
+            "RTPD_DOWNSTREAM_URL",
+            format!("http://127.0.0.1:{mock_port}/process"),
+        )
+        .env("RTPD_LOCK_DURATION_SECS", "2")
+        .env("RTPD_DOWNSTREAM_TIMEOUT_SECS", "1")
+        .env("RTPD_BACKOFF_BASE_SECS", "0.1")
+        .env("RTPD_BACKOFF_MAX_SECS", "0.5")
+        .env("RTPD_RECONCILE_INTERVAL_SECS", "0.5")
+        .env("RTPD_RECONCILE_PENDING_AFTER_SECS", "2")
+        .env("RTPD_LOG_LEVEL", "warn")
+        .envs(env.iter().copied());
+    bin
+}
+
+/// Sends SIGTERM to `p` (a graceful stop, as Container Apps does).
+pub fn terminate(p: &Proc) {
+    let sent = Command::new("kill")
+        .arg("-TERM")
+        .arg(p.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success());
 }
 
 /// A mock downstream on a free port, answering.
