@@ -357,10 +357,11 @@ async fn accept(
     let expires_at = expires_at(req, &doc)?;
     let span = tracing::Span::current();
     span.record("transaction_id", id.as_str());
-    span.record(
-        "transaction_key",
-        TransactionId::scoped(principal.vendor(), &id).as_str(),
-    );
+    // An id that cannot be scoped is refused by intake (400); the span then
+    // carries the bare id only.
+    if let Ok(key) = TransactionId::scoped(principal.vendor(), &id) {
+        span.record("transaction_key", key.as_str());
+    }
     let submission = Submission {
         transaction_id: id,
         payload: body,
