@@ -181,6 +181,10 @@ fn opt_scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, 
     Option::<ScalarText>::deserialize(d).map(|o| o.map(|t| t.0))
 }
 
+/// The longest WAL retention accepted: a hundred years. Beyond it the
+/// operator commands' time arithmetic would overflow.
+pub const MAX_WAL_RETENTION_DAYS: u32 = 36_500;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -558,10 +562,10 @@ impl Settings {
                 "must be at least 1 when RTPD_UNAUTHENTICATED_RATE_PER_SEC is set",
             ));
         }
-        if self.wal_retention_days == 0 {
+        if !(1..=MAX_WAL_RETENTION_DAYS).contains(&self.wal_retention_days) {
             return Err(ConfigError::new(
                 "RTPD_WAL_RETENTION_DAYS",
-                "must be at least 1 (the days of WAL the storage keeps)",
+                "must be between 1 and 36500 (the days of WAL the storage keeps)",
             ));
         }
         if !matches!(self.downstream_url.scheme(), "http" | "https") {
@@ -722,6 +726,8 @@ mod tests {
             ("RTPD_MAX_IN_FLIGHT", "0"),
             ("RTPD_CREDENTIALS_POLL_SECS", "0.01"),
             ("RTPD_VENDOR_RATE_PER_SEC", "-1"),
+            ("RTPD_WAL_RETENTION_DAYS", "0"),
+            ("RTPD_WAL_RETENTION_DAYS", "100000000"),
         ] {
             figment::Jail::expect_with(|jail| {
                 jail.set_env(name, value);

@@ -33,6 +33,7 @@ pub struct Opts {
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let settings = Settings::load()?;
+    super::time_arg::check_retention(opts.from, opts.to, settings.wal_retention_days)?;
     let svc = Services::build(&settings).await?;
     let mut o = ReconcileOptions::new(
         opts.from,

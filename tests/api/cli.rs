@@ -526,6 +526,18 @@ async fn operator_ranges_are_bounded_at_both_ends_on_every_command() {
             &["reconcile", "--dry-run", "--from", "1h", "--to", "2h"],
             "--to",
         ),
+        (
+            &["rebuild-ledger", "--dry-run", "--from", "99999999h"],
+            "RTPD_WAL_RETENTION_DAYS",
+        ),
+        (
+            &["rebuild-ledger", "--dry-run", "--from", "1h", "--to", far],
+            "--to",
+        ),
+        (
+            &["rebuild-ledger", "--dry-run", "--from", "1h", "--to", "2h"],
+            "--to",
+        ),
     ] {
         let out = rtpd_bounded(&app, args, &retention);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -539,6 +551,14 @@ async fn operator_ranges_are_bounded_at_both_ends_on_every_command() {
         &["wal", "cat", "TO-1", "--to", "now"],
         &["replay", "--from", "1h", "--to", "now", "--dry-run"],
         &["reconcile", "--dry-run", "--from", "29d", "--to", "now"],
+        &[
+            "rebuild-ledger",
+            "--dry-run",
+            "--from",
+            "29d",
+            "--to",
+            "now",
+        ],
     ] {
         let out = rtpd_bounded(&app, args, &retention);
         assert_eq!(
