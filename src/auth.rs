@@ -709,6 +709,17 @@ impl Auth {
         content: &[u8],
         now: i64,
     ) -> Result<Principal, AuthFailure> {
+        self.verify_signed_keyed(s, content, now).map(|(p, _)| p)
+    }
+
+    /// [`Auth::verify_signed`], also giving the replay-cache entry it made,
+    /// for [`Auth::forget_signature`] when the request is then refused.
+    pub fn verify_signed_keyed(
+        &self,
+        s: &Signed<'_>,
+        content: &[u8],
+        now: i64,
+    ) -> Result<(Principal, ReplayKey), AuthFailure> {
         let inner = self.current().ok_or(AuthFailure::UnknownVendor)?;
         if s.webhook_id.is_some() {
             return verify_webhook(&inner, s, content, now);
@@ -739,9 +750,26 @@ impl Auth {
         if !fresh {
             return Err(AuthFailure::ReusedSignature);
         }
-        Ok(Principal::Vendor(vendor.to_owned()))
+        Ok((Principal::Vendor(vendor.to_owned()), ReplayKey(sig)))
+    }
+
+    /// Forgets a signature verified by [`Auth::verify_signed_keyed`] whose
+    /// request was then refused (429, 503): it had no effect, so the
+    /// vendor's byte-identical retry must not be taken for a replay.
+    pub fn forget_signature(&self, key: ReplayKey) {
+        if let Some(inner) = self.current() {
+            inner
+                .seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(&key.0);
+        }
     }
 }
+
+/// A replay-cache entry: what [`Auth::forget_signature`] takes.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayKey([u8; 32]);
 
 /// What one reload did, for the caller and the tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -1023,7 +1051,7 @@ fn verify_webhook(
     s: &Signed<'_>,
     content: &[u8],
     now: i64,
-) -> Result<Principal, AuthFailure> {
+) -> Result<(Principal, ReplayKey), AuthFailure> {
     let WebhookParts { id, ts, sigs } = webhook_parts(inner, s, now)?;
     let prefix = format!("{id}.{ts}.");
     let mut found: Option<&str> = None;
@@ -1055,7 +1083,7 @@ fn verify_webhook(
     if !fresh {
         return Err(AuthFailure::ReusedSignature);
     }
-    Ok(Principal::Vendor(vendor.to_owned()))
+    Ok((Principal::Vendor(vendor.to_owned()), ReplayKey(attempt)))
 }
 
 /// A signed request that passed the checks possible before the body is read.
@@ -1108,6 +1136,11 @@ impl ReplayCache {
         self.seen.insert(sig);
         self.order.push_back((sig, expires));
         true
+    }
+
+    /// Forgets `sig` (its place in `order` expires as it would have).
+    fn forget(&mut self, sig: &[u8; 32]) {
+        self.seen.remove(sig);
     }
 }
 

@@ -81,6 +81,7 @@ pub async fn ingest(
         Ok(r) => r.status(),
         Err(e) => e.status_code(),
     };
+    state.forget_signature_if_refused(&req, status);
     span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {
         span.record("otel.status_code", "error");

@@ -22,7 +22,7 @@ use crate::intake::Intake;
 use crate::ledger::Ledger;
 use crate::replay::Replayer;
 use crate::wal::Log;
-use actix_web::{HttpMessage, HttpRequest, Route, http::Method, web};
+use actix_web::{HttpMessage, HttpRequest, Route, http::Method, http::StatusCode, web};
 pub use error::ApiError;
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
@@ -134,6 +134,10 @@ pub enum Caller {
 /// rejection after authentication can still name the vendor.
 #[derive(Debug, Clone)]
 pub struct CallerVendor(pub String);
+
+/// The replay-cache entry of a signed request's verified signature.
+#[derive(Clone, Copy)]
+struct SignatureUsed(crate::auth::ReplayKey);
 
 /// How a vendor authenticates this request.
 pub enum VendorCheck<'a> {
@@ -302,11 +306,27 @@ impl ApiState {
         s: &Signed<'_>,
         body: &[u8],
     ) -> Result<Principal, ApiError> {
-        let p = self
+        let (p, key) = self
             .auth
-            .verify_signed(s, body, now_unix())
+            .verify_signed_keyed(s, body, now_unix())
             .map_err(ApiError::Unauthenticated)?;
+        // Refused from here on (429, 503 — in admit or later in ingest), the
+        // request had no effect: ingest forgets the signature then, so the
+        // vendor's identical retry is not a replay.
+        req.extensions_mut().insert(SignatureUsed(key));
         self.admit(req, p)
+    }
+
+    /// Forgets the signature of a signed request that is answered `status`,
+    /// if that answer means the request had no effect and should be retried.
+    pub fn forget_signature_if_refused(&self, req: &HttpRequest, status: StatusCode) {
+        if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
+            return;
+        }
+        let key = req.extensions().get::<SignatureUsed>().map(|k| k.0);
+        if let Some(key) = key {
+            self.auth.forget_signature(key);
+        }
     }
 
     /// Remembers who the vendor is and applies its rate limit. A signed

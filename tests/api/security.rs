@@ -650,3 +650,34 @@ async fn the_openapi_document_matches_the_routes_served() {
         );
     }
 }
+
+/// A signed request refused after its signature was verified (a 429 here;
+/// a 503 when the vendors' pool is full or the WAL is down) did not happen:
+/// the vendor's byte-identical retry must be accepted, not refused as a
+/// replayed signature — a client may take that 401 as final and drop the
+/// payment.
+#[tokio::test]
+async fn a_signed_request_refused_after_verification_can_be_retried_as_is() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.vendor_rate_per_sec = 1;
+            s.vendor_rate_burst = 1;
+        },
+        ..Default::default()
+    })
+    .await;
+    let ts = now_unix();
+    let r = app.post_signed(r#"{"transaction_id":"RS-1"}"#, ts).await;
+    assert_eq!(r.status(), 202);
+    let body = r#"{"transaction_id":"RS-2"}"#;
+    let r = app.post_signed(body, ts).await;
+    assert_error(r, 429, "rate_limited", "second request in a second").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = app.post_signed(body, ts).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    // Once accepted, the same signature is a replay again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = app.post_signed(body, ts).await;
+    assert_error(r, 401, "unauthenticated", "replayed accepted signature").await;
+    app.drain_until_terminal(&["RS-1", "RS-2"]).await;
+}
