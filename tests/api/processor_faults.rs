@@ -381,6 +381,7 @@ async fn journaled_success(on: On) {
             next_retry_at: None,
             actor: "lost-worker".into(),
             reason: None,
+            sha256: None,
         })
         .await
         .unwrap();
