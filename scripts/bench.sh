@@ -7,9 +7,22 @@
 #                                                  with round trips per transaction for Redis and PostgreSQL
 #   scripts/bench.sh otel [COUNT] [CONCURRENCY]    rtpd api: OTLP export off vs collector down vs a collector
 #                                                  that accepts everything; ack rate, peak RSS, CPU per transaction
+#   scripts/bench.sh stack [COUNT] [CONCURRENCY]   the production-shaped stack: Azurite WAL, Redis ledger, the
+#                                                  in-repo Service Bus broker, mock downstream at 0 ms; `rtpd api` +
+#                                                  `rtpd processor` split, and `rtpd serve` in one process; acks/s,
+#                                                  ack p50/p99, p99 at half that rate, drain rate (tx/s end to end)
+#                                                  and rtpd CPU µs per transaction per process (/proc/<pid>/stat);
+#                                                  Microsoft's Python SDK sending to the same broker as a reference
 #
 # RTPD_BENCH_BIN=path/to/rtpd skips the release build and uses that binary;
-# RTPD_BENCH_ROUNDS sets the rounds of the otel scenario (2).
+# RTPD_BENCH_ROUNDS sets the rounds of the otel and stack scenarios (2).
+# stack: RTPD_BENCH_BROKER_BIN=path/to/sb-test-broker skips building the broker;
+# RTPD_BENCH_BASELINE_BIN="path/to/other/rtpd [label:path ...]" runs every
+# configuration with those binaries too, interleaved, so before/after ratios
+# come from the same run (the one labelled baseline runs `serve` with
+# RTPD_BENCH_BASELINE_COUNT transactions, default a tenth of COUNT);
+# RTPD_BENCH_MODES="split serve" picks the configurations;
+# RTPD_BENCH_PYTHON=path/to/python (with azure-servicebus) adds the SDK reference.
 #
 # Each scenario starts its own processes on free ports with fresh data and stops them.
 set -euo pipefail
@@ -195,8 +208,115 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
         done
     done
     ;;
+stack)
+    if [[ -n "${RTPD_BENCH_BROKER_BIN:-}" ]]; then
+        broker=$RTPD_BENCH_BROKER_BIN
+    else
+        cargo build --release --quiet -p sb-test-broker
+        broker=$PWD/target/release/sb-test-broker
+    fi
+    scripts/azurite.sh start "$work/azurite.env" >/dev/null
+    scripts/redis.sh start "$work/redis.env" >/dev/null
+    set -a; . "$work/azurite.env"; . "$work/redis.env"; set +a
+    rounds=${RTPD_BENCH_ROUNDS:-2}
+    modes=${RTPD_BENCH_MODES:-split serve}
+    bins=("this:$rtpd")
+    for b in ${RTPD_BENCH_BASELINE_BIN:-}; do
+        [[ $b == *:* ]] && bins+=("$b") || bins+=("baseline:$b")
+    done
+    queues=(--queue sdk-single --queue sdk-batch)
+    for round in $(seq "$rounds"); do
+        for b in "${bins[@]}"; do for mode in $modes; do queues+=(--queue "q-${b%%:*}-$mode-$round"); done; done
+    done
+    "$broker" --port 0 "${queues[@]}" >"$work/broker.out" 2>"$work/broker.log" &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q '^listening on' "$work/broker.out" && break; sleep 0.1; done
+    sb=$(sed -n 's/^listening on //p' "$work/broker.out")
+    [[ -n "$sb" ]] || { echo "bench: the broker did not start" >&2; exit 1; }
+    sbconn="Endpoint=sb://$sb;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
+    start_mock 0
+    tick=$(getconf CLK_TCK)
+    ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+    us_per_tx() { echo $(( ($2 - $1) * 1000000 / tick / $3 )); }
+    results=()
+    for round in $(seq "$rounds"); do
+        for b in "${bins[@]}"; do
+            label=${b%%:*}
+            for mode in $modes; do
+                # A baseline's serve may be slow (the collapse of issue 14): fewer transactions.
+                n=$count; [[ $label == baseline && $mode == serve ]] && n=${RTPD_BENCH_BASELINE_COUNT:-$((count / 10))}
+                name=$label-$mode-$round
+                stack=(RTPD_WAL=azure RTPD_STORAGE_CONNECTION_STRING="$RTPD_TEST_AZURITE_CONNECTION_STRING" RTPD_WAL_CONTAINER="bench-$name"
+                    RTPD_LEDGER=redis RTPD_REDIS_URL="$RTPD_TEST_REDIS_URL" RTPD_REDIS_KEY_PREFIX="bench-$name-$$"
+                    RTPD_QUEUE=servicebus RTPD_SERVICEBUS_CONNECTION_STRING="$sbconn" RTPD_SERVICEBUS_QUEUE="q-$name")
+                rtpd_saved=$rtpd; rtpd=${b#*:}
+                echo "== $name: $( [[ $mode == split ]] && echo 'rtpd api + rtpd processor' || echo 'rtpd serve'), $n transactions, concurrency $conc ($rtpd)"
+                procs=()
+                if [[ $mode == split ]]; then
+                    serve_cmd=processor start_serve "$name-processor" "${stack[@]}"
+                    procs+=("processor:$serve_pid")
+                    serve_cmd=api start_serve "$name-api" "${stack[@]}"
+                    procs+=("api:$serve_pid")
+                else
+                    serve_cmd=serve start_serve "$name" "${stack[@]}"
+                    procs+=("serve:$serve_pid")
+                fi
+                before=(); for p in "${procs[@]}"; do before+=("$(ticks "${p#*:}")"); done
+                t0=$(date +%s.%N)
+                produce "S$name" "$n" | tee "$work/$name.out"
+                drain "$t0" | tee "$work/$name.drain"
+                cpu=(); total_us=0; i=0
+                for p in "${procs[@]}"; do
+                    us=$(us_per_tx "${before[$i]}" "$(ticks "${p#*:}")" "$n")
+                    cpu+=("${p%%:*} $us"); total_us=$((total_us + us)); i=$((i + 1))
+                done
+                echo "rtpd CPU per transaction: ${cpu[*]} µs (total $total_us µs)"
+                acks=$(sed -n 's/.*acknowledged (\([0-9]*\)\/s).*/\1/p' "$work/$name.out")
+                p50=$(sed -n 's/.*p50 \([0-9.]*\) .*/\1/p' "$work/$name.out")
+                p99=$(sed -n 's/.*p99 \([0-9.]*\) .*/\1/p' "$work/$name.out")
+                drained=$(sed -n 's/.*: \([0-9]*\) processed\/s/\1/p' "$work/$name.drain")
+                half=$((acks / 2)); [[ $half -lt 1 ]] && half=1
+                hcount=$((half * 3)); [[ $hcount -gt $n ]] && hcount=$n
+                produce "H$name" "$hcount" "$conc" --rate "$half" >"$work/$name.half"
+                hp99=$(sed -n 's/.*p99 \([0-9.]*\) .*/\1/p' "$work/$name.half")
+                echo "at half that rate ($half/s, $hcount transactions): ack p99 $hp99 ms"
+                results+=("| $name | $acks | $p50 | $p99 | $hp99 | $drained | ${cpu[*]} | $total_us |")
+                for p in "${procs[@]}"; do kill "${p#*:}" 2>/dev/null || true; wait "${p#*:}" 2>/dev/null || true; done
+                rtpd=$rtpd_saved
+            done
+        done
+    done
+    if [[ -n "${RTPD_BENCH_PYTHON:-}" ]]; then
+        echo "== Microsoft's Python SDK against the same broker"
+        "$RTPD_BENCH_PYTHON" - "$sbconn" "$count" <<'PY'
+import sys, time
+from azure.servicebus import ServiceBusClient, ServiceBusMessage
+conn, count = sys.argv[1], int(sys.argv[2])
+body = "x" * 300
+with ServiceBusClient.from_connection_string(conn) as client:
+    with client.get_queue_sender("sdk-single") as s:
+        s.send_messages(ServiceBusMessage(body))
+        n = min(count, 5000); t = time.perf_counter()
+        for i in range(n):
+            s.send_messages(ServiceBusMessage(body, message_id=f"one-{i}"))
+        print(f"SDK, one message per send, sequential: {n / (time.perf_counter() - t):.0f} msg/s")
+    with client.get_queue_sender("sdk-batch") as s:
+        t = time.perf_counter()
+        for start in range(0, count, 100):
+            batch = s.create_message_batch()
+            for i in range(start, min(start + 100, count)):
+                batch.add_message(ServiceBusMessage(body, message_id=f"batch-{i}"))
+            s.send_messages(batch)
+        print(f"SDK, batches of 100: {count / (time.perf_counter() - t):.0f} msg/s")
+PY
+    fi
+    echo
+    echo "| configuration | acks/s | ack p50 ms | ack p99 ms | p99 at half rate ms | drained tx/s | rtpd CPU µs/tx by process | total µs/tx |"
+    echo "|---|---|---|---|---|---|---|---|"
+    printf '%s\n' "${results[@]}"
+    ;;
 *)
-    echo "usage: scripts/bench.sh dev|azure|ledger|otel [COUNT] [CONCURRENCY]" >&2
+    echo "usage: scripts/bench.sh dev|azure|ledger|otel|stack [COUNT] [CONCURRENCY]" >&2
     exit 2
     ;;
 esac

@@ -9,7 +9,8 @@
 #     CI budget, tests/sim: 300 seeds against tests/sim/known-defects.txt), the
 #     Service Bus conformance check with
 #     Microsoft's SDK against the in-repo broker, a schemathesis pass over the
-#     HTTP API, and the deployment checks.
+#     HTTP API, the deployment checks, and the real-process fault campaign's
+#     quick mode (scripts/chaos.sh --quick, after its auditor's self-check).
 # Needs: cargo (with cargo-nextest if present), node + npm, python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +76,24 @@ scripts/fuzz-api.sh target/debug/rtpd .venv/bin/schemathesis 25 || failed+=("api
 step "Deployment files (compose, Bicep, emulator config)"
 target/debug/rtpd config --env-names >"$work/env-names" || die "rtpd config --env-names failed"
 .venv/bin/python tests/deploy/check_deploy.py --env-names "$work/env-names" || failed+=("deployment checks")
+
+step "Fault campaign auditor self-check (doctored histories must fail the audit)"
+.venv/bin/python -m unittest discover -s tests/chaos -p 'test_*.py' || failed+=("chaos auditor self-check")
+
+step "Fault campaign (scripts/chaos.sh --quick: the production-shaped stack, >= 100 faults, audited)"
+# Debug binaries (built above); its own Azurite, Redis and broker on free
+# ports. Report and logs: target/chaos/<time>-seed<seed>/.
+# --known: checks of open defects (reported in the run's table, not failing
+# it); remove each when its issue is fixed:
+#   *_after_ledger_loss — N1 in docs/reliability.md: after a Redis loss and
+#     before the rebuild, ingest accepts other bytes under an acknowledged id
+#   attempt_after_journaled_success — issue 12 item 7 (restore paths left)
+scripts/chaos.sh --quick --seed "${RTPD_CHAOS_SEED:-1}" --bin-dir target/debug \
+    --known conflicting_bytes_accepted_after_ledger_loss \
+    --known ledger_holds_bytes_accepted_after_ledger_loss \
+    --known executed_bytes_accepted_after_ledger_loss \
+    --known attempt_after_journaled_success \
+    || failed+=("fault campaign")
 
 if ((${#failed[@]})); then
     printf '\nFAILED: %s\n' "${failed[*]}"

@@ -269,7 +269,12 @@ struct Otel {
     dead_lettered: OtelCounter<u64>,
     port_calls: OtelHistogram<f64>,
     api_rejected: OtelCounter<u64>,
+    resend: OtelCounter<u64>,
+    dependency_returned: OtelCounter<u64>,
 }
+
+/// What waits on recovery (count, oldest wait in seconds), for the OTLP gauges.
+static RECOVERY: Mutex<(i64, f64)> = Mutex::new((0, 0.0));
 
 static OTEL: OnceLock<Otel> = OnceLock::new();
 
@@ -335,6 +340,21 @@ pub fn export_over_otlp() {
                 }
             })
             .build();
+        m.i64_observable_gauge("rtpd_recovery_waiting")
+            .with_description("Transactions held back by a dependency outage (held messages and resend-queue entries)")
+            .with_callback(|o| {
+                let (n, _) = *RECOVERY.lock().unwrap_or_else(|e| e.into_inner());
+                o.observe(n, &[]);
+            })
+            .build();
+        m.f64_observable_gauge("rtpd_recovery_oldest_wait_seconds")
+            .with_description("How long the oldest transaction held back by an outage has waited (0 when none)")
+            .with_unit("s")
+            .with_callback(|o| {
+                let (_, oldest) = *RECOVERY.lock().unwrap_or_else(|e| e.into_inner());
+                o.observe(oldest, &[]);
+            })
+            .build();
         Otel {
             ingest_requests: counter(
                 &m,
@@ -391,6 +411,12 @@ pub fn export_over_otlp() {
                 &m,
                 "rtpd_api_rejected",
                 "API calls refused (4xx other than 404/405, and load shedding) by reason",
+            ),
+            resend: counter(&m, "rtpd_resend", "Resend-queue events by result"),
+            dependency_returned: counter(
+                &m,
+                "rtpd_dependency_returned",
+                "Dependencies that answered again after an outage",
             ),
         }
     });
@@ -520,10 +546,14 @@ pub fn recovery_waiting(n: usize, oldest: Duration) {
     let m = get();
     m.recovery_waiting.set(n as i64);
     m.recovery_oldest_wait.set(oldest.as_secs_f64());
+    *RECOVERY.lock().unwrap_or_else(|e| e.into_inner()) = (n as i64, oldest.as_secs_f64());
 }
 
 pub fn resend(result: &'static str) {
     get().resend.get_or_create(&ResultLabel { result }).inc();
+    if let Some(o) = otel() {
+        o.resend.add(1, &[KeyValue::new("result", result)]);
+    }
 }
 
 pub fn dependency_returned(dependency: &'static str) {
@@ -531,6 +561,10 @@ pub fn dependency_returned(dependency: &'static str) {
         .dependency_returned
         .get_or_create(&DependencyLabel { dependency })
         .inc();
+    if let Some(o) = otel() {
+        o.dependency_returned
+            .add(1, &[KeyValue::new("dependency", dependency)]);
+    }
 }
 
 /// Reads the ledger's counts and its oldest pending transaction into the

@@ -129,10 +129,59 @@ enum Held {
     /// The claim: it needs the message lock (without it another worker may
     /// take the message), so the hold ends when the lock is lost.
     Claim,
+    /// Extending the claim's lease before the downstream call: like the
+    /// claim, it ends when the lock is lost (nothing was called yet).
+    Lease,
     /// Recording an outcome (ledger settle, journal): it does not need the
     /// lock, so it goes on after the lock is lost.
     Ledger,
     Journal,
+}
+
+impl Held {
+    fn needs_lock(self) -> bool {
+        matches!(self, Held::Claim | Held::Lease)
+    }
+}
+
+/// The claim this worker holds on a transaction while it works on it, and
+/// how long it can be sure the claim is its own.
+struct Claim<'a> {
+    id: &'a str,
+    attempt: u32,
+    lease: std::sync::Mutex<ClaimLease>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ClaimLease {
+    /// The lease ends no earlier than this, on this process's monotonic
+    /// clock: it is counted from when the claim (or the last extension)
+    /// was sent, which is no later than when the ledger counted it from.
+    sure_until: crate::clock::Instant,
+    /// Taken over, settled or replayed by someone else: never extended again.
+    lost: bool,
+}
+
+impl Claim<'_> {
+    fn state(&self) -> ClaimLease {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How much of the lease is surely left.
+    fn left(&self) -> Duration {
+        self.state()
+            .sure_until
+            .saturating_duration_since(crate::clock::Instant::now())
+    }
+
+    fn extended(&self, sure_until: crate::clock::Instant) {
+        let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        l.sure_until = l.sure_until.max(sure_until);
+    }
+
+    fn lost(&self) {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner()).lost = true;
+    }
 }
 
 /// Why a message could not be held until its dependency answered.
@@ -149,6 +198,10 @@ const HOLD_BACKOFF_BASE: Duration = Duration::from_millis(100);
 const HOLD_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often an idle worker asks whether the ledger is back.
 const LEDGER_DOWN_POLL: Duration = Duration::from_millis(250);
+/// What a downstream call needs of its claim's lease beyond its timeout
+/// (the time from the check to the request, timers firing late, clocks),
+/// at most half the lock duration.
+const CALL_LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 impl Processor {
     /// Receives at most one message (waiting up to `wait`) and handles it.
@@ -209,17 +262,14 @@ impl Processor {
                 .await;
         }
         let reg = envelope.registration;
-        let lease = self.lock_duration + self.downstream_timeout;
         let mut claim = match self
-            .hold(&m, Held::Claim, || {
-                self.ledger.claim(&reg.transaction_id, &self.owner, lease)
-            })
+            .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
             .await
         {
             Ok(c) => c,
             Err(lost) => return self.lost_hold(lost),
         };
-        if let Ok(ClaimOutcome::NotFound) = claim {
+        if let Ok((_, ClaimOutcome::NotFound)) = claim {
             // The ledger lost this transaction (e.g. Redis was flushed). The
             // journal says whether it already finished; the message carries
             // enough to put it back.
@@ -241,16 +291,14 @@ impl Processor {
                 Err(e) => return self.defer(&m, e).await,
             }
             claim = match self
-                .hold(&m, Held::Claim, || {
-                    self.ledger.claim(&reg.transaction_id, &self.owner, lease)
-                })
+                .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
                 .await
             {
                 Ok(c) => c,
                 Err(lost) => return self.lost_hold(lost),
             };
         }
-        if let Ok(ClaimOutcome::NotDue(rec)) = &claim
+        if let Ok((_, ClaimOutcome::NotDue(rec))) = &claim
             && let Some(due) = self.due_within_lock(&m, rec)
         {
             // Issue 12 item 12: a copy a little early (the broker's clock
@@ -261,29 +309,27 @@ impl Processor {
             tracing::info!(next_retry_at = %due, "copy arrived a little before its retry was due; waiting for it under the lock");
             crate::clock::sleep((due - crate::clock::now()).to_std().unwrap_or_default()).await;
             claim = match self
-                .hold(&m, Held::Claim, || {
-                    self.ledger.claim(&reg.transaction_id, &self.owner, lease)
-                })
+                .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
                 .await
             {
                 Ok(c) => c,
                 Err(lost) => return self.lost_hold(lost),
             };
         }
-        let rec = match claim {
-            Ok(ClaimOutcome::Claimed(rec)) => rec,
-            Ok(ClaimOutcome::Terminal(_)) => return self.skip(&m, "already_done").await,
-            Ok(ClaimOutcome::Busy(rec)) => {
+        let (rec, claimed_at) = match claim {
+            Ok((sent, ClaimOutcome::Claimed(rec))) => (rec, sent),
+            Ok((_, ClaimOutcome::Terminal(_))) => return self.skip(&m, "already_done").await,
+            Ok((_, ClaimOutcome::Busy(rec))) => {
                 // Another worker holds the claim (or held it and died). Leave
                 // this copy locked: it comes back when the lock expires, by
                 // which time the claim has ended one way or the other.
                 tracing::info!(lease_until = ?rec.lease_until, "claimed elsewhere; message left to its lock expiry");
                 return Outcome::Busy;
             }
-            Ok(ClaimOutcome::NotDue(rec)) => {
+            Ok((_, ClaimOutcome::NotDue(rec))) => {
                 return self.reschedule_early_copy(&m, &reg, &rec).await;
             }
-            Ok(ClaimOutcome::NotFound) => {
+            Ok((_, ClaimOutcome::NotFound)) => {
                 return self
                     .defer(
                         &m,
@@ -294,6 +340,14 @@ impl Processor {
             Err(e) => return self.defer(&m, DeferCause::Ledger(e.to_string())).await,
         };
         let attempt = rec.attempts;
+        let claim = Claim {
+            id: &reg.transaction_id,
+            attempt,
+            lease: std::sync::Mutex::new(ClaimLease {
+                sure_until: claimed_at + self.lease(),
+                lost: false,
+            }),
+        };
         if rec.sha256 != reg.sha256 {
             return self.refuse_stale_copy(&m, &reg, &rec).await;
         }
@@ -311,7 +365,7 @@ impl Processor {
                 reason: DeadLetterReason::AttemptsWithoutOutcome,
                 error,
             };
-            return self.finish(&m, &reg, attempt, s, None).await;
+            return self.finish(&m, &reg, &claim, s, None).await;
         }
 
         if let Some(deadline) = deadline_passed(&rec, &reg, crate::clock::now()) {
@@ -324,17 +378,18 @@ impl Processor {
                 reason: DeadLetterReason::DeadlineExceeded,
                 error,
             };
-            return self.finish(&m, &reg, attempt, s, None).await;
+            return self.finish(&m, &reg, &claim, s, None).await;
         }
 
+        if let Err(outcome) = self.lease_for_call(&m, &claim).await {
+            return outcome;
+        }
         tracing::info!(attempt, "calling downstream");
-        let result = self
-            .call_renewing_lock(&m, &reg.transaction_id, attempt)
-            .await;
+        let result = self.call_keeping_claim(&m, &claim).await;
         match result {
             CallResult::Success { status } => {
                 tracing::info!(attempt, status, "transaction succeeded");
-                self.finish(&m, &reg, attempt, Settlement::Success, None)
+                self.finish(&m, &reg, &claim, Settlement::Success, None)
                     .await
             }
             CallResult::Transient {
@@ -359,7 +414,7 @@ impl Processor {
                         reason: DeadLetterReason::DeadlineExceeded,
                         error,
                     };
-                    return self.finish(&m, &reg, attempt, s, None).await;
+                    return self.finish(&m, &reg, &claim, s, None).await;
                 }
                 tracing::warn!(attempt, error = %reason, retry_in_secs = delay.as_secs_f64(), "transient failure; retry scheduled");
                 let copy = Envelope::new(reg.clone(), m.body.clone(), Delivery::Retry(attempt + 1))
@@ -369,7 +424,7 @@ impl Processor {
                     error: reason,
                     next_retry_at,
                 };
-                self.finish(&m, &reg, attempt, s, Some(copy)).await
+                self.finish(&m, &reg, &claim, s, Some(copy)).await
             }
             CallResult::Transient { reason, .. } => {
                 let error = format!("retries exhausted after {tries} attempts: {reason}");
@@ -378,7 +433,7 @@ impl Processor {
                     reason: DeadLetterReason::RetriesExhausted,
                     error,
                 };
-                self.finish(&m, &reg, attempt, s, None).await
+                self.finish(&m, &reg, &claim, s, None).await
             }
             CallResult::Permanent { reason } => {
                 tracing::warn!(attempt, error = %reason, "permanent failure; dead-lettering");
@@ -386,32 +441,165 @@ impl Processor {
                     reason: DeadLetterReason::PermanentFailure,
                     error: reason,
                 };
-                self.finish(&m, &reg, attempt, s, None).await
+                self.finish(&m, &reg, &claim, s, None).await
             }
         }
     }
 
-    /// Calls the downstream, renewing the message lock while the call runs.
-    async fn call_renewing_lock(&self, m: &ReceivedMessage, id: &str, attempt: u32) -> CallResult {
-        let call = self.downstream.call(id, attempt, m.body.clone());
-        tokio::pin!(call);
-        let every = (self.lock_duration / 2).max(Duration::from_millis(200));
-        let mut renewing = true;
-        loop {
-            tokio::select! {
-                r = &mut call => return r,
-                _ = tokio::time::sleep(every), if renewing => {
-                    match self.queue.renew_lock(m).await {
-                        Ok(until) => tracing::debug!(%until, "lock renewed"),
-                        Err(e) => {
-                            // The ledger lease still fences the outcome; keep the call.
-                            tracing::warn!(error = %e, "could not renew message lock");
-                            renewing = !matches!(e, QueueError::LockLost);
-                        }
-                    }
+    /// `claim`, with the instant it was sent: the lease the ledger grants
+    /// counts from no earlier.
+    async fn claim(&self, id: &str) -> Result<(crate::clock::Instant, ClaimOutcome), LedgerError> {
+        let sent = crate::clock::Instant::now();
+        let c = self.ledger.claim(id, &self.owner, self.lease()).await?;
+        Ok((sent, c))
+    }
+
+    /// The lease a claim (or an extension) asks for.
+    fn lease(&self) -> Duration {
+        self.lock_duration + self.downstream_timeout
+    }
+
+    /// What a downstream call started now needs left of its claim's lease.
+    fn call_needs(&self) -> Duration {
+        self.downstream_timeout + CALL_LEASE_MARGIN.min(self.lock_duration / 2)
+    }
+
+    /// One `extend_lease` of `c`; on success the lease is sure for a full
+    /// lease from when it was sent, on `Fenced` the claim is lost.
+    async fn extend(&self, c: &Claim<'_>) -> Result<(), LedgerError> {
+        let sent = crate::clock::Instant::now();
+        match self
+            .ledger
+            .extend_lease(c.id, &self.owner, c.attempt, self.lease())
+            .await
+        {
+            Ok(_) => {
+                c.extended(sent + self.lease());
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, LedgerError::Fenced { .. }) {
+                    c.lost();
                 }
+                Err(e)
             }
         }
+    }
+
+    /// Extends the claim's lease once less than half of it is surely left,
+    /// so it outlasts what the worker waits for (the call, the journal).
+    /// A ledger that does not answer leaves the lease to run: nothing is
+    /// called on it after that without a successful extension
+    /// ([`Processor::lease_for_call`]), and an outcome recorded late is
+    /// fenced by the attempt number.
+    async fn keep_lease(&self, c: &Claim<'_>) {
+        if c.state().lost || c.left() >= self.lease() / 2 {
+            return;
+        }
+        match self.extend(c).await {
+            Ok(()) => tracing::debug!(attempt = c.attempt, "claim's lease extended"),
+            Err(LedgerError::Fenced { .. }) => {
+                tracing::warn!(
+                    attempt = c.attempt,
+                    "the claim was taken over while this attempt was in flight"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(attempt = c.attempt, error = %e, "could not extend the claim's lease")
+            }
+        }
+    }
+
+    /// Runs `work` while keeping `c`'s lease (checked every sixth of a
+    /// lease, concurrently: a slow ledger never holds up `work`).
+    async fn keeping<T>(&self, c: Option<&Claim<'_>>, work: impl Future<Output = T>) -> T {
+        let Some(c) = c else {
+            return work.await;
+        };
+        let every = (self.lease() / 6).max(Duration::from_millis(100));
+        let keep = async {
+            loop {
+                crate::clock::sleep(every).await;
+                self.keep_lease(c).await;
+            }
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            biased;
+            r = &mut work => r,
+            _ = keep => work.await,
+        }
+    }
+
+    /// Makes sure the claim outlasts a downstream call started now (its
+    /// timeout and a margin). A claim that may not — the worker was slow
+    /// between the claim and the call — is extended first, the message
+    /// held while the ledger does not answer. No call is made on a lease
+    /// that may have run out: a hold longer than the lease ends in a
+    /// successful extension (nobody took the transaction over, so it is
+    /// ours for a full lease again) or in `Fenced` (someone did, and they
+    /// call; this worker does not).
+    async fn lease_for_call(&self, m: &ReceivedMessage, c: &Claim<'_>) -> Result<(), Outcome> {
+        for _ in 0..3 {
+            if c.left() >= self.call_needs() {
+                return Ok(());
+            }
+            tracing::info!(
+                attempt = c.attempt,
+                left_secs = c.left().as_secs_f64(),
+                "the claim's lease may not outlast the call; extending it first"
+            );
+            match self.hold(m, Held::Lease, None, || self.extend(c)).await {
+                Err(lost) => return Err(self.lost_hold(lost)),
+                Ok(Ok(())) => {}
+                Ok(Err(LedgerError::Fenced { .. })) => {
+                    tracing::warn!(
+                        attempt = c.attempt,
+                        "the claim was taken over before the call; not calling"
+                    );
+                    let _ = self.queue.complete(m).await;
+                    return Err(Outcome::Fenced);
+                }
+                Ok(Err(e)) => return Err(self.defer(m, DeferCause::Ledger(e.to_string())).await),
+            }
+        }
+        Err(self
+            .defer(
+                m,
+                DeferCause::Ledger("lease extensions answered too late for the call to fit".into()),
+            )
+            .await)
+    }
+
+    /// Calls the downstream, renewing the message lock and keeping the
+    /// claim's lease while the call runs. Both run beside the call, so a
+    /// slow renewal never keeps the call's own timeout from ending it.
+    async fn call_keeping_claim(&self, m: &ReceivedMessage, c: &Claim<'_>) -> CallResult {
+        let call = self.downstream.call(c.id, c.attempt, m.body.clone());
+        let renew = async {
+            let every = (self.lock_duration / 2).max(Duration::from_millis(200));
+            loop {
+                crate::clock::sleep(every).await;
+                match self.queue.renew_lock(m).await {
+                    Ok(until) => tracing::debug!(%until, "lock renewed"),
+                    // The ledger lease still fences the outcome; keep the call.
+                    Err(QueueError::LockLost) => {
+                        tracing::warn!("message lock lost during the call");
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew message lock"),
+                }
+            }
+        };
+        let call_renewing = async {
+            tokio::pin!(call);
+            tokio::select! {
+                biased;
+                r = &mut call => r,
+                _ = renew => call.await,
+            }
+        };
+        self.keeping(Some(c), call_renewing).await
     }
 
     /// Journal, then ledger, then (retry copy and) settlement.
@@ -419,10 +607,11 @@ impl Processor {
         &self,
         m: &ReceivedMessage,
         reg: &Registration,
-        attempt: u32,
+        claim: &Claim<'_>,
         s: Settlement,
         retry: Option<OutgoingMessage>,
     ) -> Outcome {
+        let attempt = claim.attempt;
         let (error, next_retry_at) = match &s {
             Settlement::Success => (None, None),
             Settlement::Failed {
@@ -444,8 +633,13 @@ impl Processor {
             reason: None,
             sha256: Some(reg.sha256.clone()),
         };
+        // The lease is kept while the journal does not answer: a journal
+        // outage longer than the lease must not let another worker take the
+        // transaction over and call again before this outcome is written.
         match self
-            .hold(m, Held::Journal, || self.journal.append(&entry))
+            .hold(m, Held::Journal, Some(claim), || {
+                self.journal.append(&entry)
+            })
             .await
         {
             Ok(Ok(_)) => {}
@@ -462,7 +656,7 @@ impl Processor {
             self.resend.push(&reg.transaction_id, copy);
         }
         let settled = self
-            .hold(m, Held::Ledger, || {
+            .hold(m, Held::Ledger, None, || {
                 self.ledger
                     .settle(&reg.transaction_id, &self.owner, attempt, s.clone())
             })
@@ -654,12 +848,15 @@ impl Processor {
     /// message locked meanwhile: between tries it waits with back-off and
     /// renews the lock before it runs low. A ledger or journal blip then
     /// costs the time of the blip, not a lease expiry or a reconciler pass,
-    /// and burns no deliveries. Only the claim ([`Held::Claim`]) ends early
-    /// when the lock is lost; recording an outcome goes on without it.
+    /// and burns no deliveries. Only the claim and the lease extension
+    /// before a call ([`Held::needs_lock`]) end early when the lock is lost;
+    /// recording an outcome goes on without it. With `keep`, the claim's
+    /// lease is kept meanwhile (while the ledger answers).
     async fn hold<T, E, F, Fut>(
         &self,
         m: &ReceivedMessage,
         what: Held,
+        keep: Option<&Claim<'_>>,
         mut op: F,
     ) -> Result<Result<T, E>, HoldLost>
     where
@@ -672,7 +869,7 @@ impl Processor {
         let mut renewing = true;
         let mut waiting = None;
         loop {
-            let r = op().await;
+            let r = self.keeping(keep, op()).await;
             match &r {
                 Err(e) if e.is_unavailable() => {}
                 _ => {
@@ -716,7 +913,7 @@ impl Processor {
                     }
                 };
                 if let Some(lost) = lost {
-                    if what == Held::Claim {
+                    if what.needs_lock() {
                         return Err(lost);
                     }
                     // The outcome is recorded all the same (a redelivery
@@ -725,7 +922,7 @@ impl Processor {
                     renewing = false;
                 }
             }
-            crate::clock::sleep(pause).await;
+            self.keeping(keep, crate::clock::sleep(pause)).await;
         }
     }
 

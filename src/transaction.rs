@@ -490,6 +490,16 @@ pub mod machine {
             && rec.lease_owner.as_deref() == Some(owner)
     }
 
+    /// A lease extension by the holder ([`holds`]): the lease ends at
+    /// `lease_until` unless it already ends later (an extension never
+    /// shortens it). `updated_at` stays: the state did not change, so the
+    /// record keeps its place in the lists.
+    pub fn apply_extension(rec: &mut TxRecord, lease_until: DateTime<Utc>) {
+        if rec.lease_until.is_none_or(|u| u < lease_until) {
+            rec.lease_until = Some(lease_until);
+        }
+    }
+
     pub fn apply_settlement(rec: &mut TxRecord, s: &Settlement, now: DateTime<Utc>) {
         rec.status = s.state();
         rec.lease_owner = None;

@@ -215,6 +215,40 @@ impl Ledger for LocalLedger {
         }
     }
 
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<TxRecord, LedgerError> {
+        let (id2, owner2) = (id.to_owned(), owner.to_owned());
+        let found = self
+            .run(move |c| {
+                let Some(mut rec) = load(c, &id2)? else {
+                    return Ok(None);
+                };
+                if !machine::holds(&rec, &owner2, attempt) {
+                    return Ok(Some(None));
+                }
+                let until = crate::clock::now()
+                    + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+                machine::apply_extension(&mut rec, until);
+                store(c, &rec, Some(rec.status))?;
+                Ok(Some(Some(rec)))
+            })
+            .await?;
+        match found {
+            Some(Some(rec)) => Ok(rec),
+            Some(None) => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            None => Err(LedgerError::NotFound(id.to_owned())),
+        }
+    }
+
     async fn replay(
         &self,
         id: &str,

@@ -9,7 +9,8 @@
 //!   fencing token. It refuses terminal records, unexpired leases of others,
 //!   and failed records whose retry is not due.
 //! - `settle` succeeds only for the current owner with the current attempt; a
-//!   stale owner gets [`LedgerError::Fenced`] and nothing changes.
+//!   stale owner gets [`LedgerError::Fenced`] and nothing changes. So does
+//!   `extend_lease`, which keeps a claim its holder still works on.
 //! - Counts by state change in the same atomic step as the state; they are
 //!   never computed by scanning.
 //! - The ledger is an index, not the source of truth: the WAL and the outcome
@@ -206,6 +207,22 @@ pub trait Ledger: Send + Sync + 'static {
         owner: &str,
         attempt: u32,
         s: Settlement,
+    ) -> Result<TxRecord, LedgerError>;
+    /// Extends the lease of a claim the caller still holds — `owner` at
+    /// `attempt`, still `processing` (`machine::holds`) — to `lease` from
+    /// now by the clock `claim` reads, never shortening it. A worker whose
+    /// call or outcome takes longer than the lease it claimed with keeps
+    /// the transaction this way, so no one else takes it over meanwhile. A
+    /// lapsed lease that nobody took over is the caller's again (no other
+    /// attempt can have started: that would have raised the attempt
+    /// number). [`LedgerError::Fenced`] (nothing changes) when the claim
+    /// was taken over, settled or replayed; `NotFound` for an unknown id.
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
     ) -> Result<TxRecord, LedgerError>;
     async fn replay(
         &self,

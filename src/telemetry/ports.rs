@@ -97,6 +97,20 @@ impl Ledger for InstrumentedLedger {
     ) -> Result<TxRecord, LedgerError> {
         ledger("settle", Some(id), self.0.settle(id, owner, attempt, s)).await
     }
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<TxRecord, LedgerError> {
+        ledger(
+            "extend_lease",
+            Some(id),
+            self.0.extend_lease(id, owner, attempt, lease),
+        )
+        .await
+    }
     async fn replay(
         &self,
         id: &str,

@@ -122,6 +122,134 @@ pub async fn expired_lease_is_taken_over_and_old_owner_fenced(l: Arc<dyn Ledger>
     l.settle("t3", "w2", 2, Settlement::Success).await.unwrap();
 }
 
+/// `extend_lease` keeps a claim its holder still works on: past the end of
+/// the lease it claimed with, the extension is what keeps others out. It
+/// never shortens a lease, and a stranger or a stale attempt changes nothing.
+pub async fn extend_lease_keeps_a_held_claim(l: Arc<dyn Ledger>) {
+    l.register(reg("e1", "aa")).await.unwrap();
+    let short = Duration::from_millis(300);
+    let ClaimOutcome::Claimed(c) = l.claim("e1", "w1", short).await.unwrap() else {
+        panic!("claimable")
+    };
+    let sent = Utc::now();
+    let e = l.extend_lease("e1", "w1", 1, LEASE).await.unwrap();
+    let until = e.lease_until.unwrap();
+    assert!(until > c.lease_until.unwrap(), "{e:?}");
+    assert!(
+        until >= sent + chrono::Duration::from_std(LEASE).unwrap() - chrono::Duration::seconds(1),
+        "{e:?}"
+    );
+    let mut want = c.clone();
+    want.lease_until = e.lease_until;
+    assert_eq!(
+        e, want,
+        "only the lease moves (not the state, attempt or updated_at)"
+    );
+    assert_eq!(l.get("e1").await.unwrap(), Some(e.clone()));
+
+    tokio::time::sleep(short * 2).await;
+    assert!(
+        matches!(
+            l.claim("e1", "w2", LEASE).await.unwrap(),
+            ClaimOutcome::Busy(_)
+        ),
+        "the first lease has ended; the extension keeps the claim"
+    );
+    let again = l
+        .extend_lease("e1", "w1", 1, Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(again.lease_until, e.lease_until, "never shortened");
+
+    for (owner, attempt) in [("w2", 1), ("w1", 2), ("w1", 0)] {
+        let err = l
+            .extend_lease("e1", owner, attempt, LEASE)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, LedgerError::Fenced { .. }),
+            "{owner} {attempt}: {err:?}"
+        );
+    }
+    assert_eq!(
+        l.get("e1").await.unwrap(),
+        Some(e),
+        "fenced changes nothing"
+    );
+    assert!(matches!(
+        l.extend_lease("missing", "w1", 1, LEASE).await,
+        Err(LedgerError::NotFound(_))
+    ));
+
+    // Settled: nothing left to extend.
+    l.settle("e1", "w1", 1, Settlement::Success).await.unwrap();
+    assert!(matches!(
+        l.extend_lease("e1", "w1", 1, LEASE).await,
+        Err(LedgerError::Fenced { .. })
+    ));
+    assert_eq!(l.get("e1").await.unwrap().unwrap().status, State::Success);
+}
+
+/// Once another attempt has taken the transaction over (or an operator has
+/// replayed it), the old holder's extension fails and steals nothing. A lapsed
+/// lease nobody took over is still the holder's: no other attempt started.
+pub async fn extend_lease_after_a_takeover_is_fenced(l: Arc<dyn Ledger>) {
+    let short = Duration::from_millis(200);
+    l.register(reg("e2", "aa")).await.unwrap();
+    assert!(matches!(
+        l.claim("e2", "w1", short).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    tokio::time::sleep(short * 2).await;
+    let ClaimOutcome::Claimed(taken) = l.claim("e2", "w2", LEASE).await.unwrap() else {
+        panic!("an expired lease can be taken over")
+    };
+    assert_eq!(taken.attempts, 2);
+    let err = l.extend_lease("e2", "w1", 1, LEASE).await.unwrap_err();
+    assert!(matches!(err, LedgerError::Fenced { .. }), "{err:?}");
+    assert_eq!(
+        l.get("e2").await.unwrap(),
+        Some(taken.clone()),
+        "the new holder keeps its claim and its lease"
+    );
+    assert!(matches!(
+        l.settle("e2", "w1", 1, Settlement::Success).await,
+        Err(LedgerError::Fenced { .. })
+    ));
+    l.extend_lease("e2", "w2", 2, LEASE).await.unwrap();
+    l.settle("e2", "w2", 2, Settlement::Success).await.unwrap();
+
+    // Lapsed, not taken over: the extension keeps it, and others wait.
+    l.register(reg("e3", "aa")).await.unwrap();
+    assert!(matches!(
+        l.claim("e3", "w1", short).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    tokio::time::sleep(short * 2).await;
+    l.extend_lease("e3", "w1", 1, LEASE).await.unwrap();
+    assert!(matches!(
+        l.claim("e3", "w2", LEASE).await.unwrap(),
+        ClaimOutcome::Busy(_)
+    ));
+
+    // Replayed after its lease lapsed: the old attempt extends nothing.
+    l.register(reg("e4", "aa")).await.unwrap();
+    assert!(matches!(
+        l.claim("e4", "w1", short).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    tokio::time::sleep(short * 2).await;
+    assert!(matches!(
+        l.replay("e4", "n", false).await.unwrap(),
+        ReplayOutcome::Reset(_)
+    ));
+    assert!(matches!(
+        l.extend_lease("e4", "w1", 1, LEASE).await,
+        Err(LedgerError::Fenced { .. })
+    ));
+    assert_eq!(l.get("e4").await.unwrap().unwrap().status, State::Pending);
+}
+
 pub async fn failed_retry_is_not_due_early(l: Arc<dyn Ledger>) {
     l.register(reg("t4", "aa")).await.unwrap();
     l.claim("t4", "w", LEASE).await.unwrap();
@@ -624,7 +752,7 @@ async fn put(l: &dyn Ledger, name: &str, n: usize, rec: &TxRecord) -> (String, T
     (rec.transaction_id.to_string(), rec)
 }
 
-/// Every claim, settle and replay decides exactly as `transaction::machine`
+/// Every claim, settle, lease extension and replay decides exactly as `transaction::machine`
 /// does, from every state the machine distinguishes, and counts follow.
 pub async fn decisions_follow_the_state_machine(l: Arc<dyn Ledger>) {
     let l = l.as_ref();
@@ -683,6 +811,41 @@ pub async fn decisions_follow_the_state_machine(l: Arc<dyn Ledger>) {
                         "fenced changes nothing"
                     );
                 }
+            }
+        }
+
+        // lease extension, by the owner of record and by a stranger
+        for (k, (owner, attempt)) in [("w1", 2), ("w2", 2), ("w1", 3)].into_iter().enumerate() {
+            let (id, before) = put(l, name, i * 10 + 200 + k, &rec).await;
+            let sent = micros(Utc::now());
+            let got = l.extend_lease(&id, owner, attempt, lease).await;
+            if machine::holds(&before, owner, attempt) {
+                let r = got.unwrap();
+                let until = r.lease_until.unwrap();
+                assert!(
+                    until
+                        >= sent + chrono::Duration::from_std(lease).unwrap()
+                            - chrono::Duration::seconds(1),
+                    "{name}: {r:?}"
+                );
+                assert!(
+                    before.lease_until.is_none_or(|b| until >= b),
+                    "{name}: shortened"
+                );
+                let mut want = before.clone();
+                machine::apply_extension(&mut want, until);
+                assert_eq!(r, want, "{name}");
+                assert_eq!(l.get(&id).await.unwrap(), Some(want), "{name}");
+            } else {
+                assert!(
+                    matches!(got, Err(LedgerError::Fenced { .. })),
+                    "{name}: {got:?}"
+                );
+                assert_eq!(
+                    l.get(&id).await.unwrap(),
+                    Some(before),
+                    "fenced changes nothing"
+                );
             }
         }
 
@@ -747,6 +910,14 @@ macro_rules! ledger_contract {
             #[tokio::test]
             async fn expired_lease_is_taken_over_and_old_owner_fenced() {
                 super::expired_lease_is_taken_over_and_old_owner_fenced($make().await).await
+            }
+            #[tokio::test]
+            async fn extend_lease_keeps_a_held_claim() {
+                super::extend_lease_keeps_a_held_claim($make().await).await
+            }
+            #[tokio::test]
+            async fn extend_lease_after_a_takeover_is_fenced() {
+                super::extend_lease_after_a_takeover_is_fenced($make().await).await
             }
             #[tokio::test]
             async fn failed_retry_is_not_due_early() {

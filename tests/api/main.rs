@@ -1,5 +1,6 @@
 mod azure_blob;
 mod azure_wal;
+mod claim_lease;
 mod cli;
 mod contract_ledger;
 mod contract_queue;
@@ -25,6 +26,7 @@ mod security;
 mod seed_routes;
 mod servicebus;
 mod servicebus_azure;
+mod servicebus_speed;
 mod support;
 mod telemetry;
 mod webhooks;

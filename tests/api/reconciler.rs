@@ -369,6 +369,15 @@ impl Ledger for ReplayDuringPass {
     ) -> Result<TxRecord, LedgerError> {
         self.inner.settle(id, owner, attempt, s).await
     }
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<TxRecord, LedgerError> {
+        self.inner.extend_lease(id, owner, attempt, lease).await
+    }
     async fn replay(
         &self,
         id: &str,

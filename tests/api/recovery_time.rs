@@ -8,11 +8,13 @@
 //! - Production-shaped: `rtpd api` + `rtpd processor`, the Service Bus test
 //!   broker, Redis with AOF, local WAL, mock downstream at 50 ms; a 6 s outage
 //!   mid-backlog. `RTPD_TEST_RECOVERY_TX` sets the number of transactions
-//!   (the figure is 600; CI runs 150).
+//!   (the figure is 600; CI runs 150); the processes run from
+//!   `RTPD_TEST_RELEASE_BIN` when it is set (`scripts/test.sh` sets it; the
+//!   figures in docs/reliability.md are of the release binary).
 
 use crate::support::process::{
-    OwnRedis, Proc, azurite_connection_string_on, free_port, rtpd, spawn_mock, start_azurite,
-    stop_azurite, wait_http_ok,
+    OwnRedis, Proc, azurite_connection_string_on, free_port, release_rtpd, spawn_mock_from,
+    start_azurite, stop_azurite, wait_http_ok,
 };
 use crate::support::{AppOptions, json, spawn_app_with};
 use rtp_durability::mock_downstream::MockOptions;
@@ -200,7 +202,7 @@ async fn start_stack(fault: Fault) -> Stack {
         .unwrap();
     let broker_addr = broker.addr();
     let mock_port = free_port();
-    let mock = spawn_mock(mock_port, &["--latency-ms", "50"]);
+    let mock = spawn_mock_from(release_rtpd(), mock_port, &["--latency-ms", "50"]);
     wait_http_ok(
         &format!("http://127.0.0.1:{mock_port}/healthz"),
         Duration::from_secs(20),
@@ -248,7 +250,7 @@ async fn start_stack(fault: Fault) -> Stack {
     let spawn = |sub: &str, port: u16| {
         let log = std::fs::File::create(dir.path().join(format!("{sub}.log"))).unwrap();
         Proc(
-            rtpd()
+            release_rtpd()
                 .arg(sub)
                 .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                 .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{port}"))

@@ -734,3 +734,186 @@ async fn limits_are_counted_in_utf16_code_units_as_the_service_does() {
     assert_eq!(description.encode_utf16().count(), 4096);
     assert_eq!(description, "😀".repeat(2048));
 }
+
+// Review of the drain and prefetch handling: ordering on the wire, drains the
+// service leaves unanswered, buffered messages nobody asks for, refusals of
+// an attach.
+
+#[tokio::test]
+async fn messages_sent_just_before_a_drains_answer_come_back_with_it() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = connect(&b, &queue).await;
+    q.send(vec![msg("dr-1"), msg("dr-2"), msg("dr-3")])
+        .await
+        .unwrap();
+    // The service holds the messages until the receive drains, then sends
+    // them in the same write as, and just before, the drain's answer.
+    b.deliver_at_next_drains(1);
+    let got = q.receive(5, Duration::from_millis(300)).await.unwrap();
+    let mut ids: Vec<_> = got.iter().map(|m| m.message_id.clone()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["dr-1", "dr-2", "dr-3"],
+        "transfers that preceded the drain's answer on the wire were refused"
+    );
+    for m in &got {
+        q.complete(m)
+            .await
+            .expect("settled on the link that received it");
+    }
+    wait_counts(&b, &queue, (0, 0)).await;
+    // The link survived: the next receive takes the next message on it.
+    q.send(vec![msg("dr-4")]).await.unwrap();
+    let next = receive_one(&q).await;
+    assert_eq!(next.message_id, "dr-4");
+    q.complete(&next).await.unwrap();
+}
+
+/// Generous bound for an operation that must not wait for the drain's
+/// 30 s limit.
+const NOT_HELD: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn an_unanswered_drain_holds_neither_messages_received_nor_settlements() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = std::sync::Arc::new(connect(&b, &queue).await);
+    q.send(vec![msg("ud-1")]).await.unwrap();
+    let first = receive_one(&q).await;
+    // A short receive that got a message: it returns it although the
+    // service never answers the drain that follows.
+    q.send(vec![msg("ud-2")]).await.unwrap();
+    b.ignore_next_drains(1);
+    let got = tokio::time::timeout(NOT_HELD, q.receive(5, Duration::from_millis(300)))
+        .await
+        .expect("the receive waited for a drain the service never answered")
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message_id, "ud-2");
+    for m in [&first, &got[0]] {
+        tokio::time::timeout(NOT_HELD, q.complete(m))
+            .await
+            .expect("a settlement waited behind an unanswered drain")
+            .expect("settled");
+    }
+    wait_counts(&b, &queue, (0, 0)).await;
+    // An empty receive waiting on an unanswered drain does not hold a
+    // settlement of an earlier message either.
+    q.send(vec![msg("ud-3")]).await.unwrap();
+    let third = receive_one(&q).await;
+    b.ignore_next_drains(1);
+    let waiting = {
+        let q = q.clone();
+        tokio::spawn(async move { q.receive(5, Duration::from_millis(200)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(NOT_HELD, q.complete(&third))
+        .await
+        .expect("a settlement waited behind an unanswered drain")
+        .expect("settled");
+    let none = tokio::time::timeout(NOT_HELD, waiting)
+        .await
+        .expect("an empty receive waited out the drain's whole limit")
+        .unwrap()
+        .unwrap();
+    assert!(none.is_empty());
+    wait_counts(&b, &queue, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn prefetched_messages_nobody_asks_for_are_released_without_a_receive() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        prefetch: 3,
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    q.send(vec![msg("pr-1"), msg("pr-2"), msg("pr-3")])
+        .await
+        .unwrap();
+    let first = q.receive(1, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    q.complete(&first[0]).await.unwrap();
+    // Nobody receives again: the two prefetched messages go back to the
+    // queue well before their lock ends, and do not come straight back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        b.locked(&queue),
+        0,
+        "prefetched messages stayed locked with nobody asking for them"
+    );
+    let other = connect(&b, &queue).await;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        if seen.len() == 2 {
+            break;
+        }
+        for m in other.receive(2, Duration::from_secs(1)).await.unwrap() {
+            other.complete(&m).await.unwrap();
+            seen.push(m.message_id);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["pr-2", "pr-3"]);
+    wait_counts(&b, &queue, (0, 0)).await;
+}
+
+#[tokio::test]
+#[ignore = "after a refused attach, the next attach on the same session fails with fe2o3's IllegalState (seen for the second condition here); not yet understood"]
+async fn a_busy_or_timed_out_attach_leaves_the_connection_up() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = connect(&b, &queue).await;
+    let connections = b.connections();
+    for condition in ["com.microsoft:server-busy", "com.microsoft:timeout"] {
+        b.refuse_next_attaches(1, condition);
+        let e = q
+            .receive(1, Duration::from_millis(200))
+            .await
+            .expect_err("the attach was refused");
+        assert!(e.is_retryable(), "{condition}: {e}");
+        assert!(e.to_string().contains(condition), "{condition}: {e}");
+    }
+    q.send(vec![msg("ba-1")]).await.unwrap();
+    let m = receive_one(&q).await;
+    q.complete(&m).await.unwrap();
+    assert_eq!(
+        b.connections(),
+        connections,
+        "a link-level refusal made the client drop its connection"
+    );
+}
+
+#[tokio::test]
+async fn a_token_revoked_while_a_receive_waits_is_put_again_and_the_receive_goes_on() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = std::sync::Arc::new(connect(&b, &queue).await);
+    let other = connect(&b, &queue).await;
+    let waiting = {
+        let q = q.clone();
+        tokio::spawn(async move { q.receive(1, Duration::from_secs(6)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The receiving link is detached with amqp:unauthorized-access mid-wait.
+    let puts = b.cbs_puts().len();
+    b.revoke_tokens();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    other
+        .send(vec![msg("rv-1")])
+        .await
+        .expect("the send puts a fresh token");
+    let got = waiting
+        .await
+        .unwrap()
+        .expect("the receive put a fresh token and went on");
+    assert_eq!(got.len(), 1, "the receive gave up on its link");
+    assert_eq!(got[0].message_id, "rv-1");
+    assert!(b.cbs_puts().len() >= puts + 2, "no fresh token was put");
+    q.complete(&got[0]).await.unwrap();
+    wait_counts(&b, &queue, (0, 0)).await;
+}

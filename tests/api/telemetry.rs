@@ -154,6 +154,10 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
                 && points
                     .iter()
                     .any(|p| p.metric == "rtpd_oldest_pending_age_seconds")
+                && points.iter().any(|p| p.metric == "rtpd_recovery_waiting")
+                && points
+                    .iter()
+                    .any(|p| p.metric == "rtpd_recovery_oldest_wait_seconds")
                 && r.histograms()
                     .iter()
                     .any(|h| h == "rtpd_downstream_duration_seconds")

@@ -34,6 +34,7 @@ class Tx:
     final: str = ""  # acked | refused | gave_up
     dup: list = field(default_factory=list)
     conflict: list = field(default_factory=list)
+    conflict_sha256: str | None = None  # sha256 of the other bytes posted under this id
 
     @property
     def sha256(self) -> str:
@@ -44,6 +45,7 @@ class Tx:
             "n": self.n, "id": self.id, "fate": self.fate, "sha256": self.sha256,
             "body": self.body.decode(), "attempts": self.attempts, "ack": self.ack,
             "final": self.final, "dup": self.dup, "conflict": self.conflict,
+            "conflict_sha256": self.conflict_sha256,
         }
 
 
@@ -217,6 +219,7 @@ class Producer:
                 if rng.random() < self.probe_rate:
                     time.sleep(rng.uniform(0, 2))
                     other = tx.body.replace(b'"amount":"', b'"amount":"9', 1)
+                    tx.conflict_sha256 = hashlib.sha256(other).hexdigest()
                     tx.conflict = self._send_until_answered(rng, other, tx.n, 20)
             elif st is not None:
                 tx.final = "refused"

@@ -275,7 +275,7 @@ class Stack:
         exe = self.bin / "sb-test-broker"
         svc = Service(
             name="broker",
-            argv=[str(exe), "--port", str(port), "--queue", QUEUE, "--strict",
+            argv=[str(exe), "--port", str(port), "--queue", QUEUE,
                   "--lock-duration-secs", str(self.s.lock_secs), "--max-delivery-count", "10",
                   "--duplicate-window-secs", "600", "--sas-key", SAS_KEY],
             log=self.logs / "broker.log",

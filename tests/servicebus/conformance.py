@@ -357,6 +357,31 @@ def case_duplicate_detection(ctx):
             r.complete_message(m)
 
 
+def case_duplicate_detection_inside_batches(ctx):
+    """Duplicate detection is per message id, also for messages that arrive
+    in one batch (format 0x80013700): within a batch and across batches."""
+    q = ctx.queue()
+    with ctx.client.get_queue_sender(q) as s:
+        first = s.create_message_batch()
+        first.add_message(ServiceBusMessage("one", message_id="bd-1"))
+        first.add_message(ServiceBusMessage("two", message_id="bd-2"))
+        first.add_message(ServiceBusMessage("one again", message_id="bd-1"))
+        s.send_messages(first)
+        second = s.create_message_batch()
+        second.add_message(ServiceBusMessage("two again", message_id="bd-2"))
+        second.add_message(ServiceBusMessage("three", message_id="bd-3"))
+        s.send_messages(second)
+    r, got = ctx.receive(q, count=5, wait=2)
+    with r:
+        ids = sorted(m.message_id for m in got)
+        expect(ids == ["bd-1", "bd-2", "bd-3"], f"got {ids}")
+        bodies = {m.message_id: b"".join(m.body) for m in got}
+        expect(bodies == {"bd-1": b"one", "bd-2": b"two", "bd-3": b"three"},
+               f"a duplicate replaced the original: {bodies}")
+        for m in got:
+            r.complete_message(m)
+
+
 def case_receive_and_delete(ctx):
     q = ctx.queue()
     ctx.send(q, ServiceBusMessage("gone", message_id="rd-1"))
@@ -381,6 +406,7 @@ CASES = [
     case_complete_after_lock_expiry_fails,
     case_batch_send,
     case_duplicate_detection,
+    case_duplicate_detection_inside_batches,
     case_receive_and_delete,
 ]
 
@@ -704,6 +730,20 @@ def case_dropped_connections_are_survived(ctx):
 
 
 
+def case_refused_attach_is_retried_by_the_sdk(ctx):
+    # A busy answer to an attach is about that link: the SDK retries it.
+    q = ctx.queue()
+    ctx.send(q, ServiceBusMessage("a", message_id="ra-1"))
+    ctx.broker.control("refuse-attaches 1 com.microsoft:server-busy")
+    try:
+        r, got = ctx.receive(q, count=1, wait=30)
+    finally:
+        ctx.broker.control("clear-faults")
+    with r:
+        expect([m.message_id for m in got] == ["ra-1"], f"got {[m.message_id for m in got]}")
+        r.complete_message(got[0])
+
+
 def sas_token(uri, key_name, key, expiry):
     resource = urllib.parse.quote_plus(uri)
     digest = hmac.new(key.encode(), f"{resource}\n{expiry}".encode(), hashlib.sha256).digest()
@@ -733,6 +773,7 @@ CASES += [
     case_connection_without_links_is_closed_and_reopened,
     case_short_receives_on_a_long_round_trip,
     case_dropped_connections_are_survived,
+    case_refused_attach_is_retried_by_the_sdk,
 ]
 
 # Extra broker instances, started on first use.

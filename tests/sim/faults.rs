@@ -224,6 +224,22 @@ impl Ledger for FaultyLedger {
             self.inner.settle(id, owner, attempt, s.clone())
         )
     }
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<TxRecord, LedgerError> {
+        guarded!(
+            self,
+            "ledger.extend_lease",
+            id,
+            true,
+            lerr(),
+            self.inner.extend_lease(id, owner, attempt, lease)
+        )
+    }
     async fn replay(
         &self,
         id: &str,

@@ -466,6 +466,15 @@ impl Conn {
                 AmqpError::NotAllowed,
                 "cannot send to a dead-letter queue",
             )),
+            Some(Node::Queue(..)) => lock(&self.shared.faults)
+                .refuse_attaches
+                .pop_front()
+                .map(|condition| {
+                    link_error(
+                        ErrorCondition::Custom(Symbol::from(condition.as_str())),
+                        "The request was refused (injected fault).",
+                    )
+                }),
             _ => None,
         }
         .or_else(|| {
@@ -1076,6 +1085,12 @@ impl Conn {
                 return;
             }
             let next = match &link.node {
+                // Fault: messages wait for the drain and go just before its answer.
+                Node::Queue(..)
+                    if !link.drain && lock(&self.shared.faults).deliver_at_drain > 0 =>
+                {
+                    return;
+                }
                 Node::Queue(q, sub) => {
                     let now = now_ms();
                     let mut inner = lock(&self.shared.inner);
@@ -1101,6 +1116,15 @@ impl Conn {
                 Node::Management(..) | Node::Cbs => link.outbox.pop_front().map(|m| (m, None)),
             };
             let Some((message, unsettled)) = next else {
+                if link.drain && matches!(link.node, Node::Queue(..)) {
+                    let mut faults = lock(&self.shared.faults);
+                    if faults.ignore_drains > 0 {
+                        faults.ignore_drains -= 1;
+                        link.drain = false;
+                        return;
+                    }
+                    faults.deliver_at_drain = faults.deliver_at_drain.saturating_sub(1);
+                }
                 if link.drain {
                     link.delivery_count = link.delivery_count.wrapping_add(link.credit);
                     link.credit = 0;

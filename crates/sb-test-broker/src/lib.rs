@@ -189,6 +189,15 @@ pub(crate) struct Faults {
     pub hold_transfers: usize,
     /// Status codes for the next `$management` requests.
     pub fail_management: VecDeque<i32>,
+    /// For the next this many drains of a receiving link, messages are held
+    /// back while the link has credit and sent at the drain, immediately
+    /// before its answer.
+    pub deliver_at_drain: usize,
+    /// The next this many drains are never answered.
+    pub ignore_drains: usize,
+    /// Error conditions for the next link attaches to a queue (the attach is
+    /// refused: answered without a terminus, then detached with the error).
+    pub refuse_attaches: VecDeque<String>,
 }
 
 /// One `$cbs` put-token the broker accepted.
@@ -406,6 +415,27 @@ impl BrokerHandle {
     /// message is not stored), as a service that stopped responding.
     pub fn hold_next_transfers(&self, count: usize) {
         lock(&self.shared.faults).hold_transfers += count;
+    }
+
+    /// For the next `count` drains, hold messages back while the receiving
+    /// link has credit and send them when it drains, in the same write as,
+    /// and just before, the drain's answer: transfers racing the answer.
+    pub fn deliver_at_next_drains(&self, count: usize) {
+        lock(&self.shared.faults).deliver_at_drain += count;
+        self.shared.notify();
+    }
+
+    /// Never answer the next `count` drains (the credit stays granted).
+    pub fn ignore_next_drains(&self, count: usize) {
+        lock(&self.shared.faults).ignore_drains += count;
+    }
+
+    /// Refuse the next `count` attaches of links to a queue with `condition`
+    /// (`com.microsoft:server-busy`, `com.microsoft:timeout`, ...).
+    pub fn refuse_next_attaches(&self, count: usize, condition: &str) {
+        let mut f = lock(&self.shared.faults);
+        f.refuse_attaches
+            .extend(std::iter::repeat_n(condition.to_string(), count));
     }
 
     /// Answer the next `count` `$management` requests with `status` (e.g. 503).

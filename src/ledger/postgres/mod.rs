@@ -307,7 +307,7 @@ fn now() -> DateTime<Utc> {
     truncate(crate::clock::now())
 }
 
-/// Reads the `(changed, record…)` rows of CLAIM, SETTLE and REPLAY.
+/// Reads the `(changed, record…)` rows of CLAIM, SETTLE, EXTEND_LEASE and REPLAY.
 fn changed_row(rows: &[Row]) -> Result<Option<(bool, TxRecord)>, LedgerError> {
     rows.first()
         .map(|r| {
@@ -443,6 +443,35 @@ impl Ledger for PostgresLedger {
                     &error,
                     &retry_at,
                 ],
+            )
+            .await?;
+        match changed_row(&rows)? {
+            Some((true, rec)) => Ok(rec),
+            Some((false, _)) => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            None => Err(LedgerError::NotFound(id.to_owned())),
+        }
+    }
+
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<TxRecord, LedgerError> {
+        let until =
+            truncate(now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX));
+        let attempt_i = i32::try_from(attempt).map_err(malformed)?;
+        let rows = self
+            .inner
+            .query(
+                "extend_lease",
+                sql::EXTEND_LEASE,
+                &[&id, &owner, &attempt_i, &until],
             )
             .await?;
         match changed_row(&rows)? {

@@ -100,6 +100,24 @@ pub const SETTLE: &str = concat!(
     " FROM transactions WHERE transaction_id = $1 AND NOT EXISTS (SELECT 1 FROM settled)"
 );
 
+/// $1 id, $2 owner, $3 attempt, $4 lease_until. The holder check
+/// (machine::holds) is the `WHERE`; machine::apply_extension never shortens
+/// the lease. Rows as [`SETTLE`]'s: `true` and the record, `false` when the
+/// caller no longer holds the claim; none when the id is unknown.
+pub const EXTEND_LEASE: &str = concat!(
+    "WITH extended AS ( \
+         UPDATE transactions \
+         SET lease_until = GREATEST(lease_until, $4::timestamptz) \
+         WHERE transaction_id = $1 AND status = 'processing' \
+           AND attempts = $3::integer AND lease_owner = $2::text \
+         RETURNING ",
+    cols!(),
+    " ) SELECT true, * FROM extended \
+     UNION ALL SELECT false, ",
+    cols!(),
+    " FROM transactions WHERE transaction_id = $1 AND NOT EXISTS (SELECT 1 FROM extended)"
+);
+
 /// $1 id, $2 nonce, $3 force, $4 now. Rows as [`CLAIM`]'s: reset, or refused
 /// with the latest record.
 pub const REPLAY: &str = concat!(

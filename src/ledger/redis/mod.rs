@@ -262,6 +262,39 @@ impl Ledger for RedisLedger {
         }
     }
 
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<TxRecord, LedgerError> {
+        let lease_us = i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 4);
+        let (code, fields) = self
+            .script(
+                "extend_lease",
+                &scripts::EXTEND_LEASE,
+                self.keys.transition_keys(id),
+                vec![
+                    id.to_owned(),
+                    owner.to_owned(),
+                    attempt.to_string(),
+                    lease_us.to_string(),
+                ],
+            )
+            .await?;
+        match code.as_str() {
+            "extended" => Self::record(fields),
+            "not_found" => Err(LedgerError::NotFound(id.to_owned())),
+            "fenced" => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            other => Err(unexpected("extend_lease", other)),
+        }
+    }
+
     async fn replay(
         &self,
         id: &str,

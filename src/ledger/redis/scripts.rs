@@ -176,6 +176,32 @@ return {'settled', redis.call('HGETALL', TX)}
     )
 });
 
+/// ARGV: id, owner, attempt, lease_us.
+/// Codes: `not_found`, `fenced`, `extended`.
+/// "Now" is the Redis server's clock, as in [`CLAIM`]: the lease is
+/// compared with that clock.
+pub static EXTEND_LEASE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local owner, attempt, lease_us = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local h = redis.call('HMGET', TX, 'status', 'attempts', 'lease_owner', 'lease_until')
+local status = h[1]
+if not status then return {'not_found', {}} end
+-- machine::holds
+if status ~= 'processing' or tonumber(h[2]) ~= attempt or h[3] ~= owner then
+  return {'fenced', {}}
+end
+-- machine::apply_extension
+local t = redis.call('TIME')
+local until_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) + lease_us
+if not h[4] or tonumber(h[4]) < until_us then
+  redis.call('HSET', TX, 'lease_until', string.format('%.0f', until_us))
+end
+return {'extended', redis.call('HGETALL', TX)}
+"#,
+    )
+});
+
 /// ARGV: id, nonce, force (`1`/`0`), now_us.
 /// Codes: `not_found`, `refused`, `reset`.
 pub static REPLAY: LazyLock<Script> = LazyLock::new(|| {

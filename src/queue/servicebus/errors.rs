@@ -34,29 +34,39 @@ pub(super) enum Kind {
     Refused,
 }
 
-/// What a condition's name means; unknown names are transient, as the Go
-/// SDK treats them (it re-makes the connection).
+/// The conditions known here by their AMQP names, as the Go SDK
+/// (`internal/errors.go`), .NET (`ServiceBusFailureReason`) and Java
+/// (`ServiceBusErrorCondition`) read them. Conditions not listed are
+/// transient, as the Go SDK treats them (it re-makes the connection).
+const CONDITIONS: &[(&str, Kind)] = &[
+    ("amqp:unauthorized-access", Kind::Unauthorized),
+    ("com.microsoft:publisher-revoked", Kind::Unauthorized),
+    ("com.microsoft:entity-not-found", Kind::NotFound),
+    ("amqp:not-found", Kind::NotFound),
+    ("com.microsoft:message-lock-lost", Kind::LockLost),
+    ("amqp:link:detach-forced", Kind::Detached),
+    ("com.microsoft:server-busy", Kind::ServerBusy),
+    ("com.microsoft:timeout", Kind::Timeout),
+    ("amqp:resource-limit-exceeded", Kind::Quota),
+    ("amqp:link:message-size-exceeded", Kind::TooLarge),
+    ("amqp:not-allowed", Kind::Refused),
+    ("amqp:not-implemented", Kind::Refused),
+    ("amqp:decode-error", Kind::Refused),
+    ("amqp:invalid-field", Kind::Refused),
+    ("amqp:precondition-failed", Kind::Refused),
+    ("com.microsoft:entity-disabled", Kind::Refused),
+    ("com.microsoft:argument-error", Kind::Refused),
+    ("com.microsoft:argument-out-of-range", Kind::Refused),
+    ("com.microsoft:entity-already-exists", Kind::Refused),
+    ("com.microsoft:session-cannot-be-locked", Kind::Refused),
+];
+
+/// What a condition's name means.
 fn kind_of_name(name: &str) -> Kind {
-    match name {
-        "com.microsoft:server-busy" => Kind::ServerBusy,
-        "com.microsoft:timeout" => Kind::Timeout,
-        "amqp:resource-limit-exceeded" => Kind::Quota,
-        "amqp:link:message-size-exceeded" => Kind::TooLarge,
-        "amqp:unauthorized-access" | "com.microsoft:publisher-revoked" => Kind::Unauthorized,
-        "amqp:not-found" | "com.microsoft:entity-not-found" => Kind::NotFound,
-        "com.microsoft:message-lock-lost" => Kind::LockLost,
-        "amqp:link:detach-forced" => Kind::Detached,
-        "amqp:not-allowed"
-        | "amqp:not-implemented"
-        | "amqp:decode-error"
-        | "amqp:invalid-field"
-        | "amqp:precondition-failed"
-        | "com.microsoft:entity-disabled"
-        | "com.microsoft:argument-error"
-        | "com.microsoft:argument-out-of-range"
-        | "com.microsoft:entity-already-exists" => Kind::Refused,
-        _ => Kind::Transient,
-    }
+    CONDITIONS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(Kind::Transient, |(_, k)| *k)
 }
 
 pub(super) fn kind(condition: &ErrorCondition) -> Kind {
@@ -152,31 +162,44 @@ pub(super) fn from_error(e: &definitions::Error, what: &str) -> QueueError {
     from_condition(kind(&e.condition), what, &detail)
 }
 
+/// The conditions `fe2o3-amqp` knows by an enum, for reading its `Debug`
+/// text (`AmqpError(NotFound)`).
+const ENUM_CONDITIONS: &[ErrorCondition] = &[
+    ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
+    ErrorCondition::AmqpError(AmqpError::NotFound),
+    ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded),
+    ErrorCondition::AmqpError(AmqpError::NotAllowed),
+    ErrorCondition::AmqpError(AmqpError::NotImplemented),
+    ErrorCondition::AmqpError(AmqpError::DecodeError),
+    ErrorCondition::AmqpError(AmqpError::InvalidField),
+    ErrorCondition::AmqpError(AmqpError::PreconditionFailed),
+    ErrorCondition::LinkError(LinkError::DetachForced),
+    ErrorCondition::LinkError(LinkError::MessageSizeExceeded),
+];
+
 /// A link-level failure whose cause is only known by its text (`fe2o3-amqp`
 /// wraps the service's error deep inside its own): the condition by its
-/// enum name (`UnauthorizedAccess`) or its AMQP name.
+/// AMQP name (a custom condition's symbol, or the service's text) or by
+/// `fe2o3-amqp`'s enum name, read as [`kind`] reads the condition itself.
 pub(super) fn kind_in_text(text: &str) -> Kind {
-    const NAMES: &[(&str, Kind)] = &[
-        ("UnauthorizedAccess", Kind::Unauthorized),
-        ("unauthorized-access", Kind::Unauthorized),
-        ("publisher-revoked", Kind::Unauthorized),
-        ("entity-not-found", Kind::NotFound),
-        ("amqp:not-found", Kind::NotFound),
-        ("AmqpError(NotFound)", Kind::NotFound),
-        ("DetachForced", Kind::Detached),
-        ("detach-forced", Kind::Detached),
-        ("server-busy", Kind::ServerBusy),
-        ("com.microsoft:timeout", Kind::Timeout),
-        ("ResourceLimitExceeded", Kind::Quota),
-        ("resource-limit-exceeded", Kind::Quota),
-        ("MessageSizeExceeded", Kind::TooLarge),
-        ("message-size-exceeded", Kind::TooLarge),
-        ("entity-disabled", Kind::Refused),
-        ("AmqpError(NotAllowed)", Kind::Refused),
-        ("amqp:not-allowed", Kind::Refused),
-    ];
-    NAMES
+    if let Some((_, k)) = CONDITIONS.iter().find(|(name, _)| text.contains(name)) {
+        return *k;
+    }
+    if let Some(c) = ENUM_CONDITIONS
         .iter()
+        .find(|c| text.contains(&format!("{c:?}")))
+    {
+        return kind(c);
+    }
+    // Bare enum names, as some `fe2o3-amqp` errors print them
+    // (`SendError::MessageSizeExceeded`, `RemoteClosedWithError(..UnauthorizedAccess..)`).
+    const BARE: &[(&str, Kind)] = &[
+        ("UnauthorizedAccess", Kind::Unauthorized),
+        ("DetachForced", Kind::Detached),
+        ("ResourceLimitExceeded", Kind::Quota),
+        ("MessageSizeExceeded", Kind::TooLarge),
+    ];
+    BARE.iter()
         .find(|(name, _)| text.contains(name))
         .map_or(Kind::Transient, |(_, k)| *k)
 }
@@ -248,6 +271,43 @@ mod tests {
             Kind::NotFound
         );
         assert_eq!(kind_in_text("connection reset by peer"), Kind::Transient);
+        // Every permanent condition the SDKs name is permanent by its text too.
+        for refused in [
+            "condition: AmqpError(NotImplemented)",
+            "condition: AmqpError(DecodeError)",
+            "condition: AmqpError(InvalidField)",
+            "condition: AmqpError(PreconditionFailed)",
+            "condition: Custom(Symbol(\"amqp:precondition-failed\"))",
+            "condition: Custom(Symbol(\"com.microsoft:argument-error\"))",
+            "condition: Custom(Symbol(\"com.microsoft:argument-out-of-range\"))",
+            "condition: Custom(Symbol(\"com.microsoft:entity-already-exists\"))",
+            "condition: Custom(Symbol(\"com.microsoft:session-cannot-be-locked\"))",
+        ] {
+            assert_eq!(kind_in_text(refused), Kind::Refused, "{refused}");
+        }
+        assert_eq!(
+            kind_in_text("condition: Custom(Symbol(\"com.microsoft:message-lock-lost\"))"),
+            Kind::LockLost
+        );
+        assert_eq!(
+            kind_in_text("condition: Custom(Symbol(\"com.microsoft:server-busy\"))"),
+            Kind::ServerBusy
+        );
+        assert_eq!(
+            kind_in_text("condition: LinkError(MessageSizeExceeded)"),
+            Kind::TooLarge
+        );
+        // Both readings agree on every condition known here.
+        for (name, k) in CONDITIONS {
+            assert_eq!(
+                kind_in_text(&format!("Custom(Symbol({name:?}))")),
+                *k,
+                "{name}"
+            );
+        }
+        for c in ENUM_CONDITIONS {
+            assert_eq!(kind_in_text(&format!("{c:?}")), kind(c), "{c:?}");
+        }
         assert!(is_unauthorized(&from_condition(
             Kind::Unauthorized,
             "op",

@@ -18,6 +18,12 @@
 //! echoes, and a dead-letter the service refuses must not pass silently. The
 //! reason and description are cut to the service's 4,096 characters first.
 //!
+//! Sending has a connection of its own (receivers and `$management` share
+//! the other), `TCP_NODELAY` on both: in one process that ingests and
+//! processes, sends never queue behind receiver traffic. Single-message
+//! sends are group-committed: while sends are in flight, new ones wait and
+//! go together as one batch message (see [`group_commit`]).
+//!
 //! Forced detaches (the service's 10-minute idle timer) are re-attached and
 //! the operation retried once at once. A send has its own time limit
 //! (`RTPD_SERVICEBUS_SEND_TIMEOUT_SECS`): after `com.microsoft:server-busy`
@@ -53,7 +59,8 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::TerminalDeliveryState;
 use fe2o3_amqp::types::messaging::{Accepted, Modified, Outcome};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Mutex;
+use std::sync::Arc;
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{OutgoingMessage, Queue, QueueError, ReceivedMessage, Subqueue};
@@ -70,11 +77,19 @@ pub const MAX_DEAD_LETTER_FIELD: usize = 4096;
 /// A held lock is forgotten this long after its end (by our clock; the
 /// margin covers clocks that disagree).
 pub const HELD_GRACE: Duration = Duration::from_secs(600);
+/// At most this many locks are held here; past it the ones that end first
+/// are forgotten (their settlement then reports the lock lost), so a
+/// runaway receiver cannot grow the map without bound inside the grace.
+pub const MAX_HELD: usize = 100_000;
 /// Service Bus Standard's message size limit; the sender's link may say otherwise.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 256 * 1024;
 /// Room for a batch's own sections and each entry's data-section header.
 const BATCH_OVERHEAD: u64 = 64;
 const ENTRY_OVERHEAD: u64 = 8;
+/// Group-commit sends in flight at once on the sender link.
+const GROUP_IN_FLIGHT: usize = 4;
+/// Messages in one group at most (the link's size limit may split it further).
+const GROUP_MAX_MESSAGES: usize = 1000;
 
 /// `RTPD_SERVICEBUS_*` settings: a connection string (SAS or emulator) or a
 /// namespace (Entra ID), the queue, the receive prefetch, and how to reach
@@ -138,15 +153,18 @@ enum Settle {
 }
 
 pub struct ServiceBusQueue {
+    /// Receiving links and `$management`, on a connection of their own.
     links: Links,
+    /// The sender, on its own connection: a send never queues behind a
+    /// receive, a settlement or a drain (nor their frames on the socket),
+    /// and a receiving link the service detaches does not fail sends.
+    sending: Arc<Sending>,
+    /// Single-message sends, for the group-commit task.
+    group: mpsc::UnboundedSender<Grouped>,
     /// Locks this process holds, by lock token.
     held: StdMutex<HashMap<Uuid, Held>>,
     /// One receive in flight per subqueue; settling does not wait for it.
     receiving: [Mutex<()>; 2],
-    /// After `com.microsoft:server-busy`, sends wait until then (`clock` time).
-    busy_until: StdMutex<Option<DateTime<Utc>>>,
-    send_timeout: Duration,
-    server_busy_pause: Duration,
     emulator: bool,
 }
 
@@ -198,14 +216,28 @@ impl ServiceBusQueue {
             .map_err(QueueError::Fatal)?;
         let emulator = endpoint.emulator;
         let target = endpoint.target(s.transport, custom.as_ref());
-        let links = Links::new(endpoint, queue, tokens, s.prefetch, target, tls);
-        let queue = ServiceBusQueue {
-            links,
-            held: StdMutex::new(HashMap::new()),
-            receiving: [Mutex::new(()), Mutex::new(())],
+        let sending = Arc::new(Sending {
+            links: Links::new(
+                endpoint.clone(),
+                queue.clone(),
+                tokens.clone(),
+                0,
+                target.clone(),
+                tls.clone(),
+            ),
             busy_until: StdMutex::new(None),
             send_timeout: s.send_timeout,
             server_busy_pause: s.server_busy_pause,
+        });
+        let (group, waiting) = mpsc::unbounded_channel();
+        tokio::spawn(group_commit(sending.clone(), waiting));
+        let links = Links::new(endpoint, queue, tokens, s.prefetch, target, tls);
+        let queue = ServiceBusQueue {
+            links,
+            sending,
+            group,
+            held: StdMutex::new(HashMap::new()),
+            receiving: [Mutex::new(()), Mutex::new(())],
             emulator,
         };
         // Fail at start-up on a wrong host, key or queue rather than at the first message.
@@ -246,7 +278,7 @@ impl ServiceBusQueue {
                 Err(e) if errors::is_unauthorized(&e) && !reauthorized => {
                     tracing::info!(error = %e, "the service refused our token; putting a fresh one and attaching again");
                     reauthorized = true;
-                    self.reput_tokens().await;
+                    Self::reput_tokens(&self.links).await;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -262,7 +294,7 @@ impl ServiceBusQueue {
                 Kind::Unauthorized if !reauthorized => {
                     tracing::info!(error = %e, "receiving link lost its authorization; putting a fresh token and re-attaching");
                     reauthorized = true;
-                    self.reput_tokens().await;
+                    Self::reput_tokens(&self.links).await;
                 }
                 kind @ (Kind::Unauthorized | Kind::NotFound | Kind::Refused) => {
                     return Err(errors::from_condition(kind, &what, &e));
@@ -306,6 +338,7 @@ impl ServiceBusQueue {
             );
             out.push(received);
         }
+        bound_held(&mut held, MAX_HELD);
         Ok(out)
     }
 
@@ -322,7 +355,7 @@ impl ServiceBusQueue {
             })),
             Settle::DeadLetter { .. } => None,
         };
-        let comfortably_locked = held.locked_until > Utc::now() + EXPIRY_MARGIN;
+        let comfortably_locked = held.locked_until > crate::clock::now() + EXPIRY_MARGIN;
         if let (Some(state), true, Some(info)) = (link_state, comfortably_locked, held.info.take())
             && let Some(link) = self
                 .links
@@ -370,9 +403,39 @@ impl ServiceBusQueue {
     /// Put fresh tokens after the service refused one. A failure here has
     /// marked the connection broken, so the retry that follows reconnects
     /// (and authenticates afresh) instead.
-    async fn reput_tokens(&self) {
-        if let Err(e) = self.links.reput_tokens().await {
+    async fn reput_tokens(links: &Links) {
+        if let Err(e) = links.reput_tokens().await {
             tracing::info!(error = %e, "putting fresh tokens failed; the retry reconnects");
+        }
+    }
+}
+
+/// The sending side: its own connection, the server-busy pause, the time
+/// limit. Shared by the queue and its group-commit task.
+struct Sending {
+    links: Links,
+    /// After `com.microsoft:server-busy`, sends wait until then (`clock` time).
+    busy_until: StdMutex<Option<DateTime<Utc>>>,
+    send_timeout: Duration,
+    server_busy_pause: Duration,
+}
+
+impl Sending {
+    /// Send within the time limit (`RTPD_SERVICEBUS_SEND_TIMEOUT_SECS`).
+    async fn send(&self, messages: &[OutgoingMessage]) -> Result<(), QueueError> {
+        let deadline = crate::clock::now() + self.send_timeout;
+        match tokio::time::timeout(self.send_timeout, self.send_within(messages, deadline)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The send was cut off mid-way: its link may hold a transfer in
+                // doubt, so the next send attaches a new one (duplicate
+                // detection drops a copy that did arrive).
+                self.links.drop_sender().await;
+                Err(QueueError::Unavailable(format!(
+                    "sending to {}: no answer within {:?} (RTPD_SERVICEBUS_SEND_TIMEOUT_SECS)",
+                    self.links.queue, self.send_timeout
+                )))
+            }
         }
     }
 
@@ -406,7 +469,7 @@ impl ServiceBusQueue {
                 Err(Failure::Answer(e)) if errors::is_unauthorized(&e) && !reauthorized => {
                     tracing::info!(error = %e, "the service refused our token; putting a fresh one and sending again");
                     reauthorized = true;
-                    self.reput_tokens().await;
+                    ServiceBusQueue::reput_tokens(&self.links).await;
                 }
                 Err(Failure::Answer(e)) => return Err(e),
                 // The pause is set: wait it out above, or give up if it is too long.
@@ -442,13 +505,22 @@ impl ServiceBusQueue {
         }
     }
 
-    /// One attempt at sending on `live`.
+    /// One attempt at sending on `live`. The sender is held only while the
+    /// transfers are written; their dispositions are awaited after it is let
+    /// go, so concurrent sends share the link with several transfers in
+    /// flight (unsettled) instead of each waiting for the one before.
     async fn send_on(
         &self,
         live: &connection::Live,
         messages: &[OutgoingMessage],
     ) -> Result<(), Failure> {
         let what = format!("sending to {}", self.links.queue);
+        let amqp: Vec<_> = messages.iter().map(message::to_amqp).collect();
+        let encoded = amqp
+            .iter()
+            .map(message::encode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Failure::Answer)?;
         let mut slot = live.sender.lock().await;
         self.links
             .ensure_sender(live, &mut slot)
@@ -457,16 +529,11 @@ impl ServiceBusQueue {
         let Some(sender) = slot.as_mut() else {
             unreachable!("ensure_sender attached it")
         };
+        let link = sender.name().to_string();
         let limit = sender
             .max_message_size()
             .filter(|n| *n > 0)
             .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
-        let amqp: Vec<_> = messages.iter().map(message::to_amqp).collect();
-        let encoded = amqp
-            .iter()
-            .map(message::encode)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Failure::Answer)?;
         // Over the limit never fits: say so instead of letting it be retried forever.
         if let Some((m, e)) = messages
             .iter()
@@ -498,28 +565,11 @@ impl ServiceBusQueue {
                 })
                 .collect()
         };
+        let mut in_flight = Vec::with_capacity(sendables.len());
         let mut link_failed = None;
         for sendable in sendables {
-            match sender.send(sendable).await {
-                Ok(Outcome::Accepted(_)) => {}
-                Ok(Outcome::Rejected(r)) => {
-                    let Some(e) = r.error else {
-                        return Err(Failure::Answer(QueueError::Fatal(format!(
-                            "{what}: rejected without a reason"
-                        ))));
-                    };
-                    if errors::kind(&e.condition) == Kind::ServerBusy {
-                        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(crate::clock::now() + self.server_busy_pause);
-                        return Err(Failure::Busy(errors::from_error(&e, &what)));
-                    }
-                    return Err(Failure::Answer(errors::from_error(&e, &what)));
-                }
-                Ok(other) => {
-                    return Err(Failure::Answer(QueueError::Unavailable(format!(
-                        "{what}: the service did not accept the message: {other:?}"
-                    ))));
-                }
+            match sender.send_batchable(sendable).await {
+                Ok(outcome) => in_flight.push(outcome),
                 Err(SendError::MessageSizeExceeded(e)) => {
                     return Err(Failure::Answer(errors::from_condition(
                         Kind::TooLarge,
@@ -533,10 +583,53 @@ impl ServiceBusQueue {
                 }
             }
         }
+        drop(slot);
+        if link_failed.is_none() {
+            for outcome in in_flight {
+                match outcome.await {
+                    Ok(Outcome::Accepted(_)) => {}
+                    Ok(Outcome::Rejected(r)) => {
+                        let Some(e) = r.error else {
+                            return Err(Failure::Answer(QueueError::Fatal(format!(
+                                "{what}: rejected without a reason"
+                            ))));
+                        };
+                        if errors::kind(&e.condition) == Kind::ServerBusy {
+                            *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(crate::clock::now() + self.server_busy_pause);
+                            return Err(Failure::Busy(errors::from_error(&e, &what)));
+                        }
+                        return Err(Failure::Answer(errors::from_error(&e, &what)));
+                    }
+                    Ok(other) => {
+                        return Err(Failure::Answer(QueueError::Unavailable(format!(
+                            "{what}: the service did not accept the message: {other:?}"
+                        ))));
+                    }
+                    Err(SendError::MessageSizeExceeded(e)) => {
+                        return Err(Failure::Answer(errors::from_condition(
+                            Kind::TooLarge,
+                            &what,
+                            &e.to_string(),
+                        )));
+                    }
+                    Err(e) => {
+                        link_failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
         let Some(e) = link_failed else {
             return Ok(());
         };
-        slot.take();
+        // The link failed under this send: the next one attaches a new link,
+        // unless a concurrent send has done so already.
+        let mut slot = live.sender.lock().await;
+        if slot.as_ref().is_some_and(|s| s.name() == link) {
+            slot.take();
+        }
+        drop(slot);
         let detail = format!("{e:?}");
         Err(match errors::kind_in_text(&detail) {
             kind @ (Kind::Unauthorized | Kind::NotFound) => {
@@ -547,10 +640,89 @@ impl ServiceBusQueue {
     }
 }
 
+/// A single-message send waiting for the group-commit task.
+struct Grouped {
+    message: OutgoingMessage,
+    reply: oneshot::Sender<Result<(), QueueError>>,
+}
+
+/// Group commit for sends, as the WAL does for appends: a message that
+/// arrives while [`GROUP_IN_FLIGHT`] sends are in flight waits, and every
+/// message waiting when a send slot frees goes out in that one send (one
+/// batch message, format 0x80013700, split by the link's size limit). Each
+/// caller hears back once the service has accepted the batch holding its
+/// message. A group the service refuses outright (not retryable) is sent
+/// again one message at a time, so one bad message does not fail the others.
+async fn group_commit(sending: Arc<Sending>, mut waiting: mpsc::UnboundedReceiver<Grouped>) {
+    let slots = Arc::new(Semaphore::new(GROUP_IN_FLIGHT));
+    while let Some(first) = waiting.recv().await {
+        // What arrives while every slot is busy joins this group.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX_MESSAGES {
+            match waiting.try_recv() {
+                Ok(g) => group.push(g),
+                Err(_) => break,
+            }
+        }
+        let sending = sending.clone();
+        tokio::spawn(async move {
+            let (messages, replies): (Vec<_>, Vec<_>) =
+                group.into_iter().map(|g| (g.message, g.reply)).unzip();
+            let result = sending.send(&messages).await;
+            match result {
+                Err(e) if messages.len() > 1 && !e.is_retryable() => {
+                    tracing::info!(error = %e, messages = messages.len(), "the service refused a group of sends; sending each alone");
+                    let alone = messages
+                        .iter()
+                        .map(|m| sending.send(std::slice::from_ref(m)));
+                    for (reply, result) in replies
+                        .into_iter()
+                        .zip(futures::future::join_all(alone).await)
+                    {
+                        let _ = reply.send(result);
+                    }
+                }
+                result => {
+                    for reply in replies {
+                        let _ = reply.send(copy(&result));
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// The same outcome for every message of a group.
+fn copy(result: &Result<(), QueueError>) -> Result<(), QueueError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(QueueError::LockLost) => Err(QueueError::LockLost),
+        Err(QueueError::Unavailable(m)) => Err(QueueError::Unavailable(m.clone())),
+        Err(QueueError::Fatal(m)) => Err(QueueError::Fatal(m.clone())),
+    }
+}
+
 /// Forget locks that ended more than [`HELD_GRACE`] before `now`.
 fn forget_ended(held: &mut HashMap<Uuid, Held>, now: DateTime<Utc>) {
     let horizon = now - HELD_GRACE;
     held.retain(|_, h| h.locked_until > horizon);
+}
+
+/// Keep at most `max` held locks, forgetting those that end first.
+fn bound_held(held: &mut HashMap<Uuid, Held>, max: usize) {
+    let excess = held.len().saturating_sub(max);
+    if excess == 0 {
+        return;
+    }
+    let mut ends: Vec<_> = held.iter().map(|(t, h)| (h.locked_until, *t)).collect();
+    ends.select_nth_unstable(excess - 1);
+    for (_, token) in &ends[..excess] {
+        held.remove(token);
+    }
 }
 
 /// Pack encoded messages into batches under the link's size limit.
@@ -575,24 +747,29 @@ fn pack(encoded: Vec<Vec<u8>>, limit: u64) -> Vec<Vec<Vec<u8>>> {
 
 #[async_trait]
 impl Queue for ServiceBusQueue {
-    async fn send(&self, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+    async fn send(&self, mut messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        // One unscheduled message (an ingest's) joins a group; a caller's own
+        // batch, or a scheduled retry, goes as it is.
+        if messages.len() == 1 && messages[0].scheduled_enqueue_at.is_none() {
+            let (reply, answer) = oneshot::channel();
+            let grouped = Grouped {
+                message: messages.remove(0),
+                reply,
+            };
+            if self.group.send(grouped).is_ok()
+                && let Ok(result) = answer.await
+            {
+                return result;
+            }
+            return Err(QueueError::Unavailable(format!(
+                "sending to {}: the group-commit task is gone",
+                self.sending.links.queue
+            )));
+        }
         if messages.is_empty() {
             return Ok(());
         }
-        let deadline = crate::clock::now() + self.send_timeout;
-        match tokio::time::timeout(self.send_timeout, self.send_within(&messages, deadline)).await {
-            Ok(result) => result,
-            Err(_) => {
-                // The send was cut off mid-way: its link may hold a transfer in
-                // doubt, so the next send attaches a new one (duplicate
-                // detection drops a copy that did arrive).
-                self.links.drop_sender().await;
-                Err(QueueError::Unavailable(format!(
-                    "sending to {}: no answer within {:?} (RTPD_SERVICEBUS_SEND_TIMEOUT_SECS)",
-                    self.links.queue, self.send_timeout
-                )))
-            }
-        }
+        self.sending.send(&messages).await
     }
 
     async fn receive(
@@ -690,9 +867,9 @@ impl Queue for ServiceBusQueue {
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        let live = self.links.live().await?;
+        let live = self.sending.links.live().await?;
         let mut slot = live.sender.lock().await;
-        self.links.ensure_sender(&live, &mut slot).await
+        self.sending.links.ensure_sender(&live, &mut slot).await
     }
 
     fn describe(&self) -> String {
@@ -736,6 +913,34 @@ mod tests {
             !held.contains_key(&old),
             "a lock ended past the grace is kept"
         );
+    }
+
+    #[test]
+    fn held_locks_are_bounded_in_number_keeping_the_latest() {
+        let now = Utc::now();
+        let mut held = HashMap::new();
+        let mut tokens = Vec::new();
+        for i in 0..10i64 {
+            let t = Uuid::new_v4();
+            tokens.push(t);
+            held.insert(
+                t,
+                Held {
+                    generation: 1,
+                    sequence_number: i,
+                    subqueue: Subqueue::Main,
+                    info: None,
+                    locked_until: now + chrono::TimeDelta::seconds(i),
+                },
+            );
+        }
+        bound_held(&mut held, 4);
+        assert_eq!(held.len(), 4);
+        for t in &tokens[6..] {
+            assert!(held.contains_key(t), "a lock that ends last was dropped");
+        }
+        bound_held(&mut held, 4);
+        assert_eq!(held.len(), 4);
     }
 
     #[test]

@@ -4,17 +4,24 @@
 //! Credit is manual and bounded: each receive grants `max(max, prefetch)`,
 //! so the broker never hands out (and starts lock clocks on) more than that.
 //! Without prefetch, a receive that ends short drains the credit it left
-//! (as the SDKs do) and waits for the service's answer — the link's credit
-//! at 0, by messages or by the service advancing the delivery count — before
-//! it returns, so messages that raced the drain come back with the others
-//! and the next grant of credit counts from the service's delivery count,
-//! however long the round trip. A drain the service does not answer within
-//! [`DRAIN_WAIT`] ends the link (the next receive attaches a new one).
+//! (as the SDKs do). Draining is a state of the task, not a wait inside it:
+//! settlements go on meanwhile, a receive that already has messages returns
+//! them at once, and one that has none waits for the service's answer (at
+//! most [`EMPTY_DRAIN_WAIT`]) — the link's credit at 0, by messages or by
+//! the service advancing the delivery count — so messages that raced the
+//! drain come back with it. Flow frames reach the link in order with
+//! transfers (`vendor/fe2o3-amqp`), so once the credit shows 0 every
+//! message sent before the answer has been received. The next grant of credit waits for the answer, so it counts
+//! from the service's delivery count however long the round trip. A drain
+//! the service does not answer within [`DRAIN_WAIT`] ends the link (the
+//! next receive attaches a new one).
 //!
-//! Messages that arrive between receives (prefetch) are kept at most
-//! [`BUFFER_MAX_AGE`], then released, so a message is never handed to the
-//! processor with a lock that ran out while it waited here; when the link
-//! ends, buffered messages are released too.
+//! Messages that arrive between receives (prefetch, or racing a drain) are
+//! kept at most [`BUFFER_MAX_AGE`], then released by a timer, so a message
+//! is never handed to the processor with a lock that ran out while it waited
+//! here, nor kept locked while nobody asks; with nobody asking, the unused
+//! credit is drained too, so the service does not hand them straight back.
+//! When the link ends, buffered messages are released.
 
 use std::time::Duration;
 
@@ -30,6 +37,9 @@ use tokio::time::Instant;
 const BATCH_LINGER: Duration = Duration::from_millis(20);
 /// How long a drain may wait for the service's answer before the link is given up.
 pub(super) const DRAIN_WAIT: Duration = Duration::from_secs(30);
+/// How long a receive that got nothing waits for its drain's answer (and
+/// the messages that raced it); later ones go to the next receive.
+const EMPTY_DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// How often a drain looks at the link's credit while no message arrives
 /// (`fe2o3-amqp` wakes no receiver for a flow frame).
 const DRAIN_POLL: Duration = Duration::from_millis(2);
@@ -109,7 +119,14 @@ struct Pending {
     max: usize,
     deadline: Instant,
     got: Vec<AmqpDelivery>,
-    reply: oneshot::Sender<Result<Vec<AmqpDelivery>, String>>,
+    reply: Reply,
+    /// Credit was granted for it (not while a drain is unanswered: the next
+    /// grant must count from the delivery count the drain's answer brings).
+    granted: bool,
+    /// Answered when the drain ends (or at `deadline`, [`EMPTY_DRAIN_WAIT`]
+    /// after the drain began): a short receive that got nothing waits for
+    /// the messages that raced its drain.
+    after_drain: bool,
 }
 
 /// A message that arrived with no receive waiting, and when.
@@ -118,42 +135,115 @@ struct Buffered {
     delivery: AmqpDelivery,
 }
 
-async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, prefetch: u32) {
-    let mut pending: Option<Pending> = None;
-    // Deliveries that arrived between receives (prefetch).
-    let mut buffered: Vec<Buffered> = Vec::new();
+/// The link's state between commands, deliveries and timers.
+struct Link {
+    receiver: Receiver,
+    prefetch: u32,
+    pending: Option<Pending>,
+    /// Deliveries that arrived between receives (prefetch, or racing a drain).
+    buffered: Vec<Buffered>,
+    /// A drain was sent and is not answered yet; given up at this instant.
+    draining: Option<Instant>,
+}
+
+impl Link {
+    /// Grant the credit a pending receive needs.
+    async fn grant(&mut self) -> Result<(), String> {
+        let Some(p) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        let wanted = u32::try_from(p.max.saturating_sub(p.got.len())).unwrap_or(u32::MAX);
+        p.granted = true;
+        self.receiver
+            .set_credit(wanted.max(self.prefetch))
+            .await
+            .map_err(|e| format!("granting credit: {e}"))
+    }
+
+    /// Ask the service for the link's credit back (see the module's doc).
+    async fn start_drain(&mut self) -> Result<(), String> {
+        self.receiver
+            .drain()
+            .await
+            .map_err(|e| format!("draining credit: {e}"))?;
+        self.draining = Some(Instant::now() + DRAIN_WAIT);
+        Ok(())
+    }
+
+    fn answer(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let _ = p.reply.send(Ok(p.got));
+        }
+    }
+
+    /// The pending receive's reply and what it has, for when the link fails.
+    fn fail(&mut self, e: String) -> Option<(Reply, Received)> {
+        self.pending.take().map(|p| {
+            // Messages already taken are still ours to report; their
+            // settlement goes by lock token once this link is gone.
+            let result = if p.got.is_empty() { Err(e) } else { Ok(p.got) };
+            (p.reply, result)
+        })
+    }
+}
+
+async fn run(receiver: Receiver, mut commands: mpsc::Receiver<Command>, prefetch: u32) {
+    let mut link = Link {
+        receiver,
+        prefetch,
+        pending: None,
+        buffered: Vec::new(),
+        draining: None,
+    };
     // A receive the link failed under, answered once the link is closed (so
     // that what the caller does next, such as putting a token on `$cbs`, does
     // not race this link's detach on the session).
     let mut failed: Option<(Reply, Received)> = None;
     loop {
-        let deadline = pending.as_ref().map(|p| p.deadline);
+        let deadline = link.pending.as_ref().map(|p| p.deadline);
+        // `fe2o3-amqp` wakes no receiver for a flow frame: while a drain is
+        // unanswered, look at the credit every `DRAIN_POLL`.
+        let drain_check = link.draining.map(|_| Instant::now() + DRAIN_POLL);
+        // Buffered messages nobody asked for are released when they go stale.
+        let stale_at = match link.pending {
+            None => link.buffered.first().map(|b| b.at + BUFFER_MAX_AGE),
+            Some(_) => None,
+        };
         tokio::select! {
             command = commands.recv() => match command {
                 None => break,
                 Some(Command::Receive { max, wait, reply }) => {
                     let max = max.max(1);
-                    if release_stale(&mut receiver, &mut buffered).await.is_err() {
-                        let _ = reply.send(Err("receiving link failed releasing stale messages".into()));
+                    if let Err(e) = release_stale(&mut link.receiver, &mut link.buffered).await {
+                        let _ = reply.send(Err(e));
                         break;
                     }
-                    if buffered.len() >= max {
-                        let rest = buffered.split_off(max);
-                        let now = std::mem::replace(&mut buffered, rest);
+                    if link.buffered.len() >= max {
+                        let rest = link.buffered.split_off(max);
+                        let now = std::mem::replace(&mut link.buffered, rest);
                         let _ = reply.send(Ok(now.into_iter().map(|b| b.delivery).collect()));
                         continue;
                     }
-                    let got: Vec<_> = std::mem::take(&mut buffered).into_iter().map(|b| b.delivery).collect();
-                    let wanted = u32::try_from(max - got.len()).unwrap_or(u32::MAX);
-                    if let Err(e) = receiver.set_credit(wanted.max(prefetch)).await {
-                        failed = Some((reply, if got.is_empty() { Err(format!("granting credit: {e}")) } else { Ok(got) }));
+                    let got: Vec<_> = std::mem::take(&mut link.buffered).into_iter().map(|b| b.delivery).collect();
+                    let wait = if got.is_empty() { wait } else { wait.min(BATCH_LINGER) };
+                    link.pending = Some(Pending {
+                        max,
+                        deadline: Instant::now() + wait,
+                        got,
+                        reply,
+                        granted: false,
+                        after_drain: false,
+                    });
+                    // While a drain is unanswered the credit is granted once it is.
+                    if link.draining.is_none()
+                        && let Err(e) = link.grant().await
+                    {
+                        failed = link.fail(e);
                         break;
                     }
-                    let wait = if got.is_empty() { wait } else { wait.min(BATCH_LINGER) };
-                    pending = Some(Pending { max, deadline: Instant::now() + wait, got, reply });
                 }
                 Some(Command::Settle { info, state, reply }) => {
-                    let result = receiver.dispose(info, state).await.map_err(|e| format!("settling: {e}"));
+                    let result = link.receiver.dispose(info, state).await.map_err(|e| format!("settling: {e}"));
                     let failed = result.is_err();
                     let _ = reply.send(result);
                     if failed {
@@ -163,43 +253,85 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
             },
             // Always listening, so a detach by the service ends this task (and the
             // next settlement goes by lock token) even between receives.
-            delivery = receiver.recv::<Body<Value>>() => match delivery {
+            delivery = link.receiver.recv::<Body<Value>>() => match delivery {
                 Ok(d) => {
-                    let Some(p) = pending.as_mut() else {
-                        buffered.push(Buffered { at: Instant::now(), delivery: d });
+                    let Some(p) = link.pending.as_mut() else {
+                        link.buffered.push(Buffered { at: Instant::now(), delivery: d });
                         continue;
                     };
                     p.got.push(d);
                     if p.got.len() >= p.max {
-                        if let Some(p) = pending.take() {
-                            let _ = p.reply.send(Ok(p.got));
-                        }
-                    } else {
+                        link.answer();
+                    } else if !p.after_drain {
                         p.deadline = p.deadline.min(Instant::now() + BATCH_LINGER);
                     }
                 }
                 Err(e) => {
-                    if let Some(p) = pending.take() {
-                        // Messages already taken are still ours to report; their
-                        // settlement goes by lock token once this link is gone.
-                        failed = Some((p.reply, if p.got.is_empty() { Err(format!("receiving: {e}")) } else { Ok(p.got) }));
-                    }
+                    failed = link.fail(format!("receiving: {e}"));
                     break;
                 }
             },
-            _ = sleep_until(deadline), if pending.is_some() => {
-                if let Some(mut p) = pending.take() {
-                    if prefetch == 0 && p.got.len() < p.max {
-                        let drained = drain(&mut receiver, &mut p.got, DRAIN_WAIT).await;
-                        if let Err(e) = drained {
-                            failed = Some((p.reply, if p.got.is_empty() { Err(e) } else { Ok(p.got) }));
-                            break;
-                        }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                let short = link
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.granted && !p.after_drain && p.got.len() < p.max);
+                if prefetch == 0 && short && link.receiver.credit() > 0 {
+                    if let Err(e) = link.start_drain().await {
+                        failed = link.fail(e);
+                        break;
                     }
-                    let _ = p.reply.send(Ok(p.got));
+                    // Messages already here go to the caller now; an empty
+                    // receive waits for those that raced the drain.
+                    if let Some(p) = link.pending.as_mut()
+                        && p.got.is_empty()
+                    {
+                        p.after_drain = true;
+                        p.deadline = Instant::now() + EMPTY_DRAIN_WAIT;
+                        continue;
+                    }
+                }
+                link.answer();
+            }
+            _ = sleep_until(drain_check), if drain_check.is_some() => {
+                if link.receiver.credit() == 0 {
+                    // Every message sent before the answer has been received:
+                    // flow frames reach the link in order with transfers.
+                    link.draining = None;
+                    if link.pending.as_ref().is_some_and(|p| p.after_drain) {
+                        link.answer();
+                    } else if link.pending.as_ref().is_some_and(|p| !p.granted)
+                        && let Err(e) = link.grant().await
+                    {
+                        failed = link.fail(e);
+                        break;
+                    }
+                } else if link.draining.is_some_and(|until| Instant::now() >= until) {
+                    failed = link.fail(format!(
+                        "the service did not answer a drain within {DRAIN_WAIT:?}; leaving the link"
+                    ));
+                    tracing::warn!("the service did not answer a drain within {DRAIN_WAIT:?}; leaving the link");
+                    break;
+                }
+            }
+            _ = sleep_until(stale_at), if stale_at.is_some() => {
+                if let Err(e) = release_stale(&mut link.receiver, &mut link.buffered).await {
+                    tracing::debug!(error = %e, "releasing stale messages failed; leaving the link");
+                    break;
+                }
+                // Nobody asks: take the credit back, or the service hands the
+                // released messages straight back to this link.
+                if link.buffered.is_empty() && link.draining.is_none() && link.receiver.credit() > 0
+                    && let Err(e) = link.start_drain().await
+                {
+                    tracing::debug!(error = %e, "draining unused credit failed; leaving the link");
+                    break;
                 }
             }
         }
+    }
+    if failed.is_none() {
+        failed = link.fail("the receiving link ended".into());
     }
     // Say at once that this link is gone, so the next receive attaches a new
     // one instead of queueing behind the close below.
@@ -214,6 +346,11 @@ async fn run(mut receiver: Receiver, mut commands: mpsc::Receiver<Command>, pref
             }
         }
     }
+    let Link {
+        receiver,
+        mut buffered,
+        ..
+    } = link;
     // Nobody will take what is buffered: give it back to the queue now rather
     // than at its lock's end (a gone link refuses, and the lock ends anyway).
     for b in buffered.drain(..) {
@@ -252,38 +389,6 @@ async fn release_stale(
             .dispose(b.delivery.into_parts().0, released())
             .await
             .map_err(|e| format!("releasing: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Take back the credit a short receive left, and wait for the service's
-/// answer: it uses the credit up on messages it has, or advances the
-/// delivery count to cancel it; either way the link's credit reaches 0 and
-/// every message sent before the answer has arrived (frames keep their
-/// order), so all of them are returned now and none is locked for a
-/// receiver that stopped asking. The next grant then counts from the
-/// service's delivery count, so it is not eaten by a late answer.
-async fn drain(
-    receiver: &mut Receiver,
-    got: &mut Vec<AmqpDelivery>,
-    limit: Duration,
-) -> Result<(), String> {
-    receiver
-        .drain()
-        .await
-        .map_err(|e| format!("draining credit: {e}"))?;
-    let until = Instant::now() + limit;
-    while receiver.credit() > 0 {
-        if Instant::now() >= until {
-            return Err(format!(
-                "the service did not answer a drain within {limit:?}; leaving the link"
-            ));
-        }
-        match tokio::time::timeout(DRAIN_POLL, receiver.recv::<Body<Value>>()).await {
-            Ok(Ok(d)) => got.push(d),
-            Ok(Err(e)) => return Err(format!("receiving while draining: {e}")),
-            Err(_) => {}
-        }
     }
     Ok(())
 }

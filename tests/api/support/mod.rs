@@ -2,11 +2,13 @@
 //! and a real mock downstream on port 0; typed request helpers; Azurite access.
 //! Real processes (`rtpd`, the mock downstream) live in [`process`];
 //! PostgreSQL databases, schemas and servers for tests in [`postgres`]; an
-//! OTLP/HTTP receiver in [`otlp`].
+//! OTLP/HTTP receiver in [`otlp`]; an object store a test takes down or
+//! slows in [`stores`].
 
 pub mod otlp;
 pub mod postgres;
 pub mod process;
+pub mod stores;
 
 use rtp_durability::app::Application;
 use rtp_durability::auth::{Auth, hash_secret};

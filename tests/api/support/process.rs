@@ -46,20 +46,24 @@ pub fn rtpd() -> Command {
 
 /// `rtpd mock-downstream` that always succeeds, plus any extra flags.
 pub fn spawn_mock(port: u16, extra: &[&str]) -> Proc {
+    spawn_mock_from(rtpd(), port, extra)
+}
+
+/// [`spawn_mock`] from `bin` (e.g. [`release_rtpd`]).
+pub fn spawn_mock_from(mut bin: Command, port: u16, extra: &[&str]) -> Proc {
     Proc(
-        rtpd()
-            .args([
-                "mock-downstream",
-                "--addr",
-                &format!("127.0.0.1:{port}"),
-                "--success-rate",
-                "1",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        bin.args([
+            "mock-downstream",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--success-rate",
+            "1",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
     )
 }
 

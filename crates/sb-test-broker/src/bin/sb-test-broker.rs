@@ -10,6 +10,9 @@
 //! fail-management COUNT STATUS          e.g. fail-management 1 503
 //! clear-faults                          drop injected faults not used up yet
 //! hold-transfers COUNT                  take the next sends and never answer them
+//! deliver-at-drain COUNT                hold messages until the next drains, send them just before the answer
+//! ignore-drains COUNT                   never answer the next drains
+//! refuse-attaches COUNT CONDITION       refuse the next attaches to a queue with CONDITION
 //! detach all|sender|receiver|management|cbs
 //! drop-connections
 //! revoke-tokens                         forget every token, as if all had expired
@@ -130,6 +133,18 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
         }
         ["hold-transfers", _] => {
             broker.hold_next_transfers(number(1)?);
+            Ok(String::new())
+        }
+        ["deliver-at-drain", _] => {
+            broker.deliver_at_next_drains(number(1)?);
+            Ok(String::new())
+        }
+        ["ignore-drains", _] => {
+            broker.ignore_next_drains(number(1)?);
+            Ok(String::new())
+        }
+        ["refuse-attaches", _, condition] => {
+            broker.refuse_next_attaches(number(1)?, condition);
             Ok(String::new())
         }
         ["fail-management", _, _] => {

@@ -641,13 +641,18 @@ impl LinkRelay<OutputHandle> {
                 let ret = flow_state.produce((flow, output_handle.clone())).await;
                 Ok(ret)
             }
-            LinkRelay::Receiver {
-                flow_state,
-                output_handle,
-                ..
-            } => {
-                let ret = flow_state.on_incoming_flow(flow, output_handle.clone());
-                Ok(ret)
+            LinkRelay::Receiver { tx, .. } => {
+                // rtp-durability patch: a receiving link's flow frames go to the
+                // link in the channel its transfers travel, so the link applies
+                // each flow after the transfers that preceded it on the wire.
+                // Upstream applied the flow here, in the session task, before
+                // the link had counted those transfers: a drain's reply
+                // (delivery-count advanced, credit 0) then made the transfers
+                // sent just before it fail with TransferLimitExceeded. The link
+                // answers an echo itself once the flow is applied. A flow for
+                // a link that is gone changes nothing.
+                let _ = tx.send(LinkFrame::Flow(flow)).await;
+                Ok(None)
             }
         }
     }

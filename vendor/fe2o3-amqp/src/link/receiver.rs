@@ -1086,11 +1086,26 @@ where
                     .await // cancel safe
             }
             LinkFrame::Attach(_) => Err(LinkStateError::IllegalState.into()),
-            LinkFrame::Flow(_)
-            | LinkFrame::Disposition(_)
+            // rtp-durability patch: the peer's flow, in wire order with the
+            // transfers (see `LinkRelay::on_incoming_flow`).
+            LinkFrame::Flow(flow) => {
+                let handle = self
+                    .link
+                    .output_handle_mut()
+                    .clone()
+                    .ok_or(LinkStateError::IllegalState)?;
+                if let Some(echo) = self.link.flow_state().on_incoming_flow(flow, handle) {
+                    self.outgoing
+                        .send(LinkFrame::Flow(echo))
+                        .await // cancel safe
+                        .map_err(|_| LinkStateError::IllegalState)?;
+                }
+                Ok(None)
+            }
+            LinkFrame::Disposition(_)
             | LinkFrame::FirstTransfer(_)
             | LinkFrame::TransferContinuation(_) => {
-                // Flow, Disposition and locally sent transfers are handled by
+                // Disposition and locally sent transfers are handled by
                 // LinkRelay which runs in the session loop; they are never
                 // sent to a link.
                 unreachable!()

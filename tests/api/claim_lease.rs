@@ -1,0 +1,257 @@
+//! A claim outlasts its holder's work (issue 22). A worker extends its
+//! claim's lease (`Ledger::extend_lease`) while an attempt runs longer than
+//! the lease it claimed with — through the call and while the outcome
+//! journal does not answer — and calls the downstream only on a lease it is
+//! sure of. So no other worker, re-drive or replay takes the transaction
+//! over and calls again meanwhile; and when the ledger is what is down (no
+//! extension possible), the worker calls no one until an extension answers.
+
+use crate::support::process::OwnRedis;
+use crate::support::stores::{Switchable, journal_on};
+use crate::support::{AppOptions, TestApp, key, spawn_app_with};
+use rtp_durability::journal::Journal;
+use rtp_durability::ledger::ClaimOutcome;
+use rtp_durability::mock_downstream::MockOptions;
+use rtp_durability::processor::{Outcome, Processor};
+use rtp_durability::reconcile::ReconcileOptions;
+use rtp_durability::transaction::State;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const LOCK_SECS: f64 = 1.0;
+const TIMEOUT_SECS: f64 = 1.0;
+/// The lease a claim takes: the lock duration plus the downstream timeout.
+const LEASE: Duration = Duration::from_secs(2);
+
+fn options(latency: Duration) -> AppOptions {
+    AppOptions {
+        lock_secs: LOCK_SECS,
+        downstream_timeout_secs: TIMEOUT_SECS,
+        mock: MockOptions {
+            success_rate: 1.0,
+            latency,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// A second processor of the app, as its own worker (owner name) with its
+/// own outcome journal.
+fn worker(app: &TestApp, owner: &str, journal: Journal) -> Processor {
+    let mut p = app.services.processor().unwrap();
+    p.owner = owner.into();
+    p.journal = journal;
+    p
+}
+
+/// A reconciler pass that re-drives a lease lapsed by more than 100 ms (the
+/// takeover a lapsed lease invites); returns how many it re-drove. Retried
+/// while a ledger that just came back does not answer yet.
+async fn redrive_lapsed(app: &TestApp) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = chrono::Utc::now();
+        let mut o = ReconcileOptions::new(
+            now - chrono::Duration::hours(1),
+            now + chrono::Duration::minutes(1),
+            Duration::from_millis(100),
+        );
+        o.redrive_pending = false;
+        match app.services.reconciler().reconcile(&o).await {
+            Ok(r) => return r.redriven_processing,
+            Err(e) => assert!(Instant::now() < deadline, "reconcile: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An earlier attempt that died holding the claim: the next claim is
+/// attempt 2, which reads the outcome journal before it calls.
+async fn lapse_an_attempt(app: &TestApp, id: &str) {
+    let c = app
+        .services
+        .ledger
+        .claim(id, "died", Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(matches!(c, ClaimOutcome::Claimed(_)), "{c:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+async fn until_claimed_by(app: &TestApp, id: &str, owner: &str, attempt: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.find(id).await.unwrap();
+        if r.attempts == attempt && r.lease_owner.as_deref() == Some(owner) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{owner} claims attempt {attempt}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn calls(app: &TestApp, id: &str) -> u64 {
+    app.mock_calls().await["by_key"][id]["calls"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A journal outage longer than twice the lease, after the call: the
+/// worker keeps its claim's lease while it waits to record the outcome, so
+/// the reconciler finds nothing lapsed and another worker finds the
+/// transaction busy — nobody calls again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_journal_outage_longer_than_the_lease_lets_no_one_call_again() {
+    let app = spawn_app_with(options(Duration::ZERO)).await;
+    let id = key("JL-1");
+    let r = app
+        .post_json(&json!({ "transaction_id": "JL-1", "amount": "1.00" }))
+        .await;
+    assert_eq!(r.status(), 202);
+    let store = Switchable::new(app.services.journal.log().store().clone());
+    let a = worker(&app, "worker-a", journal_on(store.clone(), "worker-a"));
+    store.set_down(true);
+
+    let work = a.try_process_next(Duration::from_secs(5));
+    let check = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while calls(&app, &id).await == 0 {
+            assert!(Instant::now() < deadline, "worker A calls");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Worker A has called and cannot write its outcome.
+        tokio::time::sleep(LEASE * 2 + Duration::from_millis(500)).await;
+        let redriven = redrive_lapsed(&app).await;
+        let other = app
+            .processor
+            .try_process_next(Duration::from_millis(500))
+            .await
+            .unwrap();
+        store.set_down(false);
+        (redriven, other)
+    };
+    let (outcome, (redriven, other)) = tokio::join!(work, check);
+    assert_eq!(redriven, 0, "the lease was kept: nothing looked lapsed");
+    assert!(
+        matches!(other, Outcome::Empty | Outcome::Busy),
+        "another worker does not take the transaction over: {other:?}"
+    );
+    assert_eq!(outcome.unwrap(), Outcome::Succeeded);
+    let rec = app.record("JL-1").await;
+    assert_eq!((rec.status, rec.attempts), (State::Success, 1));
+    let all = app.mock_calls().await;
+    assert_eq!(all["by_key"][id.as_str()]["calls"], 1, "{all}");
+}
+
+/// A worker slow between its claim and its call (the load case: here the
+/// journal read of a re-attempt takes longer than the lease) while another
+/// worker takes the lapsed claim over and calls: the slow one does not call
+/// on its lapsed claim — it tries to extend it first, is fenced, and leaves
+/// the call to the new holder. No second call, no overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_slow_to_call_does_not_call_on_a_lapsed_claim() {
+    // Calls take 0.8 s (within the 1 s timeout): worker A is ready to call
+    // while the other worker's call is in flight.
+    let app = spawn_app_with(options(Duration::from_millis(800))).await;
+    let id = key("SC-1");
+    let r = app
+        .post_json(&json!({ "transaction_id": "SC-1", "amount": "1.00" }))
+        .await;
+    assert_eq!(r.status(), 202);
+    lapse_an_attempt(&app, &id).await;
+    let store = Switchable::new(app.services.journal.log().store().clone());
+    store.delay_next_list(LEASE + Duration::from_millis(500));
+    let a = worker(&app, "worker-a", journal_on(store, "worker-a"));
+
+    let work = a.try_process_next(Duration::from_secs(5));
+    let check = async {
+        until_claimed_by(&app, &id, "worker-a", 2).await;
+        tokio::time::sleep(LEASE + Duration::from_millis(200)).await;
+        assert_eq!(
+            redrive_lapsed(&app).await,
+            1,
+            "the lapsed lease is re-driven"
+        );
+        // Takes it over (attempt 3) and calls while worker A still reads.
+        app.processor
+            .try_process_next(Duration::from_secs(2))
+            .await
+            .unwrap()
+    };
+    let (slow, other) = tokio::join!(work, check);
+    assert_eq!(other, Outcome::Succeeded);
+    assert_eq!(
+        slow.unwrap(),
+        Outcome::Fenced,
+        "the slow worker does not call on its lapsed claim"
+    );
+    let rec = app.record("SC-1").await;
+    assert_eq!((rec.status, rec.attempts), (State::Success, 3));
+    let all = app.mock_calls().await;
+    assert_eq!(all["by_key"][id.as_str()]["calls"], 1, "{all}");
+    assert_eq!(all["concurrent_overlaps"], 0, "{all}");
+}
+
+/// The ledger is what is down when the worker is ready to call on a lease
+/// that has lapsed meanwhile: no extension is possible, so it holds the
+/// message and calls no one. After the ledger returns, whoever holds the
+/// claim calls — the worker itself (its extension answered first: nobody
+/// took the transaction over) or another worker (its takeover came first:
+/// the worker's extension is fenced). One call either way, no overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_that_lapsed_while_the_ledger_was_down_is_not_called_on() {
+    let mut redis = OwnRedis::start_persistent();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        ..options(Duration::from_millis(300))
+    })
+    .await;
+    let id = key("LD-1");
+    let r = app
+        .post_json(&json!({ "transaction_id": "LD-1", "amount": "1.00" }))
+        .await;
+    assert_eq!(r.status(), 202);
+    lapse_an_attempt(&app, &id).await;
+    let store = Switchable::new(app.services.journal.log().store().clone());
+    store.delay_next_list(LEASE + Duration::from_secs(1));
+    let a = worker(&app, "worker-a", journal_on(store, "worker-a"));
+
+    let work = a.try_process_next(Duration::from_secs(5));
+    let check = async {
+        until_claimed_by(&app, &id, "worker-a", 2).await;
+        redis.kill();
+        // Worker A is ready to call a second after its lease ended, with
+        // the ledger down.
+        tokio::time::sleep(LEASE + Duration::from_secs(2)).await;
+        let during = calls(&app, &id).await;
+        redis.launch();
+        redrive_lapsed(&app).await;
+        let other = app
+            .processor
+            .try_process_next(Duration::from_secs(2))
+            .await
+            .unwrap();
+        (during, other)
+    };
+    let (outcome, (during, other)) = tokio::join!(work, check);
+    assert_eq!(during, 0, "no call while the lease could not be extended");
+    let outcome = outcome.unwrap();
+    let rec = app.record("LD-1").await;
+    assert_eq!(rec.status, State::Success);
+    match (&outcome, &other) {
+        (Outcome::Succeeded, Outcome::Empty | Outcome::Busy | Outcome::Skipped(_)) => {
+            assert_eq!(rec.attempts, 2, "worker A kept its claim")
+        }
+        (Outcome::Fenced, Outcome::Succeeded) => {
+            assert_eq!(rec.attempts, 3, "another worker took it over")
+        }
+        _ => panic!("worker A: {outcome:?}, the other: {other:?}"),
+    }
+    let all = app.mock_calls().await;
+    assert_eq!(all["by_key"][id.as_str()]["calls"], 1, "{all}");
+    assert_eq!(all["concurrent_overlaps"], 0, "{all}");
+}
