@@ -11,6 +11,7 @@
 //! from the WAL (`enqueued: false`).
 
 use crate::envelope::{Delivery, Envelope};
+use crate::journal::{EntryKind, Journal, JournalEntry};
 use crate::ledger::{self, Ledger, LedgerError, RegisterOutcome};
 use crate::queue::{Queue, QueueError};
 use crate::resend::Resend;
@@ -57,6 +58,9 @@ pub enum IntakeOutcome {
 pub enum Dependency {
     Wal,
     Ledger,
+    /// The outcome journal, where a refusal of a payload already in the WAL
+    /// is noted before the 409 goes out.
+    Journal,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,8 @@ fn ledger_error(e: LedgerError) -> IntakeError {
 #[derive(Clone)]
 pub struct Intake {
     pub wal: Log,
+    /// Notes the payloads refused after their WAL append (see [`EntryKind::Refused`]).
+    pub journal: Journal,
     pub ledger: Arc<dyn Ledger>,
     pub queue: Arc<dyn Queue>,
     /// Where a failed send goes to be retried at once (else only the
@@ -158,9 +164,17 @@ impl Intake {
             .map_err(ledger_error)?
         {
             RegisterOutcome::New(rec) => rec,
-            // A concurrent first POST won the race; ours is a harmless extra WAL record.
-            RegisterOutcome::Duplicate(rec) | RegisterOutcome::Conflict(rec) => {
-                return Ok(existing(rec, &s.sha256));
+            // A concurrent first POST of the same bytes won the race; ours is
+            // a harmless extra WAL record.
+            RegisterOutcome::Duplicate(rec) => return Ok(IntakeOutcome::Duplicate(rec)),
+            RegisterOutcome::Conflict(rec) => {
+                // Other bytes won: ours is in the WAL all the same. Noted in
+                // the journal before the 409, so a ledger rebuild never takes
+                // this record for the transaction (issue 12 item 2). If the
+                // note cannot be written the answer is a 503 ("maybe
+                // accepted"), never a 409 for bytes a rebuild might run.
+                self.note_refused(&reg, &rec).await?;
+                return Ok(IntakeOutcome::Conflict(rec));
             }
         };
         let message = Envelope::new(reg, s.payload, Delivery::Initial).to_message();
@@ -186,6 +200,34 @@ impl Intake {
         };
         tracing::info!(transaction_id = %record.transaction_id, wal_ref = %record.wal_ref, enqueued, "transaction accepted");
         Ok(IntakeOutcome::Accepted { record, enqueued })
+    }
+}
+
+impl Intake {
+    async fn note_refused(&self, reg: &Registration, rec: &TxRecord) -> Result<(), IntakeError> {
+        let entry = JournalEntry {
+            v: 1,
+            kind: EntryKind::Refused,
+            transaction_id: reg.transaction_id.to_string(),
+            at: crate::clock::now(),
+            attempt: None,
+            state: rec.status,
+            error: None,
+            next_retry_at: None,
+            actor: "intake".into(),
+            reason: Some(format!(
+                "409: other content ({}) holds this id; WAL record {} refused",
+                rec.sha256, reg.wal_ref
+            )),
+            sha256: Some(reg.sha256.clone()),
+        };
+        self.journal.append(&entry).await.map(|_| ()).map_err(|e| {
+            tracing::error!(transaction_id = %reg.transaction_id, error = %e, "could not note a refused payload; answering 503");
+            IntakeError::Unavailable {
+                dependency: Dependency::Journal,
+                message: e.to_string(),
+            }
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! before the queue message is settled. With the WAL it is the source of
 //! truth; the ledger can be rebuilt from the two.
 
-use crate::transaction::{Registration, State, TxRecord};
+use crate::transaction::{Registration, Sha256, State, TxRecord};
 use crate::wal::{Log, WalError, WalRef};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,10 @@ pub enum EntryKind {
     Replay,
     /// An operator purged dead-lettered messages.
     Purge,
+    /// Intake answered 409 for a payload it had already written to the WAL
+    /// (a concurrent first POST won): the record with this `sha256` is not
+    /// the transaction, and a ledger rebuild never restores it.
+    Refused,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +36,12 @@ pub struct JournalEntry {
     /// Processor instance, or the operator for replays and purges.
     pub actor: String,
     pub reason: Option<String>,
+    /// The sha256 of the payload the entry is about: the one attempted, or
+    /// replayed, or refused (absent in entries written before it was kept).
+    /// With several WAL records for one id, a ledger rebuild restores the
+    /// one the journal names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Sha256>,
 }
 
 #[derive(Clone)]
@@ -66,6 +76,8 @@ pub struct Known {
     pub error: Option<String>,
     pub next_retry_at: Option<DateTime<Utc>>,
     pub last_at: DateTime<Utc>,
+    /// The payload the latest attempt or replay was about, if recorded.
+    pub sha256: Option<Sha256>,
 }
 
 impl Known {
@@ -89,6 +101,11 @@ impl Known {
                 self.retry_count = 0;
             }
             EntryKind::Purge => {}
+            // Not about the transaction's own payload.
+            EntryKind::Refused => return,
+        }
+        if e.sha256.is_some() && e.kind != EntryKind::Purge {
+            self.sha256 = e.sha256.clone();
         }
         self.last_at = self.last_at.max(e.at);
     }
@@ -204,12 +221,24 @@ impl JournalIndex {
         }
     }
 
-    /// The fold of everything journaled for `id`, or `None` if nothing is.
+    /// The payloads intake refused (409) for `id` after writing them to the WAL.
+    pub fn refused(&self, id: &str) -> Vec<Sha256> {
+        self.entries
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.kind == EntryKind::Refused)
+            .filter_map(|e| e.sha256.clone())
+            .collect()
+    }
+
+    /// The fold of everything journaled for `id` (refusals aside), or
+    /// `None` if nothing is.
     pub fn known(&self, id: &str) -> Option<Known> {
         let entries = self.entries.get(id)?;
         let mut sorted: Vec<&JournalEntry> = entries.iter().collect();
         sorted.sort_by_key(|e| e.at);
-        let first = sorted.first()?;
+        let first = sorted.iter().find(|e| e.kind != EntryKind::Refused)?;
         let mut k = Known {
             state: State::Pending,
             attempts: 0,
@@ -218,6 +247,7 @@ impl JournalIndex {
             error: None,
             next_retry_at: None,
             last_at: first.at,
+            sha256: None,
         };
         for e in sorted {
             k.apply(e);
@@ -228,12 +258,21 @@ impl JournalIndex {
 
 /// The ledger record the WAL and the journal imply for a transaction.
 ///
-/// An unfinished one is restored as touched `now`: the journal records an
-/// attempt only once it ends, so an attempt by a process (or region) that was
-/// lost may still be running at the downstream. Dating the record now makes
-/// the re-drive wait the pending threshold (and a failed one's retry at least
-/// that slack), which keeps a second call from overlapping the lost one.
-pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<Utc>) -> TxRecord {
+/// An unfinished one is restored `failed`, its retry due no sooner than
+/// `in_flight` from `now` (issue 12 item 4): the journal records an attempt
+/// only once it ends, so an attempt by a process (or region) that was lost
+/// may still be running at the downstream, for at most its lease (the
+/// processor's lock duration + downstream timeout: `in_flight`). Until then
+/// a claim answers `NotDue` (the processor reschedules the copy) and the
+/// reconciler's re-drive is scheduled for then, so a second call never
+/// overlaps the lost one. The attempt number restored is the highest
+/// journaled, so the next claim's is above every journaled one.
+pub fn restored_record(
+    reg: &Registration,
+    known: Option<&Known>,
+    now: DateTime<Utc>,
+    in_flight: std::time::Duration,
+) -> TxRecord {
     let mut rec = TxRecord::new(reg, now);
     if let Some(k) = known {
         rec.status = k.state;
@@ -247,9 +286,15 @@ pub fn restored_record(reg: &Registration, known: Option<&Known>, now: DateTime<
         rec.updated_at = k.last_at;
     }
     if !rec.status.is_terminal() {
+        let not_before = now + chrono::Duration::from_std(in_flight).unwrap_or_default();
         rec.updated_at = now;
-        if rec.status == State::Failed {
-            rec.next_retry_at = Some(rec.next_retry_at.map_or(now, |t| t.max(now)));
+        rec.status = State::Failed;
+        rec.next_retry_at = Some(rec.next_retry_at.map_or(not_before, |t| t.max(not_before)));
+        if rec.error_message.is_none() || known.is_some_and(|k| k.state == State::Pending) {
+            rec.error_message = Some(format!(
+                "restored after a ledger loss; not run again before {} in case an attempt of a lost process is still in flight",
+                not_before.to_rfc3339()
+            ));
         }
     }
     rec
@@ -271,6 +316,7 @@ mod tests {
             next_retry_at: None,
             actor: "x".into(),
             reason: None,
+            sha256: None,
         }
     }
 

@@ -9,7 +9,7 @@ use crate::backoff::{Backoff, RetryPolicy};
 use crate::downstream::{CallResult, Downstream};
 use crate::envelope::{Delivery, Envelope, props};
 use crate::journal::{EntryKind, Journal, JournalEntry, JournalIndex, restored_record};
-use crate::ledger::{ClaimOutcome, Ledger, LedgerError, RegisterOutcome};
+use crate::ledger::{ClaimOutcome, Ledger, LedgerError};
 use crate::metrics;
 use crate::queue::{OutgoingMessage, Queue, QueueError, ReceivedMessage};
 use crate::recovery::Waiting;
@@ -291,6 +291,24 @@ impl Processor {
                 }
                 Err(e) => return self.defer(&m, e).await,
             }
+            claim = match self
+                .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
+                .await
+            {
+                Ok(c) => c,
+                Err(lost) => return self.lost_hold(lost),
+            };
+        }
+        if let Ok((_, ClaimOutcome::NotDue(rec))) = &claim
+            && let Some(due) = self.due_within_lock(&m, rec)
+        {
+            // Issue 12 item 12: a copy a little early (the broker's clock
+            // runs ahead) waits under its lock for its time instead of being
+            // sent again: a copy rescheduled for the same time comes back
+            // early again at once, and every send whose original's
+            // completion fails leaves one copy more in the queue.
+            tracing::info!(next_retry_at = %due, "copy arrived a little before its retry was due; waiting for it under the lock");
+            crate::clock::sleep((due - crate::clock::now()).to_std().unwrap_or_default()).await;
             claim = match self
                 .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
                 .await
@@ -614,6 +632,7 @@ impl Processor {
             next_retry_at,
             actor: self.owner.clone(),
             reason: None,
+            sha256: Some(reg.sha256.clone()),
         };
         // The lease is kept while the journal does not answer: a journal
         // outage longer than the lease must not let another worker take the
@@ -734,6 +753,18 @@ impl Processor {
         }
     }
 
+    /// When a copy that is not due yet becomes due, if that is at least a
+    /// quarter of the lock duration before its lock runs out.
+    fn due_within_lock(
+        &self,
+        m: &ReceivedMessage,
+        rec: &crate::transaction::TxRecord,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let due = rec.next_retry_at?;
+        let margin = chrono::Duration::from_std(self.lock_duration / 4).unwrap_or_default();
+        (due + margin <= m.locked_until).then_some(due)
+    }
+
     /// A copy that arrived before its retry was due (issue 12 item 11: clocks
     /// differ, or a re-drive crossed a scheduled retry). Completing it could
     /// drop the only copy of the retry, so a copy due at `next_retry_at` is
@@ -793,6 +824,7 @@ impl Processor {
             next_retry_at: Some(now),
             actor: self.owner.clone(),
             reason: None,
+            sha256: Some(rec.sha256.clone()),
         };
         if let Err(e) = self.journal.append(&entry).await {
             return self.defer(m, DeferCause::Journal(e.to_string())).await;
@@ -927,18 +959,44 @@ impl Processor {
         )
         .await
         .map_err(|e| DeferCause::Journal(e.to_string()))?;
-        let known = self.journal_index.lock().await.known(&reg.transaction_id);
-        let rec = restored_record(reg, known.as_ref(), crate::clock::now());
-        let finished = rec.status.is_terminal();
-        if known.is_some() {
-            self.ledger
-                .restore_missing(rec)
-                .await
-                .map_err(|e| DeferCause::Ledger(e.to_string()))?;
-        } else {
-            match self.ledger.register(reg.clone()).await {
-                Ok(RegisterOutcome::Conflict(_)) => return Ok(Restored::Conflict),
-                Ok(_) => {}
+        let (known, refused) = {
+            let idx = self.journal_index.lock().await;
+            (
+                idx.known(&reg.transaction_id),
+                idx.refused(&reg.transaction_id),
+            )
+        };
+        // Bytes intake refused (409), or other bytes than the journal's
+        // attempts ran: not this transaction's payload (issue 12 item 2).
+        if refused.contains(&reg.sha256)
+            || known
+                .as_ref()
+                .and_then(|k| k.sha256.as_ref())
+                .is_some_and(|sha| *sha != reg.sha256)
+        {
+            return Ok(Restored::Conflict);
+        }
+        // Issue 12 item 4: unfinished, it comes back `failed` and due only
+        // once an attempt of a lost process (one lease) has run out: the
+        // claim that follows answers `NotDue` and the copy is rescheduled.
+        let rec = restored_record(
+            reg,
+            known.as_ref(),
+            crate::clock::now(),
+            self.lock_duration + self.downstream_timeout,
+        );
+        let mut finished = rec.status.is_terminal();
+        let put = self
+            .ledger
+            .restore_missing(rec)
+            .await
+            .map_err(|e| DeferCause::Ledger(e.to_string()))?;
+        if !put {
+            // Restored (or registered) by someone else meanwhile.
+            match self.ledger.get(&reg.transaction_id).await {
+                Ok(Some(cur)) if cur.sha256 != reg.sha256 => return Ok(Restored::Conflict),
+                Ok(Some(cur)) => finished = cur.status.is_terminal(),
+                Ok(None) => {}
                 Err(e) => return Err(DeferCause::Ledger(e.to_string())),
             }
         }

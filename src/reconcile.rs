@@ -35,12 +35,16 @@ use crate::journal::{Journal, JournalIndex, Known, restored_record};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics;
 use crate::queue::Queue;
-use crate::transaction::{Registration, State, TxRecord};
+use crate::transaction::{Registration, Sha256, State, TransactionId, TxRecord, WalRef};
 use crate::wal::{Log, WalError, WalRecord};
 use bytes::Bytes;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::Serialize;
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -53,6 +57,11 @@ pub struct Reconciler {
     pub queue: Arc<dyn Queue>,
     /// Lease owner name of this process.
     pub instance: String,
+    /// The longest an attempt by a lost process may still run at the
+    /// downstream: the processor's lease (lock duration + downstream
+    /// timeout). Unfinished work restored into the ledger is not run again
+    /// before it has passed (issue 12 item 4).
+    pub in_flight: Duration,
 }
 
 /// Name of the ledger lease that makes one reconciler active at a time.
@@ -167,6 +176,7 @@ fn plan(
     known: Option<&Known>,
     now: DateTime<Utc>,
     o: &ReconcileOptions,
+    in_flight: Duration,
 ) -> Plan {
     let slack = ChronoDuration::from_std(o.slack).unwrap_or_default();
     let pending_after = ChronoDuration::from_std(o.pending_after).unwrap_or_default();
@@ -175,13 +185,13 @@ fn plan(
         if known.is_none() && now - reg.received_at <= pending_after {
             return Plan::Wait;
         }
-        return Plan::Restore(restored_record(reg, known, now));
+        return Plan::Restore(restored_record(reg, known, now, in_flight));
     };
     if !cur.status.is_terminal()
         && finished
         && let Some(k) = known
     {
-        let mut rec = restored_record(reg, Some(k), now);
+        let mut rec = restored_record(reg, Some(k), now, in_flight);
         rec.wal_ref = cur.wal_ref.clone();
         rec.created_at = cur.created_at;
         rec.vendor = cur.vendor.clone();
@@ -287,6 +297,10 @@ impl Reconciler {
     ) -> Result<ReconcileReport, ReconcileError> {
         let mut report = ReconcileReport::default();
         let mut seen = HashSet::new();
+        // Ids the ledger does not hold, with every WAL record of theirs in
+        // the window: which one stands for the transaction is decided once
+        // all are known (issue 12 item 2).
+        let mut missing: BTreeMap<TransactionId, Vec<Candidate>> = BTreeMap::new();
         let pace =
             (o.rate_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / o.rate_per_sec as f64));
 
@@ -326,12 +340,15 @@ impl Reconciler {
                 }
                 // The vendor-scoped key, or the key of an entry written
                 // before keys were scoped (then that key is used throughout).
-                let mut id = key.clone();
-                let current = crate::ledger::find(&*self.ledger, &id).await?;
-                if let Some(c) = &current {
-                    id = c.transaction_id.clone();
-                }
-                if current.as_ref().is_some_and(|c| c.sha256 != wal.sha256) {
+                let Some(current) = crate::ledger::find(&*self.ledger, &key).await? else {
+                    missing.entry(key.clone()).or_default().push(Candidate {
+                        wal_ref,
+                        sha256: wal.sha256.clone(),
+                        received_at: wal.received_at,
+                    });
+                    continue;
+                };
+                if current.sha256 != wal.sha256 {
                     // A record the ledger did not accept (a refused re-POST, the
                     // loser of two first POSTs). The id is not done with: the
                     // record the ledger holds may come later in the WAL.
@@ -340,85 +357,64 @@ impl Reconciler {
                 }
                 seen.insert(key);
                 // A pre-scoping entry is met under its bare key in the ledger walk.
-                seen.insert(id.clone());
-                let wal_ref = current.as_ref().map_or(wal_ref, |c| c.wal_ref.clone());
-                let reg = wal.registration_as(id.clone(), &wal_ref);
-                // Outcomes journaled before keys were scoped are under the bare id.
-                let known = journal
-                    .known(&id)
-                    .or_else(|| id.unscoped().and_then(|bare| journal.known(&bare)));
-                let now = crate::clock::now();
-                let p = plan(current.as_ref(), &reg, known.as_ref(), now, o);
-                let unfinished = match &p {
-                    Plan::Restore(r) | Plan::Correct(r) => !r.status.is_terminal(),
-                    Plan::Nothing => current.as_ref().is_some_and(|c| !c.status.is_terminal()),
-                    Plan::Wait | Plan::Redrive(_) => true,
-                };
-                if unfinished {
-                    report.oldest_unfinished = Some(
-                        report
-                            .oldest_unfinished
-                            .map_or(wal.received_at, |t| t.min(wal.received_at)),
-                    );
-                }
-                let (why, redrive, scheduled) = match p {
-                    Plan::Wait | Plan::Nothing => continue,
-                    Plan::Restore(rec) => {
-                        let finished = rec.status.is_terminal();
-                        if finished {
-                            report.restored_finished += 1;
-                        } else {
-                            report.missing_from_ledger += 1;
-                        }
-                        let scheduled = rec.next_retry_at.filter(|t| *t > now);
-                        if !o.dry_run && !self.ledger.restore_missing(rec.clone()).await? {
-                            // Someone (a processor) restored it meanwhile; it is in hand.
-                            continue;
-                        }
-                        if finished {
-                            ("missing from ledger; journal says finished", false, None)
-                        } else {
-                            ("missing from ledger", o.redrive, scheduled)
-                        }
-                    }
-                    Plan::Correct(rec) => {
-                        report.corrected_from_journal += 1;
-                        if !o.dry_run {
-                            self.ledger.restore(rec).await?;
-                        }
-                        ("ledger behind the journal; corrected", false, None)
-                    }
-                    Plan::Redrive(state) if o.redrive => {
-                        match state {
-                            "pending" => report.redriven_pending += 1,
-                            "failed" => report.redriven_failed += 1,
-                            _ => report.redriven_processing += 1,
-                        }
-                        (state, true, None)
-                    }
-                    Plan::Redrive(_) => continue,
-                };
-                let status = if redrive { " (re-drive)" } else { "" };
-                report.actions.push(format!("{id}: {why}{status}"));
-                if o.dry_run || !redrive {
-                    continue;
-                }
-                let msg = Envelope::new(
-                    reg,
-                    Bytes::from(wal.payload.into_bytes()),
-                    Delivery::Redrive(Delivery::nonce()),
-                )
-                .scheduled_at(scheduled)
-                .to_message();
-                if let Err(e) = self.queue.send(vec![msg]).await {
-                    tracing::warn!(transaction_id = %id, error = %e, "re-enqueue failed; stopping this pass");
+                seen.insert(current.transaction_id.clone());
+                let (id, wal_ref) = (current.transaction_id.clone(), current.wal_ref.clone());
+                if !self
+                    .act(
+                        o,
+                        &mut report,
+                        &mut journal,
+                        id,
+                        &wal_ref,
+                        wal,
+                        Some(current),
+                        pace,
+                    )
+                    .await?
+                {
                     record_metrics(&report, o);
                     return Ok(report);
                 }
-                tracing::info!(transaction_id = %id, reason = why, "re-driven from the WAL");
-                if let Some(p) = pace {
-                    tokio::time::sleep(p).await;
+            }
+        }
+        for (key, candidates) in missing {
+            if seen.contains(&key) {
+                continue; // a later record of it was in the ledger after all
+            }
+            lease.keep().await?;
+            let Some((wal_ref, wal)) = self
+                .choose(&key, &candidates, &journal, &mut report)
+                .await?
+            else {
+                continue;
+            };
+            // Ingest or a processor may have put it back meanwhile.
+            let current = crate::ledger::find(&*self.ledger, &key).await?;
+            let (id, wal_ref) = match &current {
+                Some(c) if c.sha256 != wal.sha256 => {
+                    report.conflicting += 1;
+                    continue;
                 }
+                Some(c) => (c.transaction_id.clone(), c.wal_ref.clone()),
+                None => (key.clone(), wal_ref),
+            };
+            seen.insert(key);
+            seen.insert(id.clone());
+            if !self
+                .act(
+                    o,
+                    &mut report,
+                    &mut journal,
+                    id,
+                    &wal_ref,
+                    wal,
+                    current,
+                    pace,
+                )
+                .await?
+            {
+                record_metrics(&report, o);
+                return Ok(report);
             }
         }
         if o.redrive
@@ -433,6 +429,198 @@ impl Reconciler {
         record_metrics(&report, o);
         Ok(report)
     }
+
+    /// Which of the WAL records of `key` (an id the ledger lost) stands for
+    /// the transaction (issue 12 item 2, rebuild half): the one whose sha256
+    /// the journal names (an attempt or a replay of it), else the latest one
+    /// intake did not refuse (a 409 is journaled before it is answered; the
+    /// others were acknowledged or answered "maybe accepted" — 5xx or no
+    /// answer — and a vendor re-POSTs after a 5xx, so the latest is its last
+    /// word). `None` when every record was refused: nothing a vendor was
+    /// refused is restored, so nothing of it runs without an operator.
+    async fn choose(
+        &self,
+        key: &TransactionId,
+        candidates: &[Candidate],
+        journal: &JournalIndex,
+        report: &mut ReconcileReport,
+    ) -> Result<Option<(WalRef, WalRecord)>, ReconcileError> {
+        let known = known_for(journal, key);
+        let mut refused = journal.refused(key);
+        if let Some(bare) = key.unscoped() {
+            refused.extend(journal.refused(&bare));
+        }
+        let named = known
+            .as_ref()
+            .and_then(|k| k.sha256.as_ref())
+            .and_then(|sha| candidates.iter().rev().find(|c| c.sha256 == *sha));
+        let chosen = named.or_else(|| {
+            candidates
+                .iter()
+                .filter(|c| !refused.contains(&c.sha256))
+                .max_by_key(|c| c.received_at)
+        });
+        let others = candidates
+            .iter()
+            .filter(|c| chosen.is_none_or(|x| x.sha256 != c.sha256))
+            .count();
+        report.conflicting += others as u64;
+        let Some(chosen) = chosen else {
+            tracing::warn!(transaction_id = %key, records = candidates.len(), "every WAL record of this id was refused; nothing restored");
+            report.actions.push(format!(
+                "{key}: every WAL record was refused (409); not restored"
+            ));
+            return Ok(None);
+        };
+        if others > 0 {
+            tracing::warn!(transaction_id = %key, chosen = %chosen.wal_ref, sha256 = %chosen.sha256, journaled = named.is_some(), others, "several WAL records with other content for one id; restoring the confirmed or latest unrefused one");
+        }
+        let wal = match self
+            .wal
+            .read(&chosen.wal_ref)
+            .await
+            .map(|b| serde_json::from_slice::<WalRecord>(&b))
+        {
+            Ok(Ok(w)) if w.sha256 == chosen.sha256 => w,
+            Ok(_) => {
+                report.unreadable += 1;
+                tracing::error!(transaction_id = %key, wal_ref = %chosen.wal_ref, "WAL record no longer reads as it did");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some((chosen.wal_ref.clone(), wal)))
+    }
+
+    /// Plans and carries out what one transaction needs. False when a send
+    /// failed (the pass stops there).
+    #[allow(clippy::too_many_arguments)]
+    async fn act(
+        &self,
+        o: &ReconcileOptions,
+        report: &mut ReconcileReport,
+        journal: &mut JournalIndex,
+        id: TransactionId,
+        wal_ref: &WalRef,
+        wal: WalRecord,
+        current: Option<TxRecord>,
+        pace: Option<Duration>,
+    ) -> Result<bool, ReconcileError> {
+        let reg = wal.registration_as(id.clone(), wal_ref);
+        let known = known_for(journal, &id);
+        let now = crate::clock::now();
+        let p = plan(
+            current.as_ref(),
+            &reg,
+            known.as_ref(),
+            now,
+            o,
+            self.in_flight,
+        );
+        let unfinished = match &p {
+            Plan::Restore(r) | Plan::Correct(r) => !r.status.is_terminal(),
+            Plan::Nothing => current.as_ref().is_some_and(|c| !c.status.is_terminal()),
+            Plan::Wait | Plan::Redrive(_) => true,
+        };
+        if unfinished {
+            report.oldest_unfinished = Some(
+                report
+                    .oldest_unfinished
+                    .map_or(wal.received_at, |t| t.min(wal.received_at)),
+            );
+        }
+        let (why, redrive, scheduled) = match p {
+            Plan::Wait | Plan::Nothing => return Ok(true),
+            Plan::Restore(rec) => {
+                let finished = rec.status.is_terminal();
+                if finished {
+                    report.restored_finished += 1;
+                } else {
+                    report.missing_from_ledger += 1;
+                }
+                let scheduled = rec.next_retry_at.filter(|t| *t > now);
+                if !o.dry_run && !self.ledger.restore_missing(rec.clone()).await? {
+                    // Someone (a processor) restored it meanwhile; it is in hand.
+                    return Ok(true);
+                }
+                if finished {
+                    ("missing from ledger; journal says finished", false, None)
+                } else {
+                    ("missing from ledger", o.redrive, scheduled)
+                }
+            }
+            Plan::Correct(_) => {
+                // Issue 12 item 8: the journal index was read when the pass
+                // began, and the ledger a moment ago; an operator replay (or
+                // a processor) may have moved the transaction on since. Read
+                // both again, and put the correction only over the version
+                // just read.
+                journal.refresh(&self.journal, o.from, now).await?;
+                let Some(cur) = crate::ledger::find(&*self.ledger, &id).await? else {
+                    return Ok(true);
+                };
+                let known = known_for(journal, &id);
+                let Plan::Correct(rec) =
+                    plan(Some(&cur), &reg, known.as_ref(), now, o, self.in_flight)
+                else {
+                    tracing::info!(transaction_id = %id, "moved on during the pass; no correction");
+                    return Ok(true);
+                };
+                report.corrected_from_journal += 1;
+                if !o.dry_run && !self.ledger.restore_if_unchanged(&cur, rec).await? {
+                    tracing::info!(transaction_id = %id, "changed while being corrected; left to the next pass");
+                    return Ok(true);
+                }
+                ("ledger behind the journal; corrected", false, None)
+            }
+            Plan::Redrive(state) if o.redrive => {
+                match state {
+                    "pending" => report.redriven_pending += 1,
+                    "failed" => report.redriven_failed += 1,
+                    _ => report.redriven_processing += 1,
+                }
+                (state, true, None)
+            }
+            Plan::Redrive(_) => return Ok(true),
+        };
+        let status = if redrive { " (re-drive)" } else { "" };
+        report.actions.push(format!("{id}: {why}{status}"));
+        if o.dry_run || !redrive {
+            return Ok(true);
+        }
+        let msg = Envelope::new(
+            reg,
+            Bytes::from(wal.payload.into_bytes()),
+            Delivery::Redrive(Delivery::nonce()),
+        )
+        .scheduled_at(scheduled)
+        .to_message();
+        if let Err(e) = self.queue.send(vec![msg]).await {
+            tracing::warn!(transaction_id = %id, error = %e, "re-enqueue failed; stopping this pass");
+            return Ok(false);
+        }
+        tracing::info!(transaction_id = %id, reason = why, "re-driven from the WAL");
+        if let Some(p) = pace {
+            tokio::time::sleep(p).await;
+        }
+        Ok(true)
+    }
+}
+
+/// One WAL record of an id the ledger lost.
+#[derive(Debug)]
+struct Candidate {
+    wal_ref: WalRef,
+    sha256: Sha256,
+    received_at: DateTime<Utc>,
+}
+
+/// What the journal says about `id`; outcomes journaled before keys were
+/// scoped are under the bare id.
+fn known_for(journal: &JournalIndex, id: &TransactionId) -> Option<Known> {
+    journal
+        .known(id)
+        .or_else(|| id.unscoped().and_then(|bare| journal.known(&bare)))
 }
 
 impl Reconciler {
@@ -472,8 +660,10 @@ impl Reconciler {
                         received_at: cur.created_at,
                         expires_at: cur.expires_at,
                     };
-                    let known = journal.known(&cur.transaction_id);
-                    let Plan::Redrive(why) = plan(Some(&cur), &reg, known.as_ref(), now, o) else {
+                    let known = known_for(journal, &cur.transaction_id);
+                    let Plan::Redrive(why) =
+                        plan(Some(&cur), &reg, known.as_ref(), now, o, self.in_flight)
+                    else {
                         continue;
                     };
                     let wal: WalRecord = match self
@@ -657,6 +847,47 @@ mod tests {
             error: None,
             next_retry_at: None,
             last_at: crate::clock::now(),
+            sha256: None,
+        }
+    }
+
+    const IN_FLIGHT: Duration = Duration::from_secs(70);
+
+    /// Issue 12 item 4: unfinished work restored from the WAL and the
+    /// journal (the ledger lost it) is not runnable until an attempt a lost
+    /// process may still have in flight (one lease: lock + downstream
+    /// timeout) has run out, whether the journal knows nothing of it, says
+    /// `pending` (a replay) or says `failed` with a retry already due; and
+    /// its next attempt number is above every journaled one.
+    #[test]
+    fn restored_unfinished_work_waits_out_the_lease() {
+        use crate::transaction::machine::{ClaimDecision, decide_claim};
+        let now = crate::clock::now();
+        let r = reg(600);
+        let mut failed_due = known(State::Failed);
+        failed_due.next_retry_at = Some(now - ChronoDuration::seconds(30));
+        for k in [None, Some(known(State::Pending)), Some(failed_due)] {
+            let Plan::Restore(rec) = plan(None, &r, k.as_ref(), now, &opts(), IN_FLIGHT) else {
+                panic!("restored")
+            };
+            let lease_end = now + ChronoDuration::from_std(IN_FLIGHT).unwrap();
+            for at in [now, lease_end - ChronoDuration::milliseconds(1)] {
+                assert_eq!(
+                    decide_claim(&rec, at),
+                    ClaimDecision::NotDue,
+                    "{k:?}: runnable at {at} (restored {now})"
+                );
+            }
+            let journaled = k.as_ref().map_or(0, |k| k.attempts);
+            assert_eq!(
+                decide_claim(&rec, lease_end + ChronoDuration::milliseconds(1)),
+                ClaimDecision::Claim {
+                    attempt: journaled + 1
+                },
+                "{k:?}"
+            );
+            // The reconciler's own re-drive of it is scheduled, not sent for now.
+            assert_eq!(rec.next_retry_at, Some(lease_end), "{k:?}");
         }
     }
 
@@ -672,20 +903,28 @@ mod tests {
     fn missing_and_finished_is_restored_not_redriven() {
         let now = crate::clock::now();
         let r = reg(60);
-        match plan(None, &r, Some(&known(State::Success)), now, &opts()) {
+        match plan(
+            None,
+            &r,
+            Some(&known(State::Success)),
+            now,
+            &opts(),
+            IN_FLIGHT,
+        ) {
             Plan::Restore(rec) => {
                 assert_eq!(rec.status, State::Success);
                 assert_eq!(rec.attempts, 2);
             }
             other => panic!("{other:?}"),
         }
-        match plan(None, &r, None, now, &opts()) {
-            Plan::Restore(rec) => assert_eq!(rec.status, State::Pending),
+        // Unfinished: back, but not runnable at once (item 4).
+        match plan(None, &r, None, now, &opts(), IN_FLIGHT) {
+            Plan::Restore(rec) => assert_eq!(rec.status, State::Failed),
             other => panic!("{other:?}"),
         }
         // Young and unknown: ingest may be registering it right now.
         assert!(matches!(
-            plan(None, &reg(1), None, now, &opts()),
+            plan(None, &reg(1), None, now, &opts(), IN_FLIGHT),
             Plan::Wait
         ));
     }
@@ -696,7 +935,14 @@ mod tests {
         let r = reg(60);
         let mut cur = TxRecord::new(&r, now - ChronoDuration::seconds(60));
         cur.attempts = 3;
-        match plan(Some(&cur), &r, Some(&known(State::Success)), now, &opts()) {
+        match plan(
+            Some(&cur),
+            &r,
+            Some(&known(State::Success)),
+            now,
+            &opts(),
+            IN_FLIGHT,
+        ) {
             Plan::Correct(rec) => {
                 assert_eq!(rec.status, State::Success);
                 assert_eq!(rec.attempts, 3);
@@ -705,7 +951,14 @@ mod tests {
         }
         // After a replay the journal says pending: a normal re-drive.
         assert!(matches!(
-            plan(Some(&cur), &r, Some(&known(State::Pending)), now, &opts()),
+            plan(
+                Some(&cur),
+                &r,
+                Some(&known(State::Pending)),
+                now,
+                &opts(),
+                IN_FLIGHT
+            ),
             Plan::Redrive("pending")
         ));
     }

@@ -148,6 +148,7 @@ impl Replayer {
                         if req.force { ", forced" } else { "" }
                     ),
                 }),
+                sha256: Some(current.sha256.clone()),
             })
             .await?;
         let record = match self.ledger.replay(id, &nonce, req.force).await? {

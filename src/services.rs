@@ -201,6 +201,7 @@ impl Services {
     pub fn intake(&self) -> Intake {
         Intake {
             wal: self.wal.clone(),
+            journal: self.journal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             resend: Some(self.resend.clone()),
@@ -223,6 +224,7 @@ impl Services {
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             instance: self.instance.clone(),
+            in_flight: self.settings.lock_duration() + self.settings.downstream_timeout(),
         }
     }
 

@@ -316,6 +316,16 @@ fn unavailable(e: IntakeError) -> ApiError {
                 retry_after_secs: 5,
             }
         }
+        IntakeError::Unavailable {
+            dependency: Dependency::Journal,
+            message,
+        } => {
+            tracing::error!(error = %message, "outcome journal unavailable during ingest");
+            ApiError::Unavailable {
+                what: "the outcome journal",
+                retry_after_secs: 2,
+            }
+        }
         IntakeError::NotUtf8 => ApiError::bad("invalid_utf8", "body is not valid UTF-8"),
         IntakeError::InvalidId(e) => ApiError::bad("invalid_transaction_id", e.to_string()),
         other => ApiError::Unexpected(other.into()),

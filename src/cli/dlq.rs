@@ -254,6 +254,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                                 .map(|r| format!(": {r}"))
                                 .unwrap_or_default()
                         )),
+                        sha256: None,
                     })
                     .await?;
                 if svc.queue.complete(m).await.is_ok() {

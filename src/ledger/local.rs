@@ -291,6 +291,22 @@ impl Ledger for LocalLedger {
         .await
     }
 
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError> {
+        let seen = seen.clone();
+        self.run(move |c| match load(c, &rec.transaction_id)? {
+            Some(cur) if super::same_version(&cur, &seen) => {
+                store(c, &rec, Some(cur.status))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        })
+        .await
+    }
+
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         let (name, owner) = (name.to_owned(), owner.to_owned());
         self.run(move |c| {

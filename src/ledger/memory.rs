@@ -180,6 +180,23 @@ impl Ledger for MemoryLedger {
         }))
     }
 
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError> {
+        Ok(self.with(|i| {
+            let id = rec.transaction_id.to_string();
+            match i.records.get(&id) {
+                Some(cur) if super::same_version(cur, seen) => {
+                    i.records.insert(id, rec);
+                    true
+                }
+                _ => false,
+            }
+        }))
+    }
+
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         Ok(self.with(|i| {
             let now = crate::clock::now();

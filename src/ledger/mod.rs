@@ -144,6 +144,18 @@ pub async fn find(
         .filter(|r| r.transaction_id == *key || r.vendor.as_deref() == Some(vendor)))
 }
 
+/// Whether `a` and `b` are the same version of a record: every transition
+/// (claim, settle, replay, restore) changes at least one of these fields.
+/// Times compare at the microsecond, the precision every ledger stores.
+pub fn same_version(a: &TxRecord, b: &TxRecord) -> bool {
+    a.transaction_id == b.transaction_id
+        && a.status == b.status
+        && a.attempts == b.attempts
+        && a.replay_nonce == b.replay_nonce
+        && a.lease_owner == b.lease_owner
+        && a.updated_at.timestamp_micros() == b.updated_at.timestamp_micros()
+}
+
 pub fn encode_cursor(updated_at_us: i64, id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{updated_at_us}:{id}"))
 }
@@ -225,6 +237,18 @@ pub trait Ledger: Send + Sync + 'static {
     /// processor and the reconciler may race to restore the same id).
     /// Returns whether it was put.
     async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError>;
+    /// Puts a repaired record only if the id's record is still the version
+    /// `seen` (read earlier: same state, attempt, replay nonce, lease owner
+    /// and last update, see [`same_version`]), atomically. A repair the
+    /// reconciler or a rebuild computed from an earlier read then never
+    /// overwrites a newer state a live processor or an operator wrote
+    /// meanwhile (issue 12 item 8). Returns whether it was put; an absent id
+    /// is not `seen` (use [`Ledger::restore_missing`]).
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError>;
     /// Acquires the named lease for `owner`, or renews it if `owner` holds it,
     /// for `ttl` from now. False when another owner holds an unexpired lease.
     /// Keeps one reconciler active across instances.

@@ -132,6 +132,19 @@ impl Ledger for InstrumentedLedger {
         let id = rec.transaction_id.to_string();
         ledger("restore_missing", Some(&id), self.0.restore_missing(rec)).await
     }
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError> {
+        let id = rec.transaction_id.to_string();
+        ledger(
+            "restore_if_unchanged",
+            Some(&id),
+            self.0.restore_if_unchanged(seen, rec),
+        )
+        .await
+    }
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         ledger("try_lease", None, self.0.try_lease(name, owner, ttl)).await
     }

@@ -552,6 +552,93 @@ pub async fn restore_replaces(l: Arc<dyn Ledger>) {
     assert_eq!((c.pending, c.success), (0, 1));
 }
 
+/// Issue 12 item 8: a repair computed from an earlier read is put only if
+/// nothing changed the record since — not over a claim, a settle or an
+/// operator replay that came in between, and not for an absent id.
+pub async fn restore_if_unchanged_never_overwrites_a_newer_state(l: Arc<dyn Ledger>) {
+    let RegisterOutcome::New(_) = l.register(reg("ru", "aa")).await.unwrap() else {
+        panic!()
+    };
+    let ClaimOutcome::Claimed(_) = l.claim("ru", "w1", LEASE).await.unwrap() else {
+        panic!("claimable")
+    };
+    let seen = l.get("ru").await.unwrap().unwrap();
+    let mut repair = seen.clone();
+    repair.status = State::Success;
+    repair.lease_owner = None;
+    repair.lease_until = None;
+
+    // An operator replay between the read and the repair (after the claim's
+    // lease ran out, so the replay is allowed; here: settle, then replay).
+    l.settle(
+        "ru",
+        "w1",
+        seen.attempts,
+        Settlement::Failed {
+            error: "503".into(),
+            next_retry_at: Utc::now(),
+        },
+    )
+    .await
+    .unwrap();
+    let ReplayOutcome::Reset(replayed) = l.replay("ru", "n-1", false).await.unwrap() else {
+        panic!("replayable")
+    };
+    assert!(
+        !l.restore_if_unchanged(&seen, repair.clone()).await.unwrap(),
+        "the record changed since it was read"
+    );
+    let got = l.get("ru").await.unwrap().unwrap();
+    assert_eq!(got.status, State::Pending);
+    assert_eq!(got.replay_nonce.as_deref(), Some("n-1"));
+
+    // Read again: now the repair goes in, and the counts move with it.
+    let seen = l.get("ru").await.unwrap().unwrap();
+    assert_eq!(seen.replay_nonce, replayed.replay_nonce);
+    let mut repair = seen.clone();
+    repair.status = State::Success;
+    repair.attempts = seen.attempts + 2;
+    assert!(l.restore_if_unchanged(&seen, repair).await.unwrap());
+    let got = l.get("ru").await.unwrap().unwrap();
+    assert_eq!(
+        (got.status, got.attempts),
+        (State::Success, seen.attempts + 2)
+    );
+    let c = l.counts().await.unwrap();
+    assert_eq!((c.pending, c.processing, c.success), (0, 0, 1));
+
+    // A second repair from the same (now stale) read is refused.
+    let mut again = seen.clone();
+    again.status = State::DeadLetter;
+    assert!(!l.restore_if_unchanged(&seen, again).await.unwrap());
+    assert_eq!(l.get("ru").await.unwrap().unwrap().status, State::Success);
+
+    // A claim in between (same state before and after a lease takeover is
+    // still another version: attempt and owner change).
+    let RegisterOutcome::New(_) = l.register(reg("ru2", "aa")).await.unwrap() else {
+        panic!()
+    };
+    let seen = l.get("ru2").await.unwrap().unwrap();
+    let ClaimOutcome::Claimed(_) = l.claim("ru2", "w2", LEASE).await.unwrap() else {
+        panic!("claimable")
+    };
+    let mut repair = seen.clone();
+    repair.status = State::Failed;
+    assert!(!l.restore_if_unchanged(&seen, repair).await.unwrap());
+    assert_eq!(
+        l.get("ru2").await.unwrap().unwrap().status,
+        State::Processing
+    );
+
+    // An absent id is not the version read.
+    let mut gone = seen.clone();
+    gone.transaction_id = TransactionId::parse("ru-absent").unwrap();
+    assert!(!l.restore_if_unchanged(&gone, gone.clone()).await.unwrap());
+    assert!(l.get("ru-absent").await.unwrap().is_none());
+    let c = l.counts().await.unwrap();
+    assert_eq!((c.pending, c.processing, c.success), (0, 1, 1));
+}
+
 pub async fn restore_missing_never_overwrites(l: Arc<dyn Ledger>) {
     let RegisterOutcome::New(mut rec) = l.register(reg("rm", "aa")).await.unwrap() else {
         panic!()
@@ -863,6 +950,10 @@ macro_rules! ledger_contract {
             #[tokio::test]
             async fn restore_replaces() {
                 super::restore_replaces($make().await).await
+            }
+            #[tokio::test]
+            async fn restore_if_unchanged_never_overwrites_a_newer_state() {
+                super::restore_if_unchanged_never_overwrites_a_newer_state($make().await).await
             }
             #[tokio::test]
             async fn restore_missing_never_overwrites() {

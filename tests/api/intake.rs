@@ -150,7 +150,13 @@ fn rig() -> Rig {
         ..GroupCommit::default()
     };
     let intake = Intake {
-        wal: Log::start(store.clone(), WAL_PREFIX, "intake-test", gc),
+        wal: Log::start(store.clone(), WAL_PREFIX, "intake-test", gc.clone()),
+        journal: rtp_durability::journal::Journal::new(Log::start(
+            store.clone(),
+            rtp_durability::wal::JOURNAL_PREFIX,
+            "intake-test",
+            gc,
+        )),
         ledger: Arc::new(LocalLedger::open(&dir.path().join("ledger.db")).unwrap()),
         queue: queue.clone(),
         resend: None,

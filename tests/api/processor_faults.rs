@@ -284,8 +284,9 @@ async fn processor_refuses_a_copy_whose_sha256_differs_from_the_ledger_redis() {
 
 /// Issue 12 item 11: a retry copy that arrives before its retry is due (the
 /// only copy there is) is rescheduled for `next_retry_at`, not completed and
-/// lost.
-async fn early_retry_copy(on: On) {
+/// lost — or, when it is due before its lock runs low (issue 12 item 12),
+/// waits for it under the lock, with no new copy.
+async fn early_retry_copy(on: On, early_by_ms: i64, first_expected: Outcome) {
     use bytes::Bytes;
     use rtp_durability::envelope::{Delivery, Envelope};
     use rtp_durability::transaction::{Registration, Settlement, Sha256, TransactionId};
@@ -307,7 +308,7 @@ async fn early_retry_copy(on: On) {
         .claim(id, "earlier-worker", Duration::from_secs(30))
         .await
         .unwrap();
-    let due = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(early_by_ms);
     ledger
         .settle(
             id,
@@ -328,23 +329,40 @@ async fn early_retry_copy(on: On) {
         .try_process_next(Duration::from_secs(1))
         .await
         .unwrap();
-    assert_eq!(first, Outcome::Skipped("retry_rescheduled"));
-    assert_eq!(calls_for(&app, id).await, 0, "not called before it is due");
-    // The rescheduled copy arrives once due and the retry runs.
-    let outcomes = app.drain_until_terminal(&[id]).await;
-    assert_eq!(outcomes, vec![Outcome::Succeeded]);
+    assert_eq!(first, first_expected);
+    if first == Outcome::Succeeded {
+        // Waited under its lock: called once it was due, nothing left queued.
+        assert!(chrono::Utc::now() >= due);
+    } else {
+        assert_eq!(calls_for(&app, id).await, 0, "not called before it is due");
+        // The rescheduled copy arrives once due and the retry runs.
+        let outcomes = app.drain_until_terminal(&[id]).await;
+        assert_eq!(outcomes, vec![Outcome::Succeeded]);
+    }
     assert_eq!(calls_for(&app, id).await, 1);
     app.assert_queue_empty().await;
 }
 
+// Due after the 2 s lock: rescheduled.
 #[tokio::test]
 async fn early_retry_copy_is_rescheduled_not_dropped_sqlite() {
-    early_retry_copy(On::Sqlite).await
+    early_retry_copy(On::Sqlite, 2500, Outcome::Skipped("retry_rescheduled")).await
 }
 
 #[tokio::test]
 async fn early_retry_copy_is_rescheduled_not_dropped_redis() {
-    early_retry_copy(On::Redis).await
+    early_retry_copy(On::Redis, 2500, Outcome::Skipped("retry_rescheduled")).await
+}
+
+// Due well within the lock: waits for it, no copy sent again.
+#[tokio::test]
+async fn early_retry_copy_due_within_its_lock_waits_for_it_sqlite() {
+    early_retry_copy(On::Sqlite, 500, Outcome::Succeeded).await
+}
+
+#[tokio::test]
+async fn early_retry_copy_due_within_its_lock_waits_for_it_redis() {
+    early_retry_copy(On::Redis, 500, Outcome::Succeeded).await
 }
 
 /// Issue 12 item 7: an attempt whose success reached the journal but not the
@@ -381,6 +399,7 @@ async fn journaled_success(on: On) {
             next_retry_at: None,
             actor: "lost-worker".into(),
             reason: None,
+            sha256: None,
         })
         .await
         .unwrap();

@@ -2,11 +2,22 @@
 
 use crate::processor_faults::{On, app_on};
 use crate::support::{AppOptions, TestApp, VENDOR, key};
+use async_trait::async_trait;
 use chrono::{Duration as ChronoDuration, Utc};
-use rtp_durability::reconcile::ReconcileOptions;
-use rtp_durability::transaction::{Sha256, State, TransactionId};
+use rtp_durability::journal::{EntryKind, JournalEntry};
+use rtp_durability::ledger::local::LocalLedger;
+use rtp_durability::ledger::redis::{RedisLedger, RedisSettings};
+use rtp_durability::ledger::{
+    ClaimOutcome, Counts, Ledger, LedgerError, ListQuery, Page, RegisterOutcome, ReplayOutcome,
+};
+use rtp_durability::reconcile::{ReconcileOptions, ReconcileReport, Reconciler};
+use rtp_durability::replay::{Operator, ReplayRequest, Replayed, Replayer};
+use rtp_durability::transaction::{Registration, Settlement, TxRecord};
+use rtp_durability::transaction::{Sha256, State, TransactionId, WalRef};
 use rtp_durability::wal::{Source, WalRecord};
 use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Takes every message off the queue: the queue lost them.
@@ -134,4 +145,361 @@ async fn old_replayed_pending_is_redriven_outside_the_wal_window_sqlite() {
 #[tokio::test]
 async fn old_replayed_pending_is_redriven_outside_the_wal_window_redis() {
     old_replayed_pending_is_redriven(On::Redis).await
+}
+
+/// An empty ledger of the same kind as the app's (a lost one, to rebuild into).
+fn fresh_ledger(app: &TestApp, on: On) -> Arc<dyn Ledger> {
+    match on {
+        On::Redis => {
+            let mut s = app.services.settings.clone();
+            s.redis_key_prefix = crate::support::redis_key_prefix();
+            Arc::new(RedisLedger::connect(&RedisSettings::from_settings(&s)).unwrap())
+        }
+        _ => Arc::new(LocalLedger::open(&app.data_dir().join("rebuilt-ledger.db")).unwrap()),
+    }
+}
+
+/// `rtpd rebuild-ledger`'s pass (the reconciler's join, re-driving off) into `ledger`.
+async fn rebuild_into(app: &TestApp, ledger: Arc<dyn Ledger>) -> ReconcileReport {
+    let r = Reconciler {
+        ledger,
+        ..app.services.reconciler()
+    };
+    let now = Utc::now();
+    let mut o = ReconcileOptions::new(now - ChronoDuration::minutes(5), now, Duration::ZERO);
+    o.redrive = false;
+    r.reconcile(&o).await.unwrap()
+}
+
+/// A WAL record of `body` under `id`, as ingest writes one.
+async fn wal_record(app: &TestApp, id: &str, body: &str) -> WalRef {
+    app.services
+        .wal
+        .append_json(
+            &WalRecord {
+                v: 1,
+                transaction_id: TransactionId::parse(id).unwrap(),
+                received_at: Utc::now(),
+                source: Source {
+                    vendor: Some(VENDOR.into()),
+                    ..Default::default()
+                },
+                sha256: Sha256::of(body.as_bytes()),
+                payload: body.into(),
+                expires_at: None,
+                trace_parent: None,
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap()
+}
+
+/// Intake's note of a 409 answered for a payload already in the WAL.
+async fn refusal_noted(app: &TestApp, id: &str, body: &str) {
+    app.services
+        .journal
+        .append(&JournalEntry {
+            v: 1,
+            kind: EntryKind::Refused,
+            transaction_id: key(id),
+            at: Utc::now(),
+            attempt: None,
+            state: State::Pending,
+            error: None,
+            next_retry_at: None,
+            actor: "intake".into(),
+            reason: None,
+            sha256: Some(Sha256::of(body.as_bytes())),
+        })
+        .await
+        .unwrap();
+}
+
+/// Issue 12 item 2, rebuild half: after a ledger loss, an id with several
+/// WAL records comes back as the record the journal's attempts name, not
+/// the first one in the WAL (here a refused payload that came first), and
+/// finished: nothing runs again.
+async fn rebuild_prefers_the_wal_record_the_journal_confirms(on: On) {
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "RB-1";
+    let refused = r#"{"transaction_id":"RB-1","amount":"999.00"}"#;
+    wal_record(&app, id, refused).await;
+    let r = app
+        .post_json(&json!({"transaction_id": id, "amount": "1.00"}))
+        .await;
+    assert_eq!(r.status(), 202);
+    app.drain_until_terminal(&[id]).await;
+    let accepted = app.record(id).await;
+    assert_eq!(accepted.status, State::Success);
+
+    let rebuilt = fresh_ledger(&app, on);
+    let report = rebuild_into(&app, rebuilt.clone()).await;
+    let rec = rebuilt.get(&key(id)).await.unwrap().expect("restored");
+    assert_eq!(rec.sha256, accepted.sha256, "{report:?}");
+    assert_eq!(rec.wal_ref, accepted.wal_ref);
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(report.restored_finished, 1, "{report:?}");
+}
+
+#[tokio::test]
+async fn rebuild_prefers_the_wal_record_the_journal_confirms_sqlite() {
+    rebuild_prefers_the_wal_record_the_journal_confirms(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn rebuild_prefers_the_wal_record_the_journal_confirms_redis() {
+    rebuild_prefers_the_wal_record_the_journal_confirms(On::Redis).await
+}
+
+/// Issue 12 item 2, rebuild half: an unfinished transaction whose id has
+/// several WAL records is rebuilt as the one the vendor was not refused,
+/// whichever comes first — a payload answered 409 (noted in the journal
+/// before the answer) before or after it, a payload answered 503 before the
+/// vendor's re-POST — and a rebuild never restores a payload whose every
+/// record was refused.
+async fn rebuild_never_restores_a_refused_payload(on: On) {
+    let app = app_on(on, AppOptions::default()).await;
+    // Refused, then accepted.
+    let (a1, r1) = ("RF-1", r#"{"transaction_id":"RF-1","v":"refused"}"#);
+    wal_record(&app, a1, r1).await;
+    refusal_noted(&app, a1, r1).await;
+    // Accepted, then refused (a concurrent first POST that lost).
+    let (a2, r2) = ("RF-2", r#"{"transaction_id":"RF-2","v":"refused"}"#);
+    // 503 (its ledger step failed), then the vendor's re-POST with other bytes.
+    let (a3, r3) = ("RF-3", r#"{"transaction_id":"RF-3","v":"503"}"#);
+    wal_record(&app, a3, r3).await;
+    let mut accepted = std::collections::BTreeMap::new();
+    for id in [a1, a2, a3] {
+        let r = app
+            .post_json(&json!({"transaction_id": id, "v": "accepted"}))
+            .await;
+        assert_eq!(r.status(), 202);
+        accepted.insert(id, app.record(id).await);
+    }
+    wal_record(&app, a2, r2).await;
+    refusal_noted(&app, a2, r2).await;
+    // Only ever refused: no record of it stands for a transaction.
+    let (a4, r4) = ("RF-4", r#"{"transaction_id":"RF-4","v":"refused"}"#);
+    wal_record(&app, a4, r4).await;
+    refusal_noted(&app, a4, r4).await;
+    lose_queue_messages(&app).await;
+
+    let rebuilt = fresh_ledger(&app, on);
+    let report = rebuild_into(&app, rebuilt.clone()).await;
+    for (id, acc) in &accepted {
+        let rec = rebuilt.get(&key(id)).await.unwrap().expect("restored");
+        assert_eq!(rec.sha256, acc.sha256, "{id}: {report:?}");
+        assert_eq!(rec.wal_ref, acc.wal_ref, "{id}");
+        assert!(!rec.status.is_terminal(), "{id}: {rec:?}");
+    }
+    assert!(rebuilt.get(&key(a4)).await.unwrap().is_none(), "{report:?}");
+    assert_eq!(report.missing_from_ledger, 3, "{report:?}");
+}
+
+#[tokio::test]
+async fn rebuild_never_restores_a_refused_payload_sqlite() {
+    rebuild_never_restores_a_refused_payload(On::Sqlite).await
+}
+
+#[tokio::test]
+async fn rebuild_never_restores_a_refused_payload_redis() {
+    rebuild_never_restores_a_refused_payload(On::Redis).await
+}
+
+/// The app's ledger, with an operator replay of one transaction slipped in
+/// at its `n`th read (before or after the read): a replay made while a
+/// reconcile pass runs.
+struct ReplayDuringPass {
+    inner: Arc<dyn Ledger>,
+    replayer: Replayer,
+    key: String,
+    on_read: usize,
+    after_read: bool,
+    reads: AtomicUsize,
+    replayed: AtomicBool,
+}
+
+impl ReplayDuringPass {
+    async fn maybe_replay(&self) {
+        if self.replayed.load(Ordering::SeqCst) {
+            return;
+        }
+        self.replayed.store(true, Ordering::SeqCst);
+        let req = ReplayRequest {
+            force: false,
+            operator: Operator::Cli("test".into()),
+            reason: None,
+        };
+        let r = self.replayer.replay_one(&self.key, &req).await.unwrap();
+        assert!(matches!(r, Replayed::Requeued { .. }), "{r:?}");
+    }
+}
+
+#[async_trait]
+impl Ledger for ReplayDuringPass {
+    async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
+        self.inner.register(reg).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
+        let fire = id == self.key && self.reads.fetch_add(1, Ordering::SeqCst) + 1 == self.on_read;
+        if fire && !self.after_read {
+            self.maybe_replay().await;
+        }
+        let r = self.inner.get(id).await;
+        if fire && self.after_read {
+            self.maybe_replay().await;
+        }
+        r
+    }
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, LedgerError> {
+        self.inner.claim(id, owner, lease).await
+    }
+    async fn settle(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        s: Settlement,
+    ) -> Result<TxRecord, LedgerError> {
+        self.inner.settle(id, owner, attempt, s).await
+    }
+    async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<TxRecord, LedgerError> {
+        self.inner.extend_lease(id, owner, attempt, lease).await
+    }
+    async fn replay(
+        &self,
+        id: &str,
+        nonce: &str,
+        force: bool,
+    ) -> Result<ReplayOutcome, LedgerError> {
+        self.inner.replay(id, nonce, force).await
+    }
+    async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {
+        self.inner.restore(rec).await
+    }
+    async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError> {
+        self.inner.restore_missing(rec).await
+    }
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError> {
+        self.inner.restore_if_unchanged(seen, rec).await
+    }
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
+        self.inner.try_lease(name, owner, ttl).await
+    }
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, LedgerError> {
+        self.inner.checkpoint(name).await
+    }
+    async fn set_checkpoint(&self, name: &str, value: &str) -> Result<(), LedgerError> {
+        self.inner.set_checkpoint(name, value).await
+    }
+    async fn list(&self, q: ListQuery) -> Result<Page, LedgerError> {
+        self.inner.list(q).await
+    }
+    async fn counts(&self) -> Result<Counts, LedgerError> {
+        self.inner.counts().await
+    }
+    async fn oldest_update(
+        &self,
+        state: State,
+    ) -> Result<Option<chrono::DateTime<Utc>>, LedgerError> {
+        self.inner.oldest_update(state).await
+    }
+    async fn ping(&self) -> Result<(), LedgerError> {
+        self.inner.ping().await
+    }
+    fn describe(&self) -> String {
+        "ledger with a replay during the pass".into()
+    }
+}
+
+/// Issue 12 item 8: a transaction whose ledger entry is behind the journal
+/// (a success journaled, the settle lost) is replayed by an operator while
+/// a reconcile pass runs — after the pass read the journal, before or while
+/// it reads and corrects the ledger. The correction never undoes the
+/// replay: the pass reads the journal and the ledger again before
+/// correcting, and puts the correction only over the version it read
+/// (`Ledger::restore_if_unchanged`). The replay then runs.
+async fn correct_never_undoes_a_replay_made_during_the_pass(
+    on: On,
+    on_read: usize,
+    after_read: bool,
+) {
+    let app = app_on(on, AppOptions::default()).await;
+    let id = "CR-1";
+    app.post_json(&json!({"transaction_id": id})).await;
+    app.drain_until_terminal(&[id]).await;
+    // The settle of the journaled success was lost: the ledger still says
+    // `processing`, its lease long gone.
+    let mut behind = app.record(id).await;
+    behind.status = State::Processing;
+    behind.lease_owner = Some("lost-worker".into());
+    behind.lease_until = Some(Utc::now() - ChronoDuration::seconds(60));
+    app.services.ledger.restore(behind).await.unwrap();
+
+    let ledger = Arc::new(ReplayDuringPass {
+        inner: app.services.ledger.clone(),
+        replayer: app.services.replayer(),
+        key: key(id),
+        on_read,
+        after_read,
+        reads: AtomicUsize::new(0),
+        replayed: AtomicBool::new(false),
+    });
+    let r = Reconciler {
+        ledger: ledger.clone(),
+        ..app.services.reconciler()
+    };
+    let now = Utc::now();
+    let mut o = ReconcileOptions::new(now - ChronoDuration::minutes(5), now, Duration::ZERO);
+    o.redrive = false;
+    let report = r.reconcile(&o).await.unwrap();
+    assert!(ledger.replayed.load(Ordering::SeqCst), "{report:?}");
+    let rec = app.record(id).await;
+    assert_eq!(rec.status, State::Pending, "the replay stands: {report:?}");
+    assert!(rec.replay_nonce.is_some());
+    app.drain_until_terminal(&[id]).await;
+    assert_eq!(app.state_of(id).await, State::Success);
+    assert_eq!(
+        app.mock_calls().await["by_key"][key(id).as_str()]["calls"],
+        2,
+        "the replay called the downstream again"
+    );
+}
+
+#[tokio::test]
+async fn correct_never_undoes_a_replay_made_during_the_pass_sqlite() {
+    correct_never_undoes_a_replay_made_during_the_pass(On::Sqlite, 1, false).await
+}
+
+#[tokio::test]
+async fn correct_never_undoes_a_replay_made_during_the_pass_redis() {
+    correct_never_undoes_a_replay_made_during_the_pass(On::Redis, 1, false).await
+}
+
+/// The same, the replay landing between the pass's second read of the
+/// ledger and its correction: only the compare-and-set stops it.
+#[tokio::test]
+async fn correct_never_undoes_a_replay_made_during_the_correction_redis() {
+    correct_never_undoes_a_replay_made_during_the_pass(On::Redis, 2, true).await
+}
+
+#[tokio::test]
+async fn correct_never_undoes_a_replay_made_during_the_correction_postgres() {
+    correct_never_undoes_a_replay_made_during_the_pass(On::Postgres, 2, true).await
 }

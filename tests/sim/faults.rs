@@ -275,6 +275,20 @@ impl Ledger for FaultyLedger {
             self.inner.restore_missing(rec.clone())
         )
     }
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError> {
+        guarded!(
+            self,
+            "ledger.restore_if_unchanged",
+            rec.transaction_id.as_str(),
+            true,
+            lerr(),
+            self.inner.restore_if_unchanged(seen, rec.clone())
+        )
+    }
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         guarded!(
             self,

@@ -324,6 +324,7 @@ impl World {
         );
         p.intake = Some(Intake {
             wal: wal.clone(),
+            journal: journal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             resend: Some(resend.clone()),
@@ -358,6 +359,7 @@ impl World {
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             instance: instance.clone(),
+            in_flight: LOCK + DOWNSTREAM_TIMEOUT,
         });
         // Never stopped gracefully: a process ends by crashing.
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -555,6 +557,7 @@ impl World {
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             instance: "rebuild".into(),
+            in_flight: LOCK + DOWNSTREAM_TIMEOUT,
         };
         let now = rtp_durability::clock::now();
         let mut o = ReconcileOptions::new(now - chrono::Duration::hours(2), now, PENDING_AFTER);

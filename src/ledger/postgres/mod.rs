@@ -228,33 +228,61 @@ impl Inner {
     }
 
     async fn put(&self, statement: &str, rec: &TxRecord) -> Result<u64, LedgerError> {
+        self.put_if(statement, rec, None).await
+    }
+
+    /// [`Inner::put`]; with `seen`, its version ($17..$21) follows the record's columns.
+    async fn put_if(
+        &self,
+        statement: &str,
+        rec: &TxRecord,
+        seen: Option<&TxRecord>,
+    ) -> Result<u64, LedgerError> {
         let attempts = i32::try_from(rec.attempts).map_err(malformed)?;
         let retry_count = i32::try_from(rec.retry_count).map_err(malformed)?;
         let attempt_base = i32::try_from(rec.attempt_base).map_err(malformed)?;
         let (wal_ref, status) = (rec.wal_ref.to_string(), rec.status.as_str());
-        self.execute(
-            "restore",
-            statement,
-            &[
-                &rec.transaction_id.as_str(),
-                &status,
-                &rec.sha256.as_str(),
-                &wal_ref,
-                &attempts,
-                &retry_count,
-                &rec.error_message,
-                &rec.next_retry_at.map(truncate),
-                &rec.lease_owner,
-                &rec.lease_until.map(truncate),
-                &rec.vendor,
-                &rec.replay_nonce,
-                &truncate(rec.created_at),
-                &truncate(rec.updated_at),
-                &attempt_base,
-                &rec.expires_at.map(truncate),
-            ],
-        )
-        .await
+        let seen_attempts = seen
+            .map(|r| i32::try_from(r.attempts))
+            .transpose()
+            .map_err(malformed)?;
+        let seen_status = seen.map(|r| r.status.as_str());
+        let seen_updated = seen.map(|r| truncate(r.updated_at));
+        let seen_nonce = seen.and_then(|r| r.replay_nonce.clone());
+        let seen_owner = seen.and_then(|r| r.lease_owner.clone());
+        let (id, sha) = (rec.transaction_id.as_str(), rec.sha256.as_str());
+        let next_retry_at = rec.next_retry_at.map(truncate);
+        let lease_until = rec.lease_until.map(truncate);
+        let (created_at, updated_at) = (truncate(rec.created_at), truncate(rec.updated_at));
+        let expires_at = rec.expires_at.map(truncate);
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &id,
+            &status,
+            &sha,
+            &wal_ref,
+            &attempts,
+            &retry_count,
+            &rec.error_message,
+            &next_retry_at,
+            &rec.lease_owner,
+            &lease_until,
+            &rec.vendor,
+            &rec.replay_nonce,
+            &created_at,
+            &updated_at,
+            &attempt_base,
+            &expires_at,
+        ];
+        if seen.is_some() {
+            params.extend([
+                &seen_status as &(dyn ToSql + Sync),
+                &seen_attempts,
+                &seen_updated,
+                &seen_nonce,
+                &seen_owner,
+            ]);
+        }
+        self.execute("restore", statement, &params).await
     }
 }
 
@@ -480,6 +508,18 @@ impl Ledger for PostgresLedger {
 
     async fn restore_missing(&self, rec: TxRecord) -> Result<bool, LedgerError> {
         Ok(self.inner.put(sql::RESTORE_MISSING, &rec).await? == 1)
+    }
+
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError> {
+        Ok(self
+            .inner
+            .put_if(sql::RESTORE_IF_UNCHANGED, &rec, Some(seen))
+            .await?
+            == 1)
     }
 
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {

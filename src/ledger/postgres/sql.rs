@@ -162,6 +162,19 @@ pub const RESTORE_MISSING: &str = concat!(
      ON CONFLICT (transaction_id) DO NOTHING"
 );
 
+/// $1..$16 as [`RESTORE`], then the version the caller read: $17 status,
+/// $18 attempts, $19 updated_at, $20 replay_nonce, $21 lease_owner
+/// (`ledger::same_version`). Affects 1 row when that version was still
+/// there and is now replaced, 0 otherwise.
+pub const RESTORE_IF_UNCHANGED: &str = "\
+    UPDATE transactions SET \
+        status = $2, sha256 = $3, wal_ref = $4, attempts = $5, retry_count = $6, \
+        error_message = $7, next_retry_at = $8, lease_owner = $9, lease_until = $10, \
+        vendor = $11, replay_nonce = $12, created_at = $13, updated_at = $14, \
+        attempt_base = $15, expires_at = $16 \
+    WHERE transaction_id = $1 AND status = $17 AND attempts = $18 AND updated_at = $19 \
+      AND replay_nonce IS NOT DISTINCT FROM $20 AND lease_owner IS NOT DISTINCT FROM $21";
+
 /// $1 name, $2 owner, $3 ttl in microseconds. Affects 1 row when `owner`
 /// holds the lease afterwards, 0 when another owner holds it.
 pub const TRY_LEASE: &str = "\

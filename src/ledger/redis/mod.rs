@@ -339,6 +339,36 @@ impl Ledger for RedisLedger {
         }
     }
 
+    async fn restore_if_unchanged(
+        &self,
+        seen: &TxRecord,
+        rec: TxRecord,
+    ) -> Result<bool, LedgerError> {
+        let mut args = self.restore_args(&rec);
+        let fields = args.split_off(4);
+        args.extend([
+            seen.status.as_str().to_owned(),
+            seen.attempts.to_string(),
+            micros(seen.updated_at).to_string(),
+            seen.replay_nonce.clone().unwrap_or_default(),
+            seen.lease_owner.clone().unwrap_or_default(),
+        ]);
+        args.extend(fields);
+        let (code, _) = self
+            .script(
+                "restore_if_unchanged",
+                &scripts::RESTORE_IF_UNCHANGED,
+                self.keys.transition_keys(&rec.transaction_id),
+                args,
+            )
+            .await?;
+        match code.as_str() {
+            "restored" => Ok(true),
+            "changed" => Ok(false),
+            other => Err(unexpected("restore_if_unchanged", other)),
+        }
+    }
+
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, LedgerError> {
         let mut conn = self.conn.clone();
         let key = self.keys.lease(name);

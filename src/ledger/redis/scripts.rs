@@ -266,6 +266,30 @@ return {'restored', {}}
     )
 });
 
+/// ARGV: id, status, updated_at_us, expire_at_ms, then the version the
+/// caller read (status, attempts, updated_at_us, replay_nonce or '',
+/// lease_owner or ''), then field/value pairs. Replaces the record only if
+/// it is still that version (`machine`-free: ledger::same_version). Codes:
+/// `restored`, `changed` (another version, or no record).
+pub static RESTORE_IF_UNCHANGED: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, status, updated = ARGV[1], ARGV[2], ARGV[3]
+local cur = redis.call('HMGET', TX, 'status', 'attempts', 'updated_at', 'replay_nonce', 'lease_owner')
+if not cur[1] then return {'changed', {}} end
+if cur[1] ~= ARGV[5] or cur[2] ~= ARGV[6] or cur[3] ~= ARGV[7]
+   or (cur[4] or '') ~= ARGV[8] or (cur[5] or '') ~= ARGV[9] then
+  return {'changed', {}}
+end
+redis.call('DEL', TX)
+redis.call('HSET', TX, unpack(ARGV, 10))
+reindex(id, cur[1], status, updated)
+set_expiry(status, ARGV[4])
+return {'restored', {}}
+"#,
+    )
+});
+
 /// One key (KEYS[1]). ARGV: owner, ttl_ms (0 releases). Returns 1 when the
 /// owner holds (or released) the lease, 0 when another owner holds it.
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
