@@ -13,9 +13,9 @@
 use crate::envelope::{Delivery, Envelope};
 use crate::journal::{EntryKind, Journal, JournalEntry};
 use crate::ledger::{self, Ledger, LedgerError, RegisterOutcome};
-use crate::queue::{Queue, QueueError};
+use crate::queue::{OutgoingMessage, Queue, QueueError};
 use crate::resend::Resend;
-use crate::transaction::{Registration, Sha256, TransactionId, TxRecord};
+use crate::transaction::{Registration, Sha256, State, TransactionId, TxRecord};
 use crate::wal::{Log, Source, WalError, WalRecord};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -116,7 +116,10 @@ impl Intake {
             .await
             .map_err(ledger_error)?
         {
-            return Ok(existing(rec, &s.sha256));
+            return Ok(match existing(rec, &s.sha256) {
+                IntakeOutcome::Duplicate(rec) => self.duplicate(rec, &s.payload).await,
+                other => other,
+            });
         }
         let text = std::str::from_utf8(&s.payload).map_err(|_| IntakeError::NotUtf8)?;
         let received_at = crate::clock::now();
@@ -166,7 +169,7 @@ impl Intake {
             RegisterOutcome::New(rec) => rec,
             // A concurrent first POST of the same bytes won the race; ours is
             // a harmless extra WAL record.
-            RegisterOutcome::Duplicate(rec) => return Ok(IntakeOutcome::Duplicate(rec)),
+            RegisterOutcome::Duplicate(rec) => return Ok(self.duplicate(rec, &s.payload).await),
             RegisterOutcome::Conflict(rec) => {
                 // Other bytes won: ours is in the WAL all the same. Noted in
                 // the journal before the 409, so a ledger rebuild never takes
@@ -178,6 +181,33 @@ impl Intake {
             }
         };
         let message = Envelope::new(reg, s.payload, Delivery::Initial).to_message();
+        let enqueued = self.send(&record, message).await;
+        tracing::info!(transaction_id = %record.transaction_id, wal_ref = %record.wal_ref, enqueued, "transaction accepted");
+        Ok(IntakeOutcome::Accepted { record, enqueued })
+    }
+}
+
+impl Intake {
+    /// The same bytes again. While the transaction is still `pending` its
+    /// first send may never have happened: the ledger registered it but its
+    /// answer was lost (a Redis killed between the write and the reply), the
+    /// vendor got a 503 and retried. Nothing else would send it before the
+    /// reconciler's pending threshold (minutes), so the initial message is
+    /// sent again; its message id is the key, and the queue's duplicate
+    /// detection drops it when the first send did go through.
+    async fn duplicate(&self, rec: TxRecord, payload: &Bytes) -> IntakeOutcome {
+        if rec.status == State::Pending {
+            let message =
+                Envelope::new(rec.registration(), payload.clone(), Delivery::Initial).to_message();
+            self.send(&rec, message).await;
+        }
+        IntakeOutcome::Duplicate(rec)
+    }
+
+    /// Sends a transaction's initial message; a send that fails or does not
+    /// answer within [`INGEST_SEND_WAIT`] goes to the resend queue. Whether
+    /// it was sent.
+    async fn send(&self, record: &TxRecord, message: OutgoingMessage) -> bool {
         let sent =
             match tokio::time::timeout(INGEST_SEND_WAIT, self.queue.send(vec![message.clone()]))
                 .await
@@ -187,7 +217,7 @@ impl Intake {
                     "no answer from the queue within {INGEST_SEND_WAIT:?}"
                 ))),
             };
-        let enqueued = match sent {
+        match sent {
             Ok(()) => true,
             Err(e) => {
                 let resending = self
@@ -197,13 +227,9 @@ impl Intake {
                 tracing::warn!(transaction_id = %record.transaction_id, error = %e, resending, "enqueue failed; resent when the queue answers, else re-driven by the reconciler from the WAL");
                 false
             }
-        };
-        tracing::info!(transaction_id = %record.transaction_id, wal_ref = %record.wal_ref, enqueued, "transaction accepted");
-        Ok(IntakeOutcome::Accepted { record, enqueued })
+        }
     }
-}
 
-impl Intake {
     async fn note_refused(&self, reg: &Registration, rec: &TxRecord) -> Result<(), IntakeError> {
         let entry = JournalEntry {
             v: 1,

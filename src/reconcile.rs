@@ -652,14 +652,7 @@ impl Reconciler {
                         continue;
                     }
                     let now = crate::clock::now();
-                    let reg = Registration {
-                        transaction_id: cur.transaction_id.clone(),
-                        sha256: cur.sha256.clone(),
-                        wal_ref: cur.wal_ref.clone(),
-                        vendor: cur.vendor.clone(),
-                        received_at: cur.created_at,
-                        expires_at: cur.expires_at,
-                    };
+                    let reg = cur.registration();
                     let known = known_for(journal, &cur.transaction_id);
                     let Plan::Redrive(why) =
                         plan(Some(&cur), &reg, known.as_ref(), now, o, self.in_flight)

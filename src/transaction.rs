@@ -383,6 +383,18 @@ impl TxRecord {
             updated_at: now,
         }
     }
+
+    /// The registration this record was made from.
+    pub fn registration(&self) -> Registration {
+        Registration {
+            transaction_id: self.transaction_id.clone(),
+            sha256: self.sha256.clone(),
+            wal_ref: self.wal_ref.clone(),
+            vendor: self.vendor.clone(),
+            received_at: self.created_at,
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 /// A new transaction to put in the ledger.

@@ -293,6 +293,76 @@ async fn a_failed_send_still_leaves_a_durable_pending_transaction() {
     assert_eq!(wal.payload, body);
 }
 
+/// Issue 22 (CI, Redis killed mid-backlog): a registration that landed but
+/// whose answer was lost left the transaction `pending` with nothing sent —
+/// the vendor got a 503. Its retry of the same bytes sends the message, so
+/// the transaction does not wait minutes for the reconciler's pending
+/// threshold; a duplicate of one already sent sends nothing more (the same
+/// message id), and one no longer pending sends nothing.
+#[tokio::test]
+async fn a_retried_post_of_a_pending_transaction_sends_what_the_first_did_not() {
+    let r = rig();
+    let body = r#"{"transaction_id":"IN-13"}"#;
+    r.queue.down.store(true, Ordering::SeqCst);
+    let IntakeOutcome::Accepted {
+        enqueued: false, ..
+    } = r.intake.accept(submission("IN-13", body)).await.unwrap()
+    else {
+        panic!("registered, not sent")
+    };
+    r.queue.down.store(false, Ordering::SeqCst);
+    assert!(queued(&r.queue).await.is_empty(), "nothing sent yet");
+    let IntakeOutcome::Duplicate(rec) = r.intake.accept(submission("IN-13", body)).await.unwrap()
+    else {
+        panic!("the same bytes again are a duplicate")
+    };
+    assert_eq!(rec.status, State::Pending);
+    let got = r
+        .queue
+        .inner
+        .receive(10, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let ids: Vec<_> = got.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(ids, ["acme/IN-13"], "the retry sent the initial message");
+    assert_eq!(&got[0].body[..], body.as_bytes(), "with the vendor's bytes");
+
+    // Sent once already (the message is in the queue, or was consumed within
+    // the duplicate-detection window): another retry adds no message.
+    r.intake.accept(submission("IN-13", body)).await.unwrap();
+    r.queue.inner.abandon(&got[0]).await.unwrap();
+    assert_eq!(queued(&r.queue).await, ["acme/IN-13"], "still one message");
+
+    // Finished: a retry sends nothing.
+    let done = r#"{"transaction_id":"IN-14"}"#;
+    r.queue.down.store(true, Ordering::SeqCst);
+    r.intake.accept(submission("IN-14", done)).await.unwrap();
+    r.queue.down.store(false, Ordering::SeqCst);
+    let ledger = &r.intake.ledger;
+    let owner = "test-worker";
+    let rtp_durability::ledger::ClaimOutcome::Claimed(c) = ledger
+        .claim("acme/IN-14", owner, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("claimable")
+    };
+    ledger
+        .settle(
+            "acme/IN-14",
+            owner,
+            c.attempts,
+            rtp_durability::transaction::Settlement::Success,
+        )
+        .await
+        .unwrap();
+    r.intake.accept(submission("IN-14", done)).await.unwrap();
+    assert!(
+        !queued(&r.queue).await.contains(&"acme/IN-14".to_string()),
+        "a finished transaction is not sent again"
+    );
+}
+
 /// Issue 22: a send that fails after the ledger write is retried from the
 /// in-process resend queue as soon as the queue answers again, with the
 /// message id of the first send (duplicate detection drops it if that one
