@@ -19,6 +19,7 @@ use crate::transaction::{Registration, Sha256, State, TransactionId, TxRecord};
 use crate::wal::{Log, Source, WalError, WalRecord};
 use bytes::Bytes;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::Instrument;
 
 /// How long intake waits for the queue to take a message before it answers
@@ -27,6 +28,11 @@ use tracing::Instrument;
 /// fails too) and the vendor gets `enqueued: false`. A send left waiting on
 /// a broker that went away must not hold the vendor's request open.
 pub const INGEST_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a vendor's duplicate of a pending transaction waits for the
+/// resend of its initial message (see `Intake::duplicate`): the answer is a
+/// 200 either way, and past this the resend queue sends it.
+pub const DUPLICATE_SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// One transaction as a transport received it, already validated: the id is
 /// parsed and the payload is a UTF-8 JSON object. The id is the vendor's;
@@ -181,7 +187,7 @@ impl Intake {
             }
         };
         let message = Envelope::new(reg, s.payload, Delivery::Initial).to_message();
-        let enqueued = self.send(&record, message).await;
+        let enqueued = self.send(&record, message, INGEST_SEND_WAIT).await;
         tracing::info!(transaction_id = %record.transaction_id, wal_ref = %record.wal_ref, enqueued, "transaction accepted");
         Ok(IntakeOutcome::Accepted { record, enqueued })
     }
@@ -197,26 +203,25 @@ impl Intake {
     /// detection drops it when the first send did go through.
     async fn duplicate(&self, rec: TxRecord, payload: &Bytes) -> IntakeOutcome {
         if rec.status == State::Pending {
+            tracing::info!(transaction_id = %rec.transaction_id, "duplicate of a pending transaction; its initial message sent again");
             let message =
                 Envelope::new(rec.registration(), payload.clone(), Delivery::Initial).to_message();
-            self.send(&rec, message).await;
+            // The vendor's answer does not wait for a slow queue: past a
+            // short wait the resend queue has it (one copy per message id).
+            self.send(&rec, message, DUPLICATE_SEND_WAIT).await;
         }
         IntakeOutcome::Duplicate(rec)
     }
 
     /// Sends a transaction's initial message; a send that fails or does not
-    /// answer within [`INGEST_SEND_WAIT`] goes to the resend queue. Whether
-    /// it was sent.
-    async fn send(&self, record: &TxRecord, message: OutgoingMessage) -> bool {
-        let sent =
-            match tokio::time::timeout(INGEST_SEND_WAIT, self.queue.send(vec![message.clone()]))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(QueueError::Unavailable(format!(
-                    "no answer from the queue within {INGEST_SEND_WAIT:?}"
-                ))),
-            };
+    /// answer within `wait` goes to the resend queue. Whether it was sent.
+    async fn send(&self, record: &TxRecord, message: OutgoingMessage, wait: Duration) -> bool {
+        let sent = match tokio::time::timeout(wait, self.queue.send(vec![message.clone()])).await {
+            Ok(result) => result,
+            Err(_) => Err(QueueError::Unavailable(format!(
+                "no answer from the queue within {wait:?}"
+            ))),
+        };
         match sent {
             Ok(()) => true,
             Err(e) => {

@@ -81,8 +81,19 @@ impl Resend {
 
     /// Hands over a message whose send failed. False when the queue is full:
     /// the message is then left to the reconciler.
+    /// A message whose id is already waiting is not held twice (a vendor
+    /// retrying a pending transaction while the queue is down): true, as it
+    /// will be sent.
     pub fn push(&self, transaction_id: &str, message: OutgoingMessage) -> bool {
         let mut items = self.lock();
+        if items
+            .iter()
+            .any(|i| i.message.message_id == message.message_id)
+        {
+            drop(items);
+            metrics::resend("already_queued");
+            return true;
+        }
         if items.len() >= self.inner.capacity {
             drop(items);
             metrics::resend("dropped");

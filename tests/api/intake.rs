@@ -548,3 +548,47 @@ async fn the_resend_queue_is_not_blocked_by_a_message_the_queue_refuses() {
     assert!(resend.is_empty());
     assert!(resend.push_failed("OK-5", msg("OK-5"), &QueueError::Unavailable("down".into())));
 }
+
+/// Review of the duplicate resend: a vendor retrying a pending transaction
+/// while the queue does not answer neither waits for the ingest send bound
+/// (5 s) on every retry nor fills the resend queue with one copy per retry —
+/// the resend queue holds one message per message id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_a_pending_transaction_while_the_queue_hangs_hold_one_resend() {
+    let mut r = rig();
+    let waiting = Arc::new(rtp_durability::recovery::Waiting::default());
+    let resend = rtp_durability::resend::Resend::start(r.queue.clone(), waiting.clone(), 10);
+    r.intake.resend = Some(resend.clone());
+    let body = r#"{"transaction_id":"IN-DUPS"}"#;
+    r.queue.down.store(true, Ordering::SeqCst);
+    let IntakeOutcome::Accepted {
+        enqueued: false, ..
+    } = r.intake.accept(submission("IN-DUPS", body)).await.unwrap()
+    else {
+        panic!("registered, not sent")
+    };
+    r.queue.down.store(false, Ordering::SeqCst);
+    r.queue.hang.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(60),
+            r.intake.accept(submission("IN-DUPS", body)),
+        )
+        .await
+        .expect("a duplicate is answered although the send never is")
+        .unwrap();
+        assert!(matches!(outcome, IntakeOutcome::Duplicate(_)));
+        assert!(
+            started.elapsed() < rtp_durability::intake::INGEST_SEND_WAIT,
+            "a duplicate does not wait out the ingest send bound: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(resend.len(), 1, "one waiting copy per message id");
+    assert_eq!(waiting.snapshot().0, 1);
+    r.queue.hang.store(false, Ordering::SeqCst);
+    let got = r.queue.receive(10, Duration::from_secs(15)).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(ids, ["acme/IN-DUPS"], "sent once the queue answered");
+}
