@@ -337,6 +337,67 @@ async fn forgers_from_a_few_addresses_cannot_starve_a_signing_vendor() {
     }
 }
 
+/// Sends `head`, then `body` after `delay`, and reads the answer's status.
+fn late_body_request(
+    address: &str,
+    head: String,
+    body: String,
+    delay: Duration,
+) -> tokio::task::JoinHandle<u16> {
+    let address = address.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(delay).await;
+        // The server may have answered already (429): the write may fail.
+        let _ = stream.write_all(body.as_bytes()).await;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {answer:?}"))
+    })
+}
+
+/// Issue 20, open finding 2: a signing vendor with 60 requests from one
+/// address waiting for their bodies at once (each body sent 300 ms after
+/// its headers) got 40 × 202 and 20 × 429, the per-address cap on
+/// unverified requests. Once a signature from its address has verified,
+/// its signed requests wait in the vendors' pool instead, without that cap.
+#[tokio::test]
+async fn a_vouched_signer_may_have_many_requests_waiting_for_their_bodies() {
+    use rtp_durability::auth::sign;
+    let app = spawn_app().await;
+    assert_eq!(signed_post(&app.client, &app.address, "WARM-0").await, 202);
+    let late: Vec<_> = (0..60)
+        .map(|i| {
+            let body = format!(r#"{{"transaction_id":"LATE-{i}"}}"#);
+            let ts = now_unix();
+            let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
+            let head = format!(
+                "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
+                 X-Rtpd-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            late_body_request(&app.address, head, body, Duration::from_millis(300))
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in late {
+        statuses.push(task.await.unwrap());
+    }
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+}
+
 /// Issue 20, D1, against the release binary: forged but well-formed
 /// signature headers (both `X-Rtpd-*` and `webhook-*`) with trickled bodies.
 /// They wait in the unauthenticated pool, not the vendors' one, and at most
