@@ -256,7 +256,8 @@ pub struct InFlight(Arc<Mutex<Held>>);
 
 #[derive(Default)]
 enum Held {
-    /// `/healthz`, or the request is over.
+    /// `/healthz`, the request is over, or it was refused once its
+    /// signature verified.
     #[default]
     Nothing,
     /// A slot the request keeps to its end (held, never read: dropping it
@@ -279,7 +280,8 @@ impl InFlight {
     }
 
     /// The signature verified: the request takes a slot in the vendors'
-    /// pool (503 when it is full) and gives back its unverified one (a
+    /// pool (503 when it is full, with its unverified one given back and
+    /// not charged: the signature is genuine) and gives back its unverified one (a
     /// vouched source's request keeps the vendor slot it has). True when
     /// the request was a signed one waiting for this.
     pub fn promote(&self, vendors: &Arc<Semaphore>) -> Result<bool, ApiError> {
@@ -287,8 +289,10 @@ impl InFlight {
         match std::mem::take(&mut *held) {
             Held::Unverified(permit, slot) => match vendors.clone().try_acquire_owned() {
                 Ok(permit) => *held = Held::Kept(permit),
+                // Refused, but verified: it gives its unverified slot back
+                // now and is not charged as unverified.
                 Err(_) => {
-                    *held = Held::Unverified(permit, slot);
+                    drop((permit, slot));
                     return Err(busy());
                 }
             },

@@ -398,6 +398,40 @@ async fn a_vouched_signer_may_have_many_requests_waiting_for_their_bodies() {
     assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
 }
 
+/// Issue 20, open finding 3: a signed request whose signature verifies but
+/// finds the vendors' pool full gets 503 — and was charged to its address's
+/// rate as if forged, so past the burst (40) the genuine vendor got 429.
+/// A verified signature is never charged.
+#[tokio::test]
+async fn a_verified_request_refused_for_a_full_vendor_pool_is_not_charged() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| s.max_in_flight = 4,
+        ..Default::default()
+    })
+    .await;
+    // Four API-key POSTs trickling their bodies hold the vendors' pool.
+    let holders: Vec<_> = (0..4)
+        .map(|_| {
+            slow_request(
+                &app.address,
+                format!(
+                    "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                     X-Api-Key: {API_KEY}\r\nContent-Length: 100\r\n\r\n{{"
+                ),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        statuses.push(signed_post(&app.client, &app.address, &format!("FULL-{i}")).await);
+    }
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    for task in holders {
+        task.abort();
+    }
+}
+
 /// Issue 20, D1, against the release binary: forged but well-formed
 /// signature headers (both `X-Rtpd-*` and `webhook-*`) with trickled bodies.
 /// They wait in the unauthenticated pool, not the vendors' one, and at most
