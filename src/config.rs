@@ -74,6 +74,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED",
     "RTPD_UNAUTHENTICATED_RATE_PER_SEC",
     "RTPD_UNAUTHENTICATED_RATE_BURST",
+    "RTPD_MAX_UNVERIFIED_PER_SOURCE",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +284,9 @@ pub struct Settings {
     /// address, IPv6 /64); 0 switches the limit off.
     pub unauthenticated_rate_per_sec: u32,
     pub unauthenticated_rate_burst: u32,
+    /// Signed requests of one source address waiting for their bodies in
+    /// the unauthenticated pool; unset: a quarter of that pool.
+    pub max_unverified_per_source: Option<usize>,
     /// How far back the WAL is kept (the storage lifecycle rule); operator
     /// time ranges that reach further back are refused.
     pub wal_retention_days: u32,
@@ -351,6 +355,7 @@ impl Default for Settings {
             max_in_flight_unauthenticated: 64,
             unauthenticated_rate_per_sec: 20,
             unauthenticated_rate_burst: 40,
+            max_unverified_per_source: None,
             wal_retention_days: 400,
         }
     }
@@ -418,6 +423,15 @@ impl Settings {
         })?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// `RTPD_MAX_UNVERIFIED_PER_SOURCE`, or its default: a quarter of the
+    /// unauthenticated pool, so that four forging addresses are needed to
+    /// fill it, and a vouched signer does not wait in it at all.
+    pub fn unverified_per_source(&self) -> usize {
+        self.max_unverified_per_source
+            .unwrap_or(self.max_in_flight_unauthenticated / 4)
+            .max(1)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -560,6 +574,14 @@ impl Settings {
             return Err(ConfigError::new(
                 "RTPD_UNAUTHENTICATED_RATE_BURST",
                 "must be at least 1 when RTPD_UNAUTHENTICATED_RATE_PER_SEC is set",
+            ));
+        }
+        if let Some(n) = self.max_unverified_per_source
+            && !(1..=self.max_in_flight_unauthenticated).contains(&n)
+        {
+            return Err(ConfigError::new(
+                "RTPD_MAX_UNVERIFIED_PER_SOURCE",
+                "must be between 1 and RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED (the unauthenticated pool it is a share of)",
             ));
         }
         if !(1..=MAX_WAL_RETENTION_DAYS).contains(&self.wal_retention_days) {
@@ -728,6 +750,8 @@ mod tests {
             ("RTPD_VENDOR_RATE_PER_SEC", "-1"),
             ("RTPD_WAL_RETENTION_DAYS", "0"),
             ("RTPD_WAL_RETENTION_DAYS", "100000000"),
+            ("RTPD_MAX_UNVERIFIED_PER_SOURCE", "0"),
+            ("RTPD_MAX_UNVERIFIED_PER_SOURCE", "65"),
         ] {
             figment::Jail::expect_with(|jail| {
                 jail.set_env(name, value);

@@ -15,8 +15,12 @@
 //! they only then move to the vendors' pool ([`InFlight::promote`]).
 //! Per source address ([`Sources`]): anonymous requests meet a rate
 //! (`RTPD_UNAUTHENTICATED_RATE_PER_SEC`, 429); signed ones not verified yet
-//! are capped in number, and those that end unverified are charged to the
-//! rate — a genuine vendor's never are.
+//! hold at most `RTPD_MAX_UNVERIFIED_PER_SOURCE` of the unauthenticated
+//! pool, so a few forging addresses cannot fill it, and those that end
+//! unverified are charged to the rate — a genuine vendor's never are. An
+//! address that sent a verified signature lately is vouched for: its signed
+//! requests wait for their bodies in the vendors' pool, out of forgers'
+//! reach, until one of them fails.
 //!
 //! Also enforced elsewhere: the body size and the body read timeout in
 //! `ingest::read_body` (every route that reads a body, after its caller is
@@ -61,31 +65,65 @@ fn retry_after(wait: Duration) -> ApiError {
     }
 }
 
+/// How long a source address that sent a verified signature stays vouched
+/// for; each verified signature renews it, any failed one ends it.
+const VOUCHED_FOR: Duration = Duration::from_secs(600);
+
 /// Limits per source address (an IPv4 address, an IPv6 /64), on callers
 /// without a verified credential. Off (`None` rate) when
 /// `RTPD_UNAUTHENTICATED_RATE_PER_SEC=0`, for a deployment behind a proxy
 /// where every caller has the proxy's address.
 pub struct Sources {
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
-    /// Signed requests not verified yet, in flight per source; at most
-    /// `unverified_cap` (`RTPD_UNAUTHENTICATED_RATE_BURST`).
+    /// Signed requests not verified yet, in flight per source, waiting in
+    /// the unauthenticated pool; at most `unverified_cap`
+    /// (`RTPD_MAX_UNVERIFIED_PER_SOURCE`), so that a few forging addresses
+    /// cannot fill that pool.
     unverified: Arc<Mutex<HashMap<IpAddr, usize>>>,
     unverified_cap: usize,
+    /// Sources that sent a verified signature lately, and until when.
+    vouched: Mutex<HashMap<IpAddr, Instant>>,
+    /// Signed requests of vouched sources not verified yet, in flight per
+    /// source, waiting in the vendors' pool; at most `vouched_cap`.
+    vouched_in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    vouched_cap: usize,
     /// Sources whose signed requests failed faster than the rate allows:
     /// their signed requests are refused until then.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
 }
 
+/// Where a signed request waits for its body.
+pub enum Unverified {
+    /// Its source sent a verified signature lately: in the vendors' pool.
+    Vouched(SourceSlot),
+    /// In the unauthenticated pool (no slot when the per-source limits are
+    /// off).
+    Pooled(Option<SourceSlot>),
+}
+
+/// The per-source limits, from the settings.
+pub struct SourceLimits {
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    /// Signed requests of one source waiting in the unauthenticated pool.
+    pub unverified: usize,
+    /// Signed requests of one vouched source waiting in the vendors' pool.
+    pub vouched: usize,
+}
+
 impl Sources {
-    pub fn new(rate_per_sec: u32, burst: u32) -> Sources {
-        let rate = NonZeroU32::new(rate_per_sec).map(|rate| {
-            let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    pub fn new(limits: SourceLimits) -> Sources {
+        let rate = NonZeroU32::new(limits.rate_per_sec).map(|rate| {
+            let burst = NonZeroU32::new(limits.burst).unwrap_or(rate);
             RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
         Sources {
             rate,
             unverified: Default::default(),
-            unverified_cap: burst.max(1) as usize,
+            unverified_cap: limits.unverified.max(1),
+            vouched: Default::default(),
+            vouched_in_flight: Default::default(),
+            vouched_cap: limits.vouched.max(1),
             blocked: Default::default(),
         }
     }
@@ -107,40 +145,61 @@ impl Sources {
 
     /// A signed request whose signature is checked only after its body. It
     /// is not charged to the rate — a signing vendor signs every request,
-    /// and a genuine signature is never charged — but its source may have
-    /// at most `RTPD_UNAUTHENTICATED_RATE_BURST` of them waiting for their
-    /// bodies at once, and none while its failures are over the rate.
-    pub fn admit_unverified(&self, source: IpAddr) -> Result<Option<SourceSlot>, ApiError> {
+    /// and a genuine signature is never charged — and none is admitted
+    /// while its source's failures are over the rate. A source that sent a
+    /// verified signature lately waits in the vendors' pool (at most
+    /// `vouched_cap` at once), where forgers from other addresses cannot
+    /// reach; any other waits in the unauthenticated pool, at most
+    /// `RTPD_MAX_UNVERIFIED_PER_SOURCE` at once.
+    pub fn admit_unverified(&self, source: IpAddr) -> Result<Unverified, ApiError> {
         if self.rate.is_none() {
-            return Ok(None);
+            return Ok(Unverified::Pooled(None));
         }
-        if let Some(until) = lock(&self.blocked).get(&source).copied() {
-            let now = Instant::now();
-            if until > now {
-                tracing::debug!(%source, "signed requests refused: too many failed signatures");
-                return Err(retry_after(until - now));
+        let now = Instant::now();
+        if let Some(until) = lock(&self.blocked).get(&source).copied()
+            && until > now
+        {
+            tracing::debug!(%source, "signed requests refused: too many failed signatures");
+            return Err(retry_after(until - now));
+        }
+        let vouched = lock(&self.vouched)
+            .get(&source)
+            .is_some_and(|until| *until > now);
+        if vouched && let Some(slot) = take(&self.vouched_in_flight, source, self.vouched_cap) {
+            return Ok(Unverified::Vouched(slot));
+        }
+        match take(&self.unverified, source, self.unverified_cap) {
+            Some(slot) => Ok(Unverified::Pooled(Some(slot))),
+            None => {
+                tracing::debug!(%source, "too many unverified signed requests from one source");
+                Err(retry_after(Duration::from_secs(1)))
             }
         }
-        let mut counts = lock(&self.unverified);
-        let n = counts.entry(source).or_default();
-        if *n >= self.unverified_cap {
-            tracing::debug!(%source, "too many unverified signed requests from one source");
-            return Err(retry_after(Duration::from_secs(1)));
+    }
+
+    /// A signed request of `source` verified: its next ones wait in the
+    /// vendors' pool for a while.
+    pub fn vouch(&self, source: IpAddr) {
+        if self.rate.is_none() {
+            return;
         }
-        *n += 1;
-        Ok(Some(SourceSlot {
-            counts: self.unverified.clone(),
-            source,
-        }))
+        let now = Instant::now();
+        let mut vouched = lock(&self.vouched);
+        if vouched.len() > MAX_TRACKED_SOURCES {
+            vouched.retain(|_, until| *until > now);
+        }
+        vouched.insert(source, now + VOUCHED_FOR);
     }
 
     /// A signed request that ended with its signature unverified (refused,
     /// timed out, or never checked): charged to its source's rate; over it,
     /// the source's signed requests are refused until the rate allows again.
+    /// The source is no longer vouched for.
     pub fn charge_unverified(&self, source: IpAddr) {
         let Some(rate) = &self.rate else {
             return;
         };
+        lock(&self.vouched).remove(&source);
         if let Err(not_until) = rate.check_key(&source) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let now = Instant::now();
@@ -151,6 +210,24 @@ impl Sources {
             blocked.insert(source, now + wait);
         }
     }
+}
+
+/// One of `cap` places of `source` in `counts`, if one is free.
+fn take(
+    counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+    cap: usize,
+) -> Option<SourceSlot> {
+    let mut held = lock(counts);
+    let n = held.entry(source).or_default();
+    if *n >= cap {
+        return None;
+    }
+    *n += 1;
+    Some(SourceSlot {
+        counts: counts.clone(),
+        source,
+    })
 }
 
 /// One unverified signed request of a source, counted while it lives.
@@ -179,17 +256,22 @@ pub struct InFlight(Arc<Mutex<Held>>);
 
 #[derive(Default)]
 enum Held {
-    /// `/healthz`, or the request is over.
+    /// `/healthz`, the request is over, or it was refused once its
+    /// signature verified.
     #[default]
     Nothing,
     /// A slot the request keeps to its end (held, never read: dropping it
     /// gives the slot back).
     Kept(#[allow(dead_code)] OwnedSemaphorePermit),
-    /// A signed request whose signature is not verified yet.
+    /// A signed request whose signature is not verified yet, in the
+    /// unauthenticated pool.
     Unverified(
         #[allow(dead_code)] OwnedSemaphorePermit,
         #[allow(dead_code)] Option<SourceSlot>,
     ),
+    /// A signed request whose signature is not verified yet, from a vouched
+    /// source: already in the vendors' pool.
+    Vouched(OwnedSemaphorePermit, #[allow(dead_code)] SourceSlot),
 }
 
 impl InFlight {
@@ -198,18 +280,33 @@ impl InFlight {
     }
 
     /// The signature verified: the request takes a slot in the vendors'
-    /// pool (503 when it is full) and gives back its unverified one.
-    pub fn promote(&self, vendors: &Arc<Semaphore>) -> Result<(), ApiError> {
+    /// pool (503 when it is full, with its unverified one given back and
+    /// not charged: the signature is genuine) and gives back its unverified one (a
+    /// vouched source's request keeps the vendor slot it has). True when
+    /// the request was a signed one waiting for this.
+    pub fn promote(&self, vendors: &Arc<Semaphore>) -> Result<bool, ApiError> {
         let mut held = lock(&self.0);
-        if matches!(*held, Held::Unverified(..)) {
-            let permit = vendors.clone().try_acquire_owned().map_err(|_| busy())?;
-            *held = Held::Kept(permit);
+        match std::mem::take(&mut *held) {
+            Held::Unverified(permit, slot) => match vendors.clone().try_acquire_owned() {
+                Ok(permit) => *held = Held::Kept(permit),
+                // Refused, but verified: it gives its unverified slot back
+                // now and is not charged as unverified.
+                Err(_) => {
+                    drop((permit, slot));
+                    return Err(busy());
+                }
+            },
+            Held::Vouched(permit, _) => *held = Held::Kept(permit),
+            other => {
+                *held = other;
+                return Ok(false);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn is_unverified(&self) -> bool {
-        matches!(*lock(&self.0), Held::Unverified(..))
+        matches!(*lock(&self.0), Held::Unverified(..) | Held::Vouched(..))
     }
 
     fn release(&self) {
@@ -346,14 +443,16 @@ pub async fn guard(
     } else {
         match state.caller(req.request()) {
             Caller::Credentialed => acquire(&state.in_flight).map(Held::Kept),
-            Caller::Signed => {
-                let slot = match source.map(|s| state.sources.admit_unverified(s)) {
-                    Some(Err(e)) => return refuse(&state, req, e).await,
-                    Some(Ok(slot)) => slot,
-                    None => None,
-                };
-                acquire(&state.unauthenticated).map(|p| Held::Unverified(p, slot))
-            }
+            Caller::Signed => match source.map(|s| state.sources.admit_unverified(s)) {
+                Some(Err(e)) => return refuse(&state, req, e).await,
+                Some(Ok(Unverified::Vouched(slot))) => {
+                    acquire(&state.in_flight).map(|p| Held::Vouched(p, slot))
+                }
+                Some(Ok(Unverified::Pooled(slot))) => {
+                    acquire(&state.unauthenticated).map(|p| Held::Unverified(p, slot))
+                }
+                None => acquire(&state.unauthenticated).map(|p| Held::Unverified(p, None)),
+            },
             Caller::Other => {
                 if let Some(Err(e)) = source.map(|s| state.sources.admit_anonymous(s)) {
                     return refuse(&state, req, e).await;

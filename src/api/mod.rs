@@ -205,8 +205,12 @@ impl ApiState {
         });
         let in_flight = Arc::new(Semaphore::new(s.max_in_flight));
         let unauthenticated = Arc::new(Semaphore::new(s.max_in_flight_unauthenticated));
-        let sources =
-            limits::Sources::new(s.unauthenticated_rate_per_sec, s.unauthenticated_rate_burst);
+        let sources = limits::Sources::new(limits::SourceLimits {
+            rate_per_sec: s.unauthenticated_rate_per_sec,
+            burst: s.unauthenticated_rate_burst,
+            unverified: s.unverified_per_source(),
+            vouched: s.max_in_flight / 4,
+        });
         ApiState {
             unauthenticated,
             probes: Arc::new(Semaphore::new(PROBE_IN_FLIGHT)),
@@ -336,8 +340,11 @@ impl ApiState {
             return Ok(p);
         };
         let in_flight = req.extensions().get::<limits::InFlight>().cloned();
-        if let Some(in_flight) = in_flight {
-            in_flight.promote(&self.in_flight)?;
+        if let Some(in_flight) = in_flight
+            && in_flight.promote(&self.in_flight)?
+            && let Some(peer) = req.peer_addr()
+        {
+            self.sources.vouch(rejected::source_of(peer.ip()));
         }
         req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
         if let Some(limiter) = &self.limiter

@@ -57,20 +57,9 @@ pub(crate) async fn resolve(
             .await
             .map_err(ledger_error);
     }
-    let mut found: Vec<TxRecord> = Vec::new();
-    let candidates = std::iter::once(id.to_string()).chain(
-        state
-            .auth
-            .vendor_names()
-            .into_iter()
-            .filter_map(|v| TransactionId::scoped(Some(&v), &id).ok())
-            .map(|k| k.to_string()),
-    );
-    for key in candidates {
-        if let Some(r) = ledger.get(&key).await.map_err(ledger_error)? {
-            found.push(r);
-        }
-    }
+    let mut found = crate::ledger::find_across_vendors(ledger, &id, &state.auth.vendor_names())
+        .await
+        .map_err(ledger_error)?;
     if found.len() > 1 {
         let vendors: Vec<&str> = found
             .iter()

@@ -230,6 +230,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "burst above that rate, per source address",
     ),
     (
+        "RTPD_MAX_UNVERIFIED_PER_SOURCE",
+        Reads::SERVER,
+        "signed requests of one source address waiting for their bodies in the unauthenticated pool (429; default: a quarter of that pool)",
+    ),
+    (
         "RTPD_VENDOR_KEYS",
         Reads::VENDORS,
         "vendors: <vendor>:sha256:<hex of key>, comma separated",

@@ -8,6 +8,7 @@ use crate::envelope::transaction_id_of;
 use crate::replay::{ReplayRequest, Replayed, Replayer, Scope};
 use crate::services::Services;
 use crate::transaction::{State, TransactionId};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::{collections::HashSet, time::Duration};
@@ -127,12 +128,25 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         time_arg::check_retention(*from, *to, settings.wal_retention_days)?;
     }
     let svc = Services::build(&settings).await?;
+    let scope = match scope {
+        Scope::Ids(ids) if opts.vendor.is_none() => {
+            Scope::Ids(across_vendors(&settings, &svc, ids).await?)
+        }
+        other => other,
+    };
     let req = ReplayRequest {
         force: opts.force,
         operator: super::operator::resolve(&settings, opts.operator.as_deref()).await,
         reason: opts.reason.clone(),
     };
     let summary = replay_scope(&svc.replayer(), &scope, &req, &opts).await?;
+    if opts.dry_run && summary.missing > 0 {
+        anyhow::bail!(
+            "{} of {} transactions are not in the ledger",
+            summary.missing,
+            summary.selected
+        );
+    }
     if summary.refused > 0 && !opts.dry_run {
         anyhow::bail!(
             "{} of {} transactions were not replayed",
@@ -143,11 +157,53 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ids given without `--vendor`, as the HTTP API reads them: a bare id
+/// is the one transaction with that id, the bare entry's or any configured
+/// vendor's; two or more is an error naming the vendors. A `<vendor>/<id>`
+/// key, or an id found nowhere, is kept as given.
+async fn across_vendors(
+    settings: &Settings,
+    svc: &Services,
+    ids: Vec<String>,
+) -> anyhow::Result<Vec<String>> {
+    if ids.iter().all(|id| id.contains('/')) {
+        return Ok(ids);
+    }
+    let vendors = crate::auth::Auth::from_settings(settings)
+        .context("reading the configured vendors, to look ids up across them (or pass --vendor)")?
+        .vendor_names();
+    let mut keys = Vec::with_capacity(ids.len());
+    for given in ids {
+        let Ok(id) = TransactionId::parse(&given) else {
+            keys.push(given);
+            continue;
+        };
+        let found = crate::ledger::find_across_vendors(&*svc.ledger, &id, &vendors).await?;
+        match found.as_slice() {
+            [] => keys.push(given),
+            [r] => keys.push(r.transaction_id.to_string()),
+            many => {
+                let names: Vec<&str> = many
+                    .iter()
+                    .map(|r| r.vendor.as_deref().unwrap_or("(none)"))
+                    .collect();
+                anyhow::bail!(
+                    "vendors {} each sent transaction {given}: name one with --vendor or <vendor>/{given}",
+                    names.join(", ")
+                );
+            }
+        }
+    }
+    Ok(keys)
+}
+
 #[derive(Debug, Default)]
 pub struct Summary {
     pub selected: usize,
     pub replayed: usize,
     pub refused: usize,
+    /// Dry run: ids not in the ledger.
+    pub missing: usize,
     pub replayed_ids: HashSet<String>,
 }
 
@@ -186,7 +242,10 @@ pub async fn replay_scope(
                     println!("{id}: would replay (now {})", r.status)
                 }
                 Some(r) => println!("{id}: would refuse ({})", r.status),
-                None => println!("{id}: not in the ledger"),
+                None => {
+                    s.missing += 1;
+                    println!("{id}: not in the ledger")
+                }
             }
             continue;
         }

@@ -127,6 +127,30 @@ impl Counts {
 }
 
 /// List order is newest update first; a cursor is the last item's position.
+/// The transactions a bare `id` may mean when no vendor is named (an
+/// operator's view): the entry under the bare id, and each of `vendors`'
+/// own. More than one is ambiguous; the HTTP API and `rtpd replay` both
+/// refuse to guess.
+pub async fn find_across_vendors(
+    ledger: &dyn Ledger,
+    id: &TransactionId,
+    vendors: &[String],
+) -> Result<Vec<TxRecord>, LedgerError> {
+    let candidates = std::iter::once(id.to_string()).chain(
+        vendors
+            .iter()
+            .filter_map(|v| TransactionId::scoped(Some(v), id).ok())
+            .map(|k| k.to_string()),
+    );
+    let mut found = Vec::new();
+    for key in candidates {
+        if let Some(r) = ledger.get(&key).await? {
+            found.push(r);
+        }
+    }
+    Ok(found)
+}
+
 /// A transaction by its key. For a vendor's `<vendor>/<id>` key, an entry
 /// written before keys were scoped by vendor (under the bare id) is that
 /// vendor's transaction if the entry records that vendor; one recording

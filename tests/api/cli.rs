@@ -569,3 +569,75 @@ async fn operator_ranges_are_bounded_at_both_ends_on_every_command() {
         );
     }
 }
+
+/// Issue 20, open finding 4: `rtpd replay <id>` without `--vendor` looked
+/// only for the bare key (so a vendor's transaction was "not in the
+/// ledger") and its dry run exited 0 with ids missing. It now reads ids as
+/// the HTTP API does: the one transaction with that id across the
+/// configured vendors, an error naming the vendors when two sent it; and a
+/// dry run with ids missing exits 1 with one line.
+#[tokio::test]
+async fn replay_without_vendor_looks_across_vendors_like_the_api() {
+    use crate::support::{API_KEY, now_unix};
+    use rtp_durability::auth::hash_secret;
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "ONLY-1"}))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "SAME-1"}))
+            .await
+            .status(),
+        202
+    );
+    let r = app
+        .post_signed(r#"{"transaction_id":"SAME-1"}"#, now_unix())
+        .await;
+    assert_eq!(r.status(), 202);
+    let replay = |args: &[&str]| {
+        rtpd()
+            .arg("replay")
+            .args(args)
+            .env("RTPD_DATA_DIR", app.data_dir())
+            .env(
+                "RTPD_VENDOR_KEYS",
+                format!("acme:sha256:{}", hash_secret(API_KEY)),
+            )
+            .env("RTPD_VENDOR_KEYS_FILE", app.data_dir().join("vendor-keys"))
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    let out = replay(&["ONLY-1", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("acme/ONLY-1: would"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = replay(&["SAME-1", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("acme") && err.contains("globex") && err.contains("--vendor"),
+        "{err}"
+    );
+    let out = replay(&["SAME-1", "--vendor", "globex", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = replay(&["ONLY-1", "NOPE-1", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("1 of 2 transactions are not in the ledger"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).contains("NOPE-1: not in the ledger"));
+}

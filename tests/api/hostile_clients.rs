@@ -221,10 +221,221 @@ async fn slow_anonymous_replays_against_the_release_binary_leave_vendor_posts_20
 /// Standard Webhooks secret of the test's webhook-signing vendor.
 const HOOLI_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// `n` forged `X-Rtpd-*` signed POSTs (fresh timestamp, wrong signature)
+/// from `from`, each declaring a 100-byte body and trickling it.
+fn forged_signed_posts(
+    address: &str,
+    from: std::net::IpAddr,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Option<(String, Duration)>>> {
+    let ts = now_unix();
+    (0..n)
+        .map(|_| {
+            slow_request_from(
+                address,
+                Some(from),
+                format!(
+                    "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                     X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
+                     X-Rtpd-Signature: v1={}\r\nContent-Length: 100\r\n\r\n{{",
+                    "ab".repeat(32)
+                ),
+            )
+        })
+        .collect()
+}
+
+/// A genuine HMAC-signed POST of `id` from `client`: its status.
+async fn signed_post(client: &reqwest::Client, base: &str, id: &str) -> u16 {
+    use rtp_durability::auth::sign;
+    let body = format!(r#"{{"transaction_id":"{id}"}}"#);
+    let ts = now_unix();
+    let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
+    client
+        .post(format!("{base}/v1/transactions"))
+        .header("Content-Type", "application/json")
+        .header("X-Rtpd-Vendor", HMAC_VENDOR)
+        .header("X-Rtpd-Timestamp", ts.to_string())
+        .header("X-Rtpd-Signature", sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn client_from(ip: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(ip))
+        .build()
+        .unwrap()
+}
+
+/// Issue 20, open finding 1, against the release binary with the default
+/// limits (64 unverified slots): forged signed requests trickling from two
+/// addresses, 40 each, took the whole unverified pool and a genuine HMAC
+/// vendor from a third address got 503. Now each address holds at most a
+/// quarter of the pool, so the vendor gets 202; and once it has verified,
+/// its requests wait in the vendors' pool, so forgers from five addresses
+/// filling the unverified pool do not reach it either (a signer that has
+/// not verified from its address yet does meet the full pool: 503).
+#[tokio::test]
+async fn forgers_from_a_few_addresses_cannot_starve_a_signing_vendor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let keys = dir.path().join("vendor-keys");
+    std::fs::write(&keys, format!("{HMAC_VENDOR}:hmac:{HMAC_SECRET}\n")).unwrap();
+    let _serve = Proc(
+        release_rtpd()
+            .arg("serve")
+            .env("RTPD_DATA_DIR", dir.path())
+            .env("RTPD_VENDOR_KEYS_FILE", &keys)
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
+            .env(
+                "RTPD_DOWNSTREAM_URL",
+                format!("http://127.0.0.1:{mock_port}/process"),
+            )
+            .env("RTPD_REQUEST_TIMEOUT_SECS", "60")
+            .env("RTPD_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+
+    let mut forged = forged_signed_posts(&base, [127, 0, 0, 2].into(), 40);
+    forged.extend(forged_signed_posts(&base, [127, 0, 0, 3].into(), 40));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vendor = client_from([127, 0, 0, 4]);
+    let mut statuses = Vec::new();
+    for i in 0..29 {
+        statuses.push(signed_post(&vendor, &base, &format!("TWO-{i}")).await);
+    }
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+
+    // Three more forging addresses: 5 × 16 > 64, the unverified pool is full.
+    for ip in 5..=7 {
+        forged.extend(forged_signed_posts(&base, [127, 0, 0, ip].into(), 40));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut statuses = Vec::new();
+    for i in 0..29 {
+        statuses.push(signed_post(&vendor, &base, &format!("FIVE-{i}")).await);
+    }
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    let newcomer = signed_post(&client_from([127, 0, 0, 8]), &base, "NEW-0").await;
+    assert_eq!(
+        newcomer, 503,
+        "a signer not vouched for meets the full pool"
+    );
+    for task in forged {
+        task.abort();
+    }
+}
+
+/// Sends `head`, then `body` after `delay`, and reads the answer's status.
+fn late_body_request(
+    address: &str,
+    head: String,
+    body: String,
+    delay: Duration,
+) -> tokio::task::JoinHandle<u16> {
+    let address = address.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(delay).await;
+        // The server may have answered already (429): the write may fail.
+        let _ = stream.write_all(body.as_bytes()).await;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {answer:?}"))
+    })
+}
+
+/// Issue 20, open finding 2: a signing vendor with 60 requests from one
+/// address waiting for their bodies at once (each body sent 300 ms after
+/// its headers) got 40 × 202 and 20 × 429, the per-address cap on
+/// unverified requests. Once a signature from its address has verified,
+/// its signed requests wait in the vendors' pool instead, without that cap.
+#[tokio::test]
+async fn a_vouched_signer_may_have_many_requests_waiting_for_their_bodies() {
+    use rtp_durability::auth::sign;
+    let app = spawn_app().await;
+    assert_eq!(signed_post(&app.client, &app.address, "WARM-0").await, 202);
+    let late: Vec<_> = (0..60)
+        .map(|i| {
+            let body = format!(r#"{{"transaction_id":"LATE-{i}"}}"#);
+            let ts = now_unix();
+            let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
+            let head = format!(
+                "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
+                 X-Rtpd-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            late_body_request(&app.address, head, body, Duration::from_millis(300))
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in late {
+        statuses.push(task.await.unwrap());
+    }
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+}
+
+/// Issue 20, open finding 3: a signed request whose signature verifies but
+/// finds the vendors' pool full gets 503 — and was charged to its address's
+/// rate as if forged, so past the burst (40) the genuine vendor got 429.
+/// A verified signature is never charged.
+#[tokio::test]
+async fn a_verified_request_refused_for_a_full_vendor_pool_is_not_charged() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| s.max_in_flight = 4,
+        ..Default::default()
+    })
+    .await;
+    // Four API-key POSTs trickling their bodies hold the vendors' pool.
+    let holders: Vec<_> = (0..4)
+        .map(|_| {
+            slow_request(
+                &app.address,
+                format!(
+                    "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                     X-Api-Key: {API_KEY}\r\nContent-Length: 100\r\n\r\n{{"
+                ),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        statuses.push(signed_post(&app.client, &app.address, &format!("FULL-{i}")).await);
+    }
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    for task in holders {
+        task.abort();
+    }
+}
+
 /// Issue 20, D1, against the release binary: forged but well-formed
 /// signature headers (both `X-Rtpd-*` and `webhook-*`) with trickled bodies.
 /// They wait in the unauthenticated pool, not the vendors' one, and at most
-/// `RTPD_UNAUTHENTICATED_RATE_BURST` at once from one address; API-key,
+/// `RTPD_MAX_UNVERIFIED_PER_SOURCE` at once from one address; API-key,
 /// HMAC and Standard Webhooks vendors still get 202, the signing ones well
 /// past that burst from their own single address.
 #[tokio::test]
@@ -254,7 +465,7 @@ async fn forged_signature_headers_wait_in_the_unverified_pool_and_vendor_posts_g
             )
             .env("RTPD_MAX_IN_FLIGHT", "8")
             .env("RTPD_REQUEST_TIMEOUT_SECS", "60")
-            .env("RTPD_UNAUTHENTICATED_RATE_BURST", "10")
+            .env("RTPD_MAX_UNVERIFIED_PER_SOURCE", "10")
             .env("RTPD_LOG_LEVEL", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
