@@ -110,6 +110,8 @@ impl Downstream for HttpDownstream {
         let span = tracing::info_span!(
             "downstream.call",
             otel.kind = "client",
+            transaction_id = crate::transaction::TransactionId::vendor_part(transaction_id),
+            transaction_key = transaction_id,
             otel.status_code = tracing::field::Empty,
             http.request.method = "POST",
             url.full = %self.url,

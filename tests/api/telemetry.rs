@@ -114,10 +114,12 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
         .collect();
     for name in [
         "POST /v1/transactions",
+        "wal.append",
         "ledger.register",
         "queue.send",
         "process",
         "ledger.claim",
+        "downstream.call",
         "ledger.settle",
     ] {
         assert!(
@@ -138,6 +140,9 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
     assert_eq!(ingest.service_name, "rtpd-under-test");
     assert_eq!(span("wal.append").parent_span_id, ingest.span_id);
     assert_eq!(span("wal.flush").parent_span_id, span("wal.append").span_id);
+    // A flush covers a batch: it counts its records, and its appends' spans
+    // (its parent and its links) name them.
+    assert_eq!(span("wal.flush").attributes["records"], "1");
     assert_eq!(span("queue.send").parent_span_id, ingest.span_id);
     assert_eq!(span("queue.send").kind, 4, "producer");
     assert_eq!(
