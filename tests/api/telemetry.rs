@@ -799,3 +799,53 @@ async fn load_shedding_503s_count_in_the_ingest_requests() {
         "each answer counted once: {answered:?}"
     );
 }
+
+/// `url.full` on the downstream span is the configured URL without its
+/// userinfo and query: a password or a `?code=` key is never exported.
+#[tokio::test]
+async fn the_downstream_span_does_not_export_the_urls_secrets() {
+    let receiver = OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let url = format!("http://payer:PA55WORD@127.0.0.1:{mock_port}/process?code=SECRETKEY&x=1");
+    let _dev = spawn_dev_with(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &["--otlp", &receiver.url],
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("RTPD_DOWNSTREAM_URL", &url),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let client = reqwest::Client::new();
+    post(&client, &base, &api_key(dir.path()), "URL-1").await;
+    receiver
+        .wait_for(Duration::from_secs(30), "the downstream span", |r| {
+            r.spans().iter().any(|s| s.name == "downstream.call")
+        })
+        .await;
+    let spans = receiver.spans();
+    let call = spans.iter().find(|s| s.name == "downstream.call").unwrap();
+    assert_eq!(
+        call.attributes["result"], "success",
+        "the call went through"
+    );
+    assert_eq!(
+        call.attributes["url.full"],
+        format!("http://127.0.0.1:{mock_port}/process")
+    );
+    for s in &spans {
+        for v in s.attributes.values() {
+            assert!(
+                !v.contains("PA55WORD") && !v.contains("SECRETKEY"),
+                "{}: {v}",
+                s.name
+            );
+        }
+    }
+}
