@@ -45,6 +45,8 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(from_fn(api::limits::guard))
+                // Outside the guard, so its refusals are counted too.
+                .wrap(from_fn(api::count_ingest))
                 .configure(|cfg| routes(cfg, state.clone()))
         })
         .client_request_timeout(head_timeout)

@@ -83,6 +83,23 @@ pub trait Downstream: Send + Sync + 'static {
 pub struct HttpDownstream {
     client: reqwest::Client,
     url: url::Url,
+    /// `url` as the span's `url.full` shows it ([`shown_url`]).
+    shown: String,
+}
+
+/// The downstream URL without what may be a secret: its userinfo (a user
+/// and password), its query (an Azure Functions `?code=`, a SAS `sig=`)
+/// and its fragment. Spans are exported to a collector and kept in
+/// Application Insights; the scheme, host, port and path say where the
+/// call went, which is all a trace needs.
+pub fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    // Fails only for a URL that cannot have userinfo, which then has none.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    shown.to_string()
 }
 
 impl HttpDownstream {
@@ -92,7 +109,11 @@ impl HttpDownstream {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(256)
             .build()?;
-        Ok(HttpDownstream { client, url })
+        Ok(HttpDownstream {
+            client,
+            shown: shown_url(&url),
+            url,
+        })
     }
 
     pub fn url(&self) -> &url::Url {
@@ -103,16 +124,18 @@ impl HttpDownstream {
 #[async_trait::async_trait]
 impl Downstream for HttpDownstream {
     fn describe(&self) -> String {
-        self.url.to_string()
+        self.shown.clone()
     }
 
     async fn call(&self, transaction_id: &str, attempt: u32, payload: Bytes) -> CallResult {
         let span = tracing::info_span!(
             "downstream.call",
             otel.kind = "client",
+            transaction_id = crate::transaction::TransactionId::vendor_part(transaction_id),
+            transaction_key = transaction_id,
             otel.status_code = tracing::field::Empty,
             http.request.method = "POST",
-            url.full = %self.url,
+            url.full = %self.shown,
             attempt,
             http.response.status_code = tracing::field::Empty,
             result = tracing::field::Empty,
@@ -177,6 +200,16 @@ impl HttpDownstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shown_url_has_no_userinfo_query_or_fragment() {
+        let url: url::Url = "https://user:pa55@pay.example.com:8443/api/pay?code=SECRET&sig=S#f"
+            .parse()
+            .unwrap();
+        assert_eq!(shown_url(&url), "https://pay.example.com:8443/api/pay");
+        let plain: url::Url = "http://127.0.0.1:9/process".parse().unwrap();
+        assert_eq!(shown_url(&plain), "http://127.0.0.1:9/process");
+    }
 
     #[test]
     fn classification_table() {

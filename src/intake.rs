@@ -142,7 +142,12 @@ impl Intake {
         let wal_ref = self
             .wal
             .append_json(&record, received_at)
-            .instrument(tracing::info_span!("wal.append", otel.kind = "client"))
+            .instrument(tracing::info_span!(
+                "wal.append",
+                otel.kind = "client",
+                transaction_id = %s.transaction_id,
+                transaction_key = key.as_str(),
+            ))
             .await
             .map_err(|e| {
                 tracing::error!(transaction_id = %s.transaction_id, error = %e, "WAL append failed; not acknowledging");

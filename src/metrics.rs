@@ -485,13 +485,24 @@ pub fn exported_over_otlp() -> bool {
     OTEL.get().is_some()
 }
 
-pub fn ingest_answered(code: u16, took: Duration) {
-    let m = get();
-    m.ingest_requests.get_or_create(&CodeLabel { code }).inc();
-    m.ingest_seconds.observe(took.as_secs_f64());
+/// One answer to `POST /v1/transactions`, whoever gave it (counted by
+/// `api::count_ingest`, outside the limits).
+pub fn ingest_answered(code: u16) {
+    get()
+        .ingest_requests
+        .get_or_create(&CodeLabel { code })
+        .inc();
     if let Some(o) = otel() {
-        let code = [KeyValue::new("code", i64::from(code))];
-        o.ingest_requests.add(1, &code);
+        o.ingest_requests
+            .add(1, &[KeyValue::new("code", i64::from(code))]);
+    }
+}
+
+/// How long the ingest handler took to answer (requests refused before it,
+/// by a limit, take no time worth measuring and are left out).
+pub fn ingest_took(took: Duration) {
+    get().ingest_seconds.observe(took.as_secs_f64());
+    if let Some(o) = otel() {
         o.ingest_seconds.record(took.as_secs_f64(), &[]);
     }
 }

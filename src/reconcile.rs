@@ -588,14 +588,29 @@ impl Reconciler {
         if o.dry_run || !redrive {
             return Ok(true);
         }
-        let msg = Envelope::new(
-            reg,
-            Bytes::from(wal.payload.into_bytes()),
-            Delivery::Redrive(Delivery::nonce()),
-        )
-        .scheduled_at(scheduled)
-        .to_message();
-        if let Err(e) = self.queue.send(vec![msg]).await {
+        // A re-drive is an operation of its own, as an operator replay is:
+        // linked to the payment's trace (the WAL record's) and to the pass.
+        // The message carries this span's context, so the processor's
+        // attempt continues it rather than the pass's trace.
+        let span = tracing::info_span!(
+            parent: None,
+            "redrive",
+            transaction_id = TransactionId::vendor_part(id.as_str()),
+            transaction_key = %id,
+            reason = why,
+        );
+        crate::trace_context::link_to(&span, wal.trace_parent.as_deref());
+        crate::trace_context::link_spans(&span, &tracing::Span::current());
+        let msg = span.in_scope(|| {
+            Envelope::new(
+                reg,
+                Bytes::from(wal.payload.into_bytes()),
+                Delivery::Redrive(Delivery::nonce()),
+            )
+            .scheduled_at(scheduled)
+            .to_message()
+        });
+        if let Err(e) = self.queue.send(vec![msg]).instrument(span).await {
             tracing::warn!(transaction_id = %id, error = %e, "re-enqueue failed; stopping this pass");
             return Ok(false);
         }

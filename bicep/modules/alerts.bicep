@@ -3,7 +3,8 @@
 //   oldest pending rtpd's OTLP gauge rtpd_oldest_pending_age_seconds (App
 //                  Insights customMetrics, sent by the metrics collector app)
 //   5xx rate       share of transaction POSTs answered 5xx: rtpd's counter
-//                  rtpd_ingest_requests{code} (customMetrics). Not the
+//                  rtpd_ingest_requests{code} (customMetrics), which
+//                  counts load shedding's 503s too. Not the
 //                  requests table: spans are sampled and lost while the
 //                  agent is unreachable; the counter is exported whatever
 //                  the sampling.

@@ -22,7 +22,15 @@ use crate::intake::Intake;
 use crate::ledger::Ledger;
 use crate::replay::Replayer;
 use crate::wal::Log;
-use actix_web::{HttpMessage, HttpRequest, Route, http::Method, http::StatusCode, web};
+use actix_web::{
+    HttpMessage, HttpRequest, Route,
+    body::MessageBody,
+    dev::{ServiceRequest, ServiceResponse},
+    http::Method,
+    http::StatusCode,
+    middleware::Next,
+    web,
+};
 pub use error::ApiError;
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
@@ -41,6 +49,31 @@ pub const PROBE_IN_FLIGHT: usize = 16;
 pub fn is_probe_route(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics" | "/status")
 }
+
+/// Counts every answer to `POST /v1/transactions` in
+/// `rtpd_ingest_requests{code}`, once, whatever gave it: the handler, or a
+/// limit in [`limits::guard`] before it (a 503 when the in-flight pools are
+/// full, a 429, 431, 400, 415). The 5xx alert and the workbook read this
+/// counter, so a load-shedding 503 must be in it. Wrapped outside the guard
+/// (in `app.rs`); the handler itself counts nothing.
+pub async fn count_ingest(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let ingest = req.method() == Method::POST && req.path() == INGEST_PATH;
+    let res = next.call(req).await;
+    if ingest {
+        let status = match &res {
+            Ok(res) => res.status(),
+            Err(e) => e.as_response_error().status_code(),
+        };
+        crate::metrics::ingest_answered(status.as_u16());
+    }
+    res
+}
+
+/// The ingest route's path.
+pub const INGEST_PATH: &str = "/v1/transactions";
 
 /// Headers that carry a credential. Each may appear once; a request that
 /// repeats one is refused rather than served by whichever copy came first.
@@ -428,7 +461,7 @@ pub fn configure_health(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>
 /// path answers OPTIONS (see [`register`]).
 pub fn routes() -> Vec<(&'static str, Method, Handler)> {
     vec![
-        ("/v1/transactions", Method::POST, |r| r.to(ingest::ingest)),
+        (INGEST_PATH, Method::POST, |r| r.to(ingest::ingest)),
         ("/v1/transactions", Method::GET, |r| {
             r.to(transactions::list)
         }),

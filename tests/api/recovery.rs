@@ -233,6 +233,59 @@ async fn queue_loss_is_redriven_from_the_wal() {
     }
 }
 
+/// A re-drive from the WAL is an operation of its own, linked to the
+/// payment's trace through the WAL record's `trace_parent`, as an operator
+/// replay is; the processor's attempt continues the re-drive's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redrive_links_to_the_payments_trace() {
+    let receiver = crate::support::otlp::OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let mut site = Site::new(dir.path(), mock_port);
+    site.env
+        .push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.url.clone()));
+    site.env
+        .push(("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
+
+    let mut api = site.start("api").await;
+    let ids = ingest(&site, "LINK", 1, json!({})).await;
+    let is_ingest = |s: &crate::support::otlp::Span| s.name == "POST /v1/transactions";
+    receiver
+        .wait_for(Duration::from_secs(30), "the ingest span", |r| {
+            r.spans().iter().any(is_ingest)
+        })
+        .await;
+    api.kill9();
+    site.queue().purge(Subqueue::Main).await.unwrap();
+
+    let _serve = site.start("serve").await;
+    wait_until_finished(&site, &ids, Duration::from_secs(60)).await;
+    receiver
+        .wait_for(Duration::from_secs(30), "the re-drive's attempt", |r| {
+            let spans = r.spans();
+            spans.iter().any(|s| {
+                s.name == "redrive"
+                    && spans
+                        .iter()
+                        .any(|p| p.name == "process" && p.trace_id == s.trace_id)
+            })
+        })
+        .await;
+    let spans = receiver.spans();
+    let ingest = spans.iter().find(|s| is_ingest(s)).unwrap();
+    let redrive = spans.iter().find(|s| s.name == "redrive").unwrap();
+    assert_ne!(redrive.trace_id, ingest.trace_id, "an operation of its own");
+    assert_eq!(redrive.parent_span_id, "", "a root span");
+    assert!(
+        redrive
+            .links
+            .contains(&format!("{}/{}", ingest.trace_id, ingest.span_id)),
+        "linked to the payment's POST: {:?}",
+        redrive.links
+    );
+    assert_eq!(redrive.attributes["transaction_id"], ids[0]);
+}
+
 /// Seed row "Processor fails mid-run": the processor is killed during the
 /// downstream call. The restarted one retries safely: one success, one key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

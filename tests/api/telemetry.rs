@@ -114,10 +114,12 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
         .collect();
     for name in [
         "POST /v1/transactions",
+        "wal.append",
         "ledger.register",
         "queue.send",
         "process",
         "ledger.claim",
+        "downstream.call",
         "ledger.settle",
     ] {
         assert!(
@@ -138,6 +140,9 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
     assert_eq!(ingest.service_name, "rtpd-under-test");
     assert_eq!(span("wal.append").parent_span_id, ingest.span_id);
     assert_eq!(span("wal.flush").parent_span_id, span("wal.append").span_id);
+    // A flush covers a batch: it counts its records, and its appends' spans
+    // (its parent and its links) name them.
+    assert_eq!(span("wal.flush").attributes["records"], "1");
     assert_eq!(span("queue.send").parent_span_id, ingest.span_id);
     assert_eq!(span("queue.send").kind, 4, "producer");
     assert_eq!(
@@ -691,4 +696,156 @@ async fn without_export_only_a_scrape_reads_the_ledger_gauges() {
     };
     assert_eq!(counts_calls(&scrape().await), 1.0, "the scrape's own read");
     assert_eq!(counts_calls(&scrape().await), 2.0);
+}
+
+/// `rtpd_ingest_requests_total{code}` as a scrape shows it (0 when absent).
+fn ingest_count(text: &str, code: u16) -> f64 {
+    let line_start = format!("rtpd_ingest_requests_total{{code=\"{code}\"}} ");
+    text.lines()
+        .find(|l| l.starts_with(&line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Holds an in-flight slot by sending the body of a POST slowly (about 4 s);
+/// returns the status line it was answered with.
+async fn hold_a_slot(address: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST /v1/transactions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         X-Api-Key: {}\r\nContent-Length: 44\r\nConnection: close\r\n\r\n{{\"transaction_id\":\"HOLD\"",
+        support::API_KEY
+    );
+    let writer = tokio::spawn(async move {
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for b in b"                   }" {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), rd.read_to_end(&mut answer))
+        .await
+        .expect("the server neither answered nor closed")
+        .unwrap();
+    writer.abort();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// A 503 from the in-flight limit, before the ingest handler, counts in
+/// `rtpd_ingest_requests{code="503"}` (which the 5xx alert reads), and every
+/// answer to the route counts there exactly once.
+#[tokio::test]
+async fn load_shedding_503s_count_in_the_ingest_requests() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight = 1;
+            s.request_timeout_secs = 10.0;
+        },
+        ..Default::default()
+    })
+    .await;
+    let before = prometheus(&app).await;
+    let mut answered: std::collections::BTreeMap<u16, f64> = Default::default();
+    let mut holder = tokio::spawn(hold_a_slot(app.address.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while answered.get(&503).copied().unwrap_or(0.0) < 5.0 {
+        assert!(std::time::Instant::now() < deadline, "never saturated");
+        if holder.is_finished() {
+            // A probe took the slot just as the holder arrived: again.
+            let line = (&mut holder).await.unwrap();
+            let code = line.split(' ').nth(1).unwrap().parse().unwrap();
+            *answered.entry(code).or_default() += 1.0;
+            holder = tokio::spawn(hold_a_slot(app.address.clone()));
+        }
+        n += 1;
+        let r = app
+            .post_json(&json!({ "transaction_id": format!("SHED-{n}") }))
+            .await;
+        *answered.entry(r.status().as_u16()).or_default() += 1.0;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = holder.await.unwrap();
+    let code = line.split(' ').nth(1).unwrap().parse().unwrap();
+    *answered.entry(code).or_default() += 1.0;
+    let after = prometheus(&app).await;
+    for (code, seen) in &answered {
+        assert_eq!(
+            ingest_count(&after, *code) - ingest_count(&before, *code),
+            *seen,
+            "code {code}: answers {answered:?}\n{after}"
+        );
+    }
+    let total = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("rtpd_ingest_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(
+        total(&after) - total(&before),
+        answered.values().sum::<f64>(),
+        "each answer counted once: {answered:?}"
+    );
+}
+
+/// `url.full` on the downstream span is the configured URL without its
+/// userinfo and query: a password or a `?code=` key is never exported.
+#[tokio::test]
+async fn the_downstream_span_does_not_export_the_urls_secrets() {
+    let receiver = OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let url = format!("http://payer:PA55WORD@127.0.0.1:{mock_port}/process?code=SECRETKEY&x=1");
+    let _dev = spawn_dev_with(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &["--otlp", &receiver.url],
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("RTPD_DOWNSTREAM_URL", &url),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let client = reqwest::Client::new();
+    post(&client, &base, &api_key(dir.path()), "URL-1").await;
+    receiver
+        .wait_for(Duration::from_secs(30), "the downstream span", |r| {
+            r.spans().iter().any(|s| s.name == "downstream.call")
+        })
+        .await;
+    let spans = receiver.spans();
+    let call = spans.iter().find(|s| s.name == "downstream.call").unwrap();
+    assert_eq!(
+        call.attributes["result"], "success",
+        "the call went through"
+    );
+    assert_eq!(
+        call.attributes["url.full"],
+        format!("http://127.0.0.1:{mock_port}/process")
+    );
+    for s in &spans {
+        for v in s.attributes.values() {
+            assert!(
+                !v.contains("PA55WORD") && !v.contains("SECRETKEY"),
+                "{}: {v}",
+                s.name
+            );
+        }
+    }
 }

@@ -150,13 +150,14 @@ pub fn dev_command(
     bin.arg("dev")
         .arg("--no-mock")
         .args(args)
-        .envs(env.iter().copied())
-        .env("RTPD_DATA_DIR", dir)
-        .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
+        // The mock's URL, unless `env` gives another (with credentials, say).
         .env(
             "RTPD_DOWNSTREAM_URL",
             format!("http://127.0.0.1:{mock_port}/process"),
         )
+        .envs(env.iter().copied())
+        .env("RTPD_DATA_DIR", dir)
+        .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{api_port}"))
         .env("RTPD_LOCK_DURATION_SECS", "2")
         .env("RTPD_DOWNSTREAM_TIMEOUT_SECS", "1")
         .env("RTPD_BACKOFF_BASE_SECS", "0.1")
