@@ -187,7 +187,10 @@ impl HttpDownstream {
                 } else if e.is_connect() {
                     "could not connect to downstream".to_owned()
                 } else {
-                    format!("downstream request failed: {e}")
+                    // Without the URL: reqwest's text names it with its
+                    // query (a `?code=` key), and this reason is stored in
+                    // the ledger, which the vendor reads, and the journal.
+                    format!("downstream request failed: {}", e.without_url())
                 },
                 retry_after: None,
             },
@@ -209,6 +212,39 @@ mod tests {
         assert_eq!(shown_url(&url), "https://pay.example.com:8443/api/pay");
         let plain: url::Url = "http://127.0.0.1:9/process".parse().unwrap();
         assert_eq!(shown_url(&plain), "http://127.0.0.1:9/process");
+    }
+
+    /// Review of issue 15's url.full fix: a failed call's reason (stored in
+    /// the ledger and shown to the vendor) does not carry the URL's secrets.
+    #[tokio::test]
+    async fn a_failed_calls_reason_does_not_name_the_urls_secrets() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Reads the request, then closes without answering.
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                drop(s);
+            }
+        });
+        let url: url::Url =
+            format!("http://payer:PA55WORD@127.0.0.1:{port}/process?code=SECRETKEY")
+                .parse()
+                .unwrap();
+        let d = HttpDownstream::new(url, Duration::from_secs(5)).unwrap();
+        let CallResult::Transient { reason, .. } =
+            d.call("acme/T-1", 1, Bytes::from_static(b"{}")).await
+        else {
+            panic!("a closed connection is transient")
+        };
+        assert!(reason.starts_with("downstream request failed"), "{reason}");
+        assert!(
+            !reason.contains("SECRETKEY") && !reason.contains("PA55WORD"),
+            "{reason}"
+        );
     }
 
     #[test]

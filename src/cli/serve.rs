@@ -122,7 +122,11 @@ pub async fn run_with(
     if parts.processor() {
         let p = Arc::new(services.processor()?);
         let concurrency = settings.processor_concurrency;
-        tracing::info!(concurrency, downstream = %settings.downstream_url, "processor started");
+        tracing::info!(
+            concurrency,
+            downstream = %crate::downstream::shown_url(&settings.downstream_url),
+            "processor started"
+        );
         let stop = stop_rx.clone();
         tasks.spawn(async move {
             processor::run(p, concurrency, stop, GRACE).await?;
