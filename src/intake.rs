@@ -90,10 +90,12 @@ pub enum IntakeError {
 
 fn ledger_error(e: LedgerError) -> IntakeError {
     match e {
-        LedgerError::Unavailable(message) => IntakeError::Unavailable {
-            dependency: Dependency::Ledger,
-            message,
-        },
+        LedgerError::Unavailable(message) | LedgerError::Lost(message) => {
+            IntakeError::Unavailable {
+                dependency: Dependency::Ledger,
+                message,
+            }
+        }
         other => IntakeError::Ledger(other),
     }
 }
@@ -171,12 +173,35 @@ impl Intake {
             received_at,
             expires_at: s.expires_at,
         };
-        let record = match self
+        let registered = match self
             .ledger
             .register_with_payload(reg.clone(), &s.payload)
             .await
-            .map_err(ledger_error)?
         {
+            Err(LedgerError::Lost(message)) => {
+                // The ledger lost its data and is not rebuilt yet (issue 12,
+                // N1): an id acknowledged before the loss would look new, so
+                // nothing is accepted until the rebuild. Our WAL record is
+                // noted refused first, so the rebuild never takes it for the
+                // transaction; the answer is a 503 and the vendor re-POSTs.
+                self.note_refused(
+                    &reg,
+                    State::Pending,
+                    format!(
+                        "503: the ledger lost its data and is being rebuilt; WAL record {} refused",
+                        reg.wal_ref
+                    ),
+                )
+                .await?;
+                tracing::warn!(transaction_id = %reg.transaction_id, "ledger lost, not rebuilt yet: refused with a 503");
+                return Err(IntakeError::Unavailable {
+                    dependency: Dependency::Ledger,
+                    message,
+                });
+            }
+            other => other.map_err(ledger_error)?,
+        };
+        let record = match registered {
             RegisterOutcome::New(rec) => rec,
             // A concurrent first POST of the same bytes won the race; ours is
             // a harmless extra WAL record.
@@ -187,7 +212,11 @@ impl Intake {
                 // this record for the transaction (issue 12 item 2). If the
                 // note cannot be written the answer is a 503 ("maybe
                 // accepted"), never a 409 for bytes a rebuild might run.
-                self.note_refused(&reg, &rec).await?;
+                let reason = format!(
+                    "409: other content ({}) holds this id; WAL record {} refused",
+                    rec.sha256, reg.wal_ref
+                );
+                self.note_refused(&reg, rec.status, reason).await?;
                 return Ok(IntakeOutcome::Conflict(rec));
             }
         };
@@ -240,22 +269,25 @@ impl Intake {
         }
     }
 
-    async fn note_refused(&self, reg: &Registration, rec: &TxRecord) -> Result<(), IntakeError> {
+    async fn note_refused(
+        &self,
+        reg: &Registration,
+        state: State,
+        reason: String,
+    ) -> Result<(), IntakeError> {
         let entry = JournalEntry {
             v: 1,
             kind: EntryKind::Refused,
             transaction_id: reg.transaction_id.to_string(),
             at: crate::clock::now(),
             attempt: None,
-            state: rec.status,
+            state,
             error: None,
             next_retry_at: None,
             actor: "intake".into(),
-            reason: Some(format!(
-                "409: other content ({}) holds this id; WAL record {} refused",
-                rec.sha256, reg.wal_ref
-            )),
+            reason: Some(reason),
             sha256: Some(reg.sha256.clone()),
+            wal_ref: Some(reg.wal_ref.to_string()),
         };
         self.journal.append(&entry).await.map(|_| ()).map_err(|e| {
             tracing::error!(transaction_id = %reg.transaction_id, error = %e, "could not note a refused payload; answering 503");

@@ -42,6 +42,13 @@ pub struct JournalEntry {
     /// one the journal names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<Sha256>,
+    /// The WAL record a refusal is about (`<key>#<offset>+<len>`; absent in
+    /// refusals written before it was kept, which name only the sha256):
+    /// a rebuild leaves out that record, not other records of the same
+    /// bytes (a vendor's later, accepted re-POST of bytes refused while the
+    /// ledger was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_ref: Option<String>,
 }
 
 #[derive(Clone)]
@@ -221,15 +228,31 @@ impl JournalIndex {
         }
     }
 
-    /// The payloads intake refused (409) for `id` after writing them to the WAL.
-    pub fn refused(&self, id: &str) -> Vec<Sha256> {
+    /// What intake refused for `id` after writing it to the WAL (a 409, or
+    /// a 503 while the ledger was lost): each refusal's sha256 and, when the
+    /// entry names it, its WAL record.
+    pub fn refused(&self, id: &str) -> Vec<(Sha256, Option<String>)> {
         self.entries
             .get(id)
             .into_iter()
             .flatten()
             .filter(|e| e.kind == EntryKind::Refused)
-            .filter_map(|e| e.sha256.clone())
+            .filter_map(|e| e.sha256.clone().map(|s| (s, e.wal_ref.clone())))
             .collect()
+    }
+
+    /// Whether one of `refused` ([`JournalIndex::refused`]) is about the WAL
+    /// record `wal_ref` of `sha256`: a refusal naming its record is about that
+    /// record only; an older one, naming only the bytes, about all of them.
+    pub fn is_refused(
+        refused: &[(Sha256, Option<String>)],
+        sha256: &Sha256,
+        wal_ref: &crate::transaction::WalRef,
+    ) -> bool {
+        refused.iter().any(|(sha, r)| match r {
+            Some(r) => *r == wal_ref.to_string(),
+            None => sha == sha256,
+        })
     }
 
     /// The fold of everything journaled for `id` (refusals aside), or
@@ -317,6 +340,7 @@ mod tests {
             actor: "x".into(),
             reason: None,
             sha256: None,
+            wal_ref: None,
         }
     }
 

@@ -74,6 +74,7 @@ const BATCH_BUCKETS: [f64; 12] = [
 const RECOVERY_WAITING_HELP: &str = "Transactions held back by a dependency outage (kept locked for the ledger or journal, or waiting to be resent)";
 const RECOVERY_OLDEST_WAIT_HELP: &str =
     "How long the oldest transaction held back by a dependency outage has waited";
+const LEDGER_REBUILDS_HELP: &str = "Automatic ledger rebuilds after the ledger was found without its intact mark (lost its data, or new): marked (ingest accepts again) or unfinished (tried again)";
 const RESEND_HELP: &str = "In-process resend queue: failed sends queued, sent, failed again, dropped (full), refused (a permanent queue error; left to the reconciler)";
 const DEPENDENCY_RETURNED_HELP: &str =
     "A dependency answered again after an outage (each triggers a recovery pass)";
@@ -103,6 +104,7 @@ struct Metrics {
     recovery_waiting: Gauge,
     recovery_oldest_wait: Gauge<f64, AtomicU64>,
     resend: Family<ResultLabel, Counter>,
+    ledger_rebuilds: Family<ResultLabel, Counter>,
     dependency_returned: Family<DependencyLabel, Counter>,
     rejected_unrecorded: Counter,
     http_protocol_errors: Counter,
@@ -217,6 +219,12 @@ fn get() -> &'static Metrics {
         );
         let resend = Family::<ResultLabel, Counter>::default();
         registry.register("resend", RESEND_HELP, resend.clone());
+        let ledger_rebuilds = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "ledger_rebuilds",
+            LEDGER_REBUILDS_HELP,
+            ledger_rebuilds.clone(),
+        );
         let dependency_returned = Family::<DependencyLabel, Counter>::default();
         registry.register(
             "dependency_returned",
@@ -239,6 +247,7 @@ fn get() -> &'static Metrics {
             recovery_waiting,
             recovery_oldest_wait,
             resend,
+            ledger_rebuilds,
             dependency_returned,
             http_protocol_errors,
             api_rejected,
@@ -276,6 +285,7 @@ struct Otel {
     port_calls: OtelHistogram<f64>,
     api_rejected: OtelCounter<u64>,
     resend: OtelCounter<u64>,
+    ledger_rebuilds: OtelCounter<u64>,
     dependency_returned: OtelCounter<u64>,
     rejected_unrecorded: OtelCounter<u64>,
     http_protocol_errors: OtelCounter<u64>,
@@ -459,6 +469,7 @@ impl Otel {
                 "API calls refused (4xx other than 404/405, and load shedding) by reason",
             ),
             resend: i.counter("rtpd_resend", RESEND_HELP),
+            ledger_rebuilds: i.counter("rtpd_ledger_rebuilds", LEDGER_REBUILDS_HELP),
             dependency_returned: i.counter("rtpd_dependency_returned", DEPENDENCY_RETURNED_HELP),
             rejected_unrecorded: i
                 .counter("rtpd_rejected_calls_unrecorded", REJECTED_UNRECORDED_HELP),
@@ -629,6 +640,18 @@ pub fn resend(result: &'static str) {
     get().resend.get_or_create(&ResultLabel { result }).inc();
     if let Some(o) = otel() {
         o.resend.add(1, &[KeyValue::new("result", result)]);
+    }
+}
+
+/// An automatic ledger rebuild ended: marked intact, or not (yet).
+pub fn ledger_rebuilt(marked: bool) {
+    let result = if marked { "marked" } else { "unfinished" };
+    get()
+        .ledger_rebuilds
+        .get_or_create(&ResultLabel { result })
+        .inc();
+    if let Some(o) = otel() {
+        o.ledger_rebuilds.add(1, &[KeyValue::new("result", result)]);
     }
 }
 

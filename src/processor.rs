@@ -633,6 +633,7 @@ impl Processor {
             actor: self.owner.clone(),
             reason: None,
             sha256: Some(reg.sha256.clone()),
+            wal_ref: None,
         };
         // The lease is kept while the journal does not answer: a journal
         // outage longer than the lease must not let another worker take the
@@ -825,6 +826,7 @@ impl Processor {
             actor: self.owner.clone(),
             reason: None,
             sha256: Some(rec.sha256.clone()),
+            wal_ref: None,
         };
         if let Err(e) = self.journal.append(&entry).await {
             return self.defer(m, DeferCause::Journal(e.to_string())).await;
@@ -966,9 +968,10 @@ impl Processor {
                 idx.refused(&reg.transaction_id),
             )
         };
-        // Bytes intake refused (409), or other bytes than the journal's
-        // attempts ran: not this transaction's payload (issue 12 item 2).
-        if refused.contains(&reg.sha256)
+        // A record intake refused (409, or 503 while the ledger was lost),
+        // or other bytes than the journal's attempts ran: not this
+        // transaction's payload (issue 12 item 2).
+        if JournalIndex::is_refused(&refused, &reg.sha256, &reg.wal_ref)
             || known
                 .as_ref()
                 .and_then(|k| k.sha256.as_ref())

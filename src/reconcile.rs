@@ -64,6 +64,12 @@ pub struct Reconciler {
     pub in_flight: Duration,
 }
 
+/// How long after a WAL record intake's refusal of it is surely journaled
+/// (its WAL append, the ledger's answer and the journal append, each with
+/// its retries): a pass choosing among several records of one id waits this
+/// long past the latest before it reads the refusals.
+pub const REFUSAL_SETTLE: Duration = Duration::from_secs(12);
+
 /// Name of the ledger lease that makes one reconciler active at a time.
 pub const LEASE: &str = "reconciler";
 /// Name of the ledger checkpoint holding the low watermark (RFC 3339).
@@ -273,6 +279,76 @@ impl Reconciler {
         result
     }
 
+    /// A ledger rebuild from the WAL and the journal over `[o.from, o.to]`
+    /// (a reconcile pass, waiting up to `patience` for the lease), then the
+    /// ledger's intact mark ([`Ledger::intact`]) when the pass was complete
+    /// and nothing lost the ledger again meanwhile: the mark is written only
+    /// if the token recorded before the pass is still there. The report, and
+    /// whether the ledger is marked intact now (never on a dry run).
+    pub async fn rebuild(
+        &self,
+        o: &ReconcileOptions,
+        patience: Duration,
+    ) -> Result<(ReconcileReport, bool), ReconcileError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        if !o.dry_run {
+            self.ledger.begin_rebuild(&token).await?;
+        }
+        let report = self.reconcile_when_free(o, patience).await?;
+        let marked = !o.dry_run && report.complete && self.ledger.mark_intact(&token).await?;
+        Ok((report, marked))
+    }
+
+    /// When the ledger has no intact mark — it lost its data (a Redis
+    /// flushed or restarted empty), or it is new — rebuilds it from the WAL
+    /// and the journal over the last `lookback` (re-driving nothing: the
+    /// processor and the reconciler do that from the rebuilt records) and
+    /// marks it. Until then ingest answers 503 (issue 12, N1). `None` when
+    /// the ledger was intact; else whether it is marked now (false: another
+    /// pass held the lease, or the ledger was lost again; try again).
+    pub async fn rebuild_if_lost(
+        &self,
+        lookback: Duration,
+    ) -> Result<Option<bool>, ReconcileError> {
+        if self.ledger.intact().await? {
+            return Ok(None);
+        }
+        tracing::error!(
+            ledger = %self.ledger.describe(),
+            "ledger has no intact mark (it lost its data, or it is new): rebuilding it from the WAL and the journal; ingest answers 503 until done"
+        );
+        let started = Instant::now();
+        // Up to now: every record acknowledged before the loss was written
+        // before it; what intake writes from now on it refuses (and notes).
+        let now = crate::clock::now();
+        let from = now - ChronoDuration::from_std(lookback).unwrap_or_default();
+        let mut o = ReconcileOptions::new(from, now, self.in_flight);
+        o.redrive = false;
+        o.lease = Some(LeaseOptions {
+            owner: format!("rebuild-{}", self.instance),
+            ttl: Duration::from_secs(60),
+        });
+        let (report, marked) = match self.rebuild(&o, Duration::ZERO).await {
+            Err(ReconcileError::LeaseHeld) => return Ok(Some(false)),
+            other => other?,
+        };
+        crate::metrics::ledger_rebuilt(marked);
+        if marked {
+            tracing::warn!(
+                records = report.records,
+                restored = report.missing_from_ledger,
+                secs = started.elapsed().as_secs_f64(),
+                "ledger rebuilt from the WAL and marked intact; ingest accepts again"
+            );
+        } else {
+            tracing::warn!(
+                complete = report.complete,
+                "ledger rebuild not finished (or the ledger was lost again); tried again"
+            );
+        }
+        Ok(Some(marked))
+    }
+
     /// Like [`reconcile`], waiting up to `patience` for the lease.
     pub async fn reconcile_when_free(
         &self,
@@ -377,6 +453,26 @@ impl Reconciler {
                 }
             }
         }
+        // An id with several WAL records is restored from the latest one
+        // intake did not refuse; a refusal is journaled after its WAL append
+        // (issue 12, N1: a 503 while the ledger is lost), so give the notes
+        // of the latest such records time to land, then read them.
+        let latest_contested = missing
+            .iter()
+            .filter(|(k, c)| c.len() > 1 && !seen.contains(*k))
+            .flat_map(|(_, c)| c.iter().map(|c| c.received_at))
+            .max();
+        if let Some(latest) = latest_contested {
+            let settle = latest + ChronoDuration::from_std(REFUSAL_SETTLE).unwrap_or_default();
+            if let Ok(wait) = (settle - crate::clock::now()).to_std() {
+                lease.keep().await?;
+                crate::clock::sleep(wait).await;
+                lease.keep().await?;
+            }
+            journal
+                .refresh(&self.journal, o.from, crate::clock::now())
+                .await?;
+        }
         for (key, candidates) in missing {
             if seen.contains(&key) {
                 continue; // a later record of it was in the ledger after all
@@ -450,14 +546,20 @@ impl Reconciler {
         if let Some(bare) = key.unscoped() {
             refused.extend(journal.refused(&bare));
         }
+        let is_refused = |c: &Candidate| JournalIndex::is_refused(&refused, &c.sha256, &c.wal_ref);
         let named = known
             .as_ref()
             .and_then(|k| k.sha256.as_ref())
-            .and_then(|sha| candidates.iter().rev().find(|c| c.sha256 == *sha));
+            .and_then(|sha| {
+                candidates
+                    .iter()
+                    .rev()
+                    .find(|c| c.sha256 == *sha && !is_refused(c))
+            });
         let chosen = named.or_else(|| {
             candidates
                 .iter()
-                .filter(|c| !refused.contains(&c.sha256))
+                .filter(|c| !is_refused(c))
                 .max_by_key(|c| c.received_at)
         });
         let others = candidates
@@ -779,6 +881,10 @@ pub async fn run_periodically(
         ttl: (p.interval * 3).max(Duration::from_secs(30)),
     };
     loop {
+        // A lost ledger is rebuilt (and marked) before anything else.
+        if let Err(e) = svc.rebuild_if_lost(p.lookback).await {
+            tracing::warn!(error = %e, "ledger rebuild failed");
+        }
         let now = crate::clock::now();
         let fallback = now - ChronoDuration::from_std(p.lookback).unwrap_or_default();
         let from = match svc.ledger.checkpoint(WATERMARK).await {

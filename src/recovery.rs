@@ -105,6 +105,9 @@ pub struct Watch {
     /// None in a process without the processor (`rtpd api`): it only
     /// publishes the gauges and logs returns.
     pub reconciler: Option<Arc<Reconciler>>,
+    /// Rebuilds a ledger found without its intact mark (every process: an
+    /// `rtpd api` refuses registrations until the ledger is rebuilt).
+    pub rebuilder: Arc<Reconciler>,
     pub waiting: Arc<Waiting>,
     pub every: Duration,
     /// How far back the recovery pass looks when no watermark is known.
@@ -201,6 +204,14 @@ pub async fn watch_dependencies(w: Watch, mut shutdown: tokio::sync::watch::Rece
                 "dependency returned: {}",
                 dep.as_str()
             );
+        }
+        // A ledger that lost its data (or is new) is rebuilt before ingest
+        // may register anything in it (issue 12, N1).
+        if ledger
+            && wal
+            && let Err(e) = w.rebuilder.rebuild_if_lost(w.lookback).await
+        {
+            tracing::warn!(error = %e, "ledger rebuild failed; tried again");
         }
         // A pass needs the WAL and the ledger (and the queue to re-drive):
         // run it once everything that returned is joined by the rest.

@@ -149,6 +149,7 @@ impl Replayer {
                     ),
                 }),
                 sha256: Some(current.sha256.clone()),
+                wal_ref: None,
             })
             .await?;
         let record = match self.ledger.replay(id, &nonce, req.force).await? {

@@ -51,7 +51,40 @@ pub struct Services {
     pub waiting: Arc<Waiting>,
 }
 
+/// How long start-up waits for another instance's rebuild of a ledger
+/// without its intact mark before the API starts anyway (answering 503 to
+/// new transactions until the recovery watcher sees the ledger rebuilt).
+const START_REBUILD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Services {
+    /// A ledger without its intact mark — new, or it lost its data — is rebuilt
+    /// from the WAL before the API answers (issue 12, N1; see
+    /// `Ledger::intact`). A dependency that does not answer leaves it to the
+    /// recovery watcher: start-up does not wait on an outage.
+    pub async fn rebuild_ledger_at_start(&self) {
+        let lookback = Settings::secs(self.settings.reconcile_lookback_secs);
+        let rebuilder = self.reconciler();
+        let deadline = tokio::time::Instant::now() + START_REBUILD_PATIENCE;
+        loop {
+            match rebuilder.rebuild_if_lost(lookback).await {
+                Ok(None | Some(true)) => return,
+                Ok(Some(false)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                Ok(Some(false)) => {
+                    tracing::warn!(
+                        "ledger not rebuilt at start-up; new transactions get a 503 until it is"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ledger rebuild at start-up failed; the recovery watcher tries again");
+                    return;
+                }
+            }
+        }
+    }
+
     /// The adapter factory: chooses each port's adapter once, from configuration.
     pub async fn build(settings: &Settings) -> anyhow::Result<Services> {
         let instance = settings.instance();
@@ -241,6 +274,7 @@ impl Services {
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             reconciler: with_reconciler.then(|| Arc::new(self.reconciler())),
+            rebuilder: Arc::new(self.reconciler()),
             waiting: self.waiting.clone(),
             every: Settings::secs(s.recovery_probe_secs),
             lookback: Settings::secs(s.reconcile_lookback_secs),

@@ -21,6 +21,7 @@ async fn redis_claim_decides_by_the_server_clock() {
         timeout: DEFAULT_TIMEOUT,
     })
     .unwrap();
+    rtp_durability::ledger::mark_new(&l).await.unwrap();
     l.register(Registration {
         transaction_id: TransactionId::parse("clk-1").unwrap(),
         sha256: "aa".into(),

@@ -158,7 +158,17 @@ async fn probe<E: std::fmt::Display>(f: impl Future<Output = Result<(), E>>) -> 
 async fn check_dependencies(svc: &Dependencies) -> Checked {
     let (wal, ledger, queue) = tokio::join!(
         probe(svc.wal.ping()),
-        probe(svc.ledger.ping()),
+        // A ledger found without its intact mark (it lost its data) answers
+        // but registers nothing until it is rebuilt: reported as unavailable.
+        probe(async {
+            svc.ledger.ping().await?;
+            match svc.ledger.intact().await? {
+                true => Ok(()),
+                false => Err(crate::ledger::LedgerError::Lost(
+                    "registrations refused until the rebuild marks it intact".into(),
+                )),
+            }
+        }),
         probe(svc.queue.ping())
     );
     BTreeMap::from([("wal", wal), ("ledger", ledger), ("queue", queue)])

@@ -255,6 +255,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                                 .unwrap_or_default()
                         )),
                         sha256: None,
+                        wal_ref: None,
                     })
                     .await?;
                 if svc.queue.complete(m).await.is_ok() {

@@ -61,12 +61,24 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     o.progress = Some(bar.clone());
-    let report = svc
+    let (report, marked) = svc
         .reconciler()
-        .reconcile_when_free(&o, Duration::from_secs(60))
+        .rebuild(&o, Duration::from_secs(60))
         .await?;
     bar.finish_and_clear();
     print_report(&report, opts.dry_run);
+    if !opts.dry_run {
+        // A ledger without its intact mark refuses registrations (503) until
+        // a complete rebuild marks it (see `Ledger::intact`).
+        println!(
+            "intact mark: {}",
+            if marked {
+                "set (ingest accepts new transactions)"
+            } else {
+                "NOT set (the pass was not complete, or the ledger was lost again): run it again"
+            }
+        );
+    }
     let counts = svc.ledger.counts().await?;
     println!(
         "ledger now: {} pending, {} processing, {} failed, {} success, {} dead_letter",

@@ -68,6 +68,7 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let services = Arc::new(Services::build(&settings).await?);
     services.describe();
+    services.rebuild_ledger_at_start().await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
     let mut api_handle = None;

@@ -98,6 +98,17 @@ fn store(c: &Connection, rec: &TxRecord, before: Option<State>) -> rusqlite::Res
     Ok(())
 }
 
+/// The checkpoint names of the intact mark and of the rebuild in progress
+/// ([`Ledger::intact`]): the mark goes with the database file.
+const INTACT: &str = "ledger.intact";
+const REBUILD: &str = "ledger.rebuild";
+
+fn intact_mark(c: &Connection) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached("SELECT value FROM checkpoints WHERE name = ?1")?
+        .query_row(params![INTACT], |r| r.get(0))
+        .optional()
+}
+
 impl LocalLedger {
     pub fn open(path: &Path) -> Result<LocalLedger, LedgerError> {
         Ok(LocalLedger {
@@ -127,19 +138,25 @@ impl std::error::Error for Fenced {}
 #[async_trait]
 impl Ledger for LocalLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
+        // One job on the one writer: the mark is read in the same step.
         self.run(move |c| {
+            if intact_mark(c)?.is_none() {
+                return Ok(Err(LedgerError::Lost(
+                    "the ledger database has no intact mark (new, or replaced)".into(),
+                )));
+            }
             if let Some(existing) = load(c, &reg.transaction_id)? {
-                return Ok(if existing.sha256 == reg.sha256 {
+                return Ok(Ok(if existing.sha256 == reg.sha256 {
                     RegisterOutcome::Duplicate(existing)
                 } else {
                     RegisterOutcome::Conflict(existing)
-                });
+                }));
             }
             let rec = TxRecord::new(&reg, crate::clock::now());
             store(c, &rec, None)?;
-            Ok(RegisterOutcome::New(rec))
+            Ok(Ok(RegisterOutcome::New(rec)))
         })
-        .await
+        .await?
     }
 
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
@@ -429,5 +446,34 @@ impl Ledger for LocalLedger {
 
     fn describe(&self) -> String {
         format!("embedded ledger {}", self.path.display())
+    }
+
+    async fn intact(&self) -> Result<bool, LedgerError> {
+        self.run(|c| intact_mark(c).map(|m| m.is_some())).await
+    }
+
+    async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {
+        self.set_checkpoint(REBUILD, token).await
+    }
+
+    async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
+        let token = token.to_owned();
+        self.run(move |c| {
+            let rebuild: Option<String> = c
+                .prepare_cached("SELECT value FROM checkpoints WHERE name = ?1")?
+                .query_row(params![REBUILD], |r| r.get(0))
+                .optional()?;
+            if rebuild.as_deref() == Some(token.as_str()) {
+                c.prepare_cached(
+                    "INSERT INTO checkpoints (name, value) VALUES (?1, ?2) \
+                     ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![INTACT, token])?;
+                c.prepare_cached("DELETE FROM checkpoints WHERE name = ?1")?
+                    .execute(params![REBUILD])?;
+            }
+            Ok(intact_mark(c)?.is_some())
+        })
+        .await
     }
 }

@@ -18,11 +18,26 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
-#[derive(Default)]
 struct Inner {
     records: BTreeMap<String, TxRecord>,
     leases: BTreeMap<String, (String, DateTime<Utc>)>,
     checkpoints: BTreeMap<String, String>,
+    /// The intact mark ([`Ledger::intact`]): a new memory ledger has nothing
+    /// before it and is marked; [`MemoryLedger::wipe`] takes the mark away.
+    intact: bool,
+    rebuild: Option<String>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            records: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            intact: true,
+            rebuild: None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -45,7 +60,12 @@ impl MemoryLedger {
 
     /// Forgets everything: records, leases and checkpoints (a Redis loss).
     pub fn wipe(&self) {
-        self.with(|i| *i = Inner::default());
+        self.with(|i| {
+            *i = Inner {
+                intact: false,
+                ..Inner::default()
+            }
+        });
     }
 
     /// Every record, in id order (the simulation's final check).
@@ -57,19 +77,22 @@ impl MemoryLedger {
 #[async_trait]
 impl Ledger for MemoryLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
-        Ok(self.with(|i| {
+        self.with(|i| {
+            if !i.intact {
+                return Err(LedgerError::Lost("the memory ledger was wiped".into()));
+            }
             if let Some(existing) = i.records.get(reg.transaction_id.as_str()) {
-                return if existing.sha256 == reg.sha256 {
+                return Ok(if existing.sha256 == reg.sha256 {
                     RegisterOutcome::Duplicate(existing.clone())
                 } else {
                     RegisterOutcome::Conflict(existing.clone())
-                };
+                });
             }
             let rec = TxRecord::new(&reg, crate::clock::now());
             i.records
                 .insert(reg.transaction_id.to_string(), rec.clone());
-            RegisterOutcome::New(rec)
-        }))
+            Ok(RegisterOutcome::New(rec))
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<TxRecord>, LedgerError> {
@@ -287,5 +310,24 @@ impl Ledger for MemoryLedger {
 
     fn describe(&self) -> String {
         "in-memory ledger".into()
+    }
+
+    async fn intact(&self) -> Result<bool, LedgerError> {
+        Ok(self.with(|i| i.intact))
+    }
+
+    async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {
+        self.with(|i| i.rebuild = Some(token.to_owned()));
+        Ok(())
+    }
+
+    async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
+        Ok(self.with(|i| {
+            if i.rebuild.as_deref() == Some(token) {
+                i.intact = true;
+                i.rebuild = None;
+            }
+            i.intact
+        }))
     }
 }

@@ -68,13 +68,19 @@ pub enum LedgerError {
     InvalidCursor,
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
+    /// The ledger lost what it held (a Redis flushed, or restarted without
+    /// its data) or was never marked intact, and is not rebuilt yet:
+    /// `register` refuses, since an id acknowledged before the loss would
+    /// look new (see [`Ledger::intact`]).
+    #[error("ledger lost its data and is being rebuilt from the WAL: {0}")]
+    Lost(String),
     #[error("ledger error: {0}")]
     Fatal(String),
 }
 
 impl LedgerError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, LedgerError::Unavailable(_))
+        matches!(self, LedgerError::Unavailable(_) | LedgerError::Lost(_))
     }
 }
 
@@ -123,6 +129,21 @@ impl Counts {
             State::Failed => &mut self.failed,
             State::DeadLetter => &mut self.dead_letter,
         }
+    }
+}
+
+/// Marks a ledger intact that has nothing before it (a test's new ledger):
+/// [`Ledger::begin_rebuild`] and [`Ledger::mark_intact`] with no rebuild
+/// between. A service never does this: it rebuilds first
+/// (`Reconciler::rebuild_if_lost`).
+pub async fn mark_new(ledger: &dyn Ledger) -> Result<(), LedgerError> {
+    ledger.begin_rebuild("new").await?;
+    if ledger.mark_intact("new").await? {
+        Ok(())
+    } else {
+        Err(LedgerError::Lost(
+            "lost again while it was being marked".into(),
+        ))
     }
 }
 
@@ -288,4 +309,24 @@ pub trait Ledger: Send + Sync + 'static {
     async fn oldest_update(&self, state: State) -> Result<Option<DateTime<Utc>>, LedgerError>;
     async fn ping(&self) -> Result<(), LedgerError>;
     fn describe(&self) -> String;
+
+    /// Whether the ledger still holds everything registered in it (issue 12,
+    /// N1). A ledger that lost its data — a Redis flushed, or restarted
+    /// without it; a deleted SQLite file — looks like a new one, and ingest
+    /// would take an id acknowledged before the loss for a new transaction
+    /// and accept other bytes under it. So a ledger carries a mark, written
+    /// only after a rebuild from the WAL ([`Ledger::mark_intact`]) and lost
+    /// with the data; without it `register` refuses with
+    /// [`LedgerError::Lost`] (checked in the same atomic step as the
+    /// registration). A new ledger is unmarked until the first rebuild (over
+    /// an empty WAL, a moment). Every wrapper must forward these three.
+    async fn intact(&self) -> Result<bool, LedgerError>;
+    /// Starts a rebuild: records `token` as the rebuild in progress (in the
+    /// ledger itself, so a second loss during the rebuild forgets it).
+    async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError>;
+    /// Marks the ledger intact after the rebuild `token` completed — only if
+    /// `token` is still the rebuild in progress (or the ledger is already
+    /// marked), atomically: a ledger lost again during the rebuild stays
+    /// unmarked and is rebuilt again. Whether the ledger is marked now.
+    async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError>;
 }

@@ -169,6 +169,15 @@ impl Ledger for InstrumentedLedger {
     fn describe(&self) -> String {
         self.0.describe()
     }
+    async fn intact(&self) -> Result<bool, LedgerError> {
+        ledger("intact", None, self.0.intact()).await
+    }
+    async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {
+        ledger("begin_rebuild", None, self.0.begin_rebuild(token)).await
+    }
+    async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
+        ledger("mark_intact", None, self.0.mark_intact(token)).await
+    }
 }
 
 /// A [`Queue`] that reports every call.

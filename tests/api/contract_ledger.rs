@@ -977,7 +977,10 @@ macro_rules! ledger_contract {
 
 async fn local() -> Arc<dyn Ledger> {
     let dir = tempfile::tempdir().unwrap().keep();
-    Arc::new(rtp_durability::ledger::local::LocalLedger::open(&dir.join("ledger.db")).unwrap())
+    let l: Arc<dyn Ledger> =
+        Arc::new(rtp_durability::ledger::local::LocalLedger::open(&dir.join("ledger.db")).unwrap());
+    rtp_durability::ledger::mark_new(&*l).await.unwrap();
+    l
 }
 
 ledger_contract!(local_ledger, local);
@@ -991,7 +994,7 @@ ledger_contract!(memory_ledger, memory);
 
 async fn redis() -> Arc<dyn Ledger> {
     use rtp_durability::ledger::redis::{DEFAULT_TIMEOUT, RedisLedger, RedisSettings};
-    Arc::new(
+    let l: Arc<dyn Ledger> = Arc::new(
         RedisLedger::connect(&RedisSettings {
             url: crate::support::redis_url().into(),
             key_prefix: crate::support::redis_key_prefix(),
@@ -1001,7 +1004,9 @@ async fn redis() -> Arc<dyn Ledger> {
             timeout: DEFAULT_TIMEOUT,
         })
         .unwrap(),
-    )
+    );
+    rtp_durability::ledger::mark_new(&*l).await.unwrap();
+    l
 }
 
 ledger_contract!(redis_ledger, redis);
@@ -1018,9 +1023,102 @@ async fn local_ledger_survives_reopen() {
     let path = dir.path().join("l.db");
     {
         let l = rtp_durability::ledger::local::LocalLedger::open(&path).unwrap();
+        rtp_durability::ledger::mark_new(&l).await.unwrap();
         l.register(reg("kept", "aa")).await.unwrap();
     }
     let l = rtp_durability::ledger::local::LocalLedger::open(&path).unwrap();
     assert_eq!(l.get("kept").await.unwrap().unwrap().status, State::Pending);
     assert_eq!(l.counts().await.unwrap().pending, 1);
+}
+
+/// Issue 12, N1: a ledger without its intact mark (new, or it lost its data)
+/// refuses registrations, retryably; a rebuild's token marks it only while
+/// it is still the rebuild in progress.
+async fn unmarked_ledger_refuses_until_a_rebuild_marks_it(l: Arc<dyn Ledger>) {
+    assert!(!l.intact().await.unwrap());
+    let e = l.register(reg("n1-a", "aa")).await.unwrap_err();
+    assert!(matches!(e, LedgerError::Lost(_)), "{e:?}");
+    assert!(e.is_retryable(), "{e:?}");
+    assert!(l.get("n1-a").await.unwrap().is_none(), "nothing written");
+    // A second rebuild began after the first (or a loss took the first's token).
+    l.begin_rebuild("first").await.unwrap();
+    l.begin_rebuild("second").await.unwrap();
+    assert!(!l.mark_intact("first").await.unwrap());
+    assert!(!l.intact().await.unwrap());
+    assert!(l.register(reg("n1-a", "aa")).await.is_err());
+    assert!(l.mark_intact("second").await.unwrap());
+    assert!(l.intact().await.unwrap());
+    assert!(l.mark_intact("first").await.unwrap(), "already marked");
+    assert!(matches!(
+        l.register(reg("n1-a", "aa")).await.unwrap(),
+        RegisterOutcome::New(_)
+    ));
+}
+
+#[tokio::test]
+async fn local_ledger_unmarked_refuses_until_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = rtp_durability::ledger::local::LocalLedger::open(&dir.path().join("l.db")).unwrap();
+    unmarked_ledger_refuses_until_a_rebuild_marks_it(Arc::new(l)).await;
+}
+
+#[tokio::test]
+async fn memory_ledger_wiped_refuses_until_marked() {
+    let l = rtp_durability::ledger::memory::MemoryLedger::new();
+    assert!(l.intact().await.unwrap(), "new, with nothing before it");
+    l.register(reg("n1-a", "aa")).await.unwrap();
+    l.wipe();
+    unmarked_ledger_refuses_until_a_rebuild_marks_it(Arc::new(l)).await;
+}
+
+#[tokio::test]
+async fn redis_ledger_unmarked_refuses_until_marked_per_shard() {
+    use rtp_durability::ledger::redis::{
+        DEFAULT_TIMEOUT, RedisLedger, RedisSettings, SHARDS, shard_of,
+    };
+    let prefix = crate::support::redis_key_prefix();
+    let l = RedisLedger::connect(&RedisSettings {
+        url: crate::support::redis_url().into(),
+        key_prefix: prefix.clone(),
+        entra: false,
+        client_id: None,
+        retention: None,
+        timeout: DEFAULT_TIMEOUT,
+    })
+    .unwrap();
+    let l: Arc<dyn Ledger> = Arc::new(l);
+    unmarked_ledger_refuses_until_a_rebuild_marks_it(l.clone()).await;
+
+    // One shard loses its data (a cluster node restarted empty): its ids
+    // are refused, the other shards' are not, and the ledger is not intact.
+    let lost = shard_of("n1-b");
+    let other = (0..100)
+        .map(|i| format!("n1-o{i}"))
+        .find(|id| shard_of(id) != lost)
+        .unwrap();
+    assert!(lost < SHARDS);
+    let mut conn = redis::Client::open(crate::support::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{{{prefix}:s{lost}}}:intact"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!l.intact().await.unwrap());
+    assert!(matches!(
+        l.register(reg("n1-b", "bb")).await.unwrap_err(),
+        LedgerError::Lost(_)
+    ));
+    assert!(matches!(
+        l.register(reg(&other, "bb")).await.unwrap(),
+        RegisterOutcome::New(_)
+    ));
+    rtp_durability::ledger::mark_new(&*l).await.unwrap();
+    assert!(matches!(
+        l.register(reg("n1-b", "bb")).await.unwrap(),
+        RegisterOutcome::New(_)
+    ));
 }

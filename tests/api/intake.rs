@@ -157,7 +157,12 @@ fn rig() -> Rig {
             "intake-test",
             gc,
         )),
-        ledger: Arc::new(LocalLedger::open(&dir.path().join("ledger.db")).unwrap()),
+        ledger: {
+            let l = LocalLedger::open(&dir.path().join("ledger.db")).unwrap();
+            // Nothing was in it before: marked as a rebuild over an empty WAL would.
+            futures::executor::block_on(rtp_durability::ledger::mark_new(&l)).unwrap();
+            Arc::new(l)
+        },
         queue: queue.clone(),
         resend: None,
     };

@@ -245,9 +245,18 @@ async fn a_replica_turns_ready_once_it_reaches_its_wal_and_ledger_and_stays_in_t
         "{body}"
     );
 
+    // The ledger it reaches is new: without its intact mark it registers
+    // nothing (issue 12, N1) until the recovery watcher, as in `rtpd serve`,
+    // rebuilds it from the WAL (empty here) and marks it.
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(rtp_durability::recovery::watch_dependencies(
+        app.services.recovery_watch(false),
+        stop,
+    ));
     redis.launch();
     let ready = wait_status(&app, "/readyz", 200, Duration::from_secs(15)).await;
     assert_eq!(ready["status"], "ready", "{ready}");
+    assert!(app.services.ledger.intact().await.unwrap());
 
     // Redis goes away after the replica was ready: vendors get rtpd's own 503
     // with Retry-After from this replica instead of losing it from the load

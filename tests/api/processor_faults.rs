@@ -400,6 +400,7 @@ async fn journaled_success(on: On) {
             actor: "lost-worker".into(),
             reason: None,
             sha256: None,
+            wal_ref: None,
         })
         .await
         .unwrap();

@@ -211,6 +211,7 @@ async fn refusal_noted(app: &TestApp, id: &str, body: &str) {
             actor: "intake".into(),
             reason: None,
             sha256: Some(Sha256::of(body.as_bytes())),
+            wal_ref: None,
         })
         .await
         .unwrap();
@@ -425,6 +426,15 @@ impl Ledger for ReplayDuringPass {
     }
     fn describe(&self) -> String {
         "ledger with a replay during the pass".into()
+    }
+    async fn intact(&self) -> Result<bool, LedgerError> {
+        self.inner.intact().await
+    }
+    async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {
+        self.inner.begin_rebuild(token).await
+    }
+    async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
+        self.inner.mark_intact(token).await
     }
 }
 

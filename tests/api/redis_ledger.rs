@@ -12,6 +12,12 @@ use rtp_durability::transaction::{
 };
 use std::time::{Duration, Instant};
 
+/// A new ledger, marked intact (nothing was in it before).
+async fn marked(l: RedisLedger) -> RedisLedger {
+    rtp_durability::ledger::mark_new(&l).await.unwrap();
+    l
+}
+
 fn ledger_with(url: String, retention: Option<Duration>) -> RedisLedger {
     RedisLedger::connect(&RedisSettings {
         url: url.into(),
@@ -42,7 +48,7 @@ fn reg(id: &str) -> Registration {
 #[tokio::test]
 async fn terminal_records_expire_after_retention_and_counts_follow() {
     let retention = Duration::from_millis(800);
-    let l = ledger_with(redis_url(), Some(retention));
+    let l = marked(ledger_with(redis_url(), Some(retention))).await;
     for id in ["gone-ok", "gone-dl", "kept-replayed", "kept-pending"] {
         l.register(reg(id)).await.unwrap();
     }
@@ -115,7 +121,7 @@ async fn expired_records_leave_counts_even_before_a_trim() {
     // Re-registering an expired id whose index entries were not trimmed yet
     // must not count it twice.
     let retention = Duration::from_millis(300);
-    let l = ledger_with(redis_url(), Some(retention));
+    let l = marked(ledger_with(redis_url(), Some(retention))).await;
     l.register(reg("again")).await.unwrap();
     l.claim("again", "w", Duration::from_secs(30))
         .await
@@ -160,7 +166,7 @@ async fn pages_across_shards_keep_order_and_ties() {
     // Many records share one updated_at across all shards: the cursor must
     // neither skip nor repeat any of them, in the local ledger's order
     // (updated_at desc, id desc).
-    let l = ledger_with(redis_url(), None);
+    let l = marked(ledger_with(redis_url(), None)).await;
     let t0 = micros(Utc::now());
     let mut want = Vec::new();
     for i in 0..45 {

@@ -266,7 +266,11 @@ pub async fn check(
         let Some(r) = ledger.get(id.as_str()) else {
             continue;
         };
-        let last = es.iter().rev().find(|e| e.kind != EntryKind::Purge);
+        // Outcomes only: a purge or an intake refusal is no state.
+        let last = es
+            .iter()
+            .rev()
+            .find(|e| !matches!(e.kind, EntryKind::Purge | EntryKind::Refused));
         if let Some(e) = last
             && r.status.is_terminal()
             && e.state != r.status
@@ -279,8 +283,20 @@ pub async fn check(
         }
     }
 
-    for (_, w) in &wal {
+    // WAL records intake refused after their append, noted with the record
+    // (a 409, or a 503 while the ledger was lost): never restored, by design;
+    // an acknowledged one is still checked above (acked_not_finished).
+    let refused: BTreeSet<String> = journal
+        .values()
+        .flatten()
+        .filter(|e| e.kind == EntryKind::Refused)
+        .filter_map(|e| e.wal_ref.clone())
+        .collect();
+    for (wal_ref, w) in &wal {
         let id = w.transaction_id.as_str();
+        if refused.contains(&wal_ref.to_string()) {
+            continue;
+        }
         match ledger.get(id) {
             None => add(
                 inv::WAL_RECORD_DROPPED,

@@ -346,6 +346,27 @@ impl Ledger for FaultyLedger {
     fn describe(&self) -> String {
         format!("faulty {}", self.inner.describe())
     }
+    async fn intact(&self) -> Result<bool, LedgerError> {
+        guarded!(self, "ledger.intact", false, lerr(), self.inner.intact())
+    }
+    async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {
+        guarded!(
+            self,
+            "ledger.begin_rebuild",
+            true,
+            lerr(),
+            self.inner.begin_rebuild(token)
+        )
+    }
+    async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
+        guarded!(
+            self,
+            "ledger.mark_intact",
+            true,
+            lerr(),
+            self.inner.mark_intact(token)
+        )
+    }
 }
 
 pub struct FaultyQueue {

@@ -562,11 +562,14 @@ impl World {
         let now = rtp_durability::clock::now();
         let mut o = ReconcileOptions::new(now - chrono::Duration::hours(2), now, PENDING_AFTER);
         o.redrive = false;
-        let result = r.reconcile(&o).await;
+        let result = r.rebuild(&o, Duration::ZERO).await;
         self.rec.line(format!(
             "operator rebuild-ledger: {}",
             match result {
-                Ok(rep) => format!("{} records, complete {}", rep.records, rep.complete),
+                Ok((rep, marked)) => format!(
+                    "{} records, complete {}, marked intact {marked}",
+                    rep.records, rep.complete
+                ),
                 Err(e) => format!("failed: {e}"),
             }
         ));

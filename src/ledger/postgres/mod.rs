@@ -623,4 +623,18 @@ impl Ledger for PostgresLedger {
     fn describe(&self) -> String {
         self.inner.describe.clone()
     }
+
+    /// PostgreSQL keeps what it committed across restarts, so the ledger
+    /// does not lose its data the way a Redis without persistence does; a
+    /// database restored from an older backup is the operator's
+    /// `rtpd rebuild-ledger` (docs/operations.md). No mark is kept.
+    async fn intact(&self) -> Result<bool, LedgerError> {
+        Ok(true)
+    }
+    async fn begin_rebuild(&self, _token: &str) -> Result<(), LedgerError> {
+        Ok(())
+    }
+    async fn mark_intact(&self, _token: &str) -> Result<bool, LedgerError> {
+        Ok(true)
+    }
 }

@@ -76,6 +76,17 @@ impl Keys {
         keys
     }
 
+    /// The shard's intact mark ([`crate::ledger::Ledger::intact`]): written
+    /// after a rebuild, gone when Redis loses the shard's slot.
+    pub fn intact(&self, shard: u32) -> String {
+        format!("{}:intact", self.tag(shard))
+    }
+
+    /// The shard's rebuild in progress (its token).
+    pub fn rebuild(&self, shard: u32) -> String {
+        format!("{}:rebuild", self.tag(shard))
+    }
+
     /// A named lease (one key, its own slot).
     pub fn lease(&self, name: &str) -> String {
         format!("{{{}:ops}}:lease:{name}", self.prefix)

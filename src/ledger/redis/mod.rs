@@ -156,15 +156,16 @@ impl Ledger for RedisLedger {
         let rec = TxRecord::new(&reg, now);
         let mut args = vec![rec.transaction_id.to_string(), micros(now).to_string()];
         args.extend(flat_fields(&rec));
+        let mut keys = self.keys.transition_keys(&rec.transaction_id);
+        keys.push(self.keys.intact(shard_of(&rec.transaction_id)));
         let (code, fields) = self
-            .script(
-                "register",
-                &scripts::REGISTER,
-                self.keys.transition_keys(&rec.transaction_id),
-                args,
-            )
+            .script("register", &scripts::REGISTER, keys, args)
             .await?;
         match code.as_str() {
+            "lost" => Err(LedgerError::Lost(format!(
+                "{}: no intact mark (Redis lost this shard's data, or the ledger is new)",
+                self.describe
+            ))),
             "new" => Ok(RegisterOutcome::New(rec)),
             "exists" => {
                 let existing = Self::record(fields)?;
@@ -584,5 +585,59 @@ impl Ledger for RedisLedger {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    async fn intact(&self) -> Result<bool, LedgerError> {
+        let shards = (0..SHARDS).map(|shard| {
+            let mut conn = self.conn.clone();
+            let key = self.keys.intact(shard);
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            }
+        });
+        let marks = self
+            .bounded("intact", futures::future::try_join_all(shards))
+            .await?;
+        Ok(marks.iter().all(|m| *m == 1))
+    }
+
+    async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {
+        let shards = (0..SHARDS).map(|shard| {
+            let mut conn = self.conn.clone();
+            let (key, token) = (self.keys.rebuild(shard), token.to_owned());
+            async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(token)
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        });
+        self.bounded("begin_rebuild", futures::future::try_join_all(shards))
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
+        let shards = (0..SHARDS).map(|shard| {
+            let mut conn = self.conn.clone();
+            let keys = [self.keys.intact(shard), self.keys.rebuild(shard)];
+            let token = token.to_owned();
+            async move {
+                scripts::MARK_INTACT
+                    .key(&keys[0])
+                    .key(&keys[1])
+                    .arg(token)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            }
+        });
+        let marks = self
+            .bounded("mark_intact", futures::future::try_join_all(shards))
+            .await?;
+        Ok(marks.iter().all(|m| *m == 1))
     }
 }

@@ -87,12 +87,17 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}\n{body}"))
 }
 
+/// KEYS[9]: the shard's intact mark.
 /// ARGV: id, updated_at_us, then the new record's field/value pairs.
-/// Codes: `new`, `exists` (with the stored record; the caller compares sha256).
+/// Codes: `lost` (no intact mark: the shard lost its data and is not rebuilt
+/// yet), `new`, `exists` (with the stored record; the caller compares sha256).
 pub static REGISTER: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local id, now = ARGV[1], ARGV[2]
+if redis.call('EXISTS', KEYS[9]) == 0 then
+  return {'lost', {}}
+end
 if redis.call('EXISTS', TX) == 1 then
   return {'exists', redis.call('HGETALL', TX)}
 end
@@ -314,6 +319,21 @@ pub static COUNTS: LazyLock<Script> = LazyLock::new(|| {
         r#"
 trim(ARGV[1], tonumber(ARGV[2]))
 return redis.call('HGETALL', COUNTS)
+"#,
+    )
+});
+
+/// KEYS[1] a shard's intact mark, KEYS[2] its rebuild in progress.
+/// ARGV: the rebuild's token. Marks the shard intact if the token is still
+/// the rebuild in progress; answers whether the shard is marked.
+pub static MARK_INTACT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+end
+return redis.call('EXISTS', KEYS[1])
 "#,
     )
 });

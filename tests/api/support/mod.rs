@@ -120,6 +120,8 @@ pub async fn spawn_app_with(o: AppOptions) -> TestApp {
     }
     settings.validate().unwrap();
     let services = Arc::new(Services::build(&settings).await.unwrap());
+    // As `rtpd serve` does: a new ledger is rebuilt (over the empty WAL) and marked.
+    services.rebuild_ledger_at_start().await;
     let auth = Auth::from_settings(&settings).unwrap();
     let app = Application::build_with_listener(
         services.api_state(auth),
