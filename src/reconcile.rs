@@ -70,6 +70,12 @@ pub struct Reconciler {
 /// long past the latest before it reads the refusals.
 pub const REFUSAL_SETTLE: Duration = Duration::from_secs(12);
 
+/// How far past its own clock a rebuild after a ledger loss reads the WAL:
+/// a record acknowledged just before the loss by an instance whose clock ran
+/// ahead carries a later time. (What intake wrote after the loss it refused
+/// and noted; the settle wait covers those notes.)
+pub const REBUILD_CLOCK_MARGIN: Duration = Duration::from_secs(5);
+
 /// Name of the ledger lease that makes one reconciler active at a time.
 pub const LEASE: &str = "reconciler";
 /// Name of the ledger checkpoint holding the low watermark (RFC 3339).
@@ -104,6 +110,10 @@ pub struct ReconcileOptions {
     pub lease: Option<LeaseOptions>,
     /// Advanced by one per WAL segment read.
     pub progress: Option<indicatif::ProgressBar>,
+    /// A ledger rebuild ([`Reconciler::rebuild`]): once the lease is held
+    /// the token is recorded as the rebuild in progress, and a complete pass
+    /// marks the ledger intact with it, before the lease is let go.
+    pub rebuild_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +135,7 @@ impl ReconcileOptions {
             redrive_pending: true,
             lease: None,
             progress: None,
+            rebuild_token: None,
         }
     }
 }
@@ -148,6 +159,8 @@ pub struct ReconcileReport {
     pub oldest_unfinished: Option<DateTime<Utc>>,
     /// The pass went through the whole window.
     pub complete: bool,
+    /// A rebuild's pass marked the ledger intact (`ReconcileOptions::rebuild_token`).
+    pub marked_intact: bool,
     /// What was (or, in a dry run, would be) done.
     pub actions: Vec<String>,
 }
@@ -260,6 +273,21 @@ impl Reconciler {
             renewed: Instant::now(),
         };
         lease.acquire().await?;
+        // Only a lease holder records its token: a rebuild waiting for the
+        // lease must not overwrite the token of the one running.
+        if let Some(token) = &o.rebuild_token
+            && !o.dry_run
+        {
+            if let Err(e) = self.ledger.begin_rebuild(token).await {
+                self.release(o).await;
+                return Err(e.into());
+            }
+            tracing::error!(
+                ledger = %self.ledger.describe(),
+                from = %o.from,
+                "ledger rebuild from the WAL and the journal (it has no intact mark: it lost its data, or it is new, or an operator rebuilds it); ingest answers 503 until it is marked"
+            );
+        }
         let span = tracing::info_span!(
             "reconcile",
             from = %o.from,
@@ -267,16 +295,32 @@ impl Reconciler {
             drift = tracing::field::Empty,
             redriven = tracing::field::Empty,
         );
-        let result = self.pass(o, &mut lease).instrument(span.clone()).await;
-        if let Ok(r) = &result {
+        let mut result = self.pass(o, &mut lease).instrument(span.clone()).await;
+        if let Ok(r) = &mut result {
             span.record("drift", r.drift());
             span.record("redriven", r.redriven());
+            if let Some(token) = &o.rebuild_token
+                && !o.dry_run
+                && r.complete
+            {
+                match self.ledger.mark_intact(token).await {
+                    Ok(marked) => r.marked_intact = marked,
+                    Err(e) => {
+                        self.release(o).await;
+                        return Err(e.into());
+                    }
+                }
+            }
         }
+        self.release(o).await;
+        result
+    }
+
+    async fn release(&self, o: &ReconcileOptions) {
         if let Some(l) = &o.lease {
             // A zero-length renewal ends the lease at once.
             let _ = self.ledger.try_lease(LEASE, &l.owner, Duration::ZERO).await;
         }
-        result
     }
 
     /// A ledger rebuild from the WAL and the journal over `[o.from, o.to]`
@@ -290,12 +334,10 @@ impl Reconciler {
         o: &ReconcileOptions,
         patience: Duration,
     ) -> Result<(ReconcileReport, bool), ReconcileError> {
-        let token = uuid::Uuid::new_v4().to_string();
-        if !o.dry_run {
-            self.ledger.begin_rebuild(&token).await?;
-        }
-        let report = self.reconcile_when_free(o, patience).await?;
-        let marked = !o.dry_run && report.complete && self.ledger.mark_intact(&token).await?;
+        let mut o = o.clone();
+        o.rebuild_token = Some(uuid::Uuid::new_v4().to_string());
+        let report = self.reconcile_when_free(&o, patience).await?;
+        let marked = report.marked_intact;
         Ok((report, marked))
     }
 
@@ -313,23 +355,24 @@ impl Reconciler {
         if self.ledger.intact().await? {
             return Ok(None);
         }
-        tracing::error!(
-            ledger = %self.ledger.describe(),
-            "ledger has no intact mark (it lost its data, or it is new): rebuilding it from the WAL and the journal; ingest answers 503 until done"
-        );
         let started = Instant::now();
-        // Up to now: every record acknowledged before the loss was written
-        // before it; what intake writes from now on it refuses (and notes).
+        // Every record acknowledged before the loss was written before now
+        // (by its instance's clock, which may run a little ahead); what
+        // intake writes from now on it refuses (and notes).
         let now = crate::clock::now();
         let from = now - ChronoDuration::from_std(lookback).unwrap_or_default();
-        let mut o = ReconcileOptions::new(from, now, self.in_flight);
+        let to = now + ChronoDuration::from_std(REBUILD_CLOCK_MARGIN).unwrap_or_default();
+        let mut o = ReconcileOptions::new(from, to, self.in_flight);
         o.redrive = false;
         o.lease = Some(LeaseOptions {
             owner: format!("rebuild-{}", self.instance),
             ttl: Duration::from_secs(60),
         });
         let (report, marked) = match self.rebuild(&o, Duration::ZERO).await {
-            Err(ReconcileError::LeaseHeld) => return Ok(Some(false)),
+            Err(ReconcileError::LeaseHeld) => {
+                tracing::debug!("ledger without its intact mark: another instance is rebuilding it");
+                return Ok(Some(false));
+            }
             other => other?,
         };
         crate::metrics::ledger_rebuilt(marked);
@@ -464,7 +507,10 @@ impl Reconciler {
             .max();
         if let Some(latest) = latest_contested {
             let settle = latest + ChronoDuration::from_std(REFUSAL_SETTLE).unwrap_or_default();
+            // Bounded: a record from a clock running far ahead must not hold
+            // the pass (and the lease) for long.
             if let Ok(wait) = (settle - crate::clock::now()).to_std() {
+                let wait = wait.min(REFUSAL_SETTLE + 2 * REBUILD_CLOCK_MARGIN);
                 lease.keep().await?;
                 crate::clock::sleep(wait).await;
                 lease.keep().await?;
