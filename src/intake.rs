@@ -64,6 +64,8 @@ pub enum IntakeOutcome {
 pub enum Dependency {
     Wal,
     Ledger,
+    /// The ledger lost its data and is being rebuilt (no intact mark).
+    LedgerRebuilding,
     /// The outcome journal, where a refusal of a payload already in the WAL
     /// is noted before the 409 goes out.
     Journal,
@@ -124,6 +126,16 @@ impl Intake {
             .await
             .map_err(ledger_error)?
         {
+            // While a lost ledger is being rebuilt, what it holds may be a
+            // record restored in the middle of the rebuild (or a payload a
+            // vendor was answered 503 for): no 200 or 409 is answered from
+            // it until the rebuild has settled which record stands.
+            if !self.ledger.intact().await.map_err(ledger_error)? {
+                return Err(IntakeError::Unavailable {
+                    dependency: Dependency::LedgerRebuilding,
+                    message: "the ledger is being rebuilt".into(),
+                });
+            }
             return Ok(match existing(rec, &s.sha256) {
                 IntakeOutcome::Duplicate(rec) => self.duplicate(rec, &s.payload).await,
                 other => other,
@@ -193,9 +205,9 @@ impl Intake {
                     ),
                 )
                 .await?;
-                tracing::warn!(transaction_id = %reg.transaction_id, "ledger lost, not rebuilt yet: refused with a 503");
+                tracing::debug!(transaction_id = %reg.transaction_id, "ledger lost, not rebuilt yet: refused with a 503");
                 return Err(IntakeError::Unavailable {
-                    dependency: Dependency::Ledger,
+                    dependency: Dependency::LedgerRebuilding,
                     message,
                 });
             }

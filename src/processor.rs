@@ -358,8 +358,14 @@ impl Processor {
             Err(e) => return self.defer(&m, e).await,
         }
         // Attempts in the current retry budget: a replay starts a new one.
+        // Every attempt that records an outcome ends the budget itself (a
+        // failure past it dead-letters), so a claim past the budget means
+        // attempts died without an outcome — and one of them may have paid.
+        // One more call, under the same idempotency key, learns that (the
+        // downstream answers 409 "already processed", a success); past it,
+        // a crash loop is dead-lettered.
         let tries = retries_budget_attempt(&rec);
-        if tries > self.policy.max_retries + 1 {
+        if tries > self.policy.max_retries + 1 + FINAL_CALLS {
             // Earlier attempts died without recording anything (crash loop).
             let error = format!("{} attempts started without an outcome", tries - 1);
             let s = Settlement::DeadLetter {
@@ -1061,6 +1067,10 @@ pub fn deadline_passed(
 
 /// Attempt number `rec.attempts` counted within the current retry budget
 /// (1 = the first call since registration or since the last replay).
+/// Calls past the retry budget when attempts of it recorded no outcome
+/// (see `process`): to learn whether one of them paid.
+pub const FINAL_CALLS: u32 = 1;
+
 pub fn retries_budget_attempt(rec: &crate::transaction::TxRecord) -> u32 {
     rec.attempts.saturating_sub(rec.attempt_base)
 }

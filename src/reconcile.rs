@@ -114,6 +114,11 @@ pub struct ReconcileOptions {
     /// the token is recorded as the rebuild in progress, and a complete pass
     /// marks the ledger intact with it, before the lease is let go.
     pub rebuild_token: Option<String>,
+    /// A rebuild of a ledger that lost its data: every id missing from it
+    /// is restored, however young (a regular pass leaves the youngest to
+    /// ingest, whose registration may still be on its way; after a loss no
+    /// registration is, and one left out would look new to ingest).
+    pub rebuild: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +141,7 @@ impl ReconcileOptions {
             lease: None,
             progress: None,
             rebuild_token: None,
+            rebuild: false,
         }
     }
 }
@@ -201,7 +207,7 @@ fn plan(
     let pending_after = ChronoDuration::from_std(o.pending_after).unwrap_or_default();
     let finished = known.is_some_and(|k| k.state.is_terminal());
     let Some(cur) = current else {
-        if known.is_none() && now - reg.received_at <= pending_after {
+        if known.is_none() && !o.rebuild && now - reg.received_at <= pending_after {
             return Plan::Wait;
         }
         return Plan::Restore(restored_record(reg, known, now, in_flight));
@@ -282,10 +288,11 @@ impl Reconciler {
                 self.release(o).await;
                 return Err(e.into());
             }
-            tracing::error!(
+            tracing::warn!(
                 ledger = %self.ledger.describe(),
                 from = %o.from,
-                "ledger rebuild from the WAL and the journal (it has no intact mark: it lost its data, or it is new, or an operator rebuilds it); ingest answers 503 until it is marked"
+                to = %o.to,
+                "rebuilding the ledger from the WAL and the journal: it has no intact mark (it lost its data, or it is new, or it was written by a version without the mark), or an operator rebuilds it; new transactions get a 503 until it is marked"
             );
         }
         let span = tracing::info_span!(
@@ -335,6 +342,7 @@ impl Reconciler {
         patience: Duration,
     ) -> Result<(ReconcileReport, bool), ReconcileError> {
         let mut o = o.clone();
+        o.rebuild = true;
         o.rebuild_token = Some(uuid::Uuid::new_v4().to_string());
         let report = self.reconcile_when_free(&o, patience).await?;
         let marked = report.marked_intact;
@@ -370,7 +378,9 @@ impl Reconciler {
         });
         let (report, marked) = match self.rebuild(&o, Duration::ZERO).await {
             Err(ReconcileError::LeaseHeld) => {
-                tracing::debug!("ledger without its intact mark: another instance is rebuilding it");
+                tracing::debug!(
+                    "ledger without its intact mark: another instance is rebuilding it"
+                );
                 return Ok(Some(false));
             }
             other => other?,
@@ -519,13 +529,31 @@ impl Reconciler {
                 .refresh(&self.journal, o.from, crate::clock::now())
                 .await?;
         }
+        // Read after the settle wait: a registration refused for want of the
+        // intact mark is remembered in the same step as the refusal.
+        let lost_refused: HashSet<String> = if o.rebuild {
+            self.ledger
+                .refused_while_lost()
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            HashSet::new()
+        };
         for (key, candidates) in missing {
             if seen.contains(&key) {
                 continue; // a later record of it was in the ledger after all
             }
             lease.keep().await?;
             let Some((wal_ref, wal)) = self
-                .choose(&key, &candidates, &journal, &mut report)
+                .choose(
+                    &key,
+                    &candidates,
+                    &journal,
+                    &lost_refused,
+                    o.dry_run,
+                    &mut report,
+                )
                 .await?
             else {
                 continue;
@@ -585,6 +613,8 @@ impl Reconciler {
         key: &TransactionId,
         candidates: &[Candidate],
         journal: &JournalIndex,
+        lost_refused: &HashSet<String>,
+        o_dry_run: bool,
         report: &mut ReconcileReport,
     ) -> Result<Option<(WalRef, WalRecord)>, ReconcileError> {
         let known = known_for(journal, key);
@@ -592,7 +622,12 @@ impl Reconciler {
         if let Some(bare) = key.unscoped() {
             refused.extend(journal.refused(&bare));
         }
-        let is_refused = |c: &Candidate| JournalIndex::is_refused(&refused, &c.sha256, &c.wal_ref);
+        // Journaled refusals, and those the ledger itself remembers from
+        // while it had no intact mark (even if their journal note is missing).
+        let is_refused = |c: &Candidate| {
+            JournalIndex::is_refused(&refused, &c.sha256, &c.wal_ref)
+                || lost_refused.contains(&c.wal_ref.to_string())
+        };
         let named = known
             .as_ref()
             .and_then(|k| k.sha256.as_ref())
@@ -613,6 +648,34 @@ impl Reconciler {
             .filter(|c| chosen.is_none_or(|x| x.sha256 != c.sha256))
             .count();
         report.conflicting += others as u64;
+        // Refusals only the ledger remembers (their journal note failed, or
+        // the process died before it) are journaled now: a later loss takes
+        // the ledger's memory with it, the journal stays.
+        if !o_dry_run {
+            for c in candidates.iter().filter(|c| {
+                lost_refused.contains(&c.wal_ref.to_string())
+                    && !JournalIndex::is_refused(&refused, &c.sha256, &c.wal_ref)
+            }) {
+                let entry = crate::journal::JournalEntry {
+                    v: 1,
+                    kind: crate::journal::EntryKind::Refused,
+                    transaction_id: key.to_string(),
+                    at: crate::clock::now(),
+                    attempt: None,
+                    state: State::Pending,
+                    error: None,
+                    next_retry_at: None,
+                    actor: format!("rebuild-{}", self.instance),
+                    reason: Some(format!(
+                        "503 while the ledger was lost (remembered by the ledger); WAL record {} refused",
+                        c.wal_ref
+                    )),
+                    sha256: Some(c.sha256.clone()),
+                    wal_ref: Some(c.wal_ref.to_string()),
+                };
+                self.journal.append(&entry).await?;
+            }
+        }
         let Some(chosen) = chosen else {
             tracing::warn!(transaction_id = %key, records = candidates.len(), "every WAL record of this id was refused; nothing restored");
             report.actions.push(format!(
@@ -927,9 +990,18 @@ pub async fn run_periodically(
         ttl: (p.interval * 3).max(Duration::from_secs(30)),
     };
     loop {
-        // A lost ledger is rebuilt (and marked) before anything else.
-        if let Err(e) = svc.rebuild_if_lost(p.lookback).await {
-            tracing::warn!(error = %e, "ledger rebuild failed");
+        // A lost ledger is rebuilt (and marked) before anything else; while
+        // another instance rebuilds it, no regular pass competes for the lease.
+        match svc.rebuild_if_lost(p.lookback).await {
+            Ok(None | Some(true)) => {}
+            Ok(Some(false)) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(p.interval) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "ledger rebuild failed"),
         }
         let now = crate::clock::now();
         let fallback = now - ChronoDuration::from_std(p.lookback).unwrap_or_default();

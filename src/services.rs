@@ -51,37 +51,34 @@ pub struct Services {
     pub waiting: Arc<Waiting>,
 }
 
-/// How long start-up waits for another instance's rebuild of a ledger
-/// without its intact mark before the API starts anyway (answering 503 to
-/// new transactions until the recovery watcher sees the ledger rebuilt).
-const START_REBUILD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long start-up waits for a ledger rebuild before the API starts
+/// anyway (the rebuild goes on in the background; new transactions get a
+/// 503, and readiness stays `starting`, until it is done). Short: a
+/// container platform's start-up probe must not restart a replica mid-pass.
+const START_REBUILD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Services {
     /// A ledger without its intact mark — new, or it lost its data — is rebuilt
-    /// from the WAL before the API answers (issue 12, N1; see
-    /// `Ledger::intact`). A dependency that does not answer leaves it to the
-    /// recovery watcher: start-up does not wait on an outage.
+    /// from the WAL (issue 12, N1; see `Ledger::intact`); start-up waits for
+    /// it a few seconds at most (a new ledger over an empty WAL takes
+    /// milliseconds), then leaves it running. The recovery watcher takes over
+    /// if it fails or another instance holds the reconciler lease.
     pub async fn rebuild_ledger_at_start(&self) {
         let lookback = Settings::secs(self.settings.reconcile_lookback_secs);
         let rebuilder = self.reconciler();
-        let deadline = tokio::time::Instant::now() + START_REBUILD_PATIENCE;
-        loop {
-            match rebuilder.rebuild_if_lost(lookback).await {
-                Ok(None | Some(true)) => return,
-                Ok(Some(false)) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                }
-                Ok(Some(false)) => {
-                    tracing::warn!(
-                        "ledger not rebuilt at start-up; new transactions get a 503 until it is"
-                    );
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "ledger rebuild at start-up failed; the recovery watcher tries again");
-                    return;
-                }
+        let task = tokio::spawn(async move { rebuilder.rebuild_if_lost(lookback).await });
+        match tokio::time::timeout(START_REBUILD_WAIT, task).await {
+            Ok(Ok(Ok(None | Some(true)))) => {}
+            Ok(Ok(Ok(Some(false)))) => tracing::info!(
+                "another instance is rebuilding the ledger; new transactions get a 503 until it is marked"
+            ),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "ledger check at start-up failed; the recovery watcher tries again")
             }
+            Ok(Err(e)) => tracing::warn!(error = %e, "ledger rebuild at start-up panicked"),
+            Err(_) => tracing::warn!(
+                "ledger rebuild still running after {START_REBUILD_WAIT:?}; the API starts, answering 503 to new transactions until it is done"
+            ),
         }
     }
 

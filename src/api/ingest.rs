@@ -316,6 +316,14 @@ fn unavailable(e: IntakeError) -> ApiError {
                 retry_after_secs: 5,
             }
         }
+        // Logged by the rebuild (start and end), not once per refused POST.
+        IntakeError::Unavailable {
+            dependency: Dependency::LedgerRebuilding,
+            ..
+        } => ApiError::Unavailable {
+            what: "the ledger (being rebuilt from the WAL after it lost its data)",
+            retry_after_secs: 5,
+        },
         IntakeError::Unavailable {
             dependency: Dependency::Journal,
             message,

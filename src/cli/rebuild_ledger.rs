@@ -61,10 +61,25 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     o.progress = Some(bar.clone());
-    let (report, marked) = svc
-        .reconciler()
-        .rebuild(&o, Duration::from_secs(60))
-        .await?;
+    // The intact mark says every transaction of the recovery window is in
+    // the ledger: a narrower window restores what it covers but marks
+    // nothing (the service's own rebuild, over the lookback, does).
+    let lookback = chrono::Duration::from_std(Settings::secs(settings.reconcile_lookback_secs))
+        .unwrap_or_default();
+    let now = Utc::now();
+    let covers = opts.from <= now - lookback && opts.to >= now - chrono::Duration::seconds(60);
+    o.rebuild = true;
+    let (report, marked) = if covers {
+        svc.reconciler()
+            .rebuild(&o, Duration::from_secs(60))
+            .await?
+    } else {
+        let r = svc
+            .reconciler()
+            .reconcile_when_free(&o, Duration::from_secs(60))
+            .await?;
+        (r, false)
+    };
     bar.finish_and_clear();
     print_report(&report, opts.dry_run);
     if !opts.dry_run {
@@ -74,6 +89,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             "intact mark: {}",
             if marked {
                 "set (ingest accepts new transactions)"
+            } else if !covers {
+                "not set by this run: its window does not span RTPD_RECONCILE_LOOKBACK_SECS up to now"
             } else {
                 "NOT set (the pass was not complete, or the ledger was lost again): run it again"
             }

@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS lost_refusals (
+    wal_ref TEXT PRIMARY KEY
+);
 "#;
 
 pub struct LocalLedger {
@@ -141,6 +144,8 @@ impl Ledger for LocalLedger {
         // One job on the one writer: the mark is read in the same step.
         self.run(move |c| {
             if intact_mark(c)?.is_none() {
+                c.prepare_cached("INSERT OR IGNORE INTO lost_refusals (wal_ref) VALUES (?1)")?
+                    .execute(params![reg.wal_ref.to_string()])?;
                 return Ok(Err(LedgerError::Lost(
                     "the ledger database has no intact mark (new, or replaced)".into(),
                 )));
@@ -450,6 +455,15 @@ impl Ledger for LocalLedger {
 
     async fn intact(&self) -> Result<bool, LedgerError> {
         self.run(|c| intact_mark(c).map(|m| m.is_some())).await
+    }
+
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+        self.run(|c| {
+            let mut st = c.prepare_cached("SELECT wal_ref FROM lost_refusals")?;
+            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
+        .await
     }
 
     async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {

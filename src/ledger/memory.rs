@@ -26,6 +26,7 @@ struct Inner {
     /// before it and is marked; [`MemoryLedger::wipe`] takes the mark away.
     intact: bool,
     rebuild: Option<String>,
+    lost_refused: std::collections::BTreeSet<String>,
 }
 
 impl Default for Inner {
@@ -36,6 +37,7 @@ impl Default for Inner {
             checkpoints: BTreeMap::new(),
             intact: true,
             rebuild: None,
+            lost_refused: Default::default(),
         }
     }
 }
@@ -79,6 +81,7 @@ impl Ledger for MemoryLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
         self.with(|i| {
             if !i.intact {
+                i.lost_refused.insert(reg.wal_ref.to_string());
                 return Err(LedgerError::Lost("the memory ledger was wiped".into()));
             }
             if let Some(existing) = i.records.get(reg.transaction_id.as_str()) {
@@ -314,6 +317,10 @@ impl Ledger for MemoryLedger {
 
     async fn intact(&self) -> Result<bool, LedgerError> {
         Ok(self.with(|i| i.intact))
+    }
+
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+        Ok(self.with(|i| i.lost_refused.iter().cloned().collect()))
     }
 
     async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {

@@ -329,4 +329,9 @@ pub trait Ledger: Send + Sync + 'static {
     /// marked), atomically: a ledger lost again during the rebuild stays
     /// unmarked and is rebuilt again. Whether the ledger is marked now.
     async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError>;
+    /// The WAL records whose registration was refused because the ledger
+    /// had no intact mark, remembered in the same atomic step as the
+    /// refusal (and lost with the ledger's data): a rebuild never restores
+    /// them, even when intake's journal note of the refusal is missing.
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError>;
 }

@@ -178,6 +178,9 @@ impl Ledger for InstrumentedLedger {
     async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
         ledger("mark_intact", None, self.0.mark_intact(token)).await
     }
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+        ledger("refused_while_lost", None, self.0.refused_while_lost()).await
+    }
 }
 
 /// A [`Queue`] that reports every call.

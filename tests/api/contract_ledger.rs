@@ -1040,6 +1040,11 @@ async fn unmarked_ledger_refuses_until_a_rebuild_marks_it(l: Arc<dyn Ledger>) {
     assert!(matches!(e, LedgerError::Lost(_)), "{e:?}");
     assert!(e.is_retryable(), "{e:?}");
     assert!(l.get("n1-a").await.unwrap().is_none(), "nothing written");
+    assert_eq!(
+        l.refused_while_lost().await.unwrap(),
+        vec![reg("n1-a", "aa").wal_ref.to_string()],
+        "the refused WAL record is remembered"
+    );
     // A second rebuild began after the first (or a loss took the first's token).
     l.begin_rebuild("first").await.unwrap();
     l.begin_rebuild("second").await.unwrap();

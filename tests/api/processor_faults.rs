@@ -431,3 +431,85 @@ async fn claim_after_a_journaled_success_does_not_call_again_sqlite() {
 async fn claim_after_a_journaled_success_does_not_call_again_redis() {
     journaled_success(On::Redis).await
 }
+
+/// Claims `key` as a worker of a lost process would: an attempt that starts
+/// and never records an outcome (its lease runs out at once).
+async fn attempt_without_outcome(app: &TestApp, key: &str) {
+    use std::time::Duration;
+    let c = app
+        .services
+        .ledger
+        .claim(key, "lost-worker", Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(c, rtp_durability::ledger::ClaimOutcome::Claimed(_)),
+        "{c:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}
+
+/// The fault campaign's `executed_but_dead_lettered` (seed 2, 2026-11-30):
+/// attempts whose process died mid-call spent the retry budget, one of them
+/// had paid, and the next claim dead-lettered without asking. Past the
+/// budget, one more call under the same idempotency key learns it: the
+/// downstream answers 409 "already processed", a success.
+#[tokio::test]
+async fn attempts_without_an_outcome_end_with_a_call_that_learns_one_paid() {
+    let app = spawn_app_with(AppOptions {
+        max_retries: 1,
+        ..Default::default()
+    })
+    .await;
+    let id = "AWO-1";
+    app.post_json(&json!({"transaction_id": id})).await;
+    let key = app.record(id).await.transaction_id.to_string();
+    // The budget (max_retries + 1 = 2 attempts) spent by two lost attempts,
+    // the second of which reached the downstream and paid.
+    attempt_without_outcome(&app, &key).await;
+    attempt_without_outcome(&app, &key).await;
+    let paid = app
+        .client
+        .post(format!("{}/process", app.mock_address))
+        .header("Idempotency-Key", &key)
+        .body(r#"{"transaction_id":"AWO-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paid.status(), 200);
+    app.drain_until_terminal(&[id]).await;
+    let rec = app.record(id).await;
+    assert_eq!(rec.status, State::Success, "{rec:?}");
+    assert_eq!(
+        calls_for(&app, id).await,
+        2,
+        "the lost attempt's and one more"
+    );
+}
+
+/// ... and past that one call a crash loop is still dead-lettered, without
+/// calling again.
+#[tokio::test]
+async fn a_crash_loop_past_the_final_call_is_dead_lettered_without_a_call() {
+    let app = spawn_app_with(AppOptions {
+        max_retries: 1,
+        ..Default::default()
+    })
+    .await;
+    let id = "AWO-2";
+    app.post_json(&json!({"transaction_id": id})).await;
+    let key = app.record(id).await.transaction_id.to_string();
+    for _ in 0..3 {
+        attempt_without_outcome(&app, &key).await;
+    }
+    app.drain_until_terminal(&[id]).await;
+    let rec = app.record(id).await;
+    assert_eq!(rec.status, State::DeadLetter, "{rec:?}");
+    assert!(
+        rec.error_message
+            .as_deref()
+            .is_some_and(|e| e.contains("without an outcome")),
+        "{rec:?}"
+    );
+    assert_eq!(calls_for(&app, id).await, 0);
+}

@@ -436,6 +436,9 @@ impl Ledger for ReplayDuringPass {
     async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
         self.inner.mark_intact(token).await
     }
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+        self.inner.refused_while_lost().await
+    }
 }
 
 /// Issue 12 item 8: a transaction whose ledger entry is behind the journal

@@ -88,6 +88,12 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
             .await;
         assert_eq!(r.status(), 503, "{id}: the lost ledger is not rebuilt yet");
         assert!(r.headers().get("retry-after").is_some());
+        let body = json(r).await;
+        assert_eq!(body["error"], "unavailable", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("being rebuilt"),
+            "{body}"
+        );
     }
     assert!(!app.services.ledger.intact().await.unwrap());
     tokio::time::sleep(rtp_durability::api::health::CHECK_REUSED_FOR + Duration::from_millis(100))
@@ -148,4 +154,126 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
     }
     let c = app.services.ledger.counts().await.unwrap();
     assert_eq!(c.total(), 7, "the five restored and the two accepted after");
+}
+
+/// A loss a moment after an acknowledgement: the rebuild restores what is
+/// missing however young (a regular pass leaves the youngest to ingest), so
+/// other bytes under the id are a 409 once the ledger is marked again.
+#[tokio::test]
+async fn a_rebuild_restores_what_was_acknowledged_a_moment_before_the_loss() {
+    let redis = OwnRedis::start();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        // A production-sized lease: restored unfinished work waits it out,
+        // and a regular pass would leave records this young alone.
+        lock_secs: 60.0,
+        downstream_timeout_secs: 10.0,
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .post_json(&json!({ "transaction_id": "young", "amount": 1 }))
+        .await;
+    assert_eq!(r.status(), 202);
+    let acked = json(r).await["wal"]["sha256"].as_str().unwrap().to_owned();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let rebuilt = app
+        .services
+        .reconciler()
+        .rebuild_if_lost(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(rebuilt, Some(true));
+    let rec = app.find("young").await.expect("restored, however young");
+    assert_eq!(rec.sha256.to_string(), acked);
+    let r = app
+        .post_json(&json!({ "transaction_id": "young", "amount": 2 }))
+        .await;
+    assert_eq!(r.status(), 409, "other bytes under an acknowledged id");
+}
+
+/// A refusal for want of the intact mark whose journal note could not be
+/// written (the journal down, or the process gone between the two): the
+/// ledger remembers the refused WAL record in the same step as the
+/// refusal, so the rebuild still restores the acknowledged bytes, not the
+/// later refused ones.
+#[tokio::test]
+async fn a_refusal_whose_journal_note_failed_is_not_restored_over_the_acknowledged_bytes() {
+    let redis = OwnRedis::start();
+    let app = spawn_app_with(AppOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .post_json(&json!({ "transaction_id": "noted", "amount": 1 }))
+        .await;
+    assert_eq!(r.status(), 202);
+    let acked = json(r).await["wal"]["sha256"].as_str().unwrap().to_owned();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    // The journal cannot be written: a file where its hour directories go.
+    let now = chrono::Utc::now();
+    let blocked: Vec<std::path::PathBuf> = [now, now + chrono::Duration::hours(1)]
+        .iter()
+        .map(|t| {
+            app.data_dir()
+                .join("objects")
+                .join(t.format("outcomes/v1/%Y/%m/%d/%H").to_string())
+        })
+        .collect();
+    for p in &blocked {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        }
+        std::fs::write(p, b"not a directory").unwrap();
+    }
+    let r = app
+        .post_json(&json!({ "transaction_id": "noted", "amount": 2 }))
+        .await;
+    assert_eq!(r.status(), 503, "refused, its note not written");
+    for p in &blocked {
+        std::fs::remove_file(p).unwrap();
+    }
+    // Another replica rebuilds (this one's store took the blocking file
+    // for its hour directory and remembers it as made).
+    let other = rtp_durability::services::Services::build(&app.services.settings)
+        .await
+        .unwrap();
+    let rebuilt = other
+        .reconciler()
+        .rebuild_if_lost(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(rebuilt, Some(true));
+    let rec = app.find("noted").await.expect("restored");
+    assert_eq!(rec.sha256.to_string(), acked, "the acknowledged bytes");
+    // The refusal only the ledger remembered is journaled now: a later loss
+    // takes the ledger's memory, not the journal.
+    let mut idx = rtp_durability::journal::JournalIndex::default();
+    idx.refresh(
+        &other.journal,
+        now - chrono::Duration::hours(1),
+        chrono::Utc::now() + chrono::Duration::hours(1),
+    )
+    .await
+    .unwrap();
+    let refused = idx.refused(rec.transaction_id.as_str());
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].1.is_some(), "names its WAL record: {refused:?}");
+    assert_ne!(refused[0].0.to_string(), acked);
+    let r = app
+        .post_json(&json!({ "transaction_id": "noted", "amount": 2 }))
+        .await;
+    assert_eq!(r.status(), 409);
 }

@@ -367,6 +367,15 @@ impl Ledger for FaultyLedger {
             self.inner.mark_intact(token)
         )
     }
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+        guarded!(
+            self,
+            "ledger.refused_while_lost",
+            false,
+            lerr(),
+            self.inner.refused_while_lost()
+        )
+    }
 }
 
 pub struct FaultyQueue {

@@ -637,4 +637,7 @@ impl Ledger for PostgresLedger {
     async fn mark_intact(&self, _token: &str) -> Result<bool, LedgerError> {
         Ok(true)
     }
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+        Ok(Vec::new())
+    }
 }

@@ -82,6 +82,12 @@ impl Keys {
         format!("{}:intact", self.tag(shard))
     }
 
+    /// The WAL records of the shard's ids refused while it had no intact
+    /// mark (lost with the shard's data, like everything else).
+    pub fn lost_refused(&self, shard: u32) -> String {
+        format!("{}:lost_refused", self.tag(shard))
+    }
+
     /// The shard's rebuild in progress (its token).
     pub fn rebuild(&self, shard: u32) -> String {
         format!("{}:rebuild", self.tag(shard))

@@ -154,10 +154,16 @@ impl Ledger for RedisLedger {
         reg.received_at = truncate(reg.received_at);
         reg.expires_at = reg.expires_at.map(truncate);
         let rec = TxRecord::new(&reg, now);
-        let mut args = vec![rec.transaction_id.to_string(), micros(now).to_string()];
+        let mut args = vec![
+            rec.transaction_id.to_string(),
+            micros(now).to_string(),
+            rec.wal_ref.to_string(),
+        ];
         args.extend(flat_fields(&rec));
+        let shard = shard_of(&rec.transaction_id);
         let mut keys = self.keys.transition_keys(&rec.transaction_id);
-        keys.push(self.keys.intact(shard_of(&rec.transaction_id)));
+        keys.push(self.keys.intact(shard));
+        keys.push(self.keys.lost_refused(shard));
         let (code, fields) = self
             .script("register", &scripts::REGISTER, keys, args)
             .await?;
@@ -602,6 +608,23 @@ impl Ledger for RedisLedger {
             .bounded("intact", futures::future::try_join_all(shards))
             .await?;
         Ok(marks.iter().all(|m| *m == 1))
+    }
+
+    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+        let shards = (0..SHARDS).map(|shard| {
+            let mut conn = self.conn.clone();
+            let key = self.keys.lost_refused(shard);
+            async move {
+                redis::cmd("SMEMBERS")
+                    .arg(key)
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+            }
+        });
+        let sets = self
+            .bounded("refused_while_lost", futures::future::try_join_all(shards))
+            .await?;
+        Ok(sets.into_iter().flatten().collect())
     }
 
     async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {

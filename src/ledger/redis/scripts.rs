@@ -87,22 +87,26 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}\n{body}"))
 }
 
-/// KEYS[9]: the shard's intact mark.
-/// ARGV: id, updated_at_us, then the new record's field/value pairs.
+/// KEYS[9]: the shard's intact mark, KEYS[10]: the WAL records refused
+/// while it was missing.
+/// ARGV: id, updated_at_us, the WAL record, then the new record's
+/// field/value pairs.
 /// Codes: `lost` (no intact mark: the shard lost its data and is not rebuilt
-/// yet), `new`, `exists` (with the stored record; the caller compares sha256).
+/// yet; the WAL record is remembered as refused, in the same step), `new`,
+/// `exists` (with the stored record; the caller compares sha256).
 pub static REGISTER: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local id, now = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[9]) == 0 then
+  redis.call('SADD', KEYS[10], ARGV[3])
   return {'lost', {}}
 end
 if redis.call('EXISTS', TX) == 1 then
   return {'exists', redis.call('HGETALL', TX)}
 end
 forget_stale(id)
-redis.call('HSET', TX, unpack(ARGV, 3))
+redis.call('HSET', TX, unpack(ARGV, 4))
 reindex(id, false, 'pending', now)
 return {'new', {}}
 "#,
