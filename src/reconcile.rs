@@ -370,7 +370,9 @@ impl Reconciler {
         });
         let (report, marked) = match self.rebuild(&o, Duration::ZERO).await {
             Err(ReconcileError::LeaseHeld) => {
-                tracing::debug!("ledger without its intact mark: another instance is rebuilding it");
+                tracing::debug!(
+                    "ledger without its intact mark: another instance is rebuilding it"
+                );
                 return Ok(Some(false));
             }
             other => other?,

@@ -352,7 +352,7 @@ fn fallback_reason(status: u16) -> &'static str {
     }
 }
 
-fn call_record(req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
+fn call_record(state: &ApiState, req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
     let ext = req.extensions();
     let seen = ext.get::<BodySeen>();
     let declared = req
@@ -375,7 +375,7 @@ fn call_record(req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
             .map(|v| rejected::truncate(v, 64)),
         size: seen.map(|s| s.size as u64).or(declared),
         sha256: seen.and_then(|s| s.sha256.clone()),
-        remote_addr: req.peer_addr().map(|a| a.ip().to_string()),
+        remote_addr: state.client_ip(req).map(|ip| ip.to_string()),
         suppressed: None,
     }
 }
@@ -400,7 +400,11 @@ async fn refuse<B>(
     metrics::api_rejected(err.reason());
     let status = err.status_code().as_u16();
     if rejected::is_recorded(status) {
-        record(state, call_record(req.request(), status, err.reason())).await;
+        record(
+            state,
+            call_record(state, req.request(), status, err.reason()),
+        )
+        .await;
     }
     Ok(req
         .into_response(err.error_response())
@@ -433,7 +437,7 @@ pub async fn guard(
     if encoded(&req) {
         return refuse(&state, req, ApiError::UnsupportedContentEncoding).await;
     }
-    let source = req.peer_addr().map(|a| rejected::source_of(a.ip()));
+    let source = state.client_ip(req.request()).map(rejected::source_of);
     let acquire = |pool: &Arc<Semaphore>| pool.clone().try_acquire_owned().map_err(|_| busy());
     let held = if req.path() == "/healthz" {
         // Liveness answers whatever else is busy.
@@ -487,7 +491,7 @@ pub async fn guard(
             .map_or_else(|| fallback_reason(status), ApiError::reason);
         metrics::api_rejected(reason);
         if rejected::is_recorded(status) {
-            record(&state, call_record(res.request(), status, reason)).await;
+            record(&state, call_record(&state, res.request(), status, reason)).await;
         }
     }
     Ok(res.map_into_left_body())
