@@ -13,8 +13,10 @@
 //! Signed requests are among the rest until their signature verifies
 //! (after the body): anyone can forge well-formed signature headers, so
 //! they only then move to the vendors' pool ([`InFlight::promote`]).
-//! Per source address ([`Sources`]): anonymous requests meet a rate
-//! (`RTPD_UNAUTHENTICATED_RATE_PER_SEC`, 429); signed ones not verified yet
+//! Per source address ([`Sources`]; the client address of
+//! [`super::client_addr`], behind a trusted proxy the one it forwarded):
+//! anonymous requests meet a rate (`RTPD_UNAUTHENTICATED_RATE_PER_SEC`,
+//! 429); signed ones not verified yet
 //! hold at most `RTPD_MAX_UNVERIFIED_PER_SOURCE` of the unauthenticated
 //! pool, so a few forging addresses cannot fill it, and those that end
 //! unverified are charged to the rate — a genuine vendor's never are. An
@@ -72,7 +74,8 @@ const VOUCHED_FOR: Duration = Duration::from_secs(600);
 /// Limits per source address (an IPv4 address, an IPv6 /64), on callers
 /// without a verified credential. Off (`None` rate) when
 /// `RTPD_UNAUTHENTICATED_RATE_PER_SEC=0`, for a deployment behind a proxy
-/// where every caller has the proxy's address.
+/// that cannot be trusted (`RTPD_TRUSTED_PROXIES`), where every caller has
+/// the proxy's address.
 pub struct Sources {
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
     /// Signed requests not verified yet, in flight per source, waiting in
