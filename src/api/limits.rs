@@ -356,6 +356,7 @@ fn fallback_reason(status: u16) -> &'static str {
 }
 
 fn call_record(state: &ApiState, req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
+    let remote_addr = state.client_ip(req).map(|ip| ip.to_string());
     let ext = req.extensions();
     let seen = ext.get::<BodySeen>();
     let declared = req
@@ -378,7 +379,7 @@ fn call_record(state: &ApiState, req: &HttpRequest, status: u16, reason: &str) -
             .map(|v| rejected::truncate(v, 64)),
         size: seen.map(|s| s.size as u64).or(declared),
         sha256: seen.and_then(|s| s.sha256.clone()),
-        remote_addr: state.client_ip(req).map(|ip| ip.to_string()),
+        remote_addr,
         suppressed: None,
     }
 }

@@ -169,10 +169,6 @@ pub enum Caller {
 #[derive(Debug, Clone)]
 pub struct CallerVendor(pub String);
 
-/// A request's client address, worked out once ([`ApiState::client_ip`]).
-#[derive(Clone, Copy)]
-struct ClientIp(IpAddr);
-
 /// The replay-cache entry of a signed request's verified signature.
 #[derive(Clone, Copy)]
 struct SignatureUsed(crate::auth::ReplayKey);
@@ -300,13 +296,12 @@ impl ApiState {
     /// trusted proxy forwarded it for ([`client_addr`]). `None` for a peer
     /// without an IP address (a Unix socket).
     pub fn client_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
-        if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>().copied() {
-            return Some(ip);
-        }
         let peer = req.peer_addr()?.ip();
-        let ip = client_addr::client_ip(peer, req.headers(), &self.settings.trusted_proxies);
-        req.extensions_mut().insert(ClientIp(ip));
-        Some(ip)
+        Some(client_addr::client_ip(
+            peer,
+            req.headers(),
+            &self.settings.trusted_proxies,
+        ))
     }
 
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
