@@ -174,6 +174,9 @@ param adminTokens string = ''
 @description('Source addresses allowed to reach the api, as { name, ipAddressRange (CIDR), description }. Empty: open to the internet (vendors still authenticate).')
 param apiIpAllowList array = []
 
+@description('Given to the api as RTPD_TRUSTED_PROXIES: the addresses or CIDR ranges the platform\'s ingress (Envoy) connects from, comma separated — for a VNet-integrated environment its infrastructure subnet range. rtpd then keys its per-address limits on the client address Envoy appends to X-Forwarded-For instead of on Envoy. Empty: every caller has Envoy\'s address (docs/security.md, "Behind a proxy").')
+param apiTrustedProxies string = ''
+
 @description('Client certificates (mTLS) at the api\'s ingress: ignore, accept (optional), require. The platform accepts any well-formed certificate, self-signed included, and only forwards it; see docs/security.md.')
 @allowed([
   'ignore'
@@ -378,6 +381,7 @@ module apps './modules/apps.bicep' = {
     vendorKeysSecretUrl: keyVault.outputs.vendorKeysSecretUrl
     adminTokensSecretUrl: keyVault.outputs.adminTokensSecretUrl
     metricsEndpoint: metricsCollector.?outputs.otlpMetricsUrl ?? ''
+    apiTrustedProxies: apiTrustedProxies
     apiIpAllowList: apiIpAllowList
     apiClientCertificateMode: apiClientCertificateMode
     apiMinReplicas: apiMinReplicas

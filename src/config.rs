@@ -6,9 +6,16 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
+use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
 /// Every environment variable `rtpd` reads. `rtpd config --env-names` prints
 /// this list; deployment checks compare compose and Bicep against it.
@@ -75,6 +82,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_UNAUTHENTICATED_RATE_PER_SEC",
     "RTPD_UNAUTHENTICATED_RATE_BURST",
     "RTPD_MAX_UNVERIFIED_PER_SOURCE",
+    "RTPD_TRUSTED_PROXIES",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +176,62 @@ fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Scalar::F(f) => f.to_string(),
         Scalar::B(b) => b.to_string(),
     })
+}
+
+/// `RTPD_TRUSTED_PROXIES`: the proxies whose `X-Forwarded-For` names the
+/// client, as IP addresses or CIDR ranges, comma separated. Empty: none —
+/// the TCP peer is the client and `X-Forwarded-For` is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Whether `ip` is one of the proxies (an IPv4-mapped IPv6 address is
+    /// taken as the IPv4 address it maps).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+impl FromStr for TrustedProxies {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "{entry:?} is not an IP address or CIDR range (such as 10.0.0.0/16 or fd00::/8)"
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+}
+
+impl fmt::Display for TrustedProxies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let entries: Vec<String> = self.0.iter().map(IpNet::to_string).collect();
+        f.write_str(&entries.join(","))
+    }
+}
+
+impl Serialize for TrustedProxies {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for TrustedProxies {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar_string(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 struct ScalarText(String);
@@ -287,6 +351,9 @@ pub struct Settings {
     /// Signed requests of one source address waiting for their bodies in
     /// the unauthenticated pool; unset: a quarter of that pool.
     pub max_unverified_per_source: Option<usize>,
+    /// Proxies whose `X-Forwarded-For` names the client that the limits
+    /// per source address key on (`api::client_addr`).
+    pub trusted_proxies: TrustedProxies,
     /// How far back the WAL is kept (the storage lifecycle rule); operator
     /// time ranges that reach further back are refused.
     pub wal_retention_days: u32,
@@ -356,6 +423,7 @@ impl Default for Settings {
             unauthenticated_rate_per_sec: 20,
             unauthenticated_rate_burst: 40,
             max_unverified_per_source: None,
+            trusted_proxies: TrustedProxies::default(),
             wal_retention_days: 400,
         }
     }
@@ -757,6 +825,40 @@ mod tests {
                 jail.set_env(name, value);
                 let err = Settings::load().unwrap_err();
                 assert_eq!(err.variable, name);
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges_and_a_bad_one_is_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RTPD_TRUSTED_PROXIES", "10.0.0.0/16, 192.0.2.7,fd00::/8,");
+            let s = Settings::load().unwrap();
+            let t = &s.trusted_proxies;
+            assert!(t.contains("10.0.255.1".parse().unwrap()));
+            assert!(t.contains("::ffff:10.0.0.9".parse().unwrap()));
+            assert!(t.contains("192.0.2.7".parse().unwrap()));
+            assert!(!t.contains("192.0.2.8".parse().unwrap()));
+            assert!(t.contains("fd12::1".parse().unwrap()));
+            assert!(!t.contains("2001:db8::1".parse().unwrap()));
+            let printed = s.to_redacted_toml();
+            assert!(
+                printed.contains("RTPD_TRUSTED_PROXIES = \"10.0.0.0/16,192.0.2.7/32,fd00::/8\""),
+                "{printed}"
+            );
+            Ok(())
+        });
+        figment::Jail::expect_with(|_jail| {
+            assert!(Settings::load().unwrap().trusted_proxies.0.is_empty());
+            Ok(())
+        });
+        for bad in ["10.0.0.0/33", "envoy", "10.0.0.1:80", "fd00::/129"] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env("RTPD_TRUSTED_PROXIES", format!("10.0.0.0/16,{bad}"));
+                let err = Settings::load().unwrap_err();
+                assert_eq!(err.variable, "RTPD_TRUSTED_PROXIES");
+                assert!(err.to_string().contains(&format!("\"{bad}\"")), "{err}");
                 Ok(())
             });
         }

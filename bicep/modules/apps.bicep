@@ -71,6 +71,9 @@ param apiIpAllowList array
 ])
 param apiClientCertificateMode string
 
+@description('RTPD_TRUSTED_PROXIES of the api: the ingress\'s source ranges, comma separated; empty: none.')
+param apiTrustedProxies string
+
 @minValue(2)
 param apiMinReplicas int
 param apiMaxReplicas int
@@ -269,6 +272,15 @@ var sharedEnv = [
   }
 ]
 
+// Behind Envoy every caller has Envoy's address; with its ranges trusted,
+// the per-address limits key on the client it appends to X-Forwarded-For.
+var trustedProxiesEnv = empty(apiTrustedProxies) ? [] : [
+  {
+    name: 'RTPD_TRUSTED_PROXIES'
+    value: apiTrustedProxies
+  }
+]
+
 var apiEnv = [
   {
     name: 'RTPD_VENDOR_KEYS_FILE'
@@ -370,7 +382,7 @@ resource api 'Microsoft.App/containerApps@2026-07-01' = {
           args: [
             'api'
           ]
-          env: concat(sharedEnv, ledgerEnv, metricsEnv, apiEnv)
+          env: concat(sharedEnv, ledgerEnv, metricsEnv, trustedProxiesEnv, apiEnv)
           volumeMounts: [
             secretsMount
           ]

@@ -387,7 +387,7 @@ async fn accept(
         sha256: sha,
         source: Source {
             vendor: principal.vendor().map(str::to_owned),
-            remote_addr: req.peer_addr().map(|a| a.ip().to_string()),
+            remote_addr: state.client_ip(req).map(|ip| ip.to_string()),
         },
         expires_at,
     };

@@ -13,8 +13,10 @@
 //! Signed requests are among the rest until their signature verifies
 //! (after the body): anyone can forge well-formed signature headers, so
 //! they only then move to the vendors' pool ([`InFlight::promote`]).
-//! Per source address ([`Sources`]): anonymous requests meet a rate
-//! (`RTPD_UNAUTHENTICATED_RATE_PER_SEC`, 429); signed ones not verified yet
+//! Per source address ([`Sources`]; the client address of
+//! [`super::client_addr`], behind a trusted proxy the one it forwarded):
+//! anonymous requests meet a rate (`RTPD_UNAUTHENTICATED_RATE_PER_SEC`,
+//! 429); signed ones not verified yet
 //! hold at most `RTPD_MAX_UNVERIFIED_PER_SOURCE` of the unauthenticated
 //! pool, so a few forging addresses cannot fill it, and those that end
 //! unverified are charged to the rate — a genuine vendor's never are. An
@@ -72,7 +74,8 @@ const VOUCHED_FOR: Duration = Duration::from_secs(600);
 /// Limits per source address (an IPv4 address, an IPv6 /64), on callers
 /// without a verified credential. Off (`None` rate) when
 /// `RTPD_UNAUTHENTICATED_RATE_PER_SEC=0`, for a deployment behind a proxy
-/// where every caller has the proxy's address.
+/// that cannot be trusted (`RTPD_TRUSTED_PROXIES`), where every caller has
+/// the proxy's address.
 pub struct Sources {
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
     /// Signed requests not verified yet, in flight per source, waiting in
@@ -352,7 +355,8 @@ fn fallback_reason(status: u16) -> &'static str {
     }
 }
 
-fn call_record(req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
+fn call_record(state: &ApiState, req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
+    let remote_addr = state.client_ip(req).map(|ip| ip.to_string());
     let ext = req.extensions();
     let seen = ext.get::<BodySeen>();
     let declared = req
@@ -375,7 +379,7 @@ fn call_record(req: &HttpRequest, status: u16, reason: &str) -> RejectedCall {
             .map(|v| rejected::truncate(v, 64)),
         size: seen.map(|s| s.size as u64).or(declared),
         sha256: seen.and_then(|s| s.sha256.clone()),
-        remote_addr: req.peer_addr().map(|a| a.ip().to_string()),
+        remote_addr,
         suppressed: None,
     }
 }
@@ -400,7 +404,11 @@ async fn refuse<B>(
     metrics::api_rejected(err.reason());
     let status = err.status_code().as_u16();
     if rejected::is_recorded(status) {
-        record(state, call_record(req.request(), status, err.reason())).await;
+        record(
+            state,
+            call_record(state, req.request(), status, err.reason()),
+        )
+        .await;
     }
     Ok(req
         .into_response(err.error_response())
@@ -433,7 +441,7 @@ pub async fn guard(
     if encoded(&req) {
         return refuse(&state, req, ApiError::UnsupportedContentEncoding).await;
     }
-    let source = req.peer_addr().map(|a| rejected::source_of(a.ip()));
+    let source = state.client_ip(req.request()).map(rejected::source_of);
     let acquire = |pool: &Arc<Semaphore>| pool.clone().try_acquire_owned().map_err(|_| busy());
     let held = if req.path() == "/healthz" {
         // Liveness answers whatever else is busy.
@@ -487,7 +495,7 @@ pub async fn guard(
             .map_or_else(|| fallback_reason(status), ApiError::reason);
         metrics::api_rejected(reason);
         if rejected::is_recorded(status) {
-            record(&state, call_record(res.request(), status, reason)).await;
+            record(&state, call_record(&state, res.request(), status, reason)).await;
         }
     }
     Ok(res.map_into_left_body())

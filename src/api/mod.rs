@@ -3,6 +3,7 @@
 //! lives here, once: the server registers it and a test compares it with
 //! `/openapi.json`.
 
+pub mod client_addr;
 pub mod error;
 pub mod health;
 pub mod ingest;
@@ -36,7 +37,7 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
-use std::{num::NonZeroU32, sync::Arc};
+use std::{net::IpAddr, num::NonZeroU32, sync::Arc};
 use tokio::sync::Semaphore;
 
 /// Requests to the probe routes (`/healthz`, `/readyz`, `/metrics`,
@@ -291,6 +292,18 @@ impl ApiState {
         }
     }
 
+    /// The client address of the request: its TCP peer, or the address a
+    /// trusted proxy forwarded it for ([`client_addr`]). `None` for a peer
+    /// without an IP address (a Unix socket).
+    pub fn client_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
+        let peer = req.peer_addr()?.ip();
+        Some(client_addr::client_ip(
+            peer,
+            req.headers(),
+            &self.settings.trusted_proxies,
+        ))
+    }
+
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
         &self.intake.ledger
     }
@@ -375,9 +388,9 @@ impl ApiState {
         let in_flight = req.extensions().get::<limits::InFlight>().cloned();
         if let Some(in_flight) = in_flight
             && in_flight.promote(&self.in_flight)?
-            && let Some(peer) = req.peer_addr()
+            && let Some(client) = self.client_ip(req)
         {
-            self.sources.vouch(rejected::source_of(peer.ip()));
+            self.sources.vouch(rejected::source_of(client));
         }
         req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
         if let Some(limiter) = &self.limiter

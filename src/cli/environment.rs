@@ -235,6 +235,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "signed requests of one source address waiting for their bodies in the unauthenticated pool (429; default: a quarter of that pool)",
     ),
     (
+        "RTPD_TRUSTED_PROXIES",
+        Reads::SERVER,
+        "proxies (addresses or CIDR ranges, comma separated) whose X-Forwarded-For names the source address of the per-address limits (default: none)",
+    ),
+    (
         "RTPD_VENDOR_KEYS",
         Reads::VENDORS,
         "vendors: <vendor>:sha256:<hex of key>, comma separated",

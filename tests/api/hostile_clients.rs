@@ -9,8 +9,9 @@ use crate::support::process::{
 };
 use crate::support::{
     ADMIN_TOKEN, API_KEY, AppOptions, HMAC_SECRET, HMAC_VENDOR, free_port, json, key, now_unix,
-    spawn_app, spawn_app_with,
+    rejected_calls, spawn_app, spawn_app_with,
 };
+use rtp_durability::replay::load_record;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::process::Stdio;
@@ -221,48 +222,58 @@ async fn slow_anonymous_replays_against_the_release_binary_leave_vendor_posts_20
 /// Standard Webhooks secret of the test's webhook-signing vendor.
 const HOOLI_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// `n` forged `X-Rtpd-*` signed POSTs (fresh timestamp, wrong signature)
-/// from `from`, each declaring a 100-byte body and trickling it.
+/// The head of a forged `X-Rtpd-*` signed POST (fresh timestamp, wrong
+/// signature) declaring a 100-byte body; `extra` is more header lines.
+fn forged_signed_head(extra: &str) -> String {
+    format!(
+        "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {}\r\n\
+         X-Rtpd-Signature: v1={}\r\n{extra}Content-Length: 100\r\n\r\n{{",
+        now_unix(),
+        "ab".repeat(32)
+    )
+}
+
+/// `n` forged signed POSTs ([`forged_signed_head`]) from `from`, each
+/// trickling its body.
 fn forged_signed_posts(
     address: &str,
     from: std::net::IpAddr,
     n: usize,
 ) -> Vec<tokio::task::JoinHandle<Option<(String, Duration)>>> {
-    let ts = now_unix();
     (0..n)
-        .map(|_| {
-            slow_request_from(
-                address,
-                Some(from),
-                format!(
-                    "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                     X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
-                     X-Rtpd-Signature: v1={}\r\nContent-Length: 100\r\n\r\n{{",
-                    "ab".repeat(32)
-                ),
-            )
-        })
+        .map(|_| slow_request_from(address, Some(from), forged_signed_head("")))
         .collect()
 }
 
 /// A genuine HMAC-signed POST of `id` from `client`: its status.
 async fn signed_post(client: &reqwest::Client, base: &str, id: &str) -> u16 {
+    post_signed_with(client, base, id, HMAC_SECRET, None).await
+}
+
+/// A POST of `id` signed with `secret` (forged unless [`HMAC_SECRET`]), as a
+/// proxy sends it when `forwarded_for` is given: its status.
+async fn post_signed_with(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    secret: &str,
+    forwarded_for: Option<&str>,
+) -> u16 {
     use rtp_durability::auth::sign;
     let body = format!(r#"{{"transaction_id":"{id}"}}"#);
     let ts = now_unix();
-    let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
-    client
+    let sig = sign(secret.as_bytes(), ts, body.as_bytes()).unwrap();
+    let mut r = client
         .post(format!("{base}/v1/transactions"))
         .header("Content-Type", "application/json")
         .header("X-Rtpd-Vendor", HMAC_VENDOR)
         .header("X-Rtpd-Timestamp", ts.to_string())
-        .header("X-Rtpd-Signature", sig)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+        .header("X-Rtpd-Signature", sig);
+    if let Some(xff) = forwarded_for {
+        r = r.header("X-Forwarded-For", xff);
+    }
+    r.body(body).send().await.unwrap().status().as_u16()
 }
 
 fn client_from(ip: [u8; 4]) -> reqwest::Client {
@@ -374,28 +385,35 @@ fn late_body_request(
 /// its signed requests wait in the vendors' pool instead, without that cap.
 #[tokio::test]
 async fn a_vouched_signer_may_have_many_requests_waiting_for_their_bodies() {
-    use rtp_durability::auth::sign;
     let app = spawn_app().await;
     assert_eq!(signed_post(&app.client, &app.address, "WARM-0").await, 202);
-    let late: Vec<_> = (0..60)
+    let statuses = late_signed_posts(&app.address, "LATE", 60, "").await;
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+}
+
+/// `n` genuine signed POSTs at once, each sending its body 300 ms after its
+/// headers (`extra` is more header lines): their statuses.
+async fn late_signed_posts(address: &str, prefix: &str, n: usize, extra: &str) -> Vec<u16> {
+    use rtp_durability::auth::sign;
+    let late: Vec<_> = (0..n)
         .map(|i| {
-            let body = format!(r#"{{"transaction_id":"LATE-{i}"}}"#);
+            let body = format!(r#"{{"transaction_id":"{prefix}-{i}"}}"#);
             let ts = now_unix();
             let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
             let head = format!(
                 "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
                  X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
-                 X-Rtpd-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+                 X-Rtpd-Signature: {sig}\r\n{extra}Content-Length: {}\r\n\r\n",
                 body.len()
             );
-            late_body_request(&app.address, head, body, Duration::from_millis(300))
+            late_body_request(address, head, body, Duration::from_millis(300))
         })
         .collect();
     let mut statuses = Vec::new();
     for task in late {
         statuses.push(task.await.unwrap());
     }
-    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    statuses
 }
 
 /// Issue 20, open finding 3: a signed request whose signature verifies but
@@ -430,6 +448,246 @@ async fn a_verified_request_refused_for_a_full_vendor_pool_is_not_charged() {
     for task in holders {
         task.abort();
     }
+}
+
+/// A wrong HMAC secret: forged signatures.
+const FORGED_SECRET: &str = "not-the-secret-0123456789";
+
+/// Forged signed POSTs from `forwarded_for` (one a call, so a varying
+/// address per call is possible) until one is refused with 429: how many
+/// were answered 401 before it. Panics on any other status, or if 200
+/// calls go by without a 429.
+async fn forge_until_refused(
+    app: &crate::support::TestApp,
+    forwarded_for: &dyn Fn(usize) -> String,
+) -> usize {
+    for i in 0..200 {
+        let xff = forwarded_for(i);
+        match post_signed_with(
+            &app.client,
+            &app.address,
+            &format!("F-{i}"),
+            FORGED_SECRET,
+            Some(&xff),
+        )
+        .await
+        {
+            401 => {}
+            429 => return i,
+            other => panic!("forged POST {i} from {xff}: {other}"),
+        }
+    }
+    panic!("200 forged POSTs and none refused with 429");
+}
+
+/// Each slow request was answered 408: its body took too long.
+async fn assert_timed_out(slow: Vec<tokio::task::JoinHandle<Option<(String, Duration)>>>) {
+    for task in slow {
+        let (answer, _) = task.await.unwrap().expect("no answer");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+}
+
+/// A POST with a wrong API key from `forwarded_for`: its status.
+async fn bad_key_post(app: &crate::support::TestApp, forwarded_for: &str) -> u16 {
+    app.client
+        .post(format!("{}/v1/transactions", app.address))
+        .header("X-Api-Key", "wrong")
+        .header("X-Forwarded-For", forwarded_for)
+        .header("Content-Type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+const FORGER: &str = "203.0.113.66";
+const SIGNER: &str = "198.51.100.7";
+
+/// Issue 20, open finding 2: behind the Container Apps ingress every
+/// caller had Envoy's address, so a forger behind it used up the genuine
+/// signer's share of the unverified pool, its rate and its vouching (the
+/// signer got 429 on 15 of 15). With the proxy (here the loopback peer) in
+/// `RTPD_TRUSTED_PROXIES`, each is its `X-Forwarded-For` address.
+#[tokio::test]
+async fn behind_a_trusted_proxy_a_forger_does_not_use_up_the_signers_limits() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.trusted_proxies = "127.0.0.1/32".parse().unwrap();
+            s.max_unverified_per_source = Some(4);
+            s.unauthenticated_rate_per_sec = 1;
+            s.unauthenticated_rate_burst = 5;
+            // The trickled forgeries time out (408, charged) after this.
+            s.request_timeout_secs = 4.0;
+        },
+        ..Default::default()
+    })
+    .await;
+    let forged_head = forged_signed_head(&format!("X-Forwarded-For: {FORGER}\r\n"));
+    let trickling: Vec<_> = (0..4)
+        .map(|_| slow_request(&app.address, forged_head.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let forged = post_signed_with(
+        &app.client,
+        &app.address,
+        "F-SHARE",
+        FORGED_SECRET,
+        Some(FORGER),
+    )
+    .await;
+    assert_eq!(forged, 429, "the forger's share is full");
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(
+            post_signed_with(
+                &app.client,
+                &app.address,
+                &format!("S-{i}"),
+                HMAC_SECRET,
+                Some(SIGNER),
+            )
+            .await,
+        );
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 202),
+        "beside a full share: {statuses:?}"
+    );
+    assert_timed_out(trickling).await;
+
+    // The forger's failures are charged to its address, not the signer's,
+    // and do not end the signer's vouching.
+    let failed = forge_until_refused(&app, &|_| FORGER.to_owned()).await;
+    assert!(
+        failed >= 1,
+        "no forged POST was answered (and charged) before the 429"
+    );
+    assert_eq!(
+        bad_key_post(&app, FORGER).await,
+        429,
+        "the forger is over its rate"
+    );
+    assert_eq!(
+        bad_key_post(&app, SIGNER).await,
+        401,
+        "the signer's rate is its own"
+    );
+    let mut statuses = Vec::new();
+    for i in 5..10 {
+        statuses.push(
+            post_signed_with(
+                &app.client,
+                &app.address,
+                &format!("S-{i}"),
+                HMAC_SECRET,
+                Some(SIGNER),
+            )
+            .await,
+        );
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 202),
+        "after the forger's failures: {statuses:?}"
+    );
+    // Vouched for, the signer may have more requests waiting for their
+    // bodies than the share (4) of an address not vouched for.
+    let extra = format!("X-Forwarded-For: {SIGNER}\r\n");
+    let statuses = late_signed_posts(&app.address, "LATE", 8, &extra).await;
+    assert!(
+        statuses.iter().all(|s| *s == 202),
+        "vouched for: {statuses:?}"
+    );
+}
+
+/// Without `RTPD_TRUSTED_PROXIES` no `X-Forwarded-For` is believed: a
+/// forger naming another address in each request still meets its own
+/// address's share and rate, and its records carry the TCP peer.
+#[tokio::test]
+async fn without_trusted_proxies_x_forwarded_for_changes_nothing() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_unverified_per_source = Some(4);
+            s.unauthenticated_rate_per_sec = 1;
+            s.unauthenticated_rate_burst = 5;
+            // The trickled forgeries time out (408, charged) after this.
+            s.request_timeout_secs = 4.0;
+        },
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(bad_key_post(&app, SIGNER).await, 401);
+    let (calls, _) = rejected_calls(&app).await;
+    let addrs: Vec<_> = calls.iter().map(|c| c.remote_addr.as_deref()).collect();
+    assert_eq!(addrs, [Some("127.0.0.1")]);
+
+    let trickling: Vec<_> = (0..4)
+        .map(|i| {
+            let xff = format!("X-Forwarded-For: 203.0.113.{i}\r\n");
+            slow_request(&app.address, forged_signed_head(&xff))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for xff in ["203.0.113.99", SIGNER] {
+        let forged = post_signed_with(
+            &app.client,
+            &app.address,
+            "F-SHARE",
+            FORGED_SECRET,
+            Some(xff),
+        )
+        .await;
+        assert_eq!(
+            forged, 429,
+            "X-Forwarded-For: {xff} escaped the peer's full share"
+        );
+    }
+    assert_timed_out(trickling).await;
+    // The burst is 5: one spent above, four on the trickled forgeries.
+    let failed = forge_until_refused(&app, &|i| format!("203.0.113.{}", 100 + i)).await;
+    assert!(
+        failed <= 6,
+        "{failed} forged POSTs from varying X-Forwarded-For before a 429"
+    );
+}
+
+/// A trusted proxy's chain "evil, real, proxy": the client wrote "evil",
+/// the trusted proxy appended "real"; "real" is the client, in the WAL
+/// record of an accepted POST and in the record of a refused one.
+#[tokio::test]
+async fn a_trusted_proxy_chain_names_the_rightmost_address_not_a_proxy() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| s.trusted_proxies = "127.0.0.1, 10.0.0.0/8".parse().unwrap(),
+        ..Default::default()
+    })
+    .await;
+    let chain = format!("{FORGER}, {SIGNER}, 10.1.2.3");
+    let r = app
+        .client
+        .post(format!("{}/v1/transactions", app.address))
+        .header("X-Api-Key", API_KEY)
+        .header("X-Forwarded-For", &chain)
+        .header("Content-Type", "application/json")
+        .body(r#"{"transaction_id":"CHAIN-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let receipt = json(r).await;
+    let rec = load_record(
+        &app.services.wal,
+        &receipt["wal"]["ref"].as_str().unwrap().parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.source.remote_addr.as_deref(), Some(SIGNER));
+
+    assert_eq!(bad_key_post(&app, &chain).await, 401);
+    let (calls, _) = rejected_calls(&app).await;
+    let addrs: Vec<_> = calls.iter().map(|c| c.remote_addr.as_deref()).collect();
+    assert_eq!(addrs, [Some(SIGNER)]);
 }
 
 /// Issue 20, D1, against the release binary: forged but well-formed

@@ -4,10 +4,9 @@
 //! cases are in `ingest.rs`.)
 
 use crate::support::{
-    ADMIN_TOKEN, API_KEY, AppOptions, HMAC_SECRET, HMAC_VENDOR, json, now_unix, spawn_app,
-    spawn_app_with,
+    ADMIN_TOKEN, API_KEY, AppOptions, HMAC_SECRET, HMAC_VENDOR, json, now_unix, rejected_calls,
+    spawn_app, spawn_app_with,
 };
-use rtp_durability::api::rejected::RejectedCall;
 use rtp_durability::auth::sign;
 use rtp_durability::replay::load_record;
 use rtp_durability::transaction::Sha256;
@@ -28,28 +27,6 @@ async fn assert_error(r: reqwest::Response, status: u16, code: &str, case: &str)
         "{case}"
     );
     b
-}
-
-async fn rejected_calls(app: &crate::support::TestApp) -> (Vec<RejectedCall>, String) {
-    let now = chrono::Utc::now();
-    let mut calls = Vec::new();
-    let mut raw = String::new();
-    for seg in app
-        .services
-        .rejected
-        .segments(
-            now - chrono::Duration::hours(1),
-            now + chrono::Duration::hours(1),
-        )
-        .await
-        .unwrap()
-    {
-        for (_, line) in app.services.rejected.read_segment(&seg.key).await.unwrap() {
-            raw.push_str(std::str::from_utf8(&line).unwrap());
-            calls.push(serde_json::from_slice(&line).unwrap());
-        }
-    }
-    (calls, raw)
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ pub mod postgres;
 pub mod process;
 pub mod stores;
 
+use rtp_durability::api::rejected::RejectedCall;
 use rtp_durability::app::Application;
 use rtp_durability::auth::{Auth, hash_secret};
 use rtp_durability::config::{Secret, Settings};
@@ -292,6 +293,29 @@ impl TestApp {
     pub async fn state_of(&self, id: &str) -> State {
         self.record(id).await.status
     }
+}
+
+/// The records of `rejected/v1` from the last hour, and their raw text.
+pub async fn rejected_calls(app: &TestApp) -> (Vec<RejectedCall>, String) {
+    let now = chrono::Utc::now();
+    let mut calls = Vec::new();
+    let mut raw = String::new();
+    for seg in app
+        .services
+        .rejected
+        .segments(
+            now - chrono::Duration::hours(1),
+            now + chrono::Duration::hours(1),
+        )
+        .await
+        .unwrap()
+    {
+        for (_, line) in app.services.rejected.read_segment(&seg.key).await.unwrap() {
+            raw.push_str(std::str::from_utf8(&line).unwrap());
+            calls.push(serde_json::from_slice(&line).unwrap());
+        }
+    }
+    (calls, raw)
 }
 
 /// The ledger key (and downstream `Idempotency-Key`) of a transaction the
