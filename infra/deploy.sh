@@ -26,6 +26,8 @@ environment:
                             id, display name) administering the PostgreSQL server
   DEPLOY_ALERT_ACTION_GROUP_ID
                             resource id of an action group the alerts notify (optional)
+  DEPLOY_TRUSTED_PROXIES    the ingress proxy's address range(s), comma separated
+                            (optional; docs/security.md, "Behind a proxy")
 EOF
   exit 2
 }
@@ -71,6 +73,7 @@ esac
 export DEPLOY_POSTGRES_ADMIN_OBJECT_ID=${DEPLOY_POSTGRES_ADMIN_OBJECT_ID:-}
 export DEPLOY_POSTGRES_ADMIN_NAME=${DEPLOY_POSTGRES_ADMIN_NAME:-}
 export DEPLOY_ALERT_ACTION_GROUP_ID=${DEPLOY_ALERT_ACTION_GROUP_ID:-}
+export DEPLOY_TRUSTED_PROXIES=${DEPLOY_TRUSTED_PROXIES:-}
 
 # The parameter file reads these with readEnvironmentVariable().
 export DEPLOY_IMAGE=$image

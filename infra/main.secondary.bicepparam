@@ -30,6 +30,11 @@ param postgresAdminName = readEnvironmentVariable('DEPLOY_POSTGRES_ADMIN_NAME', 
 param apiIpAllowList = []
 param apiClientCertificateMode = 'ignore'
 
+// The ingress proxy's address range (docs/security.md, "Behind a proxy"): behind
+// it the per-address limits key on the client's X-Forwarded-For address. Empty:
+// they key on the proxy, which every vendor shares. Set it for each environment.
+param apiTrustedProxies = readEnvironmentVariable('DEPLOY_TRUSTED_PROXIES', '')
+
 // Alerts notify this action group (resource id); empty: portal only.
 param alertActionGroupId = readEnvironmentVariable('DEPLOY_ALERT_ACTION_GROUP_ID', '')
 

@@ -201,14 +201,22 @@ impl FromStr for TrustedProxies {
             .map(str::trim)
             .filter(|entry| !entry.is_empty())
             .map(|entry| {
-                entry
+                let net = entry
                     .parse::<IpNet>()
                     .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
                     .map_err(|_| {
                         format!(
                             "{entry:?} is not an IP address or CIDR range (such as 10.0.0.0/16 or fd00::/8)"
                         )
-                    })
+                    })?;
+                // Every address in the list may name any client: trusting
+                // all of them lets every caller choose its address.
+                if net.prefix_len() == 0 {
+                    return Err(format!(
+                        "{entry:?} trusts every address, so any caller could choose its own; list only the proxies' addresses"
+                    ));
+                }
+                Ok(net.trunc())
             })
             .collect::<Result<_, _>>()
             .map(TrustedProxies)
@@ -853,7 +861,14 @@ mod tests {
             assert!(Settings::load().unwrap().trusted_proxies.0.is_empty());
             Ok(())
         });
-        for bad in ["10.0.0.0/33", "envoy", "10.0.0.1:80", "fd00::/129"] {
+        for bad in [
+            "10.0.0.0/33",
+            "envoy",
+            "10.0.0.1:80",
+            "fd00::/129",
+            "0.0.0.0/0",
+            "::/0",
+        ] {
             figment::Jail::expect_with(|jail| {
                 jail.set_env("RTPD_TRUSTED_PROXIES", format!("10.0.0.0/16,{bad}"));
                 let err = Settings::load().unwrap_err();
