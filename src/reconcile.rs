@@ -372,8 +372,14 @@ impl Reconciler {
         let to = now + ChronoDuration::from_std(REBUILD_CLOCK_MARGIN).unwrap_or_default();
         let mut o = ReconcileOptions::new(from, to, self.in_flight);
         o.redrive = false;
+        // An owner of its own: the watcher, the periodic loop and start-up of
+        // one process must not share (and release) one another's lease.
         o.lease = Some(LeaseOptions {
-            owner: format!("rebuild-{}", self.instance),
+            owner: format!(
+                "rebuild-{}-{}",
+                self.instance,
+                uuid::Uuid::new_v4().simple()
+            ),
             ttl: Duration::from_secs(60),
         });
         let (report, marked) = match self.rebuild(&o, Duration::ZERO).await {
@@ -510,9 +516,11 @@ impl Reconciler {
         // intake did not refuse; a refusal is journaled after its WAL append
         // (issue 12, N1: a 503 while the ledger is lost), so give the notes
         // of the latest such records time to land, then read them.
+        // In a rebuild every missing id counts: a lone record too may be one
+        // intake is about to refuse (its registration still on the way).
         let latest_contested = missing
             .iter()
-            .filter(|(k, c)| c.len() > 1 && !seen.contains(*k))
+            .filter(|(k, c)| (o.rebuild || c.len() > 1) && !seen.contains(*k))
             .flat_map(|(_, c)| c.iter().map(|c| c.received_at))
             .max();
         if let Some(latest) = latest_contested {
@@ -529,31 +537,13 @@ impl Reconciler {
                 .refresh(&self.journal, o.from, crate::clock::now())
                 .await?;
         }
-        // Read after the settle wait: a registration refused for want of the
-        // intact mark is remembered in the same step as the refusal.
-        let lost_refused: HashSet<String> = if o.rebuild {
-            self.ledger
-                .refused_while_lost()
-                .await?
-                .into_iter()
-                .collect()
-        } else {
-            HashSet::new()
-        };
         for (key, candidates) in missing {
             if seen.contains(&key) {
                 continue; // a later record of it was in the ledger after all
             }
             lease.keep().await?;
             let Some((wal_ref, wal)) = self
-                .choose(
-                    &key,
-                    &candidates,
-                    &journal,
-                    &lost_refused,
-                    o.dry_run,
-                    &mut report,
-                )
+                .choose(&key, &candidates, &journal, o.dry_run, &mut report)
                 .await?
             else {
                 continue;
@@ -613,11 +603,20 @@ impl Reconciler {
         key: &TransactionId,
         candidates: &[Candidate],
         journal: &JournalIndex,
-        lost_refused: &HashSet<String>,
         o_dry_run: bool,
         report: &mut ReconcileReport,
     ) -> Result<Option<(WalRef, WalRecord)>, ReconcileError> {
         let known = known_for(journal, key);
+        // Asked after the settle wait (every pass, rebuild or not): a
+        // registration refused for want of the intact mark is remembered by
+        // the ledger in the same step as the refusal.
+        let refs: Vec<String> = candidates.iter().map(|c| c.wal_ref.to_string()).collect();
+        let lost_refused: HashSet<String> = self
+            .ledger
+            .refused_while_lost(key.as_str(), &refs)
+            .await?
+            .into_iter()
+            .collect();
         let mut refused = journal.refused(key);
         if let Some(bare) = key.unscoped() {
             refused.extend(journal.refused(&bare));
@@ -1001,7 +1000,15 @@ pub async fn run_periodically(
                 }
                 continue;
             }
-            Err(e) => tracing::warn!(error = %e, "ledger rebuild failed"),
+            Err(e) => {
+                // No regular pass over a ledger that is not rebuilt yet.
+                tracing::warn!(error = %e, "ledger rebuild failed; tried again");
+                tokio::select! {
+                    _ = tokio::time::sleep(p.interval) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
         }
         let now = crate::clock::now();
         let fallback = now - ChronoDuration::from_std(p.lookback).unwrap_or_default();

@@ -207,15 +207,21 @@ pub async fn watch_dependencies(w: Watch, mut shutdown: tokio::sync::watch::Rece
         }
         // A ledger that lost its data (or is new) is rebuilt before ingest
         // may register anything in it (issue 12, N1).
-        if ledger
-            && wal
-            && let Err(e) = w.rebuilder.rebuild_if_lost(w.lookback).await
-        {
-            tracing::warn!(error = %e, "ledger rebuild failed; tried again");
+        let mut rebuilt = true;
+        if ledger && wal {
+            match w.rebuilder.rebuild_if_lost(w.lookback).await {
+                Ok(None | Some(true)) => {}
+                Ok(Some(false)) => rebuilt = false,
+                Err(e) => {
+                    rebuilt = false;
+                    tracing::warn!(error = %e, "ledger rebuild failed; tried again");
+                }
+            }
         }
         // A pass needs the WAL and the ledger (and the queue to re-drive):
         // run it once everything that returned is joined by the rest.
         if let Some(o) = owed
+            && rebuilt
             && down.is_empty()
             && last_pass.is_none_or(|t| t.elapsed() >= MIN_PASS_INTERVAL)
         {

@@ -32,6 +32,8 @@ pub struct Opts {
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    // Before connecting (which may take a while): `--to now` was read just before.
+    let started = Utc::now();
     let settings = Settings::load()?;
     super::time_arg::check_retention(opts.from, opts.to, settings.wal_retention_days)?;
     let svc = Services::build(&settings).await?;
@@ -66,8 +68,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     // nothing (the service's own rebuild, over the lookback, does).
     let lookback = chrono::Duration::from_std(Settings::secs(settings.reconcile_lookback_secs))
         .unwrap_or_default();
-    let now = Utc::now();
-    let covers = opts.from <= now - lookback && opts.to >= now - chrono::Duration::seconds(60);
+    let covers =
+        opts.from <= started - lookback && opts.to >= started - chrono::Duration::seconds(5);
     o.rebuild = true;
     let (report, marked) = if covers {
         svc.reconciler()

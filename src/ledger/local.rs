@@ -457,11 +457,21 @@ impl Ledger for LocalLedger {
         self.run(|c| intact_mark(c).map(|m| m.is_some())).await
     }
 
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
-        self.run(|c| {
-            let mut st = c.prepare_cached("SELECT wal_ref FROM lost_refusals")?;
-            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-            rows.collect()
+    async fn refused_while_lost(
+        &self,
+        _id: &str,
+        wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError> {
+        let refs = wal_refs.to_vec();
+        self.run(move |c| {
+            let mut st = c.prepare_cached("SELECT 1 FROM lost_refusals WHERE wal_ref = ?1")?;
+            let mut out = Vec::new();
+            for r in refs {
+                if st.exists(params![r])? {
+                    out.push(r);
+                }
+            }
+            Ok(out)
         })
         .await
     }

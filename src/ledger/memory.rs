@@ -319,8 +319,18 @@ impl Ledger for MemoryLedger {
         Ok(self.with(|i| i.intact))
     }
 
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
-        Ok(self.with(|i| i.lost_refused.iter().cloned().collect()))
+    async fn refused_while_lost(
+        &self,
+        _id: &str,
+        wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError> {
+        Ok(self.with(|i| {
+            wal_refs
+                .iter()
+                .filter(|r| i.lost_refused.contains(*r))
+                .cloned()
+                .collect()
+        }))
     }
 
     async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {

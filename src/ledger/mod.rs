@@ -329,9 +329,15 @@ pub trait Ledger: Send + Sync + 'static {
     /// marked), atomically: a ledger lost again during the rebuild stays
     /// unmarked and is rebuilt again. Whether the ledger is marked now.
     async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError>;
-    /// The WAL records whose registration was refused because the ledger
-    /// had no intact mark, remembered in the same atomic step as the
-    /// refusal (and lost with the ledger's data): a rebuild never restores
-    /// them, even when intake's journal note of the refusal is missing.
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError>;
+    /// Which of `wal_refs` (WAL records of transaction `id`) had their
+    /// registration refused because the ledger had no intact mark,
+    /// remembered in the same atomic step as the refusal (and lost with the
+    /// ledger's data): a rebuild never restores them, even when intake's
+    /// journal note of the refusal is missing. Asked per id, so its cost
+    /// follows the records a pass meets, not how many POSTs were refused.
+    async fn refused_while_lost(
+        &self,
+        id: &str,
+        wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError>;
 }

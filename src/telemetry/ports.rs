@@ -178,8 +178,17 @@ impl Ledger for InstrumentedLedger {
     async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
         ledger("mark_intact", None, self.0.mark_intact(token)).await
     }
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
-        ledger("refused_while_lost", None, self.0.refused_while_lost()).await
+    async fn refused_while_lost(
+        &self,
+        id: &str,
+        wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError> {
+        ledger(
+            "refused_while_lost",
+            Some(id),
+            self.0.refused_while_lost(id, wal_refs),
+        )
+        .await
     }
 }
 

@@ -1041,7 +1041,15 @@ async fn unmarked_ledger_refuses_until_a_rebuild_marks_it(l: Arc<dyn Ledger>) {
     assert!(e.is_retryable(), "{e:?}");
     assert!(l.get("n1-a").await.unwrap().is_none(), "nothing written");
     assert_eq!(
-        l.refused_while_lost().await.unwrap(),
+        l.refused_while_lost(
+            "n1-a",
+            &[
+                reg("n1-a", "aa").wal_ref.to_string(),
+                "wal/v1/other#0+1".to_owned()
+            ]
+        )
+        .await
+        .unwrap(),
         vec![reg("n1-a", "aa").wal_ref.to_string()],
         "the refused WAL record is remembered"
     );

@@ -436,8 +436,12 @@ impl Ledger for ReplayDuringPass {
     async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
         self.inner.mark_intact(token).await
     }
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
-        self.inner.refused_while_lost().await
+    async fn refused_while_lost(
+        &self,
+        id: &str,
+        wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError> {
+        self.inner.refused_while_lost(id, wal_refs).await
     }
 }
 

@@ -367,13 +367,18 @@ impl Ledger for FaultyLedger {
             self.inner.mark_intact(token)
         )
     }
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+    async fn refused_while_lost(
+        &self,
+        id: &str,
+        wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError> {
         guarded!(
             self,
             "ledger.refused_while_lost",
+            id,
             false,
             lerr(),
-            self.inner.refused_while_lost()
+            self.inner.refused_while_lost(id, wal_refs)
         )
     }
 }

@@ -637,7 +637,11 @@ impl Ledger for PostgresLedger {
     async fn mark_intact(&self, _token: &str) -> Result<bool, LedgerError> {
         Ok(true)
     }
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
+    async fn refused_while_lost(
+        &self,
+        _id: &str,
+        _wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError> {
         Ok(Vec::new())
     }
 }

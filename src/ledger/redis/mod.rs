@@ -146,6 +146,11 @@ fn unexpected(op: &str, code: &str) -> LedgerError {
     malformed(format!("{op} script answered {code:?}"))
 }
 
+/// How long a shard keeps the WAL records it refused while unmarked once it
+/// is marked again: past a rebuild's lookback (an hour by default) they are
+/// out of every automatic rebuild's window, and the journal keeps its notes.
+const LOST_REFUSED_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 #[async_trait]
 impl Ledger for RedisLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
@@ -610,21 +615,32 @@ impl Ledger for RedisLedger {
         Ok(marks.iter().all(|m| *m == 1))
     }
 
-    async fn refused_while_lost(&self) -> Result<Vec<String>, LedgerError> {
-        let shards = (0..SHARDS).map(|shard| {
-            let mut conn = self.conn.clone();
-            let key = self.keys.lost_refused(shard);
-            async move {
-                redis::cmd("SMEMBERS")
+    async fn refused_while_lost(
+        &self,
+        id: &str,
+        wal_refs: &[String],
+    ) -> Result<Vec<String>, LedgerError> {
+        if wal_refs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let key = self.keys.lost_refused(shard_of(id));
+        let refs = wal_refs.to_vec();
+        let member: Vec<i64> = self
+            .bounded("refused_while_lost", async move {
+                redis::cmd("SMISMEMBER")
                     .arg(key)
-                    .query_async::<Vec<String>>(&mut conn)
+                    .arg(&refs)
+                    .query_async(&mut conn)
                     .await
-            }
-        });
-        let sets = self
-            .bounded("refused_while_lost", futures::future::try_join_all(shards))
+            })
             .await?;
-        Ok(sets.into_iter().flatten().collect())
+        Ok(wal_refs
+            .iter()
+            .zip(member)
+            .filter(|(_, m)| *m == 1)
+            .map(|(r, _)| r.clone())
+            .collect())
     }
 
     async fn begin_rebuild(&self, token: &str) -> Result<(), LedgerError> {
@@ -647,13 +663,19 @@ impl Ledger for RedisLedger {
     async fn mark_intact(&self, token: &str) -> Result<bool, LedgerError> {
         let shards = (0..SHARDS).map(|shard| {
             let mut conn = self.conn.clone();
-            let keys = [self.keys.intact(shard), self.keys.rebuild(shard)];
+            let keys = [
+                self.keys.intact(shard),
+                self.keys.rebuild(shard),
+                self.keys.lost_refused(shard),
+            ];
             let token = token.to_owned();
             async move {
                 scripts::MARK_INTACT
                     .key(&keys[0])
                     .key(&keys[1])
+                    .key(&keys[2])
                     .arg(token)
+                    .arg(LOST_REFUSED_KEPT.as_millis() as u64)
                     .invoke_async::<i64>(&mut conn)
                     .await
             }

@@ -327,15 +327,18 @@ return redis.call('HGETALL', COUNTS)
     )
 });
 
-/// KEYS[1] a shard's intact mark, KEYS[2] its rebuild in progress.
-/// ARGV: the rebuild's token. Marks the shard intact if the token is still
-/// the rebuild in progress; answers whether the shard is marked.
+/// KEYS[1] a shard's intact mark, KEYS[2] its rebuild in progress, KEYS[3]
+/// its WAL records refused while unmarked.
+/// ARGV: the rebuild's token, how long (ms) the refusals are kept once
+/// marked. Marks the shard intact if the token is still the rebuild in
+/// progress; answers whether the shard is marked.
 pub static MARK_INTACT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
 end
 return redis.call('EXISTS', KEYS[1])
 "#,
