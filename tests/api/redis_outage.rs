@@ -171,17 +171,7 @@ async fn a_rebuild_restores_what_was_acknowledged_a_moment_before_the_loss() {
         ..Default::default()
     })
     .await;
-    let r = app
-        .post_json(&json!({ "transaction_id": "young", "amount": 1 }))
-        .await;
-    assert_eq!(r.status(), 202);
-    let acked = json(r).await["wal"]["sha256"].as_str().unwrap().to_owned();
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let acked = acknowledged_then_lost(&app, &redis, "young").await;
     let rebuilt = app
         .services
         .reconciler()
@@ -210,17 +200,7 @@ async fn a_refusal_whose_journal_note_failed_is_not_restored_over_the_acknowledg
         ..Default::default()
     })
     .await;
-    let r = app
-        .post_json(&json!({ "transaction_id": "noted", "amount": 1 }))
-        .await;
-    assert_eq!(r.status(), 202);
-    let acked = json(r).await["wal"]["sha256"].as_str().unwrap().to_owned();
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let acked = acknowledged_then_lost(&app, &redis, "noted").await;
     // The journal cannot be written: a file where its hour directories go.
     let now = chrono::Utc::now();
     let blocked: Vec<std::path::PathBuf> = [now, now + chrono::Duration::hours(1)]
@@ -276,4 +256,25 @@ async fn a_refusal_whose_journal_note_failed_is_not_restored_over_the_acknowledg
         .post_json(&json!({ "transaction_id": "noted", "amount": 2 }))
         .await;
     assert_eq!(r.status(), 409);
+}
+
+/// POSTs `id` (202), then the ledger's Redis loses everything (FLUSHALL):
+/// the sha256 the receipt named.
+async fn acknowledged_then_lost(
+    app: &crate::support::TestApp,
+    redis: &OwnRedis,
+    id: &str,
+) -> String {
+    let r = app
+        .post_json(&json!({ "transaction_id": id, "amount": 1 }))
+        .await;
+    assert_eq!(r.status(), 202);
+    let acked = json(r).await["wal"]["sha256"].as_str().unwrap().to_owned();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    acked
 }
