@@ -2,6 +2,7 @@
 # The deterministic simulation (tests/sim, docs/reliability.md).
 #   scripts/sim.sh                  the CI budget: seeds 0..300 against tests/sim/known-defects.txt
 #   scripts/sim.sh --seed N         replay seed N exactly, printing its history and violations
+#                                   (SIM_LOG=rtp_durability=info adds the service's log lines)
 #   scripts/sim.sh --seeds N [--from S]
 #                                   run N seeds from S (default 0); fails on any violation
 #   scripts/sim.sh --write-known [--seeds N]
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 die() { echo "sim.sh: $*" >&2; exit 2; }
 
 mode=budget seed= seeds= from=0

@@ -102,8 +102,11 @@ impl Known {
                 }
             }
             EntryKind::Replay => {
+                // As the ledger's replay: a retry waiting for its time keeps it.
+                if !matches!(self.state, State::Failed | State::Pending) {
+                    self.next_retry_at = None;
+                }
                 self.state = State::Pending;
-                self.next_retry_at = None;
                 self.attempt_base = self.attempts;
                 self.retry_count = 0;
             }
@@ -288,8 +291,17 @@ impl JournalIndex {
 /// processor's lock duration + downstream timeout: `in_flight`). Until then
 /// a claim answers `NotDue` (the processor reschedules the copy) and the
 /// reconciler's re-drive is scheduled for then, so a second call never
-/// overlaps the lost one. The attempt number restored is the highest
-/// journaled, so the next claim's is above every journaled one.
+/// overlaps the lost one.
+///
+/// The attempt number restored is one above the highest journaled: that
+/// lost attempt, if there was one, holds it, so the next claim's is above
+/// both, and it counts as an attempt without an outcome. That makes the
+/// claim read the journal again before it calls (see the processor's
+/// `journaled_success`): the lost attempt's outcome lands there by then,
+/// and so does a success journaled after the index this record was built
+/// from was read (simulation seed 488: a reconcile pass that read the
+/// journal just before a success, then found the record wiped, restored it
+/// `failed`, and its retry called the downstream again).
 pub fn restored_record(
     reg: &Registration,
     known: Option<&Known>,
@@ -303,7 +315,7 @@ pub fn restored_record(
         rec.attempt_base = k.attempt_base;
         rec.retry_count = k.retry_count;
         rec.error_message = k.error.clone();
-        rec.next_retry_at = (k.state == State::Failed)
+        rec.next_retry_at = matches!(k.state, State::Failed | State::Pending)
             .then_some(k.next_retry_at)
             .flatten();
         rec.updated_at = k.last_at;
@@ -312,6 +324,7 @@ pub fn restored_record(
         let not_before = now + chrono::Duration::from_std(in_flight).unwrap_or_default();
         rec.updated_at = now;
         rec.status = State::Failed;
+        rec.attempts += 1;
         rec.next_retry_at = Some(rec.next_retry_at.map_or(not_before, |t| t.max(not_before)));
         if rec.error_message.is_none() || known.is_some_and(|k| k.state == State::Pending) {
             rec.error_message = Some(format!(
@@ -418,5 +431,28 @@ mod tests {
             .push(entry(EntryKind::Purge, 6, None, State::DeadLetter));
         assert_eq!(idx.known("t").unwrap().state, State::Pending);
         assert!(idx.known("u").is_none());
+    }
+
+    /// Simulation seed 804: as in the ledger, a replay of a retry waiting
+    /// for its time keeps that time; a replay of a dead letter is due at once.
+    #[test]
+    fn a_replay_of_a_waiting_retry_keeps_its_time_in_the_fold() {
+        let due = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
+        let mut failed = entry(EntryKind::Attempt, 1, Some(1), State::Failed);
+        failed.next_retry_at = Some(due);
+        let mut idx = JournalIndex::default();
+        idx.entries.insert(
+            "t".into(),
+            vec![failed, entry(EntryKind::Replay, 2, None, State::Pending)],
+        );
+        let k = idx.known("t").unwrap();
+        assert_eq!((k.state, k.next_retry_at), (State::Pending, Some(due)));
+        let mut dead = entry(EntryKind::Attempt, 3, Some(2), State::DeadLetter);
+        dead.next_retry_at = None;
+        let es = idx.entries.get_mut("t").unwrap();
+        es.push(dead);
+        es.push(entry(EntryKind::Replay, 4, None, State::Pending));
+        let k = idx.known("t").unwrap();
+        assert_eq!((k.state, k.next_retry_at), (State::Pending, None));
     }
 }

@@ -165,6 +165,9 @@ impl Replayer {
             Bytes::from(wal.payload.into_bytes()),
             Delivery::Replay(nonce),
         )
+        // A replayed retry keeps its backoff (the ledger's `next_retry_at`):
+        // the copy is delivered when it is due, not refused as early.
+        .scheduled_at(record.next_retry_at.filter(|t| *t > crate::clock::now()))
         .to_message();
         let message_id = msg.message_id.clone();
         self.queue.send(vec![msg]).await?;

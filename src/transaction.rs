@@ -498,7 +498,11 @@ pub mod machine {
         match rec.status {
             State::Success | State::DeadLetter => ClaimDecision::Terminal,
             State::Processing if rec.lease_until.is_some_and(|u| u > now) => ClaimDecision::Busy,
-            State::Failed if rec.next_retry_at.is_some_and(|t| t > now) => ClaimDecision::NotDue,
+            // A replayed retry keeps its time (see `apply_replay`), so a
+            // `pending` record can wait for it too.
+            State::Pending | State::Failed if rec.next_retry_at.is_some_and(|t| t > now) => {
+                ClaimDecision::NotDue
+            }
             _ => ClaimDecision::Claim {
                 attempt: rec.attempts + 1,
             },
@@ -570,12 +574,18 @@ pub mod machine {
     }
 
     pub fn apply_replay(rec: &mut TxRecord, nonce: &str, now: DateTime<Utc>) {
+        // A retry waiting for its time keeps it: the attempt before it may
+        // have timed out here while the downstream still works on it, and
+        // the backoff is what keeps the next call from overlapping that one
+        // (simulation seed 804). Anything else is due at once.
+        if !matches!(rec.status, State::Failed | State::Pending) {
+            rec.next_retry_at = None;
+        }
         rec.status = State::Pending;
         // A fresh retry budget; the attempt number (fencing token) keeps growing.
         rec.attempt_base = rec.attempts;
         rec.retry_count = 0;
         rec.replay_nonce = Some(nonce.to_owned());
-        rec.next_retry_at = None;
         rec.lease_owner = None;
         rec.lease_until = None;
         rec.updated_at = now;

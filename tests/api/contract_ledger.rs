@@ -338,6 +338,72 @@ pub async fn replay_rules(l: Arc<dyn Ledger>) {
     ));
 }
 
+/// Simulation seed 804: an attempt timed out at the processor, was settled
+/// `failed` with its retry due after the backoff, and an operator replay a
+/// moment later reset it to `pending` without that time: the next attempt
+/// started at once, while the downstream was still working on the timed-out
+/// one. A replay grants a fresh budget but keeps the backoff: the replayed
+/// copy is not due before the retry would have been.
+pub async fn a_replay_of_a_failed_retry_keeps_its_backoff(l: Arc<dyn Ledger>) {
+    l.register(reg("t6", "aa")).await.unwrap();
+    l.claim("t6", "w", LEASE).await.unwrap();
+    let at = micros(Utc::now() + chrono::Duration::milliseconds(600));
+    l.settle(
+        "t6",
+        "w",
+        1,
+        Settlement::Failed {
+            error: "timed out".into(),
+            next_retry_at: at,
+        },
+    )
+    .await
+    .unwrap();
+    let ReplayOutcome::Reset(r) = l.replay("t6", "n1", false).await.unwrap() else {
+        panic!("a failed transaction replays without force")
+    };
+    assert_eq!(r.status, State::Pending);
+    assert_eq!((r.attempt_base, r.retry_count), (1, 0), "a fresh budget");
+    assert_eq!(r.next_retry_at, Some(at), "the backoff is kept");
+    assert!(
+        matches!(
+            l.claim("t6", "w", LEASE).await.unwrap(),
+            ClaimOutcome::NotDue(_)
+        ),
+        "the replayed copy waits for the retry's time"
+    );
+    // A second replay while it waits keeps the time too.
+    let ReplayOutcome::Reset(r) = l.replay("t6", "n2", false).await.unwrap() else {
+        panic!("a pending transaction replays")
+    };
+    assert_eq!(r.next_retry_at, Some(at));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ClaimOutcome::Claimed(c) = l.claim("t6", "w", LEASE).await.unwrap() else {
+        panic!("due after the backoff")
+    };
+    assert_eq!(c.attempts, 2);
+    // A dead letter has no retry time: its replay is due at once.
+    l.settle(
+        "t6",
+        "w",
+        2,
+        Settlement::DeadLetter {
+            reason: DeadLetterReason::PermanentFailure,
+            error: "400".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let ReplayOutcome::Reset(r) = l.replay("t6", "n3", false).await.unwrap() else {
+        panic!("dead letters replay")
+    };
+    assert_eq!(r.next_retry_at, None);
+    assert!(matches!(
+        l.claim("t6", "w", LEASE).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+}
+
 pub async fn list_pages_by_state(l: Arc<dyn Ledger>) {
     for i in 0..25 {
         l.register(reg(&format!("p{i:02}"), "aa")).await.unwrap();
@@ -729,6 +795,15 @@ fn variants(now: DateTime<Utc>) -> Vec<(&'static str, TxRecord)> {
             }),
         ),
         ("failed-no-retry-at", with(&|r| r.status = State::Failed)),
+        (
+            // A replay of a failed retry keeps its backoff (issue 12, seed 804).
+            "pending-not-due",
+            with(&|r| r.next_retry_at = Some(later)),
+        ),
+        (
+            "pending-due",
+            with(&|r| r.next_retry_at = Some(earlier)),
+        ),
         ("success", with(&|r| r.status = State::Success)),
         (
             "dead_letter",
@@ -926,6 +1001,10 @@ macro_rules! ledger_contract {
             #[tokio::test]
             async fn replay_rules() {
                 super::replay_rules($make().await).await
+            }
+            #[tokio::test]
+            async fn a_replay_of_a_failed_retry_keeps_its_backoff() {
+                super::a_replay_of_a_failed_retry_keeps_its_backoff($make().await).await
             }
             #[tokio::test]
             async fn list_pages_by_state() {

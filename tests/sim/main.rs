@@ -173,6 +173,24 @@ fn seed_budget(part: u64) {
 #[test]
 #[ignore = "replays SIM_SEED; run through scripts/sim.sh --seed N"]
 fn replay_seed() {
+    // SIM_LOG=<filter> (e.g. `rtp_durability=info`) prints the service's
+    // own log lines to stderr, stamped with the simulated clock.
+    if let Ok(filter) = std::env::var("SIM_LOG") {
+        struct SimTime;
+        impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+            fn format_time(
+                &self,
+                w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+            ) -> std::fmt::Result {
+                write!(w, "{}", rtp_durability::clock::now().format("%M:%S%.3f"))
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_timer(SimTime)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let seed = std::env::var("SIM_SEED")
         .expect("set SIM_SEED to the seed to replay")
         .parse()

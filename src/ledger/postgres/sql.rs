@@ -67,9 +67,9 @@ pub const CLAIM: &str = concat!(
          SET attempts = attempts + 1, status = 'processing', lease_owner = $2::text, \
              lease_until = $4::timestamptz, updated_at = $3::timestamptz \
          WHERE transaction_id = $1 \
-           AND (status = 'pending' \
-                OR (status = 'processing' AND (lease_until IS NULL OR lease_until <= $3::timestamptz)) \
-                OR (status = 'failed' AND (next_retry_at IS NULL OR next_retry_at <= $3::timestamptz))) \
+           AND ((status IN ('pending', 'failed') \
+                 AND (next_retry_at IS NULL OR next_retry_at <= $3::timestamptz)) \
+                OR (status = 'processing' AND (lease_until IS NULL OR lease_until <= $3::timestamptz))) \
          RETURNING ",
     cols!(),
     " ), latest AS ( SELECT ",
@@ -123,7 +123,8 @@ pub const EXTEND_LEASE: &str = concat!(
 pub const REPLAY: &str = concat!(
     "WITH reset AS ( \
          UPDATE transactions \
-         SET status = 'pending', replay_nonce = $2::text, next_retry_at = NULL, \
+         SET status = 'pending', replay_nonce = $2::text, \
+             next_retry_at = CASE WHEN status IN ('failed', 'pending') THEN next_retry_at END, \
              attempt_base = attempts, retry_count = 0, \
              lease_owner = NULL, lease_until = NULL, updated_at = $4::timestamptz \
          WHERE transaction_id = $1 \

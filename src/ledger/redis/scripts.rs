@@ -136,7 +136,7 @@ end
 if status == 'processing' and h[2] and tonumber(h[2]) > now then
   return {'busy', redis.call('HGETALL', TX)}
 end
-if status == 'failed' and h[3] and tonumber(h[3]) > now then
+if (status == 'failed' or status == 'pending') and h[3] and tonumber(h[3]) > now then
   return {'not_due', redis.call('HGETALL', TX)}
 end
 -- machine::apply_claim
@@ -235,7 +235,12 @@ if not may then return {'refused', redis.call('HGETALL', TX)} end
 local attempts = redis.call('HGET', TX, 'attempts') or '0'
 redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s,
            'attempt_base', attempts, 'retry_count', '0')
-redis.call('HDEL', TX, 'next_retry_at', 'lease_owner', 'lease_until')
+-- a retry waiting for its time keeps it (the backoff after a timed-out attempt)
+if status == 'failed' or status == 'pending' then
+  redis.call('HDEL', TX, 'lease_owner', 'lease_until')
+else
+  redis.call('HDEL', TX, 'next_retry_at', 'lease_owner', 'lease_until')
+end
 redis.call('PERSIST', TX)
 reindex(id, status, 'pending', now_s)
 return {'reset', redis.call('HGETALL', TX)}
