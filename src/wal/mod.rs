@@ -414,7 +414,9 @@ impl Flusher {
     /// Retries transient errors until the deadline. A put whose answer was
     /// lost may have landed — on our retry, or on the SDK's own retry inside
     /// the first call — so `AlreadyExists` is success when the stored bytes
-    /// are ours: the key is unique to this flush, nobody else writes it.
+    /// are ours: the key is unique to this flush, nobody else writes it. The
+    /// read that compares them is retried the same way: giving up on it
+    /// would answer a durable record as failed.
     async fn put_with_retry(
         &self,
         key: &str,
@@ -423,27 +425,38 @@ impl Flusher {
     ) -> Result<(), WalError> {
         let deadline = Instant::now() + self.cfg.retry_deadline;
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+        let mut exists = false;
         loop {
-            match self.store.put_new(key, body.clone(), opts).await {
-                Ok(()) => return Ok(()),
-                Err(StoreError::AlreadyExists(_)) => {
-                    return match self.store.get(key).await {
-                        Ok(stored) if stored == body => Ok(()),
-                        Ok(_) => Err(WalError::Fatal(format!(
+            let tried = if exists {
+                match self.store.get(key).await {
+                    Ok(stored) if stored == body => return Ok(()),
+                    Ok(_) => {
+                        return Err(WalError::Fatal(format!(
                             "segment {key} exists with other content"
-                        ))),
-                        Err(e) => Err(e.into()),
-                    };
+                        )));
+                    }
+                    Err(e) => e,
                 }
-                Err(e) if e.is_retryable() => {
+            } else {
+                match self.store.put_new(key, body.clone(), opts).await {
+                    Ok(()) => return Ok(()),
+                    Err(StoreError::AlreadyExists(_)) => {
+                        exists = true;
+                        continue;
+                    }
+                    Err(e) => e,
+                }
+            };
+            match tried {
+                e if e.is_retryable() => {
                     let delay = backoff.next_delay();
                     if Instant::now() + delay >= deadline {
                         return Err(e.into());
                     }
-                    tracing::warn!(segment = %key, error = %e, "WAL put failed, retrying");
+                    tracing::warn!(segment = %key, error = %e, reading_back = exists, "WAL put failed, retrying");
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) => return Err(e.into()),
+                e => return Err(e.into()),
             }
         }
     }

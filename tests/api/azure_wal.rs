@@ -222,6 +222,8 @@ async fn the_largest_allowed_payload_round_trips_through_the_blob_wal() {
 struct FirstTryCommitted {
     inner: rtp_durability::wal::azure::AzureBlobStore,
     same_bytes: bool,
+    /// How many reads fail (unavailable) before they answer.
+    failing_gets: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait::async_trait]
@@ -241,6 +243,15 @@ impl rtp_durability::wal::store::ObjectStore for FirstTryCommitted {
         self.inner.put_new(key, body, opts).await
     }
     async fn get(&self, key: &str) -> Result<bytes::Bytes, rtp_durability::wal::store::StoreError> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .failing_gets
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(rtp_durability::wal::store::StoreError::Unavailable(
+                "read refused (test)".into(),
+            ));
+        }
         self.inner.get(key).await
     }
     async fn get_range(
@@ -269,15 +280,18 @@ impl rtp_durability::wal::store::ObjectStore for FirstTryCommitted {
 /// Issue 12 item 5: the SDK retries a blob PUT whose answer it lost; the
 /// first try had committed, so the retry gets 409. The key is unique to the
 /// flush: identical stored bytes are our own write (durable, acknowledged);
-/// other bytes are an error, never an acknowledgement.
+/// other bytes are an error, never an acknowledgement. The read that
+/// compares them is retried like the put (simulation seed 11: the read
+/// failed once and a durable record was answered 503).
 #[tokio::test]
 async fn wal_put_409_after_an_sdk_retry_is_success_only_for_identical_bytes() {
     use rtp_durability::wal::{GroupCommit, Log, WAL_PREFIX};
     use std::sync::Arc;
-    for same_bytes in [true, false] {
+    for (same_bytes, failing_gets) in [(true, 0), (false, 0), (true, 2)] {
         let store = Arc::new(FirstTryCommitted {
             inner: crate::support::azurite_store().await,
             same_bytes,
+            failing_gets: failing_gets.into(),
         });
         let log = Log::start(store.clone(), WAL_PREFIX, "item5", GroupCommit::default());
         let line = br#"{"transaction_id":"I5","amount":1}"#.to_vec();
