@@ -275,8 +275,32 @@ impl JournalIndex {
             last_at: first.at,
             sha256: None,
         };
+        // A replay entry in any state but `pending` withdraws the replay
+        // journaled before it (its ledger step did not take; see
+        // `Replayer::withdraw`): the fold goes back to before that replay,
+        // in the state the ledger held.
+        let mut before_replay: Option<Known> = None;
         for e in sorted {
-            k.apply(e);
+            match (e.kind, e.state) {
+                (EntryKind::Replay, State::Pending) => {
+                    before_replay = Some(k.clone());
+                    k.apply(e);
+                }
+                (EntryKind::Replay, state) => {
+                    let last_at = k.last_at.max(e.at);
+                    if let Some(b) = before_replay.take() {
+                        k = b;
+                    }
+                    if state != State::Processing {
+                        k.state = state;
+                    }
+                    if let Some(a) = e.attempt {
+                        k.attempts = k.attempts.max(a);
+                    }
+                    k.last_at = last_at;
+                }
+                _ => k.apply(e),
+            }
         }
         Some(k)
     }
@@ -431,6 +455,39 @@ mod tests {
             .push(entry(EntryKind::Purge, 6, None, State::DeadLetter));
         assert_eq!(idx.known("t").unwrap().state, State::Pending);
         assert!(idx.known("u").is_none());
+    }
+
+    /// N2 (simulation seed 9): a replay journaled whose ledger step did not
+    /// take is withdrawn by a second replay entry in the ledger's state; the
+    /// fold goes back to before the replay.
+    #[test]
+    fn a_withdrawn_replay_leaves_the_fold_as_before_it() {
+        let mut idx = JournalIndex::default();
+        let mut withdrawn = entry(EntryKind::Replay, 3, Some(2), State::Success);
+        withdrawn.reason = Some("replay n1 not applied: ledger unavailable".into());
+        idx.entries.insert(
+            "t".into(),
+            vec![
+                entry(EntryKind::Attempt, 1, Some(1), State::Failed),
+                entry(EntryKind::Attempt, 2, Some(2), State::Success),
+                entry(EntryKind::Replay, 3, None, State::Pending),
+            ],
+        );
+        let replayed = idx.known("t").unwrap();
+        assert_eq!(replayed.state, State::Pending);
+        idx.entries.get_mut("t").unwrap().push(withdrawn);
+        let k = idx.known("t").unwrap();
+        assert_eq!(
+            (k.state, k.attempts, k.attempt_base, k.retry_count),
+            (State::Success, 2, 0, 1)
+        );
+        // A later replay that takes is a replay again.
+        idx.entries
+            .get_mut("t")
+            .unwrap()
+            .push(entry(EntryKind::Replay, 4, None, State::Pending));
+        let k = idx.known("t").unwrap();
+        assert_eq!((k.state, k.attempt_base, k.retry_count), (State::Pending, 2, 0));
     }
 
     /// Simulation seed 804: as in the ledger, a replay of a retry waiting

@@ -152,10 +152,29 @@ impl Replayer {
                 wal_ref: None,
             })
             .await?;
-        let record = match self.ledger.replay(id, &nonce, req.force).await? {
-            ReplayOutcome::Reset(r) => r,
-            ReplayOutcome::Refused(r) => return Ok(Replayed::Refused(r)),
-            ReplayOutcome::NotFound => return Ok(Replayed::NotFound),
+        let record = match self.ledger.replay(id, &nonce, req.force).await {
+            Ok(ReplayOutcome::Reset(r)) => r,
+            Ok(ReplayOutcome::Refused(r)) => {
+                // The record moved on between the check above and the ledger
+                // step (a claim came in).
+                self.withdraw(id, &nonce, &r, req, "refused by the ledger")
+                    .await;
+                return Ok(Replayed::Refused(r));
+            }
+            Ok(ReplayOutcome::NotFound) => return Ok(Replayed::NotFound),
+            // The answer may have been lost after the reset took: the nonce
+            // says whether it did.
+            Err(e) => match self.ledger.get(id).await {
+                Ok(Some(r)) if r.replay_nonce.as_deref() == Some(nonce.as_str()) => {
+                    tracing::warn!(error = %e, "the ledger's answer to the replay was lost, but the replay took; carrying on");
+                    r
+                }
+                Ok(Some(r)) => {
+                    self.withdraw(id, &nonce, &r, req, &e.to_string()).await;
+                    return Err(e.into());
+                }
+                _ => return Err(e.into()),
+            },
         };
         // Under the ledger's key (an entry from before scoping keeps its
         // bare one); the WAL record gives the rest.
@@ -173,6 +192,45 @@ impl Replayer {
         self.queue.send(vec![msg]).await?;
         tracing::info!(transaction_id = %id, operator = %req.operator, force = req.force, "transaction replayed");
         Ok(Replayed::Requeued { record, message_id })
+    }
+}
+
+impl Replayer {
+    /// Journals that the replay journaled just before did not take, with
+    /// the state the ledger still holds, so the journal and the ledger agree
+    /// again (the journal's fold goes back to before the replay; see
+    /// `JournalIndex::known`). Best effort: if this write fails too, the
+    /// journal says `pending` for a transaction the ledger holds in another
+    /// state, until the next outcome is journaled.
+    async fn withdraw(
+        &self,
+        id: &str,
+        nonce: &str,
+        current: &TxRecord,
+        req: &ReplayRequest,
+        why: &str,
+    ) {
+        if current.status == State::Pending {
+            // A `pending` replay note would read as a replay itself.
+            return;
+        }
+        let entry = JournalEntry {
+            v: 1,
+            kind: EntryKind::Replay,
+            transaction_id: id.to_owned(),
+            at: crate::clock::now(),
+            attempt: Some(current.attempts),
+            state: current.status,
+            error: current.error_message.clone(),
+            next_retry_at: current.next_retry_at,
+            actor: req.operator.to_string(),
+            reason: Some(format!("replay {nonce} not applied: {why}")),
+            sha256: Some(current.sha256.clone()),
+            wal_ref: None,
+        };
+        if let Err(e) = self.journal.append(&entry).await {
+            tracing::warn!(error = %e, "could not journal that the replay did not take; the journal says pending until the next outcome");
+        }
     }
 }
 

@@ -182,7 +182,9 @@ def check(txs: list, faults: list, ledger: dict[str, dict], calls: dict,
         done = next((e for e in attempts if e["state"] == "success"), None)
         if done is not None:
             later = [e for e in attempts if (e.get("attempt") or 0) > (done.get("attempt") or 0)]
-            if later and not any(e["kind"] == "replay" for e in entries):
+            # A replay entry in a state other than pending withdraws a replay
+            # whose ledger step did not take: no replay happened.
+            if later and not any(e["kind"] == "replay" and e["state"] == "pending" for e in entries):
                 violate("attempt_after_journaled_success", t.id, journal=entries, calls=k)
         if attempts and state in ("success", "dead_letter") and attempts[-1]["state"] != state \
                 and not any(e["state"] == state for e in attempts):
