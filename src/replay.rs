@@ -19,6 +19,11 @@ pub struct Replayer {
     pub journal: Journal,
     pub ledger: Arc<dyn Ledger>,
     pub queue: Arc<dyn Queue>,
+    /// How long after its last failed attempt ended a replayed transaction
+    /// is not due (`Ledger::replay`): the downstream timeout. An attempt
+    /// that timed out here may still run at the downstream; one more
+    /// timeout's length is the allowance this makes for it.
+    pub quiet: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -152,7 +157,7 @@ impl Replayer {
                 wal_ref: None,
             })
             .await?;
-        let record = match self.ledger.replay(id, &nonce, req.force).await {
+        let record = match self.ledger.replay(id, &nonce, req.force, self.quiet).await {
             Ok(ReplayOutcome::Reset(r)) => r,
             Ok(ReplayOutcome::Refused(r)) => {
                 // The record moved on between the check above and the ledger

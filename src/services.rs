@@ -244,6 +244,7 @@ impl Services {
             journal: self.journal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
+            quiet: self.settings.downstream_timeout(),
         }
     }
 

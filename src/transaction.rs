@@ -573,14 +573,32 @@ pub mod machine {
         }
     }
 
-    pub fn apply_replay(rec: &mut TxRecord, nonce: &str, now: DateTime<Utc>) {
-        // A retry waiting for its time keeps it: the attempt before it may
-        // have timed out here while the downstream still works on it, and
-        // the backoff is what keeps the next call from overlapping that one
-        // (simulation seed 804). Anything else is due at once.
-        if !matches!(rec.status, State::Failed | State::Pending) {
-            rec.next_retry_at = None;
-        }
+    /// `quiet`: how long after a failed or dead-lettered attempt ended its
+    /// call may still run at the downstream (it timed out here; the
+    /// replayer passes the downstream timeout). The replayed
+    /// transaction is not due before that (simulation seed 804: a replay
+    /// just after a timed-out attempt started the next call while the
+    /// downstream still worked on that one), nor after a retry already
+    /// scheduled sooner; a replayed `pending` keeps its time; a `success`
+    /// (the call answered) or a `processing` whose lease ran out (the call
+    /// was bounded by it) is due at once.
+    pub fn apply_replay(
+        rec: &mut TxRecord,
+        nonce: &str,
+        now: DateTime<Utc>,
+        quiet: chrono::Duration,
+    ) {
+        let after_attempt = rec.updated_at + quiet;
+        let not_before = match rec.status {
+            State::Failed => Some(
+                rec.next_retry_at
+                    .map_or(after_attempt, |t| t.min(after_attempt)),
+            ),
+            State::DeadLetter => Some(after_attempt),
+            State::Pending => rec.next_retry_at,
+            State::Success | State::Processing => None,
+        };
+        rec.next_retry_at = not_before.filter(|t| *t > now);
         rec.status = State::Pending;
         // A fresh retry budget; the attempt number (fencing token) keeps growing.
         rec.attempt_base = rec.attempts;
@@ -737,8 +755,14 @@ mod tests {
         );
         assert_eq!(decide_claim(&r, now), ClaimDecision::Terminal);
         assert!(may_replay(&r, false, now));
-        apply_replay(&mut r, "n1", now);
+        // Not due until its last call can have ended, then claimable.
+        let quiet = Duration::seconds(70);
+        apply_replay(&mut r, "n1", now, quiet);
         assert_eq!(r.status, State::Pending);
-        assert_eq!(decide_claim(&r, now), ClaimDecision::Claim { attempt: 2 });
+        assert_eq!(decide_claim(&r, now), ClaimDecision::NotDue);
+        assert_eq!(
+            decide_claim(&r, now + quiet + Duration::milliseconds(1)),
+            ClaimDecision::Claim { attempt: 2 }
+        );
     }
 }

@@ -276,6 +276,7 @@ impl Ledger for LocalLedger {
         id: &str,
         nonce: &str,
         force: bool,
+        quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError> {
         let (id, nonce) = (id.to_owned(), nonce.to_owned());
         self.run(move |c| {
@@ -287,7 +288,7 @@ impl Ledger for LocalLedger {
                 return Ok(ReplayOutcome::Refused(rec));
             }
             let before = rec.status;
-            machine::apply_replay(&mut rec, &nonce, now);
+            machine::apply_replay(&mut rec, &nonce, now, super::chrono_quiet(quiet));
             store(c, &rec, Some(before))?;
             Ok(ReplayOutcome::Reset(rec))
         })

@@ -176,6 +176,7 @@ impl Ledger for MemoryLedger {
         id: &str,
         nonce: &str,
         force: bool,
+        quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError> {
         Ok(self.with(|i| {
             let Some(rec) = i.records.get_mut(id) else {
@@ -185,7 +186,7 @@ impl Ledger for MemoryLedger {
             if !machine::may_replay(rec, force, now) {
                 return ReplayOutcome::Refused(rec.clone());
             }
-            machine::apply_replay(rec, nonce, now);
+            machine::apply_replay(rec, nonce, now, super::chrono_quiet(quiet));
             ReplayOutcome::Reset(rec.clone())
         }))
     }

@@ -28,6 +28,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::time::Duration;
 
+/// A replay's `quiet` for the machine's arithmetic, at most a year (so a
+/// time plus it cannot overflow).
+pub(crate) fn chrono_quiet(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d.min(Duration::from_secs(365 * 86_400))).unwrap_or_default()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum RegisterOutcome {
     New(TxRecord),
@@ -269,11 +275,17 @@ pub trait Ledger: Send + Sync + 'static {
         attempt: u32,
         lease: Duration,
     ) -> Result<TxRecord, LedgerError>;
+    /// Operator replay (`machine::may_replay`, `machine::apply_replay`):
+    /// back to `pending` with a fresh retry budget, due no sooner than
+    /// `quiet` after a failed or dead-lettered attempt ended (a call that
+    /// timed out may still run at the downstream; the replayer passes the
+    /// downstream timeout).
     async fn replay(
         &self,
         id: &str,
         nonce: &str,
         force: bool,
+        quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError>;
     /// Puts a record as rebuilt from the WAL and journal, replacing what is
     /// there (ledger rebuild only).

@@ -121,8 +121,9 @@ impl Ledger for InstrumentedLedger {
         id: &str,
         nonce: &str,
         force: bool,
+        quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError> {
-        ledger("replay", Some(id), self.0.replay(id, nonce, force)).await
+        ledger("replay", Some(id), self.0.replay(id, nonce, force, quiet)).await
     }
     async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {
         let id = rec.transaction_id.to_string();

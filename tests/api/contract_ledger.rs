@@ -240,7 +240,7 @@ pub async fn extend_lease_after_a_takeover_is_fenced(l: Arc<dyn Ledger>) {
     ));
     tokio::time::sleep(short * 2).await;
     assert!(matches!(
-        l.replay("e4", "n", false).await.unwrap(),
+        l.replay("e4", "n", false, Duration::ZERO).await.unwrap(),
         ReplayOutcome::Reset(_)
     ));
     assert!(matches!(
@@ -307,7 +307,7 @@ pub async fn replay_rules(l: Arc<dyn Ledger>) {
     )
     .await
     .unwrap();
-    let ReplayOutcome::Reset(r) = l.replay("t5", "n1", false).await.unwrap() else {
+    let ReplayOutcome::Reset(r) = l.replay("t5", "n1", false, Duration::ZERO).await.unwrap() else {
         panic!("dead letters replay without force")
     };
     assert_eq!(r.status, State::Pending);
@@ -325,77 +325,100 @@ pub async fn replay_rules(l: Arc<dyn Ledger>) {
     );
     l.settle("t5", "w", 2, Settlement::Success).await.unwrap();
     assert!(matches!(
-        l.replay("t5", "n2", false).await.unwrap(),
+        l.replay("t5", "n2", false, Duration::ZERO).await.unwrap(),
         ReplayOutcome::Refused(_)
     ));
     assert!(matches!(
-        l.replay("t5", "n3", true).await.unwrap(),
+        l.replay("t5", "n3", true, Duration::ZERO).await.unwrap(),
         ReplayOutcome::Reset(_)
     ));
     assert!(matches!(
-        l.replay("zz", "n", true).await.unwrap(),
+        l.replay("zz", "n", true, Duration::ZERO).await.unwrap(),
         ReplayOutcome::NotFound
     ));
 }
 
-/// Simulation seed 804: an attempt timed out at the processor, was settled
-/// `failed` with its retry due after the backoff, and an operator replay a
-/// moment later reset it to `pending` without that time: the next attempt
-/// started at once, while the downstream was still working on the timed-out
-/// one. A replay grants a fresh budget but keeps the backoff: the replayed
-/// copy is not due before the retry would have been.
-pub async fn a_replay_of_a_failed_retry_keeps_its_backoff(l: Arc<dyn Ledger>) {
+/// Simulation seed 804: an attempt timed out at the processor and was
+/// settled `failed`; an operator replay a moment later made it due at once,
+/// and the next attempt started while the downstream still worked on the
+/// timed-out one. A replay grants a fresh budget, but the transaction is not
+/// due before `quiet` after its last failed or dead-lettered attempt ended
+/// (nor after a retry scheduled sooner); after a success, at once.
+pub async fn a_replay_waits_out_the_last_attempts_call(l: Arc<dyn Ledger>) {
+    const QUIET: Duration = Duration::from_millis(600);
+    let quiet = chrono::Duration::from_std(QUIET).unwrap();
     l.register(reg("t6", "aa")).await.unwrap();
     l.claim("t6", "w", LEASE).await.unwrap();
-    let at = micros(Utc::now() + chrono::Duration::milliseconds(600));
-    l.settle(
-        "t6",
-        "w",
-        1,
-        Settlement::Failed {
-            error: "timed out".into(),
-            next_retry_at: at,
-        },
-    )
-    .await
-    .unwrap();
-    let ReplayOutcome::Reset(r) = l.replay("t6", "n1", false).await.unwrap() else {
+    let failed = l
+        .settle(
+            "t6",
+            "w",
+            1,
+            Settlement::Failed {
+                error: "timed out".into(),
+                next_retry_at: Utc::now() + chrono::Duration::seconds(60),
+            },
+        )
+        .await
+        .unwrap();
+    let ReplayOutcome::Reset(r) = l.replay("t6", "n1", false, QUIET).await.unwrap() else {
         panic!("a failed transaction replays without force")
     };
     assert_eq!(r.status, State::Pending);
     assert_eq!((r.attempt_base, r.retry_count), (1, 0), "a fresh budget");
-    assert_eq!(r.next_retry_at, Some(at), "the backoff is kept");
+    assert_eq!(
+        r.next_retry_at,
+        Some(failed.updated_at + quiet),
+        "due once the timed-out call can have ended, not after the backoff"
+    );
     assert!(
         matches!(
             l.claim("t6", "w", LEASE).await.unwrap(),
             ClaimOutcome::NotDue(_)
         ),
-        "the replayed copy waits for the retry's time"
+        "the replayed copy waits for it"
     );
-    // A second replay while it waits keeps the time too.
-    let ReplayOutcome::Reset(r) = l.replay("t6", "n2", false).await.unwrap() else {
+    // A second replay while it waits keeps the time.
+    let ReplayOutcome::Reset(again) = l.replay("t6", "n2", false, QUIET).await.unwrap() else {
         panic!("a pending transaction replays")
     };
-    assert_eq!(r.next_retry_at, Some(at));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(again.next_retry_at, r.next_retry_at);
+    tokio::time::sleep(QUIET + Duration::from_millis(200)).await;
     let ClaimOutcome::Claimed(c) = l.claim("t6", "w", LEASE).await.unwrap() else {
-        panic!("due after the backoff")
+        panic!("due after the quiet time")
     };
     assert_eq!(c.attempts, 2);
-    // A dead letter has no retry time: its replay is due at once.
-    l.settle(
-        "t6",
-        "w",
-        2,
-        Settlement::DeadLetter {
-            reason: DeadLetterReason::PermanentFailure,
-            error: "400".into(),
-        },
-    )
-    .await
-    .unwrap();
-    let ReplayOutcome::Reset(r) = l.replay("t6", "n3", false).await.unwrap() else {
+    // A dead letter (retries ran out on a timeout): the same wait.
+    let dead = l
+        .settle(
+            "t6",
+            "w",
+            2,
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::RetriesExhausted,
+                error: "timed out".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let ReplayOutcome::Reset(r) = l.replay("t6", "n3", false, QUIET).await.unwrap() else {
         panic!("dead letters replay")
+    };
+    assert_eq!(r.next_retry_at, Some(dead.updated_at + quiet));
+    assert!(matches!(
+        l.claim("t6", "w", LEASE).await.unwrap(),
+        ClaimOutcome::NotDue(_)
+    ));
+    tokio::time::sleep(QUIET + Duration::from_millis(200)).await;
+    let ClaimOutcome::Claimed(c) = l.claim("t6", "w", LEASE).await.unwrap() else {
+        panic!("due after the quiet time")
+    };
+    // A success answered: a forced replay is due at once.
+    l.settle("t6", "w", c.attempts, Settlement::Success)
+        .await
+        .unwrap();
+    let ReplayOutcome::Reset(r) = l.replay("t6", "n4", true, QUIET).await.unwrap() else {
+        panic!("a forced replay of a success")
     };
     assert_eq!(r.next_retry_at, None);
     assert!(matches!(
@@ -647,7 +670,9 @@ pub async fn restore_if_unchanged_never_overwrites_a_newer_state(l: Arc<dyn Ledg
     )
     .await
     .unwrap();
-    let ReplayOutcome::Reset(replayed) = l.replay("ru", "n-1", false).await.unwrap() else {
+    let ReplayOutcome::Reset(replayed) =
+        l.replay("ru", "n-1", false, Duration::ZERO).await.unwrap()
+    else {
         panic!("replayable")
     };
     assert!(
@@ -800,10 +825,7 @@ fn variants(now: DateTime<Utc>) -> Vec<(&'static str, TxRecord)> {
             "pending-not-due",
             with(&|r| r.next_retry_at = Some(later)),
         ),
-        (
-            "pending-due",
-            with(&|r| r.next_retry_at = Some(earlier)),
-        ),
+        ("pending-due", with(&|r| r.next_retry_at = Some(earlier))),
         ("success", with(&|r| r.status = State::Success)),
         (
             "dead_letter",
@@ -927,11 +949,17 @@ pub async fn decisions_follow_the_state_machine(l: Arc<dyn Ledger>) {
         // replay, with and without force
         for (j, force) in [false, true].into_iter().enumerate() {
             let (id, before) = put(l, name, i * 10 + 100 + j, &rec).await;
-            match l.replay(&id, "n", force).await.unwrap() {
+            let quiet = Duration::from_secs(30);
+            match l.replay(&id, "n", force, quiet).await.unwrap() {
                 ReplayOutcome::Reset(r) => {
                     assert!(machine::may_replay(&before, force, Utc::now()), "{name}");
                     let mut want = before.clone();
-                    machine::apply_replay(&mut want, "n", r.updated_at);
+                    machine::apply_replay(
+                        &mut want,
+                        "n",
+                        r.updated_at,
+                        chrono::Duration::from_std(quiet).unwrap(),
+                    );
                     assert_eq!(r, want, "{name}");
                 }
                 ReplayOutcome::Refused(r) => {
@@ -1003,8 +1031,8 @@ macro_rules! ledger_contract {
                 super::replay_rules($make().await).await
             }
             #[tokio::test]
-            async fn a_replay_of_a_failed_retry_keeps_its_backoff() {
-                super::a_replay_of_a_failed_retry_keeps_its_backoff($make().await).await
+            async fn a_replay_waits_out_the_last_attempts_call() {
+                super::a_replay_waits_out_the_last_attempts_call($make().await).await
             }
             #[tokio::test]
             async fn list_pages_by_state() {

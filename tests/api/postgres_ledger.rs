@@ -164,7 +164,9 @@ async fn counts_stay_exact_under_concurrent_writers_in_separate_processes() {
             };
             l.settle(&id, "w", c.attempts, s).await.unwrap();
             if i % 10 == 2 {
-                l.replay(&id, "n", false).await.unwrap(); // dead_letter -> pending
+                l.replay(&id, "n", false, std::time::Duration::ZERO)
+                    .await
+                    .unwrap(); // dead_letter -> pending
             }
         });
     }
@@ -356,7 +358,9 @@ async fn retention_deletes_expired_terminal_records_in_batches_and_counts_follow
         l.claim(id, "w", LEASE).await.unwrap();
         l.settle(id, "w", 1, s).await.unwrap();
     }
-    l.replay("kept-replayed", "n", false).await.unwrap();
+    l.replay("kept-replayed", "n", false, std::time::Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(
         l.purge_expired().await.unwrap(),
         0,

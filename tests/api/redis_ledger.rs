@@ -74,7 +74,9 @@ async fn terminal_records_expire_after_retention_and_counts_follow() {
     }
     // A replay takes the record out of the terminal state: no more expiry.
     assert!(matches!(
-        l.replay("kept-replayed", "n", false).await.unwrap(),
+        l.replay("kept-replayed", "n", false, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
         ReplayOutcome::Reset(_)
     ));
     let c = l.counts().await.unwrap();

@@ -245,6 +245,7 @@ impl Ledger for FaultyLedger {
         id: &str,
         nonce: &str,
         force: bool,
+        quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError> {
         guarded!(
             self,
@@ -252,7 +253,7 @@ impl Ledger for FaultyLedger {
             id,
             true,
             lerr(),
-            self.inner.replay(id, nonce, force)
+            self.inner.replay(id, nonce, force, quiet)
         )
     }
     async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError> {

@@ -490,10 +490,15 @@ impl Ledger for PostgresLedger {
         id: &str,
         nonce: &str,
         force: bool,
+        quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError> {
         let rows = self
             .inner
-            .query("replay", sql::REPLAY, &[&id, &nonce, &force, &now()])
+            .query(
+                "replay",
+                sql::REPLAY,
+                &[&id, &nonce, &force, &now(), &quiet_secs(quiet)],
+            )
             .await?;
         Ok(match changed_row(&rows)? {
             None => ReplayOutcome::NotFound,
@@ -644,4 +649,10 @@ impl Ledger for PostgresLedger {
     ) -> Result<Vec<String>, LedgerError> {
         Ok(Vec::new())
     }
+}
+
+/// A replay's `quiet` in seconds, for `make_interval` (at most a year, as
+/// the machine's).
+fn quiet_secs(quiet: Duration) -> f64 {
+    super::chrono_quiet(quiet).as_seconds_f64()
 }

@@ -118,13 +118,22 @@ pub const EXTEND_LEASE: &str = concat!(
     " FROM transactions WHERE transaction_id = $1 AND NOT EXISTS (SELECT 1 FROM extended)"
 );
 
-/// $1 id, $2 nonce, $3 force, $4 now. Rows as [`CLAIM`]'s: reset, or refused
-/// with the latest record.
+/// $1 id, $2 nonce, $3 force, $4 now, $5 quiet (seconds). Rows as
+/// [`CLAIM`]'s: reset, or refused with the latest record. `next_retry_at` as
+/// `machine::apply_replay`.
 pub const REPLAY: &str = concat!(
     "WITH reset AS ( \
          UPDATE transactions \
          SET status = 'pending', replay_nonce = $2::text, \
-             next_retry_at = CASE WHEN status IN ('failed', 'pending') THEN next_retry_at END, \
+             next_retry_at = CASE \
+                 WHEN status = 'failed' \
+                      AND LEAST(next_retry_at, updated_at + make_interval(secs => $5::float8)) > $4::timestamptz \
+                     THEN LEAST(next_retry_at, updated_at + make_interval(secs => $5::float8)) \
+                 WHEN status = 'dead_letter' \
+                      AND updated_at + make_interval(secs => $5::float8) > $4::timestamptz \
+                     THEN updated_at + make_interval(secs => $5::float8) \
+                 WHEN status = 'pending' AND next_retry_at > $4::timestamptz THEN next_retry_at \
+             END, \
              attempt_base = attempts, retry_count = 0, \
              lease_owner = NULL, lease_until = NULL, updated_at = $4::timestamptz \
          WHERE transaction_id = $1 \

@@ -312,6 +312,7 @@ impl Ledger for RedisLedger {
         id: &str,
         nonce: &str,
         force: bool,
+        quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError> {
         let now = Self::now();
         let (code, fields) = self
@@ -324,6 +325,10 @@ impl Ledger for RedisLedger {
                     nonce.to_owned(),
                     if force { "1" } else { "0" }.to_owned(),
                     micros(now).to_string(),
+                    super::chrono_quiet(quiet)
+                        .num_microseconds()
+                        .unwrap_or(i64::MAX / 4)
+                        .to_string(),
                 ],
             )
             .await?;

@@ -211,13 +211,13 @@ return {'extended', redis.call('HGETALL', TX)}
     )
 });
 
-/// ARGV: id, nonce, force (`1`/`0`), now_us.
+/// ARGV: id, nonce, force (`1`/`0`), now_us, quiet_us.
 /// Codes: `not_found`, `refused`, `reset`.
 pub static REPLAY: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local id, nonce, force, now_s = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
-local h = redis.call('HMGET', TX, 'status', 'lease_until')
+local id, nonce, force, now_s, quiet_us = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
+local h = redis.call('HMGET', TX, 'status', 'lease_until', 'updated_at', 'next_retry_at')
 local status = h[1]
 if not status then return {'not_found', {}} end
 -- machine::may_replay
@@ -235,8 +235,19 @@ if not may then return {'refused', redis.call('HGETALL', TX)} end
 local attempts = redis.call('HGET', TX, 'attempts') or '0'
 redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s,
            'attempt_base', attempts, 'retry_count', '0')
--- a retry waiting for its time keeps it (the backoff after a timed-out attempt)
-if status == 'failed' or status == 'pending' then
+-- not due before the last attempt's call can have ended (see the machine)
+local nb
+local after = (tonumber(h[3]) or 0) + quiet_us
+if status == 'failed' then
+  nb = after
+  if h[4] and tonumber(h[4]) < nb then nb = tonumber(h[4]) end
+elseif status == 'dead_letter' then
+  nb = after
+elseif status == 'pending' and h[4] then
+  nb = tonumber(h[4])
+end
+if nb and nb > tonumber(now_s) then
+  redis.call('HSET', TX, 'next_retry_at', string.format('%.0f', nb))
   redis.call('HDEL', TX, 'lease_owner', 'lease_until')
 else
   redis.call('HDEL', TX, 'next_retry_at', 'lease_owner', 'lease_until')
