@@ -49,6 +49,11 @@ pub struct JournalEntry {
     /// ledger was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_ref: Option<String>,
+    /// The nonce of the replay a replay entry is about: the one it makes,
+    /// or, in a state other than `pending`, the one it withdraws (absent in
+    /// entries written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_nonce: Option<String>,
 }
 
 #[derive(Clone)]
@@ -275,29 +280,34 @@ impl JournalIndex {
             last_at: first.at,
             sha256: None,
         };
-        // A replay entry in any state but `pending` withdraws the replay
-        // journaled before it (its ledger step did not take; see
-        // `Replayer::withdraw`): the fold goes back to before that replay,
-        // in the state the ledger held.
-        let mut before_replay: Option<Known> = None;
+        // A replay entry in any state but `pending` withdraws the replay it
+        // names (its ledger step did not take; see `Replayer::withdraw`):
+        // if that is the latest replay, the fold goes back to before it, in
+        // the state the ledger held. A replay made after it took its own
+        // ledger step, so it stands (another operator's, say).
+        let mut last_replay: Option<(Option<String>, Known)> = None;
         for e in sorted {
             match (e.kind, e.state) {
                 (EntryKind::Replay, State::Pending) => {
-                    before_replay = Some(k.clone());
+                    last_replay = Some((e.replay_nonce.clone(), k.clone()));
                     k.apply(e);
                 }
                 (EntryKind::Replay, state) => {
-                    let last_at = k.last_at.max(e.at);
-                    if let Some(b) = before_replay.take() {
-                        k = b;
-                    }
-                    if state != State::Processing {
-                        k.state = state;
+                    let names_last = e.replay_nonce.is_some()
+                        && last_replay
+                            .as_ref()
+                            .is_some_and(|(n, _)| *n == e.replay_nonce);
+                    if names_last && let Some((_, before)) = last_replay.take() {
+                        let last_at = k.last_at.max(e.at);
+                        k = before;
+                        if state != State::Processing {
+                            k.state = state;
+                        }
+                        k.last_at = last_at;
                     }
                     if let Some(a) = e.attempt {
                         k.attempts = k.attempts.max(a);
                     }
-                    k.last_at = last_at;
                 }
                 _ => k.apply(e),
             }
@@ -378,6 +388,7 @@ mod tests {
             reason: None,
             sha256: None,
             wal_ref: None,
+            replay_nonce: None,
         }
     }
 
@@ -463,14 +474,20 @@ mod tests {
     #[test]
     fn a_withdrawn_replay_leaves_the_fold_as_before_it() {
         let mut idx = JournalIndex::default();
+        let replay = |secs, nonce: &str| {
+            let mut e = entry(EntryKind::Replay, secs, None, State::Pending);
+            e.replay_nonce = Some(nonce.into());
+            e
+        };
         let mut withdrawn = entry(EntryKind::Replay, 3, Some(2), State::Success);
         withdrawn.reason = Some("replay n1 not applied: ledger unavailable".into());
+        withdrawn.replay_nonce = Some("n1".into());
         idx.entries.insert(
             "t".into(),
             vec![
                 entry(EntryKind::Attempt, 1, Some(1), State::Failed),
                 entry(EntryKind::Attempt, 2, Some(2), State::Success),
-                entry(EntryKind::Replay, 3, None, State::Pending),
+                replay(3, "n1"),
             ],
         );
         let replayed = idx.known("t").unwrap();
@@ -482,14 +499,21 @@ mod tests {
             (State::Success, 2, 0, 1)
         );
         // A later replay that takes is a replay again.
-        idx.entries
-            .get_mut("t")
-            .unwrap()
-            .push(entry(EntryKind::Replay, 4, None, State::Pending));
+        idx.entries.get_mut("t").unwrap().push(replay(4, "n2"));
         let k = idx.known("t").unwrap();
         assert_eq!(
             (k.state, k.attempt_base, k.retry_count),
             (State::Pending, 2, 0)
         );
+        // A withdraw that lands after another operator's replay took (its
+        // entry later than that replay's) leaves that replay standing.
+        let mut late = entry(EntryKind::Replay, 6, Some(2), State::Success);
+        late.replay_nonce = Some("n3".into());
+        let es = idx.entries.get_mut("t").unwrap();
+        es.push(replay(5, "n3"));
+        es.push(replay(5, "n4"));
+        es.push(late);
+        let k = idx.known("t").unwrap();
+        assert_eq!(k.state, State::Pending, "n4's replay stands");
     }
 }

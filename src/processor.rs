@@ -666,6 +666,7 @@ impl Processor {
             reason: None,
             sha256: Some(reg.sha256.clone()),
             wal_ref: None,
+            replay_nonce: None,
         };
         // The lease is kept while the journal does not answer: a journal
         // outage longer than the lease must not let another worker take the
@@ -866,6 +867,7 @@ impl Processor {
             reason: None,
             sha256: Some(rec.sha256.clone()),
             wal_ref: None,
+            replay_nonce: None,
         };
         if let Err(e) = self.journal.append(&entry).await {
             return self.defer(m, DeferCause::Journal(e.to_string())).await;

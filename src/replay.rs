@@ -19,10 +19,11 @@ pub struct Replayer {
     pub journal: Journal,
     pub ledger: Arc<dyn Ledger>,
     pub queue: Arc<dyn Queue>,
-    /// How long after its last failed attempt ended a replayed transaction
-    /// is not due (`Ledger::replay`): the downstream timeout. An attempt
-    /// that timed out here may still run at the downstream; one more
-    /// timeout's length is the allowance this makes for it.
+    /// How long after its last failed attempt ended (or its lapsed claim's
+    /// lease) a replayed transaction is not due (`Ledger::replay`): the
+    /// processor's lock duration + downstream timeout, the window a ledger
+    /// restore waits out. An attempt that timed out here, or whose process
+    /// died, may still run at the downstream.
     pub quiet: std::time::Duration,
 }
 
@@ -155,6 +156,7 @@ impl Replayer {
                 }),
                 sha256: Some(current.sha256.clone()),
                 wal_ref: None,
+                replay_nonce: Some(nonce.clone()),
             })
             .await?;
         let record = match self.ledger.replay(id, &nonce, req.force, self.quiet).await {
@@ -232,6 +234,7 @@ impl Replayer {
             reason: Some(format!("replay {nonce} not applied: {why}")),
             sha256: Some(current.sha256.clone()),
             wal_ref: None,
+            replay_nonce: Some(nonce.to_owned()),
         };
         if let Err(e) = self.journal.append(&entry).await {
             tracing::warn!(error = %e, "could not journal that the replay did not take; the journal says pending until the next outcome");

@@ -244,7 +244,7 @@ impl Services {
             journal: self.journal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
-            quiet: self.settings.downstream_timeout(),
+            quiet: self.settings.lock_duration() + self.settings.downstream_timeout(),
         }
     }
 

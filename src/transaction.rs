@@ -573,15 +573,16 @@ pub mod machine {
         }
     }
 
-    /// `quiet`: how long after a failed or dead-lettered attempt ended its
-    /// call may still run at the downstream (it timed out here; the
-    /// replayer passes the downstream timeout). The replayed
-    /// transaction is not due before that (simulation seed 804: a replay
-    /// just after a timed-out attempt started the next call while the
-    /// downstream still worked on that one), nor after a retry already
-    /// scheduled sooner; a replayed `pending` keeps its time; a `success`
-    /// (the call answered) or a `processing` whose lease ran out (the call
-    /// was bounded by it) is due at once.
+    /// `quiet`: how long after a failed or dead-lettered attempt ended (or
+    /// a lapsed claim's lease) its call may still run at the downstream
+    /// (it timed out here, or its process died; the replayer passes the
+    /// processor's lock duration + downstream timeout, the window a ledger
+    /// restore waits out too). The replayed transaction is not due before
+    /// that (simulation seed 804: a replay just after a timed-out attempt
+    /// started the next call while the downstream still worked on that
+    /// one), nor after a retry already scheduled sooner (a restored record's
+    /// is that same window); a replayed `pending` keeps its time; a
+    /// `success` (the call answered) is due at once.
     pub fn apply_replay(
         rec: &mut TxRecord,
         nonce: &str,
@@ -596,7 +597,10 @@ pub mod machine {
             ),
             State::DeadLetter => Some(after_attempt),
             State::Pending => rec.next_retry_at,
-            State::Success | State::Processing => None,
+            // A lapsed claim: its call was bounded by the lease here, but a
+            // process that died left it running at the downstream.
+            State::Processing => rec.lease_until.map(|u| u + quiet),
+            State::Success => None,
         };
         rec.next_retry_at = not_before.filter(|t| *t > now);
         rec.status = State::Pending;

@@ -216,6 +216,12 @@ pub struct ReplayAccepted {
     pub vendor: Option<String>,
     pub status: State,
     pub message_id: String,
+    /// When the replayed transaction runs, if not at once: a replay right
+    /// after a failed attempt (or a lapsed claim) waits until that call
+    /// can no longer be running at the downstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub due_at: Option<chrono::DateTime<chrono::Utc>>,
     pub message: String,
 }
 
@@ -271,11 +277,20 @@ async fn do_replay(
     };
     match state.replayer.replay_one(key.as_str(), &r).await {
         Ok(Replayed::Requeued { record, message_id }) => {
+            let due_at = record.next_retry_at.filter(|t| *t > crate::clock::now());
             Ok(HttpResponse::Accepted().json(ReplayAccepted {
-                message: format!(
-                    "Transaction {} reset to pending and re-enqueued from the WAL",
-                    record.transaction_id
-                ),
+                message: match due_at {
+                    None => format!(
+                        "Transaction {} reset to pending and re-enqueued from the WAL",
+                        record.transaction_id
+                    ),
+                    Some(t) => format!(
+                        "Transaction {} reset to pending and re-enqueued from the WAL; it runs at {} (its last call may still be running at the downstream until then)",
+                        record.transaction_id,
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                    ),
+                },
+                due_at,
                 transaction_id: record.transaction_id.vendor_id(),
                 vendor: record.vendor,
                 status: record.status,

@@ -250,10 +250,16 @@ pub async fn replay_scope(
             continue;
         }
         let line = match svc.replay_one(id, req).await? {
-            Replayed::Requeued { message_id, .. } => {
+            Replayed::Requeued { message_id, record } => {
                 s.replayed += 1;
                 s.replayed_ids.insert(id.clone());
-                format!("{id}: replayed as message {message_id}")
+                match record.next_retry_at.filter(|t| *t > crate::clock::now()) {
+                    None => format!("{id}: replayed as message {message_id}"),
+                    Some(t) => format!(
+                        "{id}: replayed as message {message_id}, due at {} (its last call may still be running at the downstream until then)",
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                    ),
+                }
             }
             Replayed::Refused(r) => {
                 s.refused += 1;

@@ -277,9 +277,10 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<TxRecord, LedgerError>;
     /// Operator replay (`machine::may_replay`, `machine::apply_replay`):
     /// back to `pending` with a fresh retry budget, due no sooner than
-    /// `quiet` after a failed or dead-lettered attempt ended (a call that
-    /// timed out may still run at the downstream; the replayer passes the
-    /// downstream timeout).
+    /// `quiet` after a failed or dead-lettered attempt ended or a lapsed
+    /// claim's lease (a call that timed out, or whose process died, may
+    /// still run at the downstream; the replayer passes the processor's lock
+    /// duration + downstream timeout).
     async fn replay(
         &self,
         id: &str,

@@ -126,6 +126,10 @@ async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
             .env("RTPD_MAX_RETRIES", "2")
             .env("RTPD_BACKOFF_BASE_SECS", "0.1")
             .env("RTPD_BACKOFF_MAX_SECS", "0.2")
+            // A replay right after the last failed attempt waits lock +
+            // downstream timeout (the call may still run downstream): 5 s.
+            .env("RTPD_LOCK_DURATION_SECS", "3")
+            .env("RTPD_DOWNSTREAM_TIMEOUT_SECS", "2")
             .env("RTPD_LOG_LEVEL", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -200,7 +204,12 @@ async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "{:?}", r.text().await);
+    assert!(r.status().is_success());
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        answer["due_at"].is_string(),
+        "a replay right after a failed attempt says when it runs: {answer}"
+    );
     let done = status("success").await;
     assert_eq!(done["attempts"], 4, "{done}");
     let after = crate::support::process::mock_calls(mock_port).await;
@@ -401,6 +410,7 @@ async fn journaled_success(on: On) {
             reason: None,
             sha256: None,
             wal_ref: None,
+            replay_nonce: None,
         })
         .await
         .unwrap();

@@ -220,6 +220,7 @@ async fn refusal_noted(app: &TestApp, id: &str, body: &str) {
             reason: None,
             sha256: Some(Sha256::of(body.as_bytes())),
             wal_ref: None,
+            replay_nonce: None,
         })
         .await
         .unwrap();

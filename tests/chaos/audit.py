@@ -182,9 +182,16 @@ def check(txs: list, faults: list, ledger: dict[str, dict], calls: dict,
         done = next((e for e in attempts if e["state"] == "success"), None)
         if done is not None:
             later = [e for e in attempts if (e.get("attempt") or 0) > (done.get("attempt") or 0)]
-            # A replay entry in a state other than pending withdraws a replay
-            # whose ledger step did not take: no replay happened.
-            if later and not any(e["kind"] == "replay" and e["state"] == "pending" for e in entries):
+            # A replay entry in a state other than pending withdraws the
+            # replay it names (its ledger step did not take): that one did not
+            # happen. Only a replay journaled after the success explains a
+            # later attempt.
+            withdrawn = {e.get("replay_nonce") for e in entries
+                         if e["kind"] == "replay" and e["state"] != "pending" and e.get("replay_nonce")}
+            replayed = any(e["kind"] == "replay" and e["state"] == "pending"
+                           and e.get("replay_nonce") not in withdrawn
+                           and parse_ts(e["at"]) >= parse_ts(done["at"]) for e in entries)
+            if later and not replayed:
                 violate("attempt_after_journaled_success", t.id, journal=entries, calls=k)
         if attempts and state in ("success", "dead_letter") and attempts[-1]["state"] != state \
                 and not any(e["state"] == state for e in attempts):

@@ -334,7 +334,7 @@ impl World {
             journal: journal.clone(),
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
-            quiet: DOWNSTREAM_TIMEOUT,
+            quiet: LOCK + DOWNSTREAM_TIMEOUT,
         });
         let processor = Arc::new(Processor {
             queue: self.queue.clone(),

@@ -133,6 +133,9 @@ pub const REPLAY: &str = concat!(
                       AND updated_at + make_interval(secs => $5::float8) > $4::timestamptz \
                      THEN updated_at + make_interval(secs => $5::float8) \
                  WHEN status = 'pending' AND next_retry_at > $4::timestamptz THEN next_retry_at \
+                 WHEN status = 'processing' \
+                      AND lease_until + make_interval(secs => $5::float8) > $4::timestamptz \
+                     THEN lease_until + make_interval(secs => $5::float8) \
              END, \
              attempt_base = attempts, retry_count = 0, \
              lease_owner = NULL, lease_until = NULL, updated_at = $4::timestamptz \

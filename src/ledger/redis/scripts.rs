@@ -245,6 +245,8 @@ elseif status == 'dead_letter' then
   nb = after
 elseif status == 'pending' and h[4] then
   nb = tonumber(h[4])
+elseif status == 'processing' and h[2] then
+  nb = tonumber(h[2]) + quiet_us
 end
 if nb and nb > tonumber(now_s) then
   redis.call('HSET', TX, 'next_retry_at', string.format('%.0f', nb))
