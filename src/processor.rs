@@ -58,6 +58,8 @@ pub enum Outcome {
     Skipped(&'static str),
     /// Lost the lock or the claim to someone else; nothing recorded.
     Fenced,
+    /// Another worker holds the claim; the message is left to its lock expiry.
+    Busy,
     /// A dependency failed; the message was left to be redelivered.
     Deferred(DeferCause),
 }
@@ -71,6 +73,7 @@ impl Outcome {
             Outcome::DeadLettered => "dead_letter",
             Outcome::Skipped(_) => "skipped",
             Outcome::Fenced => "fenced",
+            Outcome::Busy => "busy",
             Outcome::Deferred(_) => "deferred",
         }
     }
@@ -133,18 +136,11 @@ enum Held {
     /// lock, so it goes on after the lock is lost.
     Ledger,
     Journal,
-    /// Reading the journal for a success the ledger missed, before a call:
-    /// like the claim, it ends when the lock is lost.
-    JournalRead,
 }
 
 impl Held {
     fn needs_lock(self) -> bool {
-        matches!(self, Held::Claim | Held::Lease | Held::JournalRead)
-    }
-
-    fn is_ledger(self) -> bool {
-        !matches!(self, Held::Journal | Held::JournalRead)
+        matches!(self, Held::Claim | Held::Lease)
     }
 }
 
@@ -281,11 +277,10 @@ impl Processor {
             tracing::warn!(
                 "transaction missing from ledger; restoring it from the journal and the message"
             );
-            match self.restore_from_journal(&m, &reg).await {
-                Err(lost) => return self.lost_hold(lost),
-                Ok(Ok(Restored::Finished)) => return self.skip(&m, "already_done").await,
-                Ok(Ok(Restored::Unfinished)) => {}
-                Ok(Ok(Restored::Conflict)) => {
+            match self.restore_from_journal(&reg).await {
+                Ok(Restored::Finished) => return self.skip(&m, "already_done").await,
+                Ok(Restored::Unfinished) => {}
+                Ok(Restored::Conflict) => {
                     return self
                         .dead_letter_message(
                             &m,
@@ -294,7 +289,7 @@ impl Processor {
                         )
                         .await;
                 }
-                Ok(Err(e)) => return self.defer(&m, e).await,
+                Err(e) => return self.defer(&m, e).await,
             }
             claim = match self
                 .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
@@ -304,23 +299,15 @@ impl Processor {
                 Err(lost) => return self.lost_hold(lost),
             };
         }
-        // Issue 12 item 12: a copy a little early (the broker's clock runs
-        // ahead) waits under its lock for its time instead of being sent
-        // again: a copy rescheduled for the same time comes back early again
-        // at once, and every send whose original's completion fails leaves
-        // one copy more in the queue. The same for a claim held elsewhere
-        // whose lease ends within the lock.
-        let wait = match &claim {
-            Ok((_, ClaimOutcome::NotDue(rec))) => self
-                .due_within_lock(&m, rec.next_retry_at)
-                .map(|due| (due, "copy arrived a little before its retry was due; waiting for it under the lock")),
-            Ok((_, ClaimOutcome::Busy(rec))) => self
-                .due_within_lock(&m, rec.lease_until)
-                .map(|due| (due, "claimed elsewhere until a little later; waiting for the lease to end under the lock")),
-            _ => None,
-        };
-        if let Some((due, why)) = wait {
-            tracing::info!(until = %due, "{why}");
+        if let Ok((_, ClaimOutcome::NotDue(rec))) = &claim
+            && let Some(due) = self.due_within_lock(&m, rec)
+        {
+            // Issue 12 item 12: a copy a little early (the broker's clock
+            // runs ahead) waits under its lock for its time instead of being
+            // sent again: a copy rescheduled for the same time comes back
+            // early again at once, and every send whose original's
+            // completion fails leaves one copy more in the queue.
+            tracing::info!(next_retry_at = %due, "copy arrived a little before its retry was due; waiting for it under the lock");
             crate::clock::sleep((due - crate::clock::now()).to_std().unwrap_or_default()).await;
             claim = match self
                 .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
@@ -334,26 +321,14 @@ impl Processor {
             Ok((sent, ClaimOutcome::Claimed(rec))) => (rec, sent),
             Ok((_, ClaimOutcome::Terminal(_))) => return self.skip(&m, "already_done").await,
             Ok((_, ClaimOutcome::Busy(rec))) => {
-                // Another worker holds the claim (or held it and died, or a
-                // claim of ours was taken though its answer was lost). A copy
-                // due when the lease ends takes this one's place: left locked,
-                // it would come back at every lock expiry while the lease
-                // runs, and each return spends one of its deliveries (issue
-                // 12 item 6; simulation seed 59: ten deliveries burnt behind
-                // one lost claim answer and a journal outage).
-                // Never sooner than a second from now: the ledger's clock (the
-                // lease's) and this one differ a little, and a copy due at
-                // once would come straight back.
-                let floor = crate::clock::now() + chrono::Duration::seconds(1);
-                let at = rec.lease_until.map_or(floor, |u| u.max(floor));
-                tracing::info!(lease_until = ?rec.lease_until, "claimed elsewhere; copy rescheduled for when the lease ends");
-                return self.reschedule_copy(&m, &reg, Some(at), "claim_busy").await;
+                // Another worker holds the claim (or held it and died). Leave
+                // this copy locked: it comes back when the lock expires, by
+                // which time the claim has ended one way or the other.
+                tracing::info!(lease_until = ?rec.lease_until, "claimed elsewhere; message left to its lock expiry");
+                return Outcome::Busy;
             }
             Ok((_, ClaimOutcome::NotDue(rec))) => {
-                tracing::info!(next_retry_at = ?rec.next_retry_at, "copy arrived before its retry was due; rescheduled");
-                return self
-                    .reschedule_copy(&m, &reg, rec.next_retry_at, "retry_rescheduled")
-                    .await;
+                return self.reschedule_early_copy(&m, &reg, &rec).await;
             }
             Ok((_, ClaimOutcome::NotFound)) => {
                 return self
@@ -377,11 +352,10 @@ impl Processor {
         if rec.sha256 != reg.sha256 {
             return self.refuse_stale_copy(&m, &reg, &rec).await;
         }
-        match self.journaled_success(&m, &rec, &claim).await {
-            Ok(Ok(false)) => {}
-            Ok(Ok(true)) => return self.settle_from_journal(&m, &reg, attempt).await,
-            Ok(Err(e)) => return self.defer(&m, DeferCause::Journal(e.to_string())).await,
-            Err(lost) => return self.lost_hold(lost),
+        match self.journaled_success(&rec).await {
+            Ok(false) => {}
+            Ok(true) => return self.settle_from_journal(&m, &reg, attempt).await,
+            Err(e) => return self.defer(&m, e).await,
         }
         // Attempts in the current retry budget: a replay starts a new one.
         // Every attempt that records an outcome ends the budget itself (a
@@ -735,35 +709,25 @@ impl Processor {
     /// failed after the journal write). Read only when an earlier attempt of
     /// this retry budget ended without the ledger recording its outcome
     /// (more attempts than recorded retries), so the hot path does not list
-    /// the journal. While the journal does not answer, the message is held
-    /// under its lock and the claim's lease kept (issue 12 item 6): a copy
-    /// given back at once would come back to a claim still held, and each
-    /// round would spend a delivery and an attempt.
+    /// the journal.
     async fn journaled_success(
         &self,
-        m: &ReceivedMessage,
         rec: &crate::transaction::TxRecord,
-        claim: &Claim<'_>,
-    ) -> Result<Result<bool, WalError>, HoldLost> {
+    ) -> Result<bool, DeferCause> {
         if retries_budget_attempt(rec) <= rec.retry_count + 1 {
-            return Ok(Ok(false));
+            return Ok(false);
         }
-        let read = self
-            .hold(m, Held::JournalRead, Some(claim), || {
-                JournalIndex::refresh_shared(
-                    &self.journal_index,
-                    &self.journal,
-                    rec.created_at,
-                    crate::clock::now(),
-                    crate::journal::SHARED_INDEX_MAX_IDS,
-                )
-            })
-            .await?;
-        if let Err(e) = read {
-            return Ok(Err(e));
-        }
+        JournalIndex::refresh_shared(
+            &self.journal_index,
+            &self.journal,
+            rec.created_at,
+            crate::clock::now(),
+            crate::journal::SHARED_INDEX_MAX_IDS,
+        )
+        .await
+        .map_err(|e| DeferCause::Journal(e.to_string()))?;
         let known = self.journal_index.lock().await.known(&rec.transaction_id);
-        Ok(Ok(known.is_some_and(|k| k.state == State::Success)))
+        Ok(known.is_some_and(|k| k.state == State::Success))
     }
 
     /// Records in the ledger the success the journal already holds, under
@@ -802,9 +766,9 @@ impl Processor {
     fn due_within_lock(
         &self,
         m: &ReceivedMessage,
-        due: Option<chrono::DateTime<chrono::Utc>>,
+        rec: &crate::transaction::TxRecord,
     ) -> Option<chrono::DateTime<chrono::Utc>> {
-        let due = due?;
+        let due = rec.next_retry_at?;
         let margin = chrono::Duration::from_std(self.lock_duration / 4).unwrap_or_default();
         (due + margin <= m.locked_until).then_some(due)
     }
@@ -813,26 +777,29 @@ impl Processor {
     /// differ, or a re-drive crossed a scheduled retry). Completing it could
     /// drop the only copy of the retry, so a copy due at `next_retry_at` is
     /// sent first (with a distinct message id), then this one is completed.
-    async fn reschedule_copy(
+    async fn reschedule_early_copy(
         &self,
         m: &ReceivedMessage,
         reg: &Registration,
-        at: Option<chrono::DateTime<chrono::Utc>>,
-        why: &'static str,
+        rec: &crate::transaction::TxRecord,
     ) -> Outcome {
         let copy = Envelope::new(
             reg.clone(),
             m.body.clone(),
             Delivery::Redrive(Delivery::nonce()),
         )
-        .scheduled_at(at)
+        .scheduled_at(rec.next_retry_at)
         .to_message();
+        tracing::info!(next_retry_at = ?rec.next_retry_at, "copy arrived before its retry was due; rescheduled");
         if let Err(e) = self.queue.send(vec![copy]).await {
             return self
-                .defer(m, DeferCause::Queue(format!("rescheduling a copy: {e}")))
+                .defer(
+                    m,
+                    DeferCause::Queue(format!("rescheduling an early copy: {e}")),
+                )
                 .await;
         }
-        self.skip(m, why).await
+        self.skip(m, "retry_rescheduled").await
     }
 
     /// A copy whose bytes are not the ones the ledger accepted for this id
@@ -917,7 +884,7 @@ impl Processor {
             match &r {
                 Err(e) if e.is_unavailable() => {}
                 _ => {
-                    if what.is_ledger() && r.is_ok() {
+                    if what != Held::Journal && r.is_ok() {
                         self.ledger_down.store(false, Ordering::Relaxed);
                     }
                     if waiting.is_some() {
@@ -932,7 +899,7 @@ impl Processor {
                 tracing::warn!(dependency = ?what, error = %e, "dependency unavailable; keeping the message locked and retrying");
                 waiting = Some(self.waiting.enter());
             }
-            if what.is_ledger() {
+            if what != Held::Journal {
                 self.ledger_down.store(true, Ordering::Relaxed);
             }
             // Never sleep through a good part of the lock: a renewal is due
@@ -992,34 +959,16 @@ impl Processor {
 
     /// Puts a transaction the ledger lost back, as the outcome journal knows
     /// it.
-    async fn restore_from_journal(
-        &self,
-        m: &ReceivedMessage,
-        reg: &Registration,
-    ) -> Result<Result<Restored, DeferCause>, HoldLost> {
-        // Held under the message lock while the journal does not answer, as
-        // before a call: a copy given back at once comes straight back to the
-        // same read, and each round spends a delivery (simulation seed 822).
-        let read = self
-            .hold(m, Held::JournalRead, None, || {
-                JournalIndex::refresh_shared(
-                    &self.journal_index,
-                    &self.journal,
-                    reg.received_at,
-                    crate::clock::now(),
-                    crate::journal::SHARED_INDEX_MAX_IDS,
-                )
-            })
-            .await?;
-        Ok(self.restore_known(reg, read).await)
-    }
-
-    async fn restore_known(
-        &self,
-        reg: &Registration,
-        read: Result<(), WalError>,
-    ) -> Result<Restored, DeferCause> {
-        read.map_err(|e| DeferCause::Journal(e.to_string()))?;
+    async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
+        JournalIndex::refresh_shared(
+            &self.journal_index,
+            &self.journal,
+            reg.received_at,
+            crate::clock::now(),
+            crate::journal::SHARED_INDEX_MAX_IDS,
+        )
+        .await
+        .map_err(|e| DeferCause::Journal(e.to_string()))?;
         let (known, refused) = {
             let idx = self.journal_index.lock().await;
             (

@@ -33,7 +33,7 @@
 //!
 //! Locks held here are forgotten when the service hands the same message
 //! out again (the old lock is gone) and [`HELD_GRACE`] after they ended, so
-//! a message left to its lock expiry (after the processor lost its lock) leaves nothing behind.
+//! a message left to its lock expiry (the processor's `Busy`) leaves nothing behind.
 
 mod auth;
 mod connection;
