@@ -7,8 +7,9 @@
 //! `OTEL_METRIC_EXPORT_INTERVAL` (60 s by default) by the periodic reader,
 //! also on its own thread. A dead collector costs at most one full queue.
 //!
-//! While exports fail, rtpd stops recording spans ([`ExportHealth`]): they
-//! would be dropped anyway, and building them is most of tracing's cost.
+//! While exports fail ([`FAILURES_BEFORE_PAUSE`] in a row: one refused
+//! batch is not an outage), rtpd stops recording spans ([`ExportHealth`]):
+//! they would be dropped anyway, and building them is most of tracing's cost.
 //! Meanwhile a probe thread sends an empty export every [`PROBE_EVERY`];
 //! the first that the collector accepts turns recording back on. The probe
 //! does not depend on traffic, so tracing resumes within one probe interval
@@ -28,7 +29,7 @@ use opentelemetry_sdk::{
 };
 use std::sync::{
     Arc,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicU32, Ordering},
     mpsc,
 };
 use std::time::Duration;
@@ -59,30 +60,46 @@ pub enum OtlpError {
 /// rtpd one small POST (or gRPC call) per interval, during an outage only.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 
-/// Whether the last span export reached the collector; shared by the
-/// exporter (which reports) and the tracing filter (which asks).
+/// How many span exports in a row must fail before rtpd stops recording
+/// spans: one refused batch (a 400 or 413 from a collector that is up) is
+/// not an outage, and must not stop tracing.
+pub const FAILURES_BEFORE_PAUSE: u32 = 3;
+
+/// Whether span exports reach the collector; shared by the exporter (which
+/// reports) and the tracing filter (which asks).
 #[derive(Debug, Default)]
 pub struct ExportHealth {
-    failing: AtomicBool,
+    /// Span exports failed in a row.
+    failures: AtomicU32,
 }
 
 impl ExportHealth {
     fn report(&self, ok: bool) {
-        if self.failing.swap(!ok, Ordering::Relaxed) == ok {
-            if ok {
+        if ok {
+            if self.failures.swap(0, Ordering::Relaxed) >= FAILURES_BEFORE_PAUSE {
                 tracing::warn!("OTLP span export works again; recording spans");
-            } else {
-                tracing::warn!(
-                    probe_every_secs = PROBE_EVERY.as_secs(),
-                    "OTLP span export failed; spans are not recorded until the collector answers again"
-                );
             }
+            return;
+        }
+        let failed = self
+            .failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            })
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        if failed == FAILURES_BEFORE_PAUSE {
+            tracing::warn!(
+                failures = failed,
+                probe_every_secs = PROBE_EVERY.as_secs(),
+                "OTLP span exports keep failing; spans are not recorded until the collector answers again"
+            );
         }
     }
 
     /// Whether new spans should be recorded now.
     pub fn recording(&self) -> bool {
-        !self.failing.load(Ordering::Relaxed)
+        self.failures.load(Ordering::Relaxed) < FAILURES_BEFORE_PAUSE
     }
 }
 
@@ -323,9 +340,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failing_export_stops_recording_and_a_success_resumes_it() {
+    fn exports_failing_in_a_row_stop_recording_and_a_success_resumes_it() {
         let h = ExportHealth::default();
         assert!(h.recording());
+        // One refused batch (a 413, say) from a collector that is up.
+        h.report(false);
+        assert!(h.recording(), "one failed export is not an outage");
+        h.report(true);
+        for _ in 1..FAILURES_BEFORE_PAUSE {
+            h.report(false);
+        }
+        assert!(h.recording(), "a success in between starts the count again");
+        h.report(false);
+        assert!(
+            !h.recording(),
+            "{FAILURES_BEFORE_PAUSE} in a row: an outage"
+        );
+        // The probe keeps failing during the outage.
         h.report(false);
         assert!(!h.recording());
         h.report(true);

@@ -31,8 +31,25 @@ async fn observed<T, E>(
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
     let started = Instant::now();
-    let result = if tracing::Span::current().is_none() {
+    let current = tracing::Span::current();
+    let result = if current.is_none() {
         f.await
+    } else if current
+        .metadata()
+        .is_some_and(|m| m.name() == RECONCILE_PASS)
+    {
+        // A reconcile pass checks every recent transaction: its calls name
+        // the key under an attribute of their own, or the query that finds a
+        // payment by `transaction_id` would return whole passes
+        // (docs/observability.md). What the pass does to one payment (a
+        // re-drive) is a span of its own that names it.
+        let span = tracing::info_span!(
+            "port call",
+            otel.name = %format_args!("{port}.{op}"),
+            otel.kind = kind,
+            checked_key = key,
+        );
+        f.instrument(span).await
     } else {
         let span = tracing::info_span!(
             "port call",
@@ -46,6 +63,9 @@ async fn observed<T, E>(
     metrics::port_call(port, op, result.is_ok(), started.elapsed());
     result
 }
+
+/// The name of a reconcile pass's span (`crate::reconcile`).
+pub const RECONCILE_PASS: &str = "reconcile";
 
 /// A [`Ledger`] that reports every call.
 pub struct InstrumentedLedger(pub Arc<dyn Ledger>);
