@@ -150,15 +150,41 @@ impl JournalIndex {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<(), WalError> {
-        for seg in journal.log.segments(from, to).await? {
-            if self.seen.contains(&seg.key) {
-                continue;
-            }
-            let records = journal.log.read_segment(&seg.key).await?;
+        use futures::StreamExt;
+        let unseen: Vec<String> = (journal.log.segments(from, to).await?)
+            .into_iter()
+            .map(|s| s.key)
+            .filter(|k| !self.seen.contains(k))
+            .collect();
+        let mut reads = journal.log.read_segments(unseen);
+        while let Some(read) = reads.next().await {
+            let (key, records) = read?;
             self.absorb(records);
-            self.seen.insert(seg.key);
+            self.seen.insert(key);
         }
         Ok(())
+    }
+
+    /// The listed segments this index has not read yet.
+    pub fn unseen(&self, listed: Vec<crate::wal::store::ObjectInfo>) -> Vec<String> {
+        listed
+            .into_iter()
+            .map(|s| s.key)
+            .filter(|k| !self.seen.contains(k))
+            .collect()
+    }
+
+    /// Folds in one segment read by the caller.
+    pub fn add_segment(&mut self, key: String, records: Vec<(WalRef, bytes::Bytes)>) {
+        if self.seen.insert(key) {
+            self.absorb(records);
+        }
+    }
+
+    /// Gives up on a segment the store will not return: it is not read again
+    /// by this index (the caller reports it).
+    pub fn skip_segment(&mut self, key: String) {
+        self.seen.insert(key);
     }
 
     /// Transaction ids held; past [`SHARED_INDEX_MAX_IDS`] a shared index
@@ -202,11 +228,10 @@ impl JournalIndex {
                     .collect();
                 (idx.generation, unseen)
             };
-            let mut read = Vec::with_capacity(unseen.len());
-            for key in unseen {
-                let records = journal.log.read_segment(&key).await?;
-                read.push((key, records));
-            }
+            let read: Vec<(String, Vec<(WalRef, bytes::Bytes)>)> = {
+                use futures::TryStreamExt;
+                journal.log.read_segments(unseen).try_collect().await?
+            };
             let mut idx = shared.lock().await;
             if idx.generation != generation {
                 continue; // emptied meanwhile: what this window had seen is gone

@@ -151,6 +151,9 @@ pub struct ReconcileReport {
     pub segments: u64,
     pub records: u64,
     pub unreadable: u64,
+    /// WAL or journal segments the store kept failing to return while it
+    /// answered otherwise (skipped, each logged at ERROR with its key).
+    pub unreadable_segments: u64,
     pub missing_from_ledger: u64,
     /// Missing from the ledger and finished according to the journal: restored, not re-driven.
     pub restored_finished: u64,
@@ -270,8 +273,116 @@ impl LeaseKeeper<'_> {
 
     async fn keep(&mut self) -> Result<(), ReconcileError> {
         match self.opts {
-            Some(l) if self.renewed.elapsed() > l.ttl / 3 => self.acquire().await,
+            Some(l) if self.renewed.elapsed() > l.ttl / 3 => {
+                let mut p = Patience::new();
+                loop {
+                    match self.acquire().await {
+                        Err(e) if p.again("lease", &e).await => {}
+                        r => return r,
+                    }
+                }
+            }
             _ => Ok(()),
+        }
+    }
+}
+
+/// How long one call of a pass is tried again while its dependency is
+/// unavailable (a restart, a pause, a 500), before the pass gives up. Under
+/// faults every few seconds a pass that started over on each error would
+/// never finish: the ledger rebuild, which ingest waits for, least of all.
+/// Under the lease's lifetime, so a pass keeps its lease across a retry.
+pub const DEPENDENCY_PATIENCE: Duration = Duration::from_secs(15);
+
+/// An error a dependency may not give again: it was unavailable.
+trait Transient: std::fmt::Display {
+    fn transient(&self) -> bool;
+}
+
+impl Transient for WalError {
+    fn transient(&self) -> bool {
+        matches!(self, WalError::Unavailable(_))
+    }
+}
+
+impl Transient for LedgerError {
+    fn transient(&self) -> bool {
+        matches!(self, LedgerError::Unavailable(_))
+    }
+}
+
+impl Transient for ReconcileError {
+    fn transient(&self) -> bool {
+        match self {
+            ReconcileError::Wal(e) => e.transient(),
+            ReconcileError::Ledger(e) => e.transient(),
+            ReconcileError::LeaseHeld => false,
+        }
+    }
+}
+
+/// Tries a pass's call again after a transient error, with backoff, for up
+/// to [`DEPENDENCY_PATIENCE`] from the first failure.
+struct Patience {
+    since: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Patience {
+    fn new() -> Patience {
+        Patience {
+            since: None,
+            backoff: Duration::from_millis(100),
+        }
+    }
+
+    /// Whether to try again after `e` (having waited a little).
+    async fn again(&mut self, what: &'static str, e: &impl Transient) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if !e.transient() || since.elapsed() + self.backoff > DEPENDENCY_PATIENCE {
+            return false;
+        }
+        tracing::debug!(error = %e, what, "dependency unavailable during a reconcile pass; trying again");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+        true
+    }
+}
+
+/// The records of segment `key`, tried again while the store fails
+/// ([`Patience`]). `None` when it still fails but the store answers
+/// otherwise: that one object is unreadable (seen with Azurite after a
+/// restart: one blob answering 500 for good) and a recovery pass must not
+/// wait for it forever; it is skipped, as an unreadable record is, and
+/// logged at ERROR with its key for an operator.
+async fn read_or_skip(log: &Log, key: &str) -> Result<Option<Vec<(WalRef, Bytes)>>, WalError> {
+    match patiently("segment read", || log.read_segment(key)).await {
+        Ok(records) => Ok(Some(records)),
+        Err(e) if e.transient() && log.ping().await.is_ok() => {
+            tracing::error!(
+                segment = key,
+                error = %e,
+                patience_secs = DEPENDENCY_PATIENCE.as_secs(),
+                "segment unreadable while the store answers; skipped by this pass (its records are not restored from it)"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `f()`, tried again while it fails transiently ([`Patience`]). Only for
+/// reads and conditional writes: a call that took effect before it failed
+/// is harmless to make again.
+async fn patiently<T, E: Transient, Fut: std::future::Future<Output = Result<T, E>>>(
+    what: &'static str,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, E> {
+    let mut p = Patience::new();
+    loop {
+        match f().await {
+            Err(e) if p.again(what, &e).await => {}
+            r => return r,
         }
     }
 }
@@ -292,7 +403,9 @@ impl Reconciler {
         if let Some(token) = &o.rebuild_token
             && !o.dry_run
         {
-            if let Err(e) = self.ledger.begin_rebuild(token).await {
+            if let Err(e) =
+                patiently("ledger begin_rebuild", || self.ledger.begin_rebuild(token)).await
+            {
                 self.release(o).await;
                 return Err(e.into());
             }
@@ -303,6 +416,8 @@ impl Reconciler {
                 "rebuilding the ledger from the WAL and the journal: it has no intact mark (it lost its data, or it is new, or it was written by a version without the mark), or an operator rebuilds it; new transactions get a 503 until it is marked"
             );
         }
+        // The name is `telemetry::ports::RECONCILE_PASS`: the pass's ledger
+        // calls do not name each transaction they check as `transaction_id`.
         let span = tracing::info_span!(
             "reconcile",
             from = %o.from,
@@ -318,7 +433,7 @@ impl Reconciler {
                 && !o.dry_run
                 && r.complete
             {
-                match self.ledger.mark_intact(token).await {
+                match patiently("ledger mark_intact", || self.ledger.mark_intact(token)).await {
                     Ok(marked) => r.marked_intact = marked,
                     Err(e) => {
                         self.release(o).await;
@@ -449,21 +564,32 @@ impl Reconciler {
 
         // Outcomes of transactions received in the window are journaled after it starts.
         let mut journal = JournalIndex::default();
-        journal
-            .refresh(&self.journal, o.from, crate::clock::now())
+        self.refresh_journal(&mut journal, o.from, &mut report)
             .await?;
 
-        let segments = self.wal.segments(o.from, o.to).await?;
+        let segments = patiently("wal list", || self.wal.segments(o.from, o.to)).await?;
         if let Some(p) = &o.progress {
             p.set_length(segments.len() as u64);
         }
-        for seg in segments {
+        // Read ahead (crate::wal::READ_AHEAD segments at once), each read
+        // tried again while the store is unavailable.
+        let mut reads = futures::StreamExt::buffered(
+            futures::StreamExt::map(futures::stream::iter(segments), |seg| async move {
+                read_or_skip(&self.wal, &seg.key).await
+            }),
+            crate::wal::READ_AHEAD,
+        );
+        while let Some(read) = futures::StreamExt::next(&mut reads).await {
+            let Some(records) = read? else {
+                report.unreadable_segments += 1;
+                continue;
+            };
             report.segments += 1;
             if let Some(p) = &o.progress {
                 p.inc(1);
             }
             lease.keep().await?;
-            for (wal_ref, bytes) in self.wal.read_segment(&seg.key).await? {
+            for (wal_ref, bytes) in records {
                 report.records += 1;
                 // A record whose id is already a key (`<vendor>/<id>`) names
                 // no transaction: unreadable, never another vendor's.
@@ -483,7 +609,7 @@ impl Reconciler {
                 }
                 // The vendor-scoped key, or the key of an entry written
                 // before keys were scoped (then that key is used throughout).
-                let Some(current) = crate::ledger::find(&*self.ledger, &key).await? else {
+                let Some(current) = self.find(&key).await? else {
                     missing.entry(key.clone()).or_default().push(Candidate {
                         wal_ref,
                         sha256: wal.sha256.clone(),
@@ -541,8 +667,7 @@ impl Reconciler {
                 crate::clock::sleep(wait).await;
                 lease.keep().await?;
             }
-            journal
-                .refresh(&self.journal, o.from, crate::clock::now())
+            self.refresh_journal(&mut journal, o.from, &mut report)
                 .await?;
         }
         for (key, candidates) in missing {
@@ -557,7 +682,7 @@ impl Reconciler {
                 continue;
             };
             // Ingest or a processor may have put it back meanwhile.
-            let current = crate::ledger::find(&*self.ledger, &key).await?;
+            let current = self.find(&key).await?;
             let (id, wal_ref) = match &current {
                 Some(c) if c.sha256 != wal.sha256 => {
                     report.conflicting += 1;
@@ -598,6 +723,42 @@ impl Reconciler {
         Ok(report)
     }
 
+    /// The ledger's record of `key` (scoped or from before scoping), tried
+    /// again while the ledger is unavailable.
+    async fn find(&self, key: &TransactionId) -> Result<Option<TxRecord>, LedgerError> {
+        patiently("ledger get", || crate::ledger::find(&*self.ledger, key)).await
+    }
+
+    /// `journal` brought up to now from `from`, tried again while the
+    /// journal's store is unavailable (a retry reads only what is unseen).
+    async fn refresh_journal(
+        &self,
+        journal: &mut JournalIndex,
+        from: DateTime<Utc>,
+        report: &mut ReconcileReport,
+    ) -> Result<(), WalError> {
+        let log = self.journal.log();
+        let listed = patiently("journal list", || log.segments(from, crate::clock::now())).await?;
+        let unseen = journal.unseen(listed);
+        let mut reads = futures::StreamExt::buffered(
+            futures::StreamExt::map(futures::stream::iter(unseen), |key| async move {
+                let read = read_or_skip(log, &key).await;
+                (key, read)
+            }),
+            crate::wal::READ_AHEAD,
+        );
+        while let Some((key, read)) = futures::StreamExt::next(&mut reads).await {
+            match read? {
+                Some(records) => journal.add_segment(key, records),
+                None => {
+                    report.unreadable_segments += 1;
+                    journal.skip_segment(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Which of the WAL records of `key` (an id the ledger lost) stands for
     /// the transaction (issue 12 item 2, rebuild half): the one whose sha256
     /// the journal names (an attempt or a replay of it), else the latest one
@@ -619,12 +780,12 @@ impl Reconciler {
         // registration refused for want of the intact mark is remembered by
         // the ledger in the same step as the refusal.
         let refs: Vec<String> = candidates.iter().map(|c| c.wal_ref.to_string()).collect();
-        let lost_refused: HashSet<String> = self
-            .ledger
-            .refused_while_lost(key.as_str(), &refs)
-            .await?
-            .into_iter()
-            .collect();
+        let lost_refused: HashSet<String> = patiently("ledger refused_while_lost", || {
+            self.ledger.refused_while_lost(key.as_str(), &refs)
+        })
+        .await?
+        .into_iter()
+        .collect();
         let mut refused = journal.refused(key);
         if let Some(bare) = key.unscoped() {
             refused.extend(journal.refused(&bare));
@@ -694,9 +855,7 @@ impl Reconciler {
         if others > 0 {
             tracing::warn!(transaction_id = %key, chosen = %chosen.wal_ref, sha256 = %chosen.sha256, journaled = named.is_some(), others, "several WAL records with other content for one id; restoring the confirmed or latest unrefused one");
         }
-        let wal = match self
-            .wal
-            .read(&chosen.wal_ref)
+        let wal = match patiently("wal read", || self.wal.read(&chosen.wal_ref))
             .await
             .map(|b| serde_json::from_slice::<WalRecord>(&b))
         {
@@ -758,7 +917,12 @@ impl Reconciler {
                     report.missing_from_ledger += 1;
                 }
                 let scheduled = rec.next_retry_at.filter(|t| *t > now);
-                if !o.dry_run && !self.ledger.restore_missing(rec.clone()).await? {
+                if !o.dry_run
+                    && !patiently("ledger restore", || {
+                        self.ledger.restore_missing(rec.clone())
+                    })
+                    .await?
+                {
                     // Someone (a processor) restored it meanwhile; it is in hand.
                     return Ok(true);
                 }
@@ -774,8 +938,8 @@ impl Reconciler {
                 // a processor) may have moved the transaction on since. Read
                 // both again, and put the correction only over the version
                 // just read.
-                journal.refresh(&self.journal, o.from, now).await?;
-                let Some(cur) = crate::ledger::find(&*self.ledger, &id).await? else {
+                self.refresh_journal(journal, o.from, report).await?;
+                let Some(cur) = self.find(&id).await? else {
                     return Ok(true);
                 };
                 let known = known_for(journal, &id);
@@ -786,7 +950,12 @@ impl Reconciler {
                     return Ok(true);
                 };
                 report.corrected_from_journal += 1;
-                if !o.dry_run && !self.ledger.restore_if_unchanged(&cur, rec).await? {
+                if !o.dry_run
+                    && !patiently("ledger restore", || {
+                        self.ledger.restore_if_unchanged(&cur, rec.clone())
+                    })
+                    .await?
+                {
                     tracing::info!(transaction_id = %id, "changed while being corrected; left to the next pass");
                     return Ok(true);
                 }
@@ -807,38 +976,53 @@ impl Reconciler {
         if o.dry_run || !redrive {
             return Ok(true);
         }
-        // A re-drive is an operation of its own, as an operator replay is:
-        // linked to the payment's trace (the WAL record's) and to the pass.
-        // The message carries this span's context, so the processor's
-        // attempt continues it rather than the pass's trace.
-        let span = tracing::info_span!(
-            parent: None,
-            "redrive",
-            transaction_id = TransactionId::vendor_part(id.as_str()),
-            transaction_key = %id,
-            reason = why,
-        );
-        crate::trace_context::link_to(&span, wal.trace_parent.as_deref());
-        crate::trace_context::link_spans(&span, &tracing::Span::current());
-        let msg = span.in_scope(|| {
-            Envelope::new(
-                reg,
-                Bytes::from(wal.payload.into_bytes()),
-                Delivery::Redrive(Delivery::nonce()),
-            )
-            .scheduled_at(scheduled)
-            .to_message()
-        });
-        if let Err(e) = self.queue.send(vec![msg]).instrument(span).await {
+        let (span, msg) = redrive_message(&id, why, reg, wal, scheduled);
+        let sent = self.queue.send(vec![msg]).instrument(span.clone()).await;
+        let _in_redrive = span.enter();
+        if let Err(e) = sent {
             tracing::warn!(transaction_id = %id, error = %e, "re-enqueue failed; stopping this pass");
             return Ok(false);
         }
         tracing::info!(transaction_id = %id, reason = why, "re-driven from the WAL");
+        drop(_in_redrive);
         if let Some(p) = pace {
             tokio::time::sleep(p).await;
         }
         Ok(true)
     }
+}
+
+/// A re-drive's span and message. A re-drive is an operation of its own,
+/// as an operator replay is: linked to the payment's trace (the WAL
+/// record's) and to the pass, not a child of the pass (whose trace would
+/// otherwise hold every payment it re-drives). The message carries this
+/// span's context, so the processor's attempt continues it.
+fn redrive_message(
+    id: &TransactionId,
+    why: &'static str,
+    reg: Registration,
+    wal: WalRecord,
+    scheduled: Option<DateTime<Utc>>,
+) -> (tracing::Span, crate::queue::OutgoingMessage) {
+    let span = tracing::info_span!(
+        parent: None,
+        "redrive",
+        transaction_id = TransactionId::vendor_part(id.as_str()),
+        transaction_key = %id,
+        reason = why,
+    );
+    crate::trace_context::link_to(&span, wal.trace_parent.as_deref());
+    crate::trace_context::link_spans(&span, &tracing::Span::current());
+    let msg = span.in_scope(|| {
+        Envelope::new(
+            reg,
+            Bytes::from(wal.payload.into_bytes()),
+            Delivery::Redrive(Delivery::nonce()),
+        )
+        .scheduled_at(scheduled)
+        .to_message()
+    });
+    (span, msg)
 }
 
 /// One WAL record of an id the ledger lost.
@@ -873,14 +1057,14 @@ impl Reconciler {
         for state in [State::Pending, State::Failed, State::Processing] {
             let mut cursor = None;
             loop {
-                let page = self
-                    .ledger
-                    .list(crate::ledger::ListQuery {
+                let page = patiently("ledger list", || {
+                    self.ledger.list(crate::ledger::ListQuery {
                         state: Some(state),
                         limit: 500,
-                        cursor,
+                        cursor: cursor.clone(),
                     })
-                    .await?;
+                })
+                .await?;
                 for cur in page.items {
                     if seen.contains(&cur.transaction_id) {
                         continue;
@@ -893,9 +1077,7 @@ impl Reconciler {
                     else {
                         continue;
                     };
-                    let wal: WalRecord = match self
-                        .wal
-                        .read(&cur.wal_ref)
+                    let wal: WalRecord = match patiently("wal read", || self.wal.read(&cur.wal_ref))
                         .await
                         .map(|b| serde_json::from_slice::<WalRecord>(&b))
                     {
@@ -928,13 +1110,10 @@ impl Reconciler {
                     // Under the ledger's key: an entry written before keys
                     // were scoped keeps its bare key (the WAL record's is scoped).
                     let reg = wal.registration_as(cur.transaction_id.clone(), &cur.wal_ref);
-                    let msg = Envelope::new(
-                        reg,
-                        Bytes::from(wal.payload.into_bytes()),
-                        Delivery::Redrive(Delivery::nonce()),
-                    )
-                    .to_message();
-                    if let Err(e) = self.queue.send(vec![msg]).await {
+                    let (span, msg) = redrive_message(&cur.transaction_id, why, reg, wal, None);
+                    let sent = self.queue.send(vec![msg]).instrument(span.clone()).await;
+                    let _in_redrive = span.enter();
+                    if let Err(e) = sent {
                         tracing::warn!(transaction_id = %cur.transaction_id, error = %e, "re-enqueue failed; stopping this pass");
                         return Ok(false);
                     }
@@ -961,6 +1140,7 @@ fn record_metrics(r: &ReconcileReport, o: &ReconcileOptions) {
     metrics::reconciler("redriven_pending", r.redriven_pending);
     metrics::reconciler("redriven_failed", r.redriven_failed);
     metrics::reconciler("redriven_processing", r.redriven_processing);
+    metrics::reconciler("unreadable_segments", r.unreadable_segments);
     if o.redrive {
         metrics::reconciler("redriven", r.redriven());
     }

@@ -59,10 +59,11 @@ pub async fn run(opts: Opts) -> anyhow::Result<Ending> {
 }
 
 /// The WAL, the journal and the ledger disagree: ledger entries missing or
-/// wrong, transactions overdue for a re-drive, or WAL records unreadable.
+/// wrong, transactions overdue for a re-drive, or WAL records or segments
+/// unreadable.
 /// (Conflicting records are refused 409s, not drift.)
 pub fn found_drift(report: &ReconcileReport) -> bool {
-    report.drift() + report.redriven() + report.unreadable > 0
+    report.drift() + report.redriven() + report.unreadable + report.unreadable_segments > 0
 }
 
 pub fn print_report(report: &ReconcileReport, dry_run: bool) {
@@ -71,7 +72,7 @@ pub fn print_report(report: &ReconcileReport, dry_run: bool) {
     }
     println!(
         "{} segments, {} records: {} missing from ledger and unfinished (restored), {} missing and finished (restored, never re-driven), \
-         {} corrected from the journal; re-driven {} pending, {} failed, {} processing{}; {} conflicting, {} unreadable",
+         {} corrected from the journal; re-driven {} pending, {} failed, {} processing{}; {} conflicting, {} unreadable; {} segments unreadable (skipped, named in the log)",
         report.segments,
         report.records,
         report.missing_from_ledger,
@@ -82,6 +83,7 @@ pub fn print_report(report: &ReconcileReport, dry_run: bool) {
         report.redriven_processing,
         if dry_run { " (dry run)" } else { "" },
         report.conflicting,
-        report.unreadable
+        report.unreadable,
+        report.unreadable_segments
     );
 }

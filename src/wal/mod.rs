@@ -163,6 +163,9 @@ struct Append {
     span: tracing::Span,
 }
 
+/// Segment reads in flight in [`Log::read_segments`].
+pub const READ_AHEAD: usize = 8;
+
 /// A group-committed log of JSON lines under one key prefix.
 #[derive(Clone)]
 pub struct Log {
@@ -248,6 +251,24 @@ impl Log {
     pub async fn read_segment(&self, key: &str) -> Result<Vec<(WalRef, Bytes)>, WalError> {
         let body = self.store.get(key).await?;
         Ok(split_lines(key, &body))
+    }
+
+    /// The segments `keys`, each with its records, in the order given,
+    /// [`READ_AHEAD`] reads in flight: a recovery pass over thousands of
+    /// small segments (one per flush at a low rate) waits for one object
+    /// store round trip per few segments, not per segment.
+    pub fn read_segments(
+        &self,
+        keys: Vec<String>,
+    ) -> impl futures::Stream<Item = Result<(String, Vec<(WalRef, Bytes)>), WalError>> + Send + '_
+    {
+        use futures::StreamExt;
+        futures::stream::iter(keys)
+            .map(move |key| async move {
+                let records = self.read_segment(&key).await?;
+                Ok((key, records))
+            })
+            .buffered(READ_AHEAD)
     }
 
     pub async fn ping(&self) -> Result<(), WalError> {

@@ -530,3 +530,78 @@ async fn correct_never_undoes_a_replay_made_during_the_correction_redis() {
 async fn correct_never_undoes_a_replay_made_during_the_correction_postgres() {
     correct_never_undoes_a_replay_made_during_the_pass(On::Postgres, 2, true).await
 }
+
+/// Issue 13: a rebuild under faults. A store that fails a few reads is
+/// waited for (the pass tries each read again), not given up on; a segment
+/// the store keeps failing while it answers otherwise (Azurite after a
+/// restart, one blob answering 500 for good) is skipped, counted and
+/// named, and the rest of the ledger is rebuilt (before, the pass failed
+/// on it every time, the ledger was never marked intact, and ingest
+/// answered 503 for good); while the store is down as a whole, nothing is
+/// skipped: the pass fails and is tried again.
+#[tokio::test]
+async fn a_rebuild_waits_out_read_failures_and_skips_only_a_segment_that_never_reads() {
+    use crate::support::stores::Switchable;
+    use rtp_durability::journal::Journal;
+    use rtp_durability::wal::{GroupCommit, JOURNAL_PREFIX, Log, WAL_PREFIX};
+    let app = app_on(On::Sqlite, AppOptions::default()).await;
+    let ids = ["SK-1", "SK-2", "SK-3"];
+    for id in ids {
+        // One at a time: each in a segment of its own.
+        let r = app
+            .post_json(&json!({"transaction_id": id, "amount": "1.00"}))
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    app.drain_until_terminal(&ids).await;
+    let broken = app.record("SK-2").await.wal_ref;
+    for id in ["SK-1", "SK-3"] {
+        assert_ne!(app.record(id).await.wal_ref.key, broken.key);
+    }
+
+    let store = Switchable::new(app.services.wal.store().clone());
+    let on_store = |ledger: Arc<dyn Ledger>| Reconciler {
+        wal: Log::start(store.clone(), WAL_PREFIX, "rebuild", GroupCommit::default()),
+        journal: Journal::new(Log::start(
+            store.clone(),
+            JOURNAL_PREFIX,
+            "rebuild",
+            GroupCommit::default(),
+        )),
+        ledger,
+        ..app.services.reconciler()
+    };
+    let fresh = |name: &str| -> Arc<dyn Ledger> {
+        Arc::new(LocalLedger::open(&app.data_dir().join(name)).unwrap())
+    };
+    let now = Utc::now();
+    let mut o = ReconcileOptions::new(now - ChronoDuration::minutes(5), now, Duration::ZERO);
+    o.redrive = false;
+
+    // A few failed reads: waited out, nothing skipped.
+    let rebuilt = fresh("rebuilt-1.db");
+    store.fail_next_gets(4);
+    let report = on_store(rebuilt.clone()).reconcile(&o).await.unwrap();
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.unreadable_segments, 0, "{report:?}");
+    assert_eq!(report.restored_finished, 3, "{report:?}");
+
+    // One segment that never reads while the store answers: skipped.
+    let rebuilt = fresh("rebuilt-2.db");
+    store.break_object(&broken.key);
+    let report = on_store(rebuilt.clone()).reconcile(&o).await.unwrap();
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.unreadable_segments, 1, "{report:?}");
+    for id in ["SK-1", "SK-3"] {
+        let rec = rebuilt.get(&key(id)).await.unwrap().expect("restored");
+        assert_eq!(rec.status, State::Success, "{id}");
+    }
+    assert!(rebuilt.get(&key("SK-2")).await.unwrap().is_none());
+
+    // The whole store down: the pass fails (after its patience), skipping nothing.
+    store.set_down(true);
+    let rebuilt = fresh("rebuilt-3.db");
+    let err = on_store(rebuilt.clone()).reconcile(&o).await.unwrap_err();
+    assert!(err.to_string().contains("unavailable"), "{err}");
+    assert!(rebuilt.get(&key("SK-1")).await.unwrap().is_none());
+}

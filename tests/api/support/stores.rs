@@ -1,6 +1,8 @@
 //! An object store a test switches: down (every call fails as unavailable,
-//! as Blob Storage does when it is unreachable) or slow (the next listing
-//! waits), around a real store.
+//! as Blob Storage does when it is unreachable), slow (the next listing
+//! waits), failing the next few reads, or with one object that never reads
+//! (Azurite after a restart: one blob answering 500 for good), around a
+//! real store.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -11,7 +13,7 @@ use rtp_durability::wal::{
 };
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 use std::time::Duration;
 
@@ -19,6 +21,8 @@ pub struct Switchable {
     inner: Arc<dyn ObjectStore>,
     down: AtomicBool,
     next_list_delay: Mutex<Option<Duration>>,
+    failing_gets: AtomicUsize,
+    broken: Mutex<Vec<String>>,
 }
 
 impl Switchable {
@@ -27,7 +31,36 @@ impl Switchable {
             inner,
             down: AtomicBool::new(false),
             next_list_delay: Mutex::new(None),
+            failing_gets: AtomicUsize::new(0),
+            broken: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The next `n` reads (get or ranged get) fail as unavailable.
+    pub fn fail_next_gets(&self, n: usize) {
+        self.failing_gets.store(n, Ordering::SeqCst);
+    }
+
+    /// Every read of `key` fails as unavailable from now on; the rest of
+    /// the store answers.
+    pub fn break_object(&self, key: &str) {
+        self.broken.lock().unwrap().push(key.to_owned());
+    }
+
+    fn check_get(&self, key: &str) -> Result<(), StoreError> {
+        self.check()?;
+        if self.broken.lock().unwrap().iter().any(|k| k == key) {
+            return Err(StoreError::Unavailable(format!(
+                "{key}: HTTP 500 (injected)"
+            )));
+        }
+        let took = self
+            .failing_gets
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if took.is_ok() {
+            return Err(StoreError::Unavailable("injected read failure".into()));
+        }
+        Ok(())
     }
 
     pub fn set_down(&self, down: bool) {
@@ -54,11 +87,11 @@ impl ObjectStore for Switchable {
         self.inner.put_new(key, body, opts).await
     }
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.check()?;
+        self.check_get(key)?;
         self.inner.get(key).await
     }
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
-        self.check()?;
+        self.check_get(key)?;
         self.inner.get_range(key, offset, len).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
