@@ -79,6 +79,71 @@ impl Backoff {
     }
 }
 
+/// How long one call of a recovery pass (the reconciler's, a ledger
+/// rebuild's, the processor's journal reads) is tried again while its
+/// dependency is unavailable (a restart, a pause, a 500) before the caller
+/// gives up. Under faults every few seconds a pass that started over on
+/// each error would never finish: the ledger rebuild, which ingest waits
+/// for, least of all. Under the reconciler lease's lifetime, so a pass
+/// keeps its lease across a retry.
+pub const DEPENDENCY_PATIENCE: Duration = Duration::from_secs(15);
+
+/// An error that a dependency may not give again: it was unavailable.
+pub trait Transient: std::fmt::Display {
+    fn transient(&self) -> bool;
+}
+
+/// Tries a call again after a transient error, with back-off (100 ms
+/// doubling to 2 s), for up to [`DEPENDENCY_PATIENCE`] from its first
+/// failure.
+pub struct Patience {
+    since: Option<tokio::time::Instant>,
+    backoff: Backoff,
+}
+
+impl Default for Patience {
+    fn default() -> Patience {
+        Patience::new()
+    }
+}
+
+impl Patience {
+    pub fn new() -> Patience {
+        Patience {
+            since: None,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+        }
+    }
+
+    /// Whether to try again after `e` (having waited a little).
+    pub async fn again(&mut self, what: &'static str, e: &impl Transient) -> bool {
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        let wait = self.backoff.next_delay();
+        if !e.transient() || since.elapsed() + wait > DEPENDENCY_PATIENCE {
+            return false;
+        }
+        tracing::debug!(error = %e, what, "dependency unavailable; trying again");
+        tokio::time::sleep(wait).await;
+        true
+    }
+}
+
+/// `f()`, tried again while it fails transiently ([`Patience`]). Only for
+/// reads and conditional writes: a call that took effect before it failed
+/// is harmless to make again.
+pub async fn patiently<T, E: Transient, Fut: std::future::Future<Output = Result<T, E>>>(
+    what: &'static str,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, E> {
+    let mut p = Patience::new();
+    loop {
+        match f().await {
+            Err(e) if p.again(what, &e).await => {}
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,8 +3,9 @@
 //! before the queue message is settled. With the WAL it is the source of
 //! truth; the ledger can be rebuilt from the two.
 
+use crate::backoff::patiently;
 use crate::transaction::{Registration, Sha256, State, TxRecord};
-use crate::wal::{Log, WalError, WalRef};
+use crate::wal::{Log, Records, WalError, WalRef};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -138,12 +139,17 @@ pub struct JournalIndex {
     seen: std::collections::HashSet<String>,
     entries: std::collections::HashMap<String, Vec<JournalEntry>>,
     pub unreadable: u64,
+    /// Segments the store kept failing to return (skipped; logged at ERROR).
+    pub unreadable_segments: u64,
     /// Bumped each time a shared index starts over.
     generation: u64,
 }
 
 impl JournalIndex {
-    /// Reads every not-yet-seen segment whose partition overlaps `[from, to]`.
+    /// Reads every not-yet-seen segment whose partition overlaps `[from, to]`,
+    /// waiting out a store that is briefly unavailable; a segment the store
+    /// keeps failing while it answers otherwise is skipped and counted
+    /// ([`Log::read_segment_or_skip`], `unreadable_segments`).
     pub async fn refresh(
         &mut self,
         journal: &Journal,
@@ -151,7 +157,8 @@ impl JournalIndex {
         to: DateTime<Utc>,
     ) -> Result<(), WalError> {
         use futures::StreamExt;
-        let unseen: Vec<String> = (journal.log.segments(from, to).await?)
+        let listed = patiently("journal list", || journal.log.segments(from, to)).await?;
+        let unseen: Vec<String> = listed
             .into_iter()
             .map(|s| s.key)
             .filter(|k| !self.seen.contains(k))
@@ -159,32 +166,19 @@ impl JournalIndex {
         let mut reads = journal.log.read_segments(unseen);
         while let Some(read) = reads.next().await {
             let (key, records) = read?;
-            self.absorb(records);
-            self.seen.insert(key);
+            self.add(key, records);
         }
         Ok(())
     }
 
-    /// The listed segments this index has not read yet.
-    pub fn unseen(&self, listed: Vec<crate::wal::store::ObjectInfo>) -> Vec<String> {
-        listed
-            .into_iter()
-            .map(|s| s.key)
-            .filter(|k| !self.seen.contains(k))
-            .collect()
-    }
-
-    /// Folds in one segment read by the caller.
-    pub fn add_segment(&mut self, key: String, records: Vec<(WalRef, bytes::Bytes)>) {
+    /// One segment read (`None`: skipped, unreadable).
+    fn add(&mut self, key: String, records: Option<Records>) {
         if self.seen.insert(key) {
-            self.absorb(records);
+            match records {
+                Some(records) => self.absorb(records),
+                None => self.unreadable_segments += 1,
+            }
         }
-    }
-
-    /// Gives up on a segment the store will not return: it is not read again
-    /// by this index (the caller reports it).
-    pub fn skip_segment(&mut self, key: String) {
-        self.seen.insert(key);
     }
 
     /// Transaction ids held; past [`SHARED_INDEX_MAX_IDS`] a shared index
@@ -210,7 +204,7 @@ impl JournalIndex {
         to: DateTime<Utc>,
         max_ids: usize,
     ) -> Result<(), WalError> {
-        let listed = journal.log.segments(from, to).await?;
+        let listed = patiently("journal list", || journal.log.segments(from, to)).await?;
         loop {
             let (generation, unseen) = {
                 let mut idx = shared.lock().await;
@@ -228,7 +222,7 @@ impl JournalIndex {
                     .collect();
                 (idx.generation, unseen)
             };
-            let read: Vec<(String, Vec<(WalRef, bytes::Bytes)>)> = {
+            let read: Vec<(String, Option<Records>)> = {
                 use futures::TryStreamExt;
                 journal.log.read_segments(unseen).try_collect().await?
             };
@@ -237,9 +231,7 @@ impl JournalIndex {
                 continue; // emptied meanwhile: what this window had seen is gone
             }
             for (key, records) in read {
-                if idx.seen.insert(key) {
-                    idx.absorb(records);
-                } // else another worker merged it meanwhile
+                idx.add(key, records); // unless another worker merged it meanwhile
             }
             return Ok(());
         }

@@ -30,6 +30,7 @@
 //! ledger so every instance sees it. `rebuild-ledger` is the same join with
 //! re-driving switched off.
 
+use crate::backoff::{Patience, Transient, patiently};
 use crate::envelope::{Delivery, Envelope};
 use crate::journal::{Journal, JournalIndex, Known, restored_record};
 use crate::ledger::{Ledger, LedgerError};
@@ -287,102 +288,12 @@ impl LeaseKeeper<'_> {
     }
 }
 
-/// How long one call of a pass is tried again while its dependency is
-/// unavailable (a restart, a pause, a 500), before the pass gives up. Under
-/// faults every few seconds a pass that started over on each error would
-/// never finish: the ledger rebuild, which ingest waits for, least of all.
-/// Under the lease's lifetime, so a pass keeps its lease across a retry.
-pub const DEPENDENCY_PATIENCE: Duration = Duration::from_secs(15);
-
-/// An error a dependency may not give again: it was unavailable.
-trait Transient: std::fmt::Display {
-    fn transient(&self) -> bool;
-}
-
-impl Transient for WalError {
-    fn transient(&self) -> bool {
-        matches!(self, WalError::Unavailable(_))
-    }
-}
-
-impl Transient for LedgerError {
-    fn transient(&self) -> bool {
-        matches!(self, LedgerError::Unavailable(_))
-    }
-}
-
 impl Transient for ReconcileError {
     fn transient(&self) -> bool {
         match self {
             ReconcileError::Wal(e) => e.transient(),
             ReconcileError::Ledger(e) => e.transient(),
             ReconcileError::LeaseHeld => false,
-        }
-    }
-}
-
-/// Tries a pass's call again after a transient error, with backoff, for up
-/// to [`DEPENDENCY_PATIENCE`] from the first failure.
-struct Patience {
-    since: Option<Instant>,
-    backoff: Duration,
-}
-
-impl Patience {
-    fn new() -> Patience {
-        Patience {
-            since: None,
-            backoff: Duration::from_millis(100),
-        }
-    }
-
-    /// Whether to try again after `e` (having waited a little).
-    async fn again(&mut self, what: &'static str, e: &impl Transient) -> bool {
-        let since = *self.since.get_or_insert_with(Instant::now);
-        if !e.transient() || since.elapsed() + self.backoff > DEPENDENCY_PATIENCE {
-            return false;
-        }
-        tracing::debug!(error = %e, what, "dependency unavailable during a reconcile pass; trying again");
-        tokio::time::sleep(self.backoff).await;
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
-        true
-    }
-}
-
-/// The records of segment `key`, tried again while the store fails
-/// ([`Patience`]). `None` when it still fails but the store answers
-/// otherwise: that one object is unreadable (seen with Azurite after a
-/// restart: one blob answering 500 for good) and a recovery pass must not
-/// wait for it forever; it is skipped, as an unreadable record is, and
-/// logged at ERROR with its key for an operator.
-async fn read_or_skip(log: &Log, key: &str) -> Result<Option<Vec<(WalRef, Bytes)>>, WalError> {
-    match patiently("segment read", || log.read_segment(key)).await {
-        Ok(records) => Ok(Some(records)),
-        Err(e) if e.transient() && log.ping().await.is_ok() => {
-            tracing::error!(
-                segment = key,
-                error = %e,
-                patience_secs = DEPENDENCY_PATIENCE.as_secs(),
-                "segment unreadable while the store answers; skipped by this pass (its records are not restored from it)"
-            );
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// `f()`, tried again while it fails transiently ([`Patience`]). Only for
-/// reads and conditional writes: a call that took effect before it failed
-/// is harmless to make again.
-async fn patiently<T, E: Transient, Fut: std::future::Future<Output = Result<T, E>>>(
-    what: &'static str,
-    mut f: impl FnMut() -> Fut,
-) -> Result<T, E> {
-    let mut p = Patience::new();
-    loop {
-        match f().await {
-            Err(e) if p.again(what, &e).await => {}
-            r => return r,
         }
     }
 }
@@ -575,7 +486,7 @@ impl Reconciler {
         // tried again while the store is unavailable.
         let mut reads = futures::StreamExt::buffered(
             futures::StreamExt::map(futures::stream::iter(segments), |seg| async move {
-                read_or_skip(&self.wal, &seg.key).await
+                self.wal.read_segment_or_skip(&seg.key).await
             }),
             crate::wal::READ_AHEAD,
         );
@@ -737,26 +648,12 @@ impl Reconciler {
         from: DateTime<Utc>,
         report: &mut ReconcileReport,
     ) -> Result<(), WalError> {
-        let log = self.journal.log();
-        let listed = patiently("journal list", || log.segments(from, crate::clock::now())).await?;
-        let unseen = journal.unseen(listed);
-        let mut reads = futures::StreamExt::buffered(
-            futures::StreamExt::map(futures::stream::iter(unseen), |key| async move {
-                let read = read_or_skip(log, &key).await;
-                (key, read)
-            }),
-            crate::wal::READ_AHEAD,
-        );
-        while let Some((key, read)) = futures::StreamExt::next(&mut reads).await {
-            match read? {
-                Some(records) => journal.add_segment(key, records),
-                None => {
-                    report.unreadable_segments += 1;
-                    journal.skip_segment(key);
-                }
-            }
-        }
-        Ok(())
+        let skipped = journal.unreadable_segments;
+        let r = journal
+            .refresh(&self.journal, from, crate::clock::now())
+            .await;
+        report.unreadable_segments += journal.unreadable_segments - skipped;
+        r
     }
 
     /// Which of the WAL records of `key` (an id the ledger lost) stands for

@@ -235,6 +235,7 @@ impl Services {
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             resend: Some(self.resend.clone()),
+            ledger_lost: Default::default(),
         }
     }
 

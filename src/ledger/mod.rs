@@ -84,6 +84,12 @@ pub enum LedgerError {
     Fatal(String),
 }
 
+impl crate::backoff::Transient for LedgerError {
+    fn transient(&self) -> bool {
+        matches!(self, LedgerError::Unavailable(_))
+    }
+}
+
 impl LedgerError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, LedgerError::Unavailable(_) | LedgerError::Lost(_))

@@ -163,6 +163,15 @@ struct Append {
     span: tracing::Span,
 }
 
+impl crate::backoff::Transient for WalError {
+    fn transient(&self) -> bool {
+        matches!(self, WalError::Unavailable(_))
+    }
+}
+
+/// The records of one segment, each with its reference.
+pub type Records = Vec<(WalRef, Bytes)>;
+
 /// Segment reads in flight in [`Log::read_segments`].
 pub const READ_AHEAD: usize = 8;
 
@@ -257,18 +266,42 @@ impl Log {
     /// [`READ_AHEAD`] reads in flight: a recovery pass over thousands of
     /// small segments (one per flush at a low rate) waits for one object
     /// store round trip per few segments, not per segment.
+    /// Each read is [`Log::read_segment_or_skip`]: `None` for a segment
+    /// skipped.
     pub fn read_segments(
         &self,
         keys: Vec<String>,
-    ) -> impl futures::Stream<Item = Result<(String, Vec<(WalRef, Bytes)>), WalError>> + Send + '_
-    {
+    ) -> impl futures::Stream<Item = Result<(String, Option<Records>), WalError>> + Send + '_ {
         use futures::StreamExt;
         futures::stream::iter(keys)
             .map(move |key| async move {
-                let records = self.read_segment(&key).await?;
+                let records = self.read_segment_or_skip(&key).await?;
                 Ok((key, records))
             })
             .buffered(READ_AHEAD)
+    }
+
+    /// The records of segment `key`, tried again while the store fails
+    /// ([`crate::backoff::Patience`]). `None` when it still fails but the
+    /// store answers otherwise: that one object is unreadable (seen with
+    /// Azurite after a restart: one blob answering 500 for good) and a
+    /// recovery pass must not wait for it forever. The caller skips it, as
+    /// it skips an unreadable record; it is logged at ERROR with its key.
+    pub async fn read_segment_or_skip(&self, key: &str) -> Result<Option<Records>, WalError> {
+        use crate::backoff::Transient;
+        match crate::backoff::patiently("segment read", || self.read_segment(key)).await {
+            Ok(records) => Ok(Some(records)),
+            Err(e) if e.transient() && self.ping().await.is_ok() => {
+                tracing::error!(
+                    segment = key,
+                    error = %e,
+                    patience_secs = crate::backoff::DEPENDENCY_PATIENCE.as_secs(),
+                    "segment unreadable while the store answers; skipped (its records are not read from it)"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn ping(&self) -> Result<(), WalError> {

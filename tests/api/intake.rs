@@ -165,6 +165,7 @@ fn rig() -> Rig {
         },
         queue: queue.clone(),
         resend: None,
+        ledger_lost: Default::default(),
     };
     Rig {
         intake,

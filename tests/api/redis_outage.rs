@@ -82,6 +82,20 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
     // so nothing is registered before the ledger is rebuilt (issue 12, N1).
     // Other bytes under an acknowledged id, the vendor's retry of a refused
     // POST and a brand-new one: all 503, nothing accepted.
+    // The first refusal comes after its WAL append (the ledger says it is
+    // lost only when asked to register); once intake knows, it asks the
+    // ledger first and writes nothing for the next ones (issue 13: under
+    // retrying vendors each 503 cost a WAL record and a journal note).
+    let wal_segments = || async {
+        let now = chrono::Utc::now();
+        app.services
+            .wal
+            .segments(now - chrono::Duration::hours(1), now)
+            .await
+            .unwrap()
+            .len()
+    };
+    let mut written = None;
     for (id, amount) in [("before-0", 99), ("during-0", 0), ("after-0", 1)] {
         let r = app
             .post_json(&json!({ "transaction_id": id, "amount": amount }))
@@ -94,6 +108,11 @@ async fn losing_redis_loses_no_acknowledged_transaction() {
             body["message"].as_str().unwrap().contains("being rebuilt"),
             "{body}"
         );
+        let n = wal_segments().await;
+        match written {
+            None => written = Some(n),
+            Some(w) => assert_eq!(n, w, "{id}: a WAL record written for a known-lost ledger"),
+        }
     }
     assert!(!app.services.ledger.intact().await.unwrap());
     tokio::time::sleep(rtp_durability::api::health::CHECK_REUSED_FOR + Duration::from_millis(100))

@@ -328,6 +328,7 @@ impl World {
             ledger: self.ledger.clone(),
             queue: self.queue.clone(),
             resend: Some(resend.clone()),
+            ledger_lost: Default::default(),
         });
         p.replayer = Some(Replayer {
             wal: wal.clone(),
