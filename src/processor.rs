@@ -361,9 +361,9 @@ impl Processor {
         // Every attempt that records an outcome ends the budget itself (a
         // failure past it dead-letters), so a claim past the budget means
         // attempts died without an outcome — and one of them may have paid.
-        // One more call, under the same idempotency key, learns that (the
-        // downstream answers 409 "already processed", a success); past it,
-        // a crash loop is dead-lettered.
+        // Up to FINAL_CALLS more calls, under the same idempotency key, learn
+        // that (the downstream answers 409 "already processed", a success);
+        // past them, a crash loop is dead-lettered.
         let tries = retries_budget_attempt(&rec);
         if tries > self.policy.max_retries + 1 + FINAL_CALLS {
             // Earlier attempts died without recording anything (crash loop).
@@ -402,7 +402,9 @@ impl Processor {
             CallResult::Transient {
                 reason,
                 retry_after,
-            } if self.policy.may_retry_after(tries) => {
+            } if self.policy.may_retry_after(tries)
+                || (outcome_unknown(&rec) && tries < self.policy.max_retries + 1 + FINAL_CALLS) =>
+            {
                 let mut delay = self.policy.delay(tries);
                 if let Some(ra) = retry_after {
                     delay = delay.max(ra).min(self.policy.max);
@@ -714,7 +716,7 @@ impl Processor {
         &self,
         rec: &crate::transaction::TxRecord,
     ) -> Result<bool, DeferCause> {
-        if retries_budget_attempt(rec) <= rec.retry_count + 1 {
+        if !outcome_unknown(rec) {
             return Ok(false);
         }
         JournalIndex::refresh_shared(
@@ -1067,11 +1069,23 @@ pub fn deadline_passed(
     rec.expires_at.or(reg.expires_at).filter(|t| *t <= at)
 }
 
+/// Whether an attempt of the current retry budget before this one ended
+/// without recording an outcome (its process died): it may have paid. A
+/// transient failure of a later call then does not end the transaction;
+/// only an answer does (see [`FINAL_CALLS`]).
+fn outcome_unknown(rec: &crate::transaction::TxRecord) -> bool {
+    retries_budget_attempt(rec) > rec.retry_count + 1
+}
+
 /// Attempt number `rec.attempts` counted within the current retry budget
 /// (1 = the first call since registration or since the last replay).
 /// Calls past the retry budget when attempts of it recorded no outcome
-/// (see `process`): to learn whether one of them paid.
-pub const FINAL_CALLS: u32 = 1;
+/// (see `process`): to learn whether one of them paid. More than one, each
+/// after the policy's back-off, so that one downstream blip does not
+/// dead-letter a transaction that may have executed (the fault campaign's
+/// `executed_but_dead_lettered`, seed 1, 2026-11-30: the one final call met
+/// a 5xx storm).
+pub const FINAL_CALLS: u32 = 3;
 
 pub fn retries_budget_attempt(rec: &crate::transaction::TxRecord) -> u32 {
     rec.attempts.saturating_sub(rec.attempt_base)

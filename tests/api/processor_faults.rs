@@ -497,19 +497,59 @@ async fn attempts_without_an_outcome_end_with_a_call_that_learns_one_paid() {
     );
 }
 
-/// ... and past that one call a crash loop is still dead-lettered, without
+/// The fault campaign's `executed_but_dead_lettered` again (seed 1,
+/// 2026-11-30): the one call past the budget met a 5xx storm and the
+/// transaction, which had paid, was dead-lettered. A transient failure of
+/// a call past the budget is tried again (up to `FINAL_CALLS` calls), so
+/// the next call learns that it paid.
+#[tokio::test]
+async fn a_final_call_that_meets_a_downstream_blip_is_tried_again() {
+    let app = spawn_app_with(AppOptions {
+        max_retries: 1,
+        ..Default::default()
+    })
+    .await;
+    let id = "AWO-3";
+    // Call 1 (the lost attempt that paid) ok, call 2 a 503, then ok.
+    let body = json!({"transaction_id": id, "_mock": {"script": ["ok", "503", "ok"]}});
+    app.post_json(&body).await;
+    let key = app.record(id).await.transaction_id.to_string();
+    attempt_without_outcome(&app, &key).await;
+    attempt_without_outcome(&app, &key).await;
+    let paid = app
+        .client
+        .post(format!("{}/process", app.mock_address))
+        .header("Idempotency-Key", &key)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paid.status(), 200);
+    app.drain_until_terminal(&[id]).await;
+    let rec = app.record(id).await;
+    assert_eq!(rec.status, State::Success, "{rec:?}");
+    assert_eq!(
+        calls_for(&app, id).await,
+        3,
+        "the lost attempt's, the 503 and the one that learnt it paid"
+    );
+}
+
+/// ... and past those calls a crash loop is still dead-lettered, without
 /// calling again.
 #[tokio::test]
 async fn a_crash_loop_past_the_final_call_is_dead_lettered_without_a_call() {
+    let max_retries = 1;
     let app = spawn_app_with(AppOptions {
-        max_retries: 1,
+        max_retries,
         ..Default::default()
     })
     .await;
     let id = "AWO-2";
     app.post_json(&json!({"transaction_id": id})).await;
     let key = app.record(id).await.transaction_id.to_string();
-    for _ in 0..3 {
+    // Every attempt of the budget and every final call lost.
+    for _ in 0..max_retries + 1 + rtp_durability::processor::FINAL_CALLS {
         attempt_without_outcome(&app, &key).await;
     }
     app.drain_until_terminal(&[id]).await;
