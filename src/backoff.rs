@@ -88,6 +88,9 @@ impl Backoff {
 /// keeps its lease across a retry.
 pub const DEPENDENCY_PATIENCE: Duration = Duration::from_secs(15);
 
+/// Tries of a call [`Patience`] makes before the clock may end them.
+pub const MIN_TRIES: u32 = 5;
+
 /// An error that a dependency may not give again: it was unavailable.
 pub trait Transient: std::fmt::Display {
     fn transient(&self) -> bool;
@@ -115,11 +118,16 @@ impl Patience {
         }
     }
 
-    /// Whether to try again after `e` (having waited a little).
+    /// Whether to try again after `e` (having waited a little). At least
+    /// [`MIN_TRIES`] tries whatever the clock says: a read polled late (read
+    /// ahead while its caller was busy) must not be given up after two.
     pub async fn again(&mut self, what: &'static str, e: &impl Transient) -> bool {
         let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
         let wait = self.backoff.next_delay();
-        if !e.transient() || since.elapsed() + wait > DEPENDENCY_PATIENCE {
+        if !e.transient()
+            || (self.backoff.failures() >= MIN_TRIES
+                && since.elapsed() + wait > DEPENDENCY_PATIENCE)
+        {
             return false;
         }
         tracing::debug!(error = %e, what, "dependency unavailable; trying again");

@@ -149,7 +149,8 @@ impl JournalIndex {
     /// Reads every not-yet-seen segment whose partition overlaps `[from, to]`,
     /// waiting out a store that is briefly unavailable; a segment the store
     /// keeps failing while it answers otherwise is skipped and counted
-    /// ([`Log::read_segment_or_skip`], `unreadable_segments`).
+    /// ([`Log::read_segment_or_skip`], `unreadable_segments`): for a
+    /// reconcile pass's own index, which then does not count as complete.
     pub async fn refresh(
         &mut self,
         journal: &Journal,
@@ -163,7 +164,7 @@ impl JournalIndex {
             .map(|s| s.key)
             .filter(|k| !self.seen.contains(k))
             .collect();
-        let mut reads = journal.log.read_segments(unseen);
+        let mut reads = journal.log.read_segments(unseen, true);
         while let Some(read) = reads.next().await {
             let (key, records) = read?;
             self.add(key, records);
@@ -192,7 +193,9 @@ impl JournalIndex {
     }
 
     /// [`JournalIndex::refresh`] for an index many workers share (the
-    /// processor's): the lock is held only to pick the unseen segments and to
+    /// processor's), skipping nothing: a segment that cannot be read is an
+    /// error (the processor defers), never a gap the workers would take for
+    /// "no outcome journaled" and call again: the lock is held only to pick the unseen segments and to
     /// merge what was read, never across a list or a read, and the index is
     /// bounded: past `max_ids` ids ([`SHARED_INDEX_MAX_IDS`] in the
     /// processor) it starts over (a new
@@ -224,7 +227,11 @@ impl JournalIndex {
             };
             let read: Vec<(String, Option<Records>)> = {
                 use futures::TryStreamExt;
-                journal.log.read_segments(unseen).try_collect().await?
+                journal
+                    .log
+                    .read_segments(unseen, false)
+                    .try_collect()
+                    .await?
             };
             let mut idx = shared.lock().await;
             if idx.generation != generation {

@@ -115,6 +115,11 @@ pub struct ReconcileOptions {
     /// the token is recorded as the rebuild in progress, and a complete pass
     /// marks the ledger intact with it, before the lease is let go.
     pub rebuild_token: Option<String>,
+    /// An operator accepts that segments the store will not return are
+    /// left out (`rtpd rebuild-ledger --accept-unreadable-segments`): a
+    /// pass that skipped some is then still complete. Otherwise it is not:
+    /// no intact mark, no watermark moved past them.
+    pub accept_unreadable: bool,
     /// A rebuild of a ledger that lost its data: every id missing from it
     /// is restored, however young (a regular pass leaves the youngest to
     /// ingest, whose registration may still be on its way; after a loss no
@@ -142,6 +147,7 @@ impl ReconcileOptions {
             lease: None,
             progress: None,
             rebuild_token: None,
+            accept_unreadable: false,
             rebuild: false,
         }
     }
@@ -259,6 +265,8 @@ struct LeaseKeeper<'a> {
     ledger: &'a dyn Ledger,
     opts: Option<&'a LeaseOptions>,
     renewed: Instant,
+    /// Renewals wait out an unavailable ledger ([`ReconcileOptions::patient_ledger`]).
+    patient: bool,
 }
 
 impl LeaseKeeper<'_> {
@@ -278,13 +286,38 @@ impl LeaseKeeper<'_> {
                 let mut p = Patience::new();
                 loop {
                     match self.acquire().await {
-                        Err(e) if p.again("lease", &e).await => {}
+                        Err(e) if self.patient && p.again("lease", &e).await => {}
                         r => return r,
                     }
                 }
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl ReconcileOptions {
+    /// Whether the pass's ledger calls wait out an unavailable ledger. Not
+    /// in a rebuild: a Redis that restarts (or fails over) mid-rebuild may
+    /// come back without the restores written so far but with the rebuild
+    /// token, and a pass that carried on would mark a ledger with holes;
+    /// the pass ends, and the next one starts over with a new token.
+    fn patient_ledger(&self) -> bool {
+        self.rebuild_token.is_none()
+    }
+}
+
+/// A ledger call of a pass, tried again while the ledger is unavailable
+/// unless the pass is a rebuild ([`ReconcileOptions::patient_ledger`]).
+async fn ledger_call<T, Fut: std::future::Future<Output = Result<T, LedgerError>>>(
+    o: &ReconcileOptions,
+    what: &'static str,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, LedgerError> {
+    if o.patient_ledger() {
+        patiently(what, f).await
+    } else {
+        f().await
     }
 }
 
@@ -307,6 +340,7 @@ impl Reconciler {
             ledger: self.ledger.as_ref(),
             opts: o.lease.as_ref(),
             renewed: Instant::now(),
+            patient: o.patient_ledger(),
         };
         lease.acquire().await?;
         // Only a lease holder records its token: a rebuild waiting for the
@@ -314,8 +348,10 @@ impl Reconciler {
         if let Some(token) = &o.rebuild_token
             && !o.dry_run
         {
-            if let Err(e) =
-                patiently("ledger begin_rebuild", || self.ledger.begin_rebuild(token)).await
+            if let Err(e) = ledger_call(o, "ledger begin_rebuild", || {
+                self.ledger.begin_rebuild(token)
+            })
+            .await
             {
                 self.release(o).await;
                 return Err(e.into());
@@ -344,7 +380,8 @@ impl Reconciler {
                 && !o.dry_run
                 && r.complete
             {
-                match patiently("ledger mark_intact", || self.ledger.mark_intact(token)).await {
+                match ledger_call(o, "ledger mark_intact", || self.ledger.mark_intact(token)).await
+                {
                     Ok(marked) => r.marked_intact = marked,
                     Err(e) => {
                         self.release(o).await;
@@ -520,7 +557,7 @@ impl Reconciler {
                 }
                 // The vendor-scoped key, or the key of an entry written
                 // before keys were scoped (then that key is used throughout).
-                let Some(current) = self.find(&key).await? else {
+                let Some(current) = self.find(o, &key).await? else {
                     missing.entry(key.clone()).or_default().push(Candidate {
                         wal_ref,
                         sha256: wal.sha256.clone(),
@@ -587,13 +624,13 @@ impl Reconciler {
             }
             lease.keep().await?;
             let Some((wal_ref, wal)) = self
-                .choose(&key, &candidates, &journal, o.dry_run, &mut report)
+                .choose(&key, &candidates, &journal, o, &mut report)
                 .await?
             else {
                 continue;
             };
             // Ingest or a processor may have put it back meanwhile.
-            let current = self.find(&key).await?;
+            let current = self.find(o, &key).await?;
             let (id, wal_ref) = match &current {
                 Some(c) if c.sha256 != wal.sha256 => {
                     report.conflicting += 1;
@@ -629,15 +666,22 @@ impl Reconciler {
             record_metrics(&report, o);
             return Ok(report);
         }
-        report.complete = true;
+        // A pass that skipped segments the store would not return did not
+        // see everything: it marks nothing and moves no watermark past them,
+        // unless an operator accepted that.
+        report.complete = report.unreadable_segments == 0 || o.accept_unreadable;
         record_metrics(&report, o);
         Ok(report)
     }
 
     /// The ledger's record of `key` (scoped or from before scoping), tried
     /// again while the ledger is unavailable.
-    async fn find(&self, key: &TransactionId) -> Result<Option<TxRecord>, LedgerError> {
-        patiently("ledger get", || crate::ledger::find(&*self.ledger, key)).await
+    async fn find(
+        &self,
+        o: &ReconcileOptions,
+        key: &TransactionId,
+    ) -> Result<Option<TxRecord>, LedgerError> {
+        ledger_call(o, "ledger get", || crate::ledger::find(&*self.ledger, key)).await
     }
 
     /// `journal` brought up to now from `from`, tried again while the
@@ -669,15 +713,16 @@ impl Reconciler {
         key: &TransactionId,
         candidates: &[Candidate],
         journal: &JournalIndex,
-        o_dry_run: bool,
+        o: &ReconcileOptions,
         report: &mut ReconcileReport,
     ) -> Result<Option<(WalRef, WalRecord)>, ReconcileError> {
+        let o_dry_run = o.dry_run;
         let known = known_for(journal, key);
         // Asked after the settle wait (every pass, rebuild or not): a
         // registration refused for want of the intact mark is remembered by
         // the ledger in the same step as the refusal.
         let refs: Vec<String> = candidates.iter().map(|c| c.wal_ref.to_string()).collect();
-        let lost_refused: HashSet<String> = patiently("ledger refused_while_lost", || {
+        let lost_refused: HashSet<String> = ledger_call(o, "ledger refused_while_lost", || {
             self.ledger.refused_while_lost(key.as_str(), &refs)
         })
         .await?
@@ -815,7 +860,7 @@ impl Reconciler {
                 }
                 let scheduled = rec.next_retry_at.filter(|t| *t > now);
                 if !o.dry_run
-                    && !patiently("ledger restore", || {
+                    && !ledger_call(o, "ledger restore", || {
                         self.ledger.restore_missing(rec.clone())
                     })
                     .await?
@@ -836,7 +881,7 @@ impl Reconciler {
                 // both again, and put the correction only over the version
                 // just read.
                 self.refresh_journal(journal, o.from, report).await?;
-                let Some(cur) = self.find(&id).await? else {
+                let Some(cur) = self.find(o, &id).await? else {
                     return Ok(true);
                 };
                 let known = known_for(journal, &id);
@@ -848,7 +893,7 @@ impl Reconciler {
                 };
                 report.corrected_from_journal += 1;
                 if !o.dry_run
-                    && !patiently("ledger restore", || {
+                    && !ledger_call(o, "ledger restore", || {
                         self.ledger.restore_if_unchanged(&cur, rec.clone())
                     })
                     .await?
@@ -954,7 +999,7 @@ impl Reconciler {
         for state in [State::Pending, State::Failed, State::Processing] {
             let mut cursor = None;
             loop {
-                let page = patiently("ledger list", || {
+                let page = ledger_call(o, "ledger list", || {
                     self.ledger.list(crate::ledger::ListQuery {
                         state: Some(state),
                         limit: 500,

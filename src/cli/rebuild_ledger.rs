@@ -29,6 +29,11 @@ pub struct Opts {
     /// Hide the progress bar
     #[arg(long)]
     pub quiet: bool,
+    /// Mark the ledger intact even if some segments could not be read (the
+    /// store kept failing on them while it answered otherwise; they are
+    /// named in the log): what they held is not restored
+    #[arg(long)]
+    pub accept_unreadable_segments: bool,
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
@@ -44,6 +49,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     );
     o.dry_run = opts.dry_run;
     o.redrive = opts.redrive;
+    o.accept_unreadable = opts.accept_unreadable_segments;
     o.rate_per_sec = 200;
     if !opts.dry_run {
         o.lease = Some(LeaseOptions {
@@ -93,6 +99,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 "set (ingest accepts new transactions)"
             } else if !covers {
                 "not set by this run: its window does not span RTPD_RECONCILE_LOOKBACK_SECS up to now"
+            } else if report.unreadable_segments > 0 && !opts.accept_unreadable_segments {
+                "NOT set: segments could not be read (named in the log); read them (rtpd wal cat), or accept losing what they hold with --accept-unreadable-segments"
             } else {
                 "NOT set (the pass was not complete, or the ledger was lost again): run it again"
             }
@@ -103,5 +111,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         "ledger now: {} pending, {} processing, {} failed, {} success, {} dead_letter",
         counts.pending, counts.processing, counts.failed, counts.success, counts.dead_letter
     );
+    // A rebuild meant to mark the ledger that did not: the operator (or a
+    // script) must not take it for done.
+    if !opts.dry_run && covers && !marked {
+        anyhow::bail!("the ledger was not marked intact (see above); ingest still answers 503");
+    }
     Ok(())
 }

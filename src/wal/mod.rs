@@ -265,17 +265,26 @@ impl Log {
     /// The segments `keys`, each with its records, in the order given,
     /// [`READ_AHEAD`] reads in flight: a recovery pass over thousands of
     /// small segments (one per flush at a low rate) waits for one object
-    /// store round trip per few segments, not per segment.
-    /// Each read is [`Log::read_segment_or_skip`]: `None` for a segment
-    /// skipped.
+    /// store round trip per few segments, not per segment. Each read waits
+    /// out a briefly unavailable store; with `skip_unreadable` a segment
+    /// that still fails while the store answers is `None`
+    /// ([`Log::read_segment_or_skip`]), else an error.
     pub fn read_segments(
         &self,
         keys: Vec<String>,
+        skip_unreadable: bool,
     ) -> impl futures::Stream<Item = Result<(String, Option<Records>), WalError>> + Send + '_ {
         use futures::StreamExt;
         futures::stream::iter(keys)
             .map(move |key| async move {
-                let records = self.read_segment_or_skip(&key).await?;
+                let records = if skip_unreadable {
+                    self.read_segment_or_skip(&key).await?
+                } else {
+                    Some(
+                        crate::backoff::patiently("segment read", || self.read_segment(&key))
+                            .await?,
+                    )
+                };
                 Ok((key, records))
             })
             .buffered(READ_AHEAD)
