@@ -84,8 +84,10 @@ impl Backoff {
 /// dependency is unavailable (a restart, a pause, a 500) before the caller
 /// gives up. Under faults every few seconds a pass that started over on
 /// each error would never finish: the ledger rebuild, which ingest waits
-/// for, least of all. Under the reconciler lease's lifetime, so a pass
-/// keeps its lease across a retry.
+/// for, least of all. With [`MIN_TRIES`] and a store whose calls time out
+/// (Azure's 30 s) one call can wait longer than a reconciler lease; a pass
+/// that loses its lease ends (`LeaseHeld`) and a rebuild's token keeps a
+/// second rebuild's mark apart.
 pub const DEPENDENCY_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Tries of a call [`Patience`] makes before the clock may end them.

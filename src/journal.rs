@@ -147,15 +147,17 @@ pub struct JournalIndex {
 
 impl JournalIndex {
     /// Reads every not-yet-seen segment whose partition overlaps `[from, to]`,
-    /// waiting out a store that is briefly unavailable; a segment the store
+    /// waiting out a store that is briefly unavailable. With
+    /// `skip_unreadable` (an operator accepted the loss) a segment the store
     /// keeps failing while it answers otherwise is skipped and counted
-    /// ([`Log::read_segment_or_skip`], `unreadable_segments`): for a
-    /// reconcile pass's own index, which then does not count as complete.
+    /// ([`Log::read_segment_or_skip`], `unreadable_segments`); else it is an
+    /// error.
     pub async fn refresh(
         &mut self,
         journal: &Journal,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        skip_unreadable: bool,
     ) -> Result<(), WalError> {
         use futures::StreamExt;
         let listed = patiently("journal list", || journal.log.segments(from, to)).await?;
@@ -164,7 +166,7 @@ impl JournalIndex {
             .map(|s| s.key)
             .filter(|k| !self.seen.contains(k))
             .collect();
-        let mut reads = journal.log.read_segments(unseen, true);
+        let mut reads = journal.log.read_segments(unseen, skip_unreadable);
         while let Some(read) = reads.next().await {
             let (key, records) = read?;
             self.add(key, records);

@@ -512,7 +512,7 @@ impl Reconciler {
 
         // Outcomes of transactions received in the window are journaled after it starts.
         let mut journal = JournalIndex::default();
-        self.refresh_journal(&mut journal, o.from, &mut report)
+        self.refresh_journal(o, &mut journal, o.from, &mut report)
             .await?;
 
         let segments = patiently("wal list", || self.wal.segments(o.from, o.to)).await?;
@@ -615,7 +615,7 @@ impl Reconciler {
                 crate::clock::sleep(wait).await;
                 lease.keep().await?;
             }
-            self.refresh_journal(&mut journal, o.from, &mut report)
+            self.refresh_journal(o, &mut journal, o.from, &mut report)
                 .await?;
         }
         for (key, candidates) in missing {
@@ -686,18 +686,37 @@ impl Reconciler {
 
     /// `journal` brought up to now from `from`, tried again while the
     /// journal's store is unavailable (a retry reads only what is unseen).
+    /// A journal segment the store will not return fails the pass before it
+    /// writes anything, unless an operator accepted unreadable segments: a
+    /// pass that acted on a journal with a hole would restore a finished
+    /// transaction as unfinished and re-drive it, or restore bytes whose
+    /// refusal the hole held. (A WAL segment's hole only leaves its own
+    /// records out, and the pass is then not complete.)
     async fn refresh_journal(
         &self,
+        o: &ReconcileOptions,
         journal: &mut JournalIndex,
         from: DateTime<Utc>,
         report: &mut ReconcileReport,
     ) -> Result<(), WalError> {
         let skipped = journal.unreadable_segments;
         let r = journal
-            .refresh(&self.journal, from, crate::clock::now())
+            .refresh(
+                &self.journal,
+                from,
+                crate::clock::now(),
+                o.accept_unreadable,
+            )
             .await;
         report.unreadable_segments += journal.unreadable_segments - skipped;
-        r
+        match r {
+            Err(WalError::Unavailable(e)) if self.journal.log().ping().await.is_ok() => {
+                Err(WalError::Unavailable(format!(
+                    "{e} (the store answers otherwise; if that journal segment is gone for good, `rtpd rebuild-ledger --accept-unreadable-segments` accepts losing what it held)"
+                )))
+            }
+            r => r,
+        }
     }
 
     /// Which of the WAL records of `key` (an id the ledger lost) stands for
@@ -880,7 +899,7 @@ impl Reconciler {
                 // a processor) may have moved the transaction on since. Read
                 // both again, and put the correction only over the version
                 // just read.
-                self.refresh_journal(journal, o.from, report).await?;
+                self.refresh_journal(o, journal, o.from, report).await?;
                 let Some(cur) = self.find(o, &id).await? else {
                     return Ok(true);
                 };

@@ -114,7 +114,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     // A rebuild meant to mark the ledger that did not: the operator (or a
     // script) must not take it for done.
     if !opts.dry_run && covers && !marked {
-        anyhow::bail!("the ledger was not marked intact (see above); ingest still answers 503");
+        anyhow::bail!(
+            "the ledger was not marked intact (see above); a Redis ledger without its mark answers new transactions 503"
+        );
     }
     Ok(())
 }

@@ -51,6 +51,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<Ending> {
         .reconcile_when_free(&o, Duration::from_secs(60))
         .await?;
     print_report(&report, opts.dry_run);
+    if !report.complete && !opts.dry_run {
+        anyhow::bail!(
+            "the pass stopped short of the whole window ({} segments could not be read; a failed re-enqueue stops it too; the log says which)",
+            report.unreadable_segments
+        );
+    }
     Ok(if opts.dry_run && found_drift(&report) {
         Ending::Drift
     } else {

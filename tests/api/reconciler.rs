@@ -543,6 +543,7 @@ async fn correct_never_undoes_a_replay_made_during_the_correction_postgres() {
 async fn a_rebuild_waits_out_read_failures_and_skips_only_a_segment_that_never_reads() {
     use crate::support::stores::Switchable;
     use rtp_durability::journal::Journal;
+    use rtp_durability::wal::store::ObjectStore;
     use rtp_durability::wal::{GroupCommit, JOURNAL_PREFIX, Log, WAL_PREFIX};
     let app = app_on(On::Sqlite, AppOptions::default()).await;
     let ids = ["SK-1", "SK-2", "SK-3"];
@@ -610,6 +611,36 @@ async fn a_rebuild_waits_out_read_failures_and_skips_only_a_segment_that_never_r
         .unwrap();
     assert!(report.complete, "{report:?}");
     assert_eq!(report.unreadable_segments, 1, "{report:?}");
+
+    // A journal segment that never reads: the pass fails before it writes
+    // anything (it would act on a journal with a hole: a finished payment
+    // taken for unfinished and re-driven), and says how to accept the loss.
+    let journal_segment = store
+        .list(JOURNAL_PREFIX)
+        .await
+        .unwrap()
+        .first()
+        .expect("the outcomes are journaled")
+        .key
+        .clone();
+    store.break_object(&journal_segment);
+    let rebuilt = fresh("rebuilt-4.db");
+    let err = on_store(rebuilt.clone()).reconcile(&o).await.unwrap_err();
+    assert!(
+        err.to_string().contains("--accept-unreadable-segments"),
+        "{err}"
+    );
+    assert_eq!(
+        rebuilt.counts().await.unwrap().total(),
+        0,
+        "nothing written"
+    );
+    let report = on_store(fresh("rebuilt-4b.db"))
+        .reconcile(&accepting)
+        .await
+        .unwrap();
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.unreadable_segments, 2, "{report:?}");
 
     // The whole store down: the pass fails (after its patience), skipping nothing.
     store.set_down(true);

@@ -264,6 +264,7 @@ async fn a_refusal_whose_journal_note_failed_is_not_restored_over_the_acknowledg
         &other.journal,
         now - chrono::Duration::hours(1),
         chrono::Utc::now() + chrono::Duration::hours(1),
+        false,
     )
     .await
     .unwrap();

@@ -136,6 +136,10 @@ def table(report: dict) -> str:
                  f"calls without key {d['calls_without_key']}")
     lines.append(f"WAL: {s['wal_records_checked']} acknowledged records read back byte-identical "
                  f"from {s['wal_segments_read']} segments; {s['journal_entries']} journal entries read")
+    accepted = [f for f in report.get("faults", []) if (f.get("detail") or {}).get("accepted_unreadable_segments")]
+    if accepted:
+        lines.append(f"rebuilds that accepted unreadable segments (named twice by rtpd rebuild-ledger): {len(accepted)}: "
+                     + ", ".join(k for f in accepted for k in f["detail"]["accepted_unreadable_segments"]))
     if s.get("journal_segments_unreadable"):
         lines.append("journal segments the store would not return (left out of the checks; "
                      "an Azurite restart has lost a blob this way): "

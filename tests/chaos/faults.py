@@ -35,6 +35,9 @@ KINDS: dict[str, tuple[str, int]] = {
 
 INFRA = {"redis", "broker", "azurite"}
 
+# A WAL or journal segment's key, as rtpd names it in its errors and logs.
+SEGMENT_KEY = re.compile(r"(?:wal|outcomes)/v1/[0-9/]+/[^\s\"',;)]+\.ndjson")
+
 
 @dataclass
 class Fault:
@@ -218,9 +221,12 @@ class Injector:
         # The CLI exits on the first dependency error (another fault may be
         # under way); the operator runs it again, for up to 10 tries.
         # A segment the store will not return (Azurite after a restart has
-        # lost a blob this way) keeps the mark off: the operator reads the
-        # message, and runs it again accepting that loss.
+        # lost a blob this way) keeps the mark off and the CLI names it. An
+        # operator accepts the loss only for a segment that failed the same
+        # way twice (one that failed during a pause would read next time);
+        # the campaign's report counts such rebuilds.
         accept: list[str] = []
+        named_before: set[str] = set()
         for attempt in range(1, 11):
             r = self.stack.cli("rebuild-ledger", "--from", start, "--quiet", *accept, timeout=120)
             text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
@@ -229,8 +235,11 @@ class Injector:
             if r.returncode == 0:
                 break
             if "--accept-unreadable-segments" in text and not accept:
-                accept = ["--accept-unreadable-segments"]
-                f.detail["accepted_unreadable_segments"] = True
+                named = set(SEGMENT_KEY.findall(text))
+                if named & named_before:
+                    accept = ["--accept-unreadable-segments"]
+                    f.detail["accepted_unreadable_segments"] = sorted(named & named_before)
+                named_before = named
             time.sleep(5)
         else:
             raise RuntimeError(f"rtpd rebuild-ledger failed 10 times: {tail[-1] if tail else ''}")
