@@ -459,6 +459,20 @@ async fn attempt_without_outcome(app: &TestApp, key: &str) {
     tokio::time::sleep(Duration::from_millis(5)).await;
 }
 
+/// The downstream call of a lost attempt that paid: made as the processor
+/// makes it, under the transaction's key.
+async fn paid_by_a_lost_attempt(app: &TestApp, key: &str, body: String) {
+    let paid = app
+        .client
+        .post(format!("{}/process", app.mock_address))
+        .header("Idempotency-Key", key)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paid.status(), 200);
+}
+
 /// The fault campaign's `executed_but_dead_lettered` (seed 2, 2026-11-30):
 /// attempts whose process died mid-call spent the retry budget, one of them
 /// had paid, and the next claim dead-lettered without asking. Past the
@@ -478,15 +492,7 @@ async fn attempts_without_an_outcome_end_with_a_call_that_learns_one_paid() {
     // the second of which reached the downstream and paid.
     attempt_without_outcome(&app, &key).await;
     attempt_without_outcome(&app, &key).await;
-    let paid = app
-        .client
-        .post(format!("{}/process", app.mock_address))
-        .header("Idempotency-Key", &key)
-        .body(r#"{"transaction_id":"AWO-1"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(paid.status(), 200);
+    paid_by_a_lost_attempt(&app, &key, r#"{"transaction_id":"AWO-1"}"#.into()).await;
     app.drain_until_terminal(&[id]).await;
     let rec = app.record(id).await;
     assert_eq!(rec.status, State::Success, "{rec:?}");
@@ -516,15 +522,7 @@ async fn a_final_call_that_meets_a_downstream_blip_is_tried_again() {
     let key = app.record(id).await.transaction_id.to_string();
     attempt_without_outcome(&app, &key).await;
     attempt_without_outcome(&app, &key).await;
-    let paid = app
-        .client
-        .post(format!("{}/process", app.mock_address))
-        .header("Idempotency-Key", &key)
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(paid.status(), 200);
+    paid_by_a_lost_attempt(&app, &key, body.to_string()).await;
     app.drain_until_terminal(&[id]).await;
     let rec = app.record(id).await;
     assert_eq!(rec.status, State::Success, "{rec:?}");
