@@ -719,15 +719,7 @@ impl Processor {
         if !outcome_unknown(rec) {
             return Ok(false);
         }
-        JournalIndex::refresh_shared(
-            &self.journal_index,
-            &self.journal,
-            rec.created_at,
-            crate::clock::now(),
-            crate::journal::SHARED_INDEX_MAX_IDS,
-        )
-        .await
-        .map_err(|e| DeferCause::Journal(e.to_string()))?;
+        self.read_journal_since(rec.created_at).await?;
         let known = self.journal_index.lock().await.known(&rec.transaction_id);
         Ok(known.is_some_and(|k| k.state == State::Success))
     }
@@ -959,18 +951,27 @@ impl Processor {
         self.ledger_down.load(Ordering::Relaxed)
     }
 
-    /// Puts a transaction the ledger lost back, as the outcome journal knows
-    /// it.
-    async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
+    /// Brings the processor's shared journal index up to now from `from`; a
+    /// journal that cannot be read defers the message.
+    async fn read_journal_since(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), DeferCause> {
         JournalIndex::refresh_shared(
             &self.journal_index,
             &self.journal,
-            reg.received_at,
+            from,
             crate::clock::now(),
             crate::journal::SHARED_INDEX_MAX_IDS,
         )
         .await
-        .map_err(|e| DeferCause::Journal(e.to_string()))?;
+        .map_err(|e| DeferCause::Journal(e.to_string()))
+    }
+
+    /// Puts a transaction the ledger lost back, as the outcome journal knows
+    /// it.
+    async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
+        self.read_journal_since(reg.received_at).await?;
         let (known, refused) = {
             let idx = self.journal_index.lock().await;
             (
