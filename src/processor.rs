@@ -352,7 +352,10 @@ impl Processor {
         if rec.sha256 != reg.sha256 {
             return self.refuse_stale_copy(&m, &reg, &rec).await;
         }
-        match self.journaled_success(&rec).await {
+        match self
+            .under_claim(&m, &claim, "the journal read", self.journaled_success(&rec))
+            .await
+        {
             Ok(false) => {}
             Ok(true) => return self.settle_from_journal(&m, &reg, attempt).await,
             Err(e) => return self.defer(&m, e).await,
@@ -580,35 +583,51 @@ impl Processor {
             .await)
     }
 
-    /// Calls the downstream, renewing the message lock and keeping the
-    /// claim's lease while the call runs. Both run beside the call, so a
-    /// slow renewal never keeps the call's own timeout from ending it.
+    /// Calls the downstream under the claim (see [`Processor::under_claim`]).
     async fn call_keeping_claim(&self, m: &ReceivedMessage, c: &Claim<'_>) -> CallResult {
         let call = self.downstream.call(c.id, c.attempt, m.body.clone());
+        self.under_claim(m, c, "the call", call).await
+    }
+
+    /// Runs `work` (the call, or the journal read before it) renewing the
+    /// message lock and keeping the claim's lease beside it, so a slow
+    /// renewal never holds the work up. Without this, a journal read longer
+    /// than the lease (after a ledger loss, with the blob store faulty)
+    /// let the lease lapse: another worker took the transaction over, read
+    /// as slowly and lapsed in turn, each takeover an attempt without a call,
+    /// until the crash-loop guard dead-lettered a transaction that had paid
+    /// (fault campaign seed 1, `executed_but_dead_lettered`, 2026-11-30).
+    async fn under_claim<T>(
+        &self,
+        m: &ReceivedMessage,
+        c: &Claim<'_>,
+        what: &'static str,
+        work: impl Future<Output = T>,
+    ) -> T {
         let renew = async {
             let every = (self.lock_duration / 2).max(Duration::from_millis(200));
             loop {
                 crate::clock::sleep(every).await;
                 match self.queue.renew_lock(m).await {
                     Ok(until) => tracing::debug!(%until, "lock renewed"),
-                    // The ledger lease still fences the outcome; keep the call.
+                    // The ledger lease still fences the outcome; keep working.
                     Err(QueueError::LockLost) => {
-                        tracing::warn!("message lock lost during the call");
+                        tracing::warn!(during = what, "message lock lost");
                         std::future::pending::<()>().await;
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not renew message lock"),
+                    Err(e) => tracing::warn!(during = what, error = %e, "could not renew message lock"),
                 }
             }
         };
-        let call_renewing = async {
-            tokio::pin!(call);
+        let renewing = async {
+            tokio::pin!(work);
             tokio::select! {
                 biased;
-                r = &mut call => r,
-                _ = renew => call.await,
+                r = &mut work => r,
+                _ = renew => work.await,
             }
         };
-        self.keeping(Some(c), call_renewing).await
+        self.keeping(Some(c), renewing).await
     }
 
     /// Journal, then ledger, then (retry copy and) settlement.
