@@ -615,7 +615,9 @@ impl Processor {
                         tracing::warn!(during = what, "message lock lost");
                         std::future::pending::<()>().await;
                     }
-                    Err(e) => tracing::warn!(during = what, error = %e, "could not renew message lock"),
+                    Err(e) => {
+                        tracing::warn!(during = what, error = %e, "could not renew message lock")
+                    }
                 }
             }
         };
