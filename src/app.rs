@@ -1,7 +1,12 @@
 //! The HTTP application: binds its own listener, serves the API's routes.
 
 use crate::api::{self, ApiState};
-use actix_web::{App, HttpServer, dev::Server, middleware::from_fn, web};
+use actix_web::{
+    App, HttpServer,
+    dev::Server,
+    middleware::{Condition, from_fn},
+    web,
+};
 use anyhow::Context;
 use std::net::TcpListener;
 
@@ -22,20 +27,21 @@ impl Application {
         state: ApiState,
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
-        Self::build_routes(state, listener, api::configure)
+        Self::build_routes(state, listener, api::configure, true)
     }
 
     /// Only health and metrics (for `rtpd processor`'s probes).
     pub fn build_health_only(state: ApiState) -> anyhow::Result<Application> {
         let addr = state.settings.http_addr;
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        Self::build_routes(state, listener, api::configure_health)
+        Self::build_routes(state, listener, api::configure_health, false)
     }
 
     fn build_routes(
         state: ApiState,
         listener: TcpListener,
         routes: fn(&mut web::ServiceConfig, web::Data<ApiState>),
+        ingest: bool,
     ) -> anyhow::Result<Application> {
         let port = listener.local_addr()?.port();
         // A slow request head is cut off by actix (408); a slow body by
@@ -45,8 +51,9 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(from_fn(api::limits::guard))
-                // Outside the guard, so its refusals are counted too.
-                .wrap(from_fn(api::count_ingest))
+                // Outside the guard, so its refusals are counted too; only
+                // where the route is served (not `rtpd processor`'s probes).
+                .wrap(Condition::new(ingest, from_fn(api::count_ingest)))
                 .configure(|cfg| routes(cfg, state.clone()))
         })
         .client_request_timeout(head_timeout)

@@ -22,8 +22,9 @@ use crate::ledger::{Counts, Ledger, LedgerError};
 use crate::transaction::State;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CodeLabel {
+struct IngestLabel {
     code: u16,
+    caller: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,7 +88,7 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 
 struct Metrics {
     registry: Registry,
-    ingest_requests: Family<CodeLabel, Counter>,
+    ingest_requests: Family<IngestLabel, Counter>,
     ingest_seconds: Histogram,
     wal_flush_seconds: Family<LogLabel, Histogram>,
     wal_flush_records: Family<LogLabel, Histogram>,
@@ -114,10 +115,10 @@ fn get() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| {
         let mut registry = Registry::with_prefix("rtpd");
-        let ingest_requests = Family::<CodeLabel, Counter>::default();
+        let ingest_requests = Family::<IngestLabel, Counter>::default();
         registry.register(
             "ingest_requests",
-            "Transaction POSTs by response status",
+            "Transaction POSTs by response status and caller (credentialed, unverified, anonymous)",
             ingest_requests.clone(),
         );
         let ingest_seconds = Histogram::new(latency_buckets());
@@ -425,7 +426,7 @@ impl Otel {
         let o = Otel {
             ingest_requests: i.counter(
                 "rtpd_ingest_requests",
-                "Transaction POSTs by response status",
+                "Transaction POSTs by response status and caller (credentialed, unverified, anonymous)",
             ),
             ingest_seconds: i.seconds(
                 "rtpd_ingest_duration_seconds",
@@ -497,15 +498,24 @@ pub fn exported_over_otlp() -> bool {
 }
 
 /// One answer to `POST /v1/transactions`, whoever gave it (counted by
-/// `api::count_ingest`, outside the limits).
-pub fn ingest_answered(code: u16) {
+/// `api::count_ingest`, outside the limits), with who the caller turned out
+/// to be: `credentialed` (a key, token or signature that checked out),
+/// `unverified` (signature headers not verified by the time of the answer)
+/// or `anonymous` (none, or a wrong one). The 5xx alert reads
+/// `credentialed` only, so outsiders cannot move it.
+pub fn ingest_answered(code: u16, caller: &'static str) {
     get()
         .ingest_requests
-        .get_or_create(&CodeLabel { code })
+        .get_or_create(&IngestLabel { code, caller })
         .inc();
     if let Some(o) = otel() {
-        o.ingest_requests
-            .add(1, &[KeyValue::new("code", i64::from(code))]);
+        o.ingest_requests.add(
+            1,
+            &[
+                KeyValue::new("code", i64::from(code)),
+                KeyValue::new("caller", caller),
+            ],
+        );
     }
 }
 

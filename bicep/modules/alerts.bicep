@@ -2,9 +2,12 @@
 //   dead letters   Service Bus metric DeadletteredMessages on the queue > 0
 //   oldest pending rtpd's OTLP gauge rtpd_oldest_pending_age_seconds (App
 //                  Insights customMetrics, sent by the metrics collector app)
-//   5xx rate       share of transaction POSTs answered 5xx: rtpd's counter
-//                  rtpd_ingest_requests{code} (customMetrics), which
-//                  counts load shedding's 503s too. Not the
+//   5xx rate       share of credentialed transaction POSTs answered 5xx:
+//                  rtpd's counter rtpd_ingest_requests{code, caller}
+//                  (customMetrics) with caller == "credentialed", which
+//                  counts load shedding's 503s to vendors with an API key
+//                  too; outsiders (anonymous, forged or not yet verified
+//                  signatures) can neither raise nor dilute it. Not the
 //                  requests table: spans are sampled and lost while the
 //                  agent is unreachable; the counter is exported whatever
 //                  the sampling.
@@ -134,7 +137,7 @@ resource http5xx 'Microsoft.Insights/scheduledQueryRules@2022-08-01-preview' = {
     criteria: {
       allOf: [
         {
-          query: 'customMetrics | where name == "rtpd_ingest_requests" and cloud_RoleName == "${apiRoleName}" | extend code = toint(customDimensions.code) | summarize total = sum(value), failed = sumif(value, code >= 500) | where total >= 20 | project percent_5xx = 100.0 * failed / total'
+          query: 'customMetrics | where name == "rtpd_ingest_requests" and cloud_RoleName == "${apiRoleName}" | where tostring(customDimensions.caller) == "credentialed" | extend code = toint(customDimensions.code) | summarize total = sum(value), failed = sumif(value, code >= 500) | where total >= 20 | project percent_5xx = 100.0 * failed / total'
           timeAggregation: 'Maximum'
           metricMeasureColumn: 'percent_5xx'
           operator: 'GreaterThan'

@@ -449,7 +449,16 @@ pub async fn guard(
     } else if super::is_probe_route(req.path()) {
         acquire(&state.probes).map(Held::Kept)
     } else {
-        match state.caller(req.request()) {
+        let caller = state.caller(req.request());
+        super::note_caller(
+            req.request(),
+            match caller {
+                Caller::Credentialed => "credentialed",
+                Caller::Signed => "unverified",
+                Caller::Other => "anonymous",
+            },
+        );
+        match caller {
             Caller::Credentialed => acquire(&state.in_flight).map(Held::Kept),
             Caller::Signed => match source.map(|s| state.sources.admit_unverified(s)) {
                 Some(Err(e)) => return refuse(&state, req, e).await,

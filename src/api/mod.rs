@@ -52,25 +52,86 @@ pub fn is_probe_route(path: &str) -> bool {
 }
 
 /// Counts every answer to `POST /v1/transactions` in
-/// `rtpd_ingest_requests{code}`, once, whatever gave it: the handler, or a
-/// limit in [`limits::guard`] before it (a 503 when the in-flight pools are
-/// full, a 429, 431, 400, 415). The 5xx alert and the workbook read this
-/// counter, so a load-shedding 503 must be in it. Wrapped outside the guard
-/// (in `app.rs`); the handler itself counts nothing.
+/// `rtpd_ingest_requests{code, caller}`, once, whatever gave it: the
+/// handler, or a limit in [`limits::guard`] before it (a 503 when the
+/// in-flight pools are full, a 429, 431, 400, 415). The 5xx alert and the
+/// workbook read this counter, so a load-shedding 503 must be in it.
+/// Wrapped outside the guard (in `app.rs`, for the api role only); the
+/// handler itself counts nothing. Also counted: a percent-encoded path the
+/// router serves as the route (`/v1/%74ransactions`), a request whose
+/// client went away before the answer (`499`, as nginx logs it), and a
+/// handler that panicked (`500`: actix sends nothing then). Answers actix
+/// gives before the app sees the request (408, 400 or 431 on the head)
+/// never reach it and are not counted.
 pub async fn count_ingest(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let ingest = req.method() == Method::POST && req.path() == INGEST_PATH;
-    let res = next.call(req).await;
+    let ingest = req.method() == Method::POST && is_ingest_path(req.path());
+    let mut unanswered = None;
     if ingest {
+        let caller = IngestCaller::default();
+        let h = req.headers();
+        let presents = CREDENTIAL_HEADERS.iter().any(|n| h.contains_key(*n));
+        caller
+            .0
+            .set(if presents { "unverified" } else { "anonymous" });
+        req.extensions_mut().insert(caller.clone());
+        unanswered = Some(Unanswered {
+            caller,
+            answered: false,
+        });
+    }
+    let res = next.call(req).await;
+    if let Some(u) = &mut unanswered {
+        u.answered = true;
         let status = match &res {
             Ok(res) => res.status(),
             Err(e) => e.as_response_error().status_code(),
         };
-        crate::metrics::ingest_answered(status.as_u16());
+        crate::metrics::ingest_answered(status.as_u16(), u.caller.0.get());
     }
     res
+}
+
+/// Whether `path` is the ingest route as the router reads it: percent-
+/// decoded, so `/v1/%74ransactions` is the route too.
+fn is_ingest_path(path: &str) -> bool {
+    path == INGEST_PATH
+        || (path.contains('%')
+            && percent_encoding::percent_decode_str(path)
+                .decode_utf8()
+                .is_ok_and(|p| p == INGEST_PATH))
+}
+
+/// Who an ingest request's caller turned out to be, for
+/// `rtpd_ingest_requests{caller}`: set from the headers by
+/// [`count_ingest`], then by the guard ([`note_caller`]) and by the
+/// handler once a credential checks out.
+#[derive(Clone, Default)]
+pub struct IngestCaller(std::rc::Rc<std::cell::Cell<&'static str>>);
+
+/// Records `caller` for the ingest counter, if the request is counted.
+pub fn note_caller(req: &HttpRequest, caller: &'static str) {
+    if let Some(c) = req.extensions().get::<IngestCaller>() {
+        c.0.set(caller);
+    }
+}
+
+/// An ingest request being served; dropped unanswered (the client went
+/// away, or the handler panicked), it is counted as such.
+struct Unanswered {
+    caller: IngestCaller,
+    answered: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            let code = if std::thread::panicking() { 500 } else { 499 };
+            crate::metrics::ingest_answered(code, self.caller.0.get());
+        }
+    }
 }
 
 /// The ingest route's path.
@@ -393,6 +454,7 @@ impl ApiState {
             self.sources.vouch(rejected::source_of(client));
         }
         req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
+        note_caller(req, "credentialed");
         if let Some(limiter) = &self.limiter
             && let Err(not_until) = limiter.check_key(&vendor.to_owned())
         {
@@ -407,6 +469,7 @@ impl ApiState {
 
     pub fn admin(&self, req: &HttpRequest) -> Result<Principal, ApiError> {
         if let Some(p) = self.auth.admin(bearer(req)) {
+            note_caller(req, "credentialed");
             return Ok(p);
         }
         // A valid vendor credential on an operator route is a permission problem, not an identity one.

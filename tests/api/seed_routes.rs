@@ -33,7 +33,7 @@ async fn metrics_are_json_for_plain_clients_and_prometheus_on_request() {
     );
     let text = text.text().await.unwrap();
     for needle in [
-        "rtpd_ingest_requests_total{code=\"202\"}",
+        "rtpd_ingest_requests_total{code=\"202\",caller=\"credentialed\"}",
         "rtpd_ingest_duration_seconds_bucket",
         "rtpd_wal_flush_duration_seconds_bucket",
         "rtpd_downstream_duration_seconds_bucket",

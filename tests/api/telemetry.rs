@@ -740,14 +740,123 @@ async fn without_export_only_a_scrape_reads_the_ledger_gauges() {
     assert_eq!(counts_calls(&scrape().await), 2.0);
 }
 
-/// `rtpd_ingest_requests_total{code}` as a scrape shows it (0 when absent).
+/// `rtpd_ingest_requests_total{code}` as a scrape shows it, over every
+/// caller (0 when absent).
 fn ingest_count(text: &str, code: u16) -> f64 {
-    let line_start = format!("rtpd_ingest_requests_total{{code=\"{code}\"}} ");
+    let code = format!("code=\"{code}\"");
+    text.lines()
+        .filter(|l| l.starts_with("rtpd_ingest_requests_total{") && l.contains(&code))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `rtpd_ingest_requests_total{code, caller}` as a scrape shows it (0 when absent).
+fn ingest_count_by(text: &str, code: u16, caller: &str) -> f64 {
+    let line_start = format!("rtpd_ingest_requests_total{{code=\"{code}\",caller=\"{caller}\"}} ");
     text.lines()
         .find(|l| l.starts_with(&line_start))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Issue 15 findings 7 and 8: every ingest answer names who the caller
+/// turned out to be (the 5xx alert reads `credentialed` only, so
+/// outsiders cannot move it), a percent-encoded path the router serves as
+/// the route is counted, and a client that goes away mid-request is
+/// counted once.
+#[tokio::test]
+async fn ingest_requests_name_the_caller() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = support::spawn_app().await;
+    let body = |id: &str| json!({ "transaction_id": id, "amount": "1.00" }).to_string();
+    assert_eq!(
+        app.post_json(&json!({"transaction_id": "CL-1"}))
+            .await
+            .status(),
+        202
+    );
+    let signed = body("CL-2");
+    assert_eq!(
+        app.post_signed(&signed, support::now_unix()).await.status(),
+        202
+    );
+    let encoded = app
+        .client
+        .post(format!("{}/v1/%74ransactions", app.address))
+        .header("Content-Type", "application/json")
+        .header("X-Api-Key", support::API_KEY)
+        .body(body("CL-3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(encoded.status(), 202, "the router serves it as the route");
+    assert_eq!(
+        app.post_raw(body("CL-4"), "application/json", None)
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        app.post_raw(body("CL-5"), "application/json", Some("wrong-key"))
+            .await
+            .status(),
+        401
+    );
+    let forged = app
+        .post_with_signature(
+            &body("CL-6"),
+            support::now_unix(),
+            &format!("v1={}", "0".repeat(64)),
+        )
+        .await;
+    assert_eq!(forged.status(), 401);
+    let text = prometheus(&app).await;
+    for (code, caller, n) in [
+        (202, "credentialed", 3.0),
+        (401, "anonymous", 2.0),
+        (401, "unverified", 1.0),
+        (401, "credentialed", 0.0),
+    ] {
+        assert_eq!(
+            ingest_count_by(&text, code, caller),
+            n,
+            "{code} {caller}:\n{text}"
+        );
+    }
+
+    // A client that sends half its body and goes away: counted once.
+    let before = prometheus(&app).await;
+    let total = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("rtpd_ingest_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    {
+        let mut s = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /v1/transactions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+             X-Api-Key: {}\r\nContent-Length: 200\r\n\r\n{{\"transaction_id\":",
+            support::API_KEY
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = s.shutdown().await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = prometheus(&app).await;
+        if total(&after) > total(&before) || std::time::Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(total(&after) - total(&before), 1.0, "{after}");
 }
 
 /// Holds an in-flight slot by sending the body of a POST slowly (about 4 s);
