@@ -17,7 +17,7 @@ use std::time::Duration;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::{
     EnvFilter, Layer,
-    filter::{self, FilterExt, Targets},
+    filter::{self, Targets},
     fmt,
     layer::Context,
     prelude::*,
@@ -114,9 +114,8 @@ where
     let spans = Targets::new()
         .with_default(Level::WARN)
         .with_target("rtp_durability", Level::INFO);
-    // While the collector fails, no spans are built at all (see ExportHealth).
-    let health = exporters.health.clone();
-    let spans = spans.and(filter::filter_fn(move |_| health.recording()));
+    // While the collector fails, spans are made unsampled (see
+    // otlp::WhileExportsWork): not exported, but their context travels.
     exporters.tracer.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("rtpd"))

@@ -8,9 +8,11 @@
 //! also on its own thread. A dead collector costs at most one full queue.
 //!
 //! While exports fail ([`FAILURES_BEFORE_PAUSE`] in a row: one refused
-//! batch is not an outage), rtpd stops recording spans ([`ExportHealth`]):
-//! they would be dropped anyway, and building them is most of tracing's cost.
-//! Meanwhile a probe thread sends an empty export every [`PROBE_EVERY`];
+//! batch is not an outage), rtpd stops recording spans ([`ExportHealth`],
+//! [`WhileExportsWork`]): they would be dropped anyway. They are still
+//! made, unsampled, so trace context keeps travelling (WAL records,
+//! messages and downstream calls carry a `traceparent` with the sampled
+//! flag off) and the logs keep their trace ids. Meanwhile a probe thread sends an empty export every [`PROBE_EVERY`];
 //! the first that the collector accepts turns recording back on. The probe
 //! does not depend on traffic, so tracing resumes within one probe interval
 //! of the collector's return, whatever the request pattern.
@@ -25,7 +27,10 @@ use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
     metrics::{PeriodicReader, SdkMeterProvider},
-    trace::{BatchSpanProcessor, SdkTracerProvider, SpanData},
+    trace::{
+        BatchSpanProcessor, Config, SamplingDecision, SamplingResult, SdkTracerProvider,
+        ShouldSample, SpanData,
+    },
 };
 use std::sync::{
     Arc,
@@ -126,6 +131,49 @@ fn start_probe(
         })
         .map_err(|e| OtlpError::Build(format!("probe thread: {e}")))?;
     Ok(stop)
+}
+
+/// The operator's sampler (`OTEL_TRACES_SAMPLER`, every trace by default)
+/// while span exports work; while they fail, no span is sampled — but each
+/// still gets its trace and span ids, so the context that crosses process
+/// boundaries does not stop with the collector (issue 15 finding 2; before,
+/// no span was made at all and nothing carried a `traceparent`). A span
+/// whose parent was made unsampled during the outage follows the operator's
+/// sampler after it: parent-based samplers (the default) leave it
+/// unsampled, as its trace was at the root.
+#[derive(Debug, Clone)]
+struct WhileExportsWork {
+    health: Arc<ExportHealth>,
+    configured: Arc<dyn ShouldSample>,
+}
+
+impl ShouldSample for WhileExportsWork {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        span_kind: &opentelemetry::trace::SpanKind,
+        attributes: &[KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> SamplingResult {
+        let result = self.configured.should_sample(
+            parent_context,
+            trace_id,
+            name,
+            span_kind,
+            attributes,
+            links,
+        );
+        if self.health.recording() {
+            return result;
+        }
+        SamplingResult {
+            decision: SamplingDecision::Drop,
+            attributes: Vec::new(),
+            trace_state: result.trace_state,
+        }
+    }
 }
 
 /// The OTLP span exporter, reporting each export's result to [`ExportHealth`].
@@ -308,7 +356,12 @@ pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
         };
         let probe = start_probe(span_exporter(over)?, health.clone())?;
         let batch = BatchSpanProcessor::builder(exporter).build();
+        let sampler = WhileExportsWork {
+            health: health.clone(),
+            configured: Arc::from(Config::default().sampler),
+        };
         let provider = SdkTracerProvider::builder()
+            .with_sampler(sampler)
             .with_span_processor(batch)
             .with_resource(resource.clone())
             .build();

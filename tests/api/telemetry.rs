@@ -612,6 +612,26 @@ async fn tracing_resumes_once_the_collector_is_back() {
     // 100 ms, 0.5 s each), so none is left to reach the collector later
     // and mistake a stale export for recovery.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Issue 15 finding 2: with recording off, trace context still travels
+    // (unsampled): the payment's downstream call carries a traceparent.
+    post(&client, &base, &key, "DARK-1").await;
+    let calls = crate::support::process::poll_json(
+        &format!("http://127.0.0.1:{mock_port}/calls"),
+        Duration::from_secs(20),
+        |calls| calls["by_key"]["dev-vendor/DARK-1"].is_object(),
+    )
+    .await;
+    let sent = &calls["by_key"]["dev-vendor/DARK-1"]["traceparents"];
+    let tp = sent[0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no traceparent: {calls}"));
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    assert!(parts[1].len() == 32 && parts[1] != "0".repeat(32), "{tp}");
+    assert_eq!(
+        parts[3], "00",
+        "unsampled while the collector is down: {tp}"
+    );
 
     let receiver = OtlpReceiver::start_on(collector_port);
     let deadline = std::time::Instant::now() + Duration::from_secs(12);
