@@ -615,6 +615,15 @@ impl Reconciler {
                 crate::clock::sleep(wait).await;
                 lease.keep().await?;
             }
+        }
+        // Every id left in `missing` was missing from the ledger when the
+        // walk looked; an outcome the ledger held before it lost it was
+        // journaled before it was settled, so a journal read from now on
+        // holds it — the one from the start of the pass may predate it
+        // (simulation seed 982: a success journaled 0.1 s after the pass's
+        // first read, the ledger lost, the transaction restored as
+        // unfinished and called again).
+        if missing.keys().any(|k| !seen.contains(k)) {
             self.refresh_journal(o, &mut journal, o.from, &mut report)
                 .await?;
         }
