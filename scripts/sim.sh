@@ -33,7 +33,7 @@ lock=()
 
 case $mode in
     budget)
-        SIM_SEEDS=${seeds:-300} exec cargo nextest run --test sim -E 'test(seed_budget)' --no-capture ;;
+        SIM_SEEDS=${seeds:-300} exec cargo nextest run --test sim -E 'test(seed_budget) | test(regression_seeds)' --no-capture ;;
     replay)
         SIM_SEED=$seed exec cargo nextest run --test sim --run-ignored only -E 'test(replay_seed)' --no-capture ;;
     explore)

@@ -241,7 +241,7 @@ pub async fn check(
             let forced = h
                 .replays
                 .iter()
-                .any(|r| r.id == c.id && r.force && r.at >= t && r.at <= c.start);
+                .any(|r| r.id == c.id && r.force && r.done >= t && r.at <= c.start);
             if !forced {
                 add(
                     inv::CALL_AFTER_SUCCESS,

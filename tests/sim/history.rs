@@ -46,7 +46,11 @@ pub struct Post {
 pub struct Replay {
     pub id: String,
     pub force: bool,
+    /// When the operator asked ...
     pub at: DateTime<Utc>,
+    /// ... and when the answer came: a forced replay asked while an attempt
+    /// was in flight takes effect once it has ended, success or not.
+    pub done: DateTime<Utc>,
     /// The replay was accepted (a copy was enqueued).
     pub requeued: bool,
 }

@@ -135,6 +135,25 @@ fn seed_budget_part_3() {
     seed_budget(2);
 }
 
+/// Seeds outside the CI budget that once broke an invariant, each fixed
+/// since: they run in CI too, so the defect does not come back unseen.
+/// 456: a replay whose ledger answer was lost; 488 and 982: a call after a
+/// journaled success (a reconcile pass restored from a journal read older
+/// than the ledger's loss); 451: a forced replay asked while the attempt
+/// that succeeded was in flight (the check, not the code, was wrong).
+const REGRESSION_SEEDS: &[u64] = &[451, 456, 488, 982];
+
+#[test]
+fn regression_seeds() {
+    let failures: Vec<String> = REGRESSION_SEEDS
+        .iter()
+        .map(|s| run_seed(*s))
+        .filter(|r| !r.violations.is_empty())
+        .map(|r| format!("{}; replay: {}", summary(&r), replay_line(r.seed)))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 fn seed_budget(part: u64) {
     let n = env_u64("SIM_SEEDS", 300);
     let known = known_defects();

@@ -544,6 +544,7 @@ impl World {
             id,
             force,
             at,
+            done: self.rec.now(),
             requeued,
         });
     }
