@@ -1,11 +1,12 @@
 //! Logs, traces and metrics export. Logging: human-readable by default, JSON
 //! with `RTPD_LOG_FORMAT=json`. Payloads are never logged; lines about a
-//! transaction carry its id. Traces and metrics go out over OTLP when the
-//! standard `OTEL_EXPORTER_OTLP_*` variables (or `rtpd dev --otlp`) say where
-//! ([`otlp`]); trace context crosses processes as W3C `traceparent`
+//! transaction carry its id. Traces, metrics and the log lines go out over
+//! OTLP when the standard `OTEL_EXPORTER_OTLP_*` variables (or `rtpd dev
+//! --otlp`) say where ([`otlp`], [`logs`]); trace context crosses processes as W3C `traceparent`
 //! ([`crate::trace_context`]); ledger and queue calls are traced by the
 //! decorators in [`ports`].
 
+pub mod logs;
 pub mod otlp;
 pub mod ports;
 
@@ -63,6 +64,7 @@ impl Telemetry {
         let Exporters {
             tracer,
             meter,
+            logger,
             probe,
             ..
         } = self.exporters;
@@ -90,6 +92,11 @@ impl Telemetry {
         if let Some(m) = meter {
             flush(Box::new(move || {
                 let _ = m.shutdown_with_timeout(SHUTDOWN_FLUSH);
+            }));
+        }
+        if let Some(l) = logger {
+            flush(Box::new(move || {
+                let _ = l.shutdown_with_timeout(SHUTDOWN_FLUSH);
             }));
         }
         for _ in 0..flushing {
@@ -143,10 +150,13 @@ pub fn init(format: LogFormat, level: &str, over: &OtlpOverride) -> Result<Telem
     } else {
         ",actix_http::h1::dispatcher=off"
     };
-    let filter = EnvFilter::try_new(format!(
+    let directives = format!(
         "{level},actix_server=warn,actix_web=warn,hyper=warn,reqwest=warn,h2=warn,tonic=warn,opentelemetry=warn{quiet_dispatcher}"
-    ))
-    .unwrap_or_else(|_| EnvFilter::new("info"));
+    );
+    let log_filter = || EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter();
+    // The same lines as the console log, over OTLP.
+    let exported_logs = logs::LogBridge::new(exporters.logger.as_ref()).with_filter(log_filter());
     // The filter is the log's, per layer, so the counter still sees what
     // the log leaves out.
     let counter = ProtocolErrors.with_filter(filter::filter_fn(|m| {
@@ -154,7 +164,8 @@ pub fn init(format: LogFormat, level: &str, over: &OtlpOverride) -> Result<Telem
     }));
     let registry = tracing_subscriber::registry()
         .with(counter)
-        .with(otel_layer(&exporters));
+        .with(otel_layer(&exporters))
+        .with(exported_logs);
     let result = match format {
         LogFormat::Json => registry
             .with(

@@ -22,10 +22,11 @@
 //! ([`instance_id`]).
 
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
+    logs::SdkLoggerProvider,
     metrics::{PeriodicReader, SdkMeterProvider},
     trace::{
         BatchSpanProcessor, Config, SamplingDecision, SamplingResult, SdkTracerProvider,
@@ -42,10 +43,12 @@ use std::time::Duration;
 const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 const METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
-const PROTOCOL_VARS: [&str; 3] = [
+const LOGS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT";
+const PROTOCOL_VARS: [&str; 4] = [
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
     "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
 ];
 const SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
 /// The service name when `OTEL_SERVICE_NAME` does not say otherwise.
@@ -206,8 +209,9 @@ impl opentelemetry_sdk::trace::SpanExporter for HealthReporting {
 /// Where to export, when it is not the environment's business.
 #[derive(Debug, Clone, Default)]
 pub struct OtlpOverride {
-    /// OTLP/HTTP base URL (`http://127.0.0.1:4318`): `/v1/traces` and
-    /// `/v1/metrics` are appended, as for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// OTLP/HTTP base URL (`http://127.0.0.1:4318`): `/v1/traces`,
+    /// `/v1/metrics` and `/v1/logs` are appended, as for
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub endpoint: Option<String>,
 }
 
@@ -215,6 +219,8 @@ pub struct OtlpOverride {
 pub struct Exporters {
     pub tracer: Option<SdkTracerProvider>,
     pub meter: Option<SdkMeterProvider>,
+    /// The log lines, with the trace and span they were written in.
+    pub logger: Option<SdkLoggerProvider>,
     pub health: Arc<ExportHealth>,
     /// Dropping it stops the probe thread.
     pub probe: Option<mpsc::Sender<()>>,
@@ -225,15 +231,30 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// Which signals the configuration asks to export.
-pub fn wanted(over: &OtlpOverride) -> (bool, bool) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub traces: bool,
+    pub metrics: bool,
+    pub logs: bool,
+}
+
+/// Which signals the configuration asks to export: all three with
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `--otlp`), each with its own
+/// `..._TRACES_`, `..._METRICS_`, `..._LOGS_ENDPOINT`.
+pub fn wanted(over: &OtlpOverride) -> Wanted {
     if env(SDK_DISABLED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
-        return (false, false);
+        return Wanted {
+            traces: false,
+            metrics: false,
+            logs: false,
+        };
     }
     let all = over.endpoint.is_some() || env(ENDPOINT).is_some();
-    (
-        all || env(TRACES_ENDPOINT).is_some(),
-        all || env(METRICS_ENDPOINT).is_some(),
-    )
+    Wanted {
+        traces: all || env(TRACES_ENDPOINT).is_some(),
+        metrics: all || env(METRICS_ENDPOINT).is_some(),
+        logs: all || env(LOGS_ENDPOINT).is_some(),
+    }
 }
 
 /// Refuses protocol values this build cannot speak, naming the variable
@@ -323,6 +344,17 @@ fn span_exporter(over: &OtlpOverride) -> Result<SpanExporter, OtlpError> {
     built.map_err(|e| OtlpError::Build(e.to_string()))
 }
 
+fn log_exporter(over: &OtlpOverride) -> Result<LogExporter, OtlpError> {
+    let built = match &over.endpoint {
+        Some(base) => LogExporter::builder()
+            .with_http()
+            .with_endpoint(with_path(base, "v1/logs"))
+            .build(),
+        None => LogExporter::builder().build(),
+    };
+    built.map_err(|e| OtlpError::Build(e.to_string()))
+}
+
 fn metric_exporter(over: &OtlpOverride) -> Result<MetricExporter, OtlpError> {
     let built = match &over.endpoint {
         Some(base) => MetricExporter::builder()
@@ -337,12 +369,17 @@ fn metric_exporter(over: &OtlpOverride) -> Result<MetricExporter, OtlpError> {
 /// Builds the exporters the configuration asks for (none when no endpoint is
 /// set). Must run inside the Tokio runtime: the gRPC transport needs it.
 pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
-    let (traces, metrics) = wanted(over);
+    let Wanted {
+        traces,
+        metrics,
+        logs,
+    } = wanted(over);
     let health = Arc::new(ExportHealth::default());
-    if !traces && !metrics {
+    if !traces && !metrics && !logs {
         return Ok(Exporters {
             tracer: None,
             meter: None,
+            logger: None,
             health,
             probe: None,
         });
@@ -374,6 +411,19 @@ pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
         Some(
             SdkMeterProvider::builder()
                 .with_reader(reader)
+                .with_resource(resource.clone())
+                .build(),
+        )
+    } else {
+        None
+    };
+    // Log lines go through the SDK's batch processor too (bounded queue,
+    // `OTEL_BLRP_MAX_QUEUE_SIZE`, its own thread): a dead collector drops
+    // them and never holds up the line on the console.
+    let logger = if logs {
+        Some(
+            SdkLoggerProvider::builder()
+                .with_batch_exporter(log_exporter(over)?)
                 .with_resource(resource)
                 .build(),
         )
@@ -383,6 +433,7 @@ pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
     Ok(Exporters {
         tracer,
         meter,
+        logger,
         health,
         probe,
     })

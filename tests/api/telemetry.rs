@@ -560,6 +560,72 @@ async fn wait_for_log(log: &std::path::Path, text: &str, within: Duration) {
     }
 }
 
+/// Issue 15 finding 3: the log lines go out over OTLP too, each with the
+/// trace and span it was written in — a payment's retry warning joins the
+/// payment's trace — and lines outside any span (start-up) without one.
+#[tokio::test]
+async fn log_lines_go_out_over_otlp_with_their_trace() {
+    let receiver = OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let _dev = spawn_dev_with(
+        rtpd(),
+        dir.path(),
+        api_port,
+        mock_port,
+        &["--otlp", &receiver.url],
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_BLRP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let key = api_key(dir.path());
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/transactions"))
+        .header("X-Api-Key", &key)
+        .json(&json!({"transaction_id": "LOG-1", "amount": "1.00", "_mock": {"script": ["503", "ok"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    receiver
+        .wait_for(
+            Duration::from_secs(30),
+            "the retry warning in the payment's trace",
+            |r| {
+                let spans = r.spans();
+                let Some(ingest) = spans.iter().find(|s| {
+                    s.name == "POST /v1/transactions"
+                        && s.attributes.get("transaction_id").map(String::as_str) == Some("LOG-1")
+                }) else {
+                    return false;
+                };
+                r.logs().iter().any(|l| {
+                    l.body == "transient failure; retry scheduled"
+                        && l.severity_text == "WARN"
+                        && l.trace_id == ingest.trace_id
+                        && !l.span_id.is_empty()
+                        && l.attributes.get("attempt").map(String::as_str) == Some("1")
+                })
+            },
+        )
+        .await;
+    let logs = receiver.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.trace_id.is_empty() && !l.body.is_empty()),
+        "lines outside any span go out too: {logs:?}"
+    );
+    assert!(
+        logs.iter()
+            .all(|l| l.resource.contains_key("service.instance.id")),
+        "{logs:?}"
+    );
+}
+
 /// The collector is down while payments arrive, then comes back: the
 /// payments after it returns are traced again, without waiting for luck.
 #[tokio::test]

@@ -1,10 +1,11 @@
 //! Real OTLP receivers for tests, decoding with the official OpenTelemetry
 //! definitions (`opentelemetry-proto`'s prost types) and keeping what they
-//! got for the test to read: OTLP/HTTP (`POST /v1/traces` and `/v1/metrics`
-//! in binary protobuf) with [`OtlpReceiver::start`], OTLP/gRPC (the trace
+//! got for the test to read: OTLP/HTTP (`POST /v1/traces`, `/v1/metrics`
+//! and `/v1/logs` in binary protobuf) with [`OtlpReceiver::start`], OTLP/gRPC (the trace
 //! service) with [`OtlpReceiver::start_grpc`].
 
 use actix_web::{App, HttpResponse, HttpServer, web};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -45,9 +46,22 @@ pub struct Point {
     pub value: f64,
 }
 
+/// One received log record, flattened.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub body: String,
+    pub severity_text: String,
+    /// Hex; empty when the line was written outside any traced span.
+    pub trace_id: String,
+    pub span_id: String,
+    pub attributes: BTreeMap<String, String>,
+    pub resource: BTreeMap<String, String>,
+}
+
 #[derive(Default)]
 struct Received {
     spans: Vec<Span>,
+    logs: Vec<LogLine>,
     points: Vec<Point>,
     /// Histogram metric names seen.
     histograms: Vec<String>,
@@ -116,6 +130,31 @@ async fn traces(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpRes
         return HttpResponse::BadRequest().finish();
     };
     keep_spans(req, &r);
+    HttpResponse::Ok()
+        .content_type("application/x-protobuf")
+        .finish()
+}
+
+async fn logs(body: web::Bytes, r: web::Data<Arc<Mutex<Received>>>) -> HttpResponse {
+    let Ok(req) = ExportLogsServiceRequest::decode(body) else {
+        return HttpResponse::BadRequest().finish();
+    };
+    let mut r = r.lock().unwrap();
+    for rl in req.resource_logs {
+        let resource = attrs(&rl.resource.map(|r| r.attributes).unwrap_or_default());
+        for sl in rl.scope_logs {
+            for l in sl.log_records {
+                r.logs.push(LogLine {
+                    body: text(&l.body),
+                    severity_text: l.severity_text,
+                    trace_id: hex::encode(&l.trace_id),
+                    span_id: hex::encode(&l.span_id),
+                    attributes: attrs(&l.attributes),
+                    resource: resource.clone(),
+                });
+            }
+        }
+    }
     HttpResponse::Ok()
         .content_type("application/x-protobuf")
         .finish()
@@ -191,6 +230,7 @@ impl OtlpReceiver {
                 .app_data(web::PayloadConfig::new(16 << 20))
                 .route("/v1/traces", web::post().to(traces))
                 .route("/v1/metrics", web::post().to(metrics))
+                .route("/v1/logs", web::post().to(logs))
         })
         .workers(1)
         .listen(listener)
@@ -227,6 +267,10 @@ impl OtlpReceiver {
             received,
             stop: Stop::Grpc(stop),
         }
+    }
+
+    pub fn logs(&self) -> Vec<LogLine> {
+        self.received.lock().unwrap().logs.clone()
     }
 
     pub fn spans(&self) -> Vec<Span> {
