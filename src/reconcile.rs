@@ -222,9 +222,13 @@ fn plan(
         }
         return Plan::Restore(restored_record(reg, known, now, in_flight));
     };
+    // A journaled outcome about other bytes (`sha256` recorded, not the
+    // ledger's) is not this record's: correcting from it would mark
+    // unexecuted bytes done. Left to the normal handling below.
     if !cur.status.is_terminal()
         && finished
         && let Some(k) = known
+        && k.sha256.as_ref().is_none_or(|s| *s == cur.sha256)
     {
         let mut rec = restored_record(reg, Some(k), now, in_flight);
         rec.wal_ref = cur.wal_ref.clone();
@@ -1367,6 +1371,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A success journaled for other bytes is not this record's.
+        let mut other = known(State::Success);
+        other.sha256 = Some("bb".into());
+        assert!(
+            !matches!(
+                plan(Some(&cur), &r, Some(&other), now, &opts(), IN_FLIGHT),
+                Plan::Correct(_)
+            ),
+            "corrected from another payload's success"
+        );
+        other.sha256 = Some(cur.sha256.clone());
+        assert!(matches!(
+            plan(Some(&cur), &r, Some(&other), now, &opts(), IN_FLIGHT),
+            Plan::Correct(_)
+        ));
         // After a replay the journal says pending: a normal re-drive.
         assert!(matches!(
             plan(
