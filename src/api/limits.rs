@@ -318,12 +318,24 @@ impl InFlight {
 }
 
 /// Gives the slot back when the guard is done with the request, whichever
-/// way it ends (the extensions may outlive it).
-struct Release(InFlight);
+/// way it ends (the extensions may outlive it); a signed request that ends
+/// with its signature unverified is charged to its source then — answered,
+/// failed, or dropped because its client reset the connection (issue 20,
+/// second review finding 3: a forger's RST escaped the charge and kept its
+/// address vouched for).
+struct Release {
+    in_flight: InFlight,
+    charge: Option<(web::Data<ApiState>, IpAddr)>,
+}
 
 impl Drop for Release {
     fn drop(&mut self) {
-        self.0.release();
+        if self.in_flight.is_unverified()
+            && let Some((state, source)) = &self.charge
+        {
+            state.sources.charge_unverified(*source);
+        }
+        self.in_flight.release();
     }
 }
 
@@ -487,13 +499,11 @@ pub async fn guard(
         }
     };
     req.extensions_mut().insert(in_flight.clone());
-    let release = Release(in_flight);
+    let release = Release {
+        in_flight,
+        charge: source.map(|s| (state.clone(), s)),
+    };
     let res = next.call(req).await?;
-    if release.0.is_unverified()
-        && let Some(source) = source
-    {
-        state.sources.charge_unverified(source);
-    }
     drop(release);
     let status = res.status().as_u16();
     if (400..500).contains(&status) && status != 404 && status != 405 {

@@ -506,6 +506,46 @@ async fn bad_key_post(app: &crate::support::TestApp, forwarded_for: &str) -> u16
 const FORGER: &str = "203.0.113.66";
 const SIGNER: &str = "198.51.100.7";
 
+/// Issue 20, second review finding 3: a forged signed request whose client
+/// resets the connection mid-body was never charged to its address (the
+/// charge ran after the handler's future, which actix drops then), so a
+/// forger could fail without limit. Now the charge is made when the slot is
+/// given back, however the request ends: after a few resets the forger's
+/// address is over its rate (429), another address is not.
+#[tokio::test]
+async fn a_forger_that_resets_its_connections_is_charged() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.trusted_proxies = "127.0.0.1/32".parse().unwrap();
+            s.unauthenticated_rate_per_sec = 1;
+            s.unauthenticated_rate_burst = 3;
+        },
+        ..Default::default()
+    })
+    .await;
+    let head = forged_signed_head(&format!("X-Forwarded-For: {FORGER}\r\n"));
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(app.address.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.set_zero_linger().unwrap();
+        drop(s); // RST: the server drops the request's future
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        bad_key_post(&app, FORGER).await,
+        429,
+        "the resets were charged to the forger's address"
+    );
+    assert_eq!(
+        bad_key_post(&app, SIGNER).await,
+        401,
+        "another address is not"
+    );
+}
+
 /// Issue 20, open finding 2: behind the Container Apps ingress every
 /// caller had Envoy's address, so a forger behind it used up the genuine
 /// signer's share of the unverified pool, its rate and its vouching (the
