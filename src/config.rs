@@ -769,6 +769,14 @@ fn toml_string(s: &Settings) -> String {
     if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(s) {
         for (k, v) in map {
             let rendered = match v {
+                // Unset, but with a default computed from other settings:
+                // show what applies.
+                serde_json::Value::Null if k == "max_unverified_per_source" => {
+                    format!(
+                        "{} (default: a quarter of RTPD_MAX_IN_FLIGHT_UNAUTHENTICATED)",
+                        s.unverified_per_source()
+                    )
+                }
                 serde_json::Value::Null => "(unset)".to_owned(),
                 other => other.to_string(),
             };
@@ -782,6 +790,20 @@ fn toml_string(s: &Settings) -> String {
 #[allow(clippy::result_large_err)] // figment::Jail's closure signature
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shown_configuration_gives_computed_defaults() {
+        let s = Settings::default();
+        let shown = s.to_redacted_toml();
+        let line = shown
+            .lines()
+            .find(|l| l.starts_with("RTPD_MAX_UNVERIFIED_PER_SOURCE = "))
+            .unwrap();
+        assert!(
+            line.contains(&format!("= {} (default", s.unverified_per_source())),
+            "{line}"
+        );
+    }
 
     #[test]
     fn every_field_has_an_env_name() {
