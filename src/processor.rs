@@ -202,6 +202,14 @@ const LEDGER_DOWN_POLL: Duration = Duration::from_millis(250);
 /// (the time from the check to the request, timers firing late, clocks),
 /// at most half the lock duration.
 const CALL_LEASE_MARGIN: Duration = Duration::from_secs(1);
+/// How long a re-attempt keeps trying its journal read under its claim
+/// (each try already waits the store out for `backoff::DEPENDENCY_PATIENCE`)
+/// before it gives the message back. Each give-back leaves the claimed
+/// attempt counted without a call, and enough of them dead-letter as a
+/// crash loop a payment that may have paid (a reviewer's probe: 45 s of
+/// journal outage, four attempts burnt, no call): held, an outage of this
+/// long costs none.
+const JOURNAL_READ_HOLD: Duration = Duration::from_secs(60);
 
 impl Processor {
     /// Receives at most one message (waiting up to `wait`) and handles it.
@@ -353,7 +361,7 @@ impl Processor {
             return self.refuse_stale_copy(&m, &reg, &rec).await;
         }
         match self
-            .under_claim(&m, &claim, "the journal read", self.journaled_success(&rec))
+            .under_claim(&m, &claim, "the journal read", self.journal_read_held(&rec))
             .await
         {
             Ok(false) => {}
@@ -747,6 +755,27 @@ impl Processor {
         Ok(known.is_some_and(|k| {
             k.state == State::Success && k.sha256.as_ref().is_none_or(|s| *s == rec.sha256)
         }))
+    }
+
+    /// [`Processor::journaled_success`], tried again with back-off for
+    /// [`JOURNAL_READ_HOLD`] while the journal does not answer.
+    async fn journal_read_held(
+        &self,
+        rec: &crate::transaction::TxRecord,
+    ) -> Result<bool, DeferCause> {
+        let until = crate::clock::Instant::now() + JOURNAL_READ_HOLD;
+        let mut backoff = Backoff::new(HOLD_BACKOFF_BASE, HOLD_BACKOFF_MAX);
+        loop {
+            match self.journaled_success(rec).await {
+                Err(e) if crate::clock::Instant::now() < until => {
+                    if backoff.failures() == 0 {
+                        tracing::warn!(error = %e, "journal unreadable before a re-attempt's call; keeping the claim and trying again");
+                    }
+                    crate::clock::sleep(backoff.next_delay()).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Records in the ledger the success the journal already holds, under

@@ -197,6 +197,44 @@ async fn a_slow_journal_read_before_the_call_keeps_the_claim() {
     assert_eq!(all["concurrent_overlaps"], 0, "{all}");
 }
 
+/// A journal outage longer than the read's own patience (15 s) before a
+/// re-attempt's call: the worker keeps its claim and tries again rather
+/// than giving the message back — each give-back was an attempt counted
+/// without a call, and enough of them dead-lettered a payment that may
+/// have paid (a reviewer's probe). Once the journal answers it calls, once,
+/// on attempt 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_journal_outage_before_the_call_costs_no_attempt() {
+    let app = spawn_app_with(options(Duration::ZERO)).await;
+    let id = key("JO-1");
+    let r = app
+        .post_json(&json!({ "transaction_id": "JO-1", "amount": "1.00" }))
+        .await;
+    assert_eq!(r.status(), 202);
+    lapse_an_attempt(&app, &id).await;
+    let store = Switchable::new(app.services.journal.log().store().clone());
+    store.set_down(true);
+    let a = worker(&app, "worker-a", journal_on(store.clone(), "worker-a"));
+    let work = a.try_process_next(Duration::from_secs(5));
+    let check = async {
+        until_claimed_by(&app, &id, "worker-a", 2).await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let during = app.find(&id).await.unwrap();
+        store.set_down(false);
+        during
+    };
+    let (outcome, during) = tokio::join!(work, check);
+    assert_eq!(
+        (during.attempts, during.lease_owner.as_deref()),
+        (2, Some("worker-a")),
+        "still worker A's attempt 2 after 20 s of outage: {during:?}"
+    );
+    assert_eq!(outcome.unwrap(), Outcome::Succeeded);
+    let rec = app.record("JO-1").await;
+    assert_eq!((rec.status, rec.attempts), (State::Success, 2));
+    assert_eq!(calls(&app, &id).await, 1);
+}
+
 /// The ledger is what is down when the worker is ready to call on a lease
 /// that has lapsed meanwhile: no extension is possible, so it holds the
 /// message and calls no one. After the ledger returns, whoever holds the
