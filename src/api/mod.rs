@@ -98,7 +98,9 @@ pub async fn count_ingest(
 /// decoded, so `/v1/%74ransactions` is the route too.
 fn is_ingest_path(path: &str) -> bool {
     path == INGEST_PATH
+        // The router decodes all but an encoded `/` (`%2F` is not a separator to it).
         || (path.contains('%')
+            && !path.to_ascii_lowercase().contains("%2f")
             && percent_encoding::percent_decode_str(path)
                 .decode_utf8()
                 .is_ok_and(|p| p == INGEST_PATH))
@@ -446,6 +448,9 @@ impl ApiState {
         let Some(vendor) = p.vendor() else {
             return Ok(p);
         };
+        // Verified: counted as credentialed whatever comes next (a full
+        // vendors' pool's 503 is one the 5xx alert must see).
+        note_caller(req, "credentialed");
         let in_flight = req.extensions().get::<limits::InFlight>().cloned();
         if let Some(in_flight) = in_flight
             && in_flight.promote(&self.in_flight)?
@@ -454,7 +459,6 @@ impl ApiState {
             self.sources.vouch(rejected::source_of(client));
         }
         req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
-        note_caller(req, "credentialed");
         if let Some(limiter) = &self.limiter
             && let Err(not_until) = limiter.check_key(&vendor.to_owned())
         {

@@ -877,6 +877,17 @@ async fn ingest_requests_name_the_caller() {
         .await
         .unwrap();
     assert_eq!(encoded.status(), 202, "the router serves it as the route");
+    // An encoded `/` is no separator to the router: not the route, not counted.
+    let slash = app
+        .client
+        .post(format!("{}/v1%2Ftransactions", app.address))
+        .header("Content-Type", "application/json")
+        .header("X-Api-Key", support::API_KEY)
+        .body(body("CL-7"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slash.status(), 404);
     assert_eq!(
         app.post_raw(body("CL-4"), "application/json", None)
             .await
@@ -943,6 +954,30 @@ async fn ingest_requests_name_the_caller() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(total(&after) - total(&before), 1.0, "{after}");
+}
+
+/// A signed vendor verified and then shed (the vendors' pool is full) is a
+/// `credentialed` 503: the load shedding the 5xx alert must see (a
+/// reviewer found it counted `unverified`).
+#[tokio::test]
+async fn a_verified_signer_shed_for_a_full_pool_counts_as_credentialed() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight = 1;
+            s.request_timeout_secs = 10.0;
+        },
+        ..Default::default()
+    })
+    .await;
+    let holder = tokio::spawn(hold_a_slot(app.address.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = json!({ "transaction_id": "SH-1", "amount": "1.00" }).to_string();
+    let r = app.post_signed(&body, support::now_unix()).await;
+    assert_eq!(r.status(), 503, "shed after its signature was verified");
+    let text = prometheus(&app).await;
+    assert_eq!(ingest_count_by(&text, 503, "credentialed"), 1.0, "{text}");
+    assert_eq!(ingest_count_by(&text, 503, "unverified"), 0.0, "{text}");
+    holder.await.unwrap();
 }
 
 /// Holds an in-flight slot by sending the body of a POST slowly (about 4 s);
