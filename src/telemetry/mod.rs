@@ -121,8 +121,8 @@ where
     let spans = Targets::new()
         .with_default(Level::WARN)
         .with_target("rtp_durability", Level::INFO);
-    // While the collector fails, spans are made unsampled (see
-    // otlp::WhileExportsWork): not exported, but their context travels.
+    // While the collector fails, finished spans are dropped before the
+    // batch queue (see otlp::WhileExportsWork); their context travels.
     exporters.tracer.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("rtpd"))

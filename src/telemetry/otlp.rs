@@ -8,11 +8,11 @@
 //! also on its own thread. A dead collector costs at most one full queue.
 //!
 //! While exports fail ([`FAILURES_BEFORE_PAUSE`] in a row: one refused
-//! batch is not an outage), rtpd stops recording spans ([`ExportHealth`],
+//! batch is not an outage), rtpd stops exporting spans ([`ExportHealth`],
 //! [`WhileExportsWork`]): they would be dropped anyway. They are still
-//! made, unsampled, so trace context keeps travelling (WAL records,
-//! messages and downstream calls carry a `traceparent` with the sampled
-//! flag off) and the logs keep their trace ids. Meanwhile a probe thread sends an empty export every [`PROBE_EVERY`];
+//! made and sampled as usual, so trace context keeps travelling (WAL
+//! records, messages and downstream calls carry their `traceparent`) and
+//! the logs keep their trace ids. Meanwhile a probe thread sends an empty export every [`PROBE_EVERY`];
 //! the first that the collector accepts turns recording back on. The probe
 //! does not depend on traffic, so tracing resumes within one probe interval
 //! of the collector's return, whatever the request pattern.
@@ -28,10 +28,7 @@ use opentelemetry_sdk::{
     error::OTelSdkResult,
     logs::SdkLoggerProvider,
     metrics::{PeriodicReader, SdkMeterProvider},
-    trace::{
-        BatchSpanProcessor, Config, SamplingDecision, SamplingResult, SdkTracerProvider,
-        ShouldSample, SpanData,
-    },
+    trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanProcessor},
 };
 use std::sync::{
     Arc,
@@ -136,46 +133,42 @@ fn start_probe(
     Ok(stop)
 }
 
-/// The operator's sampler (`OTEL_TRACES_SAMPLER`, every trace by default)
-/// while span exports work; while they fail, no span is sampled — but each
-/// still gets its trace and span ids, so the context that crosses process
-/// boundaries does not stop with the collector (issue 15 finding 2; before,
-/// no span was made at all and nothing carried a `traceparent`). A span
-/// whose parent was made unsampled during the outage follows the operator's
-/// sampler after it: parent-based samplers (the default) leave it
-/// unsampled, as its trace was at the root.
-#[derive(Debug, Clone)]
+/// Hands finished spans to the batch processor while span exports work,
+/// and drops them while they fail (issue 15 finding 2). Spans are still
+/// made and sampled as the operator's sampler (`OTEL_TRACES_SAMPLER`)
+/// decides, so trace context — and its sampled flag — travels unchanged to
+/// WAL records, messages and downstream calls during a collector outage
+/// (before, no span was made then and nothing carried a `traceparent`;
+/// a first fix made the spans unsampled, which turned the flag off for the
+/// downstream's own sampling and for retries long after the outage — a
+/// reviewer's finding).
+#[derive(Debug)]
 struct WhileExportsWork {
+    inner: BatchSpanProcessor,
     health: Arc<ExportHealth>,
-    configured: Arc<dyn ShouldSample>,
 }
 
-impl ShouldSample for WhileExportsWork {
-    fn should_sample(
-        &self,
-        parent_context: Option<&opentelemetry::Context>,
-        trace_id: opentelemetry::trace::TraceId,
-        name: &str,
-        span_kind: &opentelemetry::trace::SpanKind,
-        attributes: &[KeyValue],
-        links: &[opentelemetry::trace::Link],
-    ) -> SamplingResult {
-        let result = self.configured.should_sample(
-            parent_context,
-            trace_id,
-            name,
-            span_kind,
-            attributes,
-            links,
-        );
+impl SpanProcessor for WhileExportsWork {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
         if self.health.recording() {
-            return result;
+            self.inner.on_end(span);
         }
-        SamplingResult {
-            decision: SamplingDecision::Drop,
-            attributes: Vec::new(),
-            trace_state: result.trace_state,
-        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
     }
 }
 
@@ -392,13 +385,11 @@ pub fn start(over: &OtlpOverride) -> Result<Exporters, OtlpError> {
             health: health.clone(),
         };
         let probe = start_probe(span_exporter(over)?, health.clone())?;
-        let batch = BatchSpanProcessor::builder(exporter).build();
-        let sampler = WhileExportsWork {
+        let batch = WhileExportsWork {
+            inner: BatchSpanProcessor::builder(exporter).build(),
             health: health.clone(),
-            configured: Arc::from(Config::default().sampler),
         };
         let provider = SdkTracerProvider::builder()
-            .with_sampler(sampler)
             .with_span_processor(batch)
             .with_resource(resource.clone())
             .build();
