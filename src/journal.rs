@@ -379,6 +379,14 @@ pub fn restored_record(
         rec.updated_at = k.last_at;
     }
     if !rec.status.is_terminal() {
+        // One attempt more than the journal knows of: one may have run that
+        // it does not show yet (journaled after this read, or lost with its
+        // process). The next claim then counts an attempt without an
+        // outcome, so it reads the journal again before it calls (a
+        // reviewer: a success journaled between a pass's last journal read
+        // and its restore came back `failed` at attempt 0, and the next
+        // claim, attempt 1, called again without looking).
+        rec.attempts += 1;
         let not_before = now + chrono::Duration::from_std(in_flight).unwrap_or_default();
         rec.updated_at = now;
         rec.status = State::Failed;

@@ -1260,7 +1260,8 @@ mod tests {
     /// process may still have in flight (one lease: lock + downstream
     /// timeout) has run out, whether the journal knows nothing of it, says
     /// `pending` (a replay) or says `failed` with a retry already due; and
-    /// its next attempt number is above every journaled one.
+    /// its next attempt number is above every journaled one, with one
+    /// counted as possibly run in between.
     #[test]
     fn restored_unfinished_work_waits_out_the_lease() {
         use crate::transaction::machine::{ClaimDecision, decide_claim};
@@ -1280,11 +1281,15 @@ mod tests {
                     "{k:?}: runnable at {at} (restored {now})"
                 );
             }
+            // One attempt above the journal's is counted as possibly run
+            // (it may be journaled after this read): the next claim is
+            // attempt journaled + 2, which reads the journal before calling.
             let journaled = k.as_ref().map_or(0, |k| k.attempts);
+            assert_eq!(rec.attempts, journaled + 1, "{k:?}");
             assert_eq!(
                 decide_claim(&rec, lease_end + ChronoDuration::milliseconds(1)),
                 ClaimDecision::Claim {
-                    attempt: journaled + 1
+                    attempt: journaled + 2
                 },
                 "{k:?}"
             );
