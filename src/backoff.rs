@@ -99,11 +99,12 @@ pub trait Transient: std::fmt::Display {
 }
 
 /// Tries a call again after a transient error, with back-off (100 ms
-/// doubling to 2 s), for up to [`DEPENDENCY_PATIENCE`] from its first
-/// failure.
+/// doubling to 2 s), for up to [`DEPENDENCY_PATIENCE`] (or what
+/// [`Patience::lasting`] says) from its first failure.
 pub struct Patience {
     since: Option<tokio::time::Instant>,
     backoff: Backoff,
+    lasting: Duration,
 }
 
 impl Default for Patience {
@@ -114,9 +115,15 @@ impl Default for Patience {
 
 impl Patience {
     pub fn new() -> Patience {
+        Patience::lasting(DEPENDENCY_PATIENCE)
+    }
+
+    /// Patience that tries again for up to `lasting` from the first failure.
+    pub fn lasting(lasting: Duration) -> Patience {
         Patience {
             since: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+            lasting,
         }
     }
 
@@ -127,8 +134,7 @@ impl Patience {
         let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
         let wait = self.backoff.next_delay();
         if !e.transient()
-            || (self.backoff.failures() >= MIN_TRIES
-                && since.elapsed() + wait > DEPENDENCY_PATIENCE)
+            || (self.backoff.failures() >= MIN_TRIES && since.elapsed() + wait > self.lasting)
         {
             return false;
         }
@@ -143,9 +149,18 @@ impl Patience {
 /// is harmless to make again.
 pub async fn patiently<T, E: Transient, Fut: std::future::Future<Output = Result<T, E>>>(
     what: &'static str,
+    f: impl FnMut() -> Fut,
+) -> Result<T, E> {
+    patiently_for(what, DEPENDENCY_PATIENCE, f).await
+}
+
+/// [`patiently`], trying again for up to `lasting` instead.
+pub async fn patiently_for<T, E: Transient, Fut: std::future::Future<Output = Result<T, E>>>(
+    what: &'static str,
+    lasting: Duration,
     mut f: impl FnMut() -> Fut,
 ) -> Result<T, E> {
-    let mut p = Patience::new();
+    let mut p = Patience::lasting(lasting);
     loop {
         match f().await {
             Err(e) if p.again(what, &e).await => {}

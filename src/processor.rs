@@ -45,6 +45,14 @@ impl std::fmt::Display for DeferCause {
     }
 }
 
+/// Every deferral is a dependency that did not answer: worth another try
+/// while the caller can wait.
+impl crate::backoff::Transient for DeferCause {
+    fn transient(&self) -> bool {
+        true
+    }
+}
+
 /// What one unit of work did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -763,19 +771,12 @@ impl Processor {
         &self,
         rec: &crate::transaction::TxRecord,
     ) -> Result<bool, DeferCause> {
-        let until = crate::clock::Instant::now() + JOURNAL_READ_HOLD;
-        let mut backoff = Backoff::new(HOLD_BACKOFF_BASE, HOLD_BACKOFF_MAX);
-        loop {
-            match self.journaled_success(rec).await {
-                Err(e) if crate::clock::Instant::now() < until => {
-                    if backoff.failures() == 0 {
-                        tracing::warn!(error = %e, "journal unreadable before a re-attempt's call; keeping the claim and trying again");
-                    }
-                    crate::clock::sleep(backoff.next_delay()).await;
-                }
-                r => return r,
-            }
-        }
+        crate::backoff::patiently_for(
+            "journal read before a re-attempt's call",
+            JOURNAL_READ_HOLD,
+            || self.journaled_success(rec),
+        )
+        .await
     }
 
     /// Records in the ledger the success the journal already holds, under
