@@ -373,12 +373,15 @@ impl Links {
         Ok(())
     }
 
-    /// Forget the sender link (a send was cut off mid-way); the next send
-    /// attaches a new one.
-    pub async fn drop_sender(&self) {
+    /// Forget the sender link named `link` (a send on it was cut off
+    /// mid-way); the next send attaches a new one. A link another send has
+    /// attached since is kept.
+    pub async fn drop_sender(&self, link: &str) {
         let live = self.state.lock().await.live.clone();
-        if let Some(live) = live
-            && let Some(sender) = live.sender.lock().await.take()
+        let Some(live) = live else { return };
+        let mut slot = live.sender.lock().await;
+        if slot.as_ref().is_some_and(|s| s.name() == link)
+            && let Some(sender) = slot.take()
         {
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(5), sender.close()).await;

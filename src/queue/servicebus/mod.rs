@@ -424,13 +424,24 @@ impl Sending {
     /// Send within the time limit (`RTPD_SERVICEBUS_SEND_TIMEOUT_SECS`).
     async fn send(&self, messages: &[OutgoingMessage]) -> Result<(), QueueError> {
         let deadline = crate::clock::now() + self.send_timeout;
-        match tokio::time::timeout(self.send_timeout, self.send_within(messages, deadline)).await {
+        // The sending link this send last wrote on, if it got that far.
+        let used = StdMutex::new(None);
+        match tokio::time::timeout(
+            self.send_timeout,
+            self.send_within(messages, deadline, &used),
+        )
+        .await
+        {
             Ok(result) => result,
             Err(_) => {
                 // The send was cut off mid-way: its link may hold a transfer in
                 // doubt, so the next send attaches a new one (duplicate
-                // detection drops a copy that did arrive).
-                self.links.drop_sender().await;
+                // detection drops a copy that did arrive) — unless another
+                // send has replaced that link already.
+                let used = used.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(link) = used {
+                    self.links.drop_sender(&link).await;
+                }
                 Err(QueueError::Unavailable(format!(
                     "sending to {}: no answer within {:?} (RTPD_SERVICEBUS_SEND_TIMEOUT_SECS)",
                     self.links.queue, self.send_timeout
@@ -445,6 +456,7 @@ impl Sending {
         &self,
         messages: &[OutgoingMessage],
         deadline: DateTime<Utc>,
+        used: &StdMutex<Option<String>>,
     ) -> Result<(), QueueError> {
         let mut link_retried = false;
         let mut reauthorized = false;
@@ -464,7 +476,7 @@ impl Sending {
                     continue;
                 }
             }
-            match self.send_once(messages).await {
+            match self.send_once(messages, used).await {
                 Ok(()) => return Ok(()),
                 Err(Failure::Answer(e)) if errors::is_unauthorized(&e) && !reauthorized => {
                     tracing::info!(error = %e, "the service refused our token; putting a fresh one and sending again");
@@ -488,11 +500,15 @@ impl Sending {
     }
 
     /// One attempt at sending.
-    async fn send_once(&self, messages: &[OutgoingMessage]) -> Result<(), Failure> {
+    async fn send_once(
+        &self,
+        messages: &[OutgoingMessage],
+        used: &StdMutex<Option<String>>,
+    ) -> Result<(), Failure> {
         let live = self.links.live().await.map_err(Failure::Answer)?;
         let broken = live.broken();
         tokio::select! {
-            result = self.send_on(&live, messages) => result,
+            result = self.send_on(&live, messages, used) => result,
             () = broken => {
                 // A disposition can no longer arrive on this connection: fail
                 // now (retryable) rather than wait out the send's time limit.
@@ -513,6 +529,7 @@ impl Sending {
         &self,
         live: &connection::Live,
         messages: &[OutgoingMessage],
+        used: &StdMutex<Option<String>>,
     ) -> Result<(), Failure> {
         let what = format!("sending to {}", self.links.queue);
         let amqp: Vec<_> = messages.iter().map(message::to_amqp).collect();
@@ -530,6 +547,7 @@ impl Sending {
             unreachable!("ensure_sender attached it")
         };
         let link = sender.name().to_string();
+        *used.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.clone());
         let limit = sender
             .max_message_size()
             .filter(|n| *n > 0)

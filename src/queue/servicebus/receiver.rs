@@ -40,9 +40,6 @@ pub(super) const DRAIN_WAIT: Duration = Duration::from_secs(30);
 /// How long a receive that got nothing waits for its drain's answer (and
 /// the messages that raced it); later ones go to the next receive.
 const EMPTY_DRAIN_WAIT: Duration = Duration::from_secs(5);
-/// How often a drain looks at the link's credit while no message arrives
-/// (`fe2o3-amqp` wakes no receiver for a flow frame).
-const DRAIN_POLL: Duration = Duration::from_millis(2);
 /// A message received between receives is released after this long: well
 /// inside Service Bus's shortest lock (5 s), so none is handed over expired.
 pub(super) const BUFFER_MAX_AGE: Duration = Duration::from_secs(2);
@@ -170,6 +167,24 @@ impl Link {
         Ok(())
     }
 
+    /// Once a drain's credit is back to 0 (the service's answer, or messages
+    /// that used it up), the drain is over: every message sent before the
+    /// answer has been received, as flow frames reach the link in order with
+    /// transfers. Then the receive waiting for it is answered, or the credit
+    /// a receive asked for meanwhile is granted.
+    async fn drain_progress(&mut self) -> Result<(), String> {
+        if self.draining.is_none() || self.receiver.credit() > 0 {
+            return Ok(());
+        }
+        self.draining = None;
+        if self.pending.as_ref().is_some_and(|p| p.after_drain) {
+            self.answer();
+        } else if self.pending.as_ref().is_some_and(|p| !p.granted) {
+            self.grant().await?;
+        }
+        Ok(())
+    }
+
     fn answer(&mut self) {
         if let Some(p) = self.pending.take() {
             let _ = p.reply.send(Ok(p.got));
@@ -199,11 +214,12 @@ async fn run(receiver: Receiver, mut commands: mpsc::Receiver<Command>, prefetch
     // that what the caller does next, such as putting a token on `$cbs`, does
     // not race this link's detach on the session).
     let mut failed: Option<(Reply, Received)> = None;
+    // Woken when `recv` applies a flow frame from the service (the answer
+    // to a drain): the credit is looked at then, not polled.
+    let flow_applied = link.receiver.flow_applied();
     loop {
         let deadline = link.pending.as_ref().map(|p| p.deadline);
-        // `fe2o3-amqp` wakes no receiver for a flow frame: while a drain is
-        // unanswered, look at the credit every `DRAIN_POLL`.
-        let drain_check = link.draining.map(|_| Instant::now() + DRAIN_POLL);
+        let draining_until = link.draining;
         // Buffered messages nobody asked for are released when they go stale.
         let stale_at = match link.pending {
             None => link.buffered.first().map(|b| b.at + BUFFER_MAX_AGE),
@@ -255,15 +271,21 @@ async fn run(receiver: Receiver, mut commands: mpsc::Receiver<Command>, prefetch
             // next settlement goes by lock token) even between receives.
             delivery = link.receiver.recv::<Body<Value>>() => match delivery {
                 Ok(d) => {
-                    let Some(p) = link.pending.as_mut() else {
-                        link.buffered.push(Buffered { at: Instant::now(), delivery: d });
-                        continue;
-                    };
-                    p.got.push(d);
-                    if p.got.len() >= p.max {
-                        link.answer();
-                    } else if !p.after_drain {
-                        p.deadline = p.deadline.min(Instant::now() + BATCH_LINGER);
+                    match link.pending.as_mut() {
+                        None => link.buffered.push(Buffered { at: Instant::now(), delivery: d }),
+                        Some(p) => {
+                            p.got.push(d);
+                            if p.got.len() >= p.max {
+                                link.answer();
+                            } else if !p.after_drain {
+                                p.deadline = p.deadline.min(Instant::now() + BATCH_LINGER);
+                            }
+                        }
+                    }
+                    // Messages can use the drained credit up, too.
+                    if let Err(e) = link.drain_progress().await {
+                        failed = link.fail(e);
+                        break;
                     }
                 }
                 Err(e) => {
@@ -293,26 +315,18 @@ async fn run(receiver: Receiver, mut commands: mpsc::Receiver<Command>, prefetch
                 }
                 link.answer();
             }
-            _ = sleep_until(drain_check), if drain_check.is_some() => {
-                if link.receiver.credit() == 0 {
-                    // Every message sent before the answer has been received:
-                    // flow frames reach the link in order with transfers.
-                    link.draining = None;
-                    if link.pending.as_ref().is_some_and(|p| p.after_drain) {
-                        link.answer();
-                    } else if link.pending.as_ref().is_some_and(|p| !p.granted)
-                        && let Err(e) = link.grant().await
-                    {
-                        failed = link.fail(e);
-                        break;
-                    }
-                } else if link.draining.is_some_and(|until| Instant::now() >= until) {
-                    failed = link.fail(format!(
-                        "the service did not answer a drain within {DRAIN_WAIT:?}; leaving the link"
-                    ));
-                    tracing::warn!("the service did not answer a drain within {DRAIN_WAIT:?}; leaving the link");
+            _ = flow_applied.notified(), if draining_until.is_some() => {
+                if let Err(e) = link.drain_progress().await {
+                    failed = link.fail(e);
                     break;
                 }
+            }
+            _ = sleep_until(draining_until), if draining_until.is_some() => {
+                failed = link.fail(format!(
+                    "the service did not answer a drain within {DRAIN_WAIT:?}; leaving the link"
+                ));
+                tracing::warn!("the service did not answer a drain within {DRAIN_WAIT:?}; leaving the link");
+                break;
             }
             _ = sleep_until(stale_at), if stale_at.is_some() => {
                 if let Err(e) = release_stale(&mut link.receiver, &mut link.buffered).await {

@@ -706,6 +706,7 @@ where
             outgoing,
             incoming: incoming_rx,
             incomplete_transfer: None,
+            flow_applied: Default::default(),
         };
 
         if let CreditMode::Auto(credit) = inner.credit_mode {

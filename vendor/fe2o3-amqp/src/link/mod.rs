@@ -1067,6 +1067,7 @@ pub(crate) mod test_util {
             outgoing: outgoing_tx,
             incoming: incoming_rx,
             incomplete_transfer: None,
+            flow_applied: Default::default(),
         };
         (inner, session_rx, outgoing_rx, incoming_tx)
     }

@@ -161,6 +161,15 @@ impl Receiver {
         self.inner.link.flow_state.link_credit()
     }
 
+    /// rtp-durability patch: notified (`notify_one`, so a notification made
+    /// while nobody waits is kept for the next waiter) each time a pending
+    /// `recv` applies a flow frame from the peer — the answer to a drain,
+    /// say — so a caller can look at [`credit`](Self::credit) then instead
+    /// of polling it. `recv` itself goes on waiting for a transfer.
+    pub fn flow_applied(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.flow_applied.clone()
+    }
+
     /// Get the `auto_accept` field of receiver
     pub fn auto_accept(&self) -> bool {
         self.inner.auto_accept
@@ -843,6 +852,10 @@ pub(crate) struct ReceiverInner<L: endpoint::ReceiverLink> {
 
     // Wrap in a box to avoid clippy warning large_enum_variant on link acceptor's output
     pub(crate) incomplete_transfer: Option<Box<IncompleteTransfer>>,
+
+    // rtp-durability patch: notified each time `recv` applies a flow frame
+    // from the peer (see `Receiver::flow_applied`).
+    pub(crate) flow_applied: Arc<tokio::sync::Notify>,
 }
 
 impl<L: endpoint::ReceiverLink> Drop for ReceiverInner<L> {
@@ -1094,7 +1107,9 @@ where
                     .output_handle_mut()
                     .clone()
                     .ok_or(LinkStateError::IllegalState)?;
-                if let Some(echo) = self.link.flow_state().on_incoming_flow(flow, handle) {
+                let echo = self.link.flow_state().on_incoming_flow(flow, handle);
+                self.flow_applied.notify_one();
+                if let Some(echo) = echo {
                     self.outgoing
                         .send(LinkFrame::Flow(echo))
                         .await // cancel safe

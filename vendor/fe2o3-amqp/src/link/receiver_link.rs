@@ -895,6 +895,10 @@ where
 
             // ReceiverAttachError::SndSettleModeNotSupported
             ReceiverAttachError::IncomingSourceIsNone => {
+                if let Some(err) = await_refusal_detach(self, reader, attach_error).await {
+                    return err;
+                }
+                let attach_error = ReceiverAttachError::IncomingSourceIsNone;
                 // Just send detach immediately
                 let err = self
                     .send_detach(writer, true, None)
@@ -925,6 +929,40 @@ where
             }
             _ => attach_error,
         }
+    }
+}
+
+/// rtp-durability patch: a peer that refuses an attach answers it with a null
+/// terminus and follows it at once with its own closing detach (AMQP 1.0
+/// §2.6.3), which the session relay answers on arrival and which frees the
+/// link's handle. Upstream sent a detach of its own as well; when the next
+/// attach took the freed handle before the session handled that detach, the
+/// stale detach deallocated the *new* link and its attach failed with
+/// `IllegalState` (seen against Service Bus's server-busy refusals). So wait
+/// a moment for the peer's detach first, and only detach ourselves if it
+/// does not come. `None`: it did not come in time.
+async fn await_refusal_detach<L>(
+    link: &mut L,
+    reader: &mut mpsc::Receiver<LinkFrame>,
+    err: ReceiverAttachError,
+) -> Option<ReceiverAttachError>
+where
+    L: crate::endpoint::LinkDetach + LinkExt,
+{
+    const REFUSAL_DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    match tokio::time::timeout(REFUSAL_DETACH_WAIT, reader.recv()).await {
+        Ok(Some(LinkFrame::Detach(remote_detach))) => {
+            Some(match link.apply_remote_detach_outcome(remote_detach) {
+                Ok(()) => err,
+                Err(e) => ReceiverAttachError::try_from(DetachError::from(e)).unwrap_or(err),
+            })
+        }
+        Ok(Some(_)) => Some(ReceiverAttachError::NonAttachFrameReceived),
+        Ok(None) => Some(match link.session_stop_reason().get() {
+            Some(reason) => ReceiverAttachError::SessionStopped(reason.clone()),
+            None => ReceiverAttachError::IllegalState,
+        }),
+        Err(_) => None,
     }
 }
 

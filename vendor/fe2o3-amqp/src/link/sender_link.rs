@@ -890,8 +890,24 @@ where
                     })
             }
 
-            SenderAttachError::SndSettleModeNotSupported
-            | SenderAttachError::IncomingTargetIsNone => {
+            SenderAttachError::IncomingTargetIsNone => {
+                if let Some(err) = await_refusal_detach(self, reader, attach_error).await {
+                    return err;
+                }
+                let attach_error = SenderAttachError::IncomingTargetIsNone;
+                // Just send detach immediately
+                let err = self
+                    .send_detach(writer, true, None)
+                    .await
+                    .map(|_| attach_error)
+                    .unwrap_or(match self.session_stop_reason.get() {
+                        Some(reason) => SenderAttachError::SessionStopped(reason.clone()),
+                        None => SenderAttachError::IllegalState, // defensive: no stop reason recorded; failure is link-local
+                    });
+                recv_detach(self, reader, err).await
+            }
+
+            SenderAttachError::SndSettleModeNotSupported => {
                 // Just send detach immediately
                 let err = self
                     .send_detach(writer, true, None)
@@ -953,6 +969,40 @@ where
             }
         }
         Err(_) => attach_error,
+    }
+}
+
+/// rtp-durability patch: a peer that refuses an attach answers it with a null
+/// terminus and follows it at once with its own closing detach (AMQP 1.0
+/// §2.6.3), which the session relay answers on arrival and which frees the
+/// link's handle. Upstream sent a detach of its own as well; when the next
+/// attach took the freed handle before the session handled that detach, the
+/// stale detach deallocated the *new* link and its attach failed with
+/// `IllegalState` (seen against Service Bus's server-busy refusals). So wait
+/// a moment for the peer's detach first, and only detach ourselves if it
+/// does not come. `None`: it did not come in time.
+async fn await_refusal_detach<L>(
+    link: &mut L,
+    reader: &mut mpsc::Receiver<LinkFrame>,
+    err: SenderAttachError,
+) -> Option<SenderAttachError>
+where
+    L: crate::endpoint::LinkDetach + LinkExt,
+{
+    const REFUSAL_DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    match tokio::time::timeout(REFUSAL_DETACH_WAIT, reader.recv()).await {
+        Ok(Some(LinkFrame::Detach(remote_detach))) => {
+            Some(match link.apply_remote_detach_outcome(remote_detach) {
+                Ok(()) => err,
+                Err(e) => SenderAttachError::try_from(DetachError::from(e)).unwrap_or(err),
+            })
+        }
+        Ok(Some(_)) => Some(SenderAttachError::NonAttachFrameReceived),
+        Ok(None) => Some(match link.session_stop_reason().get() {
+            Some(reason) => SenderAttachError::SessionStopped(reason.clone()),
+            None => SenderAttachError::IllegalState,
+        }),
+        Err(_) => None,
     }
 }
 
