@@ -45,7 +45,8 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretSlice};
 use sha2::{Digest, Sha256};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -158,6 +159,8 @@ struct Inner {
     window_secs: i64,
     /// Shared by every set, so a reload forgets no used signature.
     seen: Arc<Mutex<ReplayCache>>,
+    /// Counts the vendor credential sets applied (0 at start-up).
+    vendors_epoch: u64,
 }
 
 /// The credentials in use, where they come from, and what each file held
@@ -574,6 +577,7 @@ impl Auth {
             admins: Arc::new(admins),
             window_secs: i64::from(s.signature_window_secs),
             seen: Arc::new(Mutex::new(ReplayCache::new(REPLAY_CACHE_CAPACITY))),
+            vendors_epoch: 0,
         };
         Ok(Auth {
             inner: Some(Arc::new(Live {
@@ -709,20 +713,25 @@ impl Auth {
         content: &[u8],
         now: i64,
     ) -> Result<Principal, AuthFailure> {
-        self.verify_signed_keyed(s, content, now).map(|(p, _)| p)
+        self.verify_signed_keyed(s, content, now, None)
+            .map(|(p, _)| p)
     }
 
-    /// [`Auth::verify_signed`], also giving the replay-cache entry it made,
-    /// for [`Auth::forget_signature`] when the request is then refused.
+    /// [`Auth::verify_signed`] for a request from `from` (its client
+    /// address, `None` if it has none), also giving the replay-cache entry
+    /// it made, for [`Auth::forget_signature`] when the request is then
+    /// refused. A signature forgotten that way is accepted again only from
+    /// the same address.
     pub fn verify_signed_keyed(
         &self,
         s: &Signed<'_>,
         content: &[u8],
         now: i64,
+        from: Option<IpAddr>,
     ) -> Result<(Principal, ReplayKey), AuthFailure> {
         let inner = self.current().ok_or(AuthFailure::UnknownVendor)?;
         if s.webhook_id.is_some() {
-            return verify_webhook(&inner, s, content, now);
+            return verify_webhook(&inner, s, content, now, from);
         }
         let SignedParts {
             inner,
@@ -746,30 +755,47 @@ impl Auth {
             sig,
             ts + inner.window_secs,
             now,
+            from,
         );
         if !fresh {
             return Err(AuthFailure::ReusedSignature);
         }
-        Ok((Principal::Vendor(vendor.to_owned()), ReplayKey(sig)))
+        Ok((
+            Principal::Vendor(vendor.to_owned()),
+            ReplayKey { sig, from },
+        ))
+    }
+
+    /// Which set of vendor credentials is in use: it changes each time a
+    /// changed vendor keys file is applied, so what was learnt under the old
+    /// set (an address vouched for by a vendor's signature) can be dropped.
+    pub fn vendors_epoch(&self) -> u64 {
+        self.current().map_or(0, |i| i.vendors_epoch)
     }
 
     /// Forgets a signature verified by [`Auth::verify_signed_keyed`] whose
     /// request was then refused (429, 503): it had no effect, so the
-    /// vendor's byte-identical retry must not be taken for a replay.
+    /// vendor's byte-identical retry must not be taken for a replay. Only a
+    /// retry from the same client address: the same bytes from anywhere
+    /// else are a captured request replayed (and would vouch for that
+    /// address).
     pub fn forget_signature(&self, key: ReplayKey) {
         if let Some(inner) = self.current() {
             inner
                 .seen
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .forget(&key.0);
+                .release(&key.sig, key.from);
         }
     }
 }
 
 /// A replay-cache entry: what [`Auth::forget_signature`] takes.
 #[derive(Debug, Clone, Copy)]
-pub struct ReplayKey([u8; 32]);
+pub struct ReplayKey {
+    sig: [u8; 32],
+    from: Option<IpAddr>,
+}
 
 /// What one reload did, for the caller and the tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -835,7 +861,9 @@ impl Auth {
         if vendors.is_none() && admins.is_none() {
             return done;
         }
+        let vendors_epoch = current.vendors_epoch + u64::from(vendors.is_some());
         let next = Inner {
+            vendors_epoch,
             vendors: vendors.map_or_else(|| current.vendors.clone(), Arc::new),
             admins: admins.map_or_else(|| current.admins.clone(), Arc::new),
             window_secs: current.window_secs,
@@ -1051,6 +1079,7 @@ fn verify_webhook(
     s: &Signed<'_>,
     content: &[u8],
     now: i64,
+    from: Option<IpAddr>,
 ) -> Result<(Principal, ReplayKey), AuthFailure> {
     let WebhookParts { id, ts, sigs } = webhook_parts(inner, s, now)?;
     let prefix = format!("{id}.{ts}.");
@@ -1079,11 +1108,15 @@ fn verify_webhook(
         attempt,
         ts + inner.window_secs,
         now,
+        from,
     );
     if !fresh {
         return Err(AuthFailure::ReusedSignature);
     }
-    Ok((Principal::Vendor(vendor.to_owned()), ReplayKey(attempt)))
+    Ok((
+        Principal::Vendor(vendor.to_owned()),
+        ReplayKey { sig: attempt, from },
+    ))
 }
 
 /// A signed request that passed the checks possible before the body is read.
@@ -1097,7 +1130,9 @@ struct SignedParts<'a> {
 
 /// Signatures seen inside the replay window, bounded.
 struct ReplayCache {
-    seen: HashSet<[u8; 32]>,
+    /// Each signature, and whether it may be used once more, from which
+    /// client address ([`ReplayCache::release`]).
+    seen: HashMap<[u8; 32], Use>,
     /// Insertion order with each entry's expiry (its timestamp + window).
     order: VecDeque<([u8; 32], i64)>,
     capacity: usize,
@@ -1106,14 +1141,15 @@ struct ReplayCache {
 impl ReplayCache {
     fn new(capacity: usize) -> ReplayCache {
         ReplayCache {
-            seen: HashSet::new(),
+            seen: HashMap::new(),
             order: VecDeque::new(),
             capacity,
         }
     }
 
-    /// Remembers `sig` until `expires`; false if it was already remembered.
-    fn insert(&mut self, sig: [u8; 32], expires: i64, now: i64) -> bool {
+    /// Remembers `sig` (used from `from`) until `expires`; false if it was
+    /// already remembered, unless it was released for a retry from `from`.
+    fn insert(&mut self, sig: [u8; 32], expires: i64, now: i64, from: Option<IpAddr>) -> bool {
         while let Some((old, exp)) = self.order.front().copied() {
             if exp >= now {
                 break;
@@ -1121,7 +1157,11 @@ impl ReplayCache {
             self.order.pop_front();
             self.seen.remove(&old);
         }
-        if self.seen.contains(&sig) {
+        if let Some(use_) = self.seen.get_mut(&sig) {
+            if *use_ == Use::RetryFrom(from) {
+                *use_ = Use::Used;
+                return true;
+            }
             return false;
         }
         if self.order.len() >= self.capacity
@@ -1133,15 +1173,26 @@ impl ReplayCache {
                 "replay cache full; forgetting the oldest signature"
             );
         }
-        self.seen.insert(sig);
+        self.seen.insert(sig, Use::Used);
         self.order.push_back((sig, expires));
         true
     }
 
-    /// Forgets `sig` (its place in `order` expires as it would have).
-    fn forget(&mut self, sig: &[u8; 32]) {
-        self.seen.remove(sig);
+    /// Lets `sig` be used once more, from `from` only (it keeps its
+    /// expiry).
+    fn release(&mut self, sig: &[u8; 32], from: Option<IpAddr>) {
+        if let Some(use_) = self.seen.get_mut(sig) {
+            *use_ = Use::RetryFrom(from);
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Used,
+    /// Its request was refused without effect: the sender's retry, from
+    /// the same address, is not a replay.
+    RetryFrom(Option<IpAddr>),
 }
 
 #[cfg(test)]
@@ -1272,14 +1323,33 @@ mod tests {
     #[test]
     fn replay_cache_is_bounded_and_forgets_expired_entries() {
         let mut c = ReplayCache::new(2);
-        assert!(c.insert([1; 32], 100, 0));
-        assert!(!c.insert([1; 32], 100, 50));
+        assert!(c.insert([1; 32], 100, 0, None));
+        assert!(!c.insert([1; 32], 100, 50, None));
         // Expired entries are dropped first.
-        assert!(c.insert([1; 32], 300, 101));
-        assert!(c.insert([2; 32], 300, 101));
-        assert!(c.insert([3; 32], 300, 101));
+        assert!(c.insert([1; 32], 300, 101, None));
+        assert!(c.insert([2; 32], 300, 101, None));
+        assert!(c.insert([3; 32], 300, 101, None));
         assert_eq!(c.order.len(), 2, "capacity holds");
-        assert!(!c.insert([3; 32], 300, 102));
+        assert!(!c.insert([3; 32], 300, 102, None));
+    }
+
+    #[test]
+    fn a_released_signature_is_accepted_once_more_from_its_own_address_only() {
+        let mut c = ReplayCache::new(10);
+        let vendor = Some(IpAddr::from([10, 0, 0, 1]));
+        let other = Some(IpAddr::from([10, 0, 0, 2]));
+        assert!(c.insert([1; 32], 100, 0, vendor));
+        c.release(&[1; 32], vendor);
+        assert!(!c.insert([1; 32], 100, 1, other), "replayed from elsewhere");
+        assert!(
+            !c.insert([1; 32], 100, 1, None),
+            "replayed without an address"
+        );
+        assert!(c.insert([1; 32], 100, 2, vendor), "the vendor's retry");
+        assert!(!c.insert([1; 32], 100, 3, vendor), "used again");
+        // Released and then expired: gone, like any entry.
+        c.release(&[1; 32], vendor);
+        assert!(c.insert([1; 32], 300, 101, other));
     }
 
     #[test]

@@ -84,8 +84,11 @@ pub struct Sources {
     /// cannot fill that pool.
     unverified: Arc<Mutex<HashMap<IpAddr, usize>>>,
     unverified_cap: usize,
-    /// Sources that sent a verified signature lately, and until when.
-    vouched: Mutex<HashMap<IpAddr, Instant>>,
+    /// Sources that sent a verified signature lately, until when, and under
+    /// which set of vendor credentials ([`crate::auth::Auth::vendors_epoch`]):
+    /// a vouch made before the vendor keys changed no longer counts, so a
+    /// vendor removed from the keys file does not keep its address vouched.
+    vouched: Mutex<HashMap<IpAddr, (Instant, u64)>>,
     /// Signed requests of vouched sources not verified yet, in flight per
     /// source, waiting in the vendors' pool; at most `vouched_cap`.
     vouched_in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -154,7 +157,7 @@ impl Sources {
     /// `vouched_cap` at once), where forgers from other addresses cannot
     /// reach; any other waits in the unauthenticated pool, at most
     /// `RTPD_MAX_UNVERIFIED_PER_SOURCE` at once.
-    pub fn admit_unverified(&self, source: IpAddr) -> Result<Unverified, ApiError> {
+    pub fn admit_unverified(&self, source: IpAddr, epoch: u64) -> Result<Unverified, ApiError> {
         if self.rate.is_none() {
             return Ok(Unverified::Pooled(None));
         }
@@ -167,7 +170,7 @@ impl Sources {
         }
         let vouched = lock(&self.vouched)
             .get(&source)
-            .is_some_and(|until| *until > now);
+            .is_some_and(|(until, e)| *until > now && *e == epoch);
         if vouched && let Some(slot) = take(&self.vouched_in_flight, source, self.vouched_cap) {
             return Ok(Unverified::Vouched(slot));
         }
@@ -180,18 +183,18 @@ impl Sources {
         }
     }
 
-    /// A signed request of `source` verified: its next ones wait in the
-    /// vendors' pool for a while.
-    pub fn vouch(&self, source: IpAddr) {
+    /// A signed request of `source` verified under the vendor credentials
+    /// of `epoch`: its next ones wait in the vendors' pool for a while.
+    pub fn vouch(&self, source: IpAddr, epoch: u64) {
         if self.rate.is_none() {
             return;
         }
         let now = Instant::now();
         let mut vouched = lock(&self.vouched);
         if vouched.len() > MAX_TRACKED_SOURCES {
-            vouched.retain(|_, until| *until > now);
+            vouched.retain(|_, (until, _)| *until > now);
         }
-        vouched.insert(source, now + VOUCHED_FOR);
+        vouched.insert(source, (now + VOUCHED_FOR, epoch));
     }
 
     /// A signed request that ended with its signature unverified (refused,
@@ -472,7 +475,11 @@ pub async fn guard(
         );
         match caller {
             Caller::Credentialed => acquire(&state.in_flight).map(Held::Kept),
-            Caller::Signed => match source.map(|s| state.sources.admit_unverified(s)) {
+            Caller::Signed => match source.map(|s| {
+                state
+                    .sources
+                    .admit_unverified(s, state.auth.vendors_epoch())
+            }) {
                 Some(Err(e)) => return refuse(&state, req, e).await,
                 Some(Ok(Unverified::Vouched(slot))) => {
                     acquire(&state.in_flight).map(|p| Held::Vouched(p, slot))
@@ -518,4 +525,30 @@ pub async fn guard(
         }
     }
     Ok(res.map_into_left_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vouch_made_under_other_vendor_keys_does_not_count() {
+        let sources = Sources::new(SourceLimits {
+            rate_per_sec: 10,
+            burst: 10,
+            unverified: 4,
+            vouched: 4,
+        });
+        let src = IpAddr::from([10, 0, 0, 1]);
+        sources.vouch(src, 3);
+        assert!(matches!(
+            sources.admit_unverified(src, 3),
+            Ok(Unverified::Vouched(_))
+        ));
+        // The vendor keys file changed since (a vendor may be gone).
+        assert!(matches!(
+            sources.admit_unverified(src, 4),
+            Ok(Unverified::Pooled(Some(_)))
+        ));
+    }
 }

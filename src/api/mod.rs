@@ -419,9 +419,10 @@ impl ApiState {
         s: &Signed<'_>,
         body: &[u8],
     ) -> Result<Principal, ApiError> {
+        let from = self.client_ip(req).map(rejected::source_of);
         let (p, key) = self
             .auth
-            .verify_signed_keyed(s, body, now_unix())
+            .verify_signed_keyed(s, body, now_unix(), from)
             .map_err(ApiError::Unauthenticated)?;
         // Refused from here on (429, 503 — in admit or later in ingest), the
         // request had no effect: ingest forgets the signature then, so the
@@ -456,7 +457,8 @@ impl ApiState {
             && in_flight.promote(&self.in_flight)?
             && let Some(client) = self.client_ip(req)
         {
-            self.sources.vouch(rejected::source_of(client));
+            self.sources
+                .vouch(rejected::source_of(client), self.auth.vendors_epoch());
         }
         req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
         if let Some(limiter) = &self.limiter

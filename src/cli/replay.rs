@@ -200,7 +200,9 @@ async fn across_vendors(
 #[derive(Debug, Default)]
 pub struct Summary {
     pub selected: usize,
+    /// Replayed (dry run: would be).
     pub replayed: usize,
+    /// Refused or not found (dry run: would be refused).
     pub refused: usize,
     /// Dry run: ids not in the ledger.
     pub missing: usize,
@@ -239,9 +241,13 @@ pub async fn replay_scope(
             };
             match found {
                 Some(r) if crate::transaction::machine::may_replay(&r, req.force, Utc::now()) => {
+                    s.replayed += 1;
                     println!("{id}: would replay (now {})", r.status)
                 }
-                Some(r) => println!("{id}: would refuse ({})", r.status),
+                Some(r) => {
+                    s.refused += 1;
+                    println!("{id}: would refuse ({})", r.status)
+                }
                 None => {
                     s.missing += 1;
                     println!("{id}: not in the ledger")
@@ -293,12 +299,16 @@ pub async fn replay_scope(
             .await?;
         println!("{removed} dead-lettered messages removed (their transactions were replayed)");
     }
-    println!(
-        "{} selected, {} replayed, {} refused or missing{}",
-        s.selected,
-        s.replayed,
-        s.refused,
-        if opts.dry_run { " (dry run)" } else { "" }
-    );
+    if opts.dry_run {
+        println!(
+            "{} selected: {} would be replayed, {} would be refused, {} not in the ledger (dry run)",
+            s.selected, s.replayed, s.refused, s.missing
+        );
+    } else {
+        println!(
+            "{} selected, {} replayed, {} refused or missing",
+            s.selected, s.replayed, s.refused
+        );
+    }
     Ok(s)
 }

@@ -640,4 +640,12 @@ async fn replay_without_vendor_looks_across_vendors_like_the_api() {
         "{err}"
     );
     assert!(text(&out.stdout).contains("NOPE-1: not in the ledger"));
+    // The summary counts the missing id (it said "0 refused or missing").
+    assert!(
+        text(&out.stdout).contains(
+            "2 selected: 1 would be replayed, 0 would be refused, 1 not in the ledger (dry run)"
+        ),
+        "{}",
+        text(&out.stdout)
+    );
 }

@@ -658,3 +658,55 @@ async fn a_signed_request_refused_after_verification_can_be_retried_as_is() {
     assert_error(r, 401, "unauthenticated", "replayed accepted signature").await;
     app.drain_until_terminal(&["RS-1", "RS-2"]).await;
 }
+
+/// Issue 20, second review's finding 4: a signed request refused after it
+/// verified (429, 503) had its signature forgotten, so a captured copy
+/// replayed from another address was accepted (and vouched for that
+/// address). The retry is now accepted from the sender's address only.
+#[tokio::test]
+async fn a_refused_signed_request_replayed_from_another_address_is_refused() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.vendor_rate_per_sec = 1;
+            s.vendor_rate_burst = 1;
+        },
+        ..Default::default()
+    })
+    .await;
+    let ts = now_unix();
+    let r = app.post_signed(r#"{"transaction_id":"RA-1"}"#, ts).await;
+    assert_eq!(r.status(), 202);
+    let body = r#"{"transaction_id":"RA-2"}"#;
+    let r = app.post_signed(body, ts).await;
+    assert_error(r, 429, "rate_limited", "second request in a second").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
+    let from_elsewhere = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 9]))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/transactions", app.address))
+        .header("Content-Type", "application/json")
+        .header("X-Rtpd-Vendor", HMAC_VENDOR)
+        .header("X-Rtpd-Timestamp", ts.to_string())
+        .header("X-Rtpd-Signature", &sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        from_elsewhere,
+        401,
+        "unauthenticated",
+        "the captured copy from another address",
+    )
+    .await;
+    let r = app.post_with_signature(body, ts, &sig).await;
+    assert_eq!(
+        r.status(),
+        202,
+        "the sender's own retry: {}",
+        r.text().await.unwrap()
+    );
+    app.drain_until_terminal(&["RA-1", "RA-2"]).await;
+}
