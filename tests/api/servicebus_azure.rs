@@ -902,6 +902,77 @@ async fn a_busy_or_timed_out_attach_leaves_the_connection_up() {
     );
 }
 
+/// The session is locked while a link attaches: an attach the service never
+/// answers stalled the receives and `$management` calls of the connection
+/// for good. It is now given up after the attach time limit, with its
+/// connection, and the next operation connects afresh.
+#[tokio::test]
+async fn an_attach_the_service_never_answers_gives_up_the_connection() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = std::sync::Arc::new(
+        ServiceBusQueue::connect(&ServiceBusSettings {
+            attach_timeout: Duration::from_secs(1),
+            ..settings(&b, &queue)
+        })
+        .await
+        .expect("connects"),
+    );
+    q.send(vec![msg("na-1")]).await.unwrap();
+    b.ignore_next_attaches(1);
+    let started = std::time::Instant::now();
+    let e = q
+        .receive(1, Duration::from_millis(200))
+        .await
+        .expect_err("the attach is never answered");
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("no answer"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the receive waited {:?}",
+        started.elapsed()
+    );
+    // Nothing is left stalled: the next receive connects again.
+    let m = receive_one(&q).await;
+    assert_eq!(m.message_id, "na-1");
+    q.complete(&m).await.unwrap();
+    wait_counts(&b, &queue, (0, 0)).await;
+}
+
+/// Issue 19 item 4: server-busy is retried after ~10 s, as the SDKs do. A
+/// busy refusal of the sender's attach set no pause: the next send went
+/// straight back to the service.
+#[tokio::test]
+async fn a_busy_refusal_of_the_senders_attach_pauses_sends() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        send_timeout: Duration::from_secs(2),
+        server_busy_pause: Duration::from_secs(10),
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    q.send(vec![msg("bz-0")]).await.unwrap();
+    let sent = b.transfers_received();
+    b.force_detach(Some(LinkKind::Sender));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.refuse_next_attaches(1, "com.microsoft:server-busy");
+    let e = q.send(vec![msg("bz-1")]).await.expect_err("busy");
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("server-busy"), "{e}");
+    let e = q
+        .send(vec![msg("bz-2")])
+        .await
+        .expect_err("still inside the pause");
+    assert!(e.to_string().contains("pause"), "{e}");
+    assert_eq!(
+        b.transfers_received(),
+        sent,
+        "a send reached the service during the pause"
+    );
+}
+
 #[tokio::test]
 async fn a_token_revoked_while_a_receive_waits_is_put_again_and_the_receive_goes_on() {
     let queue = queue_name();

@@ -451,6 +451,14 @@ impl Conn {
             }
         };
         let now = now_ms();
+        if matches!(node, Some(Node::Queue(..))) {
+            let mut faults = lock(&self.shared.faults);
+            if faults.ignore_attaches > 0 {
+                faults.ignore_attaches -= 1;
+                tracing::debug!(name = %attach.name, "attach left unanswered (injected fault)");
+                return;
+            }
+        }
         let refusal = match &node {
             None => Some(link_error(
                 AmqpError::NotFound,

@@ -198,6 +198,8 @@ pub(crate) struct Faults {
     /// Error conditions for the next link attaches to a queue (the attach is
     /// refused: answered without a terminus, then detached with the error).
     pub refuse_attaches: VecDeque<String>,
+    /// The next this many link attaches to a queue are never answered.
+    pub ignore_attaches: usize,
 }
 
 /// One `$cbs` put-token the broker accepted.
@@ -436,6 +438,12 @@ impl BrokerHandle {
         let mut f = lock(&self.shared.faults);
         f.refuse_attaches
             .extend(std::iter::repeat_n(condition.to_string(), count));
+    }
+
+    /// Never answer the next `count` attaches of links to a queue (a
+    /// service that hangs on opening a link).
+    pub fn ignore_next_attaches(&self, count: usize) {
+        lock(&self.shared.faults).ignore_attaches += count;
     }
 
     /// Answer the next `count` `$management` requests with `status` (e.g. 503).

@@ -47,6 +47,9 @@ const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// A management request's own wait, a little over the server timeout we ask for.
 const MANAGEMENT_WAIT: Duration =
     Duration::from_millis(super::management::SERVER_TIMEOUT_MS as u64 + 5_000);
+/// How long a token put on `$cbs` (its link's attach included) may wait for
+/// the service; `ServiceBusSettings::attach_timeout` bounds the other links'.
+const ATTACH_WAIT: Duration = Duration::from_secs(30);
 /// Service Bus's own frame limit is 256 KiB on Standard; ask for no more than 1 MiB.
 const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const IDLE_TIMEOUT_MS: u32 = 60_000;
@@ -59,6 +62,8 @@ pub(super) struct Links {
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
     tokens: TokenSource,
     prefetch: u32,
+    /// How long a link's attach may wait for the service.
+    attach_wait: Duration,
     state: Mutex<ConnState>,
     generations: AtomicU64,
 }
@@ -167,8 +172,10 @@ impl Links {
         prefetch: u32,
         target: Target,
         tls: Arc<tokio_rustls::rustls::ClientConfig>,
+        attach_wait: Duration,
     ) -> Self {
         Self {
+            attach_wait,
             endpoint,
             queue,
             target,
@@ -354,20 +361,19 @@ impl Links {
     ) -> Result<(), QueueError> {
         if slot.is_none() {
             let mut session = live.session.lock().await;
-            let sender = Sender::attach(
-                &mut session,
-                format!("rtpd-sender-{}", Uuid::new_v4()),
-                self.queue.as_str(),
+            let what = format!("attaching sender to {}", self.queue);
+            let sender = within_attach_wait(
+                live,
+                self.attach_wait,
+                &what,
+                Sender::attach(
+                    &mut session,
+                    format!("rtpd-sender-{}", Uuid::new_v4()),
+                    self.queue.as_str(),
+                ),
             )
-            .await
-            .map_err(|e| {
-                let detail = format!("{e:?}");
-                attach_failure(
-                    live,
-                    &detail,
-                    &format!("attaching sender to {}", self.queue),
-                )
-            })?;
+            .await?
+            .map_err(|e| attach_failure(live, &format!("{e:?}"), &what))?;
             *slot = Some(sender);
         }
         Ok(())
@@ -400,17 +406,20 @@ impl Links {
         let entity = self.entity(sub);
         let receiver = {
             let mut session = live.session.lock().await;
-            Receiver::builder()
-                .name(format!("rtpd-receiver-{}", Uuid::new_v4()))
-                .source(entity.as_str())
-                .receiver_settle_mode(ReceiverSettleMode::Second)
-                .credit_mode(CreditMode::Manual)
-                .attach(&mut session)
-                .await
-                .map_err(|e| {
-                    let detail = format!("{e:?}");
-                    attach_failure(live, &detail, &format!("attaching receiver to {entity}"))
-                })?
+            let what = format!("attaching receiver to {entity}");
+            within_attach_wait(
+                live,
+                self.attach_wait,
+                &what,
+                Receiver::builder()
+                    .name(format!("rtpd-receiver-{}", Uuid::new_v4()))
+                    .source(entity.as_str())
+                    .receiver_settle_mode(ReceiverSettleMode::Second)
+                    .credit_mode(CreditMode::Manual)
+                    .attach(&mut session),
+            )
+            .await?
+            .map_err(|e| attach_failure(live, &format!("{e:?}"), &what))?
         };
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let link = ReceiverLink::spawn(receiver, generation, self.prefetch);
@@ -487,15 +496,19 @@ impl Links {
                 .await
                 .map_err(Failure::Answer)?;
             let mut session = live.session.lock().await;
-            let client = MgmtClient::builder()
-                .management_node_address(node.clone())
-                .client_node_addr(format!("{entity}-rtpd-mgmt-{}", Uuid::new_v4().simple()))
-                .attach(&mut session)
-                .await
-                .map_err(|e| {
-                    let detail = format!("{e:?}");
-                    Failure::Answer(attach_failure(&live, &detail, &format!("attaching {node}")))
-                })?;
+            let what = format!("attaching {node}");
+            let client = within_attach_wait(
+                &live,
+                self.attach_wait,
+                &what,
+                MgmtClient::builder()
+                    .management_node_address(node.clone())
+                    .client_node_addr(format!("{entity}-rtpd-mgmt-{}", Uuid::new_v4().simple()))
+                    .attach(&mut session),
+            )
+            .await
+            .map_err(Failure::Answer)?
+            .map_err(|e| Failure::Answer(attach_failure(&live, &format!("{e:?}"), &what)))?;
             *slot = Some(client);
         }
         let Some(client) = slot.as_mut() else {
@@ -553,6 +566,23 @@ pub(super) enum Failure {
 /// service's answer about this link, retryable, and leaves the connection
 /// (and everything in flight on it) alone; anything else may be the
 /// connection, so the next operation opens a new one.
+/// `attach` within `wait`; past it the connection is marked broken: the
+/// session is locked while a link attaches, so one the service never
+/// answers would stall every link of the connection.
+async fn within_attach_wait<T>(
+    live: &Live,
+    wait: Duration,
+    what: &str,
+    attach: impl std::future::Future<Output = T>,
+) -> Result<T, QueueError> {
+    tokio::time::timeout(wait, attach).await.map_err(|_| {
+        live.mark_broken();
+        QueueError::Unavailable(format!(
+            "{what}: no answer from the service within {wait:?}; leaving the connection"
+        ))
+    })
+}
+
 fn attach_failure(live: &Live, detail: &str, what: &str) -> QueueError {
     match errors::kind_in_text(detail) {
         kind @ (Kind::NotFound
@@ -593,11 +623,15 @@ async fn put_tokens(
 ) -> Result<chrono::DateTime<Utc>, String> {
     // A name of its own each time: a `$cbs` link whose close the service has
     // not finished must not make the next attach a duplicate.
-    let mut cbs = CbsClient::builder()
-        .client_node_addr(format!("cbs-rtpd-{}", Uuid::new_v4().simple()))
-        .attach(session)
-        .await
-        .map_err(|e| format!("attaching $cbs: {e:?}"))?;
+    let mut cbs = tokio::time::timeout(
+        ATTACH_WAIT,
+        CbsClient::builder()
+            .client_node_addr(format!("cbs-rtpd-{}", Uuid::new_v4().simple()))
+            .attach(session),
+    )
+    .await
+    .map_err(|_| format!("attaching $cbs: no answer within {ATTACH_WAIT:?}"))?
+    .map_err(|e| format!("attaching $cbs: {e:?}"))?;
     let mut earliest: Option<chrono::DateTime<Utc>> = None;
     let mut result = Ok(());
     for audience in audiences {
@@ -615,9 +649,18 @@ async fn put_tokens(
                 token.expires_at.timestamp_millis(),
             )),
         );
-        if let Err(e) = cbs.put_token(audience.as_str(), cbs_token).await {
-            result = Err(format!("cbs put-token for {audience}: {e:?}"));
-            break;
+        match tokio::time::timeout(ATTACH_WAIT, cbs.put_token(audience.as_str(), cbs_token)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                result = Err(format!("cbs put-token for {audience}: {e:?}"));
+                break;
+            }
+            Err(_) => {
+                result = Err(format!(
+                    "cbs put-token for {audience}: no answer within {ATTACH_WAIT:?}"
+                ));
+                break;
+            }
         }
         earliest = Some(earliest.map_or(token.expires_at, |t| t.min(token.expires_at)));
     }

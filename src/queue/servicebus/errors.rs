@@ -153,6 +153,12 @@ pub(super) fn is_unauthorized(e: &QueueError) -> bool {
     matches!(e, QueueError::Fatal(m) if m.contains("(amqp:unauthorized-access)"))
 }
 
+/// Whether the port error is the service's `com.microsoft:server-busy`
+/// (after which sends pause, as the SDKs do).
+pub(super) fn is_server_busy(e: &QueueError) -> bool {
+    matches!(e, QueueError::Unavailable(m) if m.contains("(com.microsoft:server-busy)"))
+}
+
 pub(super) fn from_error(e: &definitions::Error, what: &str) -> QueueError {
     let detail = format!(
         "{:?}: {}",

@@ -116,6 +116,9 @@ pub struct ServiceBusSettings {
     pub send_timeout: Duration,
     /// How long sends pause after `com.microsoft:server-busy` (the SDKs: 10 s).
     pub server_busy_pause: Duration,
+    /// How long a link's attach may wait for the service's answer before
+    /// the connection is given up (30 s; shorter in tests).
+    pub attach_timeout: Duration,
 }
 
 impl Default for ServiceBusSettings {
@@ -132,6 +135,7 @@ impl Default for ServiceBusSettings {
             sas_token_lifetime: Duration::from_secs(3600),
             send_timeout: Duration::from_secs(60),
             server_busy_pause: errors::SERVER_BUSY_BACKOFF,
+            attach_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -224,6 +228,7 @@ impl ServiceBusQueue {
                 0,
                 target.clone(),
                 tls.clone(),
+                s.attach_timeout,
             ),
             busy_until: StdMutex::new(None),
             send_timeout: s.send_timeout,
@@ -231,7 +236,15 @@ impl ServiceBusQueue {
         });
         let (group, waiting) = mpsc::unbounded_channel();
         tokio::spawn(group_commit(sending.clone(), waiting));
-        let links = Links::new(endpoint, queue, tokens, s.prefetch, target, tls);
+        let links = Links::new(
+            endpoint,
+            queue,
+            tokens,
+            s.prefetch,
+            target,
+            tls,
+            s.attach_timeout,
+        );
         let queue = ServiceBusQueue {
             links,
             sending,
@@ -499,6 +512,12 @@ impl Sending {
         }
     }
 
+    /// After `com.microsoft:server-busy`, sends wait `server_busy_pause`.
+    fn pause_for_server_busy(&self) {
+        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::clock::now() + self.server_busy_pause);
+    }
+
     /// One attempt at sending.
     async fn send_once(
         &self,
@@ -539,10 +558,15 @@ impl Sending {
             .collect::<Result<Vec<_>, _>>()
             .map_err(Failure::Answer)?;
         let mut slot = live.sender.lock().await;
-        self.links
-            .ensure_sender(live, &mut slot)
-            .await
-            .map_err(Failure::Answer)?;
+        if let Err(e) = self.links.ensure_sender(live, &mut slot).await {
+            // A busy service refuses the attach as it would the transfer:
+            // sends pause the same way.
+            if errors::is_server_busy(&e) {
+                self.pause_for_server_busy();
+                return Err(Failure::Busy(e));
+            }
+            return Err(Failure::Answer(e));
+        }
         let Some(sender) = slot.as_mut() else {
             unreachable!("ensure_sender attached it")
         };
@@ -613,8 +637,7 @@ impl Sending {
                             ))));
                         };
                         if errors::kind(&e.condition) == Kind::ServerBusy {
-                            *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(crate::clock::now() + self.server_busy_pause);
+                            self.pause_for_server_busy();
                             return Err(Failure::Busy(errors::from_error(&e, &what)));
                         }
                         return Err(Failure::Answer(errors::from_error(&e, &what)));

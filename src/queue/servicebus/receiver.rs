@@ -37,6 +37,10 @@ use tokio::time::Instant;
 const BATCH_LINGER: Duration = Duration::from_millis(20);
 /// How long a drain may wait for the service's answer before the link is given up.
 pub(super) const DRAIN_WAIT: Duration = Duration::from_secs(30);
+/// While a drain is unanswered, the credit is also looked at this often
+/// without a flow notification: a transfer the service aborts uses credit
+/// but is no delivery and no flow.
+const DRAIN_LOOK_AGAIN: Duration = Duration::from_millis(500);
 /// How long a receive that got nothing waits for its drain's answer (and
 /// the messages that raced it); later ones go to the next receive.
 const EMPTY_DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -315,7 +319,7 @@ async fn run(receiver: Receiver, mut commands: mpsc::Receiver<Command>, prefetch
                 }
                 link.answer();
             }
-            _ = flow_applied.notified(), if draining_until.is_some() => {
+            _ = tokio::time::timeout(DRAIN_LOOK_AGAIN, flow_applied.notified()), if draining_until.is_some() => {
                 if let Err(e) = link.drain_progress().await {
                     failed = link.fail(e);
                     break;

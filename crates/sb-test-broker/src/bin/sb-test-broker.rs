@@ -13,6 +13,7 @@
 //! deliver-at-drain COUNT                hold messages until the next drains, send them just before the answer
 //! ignore-drains COUNT                   never answer the next drains
 //! refuse-attaches COUNT CONDITION       refuse the next attaches to a queue with CONDITION
+//! ignore-attaches COUNT                 never answer the next attaches to a queue
 //! detach all|sender|receiver|management|cbs
 //! drop-connections
 //! revoke-tokens                         forget every token, as if all had expired
@@ -141,6 +142,10 @@ fn command(broker: &BrokerHandle, line: &str) -> Result<String, String> {
         }
         ["ignore-drains", _] => {
             broker.ignore_next_drains(number(1)?);
+            Ok(String::new())
+        }
+        ["ignore-attaches", _] => {
+            broker.ignore_next_attaches(number(1)?);
             Ok(String::new())
         }
         ["refuse-attaches", _, condition] => {
