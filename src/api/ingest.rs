@@ -99,9 +99,25 @@ pub async fn read_body(
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
-    tokio::time::timeout(timeout, read_body_unbounded(req, payload, limit))
-        .await
-        .map_err(|_| ApiError::RequestTimeout)?
+    let in_flight = req.extensions().get::<super::limits::InFlight>().cloned();
+    let evicted = async {
+        match &in_flight {
+            Some(f) => f.evicted().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        read = tokio::time::timeout(timeout, read_body_unbounded(req, payload, limit)) => {
+            read.map_err(|_| ApiError::RequestTimeout)?
+        }
+        // A signed request still waiting for its body, from an address that
+        // holds more of the unauthenticated pool than a newcomer: it gives
+        // its place up (and, unverified, is charged to its address).
+        () = evicted => Err(ApiError::Unavailable {
+            what: "the API (too many unverified requests from this address)",
+            retry_after_secs: 1,
+        }),
+    }
 }
 
 async fn read_body_unbounded(

@@ -46,11 +46,12 @@ use governor::{
     clock::{Clock, DefaultClock},
 };
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Sources tracked at most, in each map below; past it, the stale are dropped.
 const MAX_TRACKED_SOURCES: usize = 100_000;
@@ -84,6 +85,9 @@ pub struct Sources {
     /// cannot fill that pool.
     unverified: Arc<Mutex<HashMap<IpAddr, usize>>>,
     unverified_cap: usize,
+    /// Those signed requests, oldest first per source, each with the signal
+    /// that gives its place up ([`Sources::evict_for`]).
+    waiting: Arc<Mutex<Waiting>>,
     /// Sources that sent a verified signature lately, until when, and under
     /// which set of vendor credentials ([`crate::auth::Auth::vendors_epoch`]):
     /// a vouch made before the vendor keys changed no longer counts, so a
@@ -127,6 +131,7 @@ impl Sources {
             rate,
             unverified: Default::default(),
             unverified_cap: limits.unverified.max(1),
+            waiting: Default::default(),
             vouched: Default::default(),
             vouched_in_flight: Default::default(),
             vouched_cap: limits.vouched.max(1),
@@ -175,7 +180,10 @@ impl Sources {
             return Ok(Unverified::Vouched(slot));
         }
         match take(&self.unverified, source, self.unverified_cap) {
-            Some(slot) => Ok(Unverified::Pooled(Some(slot))),
+            Some(mut slot) => {
+                slot.eviction = Some(Waiting::enter(&self.waiting, source));
+                Ok(Unverified::Pooled(Some(slot)))
+            }
             None => {
                 tracing::debug!(%source, "too many unverified signed requests from one source");
                 Err(retry_after(Duration::from_secs(1)))
@@ -195,6 +203,45 @@ impl Sources {
             vouched.retain(|_, (until, _)| *until > now);
         }
         vouched.insert(source, (now + VOUCHED_FOR, epoch));
+    }
+
+    /// The unauthenticated pool is full and a signed request of `source`
+    /// waits for a place: the oldest waiting signed request of the source
+    /// holding the most places — if it holds at least as many as `source`
+    /// does with this one — is told to give its place up. So forgers from
+    /// a few addresses, each holding a share of the pool, cannot keep a
+    /// signing vendor from another address out (issue 20, second review's
+    /// finding 1); forgers from many addresses meet the newcomer as equals,
+    /// and the oldest waiter goes first. True when one was told.
+    pub fn evict_for(&self, source: IpAddr) -> bool {
+        let counts = lock(&self.unverified);
+        let own = counts.get(&source).copied().unwrap_or(0);
+        let mut waiting = lock(&self.waiting);
+        let victim = counts
+            .iter()
+            .filter(|(s, n)| **s != source && **n >= own.max(1))
+            .filter_map(|(s, n)| {
+                let oldest = waiting.by_source.get(s)?.front()?.0;
+                Some((*n, std::cmp::Reverse(oldest), *s))
+            })
+            .max()
+            .map(|(_, _, s)| s);
+        drop(counts);
+        let Some(victim) = victim else {
+            return false;
+        };
+        let Some(queue) = waiting.by_source.get_mut(&victim) else {
+            return false;
+        };
+        let Some((_, signal)) = queue.pop_front() else {
+            return false;
+        };
+        if queue.is_empty() {
+            waiting.by_source.remove(&victim);
+        }
+        tracing::debug!(%victim, %source, "unauthenticated pool full: the oldest unverified request of the address holding most places gives it up");
+        signal.notify_one();
+        true
     }
 
     /// A signed request that ended with its signature unverified (refused,
@@ -233,17 +280,68 @@ fn take(
     Some(SourceSlot {
         counts: counts.clone(),
         source,
+        eviction: None,
     })
+}
+
+/// Signed requests waiting for their bodies in the unauthenticated pool,
+/// oldest first per source, each with the signal that evicts it.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    by_source: HashMap<IpAddr, VecDeque<(u64, Arc<Notify>)>>,
+}
+
+impl Waiting {
+    fn enter(waiting: &Arc<Mutex<Waiting>>, source: IpAddr) -> Eviction {
+        let mut w = lock(waiting);
+        w.next += 1;
+        let id = w.next;
+        let signal = Arc::new(Notify::new());
+        w.by_source
+            .entry(source)
+            .or_default()
+            .push_back((id, signal.clone()));
+        Eviction {
+            waiting: waiting.clone(),
+            id,
+            signal,
+        }
+    }
+}
+
+/// A waiting signed request's place in [`Waiting`]; left when dropped.
+struct Eviction {
+    waiting: Arc<Mutex<Waiting>>,
+    id: u64,
+    signal: Arc<Notify>,
 }
 
 /// One unverified signed request of a source, counted while it lives.
 pub struct SourceSlot {
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
     source: IpAddr,
+    /// In the unauthenticated pool: how it is told to give its place up.
+    eviction: Option<Eviction>,
+}
+
+impl SourceSlot {
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
+        if let Some(e) = self.eviction.take() {
+            let mut w = lock(&e.waiting);
+            if let Some(queue) = w.by_source.get_mut(&self.source) {
+                queue.retain(|(id, _)| *id != e.id);
+                if queue.is_empty() {
+                    w.by_source.remove(&self.source);
+                }
+            }
+        }
         let mut counts = lock(&self.counts);
         if let Some(n) = counts.get_mut(&self.source) {
             *n -= 1;
@@ -311,6 +409,19 @@ impl InFlight {
         Ok(true)
     }
 
+    /// Resolves when the request is told to give its place in the
+    /// unauthenticated pool up ([`Sources::evict_for`]); never otherwise.
+    pub async fn evicted(&self) {
+        let signal = match &*lock(&self.0) {
+            Held::Unverified(_, Some(slot)) => slot.eviction.as_ref().map(|e| e.signal.clone()),
+            _ => None,
+        };
+        match signal {
+            Some(s) => s.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
     fn is_unverified(&self) -> bool {
         matches!(*lock(&self.0), Held::Unverified(..) | Held::Vouched(..))
     }
@@ -341,6 +452,9 @@ impl Drop for Release {
         self.in_flight.release();
     }
 }
+
+/// How long a signed request waits for the place an evicted one gives up.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 fn busy() -> ApiError {
     metrics::api_rejected("busy");
@@ -484,9 +598,25 @@ pub async fn guard(
                 Some(Ok(Unverified::Vouched(slot))) => {
                     acquire(&state.in_flight).map(|p| Held::Vouched(p, slot))
                 }
-                Some(Ok(Unverified::Pooled(slot))) => {
-                    acquire(&state.unauthenticated).map(|p| Held::Unverified(p, slot))
-                }
+                Some(Ok(Unverified::Pooled(slot))) => match acquire(&state.unauthenticated) {
+                    Ok(p) => Ok(Held::Unverified(p, slot)),
+                    Err(e) => match slot {
+                        Some(slot) if state.sources.evict_for(slot.source()) => {
+                            // The evicted request gives its place back as
+                            // soon as it notices (its body read ends).
+                            match tokio::time::timeout(
+                                EVICTION_WAIT,
+                                state.unauthenticated.clone().acquire_owned(),
+                            )
+                            .await
+                            {
+                                Ok(Ok(p)) => Ok(Held::Unverified(p, Some(slot))),
+                                _ => Err(e),
+                            }
+                        }
+                        _ => Err(e),
+                    },
+                },
                 None => acquire(&state.unauthenticated).map(|p| Held::Unverified(p, None)),
             },
             Caller::Other => {
@@ -550,5 +680,46 @@ mod tests {
             sources.admit_unverified(src, 4),
             Ok(Unverified::Pooled(Some(_)))
         ));
+    }
+    #[test]
+    fn a_full_pool_evicts_the_oldest_waiter_of_the_address_holding_most() {
+        let sources = Sources::new(SourceLimits {
+            rate_per_sec: 10,
+            burst: 10,
+            unverified: 4,
+            vouched: 4,
+        });
+        let forger = IpAddr::from([10, 0, 0, 1]);
+        let signer = IpAddr::from([10, 0, 0, 2]);
+        let pooled = |src| match sources.admit_unverified(src, 0) {
+            Ok(Unverified::Pooled(Some(slot))) => slot,
+            _ => panic!("no place"),
+        };
+        let forged: Vec<_> = (0..3).map(|_| pooled(forger)).collect();
+        let waiting = |src| {
+            lock(&sources.waiting)
+                .by_source
+                .get(&src)
+                .map_or(0, VecDeque::len)
+        };
+        // The forger holds more than the newcomer: it gives its oldest up.
+        let _newcomer = pooled(signer);
+        assert!(sources.evict_for(signer));
+        assert_eq!(waiting(forger), 2);
+        let oldest = forged[0].eviction.as_ref().unwrap().signal.clone();
+        let told = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(async {
+                tokio::time::timeout(Duration::from_millis(10), oldest.notified())
+                    .await
+                    .is_ok()
+            });
+        assert!(told, "the oldest forged request was not told");
+        // The forger evicts no one holding fewer places than it does.
+        assert!(!sources.evict_for(forger));
+        drop(forged);
+        assert_eq!(waiting(forger), 0, "dropped slots leave the queue");
     }
 }
