@@ -83,6 +83,7 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_UNAUTHENTICATED_RATE_BURST",
     "RTPD_MAX_UNVERIFIED_PER_SOURCE",
     "RTPD_TRUSTED_PROXIES",
+    "RTPD_TRUSTED_PROXY_HOPS",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +186,10 @@ fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether `ip` is one of the proxies (an IPv4-mapped IPv6 address is
     /// taken as the IPv4 address it maps).
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -209,6 +214,16 @@ impl FromStr for TrustedProxies {
                             "{entry:?} is not an IP address or CIDR range (such as 10.0.0.0/16 or fd00::/8)"
                         )
                     })?;
+                // Mapped addresses are compared as the IPv4 address they
+                // map, so a mapped range would never match.
+                if let IpNet::V6(v6) = net
+                    && v6.prefix_len() >= 96
+                    && v6.network().to_ipv4_mapped().is_some()
+                {
+                    return Err(format!(
+                        "{entry:?} is an IPv4-mapped IPv6 range, which never matches (mapped addresses are compared as IPv4): write the IPv4 address or range"
+                    ));
+                }
                 // Every address in the list may name any client: trusting
                 // all of them lets every caller choose its address.
                 if net.prefix_len() == 0 {
@@ -362,6 +377,11 @@ pub struct Settings {
     /// Proxies whose `X-Forwarded-For` names the client that the limits
     /// per source address key on (`api::client_addr`).
     pub trusted_proxies: TrustedProxies,
+    /// How many proxies stand in front of rtpd, each appending to
+    /// `X-Forwarded-For`: the client is the entry that many from the right
+    /// (1: Container Apps' Envoy). 0: walk from the right past every
+    /// trusted address instead.
+    pub trusted_proxy_hops: u32,
     /// How far back the WAL is kept (the storage lifecycle rule); operator
     /// time ranges that reach further back are refused.
     pub wal_retention_days: u32,
@@ -432,6 +452,7 @@ impl Default for Settings {
             unauthenticated_rate_burst: 40,
             max_unverified_per_source: None,
             trusted_proxies: TrustedProxies::default(),
+            trusted_proxy_hops: 0,
             wal_retention_days: 400,
         }
     }
@@ -890,6 +911,7 @@ mod tests {
             "fd00::/129",
             "0.0.0.0/0",
             "::/0",
+            "::ffff:10.0.0.0/104",
         ] {
             figment::Jail::expect_with(|jail| {
                 jail.set_env("RTPD_TRUSTED_PROXIES", format!("10.0.0.0/16,{bad}"));

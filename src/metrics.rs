@@ -80,6 +80,7 @@ const RESEND_HELP: &str = "In-process resend queue: failed sends queued, sent, f
 const DEPENDENCY_RETURNED_HELP: &str =
     "A dependency answered again after an outage (each triggers a recovery pass)";
 const REJECTED_UNRECORDED_HELP: &str = "Refused calls left out of rejected/v1 by sampling (counted in the next record of the same source and reason)";
+const FORWARDED_FOR_IGNORED_HELP: &str = "Requests with X-Forwarded-For from a peer not in RTPD_TRUSTED_PROXIES while that list is set (the proxy's address may have moved out of it)";
 const HTTP_PROTOCOL_ERRORS_HELP: &str = "Connections closed by the HTTP/1 parser for a malformed request or body (answered by actix before any route)";
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -109,6 +110,7 @@ struct Metrics {
     dependency_returned: Family<DependencyLabel, Counter>,
     rejected_unrecorded: Counter,
     http_protocol_errors: Counter,
+    forwarded_for_ignored: Counter,
 }
 
 fn get() -> &'static Metrics {
@@ -238,6 +240,12 @@ fn get() -> &'static Metrics {
             REJECTED_UNRECORDED_HELP,
             rejected_unrecorded.clone(),
         );
+        let forwarded_for_ignored = Counter::default();
+        registry.register(
+            "forwarded_for_ignored",
+            FORWARDED_FOR_IGNORED_HELP,
+            forwarded_for_ignored.clone(),
+        );
         let http_protocol_errors = Counter::default();
         registry.register(
             "http_protocol_errors",
@@ -251,6 +259,7 @@ fn get() -> &'static Metrics {
             ledger_rebuilds,
             dependency_returned,
             http_protocol_errors,
+            forwarded_for_ignored,
             api_rejected,
             rejected_unrecorded,
             registry,
@@ -290,6 +299,7 @@ struct Otel {
     dependency_returned: OtelCounter<u64>,
     rejected_unrecorded: OtelCounter<u64>,
     http_protocol_errors: OtelCounter<u64>,
+    forwarded_for_ignored: OtelCounter<u64>,
 }
 
 /// What waits on recovery (count, oldest wait in seconds), for the OTLP gauges.
@@ -475,6 +485,7 @@ impl Otel {
             rejected_unrecorded: i
                 .counter("rtpd_rejected_calls_unrecorded", REJECTED_UNRECORDED_HELP),
             http_protocol_errors: i.counter("rtpd_http_protocol_errors", HTTP_PROTOCOL_ERRORS_HELP),
+            forwarded_for_ignored: i.counter("rtpd_forwarded_for_ignored", FORWARDED_FOR_IGNORED_HELP),
         };
         (o, i.names)
     }
@@ -535,6 +546,13 @@ pub fn api_rejected(reason: &'static str) {
         .inc();
     if let Some(o) = otel() {
         o.api_rejected.add(1, &[KeyValue::new("reason", reason)]);
+    }
+}
+
+pub fn forwarded_for_ignored() {
+    get().forwarded_for_ignored.inc();
+    if let Some(o) = otel() {
+        o.forwarded_for_ignored.add(1, &[]);
     }
 }
 

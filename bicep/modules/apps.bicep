@@ -274,10 +274,17 @@ var sharedEnv = [
 
 // Behind Envoy every caller has Envoy's address; with its ranges trusted,
 // the per-address limits key on the client it appends to X-Forwarded-For.
+// Envoy is the one proxy in front: the client is the entry it appends
+// (RTPD_TRUSTED_PROXY_HOPS=1), so another app inside the trusted range cannot
+// name an address of its choice.
 var trustedProxiesEnv = empty(apiTrustedProxies) ? [] : [
   {
     name: 'RTPD_TRUSTED_PROXIES'
     value: apiTrustedProxies
+  }
+  {
+    name: 'RTPD_TRUSTED_PROXY_HOPS'
+    value: '1'
   }
 ]
 

@@ -12,6 +12,18 @@
 //! writes them); it is dropped. An entry that is not an address (`unknown`,
 //! an empty one, garbage) ends the walk: the request is the proxy's, as if
 //! the header were missing — never the client's choice.
+//!
+//! With `RTPD_TRUSTED_PROXY_HOPS` set (1 behind Container Apps' Envoy), the
+//! client is the entry that many from the right, trusted or not: another
+//! app inside the trusted range whose request passes through the proxy is
+//! then named by the address the proxy appended, not by what it wrote
+//! itself (the walk past trusted entries would skip its own address).
+//!
+//! Addresses are returned canonical: an IPv4-mapped IPv6 address is the
+//! IPv4 address it maps. An untrusted peer that sends `X-Forwarded-For`
+//! while proxies are listed is counted
+//! (`rtpd_forwarded_for_ignored_total`): the proxy's address may have
+//! moved out of the list.
 
 use crate::config::TrustedProxies;
 use actix_web::http::header::HeaderMap;
@@ -20,16 +32,24 @@ use std::net::{IpAddr, SocketAddr};
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The client address of a request from `peer` with `headers`.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies, hops: u32) -> IpAddr {
+    let peer = peer.to_canonical();
     if !trusted.contains(peer) {
         return peer;
     }
     // Every occurrence of the header, in order, is one comma-separated list.
     let values: Vec<_> = headers.get_all(X_FORWARDED_FOR).collect();
-    let entries = values
+    let mut entries = values
         .iter()
         .rev()
         .flat_map(|v| v.as_bytes().rsplit(|b| *b == b','));
+    if hops > 0 {
+        // The entry the outermost of `hops` proxies appended.
+        return entries
+            .nth(hops as usize - 1)
+            .and_then(parse_entry)
+            .unwrap_or(peer);
+    }
     let mut leftmost = None;
     for entry in entries {
         let Some(ip) = parse_entry(entry) else {
@@ -49,6 +69,13 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) ->
     leftmost.unwrap_or(peer)
 }
 
+/// Whether a request from `peer` carries `X-Forwarded-For` that is not
+/// believed although proxies are listed (counted once per request by the
+/// guard: the proxy's address may have moved out of the list).
+pub fn forwarded_by_untrusted(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> bool {
+    !trusted.is_empty() && !trusted.contains(peer) && headers.contains_key(X_FORWARDED_FOR)
+}
+
 /// An address, with or without a port.
 fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
     let entry = std::str::from_utf8(entry).ok()?.trim();
@@ -56,6 +83,7 @@ fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
         .parse::<IpAddr>()
         .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
         .ok()
+        .map(|ip| ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -83,7 +111,45 @@ mod tests {
     }
 
     fn client(peer: &str, proxies: &str, values: &[&[u8]]) -> IpAddr {
-        client_ip(ip(peer), &forwarded(values), &trusted(proxies))
+        client_ip(ip(peer), &forwarded(values), &trusted(proxies), 0)
+    }
+
+    #[test]
+    fn with_hops_the_entry_the_outermost_proxy_appended_is_the_client() {
+        let proxies = trusted("10.0.0.0/8");
+        let one = |values: &[&[u8]]| client_ip(ip("10.0.0.1"), &forwarded(values), &proxies, 1);
+        // Another app inside the trusted range, through the proxy: named by
+        // the address the proxy appended (the walk skipped it).
+        assert_eq!(one(&[b"198.51.100.7, 10.5.5.5"]), ip("10.5.5.5"));
+        assert_eq!(
+            client("10.0.0.1", "10.0.0.0/8", &[b"198.51.100.7, 10.5.5.5"]),
+            ip("198.51.100.7")
+        );
+        assert_eq!(one(&[b"203.0.113.66", b"198.51.100.7"]), ip("198.51.100.7"));
+        // Too few entries, or not an address: the proxy's own.
+        assert_eq!(one(&[]), ip("10.0.0.1"));
+        assert_eq!(one(&[b"unknown"]), ip("10.0.0.1"));
+        let two = client_ip(
+            ip("10.0.0.1"),
+            &forwarded(&[b"203.0.113.66, 198.51.100.7, 10.9.9.9"]),
+            &proxies,
+            2,
+        );
+        assert_eq!(two, ip("198.51.100.7"));
+        // An untrusted peer is the client, hops or not.
+        assert_eq!(
+            client_ip(ip("192.0.2.1"), &forwarded(&[b"198.51.100.7"]), &proxies, 1),
+            ip("192.0.2.1")
+        );
+    }
+
+    #[test]
+    fn mapped_addresses_come_back_as_ipv4() {
+        assert_eq!(client("::ffff:192.0.2.1", "", &[]), ip("192.0.2.1"));
+        assert_eq!(
+            client("::ffff:10.0.0.1", "10.0.0.0/8", &[b"::ffff:198.51.100.7"]),
+            ip("198.51.100.7")
+        );
     }
 
     #[test]

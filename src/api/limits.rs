@@ -571,6 +571,15 @@ pub async fn guard(
         return refuse(&state, req, ApiError::UnsupportedContentEncoding).await;
     }
     let source = state.client_ip(req.request()).map(rejected::source_of);
+    if let Some(peer) = req.peer_addr()
+        && super::client_addr::forwarded_by_untrusted(
+            peer.ip(),
+            req.headers(),
+            &state.settings.trusted_proxies,
+        )
+    {
+        metrics::forwarded_for_ignored();
+    }
     let acquire = |pool: &Arc<Semaphore>| pool.clone().try_acquire_owned().map_err(|_| busy());
     let held = if req.path() == "/healthz" {
         // Liveness answers whatever else is busy.

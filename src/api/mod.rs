@@ -364,6 +364,7 @@ impl ApiState {
             peer,
             req.headers(),
             &self.settings.trusted_proxies,
+            self.settings.trusted_proxy_hops,
         ))
     }
 

@@ -240,6 +240,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "proxies (addresses or CIDR ranges, comma separated) whose X-Forwarded-For names the source address of the per-address limits (default: none)",
     ),
     (
+        "RTPD_TRUSTED_PROXY_HOPS",
+        Reads::SERVER,
+        "how many proxies append to X-Forwarded-For in front of rtpd: the client is the entry that many from the right (1 for Container Apps' Envoy; default 0: skip every trusted address from the right)",
+    ),
+    (
         "RTPD_VENDOR_KEYS",
         Reads::VENDORS,
         "vendors: <vendor>:sha256:<hex of key>, comma separated",

@@ -654,6 +654,38 @@ async fn behind_a_trusted_proxy_a_forger_does_not_use_up_the_signers_limits() {
         statuses.iter().all(|s| *s == 202),
         "vouched for: {statuses:?}"
     );
+    // A peer outside the trusted list sending X-Forwarded-For is counted
+    // (the proxy may have moved out of the list), and not believed.
+    let outside = client_from([127, 0, 0, 3]);
+    let r = outside
+        .post(format!("{}/v1/transactions", app.address))
+        .header("X-Forwarded-For", SIGNER)
+        .header("Authorization", "Bearer wrong")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("Accept", "text/plain")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rtpd_forwarded_for_ignored_total 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("forwarded"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// Without `RTPD_TRUSTED_PROXIES` no `X-Forwarded-For` is believed: a
