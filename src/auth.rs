@@ -152,6 +152,39 @@ struct Vendor {
     scheme: Scheme,
 }
 
+impl Vendor {
+    /// A digest of the vendor's name and credentials
+    /// ([`Auth::vendor_fingerprint`]); kept in memory only.
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut put = |tag: &[u8], bytes: &[u8]| {
+            h.update(tag);
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        put(b"name", self.name.as_bytes());
+        match &self.scheme {
+            Scheme::ApiKey(keys) => keys.iter().for_each(|k| put(b"key", k)),
+            Scheme::Hmac { secrets, webhooks } => {
+                secrets.iter().for_each(|s| put(b"hmac", s.expose_secret()));
+                webhooks
+                    .iter()
+                    .for_each(|s| put(b"whsec", s.expose_secret()));
+            }
+        }
+        h.finalize().into()
+    }
+}
+
+impl Inner {
+    fn fingerprint_of(&self, vendor: &str) -> Option<[u8; 32]> {
+        self.vendors
+            .iter()
+            .find(|v| v.name == vendor)
+            .map(Vendor::fingerprint)
+    }
+}
+
 /// One consistent set of credentials; replaced whole when a file changes.
 struct Inner {
     vendors: Arc<Vec<Vendor>>,
@@ -159,8 +192,6 @@ struct Inner {
     window_secs: i64,
     /// Shared by every set, so a reload forgets no used signature.
     seen: Arc<Mutex<ReplayCache>>,
-    /// Counts the vendor credential sets applied (0 at start-up).
-    vendors_epoch: u64,
 }
 
 /// The credentials in use, where they come from, and what each file held
@@ -577,7 +608,6 @@ impl Auth {
             admins: Arc::new(admins),
             window_secs: i64::from(s.signature_window_secs),
             seen: Arc::new(Mutex::new(ReplayCache::new(REPLAY_CACHE_CAPACITY))),
-            vendors_epoch: 0,
         };
         Ok(Auth {
             inner: Some(Arc::new(Live {
@@ -720,8 +750,10 @@ impl Auth {
     /// [`Auth::verify_signed`] for a request from `from` (its client
     /// address, `None` if it has none), also giving the replay-cache entry
     /// it made, for [`Auth::forget_signature`] when the request is then
-    /// refused. A signature forgotten that way is accepted again only from
-    /// the same address.
+    /// refused. A signature forgotten that way is accepted once more, from
+    /// any address (a vendor's retry may leave from another one), but
+    /// vouches ([`ReplayKey::vouches`]) only for the address it first came
+    /// from.
     pub fn verify_signed_keyed(
         &self,
         s: &Signed<'_>,
@@ -751,34 +783,34 @@ impl Auth {
         if !ok {
             return Err(AuthFailure::BadSignature);
         }
-        let fresh = inner.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            sig,
-            ts + inner.window_secs,
-            now,
-            from,
-        );
-        if !fresh {
-            return Err(AuthFailure::ReusedSignature);
-        }
+        let vouches = inner
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sig, ts + inner.window_secs, now, from)
+            .ok_or(AuthFailure::ReusedSignature)?;
+        // The same credentials the signature was checked against.
+        let vouches = vouches.then(|| inner.fingerprint_of(vendor)).flatten();
         Ok((
             Principal::Vendor(vendor.to_owned()),
-            ReplayKey { sig, from },
+            ReplayKey { sig, from, vouches },
         ))
     }
 
-    /// Which set of vendor credentials is in use: it changes each time a
-    /// changed vendor keys file is applied, so what was learnt under the old
-    /// set (an address vouched for by a vendor's signature) can be dropped.
-    pub fn vendors_epoch(&self) -> u64 {
-        self.current().map_or(0, |i| i.vendors_epoch)
+    /// A digest of `vendor`'s credentials as they are now (`None`: no such
+    /// vendor): what an address vouched for by that vendor's signature
+    /// was vouched under. It changes when the vendor's keys or secrets do,
+    /// and only then.
+    pub fn vendor_fingerprint(&self, vendor: &str) -> Option<[u8; 32]> {
+        self.current()?.fingerprint_of(vendor)
     }
 
     /// Forgets a signature verified by [`Auth::verify_signed_keyed`] whose
     /// request was then refused (429, 503): it had no effect, so the
-    /// vendor's byte-identical retry must not be taken for a replay. Only a
-    /// retry from the same client address: the same bytes from anywhere
-    /// else are a captured request replayed (and would vouch for that
-    /// address).
+    /// vendor's byte-identical retry must not be taken for a replay (a 401
+    /// may be read as final and the payment dropped). From another client
+    /// address the retry is accepted too — a vendor may send from several —
+    /// but vouches for nothing: it may be a captured request replayed.
     pub fn forget_signature(&self, key: ReplayKey) {
         if let Some(inner) = self.current() {
             inner
@@ -795,6 +827,18 @@ impl Auth {
 pub struct ReplayKey {
     sig: [u8; 32],
     from: Option<IpAddr>,
+    /// The vendor's credential fingerprint, if the request may vouch for
+    /// its address.
+    vouches: Option<[u8; 32]>,
+}
+
+impl ReplayKey {
+    /// The fingerprint of the credentials the signature verified against
+    /// ([`Auth::vendor_fingerprint`]), if the request may vouch for its
+    /// address: not a forgotten signature used again from another address.
+    pub fn vouches(&self) -> Option<[u8; 32]> {
+        self.vouches
+    }
 }
 
 /// What one reload did, for the caller and the tests.
@@ -861,9 +905,7 @@ impl Auth {
         if vendors.is_none() && admins.is_none() {
             return done;
         }
-        let vendors_epoch = current.vendors_epoch + u64::from(vendors.is_some());
         let next = Inner {
-            vendors_epoch,
             vendors: vendors.map_or_else(|| current.vendors.clone(), Arc::new),
             admins: admins.map_or_else(|| current.admins.clone(), Arc::new),
             window_secs: current.window_secs,
@@ -1104,18 +1146,20 @@ fn verify_webhook(
     }
     let vendor = found.ok_or(AuthFailure::BadSignature)?;
     let attempt: [u8; 32] = Sha256::digest(format!("webhook\0{vendor}\0{id}\0{ts}")).into();
-    let fresh = inner.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        attempt,
-        ts + inner.window_secs,
-        now,
-        from,
-    );
-    if !fresh {
-        return Err(AuthFailure::ReusedSignature);
-    }
+    let vouches = inner
+        .seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(attempt, ts + inner.window_secs, now, from)
+        .ok_or(AuthFailure::ReusedSignature)?;
+    let vouches = vouches.then(|| inner.fingerprint_of(vendor)).flatten();
     Ok((
         Principal::Vendor(vendor.to_owned()),
-        ReplayKey { sig: attempt, from },
+        ReplayKey {
+            sig: attempt,
+            from,
+            vouches,
+        },
     ))
 }
 
@@ -1147,9 +1191,17 @@ impl ReplayCache {
         }
     }
 
-    /// Remembers `sig` (used from `from`) until `expires`; false if it was
-    /// already remembered, unless it was released for a retry from `from`.
-    fn insert(&mut self, sig: [u8; 32], expires: i64, now: i64, from: Option<IpAddr>) -> bool {
+    /// Remembers `sig` (used from `from`) until `expires`. `None` if it was
+    /// already remembered and not released for one more use; otherwise
+    /// whether this use may vouch for `from` (not when it is a released
+    /// signature used from another address than its first).
+    fn insert(
+        &mut self,
+        sig: [u8; 32],
+        expires: i64,
+        now: i64,
+        from: Option<IpAddr>,
+    ) -> Option<bool> {
         while let Some((old, exp)) = self.order.front().copied() {
             if exp >= now {
                 break;
@@ -1158,11 +1210,13 @@ impl ReplayCache {
             self.seen.remove(&old);
         }
         if let Some(use_) = self.seen.get_mut(&sig) {
-            if *use_ == Use::RetryFrom(from) {
-                *use_ = Use::Used;
-                return true;
-            }
-            return false;
+            return match *use_ {
+                Use::RetryFrom(first) => {
+                    *use_ = Use::Used;
+                    Some(first == from)
+                }
+                Use::Used => None,
+            };
         }
         if self.order.len() >= self.capacity
             && let Some((old, _)) = self.order.pop_front()
@@ -1175,10 +1229,10 @@ impl ReplayCache {
         }
         self.seen.insert(sig, Use::Used);
         self.order.push_back((sig, expires));
-        true
+        Some(true)
     }
 
-    /// Lets `sig` be used once more, from `from` only (it keeps its
+    /// Lets `sig`, first used from `from`, be used once more (it keeps its
     /// expiry).
     fn release(&mut self, sig: &[u8; 32], from: Option<IpAddr>) {
         if let Some(use_) = self.seen.get_mut(sig) {
@@ -1190,8 +1244,8 @@ impl ReplayCache {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Use {
     Used,
-    /// Its request was refused without effect: the sender's retry, from
-    /// the same address, is not a replay.
+    /// Its request, from this address, was refused without effect: the
+    /// sender's retry is not a replay (and vouches only from there).
     RetryFrom(Option<IpAddr>),
 }
 
@@ -1323,33 +1377,67 @@ mod tests {
     #[test]
     fn replay_cache_is_bounded_and_forgets_expired_entries() {
         let mut c = ReplayCache::new(2);
-        assert!(c.insert([1; 32], 100, 0, None));
-        assert!(!c.insert([1; 32], 100, 50, None));
+        assert!(c.insert([1; 32], 100, 0, None).is_some());
+        assert!(c.insert([1; 32], 100, 50, None).is_none());
         // Expired entries are dropped first.
-        assert!(c.insert([1; 32], 300, 101, None));
-        assert!(c.insert([2; 32], 300, 101, None));
-        assert!(c.insert([3; 32], 300, 101, None));
+        assert!(c.insert([1; 32], 300, 101, None).is_some());
+        assert!(c.insert([2; 32], 300, 101, None).is_some());
+        assert!(c.insert([3; 32], 300, 101, None).is_some());
         assert_eq!(c.order.len(), 2, "capacity holds");
-        assert!(!c.insert([3; 32], 300, 102, None));
+        assert!(c.insert([3; 32], 300, 102, None).is_none());
     }
 
     #[test]
-    fn a_released_signature_is_accepted_once_more_from_its_own_address_only() {
+    fn a_released_signature_is_accepted_once_more_and_vouches_only_from_its_address() {
         let mut c = ReplayCache::new(10);
         let vendor = Some(IpAddr::from([10, 0, 0, 1]));
         let other = Some(IpAddr::from([10, 0, 0, 2]));
-        assert!(c.insert([1; 32], 100, 0, vendor));
+        assert_eq!(c.insert([1; 32], 100, 0, vendor), Some(true));
         c.release(&[1; 32], vendor);
-        assert!(!c.insert([1; 32], 100, 1, other), "replayed from elsewhere");
-        assert!(
-            !c.insert([1; 32], 100, 1, None),
-            "replayed without an address"
+        assert_eq!(
+            c.insert([1; 32], 100, 2, vendor),
+            Some(true),
+            "the vendor's retry"
         );
-        assert!(c.insert([1; 32], 100, 2, vendor), "the vendor's retry");
-        assert!(!c.insert([1; 32], 100, 3, vendor), "used again");
+        assert_eq!(c.insert([1; 32], 100, 3, vendor), None, "used again");
+        c.release(&[1; 32], vendor);
+        assert_eq!(
+            c.insert([1; 32], 100, 4, other),
+            Some(false),
+            "from another address: accepted, vouching for nothing"
+        );
+        assert_eq!(c.insert([1; 32], 100, 5, vendor), None, "used again");
         // Released and then expired: gone, like any entry.
         c.release(&[1; 32], vendor);
-        assert!(c.insert([1; 32], 300, 101, other));
+        assert_eq!(c.insert([1; 32], 300, 101, other), Some(true));
+    }
+
+    #[test]
+    fn a_vendors_fingerprint_changes_with_its_own_credentials_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("vendor-keys");
+        let secret = "0123456789abcdef0123456789abcdef";
+        let acme = format!("acme:hmac:{secret}\n");
+        let globex = format!("globex:sha256:{}\n", hash_secret("g1"));
+        std::fs::write(&keys, format!("{acme}{globex}")).unwrap();
+        let a = Auth::from_settings(&Settings {
+            vendor_keys_file: Some(keys.clone()),
+            ..Settings::default()
+        })
+        .unwrap();
+        let acme_before = a.vendor_fingerprint("acme").unwrap();
+        let globex_before = a.vendor_fingerprint("globex").unwrap();
+        assert_ne!(acme_before, globex_before);
+        // A comment and another vendor's new key: acme's vouches stay.
+        let globex2 = format!("globex:sha256:{}\n", hash_secret("g2"));
+        std::fs::write(&keys, format!("# rotated globex\n{acme}{globex2}")).unwrap();
+        assert_eq!(a.reload().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert_eq!(a.vendor_fingerprint("acme"), Some(acme_before));
+        assert_ne!(a.vendor_fingerprint("globex"), Some(globex_before));
+        // acme removed: its vouches end.
+        std::fs::write(&keys, &globex2).unwrap();
+        assert_eq!(a.reload().applied, vec!["RTPD_VENDOR_KEYS_FILE"]);
+        assert_eq!(a.vendor_fingerprint("acme"), None);
     }
 
     #[test]

@@ -88,11 +88,12 @@ pub struct Sources {
     /// Those signed requests, oldest first per source, each with the signal
     /// that gives its place up ([`Sources::evict_for`]).
     waiting: Arc<Mutex<Waiting>>,
-    /// Sources that sent a verified signature lately, until when, and under
-    /// which set of vendor credentials ([`crate::auth::Auth::vendors_epoch`]):
-    /// a vouch made before the vendor keys changed no longer counts, so a
-    /// vendor removed from the keys file does not keep its address vouched.
-    vouched: Mutex<HashMap<IpAddr, (Instant, u64)>>,
+    /// Sources that sent a verified signature lately: until when, by which
+    /// vendor, under which of its credentials
+    /// ([`crate::auth::Auth::vendor_fingerprint`]). A vouch no longer counts
+    /// once that vendor is removed from the keys file or its keys change;
+    /// other vendors' vouches stay.
+    vouched: Mutex<HashMap<IpAddr, Vouch>>,
     /// Signed requests of vouched sources not verified yet, in flight per
     /// source, waiting in the vendors' pool; at most `vouched_cap`.
     vouched_in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -100,6 +101,13 @@ pub struct Sources {
     /// Sources whose signed requests failed faster than the rate allows:
     /// their signed requests are refused until then.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+/// Why a source is vouched for ([`Sources::vouch`]).
+struct Vouch {
+    until: Instant,
+    vendor: String,
+    fingerprint: [u8; 32],
 }
 
 /// Where a signed request waits for its body.
@@ -162,7 +170,11 @@ impl Sources {
     /// `vouched_cap` at once), where forgers from other addresses cannot
     /// reach; any other waits in the unauthenticated pool, at most
     /// `RTPD_MAX_UNVERIFIED_PER_SOURCE` at once.
-    pub fn admit_unverified(&self, source: IpAddr, epoch: u64) -> Result<Unverified, ApiError> {
+    pub fn admit_unverified(
+        &self,
+        source: IpAddr,
+        current: impl Fn(&str) -> Option<[u8; 32]>,
+    ) -> Result<Unverified, ApiError> {
         if self.rate.is_none() {
             return Ok(Unverified::Pooled(None));
         }
@@ -173,9 +185,9 @@ impl Sources {
             tracing::debug!(%source, "signed requests refused: too many failed signatures");
             return Err(retry_after(until - now));
         }
-        let vouched = lock(&self.vouched)
-            .get(&source)
-            .is_some_and(|(until, e)| *until > now && *e == epoch);
+        let vouched = lock(&self.vouched).get(&source).is_some_and(|v| {
+            v.until > now && current(&v.vendor).is_some_and(|f| f == v.fingerprint)
+        });
         if vouched && let Some(slot) = take(&self.vouched_in_flight, source, self.vouched_cap) {
             return Ok(Unverified::Vouched(slot));
         }
@@ -191,18 +203,26 @@ impl Sources {
         }
     }
 
-    /// A signed request of `source` verified under the vendor credentials
-    /// of `epoch`: its next ones wait in the vendors' pool for a while.
-    pub fn vouch(&self, source: IpAddr, epoch: u64) {
+    /// A signed request of `source` verified for `vendor`, whose
+    /// credentials have `fingerprint`: its next ones wait in the vendors'
+    /// pool for a while.
+    pub fn vouch(&self, source: IpAddr, vendor: &str, fingerprint: [u8; 32]) {
         if self.rate.is_none() {
             return;
         }
         let now = Instant::now();
         let mut vouched = lock(&self.vouched);
         if vouched.len() > MAX_TRACKED_SOURCES {
-            vouched.retain(|_, (until, _)| *until > now);
+            vouched.retain(|_, v| v.until > now);
         }
-        vouched.insert(source, (now + VOUCHED_FOR, epoch));
+        vouched.insert(
+            source,
+            Vouch {
+                until: now + VOUCHED_FOR,
+                vendor: vendor.to_owned(),
+                fingerprint,
+            },
+        );
     }
 
     /// The unauthenticated pool is full and a signed request of `source`
@@ -601,7 +621,7 @@ pub async fn guard(
             Caller::Signed => match source.map(|s| {
                 state
                     .sources
-                    .admit_unverified(s, state.auth.vendors_epoch())
+                    .admit_unverified(s, |v| state.auth.vendor_fingerprint(v))
             }) {
                 Some(Err(e)) => return refuse(&state, req, e).await,
                 Some(Ok(Unverified::Vouched(slot))) => {
@@ -671,7 +691,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_vouch_made_under_other_vendor_keys_does_not_count() {
+    fn a_vouch_counts_while_its_vendors_keys_stay_the_same() {
         let sources = Sources::new(SourceLimits {
             rate_per_sec: 10,
             burst: 10,
@@ -679,14 +699,20 @@ mod tests {
             vouched: 4,
         });
         let src = IpAddr::from([10, 0, 0, 1]);
-        sources.vouch(src, 3);
+        sources.vouch(src, "acme", [1; 32]);
+        let now = |vendor: &str| (vendor == "acme").then_some([1; 32]);
         assert!(matches!(
-            sources.admit_unverified(src, 3),
+            sources.admit_unverified(src, now),
             Ok(Unverified::Vouched(_))
         ));
-        // The vendor keys file changed since (a vendor may be gone).
+        // acme's keys changed since, or acme is gone.
+        let rotated = |vendor: &str| (vendor == "acme").then_some([2; 32]);
         assert!(matches!(
-            sources.admit_unverified(src, 4),
+            sources.admit_unverified(src, rotated),
+            Ok(Unverified::Pooled(Some(_)))
+        ));
+        assert!(matches!(
+            sources.admit_unverified(src, |_: &str| None),
             Ok(Unverified::Pooled(Some(_)))
         ));
     }
@@ -700,7 +726,7 @@ mod tests {
         });
         let forger = IpAddr::from([10, 0, 0, 1]);
         let signer = IpAddr::from([10, 0, 0, 2]);
-        let pooled = |src| match sources.admit_unverified(src, 0) {
+        let pooled = |src| match sources.admit_unverified(src, |_: &str| None) {
             Ok(Unverified::Pooled(Some(slot))) => slot,
             _ => panic!("no place"),
         };

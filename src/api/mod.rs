@@ -429,7 +429,7 @@ impl ApiState {
         // request had no effect: ingest forgets the signature then, so the
         // vendor's identical retry is not a replay.
         req.extensions_mut().insert(SignatureUsed(key));
-        self.admit(req, p)
+        self.admit_vouching(req, p, key.vouches())
     }
 
     /// Forgets the signature of a signed request that is answered `status`,
@@ -447,6 +447,18 @@ impl ApiState {
     /// Remembers who the vendor is and applies its rate limit. A signed
     /// request, verified now, moves to the vendors' in-flight pool.
     fn admit(&self, req: &HttpRequest, p: Principal) -> Result<Principal, ApiError> {
+        let vouch = p.vendor().and_then(|v| self.auth.vendor_fingerprint(v));
+        self.admit_vouching(req, p, vouch)
+    }
+
+    /// [`ApiState::admit`]; a signed request verified now vouches for its
+    /// address under the vendor's credential fingerprint `vouch`, if any.
+    fn admit_vouching(
+        &self,
+        req: &HttpRequest,
+        p: Principal,
+        vouch: Option<[u8; 32]>,
+    ) -> Result<Principal, ApiError> {
         let Some(vendor) = p.vendor() else {
             return Ok(p);
         };
@@ -456,10 +468,11 @@ impl ApiState {
         let in_flight = req.extensions().get::<limits::InFlight>().cloned();
         if let Some(in_flight) = in_flight
             && in_flight.promote(&self.in_flight)?
+            && let Some(fingerprint) = vouch
             && let Some(client) = self.client_ip(req)
         {
             self.sources
-                .vouch(rejected::source_of(client), self.auth.vendors_epoch());
+                .vouch(rejected::source_of(client), vendor, fingerprint);
         }
         req.extensions_mut().insert(CallerVendor(vendor.to_owned()));
         if let Some(limiter) = &self.limiter
