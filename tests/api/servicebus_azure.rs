@@ -939,6 +939,49 @@ async fn an_attach_the_service_never_answers_gives_up_the_connection() {
     wait_counts(&b, &queue, (0, 0)).await;
 }
 
+/// The same when the caller stops waiting first (a send time limit shorter
+/// than the attach's): the attach was cut off half-way and the connection
+/// was never given up — every later send attached again on it and timed
+/// out (a reviewer's probe: 10 sends, 10 failures, 1 connection). The
+/// attach now runs to its own limit whatever the caller does.
+#[tokio::test]
+async fn an_attach_outlasting_its_callers_patience_still_gives_up_the_connection() {
+    let queue = queue_name();
+    let b = broker_with(&queue, |_| {}).await;
+    let q = ServiceBusQueue::connect(&ServiceBusSettings {
+        send_timeout: Duration::from_secs(1),
+        attach_timeout: Duration::from_secs(2),
+        ..settings(&b, &queue)
+    })
+    .await
+    .expect("connects");
+    q.send(vec![msg("op-0")]).await.unwrap();
+    let connections = b.connections();
+    b.force_detach(Some(LinkKind::Sender));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.ignore_next_attaches(1);
+    let e = q
+        .send(vec![msg("op-1")])
+        .await
+        .expect_err("the attach hangs");
+    assert!(e.is_retryable(), "{e}");
+    // Past the attach's own limit, the next send goes out on a new
+    // connection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    q.send(vec![msg("op-1")])
+        .await
+        .expect("sent on a new connection");
+    assert!(
+        b.connections() > connections,
+        "the hung connection was kept"
+    );
+    for id in ["op-0", "op-1"] {
+        let m = receive_one(&q).await;
+        assert_eq!(m.message_id, id);
+        q.complete(&m).await.unwrap();
+    }
+}
+
 /// Issue 19 item 4: server-busy is retried after ~10 s, as the SDKs do. A
 /// busy refusal of the sender's attach set no pause: the next send went
 /// straight back to the service.

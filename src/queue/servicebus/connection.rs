@@ -319,15 +319,21 @@ impl Links {
     }
 
     /// Put a token for `audience` on this connection unless one is there already.
-    async fn claim(&self, live: &Live, audience: String) -> Result<(), QueueError> {
+    async fn claim(&self, live: &Arc<Live>, audience: String) -> Result<(), QueueError> {
         let mut claims = live.claims.lock().await;
         if claims.contains(&audience) {
             return Ok(());
         }
-        let mut session = live.session.lock().await;
-        put_tokens(&mut session, &self.tokens, std::slice::from_ref(&audience))
-            .await
-            .map_err(|e| attach_failure(live, &e, &audience))?;
+        let tokens = self.tokens.clone();
+        let audiences = vec![audience.clone()];
+        on_session(
+            live,
+            ATTACH_WAIT,
+            "putting a token on $cbs",
+            move |session| Box::pin(async move { put_tokens(session, &tokens, &audiences).await }),
+        )
+        .await?
+        .map_err(|e| attach_failure(live, &e, &audience))?;
         claims.push(audience);
         Ok(())
     }
@@ -338,15 +344,22 @@ impl Links {
     pub async fn reput_tokens(&self) -> Result<(), QueueError> {
         let live = self.live().await?;
         let audiences = live.claims.lock().await.clone();
-        let mut session = live.session.lock().await;
-        let mut result = put_tokens(&mut session, &self.tokens, &audiences).await;
-        if let Err(e) = &result {
-            // The links the service just detached are still closing on this
-            // session; one more try after they have.
-            tracing::info!(error = %e, "putting a fresh token failed; trying once more");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            result = put_tokens(&mut session, &self.tokens, &audiences).await;
-        }
+        let tokens = self.tokens.clone();
+        // Both tries within one bound.
+        let result = on_session(&live, ATTACH_WAIT, "putting a fresh token on $cbs", move |session| {
+            Box::pin(async move {
+                let mut result = put_tokens(session, &tokens, &audiences).await;
+                if let Err(e) = &result {
+                    // The links the service just detached are still closing on
+                    // this session; one more try after they have.
+                    tracing::info!(error = %e, "putting a fresh token failed; trying once more");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    result = put_tokens(session, &tokens, &audiences).await;
+                }
+                result
+            })
+        })
+        .await?;
         result.map(|_| ()).map_err(|e| {
             live.mark_broken();
             QueueError::Unavailable(format!("putting a fresh token on $cbs: {e}"))
@@ -356,22 +369,22 @@ impl Links {
     /// Attach the sender if there is none.
     pub async fn ensure_sender(
         &self,
-        live: &Live,
+        live: &Arc<Live>,
         slot: &mut Option<Sender>,
     ) -> Result<(), QueueError> {
         if slot.is_none() {
-            let mut session = live.session.lock().await;
             let what = format!("attaching sender to {}", self.queue);
-            let sender = within_attach_wait(
-                live,
-                self.attach_wait,
-                &what,
-                Sender::attach(
-                    &mut session,
-                    format!("rtpd-sender-{}", Uuid::new_v4()),
-                    self.queue.as_str(),
-                ),
-            )
+            let queue = self.queue.clone();
+            let sender = on_session(live, self.attach_wait, &what, move |session| {
+                Box::pin(async move {
+                    Sender::attach(
+                        session,
+                        format!("rtpd-sender-{}", Uuid::new_v4()),
+                        queue.as_str(),
+                    )
+                    .await
+                })
+            })
             .await?
             .map_err(|e| attach_failure(live, &format!("{e:?}"), &what))?;
             *slot = Some(sender);
@@ -396,7 +409,11 @@ impl Links {
     }
 
     /// The receiving link for a subqueue, attached (peek-lock, manual credit) if needed.
-    pub async fn receiver(&self, live: &Live, sub: Subqueue) -> Result<ReceiverLink, QueueError> {
+    pub async fn receiver(
+        &self,
+        live: &Arc<Live>,
+        sub: Subqueue,
+    ) -> Result<ReceiverLink, QueueError> {
         let mut slot = live.receivers[index(sub)].lock().await;
         if let Some(link) = slot.as_ref()
             && link.is_alive()
@@ -405,19 +422,19 @@ impl Links {
         }
         let entity = self.entity(sub);
         let receiver = {
-            let mut session = live.session.lock().await;
             let what = format!("attaching receiver to {entity}");
-            within_attach_wait(
-                live,
-                self.attach_wait,
-                &what,
-                Receiver::builder()
-                    .name(format!("rtpd-receiver-{}", Uuid::new_v4()))
-                    .source(entity.as_str())
-                    .receiver_settle_mode(ReceiverSettleMode::Second)
-                    .credit_mode(CreditMode::Manual)
-                    .attach(&mut session),
-            )
+            let source = entity.clone();
+            on_session(live, self.attach_wait, &what, move |session| {
+                Box::pin(async move {
+                    Receiver::builder()
+                        .name(format!("rtpd-receiver-{}", Uuid::new_v4()))
+                        .source(source.as_str())
+                        .receiver_settle_mode(ReceiverSettleMode::Second)
+                        .credit_mode(CreditMode::Manual)
+                        .attach(session)
+                        .await
+                })
+            })
             .await?
             .map_err(|e| attach_failure(live, &format!("{e:?}"), &what))?
         };
@@ -495,17 +512,17 @@ impl Links {
             self.claim(&live, self.endpoint.audience(&node))
                 .await
                 .map_err(Failure::Answer)?;
-            let mut session = live.session.lock().await;
             let what = format!("attaching {node}");
-            let client = within_attach_wait(
-                &live,
-                self.attach_wait,
-                &what,
-                MgmtClient::builder()
-                    .management_node_address(node.clone())
-                    .client_node_addr(format!("{entity}-rtpd-mgmt-{}", Uuid::new_v4().simple()))
-                    .attach(&mut session),
-            )
+            let address = node.clone();
+            let client = on_session(&live, self.attach_wait, &what, move |session| {
+                Box::pin(async move {
+                    MgmtClient::builder()
+                        .management_node_address(address)
+                        .client_node_addr(format!("{entity}-rtpd-mgmt-{}", Uuid::new_v4().simple()))
+                        .attach(session)
+                        .await
+                })
+            })
             .await
             .map_err(Failure::Answer)?
             .map_err(|e| Failure::Answer(attach_failure(&live, &format!("{e:?}"), &what)))?;
@@ -566,21 +583,39 @@ pub(super) enum Failure {
 /// service's answer about this link, retryable, and leaves the connection
 /// (and everything in flight on it) alone; anything else may be the
 /// connection, so the next operation opens a new one.
-/// `attach` within `wait`; past it the connection is marked broken: the
-/// session is locked while a link attaches, so one the service never
-/// answers would stall every link of the connection.
-async fn within_attach_wait<T>(
-    live: &Live,
+/// Runs `op` (an attach, a token put) on the connection's session, in a
+/// task of its own, within `wait` (the wait for the session included). The
+/// session is locked meanwhile, so one the service never answers would
+/// stall every link of the connection: past `wait` the connection is marked
+/// broken and the next operation makes a new one. The caller may stop
+/// waiting sooner (its own time limit, a dropped future) without cutting
+/// `op` off half-way, which would leave a half-made link on the session and
+/// the connection never given up.
+async fn on_session<T: Send + 'static>(
+    live: &Arc<Live>,
     wait: Duration,
     what: &str,
-    attach: impl std::future::Future<Output = T>,
+    op: impl for<'a> FnOnce(&'a mut SessionHandle<()>) -> futures::future::BoxFuture<'a, T>
+    + Send
+    + 'static,
 ) -> Result<T, QueueError> {
-    tokio::time::timeout(wait, attach).await.map_err(|_| {
-        live.mark_broken();
-        QueueError::Unavailable(format!(
-            "{what}: no answer from the service within {wait:?}; leaving the connection"
-        ))
-    })
+    let owned = live.clone();
+    let task_what = what.to_owned();
+    let task = tokio::spawn(async move {
+        let done = tokio::time::timeout(wait, async {
+            let mut session = owned.session.lock().await;
+            op(&mut session).await
+        })
+        .await;
+        done.map_err(|_| {
+            owned.mark_broken();
+            QueueError::Unavailable(format!(
+                "{task_what}: no answer from the service within {wait:?}; leaving the connection"
+            ))
+        })
+    });
+    task.await
+        .map_err(|e| QueueError::Unavailable(format!("{what}: {e}")))?
 }
 
 fn attach_failure(live: &Live, detail: &str, what: &str) -> QueueError {
@@ -623,15 +658,11 @@ async fn put_tokens(
 ) -> Result<chrono::DateTime<Utc>, String> {
     // A name of its own each time: a `$cbs` link whose close the service has
     // not finished must not make the next attach a duplicate.
-    let mut cbs = tokio::time::timeout(
-        ATTACH_WAIT,
-        CbsClient::builder()
-            .client_node_addr(format!("cbs-rtpd-{}", Uuid::new_v4().simple()))
-            .attach(session),
-    )
-    .await
-    .map_err(|_| format!("attaching $cbs: no answer within {ATTACH_WAIT:?}"))?
-    .map_err(|e| format!("attaching $cbs: {e:?}"))?;
+    let mut cbs = CbsClient::builder()
+        .client_node_addr(format!("cbs-rtpd-{}", Uuid::new_v4().simple()))
+        .attach(session)
+        .await
+        .map_err(|e| format!("attaching $cbs: {e:?}"))?;
     let mut earliest: Option<chrono::DateTime<Utc>> = None;
     let mut result = Ok(());
     for audience in audiences {
@@ -649,18 +680,9 @@ async fn put_tokens(
                 token.expires_at.timestamp_millis(),
             )),
         );
-        match tokio::time::timeout(ATTACH_WAIT, cbs.put_token(audience.as_str(), cbs_token)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                result = Err(format!("cbs put-token for {audience}: {e:?}"));
-                break;
-            }
-            Err(_) => {
-                result = Err(format!(
-                    "cbs put-token for {audience}: no answer within {ATTACH_WAIT:?}"
-                ));
-                break;
-            }
+        if let Err(e) = cbs.put_token(audience.as_str(), cbs_token).await {
+            result = Err(format!("cbs put-token for {audience}: {e:?}"));
+            break;
         }
         earliest = Some(earliest.map_or(token.expires_at, |t| t.min(token.expires_at)));
     }
@@ -684,10 +706,18 @@ async fn refresh_tokens(live: Weak<Live>, tokens: TokenSource, mut expires: chro
         tokio::time::sleep(refresh_wait(expires)).await;
         let Some(live) = live.upgrade() else { return };
         let audiences = live.claims.lock().await.clone();
-        let put = {
-            let mut session = live.session.lock().await;
-            put_tokens(&mut session, &tokens, &audiences).await
-        };
+        let token_source = tokens.clone();
+        let put = on_session(
+            &live,
+            ATTACH_WAIT,
+            "refreshing tokens on $cbs",
+            move |session| {
+                Box::pin(async move { put_tokens(session, &token_source, &audiences).await })
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
         match put {
             Ok(next) => expires = next,
             Err(e) => {

@@ -546,7 +546,7 @@ impl Sending {
     /// flight (unsettled) instead of each waiting for the one before.
     async fn send_on(
         &self,
-        live: &connection::Live,
+        live: &Arc<connection::Live>,
         messages: &[OutgoingMessage],
         used: &StdMutex<Option<String>>,
     ) -> Result<(), Failure> {
