@@ -33,6 +33,11 @@ pub struct ReplayRequest {
     pub force: bool,
     pub operator: Operator,
     pub reason: Option<String>,
+    /// The state the operator saw (`expected_state`, `--if-state`; a bulk
+    /// replay by state sets it): the replay is refused if the transaction
+    /// is in another state now — a forced replay of what was `failed` must
+    /// not reset a `success` that came in between.
+    pub expect: Option<State>,
 }
 
 /// Who asked for a replay or a purge, as the journal records it (`actor`):
@@ -124,9 +129,16 @@ impl Replayer {
         };
         let id = current.transaction_id.to_string();
         let id = id.as_str();
-        if !machine::may_replay(&current, req.force, crate::clock::now()) {
+        if !machine::may_replay(&current, req.force, crate::clock::now())
+            || req.expect.is_some_and(|s| s != current.status)
+        {
             return Ok(Replayed::Refused(current));
         }
+        // Force reaches the ledger only for the `success` read here: a
+        // transaction that succeeds between this read and the ledger's step
+        // is refused there, not reset (issue 12: a forced replay applied
+        // force to whatever the ledger held when it acted).
+        let force = req.force && current.status == State::Success;
         let wal = load_record(&self.wal, &current.wal_ref).await?;
         // The replay's trace points back at the vendor's original POST.
         crate::trace_context::link_to(&tracing::Span::current(), wal.trace_parent.as_deref());
@@ -159,7 +171,7 @@ impl Replayer {
                 replay_nonce: Some(nonce.clone()),
             })
             .await?;
-        let record = match self.ledger.replay(id, &nonce, req.force, self.quiet).await {
+        let record = match self.ledger.replay(id, &nonce, force, self.quiet).await {
             Ok(ReplayOutcome::Reset(r)) => r,
             Ok(ReplayOutcome::Refused(r)) => {
                 // The record moved on between the check above and the ledger

@@ -203,6 +203,9 @@ pub struct ReplayBody {
     pub force: bool,
     /// Why (recorded in the outcome journal); required with `force`.
     pub reason: Option<String>,
+    /// The state the caller saw: the replay is refused (409, with the
+    /// current state) if the transaction is in another one now.
+    pub expected_state: Option<State>,
 }
 
 /// A replay was accepted: the transaction is `pending` again and a fresh copy is queued.
@@ -274,6 +277,7 @@ async fn do_replay(
             _ => Operator::Anonymous,
         },
         reason: body.reason,
+        expect: body.expected_state,
     };
     match state.replayer.replay_one(key.as_str(), &r).await {
         Ok(Replayed::Requeued { record, message_id }) => {
@@ -297,8 +301,14 @@ async fn do_replay(
                 message_id,
             }))
         }
-        Ok(Replayed::Refused(rec)) => {
-            Err(ApiError::InvalidState(if rec.status == State::Success {
+        Ok(Replayed::Refused(rec)) => Err(ApiError::InvalidState(
+            if r.expect.is_some_and(|s| s != rec.status) {
+                format!(
+                    "transaction {id} is {} now, not {} as expected_state says; look again before replaying it",
+                    rec.status,
+                    r.expect.map(|s| s.to_string()).unwrap_or_default()
+                )
+            } else if rec.status == State::Success {
                 format!(
                     "transaction {id} already succeeded; replay it with force to call the downstream again"
                 )
@@ -307,8 +317,8 @@ async fn do_replay(
                     "transaction {id} is {} with a live claim; try again later",
                     rec.status
                 )
-            }))
-        }
+            },
+        )),
         Ok(Replayed::NotFound) => Err(not_found(&id)),
         Err(ReplayError::Ledger(e)) => Err(ledger_error(e)),
         Err(e) => Err(ApiError::Unexpected(e.into())),
@@ -328,7 +338,7 @@ async fn do_replay(
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
-        (status = 409, description = "Not replayable now (a success without force, or a live claim)", body = ErrorBody),
+        (status = 409, description = "Not replayable now (a success without force, a live claim, or another state than expected_state)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("AdminToken" = []))

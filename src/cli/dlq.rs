@@ -158,6 +158,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 force,
                 operator: operator(&settings, who.as_deref()).await,
                 reason,
+                expect: None,
             };
             let scope = if ids.is_empty() {
                 Scope::DeadLetterQueue
@@ -180,6 +181,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 dlq: true,
                 dry_run,
                 force,
+                if_state: None,
                 reason: None,
                 operator: None,
                 rate,

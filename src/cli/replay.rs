@@ -41,6 +41,10 @@ pub struct Opts {
     /// Required to replay a transaction that already succeeded
     #[arg(long)]
     pub force: bool,
+    /// Replay only if the transaction is in this state now (the one you
+    /// saw); a replay by --state sets it
+    #[arg(long, value_parser = parse_state)]
+    pub if_state: Option<State>,
     /// Why (recorded in the outcome journal)
     #[arg(long)]
     pub reason: Option<String>,
@@ -138,6 +142,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         force: opts.force,
         operator: super::operator::resolve(&settings, opts.operator.as_deref()).await,
         reason: opts.reason.clone(),
+        expect: opts.if_state.or(match &scope {
+            Scope::State(s) => Some(*s),
+            _ => None,
+        }),
     };
     let summary = replay_scope(&svc.replayer(), &scope, &req, &opts).await?;
     if opts.dry_run && summary.missing > 0 {
@@ -240,7 +248,10 @@ pub async fn replay_scope(
                 Err(_) => None,
             };
             match found {
-                Some(r) if crate::transaction::machine::may_replay(&r, req.force, Utc::now()) => {
+                Some(r)
+                    if crate::transaction::machine::may_replay(&r, req.force, Utc::now())
+                        && req.expect.is_none_or(|s| s == r.status) =>
+                {
                     s.replayed += 1;
                     println!("{id}: would replay (now {})", r.status)
                 }

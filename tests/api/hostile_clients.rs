@@ -1422,10 +1422,38 @@ async fn a_forced_replay_needs_a_reason() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("--reason"), "{err}");
+    // Issue 12: the operator says which state they saw; a forced replay of
+    // what was `failed` does not reset the `success` that came since.
+    for path in ["/replay/WHY-1", "/v1/transactions/WHY-1/replay"] {
+        let r = app
+            .admin_post(
+                path,
+                Some(json!({"force": true, "reason": "it failed", "expected_state": "failed"})),
+            )
+            .await;
+        let b = assert_error(r, 409, "invalid_state", path).await;
+        assert!(b["message"].as_str().unwrap().contains("not failed"), "{b}");
+    }
+    let out = rtpd()
+        .args([
+            "replay",
+            "WHY-1",
+            "--force",
+            "--reason",
+            "it failed",
+            "--if-state",
+            "failed",
+        ])
+        .env("RTPD_DATA_DIR", app.data_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let r = app
         .admin_post(
             "/replay/WHY-1",
-            Some(json!({"force": true, "reason": "downstream lost it"})),
+            Some(
+                json!({"force": true, "reason": "downstream lost it", "expected_state": "success"}),
+            ),
         )
         .await;
     assert_eq!(r.status(), 202);

@@ -340,6 +340,7 @@ impl ReplayDuringPass {
             force: false,
             operator: Operator::Cli("test".into()),
             reason: None,
+            expect: None,
         };
         let r = self.replayer.replay_one(&self.key, &req).await.unwrap();
         assert!(matches!(r, Replayed::Requeued { .. }), "{r:?}");

@@ -529,6 +529,7 @@ impl World {
                         force,
                         operator: Operator::Cli("sim".into()),
                         reason: None,
+                        expect: None,
                     };
                     let id = id.clone();
                     p.tasks.spawn(async move {
