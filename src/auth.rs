@@ -793,7 +793,7 @@ impl Auth {
         let vouches = vouches.then(|| inner.fingerprint_of(vendor)).flatten();
         Ok((
             Principal::Vendor(vendor.to_owned()),
-            ReplayKey { sig, from, vouches },
+            ReplayKey { sig, vouches },
         ))
     }
 
@@ -817,7 +817,7 @@ impl Auth {
                 .seen
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .release(&key.sig, key.from);
+                .release(&key.sig);
         }
     }
 }
@@ -826,7 +826,6 @@ impl Auth {
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayKey {
     sig: [u8; 32],
-    from: Option<IpAddr>,
     /// The vendor's credential fingerprint, if the request may vouch for
     /// its address.
     vouches: Option<[u8; 32]>,
@@ -1157,7 +1156,6 @@ fn verify_webhook(
         Principal::Vendor(vendor.to_owned()),
         ReplayKey {
             sig: attempt,
-            from,
             vouches,
         },
     ))
@@ -1212,10 +1210,10 @@ impl ReplayCache {
         if let Some(use_) = self.seen.get_mut(&sig) {
             return match *use_ {
                 Use::RetryFrom(first) => {
-                    *use_ = Use::Used;
+                    *use_ = Use::Used(first);
                     Some(first == from)
                 }
-                Use::Used => None,
+                Use::Used(_) => None,
             };
         }
         if self.order.len() >= self.capacity
@@ -1227,25 +1225,30 @@ impl ReplayCache {
                 "replay cache full; forgetting the oldest signature"
             );
         }
-        self.seen.insert(sig, Use::Used);
+        self.seen.insert(sig, Use::Used(from));
         self.order.push_back((sig, expires));
         Some(true)
     }
 
-    /// Lets `sig`, first used from `from`, be used once more (it keeps its
-    /// expiry).
-    fn release(&mut self, sig: &[u8; 32], from: Option<IpAddr>) {
+    /// Lets `sig` be used once more (it keeps its expiry); that use vouches
+    /// only if it comes from the address `sig` was *first* used from — a
+    /// copy replayed from elsewhere and refused in turn does not make its
+    /// own address the first.
+    fn release(&mut self, sig: &[u8; 32]) {
         if let Some(use_) = self.seen.get_mut(sig) {
-            *use_ = Use::RetryFrom(from);
+            *use_ = match *use_ {
+                Use::Used(first) | Use::RetryFrom(first) => Use::RetryFrom(first),
+            };
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Use {
-    Used,
-    /// Its request, from this address, was refused without effect: the
-    /// sender's retry is not a replay (and vouches only from there).
+    /// Used; first from this address.
+    Used(Option<IpAddr>),
+    /// Its last request was refused without effect: the sender's retry is
+    /// not a replay (and vouches only from this, the first address).
     RetryFrom(Option<IpAddr>),
 }
 
@@ -1393,22 +1396,26 @@ mod tests {
         let vendor = Some(IpAddr::from([10, 0, 0, 1]));
         let other = Some(IpAddr::from([10, 0, 0, 2]));
         assert_eq!(c.insert([1; 32], 100, 0, vendor), Some(true));
-        c.release(&[1; 32], vendor);
+        c.release(&[1; 32]);
         assert_eq!(
             c.insert([1; 32], 100, 2, vendor),
             Some(true),
             "the vendor's retry"
         );
         assert_eq!(c.insert([1; 32], 100, 3, vendor), None, "used again");
-        c.release(&[1; 32], vendor);
+        c.release(&[1; 32]);
         assert_eq!(
             c.insert([1; 32], 100, 4, other),
             Some(false),
             "from another address: accepted, vouching for nothing"
         );
         assert_eq!(c.insert([1; 32], 100, 5, vendor), None, "used again");
+        // The copy from elsewhere refused in turn: its next use still
+        // vouches for nothing (a reviewer laundered a vouch this way).
+        c.release(&[1; 32]);
+        assert_eq!(c.insert([1; 32], 100, 6, other), Some(false));
         // Released and then expired: gone, like any entry.
-        c.release(&[1; 32], vendor);
+        c.release(&[1; 32]);
         assert_eq!(c.insert([1; 32], 300, 101, other), Some(true));
     }
 

@@ -113,10 +113,15 @@ pub async fn read_body(
         // A signed request still waiting for its body, from an address that
         // holds more of the unauthenticated pool than a newcomer: it gives
         // its place up (and, unverified, is charged to its address).
-        () = evicted => Err(ApiError::Unavailable {
+        () = evicted => {
+            if let Some(f) = &in_flight {
+                f.give_up();
+            }
+            Err(ApiError::Unavailable {
             what: "the API (too many unverified requests from this address)",
             retry_after_secs: 1,
-        }),
+        })
+        }
     }
 }
 

@@ -192,10 +192,7 @@ impl Sources {
             return Ok(Unverified::Vouched(slot));
         }
         match take(&self.unverified, source, self.unverified_cap) {
-            Some(mut slot) => {
-                slot.eviction = Some(Waiting::enter(&self.waiting, source));
-                Ok(Unverified::Pooled(Some(slot)))
-            }
+            Some(slot) => Ok(Unverified::Pooled(Some(slot))),
             None => {
                 tracing::debug!(%source, "too many unverified signed requests from one source");
                 Err(retry_after(Duration::from_secs(1)))
@@ -223,6 +220,15 @@ impl Sources {
                 fingerprint,
             },
         );
+    }
+
+    /// A signed request has its place in the unauthenticated pool and waits
+    /// for its body: from now on it may be told to give the place up
+    /// ([`Sources::evict_for`]) — not while it waits for a place itself.
+    fn waiting_for_body(&self, slot: &mut Option<SourceSlot>) {
+        if let Some(slot) = slot {
+            slot.eviction = Some(Waiting::enter(&self.waiting, slot.source));
+        }
     }
 
     /// The unauthenticated pool is full and a signed request of `source`
@@ -429,6 +435,14 @@ impl InFlight {
         Ok(true)
     }
 
+    /// The request was told to give its place up: it does so now (the
+    /// place goes to the request waiting for it), and it is not charged to
+    /// its address as a failed signature nor does it end a vouch — it may
+    /// be a genuine signer's, evicted by forgers from other addresses.
+    pub fn give_up(&self) {
+        self.release();
+    }
+
     /// Resolves when the request is told to give its place in the
     /// unauthenticated pool up ([`Sources::evict_for`]); never otherwise.
     pub async fn evicted(&self) {
@@ -627,8 +641,11 @@ pub async fn guard(
                 Some(Ok(Unverified::Vouched(slot))) => {
                     acquire(&state.in_flight).map(|p| Held::Vouched(p, slot))
                 }
-                Some(Ok(Unverified::Pooled(slot))) => match acquire(&state.unauthenticated) {
-                    Ok(p) => Ok(Held::Unverified(p, slot)),
+                Some(Ok(Unverified::Pooled(mut slot))) => match acquire(&state.unauthenticated) {
+                    Ok(p) => {
+                        state.sources.waiting_for_body(&mut slot);
+                        Ok(Held::Unverified(p, slot))
+                    }
                     Err(e) => match slot {
                         Some(slot) if state.sources.evict_for(slot.source()) => {
                             // The evicted request gives its place back as
@@ -639,7 +656,11 @@ pub async fn guard(
                             )
                             .await
                             {
-                                Ok(Ok(p)) => Ok(Held::Unverified(p, Some(slot))),
+                                Ok(Ok(p)) => {
+                                    let mut slot = Some(slot);
+                                    state.sources.waiting_for_body(&mut slot);
+                                    Ok(Held::Unverified(p, slot))
+                                }
                                 _ => Err(e),
                             }
                         }
@@ -727,7 +748,11 @@ mod tests {
         let forger = IpAddr::from([10, 0, 0, 1]);
         let signer = IpAddr::from([10, 0, 0, 2]);
         let pooled = |src| match sources.admit_unverified(src, |_: &str| None) {
-            Ok(Unverified::Pooled(Some(slot))) => slot,
+            Ok(Unverified::Pooled(slot)) => {
+                let mut slot = slot;
+                sources.waiting_for_body(&mut slot);
+                slot.expect("a place")
+            }
             _ => panic!("no place"),
         };
         let forged: Vec<_> = (0..3).map(|_| pooled(forger)).collect();
