@@ -243,12 +243,20 @@ impl Sources {
         let counts = lock(&self.unverified);
         let own = counts.get(&source).copied().unwrap_or(0);
         let mut waiting = lock(&self.waiting);
+        let now = Instant::now();
         let victim = counts
             .iter()
             .filter(|(s, n)| **s != source && **n >= own.max(1))
             .filter_map(|(s, n)| {
-                let oldest = waiting.by_source.get(s)?.front()?.0;
-                Some((*n, std::cmp::Reverse(oldest), *s))
+                let (oldest, since, _) = waiting.by_source.get(s)?.front()?;
+                // A request gets this long for its body before it can be
+                // told to give its place up: a genuine signer's body
+                // arrives within it, however fast forgers churn.
+                (now.duration_since(*since) >= EVICTABLE_AFTER).then_some((
+                    *n,
+                    std::cmp::Reverse(*oldest),
+                    *s,
+                ))
             })
             .max()
             .map(|(_, _, s)| s);
@@ -256,10 +264,19 @@ impl Sources {
         let Some(victim) = victim else {
             return false;
         };
+        // Each eviction costs the newcomer's address a unit of its rate, so
+        // forgers cannot churn the pool faster than their addresses' rates
+        // allow (a reviewer's probe: 12 addresses, ~2,000 evictions/s,
+        // none charged).
+        if let Some(rate) = &self.rate
+            && rate.check_key(&source).is_err()
+        {
+            return false;
+        }
         let Some(queue) = waiting.by_source.get_mut(&victim) else {
             return false;
         };
-        let Some((_, signal)) = queue.pop_front() else {
+        let Some((_, _, signal)) = queue.pop_front() else {
             return false;
         };
         if queue.is_empty() {
@@ -315,7 +332,7 @@ fn take(
 #[derive(Default)]
 struct Waiting {
     next: u64,
-    by_source: HashMap<IpAddr, VecDeque<(u64, Arc<Notify>)>>,
+    by_source: HashMap<IpAddr, VecDeque<(u64, Instant, Arc<Notify>)>>,
 }
 
 impl Waiting {
@@ -327,7 +344,7 @@ impl Waiting {
         w.by_source
             .entry(source)
             .or_default()
-            .push_back((id, signal.clone()));
+            .push_back((id, Instant::now(), signal.clone()));
         Eviction {
             waiting: waiting.clone(),
             id,
@@ -362,7 +379,7 @@ impl Drop for SourceSlot {
         if let Some(e) = self.eviction.take() {
             let mut w = lock(&e.waiting);
             if let Some(queue) = w.by_source.get_mut(&self.source) {
-                queue.retain(|(id, _)| *id != e.id);
+                queue.retain(|(id, _, _)| *id != e.id);
                 if queue.is_empty() {
                     w.by_source.remove(&self.source);
                 }
@@ -487,8 +504,24 @@ impl Drop for Release {
     }
 }
 
-/// How long a signed request waits for the place an evicted one gives up.
-const EVICTION_WAIT: Duration = Duration::from_secs(1);
+/// Whether the request says a body follows (only such a request waits for
+/// one, and so can be told to give its place up while it does).
+fn has_body(req: &ServiceRequest) -> bool {
+    req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+}
+
+/// How long a signed request waits, in turn (the pool's waiters are served
+/// first come, first served), for a place in a full unauthenticated pool.
+const EVICTION_WAIT: Duration = Duration::from_secs(2);
+/// How long a signed request holding a place in that pool is safe from
+/// eviction ([`Sources::evict_for`]).
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 
 fn busy() -> ApiError {
     metrics::api_rejected("busy");
@@ -641,32 +674,41 @@ pub async fn guard(
                 Some(Ok(Unverified::Vouched(slot))) => {
                     acquire(&state.in_flight).map(|p| Held::Vouched(p, slot))
                 }
-                Some(Ok(Unverified::Pooled(mut slot))) => match acquire(&state.unauthenticated) {
-                    Ok(p) => {
-                        state.sources.waiting_for_body(&mut slot);
-                        Ok(Held::Unverified(p, slot))
-                    }
-                    Err(e) => match slot {
-                        Some(slot) if state.sources.evict_for(slot.source()) => {
-                            // The evicted request gives its place back as
-                            // soon as it notices (its body read ends).
-                            match tokio::time::timeout(
-                                EVICTION_WAIT,
-                                state.unauthenticated.clone().acquire_owned(),
-                            )
-                            .await
-                            {
-                                Ok(Ok(p)) => {
-                                    let mut slot = Some(slot);
-                                    state.sources.waiting_for_body(&mut slot);
-                                    Ok(Held::Unverified(p, slot))
-                                }
-                                _ => Err(e),
+                Some(Ok(Unverified::Pooled(mut slot))) => {
+                    let with_body = has_body(&req);
+                    match acquire(&state.unauthenticated) {
+                        Ok(p) => {
+                            if with_body {
+                                state.sources.waiting_for_body(&mut slot);
                             }
+                            Ok(Held::Unverified(p, slot))
                         }
-                        _ => Err(e),
-                    },
-                },
+                        Err(e) => match slot {
+                            Some(slot) => {
+                                // Perhaps a request of an address holding more
+                                // places gives one up; either way this one
+                                // waits its turn for the next free place.
+                                state.sources.evict_for(slot.source());
+                                match tokio::time::timeout(
+                                    EVICTION_WAIT,
+                                    state.unauthenticated.clone().acquire_owned(),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(p)) => {
+                                        let mut slot = Some(slot);
+                                        if with_body {
+                                            state.sources.waiting_for_body(&mut slot);
+                                        }
+                                        Ok(Held::Unverified(p, slot))
+                                    }
+                                    _ => Err(e),
+                                }
+                            }
+                            None => Err(e),
+                        },
+                    }
+                }
                 None => acquire(&state.unauthenticated).map(|p| Held::Unverified(p, None)),
             },
             Caller::Other => {
@@ -762,8 +804,13 @@ mod tests {
                 .get(&src)
                 .map_or(0, VecDeque::len)
         };
-        // The forger holds more than the newcomer: it gives its oldest up.
+        // The forger holds more than the newcomer, but its requests are
+        // still young: safe for their first second.
         let _newcomer = pooled(signer);
+        assert!(!sources.evict_for(signer));
+        assert_eq!(waiting(forger), 3);
+        // Then it gives its oldest up.
+        std::thread::sleep(EVICTABLE_AFTER + Duration::from_millis(50));
         assert!(sources.evict_for(signer));
         assert_eq!(waiting(forger), 2);
         let oldest = forged[0].eviction.as_ref().unwrap().signal.clone();

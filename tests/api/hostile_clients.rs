@@ -1824,3 +1824,136 @@ async fn an_id_shaped_like_another_ids_retry_copy_is_not_deduped_away() {
     assert_eq!(calls["by_key"][key("X")]["calls"], 2, "{calls}");
     assert_eq!(calls["by_key"][key("X:retry:2")]["calls"], 1, "{calls}");
 }
+
+/// One forged signed POST from `from` that never sends its body: its status.
+async fn forged_once_from(address: &str, from: [u8; 4]) -> u16 {
+    let address: std::net::SocketAddr = address.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let Ok(mut stream) = sock.connect(address).await else {
+        return 0;
+    };
+    if stream
+        .write_all(forged_signed_head("").as_bytes())
+        .await
+        .is_err()
+    {
+        return 0;
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&answer)
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A genuine signed POST from `from` whose body comes `delay` after its head.
+async fn genuine_late_from(address: &str, from: [u8; 4], id: &str, delay: Duration) -> u16 {
+    use rtp_durability::auth::sign;
+    let address: std::net::SocketAddr = address.trim_start_matches("http://").parse().unwrap();
+    let body = format!(r#"{{"transaction_id":"{id}"}}"#);
+    let ts = now_unix();
+    let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
+    let head = format!(
+        "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
+         X-Rtpd-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let mut stream = sock.connect(address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(delay).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&answer)
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 20, a fourth review of the eviction fix: forgers from more
+/// addresses than the pool has places, one request each at a time, never
+/// sending a body, evicted one another for free as fast as they could
+/// reconnect (~2,000 evictions/s), and a new genuine signer whose body came
+/// 300 ms after its head was evicted every time (10 of 10: 503). Now a
+/// request is safe for its first second, each eviction costs the newcomer's
+/// address a unit of its rate, and a full pool's waiters are served in turn.
+#[tokio::test]
+async fn forgers_churning_from_many_addresses_do_not_keep_a_new_signer_out() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight_unauthenticated = 8;
+            s.unauthenticated_rate_per_sec = 1;
+            s.unauthenticated_rate_burst = 3;
+        },
+        ..Default::default()
+    })
+    .await;
+    // Control, no forgers.
+    let control = genuine_late_from(
+        &app.address,
+        [127, 0, 0, 5],
+        "CH-CTRL",
+        Duration::from_millis(300),
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut forgers = Vec::new();
+    for ip in 10..22u8 {
+        let stop = stop.clone();
+        let address = app.address.clone();
+        forgers.push(tokio::spawn(async move {
+            let mut counts = std::collections::BTreeMap::<u16, usize>::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                *counts
+                    .entry(forged_once_from(&address, [127, 0, 0, ip]).await)
+                    .or_default() += 1;
+            }
+            counts
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        statuses.push(
+            genuine_late_from(
+                &app.address,
+                [127, 0, 0, 4],
+                &format!("CH-{i}"),
+                Duration::from_millis(300),
+            )
+            .await,
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = std::collections::BTreeMap::<u16, usize>::new();
+    for f in forgers {
+        for (k, v) in f.await.unwrap() {
+            *total.entry(k).or_default() += v;
+        }
+    }
+    assert_eq!(control, 202);
+    // The first is the one that matters: once it verified, the address is
+    // vouched for and its requests wait in the vendors' pool.
+    assert_eq!(
+        statuses,
+        [202, 202, 202],
+        "forgers' answers meanwhile: {total:?}"
+    );
+}
