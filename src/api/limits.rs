@@ -79,6 +79,16 @@ const VOUCHED_FOR: Duration = Duration::from_secs(600);
 /// the proxy's address.
 pub struct Sources {
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Evictions a source's newcomers may cause ([`Sources::evict_for`]),
+    /// at the same rate as `rate` but apart from it, so that neither spends
+    /// the other (a forger could empty its own `rate` with anonymous
+    /// requests to stop evicting and queue for free; a genuine signer's
+    /// evictions must not get it blocked).
+    evictions: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Sources with a signed request waiting for a place in the full
+    /// unauthenticated pool: one each at most, so that no source can line
+    /// up many waiters ahead of another's.
+    queued: Arc<Mutex<std::collections::HashSet<IpAddr>>>,
     /// Signed requests not verified yet, in flight per source, waiting in
     /// the unauthenticated pool; at most `unverified_cap`
     /// (`RTPD_MAX_UNVERIFIED_PER_SOURCE`), so that a few forging addresses
@@ -131,12 +141,14 @@ pub struct SourceLimits {
 
 impl Sources {
     pub fn new(limits: SourceLimits) -> Sources {
-        let rate = NonZeroU32::new(limits.rate_per_sec).map(|rate| {
+        let quota = NonZeroU32::new(limits.rate_per_sec).map(|rate| {
             let burst = NonZeroU32::new(limits.burst).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+            Quota::per_second(rate).allow_burst(burst)
         });
         Sources {
-            rate,
+            rate: quota.map(RateLimiter::keyed),
+            evictions: quota.map(RateLimiter::keyed),
+            queued: Default::default(),
             unverified: Default::default(),
             unverified_cap: limits.unverified.max(1),
             waiting: Default::default(),
@@ -268,8 +280,8 @@ impl Sources {
         // forgers cannot churn the pool faster than their addresses' rates
         // allow (a reviewer's probe: 12 addresses, ~2,000 evictions/s,
         // none charged).
-        if let Some(rate) = &self.rate
-            && rate.check_key(&source).is_err()
+        if let Some(evictions) = &self.evictions
+            && evictions.check_key(&source).is_err()
         {
             return false;
         }
@@ -285,6 +297,14 @@ impl Sources {
         tracing::debug!(%victim, %source, "unauthenticated pool full: the oldest unverified request of the address holding most places gives it up");
         signal.notify_one();
         true
+    }
+
+    /// A place in the queue for a full pool, if `source` has none there.
+    fn queue(&self, source: IpAddr) -> Option<Queued> {
+        lock(&self.queued).insert(source).then(|| Queued {
+            queued: self.queued.clone(),
+            source,
+        })
     }
 
     /// A signed request that ended with its signature unverified (refused,
@@ -325,6 +345,18 @@ fn take(
         source,
         eviction: None,
     })
+}
+
+/// A source's one request waiting for a place in the full pool.
+struct Queued {
+    queued: Arc<Mutex<std::collections::HashSet<IpAddr>>>,
+    source: IpAddr,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        lock(&self.queued).remove(&self.source);
+    }
 }
 
 /// Signed requests waiting for their bodies in the unauthenticated pool,
@@ -648,6 +680,7 @@ pub async fn guard(
         metrics::forwarded_for_ignored();
     }
     let acquire = |pool: &Arc<Semaphore>| pool.clone().try_acquire_owned().map_err(|_| busy());
+    let free_place = |pool: &Arc<Semaphore>| pool.clone().try_acquire_owned().ok();
     let held = if req.path() == "/healthz" {
         // Liveness answers whatever else is busy.
         Ok(Held::Nothing)
@@ -676,37 +709,37 @@ pub async fn guard(
                 }
                 Some(Ok(Unverified::Pooled(mut slot))) => {
                     let with_body = has_body(&req);
-                    match acquire(&state.unauthenticated) {
-                        Ok(p) => {
+                    let place = match free_place(&state.unauthenticated) {
+                        Some(p) => Some(p),
+                        // Full. Perhaps a request of an address holding more
+                        // places gives one up; either way this one waits its
+                        // turn for the next free place (the pool's waiters
+                        // are served first come, first served), one request
+                        // per address at most.
+                        None => match slot.as_ref().and_then(|s| state.sources.queue(s.source())) {
+                            Some(_queued) => {
+                                if let Some(s) = slot.as_ref() {
+                                    state.sources.evict_for(s.source());
+                                }
+                                tokio::time::timeout(
+                                    EVICTION_WAIT,
+                                    state.unauthenticated.clone().acquire_owned(),
+                                )
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                            }
+                            None => None,
+                        },
+                    };
+                    match place {
+                        Some(p) => {
                             if with_body {
                                 state.sources.waiting_for_body(&mut slot);
                             }
                             Ok(Held::Unverified(p, slot))
                         }
-                        Err(e) => match slot {
-                            Some(slot) => {
-                                // Perhaps a request of an address holding more
-                                // places gives one up; either way this one
-                                // waits its turn for the next free place.
-                                state.sources.evict_for(slot.source());
-                                match tokio::time::timeout(
-                                    EVICTION_WAIT,
-                                    state.unauthenticated.clone().acquire_owned(),
-                                )
-                                .await
-                                {
-                                    Ok(Ok(p)) => {
-                                        let mut slot = Some(slot);
-                                        if with_body {
-                                            state.sources.waiting_for_body(&mut slot);
-                                        }
-                                        Ok(Held::Unverified(p, slot))
-                                    }
-                                    _ => Err(e),
-                                }
-                            }
-                            None => Err(e),
-                        },
+                        None => Err(busy()),
                     }
                 }
                 None => acquire(&state.unauthenticated).map(|p| Held::Unverified(p, None)),

@@ -1957,3 +1957,63 @@ async fn forgers_churning_from_many_addresses_do_not_keep_a_new_signer_out() {
         "forgers' answers meanwhile: {total:?}"
     );
 }
+
+/// Issue 20, a fifth review: forgers that line up many waiters ahead of a
+/// new signer (each address at its share, its rate emptied with anonymous
+/// requests so that it never evicts and waits for free) kept the signer
+/// out when every newcomer to a full pool queued. Now each address has one
+/// waiter at most, and evictions have a budget of their own.
+#[tokio::test]
+async fn forgers_lining_up_waiters_do_not_keep_a_new_signer_out() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight_unauthenticated = 8;
+            s.unauthenticated_rate_per_sec = 1;
+            s.unauthenticated_rate_burst = 3;
+        },
+        ..Default::default()
+    })
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for ip in 10..22u8 {
+        // Two forged requests at a time (the address's share of 8)...
+        for _ in 0..2 {
+            let stop = stop.clone();
+            let address = app.address.clone();
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    forged_once_from(&address, [127, 0, 0, ip]).await;
+                }
+            }));
+        }
+        // ...and anonymous requests that keep its rate empty.
+        let stop = stop.clone();
+        let base = app.address.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = client_from([127, 0, 0, ip]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client
+                    .post(format!("{base}/v1/transactions"))
+                    .header("Authorization", "Bearer wrong")
+                    .body("{}")
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = genuine_late_from(
+        &app.address,
+        [127, 0, 0, 4],
+        "LQ-0",
+        Duration::from_millis(300),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    assert_eq!(first, 202, "a new signer behind lined-up forgers");
+}
