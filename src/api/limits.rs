@@ -276,14 +276,18 @@ impl Sources {
         let Some(victim) = victim else {
             return false;
         };
-        // Each eviction costs the newcomer's address a unit of its rate, so
-        // forgers cannot churn the pool faster than their addresses' rates
-        // allow (a reviewer's probe: 12 addresses, ~2,000 evictions/s,
-        // none charged).
-        if let Some(evictions) = &self.evictions
-            && evictions.check_key(&source).is_err()
-        {
-            return false;
+        // Each eviction costs the newcomer's address a unit of its eviction
+        // budget, so forgers cannot churn the pool faster than their
+        // addresses' budgets allow (a reviewer's probe: 12 addresses,
+        // ~2,000 evictions/s, none charged).
+        if let Some(evictions) = &self.evictions {
+            let checked = evictions.check_key(&source);
+            if evictions.len() > MAX_TRACKED_SOURCES {
+                evictions.retain_recent();
+            }
+            if checked.is_err() {
+                return false;
+            }
         }
         let Some(queue) = waiting.by_source.get_mut(&victim) else {
             return false;
