@@ -540,6 +540,29 @@ impl Drop for Release {
     }
 }
 
+/// Waits its turn for a place in the full unauthenticated pool (first come,
+/// first served), asking every [`EVICT_POLL`] for a request that has held
+/// its place long enough to give it up ([`Sources::evict_for`]): whoever
+/// asks, the freed place goes to the head of the queue, so a newcomer is
+/// served after at most one waiter per address (a sixth review: places
+/// freed only by the forgers' own timing left a new signer out).
+async fn wait_for_place(state: &ApiState, source: Option<IpAddr>) -> Option<OwnedSemaphorePermit> {
+    let acquire = state.unauthenticated.clone().acquire_owned();
+    tokio::pin!(acquire);
+    loop {
+        if let Some(s) = source {
+            state.sources.evict_for(s);
+        }
+        tokio::select! {
+            permit = &mut acquire => return permit.ok(),
+            () = tokio::time::sleep(EVICT_POLL) => {}
+        }
+    }
+}
+
+/// How often a request waiting for a place asks for an eviction.
+const EVICT_POLL: Duration = Duration::from_millis(100);
+
 /// Whether the request says a body follows (only such a request waits for
 /// one, and so can be told to give its place up while it does).
 fn has_body(req: &ServiceRequest) -> bool {
@@ -554,7 +577,7 @@ fn has_body(req: &ServiceRequest) -> bool {
 
 /// How long a signed request waits, in turn (the pool's waiters are served
 /// first come, first served), for a place in a full unauthenticated pool.
-const EVICTION_WAIT: Duration = Duration::from_secs(2);
+const EVICTION_WAIT: Duration = Duration::from_secs(3);
 /// How long a signed request holding a place in that pool is safe from
 /// eviction ([`Sources::evict_for`]).
 const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
@@ -722,16 +745,11 @@ pub async fn guard(
                         // per address at most.
                         None => match slot.as_ref().and_then(|s| state.sources.queue(s.source())) {
                             Some(_queued) => {
-                                if let Some(s) = slot.as_ref() {
-                                    state.sources.evict_for(s.source());
-                                }
-                                tokio::time::timeout(
-                                    EVICTION_WAIT,
-                                    state.unauthenticated.clone().acquire_owned(),
-                                )
-                                .await
-                                .ok()
-                                .and_then(Result::ok)
+                                let source = slot.as_ref().map(SourceSlot::source);
+                                tokio::time::timeout(EVICTION_WAIT, wait_for_place(&state, source))
+                                    .await
+                                    .ok()
+                                    .flatten()
                             }
                             None => None,
                         },

@@ -2017,3 +2017,45 @@ async fn forgers_lining_up_waiters_do_not_keep_a_new_signer_out() {
     }
     assert_eq!(first, 202, "a new signer behind lined-up forgers");
 }
+
+/// Issue 20, a sixth review: with the pool held by bodiless forged
+/// requests started together (so they time out together) and one forged
+/// waiter always queued ahead, the one place a new signer's eviction freed
+/// went to that waiter, and nothing else freed a place before the forgers'
+/// timeouts: the signer got 503. Now every waiter keeps asking for
+/// evictions while it waits, so places keep freeing in turn.
+#[tokio::test]
+async fn a_queued_forger_ahead_does_not_keep_a_new_signer_out() {
+    let app = spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight_unauthenticated = 8;
+            s.request_timeout_secs = 10.0;
+        },
+        ..Default::default()
+    })
+    .await;
+    // Holders: 2 + 2 + 2 + 1 forged requests; W: 1 more and a waiter.
+    let mut tasks = Vec::new();
+    for (ip, n) in [(10u8, 2), (11, 2), (12, 2), (13, 1), (14, 3)] {
+        for _ in 0..n {
+            let address = app.address.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    forged_once_from(&address, [127, 0, 0, ip]).await;
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = genuine_late_from(
+        &app.address,
+        [127, 0, 0, 4],
+        "QF-0",
+        Duration::from_millis(300),
+    )
+    .await;
+    for t in tasks {
+        t.abort();
+    }
+    assert_eq!(first, 202, "a new signer behind a queued forger");
+}
