@@ -112,7 +112,7 @@ pub async fn read_body(
         }
         // A signed request still waiting for its body, from an address that
         // holds more of the unauthenticated pool than a newcomer: it gives
-        // its place up (and, unverified, is charged to its address).
+        // its place up (not charged: it may be a genuine signer's).
         () = evicted => {
             if let Some(f) = &in_flight {
                 f.give_up();

@@ -256,16 +256,24 @@ impl Sources {
         let own = counts.get(&source).copied().unwrap_or(0);
         let mut waiting = lock(&self.waiting);
         let now = Instant::now();
-        let victim = counts
+        // Only addresses with a request waiting for its body can give a
+        // place up: at most one per place in the pool, however many
+        // addresses wait for one (a seventh review: walking every counted
+        // address made each waiter's poll cost grow with the waiters).
+        let victim = waiting
+            .by_source
             .iter()
-            .filter(|(s, n)| **s != source && **n >= own.max(1))
-            .filter_map(|(s, n)| {
-                let (oldest, since, _) = waiting.by_source.get(s)?.front()?;
+            .filter_map(|(s, queue)| {
+                let n = counts.get(s).copied().unwrap_or(0);
+                (*s != source && n >= own.max(1)).then_some((s, n, queue))
+            })
+            .filter_map(|(s, n, queue)| {
+                let (oldest, since, _) = queue.front()?;
                 // A request gets this long for its body before it can be
                 // told to give its place up: a genuine signer's body
                 // arrives within it, however fast forgers churn.
                 (now.duration_since(*since) >= EVICTABLE_AFTER).then_some((
-                    *n,
+                    n,
                     std::cmp::Reverse(*oldest),
                     *s,
                 ))
@@ -550,10 +558,15 @@ async fn wait_for_place(state: &ApiState, source: Option<IpAddr>) -> Option<Owne
     let acquire = state.unauthenticated.clone().acquire_owned();
     tokio::pin!(acquire);
     loop {
+        // A place that came meanwhile is taken before asking for another.
+        if let Some(permit) = futures::FutureExt::now_or_never(&mut acquire) {
+            return permit.ok();
+        }
         if let Some(s) = source {
             state.sources.evict_for(s);
         }
         tokio::select! {
+            biased;
             permit = &mut acquire => return permit.ok(),
             () = tokio::time::sleep(EVICT_POLL) => {}
         }
