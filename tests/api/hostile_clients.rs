@@ -1825,6 +1825,22 @@ async fn an_id_shaped_like_another_ids_retry_copy_is_not_deduped_away() {
     assert_eq!(calls["by_key"][key("X:retry:2")]["calls"], 1, "{calls}");
 }
 
+/// Reads an HTTP answer's head from `stream`: its status, 0 if none came.
+async fn status_of(stream: &mut TcpStream) -> u16 {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&answer)
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// One forged signed POST from `from` that never sends its body: its status.
 async fn forged_once_from(address: &str, from: [u8; 4]) -> u16 {
     let address: std::net::SocketAddr = address.trim_start_matches("http://").parse().unwrap();
@@ -1840,18 +1856,7 @@ async fn forged_once_from(address: &str, from: [u8; 4]) -> u16 {
     {
         return 0;
     }
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&answer)
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    status_of(&mut stream).await
 }
 
 /// A genuine signed POST from `from` whose body comes `delay` after its head.
@@ -1873,18 +1878,7 @@ async fn genuine_late_from(address: &str, from: [u8; 4], id: &str, delay: Durati
     stream.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(delay).await;
     let _ = stream.write_all(body.as_bytes()).await;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&answer)
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    status_of(&mut stream).await
 }
 
 /// Issue 20, a fourth review of the eviction fix: forgers from more
