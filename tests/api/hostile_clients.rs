@@ -666,17 +666,7 @@ async fn behind_a_trusted_proxy_a_forger_does_not_use_up_the_signers_limits() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("Accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.prometheus().await;
     assert!(
         metrics.contains("rtpd_forwarded_for_ignored_total 1"),
         "{}",
@@ -1163,17 +1153,7 @@ async fn a_flood_of_bad_keys_writes_a_bounded_number_of_rejected_records() {
         records <= rtp_durability::api::rejected::PER_SOURCE_BURST as usize + 1,
         "{records} records for {flood} calls from one source"
     );
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("Accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.prometheus().await;
     let unrecorded: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("rtpd_rejected_calls_unrecorded_total "))

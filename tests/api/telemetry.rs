@@ -278,19 +278,6 @@ fn gauge(text: &str, line_start: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
 }
 
-async fn prometheus(app: &support::TestApp) -> String {
-    app.client
-        .get(format!("{}/metrics", app.address))
-        .bearer_auth(support::ADMIN_TOKEN)
-        .header("Accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_backlog_ages_the_oldest_pending_and_a_poison_message_counts_as_dead_lettered() {
     let app = spawn_app_with(AppOptions::default()).await;
@@ -306,18 +293,18 @@ async fn a_backlog_ages_the_oldest_pending_and_a_poison_message_counts_as_dead_l
     assert_eq!(r.status(), 202);
 
     // Nothing processed yet: the backlog's oldest entry ages.
-    let first = gauge(&prometheus(&app).await, age);
+    let first = gauge(&app.prometheus().await, age);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let second = gauge(&prometheus(&app).await, age);
+    let second = gauge(&app.prometheus().await, age);
     assert!(
         second > first,
         "oldest pending age grows: {first} then {second}"
     );
     assert!(second >= 0.05, "{second}");
-    assert_eq!(gauge(&prometheus(&app).await, dead), 0.0);
+    assert_eq!(gauge(&app.prometheus().await, dead), 0.0);
 
     app.drain_until_terminal(&["G-ok", "G-poison"]).await;
-    let text = prometheus(&app).await;
+    let text = app.prometheus().await;
     assert_eq!(gauge(&text, age), 0.0, "no pending transaction left");
     assert_eq!(gauge(&text, dead), 1.0);
     assert_eq!(
@@ -908,7 +895,7 @@ async fn ingest_requests_name_the_caller() {
         )
         .await;
     assert_eq!(forged.status(), 401);
-    let text = prometheus(&app).await;
+    let text = app.prometheus().await;
     for (code, caller, n) in [
         (202, "credentialed", 3.0),
         (401, "anonymous", 2.0),
@@ -923,7 +910,7 @@ async fn ingest_requests_name_the_caller() {
     }
 
     // A client that sends half its body and goes away: counted once.
-    let before = prometheus(&app).await;
+    let before = app.prometheus().await;
     let total = |text: &str| {
         text.lines()
             .filter(|l| l.starts_with("rtpd_ingest_requests_total{"))
@@ -947,7 +934,7 @@ async fn ingest_requests_name_the_caller() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let after = loop {
-        let after = prometheus(&app).await;
+        let after = app.prometheus().await;
         if total(&after) > total(&before) || std::time::Instant::now() > deadline {
             break after;
         }
@@ -974,7 +961,7 @@ async fn a_verified_signer_shed_for_a_full_pool_counts_as_credentialed() {
     let body = json!({ "transaction_id": "SH-1", "amount": "1.00" }).to_string();
     let r = app.post_signed(&body, support::now_unix()).await;
     assert_eq!(r.status(), 503, "shed after its signature was verified");
-    let text = prometheus(&app).await;
+    let text = app.prometheus().await;
     assert_eq!(ingest_count_by(&text, 503, "credentialed"), 1.0, "{text}");
     assert_eq!(ingest_count_by(&text, 503, "unverified"), 0.0, "{text}");
     holder.await.unwrap();
@@ -1027,7 +1014,7 @@ async fn load_shedding_503s_count_in_the_ingest_requests() {
         ..Default::default()
     })
     .await;
-    let before = prometheus(&app).await;
+    let before = app.prometheus().await;
     let mut answered: std::collections::BTreeMap<u16, f64> = Default::default();
     let mut holder = tokio::spawn(hold_a_slot(app.address.clone()));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1051,7 +1038,7 @@ async fn load_shedding_503s_count_in_the_ingest_requests() {
     let line = holder.await.unwrap();
     let code = line.split(' ').nth(1).unwrap().parse().unwrap();
     *answered.entry(code).or_default() += 1.0;
-    let after = prometheus(&app).await;
+    let after = app.prometheus().await;
     for (code, seen) in &answered {
         assert_eq!(
             ingest_count(&after, *code) - ingest_count(&before, *code),

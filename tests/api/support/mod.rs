@@ -198,6 +198,20 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `/metrics` in the Prometheus text format.
+    pub async fn prometheus(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.address))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("Accept", "text/plain")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn admin_get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(format!("{}{path}", self.address))
