@@ -821,14 +821,18 @@ pub async fn guard(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_vouch_counts_while_its_vendors_keys_stay_the_same() {
-        let sources = Sources::new(SourceLimits {
+    fn sources() -> Sources {
+        Sources::new(SourceLimits {
             rate_per_sec: 10,
             burst: 10,
             unverified: 4,
             vouched: 4,
-        });
+        })
+    }
+
+    #[test]
+    fn a_vouch_counts_while_its_vendors_keys_stay_the_same() {
+        let sources = sources();
         let src = IpAddr::from([10, 0, 0, 1]);
         sources.vouch(src, "acme", [1; 32]);
         let now = |vendor: &str| (vendor == "acme").then_some([1; 32]);
@@ -847,14 +851,10 @@ mod tests {
             Ok(Unverified::Pooled(Some(_)))
         ));
     }
+
     #[test]
     fn a_full_pool_evicts_the_oldest_waiter_of_the_address_holding_most() {
-        let sources = Sources::new(SourceLimits {
-            rate_per_sec: 10,
-            burst: 10,
-            unverified: 4,
-            vouched: 4,
-        });
+        let sources = sources();
         let forger = IpAddr::from([10, 0, 0, 1]);
         let signer = IpAddr::from([10, 0, 0, 2]);
         let pooled = |src| match sources.admit_unverified(src, |_: &str| None) {

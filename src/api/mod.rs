@@ -429,7 +429,7 @@ impl ApiState {
         // request had no effect: ingest forgets the signature then, so the
         // vendor's identical retry is not a replay.
         req.extensions_mut().insert(SignatureUsed(key));
-        self.admit_vouching(req, p, key.vouches())
+        self.admit_vouching(req, p, |_| key.vouches())
     }
 
     /// Forgets the signature of a signed request that is answered `status`,
@@ -447,17 +447,17 @@ impl ApiState {
     /// Remembers who the vendor is and applies its rate limit. A signed
     /// request, verified now, moves to the vendors' in-flight pool.
     fn admit(&self, req: &HttpRequest, p: Principal) -> Result<Principal, ApiError> {
-        let vouch = p.vendor().and_then(|v| self.auth.vendor_fingerprint(v));
-        self.admit_vouching(req, p, vouch)
+        self.admit_vouching(req, p, |vendor| self.auth.vendor_fingerprint(vendor))
     }
 
     /// [`ApiState::admit`]; a signed request verified now vouches for its
-    /// address under the vendor's credential fingerprint `vouch`, if any.
+    /// address under the vendor's credential fingerprint `vouch(vendor)`,
+    /// if any — asked only then, so an API-key request computes none.
     fn admit_vouching(
         &self,
         req: &HttpRequest,
         p: Principal,
-        vouch: Option<[u8; 32]>,
+        vouch: impl FnOnce(&str) -> Option<[u8; 32]>,
     ) -> Result<Principal, ApiError> {
         let Some(vendor) = p.vendor() else {
             return Ok(p);
@@ -468,7 +468,7 @@ impl ApiState {
         let in_flight = req.extensions().get::<limits::InFlight>().cloned();
         if let Some(in_flight) = in_flight
             && in_flight.promote(&self.in_flight)?
-            && let Some(fingerprint) = vouch
+            && let Some(fingerprint) = vouch(vendor)
             && let Some(client) = self.client_ip(req)
         {
             self.sources

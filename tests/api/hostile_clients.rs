@@ -405,21 +405,28 @@ async fn a_vouched_signer_may_have_many_requests_waiting_for_their_bodies() {
     assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
 }
 
+/// A genuine signed POST of `id` (`extra` is more header lines): its head
+/// and its body.
+fn genuine_signed_post(id: &str, extra: &str) -> (String, String) {
+    use rtp_durability::auth::sign;
+    let body = format!(r#"{{"transaction_id":"{id}"}}"#);
+    let ts = now_unix();
+    let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
+    let head = format!(
+        "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
+         X-Rtpd-Signature: {sig}\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    (head, body)
+}
+
 /// `n` genuine signed POSTs at once, each sending its body 300 ms after its
 /// headers (`extra` is more header lines): their statuses.
 async fn late_signed_posts(address: &str, prefix: &str, n: usize, extra: &str) -> Vec<u16> {
-    use rtp_durability::auth::sign;
     let late: Vec<_> = (0..n)
         .map(|i| {
-            let body = format!(r#"{{"transaction_id":"{prefix}-{i}"}}"#);
-            let ts = now_unix();
-            let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
-            let head = format!(
-                "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                 X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
-                 X-Rtpd-Signature: {sig}\r\n{extra}Content-Length: {}\r\n\r\n",
-                body.len()
-            );
+            let (head, body) = genuine_signed_post(&format!("{prefix}-{i}"), extra);
             late_body_request(address, head, body, Duration::from_millis(300))
         })
         .collect();
@@ -1821,12 +1828,17 @@ async fn status_of(stream: &mut TcpStream) -> u16 {
         .unwrap_or(0)
 }
 
+/// A connection to `address` (`http://host:port`) from the local address `from`.
+async fn connect_from(address: &str, from: [u8; 4]) -> std::io::Result<TcpStream> {
+    let address: std::net::SocketAddr = address.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::from((from, 0)))?;
+    sock.connect(address).await
+}
+
 /// One forged signed POST from `from` that never sends its body: its status.
 async fn forged_once_from(address: &str, from: [u8; 4]) -> u16 {
-    let address: std::net::SocketAddr = address.trim_start_matches("http://").parse().unwrap();
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
-    let Ok(mut stream) = sock.connect(address).await else {
+    let Ok(mut stream) = connect_from(address, from).await else {
         return 0;
     };
     if stream
@@ -1841,20 +1853,8 @@ async fn forged_once_from(address: &str, from: [u8; 4]) -> u16 {
 
 /// A genuine signed POST from `from` whose body comes `delay` after its head.
 async fn genuine_late_from(address: &str, from: [u8; 4], id: &str, delay: Duration) -> u16 {
-    use rtp_durability::auth::sign;
-    let address: std::net::SocketAddr = address.trim_start_matches("http://").parse().unwrap();
-    let body = format!(r#"{{"transaction_id":"{id}"}}"#);
-    let ts = now_unix();
-    let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
-    let head = format!(
-        "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         X-Rtpd-Vendor: {HMAC_VENDOR}\r\nX-Rtpd-Timestamp: {ts}\r\n\
-         X-Rtpd-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
-    let mut stream = sock.connect(address).await.unwrap();
+    let (head, body) = genuine_signed_post(id, "");
+    let mut stream = connect_from(address, from).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(delay).await;
     let _ = stream.write_all(body.as_bytes()).await;
