@@ -1861,6 +1861,20 @@ async fn genuine_late_from(address: &str, from: [u8; 4], id: &str, delay: Durati
     status_of(&mut stream).await
 }
 
+/// An app whose unauthenticated pool has 8 places (2 per address) and whose
+/// per-address rate is 1/s, burst 3.
+async fn small_unauthenticated_pool() -> crate::support::TestApp {
+    spawn_app_with(AppOptions {
+        configure: |s| {
+            s.max_in_flight_unauthenticated = 8;
+            s.unauthenticated_rate_per_sec = 1;
+            s.unauthenticated_rate_burst = 3;
+        },
+        ..Default::default()
+    })
+    .await
+}
+
 /// Issue 20, a fourth review of the eviction fix: forgers from more
 /// addresses than the pool has places, one request each at a time, never
 /// sending a body, evicted one another for free as fast as they could
@@ -1870,15 +1884,7 @@ async fn genuine_late_from(address: &str, from: [u8; 4], id: &str, delay: Durati
 /// address a unit of its rate, and a full pool's waiters are served in turn.
 #[tokio::test]
 async fn forgers_churning_from_many_addresses_do_not_keep_a_new_signer_out() {
-    let app = spawn_app_with(AppOptions {
-        configure: |s| {
-            s.max_in_flight_unauthenticated = 8;
-            s.unauthenticated_rate_per_sec = 1;
-            s.unauthenticated_rate_burst = 3;
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = small_unauthenticated_pool().await;
     // Control, no forgers.
     let control = genuine_late_from(
         &app.address,
@@ -1939,15 +1945,7 @@ async fn forgers_churning_from_many_addresses_do_not_keep_a_new_signer_out() {
 /// waiter at most, and evictions have a budget of their own.
 #[tokio::test]
 async fn forgers_lining_up_waiters_do_not_keep_a_new_signer_out() {
-    let app = spawn_app_with(AppOptions {
-        configure: |s| {
-            s.max_in_flight_unauthenticated = 8;
-            s.unauthenticated_rate_per_sec = 1;
-            s.unauthenticated_rate_burst = 3;
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = small_unauthenticated_pool().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for ip in 10..22u8 {

@@ -633,8 +633,10 @@ async fn the_openapi_document_matches_the_routes_served() {
 /// the vendor's byte-identical retry must be accepted, not refused as a
 /// replayed signature — a client may take that 401 as final and drop the
 /// payment.
-#[tokio::test]
-async fn a_signed_request_refused_after_verification_can_be_retried_as_is() {
+/// An app whose vendor may send one request a second: `<prefix>-1` signed
+/// at `ts` is accepted, `<prefix>-2` signed at `ts` is refused with 429
+/// after its signature verified; returned once the rate allows again.
+async fn refused_after_verifying(prefix: &str) -> (crate::support::TestApp, i64) {
     let app = spawn_app_with(AppOptions {
         configure: |s| {
             s.vendor_rate_per_sec = 1;
@@ -644,12 +646,20 @@ async fn a_signed_request_refused_after_verification_can_be_retried_as_is() {
     })
     .await;
     let ts = now_unix();
-    let r = app.post_signed(r#"{"transaction_id":"RS-1"}"#, ts).await;
+    let first = format!(r#"{{"transaction_id":"{prefix}-1"}}"#);
+    let r = app.post_signed(&first, ts).await;
     assert_eq!(r.status(), 202);
-    let body = r#"{"transaction_id":"RS-2"}"#;
-    let r = app.post_signed(body, ts).await;
+    let second = format!(r#"{{"transaction_id":"{prefix}-2"}}"#);
+    let r = app.post_signed(&second, ts).await;
     assert_error(r, 429, "rate_limited", "second request in a second").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    (app, ts)
+}
+
+#[tokio::test]
+async fn a_signed_request_refused_after_verification_can_be_retried_as_is() {
+    let (app, ts) = refused_after_verifying("RS").await;
+    let body = r#"{"transaction_id":"RS-2"}"#;
     let r = app.post_signed(body, ts).await;
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     // Once accepted, the same signature is a replay again.
@@ -667,21 +677,8 @@ async fn a_signed_request_refused_after_verification_can_be_retried_as_is() {
 /// signature is a replay again.
 #[tokio::test]
 async fn a_refused_signed_request_may_be_retried_once_from_another_address() {
-    let app = spawn_app_with(AppOptions {
-        configure: |s| {
-            s.vendor_rate_per_sec = 1;
-            s.vendor_rate_burst = 1;
-        },
-        ..Default::default()
-    })
-    .await;
-    let ts = now_unix();
-    let r = app.post_signed(r#"{"transaction_id":"RA-1"}"#, ts).await;
-    assert_eq!(r.status(), 202);
+    let (app, ts) = refused_after_verifying("RA").await;
     let body = r#"{"transaction_id":"RA-2"}"#;
-    let r = app.post_signed(body, ts).await;
-    assert_error(r, 429, "rate_limited", "second request in a second").await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let sig = sign(HMAC_SECRET.as_bytes(), ts, body.as_bytes()).unwrap();
     let elsewhere = reqwest::Client::builder()
         .local_address(std::net::IpAddr::from([127, 0, 0, 9]))
