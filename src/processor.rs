@@ -20,7 +20,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -102,6 +102,8 @@ pub struct Processor {
     pub policy: RetryPolicy,
     /// Lease owner name of this process.
     pub owner: String,
+    /// Names each claim's lease (see [`ClaimNames`]).
+    pub claim_names: Arc<ClaimNames>,
     pub lock_duration: Duration,
     pub downstream_timeout: Duration,
     /// The outcome journal as read so far, for transactions the ledger lost.
@@ -112,6 +114,38 @@ pub struct Processor {
     pub waiting: Arc<Waiting>,
     /// Set while the ledger does not answer: workers stop taking new messages.
     pub ledger_down: AtomicBool,
+}
+
+/// Names the lease of each claim a worker makes: the process's owner name,
+/// this processor's incarnation and a sequence number. A claim whose answer
+/// was lost — the ledger stalled past the client's timeout and then did the
+/// write — is recognized by this name when the claim is tried again: no one
+/// else, neither a sibling worker nor an earlier run of the process, holds
+/// a lease under it. Without it the retry met its own lease as "busy" and
+/// the transaction waited out the lock and the lease (issue 22: 123 s after
+/// a 5 s Redis stall).
+#[derive(Debug)]
+pub struct ClaimNames {
+    incarnation: String,
+    next: AtomicU64,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        let mut incarnation = crate::clock::nonce();
+        incarnation.truncate(16);
+        ClaimNames {
+            incarnation,
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ClaimNames {
+    fn next(&self, owner: &str) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{owner}/{}.{n}", self.incarnation)
+    }
 }
 
 /// An error that means "the dependency does not answer now; try again".
@@ -156,6 +190,8 @@ impl Held {
 /// how long it can be sure the claim is its own.
 struct Claim<'a> {
     id: &'a str,
+    /// The lease's owner name (a [`ClaimNames`] name).
+    owner: &'a str,
     attempt: u32,
     lease: std::sync::Mutex<ClaimLease>,
 }
@@ -279,8 +315,12 @@ impl Processor {
                 .await;
         }
         let reg = envelope.registration;
+        let owner = self.claim_names.next(&self.owner);
+        let first_try = crate::clock::Instant::now();
         let mut claim = match self
-            .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
+            .hold(&m, Held::Claim, None, || {
+                self.claim(&reg.transaction_id, &owner, first_try)
+            })
             .await
         {
             Ok(c) => c,
@@ -308,7 +348,9 @@ impl Processor {
                 Err(e) => return self.defer(&m, e).await,
             }
             claim = match self
-                .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
+                .hold(&m, Held::Claim, None, || {
+                    self.claim(&reg.transaction_id, &owner, first_try)
+                })
                 .await
             {
                 Ok(c) => c,
@@ -326,7 +368,9 @@ impl Processor {
             tracing::info!(next_retry_at = %due, "copy arrived a little before its retry was due; waiting for it under the lock");
             crate::clock::sleep((due - crate::clock::now()).to_std().unwrap_or_default()).await;
             claim = match self
-                .hold(&m, Held::Claim, None, || self.claim(&reg.transaction_id))
+                .hold(&m, Held::Claim, None, || {
+                    self.claim(&reg.transaction_id, &owner, first_try)
+                })
                 .await
             {
                 Ok(c) => c,
@@ -359,6 +403,7 @@ impl Processor {
         let attempt = rec.attempts;
         let claim = Claim {
             id: &reg.transaction_id,
+            owner: &owner,
             attempt,
             lease: std::sync::Mutex::new(ClaimLease {
                 sure_until: claimed_at + self.lease(),
@@ -366,14 +411,14 @@ impl Processor {
             }),
         };
         if rec.sha256 != reg.sha256 {
-            return self.refuse_stale_copy(&m, &reg, &rec).await;
+            return self.refuse_stale_copy(&m, &reg, &rec, &owner).await;
         }
         match self
             .under_claim(&m, &claim, "the journal read", self.journal_read_held(&rec))
             .await
         {
             Ok(false) => {}
-            Ok(true) => return self.settle_from_journal(&m, &reg, attempt).await,
+            Ok(true) => return self.settle_from_journal(&m, &reg, &claim).await,
             Err(e) => return self.defer(&m, e).await,
         }
         // Attempts in the current retry budget: a replay starts a new one.
@@ -474,12 +519,31 @@ impl Processor {
         }
     }
 
-    /// `claim`, with the instant it was sent: the lease the ledger grants
-    /// counts from no earlier.
-    async fn claim(&self, id: &str) -> Result<(crate::clock::Instant, ClaimOutcome), LedgerError> {
+    /// `claim` under the lease name `owner`, with the instant it was sent:
+    /// the lease the ledger grants counts from no earlier. A live lease
+    /// under `owner` is this claim's own: an earlier try took effect but its
+    /// answer was lost. It is taken as claimed, its lease counted from the
+    /// first try (`first_try`), the earliest the ledger can have counted it
+    /// from.
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        first_try: crate::clock::Instant,
+    ) -> Result<(crate::clock::Instant, ClaimOutcome), LedgerError> {
         let sent = crate::clock::Instant::now();
-        let c = self.ledger.claim(id, &self.owner, self.lease()).await?;
-        Ok((sent, c))
+        match self.ledger.claim(id, owner, self.lease()).await? {
+            ClaimOutcome::Busy(rec)
+                if rec.status == State::Processing && rec.lease_owner.as_deref() == Some(owner) =>
+            {
+                tracing::info!(
+                    attempt = rec.attempts,
+                    "an earlier try of this claim took effect (its answer was lost); carrying on with it"
+                );
+                Ok((first_try, ClaimOutcome::Claimed(rec)))
+            }
+            c => Ok((sent, c)),
+        }
     }
 
     /// The lease a claim (or an extension) asks for.
@@ -498,7 +562,7 @@ impl Processor {
         let sent = crate::clock::Instant::now();
         match self
             .ledger
-            .extend_lease(c.id, &self.owner, c.attempt, self.lease())
+            .extend_lease(c.id, c.owner, c.attempt, self.lease())
             .await
         {
             Ok(_) => {
@@ -706,7 +770,7 @@ impl Processor {
         let settled = self
             .hold(m, Held::Ledger, None, || {
                 self.ledger
-                    .settle(&reg.transaction_id, &self.owner, attempt, s.clone())
+                    .settle(&reg.transaction_id, claim.owner, attempt, s.clone())
             })
             .await;
         let settled = match settled {
@@ -785,8 +849,9 @@ impl Processor {
         &self,
         m: &ReceivedMessage,
         reg: &Registration,
-        attempt: u32,
+        claim: &Claim<'_>,
     ) -> Outcome {
+        let attempt = claim.attempt;
         tracing::warn!(
             attempt,
             "the journal holds a success the ledger missed; settling from it, not calling the downstream"
@@ -795,7 +860,7 @@ impl Processor {
             .ledger
             .settle(
                 &reg.transaction_id,
-                &self.owner,
+                claim.owner,
                 attempt,
                 Settlement::Success,
             )
@@ -862,6 +927,7 @@ impl Processor {
         m: &ReceivedMessage,
         reg: &Registration,
         rec: &crate::transaction::TxRecord,
+        owner: &str,
     ) -> Outcome {
         let attempt = rec.attempts;
         let error = format!(
@@ -894,7 +960,7 @@ impl Processor {
         };
         match self
             .ledger
-            .settle(&reg.transaction_id, &self.owner, attempt, s)
+            .settle(&reg.transaction_id, owner, attempt, s)
             .await
         {
             Ok(_) | Err(LedgerError::Fenced { .. }) => {}

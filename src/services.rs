@@ -219,6 +219,7 @@ impl Services {
             ),
             policy: self.retry_policy(),
             owner: self.instance.clone(),
+            claim_names: Default::default(),
             lock_duration: self.settings.lock_duration(),
             downstream_timeout: self.settings.downstream_timeout(),
             journal_index: Default::default(),

@@ -348,6 +348,7 @@ impl World {
                 max_retries: MAX_RETRIES,
             },
             owner: instance.clone(),
+            claim_names: Default::default(),
             lock_duration: LOCK,
             downstream_timeout: DOWNSTREAM_TIMEOUT,
             journal_index: Default::default(),
