@@ -4,6 +4,7 @@
 #   scripts/chaos.sh --quick [--seed N]      CI: >= 100 faults, a few minutes
 #   scripts/chaos.sh [--seed N]              long: >= 1,000 faults
 #   scripts/chaos.sh --soak [--soak-minutes 10]
+#   scripts/chaos.sh --recovery [--reps 2]   one outage at a time, production timeouts: the 30 s target
 #   scripts/chaos.sh --help                  every option
 #
 # Installs what it needs when missing: redis-server and libfaketime (Debian
@@ -43,6 +44,9 @@ fi
 
 bin_dir=${CHAOS_BIN_DIR:-}
 args=("$@")
+for a in "${args[@]}"; do
+    [[ $a == -h || $a == --help ]] && exec .venv/bin/python tests/chaos/campaign.py --help
+done
 for ((i = 0; i < ${#args[@]}; i++)); do
     [[ ${args[i]} == --bin-dir ]] && bin_dir=${args[i + 1]:-}
     [[ ${args[i]} == --bin-dir=* ]] && bin_dir=${args[i]#--bin-dir=}

@@ -121,19 +121,19 @@ def dead_letter_reason(rec: dict) -> str:
     return msg.split(":")[0][:60] if msg else ""
 
 
-def audit(stack, txs: list, faults: list, t_start: float) -> dict:
+def audit(stack, txs: list, faults: list, t_start: float, acked_before: str = "start") -> dict:
     """Reads the evidence from the running stack and checks it."""
     conn = stack.conn["storage"]
     unreadable: dict[str, str] = {}
     result = check(txs, faults, ledger=ledger_records(stack), calls=mock_calls(stack),
                    journal=journal_entries(conn, unreadable),
-                   read_wal=lambda keys: read_segments(conn, keys))
+                   read_wal=lambda keys: read_segments(conn, keys), acked_before=acked_before)
     result["summary"]["journal_segments_unreadable"] = unreadable
     return result
 
 
 def check(txs: list, faults: list, ledger: dict[str, dict], calls: dict,
-          journal: dict[str, list[dict]], read_wal) -> dict:
+          journal: dict[str, list[dict]], read_wal, acked_before: str = "start") -> dict:
     """The checks, over evidence already read: the vendor's history (`txs`),
     the ledger's records by id, the mock's `/calls`, the outcome journal by
     id, and `read_wal(segment keys) -> {key: bytes | Exception}`. Pure, so a
@@ -278,7 +278,7 @@ def check(txs: list, faults: list, ledger: dict[str, dict], calls: dict,
     notes["duplicate_probes"] = sum(1 for t in txs if t.dup)
     notes["conflict_probes"] = sum(1 for t in txs if t.conflict)
 
-    recovery = recovery_times(acked, ledger, by_key, faults, journal)
+    recovery = recovery_times(acked, ledger, by_key, faults, journal, acked_before)
     summary = {
         "transactions_sent": len(txs),
         "acknowledged": len(acked),
@@ -295,9 +295,11 @@ def check(txs: list, faults: list, ledger: dict[str, dict], calls: dict,
     return {"summary": summary, "violations": violations, "recovery": recovery}
 
 
-def recovery_times(acked, ledger, by_key, faults, journal) -> dict:
+def recovery_times(acked, ledger, by_key, faults, journal, acked_before: str = "start") -> dict:
     """Per fault: from its end until every plain transaction acknowledged
-    before it started was final. A transaction is final at its last
+    before it started was final (`acked_before="end"`, for faults one at a
+    time: first sent after the previous fault ended and before this one
+    did, however late its acknowledgement came). A transaction is final at its last
     downstream call (the mock's clock; the processor only settles after
     it), or at the ledger's updated_at if the downstream never saw it."""
     rows = []
@@ -309,11 +311,14 @@ def recovery_times(acked, ledger, by_key, faults, journal) -> dict:
             continue  # reported as a violation already
         k = by_key.get(t.id)
         done = k["last_call_ms"] / 1000 if k and k.get("last_call_ms") else parse_ts(rec.get("updated_at"))
-        rows.append((t.ack["t"], done, t.id))
+        sent = t.attempts[0]["t0"] if t.attempts else t.ack["t"]
+        rows.append((t.ack["t"], done, t.id, sent))
     rows.sort()
     ack_times = [r[0] for r in rows]
+    by_sent = sorted((r[3], r[1], r[2]) for r in rows if r[1] is not None)
+    sent_times = [r[0] for r in by_sent]
     prefix, best = [], (0.0, None)
-    for ack_t, done, tid in rows:
+    for ack_t, done, tid, _ in rows:
         if done is not None and done > best[0]:
             best = (done, tid)
         prefix.append(best)
@@ -322,13 +327,26 @@ def recovery_times(acked, ledger, by_key, faults, journal) -> dict:
     per_kind: dict[str, list[float]] = defaultdict(list)
     in_flight: dict[str, list[float]] = defaultdict(list)
     worst: dict[str, tuple[float, int, str | None]] = {}
+    prev_end = None
     for f in faults:
         if f.started is None or f.ended is None:
             continue
         i = bisect.bisect_left(ack_times, f.started)
-        if i == 0:
+        if acked_before == "end":
+            # One fault at a time (the recovery mode): what the vendor sent
+            # since the previous fault's return and before this one's, so a
+            # straggler of one fault is not charged to the next, and one
+            # acknowledged only after the return is still this fault's.
+            lo = bisect.bisect_left(sent_times, prev_end) if prev_end is not None else 0
+            hi = bisect.bisect_left(sent_times, f.ended)
+            prev_end = f.ended
+            if hi <= lo:
+                continue
+            _, done, tid = max(by_sent[lo:hi], key=lambda r: r[1])
+        elif i == 0:
             continue
-        done, tid = prefix[i - 1]
+        else:
+            done, tid = prefix[i - 1]
         r = max(0.0, done - f.ended)
         f.detail["recovery_secs"] = round(r, 3)
         per_kind[f.kind].append(r)
@@ -347,7 +365,7 @@ def recovery_times(acked, ledger, by_key, faults, journal) -> dict:
                      "last_transaction_of_worst": worst[kind][2],
                      "in_flight_median_secs": round(statistics.median(fl), 2),
                      "in_flight_max_secs": round(max(fl), 2)}
-    slow = sorted(((d - a, tid) for a, d, tid in rows if d is not None), reverse=True)[:10]
+    slow = sorted(((d - a, tid) for a, d, tid, _ in rows if d is not None), reverse=True)[:10]
     ack_of = {t.id: t.ack["t"] for t in acked}
 
     def first_attempt(tid):

@@ -2,12 +2,19 @@
 
     campaign.py [--quick] [--seed N] [--faults N] [--rate R] [--out DIR]
     campaign.py --soak [--soak-minutes M]
+    campaign.py --recovery [--reps N] [--settle SECS]
 
 Campaign: starts the production-shaped stack (stack.py), posts transactions
 at a steady rate (producer.py) while a seeded fault plan runs (faults.py),
 then turns faults off, lets the pipeline drain, runs `rtpd reconcile`, and
 audits the history (audit.py). Writes report.json and report.txt to --out and
 exits 1 on any violation, 2 if the campaign itself could not run.
+
+Recovery: one outage of Redis, Service Bus, Azurite (up to 10 s) or one
+killed process at a time, each followed by a calm, under a steady load of
+plain transactions and with the production timeouts; reports, per kind, how
+long after the return everything acknowledged before it was final, and exits
+1 if that is over 30 s for any fault.
 
 Soak: the same stack without faults; measures the maximum sustained rate,
 then runs at half of it for --soak-minutes, sampling the RSS of every rtpd
@@ -35,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from audit import audit, verdict
-from faults import Injector, plan
+from faults import KINDS, Fault, Injector, plan
 from producer import Producer, make_transactions
 from stack import REPO, Settings, Stack, http_json
 
@@ -109,7 +116,6 @@ def log_errors(stack) -> dict:
 
 def table(report: dict) -> str:
     lines = []
-    s = report["audit"]["summary"]
     lines.append(f"rtpd fault campaign — seed {report['seed']} ({report['mode']}), "
                  f"{report['faults_injected']} faults in {report['fault_phase_secs']:.0f}s, "
                  f"{report['rate']} tx/s offered")
@@ -123,6 +129,13 @@ def table(report: dict) -> str:
                      f"{r.get('median_secs', '-'):>11} {r.get('max_secs', '-'):>12} "
                      f"{r.get('in_flight_median_secs', '-'):>11} {r.get('in_flight_max_secs', '-'):>11}")
     lines.append("")
+    return "\n".join(lines + outcome_lines(report))
+
+
+def outcome_lines(report: dict) -> list[str]:
+    """What happened to the transactions, the downstream, the WAL; the violations."""
+    lines = []
+    s = report["audit"]["summary"]
     o = s["outcomes"]
     lines.append(f"transactions sent {s['transactions_sent']}, acknowledged {s['acknowledged']}: "
                  f"success {o.get('success', 0)}, dead_letter {o.get('dead_letter', 0)}, "
@@ -149,7 +162,7 @@ def table(report: dict) -> str:
     v = report["audit"]["violations"]
     by = Counter(x["check"] for x in v)
     lines.append(f"violations: {len(v)}" + (" — " + ", ".join(f"{k} {n}" for k, n in by.items()) if v else ""))
-    return "\n".join(lines)
+    return lines
 
 
 def build_stack(args, settings) -> Stack:
@@ -262,7 +275,7 @@ def finish(report: dict, out: Path, stack: Stack, history: list) -> int:
             f.write(json.dumps(h) + "\n")
     shutil.copytree(stack.logs, out / "logs", dirs_exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    text = table(report) if "faults_by_kind" in report else soak_table(report)
+    text = {"soak": soak_table, "recovery": recovery_table}.get(report["mode"], table)(report)
     (out / "report.txt").write_text(text + "\n")
     print()
     print(text)
@@ -366,10 +379,130 @@ def soak(args) -> int:
             shutil.rmtree(stack.work, ignore_errors=True)
 
 
+# Recovery mode: one outage at a time, each followed by a calm; the issue's
+# target is that every acknowledged transaction is final within 30 s of the
+# dependency's return.
+RECOVERY_KINDS = ["redis_restart", "redis_pause", "servicebus_pause", "servicebus_restart_purge",
+                  "azurite_restart", "azurite_pause", "kill_processor", "kill_api"]
+RECOVERY_TARGET_SECS = 30.0
+
+
+def production_settings() -> Settings:
+    """The defaults a deployment runs with (docs/operations.md) for everything
+    that sets how long a straggler can wait: the lease (lock + downstream
+    timeout, 70 s), the reconciler's interval (60 s) and pending threshold
+    (300 s), the retry back-off (60 s base)."""
+    return Settings(lock_secs=60, downstream_timeout_secs=10.0, backoff_base_secs=60.0,
+                    backoff_max_secs=3600.0, reconcile_interval_secs=60.0, pending_after_secs=300.0)
+
+
+def recovery_plan(seed: int, reps: int) -> list[Fault]:
+    rng = random.Random(f"recovery-{seed}")
+    out = []
+    for _ in range(reps):
+        for kind in RECOVERY_KINDS:
+            res = KINDS[kind][0]
+            if res in ("api", "processor"):
+                target, hold = f"{res}-{rng.randint(1, 2)}", rng.uniform(0.5, 3.0)
+            else:
+                target, hold = res, rng.uniform(5.0, 10.0)  # outages of up to 10 s
+            out.append(Fault(seq=len(out), kind=kind, target=target, planned_at=0.0, hold=round(hold, 3)))
+    return out
+
+
+def recovery_table(report: dict) -> str:
+    st = report["settings"]
+    lines = [f"rtpd recovery campaign — seed {report['seed']}, {report['faults_injected']} isolated faults, "
+             f"{report['rate']} tx/s offered, {report['settle_secs']:.0f} s calm after each; lock "
+             f"{st['lock_secs']} s, downstream timeout {st['downstream_timeout_secs']} s, reconcile every "
+             f"{st['reconcile_interval_secs']} s, pending after {st['pending_after_secs']} s", "",
+             f"{'':28} {'':>6} {'':>9} {'recovery s (acknowledged before the return)':>44}",
+             f"{'fault kind':28} {'count':>6} {'max hold':>9} {'median':>11} {'max':>11} "
+             f"{'target ' + str(int(RECOVERY_TARGET_SECS)) + ' s':>20}"]
+    rec = report["audit"]["recovery"]
+    for kind in RECOVERY_KINDS:
+        fs = [f for f in report["faults"] if f["kind"] == kind]
+        if not fs:
+            continue
+        r = rec.get(kind, {})
+        met = "met" if r and r["max_secs"] <= RECOVERY_TARGET_SECS else "NOT MET"
+        lines.append(f"{kind:28} {len(fs):6d} {max(f['hold'] for f in fs):9.1f} "
+                     f"{r.get('median_secs', '-'):>11} {r.get('max_secs', '-'):>11} {met:>20}")
+    lines.append("")
+    return "\n".join(lines + outcome_lines(report))
+
+
+def recovery(args) -> int:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    rate = args.rate or 10.0
+    faults = recovery_plan(seed, args.reps)
+    settings = production_settings()
+    out = Path(args.out or REPO / "target/chaos" / f"{datetime.now():%Y%m%d-%H%M%S}-recovery{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"recovery seed {seed}: {len(faults)} isolated faults, {args.settle} s calm after each, {rate} tx/s; "
+        f"replay with: scripts/chaos.sh --recovery --reps {args.reps} --seed {seed}")
+    args.no_skew = True
+    stack = build_stack(args, settings)
+    try:
+        warmup = 10.0
+        secs = warmup + sum(f.hold + args.settle + 15 for f in faults)
+        rng = random.Random(f"workload-recovery-{seed}")
+        txs = make_transactions(rng, f"r{seed}", int(secs * rate), rate, settings.max_retries, plain_only=True)
+        producer = Producer(stack.api_urls, stack.vendor_key, txs, rng, probe_rate=0.0)
+        t_start = time.time()
+        producer.start()
+        time.sleep(warmup)
+        inj = Injector(stack, faults, rebuild_from=t_start - 120, log=log)
+        t_faults = time.time()
+        for f in faults:
+            inj.inject(f)
+            log(f"fault {f.seq} {f.kind} {f.target} held {f.hold} s"
+                + ("" if f.ok else f", not carried out: {f.note}")
+                + f"; sent {producer.sent}, answered {len(producer.done)}")
+            time.sleep(args.settle)
+        fault_secs = time.time() - t_faults
+        producer.finish(timeout=120)
+        q = quiesce(stack, t_start, drain_secs=300)
+        log("auditing")
+        with producer.lock:
+            txs_done = list(producer.done)
+        result = audit(stack, txs_done, faults, t_start, acked_before="end")
+        slow = {f.seq: f.detail["recovery_secs"] for f in faults
+                if f.detail.get("recovery_secs", 0.0) > RECOVERY_TARGET_SECS}
+        report = {
+            "seed": seed, "mode": "recovery", "rate": rate, "settle_secs": args.settle,
+            "replay": f"scripts/chaos.sh --recovery --reps {args.reps} --seed {seed}",
+            "settings": vars(settings), "target_secs": RECOVERY_TARGET_SECS,
+            "faults_injected": sum(1 for f in faults if f.ok), "fault_phase_secs": fault_secs,
+            "faults_not_carried_out": dict(Counter(f.kind for f in faults if not f.ok)),
+            "over_target": slow, "quiescence": q,
+            "restarts": {n: s.starts for n, s in stack.services.items()},
+            "log_errors": log_errors(stack), "audit": result,
+            "faults": [f.record() for f in faults], "known_checks": args.known,
+        }
+        code = finish(report, out, stack, [t.record() for t in txs_done])
+        if slow:
+            print(f"recovery over {RECOVERY_TARGET_SECS:.0f} s after faults {slow}: exit 1")
+            code = max(code, 1)
+        if any(not f.ok for f in faults):
+            print("a fault could not be carried out: exit 2")
+            code = 2
+        return code
+    finally:
+        stack.stop()
+        if not args.keep:
+            shutil.rmtree(stack.work, ignore_errors=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI mode: 100 faults, a few minutes")
     p.add_argument("--soak", action="store_true", help="soak mode: no faults, RSS sampled")
+    p.add_argument("--recovery", action="store_true",
+                   help="recovery mode: one outage of up to 10 s at a time under load, production timeouts; "
+                        "exit 1 if anything acknowledged is not final within 30 s of the return")
+    p.add_argument("--reps", type=int, default=2, help="recovery: outages of each kind")
+    p.add_argument("--settle", type=float, default=45.0, help="recovery: seconds of calm after each outage")
     p.add_argument("--seed", type=int)
     p.add_argument("--faults", type=int, help="faults to inject (default 100 quick, 1000 long)")
     p.add_argument("--rate", type=float, help="transactions per second offered (default 10 quick, 20 long)")
@@ -389,7 +522,9 @@ def main() -> int:
             print(f"campaign: {args.bin_dir}/{exe} is missing (cargo build --workspace --bins)", file=sys.stderr)
             return 2
     try:
-        return soak(args) if args.soak else campaign(args)
+        if args.soak:
+            return soak(args)
+        return recovery(args) if args.recovery else campaign(args)
     except Exception as e:
         import traceback
 

@@ -160,6 +160,13 @@ class Injector:
         for th in self.threads:
             th.join(max(0.1, deadline - time.time()))
 
+    def inject(self, f: Fault):
+        """One fault now, in the caller's thread (the recovery mode's one at a time)."""
+        with self.cv:
+            self.busy.add(self._resource(f))
+            self.started += 1
+        self._one(f)
+
     def _one(self, f: Fault):
         f.started = time.time()
         try:

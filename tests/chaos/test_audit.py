@@ -78,10 +78,11 @@ class World:
                 "concurrent_overlaps": sum(k["concurrent_overlaps"] for k in keys),
                 "by_key": copy.deepcopy(self.by_key)}
 
-    def audit(self) -> dict:
+    def audit(self, acked_before: str = "start") -> dict:
         return check(self.txs, self.faults, ledger=copy.deepcopy(self.ledger), calls=self.calls(),
                      journal=copy.deepcopy(self.journal),
-                     read_wal=lambda keys: {k: self.segments.get(k, FileNotFoundError(k)) for k in keys})
+                     read_wal=lambda keys: {k: self.segments.get(k, FileNotFoundError(k)) for k in keys},
+                     acked_before=acked_before)
 
 
 class AuditSelfCheck(unittest.TestCase):
@@ -118,6 +119,36 @@ class AuditSelfCheck(unittest.TestCase):
         r = w.audit()
         self.assertEqual(r["recovery"]["redis_restart"]["max_secs"], 10.0)
         self.assertEqual(r["recovery"]["redis_restart"]["last_transaction_of_worst"], w.tx(1).id)
+
+    def test_recovery_mode_counts_what_was_acknowledged_during_the_outage(self):
+        w = World()
+        # acknowledged at T0+3, while Redis was down (T0+2.5 .. T0+4.5), final at T0+40
+        w.by_key[f"chaos/{w.tx(3).id}"]["last_call_ms"] = int((T0 + 40.0) * 1000)
+        w.faults = [Fault(seq=0, kind="redis_restart", target="redis", planned_at=0, hold=2,
+                          started=T0 + 2.5, ended=T0 + 4.5)]
+        self.assertEqual(w.audit()["recovery"]["redis_restart"]["max_secs"], 0.0)
+        r = w.audit(acked_before="end")["recovery"]["redis_restart"]
+        self.assertEqual(r["max_secs"], 35.5)
+        self.assertEqual(r["last_transaction_of_worst"], w.tx(3).id)
+        # The next fault (T0+4.6 .. T0+5.2) is charged only with what was
+        # acknowledged since the first ended (transaction 5: final at
+        # T0+5.5), not with the first one's straggler — which the
+        # overlapping campaign's measure does charge it with.
+        w.faults.append(Fault(seq=1, kind="kill_api", target="api-1", planned_at=0, hold=1,
+                              started=T0 + 4.6, ended=T0 + 5.2))
+        self.assertEqual(w.audit(acked_before="end")["recovery"]["kill_api"]["max_secs"], 0.3)
+        self.assertEqual(w.audit()["recovery"]["kill_api"]["max_secs"], 34.8)
+
+    def test_recovery_mode_charges_a_late_acknowledgement_to_the_fault_it_was_sent_in(self):
+        w = World()
+        # sent at T0+4.2 while Redis was down (T0+2.5 .. T0+4.5), acknowledged
+        # only at T0+5, final at T0+50
+        w.tx(5).attempts[0]["t0"] = T0 + 4.2
+        w.by_key[f"chaos/{w.tx(5).id}"]["last_call_ms"] = int((T0 + 50.0) * 1000)
+        w.faults = [Fault(seq=0, kind="redis_pause", target="redis", planned_at=0, hold=2,
+                          started=T0 + 2.5, ended=T0 + 4.5)]
+        r = w.audit(acked_before="end")["recovery"]["redis_pause"]
+        self.assertEqual((r["max_secs"], r["last_transaction_of_worst"]), (45.5, w.tx(5).id))
 
     def test_missing_from_ledger(self):
         w = World()
@@ -325,6 +356,24 @@ class ReportSelfCheck(unittest.TestCase):
         self.assertIn("kill_api", text)
         self.assertIn("missing 1", text)
         self.assertIn("violations: 1 — acknowledged_but_missing_from_ledger 1", text)
+
+    def test_recovery_table_says_which_kinds_missed_the_target(self):
+        from campaign import production_settings, recovery_table
+
+        w = World()
+        w.by_key[f"chaos/{w.tx(3).id}"]["last_call_ms"] = int((T0 + 40.0) * 1000)
+        w.faults = [Fault(seq=0, kind="redis_restart", target="redis", planned_at=0, hold=2,
+                          started=T0 + 2.5, ended=T0 + 4.5),
+                    Fault(seq=1, kind="kill_api", target="api-1", planned_at=0, hold=1,
+                          started=T0 + 44.0, ended=T0 + 45.0)]
+        report = {"seed": 7, "mode": "recovery", "rate": 10.0, "faults_injected": 2, "settle_secs": 45.0,
+                  "settings": vars(production_settings()), "audit": w.audit(acked_before="end"),
+                  "faults": [f.record() for f in w.faults]}
+        rows = {line.split()[0]: line for line in recovery_table(report).splitlines() if line.strip()}
+        self.assertIn("35.5", rows["redis_restart"])
+        self.assertTrue(rows["redis_restart"].endswith("NOT MET"), rows["redis_restart"])
+        self.assertTrue(rows["kill_api"].endswith("met") and "NOT" not in rows["kill_api"], rows["kill_api"])
+        self.assertNotIn("azurite_pause", rows)
 
 
 if __name__ == "__main__":
