@@ -416,7 +416,7 @@ def recovery_table(report: dict) -> str:
              f"{report['rate']} tx/s offered, {report['settle_secs']:.0f} s calm after each; lock "
              f"{st['lock_secs']} s, downstream timeout {st['downstream_timeout_secs']} s, reconcile every "
              f"{st['reconcile_interval_secs']} s, pending after {st['pending_after_secs']} s", "",
-             f"{'':28} {'':>6} {'':>9} {'recovery s (acknowledged before the return)':>44}",
+             f"{'':28} {'':>6} {'':>9} {'recovery s (sent before the return)':>44}",
              f"{'fault kind':28} {'count':>6} {'max hold':>9} {'median':>11} {'max':>11} "
              f"{'target ' + str(int(RECOVERY_TARGET_SECS)) + ' s':>20}"]
     rec = report["audit"]["recovery"]

@@ -34,6 +34,17 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def fault(seq: int, kind: str, target: str, started: float, ended: float) -> Fault:
+    """A fault that ran from T0+started to T0+ended."""
+    return Fault(seq=seq, kind=kind, target=target, planned_at=0, hold=ended - started,
+                 started=T0 + started, ended=T0 + ended)
+
+
+def final_at(w: "World", n: int, at: float):
+    """Transaction n's last downstream call at T0+at."""
+    w.by_key[f"chaos/{w.tx(n).id}"]["last_call_ms"] = int((T0 + at) * 1000)
+
+
 class World:
     """A faithful history of a small run: 6 transactions, each acknowledged,
     in the WAL byte for byte, paid once by the downstream, journaled, and
@@ -98,8 +109,7 @@ class AuditSelfCheck(unittest.TestCase):
 
     def test_a_faithful_history_passes(self):
         w = World()
-        w.faults = [Fault(seq=0, kind="kill_processor", target="processor-1", planned_at=0, hold=1,
-                          started=T0 + 2.5, ended=T0 + 3.0)]
+        w.faults = [fault(0, "kill_processor", "processor-1", 2.5, 3.0)]
         r = w.audit()
         self.assertEqual(r["violations"], [])
         self.assertEqual(verdict(r["violations"]), 0)
@@ -113,9 +123,8 @@ class AuditSelfCheck(unittest.TestCase):
 
     def test_recovery_time_is_measured_from_the_fault_end(self):
         w = World()
-        w.by_key[f"chaos/{w.tx(1).id}"]["last_call_ms"] = int((T0 + 13.0) * 1000)
-        w.faults = [Fault(seq=0, kind="redis_restart", target="redis", planned_at=0, hold=1,
-                          started=T0 + 2.5, ended=T0 + 3.0)]
+        final_at(w, 1, 13.0)
+        w.faults = [fault(0, "redis_restart", "redis", 2.5, 3.0)]
         r = w.audit()
         self.assertEqual(r["recovery"]["redis_restart"]["max_secs"], 10.0)
         self.assertEqual(r["recovery"]["redis_restart"]["last_transaction_of_worst"], w.tx(1).id)
@@ -123,9 +132,8 @@ class AuditSelfCheck(unittest.TestCase):
     def test_recovery_mode_counts_what_was_acknowledged_during_the_outage(self):
         w = World()
         # acknowledged at T0+3, while Redis was down (T0+2.5 .. T0+4.5), final at T0+40
-        w.by_key[f"chaos/{w.tx(3).id}"]["last_call_ms"] = int((T0 + 40.0) * 1000)
-        w.faults = [Fault(seq=0, kind="redis_restart", target="redis", planned_at=0, hold=2,
-                          started=T0 + 2.5, ended=T0 + 4.5)]
+        final_at(w, 3, 40.0)
+        w.faults = [fault(0, "redis_restart", "redis", 2.5, 4.5)]
         self.assertEqual(w.audit()["recovery"]["redis_restart"]["max_secs"], 0.0)
         r = w.audit(acked_before="end")["recovery"]["redis_restart"]
         self.assertEqual(r["max_secs"], 35.5)
@@ -134,8 +142,7 @@ class AuditSelfCheck(unittest.TestCase):
         # acknowledged since the first ended (transaction 5: final at
         # T0+5.5), not with the first one's straggler — which the
         # overlapping campaign's measure does charge it with.
-        w.faults.append(Fault(seq=1, kind="kill_api", target="api-1", planned_at=0, hold=1,
-                              started=T0 + 4.6, ended=T0 + 5.2))
+        w.faults.append(fault(1, "kill_api", "api-1", 4.6, 5.2))
         self.assertEqual(w.audit(acked_before="end")["recovery"]["kill_api"]["max_secs"], 0.3)
         self.assertEqual(w.audit()["recovery"]["kill_api"]["max_secs"], 34.8)
 
@@ -144,9 +151,8 @@ class AuditSelfCheck(unittest.TestCase):
         # sent at T0+4.2 while Redis was down (T0+2.5 .. T0+4.5), acknowledged
         # only at T0+5, final at T0+50
         w.tx(5).attempts[0]["t0"] = T0 + 4.2
-        w.by_key[f"chaos/{w.tx(5).id}"]["last_call_ms"] = int((T0 + 50.0) * 1000)
-        w.faults = [Fault(seq=0, kind="redis_pause", target="redis", planned_at=0, hold=2,
-                          started=T0 + 2.5, ended=T0 + 4.5)]
+        final_at(w, 5, 50.0)
+        w.faults = [fault(0, "redis_pause", "redis", 2.5, 4.5)]
         r = w.audit(acked_before="end")["recovery"]["redis_pause"]
         self.assertEqual((r["max_secs"], r["last_transaction_of_worst"]), (45.5, w.tx(5).id))
 
@@ -340,11 +346,9 @@ class ReportSelfCheck(unittest.TestCase):
         from campaign import table
 
         w = World()
-        w.by_key[f"chaos/{w.tx(1).id}"]["last_call_ms"] = int((T0 + 13.0) * 1000)
-        w.faults = [Fault(seq=0, kind="redis_restart", target="redis", planned_at=0, hold=1,
-                          started=T0 + 2.5, ended=T0 + 3.0),
-                    Fault(seq=1, kind="kill_api", target="api-1", planned_at=1, hold=1,
-                          started=T0 + 2.6, ended=T0 + 4.0)]
+        final_at(w, 1, 13.0)
+        w.faults = [fault(0, "redis_restart", "redis", 2.5, 3.0),
+                    fault(1, "kill_api", "api-1", 2.6, 4.0)]
         del w.ledger[w.tx(4).id]
         result = w.audit()
         report = {"seed": 7, "mode": "quick", "rate": 10.0, "faults_injected": 2,
@@ -361,11 +365,9 @@ class ReportSelfCheck(unittest.TestCase):
         from campaign import production_settings, recovery_table
 
         w = World()
-        w.by_key[f"chaos/{w.tx(3).id}"]["last_call_ms"] = int((T0 + 40.0) * 1000)
-        w.faults = [Fault(seq=0, kind="redis_restart", target="redis", planned_at=0, hold=2,
-                          started=T0 + 2.5, ended=T0 + 4.5),
-                    Fault(seq=1, kind="kill_api", target="api-1", planned_at=0, hold=1,
-                          started=T0 + 44.0, ended=T0 + 45.0)]
+        final_at(w, 3, 40.0)
+        w.faults = [fault(0, "redis_restart", "redis", 2.5, 4.5),
+                    fault(1, "kill_api", "api-1", 44.0, 45.0)]
         report = {"seed": 7, "mode": "recovery", "rate": 10.0, "faults_injected": 2, "settle_secs": 45.0,
                   "settings": vars(production_settings()), "audit": w.audit(acked_before="end"),
                   "faults": [f.record() for f in w.faults]}
