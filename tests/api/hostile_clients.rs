@@ -1562,16 +1562,12 @@ async fn malformed_requests_are_counted_and_not_logged_as_errors() {
         &std::fs::read_to_string(dir.path().join("dev-credentials.json")).unwrap(),
     )
     .unwrap();
-    let metrics = reqwest::Client::new()
-        .get(format!("{base}/metrics"))
-        .bearer_auth(creds["admin_token"].as_str().unwrap())
-        .header("Accept", "text/plain")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::support::prometheus_at(
+        &reqwest::Client::new(),
+        &base,
+        creds["admin_token"].as_str(),
+    )
+    .await;
     let counted: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("rtpd_http_protocol_errors_total "))

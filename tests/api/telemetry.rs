@@ -798,17 +798,7 @@ async fn without_export_only_a_scrape_reads_the_ledger_gauges() {
         )
     };
     let client = reqwest::Client::new();
-    let scrape = || async {
-        client
-            .get(format!("{base}/metrics"))
-            .header("Accept", "text/plain")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || crate::support::prometheus_at(&client, &base, None);
     assert_eq!(counts_calls(&scrape().await), 1.0, "the scrape's own read");
     assert_eq!(counts_calls(&scrape().await), 2.0);
 }

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -179,6 +180,19 @@ def build_stack(args, settings) -> Stack:
     return stack
 
 
+@contextmanager
+def running_stack(args, settings):
+    """The stack, started; stopped (and its work directory removed unless
+    --keep) however the mode ends."""
+    stack = build_stack(args, settings)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        if not args.keep:
+            shutil.rmtree(stack.work, ignore_errors=True)
+
+
 def campaign(args) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     quick = args.quick
@@ -195,8 +209,7 @@ def campaign(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log(f"seed {seed}: {n_faults} faults, mean gap {gap}s, {rate} tx/s; replay with: "
         f"scripts/chaos.sh {'--quick ' if quick else ''}--seed {seed}")
-    stack = build_stack(args, settings)
-    try:
+    with running_stack(args, settings) as stack:
         faults = plan(seed, n_plan, gap, with_skew=stack.libfaketime is not None)
         phase = faults[-1].planned_at + 10
         warmup = 5.0
@@ -254,10 +267,6 @@ def campaign(args) -> int:
             "known_checks": args.known,
         }
         return finish(report, out, stack, [t.record() for t in txs_done])
-    finally:
-        stack.stop()
-        if not args.keep:
-            shutil.rmtree(stack.work, ignore_errors=True)
 
 
 def postmortem(out: Path, producer, faults, stack):
@@ -329,8 +338,7 @@ def soak(args) -> int:
     out = Path(args.out or REPO / "target/chaos" / f"{datetime.now():%Y%m%d-%H%M%S}-soak")
     out.mkdir(parents=True, exist_ok=True)
     args.no_skew = True
-    stack = build_stack(args, settings)
-    try:
+    with running_stack(args, settings) as stack:
         log("measuring the maximum rate (rtpd produce against both APIs, mock at 100% success)")
         m = max_rate(stack, args.max_count)
         m["sustained_per_sec"] = min(m["ack_per_sec"], m["drain_per_sec"])
@@ -373,10 +381,6 @@ def soak(args) -> int:
                   "achieved_rate": round(achieved, 1), "max": m, "rss": rss, "samples": samples,
                   "non_2xx": non2xx, "quiescence": q, "log_errors": log_errors(stack), "audit": result}
         return finish(report, out, stack, [t.record() for t in txs_done])
-    finally:
-        stack.stop()
-        if not args.keep:
-            shutil.rmtree(stack.work, ignore_errors=True)
 
 
 # Recovery mode: one outage at a time, each followed by a calm; the issue's
@@ -442,8 +446,7 @@ def recovery(args) -> int:
     log(f"recovery seed {seed}: {len(faults)} isolated faults, {args.settle} s calm after each, {rate} tx/s; "
         f"replay with: scripts/chaos.sh --recovery --reps {args.reps} --seed {seed}")
     args.no_skew = True
-    stack = build_stack(args, settings)
-    try:
+    with running_stack(args, settings) as stack:
         warmup = 10.0
         secs = warmup + sum(f.hold + args.settle + 15 for f in faults)
         rng = random.Random(f"workload-recovery-{seed}")
@@ -488,10 +491,6 @@ def recovery(args) -> int:
             print("a fault could not be carried out: exit 2")
             code = 2
         return code
-    finally:
-        stack.stop()
-        if not args.keep:
-            shutil.rmtree(stack.work, ignore_errors=True)
 
 
 def main() -> int:

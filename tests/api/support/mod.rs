@@ -200,16 +200,7 @@ impl TestApp {
 
     /// `/metrics` in the Prometheus text format.
     pub async fn prometheus(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.address))
-            .bearer_auth(ADMIN_TOKEN)
-            .header("Accept", "text/plain")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        prometheus_at(&self.client, &self.address, Some(ADMIN_TOKEN)).await
     }
 
     pub async fn admin_get(&self, path: &str) -> reqwest::Response {
@@ -403,4 +394,16 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free test port in 20000..32000");
+}
+
+/// `/metrics` of the service at `base` in the Prometheus text format, with
+/// an admin token or without (a service with public metrics).
+pub async fn prometheus_at(client: &reqwest::Client, base: &str, admin: Option<&str>) -> String {
+    let mut req = client
+        .get(format!("{base}/metrics"))
+        .header("Accept", "text/plain");
+    if let Some(token) = admin {
+        req = req.bearer_auth(token);
+    }
+    req.send().await.unwrap().text().await.unwrap()
 }
