@@ -114,6 +114,9 @@ pub struct Processor {
     pub waiting: Arc<Waiting>,
     /// Set while the ledger does not answer: workers stop taking new messages.
     pub ledger_down: AtomicBool,
+    /// How long the journal read before a re-attempt's call is tried again
+    /// while the journal does not answer ([`JOURNAL_READ_HOLD`]).
+    pub journal_read_hold: Duration,
 }
 
 /// Names the lease of each claim a worker makes: the process's owner name,
@@ -253,7 +256,7 @@ const CALL_LEASE_MARGIN: Duration = Duration::from_secs(1);
 /// crash loop a payment that may have paid (a reviewer's probe: 45 s of
 /// journal outage, four attempts burnt, no call): held, an outage of this
 /// long costs none.
-const JOURNAL_READ_HOLD: Duration = Duration::from_secs(60);
+pub const JOURNAL_READ_HOLD: Duration = Duration::from_secs(60);
 
 impl Processor {
     /// Receives at most one message (waiting up to `wait`) and handles it.
@@ -419,7 +422,10 @@ impl Processor {
         {
             Ok(false) => {}
             Ok(true) => return self.settle_from_journal(&m, &reg, &claim).await,
-            Err(e) => return self.defer(&m, e).await,
+            Err(e) => {
+                self.release(&claim).await;
+                return self.defer(&m, e).await;
+            }
         }
         // Attempts in the current retry budget: a replay starts a new one.
         // Every attempt that records an outcome ends the budget itself (a
@@ -642,7 +648,10 @@ impl Processor {
                 "the claim's lease may not outlast the call; extending it first"
             );
             match self.hold(m, Held::Lease, None, || self.extend(c)).await {
-                Err(lost) => return Err(self.lost_hold(lost)),
+                Err(lost) => {
+                    self.release(c).await;
+                    return Err(self.lost_hold(lost));
+                }
                 Ok(Ok(())) => {}
                 Ok(Err(LedgerError::Fenced { .. })) => {
                     tracing::warn!(
@@ -652,9 +661,13 @@ impl Processor {
                     let _ = self.queue.complete(m).await;
                     return Err(Outcome::Fenced);
                 }
-                Ok(Err(e)) => return Err(self.defer(m, DeferCause::Ledger(e.to_string())).await),
+                Ok(Err(e)) => {
+                    self.release(c).await;
+                    return Err(self.defer(m, DeferCause::Ledger(e.to_string())).await);
+                }
             }
         }
+        self.release(c).await;
         Err(self
             .defer(
                 m,
@@ -837,7 +850,7 @@ impl Processor {
     ) -> Result<bool, DeferCause> {
         crate::backoff::patiently_for(
             "journal read before a re-attempt's call",
-            JOURNAL_READ_HOLD,
+            self.journal_read_hold,
             || self.journaled_success(rec),
         )
         .await
@@ -871,7 +884,34 @@ impl Processor {
                 let _ = self.queue.complete(m).await;
                 Outcome::Fenced
             }
-            Err(e) => self.defer(m, DeferCause::Ledger(e.to_string())).await,
+            Err(e) => {
+                self.release(claim).await;
+                self.defer(m, DeferCause::Ledger(e.to_string())).await
+            }
+        }
+    }
+
+    /// Gives back a claim under which no downstream call was made, before
+    /// the message is given back (`Ledger::release`): the attempt then
+    /// counts neither against the retry budget nor as one without an
+    /// outcome, and the redelivery finds the transaction due, not busy.
+    /// Best effort: a claim that cannot be released (the ledger is what
+    /// failed) lapses with its lease, counted as before.
+    async fn release(&self, c: &Claim<'_>) {
+        if c.state().lost {
+            return;
+        }
+        match self.ledger.release(c.id, c.owner, c.attempt).await {
+            Ok(_) => tracing::info!(
+                attempt = c.attempt,
+                "claim given back before the call; the attempt is not counted"
+            ),
+            Err(LedgerError::Fenced { .. }) => {}
+            Err(e) => tracing::warn!(
+                attempt = c.attempt,
+                error = %e,
+                "could not give the claim back; it counts as an attempt without an outcome"
+            ),
         }
     }
 
@@ -952,6 +992,14 @@ impl Processor {
             replay_nonce: None,
         };
         if let Err(e) = self.journal.append(&entry).await {
+            match self
+                .ledger
+                .release(&reg.transaction_id, owner, attempt)
+                .await
+            {
+                Ok(_) | Err(LedgerError::Fenced { .. }) => {}
+                Err(e) => tracing::warn!(attempt, error = %e, "could not give the claim back"),
+            }
             return self.defer(m, DeferCause::Journal(e.to_string())).await;
         }
         let s = Settlement::Failed {

@@ -226,6 +226,7 @@ impl Services {
             resend: self.resend.clone(),
             waiting: self.waiting.clone(),
             ledger_down: Default::default(),
+            journal_read_hold: crate::processor::JOURNAL_READ_HOLD,
         })
     }
 

@@ -529,6 +529,22 @@ pub mod machine {
             && rec.lease_owner.as_deref() == Some(owner)
     }
 
+    /// The holder ([`holds`]) gives its claim back before any downstream
+    /// call was made under it (it gave the message back: a dependency
+    /// failed between the claim and the call). Back to `pending`, due at
+    /// once; the attempt leaves the retry budget (`attempt_base` moves up
+    /// one, never past `attempts`), so it counts neither as a retry nor as
+    /// an attempt without an outcome, and the attempt number (the fencing
+    /// token) keeps growing.
+    pub fn apply_release(rec: &mut TxRecord, now: DateTime<Utc>) {
+        rec.status = State::Pending;
+        rec.attempt_base = (rec.attempt_base + 1).min(rec.attempts);
+        rec.lease_owner = None;
+        rec.lease_until = None;
+        rec.next_retry_at = None;
+        rec.updated_at = now;
+    }
+
     /// A lease extension by the holder ([`holds`]): the lease ends at
     /// `lease_until` unless it already ends later (an extension never
     /// shortens it). `updated_at` stays: the state did not change, so the

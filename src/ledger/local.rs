@@ -271,6 +271,33 @@ impl Ledger for LocalLedger {
         }
     }
 
+    async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
+        let (id2, owner2) = (id.to_owned(), owner.to_owned());
+        let found = self
+            .run(move |c| {
+                let Some(mut rec) = load(c, &id2)? else {
+                    return Ok(None);
+                };
+                if !machine::holds(&rec, &owner2, attempt) {
+                    return Ok(Some(None));
+                }
+                let before = rec.status;
+                machine::apply_release(&mut rec, crate::clock::now());
+                store(c, &rec, Some(before))?;
+                Ok(Some(Some(rec)))
+            })
+            .await?;
+        match found {
+            Some(Some(rec)) => Ok(rec),
+            Some(None) => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            None => Err(LedgerError::NotFound(id.to_owned())),
+        }
+    }
+
     async fn replay(
         &self,
         id: &str,

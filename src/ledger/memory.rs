@@ -171,6 +171,23 @@ impl Ledger for MemoryLedger {
         })
     }
 
+    async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
+        self.with(|i| {
+            let Some(rec) = i.records.get_mut(id) else {
+                return Err(LedgerError::NotFound(id.to_owned()));
+            };
+            if !machine::holds(rec, owner, attempt) {
+                return Err(LedgerError::Fenced {
+                    id: id.to_owned(),
+                    owner: owner.to_owned(),
+                    attempt,
+                });
+            }
+            machine::apply_release(rec, crate::clock::now());
+            Ok(rec.clone())
+        })
+    }
+
     async fn replay(
         &self,
         id: &str,

@@ -281,6 +281,16 @@ pub trait Ledger: Send + Sync + 'static {
         attempt: u32,
         lease: Duration,
     ) -> Result<TxRecord, LedgerError>;
+    /// Gives back a claim under which no downstream call was made — `owner`
+    /// at `attempt` still holds it (`machine::holds`) —
+    /// (`machine::apply_release`): a worker that gives the message back
+    /// before calling (the journal or the ledger failed between its claim
+    /// and its call) does not leave an attempt counted without an outcome.
+    /// Enough of those dead-lettered as a crash loop a payment no call had
+    /// been made for (issue 12). [`LedgerError::Fenced`] (nothing changes)
+    /// when the claim was taken over, settled or replayed; `NotFound` for
+    /// an unknown id.
+    async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError>;
     /// Operator replay (`machine::may_replay`, `machine::apply_replay`):
     /// back to `pending` with a fresh retry budget, due no sooner than
     /// `quiet` after a failed or dead-lettered attempt ended or a lapsed

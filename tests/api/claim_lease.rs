@@ -245,6 +245,60 @@ async fn a_journal_outage_before_the_call_costs_no_attempt() {
     assert_eq!(calls(&app, &id).await, 1);
 }
 
+/// Claims that end before any call — the journal read before a
+/// re-attempt's call failed, so the worker gave the message back — do not
+/// count towards the crash-loop guard (issue 12, the claims-without-calls
+/// budget). Each give-back releases its claim in the ledger (`release`):
+/// no call was made under it, so the retry budget and the "attempts
+/// without an outcome" count stay where they were. Before, three give-backs
+/// with `RTPD_MAX_RETRIES=0` (and an attempt that died before them)
+/// dead-lettered the payment as "4 attempts started without an outcome"
+/// without a single downstream call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_released_before_the_call_do_not_count_as_attempts() {
+    let app = spawn_app_with(AppOptions {
+        max_retries: 0,
+        ..options(Duration::ZERO)
+    })
+    .await;
+    let id = key("RB-1");
+    let r = app
+        .post_json(&json!({ "transaction_id": "RB-1", "amount": "1.00" }))
+        .await;
+    assert_eq!(r.status(), 202);
+    lapse_an_attempt(&app, &id).await;
+    let store = Switchable::new(app.services.journal.log().store().clone());
+    store.set_refusing(true);
+    let mut a = worker(&app, "worker-a", journal_on(store.clone(), "worker-a"));
+    a.journal_read_hold = Duration::from_millis(200);
+    // Three claims give the message back without calling. (Without the
+    // release, each next delivery meets the last claim's lease as busy
+    // until it lapses, then claims again: three counted attempts all the same.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut deferred = 0;
+    while deferred < 3 {
+        assert!(Instant::now() < deadline, "three give-backs: {deferred}");
+        match a.try_process_next(Duration::from_secs(2)).await.unwrap() {
+            Outcome::Deferred(_) => deferred += 1,
+            Outcome::Busy | Outcome::Empty => {}
+            o => panic!("{o:?}"),
+        }
+    }
+    assert_eq!(calls(&app, &id).await, 0);
+    store.set_refusing(false);
+    let outcome = loop {
+        assert!(Instant::now() < deadline, "an outcome");
+        match a.try_process_next(Duration::from_secs(2)).await.unwrap() {
+            Outcome::Busy | Outcome::Empty => {}
+            o => break o,
+        }
+    };
+    assert_eq!(outcome, Outcome::Succeeded, "{:?}", app.find(&id).await);
+    let rec = app.record("RB-1").await;
+    assert_eq!(rec.status, State::Success);
+    assert_eq!(calls(&app, &id).await, 1);
+}
+
 /// The ledger is what is down when the worker is ready to call on a lease
 /// that has lapsed meanwhile: no extension is possible, so it holds the
 /// message and calls no one. After the ledger returns, whoever holds the

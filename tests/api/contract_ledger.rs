@@ -190,6 +190,75 @@ pub async fn extend_lease_keeps_a_held_claim(l: Arc<dyn Ledger>) {
     assert_eq!(l.get("e1").await.unwrap().unwrap().status, State::Success);
 }
 
+/// A claim given back before any call (`release`) leaves the transaction
+/// `pending` and due, with the attempt out of the retry budget
+/// (`attempt_base` one up) and its number kept; a claim its holder no
+/// longer holds is fenced, and a released claim cannot be extended,
+/// settled or released again.
+pub async fn release_gives_a_claim_back(l: Arc<dyn Ledger>) {
+    l.register(reg("rl1", "aa")).await.unwrap();
+    let ClaimOutcome::Claimed(c) = l.claim("rl1", "w1", LEASE).await.unwrap() else {
+        panic!("claimed")
+    };
+    assert_eq!((c.attempts, c.attempt_base), (1, 0));
+    assert!(matches!(
+        l.release("rl1", "w2", 1).await,
+        Err(LedgerError::Fenced { .. })
+    ));
+    assert!(matches!(
+        l.release("rl1", "w1", 2).await,
+        Err(LedgerError::Fenced { .. })
+    ));
+    let r = l.release("rl1", "w1", 1).await.unwrap();
+    assert_eq!(
+        (r.status, r.attempts, r.attempt_base, r.lease_owner.clone()),
+        (State::Pending, 1, 1, None)
+    );
+    assert_eq!(r.lease_until, None);
+    assert_eq!(r.next_retry_at, None);
+    assert_eq!(l.get("rl1").await.unwrap(), Some(r));
+    let counts = l.counts().await.unwrap();
+    assert_eq!((counts.pending, counts.processing), (1, 0));
+    for e in [
+        l.release("rl1", "w1", 1).await.map(|_| ()),
+        l.extend_lease("rl1", "w1", 1, LEASE).await.map(|_| ()),
+        l.settle("rl1", "w1", 1, Settlement::Success)
+            .await
+            .map(|_| ()),
+    ] {
+        assert!(matches!(e, Err(LedgerError::Fenced { .. })), "{e:?}");
+    }
+    // Due at once: the next claim is attempt 2, counted from the new base.
+    let ClaimOutcome::Claimed(c) = l.claim("rl1", "w2", LEASE).await.unwrap() else {
+        panic!("a released claim's transaction is due at once")
+    };
+    assert_eq!((c.attempts, c.attempt_base), (2, 1));
+    // A failed retry's claim given back: the retry count stays.
+    l.settle(
+        "rl1",
+        "w2",
+        2,
+        Settlement::Failed {
+            error: "503".into(),
+            next_retry_at: chrono::Utc::now(),
+        },
+    )
+    .await
+    .unwrap();
+    let ClaimOutcome::Claimed(c) = l.claim("rl1", "w3", LEASE).await.unwrap() else {
+        panic!("the retry is due")
+    };
+    let r = l.release("rl1", "w3", c.attempts).await.unwrap();
+    assert_eq!(
+        (r.status, r.attempts, r.attempt_base, r.retry_count),
+        (State::Pending, 3, 2, 1)
+    );
+    assert!(matches!(
+        l.release("missing", "w1", 1).await,
+        Err(LedgerError::NotFound(_))
+    ));
+}
+
 /// Once another attempt has taken the transaction over (or an operator has
 /// replayed it), the old holder's extension fails and steals nothing. A lapsed
 /// lease nobody took over is still the holder's: no other attempt started.
@@ -1017,6 +1086,10 @@ macro_rules! ledger_contract {
             #[tokio::test]
             async fn extend_lease_keeps_a_held_claim() {
                 super::extend_lease_keeps_a_held_claim($make().await).await
+            }
+            #[tokio::test]
+            async fn release_gives_a_claim_back() {
+                super::release_gives_a_claim_back($make().await).await
             }
             #[tokio::test]
             async fn extend_lease_after_a_takeover_is_fenced() {

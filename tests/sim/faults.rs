@@ -224,6 +224,16 @@ impl Ledger for FaultyLedger {
             self.inner.settle(id, owner, attempt, s.clone())
         )
     }
+    async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
+        guarded!(
+            self,
+            "ledger.release",
+            id,
+            true,
+            lerr(),
+            self.inner.release(id, owner, attempt)
+        )
+    }
     async fn extend_lease(
         &self,
         id: &str,

@@ -355,6 +355,7 @@ impl World {
             resend,
             waiting,
             ledger_down: Default::default(),
+            journal_read_hold: processor::JOURNAL_READ_HOLD,
         });
         let reconciler = Arc::new(Reconciler {
             wal,

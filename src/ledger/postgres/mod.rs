@@ -456,6 +456,24 @@ impl Ledger for PostgresLedger {
         }
     }
 
+    async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
+        let now = now();
+        let attempt_i = i32::try_from(attempt).map_err(malformed)?;
+        let rows = self
+            .inner
+            .query("release", sql::RELEASE, &[&id, &owner, &attempt_i, &now])
+            .await?;
+        match changed_row(&rows)? {
+            Some((true, rec)) => Ok(rec),
+            Some((false, _)) => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            None => Err(LedgerError::NotFound(id.to_owned())),
+        }
+    }
+
     async fn extend_lease(
         &self,
         id: &str,

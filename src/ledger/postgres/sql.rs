@@ -118,6 +118,25 @@ pub const EXTEND_LEASE: &str = concat!(
     " FROM transactions WHERE transaction_id = $1 AND NOT EXISTS (SELECT 1 FROM extended)"
 );
 
+/// $1 id, $2 owner, $3 attempt, $4 now. The holder check (machine::holds)
+/// is the `WHERE`; the rest is machine::apply_release. Rows as
+/// [`SETTLE`]'s.
+pub const RELEASE: &str = concat!(
+    "WITH released AS ( \
+         UPDATE transactions \
+         SET status = 'pending', attempt_base = LEAST(attempt_base + 1, attempts), \
+             lease_owner = NULL, lease_until = NULL, next_retry_at = NULL, \
+             updated_at = $4::timestamptz \
+         WHERE transaction_id = $1 AND status = 'processing' \
+           AND attempts = $3::integer AND lease_owner = $2::text \
+         RETURNING ",
+    cols!(),
+    " ) SELECT true, * FROM released \
+     UNION ALL SELECT false, ",
+    cols!(),
+    " FROM transactions WHERE transaction_id = $1 AND NOT EXISTS (SELECT 1 FROM released)"
+);
+
 /// $1 id, $2 nonce, $3 force, $4 now, $5 quiet (seconds). Rows as
 /// [`CLAIM`]'s: reset, or refused with the latest record. `next_retry_at` as
 /// `machine::apply_replay`.

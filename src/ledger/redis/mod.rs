@@ -307,6 +307,32 @@ impl Ledger for RedisLedger {
         }
     }
 
+    async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
+        let (code, fields) = self
+            .script(
+                "release",
+                &scripts::RELEASE,
+                self.keys.transition_keys(id),
+                vec![
+                    id.to_owned(),
+                    owner.to_owned(),
+                    attempt.to_string(),
+                    micros(Self::now()).to_string(),
+                ],
+            )
+            .await?;
+        match code.as_str() {
+            "released" => Self::record(fields),
+            "not_found" => Err(LedgerError::NotFound(id.to_owned())),
+            "fenced" => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            other => Err(unexpected("release", other)),
+        }
+    }
+
     async fn replay(
         &self,
         id: &str,

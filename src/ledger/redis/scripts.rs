@@ -211,6 +211,29 @@ return {'extended', redis.call('HGETALL', TX)}
     )
 });
 
+/// ARGV: id, owner, attempt, now_us.
+/// Codes: `not_found`, `fenced`, `released`.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local id, owner, attempt, now_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local h = redis.call('HMGET', TX, 'status', 'attempts', 'lease_owner', 'attempt_base')
+local status = h[1]
+if not status then return {'not_found', {}} end
+-- machine::holds
+if status ~= 'processing' or tonumber(h[2]) ~= attempt or h[3] ~= owner then
+  return {'fenced', {}}
+end
+-- machine::apply_release
+local base = math.min(tonumber(h[4] or '0') + 1, attempt)
+redis.call('HSET', TX, 'status', 'pending', 'attempt_base', tostring(base), 'updated_at', now_s)
+redis.call('HDEL', TX, 'lease_owner', 'lease_until', 'next_retry_at')
+reindex(id, status, 'pending', now_s)
+return {'released', redis.call('HGETALL', TX)}
+"#,
+    )
+});
+
 /// ARGV: id, nonce, force (`1`/`0`), now_us, quiet_us.
 /// Codes: `not_found`, `refused`, `reset`.
 pub static REPLAY: LazyLock<Script> = LazyLock::new(|| {

@@ -20,6 +20,7 @@ use std::time::Duration;
 pub struct Switchable {
     inner: Arc<dyn ObjectStore>,
     down: AtomicBool,
+    refusing: AtomicBool,
     next_list_delay: Mutex<Option<Duration>>,
     failing_gets: AtomicUsize,
     broken: Mutex<Vec<String>>,
@@ -30,6 +31,7 @@ impl Switchable {
         Arc::new(Switchable {
             inner,
             down: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             next_list_delay: Mutex::new(None),
             failing_gets: AtomicUsize::new(0),
             broken: Mutex::new(Vec::new()),
@@ -67,6 +69,12 @@ impl Switchable {
         self.down.store(down, Ordering::SeqCst);
     }
 
+    /// Every call fails at once with an error not worth retrying (as a
+    /// revoked role assignment answers: 403), or answers again.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::SeqCst);
+    }
+
     /// The next `list` answers only after `d`.
     pub fn delay_next_list(&self, d: Duration) {
         *self.next_list_delay.lock().unwrap() = Some(d);
@@ -75,6 +83,9 @@ impl Switchable {
     fn check(&self) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("injected outage".into()));
+        }
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(StoreError::Fatal("HTTP 403 (injected)".into()));
         }
         Ok(())
     }
