@@ -204,7 +204,8 @@ pub struct ReplayBody {
     /// Why (recorded in the outcome journal); required with `force`.
     pub reason: Option<String>,
     /// The state the caller saw: the replay is refused (409, with the
-    /// current state) if the transaction is in another one now.
+    /// current state) if the transaction is in another one now. Required
+    /// with `force`.
     pub expected_state: Option<State>,
 }
 
@@ -253,6 +254,14 @@ pub async fn replay_route(
         return Err(ApiError::bad(
             "reason_required",
             "a forced replay calls the downstream again: say why in \"reason\"",
+        ));
+    }
+    if body.force && body.expected_state.is_none() {
+        // Issue 12: force without the state the operator saw reset a
+        // success nobody had seen (one that came after the operator looked).
+        return Err(ApiError::bad(
+            "expected_state_required",
+            "a forced replay must name the state you saw, e.g. \"expected_state\": \"success\"; it is refused if the transaction is in another state now",
         ));
     }
     do_replay(who, id, vendor, body, state).await
@@ -334,7 +343,7 @@ async fn do_replay(
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),
-        (status = 400, description = "Invalid id or body, or force without a reason", body = ErrorBody),
+        (status = 400, description = "Invalid id or body, or force without a reason or an expected_state", body = ErrorBody),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),

@@ -36,9 +36,13 @@ pub enum DlqCommand {
         ids: Vec<String>,
         #[arg(long)]
         dry_run: bool,
-        /// Required to replay a transaction that already succeeded
-        #[arg(long)]
+        /// Required to replay a transaction that already succeeded (with
+        /// --if-state success: the state you saw)
+        #[arg(long, requires = "if_state")]
         force: bool,
+        /// Replay only the transactions in this state now (the one you saw)
+        #[arg(long, value_parser = super::replay::parse_state)]
+        if_state: Option<State>,
         #[arg(long)]
         reason: Option<String>,
         /// Who is replaying, journaled as cli:<name> when the command has no
@@ -150,15 +154,24 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             ids,
             dry_run,
             force,
+            if_state,
             reason,
             operator: who,
             rate,
         } => {
+            if force && reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                // A usage error, as clap reports them: exit status 2.
+                clap::Error::raw(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "--force calls the downstream again: say why with --reason\n",
+                )
+                .exit();
+            }
             let req = ReplayRequest {
                 force,
                 operator: operator(&settings, who.as_deref()).await,
                 reason,
-                expect: None,
+                expect: if_state,
             };
             let scope = if ids.is_empty() {
                 Scope::DeadLetterQueue
@@ -181,7 +194,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 dlq: true,
                 dry_run,
                 force,
-                if_state: None,
+                if_state,
                 reason: None,
                 operator: None,
                 rate,

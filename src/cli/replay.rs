@@ -38,7 +38,8 @@ pub struct Opts {
     /// List what would be replayed, change nothing
     #[arg(long)]
     pub dry_run: bool,
-    /// Required to replay a transaction that already succeeded
+    /// Required to replay a transaction that already succeeded (with
+    /// --if-state success, or --state success: the state you saw)
     #[arg(long)]
     pub force: bool,
     /// Replay only if the transaction is in this state now (the one you
@@ -60,7 +61,7 @@ pub struct Opts {
     pub limit: usize,
 }
 
-fn parse_state(s: &str) -> Result<State, String> {
+pub(super) fn parse_state(s: &str) -> Result<State, String> {
     State::parse(s).ok_or_else(|| format!("{s:?} is not a state"))
 }
 
@@ -123,6 +124,15 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         clap::Error::raw(
             clap::error::ErrorKind::MissingRequiredArgument,
             "--force calls the downstream again: say why with --reason\n",
+        )
+        .exit();
+    }
+    if opts.force && opts.if_state.is_none() && opts.state.is_none() {
+        // Issue 12: force without the state the operator saw reset a
+        // success nobody had seen.
+        clap::Error::raw(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "--force needs the state you saw: --if-state success (or replay by --state)\n",
         )
         .exit();
     }

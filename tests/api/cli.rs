@@ -246,7 +246,7 @@ async fn replays_are_journaled_with_who_asked_and_how() {
     let r = app
         .admin_post(
             "/v1/transactions/WHO-1/replay",
-            Some(json!({"force": true, "reason": "api test"})),
+            Some(json!({"force": true, "reason": "api test", "expected_state": "success"})),
         )
         .await;
     assert_eq!(r.status(), 202);
@@ -254,7 +254,15 @@ async fn replays_are_journaled_with_who_asked_and_how() {
     // From the command line: --operator, else $USER, marked as such.
     let out = rtpd()
         .args([
-            "replay", "WHO-1", "--vendor", "acme", "--force", "--reason", "cli test",
+            "replay",
+            "WHO-1",
+            "--vendor",
+            "acme",
+            "--force",
+            "--if-state",
+            "success",
+            "--reason",
+            "cli test",
         ])
         .env("RTPD_DATA_DIR", app.data_dir())
         .env("USER", "carol")
@@ -385,6 +393,8 @@ async fn a_command_line_with_an_entra_identity_journals_its_principal() {
             "--vendor",
             "acme",
             "--force",
+            "--if-state",
+            "success",
             "--reason",
             "entra test",
         ])

@@ -1409,6 +1409,45 @@ async fn a_forced_replay_needs_a_reason() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("--reason"), "{err}");
+    // Issue 12: force names the state the operator saw. Without it, a
+    // forced replay reset whatever success the replayer found, also one that
+    // came after the operator looked.
+    for path in ["/replay/WHY-1", "/v1/transactions/WHY-1/replay"] {
+        let body = json!({"force": true, "reason": "downstream lost it"});
+        let r = app.admin_post(path, Some(body.clone())).await;
+        let b = assert_error(r, 400, "expected_state_required", path).await;
+        assert!(
+            b["message"].as_str().unwrap().contains("expected_state"),
+            "{b}"
+        );
+    }
+    for args in [
+        &[
+            "replay",
+            "WHY-1",
+            "--force",
+            "--reason",
+            "downstream lost it",
+        ][..],
+        &["dlq", "replay", "--force", "--reason", "downstream lost it"][..],
+        &["dlq", "replay", "--force", "--if-state", "success"][..],
+    ] {
+        let out = rtpd()
+            .args(args)
+            .env("RTPD_DATA_DIR", app.data_dir())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains("--if-state") || err.contains("--reason"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        app.record("WHY-1").await.status,
+        rtp_durability::transaction::State::Success
+    );
     // Issue 12: the operator says which state they saw; a forced replay of
     // what was `failed` does not reset the `success` that came since.
     for path in ["/replay/WHY-1", "/v1/transactions/WHY-1/replay"] {
@@ -1669,7 +1708,7 @@ async fn two_vendors_may_send_the_same_transaction_id() {
     let r = app
         .admin_post(
             &format!("/v1/transactions/T-1/replay?vendor={HMAC_VENDOR}"),
-            Some(json!({"force": true, "reason": "vendor asked"})),
+            Some(json!({"force": true, "reason": "vendor asked", "expected_state": "success"})),
         )
         .await;
     assert_eq!(r.status(), 202);

@@ -598,6 +598,8 @@ async fn bulk_replay_by_state_and_forced_replay() {
         "replay",
         &bad[0],
         "--force",
+        "--if-state",
+        "success",
         "--operator",
         "alice",
         "--reason",

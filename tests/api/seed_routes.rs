@@ -78,7 +78,9 @@ async fn status_transactions_and_replay_have_the_seed_shapes() {
     let forced = app
         .admin_post(
             "/v1/transactions/RP-1/replay",
-            Some(json!({"force": true, "reason": "downstream lost it"})),
+            Some(
+                json!({"force": true, "reason": "downstream lost it", "expected_state": "success"}),
+            ),
         )
         .await;
     assert_eq!(forced.status(), 202);

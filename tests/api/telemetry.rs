@@ -169,7 +169,7 @@ async fn one_post_is_one_trace_from_the_vendor_to_the_payment_call() {
     let r = client
         .post(format!("{base}/v1/transactions/TRACE-1/replay"))
         .bearer_auth(creds["admin_token"].as_str().unwrap())
-        .json(&json!({"force": true, "reason": "telemetry test"}))
+        .json(&json!({"force": true, "reason": "telemetry test", "expected_state": "success"}))
         .send()
         .await
         .unwrap();

@@ -21,7 +21,7 @@ use rtp_durability::queue::{
 };
 use rtp_durability::reconcile::{self, Periodic, ReconcileOptions, Reconciler};
 use rtp_durability::replay::{Operator, ReplayRequest, Replayed, Replayer};
-use rtp_durability::transaction::{Sha256, TransactionId};
+use rtp_durability::transaction::{Sha256, State, TransactionId};
 use rtp_durability::wal::{
     GroupCommit, JOURNAL_PREFIX, Log, Source, WAL_PREFIX, WalRecord, memory::MemoryStore,
     split_lines, store::ObjectStore,
@@ -531,7 +531,9 @@ impl World {
                         force,
                         operator: Operator::Cli("sim".into()),
                         reason: None,
-                        expect: None,
+                        // A forced replay names the state the operator
+                        // saw, as the API and the CLI require: `success`.
+                        expect: force.then_some(State::Success),
                     };
                     let id = id.clone();
                     p.tasks.spawn(async move {
