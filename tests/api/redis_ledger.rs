@@ -207,3 +207,61 @@ async fn pages_across_shards_keep_order_and_ties() {
         assert_eq!(got, expected, "{state:?}");
     }
 }
+
+/// A Redis that restarts in the middle of a rebuild with an older copy of
+/// its data — the rebuild's token in it, restores made after that copy
+/// gone (an RDB snapshot, an AOF that lost its tail, a failover to a
+/// replica that lagged) — is not marked intact by that rebuild: the token
+/// carries the server's `run_id` from when the rebuild began, and the mark
+/// compares it (issue 12: the mark checked only the token, so an id whose
+/// restore was lost looked new and other bytes could be accepted under it).
+#[tokio::test]
+async fn a_redis_restarted_mid_rebuild_is_not_marked_by_that_rebuild() {
+    let mut redis = crate::support::process::OwnRedis::start();
+    let prefix = redis_key_prefix();
+    let on = |url: String| {
+        RedisLedger::connect(&RedisSettings {
+            url: url.into(),
+            key_prefix: prefix.clone(),
+            entra: false,
+            client_id: None,
+            retention: None,
+            timeout: DEFAULT_TIMEOUT,
+        })
+        .unwrap()
+    };
+    let l = on(redis.url());
+    l.begin_rebuild("t1").await.unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    let rec = TxRecord::new(&reg("rb-1"), Utc::now());
+    l.restore(rec).await.unwrap();
+    redis.kill();
+    redis.launch();
+    // The copy it came back with: the token, not the restore.
+    let back = on(redis.url());
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(r) = back.get("rb-1").await {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(found.is_none(), "the restore was lost with the restart");
+    assert!(
+        !back.mark_intact("t1").await.unwrap(),
+        "a rebuild that began before the restart does not mark the ledger"
+    );
+    assert!(!back.intact().await.unwrap());
+    // A rebuild begun after the restart does.
+    back.begin_rebuild("t2").await.unwrap();
+    assert!(back.mark_intact("t2").await.unwrap());
+    assert!(back.intact().await.unwrap());
+}

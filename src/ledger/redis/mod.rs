@@ -679,10 +679,10 @@ impl Ledger for RedisLedger {
             let mut conn = self.conn.clone();
             let (key, token) = (self.keys.rebuild(shard), token.to_owned());
             async move {
-                redis::cmd("SET")
-                    .arg(key)
+                scripts::BEGIN_REBUILD
+                    .key(key)
                     .arg(token)
-                    .query_async::<()>(&mut conn)
+                    .invoke_async::<i64>(&mut conn)
                     .await
             }
         });

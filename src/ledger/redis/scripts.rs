@@ -368,22 +368,47 @@ return redis.call('HGETALL', COUNTS)
     )
 });
 
+/// The server's `run_id` (`INFO server`): a new one after every restart
+/// and on the replica that takes over in a failover.
+const RUN_ID: &str = r#"
+local function run_id()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+end
+"#;
+
+/// KEYS[1] a shard's rebuild in progress. ARGV: the rebuild's token.
+/// Records the token with the server's `run_id`, so that [`MARK_INTACT`]
+/// can tell a server that restarted since (issue 12: a restart with an
+/// older copy of the data keeps the token and loses restores made after
+/// that copy; the mark compared only the token).
+pub static BEGIN_REBUILD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{RUN_ID}\n{}",
+        r#"
+redis.call('SET', KEYS[1], ARGV[1] .. '@' .. run_id())
+return 1
+"#
+    ))
+});
+
 /// KEYS[1] a shard's intact mark, KEYS[2] its rebuild in progress, KEYS[3]
 /// its WAL records refused while unmarked.
 /// ARGV: the rebuild's token, how long (ms) the refusals are kept once
 /// marked. Marks the shard intact if the token is still the rebuild in
-/// progress; answers whether the shard is marked.
+/// progress on the same run of the server ([`BEGIN_REBUILD`]); answers
+/// whether the shard is marked.
 pub static MARK_INTACT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{RUN_ID}\n{}",
         r#"
-if redis.call('GET', KEYS[2]) == ARGV[1] then
+if redis.call('GET', KEYS[2]) == ARGV[1] .. '@' .. run_id() then
   redis.call('SET', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[2])
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
 end
 return redis.call('EXISTS', KEYS[1])
-"#,
-    )
+"#
+    ))
 });
 
 /// One index key (KEYS[1]). ARGV: max_score (`+inf` or the cursor's
