@@ -185,7 +185,11 @@ impl Replayer {
             // says whether it did. The read-back waits out a ledger that is
             // briefly unavailable (simulation seed 456: it failed too, and
             // the journal kept a replay the ledger never took).
-            Err(e) => match crate::backoff::patiently("ledger get", || self.ledger.get(id)).await {
+            Err(e) => match crate::backoff::patiently("ledger replay_fate", || {
+                self.ledger.replay_fate(id, &nonce)
+            })
+            .await
+            {
                 Ok(Some(r)) if r.replay_nonce.as_deref() == Some(nonce.as_str()) => {
                     tracing::warn!(error = %e, "the ledger's answer to the replay was lost, but the replay took; carrying on");
                     r

@@ -304,6 +304,19 @@ pub trait Ledger: Send + Sync + 'static {
         force: bool,
         quiet: Duration,
     ) -> Result<ReplayOutcome, LedgerError>;
+    /// The record after a replay `nonce` whose answer was lost (an error or
+    /// a timeout): final, in that if it does not carry `nonce`, that replay
+    /// never takes effect later (the replayer then journals a withdraw;
+    /// issue 12, N2). A ledger whose calls can still run after the caller
+    /// gave up on them and out of order with later calls (PostgreSQL: a
+    /// pool of connections, an UPDATE queued behind a row lock) fences the
+    /// replay first. Here: a read, enough where calls run in the order they
+    /// were sent (memory; SQLite's one job queue; Redis's one multiplexed
+    /// connection, unless it reconnected between the two).
+    async fn replay_fate(&self, id: &str, nonce: &str) -> Result<Option<TxRecord>, LedgerError> {
+        let _ = nonce;
+        self.get(id).await
+    }
     /// Puts a record as rebuilt from the WAL and journal, replacing what is
     /// there (ledger rebuild only).
     async fn restore(&self, rec: TxRecord) -> Result<(), LedgerError>;

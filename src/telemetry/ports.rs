@@ -122,6 +122,9 @@ impl Ledger for InstrumentedLedger {
     ) -> Result<TxRecord, LedgerError> {
         ledger("settle", Some(id), self.0.settle(id, owner, attempt, s)).await
     }
+    async fn replay_fate(&self, id: &str, nonce: &str) -> Result<Option<TxRecord>, LedgerError> {
+        ledger("replay_fate", Some(id), self.0.replay_fate(id, nonce)).await
+    }
     async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
         ledger("release", Some(id), self.0.release(id, owner, attempt)).await
     }

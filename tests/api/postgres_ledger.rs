@@ -8,7 +8,9 @@ use crate::support::postgres::{client, database_url, ledger, ledger_at, schema_u
 use crate::support::{AppOptions, json, spawn_app_with};
 use chrono::Utc;
 use rtp_durability::ledger::postgres::{DEFAULT_TIMEOUT, PostgresLedger, schema};
-use rtp_durability::ledger::{ClaimOutcome, Counts, Ledger, LedgerError, RegisterOutcome};
+use rtp_durability::ledger::{
+    ClaimOutcome, Counts, Ledger, LedgerError, RegisterOutcome, ReplayOutcome,
+};
 use rtp_durability::processor::Outcome;
 use rtp_durability::transaction::{
     DeadLetterReason, Registration, Settlement, State, TransactionId,
@@ -571,4 +573,113 @@ async fn rtpd_migrate_applies_once_then_reports_nothing_to_do() {
     let err = String::from_utf8_lossy(&local.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("RTPD_LEDGER"), "{err}");
+}
+
+/// A replay whose UPDATE outlives the client's timeout (a row lock held by
+/// another session, a slow server) can still commit afterwards. The
+/// replayer then reads the record back to learn whether the replay took,
+/// and journals a withdraw when it did not (issue 12, N2). The read-back
+/// (`Ledger::replay_fate`) must be final: once it answers without the
+/// replay's nonce, that replay never takes effect later. Before, it was a
+/// plain read that did not wait for the blocked UPDATE, which committed
+/// after it, so the ledger held a replay the journal had withdrawn.
+#[tokio::test]
+async fn a_replay_answered_as_not_taken_never_takes_later() {
+    use rtp_durability::ledger::postgres::{DEFAULT_POOL_SIZE, PostgresSettings};
+    let url = schema_url().await;
+    let l = PostgresLedger::connect(&PostgresSettings {
+        url: url.clone().into(),
+        entra: false,
+        client_id: None,
+        retention: None,
+        timeout: Duration::from_millis(300),
+        pool_size: DEFAULT_POOL_SIZE,
+        payload: false,
+    })
+    .unwrap();
+    rtp_durability::ledger::mark_new(&l).await.unwrap();
+    l.register(reg("pf-1")).await.unwrap();
+    let ClaimOutcome::Claimed(c) = l
+        .claim("pf-1", "w1", Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("claimed")
+    };
+    l.settle(
+        "pf-1",
+        "w1",
+        c.attempts,
+        Settlement::DeadLetter {
+            reason: DeadLetterReason::PermanentFailure,
+            error: "400".into(),
+        },
+    )
+    .await
+    .unwrap();
+
+    // Several pooled connections, so the read-back does not simply queue
+    // behind the replay on the same one (the pool hands out another).
+    for r in futures::future::join_all((0..4).map(|_| l.get("pf-1"))).await {
+        r.unwrap();
+    }
+    // Another session holds the row: the replay's UPDATE waits past the
+    // client's timeout and stays queued at the server.
+    let mut locker = client(&url).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM transactions WHERE transaction_id = 'pf-1' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let e = l
+        .replay("pf-1", "n1", false, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(e.is_retryable(), "{e:?}");
+    let fate = async {
+        // As the replayer does: tried again while it does not answer.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match l.replay_fate("pf-1", "n1").await {
+                Ok(r) => return r.unwrap(),
+                Err(e) => assert!(Instant::now() < deadline, "{e:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.commit().await.unwrap();
+    };
+    let (seen, ()) = tokio::join!(fate, release);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now = l.get("pf-1").await.unwrap().unwrap();
+    assert_eq!(
+        seen.replay_nonce, now.replay_nonce,
+        "the read-back said {:?}, the ledger holds {:?} since",
+        seen.replay_nonce, now.replay_nonce
+    );
+    assert_eq!(
+        now.replay_nonce.as_deref(),
+        Some("n1"),
+        "the queued replay took first"
+    );
+
+    // A replay that reaches the server after its read-back said "not
+    // taken" (sent, lost in the network, arriving late) does nothing.
+    let r = l.replay_fate("pf-1", "n2").await.unwrap().unwrap();
+    assert_eq!(r.replay_nonce.as_deref(), Some("n1"));
+    let late = l.replay("pf-1", "n2", false, Duration::ZERO).await.unwrap();
+    assert!(!matches!(late, ReplayOutcome::Reset(_)), "{late:?}");
+    assert_eq!(
+        l.get("pf-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .replay_nonce
+            .as_deref(),
+        Some("n1")
+    );
 }

@@ -380,6 +380,9 @@ impl Ledger for ReplayDuringPass {
     ) -> Result<TxRecord, LedgerError> {
         self.inner.settle(id, owner, attempt, s).await
     }
+    async fn replay_fate(&self, id: &str, nonce: &str) -> Result<Option<TxRecord>, LedgerError> {
+        self.inner.replay_fate(id, nonce).await
+    }
     async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
         self.inner.release(id, owner, attempt).await
     }

@@ -224,6 +224,16 @@ impl Ledger for FaultyLedger {
             self.inner.settle(id, owner, attempt, s.clone())
         )
     }
+    async fn replay_fate(&self, id: &str, nonce: &str) -> Result<Option<TxRecord>, LedgerError> {
+        guarded!(
+            self,
+            "ledger.replay_fate",
+            id,
+            false,
+            lerr(),
+            self.inner.replay_fate(id, nonce)
+        )
+    }
     async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
         guarded!(
             self,

@@ -456,6 +456,13 @@ impl Ledger for PostgresLedger {
         }
     }
 
+    async fn replay_fate(&self, id: &str, nonce: &str) -> Result<Option<TxRecord>, LedgerError> {
+        self.inner
+            .execute("replay_fate", sql::FENCE_REPLAY, &[&id, &nonce])
+            .await?;
+        self.inner.get(id).await
+    }
+
     async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
         let now = now();
         let attempt_i = i32::try_from(attempt).map_err(malformed)?;

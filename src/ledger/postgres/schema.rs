@@ -25,6 +25,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "retry_budget_and_deadline",
         sql: include_str!("migrations/0002_retry_budget_and_deadline.sql"),
     },
+    Migration {
+        version: 3,
+        name: "replay_withdrawn",
+        sql: include_str!("migrations/0003_replay_withdrawn.sql"),
+    },
 ];
 
 /// The version this build brings the schema to.
