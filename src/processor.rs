@@ -1269,6 +1269,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<()> {
+    crate::replay::publish_window(&*processor.ledger, processor.lease()).await;
     let mut workers = tokio::task::JoinSet::new();
     // One idle worker at a time pings the ledger while it is down.
     let pinging = Arc::new(AtomicBool::new(false));

@@ -23,8 +23,26 @@ pub struct Replayer {
     /// lease) a replayed transaction is not due (`Ledger::replay`): the
     /// processor's lock duration + downstream timeout, the window a ledger
     /// restore waits out. An attempt that timed out here, or whose process
-    /// died, may still run at the downstream.
+    /// died, may still run at the downstream. This process's own settings;
+    /// a longer window the processors published ([`publish_window`]) wins.
     pub quiet: std::time::Duration,
+}
+
+/// The ledger checkpoint where processors publish their replay window, in
+/// milliseconds.
+pub const WINDOW_CHECKPOINT: &str = "replay-window-ms";
+
+/// Publishes a processor's replay window (its lock duration + downstream
+/// timeout) in the ledger, so a replay made elsewhere — `rtpd replay` run
+/// with other settings, an api process configured apart — waits at least
+/// as long as the processors' calls may run (issue 12: the window came
+/// from the caller's environment). Best effort: a replay without it uses
+/// its own settings, as before.
+pub async fn publish_window(ledger: &dyn Ledger, window: std::time::Duration) {
+    let ms = window.as_millis().to_string();
+    if let Err(e) = ledger.set_checkpoint(WINDOW_CHECKPOINT, &ms).await {
+        tracing::warn!(error = %e, "could not publish the replay window; replays use their own settings");
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -171,7 +189,8 @@ impl Replayer {
                 replay_nonce: Some(nonce.clone()),
             })
             .await?;
-        let record = match self.ledger.replay(id, &nonce, force, self.quiet).await {
+        let quiet = self.window().await;
+        let record = match self.ledger.replay(id, &nonce, force, quiet).await {
             Ok(ReplayOutcome::Reset(r)) => r,
             Ok(ReplayOutcome::Refused(r)) => {
                 // The record moved on between the check above and the ledger
@@ -221,6 +240,22 @@ impl Replayer {
 }
 
 impl Replayer {
+    /// The replay window: this process's, or the processors' published one
+    /// ([`publish_window`]) when that is longer.
+    async fn window(&self) -> std::time::Duration {
+        match self.ledger.checkpoint(WINDOW_CHECKPOINT).await {
+            Ok(Some(ms)) => match ms.parse::<u64>() {
+                Ok(ms) => self.quiet.max(std::time::Duration::from_millis(ms)),
+                Err(_) => self.quiet,
+            },
+            Ok(None) => self.quiet,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the processors' replay window; using this process's");
+                self.quiet
+            }
+        }
+    }
+
     /// Journals that the replay journaled just before did not take, with
     /// the state the ledger still holds, so the journal and the ledger agree
     /// again (the journal's fold goes back to before the replay; see

@@ -221,6 +221,56 @@ async fn replay_after_exhausted_retries_succeeds_end_to_end_with_the_binary() {
     assert_eq!(after["by_key"][idem.as_str()]["successes"], 1);
 }
 
+/// A replay waits out the window the processors published, not only the
+/// one of the process that replays (issue 12: `rtpd replay` run with other
+/// settings than the service, or an api configured apart from the
+/// processors, computed a shorter window and could call while a timed-out
+/// call of the processors' may still run). A processor publishes its lock
+/// duration + downstream timeout when it starts; the replay takes the
+/// longer of that and its own.
+#[tokio::test]
+async fn a_replay_waits_the_window_the_processors_published() {
+    let app = app_on(On::Sqlite, AppOptions::default()).await;
+    let id = "PW-1";
+    app.post_json(&json!({"transaction_id": id, "_mock": {"script": ["400"]}}))
+        .await;
+    let outcome = app
+        .processor
+        .try_process_next(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::DeadLettered);
+    // A processor configured with a 50-minute lock starts (and stops).
+    let mut p = app.services.processor().unwrap();
+    p.lock_duration = std::time::Duration::from_secs(3000);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(rtp_durability::processor::run(
+        std::sync::Arc::new(p),
+        1,
+        stopped,
+        std::time::Duration::from_secs(1),
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    run.await.unwrap().unwrap();
+
+    let r = app
+        .admin_post(&format!("/v1/transactions/{id}/replay"), None)
+        .await;
+    assert_eq!(r.status(), 202);
+    let answer = json(r).await;
+    let due: chrono::DateTime<chrono::Utc> = answer["due_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the replay waits: {answer}"))
+        .parse()
+        .unwrap();
+    let wait = due - chrono::Utc::now();
+    assert!(
+        wait > chrono::Duration::minutes(45),
+        "the processors' 50-minute window, not this process's: {answer}"
+    );
+}
+
 /// Issue 12 item 10: a copy of a transaction carrying other bytes than the
 /// ledger accepted (a stale or forged message; its body hashes to its own
 /// sha256) never reaches the downstream. The transaction is left `failed`
