@@ -100,7 +100,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             } else if !covers {
                 "not set by this run: its window does not span RTPD_RECONCILE_LOOKBACK_SECS up to now"
             } else if report.unreadable_segments > 0 && !opts.accept_unreadable_segments {
-                "NOT set: segments could not be read (named in the log); read them (rtpd wal cat), or accept losing what they hold with --accept-unreadable-segments"
+                "NOT set: segments could not be read (named in the log); read them (rtpd wal cat), or accept losing what they hold with --accept-unreadable-segments (this rebuild) or rtpd wal accept-lost <segment> (for good)"
             } else {
                 "NOT set (the pass was not complete, or the ledger was lost again): run it again"
             }

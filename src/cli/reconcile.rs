@@ -53,7 +53,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<Ending> {
     print_report(&report, opts.dry_run);
     if !report.complete && !opts.dry_run {
         anyhow::bail!(
-            "the pass stopped short of the whole window ({} segments could not be read; a failed re-enqueue stops it too; the log says which)",
+            "the pass stopped short of the whole window ({} segments could not be read; a failed re-enqueue stops it too; the log says which; `rtpd wal accept-lost <segment>` accepts one gone for good)",
             report.unreadable_segments
         );
     }

@@ -1,5 +1,6 @@
-//! `rtpd wal ls | cat`: read the WAL (or the outcome journal) without
-//! Storage Explorer.
+//! `rtpd wal ls | cat | accept-lost`: read the WAL (or the outcome
+//! journal) without Storage Explorer, and tell recovery passes that a
+//! segment the store will not return is gone for good.
 
 use super::time_arg;
 use crate::config::Settings;
@@ -24,6 +25,23 @@ pub enum WalCommand {
         target: String,
         #[command(flatten)]
         window: Window,
+    },
+    /// Accept that a segment the store will not return is lost for good:
+    /// recovery passes then read it as empty and can complete (journaled
+    /// nowhere else; the acceptance is kept beside the log)
+    AcceptLost {
+        /// The segment's key, as the ERROR log line names it
+        /// (`wal/v1/2026/11/30/23/….ndjson`, or `journal/v1/…` with --journal)
+        segment: String,
+        /// Why (kept with the acceptance)
+        #[arg(long, required = true)]
+        reason: String,
+        /// Who is accepting (as for replays: cli:<name>, or the Entra principal)
+        #[arg(long, env = "USER")]
+        operator: Option<String>,
+        /// The segment is one of the outcome journal's
+        #[arg(long)]
+        journal: bool,
     },
 }
 
@@ -55,6 +73,41 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     }
     let svc = Services::build(&settings).await?;
     match opts.command {
+        WalCommand::AcceptLost {
+            segment,
+            reason,
+            operator,
+            journal,
+        } => {
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why the segment is accepted as lost");
+            }
+            let log = if journal { svc.journal.log() } else { &svc.wal };
+            match log.store().get(&segment).await {
+                Err(crate::wal::store::StoreError::NotFound(_)) => {
+                    anyhow::bail!("no segment {segment} in {}", log.describe())
+                }
+                Ok(_) => eprintln!(
+                    "note: {segment} reads now; the acceptance matters only while it does not"
+                ),
+                Err(_) => {}
+            }
+            let who = super::operator::resolve(&settings, operator.as_deref()).await;
+            let note = serde_json::json!({
+                "segment": segment,
+                "accepted_at": Utc::now(),
+                "operator": who.to_string(),
+                "reason": reason,
+            });
+            if log.accept_lost(&segment, &note).await? {
+                tracing::warn!(segment = %segment, operator = %who, reason = %reason, "WAL segment accepted as lost by an operator");
+                println!(
+                    "{segment}: accepted as lost by {who}; recovery passes read it as empty from now on"
+                );
+            } else {
+                println!("{segment}: already accepted as lost");
+            }
+        }
         WalCommand::Ls(w) => {
             let log = log_of(&svc, &w);
             let mut total = 0usize;

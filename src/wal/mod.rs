@@ -280,10 +280,16 @@ impl Log {
                 let records = if skip_unreadable {
                     self.read_segment_or_skip(&key).await?
                 } else {
-                    Some(
-                        crate::backoff::patiently("segment read", || self.read_segment(&key))
-                            .await?,
-                    )
+                    match crate::backoff::patiently("segment read", || self.read_segment(&key))
+                        .await
+                    {
+                        Ok(records) => Some(records),
+                        Err(e) if self.accepted_lost(&key).await.unwrap_or(false) => {
+                            tracing::warn!(segment = %key, error = %e, "segment unreadable and accepted as lost by an operator; read as empty");
+                            Some(Vec::new())
+                        }
+                        Err(e) => return Err(e),
+                    }
                 };
                 Ok((key, records))
             })
@@ -300,12 +306,16 @@ impl Log {
         use crate::backoff::Transient;
         match crate::backoff::patiently("segment read", || self.read_segment(key)).await {
             Ok(records) => Ok(Some(records)),
+            Err(e) if self.accepted_lost(key).await.unwrap_or(false) => {
+                tracing::warn!(segment = key, error = %e, "segment unreadable and accepted as lost by an operator; read as empty");
+                Ok(Some(Vec::new()))
+            }
             Err(e) if e.transient() && self.ping().await.is_ok() => {
                 tracing::error!(
                     segment = key,
                     error = %e,
                     patience_secs = crate::backoff::DEPENDENCY_PATIENCE.as_secs(),
-                    "segment unreadable while the store answers; skipped (its records are not read from it)"
+                    "segment unreadable while the store answers; skipped (its records are not read from it); if it is gone for good, `rtpd wal accept-lost <segment>` lets passes complete"
                 );
                 Ok(None)
             }
@@ -315,6 +325,50 @@ impl Log {
 
     pub async fn ping(&self) -> Result<(), WalError> {
         Ok(self.store.ping().await?)
+    }
+
+    /// Where an operator's acceptance that segment `key` is lost for good
+    /// is kept: beside the log, under `<prefix>/lost/`, outside every hour
+    /// a pass lists, and in the store itself so a ledger loss keeps it.
+    fn lost_marker(&self, key: &str) -> String {
+        let rest = key
+            .strip_prefix(self.prefix)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or(key);
+        format!("{}/lost/{rest}", self.prefix)
+    }
+
+    /// Records that segment `key`, which the store will not return, is lost
+    /// for good (`rtpd wal accept-lost`): every later read of it that fails
+    /// reads it as empty, so recovery passes complete, the reconciler's
+    /// watermark moves past it and a rebuild marks the ledger, without an
+    /// operator's flag each time (issue 13: one unreadable segment kept every
+    /// background pass incomplete). `note` says who and why. False when it
+    /// was already accepted.
+    pub async fn accept_lost(&self, key: &str, note: &serde_json::Value) -> Result<bool, WalError> {
+        let opts = PutOptions {
+            content_type: "application/json".into(),
+            metadata: Default::default(),
+        };
+        let body = Bytes::from(serde_json::to_vec(note).unwrap_or_default());
+        match self
+            .store
+            .put_new(&self.lost_marker(key), body, &opts)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(StoreError::AlreadyExists(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether an operator accepted segment `key` as lost ([`Log::accept_lost`]).
+    pub async fn accepted_lost(&self, key: &str) -> Result<bool, WalError> {
+        match self.store.get(&self.lost_marker(key)).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn describe(&self) -> String {

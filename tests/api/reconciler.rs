@@ -546,6 +546,91 @@ async fn correct_never_undoes_a_replay_made_during_the_correction_postgres() {
 /// on it every time), but the pass is not complete unless an operator
 /// accepts the loss; while the store is down as a whole, nothing is
 /// skipped: the pass fails and is tried again.
+/// A segment the store will not return keeps every pass incomplete — the
+/// reconciler's watermark stays before it, a rebuild never marks the
+/// ledger — until an operator accepts it as lost for good
+/// (`rtpd wal accept-lost`, issue 13). The acceptance is kept beside the
+/// log, so it outlives a ledger loss: later passes read the segment as
+/// empty and complete. A key that names no segment is refused.
+#[tokio::test]
+async fn a_segment_accepted_as_lost_lets_passes_complete() {
+    use crate::support::process::rtpd;
+    use crate::support::stores::Switchable;
+    use rtp_durability::journal::Journal;
+    use rtp_durability::wal::{GroupCommit, JOURNAL_PREFIX, Log, WAL_PREFIX};
+    let app = app_on(On::Sqlite, AppOptions::default()).await;
+    let ids = ["AL-1", "AL-2", "AL-3"];
+    for id in ids {
+        let r = app
+            .post_json(&json!({"transaction_id": id, "amount": "1.00"}))
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    app.drain_until_terminal(&ids).await;
+    let broken = app.record("AL-2").await.wal_ref;
+    for id in ["AL-1", "AL-3"] {
+        assert_ne!(app.record(id).await.wal_ref.key, broken.key);
+    }
+    let store = Switchable::new(app.services.wal.store().clone());
+    store.break_object(&broken.key);
+    let reconciler = |ledger: Arc<dyn Ledger>| Reconciler {
+        wal: Log::start(store.clone(), WAL_PREFIX, "rebuild", GroupCommit::default()),
+        journal: Journal::new(Log::start(
+            store.clone(),
+            JOURNAL_PREFIX,
+            "rebuild",
+            GroupCommit::default(),
+        )),
+        ledger,
+        ..app.services.reconciler()
+    };
+    let accept = |segment: &str| {
+        rtpd()
+            .args([
+                "wal",
+                "accept-lost",
+                segment,
+                "--reason",
+                "blob gone after a restart",
+            ])
+            .env("RTPD_DATA_DIR", app.data_dir())
+            .env("USER", "dana")
+            .output()
+            .unwrap()
+    };
+    let out = accept("wal/v1/2026/01/01/00/no-such-segment.ndjson");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no segment"),
+        "{out:?}"
+    );
+    let out = accept(&broken.key);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("accepted as lost by cli:dana"), "{said}");
+    assert!(
+        String::from_utf8_lossy(&accept(&broken.key).stdout).contains("already accepted"),
+        "accepting twice changes nothing"
+    );
+
+    let now = Utc::now();
+    let mut o = ReconcileOptions::new(now - ChronoDuration::minutes(5), now, Duration::ZERO);
+    o.redrive = false;
+    let rebuilt: Arc<dyn Ledger> =
+        Arc::new(LocalLedger::open(&app.data_dir().join("rebuilt.db")).unwrap());
+    let report = reconciler(rebuilt.clone()).reconcile(&o).await.unwrap();
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.unreadable_segments, 0, "{report:?}");
+    for id in ["AL-1", "AL-3"] {
+        let rec = rebuilt.get(&key(id)).await.unwrap().expect("restored");
+        assert_eq!(rec.status, State::Success, "{id}");
+    }
+    assert!(
+        rebuilt.get(&key("AL-2")).await.unwrap().is_none(),
+        "what the lost segment held is lost"
+    );
+}
+
 #[tokio::test]
 async fn a_rebuild_waits_out_read_failures_and_skips_only_a_segment_that_never_reads() {
     use crate::support::stores::Switchable;
