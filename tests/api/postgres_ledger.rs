@@ -682,4 +682,22 @@ async fn a_replay_answered_as_not_taken_never_takes_later() {
             .as_deref(),
         Some("n1")
     );
+    // A later replay's fence does not lift the earlier one's (a reviewer's
+    // probe: with one withdrawn nonce kept, n3's fence let n2 take).
+    l.replay_fate("pf-1", "n3").await.unwrap().unwrap();
+    for nonce in ["n2", "n3"] {
+        let late = l
+            .replay("pf-1", nonce, false, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(
+            !matches!(late, ReplayOutcome::Reset(_)),
+            "{nonce}: {late:?}"
+        );
+    }
+    let rec = l.get("pf-1").await.unwrap().unwrap();
+    assert_eq!(rec.replay_nonce.as_deref(), Some("n1"));
+    // A new replay goes through.
+    let fresh = l.replay("pf-1", "n4", false, Duration::ZERO).await.unwrap();
+    assert!(matches!(fresh, ReplayOutcome::Reset(_)), "{fresh:?}");
 }

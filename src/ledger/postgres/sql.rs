@@ -159,7 +159,7 @@ pub const REPLAY: &str = concat!(
              attempt_base = attempts, retry_count = 0, \
              lease_owner = NULL, lease_until = NULL, updated_at = $4::timestamptz \
          WHERE transaction_id = $1 \
-           AND replay_withdrawn IS DISTINCT FROM $2::text \
+           AND NOT ($2::text = ANY(COALESCE(replay_withdrawn, '{}'::text[]))) \
            AND (status IN ('pending', 'failed', 'dead_letter') \
                 OR (status = 'success' AND $3::boolean) \
                 OR (status = 'processing' AND (lease_until IS NULL OR lease_until <= $4::timestamptz))) \
@@ -173,14 +173,17 @@ pub const REPLAY: &str = concat!(
 );
 
 /// $1 id, $2 a replay's nonce. Unless the replay took (the row carries the
-/// nonce), records it as withdrawn, which [`REPLAY`]'s `WHERE` refuses: an
+/// nonce), adds it to the withdrawn ones (all of them are kept: a second
+/// replay's fence must not lift the first's), which [`REPLAY`]'s `WHERE` refuses: an
 /// UPDATE of that replay still queued (behind a row lock, or sent on a
 /// connection whose caller gave up) then changes nothing, and one ahead of
 /// this statement in the row's lock queue has committed before it re-reads
 /// the row. Read the row in a statement of its own afterwards: this one's
 /// snapshot predates a replay it waited for.
-pub const FENCE_REPLAY: &str = "UPDATE transactions SET replay_withdrawn = $2::text \
-     WHERE transaction_id = $1 AND replay_nonce IS DISTINCT FROM $2::text";
+pub const FENCE_REPLAY: &str = "UPDATE transactions \
+     SET replay_withdrawn = array_append(COALESCE(replay_withdrawn, '{}'::text[]), $2::text) \
+     WHERE transaction_id = $1 AND replay_nonce IS DISTINCT FROM $2::text \
+       AND NOT ($2::text = ANY(COALESCE(replay_withdrawn, '{}'::text[])))";
 
 /// $1..$16: the record's columns in [`cols!`] order. Replaces whatever is there.
 pub const RESTORE: &str = concat!(

@@ -1,6 +1,8 @@
--- replay_withdrawn: the nonce of a replay whose answer was lost and that
+-- replay_withdrawn: the nonces of replays whose answer was lost and that
 -- the replayer found not taken (Ledger::replay_fate). The replay's UPDATE
--- checks it, so a copy of that UPDATE still queued at the server (behind a
--- row lock, on a connection whose client gave up) never takes effect after
--- the replayer journaled its withdraw (issue 12).
-ALTER TABLE transactions ADD COLUMN replay_withdrawn text;
+-- checks them, so a copy of such an UPDATE still queued at the server
+-- (behind a row lock, on a connection whose client gave up) never takes
+-- effect after the replayer journaled its withdraw (issue 12). Every
+-- withdrawn nonce is kept: a later replay's fence must not lift an earlier
+-- one's. Only replays whose answer was lost add one.
+ALTER TABLE transactions ADD COLUMN replay_withdrawn text[];
