@@ -152,6 +152,17 @@ impl Replayer {
         {
             return Ok(Replayed::Refused(current));
         }
+        if current.status == State::Processing
+            && !req.force
+            && self.journaled_success(&current).await?
+        {
+            // Its worker journaled a success and died before settling
+            // (simulation seed 693, found by a reviewer): a replay without
+            // force would reset the journal's view too, and the next claim
+            // would call again. The reconciler records the success.
+            tracing::warn!(transaction_id = %id, "not replayed: its success is journaled, the ledger missed the settle; force replays it");
+            return Ok(Replayed::Refused(current));
+        }
         // Force reaches the ledger only for the `success` read here: a
         // transaction that succeeds between this read and the ledger's step
         // is refused there, not reset (issue 12: a forced replay applied
@@ -240,6 +251,20 @@ impl Replayer {
 }
 
 impl Replayer {
+    /// Whether the outcome journal holds a success of `rec`'s bytes since
+    /// its last replay (read from when it was received: rare, only for a
+    /// lapsed claim).
+    async fn journaled_success(&self, rec: &TxRecord) -> Result<bool, ReplayError> {
+        let mut index = crate::journal::JournalIndex::default();
+        index
+            .refresh(&self.journal, rec.created_at, crate::clock::now(), false)
+            .await?;
+        let id = rec.transaction_id.to_string();
+        Ok(index.known(&id).is_some_and(|k| {
+            k.state == State::Success && k.sha256.as_ref().is_none_or(|s| *s == rec.sha256)
+        }))
+    }
+
     /// The replay window: this process's, or the processors' published one
     /// ([`publish_window`]) when that is longer.
     async fn window(&self) -> std::time::Duration {

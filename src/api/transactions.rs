@@ -321,6 +321,12 @@ async fn do_replay(
                 format!(
                     "transaction {id} already succeeded; replay it with force to call the downstream again"
                 )
+            } else if rec.status == State::Processing
+                && rec.lease_until.is_none_or(|u| u <= crate::clock::now())
+            {
+                format!(
+                    "transaction {id} succeeded (the outcome journal says so; its ledger record missed the settle, which the reconciler records); replay it with force and \"expected_state\": \"processing\" to call the downstream again"
+                )
             } else {
                 format!(
                     "transaction {id} is {} with a live claim; try again later",

@@ -429,6 +429,17 @@ async fn early_retry_copy_due_within_its_lock_waits_for_it_redis() {
 /// second downstream call: the next claim reads the journal and settles the
 /// ledger from it.
 async fn journaled_success(on: On) {
+    journaled_success_then(on, false).await
+}
+
+/// A transaction whose success is journaled but whose settle never reached
+/// the ledger (its worker died in between: `processing`, the lease gone)
+/// is not replayed without force: 409, saying the journal holds its
+/// success; the processor then records that success without a call (issue
+/// 12 item 7; simulation seed 693, found by a reviewer: the replay reset
+/// the journal's view and the budget, and the next claim called, answered
+/// 409 by the downstream).
+async fn journaled_success_then(on: On, replay: bool) {
     use rtp_durability::journal::{EntryKind, JournalEntry};
     use std::time::Duration;
     let app = app_on(on, AppOptions::default()).await;
@@ -467,12 +478,22 @@ async fn journaled_success(on: On) {
     // ... and its settle never reached the ledger: still `processing`, lease gone.
     assert_eq!(app.state_of(id).await, State::Processing);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let outcome = app
-        .processor
-        .try_process_next(Duration::from_secs(2))
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Skipped("already_done"));
+    if replay {
+        let r = app
+            .admin_post(&format!("/v1/transactions/{id}/replay"), None)
+            .await;
+        let b = json(r).await;
+        assert_eq!(b["error"], "invalid_state", "{b}");
+        assert!(b["message"].as_str().unwrap().contains("journal"), "{b}");
+        app.drain_until_terminal(&[id]).await;
+    } else {
+        let outcome = app
+            .processor
+            .try_process_next(Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Skipped("already_done"));
+    }
     assert_eq!(app.state_of(id).await, State::Success);
     assert_eq!(
         calls_for(&app, id).await,
@@ -480,6 +501,16 @@ async fn journaled_success(on: On) {
         "no call after a journaled success"
     );
     app.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn a_replay_of_a_lapsed_claim_whose_success_is_journaled_does_not_call_again_sqlite() {
+    journaled_success_then(On::Sqlite, true).await
+}
+
+#[tokio::test]
+async fn a_replay_of_a_lapsed_claim_whose_success_is_journaled_does_not_call_again_redis() {
+    journaled_success_then(On::Redis, true).await
 }
 
 #[tokio::test]

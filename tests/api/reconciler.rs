@@ -336,11 +336,13 @@ impl ReplayDuringPass {
             return;
         }
         self.replayed.store(true, Ordering::SeqCst);
+        // Forced: its success is journaled, so a replay without force is
+        // refused (simulation seed 693); the operator names the state seen.
         let req = ReplayRequest {
-            force: false,
+            force: true,
             operator: Operator::Cli("test".into()),
-            reason: None,
-            expect: None,
+            reason: Some("the downstream lost it".into()),
+            expect: Some(State::Processing),
         };
         let r = self.replayer.replay_one(&self.key, &req).await.unwrap();
         assert!(matches!(r, Replayed::Requeued { .. }), "{r:?}");
@@ -468,7 +470,8 @@ impl Ledger for ReplayDuringPass {
 /// it reads and corrects the ledger. The correction never undoes the
 /// replay: the pass reads the journal and the ledger again before
 /// correcting, and puts the correction only over the version it read
-/// (`Ledger::restore_if_unchanged`). The replay then runs.
+/// (`Ledger::restore_if_unchanged`). The replay (forced: a replay without
+/// force of a transaction whose success is journaled is refused) then runs.
 async fn correct_never_undoes_a_replay_made_during_the_pass(
     on: On,
     on_read: usize,

@@ -141,7 +141,7 @@ fn seed_budget_part_3() {
 /// journaled success (a reconcile pass restored from a journal read older
 /// than the ledger's loss); 451: a forced replay asked while the attempt
 /// that succeeded was in flight (the check, not the code, was wrong).
-const REGRESSION_SEEDS: &[u64] = &[451, 456, 488, 982];
+const REGRESSION_SEEDS: &[u64] = &[451, 456, 488, 693, 982];
 
 #[test]
 fn regression_seeds() {
