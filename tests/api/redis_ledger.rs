@@ -265,3 +265,90 @@ async fn a_redis_restarted_mid_rebuild_is_not_marked_by_that_rebuild() {
     assert!(back.mark_intact("t2").await.unwrap());
     assert!(back.intact().await.unwrap());
 }
+
+/// The same, without a restart: the node that took the rebuild's restores
+/// is resynced from a peer that lags (a failover and a failback), keeping
+/// its `run_id` and taking the peer's older data, the token included. The
+/// mark compares the replication id too, which such a resync changes (a
+/// reviewer's probe: with `run_id` alone the ledger was marked with a hole).
+#[tokio::test]
+async fn a_redis_resynced_from_a_lagging_peer_is_not_marked_by_that_rebuild() {
+    use crate::support::process::OwnRedis;
+    let a = OwnRedis::start();
+    let b = OwnRedis::start();
+    let prefix = redis_key_prefix();
+    let l = RedisLedger::connect(&RedisSettings {
+        url: a.url().into(),
+        key_prefix: prefix.clone(),
+        entra: false,
+        client_id: None,
+        retention: None,
+        timeout: DEFAULT_TIMEOUT,
+    })
+    .unwrap();
+    let conn = |url: String| async move {
+        redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    };
+    let (mut ca, mut cb) = (conn(a.url()).await, conn(b.url()).await);
+    async fn follow(c: &mut redis::aio::MultiplexedConnection, port: u16) {
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(port)
+            .query_async(c)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(c)
+                .await
+                .unwrap();
+            if info.contains("master_link_status:up") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replication link: {info}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query_async(c)
+            .await
+            .unwrap();
+    }
+    async fn run_id(c: &mut redis::aio::MultiplexedConnection) -> String {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(c)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+    l.begin_rebuild("t3").await.unwrap();
+    follow(&mut cb, a.port()).await; // B copies A: the token, nothing else
+    l.restore(TxRecord::new(&reg("rb-9"), Utc::now()))
+        .await
+        .unwrap();
+    let before = run_id(&mut ca).await;
+    follow(&mut ca, b.port()).await; // A takes B's older data back
+    assert_eq!(run_id(&mut ca).await, before, "no restart");
+    assert!(
+        l.get("rb-9").await.unwrap().is_none(),
+        "the restore is gone"
+    );
+    assert!(
+        !l.mark_intact("t3").await.unwrap(),
+        "a rebuild whose restores a resync undid does not mark the ledger"
+    );
+    l.begin_rebuild("t4").await.unwrap();
+    assert!(l.mark_intact("t4").await.unwrap());
+}

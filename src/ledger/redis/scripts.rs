@@ -368,19 +368,25 @@ return redis.call('HGETALL', COUNTS)
     )
 });
 
-/// The server's `run_id` (`INFO server`): a new one after every restart
-/// and on the replica that takes over in a failover.
+/// The server's data epoch: its `run_id` (`INFO server`: new after every
+/// restart, and another node's after a failover) and its replication id
+/// (`INFO replication`: new whenever the node is promoted, so also after it
+/// was resynced from a peer, which replaces its data with the peer's and
+/// keeps its `run_id`).
 const RUN_ID: &str = r#"
 local function run_id()
-  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+  local s = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+  local r = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+  return s .. ':' .. r
 end
 "#;
 
 /// KEYS[1] a shard's rebuild in progress. ARGV: the rebuild's token.
-/// Records the token with the server's `run_id`, so that [`MARK_INTACT`]
-/// can tell a server that restarted since (issue 12: a restart with an
-/// older copy of the data keeps the token and loses restores made after
-/// that copy; the mark compared only the token).
+/// Records the token with the server's data epoch ([`RUN_ID`]), so that
+/// [`MARK_INTACT`] can tell a server that restarted or was resynced since
+/// (issue 12: a restart with an older copy of the data, or a resync from a
+/// lagging peer, keeps the token and loses restores made after that copy;
+/// the mark compared only the token).
 pub static BEGIN_REBUILD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{RUN_ID}\n{}",
