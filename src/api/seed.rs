@@ -191,7 +191,7 @@ pub async fn transactions(
     request_body(content = Option<ReplayBody>, content_type = "application/json"),
     responses(
         (status = 202, description = "Reset to pending and re-enqueued from the WAL", body = ReplayAccepted),
-        (status = 400, description = "Invalid id or body, or force without a reason", body = ErrorBody),
+        (status = 400, description = "Invalid id or body, or force without a reason or an expected_state", body = ErrorBody),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
