@@ -82,13 +82,40 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             if reason.trim().is_empty() {
                 anyhow::bail!("--reason must say why the segment is accepted as lost");
             }
-            let log = if journal { svc.journal.log() } else { &svc.wal };
+            let (log, prefix, other) = if journal {
+                (
+                    svc.journal.log(),
+                    crate::wal::JOURNAL_PREFIX,
+                    "without --journal",
+                )
+            } else {
+                (&svc.wal, crate::wal::WAL_PREFIX, "with --journal")
+            };
+            // `<prefix>/YYYY/MM/DD/HH/<segment>`: a segment of this log, not
+            // an hour or another log's segment.
+            let layout = segment
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix('/'))
+                .map(|r| r.split('/').collect::<Vec<_>>())
+                .is_some_and(|parts| {
+                    parts.len() == 5
+                        && parts[..4]
+                            .iter()
+                            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                        && !parts[4].is_empty()
+                });
+            if !layout {
+                anyhow::bail!(
+                    "{segment} is not a segment of {} (a key like {prefix}/2026/11/30/23/<name>.ndjson; a segment of the other log needs the command {other})",
+                    log.describe()
+                );
+            }
             match log.store().get(&segment).await {
                 Err(crate::wal::store::StoreError::NotFound(_)) => {
                     anyhow::bail!("no segment {segment} in {}", log.describe())
                 }
-                Ok(_) => eprintln!(
-                    "note: {segment} reads now; the acceptance matters only while it does not"
+                Ok(_) => anyhow::bail!(
+                    "{segment} reads now: nothing to accept (an acceptance cannot be taken back)"
                 ),
                 Err(_) => {}
             }

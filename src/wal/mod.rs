@@ -284,11 +284,10 @@ impl Log {
                         .await
                     {
                         Ok(records) => Some(records),
-                        Err(e) if self.accepted_lost(&key).await.unwrap_or(false) => {
-                            tracing::warn!(segment = %key, error = %e, "segment unreadable and accepted as lost by an operator; read as empty");
-                            Some(Vec::new())
-                        }
-                        Err(e) => return Err(e),
+                        Err(e) => match self.accepted_as_lost(&key, e).await {
+                            Ok(records) => Some(records),
+                            Err(e) => return Err(e),
+                        },
                     }
                 };
                 Ok((key, records))
@@ -303,14 +302,41 @@ impl Log {
     /// recovery pass must not wait for it forever. The caller skips it, as
     /// it skips an unreadable record; it is logged at ERROR with its key.
     pub async fn read_segment_or_skip(&self, key: &str) -> Result<Option<Records>, WalError> {
-        use crate::backoff::Transient;
         match crate::backoff::patiently("segment read", || self.read_segment(key)).await {
             Ok(records) => Ok(Some(records)),
-            Err(e) if self.accepted_lost(key).await.unwrap_or(false) => {
+            Err(e) => match self.accepted_as_lost(key, e).await {
+                Ok(records) => Ok(Some(records)),
+                Err(e) => self.skip_unreadable(key, e).await,
+            },
+        }
+    }
+
+    /// After a read of segment `key` failed with `e` (its patience spent):
+    /// empty records if the store answers otherwise, an operator accepted
+    /// the segment as lost ([`Log::accept_lost`]) and one more read fails
+    /// too; else `e` back. A whole store down, or a segment that reads
+    /// again, is never taken for lost.
+    async fn accepted_as_lost(&self, key: &str, e: WalError) -> Result<Records, WalError> {
+        use crate::backoff::Transient;
+        if !e.transient()
+            || self.ping().await.is_err()
+            || !self.accepted_lost(key).await.unwrap_or(false)
+        {
+            return Err(e);
+        }
+        match self.read_segment(key).await {
+            Ok(records) => Ok(records),
+            Err(e) => {
                 tracing::warn!(segment = key, error = %e, "segment unreadable and accepted as lost by an operator; read as empty");
-                Ok(Some(Vec::new()))
+                Ok(Vec::new())
             }
-            Err(e) if e.transient() && self.ping().await.is_ok() => {
+        }
+    }
+
+    async fn skip_unreadable(&self, key: &str, e: WalError) -> Result<Option<Records>, WalError> {
+        use crate::backoff::Transient;
+        match e {
+            e if e.transient() && self.ping().await.is_ok() => {
                 tracing::error!(
                     segment = key,
                     error = %e,
@@ -319,7 +345,7 @@ impl Log {
                 );
                 Ok(None)
             }
-            Err(e) => Err(e),
+            e => Err(e),
         }
     }
 

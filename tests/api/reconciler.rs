@@ -541,20 +541,13 @@ async fn correct_never_undoes_a_replay_made_during_the_correction_postgres() {
     correct_never_undoes_a_replay_made_during_the_pass(On::Postgres, 2, true).await
 }
 
-/// Issue 13: a rebuild under faults. A store that fails a few reads is
-/// waited for (the pass tries each read again), not given up on; a segment
-/// the store keeps failing while it answers otherwise (Azurite after a
-/// restart, one blob answering 500 for good) is skipped, counted and
-/// named, and the rest of the ledger is rebuilt (before, the pass failed
-/// on it every time), but the pass is not complete unless an operator
-/// accepts the loss; while the store is down as a whole, nothing is
-/// skipped: the pass fails and is tried again.
 /// A segment the store will not return keeps every pass incomplete — the
 /// reconciler's watermark stays before it, a rebuild never marks the
 /// ledger — until an operator accepts it as lost for good
 /// (`rtpd wal accept-lost`, issue 13). The acceptance is kept beside the
 /// log, so it outlives a ledger loss: later passes read the segment as
-/// empty and complete. A key that names no segment is refused.
+/// empty and complete. A key that names no segment, an hour, another
+/// log's segment or a segment that reads is refused.
 #[tokio::test]
 async fn a_segment_accepted_as_lost_lets_passes_complete() {
     use crate::support::process::rtpd;
@@ -601,12 +594,28 @@ async fn a_segment_accepted_as_lost_lets_passes_complete() {
             .output()
             .unwrap()
     };
-    let out = accept("wal/v1/2026/01/01/00/no-such-segment.ndjson");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no segment"),
-        "{out:?}"
+    let refused = |segment: &str, says: &str| {
+        let out = accept(segment);
+        assert_eq!(out.status.code(), Some(1), "{segment}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{segment}: {err}");
+    };
+    refused("wal/v1/2026/01/01/00/no-such-segment.ndjson", "no segment");
+    // A segment that reads is not accepted (an acceptance is for good).
+    refused(&broken.key, "reads now");
+    // An hour, or a segment of the journal without --journal.
+    let hour = broken.key.rsplit_once('/').unwrap().0;
+    refused(hour, "is not a segment");
+    refused(
+        &broken.key.replacen("wal/v1", "outcomes/v1", 1),
+        "is not a segment",
     );
+    // The segment turns unreadable in the store itself: still listed, every
+    // read fails while the store answers (a link to a directory where the
+    // file was).
+    let path = app.data_dir().join("objects").join(&broken.key);
+    std::fs::rename(&path, app.data_dir().join("moved-away.ndjson")).unwrap();
+    std::os::unix::fs::symlink(app.data_dir(), &path).unwrap();
     let out = accept(&broken.key);
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
@@ -624,6 +633,7 @@ async fn a_segment_accepted_as_lost_lets_passes_complete() {
     let report = reconciler(rebuilt.clone()).reconcile(&o).await.unwrap();
     assert!(report.complete, "{report:?}");
     assert_eq!(report.unreadable_segments, 0, "{report:?}");
+    assert_eq!(report.segments, 3, "the lost one read as empty: {report:?}");
     for id in ["AL-1", "AL-3"] {
         let rec = rebuilt.get(&key(id)).await.unwrap().expect("restored");
         assert_eq!(rec.status, State::Success, "{id}");
@@ -634,6 +644,14 @@ async fn a_segment_accepted_as_lost_lets_passes_complete() {
     );
 }
 
+/// Issue 13: a rebuild under faults. A store that fails a few reads is
+/// waited for (the pass tries each read again), not given up on; a segment
+/// the store keeps failing while it answers otherwise (Azurite after a
+/// restart, one blob answering 500 for good) is skipped, counted and
+/// named, and the rest of the ledger is rebuilt (before, the pass failed
+/// on it every time), but the pass is not complete unless an operator
+/// accepts the loss; while the store is down as a whole, nothing is
+/// skipped: the pass fails and is tried again.
 #[tokio::test]
 async fn a_rebuild_waits_out_read_failures_and_skips_only_a_segment_that_never_reads() {
     use crate::support::stores::Switchable;
