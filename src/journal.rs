@@ -113,7 +113,13 @@ impl Known {
                 // (`restored_record`).
                 self.next_retry_at = None;
                 self.state = State::Pending;
-                self.attempt_base = self.attempts;
+                // A replay of a lapsed claim (its attempt named) keeps that
+                // attempt, whose outcome is unknown, in the new budget, as
+                // the ledger does (`machine::apply_replay`).
+                self.attempt_base = match e.attempt {
+                    Some(_) => self.attempts.saturating_sub(1),
+                    None => self.attempts,
+                };
                 self.retry_count = 0;
             }
             EntryKind::Purge => {}
@@ -312,8 +318,23 @@ impl JournalIndex {
         // the state the ledger held. A replay made after it took its own
         // ledger step, so it stands (another operator's, say).
         let mut last_replay: Option<(Option<String>, Known)> = None;
+        // Attempts whose success is journaled: a replay without force of a
+        // lapsed claim names its attempt, and does not undo that attempt's
+        // success, whichever was journaled first (a reviewer: the worker
+        // journaled its success just before the replay's entry landed, and
+        // the fold then said `pending`, so the next claim called again).
+        let succeeded: Vec<u32> = sorted
+            .iter()
+            .filter(|e| e.kind == EntryKind::Attempt && e.state == State::Success)
+            .filter_map(|e| e.attempt)
+            .collect();
         for e in sorted {
             match (e.kind, e.state) {
+                (EntryKind::Replay, State::Pending)
+                    if e.attempt.is_some_and(|a| succeeded.contains(&a)) =>
+                {
+                    k.last_at = k.last_at.max(e.at);
+                }
                 (EntryKind::Replay, State::Pending) => {
                     last_replay = Some((e.replay_nonce.clone(), k.clone()));
                     k.apply(e);
@@ -421,6 +442,59 @@ mod tests {
             wal_ref: None,
             replay_nonce: None,
         }
+    }
+
+    /// A replay without force of a lapsed claim names its attempt; a success
+    /// of that attempt stands whichever was journaled first (a reviewer: the
+    /// worker journaled its success just before the replay's entry, and the
+    /// fold said `pending`, so the next claim called again). A replay that
+    /// names no attempt (forced, or of another state) is a replay as before.
+    #[test]
+    fn a_replay_of_a_lapsed_claim_does_not_undo_that_attempts_success() {
+        let mut idx = JournalIndex::default();
+        let mut replay = entry(EntryKind::Replay, 3, Some(2), State::Pending);
+        replay.replay_nonce = Some("n1".into());
+        for success_at in [2, 4] {
+            idx.entries.insert(
+                "t".into(),
+                vec![
+                    entry(EntryKind::Attempt, 1, Some(1), State::Failed),
+                    replay.clone(),
+                    entry(EntryKind::Attempt, success_at, Some(2), State::Success),
+                ],
+            );
+            let k = idx.known("t").unwrap();
+            assert_eq!(
+                (k.state, k.attempts),
+                (State::Success, 2),
+                "success at {success_at}"
+            );
+        }
+        // Its attempt's outcome unknown (no success journaled): a replay,
+        // the lapsed attempt kept in the new budget.
+        idx.entries.insert(
+            "t".into(),
+            vec![
+                entry(EntryKind::Attempt, 1, Some(1), State::Failed),
+                replay.clone(),
+            ],
+        );
+        let k = idx.known("t").unwrap();
+        assert_eq!(
+            (k.state, k.attempts, k.attempt_base, k.retry_count),
+            (State::Pending, 2, 1, 0)
+        );
+        // A forced replay (no attempt named) is a replay after a success too.
+        let mut forced = replay.clone();
+        forced.attempt = None;
+        idx.entries.insert(
+            "t".into(),
+            vec![
+                entry(EntryKind::Attempt, 2, Some(2), State::Success),
+                forced,
+            ],
+        );
+        assert_eq!(idx.known("t").unwrap().state, State::Pending);
     }
 
     /// Issue 12 item 12: the processor's shared index is bounded: once over

@@ -178,7 +178,11 @@ impl Replayer {
                 kind: EntryKind::Replay,
                 transaction_id: id.to_owned(),
                 at: crate::clock::now(),
-                attempt: None,
+                // A replay without force of a lapsed claim names its
+                // attempt: a success of that attempt journaled around it
+                // stands (`JournalIndex::known`).
+                attempt: (current.status == State::Processing && !req.force)
+                    .then_some(current.attempts),
                 state: State::Pending,
                 error: None,
                 next_retry_at: None,

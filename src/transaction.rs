@@ -619,9 +619,17 @@ pub mod machine {
             State::Success => None,
         };
         rec.next_retry_at = not_before.filter(|t| *t > now);
+        // A fresh retry budget; the attempt number (fencing token) keeps
+        // growing. A lapsed claim's attempt stays in the new budget: its
+        // outcome is unknown (its worker may have journaled a success and
+        // died before settling), so the next claim reads the journal before
+        // it calls (simulation seed 693; see `JournalIndex::known`).
+        rec.attempt_base = if rec.status == State::Processing {
+            rec.attempts.saturating_sub(1)
+        } else {
+            rec.attempts
+        };
         rec.status = State::Pending;
-        // A fresh retry budget; the attempt number (fencing token) keeps growing.
-        rec.attempt_base = rec.attempts;
         rec.retry_count = 0;
         rec.replay_nonce = Some(nonce.to_owned());
         rec.lease_owner = None;
@@ -648,6 +656,38 @@ mod tests {
             },
             Utc::now(),
         )
+    }
+
+    /// A replay of a lapsed claim keeps that attempt, whose outcome is
+    /// unknown, in the new retry budget, so the next claim reads the journal
+    /// before it calls; a replay of a failed attempt starts the budget after it.
+    #[test]
+    fn a_replay_of_a_lapsed_claim_keeps_its_attempt_in_the_budget() {
+        let now = Utc::now();
+        let mut r = rec();
+        apply_claim(
+            &mut r,
+            "w",
+            now - Duration::seconds(10),
+            now - Duration::seconds(20),
+        );
+        apply_replay(&mut r, "n1", now, Duration::seconds(1));
+        assert_eq!(
+            (r.status, r.attempts, r.attempt_base),
+            (State::Pending, 1, 0)
+        );
+        let mut r = rec();
+        apply_claim(&mut r, "w", now + Duration::seconds(10), now);
+        apply_settlement(
+            &mut r,
+            &Settlement::Failed {
+                error: "503".into(),
+                next_retry_at: now,
+            },
+            now,
+        );
+        apply_replay(&mut r, "n1", now, Duration::seconds(1));
+        assert_eq!((r.attempts, r.attempt_base, r.retry_count), (1, 1, 0));
     }
 
     #[test]

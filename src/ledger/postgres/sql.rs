@@ -156,7 +156,9 @@ pub const REPLAY: &str = concat!(
                       AND lease_until + make_interval(secs => $5::float8) > $4::timestamptz \
                      THEN lease_until + make_interval(secs => $5::float8) \
              END, \
-             attempt_base = attempts, retry_count = 0, \
+             attempt_base = CASE WHEN status = 'processing' THEN GREATEST(attempts - 1, 0) \
+                                 ELSE attempts END, \
+             retry_count = 0, \
              lease_owner = NULL, lease_until = NULL, updated_at = $4::timestamptz \
          WHERE transaction_id = $1 \
            AND NOT ($2::text = ANY(COALESCE(replay_withdrawn, '{}'::text[]))) \

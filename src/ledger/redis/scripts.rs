@@ -254,10 +254,13 @@ else
 end
 if not may then return {'refused', redis.call('HGETALL', TX)} end
 -- machine::apply_replay
--- a fresh retry budget: retries count from the attempts made so far
-local attempts = redis.call('HGET', TX, 'attempts') or '0'
+-- a fresh retry budget: retries count from the attempts made so far, except
+-- a lapsed claim's, whose outcome is unknown (it stays in the new budget)
+local attempts = tonumber(redis.call('HGET', TX, 'attempts') or '0')
+local base = attempts
+if status == 'processing' and base > 0 then base = base - 1 end
 redis.call('HSET', TX, 'status', 'pending', 'replay_nonce', nonce, 'updated_at', now_s,
-           'attempt_base', attempts, 'retry_count', '0')
+           'attempt_base', tostring(base), 'retry_count', '0')
 -- not due before the last attempt's call can have ended (see the machine)
 local nb
 local after = (tonumber(h[3]) or 0) + quiet_us
