@@ -94,6 +94,9 @@ pub enum Replayed {
     },
     /// Not allowed now (a `success` without force, or a live claim).
     Refused(TxRecord),
+    /// Not without force: a lapsed claim whose success the outcome journal
+    /// holds (its worker died before settling; the ledger catches up).
+    JournaledSuccess(TxRecord),
     NotFound,
 }
 
@@ -161,7 +164,7 @@ impl Replayer {
             // force would reset the journal's view too, and the next claim
             // would call again. The reconciler records the success.
             tracing::warn!(transaction_id = %id, "not replayed: its success is journaled, the ledger missed the settle; force replays it");
-            return Ok(Replayed::Refused(current));
+            return Ok(Replayed::JournaledSuccess(current));
         }
         // Force reaches the ledger only for the `success` read here: a
         // transaction that succeeds between this read and the ledger's step

@@ -195,7 +195,7 @@ pub async fn transactions(
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
-        (status = 409, description = "Not replayable now (a success without force, a live claim, or another state than expected_state)", body = ErrorBody),
+        (status = 409, description = "Not replayable now (a success without force, a lapsed claim whose success is journaled without force, a live claim, or another state than expected_state)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("AdminToken" = []))

@@ -321,12 +321,6 @@ async fn do_replay(
                 format!(
                     "transaction {id} already succeeded; replay it with force to call the downstream again"
                 )
-            } else if rec.status == State::Processing
-                && rec.lease_until.is_none_or(|u| u <= crate::clock::now())
-            {
-                format!(
-                    "transaction {id} succeeded (the outcome journal says so; its ledger record missed the settle, which the reconciler records); replay it with force and \"expected_state\": \"processing\" to call the downstream again"
-                )
             } else {
                 format!(
                     "transaction {id} is {} with a live claim; try again later",
@@ -334,6 +328,9 @@ async fn do_replay(
                 )
             },
         )),
+        Ok(Replayed::JournaledSuccess(_)) => Err(ApiError::InvalidState(format!(
+            "transaction {id} succeeded (the outcome journal says so; its ledger record missed the settle, which the processor and the reconciler record); replay it with force and \"expected_state\": \"processing\" to call the downstream again"
+        ))),
         Ok(Replayed::NotFound) => Err(not_found(&id)),
         Err(ReplayError::Ledger(e)) => Err(ledger_error(e)),
         Err(e) => Err(ApiError::Unexpected(e.into())),
@@ -353,7 +350,7 @@ async fn do_replay(
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
         (status = 403, description = "A vendor credential on an operator route", body = ErrorBody),
         (status = 404, description = "No such transaction", body = ErrorBody),
-        (status = 409, description = "Not replayable now (a success without force, a live claim, or another state than expected_state)", body = ErrorBody),
+        (status = 409, description = "Not replayable now (a success without force, a lapsed claim whose success is journaled without force, a live claim, or another state than expected_state)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("AdminToken" = []))

@@ -300,6 +300,12 @@ pub async fn replay_scope(
                     }
                 )
             }
+            Replayed::JournaledSuccess(_) => {
+                s.refused += 1;
+                format!(
+                    "{id}: refused (processing; the outcome journal holds its success, the ledger catches up; --force --if-state processing calls again)"
+                )
+            }
             Replayed::NotFound => {
                 s.refused += 1;
                 format!("{id}: not found (a vendor's transaction: <vendor>/<id>, or --vendor)")
