@@ -318,21 +318,22 @@ impl JournalIndex {
         // the state the ledger held. A replay made after it took its own
         // ledger step, so it stands (another operator's, say).
         let mut last_replay: Option<(Option<String>, Known)> = None;
-        // Attempts whose success is journaled: a replay without force of a
-        // lapsed claim names its attempt, and does not undo that attempt's
-        // success, whichever was journaled first (a reviewer: the worker
-        // journaled its success just before the replay's entry landed, and
-        // the fold then said `pending`, so the next claim called again).
-        let succeeded: Vec<u32> = sorted
-            .iter()
-            .filter(|e| e.kind == EntryKind::Attempt && e.state == State::Success)
-            .filter_map(|e| e.attempt)
-            .collect();
-        for e in sorted {
+        for e in sorted.iter().copied() {
             match (e.kind, e.state) {
-                (EntryKind::Replay, State::Pending)
-                    if e.attempt.is_some_and(|a| succeeded.contains(&a)) =>
+                (EntryKind::Replay, State::Pending) if replay_of_a_success(e, &sorted) => {
+                    k.last_at = k.last_at.max(e.at);
+                }
+                // A success stands until a replay: a later attempt's outcome
+                // can only be a worker's whose claim came after it (its lease
+                // lapsed while the succeeding worker paused), and must not
+                // fold it back to unfinished (a reviewer: the next claim then
+                // called again after the success).
+                (EntryKind::Attempt, state)
+                    if k.state == State::Success && state != State::Success =>
                 {
+                    if let Some(a) = e.attempt {
+                        k.attempts = k.attempts.max(a);
+                    }
                     k.last_at = k.last_at.max(e.at);
                 }
                 (EntryKind::Replay, State::Pending) => {
@@ -361,6 +362,25 @@ impl JournalIndex {
         }
         Some(k)
     }
+}
+
+/// Whether `e` is a replay without force of a lapsed claim (it names the
+/// claim's attempt) that a journaled success of that attempt or a later one
+/// leaves standing, whichever was journaled first: the replayer's journal
+/// check and its replay are two steps, and a worker may journal its success
+/// between them (a reviewer), or a later attempt may have succeeded before
+/// the replay reached the ledger. Such a replay does not make the
+/// transaction unfinished again.
+pub fn replay_of_a_success(e: &JournalEntry, entries: &[&JournalEntry]) -> bool {
+    e.kind == EntryKind::Replay
+        && e.state == State::Pending
+        && e.attempt.is_some_and(|a| {
+            entries.iter().any(|s| {
+                s.kind == EntryKind::Attempt
+                    && s.state == State::Success
+                    && s.attempt.is_some_and(|sa| sa >= a)
+            })
+        })
 }
 
 /// The ledger record the WAL and the journal imply for a transaction.
@@ -484,6 +504,33 @@ mod tests {
             (k.state, k.attempts, k.attempt_base, k.retry_count),
             (State::Pending, 2, 1, 0)
         );
+        // A later attempt's success (it claimed after the replay read the
+        // ledger, then the replay reached it) leaves it standing too.
+        idx.entries.insert(
+            "t".into(),
+            vec![
+                replay.clone(),
+                entry(EntryKind::Attempt, 4, Some(3), State::Success),
+            ],
+        );
+        assert_eq!(idx.known("t").unwrap().state, State::Success);
+        // A success stands against a later attempt's failure (that attempt's
+        // worker claimed while the succeeding one paused), in either order.
+        for (fail_at, success_at) in [(5, 6), (6, 5)] {
+            idx.entries.insert(
+                "t".into(),
+                vec![
+                    entry(EntryKind::Attempt, success_at, Some(2), State::Success),
+                    entry(EntryKind::Attempt, fail_at, Some(3), State::Failed),
+                ],
+            );
+            let k = idx.known("t").unwrap();
+            assert_eq!(
+                (k.state, k.attempts),
+                (State::Success, 3),
+                "{fail_at} {success_at}"
+            );
+        }
         // A forced replay (no attempt named) is a replay after a success too.
         let mut forced = replay.clone();
         forced.attempt = None;

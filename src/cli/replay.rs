@@ -303,7 +303,7 @@ pub async fn replay_scope(
             Replayed::JournaledSuccess(_) => {
                 s.refused += 1;
                 format!(
-                    "{id}: refused (processing; the outcome journal holds its success, the ledger catches up; --force --if-state processing calls again)"
+                    "{id}: refused (processing; the outcome journal holds its success, the ledger catches up; --force --if-state processing --reason … calls again)"
                 )
             }
             Replayed::NotFound => {

@@ -110,14 +110,28 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                     log.describe()
                 );
             }
-            match log.store().get(&segment).await {
-                Err(crate::wal::store::StoreError::NotFound(_)) => {
+            // As a recovery pass would meet it: tried again while it fails
+            // (the store's patience), and only a segment that still fails as
+            // unavailable while the store answers otherwise is accepted;
+            // passes honour nothing else (a store down as a whole, or an
+            // error no retry changes, is not "this segment is gone").
+            match crate::backoff::patiently("segment read", || log.read_segment(&segment)).await {
+                Err(crate::wal::WalError::NotFound(_)) => {
                     anyhow::bail!("no segment {segment} in {}", log.describe())
                 }
                 Ok(_) => anyhow::bail!(
                     "{segment} reads now: nothing to accept (an acceptance cannot be taken back)"
                 ),
-                Err(_) => {}
+                Err(e @ crate::wal::WalError::Unavailable(_)) => {
+                    if let Err(p) = log.ping().await {
+                        anyhow::bail!(
+                            "{segment} does not read ({e}), but neither does the store ({p}): not accepting while the store is down"
+                        );
+                    }
+                }
+                Err(e) => anyhow::bail!(
+                    "{segment} fails with an error an acceptance does not cover ({e}); fix the cause (permissions, the blob's tier)"
+                ),
             }
             let who = super::operator::resolve(&settings, operator.as_deref()).await;
             let note = serde_json::json!({

@@ -208,8 +208,15 @@ def check(txs: list, faults: list, ledger: dict[str, dict], calls: dict,
             # later attempt.
             withdrawn = {e.get("replay_nonce") for e in entries
                          if e["kind"] == "replay" and e["state"] != "pending" and e.get("replay_nonce")}
+            # A replay without force of a lapsed claim names its attempt; a
+            # success of that attempt or a later one leaves it standing
+            # (rtpd's JournalIndex::known): it explains no later attempt.
+            succeeded = [e.get("attempt") for e in attempts
+                         if e["state"] == "success" and e.get("attempt") is not None]
             replayed = any(e["kind"] == "replay" and e["state"] == "pending"
                            and e.get("replay_nonce") not in withdrawn
+                           and not (e.get("attempt") is not None
+                                    and any(a >= e["attempt"] for a in succeeded))
                            and parse_ts(e["at"]) >= parse_ts(done["at"]) for e in entries)
             if later and not replayed:
                 violate("attempt_after_journaled_success", t.id, journal=entries, calls=k)

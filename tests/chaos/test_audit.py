@@ -265,8 +265,16 @@ class AuditSelfCheck(unittest.TestCase):
         w.journal[t.id].append({"transaction_id": f"chaos/{t.id}", "kind": "attempt", "attempt": 2,
                                 "state": "success", "at": iso(T0 + 30)})
         self.assert_violation(w, "attempt_after_journaled_success", t.id)
-        # ... unless an operator forced a replay
-        w.journal[t.id].append({"transaction_id": f"chaos/{t.id}", "kind": "replay", "attempt": 2,
+        # ... and a replay without force of the lapsed claim of attempt 1
+        # (it names that attempt) does not explain it: attempt 1's success
+        # leaves that replay standing (rtpd's JournalIndex::known)
+        lapsed = {"transaction_id": f"chaos/{t.id}", "kind": "replay", "attempt": 1,
+                  "state": "pending", "at": iso(T0 + 29)}
+        w.journal[t.id].append(lapsed)
+        self.assert_violation(w, "attempt_after_journaled_success", t.id)
+        # ... unless an operator forced a replay (it names no attempt)
+        w.journal[t.id].remove(lapsed)
+        w.journal[t.id].append({"transaction_id": f"chaos/{t.id}", "kind": "replay",
                                 "state": "pending", "at": iso(T0 + 29)})
         self.assertEqual(w.audit()["violations"], [])
 

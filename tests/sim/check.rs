@@ -3,7 +3,7 @@
 //! ledger, the outcome journal, the WAL and the dead-letter queue.
 
 use crate::history::{Answer, Recorder};
-use rtp_durability::journal::{EntryKind, JournalEntry};
+use rtp_durability::journal::{EntryKind, JournalEntry, replay_of_a_success};
 use rtp_durability::queue::{MAX_DELIVERY_COUNT_EXCEEDED, Queue, memory::MemoryQueue};
 use rtp_durability::transaction::{Sha256, State, TxRecord};
 use rtp_durability::wal::{
@@ -253,7 +253,14 @@ pub async fn check(
     }
 
     for r in &h.replays {
-        if r.requeued && !h.calls.iter().any(|c| c.id == r.id && c.start >= r.at) {
+        // A replay of a lapsed claim whose success was journaled around it
+        // (`replay_of_a_success`) stands aside: no call is due.
+        let of_a_success = journal.get(r.id.as_str()).is_some_and(|es| {
+            let es: Vec<&JournalEntry> = es.iter().collect();
+            es.iter()
+                .any(|e| e.at >= r.at && replay_of_a_success(e, &es))
+        });
+        if r.requeued && !of_a_success && !h.calls.iter().any(|c| c.id == r.id && c.start >= r.at) {
             add(
                 inv::REPLAY_WITHOUT_CALL,
                 &r.id,
@@ -266,11 +273,13 @@ pub async fn check(
         let Some(r) = ledger.get(id.as_str()) else {
             continue;
         };
-        // Outcomes only: a purge or an intake refusal is no state.
-        let last = es
-            .iter()
-            .rev()
-            .find(|e| !matches!(e.kind, EntryKind::Purge | EntryKind::Refused));
+        // Outcomes only: a purge or an intake refusal is no state, nor is a
+        // replay that a success leaves standing (`replay_of_a_success`).
+        let all: Vec<&JournalEntry> = es.iter().collect();
+        let last = es.iter().rev().find(|e| {
+            !matches!(e.kind, EntryKind::Purge | EntryKind::Refused)
+                && !replay_of_a_success(e, &all)
+        });
         if let Some(e) = last
             && r.status.is_terminal()
             && e.state != r.status
