@@ -126,6 +126,42 @@ impl LocalLedger {
     ) -> Result<T, LedgerError> {
         self.db.run(f).await.map_err(db_err)
     }
+
+    /// `change` applied to `id`'s record if `owner` at `attempt` still holds
+    /// it (`machine::holds`), in one step; [`LedgerError::Fenced`] (nothing
+    /// changes) if not.
+    async fn as_holder(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        change: impl FnOnce(&mut TxRecord) + Send + 'static,
+    ) -> Result<TxRecord, LedgerError> {
+        let (id2, owner2) = (id.to_owned(), owner.to_owned());
+        let found = self
+            .run(move |c| {
+                let Some(mut rec) = load(c, &id2)? else {
+                    return Ok(None);
+                };
+                if !machine::holds(&rec, &owner2, attempt) {
+                    return Ok(Some(None));
+                }
+                let before = rec.status;
+                change(&mut rec);
+                store(c, &rec, Some(before))?;
+                Ok(Some(Some(rec)))
+            })
+            .await?;
+        match found {
+            Some(Some(rec)) => Ok(rec),
+            Some(None) => Err(LedgerError::Fenced {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                attempt,
+            }),
+            None => Err(LedgerError::NotFound(id.to_owned())),
+        }
+    }
 }
 
 /// Carries a fencing refusal out of a database job.
@@ -244,58 +280,19 @@ impl Ledger for LocalLedger {
         attempt: u32,
         lease: Duration,
     ) -> Result<TxRecord, LedgerError> {
-        let (id2, owner2) = (id.to_owned(), owner.to_owned());
-        let found = self
-            .run(move |c| {
-                let Some(mut rec) = load(c, &id2)? else {
-                    return Ok(None);
-                };
-                if !machine::holds(&rec, &owner2, attempt) {
-                    return Ok(Some(None));
-                }
-                let until = crate::clock::now()
-                    + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-                machine::apply_extension(&mut rec, until);
-                store(c, &rec, Some(rec.status))?;
-                Ok(Some(Some(rec)))
-            })
-            .await?;
-        match found {
-            Some(Some(rec)) => Ok(rec),
-            Some(None) => Err(LedgerError::Fenced {
-                id: id.to_owned(),
-                owner: owner.to_owned(),
-                attempt,
-            }),
-            None => Err(LedgerError::NotFound(id.to_owned())),
-        }
+        self.as_holder(id, owner, attempt, move |rec| {
+            let until = crate::clock::now()
+                + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+            machine::apply_extension(rec, until);
+        })
+        .await
     }
 
     async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
-        let (id2, owner2) = (id.to_owned(), owner.to_owned());
-        let found = self
-            .run(move |c| {
-                let Some(mut rec) = load(c, &id2)? else {
-                    return Ok(None);
-                };
-                if !machine::holds(&rec, &owner2, attempt) {
-                    return Ok(Some(None));
-                }
-                let before = rec.status;
-                machine::apply_release(&mut rec, crate::clock::now());
-                store(c, &rec, Some(before))?;
-                Ok(Some(Some(rec)))
-            })
-            .await?;
-        match found {
-            Some(Some(rec)) => Ok(rec),
-            Some(None) => Err(LedgerError::Fenced {
-                id: id.to_owned(),
-                owner: owner.to_owned(),
-                attempt,
-            }),
-            None => Err(LedgerError::NotFound(id.to_owned())),
-        }
+        self.as_holder(id, owner, attempt, |rec| {
+            machine::apply_release(rec, crate::clock::now())
+        })
+        .await
     }
 
     async fn replay(

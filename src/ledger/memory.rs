@@ -60,6 +60,31 @@ impl MemoryLedger {
         f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// `change` applied to `id`'s record if `owner` at `attempt` still holds
+    /// it (`machine::holds`); [`LedgerError::Fenced`] (nothing changes) if not.
+    fn as_holder(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        change: impl FnOnce(&mut TxRecord),
+    ) -> Result<TxRecord, LedgerError> {
+        self.with(|i| {
+            let Some(rec) = i.records.get_mut(id) else {
+                return Err(LedgerError::NotFound(id.to_owned()));
+            };
+            if !machine::holds(rec, owner, attempt) {
+                return Err(LedgerError::Fenced {
+                    id: id.to_owned(),
+                    owner: owner.to_owned(),
+                    attempt,
+                });
+            }
+            change(rec);
+            Ok(rec.clone())
+        })
+    }
+
     /// Forgets everything: records, leases and checkpoints (a Redis loss).
     pub fn wipe(&self) {
         self.with(|i| {
@@ -132,19 +157,8 @@ impl Ledger for MemoryLedger {
         attempt: u32,
         s: Settlement,
     ) -> Result<TxRecord, LedgerError> {
-        self.with(|i| {
-            let Some(rec) = i.records.get_mut(id) else {
-                return Err(LedgerError::NotFound(id.to_owned()));
-            };
-            if !machine::holds(rec, owner, attempt) {
-                return Err(LedgerError::Fenced {
-                    id: id.to_owned(),
-                    owner: owner.to_owned(),
-                    attempt,
-                });
-            }
-            machine::apply_settlement(rec, &s, crate::clock::now());
-            Ok(rec.clone())
+        self.as_holder(id, owner, attempt, |rec| {
+            machine::apply_settlement(rec, &s, crate::clock::now())
         })
     }
 
@@ -155,36 +169,14 @@ impl Ledger for MemoryLedger {
         attempt: u32,
         lease: Duration,
     ) -> Result<TxRecord, LedgerError> {
-        self.with(|i| {
-            let Some(rec) = i.records.get_mut(id) else {
-                return Err(LedgerError::NotFound(id.to_owned()));
-            };
-            if !machine::holds(rec, owner, attempt) {
-                return Err(LedgerError::Fenced {
-                    id: id.to_owned(),
-                    owner: owner.to_owned(),
-                    attempt,
-                });
-            }
-            machine::apply_extension(rec, until(crate::clock::now(), lease));
-            Ok(rec.clone())
+        self.as_holder(id, owner, attempt, |rec| {
+            machine::apply_extension(rec, until(crate::clock::now(), lease))
         })
     }
 
     async fn release(&self, id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
-        self.with(|i| {
-            let Some(rec) = i.records.get_mut(id) else {
-                return Err(LedgerError::NotFound(id.to_owned()));
-            };
-            if !machine::holds(rec, owner, attempt) {
-                return Err(LedgerError::Fenced {
-                    id: id.to_owned(),
-                    owner: owner.to_owned(),
-                    attempt,
-                });
-            }
-            machine::apply_release(rec, crate::clock::now());
-            Ok(rec.clone())
+        self.as_holder(id, owner, attempt, |rec| {
+            machine::apply_release(rec, crate::clock::now())
         })
     }
 

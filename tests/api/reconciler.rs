@@ -541,6 +541,45 @@ async fn correct_never_undoes_a_replay_made_during_the_correction_postgres() {
     correct_never_undoes_a_replay_made_during_the_pass(On::Postgres, 2, true).await
 }
 
+/// Three transactions posted one at a time, each in a WAL segment of its
+/// own, processed; the middle one's WAL reference.
+async fn three_segments(app: &TestApp, ids: [&str; 3]) -> rtp_durability::transaction::WalRef {
+    for id in ids {
+        let r = app
+            .post_json(&json!({"transaction_id": id, "amount": "1.00"}))
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    app.drain_until_terminal(&ids).await;
+    let middle = app.record(ids[1]).await.wal_ref;
+    for id in [ids[0], ids[2]] {
+        assert_ne!(app.record(id).await.wal_ref.key, middle.key);
+    }
+    middle
+}
+
+/// The app's reconciler over `ledger`, reading the WAL and the journal
+/// through `store` (a fault-injecting wrapper of the app's).
+fn reconciler_on(
+    app: &TestApp,
+    store: &Arc<crate::support::stores::Switchable>,
+    ledger: Arc<dyn Ledger>,
+) -> Reconciler {
+    use rtp_durability::journal::Journal;
+    use rtp_durability::wal::{GroupCommit, JOURNAL_PREFIX, Log, WAL_PREFIX};
+    Reconciler {
+        wal: Log::start(store.clone(), WAL_PREFIX, "rebuild", GroupCommit::default()),
+        journal: Journal::new(Log::start(
+            store.clone(),
+            JOURNAL_PREFIX,
+            "rebuild",
+            GroupCommit::default(),
+        )),
+        ledger,
+        ..app.services.reconciler()
+    }
+}
+
 /// A segment the store will not return keeps every pass incomplete — the
 /// reconciler's watermark stays before it, a rebuild never marks the
 /// ledger — until an operator accepts it as lost for good
@@ -552,34 +591,11 @@ async fn correct_never_undoes_a_replay_made_during_the_correction_postgres() {
 async fn a_segment_accepted_as_lost_lets_passes_complete() {
     use crate::support::process::rtpd;
     use crate::support::stores::Switchable;
-    use rtp_durability::journal::Journal;
-    use rtp_durability::wal::{GroupCommit, JOURNAL_PREFIX, Log, WAL_PREFIX};
     let app = app_on(On::Sqlite, AppOptions::default()).await;
-    let ids = ["AL-1", "AL-2", "AL-3"];
-    for id in ids {
-        let r = app
-            .post_json(&json!({"transaction_id": id, "amount": "1.00"}))
-            .await;
-        assert_eq!(r.status(), 202);
-    }
-    app.drain_until_terminal(&ids).await;
-    let broken = app.record("AL-2").await.wal_ref;
-    for id in ["AL-1", "AL-3"] {
-        assert_ne!(app.record(id).await.wal_ref.key, broken.key);
-    }
+    let broken = three_segments(&app, ["AL-1", "AL-2", "AL-3"]).await;
     let store = Switchable::new(app.services.wal.store().clone());
     store.break_object(&broken.key);
-    let reconciler = |ledger: Arc<dyn Ledger>| Reconciler {
-        wal: Log::start(store.clone(), WAL_PREFIX, "rebuild", GroupCommit::default()),
-        journal: Journal::new(Log::start(
-            store.clone(),
-            JOURNAL_PREFIX,
-            "rebuild",
-            GroupCommit::default(),
-        )),
-        ledger,
-        ..app.services.reconciler()
-    };
+    let reconciler = |ledger: Arc<dyn Ledger>| reconciler_on(&app, &store, ledger);
     let accept = |segment: &str| {
         rtpd()
             .args([
@@ -655,36 +671,12 @@ async fn a_segment_accepted_as_lost_lets_passes_complete() {
 #[tokio::test]
 async fn a_rebuild_waits_out_read_failures_and_skips_only_a_segment_that_never_reads() {
     use crate::support::stores::Switchable;
-    use rtp_durability::journal::Journal;
+    use rtp_durability::wal::JOURNAL_PREFIX;
     use rtp_durability::wal::store::ObjectStore;
-    use rtp_durability::wal::{GroupCommit, JOURNAL_PREFIX, Log, WAL_PREFIX};
     let app = app_on(On::Sqlite, AppOptions::default()).await;
-    let ids = ["SK-1", "SK-2", "SK-3"];
-    for id in ids {
-        // One at a time: each in a segment of its own.
-        let r = app
-            .post_json(&json!({"transaction_id": id, "amount": "1.00"}))
-            .await;
-        assert_eq!(r.status(), 202);
-    }
-    app.drain_until_terminal(&ids).await;
-    let broken = app.record("SK-2").await.wal_ref;
-    for id in ["SK-1", "SK-3"] {
-        assert_ne!(app.record(id).await.wal_ref.key, broken.key);
-    }
-
+    let broken = three_segments(&app, ["SK-1", "SK-2", "SK-3"]).await;
     let store = Switchable::new(app.services.wal.store().clone());
-    let on_store = |ledger: Arc<dyn Ledger>| Reconciler {
-        wal: Log::start(store.clone(), WAL_PREFIX, "rebuild", GroupCommit::default()),
-        journal: Journal::new(Log::start(
-            store.clone(),
-            JOURNAL_PREFIX,
-            "rebuild",
-            GroupCommit::default(),
-        )),
-        ledger,
-        ..app.services.reconciler()
-    };
+    let on_store = |ledger: Arc<dyn Ledger>| reconciler_on(&app, &store, ledger);
     let fresh = |name: &str| -> Arc<dyn Ledger> {
         Arc::new(LocalLedger::open(&app.data_dir().join(name)).unwrap())
     };

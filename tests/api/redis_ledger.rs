@@ -19,9 +19,14 @@ async fn marked(l: RedisLedger) -> RedisLedger {
 }
 
 fn ledger_with(url: String, retention: Option<Duration>) -> RedisLedger {
+    ledger_in(url, &redis_key_prefix(), retention)
+}
+
+/// A ledger under `prefix`: two of them on one prefix see the same keys.
+fn ledger_in(url: String, prefix: &str, retention: Option<Duration>) -> RedisLedger {
     RedisLedger::connect(&RedisSettings {
         url: url.into(),
-        key_prefix: redis_key_prefix(),
+        key_prefix: prefix.to_owned(),
         entra: false,
         client_id: None,
         retention,
@@ -219,17 +224,7 @@ async fn pages_across_shards_keep_order_and_ties() {
 async fn a_redis_restarted_mid_rebuild_is_not_marked_by_that_rebuild() {
     let mut redis = crate::support::process::OwnRedis::start();
     let prefix = redis_key_prefix();
-    let on = |url: String| {
-        RedisLedger::connect(&RedisSettings {
-            url: url.into(),
-            key_prefix: prefix.clone(),
-            entra: false,
-            client_id: None,
-            retention: None,
-            timeout: DEFAULT_TIMEOUT,
-        })
-        .unwrap()
-    };
+    let on = |url: String| ledger_in(url, &prefix, None);
     let l = on(redis.url());
     l.begin_rebuild("t1").await.unwrap();
     let mut conn = redis::Client::open(redis.url())
@@ -276,16 +271,7 @@ async fn a_redis_resynced_from_a_lagging_peer_is_not_marked_by_that_rebuild() {
     use crate::support::process::OwnRedis;
     let a = OwnRedis::start();
     let b = OwnRedis::start();
-    let prefix = redis_key_prefix();
-    let l = RedisLedger::connect(&RedisSettings {
-        url: a.url().into(),
-        key_prefix: prefix.clone(),
-        entra: false,
-        client_id: None,
-        retention: None,
-        timeout: DEFAULT_TIMEOUT,
-    })
-    .unwrap();
+    let l = ledger_with(a.url(), None);
     let conn = |url: String| async move {
         redis::Client::open(url)
             .unwrap()

@@ -317,6 +317,21 @@ fn changed_row(rows: &[Row]) -> Result<Option<(bool, TxRecord)>, LedgerError> {
         .transpose()
 }
 
+/// The row a holder's statement (`SETTLE`, `EXTEND_LEASE`, `RELEASE`)
+/// returned: the changed record, [`LedgerError::Fenced`] when `owner` at
+/// `attempt` no longer held it, `NotFound` for an unknown id.
+fn as_holder(rows: &[Row], id: &str, owner: &str, attempt: u32) -> Result<TxRecord, LedgerError> {
+    match changed_row(rows)? {
+        Some((true, rec)) => Ok(rec),
+        Some((false, _)) => Err(LedgerError::Fenced {
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+            attempt,
+        }),
+        None => Err(LedgerError::NotFound(id.to_owned())),
+    }
+}
+
 #[async_trait]
 impl Ledger for PostgresLedger {
     async fn register(&self, reg: Registration) -> Result<RegisterOutcome, LedgerError> {
@@ -445,15 +460,7 @@ impl Ledger for PostgresLedger {
                 ],
             )
             .await?;
-        match changed_row(&rows)? {
-            Some((true, rec)) => Ok(rec),
-            Some((false, _)) => Err(LedgerError::Fenced {
-                id: id.to_owned(),
-                owner: owner.to_owned(),
-                attempt,
-            }),
-            None => Err(LedgerError::NotFound(id.to_owned())),
-        }
+        as_holder(&rows, id, owner, attempt)
     }
 
     async fn replay_fate(&self, id: &str, nonce: &str) -> Result<Option<TxRecord>, LedgerError> {
@@ -470,15 +477,7 @@ impl Ledger for PostgresLedger {
             .inner
             .query("release", sql::RELEASE, &[&id, &owner, &attempt_i, &now])
             .await?;
-        match changed_row(&rows)? {
-            Some((true, rec)) => Ok(rec),
-            Some((false, _)) => Err(LedgerError::Fenced {
-                id: id.to_owned(),
-                owner: owner.to_owned(),
-                attempt,
-            }),
-            None => Err(LedgerError::NotFound(id.to_owned())),
-        }
+        as_holder(&rows, id, owner, attempt)
     }
 
     async fn extend_lease(
@@ -499,15 +498,7 @@ impl Ledger for PostgresLedger {
                 &[&id, &owner, &attempt_i, &until],
             )
             .await?;
-        match changed_row(&rows)? {
-            Some((true, rec)) => Ok(rec),
-            Some((false, _)) => Err(LedgerError::Fenced {
-                id: id.to_owned(),
-                owner: owner.to_owned(),
-                attempt,
-            }),
-            None => Err(LedgerError::NotFound(id.to_owned())),
-        }
+        as_holder(&rows, id, owner, attempt)
     }
 
     async fn replay(
