@@ -94,6 +94,13 @@ pub struct Known {
 }
 
 impl Known {
+    /// A success of these bytes (a success journaled for other bytes under
+    /// the same id is not this payment's; an entry from before sha256s were
+    /// journaled counts).
+    pub fn is_success_of(&self, sha256: &Sha256) -> bool {
+        self.state == State::Success && self.sha256.as_ref().is_none_or(|s| s == sha256)
+    }
+
     fn apply(&mut self, e: &JournalEntry) {
         if let Some(a) = e.attempt {
             self.attempts = self.attempts.max(a);

@@ -835,11 +835,7 @@ impl Processor {
         }
         self.read_journal_since(rec.created_at).await?;
         let known = self.journal_index.lock().await.known(&rec.transaction_id);
-        // A success of other bytes under this id (a sha256 that is not the
-        // ledger's) is not this payment's.
-        Ok(known.is_some_and(|k| {
-            k.state == State::Success && k.sha256.as_ref().is_none_or(|s| *s == rec.sha256)
-        }))
+        Ok(known.is_some_and(|k| k.is_success_of(&rec.sha256)))
     }
 
     /// [`Processor::journaled_success`], tried again with back-off for

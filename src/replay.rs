@@ -267,9 +267,9 @@ impl Replayer {
             .refresh(&self.journal, rec.created_at, crate::clock::now(), false)
             .await?;
         let id = rec.transaction_id.to_string();
-        Ok(index.known(&id).is_some_and(|k| {
-            k.state == State::Success && k.sha256.as_ref().is_none_or(|s| *s == rec.sha256)
-        }))
+        Ok(index
+            .known(&id)
+            .is_some_and(|k| k.is_success_of(&rec.sha256)))
     }
 
     /// The replay window: this process's, or the processors' published one

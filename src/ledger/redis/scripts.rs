@@ -28,6 +28,11 @@ local function terminal(state)
   return state == 'success' or state == 'dead_letter'
 end
 
+-- machine::holds, over HMGET status, attempts, lease_owner (first three).
+local function holds(h, owner, attempt)
+  return h[1] == 'processing' and tonumber(h[2]) == attempt and h[3] == owner
+end
+
 -- Moves id from state `before` (false: not indexed) to `after`, scored by
 -- `score`, and moves the count in the same step.
 local function reindex(id, before, after, score)
@@ -159,10 +164,7 @@ local outcome, err, retry_at = ARGV[5], ARGV[6], ARGV[7]
 local h = redis.call('HMGET', TX, 'status', 'attempts', 'lease_owner')
 local status = h[1]
 if not status then return {'not_found', {}} end
--- machine::holds
-if status ~= 'processing' or tonumber(h[2]) ~= attempt or h[3] ~= owner then
-  return {'fenced', {}}
-end
+if not holds(h, owner, attempt) then return {'fenced', {}} end
 -- machine::apply_settlement
 redis.call('HSET', TX, 'status', outcome, 'updated_at', now_s)
 redis.call('HDEL', TX, 'lease_owner', 'lease_until')
@@ -196,10 +198,7 @@ local owner, attempt, lease_us = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local h = redis.call('HMGET', TX, 'status', 'attempts', 'lease_owner', 'lease_until')
 local status = h[1]
 if not status then return {'not_found', {}} end
--- machine::holds
-if status ~= 'processing' or tonumber(h[2]) ~= attempt or h[3] ~= owner then
-  return {'fenced', {}}
-end
+if not holds(h, owner, attempt) then return {'fenced', {}} end
 -- machine::apply_extension
 local t = redis.call('TIME')
 local until_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) + lease_us
@@ -220,10 +219,7 @@ local id, owner, attempt, now_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local h = redis.call('HMGET', TX, 'status', 'attempts', 'lease_owner', 'attempt_base')
 local status = h[1]
 if not status then return {'not_found', {}} end
--- machine::holds
-if status ~= 'processing' or tonumber(h[2]) ~= attempt or h[3] ~= owner then
-  return {'fenced', {}}
-end
+if not holds(h, owner, attempt) then return {'fenced', {}} end
 -- machine::apply_release
 local base = math.min(tonumber(h[4] or '0') + 1, attempt)
 redis.call('HSET', TX, 'status', 'pending', 'attempt_base', tostring(base), 'updated_at', now_s)
