@@ -16,6 +16,10 @@
 #                                                  ack p50/p99, p99 at half that rate, drain rate (tx/s end to end)
 #                                                  and rtpd CPU µs per transaction per process (/proc/<pid>/stat);
 #                                                  Microsoft's Python SDK sending to the same broker as a reference
+#   scripts/bench.sh cpu [COUNT] [CONCURRENCY]     rtpd dev end to end (embedded backends): rtpd CPU µs per
+#                                                  transaction, next to the floor measured in the same run: the
+#                                                  CPU per request of a bare actix POST handler (the mock
+#                                                  downstream, run as its own process, answering rtpd's calls)
 #
 # RTPD_BENCH_BIN=path/to/rtpd skips the release build and uses that binary;
 # RTPD_BENCH_ROUNDS sets the rounds of the otel and stack scenarios (2).
@@ -26,6 +30,9 @@
 # RTPD_BENCH_BASELINE_COUNT transactions, default a tenth of COUNT);
 # RTPD_BENCH_MODES="split serve" picks the configurations;
 # RTPD_BENCH_PYTHON=path/to/python (with azure-servicebus) adds the SDK reference.
+# stack, cpu: RTPD_BENCH_PERF=DIR records a CPU profile of each measured rtpd
+# process while it ingests and drains (perf record -e cpu-clock -g; the
+# reports land in DIR/<configuration>-<process>.txt).
 #
 # Each scenario starts its own processes on free ports with fresh data and stops them.
 set -euo pipefail
@@ -55,6 +62,34 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_up() { for _ in $(seq 200); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
 metric() { curl -s "$1/metrics" | python3 -c "import json,sys;print(json.load(sys.stdin)['$2'])"; }
+
+tick=$(getconf CLK_TCK)
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+us_per_tx() { echo $(( ($2 - $1) * 1000000 / tick / $3 )); }
+
+# perf_start NAME PID...: with RTPD_BENCH_PERF, a CPU profile of each process
+# (NAME-<pid>); perf_stop writes the reports.
+perf_pids=()
+perf_start() {
+    [[ -n "${RTPD_BENCH_PERF:-}" ]] || return 0
+    mkdir -p "$RTPD_BENCH_PERF"
+    local name=$1 p; shift
+    for p in "$@"; do
+        perf record -q -e cpu-clock -F 499 -g -o "$RTPD_BENCH_PERF/$name-${p%%:*}.data" -p "${p#*:}" 2>/dev/null &
+        perf_pids+=($!)
+    done
+    sleep 0.5
+}
+perf_stop() {
+    [[ -n "${RTPD_BENCH_PERF:-}" ]] || return 0
+    local p f
+    for p in "${perf_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    perf_pids=()
+    for f in "$RTPD_BENCH_PERF"/*.data; do
+        [[ -f ${f%.data}.txt ]] && continue
+        perf report -i "$f" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^$' | head -400 >"${f%.data}.txt" || true
+    done
+}
 
 # start_service NAME ENV... : rtpd serve (or dev) on a free port; sets $api
 start_serve() {
@@ -276,9 +311,6 @@ stack)
     [[ -n "$sb" ]] || { echo "bench: the broker did not start" >&2; exit 1; }
     sbconn="Endpoint=sb://$sb;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
     start_mock 0
-    tick=$(getconf CLK_TCK)
-    ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-    us_per_tx() { echo $(( ($2 - $1) * 1000000 / tick / $3 )); }
     results=()
     for round in $(seq "$rounds"); do
         for b in "${bins[@]}"; do
@@ -302,10 +334,12 @@ stack)
                     serve_cmd=serve start_serve "$name" "${stack[@]}"
                     procs+=("serve:$serve_pid")
                 fi
+                perf_start "$name" "${procs[@]}"
                 before=(); for p in "${procs[@]}"; do before+=("$(ticks "${p#*:}")"); done
                 t0=$(date +%s.%N)
                 produce "S$name" "$n" | tee "$work/$name.out"
                 drain "$t0" | tee "$work/$name.drain"
+                perf_stop
                 cpu=(); total_us=0; i=0
                 for p in "${procs[@]}"; do
                     us=$(us_per_tx "${before[$i]}" "$(ticks "${p#*:}")" "$n")
@@ -356,8 +390,40 @@ PY
     echo "|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${results[@]}"
     ;;
+cpu)
+    rounds=${RTPD_BENCH_ROUNDS:-2}
+    results=()
+    for round in $(seq "$rounds"); do
+        echo "== rtpd dev (round $round), mock downstream as its own process at 0 ms, $count transactions, concurrency $conc"
+        start_mock 0
+        mock_pid=${pids[-1]}
+        port=$(free_port); api=http://127.0.0.1:$port
+        RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/cpu$round" RTPD_LOG_LEVEL=warn RTPD_DOWNSTREAM_URL="$downstream" \
+            "$rtpd" dev --no-mock >"$work/cpu$round.log" 2>&1 &
+        pids+=($!); dev_pid=$!
+        wait_up "$api/healthz"
+        key=$(python3 -c "import json;print(json.load(open('$work/cpu$round/dev-credentials.json'))['api_key'])")
+        perf_start "cpu-$round" "dev:$dev_pid" "mock:$mock_pid"
+        d0=$(ticks "$dev_pid"); m0=$(ticks "$mock_pid")
+        t0=$(date +%s.%N)
+        produce "C$round" "$count" "$conc" --api-key "$key" | tee "$work/cpu$round.out"
+        drain "$t0" | tee "$work/cpu$round.drain"
+        perf_stop
+        dev_us=$(us_per_tx "$d0" "$(ticks "$dev_pid")" "$count")
+        mock_us=$(us_per_tx "$m0" "$(ticks "$mock_pid")" "$count")
+        acks=$(sed -n 's/.*acknowledged (\([0-9]*\)\/s).*/\1/p' "$work/cpu$round.out")
+        drained=$(sed -n 's/.*: \([0-9]*\) processed\/s/\1/p' "$work/cpu$round.drain")
+        echo "rtpd dev CPU per transaction: $dev_us µs; bare actix POST handler (the mock) per request: $mock_us µs"
+        results+=("| $round | $acks | $drained | $dev_us | $mock_us | $(python3 -c "print(f'{$dev_us/max($mock_us,1):.1f}')") |")
+        kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=()
+    done
+    echo
+    echo "| round | acks/s | drained tx/s | rtpd dev CPU µs/tx | bare POST handler CPU µs/request | ratio |"
+    echo "|---|---|---|---|---|---|"
+    printf '%s\n' "${results[@]}"
+    ;;
 *)
-    echo "usage: scripts/bench.sh dev|azure|ledger|otel|stack [COUNT] [CONCURRENCY] | otel-one off|down|up [COUNT] [CONCURRENCY]" >&2
+    echo "usage: scripts/bench.sh dev|azure|ledger|otel|stack|cpu [COUNT] [CONCURRENCY] | otel-one off|down|up [COUNT] [CONCURRENCY]" >&2
     exit 2
     ;;
 esac

@@ -53,7 +53,17 @@ export SB_INTEROP_PYTHON="$repo/.venv/bin/python"
 export RTPD_TEST_PYTHON="$repo/.venv/bin/python"
 
 step "Build"
-cargo build --quiet --bins --workspace || die "build failed"
+# One debug build serves both the tests and the suites that run the binaries:
+# building the tests builds rtpd and sb-test-broker with the tests' features
+# (tests/ of each package start its binary) and puts them in target/debug.
+# A separate `cargo build --bins` would compile every dependency a second time
+# with the features the dev-dependencies leave out (tokio's test-util, ...).
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-run --cargo-quiet || die "build failed"
+else
+    cargo test --workspace --no-run --quiet || die "build failed"
+fi
+[[ -x target/debug/rtpd && -x target/debug/sb-test-broker ]] || die "the test build left no target/debug/rtpd or sb-test-broker"
 # The starvation test (tests/api/hostile_clients.rs) runs against the
 # release binary, as issue 20 asks.
 cargo build --quiet --release --bin rtpd || die "release build failed"
