@@ -7,6 +7,11 @@ use rtp_durability::cli::{self, Cli, Command, Ending};
 use rtp_durability::config::{LogFormat, Settings};
 use rtp_durability::telemetry;
 
+/// mimalloc rather than glibc's malloc: per-thread free lists, no arena
+/// locks or consolidation passes on the request path (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::from_arg_matches(&cli::command().get_matches()).unwrap_or_else(|e| e.exit());

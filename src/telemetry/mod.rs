@@ -112,29 +112,38 @@ impl Telemetry {
     }
 }
 
-fn otel_layer<S>(exporters: &otlp::Exporters) -> Option<impl Layer<S>>
+fn otel_layer<S>(exporters: &otlp::Exporters) -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     // rtpd's own spans at info, whatever RTPD_LOG_LEVEL keeps out of the
-    // logs: a quiet log must not cost the traces.
-    let spans = Targets::new()
-        .with_default(Level::WARN)
-        .with_target("rtp_durability", Level::INFO);
+    // logs: a quiet log must not cost the traces. With no exporter the
+    // filter enables nothing: an unfiltered `None` layer would ask for every
+    // span, and the spans would be made and entered for nobody.
+    let spans = if exporters.tracer.is_some() {
+        Targets::new()
+            .with_default(Level::WARN)
+            .with_target("rtp_durability", Level::INFO)
+    } else {
+        Targets::new()
+    };
     // While the collector fails, finished spans are dropped before the
     // batch queue (see otlp::WhileExportsWork); their context travels.
-    exporters.tracer.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("rtpd"))
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            // Nothing reads OpenTelemetry's own current context (trace
-            // context is taken from the tracing span), so entering a span on
-            // every poll need not attach one.
-            .with_context_activation(false)
-            .with_filter(spans)
-    })
+    exporters
+        .tracer
+        .as_ref()
+        .map(|p| {
+            tracing_opentelemetry::layer()
+                .with_tracer(p.tracer("rtpd"))
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
+                // Nothing reads OpenTelemetry's own current context (trace
+                // context is taken from the tracing span), so entering a span on
+                // every poll need not attach one.
+                .with_context_activation(false)
+        })
+        .with_filter(spans)
 }
 
 /// Sets up logging, and the OTLP exporters when configured. Must run inside
@@ -183,4 +192,28 @@ pub fn init(format: LogFormat, level: &str, over: &OtlpOverride) -> Result<Telem
     };
     let _ = result;
     Ok(Telemetry { exporters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With OTLP off and a quiet log, rtpd's info spans (one per request,
+    /// ledger call, attempt...) must not be created at all: each costs a
+    /// registry slot and an enter/exit on every poll.
+    #[tokio::test]
+    async fn with_export_off_a_quiet_log_creates_no_spans() {
+        let telemetry = init(LogFormat::Text, "warn", &OtlpOverride::default()).unwrap();
+        assert!(!telemetry.traces());
+        let span = tracing::info_span!("probe");
+        assert!(
+            span.is_disabled(),
+            "an info span was created with the log at warn and no exporter"
+        );
+        let warned = tracing::warn_span!("probe");
+        assert!(
+            !warned.is_disabled(),
+            "a warn span is kept with the log at warn"
+        );
+    }
 }
