@@ -10,7 +10,9 @@ use crate::queue::ReceivedMessage;
 use crate::replay::{ReplayRequest, Scope};
 use crate::services::Services;
 use crate::transaction::State;
+use crate::transaction::TransactionId;
 use chrono::Utc;
+use std::collections::BTreeSet;
 
 #[derive(Debug, clap::Args)]
 pub struct Opts {
@@ -87,6 +89,37 @@ fn tx_id(m: &ReceivedMessage) -> Option<&str> {
     transaction_id_of(m)
 }
 
+/// Whether `given` names the message's transaction: its key (`acme/TX-1`),
+/// or, given a bare id, the id within its key (`TX-1`).
+fn names(m: &ReceivedMessage, given: &str) -> bool {
+    tx_id(m).is_some_and(|key| {
+        key == given || (!given.contains('/') && TransactionId::vendor_part(key) == given)
+    })
+}
+
+/// The transaction keys the given ids name among dead-lettered messages. A
+/// bare id that names transactions of more than one vendor is refused: the
+/// operator names the vendor (`acme/TX-1`), as the API asks.
+fn keys_named(msgs: &[ReceivedMessage], ids: &[String]) -> anyhow::Result<BTreeSet<String>> {
+    let mut keys = BTreeSet::new();
+    for given in ids {
+        let found: BTreeSet<&str> = msgs
+            .iter()
+            .filter(|m| names(m, given))
+            .filter_map(tx_id)
+            .collect();
+        if found.len() > 1 {
+            let found: Vec<&str> = found.into_iter().collect();
+            anyhow::bail!(
+                "{given} names dead-lettered transactions of several vendors ({}): give <vendor>/{given}",
+                found.join(", ")
+            );
+        }
+        keys.extend(found.into_iter().map(str::to_owned));
+    }
+    Ok(keys)
+}
+
 fn summary(m: &ReceivedMessage) -> serde_json::Value {
     serde_json::json!({
         "sequence_number": m.sequence_number,
@@ -133,7 +166,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 .filter(|m| {
                     m.sequence_number.to_string() == target
                         || m.message_id == target
-                        || tx_id(m) == Some(target.as_str())
+                        || names(m, &target)
                 })
                 .collect();
             if found.is_empty() {
@@ -176,14 +209,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             let scope = if ids.is_empty() {
                 Scope::DeadLetterQueue
             } else {
-                // Only ids that are in the dead-letter queue.
-                let in_dlq: Vec<String> = peek_all(&svc, usize::MAX)
-                    .await?
-                    .iter()
-                    .filter_map(|m| tx_id(m).map(str::to_owned))
-                    .filter(|id| ids.contains(id))
-                    .collect();
-                Scope::Ids(in_dlq)
+                // Only ids that are in the dead-letter queue, by their keys.
+                let in_dlq = keys_named(&peek_all(&svc, usize::MAX).await?, &ids)?;
+                Scope::Ids(in_dlq.into_iter().collect())
             };
             let ropts = ReplayOpts {
                 ids: vec![],
@@ -218,25 +246,21 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             reason,
             operator: who,
         } => {
+            let keys = keys_named(&peek_all(&svc, usize::MAX).await?, &ids)?;
+            let chosen =
+                |m: &ReceivedMessage| ids.is_empty() || tx_id(m).is_some_and(|k| keys.contains(k));
             if !yes {
                 let n = peek_all(&svc, usize::MAX)
                     .await?
                     .iter()
-                    .filter(|m| {
-                        ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id))
-                    })
+                    .filter(|m| chosen(m))
                     .count();
                 anyhow::bail!(
                     "would delete {n} dead-lettered messages; run again with --yes to do it"
                 );
             }
             let who = operator(&settings, who.as_deref()).await;
-            let doomed = svc
-                .replayer()
-                .lock_dead_letters(|m| {
-                    ids.is_empty() || tx_id(m).is_some_and(|id| ids.iter().any(|i| i == id))
-                })
-                .await?;
+            let doomed = svc.replayer().lock_dead_letters(chosen).await?;
             let mut removed = 0;
             // Journaled before it is deleted: the journal shows every purge.
             for m in &doomed {

@@ -188,7 +188,9 @@ async fn across_vendors(
         return Ok(ids);
     }
     let vendors = crate::auth::Auth::from_settings(settings)
-        .context("reading the configured vendors, to look ids up across them (or pass --vendor)")?
+        .context(
+            "reading the configured vendors, to look bare ids up across them (or name the vendor: --vendor V, or V/<id>)",
+        )?
         .vendor_names();
     let mut keys = Vec::with_capacity(ids.len());
     for given in ids {
@@ -290,15 +292,21 @@ pub async fn replay_scope(
             }
             Replayed::Refused(r) => {
                 s.refused += 1;
-                format!(
-                    "{id}: refused ({}{})",
-                    r.status,
-                    if r.status == State::Success {
-                        "; use --force"
-                    } else {
-                        ""
-                    }
-                )
+                match req.expect.filter(|e| *e != r.status) {
+                    Some(e) => format!(
+                        "{id}: refused ({} now, not {e} as --if-state says; look again before replaying it)",
+                        r.status
+                    ),
+                    None => format!(
+                        "{id}: refused ({}{})",
+                        r.status,
+                        if r.status == State::Success && !req.force {
+                            "; use --force"
+                        } else {
+                            ""
+                        }
+                    ),
+                }
             }
             Replayed::JournaledSuccess(_) => {
                 s.refused += 1;
