@@ -1760,7 +1760,23 @@ async fn dlq_commands_name_a_vendors_transaction_by_its_key() {
 
 #[tokio::test]
 async fn two_vendors_may_send_the_same_transaction_id() {
-    let app = spawn_app().await;
+    two_vendors_share_an_id(spawn_app().await).await;
+}
+
+/// The same on the Redis ledger: its keys carry the vendor too.
+#[tokio::test]
+async fn two_vendors_may_send_the_same_transaction_id_redis() {
+    two_vendors_share_an_id(
+        spawn_app_with(AppOptions {
+            redis_url: Some(crate::support::redis_url()),
+            ..Default::default()
+        })
+        .await,
+    )
+    .await;
+}
+
+async fn two_vendors_share_an_id(app: crate::support::TestApp) {
     // The signing vendor takes the id first.
     let theirs = r#"{"transaction_id":"T-1","amount":"2.00"}"#;
     let r = app.post_signed(theirs, now_unix()).await;
