@@ -32,7 +32,10 @@
 # RTPD_BENCH_PYTHON=path/to/python (with azure-servicebus) adds the SDK reference.
 # stack, cpu: RTPD_BENCH_PERF=DIR records a CPU profile of each measured rtpd
 # process while it ingests and drains (perf record -e cpu-clock -g; the
-# reports land in DIR/<configuration>-<process>.txt).
+# reports land in DIR/<configuration>-<process>.txt); RTPD_BENCH_PERF_FREQ
+# sets the sampling rate (499 Hz) and RTPD_BENCH_PERF_CALLGRAPH the call-graph
+# mode (-g; the release build has no frame pointers, so callers need
+# "--call-graph=dwarf,16384" and a lower rate).
 #
 # Each scenario starts its own processes on free ports with fresh data and stops them.
 set -euo pipefail
@@ -75,7 +78,7 @@ perf_start() {
     mkdir -p "$RTPD_BENCH_PERF"
     local name=$1 p; shift
     for p in "$@"; do
-        perf record -q -e cpu-clock -F 499 -g -o "$RTPD_BENCH_PERF/$name-${p%%:*}.data" -p "${p#*:}" 2>/dev/null &
+        perf record -q -e cpu-clock -F "${RTPD_BENCH_PERF_FREQ:-499}" ${RTPD_BENCH_PERF_CALLGRAPH:--g} -o "$RTPD_BENCH_PERF/$name-${p%%:*}.data" -p "${p#*:}" 2>/dev/null &
         perf_pids+=($!)
     done
     sleep 0.5
