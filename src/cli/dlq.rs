@@ -34,7 +34,7 @@ pub enum DlqCommand {
     Show { target: String },
     /// Replay the transactions of dead-lettered messages and remove those messages
     Replay {
-        /// Only these transaction ids (default: all)
+        /// Only these (a transaction key or id, a SEQ or a message id, as `rtpd dlq ls` shows them; default: all)
         ids: Vec<String>,
         #[arg(long)]
         dry_run: bool,
@@ -56,7 +56,7 @@ pub enum DlqCommand {
     },
     /// Delete dead-lettered messages (journaled per message); requires --yes
     Purge {
-        /// Only these transaction ids (default: all)
+        /// Only these (a transaction key or id, a SEQ or a message id, as `rtpd dlq ls` shows them; default: all)
         ids: Vec<String>,
         /// Confirm the deletion
         #[arg(long)]
@@ -89,35 +89,50 @@ fn tx_id(m: &ReceivedMessage) -> Option<&str> {
     transaction_id_of(m)
 }
 
-/// Whether `given` names the message's transaction: its key (`acme/TX-1`),
-/// or, given a bare id, the id within its key (`TX-1`).
+/// Whether `given` names the message: its sequence number or message id (as
+/// `rtpd dlq ls` prints them), its transaction's key (`acme/TX-1`), or,
+/// given a bare id, the id within that key (`TX-1`).
 fn names(m: &ReceivedMessage, given: &str) -> bool {
-    tx_id(m).is_some_and(|key| {
-        key == given || (!given.contains('/') && TransactionId::vendor_part(key) == given)
-    })
+    m.sequence_number.to_string() == given
+        || m.message_id == given
+        || tx_id(m).is_some_and(|key| {
+            key == given || (!given.contains('/') && TransactionId::vendor_part(key) == given)
+        })
 }
 
-/// The transaction keys the given ids name among dead-lettered messages. A
-/// bare id that names transactions of more than one vendor is refused: the
-/// operator names the vendor (`acme/TX-1`), as the API asks.
-fn keys_named(msgs: &[ReceivedMessage], ids: &[String]) -> anyhow::Result<BTreeSet<String>> {
-    let mut keys = BTreeSet::new();
-    for given in ids {
-        let found: BTreeSet<&str> = msgs
+/// The dead-lettered messages the given names pick (sequence numbers).
+/// Refused, naming each: a name that picks nothing, and a bare id that
+/// picks more than one transaction (two vendors', or a vendor's and one
+/// from before ids were scoped) — the operator then gives the key or the
+/// sequence number, as `rtpd dlq ls` shows them.
+fn pick(msgs: &[ReceivedMessage], given: &[String]) -> anyhow::Result<BTreeSet<i64>> {
+    let mut picked = BTreeSet::new();
+    let mut unmatched = Vec::new();
+    for name in given {
+        let hits: Vec<&ReceivedMessage> = msgs.iter().filter(|m| names(m, name)).collect();
+        let keys: BTreeSet<&str> = hits.iter().filter_map(|m| tx_id(m)).collect();
+        let by_message = hits
             .iter()
-            .filter(|m| names(m, given))
-            .filter_map(tx_id)
-            .collect();
-        if found.len() > 1 {
-            let found: Vec<&str> = found.into_iter().collect();
+            .any(|m| m.sequence_number.to_string() == *name || m.message_id == *name);
+        if keys.len() > 1 && !by_message {
+            let keys: Vec<&str> = keys.into_iter().collect();
             anyhow::bail!(
-                "{given} names dead-lettered transactions of several vendors ({}): give <vendor>/{given}",
-                found.join(", ")
+                "{name} names more than one dead-lettered transaction ({}): give the key (<vendor>/{name}) or the SEQ that `rtpd dlq ls` shows",
+                keys.join(", ")
             );
         }
-        keys.extend(found.into_iter().map(str::to_owned));
+        if hits.is_empty() {
+            unmatched.push(name.as_str());
+        }
+        picked.extend(hits.iter().map(|m| m.sequence_number));
     }
-    Ok(keys)
+    if !unmatched.is_empty() {
+        anyhow::bail!(
+            "no dead-lettered message matches {} (see `rtpd dlq ls`: SEQ, transaction key or message id)",
+            unmatched.join(", ")
+        );
+    }
+    Ok(picked)
 }
 
 fn summary(m: &ReceivedMessage) -> serde_json::Value {
@@ -161,14 +176,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         }
         DlqCommand::Show { target } => {
             let msgs = peek_all(&svc, usize::MAX).await?;
-            let found: Vec<_> = msgs
-                .iter()
-                .filter(|m| {
-                    m.sequence_number.to_string() == target
-                        || m.message_id == target
-                        || names(m, &target)
-                })
-                .collect();
+            let found: Vec<_> = msgs.iter().filter(|m| names(m, &target)).collect();
             if found.is_empty() {
                 anyhow::bail!("no dead-lettered message matches {target}");
             }
@@ -209,9 +217,27 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             let scope = if ids.is_empty() {
                 Scope::DeadLetterQueue
             } else {
-                // Only ids that are in the dead-letter queue, by their keys.
-                let in_dlq = keys_named(&peek_all(&svc, usize::MAX).await?, &ids)?;
-                Scope::Ids(in_dlq.into_iter().collect())
+                // The transactions of the messages named, by their keys.
+                let msgs = peek_all(&svc, usize::MAX).await?;
+                let picked = pick(&msgs, &ids)?;
+                let chosen: Vec<&ReceivedMessage> = msgs
+                    .iter()
+                    .filter(|m| picked.contains(&m.sequence_number))
+                    .collect();
+                if let Some(m) = chosen.iter().find(|m| tx_id(m).is_none()) {
+                    anyhow::bail!(
+                        "dead-lettered message {} (SEQ {}) names no transaction to replay: remove it with `rtpd dlq purge {} --yes`",
+                        m.message_id,
+                        m.sequence_number,
+                        m.sequence_number
+                    );
+                }
+                let keys: BTreeSet<String> = chosen
+                    .iter()
+                    .filter_map(|m| tx_id(m))
+                    .map(str::to_owned)
+                    .collect();
+                Scope::Ids(keys.into_iter().collect())
             };
             let ropts = ReplayOpts {
                 ids: vec![],
@@ -236,6 +262,13 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                     .await?;
                 println!("{removed} dead-lettered messages removed");
             }
+            if dry_run && s.missing > 0 {
+                anyhow::bail!(
+                    "{} of {} transactions are not in the ledger",
+                    s.missing,
+                    s.selected
+                );
+            }
             if s.refused > 0 && !dry_run {
                 anyhow::bail!("{} of {} were not replayed", s.refused, s.selected);
             }
@@ -246,9 +279,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             reason,
             operator: who,
         } => {
-            let keys = keys_named(&peek_all(&svc, usize::MAX).await?, &ids)?;
+            let picked = pick(&peek_all(&svc, usize::MAX).await?, &ids)?;
             let chosen =
-                |m: &ReceivedMessage| ids.is_empty() || tx_id(m).is_some_and(|k| keys.contains(k));
+                |m: &ReceivedMessage| ids.is_empty() || picked.contains(&m.sequence_number);
             if !yes {
                 let n = peek_all(&svc, usize::MAX)
                     .await?

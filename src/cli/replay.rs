@@ -294,7 +294,7 @@ pub async fn replay_scope(
                 s.refused += 1;
                 match req.expect.filter(|e| *e != r.status) {
                     Some(e) => format!(
-                        "{id}: refused ({} now, not {e} as --if-state says; look again before replaying it)",
+                        "{id}: refused ({} now, not {e} as expected (--if-state, or --state when it was selected); look again before replaying it)",
                         r.status
                     ),
                     None => format!(
@@ -316,7 +316,9 @@ pub async fn replay_scope(
             }
             Replayed::NotFound => {
                 s.refused += 1;
-                format!("{id}: not found (a vendor's transaction: <vendor>/<id>, or --vendor)")
+                format!(
+                    "{id}: not found (a vendor's transaction: <vendor>/<id>, or `rtpd replay --vendor`)"
+                )
             }
         };
         bar.suspend(|| println!("{line}"));

@@ -1506,7 +1506,7 @@ async fn a_forced_replay_needs_a_reason() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains("acme/WHY-1: refused (success now, not failed as --if-state says"),
+        said.contains("acme/WHY-1: refused (success now, not failed as expected (--if-state"),
         "the CLI's forced replay with a stale --if-state: {said}"
     );
     let r = app
@@ -1748,11 +1748,47 @@ async fn dlq_commands_name_a_vendors_transaction_by_its_key() {
     assert_eq!(app.state_of("acme/DL-1").await, State::Success);
     assert_eq!(app.state_of(&theirs_key).await, State::DeadLetter);
 
-    // Now the bare id names one vendor's dead letter only.
-    let out = dlq(&["purge", "DL-1", "--yes", "--reason", "tidy"]);
+    // A name that matches no dead letter is an error, not a quiet "0".
+    for args in [
+        &["replay", "DL-1X", "--reason", "typo"][..],
+        &["replay", "DL-1X", "--dry-run"][..],
+        &[
+            "purge",
+            "acme/DL-1",
+            "--yes",
+            "--reason",
+            "replayed already",
+        ][..],
+        &["purge", "999999", "--yes"][..],
+    ] {
+        let out = dlq(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no dead-lettered message matches"),
+            "{args:?}: {err}"
+        );
+    }
+    // Now the bare id names one vendor's dead letter only; the SEQ that
+    // `rtpd dlq ls` prints names it too.
+    let out = dlq(&["replay", "DL-1", "--dry-run"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{theirs_key}: would replay")),
+        "{out:?}"
+    );
+    let ls = String::from_utf8_lossy(&dlq(&["ls"]).stdout).into_owned();
+    let seq = ls
+        .lines()
+        .find(|l| l.split('\t').nth(1) == Some(theirs_key.as_str()))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("{theirs_key} not listed: {ls}"))
+        .to_owned();
+    let out = dlq(&["purge", &seq, "--yes", "--reason", "tidy"]);
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("1 dead-lettered messages purged"), "{said}");
+    assert!(String::from_utf8_lossy(&dlq(&["ls"]).stdout).contains("0 dead-lettered messages"));
     let calls = app.mock_calls().await;
     assert_eq!(calls["by_key"]["acme/DL-1"]["calls"], 2, "{calls}");
     assert_eq!(calls["by_key"][theirs_key.as_str()]["calls"], 1, "{calls}");

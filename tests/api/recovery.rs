@@ -545,6 +545,18 @@ async fn poison_is_dead_lettered_listed_and_replayed() {
     let ls = site.ops(&["dlq", "ls"]);
     assert!(!ls.contains(&ids[0]) && ls.contains("garbage-1"), "{ls}");
 
+    // A message that names no transaction cannot be replayed: the CLI says
+    // how to remove it.
+    let out = site
+        .command()
+        .args(["dlq", "replay", "garbage-1", "--reason", "try"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("names no transaction to replay"),
+        "{out:?}"
+    );
     // Purging needs --yes, and is journaled.
     let refused = site.command().args(["dlq", "purge"]).output().unwrap();
     assert!(!refused.status.success());
