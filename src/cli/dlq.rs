@@ -101,24 +101,31 @@ fn names(m: &ReceivedMessage, given: &str) -> bool {
 }
 
 /// The dead-lettered messages the given names pick (sequence numbers).
-/// Refused, naming each: a name that picks nothing, and a bare id that
-/// picks more than one transaction (two vendors', or a vendor's and one
-/// from before ids were scoped) — the operator then gives the key or the
-/// sequence number, as `rtpd dlq ls` shows them.
+/// Refused, naming each: a name that picks nothing, and a name that picks
+/// messages of more than one transaction in any of its readings (a bare id
+/// two vendors share, a vendor's and an entry's from before ids were scoped,
+/// a number that is one message's SEQ and another's id) — the operator then
+/// gives the key or the SEQ, as `rtpd dlq ls` shows them.
 fn pick(msgs: &[ReceivedMessage], given: &[String]) -> anyhow::Result<BTreeSet<i64>> {
     let mut picked = BTreeSet::new();
     let mut unmatched = Vec::new();
     for name in given {
         let hits: Vec<&ReceivedMessage> = msgs.iter().filter(|m| names(m, name)).collect();
-        let keys: BTreeSet<&str> = hits.iter().filter_map(|m| tx_id(m)).collect();
-        let by_message = hits
+        // What each hit is: its transaction, or itself when it names none.
+        let what: BTreeSet<String> = hits
             .iter()
-            .any(|m| m.sequence_number.to_string() == *name || m.message_id == *name);
-        if keys.len() > 1 && !by_message {
-            let keys: Vec<&str> = keys.into_iter().collect();
+            .map(|m| match tx_id(m) {
+                Some(key) => key.to_owned(),
+                None => format!("message {} (SEQ {})", m.message_id, m.sequence_number),
+            })
+            .collect();
+        if what.len() > 1 {
+            let seqs: Vec<String> = hits.iter().map(|m| m.sequence_number.to_string()).collect();
+            let what: Vec<String> = what.into_iter().collect();
             anyhow::bail!(
-                "{name} names more than one dead-lettered transaction ({}): give the key (<vendor>/{name}) or the SEQ that `rtpd dlq ls` shows",
-                keys.join(", ")
+                "{name} names more than one dead-lettered transaction ({}; SEQ {}): give the key or the SEQ that `rtpd dlq ls` shows",
+                what.join(", "),
+                seqs.join(", ")
             );
         }
         if hits.is_empty() {
@@ -214,12 +221,13 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 reason,
                 expect: if_state,
             };
+            let mut picked = BTreeSet::new();
             let scope = if ids.is_empty() {
                 Scope::DeadLetterQueue
             } else {
                 // The transactions of the messages named, by their keys.
                 let msgs = peek_all(&svc, usize::MAX).await?;
-                let picked = pick(&msgs, &ids)?;
+                picked = pick(&msgs, &ids)?;
                 let chosen: Vec<&ReceivedMessage> = msgs
                     .iter()
                     .filter(|m| picked.contains(&m.sequence_number))
@@ -256,11 +264,25 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             };
             let s = replay_scope(&svc.replayer(), &scope, &req, &ropts).await?;
             if matches!(scope, Scope::Ids(_)) && !dry_run {
-                let removed = svc
-                    .replayer()
-                    .settle_dead_letters(|m| tx_id(m).is_some_and(|id| s.replayed_ids.contains(id)))
-                    .await?;
+                // Only the messages picked: a copy of the same transaction
+                // dead-lettered again since the replay stays listed.
+                let replayed = |m: &ReceivedMessage| {
+                    picked.contains(&m.sequence_number)
+                        && tx_id(m).is_some_and(|id| s.replayed_ids.contains(id))
+                };
+                let wanted = peek_all(&svc, usize::MAX)
+                    .await?
+                    .iter()
+                    .filter(|m| replayed(m))
+                    .count();
+                let removed = svc.replayer().settle_dead_letters(replayed).await?;
                 println!("{removed} dead-lettered messages removed");
+                if removed < wanted {
+                    anyhow::bail!(
+                        "{} of {wanted} dead-lettered messages of replayed transactions were not removed (held by another command?): `rtpd dlq ls` shows them",
+                        wanted - removed
+                    );
+                }
             }
             if dry_run && s.missing > 0 {
                 anyhow::bail!(
@@ -336,6 +358,13 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 }
             }
             println!("{removed} dead-lettered messages purged (journaled)");
+            if !ids.is_empty() && removed < picked.len() {
+                anyhow::bail!(
+                    "{} of {} dead-lettered messages named were not purged (held by another command, or gone): `rtpd dlq ls` shows what is left",
+                    picked.len() - removed,
+                    picked.len()
+                );
+            }
         }
     }
     Ok(())

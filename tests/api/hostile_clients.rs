@@ -1731,7 +1731,9 @@ async fn dlq_commands_name_a_vendors_transaction_by_its_key() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("acme/DL-1") && err.contains(&theirs_key) && err.contains("<vendor>/DL-1"),
+            err.contains("acme/DL-1")
+                && err.contains(&theirs_key)
+                && err.contains("give the key or the SEQ"),
             "{args:?}: {err}"
         );
     }
@@ -1784,10 +1786,31 @@ async fn dlq_commands_name_a_vendors_transaction_by_its_key() {
         .and_then(|l| l.split('\t').next())
         .unwrap_or_else(|| panic!("{theirs_key} not listed: {ls}"))
         .to_owned();
+    // A number that is one message's SEQ and another transaction's id names
+    // both: refused (it picked both and purged them).
+    let numeric = json!({"transaction_id": seq, "amount": "3.00", "_mock": {"script": ["400"]}});
+    assert_eq!(app.post_json(&numeric).await.status(), 202);
+    let numeric_key = format!("acme/{seq}");
+    app.drain_until_terminal(&[&numeric_key]).await;
+    assert_eq!(app.state_of(&numeric_key).await, State::DeadLetter);
     let out = dlq(&["purge", &seq, "--yes", "--reason", "tidy"]);
-    assert!(out.status.success(), "{out:?}");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("1 dead-lettered messages purged"), "{said}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("names more than one")
+            && err.contains(&numeric_key)
+            && err.contains(&theirs_key),
+        "{err}"
+    );
+    for key in [&theirs_key, &numeric_key] {
+        let out = dlq(&["purge", key, "--yes", "--reason", "tidy"]);
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("1 dead-lettered messages purged"),
+            "{key}: {said}"
+        );
+    }
     assert!(String::from_utf8_lossy(&dlq(&["ls"]).stdout).contains("0 dead-lettered messages"));
     let calls = app.mock_calls().await;
     assert_eq!(calls["by_key"]["acme/DL-1"]["calls"], 2, "{calls}");
