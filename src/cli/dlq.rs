@@ -116,14 +116,14 @@ fn pick(msgs: &[ReceivedMessage], given: &[String]) -> anyhow::Result<BTreeSet<i
             .iter()
             .map(|m| match tx_id(m) {
                 Some(key) => key.to_owned(),
-                None => format!("message {} (SEQ {})", m.message_id, m.sequence_number),
+                None => format!("message {}", m.message_id),
             })
             .collect();
         if what.len() > 1 {
             let seqs: Vec<String> = hits.iter().map(|m| m.sequence_number.to_string()).collect();
             let what: Vec<String> = what.into_iter().collect();
             anyhow::bail!(
-                "{name} names more than one dead-lettered transaction ({}; SEQ {}): give the key or the SEQ that `rtpd dlq ls` shows",
+                "{name} names more than one dead-lettered transaction or message ({}; SEQ {}): give the key or the SEQ that `rtpd dlq ls` shows",
                 what.join(", "),
                 seqs.join(", ")
             );
@@ -279,7 +279,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 println!("{removed} dead-lettered messages removed");
                 if removed < wanted {
                     anyhow::bail!(
-                        "{} of {wanted} dead-lettered messages of replayed transactions were not removed (held by another command?): `rtpd dlq ls` shows them",
+                        "{} of {wanted} dead-lettered messages of replayed transactions were not removed (held by another command, or not received in time): `rtpd dlq ls` shows them; `rtpd dlq purge <SEQ> --yes` removes one",
                         wanted - removed
                     );
                 }
