@@ -28,7 +28,9 @@
 # configuration with those binaries too, interleaved, so before/after ratios
 # come from the same run (the one labelled baseline runs `serve` with
 # RTPD_BENCH_BASELINE_COUNT transactions, default a tenth of COUNT);
-# RTPD_BENCH_MODES="split serve" picks the configurations;
+# RTPD_BENCH_MODES="split serve" picks the configurations (even rounds run
+# the binaries and the modes in reverse order: Azurite slows as it fills, so
+# compare builds over an even number of rounds);
 # RTPD_BENCH_PYTHON=path/to/python (with azure-servicebus) adds the SDK reference.
 # stack, cpu: RTPD_BENCH_PERF=DIR records a CPU profile of each measured rtpd
 # process while it ingests and drains (perf record -e cpu-clock -g; the
@@ -316,9 +318,16 @@ stack)
     start_mock 0
     results=()
     for round in $(seq "$rounds"); do
-        for b in "${bins[@]}"; do
+        # The run's one Azurite slows as it fills, so what runs first does
+        # better: even rounds run the binaries and the modes in reverse.
+        round_bins=("${bins[@]}"); round_modes=($modes)
+        if ((round % 2 == 0)); then
+            round_bins=(); for ((i = ${#bins[@]} - 1; i >= 0; i--)); do round_bins+=("${bins[$i]}"); done
+            m=($modes); round_modes=(); for ((i = ${#m[@]} - 1; i >= 0; i--)); do round_modes+=("${m[$i]}"); done
+        fi
+        for b in "${round_bins[@]}"; do
             label=${b%%:*}
-            for mode in $modes; do
+            for mode in "${round_modes[@]}"; do
                 # A baseline's serve may be slow (the collapse of issue 14): fewer transactions.
                 n=$count; [[ $label == baseline && $mode == serve ]] && n=${RTPD_BENCH_BASELINE_COUNT:-$((count / 10))}
                 name=$label-$mode-$round
