@@ -222,11 +222,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 expect: if_state,
             };
             let mut picked = BTreeSet::new();
+            let mut msgs = Vec::new();
             let scope = if ids.is_empty() {
                 Scope::DeadLetterQueue
             } else {
                 // The transactions of the messages named, by their keys.
-                let msgs = peek_all(&svc, usize::MAX).await?;
+                msgs = peek_all(&svc, usize::MAX).await?;
                 picked = pick(&msgs, &ids)?;
                 let chosen: Vec<&ReceivedMessage> = msgs
                     .iter()
@@ -270,11 +271,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                     picked.contains(&m.sequence_number)
                         && tx_id(m).is_some_and(|id| s.replayed_ids.contains(id))
                 };
-                let wanted = peek_all(&svc, usize::MAX)
-                    .await?
-                    .iter()
-                    .filter(|m| replayed(m))
-                    .count();
+                let wanted = msgs.iter().filter(|m| replayed(m)).count();
                 let removed = svc.replayer().settle_dead_letters(replayed).await?;
                 println!("{removed} dead-lettered messages removed");
                 if removed < wanted {
@@ -301,15 +298,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             reason,
             operator: who,
         } => {
-            let picked = pick(&peek_all(&svc, usize::MAX).await?, &ids)?;
+            let msgs = peek_all(&svc, usize::MAX).await?;
+            let picked = pick(&msgs, &ids)?;
             let chosen =
                 |m: &ReceivedMessage| ids.is_empty() || picked.contains(&m.sequence_number);
             if !yes {
-                let n = peek_all(&svc, usize::MAX)
-                    .await?
-                    .iter()
-                    .filter(|m| chosen(m))
-                    .count();
+                let n = msgs.iter().filter(|m| chosen(m)).count();
                 anyhow::bail!(
                     "would delete {n} dead-lettered messages; run again with --yes to do it"
                 );
