@@ -32,4 +32,5 @@ pub mod sqlite;
 pub mod telemetry;
 pub mod trace_context;
 pub mod transaction;
+pub mod validate;
 pub mod wal;

@@ -96,6 +96,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::validate::Invalid> for ApiError {
+    fn from(e: crate::validate::Invalid) -> ApiError {
+        ApiError::bad(e.code, e.message)
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {

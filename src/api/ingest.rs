@@ -3,11 +3,12 @@
 //! receipt.
 
 use super::rejected::BodySeen;
-use super::{ApiError, ApiState, VendorCheck, error::ErrorBody, json::parse_document};
+use super::{ApiError, ApiState, VendorCheck, error::ErrorBody};
 use crate::intake::{Dependency, IntakeError, IntakeOutcome, Submission};
 use crate::metrics;
 use crate::trace_context;
 use crate::transaction::{Sha256, State, TransactionId, TxRecord, WalRef};
+use crate::validate;
 use crate::wal::Source;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, http::header, web};
 use bytes::{Bytes, BytesMut};
@@ -174,16 +175,7 @@ fn transaction_id(
         })?),
         None => None,
     };
-    let body_id = match doc.get("transaction_id") {
-        None => None,
-        Some(serde_json::Value::String(s)) => Some(s.as_str()),
-        Some(_) => {
-            return Err(ApiError::bad(
-                "invalid_transaction_id",
-                "transaction_id must be a string",
-            ));
-        }
-    };
+    let body_id = validate::id_member(doc, "transaction_id")?;
     let id = match (body_id, header_id) {
         (Some(b), Some(h)) if b != h => {
             return Err(ApiError::bad(
@@ -200,7 +192,7 @@ fn transaction_id(
             ));
         }
     };
-    TransactionId::parse(id).map_err(|e| ApiError::bad("invalid_transaction_id", e.to_string()))
+    Ok(validate::transaction_id(id)?)
 }
 
 /// Header that carries the vendor's deadline when the body does not.
@@ -213,42 +205,19 @@ fn expires_at(
     req: &HttpRequest,
     doc: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-    let parse = |s: &str, whence: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .map_err(|e| {
-                ApiError::bad(
-                    "invalid_expires_at",
-                    format!("{whence} must be an RFC 3339 time such as 2026-01-31T12:00:00Z: {e}"),
-                )
-            })
-    };
     let header = match req.headers().get(EXPIRES_AT_HEADER) {
         Some(v) => {
             let s = v.to_str().map_err(|_| {
                 ApiError::bad("invalid_expires_at", "X-Rtpd-Expires-At must be ASCII")
             })?;
-            Some(parse(s, "X-Rtpd-Expires-At")?)
+            Some(validate::deadline(s, "X-Rtpd-Expires-At")?)
         }
         None => None,
     };
-    let body = match doc.get("expires_at") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(parse(s, "expires_at")?),
-        Some(_) => {
-            return Err(ApiError::bad(
-                "invalid_expires_at",
-                "expires_at must be a string (RFC 3339)",
-            ));
-        }
-    };
-    match (body, header) {
-        (Some(b), Some(h)) if b != h => Err(ApiError::bad(
-            "invalid_expires_at",
-            "expires_at and X-Rtpd-Expires-At differ",
-        )),
-        (b, h) => Ok(b.or(h)),
-    }
+    Ok(validate::one_deadline(
+        validate::expires_member(doc)?,
+        header,
+    )?)
 }
 
 /// The durability receipt: where the exact bytes are in the WAL, and their sha256.
@@ -387,12 +356,7 @@ async fn accept(
         VendorCheck::Done(p) => p,
         VendorCheck::NeedsBody(signed) => state.vendor_signed(req, &signed, &body)?,
     };
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::bad("invalid_utf8", "body is not valid UTF-8"))?;
-    let doc = parse_document(text)?;
-    let serde_json::Value::Object(doc) = doc else {
-        return Err(ApiError::bad("not_an_object", "body must be a JSON object"));
-    };
+    let doc = validate::object(&body)?;
     let id = transaction_id(req, &doc)?;
     let expires_at = expires_at(req, &doc)?;
     let span = tracing::Span::current();
@@ -409,6 +373,7 @@ async fn accept(
         source: Source {
             vendor: principal.vendor().map(str::to_owned),
             remote_addr: state.client_ip(req).map(|ip| ip.to_string()),
+            kafka: None,
         },
         expires_at,
     };

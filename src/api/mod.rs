@@ -7,7 +7,6 @@ pub mod client_addr;
 pub mod error;
 pub mod health;
 pub mod ingest;
-pub mod json;
 pub mod limits;
 pub mod openapi;
 pub mod rejected;

@@ -83,6 +83,18 @@ impl From<StoreError> for WalError {
 pub struct Source {
     pub vendor: Option<String>,
     pub remote_addr: Option<String>,
+    /// The Kafka record the transaction came from (the Kafka intake).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaOrigin>,
+}
+
+/// Where in Kafka a transaction was read: its record's topic, partition
+/// and offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaOrigin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// One accepted transaction as stored in the WAL: one JSON line.

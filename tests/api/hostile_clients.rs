@@ -1927,6 +1927,7 @@ async fn entries_written_before_vendor_scoping_stay_their_vendors() {
         source: Source {
             vendor: Some("acme".into()),
             remote_addr: None,
+            kafka: None,
         },
         sha256: Sha256::of(body.as_bytes()),
         payload: body.into(),

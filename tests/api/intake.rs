@@ -183,6 +183,7 @@ fn submission(id: &str, body: &str) -> Submission {
         source: Source {
             vendor: Some("acme".into()),
             remote_addr: None,
+            kafka: None,
         },
         expires_at: None,
     }

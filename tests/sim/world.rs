@@ -429,6 +429,7 @@ impl World {
                         source: Source {
                             vendor: Some("acme".into()),
                             remote_addr: None,
+                            kafka: None,
                         },
                         expires_at: None,
                     };
