@@ -84,7 +84,19 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_MAX_UNVERIFIED_PER_SOURCE",
     "RTPD_TRUSTED_PROXIES",
     "RTPD_TRUSTED_PROXY_HOPS",
+    "RTPD_KAFKA_BOOTSTRAP_SERVERS",
+    "RTPD_KAFKA_TOPICS",
+    "RTPD_KAFKA_GROUP_ID",
+    "RTPD_KAFKA_ID_FROM",
+    "RTPD_KAFKA_VENDOR",
+    "RTPD_KAFKA_DEAD_LETTER_TOPIC",
+    "RTPD_KAFKA_MAX_IN_FLIGHT",
+    "RTPD_KAFKA_ENTRA",
 ];
+
+/// librdkafka properties passed through: `RTPD_KAFKA_CONFIG_SASL_MECHANISM`
+/// sets `sasl.mechanism` (the rest of the name in lower case, `_` for `.`).
+pub const KAFKA_CONFIG_PREFIX: &str = "RTPD_KAFKA_CONFIG_";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -385,6 +397,83 @@ pub struct Settings {
     /// How far back the WAL is kept (the storage lifecycle rule); operator
     /// time ranges that reach further back are refused.
     pub wal_retention_days: u32,
+
+    /// Kafka brokers (`host:port,…`); the Kafka intake needs them.
+    #[serde(deserialize_with = "opt_scalar_string")]
+    pub kafka_bootstrap_servers: Option<String>,
+    /// Topics the Kafka intake consumes, comma separated. Set: `rtpd
+    /// serve`, `api` and `dev` run the intake too; `rtpd kafka-intake` runs
+    /// only it.
+    #[serde(deserialize_with = "opt_scalar_string")]
+    pub kafka_topics: Option<String>,
+    #[serde(deserialize_with = "scalar_string")]
+    pub kafka_group_id: String,
+    /// `key`, `header:<name>` or `field:<name>`.
+    #[serde(deserialize_with = "scalar_string")]
+    pub kafka_id_from: String,
+    /// The vendor the records' ids belong to (keys `<vendor>/<id>`, as an
+    /// authenticated vendor's POSTs); unset: ids as they are.
+    #[serde(deserialize_with = "opt_scalar_string")]
+    pub kafka_vendor: Option<String>,
+    #[serde(deserialize_with = "scalar_string")]
+    pub kafka_dead_letter_topic: String,
+    /// Records in intake at once; beyond it the partitions are paused.
+    pub kafka_max_in_flight: usize,
+    /// SASL/OAUTHBEARER with Entra ID tokens (Event Hubs' Kafka endpoint).
+    pub kafka_entra: bool,
+    /// `RTPD_KAFKA_CONFIG_*`, as librdkafka properties (read from the
+    /// environment only; shown by `rtpd config` when there are any).
+    #[serde(skip_deserializing, skip_serializing_if = "KafkaProperties::is_empty")]
+    pub kafka_config: KafkaProperties,
+}
+
+/// librdkafka properties from `RTPD_KAFKA_CONFIG_*` (values of names that
+/// look secret are shown redacted).
+#[derive(Debug, Clone, Default)]
+pub struct KafkaProperties(pub std::collections::BTreeMap<String, Secret>);
+
+impl KafkaProperties {
+    /// From the environment: each `RTPD_KAFKA_CONFIG_<NAME>`.
+    pub fn from_env(vars: impl Iterator<Item = (String, String)>) -> KafkaProperties {
+        KafkaProperties(
+            vars.filter_map(|(k, v)| {
+                let name = k.strip_prefix(KAFKA_CONFIG_PREFIX)?;
+                (!name.is_empty()).then(|| {
+                    (
+                        name.to_ascii_lowercase().replace('_', "."),
+                        Secret::from(v.as_str()),
+                    )
+                })
+            })
+            .collect(),
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn is_secret(name: &str) -> bool {
+        ["password", "secret", "key", "token", "jaas"]
+            .iter()
+            .any(|w| name.contains(w))
+    }
+}
+
+impl Serialize for KafkaProperties {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            let shown = if Self::is_secret(k) {
+                "[redacted]"
+            } else {
+                v.expose()
+            };
+            m.serialize_entry(k, shown)?;
+        }
+        m.end()
+    }
 }
 
 impl Default for Settings {
@@ -454,6 +543,15 @@ impl Default for Settings {
             trusted_proxies: TrustedProxies::default(),
             trusted_proxy_hops: 0,
             wal_retention_days: 400,
+            kafka_bootstrap_servers: None,
+            kafka_topics: None,
+            kafka_group_id: "rtpd".into(),
+            kafka_id_from: "field:transaction_id".into(),
+            kafka_vendor: None,
+            kafka_dead_letter_topic: "rtpd-dead-letter".into(),
+            kafka_max_in_flight: 1000,
+            kafka_entra: false,
+            kafka_config: KafkaProperties::default(),
         }
     }
 }
@@ -505,7 +603,7 @@ impl Settings {
             .collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         fig = fig.merge(Env::prefixed("RTPD_").only(&names));
-        let settings: Settings = fig.extract().map_err(|e| {
+        let mut settings: Settings = fig.extract().map_err(|e| {
             let field = e.path.first().cloned().unwrap_or_else(|| "?".into());
             let from_env = e
                 .metadata
@@ -518,6 +616,7 @@ impl Settings {
             };
             ConfigError::new(&variable, e.kind.to_string())
         })?;
+        settings.kafka_config = KafkaProperties::from_env(std::env::vars());
         settings.validate()?;
         Ok(settings)
     }
@@ -531,7 +630,82 @@ impl Settings {
             .max(1)
     }
 
+    /// `RTPD_KAFKA_TOPICS` as a list (empty: no Kafka intake).
+    pub fn kafka_topic_list(&self) -> Vec<String> {
+        self.kafka_topics
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether the Kafka intake runs (`RTPD_KAFKA_TOPICS` names a topic).
+    pub fn kafka_enabled(&self) -> bool {
+        !self.kafka_topic_list().is_empty()
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        if !self.kafka_enabled() {
+            return Ok(());
+        }
+        if !cfg!(feature = "kafka") {
+            return Err(ConfigError::new(
+                "RTPD_KAFKA_TOPICS",
+                "this rtpd was built without the kafka feature (cargo build --features kafka)",
+            ));
+        }
+        if self
+            .kafka_bootstrap_servers
+            .as_deref()
+            .is_none_or(|s| s.trim().is_empty())
+        {
+            return Err(ConfigError::new(
+                "RTPD_KAFKA_BOOTSTRAP_SERVERS",
+                "must be set when RTPD_KAFKA_TOPICS is (host:port, comma separated)",
+            ));
+        }
+        if let Err(e) = self.kafka_id_from.parse::<crate::kafka::record::IdFrom>() {
+            return Err(ConfigError::new("RTPD_KAFKA_ID_FROM", e));
+        }
+        if self.kafka_group_id.trim().is_empty() {
+            return Err(ConfigError::new("RTPD_KAFKA_GROUP_ID", "must not be empty"));
+        }
+        if self.kafka_dead_letter_topic.trim().is_empty()
+            || self
+                .kafka_topic_list()
+                .contains(&self.kafka_dead_letter_topic)
+        {
+            return Err(ConfigError::new(
+                "RTPD_KAFKA_DEAD_LETTER_TOPIC",
+                "must name a topic that is not one of RTPD_KAFKA_TOPICS",
+            ));
+        }
+        if let Some(v) = &self.kafka_vendor
+            && crate::transaction::TransactionId::scoped(
+                Some(v),
+                &crate::transaction::TransactionId::parse("x").expect("a valid id"),
+            )
+            .is_err()
+        {
+            return Err(ConfigError::new(
+                "RTPD_KAFKA_VENDOR",
+                format!("{v:?} is not a vendor name (letters, digits, . _ : -)"),
+            ));
+        }
+        if self.kafka_max_in_flight == 0 {
+            return Err(ConfigError::new(
+                "RTPD_KAFKA_MAX_IN_FLIGHT",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_kafka()?;
         let positive = |name: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(())

@@ -22,6 +22,12 @@ pub enum EntryKind {
     /// (a concurrent first POST won): the record with this `sha256` is not
     /// the transaction, and a ledger rebuild never restores it.
     Refused,
+    /// A transport refused a record before intake and set it aside (the
+    /// Kafka intake: not JSON, no id, too large, other bytes under a known
+    /// id; the record went to the dead-letter topic). `transaction_id` names
+    /// the record (`kafka:<topic>/<partition>@<offset>`), never a
+    /// transaction, so no fold or rebuild ever reads it.
+    Rejected,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,7 +137,7 @@ impl Known {
             }
             EntryKind::Purge => {}
             // Not about the transaction's own payload.
-            EntryKind::Refused => return,
+            EntryKind::Refused | EntryKind::Rejected => return,
         }
         if e.sha256.is_some() && e.kind != EntryKind::Purge {
             self.sha256 = e.sha256.clone();
@@ -308,7 +314,9 @@ impl JournalIndex {
         let entries = self.entries.get(id)?;
         let mut sorted: Vec<&JournalEntry> = entries.iter().collect();
         sorted.sort_by_key(|e| e.at);
-        let first = sorted.iter().find(|e| e.kind != EntryKind::Refused)?;
+        let first = sorted
+            .iter()
+            .find(|e| !matches!(e.kind, EntryKind::Refused | EntryKind::Rejected))?;
         let mut k = Known {
             state: State::Pending,
             attempts: 0,

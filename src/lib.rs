@@ -18,6 +18,7 @@ pub mod downstream;
 pub mod envelope;
 pub mod intake;
 pub mod journal;
+pub mod kafka;
 pub mod ledger;
 pub mod metrics;
 pub mod mock_downstream;

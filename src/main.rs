@@ -55,6 +55,7 @@ async fn run(command: Command) -> anyhow::Result<Ending> {
         Command::Serve(_) => done(serve(cli::serve::Parts::Both).await),
         Command::Api(_) => done(serve(cli::serve::Parts::Api).await),
         Command::Processor(_) => done(serve(cli::serve::Parts::Processor).await),
+        Command::KafkaIntake(_) => done(serve(cli::serve::Parts::KafkaIntake).await),
         Command::MockDownstream(o) => done(cli::mock::run(o).await),
         Command::Produce(o) => done(cli::produce::run(o).await),
         Command::Replay(o) => done(cli::replay::run(o).await),

@@ -58,6 +58,17 @@ struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KafkaPartitionLabel {
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PortCallLabel {
     port: &'static str,
     op: &'static str,
@@ -81,6 +92,10 @@ const DEPENDENCY_RETURNED_HELP: &str =
     "A dependency answered again after an outage (each triggers a recovery pass)";
 const REJECTED_UNRECORDED_HELP: &str = "Refused calls left out of rejected/v1 by sampling (counted in the next record of the same source and reason)";
 const FORWARDED_FOR_IGNORED_HELP: &str = "Requests with X-Forwarded-For from a peer not in RTPD_TRUSTED_PROXIES while that list is set (the proxy's address may have moved out of it)";
+const KAFKA_RECORDS_HELP: &str = "Kafka records taken by the intake: accepted (new, durable), duplicate (same id and bytes as a transaction the ledger holds), dead_lettered (refused; on the dead-letter topic)";
+const KAFKA_LAG_HELP: &str =
+    "Kafka consumer lag per assigned partition (records behind the partition's end)";
+const KAFKA_PAUSED_HELP: &str = "1 while the Kafka intake has its partitions paused (a dependency does not answer, or RTPD_KAFKA_MAX_IN_FLIGHT records are in intake)";
 const HTTP_PROTOCOL_ERRORS_HELP: &str = "Connections closed by the HTTP/1 parser for a malformed request or body (answered by actix before any route)";
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -111,6 +126,9 @@ struct Metrics {
     rejected_unrecorded: Counter,
     http_protocol_errors: Counter,
     forwarded_for_ignored: Counter,
+    kafka_records: Family<OutcomeLabel, Counter>,
+    kafka_lag: Family<KafkaPartitionLabel, Gauge>,
+    kafka_paused: Gauge,
 }
 
 fn get() -> &'static Metrics {
@@ -252,7 +270,16 @@ fn get() -> &'static Metrics {
             HTTP_PROTOCOL_ERRORS_HELP,
             http_protocol_errors.clone(),
         );
+        let kafka_records = Family::<OutcomeLabel, Counter>::default();
+        registry.register("kafka_records", KAFKA_RECORDS_HELP, kafka_records.clone());
+        let kafka_lag = Family::<KafkaPartitionLabel, Gauge>::default();
+        registry.register("kafka_consumer_lag", KAFKA_LAG_HELP, kafka_lag.clone());
+        let kafka_paused = Gauge::default();
+        registry.register("kafka_paused", KAFKA_PAUSED_HELP, kafka_paused.clone());
         Metrics {
+            kafka_records,
+            kafka_lag,
+            kafka_paused,
             recovery_waiting,
             recovery_oldest_wait,
             resend,
@@ -300,6 +327,22 @@ struct Otel {
     rejected_unrecorded: OtelCounter<u64>,
     http_protocol_errors: OtelCounter<u64>,
     forwarded_for_ignored: OtelCounter<u64>,
+    kafka_records: OtelCounter<u64>,
+}
+
+/// Kafka lag per partition and whether the intake is paused, for the OTLP gauges.
+static KAFKA: Mutex<KafkaGauges> = Mutex::new(KafkaGauges {
+    lag: Vec::new(),
+    paused: false,
+});
+
+struct KafkaGauges {
+    lag: Vec<((String, i32), i64)>,
+    paused: bool,
+}
+
+fn kafka_gauges() -> std::sync::MutexGuard<'static, KafkaGauges> {
+    KAFKA.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What waits on recovery (count, oldest wait in seconds), for the OTLP gauges.
@@ -433,7 +476,22 @@ impl Otel {
             RECOVERY_OLDEST_WAIT_HELP,
             || Some(RECOVERY.lock().unwrap_or_else(|e| e.into_inner()).1),
         );
+        i.gauge_i64("rtpd_kafka_consumer_lag", KAFKA_LAG_HELP, |observe| {
+            for ((topic, partition), lag) in &kafka_gauges().lag {
+                observe(
+                    *lag,
+                    &[
+                        KeyValue::new("topic", topic.clone()),
+                        KeyValue::new("partition", i64::from(*partition)),
+                    ],
+                );
+            }
+        });
+        i.gauge_i64("rtpd_kafka_paused", KAFKA_PAUSED_HELP, |observe| {
+            observe(i64::from(kafka_gauges().paused), &[])
+        });
         let o = Otel {
+            kafka_records: i.counter("rtpd_kafka_records", KAFKA_RECORDS_HELP),
             ingest_requests: i.counter(
                 "rtpd_ingest_requests",
                 "Transaction POSTs by response status and caller (credentialed, unverified, anonymous)",
@@ -554,6 +612,40 @@ pub fn forwarded_for_ignored() {
     if let Some(o) = otel() {
         o.forwarded_for_ignored.add(1, &[]);
     }
+}
+
+/// What the Kafka intake did with a record (`accepted`, `duplicate`,
+/// `dead_lettered`).
+pub fn kafka_record(outcome: &'static str) {
+    get()
+        .kafka_records
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+    if let Some(o) = otel() {
+        o.kafka_records.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+}
+
+/// A partition's consumer lag, from librdkafka's statistics.
+pub fn kafka_consumer_lag(topic: &str, partition: i32, lag: i64) {
+    get()
+        .kafka_lag
+        .get_or_create(&KafkaPartitionLabel {
+            topic: topic.to_owned(),
+            partition,
+        })
+        .set(lag);
+    let mut g = kafka_gauges();
+    let key = (topic.to_owned(), partition);
+    match g.lag.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = lag,
+        None => g.lag.push((key, lag)),
+    }
+}
+
+pub fn kafka_paused(paused: bool) {
+    get().kafka_paused.set(i64::from(paused));
+    kafka_gauges().paused = paused;
 }
 
 pub fn http_protocol_error() {

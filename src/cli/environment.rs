@@ -23,6 +23,8 @@ impl Reads {
     pub const PROCESSING: Reads = Reads(1 << 4);
     /// When an untouched `pending` transaction counts as lost.
     pub const REDRIVE: Reads = Reads(1 << 5);
+    /// The Kafka intake.
+    pub const KAFKA: Reads = Reads(1 << 6);
     pub const ALL: Reads = Reads(u8::MAX);
 
     const fn with(self, other: Reads) -> Reads {
@@ -356,6 +358,53 @@ const OTEL_VARIABLES: &[(&str, &str)] = &[
     ("OTEL_SDK_DISABLED", "true turns every export off"),
 ];
 
+/// The Kafka intake's variables (with `RTPD_KAFKA_CONFIG_*`, listed apart).
+const KAFKA_VARIABLES: &[(&str, Reads, &str)] = &[
+    (
+        "RTPD_KAFKA_BOOTSTRAP_SERVERS",
+        Reads::KAFKA,
+        "Kafka brokers, host:port comma separated (Event Hubs: <namespace>.servicebus.windows.net:9093)",
+    ),
+    (
+        "RTPD_KAFKA_TOPICS",
+        Reads::KAFKA,
+        "topics to take transactions from, comma separated; set, serve/api/dev run the Kafka intake too",
+    ),
+    ("RTPD_KAFKA_GROUP_ID", Reads::KAFKA, "consumer group"),
+    (
+        "RTPD_KAFKA_ID_FROM",
+        Reads::KAFKA,
+        "where a record's transaction id is: key, header:<name> or field:<name>",
+    ),
+    (
+        "RTPD_KAFKA_VENDOR",
+        Reads::KAFKA,
+        "vendor the records belong to (keys <vendor>/<id>); unset: ids as they are",
+    ),
+    (
+        "RTPD_KAFKA_DEAD_LETTER_TOPIC",
+        Reads::KAFKA,
+        "where refused records go, the reason in rtpd-reason and rtpd-error headers",
+    ),
+    (
+        "RTPD_KAFKA_MAX_IN_FLIGHT",
+        Reads::KAFKA,
+        "records in intake at once; beyond it the partitions pause",
+    ),
+    (
+        "RTPD_KAFKA_ENTRA",
+        Reads::KAFKA,
+        "SASL/OAUTHBEARER with Entra ID tokens (Event Hubs' Kafka endpoint)",
+    ),
+];
+
+fn variable(name: &str) -> Option<&'static (&'static str, Reads, &'static str)> {
+    VARIABLES
+        .iter()
+        .chain(KAFKA_VARIABLES)
+        .find(|(n, _, _)| *n == name)
+}
+
 /// What each subcommand reads, and how it ends.
 pub fn of(subcommand: &str) -> (Reads, &'static str) {
     const COMMON: &str = "0 done; 1 failed (one line on stderr: \"rtpd: <why>\"); 2 usage error";
@@ -365,7 +414,14 @@ pub fn of(subcommand: &str) -> (Reads, &'static str) {
     let backends = logging.with(Reads::BACKENDS);
     match subcommand {
         "dev" | "serve" => (Reads::ALL, SERVICE),
-        "api" => (backends.with(Reads::SERVER).with(Reads::VENDORS), SERVICE),
+        "api" => (
+            backends
+                .with(Reads::SERVER)
+                .with(Reads::VENDORS)
+                .with(Reads::KAFKA),
+            SERVICE,
+        ),
+        "kafka-intake" => (backends.with(Reads::SERVER).with(Reads::KAFKA), SERVICE),
         "processor" => (
             backends
                 .with(Reads::SERVER)
@@ -408,10 +464,8 @@ pub fn section(reads: Reads, exit: &str) -> String {
     let mut out = String::from("Environment:\n");
     for name in ENV_NAMES {
         // A name without a row is shown where everything is read (and a test fails).
-        let (part, meaning) = VARIABLES
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map_or((Reads::ALL, ""), |(_, part, meaning)| (*part, *meaning));
+        let (part, meaning) =
+            variable(name).map_or((Reads::ALL, ""), |(_, part, meaning)| (*part, *meaning));
         if !reads.overlaps(part) {
             continue;
         }
@@ -422,6 +476,13 @@ pub fn section(reads: Reads, exit: &str) -> String {
             Some(v) => format!(" [default: {v}]"),
         };
         out.push_str(&format!("  {name:<36} {meaning}{default}\n"));
+    }
+    if reads.overlaps(Reads::KAFKA) {
+        out.push_str(&format!(
+            "  {:<36} {}\n",
+            "RTPD_KAFKA_CONFIG_<NAME>",
+            "any librdkafka property: RTPD_KAFKA_CONFIG_SASL_MECHANISM sets sasl.mechanism"
+        ));
     }
     if reads.overlaps(Reads::BACKENDS) {
         out.push_str("\nOpenTelemetry (standard variables; rtpd dev also takes --otlp URL):\n");
@@ -455,11 +516,11 @@ mod tests {
     fn the_table_names_exactly_the_variables_rtpd_reads() {
         for name in ENV_NAMES {
             assert!(
-                VARIABLES.iter().any(|(n, _, _)| n == name),
+                variable(name).is_some(),
                 "{name} has no row in cli/environment.rs"
             );
         }
-        for (name, _, _) in VARIABLES {
+        for (name, _, _) in VARIABLES.iter().chain(KAFKA_VARIABLES) {
             assert!(ENV_NAMES.contains(name), "{name} is not in ENV_NAMES");
         }
     }

@@ -40,6 +40,8 @@ pub enum Command {
     Api(serve::Opts),
     /// The queue processor only
     Processor(serve::Opts),
+    /// The Kafka intake only: RTPD_KAFKA_TOPICS through the durability step, like POST /v1/transactions
+    KafkaIntake(serve::Opts),
     /// A stand-in payment service
     MockDownstream(mock::Opts),
     /// Send test transactions and report throughput and latency

@@ -18,9 +18,17 @@ pub enum Parts {
     Api,
     Processor,
     Both,
+    /// The Kafka intake alone (with the health server, like the processor).
+    KafkaIntake,
 }
 
 impl Parts {
+    /// Whether the Kafka intake runs: alone, or beside the API when
+    /// `RTPD_KAFKA_TOPICS` is set.
+    fn kafka(self, settings: &Settings) -> bool {
+        self == Parts::KafkaIntake || (self.api() && settings.kafka_enabled())
+    }
+
     fn api(self) -> bool {
         matches!(self, Parts::Api | Parts::Both)
     }
@@ -33,6 +41,11 @@ impl Parts {
 const GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(parts: Parts, settings: Settings) -> anyhow::Result<()> {
+    if parts == Parts::KafkaIntake && !settings.kafka_enabled() {
+        anyhow::bail!(
+            "invalid configuration: RTPD_KAFKA_TOPICS: rtpd kafka-intake needs the topics to consume (and RTPD_KAFKA_BOOTSTRAP_SERVERS)"
+        );
+    }
     if settings.auth == AuthMode::None {
         tracing::warn!("RTPD_AUTH=none: the API accepts unauthenticated requests");
     }
@@ -97,7 +110,19 @@ pub async fn run_with(
         });
     }
 
-    if parts.api() || parts == Parts::Processor {
+    if parts.kafka(&settings) {
+        #[cfg(feature = "kafka")]
+        {
+            let (intake, journal, stop) =
+                (services.intake(), services.journal.clone(), stop_rx.clone());
+            let settings = settings.clone();
+            tasks.spawn(async move {
+                crate::kafka::run(intake, journal, &settings, stop).await?;
+                Ok("kafka intake")
+            });
+        }
+    }
+    if parts.api() || matches!(parts, Parts::Processor | Parts::KafkaIntake) {
         let app = if parts.api() {
             Application::build(services.api_state(auth))?
         } else {

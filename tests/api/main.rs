@@ -11,6 +11,8 @@ mod deadline;
 mod hostile_clients;
 mod ingest;
 mod intake;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod logs;
 mod postgres_ledger;
 mod postgres_pipeline;
