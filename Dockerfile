@@ -38,8 +38,11 @@ ARG CARGO_CHEF_VERSION=0.1.77
 FROM rust:1.95-slim-trixie@sha256:28846ec5a6bcfcddb93f403ba7071bd579787852b2f2ac3839965620e8bd9456 AS chef
 ARG CARGO_CHEF_VERSION
 # cmake: aws-lc-sys (rustls' crypto provider) falls back to a CMake build on some targets.
+# make, pkg-config, libssl-dev, zlib1g-dev: librdkafka (the Kafka intake), built
+# from the source rdkafka-sys vendors, against the system's OpenSSL (libssl3 is
+# in the distroless runtime).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake \
+ && apt-get install -y --no-install-recommends cmake make pkg-config libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}"
 WORKDIR /src

@@ -20,6 +20,10 @@
 #                                                  transaction, next to the floor measured in the same run: the
 #                                                  CPU per request of a bare actix POST handler (the mock
 #                                                  downstream, run as its own process, answering rtpd's calls)
+#   scripts/bench.sh kafka [COUNT] [CONCURRENCY]   rtpd dev --kafka (embedded backends and an embedded Kafka
+#                                                  broker): records/s through the Kafka intake until the ledger
+#                                                  holds them all, next to the API's acknowledged POSTs/s in the
+#                                                  same process, alternating which goes first
 #
 # RTPD_BENCH_BIN=path/to/rtpd skips the release build and uses that binary;
 # RTPD_BENCH_ROUNDS sets the rounds of the otel and stack scenarios (2).
@@ -130,6 +134,31 @@ drain() {
 }
 
 case $what in
+kafka)
+    port=$(free_port); api=http://127.0.0.1:$port
+    RTPD_HTTP_ADDR=127.0.0.1:$port RTPD_DATA_DIR="$work/kafka" RTPD_LOG_LEVEL=warn \
+        "$rtpd" dev --kafka --mock-addr "127.0.0.1:$(free_port)" --mock-success-rate 1 \
+        >"$work/kafka.log" 2>&1 &
+    pids+=($!)
+    wait_up "$api/healthz"
+    for _ in $(seq 100); do grep -q 'Kafka intake' "$work/kafka.log" && break; sleep 0.1; done
+    servers=$(sed -n 's/.*Kafka intake *\([^ ]*\) topics.*/\1/p' "$work/kafka.log")
+    [[ -n $servers ]] || { echo "bench: rtpd dev --kafka printed no broker address" >&2; exit 1; }
+    key=$(python3 -c "import json;print(json.load(open('$work/kafka/dev-credentials.json'))['api_key'])")
+    # The consumer joins its group before the first timed run.
+    produce KW 200 8 --kafka "$servers" >/dev/null
+    for round in $(seq "${RTPD_BENCH_ROUNDS:-2}"); do
+        order="http kafka"; ((round % 2 == 0)) && order="kafka http"
+        for way in $order; do
+            echo "== round $round, $way: $count transactions"
+            if [[ $way == http ]]; then
+                produce "H$round" "$count" "$conc" --api-key "$key"
+            else
+                produce "K$round" "$count" "$conc" --kafka "$servers"
+            fi
+        done
+    done
+    ;;
 dev)
     for latency in 0 20; do
         echo "== rtpd dev, mock downstream latency ${latency} ms, $count transactions, concurrency $conc"

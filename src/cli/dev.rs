@@ -37,6 +37,46 @@ pub struct Opts {
     /// http://127.0.0.1:4318 (instead of the OTEL_EXPORTER_OTLP_* variables)
     #[arg(long, value_name = "URL")]
     pub otlp: Option<String>,
+    /// Start an embedded Kafka broker (librdkafka's mock cluster: in memory,
+    /// gone at exit) with a `transactions` topic, and take transactions from
+    /// it as from the API (RTPD_KAFKA_BOOTSTRAP_SERVERS points elsewhere)
+    #[cfg(feature = "kafka")]
+    #[arg(long)]
+    pub kafka: bool,
+}
+
+/// The topic `rtpd dev --kafka` creates and consumes.
+#[cfg(feature = "kafka")]
+pub const DEV_KAFKA_TOPIC: &str = "transactions";
+
+/// `rtpd dev --kafka`: an in-memory broker with the intake's topics, and
+/// the settings that point the intake at it (the dev vendor's, so its API
+/// key reads the transactions back).
+#[cfg(feature = "kafka")]
+fn embedded_kafka(
+    settings: &mut Settings,
+    vendor: &str,
+) -> anyhow::Result<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>
+{
+    let cluster =
+        rdkafka::mocking::MockCluster::new(1).context("starting the embedded Kafka broker")?;
+    if settings.kafka_topics.is_none() {
+        settings.kafka_topics = Some(DEV_KAFKA_TOPIC.into());
+    }
+    for topic in settings.kafka_topic_list() {
+        cluster
+            .create_topic(&topic, 3, 1)
+            .with_context(|| format!("creating topic {topic}"))?;
+    }
+    cluster
+        .create_topic(&settings.kafka_dead_letter_topic, 1, 1)
+        .context("creating the dead-letter topic")?;
+    settings.kafka_bootstrap_servers = Some(cluster.bootstrap_servers());
+    if settings.kafka_vendor.is_none() && settings.auth != AuthMode::None {
+        settings.kafka_vendor = Some(vendor.to_owned());
+    }
+    settings.validate()?;
+    Ok(cluster)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -178,6 +218,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     }
 
     let creds = dev_credentials(&settings.data_dir)?;
+    #[cfg(feature = "kafka")]
+    let _kafka = if opts.kafka {
+        Some(embedded_kafka(&mut settings, &creds.vendor)?)
+    } else {
+        None
+    };
     let auth = if settings.auth == AuthMode::None {
         tracing::warn!("RTPD_AUTH=none: the API accepts unauthenticated requests");
         Auth::disabled()
@@ -228,6 +274,19 @@ fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
     println!("  API              {base}");
     println!("  downstream       {}", s.downstream_url);
     println!("  data             {}", s.data_dir.display());
+    if s.kafka_enabled() {
+        println!(
+            "  Kafka intake     {} topics {} (ids from {}{}), dead letters on {}",
+            s.kafka_bootstrap_servers.as_deref().unwrap_or(""),
+            s.kafka_topic_list().join(","),
+            s.kafka_id_from,
+            s.kafka_vendor
+                .as_deref()
+                .map(|v| format!(", vendor {v}"))
+                .unwrap_or_default(),
+            s.kafka_dead_letter_topic
+        );
+    }
     if auth {
         println!(
             "  vendor API key   {}  (vendor {})",
@@ -247,6 +306,15 @@ fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
     println!("  curl -s {base}/v1/transactions/TX-001{key}");
     println!("  curl -s {base}/metrics");
     println!("  curl -s '{base}/v1/transactions?state=dead_letter'{admin}");
+    if let (Some(servers), Some(topic)) = (
+        s.kafka_bootstrap_servers.as_deref(),
+        s.kafka_topic_list().first(),
+    ) {
+        println!(
+            "  echo '{{\"transaction_id\":\"TX-K1\",\"amount\":\"10.00\"}}' | kcat -P -b {servers} -t {topic}"
+        );
+        println!("  rtpd produce --kafka {servers} --topic {topic} --url {base} --count 10000");
+    }
     if auth {
         println!();
         println!("Signed with HMAC-SHA256 (see docs/security.md):");

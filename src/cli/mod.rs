@@ -10,6 +10,8 @@ pub mod migrate;
 pub mod mock;
 pub mod operator;
 pub mod produce;
+#[cfg(feature = "kafka")]
+pub mod produce_kafka;
 pub mod rebuild_ledger;
 pub mod reconcile;
 pub mod replay;

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Opts {
     /// Base URL of the API
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -45,6 +45,16 @@ pub struct Opts {
     /// Hide the progress bar
     #[arg(long)]
     pub quiet: bool,
+    /// Send the transactions as records to these Kafka brokers instead of
+    /// POSTing them, and time them until the ledger holds them all (read
+    /// from --url's /metrics): the Kafka intake's rate to durable
+    #[cfg(feature = "kafka")]
+    #[arg(long, value_name = "BOOTSTRAP_SERVERS")]
+    pub kafka: Option<String>,
+    /// Topic for --kafka
+    #[cfg(feature = "kafka")]
+    #[arg(long, default_value = "transactions")]
+    pub topic: String,
 }
 
 #[derive(Debug, Default)]
@@ -65,7 +75,7 @@ impl Summary {
     }
 }
 
-fn payload(id: &str, size: usize) -> String {
+pub(crate) fn payload(id: &str, size: usize) -> String {
     let base = format!(
         "{{\"transaction_id\":\"{id}\",\"amount\":\"125.50\",\"currency\":\"USD\",\"debtor\":\"ACME-001\",\"creditor\":\"SHOP-042\",\"pad\":\"\"}}"
     );
@@ -191,6 +201,10 @@ pub async fn produce(opts: &Opts) -> anyhow::Result<Summary> {
 }
 
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    #[cfg(feature = "kafka")]
+    if let Some(servers) = &opts.kafka {
+        return super::produce_kafka::run(&opts, servers).await;
+    }
     let s = produce(&opts).await?;
     println!(
         "sent {} in {:.2}s: {} acknowledged ({:.0}/s)",

@@ -32,6 +32,7 @@ async fn kill_9_during_load_loses_nothing_acknowledged() {
         prefix: Some("CRASH".into()),
         acked_out: Some(acked_file.clone()),
         quiet: true,
+        ..Default::default()
     };
     let load = tokio::spawn(async move { produce(&opts).await.unwrap() });
     // Let the load run, then kill -9 in the middle of it.

@@ -78,6 +78,7 @@ fn load(base: &str, prefix: &str, count: u64, rate: u64, acked: &Path) -> Produc
         prefix: Some(prefix.into()),
         acked_out: Some(acked.to_owned()),
         quiet: true,
+        ..Default::default()
     }
 }
 
