@@ -104,6 +104,11 @@ pub async fn start_dev_pipeline(dir: &Path, mock_extra: &[&str]) -> DevPipeline 
 /// The release build of `rtpd` when `RTPD_TEST_RELEASE_BIN` names it
 /// (`scripts/test.sh` builds it and sets it), else this build's.
 pub fn release_rtpd() -> Command {
+    assert!(
+        std::env::var_os("RTPD_TEST_NO_RELEASE").is_none(),
+        "this test runs the release build of rtpd: list it in release_tests in scripts/test.sh, \
+         which runs those tests after the release build"
+    );
     match std::env::var_os("RTPD_TEST_RELEASE_BIN") {
         Some(bin) => Command::new(bin),
         None => {
