@@ -670,6 +670,15 @@ impl Settings {
         if let Err(e) = self.kafka_id_from.parse::<crate::kafka::record::IdFrom>() {
             return Err(ConfigError::new("RTPD_KAFKA_ID_FROM", e));
         }
+        if let Some(t) = self.kafka_topic_list().iter().find(|t| t.starts_with('^')) {
+            return Err(ConfigError::new(
+                "RTPD_KAFKA_TOPICS",
+                format!(
+                    "{t:?} is a pattern; name the topics (a pattern could take in the dead-letter topic)"
+                ),
+            ));
+        }
+        self.validate_kafka_properties()?;
         if self.kafka_group_id.trim().is_empty() {
             return Err(ConfigError::new("RTPD_KAFKA_GROUP_ID", "must not be empty"));
         }
@@ -680,7 +689,7 @@ impl Settings {
         {
             return Err(ConfigError::new(
                 "RTPD_KAFKA_DEAD_LETTER_TOPIC",
-                "must name a topic that is not one of RTPD_KAFKA_TOPICS",
+                "must name a topic (no spaces) that is not one of RTPD_KAFKA_TOPICS",
             ));
         }
         if let Some(v) = &self.kafka_vendor
@@ -700,6 +709,51 @@ impl Settings {
                 "RTPD_KAFKA_MAX_IN_FLIGHT",
                 "must be at least 1",
             ));
+        }
+        Ok(())
+    }
+
+    /// `RTPD_KAFKA_CONFIG_*`: no property the intake's guarantee rests on
+    /// (those are set by the intake or by their own `RTPD_KAFKA_*`
+    /// variable), and each one librdkafka knows with a value it takes.
+    fn validate_kafka_properties(&self) -> Result<(), ConfigError> {
+        let variable = |name: &str| {
+            format!(
+                "{KAFKA_CONFIG_PREFIX}{}",
+                name.to_ascii_uppercase().replace('.', "_")
+            )
+        };
+        for (name, value) in &self.kafka_config.0 {
+            let why = match name.as_str() {
+                "enable.auto.commit" | "enable.auto.offset.store" => Some(
+                    "the intake commits offsets itself, only past durable records".to_owned(),
+                ),
+                "auto.offset.reset"
+                    if !matches!(value.expose(), "earliest" | "smallest" | "beginning") =>
+                {
+                    Some("only earliest: a new group must not skip the records already in the topics".to_owned())
+                }
+                "enable.partition.eof" => Some("the intake reads partitions endlessly".to_owned()),
+                "bootstrap.servers" => Some("set RTPD_KAFKA_BOOTSTRAP_SERVERS".to_owned()),
+                "group.id" => Some("set RTPD_KAFKA_GROUP_ID".to_owned()),
+                "security.protocol" | "sasl.mechanism" | "sasl.mechanisms" if self.kafka_entra => {
+                    Some("RTPD_KAFKA_ENTRA=true sets SASL_SSL and OAUTHBEARER".to_owned())
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(ConfigError::new(
+                    &variable(name),
+                    format!("not settable: {why}"),
+                ));
+            }
+            #[cfg(feature = "kafka")]
+            if let Err(e) = rdkafka::ClientConfig::new()
+                .set(name, value.expose())
+                .create_native_config()
+            {
+                return Err(ConfigError::new(&variable(name), e.to_string()));
+            }
         }
         Ok(())
     }
@@ -984,6 +1038,68 @@ fn toml_string(s: &Settings) -> String {
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closure signature
 mod tests {
+
+    #[test]
+    fn kafka_settings_that_would_break_the_guarantee_are_refused_naming_the_variable() {
+        let base = || Settings {
+            kafka_topics: Some("payments".into()),
+            kafka_bootstrap_servers: Some("kafka:9092".into()),
+            ..Settings::default()
+        };
+        base().validate().unwrap();
+        let refused = |s: Settings| s.validate().unwrap_err().variable;
+        let with = |name: &str, value: &str| Settings {
+            kafka_config: KafkaProperties::from_env(
+                [(format!("RTPD_KAFKA_CONFIG_{name}"), value.to_owned())].into_iter(),
+            ),
+            ..base()
+        };
+        assert_eq!(
+            refused(Settings {
+                kafka_topics: Some("^pay.*".into()),
+                ..base()
+            }),
+            "RTPD_KAFKA_TOPICS"
+        );
+        assert_eq!(
+            refused(Settings {
+                kafka_bootstrap_servers: None,
+                ..base()
+            }),
+            "RTPD_KAFKA_BOOTSTRAP_SERVERS"
+        );
+        assert_eq!(
+            refused(Settings {
+                kafka_dead_letter_topic: "payments".into(),
+                ..base()
+            }),
+            "RTPD_KAFKA_DEAD_LETTER_TOPIC"
+        );
+        assert_eq!(
+            refused(Settings {
+                kafka_id_from: "value".into(),
+                ..base()
+            }),
+            "RTPD_KAFKA_ID_FROM"
+        );
+        for (name, value) in [
+            ("ENABLE_AUTO_COMMIT", "true"),
+            ("ENABLE_AUTO_OFFSET_STORE", "true"),
+            ("AUTO_OFFSET_RESET", "latest"),
+            ("GROUP_ID", "other"),
+            ("BOOTSTRAP_SERVERS", "elsewhere:9092"),
+            ("NO_SUCH_PROPERTY", "1"),
+        ] {
+            assert_eq!(
+                refused(with(name, value)),
+                format!("RTPD_KAFKA_CONFIG_{name}"),
+                "{name}={value}"
+            );
+        }
+        with("AUTO_OFFSET_RESET", "earliest").validate().unwrap();
+        with("SESSION_TIMEOUT_MS", "6000").validate().unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -626,21 +626,32 @@ pub fn kafka_record(outcome: &'static str) {
     }
 }
 
-/// A partition's consumer lag, from librdkafka's statistics.
-pub fn kafka_consumer_lag(topic: &str, partition: i32, lag: i64) {
-    get()
-        .kafka_lag
-        .get_or_create(&KafkaPartitionLabel {
-            topic: topic.to_owned(),
-            partition,
-        })
-        .set(lag);
-    let mut g = kafka_gauges();
-    let key = (topic.to_owned(), partition);
-    match g.lag.iter_mut().find(|(k, _)| *k == key) {
-        Some(slot) => slot.1 = lag,
-        None => g.lag.push((key, lag)),
+/// Each assigned partition's consumer lag; partitions not listed (no
+/// longer assigned) lose their series.
+pub fn kafka_consumer_lags(lags: &[((String, i32), i64)]) {
+    let family = &get().kafka_lag;
+    family.clear();
+    for ((topic, partition), lag) in lags {
+        family
+            .get_or_create(&KafkaPartitionLabel {
+                topic: topic.clone(),
+                partition: *partition,
+            })
+            .set(*lag);
     }
+    kafka_gauges().lag = lags.to_vec();
+}
+
+/// Partitions taken away by a rebalance: their lag is someone else's now.
+pub fn kafka_partitions_revoked(revoked: &[(String, i32)]) {
+    let family = &get().kafka_lag;
+    for (topic, partition) in revoked {
+        family.remove(&KafkaPartitionLabel {
+            topic: topic.clone(),
+            partition: *partition,
+        });
+    }
+    kafka_gauges().lag.retain(|(p, _)| !revoked.contains(p));
 }
 
 pub fn kafka_paused(paused: bool) {

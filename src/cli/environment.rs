@@ -261,7 +261,11 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         Reads::VENDORS,
         "signed requests' timestamp tolerance, either way",
     ),
-    ("RTPD_MAX_BODY_BYTES", Reads::VENDORS, "largest body (413)"),
+    (
+        "RTPD_MAX_BODY_BYTES",
+        Reads::VENDORS.with(Reads::KAFKA),
+        "largest body (413), and Kafka record value (dead-lettered)",
+    ),
     (
         "RTPD_VENDOR_RATE_PER_SEC",
         Reads::VENDORS,

@@ -13,7 +13,6 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::error::KafkaResult;
-use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::sync::{Arc, Mutex};
 
@@ -37,9 +36,14 @@ pub fn consumer_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
 /// in-sync replicas, no duplicates from the producer's own retries.
 pub fn producer_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     let mut c = common(settings)?;
+    // Room for the largest record a topic may hold (a refused oversized
+    // record goes to the dead-letter topic as it was read); past what the
+    // broker takes, it goes without its value.
+    let max = (settings.max_body_bytes.saturating_mul(4) + 65_536).clamp(1_000_000, 100_000_000);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "30000")
+        .set("message.max.bytes", max.to_string());
     passthrough(&mut c, settings)?;
     // Consumer-only properties passed through would make the producer warn.
     for k in [
@@ -90,7 +94,7 @@ pub fn entra_scope(servers: &str) -> String {
 /// by each client otherwise.
 pub const QUIET_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn quietly(kind: &str, emit: impl FnOnce(u64)) {
+pub(super) fn quietly(kind: &str, emit: impl FnOnce(u64)) {
     use std::collections::HashMap;
     use std::time::Instant;
     static SEEN: Mutex<Option<HashMap<String, (Instant, u64)>>> = Mutex::new(None);
@@ -135,23 +139,16 @@ fn client_error(error: KafkaError, reason: &str) {
     );
 }
 
-/// The dead-letter producer's context: librdkafka's lines, quietly.
-pub struct QuietContext;
+/// An Entra ID token source for SASL/OAUTHBEARER: the credential, the
+/// scope, and the runtime its calls run on.
+pub type Entra = (Arc<dyn TokenCredential>, String, tokio::runtime::Handle);
 
-impl ClientContext for QuietContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        log_line(level, fac, log_message)
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        client_error(error, reason)
-    }
-}
-
-/// Shared with the intake's loop.
+/// Both clients' context (the consumer's has the watermarks): librdkafka's
+/// lines quietly, Entra ID tokens, and for the consumer the rebalance and
+/// commit callbacks.
 pub struct IntakeContext {
-    pub marks: Arc<Mutex<Watermarks>>,
-    pub entra: Option<(Arc<dyn TokenCredential>, String, tokio::runtime::Handle)>,
+    pub marks: Option<Arc<Mutex<Watermarks>>>,
+    pub entra: Option<Entra>,
 }
 
 impl ClientContext for IntakeContext {
@@ -163,18 +160,6 @@ impl ClientContext for IntakeContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         client_error(error, reason)
-    }
-
-    fn stats(&self, statistics: Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                // -1 is librdkafka's unassigned bookkeeping partition; a lag
-                // of -1 means not known yet.
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    crate::metrics::kafka_consumer_lag(topic, *partition, p.consumer_lag);
-                }
-            }
-        }
     }
 
     fn generate_oauth_token(
@@ -207,29 +192,55 @@ impl ConsumerContext for IntakeContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
+        let Some(marks) = &self.marks else {
+            return;
+        };
         let revoked: Vec<Partition> = tpl
             .elements()
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
-        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = marks.lock().unwrap_or_else(|p| p.into_inner());
         // What is durable goes in before another member takes over; what
         // is still in intake is read again there (the ledger absorbs it).
-        let offsets = marks.committable(Some(&revoked));
-        marks.revoke(&revoked);
-        drop(marks);
+        // Asynchronously: this runs inside the consumer's poll, and a sync
+        // commit waits out a coordinator that is gone (a lost assignment)
+        // for the whole session timeout. If it lands late, the new owner
+        // reads a little more again.
+        let offsets = m.committable(Some(&revoked));
+        m.revoke(&revoked);
+        drop(m);
+        crate::metrics::kafka_partitions_revoked(&revoked);
+        tracing::info!(partitions = revoked.len(), "Kafka partitions revoked");
         if offsets.is_empty() {
             return;
         }
-        match to_list(&offsets) {
-            Ok(list) => {
-                if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
-                    tracing::warn!(error = %e, "commit before a rebalance failed; the new owner reads those records again");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "commit before a rebalance failed"),
+        if let Err(e) = to_list(&offsets).and_then(|list| consumer.commit(&list, CommitMode::Async))
+        {
+            tracing::warn!(error = %e, "commit before a rebalance failed; the new owner reads those records again");
         }
-        tracing::info!(partitions = revoked.len(), "Kafka partitions revoked");
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let (Err(e), Some(marks)) = (result, &self.marks) else {
+            return;
+        };
+        let failed: Vec<(Partition, i64)> = offsets
+            .elements()
+            .iter()
+            .filter_map(|el| match el.offset() {
+                Offset::Offset(o) => Some(((el.topic().to_owned(), el.partition()), o)),
+                _ => None,
+            })
+            .collect();
+        quietly(
+            "commit",
+            |suppressed| tracing::warn!(error = %e, suppressed, "Kafka offset commit failed; offered again"),
+        );
+        marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commit_failed(&failed);
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -1,24 +1,27 @@
 //! The consumer loop (librdkafka): see the module above.
 
-use super::client::{self, IntakeContext, QuietContext};
-use super::offsets::{Ticket, Watermarks};
+use super::client::{self, Entra, IntakeContext};
+use super::offsets::{Partition, Ticket, Watermarks};
 use super::record::{self, Fetched, IdFrom};
 use super::{Outcome, headers};
 use crate::backoff;
 use crate::config::Settings;
-use crate::intake::{Dependency, Intake, IntakeError, IntakeOutcome};
+use crate::intake::{Dependency, Intake, IntakeError, IntakeOutcome, Submission};
 use crate::journal::{EntryKind, Journal, JournalEntry};
-use crate::transaction::State;
+use crate::transaction::{Sha256, State, TransactionId};
 use crate::validate::Invalid;
 use anyhow::Context as _;
 use bytes::Bytes;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 /// How often durable offsets are committed.
@@ -27,17 +30,26 @@ const COMMIT_EVERY: Duration = Duration::from_millis(500);
 /// How long records already in intake may take to finish after a stop.
 const GRACE: Duration = Duration::from_secs(20);
 
+/// How long the last commit and leaving the group may take at a stop.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How often the consumer lag is read (the partitions' high watermarks).
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+type IntakeConsumer = StreamConsumer<IntakeContext>;
+
 struct Shared {
     intake: Intake,
     journal: Journal,
-    producer: FutureProducer<QuietContext>,
+    producer: FutureProducer<IntakeContext>,
     dead_letter_topic: String,
-    id_from: IdFrom,
-    vendor: Option<String>,
-    max_bytes: usize,
     marks: Arc<Mutex<Watermarks>>,
-    /// Set while a dependency does not answer: the partitions stay paused.
+    /// Set while intake's dependencies (WAL, ledger, journal) do not
+    /// answer: every partition waits.
     outage: AtomicBool,
+    /// Partitions whose record the dead-letter topic does not take: only
+    /// they wait (their next record may not pass it).
+    blocked: Mutex<HashSet<Partition>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -56,36 +68,23 @@ pub async fn run(
         .parse()
         .map_err(|e: String| anyhow::anyhow!("RTPD_KAFKA_ID_FROM: {e}"))?;
     let marks = Arc::new(Mutex::new(Watermarks::new()));
-    let entra = if settings.kafka_entra {
-        let (credential, identity) =
-            crate::azure::identity::credential(settings.azure_client_id.as_deref())
-                .map_err(anyhow::Error::msg)?;
-        let servers = settings.kafka_bootstrap_servers.as_deref().unwrap_or("");
-        tracing::info!(%identity, "Kafka: SASL/OAUTHBEARER with Entra ID tokens");
-        Some((
-            credential,
-            client::entra_scope(servers),
-            tokio::runtime::Handle::current(),
-        ))
-    } else {
-        None
-    };
-    let context = IntakeContext {
-        marks: marks.clone(),
-        entra,
-    };
-    let consumer: Arc<StreamConsumer<IntakeContext>> = Arc::new(
+    let entra = entra(settings)?;
+    let consumer: Arc<IntakeConsumer> = Arc::new(
         client::consumer_config(settings)?
-            .create_with_context(context)
+            .create_with_context(IntakeContext {
+                marks: Some(marks.clone()),
+                entra: entra.clone(),
+            })
             .context("creating the Kafka consumer")?,
     );
+    let producer: FutureProducer<IntakeContext> = client::producer_config(settings)?
+        .create_with_context(IntakeContext { marks: None, entra })
+        .context("creating the Kafka dead-letter producer")?;
+    check_dead_letter_topic(&producer, &settings.kafka_dead_letter_topic).await?;
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topic_refs)
         .context("subscribing to RTPD_KAFKA_TOPICS")?;
-    let producer: FutureProducer<QuietContext> = client::producer_config(settings)?
-        .create_with_context(QuietContext)
-        .context("creating the Kafka dead-letter producer")?;
     tracing::info!(
         topics = ?topics,
         group = %settings.kafka_group_id,
@@ -98,25 +97,30 @@ pub async fn run(
         journal,
         producer,
         dead_letter_topic: settings.kafka_dead_letter_topic.clone(),
-        id_from,
-        vendor: settings.kafka_vendor.clone(),
-        max_bytes: settings.max_body_bytes,
         marks: marks.clone(),
         outage: AtomicBool::new(false),
+        blocked: Mutex::new(HashSet::new()),
         stop: stop.clone(),
     });
+    let lag = tokio::spawn(watch_lag(consumer.clone(), marks.clone(), stop.clone()));
     let max_in_flight = settings.kafka_max_in_flight;
+    let vendor = settings.kafka_vendor.clone();
+    let max_bytes = settings.max_body_bytes;
     let mut stop = stop;
     let mut tasks = JoinSet::new();
+    // The last task of each transaction id, so that records of one id are
+    // taken in the order they were read (the first of two different
+    // payloads under one id is the one that stands, as in the partition).
+    let mut chains: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
     let mut tick = tokio::time::interval(COMMIT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut paused = false;
+    let mut paused = Paused::default();
     loop {
-        let full = lock(&marks).in_flight() >= max_in_flight;
-        let want_paused = full || shared.outage.load(Ordering::Relaxed);
-        if want_paused != paused {
-            set_paused(&consumer, want_paused);
-            paused = want_paused;
+        // Every task counts, also one whose partition was revoked meanwhile.
+        let all = tasks.len() >= max_in_flight || shared.outage.load(Ordering::Relaxed);
+        let blocked = lock(&shared.blocked).clone();
+        if paused.differs(all, &blocked) {
+            paused.apply(&consumer, all, blocked);
         }
         tokio::select! {
             biased;
@@ -128,17 +132,35 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 commit(&consumer, &marks, CommitMode::Async);
-                // A rebalance while paused hands out partitions unpaused.
-                if paused {
-                    set_paused(&consumer, true);
-                }
+                // A rebalance hands out partitions unpaused.
+                let (all, blocked) = (paused.all, paused.blocked.clone());
+                paused.apply(&consumer, all, blocked);
+                chains.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
             }
             received = consumer.recv() => match received {
                 Ok(m) => {
                     let fetched = fetched(&m);
                     let ticket = lock(&marks).fetched(&fetched.topic, fetched.partition, fetched.offset);
+                    let prepared = record::submission(&fetched, &id_from, vendor.as_deref(), max_bytes);
+                    let (done, after) = match &prepared {
+                        Ok(sub) => {
+                            let key = TransactionId::scoped(sub.source.vendor.as_deref(), &sub.transaction_id)
+                                .map(|k| k.to_string())
+                                .unwrap_or_else(|_| sub.transaction_id.to_string());
+                            let (tx, rx) = oneshot::channel();
+                            (Some(tx), chains.insert(key, rx))
+                        }
+                        Err(_) => (None, None),
+                    };
                     let shared = shared.clone();
-                    tasks.spawn(async move { handle(&shared, fetched, ticket).await });
+                    tasks.spawn(async move {
+                        if let Some(before) = after {
+                            // Sent or dropped: either way that record is through.
+                            let _ = before.await;
+                        }
+                        handle(&shared, fetched, prepared, ticket).await;
+                        drop(done);
+                    });
                 }
                 Err(e) => {
                     // librdkafka reconnects on its own (and its context
@@ -149,8 +171,9 @@ pub async fn run(
             },
         }
     }
+    lag.abort();
     tracing::info!(
-        in_intake = lock(&marks).in_flight(),
+        in_intake = tasks.len(),
         "Kafka intake stopping; committing what is durable"
     );
     let drained =
@@ -163,13 +186,17 @@ pub async fn run(
         tasks.abort_all();
     }
     // The last commit and the consumer's close (leaving the group) wait
-    // for the group coordinator, which may be what is down: bounded, so
-    // the process still stops. What is not committed is read again.
-    let closing = tokio::task::spawn_blocking(move || {
+    // for the group coordinator, which may be what is down. On a thread of
+    // their own, not the runtime's blocking pool (the runtime waits for
+    // that at exit): the process stops after CLOSE_WITHIN whatever they do,
+    // and what was not committed is read again.
+    let (closed_tx, closed_rx) = oneshot::channel();
+    std::thread::spawn(move || {
         commit(&consumer, &marks, CommitMode::Sync);
         drop(consumer);
+        let _ = closed_tx.send(());
     });
-    if tokio::time::timeout(CLOSE_WITHIN, closing).await.is_err() {
+    if tokio::time::timeout(CLOSE_WITHIN, closed_rx).await.is_err() {
         tracing::warn!(
             "Kafka: the last offset commit or leaving the group did not finish within {CLOSE_WITHIN:?}; the records after the last commit are read again"
         );
@@ -177,36 +204,136 @@ pub async fn run(
     Ok(())
 }
 
-/// How long the last commit and leaving the group may take at a stop.
-const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+fn entra(settings: &Settings) -> anyhow::Result<Option<Entra>> {
+    if !settings.kafka_entra {
+        return Ok(None);
+    }
+    let (credential, identity) =
+        crate::azure::identity::credential(settings.azure_client_id.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    let servers = settings.kafka_bootstrap_servers.as_deref().unwrap_or("");
+    tracing::info!(%identity, "Kafka: SASL/OAUTHBEARER with Entra ID tokens");
+    Ok(Some((
+        credential,
+        client::entra_scope(servers),
+        tokio::runtime::Handle::current(),
+    )))
+}
 
-fn lock(m: &Mutex<Watermarks>) -> std::sync::MutexGuard<'_, Watermarks> {
+/// Refuses to start when the brokers say the dead-letter topic does not
+/// exist (a bad record would otherwise stop its partition until someone
+/// creates it); brokers that do not answer yet are not a reason not to start.
+async fn check_dead_letter_topic(
+    producer: &FutureProducer<IntakeContext>,
+    topic: &str,
+) -> anyhow::Result<()> {
+    use rdkafka::producer::Producer;
+    let (tx, rx) = oneshot::channel();
+    // A blocking call: on a thread of its own, bounded.
+    let metadata = {
+        let p = producer.clone();
+        let t = topic.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(p.client().fetch_metadata(Some(&t), Duration::from_secs(10)));
+        });
+        tokio::time::timeout(Duration::from_secs(12), rx).await
+    };
+    match metadata {
+        Ok(Ok(Ok(m))) => {
+            let missing = m.topics().iter().any(|t| {
+                t.name() == topic
+                    && t.error().is_some_and(|e| {
+                        RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition
+                    })
+            });
+            anyhow::ensure!(
+                !missing,
+                "invalid configuration: RTPD_KAFKA_DEAD_LETTER_TOPIC: the brokers have no topic {topic:?} (create it, or let them create topics)"
+            );
+        }
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, topic, "Kafka: could not check the dead-letter topic; going on")
+        }
+        _ => tracing::warn!(
+            topic,
+            "Kafka: no answer about the dead-letter topic; going on"
+        ),
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn set_paused(consumer: &StreamConsumer<IntakeContext>, pause: bool) {
-    let assignment = match consumer.assignment() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "Kafka: reading the assignment failed");
-            return;
-        }
-    };
-    if assignment.count() == 0 {
-        return;
+/// Which partitions are paused.
+#[derive(Default)]
+struct Paused {
+    /// All of them (an outage, or too many records in intake).
+    all: bool,
+    /// Those the dead-letter topic holds up.
+    blocked: HashSet<Partition>,
+    /// What was paused last time.
+    now: HashSet<Partition>,
+}
+
+impl Paused {
+    fn differs(&self, all: bool, blocked: &HashSet<Partition>) -> bool {
+        self.all != all || self.blocked != *blocked
     }
-    let result = if pause {
-        consumer.pause(&assignment)
-    } else {
-        consumer.resume(&assignment)
-    };
-    match result {
-        Ok(()) => crate::metrics::kafka_paused(pause),
-        Err(e) => tracing::warn!(error = %e, pause, "Kafka: pausing or resuming failed"),
+
+    fn apply(&mut self, consumer: &IntakeConsumer, all: bool, blocked: HashSet<Partition>) {
+        self.all = all;
+        self.blocked = blocked;
+        let assigned: Vec<Partition> = match consumer.assignment() {
+            Ok(a) => a
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "Kafka: reading the assignment failed");
+                return;
+            }
+        };
+        let want: HashSet<Partition> = assigned
+            .iter()
+            .filter(|p| self.all || self.blocked.contains(*p))
+            .cloned()
+            .collect();
+        // Paused again each time: a rebalance resumes what it hands out.
+        let pause: Vec<&Partition> = want.iter().collect();
+        let resume: Vec<&Partition> = assigned.iter().filter(|p| !want.contains(*p)).collect();
+        for (list, pausing) in [(pause, true), (resume, false)] {
+            if list.is_empty() {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in list {
+                tpl.add_partition(t, *p);
+            }
+            let result = if pausing {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, pausing, "Kafka: pausing or resuming failed");
+            }
+        }
+        if want.is_empty() != self.now.is_empty() {
+            tracing::info!(
+                paused = want.len(),
+                "Kafka partitions {}",
+                if want.is_empty() { "resumed" } else { "paused" }
+            );
+        }
+        crate::metrics::kafka_paused(!want.is_empty());
+        self.now = want;
     }
 }
 
-fn commit(consumer: &StreamConsumer<IntakeContext>, marks: &Mutex<Watermarks>, mode: CommitMode) {
+fn commit(consumer: &IntakeConsumer, marks: &Mutex<Watermarks>, mode: CommitMode) {
     let offsets = match mode {
         // A last commit sends everything durable, committed before or not.
         CommitMode::Sync => lock(marks).committable(None),
@@ -215,10 +342,62 @@ fn commit(consumer: &StreamConsumer<IntakeContext>, marks: &Mutex<Watermarks>, m
     if offsets.is_empty() {
         return;
     }
+    // An async commit's failure comes back in the context's commit callback.
     let result = client::to_list(&offsets).and_then(|list| consumer.commit(&list, mode));
     if let Err(e) = result {
         tracing::warn!(error = %e, "Kafka offset commit failed; offered again");
         lock(marks).commit_failed(&offsets);
+    }
+}
+
+/// Every [`LAG_EVERY`], each assigned partition's records behind its end:
+/// the high watermark less what is durable (the committable offset, or
+/// before any record of it is, the position or else the low watermark).
+/// Read from the brokers, so it moves while the partitions are paused.
+async fn watch_lag(
+    consumer: Arc<IntakeConsumer>,
+    marks: Arc<Mutex<Watermarks>>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(LAG_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !*stop.borrow() {
+        every.tick().await;
+        let (c, m) = (consumer.clone(), marks.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let assigned = c.assignment().ok()?;
+            let positions: HashMap<Partition, i64> = c
+                .position()
+                .map(|tpl| {
+                    tpl.elements()
+                        .iter()
+                        .filter_map(|e| match e.offset() {
+                            Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let durable: HashMap<Partition, i64> = lock(&m).committable(None).into_iter().collect();
+            let mut lags = Vec::new();
+            for e in assigned.elements() {
+                let p = (e.topic().to_owned(), e.partition());
+                let Ok((low, high)) = c.fetch_watermarks(&p.0, p.1, Duration::from_secs(2)) else {
+                    continue;
+                };
+                let from = durable
+                    .get(&p)
+                    .or(positions.get(&p))
+                    .copied()
+                    .unwrap_or(low);
+                lags.push((p, (high - from).max(0)));
+            }
+            Some(lags)
+        })
+        .await;
+        if let Ok(Some(lags)) = read {
+            crate::metrics::kafka_consumer_lags(&lags);
+        }
     }
 }
 
@@ -241,8 +420,8 @@ fn fetched<M: Message>(m: &M) -> Fetched {
     }
 }
 
-async fn handle(s: &Shared, r: Fetched, ticket: Ticket) {
-    let Some(outcome) = settle(s, &r).await else {
+async fn handle(s: &Shared, r: Fetched, prepared: Result<Submission, Invalid>, ticket: Ticket) {
+    let Some(outcome) = settle(s, &r, prepared).await else {
         // Stopped before the record was durable: not committed.
         return;
     };
@@ -252,8 +431,8 @@ async fn handle(s: &Shared, r: Fetched, ticket: Ticket) {
 
 /// Takes the record through intake, trying again for as long as a
 /// dependency does not answer; `None` if the stop came first.
-async fn settle(s: &Shared, r: &Fetched) -> Option<Outcome> {
-    let submission = match record::submission(r, &s.id_from, s.vendor.as_deref(), s.max_bytes) {
+async fn settle(s: &Shared, r: &Fetched, prepared: Result<Submission, Invalid>) -> Option<Outcome> {
+    let submission = match prepared {
         Ok(sub) => sub,
         Err(invalid) => return dead_letter(s, r, None, &invalid).await,
     };
@@ -303,7 +482,7 @@ async fn settle(s: &Shared, r: &Fetched) -> Option<Outcome> {
                     tracing::warn!(record = %r.name(), ?dependency, error = %e, "Kafka record waits for intake; partitions paused");
                 }
                 tries += 1;
-                if !pause(s, tries).await {
+                if !wait_to_retry(s, tries).await {
                     return None;
                 }
             }
@@ -312,7 +491,7 @@ async fn settle(s: &Shared, r: &Fetched) -> Option<Outcome> {
 }
 
 /// Waits before the next try; false if the stop came first.
-async fn pause(s: &Shared, tries: u32) -> bool {
+async fn wait_to_retry(s: &Shared, tries: u32) -> bool {
     let wait = backoff::exponential(Duration::from_millis(100), Duration::from_secs(5), tries);
     let mut stop = s.stop.clone();
     if *stop.borrow() {
@@ -324,8 +503,24 @@ async fn pause(s: &Shared, tries: u32) -> bool {
     }
 }
 
+/// A produce error that no retry of the same record can get past.
+fn refused_for_good(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
+}
+
 /// Puts the record on the dead-letter topic with the reason in its
-/// headers, then journals it; tries again until both are done.
+/// headers, then journals it; tries again until both are done. A record
+/// the topic refuses for good (too large for it) goes without its value,
+/// its size and sha256 in the headers.
 async fn dead_letter(
     s: &Shared,
     r: &Fetched,
@@ -333,13 +528,17 @@ async fn dead_letter(
     why: &Invalid,
 ) -> Option<Outcome> {
     tracing::warn!(record = %r.name(), reason = why.code, error = %why.message, dead_letter_topic = %s.dead_letter_topic, "Kafka record refused; set aside on the dead-letter topic");
+    let partition_key = (r.topic.clone(), r.partition);
     let partition = r.partition.to_string();
     let offset = r.offset.to_string();
+    let sha256 = r.payload.as_ref().map(|p| Sha256::of(p));
+    let size = r.payload.as_ref().map_or(0, |p| p.len()).to_string();
+    let mut without_value = false;
     let mut tries = 0u32;
     loop {
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 6);
+        let mut hs = OwnedHeaders::new_with_capacity(r.headers.len() + 8);
         for (k, v) in &r.headers {
-            headers = headers.insert(Header {
+            hs = hs.insert(Header {
                 key: k,
                 value: v.as_deref(),
             });
@@ -351,39 +550,60 @@ async fn dead_letter(
             (headers::PARTITION, partition.as_str()),
             (headers::OFFSET, offset.as_str()),
         ] {
-            headers = headers.insert(Header {
+            hs = hs.insert(Header {
                 key: k,
                 value: Some(v),
             });
         }
         if let Some(id) = transaction_id {
-            headers = headers.insert(Header {
+            hs = hs.insert(Header {
                 key: headers::TRANSACTION_ID,
                 value: Some(id),
             });
         }
+        if without_value {
+            hs = hs.insert(Header {
+                key: headers::VALUE_DROPPED,
+                value: Some(&format!(
+                    "{size} bytes, sha256 {}",
+                    sha256.as_ref().map_or("-", |s| s.as_str())
+                )),
+            });
+        }
         let mut out: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&s.dead_letter_topic).headers(headers);
+            FutureRecord::to(&s.dead_letter_topic).headers(hs);
         if let Some(k) = &r.key {
             out = out.key(k.as_slice());
         }
-        if let Some(p) = &r.payload {
+        if let (Some(p), false) = (&r.payload, without_value) {
             out = out.payload(p.as_ref());
         }
-        match s.producer.send(out, Duration::from_secs(30)).await {
+        let mut stop = s.stop.clone();
+        let sent = tokio::select! {
+            sent = s.producer.send(out, Duration::from_secs(30)) => sent,
+            _ = stop.changed() => return None,
+        };
+        match sent {
             Ok(_) => break,
+            Err((e, _)) if refused_for_good(&e) && !without_value => {
+                tracing::warn!(record = %r.name(), error = %e, dead_letter_topic = %s.dead_letter_topic, "the dead-letter topic refuses the record as it is; set aside without its value");
+                without_value = true;
+            }
             Err((e, _)) => {
-                if tries == 0 {
-                    tracing::error!(record = %r.name(), error = %e, "dead-letter topic unavailable; the record waits (partitions paused)");
-                }
-                s.outage.store(true, Ordering::Relaxed);
+                // Only this record's partition waits: it cannot go past it.
+                lock(&s.blocked).insert(partition_key.clone());
+                super::client::quietly(
+                    "dead-letter",
+                    |suppressed| tracing::error!(record = %r.name(), error = %e, dead_letter_topic = %s.dead_letter_topic, suppressed, "the dead-letter topic does not take a refused record; its partition waits (paused)"),
+                );
                 tries += 1;
-                if !pause(s, tries).await {
+                if !wait_to_retry(s, tries).await {
                     return None;
                 }
             }
         }
     }
+    lock(&s.blocked).remove(&partition_key);
     let entry = JournalEntry {
         v: 1,
         kind: EntryKind::Rejected,
@@ -398,10 +618,7 @@ async fn dead_letter(
             Some(id) => format!("{} ({id}); sent to {}", why.code, s.dead_letter_topic),
             None => format!("{}; sent to {}", why.code, s.dead_letter_topic),
         }),
-        sha256: r
-            .payload
-            .as_ref()
-            .map(|p| crate::transaction::Sha256::of(p)),
+        sha256,
         wal_ref: None,
         replay_nonce: None,
     };
@@ -415,7 +632,7 @@ async fn dead_letter(
                 }
                 s.outage.store(true, Ordering::Relaxed);
                 tries += 1;
-                if !pause(s, tries).await {
+                if !wait_to_retry(s, tries).await {
                     return None;
                 }
             }

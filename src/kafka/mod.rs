@@ -35,6 +35,9 @@ pub mod headers {
     pub const PARTITION: &str = "rtpd-source-partition";
     pub const OFFSET: &str = "rtpd-source-offset";
     pub const TRANSACTION_ID: &str = "rtpd-transaction-id";
+    /// Set when the dead-letter topic refused the record as it was (too
+    /// large): `<bytes> bytes, sha256 <hex>` of the value left out.
+    pub const VALUE_DROPPED: &str = "rtpd-value-dropped";
 }
 
 /// What became of a record.

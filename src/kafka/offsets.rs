@@ -44,6 +44,8 @@ struct Track {
 pub struct Watermarks {
     parts: HashMap<Partition, Track>,
     generations: u64,
+    /// Fetched and not yet done, across partitions.
+    in_flight: usize,
 }
 
 impl Watermarks {
@@ -66,12 +68,14 @@ impl Watermarks {
         if restart || track.generation == 0 {
             self.generations = next_generation;
             track.generation = next_generation;
+            self.in_flight -= track.fetched.iter().filter(|(_, done)| !done).count();
             track.fetched.clear();
             if restart {
                 track.committable = None;
             }
         }
         track.fetched.push_back((offset, false));
+        self.in_flight += 1;
         Ticket {
             partition: key,
             generation: track.generation,
@@ -88,10 +92,15 @@ impl Watermarks {
         if track.generation != ticket.generation {
             return false;
         }
-        let Some(slot) = track.fetched.iter_mut().find(|(o, _)| *o == ticket.offset) else {
+        let Some(slot) = track
+            .fetched
+            .iter_mut()
+            .find(|(o, done)| *o == ticket.offset && !done)
+        else {
             return false;
         };
         slot.1 = true;
+        self.in_flight -= 1;
         while let Some(&(offset, true)) = track.fetched.front() {
             track.fetched.pop_front();
             track.committable = Some(offset + 1);
@@ -103,7 +112,9 @@ impl Watermarks {
     /// longer count).
     pub fn revoke(&mut self, partitions: &[Partition]) {
         for p in partitions {
-            self.parts.remove(p);
+            if let Some(t) = self.parts.remove(p) {
+                self.in_flight -= t.fetched.iter().filter(|(_, done)| !done).count();
+            }
         }
     }
 
@@ -144,10 +155,7 @@ impl Watermarks {
 
     /// Records fetched and not yet durable, across partitions.
     pub fn in_flight(&self) -> usize {
-        self.parts
-            .values()
-            .map(|t| t.fetched.iter().filter(|(_, done)| !done).count())
-            .sum()
+        self.in_flight
     }
 }
 
@@ -198,6 +206,7 @@ mod tests {
         assert_eq!(w.to_commit(), vec![(p(0), 1)]);
         w.revoke(&[p(0)]);
         assert!(!w.done(&b), "a revoked partition's ticket does not count");
+        assert_eq!(w.in_flight(), 0);
         // Handed back, read again from the committed offset.
         let b2 = w.fetched("t", 0, 1);
         assert!(!w.done(&b));
@@ -206,6 +215,7 @@ mod tests {
         // A seek back within the same assignment starts over too.
         let old = w.fetched("t", 0, 2);
         let again = w.fetched("t", 0, 0);
+        assert_eq!(w.in_flight(), 1, "the seek forgot offset 2");
         assert!(!w.done(&old), "from before the seek");
         assert!(w.done(&again));
         assert_eq!(w.to_commit(), vec![(p(0), 1)]);

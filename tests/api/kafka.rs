@@ -7,7 +7,7 @@
 //! skipped when it returns.
 
 use crate::support::process::{
-    OwnRedis, Proc, free_port, mock_calls, poll_json, rtpd, spawn_dev_with, start_mock,
+    OwnRedis, Proc, free_port, mock_calls, poll_json, rtpd, spawn_dev_with, start_mock, terminate,
     wait_http_ok,
 };
 use rdkafka::config::ClientConfig;
@@ -30,6 +30,7 @@ fn producer(bootstrap: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")
+        .set("message.max.bytes", "4000000")
         .create()
         .unwrap()
 }
@@ -100,8 +101,9 @@ fn committed(bootstrap: &str) -> BTreeMap<i32, i64> {
         .collect()
 }
 
-/// Every record on the dead-letter topic: (reason, source offset, key).
-fn dead_letters(bootstrap: &str, at_least: usize) -> Vec<(String, String, Option<String>)> {
+/// Every record on the dead-letter topic: (reason, source offset, key,
+/// whether its value was left out).
+fn dead_letters(bootstrap: &str, at_least: usize) -> Vec<(String, String, Option<String>, bool)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "dead-letter-reader")
@@ -134,6 +136,7 @@ fn dead_letters(bootstrap: &str, at_least: usize) -> Vec<(String, String, Option
                         get("rtpd-source-offset").unwrap()
                     ),
                     m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    get("rtpd-value-dropped").is_some(),
                 ));
             }
             Some(Err(e)) => panic!("reading the dead-letter topic: {e}"),
@@ -173,10 +176,20 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
     ));
     send(&p, None, &payload("K-5", 5)).await;
     bad.insert(("conflict", send(&p, None, &payload("K-5", 999)).await));
+    // Larger than RTPD_MAX_BODY_BYTES, and than the dead-letter producer
+    // takes: it goes there without its value.
+    let big = format!(
+        r#"{{"transaction_id":"BIG-1","pad":"{}"}}"#,
+        "x".repeat(1_500_000)
+    );
+    bad.insert(("payload_too_large", send(&p, Some("big"), &big).await));
     // The same bytes again: a duplicate, absorbed, not a dead letter.
     send(&p, None, &payload("K-6", 6)).await;
     send(&p, None, &payload("K-6", 6)).await;
 
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
+    step("bad records produced");
     let dir = tempfile::tempdir().unwrap();
     let redis = OwnRedis::start_persistent();
     let url = redis.url();
@@ -189,7 +202,7 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
     let key = api_key(dir.path());
 
     // A steady stream, with the kill in the middle of it.
-    const N: usize = 3000;
+    const N: usize = 2000;
     let stream = {
         let p = p.clone();
         tokio::spawn(async move {
@@ -202,10 +215,12 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
             }
         })
     };
+    step("rtpd dev up; streaming");
     poll_json(&format!("{base}/metrics"), Duration::from_secs(60), |m| {
         m["total"].as_u64().unwrap_or(0) >= 600
     })
     .await;
+    step("600 in the ledger; Redis stopped");
     // The ledger hangs: records fetched now stay in intake, not durable,
     // across several commit intervals; then the process dies.
     redis.signal("STOP");
@@ -213,7 +228,9 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
     dev.kill9();
     redis.signal("CONT");
     let at_kill = committed(&bootstrap);
+    step(&format!("killed; committed {at_kill:?}"));
     stream.await.unwrap();
+    step("stream produced");
     let committed_total: i64 = at_kill.values().sum();
     assert!(
         committed_total > 0,
@@ -222,11 +239,13 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
 
     let _dev = spawn_intake(dir.path(), api_port, mock_port, &bootstrap, &env);
     wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+    step("restarted");
     let valid = N + 2; // K-5 and K-6 besides the stream
     let last = poll_json(&format!("{base}/metrics"), Duration::from_secs(60), |m| {
         m["success"].as_u64().unwrap_or(0) >= valid as u64
     })
     .await;
+    step("all success");
     assert_eq!(last["total"], valid as u64, "{last}");
     assert_eq!(last["dead_letter"], 0, "{last}");
 
@@ -234,11 +253,23 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
     let calls = mock_calls(mock_port).await;
     assert_eq!(calls["duplicate_successes"], 0, "{calls}");
     assert_eq!(calls["concurrent_overlaps"], 0, "{calls}");
-    for (id, n) in (0..N)
-        .map(|i| (format!("K-{}", 1000 + i), i))
-        .chain([("K-5".to_owned(), 5), ("K-6".to_owned(), 6)])
-    {
-        let rec = get_tx(&base, &key, &id).await;
+    use futures::StreamExt;
+    let records: Vec<(String, usize, Value)> = futures::stream::iter(
+        (0..N)
+            .map(|i| (format!("K-{}", 1000 + i), i))
+            .chain([("K-5".to_owned(), 5), ("K-6".to_owned(), 6)]),
+    )
+    .map(|(id, n)| {
+        let (base, key) = (base.clone(), key.clone());
+        async move {
+            let rec = get_tx(&base, &key, &id).await;
+            (id, n, rec)
+        }
+    })
+    .buffer_unordered(16)
+    .collect()
+    .await;
+    for (id, n, rec) in records {
         assert_eq!(rec["status"], "success", "{id}: {rec}");
         assert_eq!(
             rec["sha256"],
@@ -266,11 +297,20 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
 
     // The bad records are on the dead-letter topic (at least once), each
     // with its reason and where it came from.
+    step("audited the transactions");
     let dead = dead_letters(&bootstrap, bad.len());
+    step("read the dead letters");
     let seen: BTreeSet<(String, String)> = dead
         .iter()
-        .map(|(reason, at, _)| (reason.clone(), at.clone()))
+        .map(|(reason, at, _, _)| (reason.clone(), at.clone()))
         .collect();
+    for (reason, at, _, dropped) in &dead {
+        assert_eq!(
+            *dropped,
+            reason == "payload_too_large",
+            "{reason} at {at}: value left out only when too large for the topic"
+        );
+    }
     for (reason, (partition, offset)) in &bad {
         assert!(
             seen.contains(&(reason.to_string(), format!("{partition}@{offset}"))),
@@ -382,4 +422,45 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
     for i in 0..300 {
         assert_eq!(keys[&format!("dev-vendor/O-{i}")]["successes"], 1, "O-{i}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_the_brokers_gone_ends_within_its_bounds() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, PARTITIONS, 1).unwrap();
+    cluster.create_topic(DEAD, 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let p = producer(&bootstrap);
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, mock_port) = start_mock(&[]).await;
+    let api_port = free_port();
+    let base = format!("http://127.0.0.1:{api_port}");
+    let mut dev = spawn_intake(dir.path(), api_port, mock_port, &bootstrap, &[]);
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+    send(&p, None, &payload("S-1", 1)).await;
+    poll_json(&format!("{base}/metrics"), Duration::from_secs(30), |m| {
+        m["success"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    // The brokers go away (the group coordinator with them), then SIGTERM:
+    // the last commit and leaving the group cannot finish, and must not
+    // hold the process (20 s of grace for records in intake, 5 s for the
+    // close; none are in intake here).
+    drop(p);
+    drop(cluster);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    terminate(&dev);
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = dev.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "still running {:?} after SIGTERM",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
 }
