@@ -147,8 +147,8 @@ fn dead_letters(bootstrap: &str, at_least: usize) -> Vec<(String, String, Option
     out
 }
 
-async fn get_tx(base: &str, key: &str, id: &str) -> Value {
-    reqwest::Client::new()
+async fn get_tx(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
+    client
         .get(format!("{base}/v1/transactions/{id}"))
         .header("X-Api-Key", key)
         .send()
@@ -254,15 +254,17 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
     assert_eq!(calls["duplicate_successes"], 0, "{calls}");
     assert_eq!(calls["concurrent_overlaps"], 0, "{calls}");
     use futures::StreamExt;
+    // One client: building one loads the platform's root certificates.
+    let client = reqwest::Client::new();
     let records: Vec<(String, usize, Value)> = futures::stream::iter(
         (0..N)
             .map(|i| (format!("K-{}", 1000 + i), i))
             .chain([("K-5".to_owned(), 5), ("K-6".to_owned(), 6)]),
     )
     .map(|(id, n)| {
-        let (base, key) = (base.clone(), key.clone());
+        let (base, key, client) = (base.clone(), key.clone(), client.clone());
         async move {
-            let rec = get_tx(&base, &key, &id).await;
+            let rec = get_tx(&client, &base, &key, &id).await;
             (id, n, rec)
         }
     })
