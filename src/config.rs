@@ -724,12 +724,22 @@ impl Settings {
             )
         };
         for (name, value) in &self.kafka_config.0 {
-            let why = match name.as_str() {
+            // librdkafka takes a topic property under `topic.<name>` too,
+            // and some properties under an older name.
+            let canonical = match name.strip_prefix("topic.").unwrap_or(name) {
+                "metadata.broker.list" => "bootstrap.servers",
+                "auto.commit.enable" => "enable.auto.commit",
+                other => other,
+            };
+            let why = match canonical {
                 "enable.auto.commit" | "enable.auto.offset.store" => Some(
                     "the intake commits offsets itself, only past durable records".to_owned(),
                 ),
                 "auto.offset.reset"
-                    if !matches!(value.expose(), "earliest" | "smallest" | "beginning") =>
+                    if !matches!(
+                        value.expose().to_ascii_lowercase().as_str(),
+                        "earliest" | "smallest" | "beginning"
+                    ) =>
                 {
                     Some("only earliest: a new group must not skip the records already in the topics".to_owned())
                 }
@@ -739,6 +749,10 @@ impl Settings {
                 "security.protocol" | "sasl.mechanism" | "sasl.mechanisms" if self.kafka_entra => {
                     Some("RTPD_KAFKA_ENTRA=true sets SASL_SSL and OAUTHBEARER".to_owned())
                 }
+                // rtpd answers librdkafka's token refreshes itself (Entra).
+                "sasl.oauthbearer.method" | "sasl.oauthbearer.config" => Some(
+                    "OAUTHBEARER tokens come from Entra ID (RTPD_KAFKA_ENTRA=true); otherwise use SASL PLAIN or SCRAM".to_owned(),
+                ),
                 _ => None,
             };
             if let Some(why) = why {
@@ -1088,6 +1102,10 @@ mod tests {
             ("AUTO_OFFSET_RESET", "latest"),
             ("GROUP_ID", "other"),
             ("BOOTSTRAP_SERVERS", "elsewhere:9092"),
+            ("METADATA_BROKER_LIST", "elsewhere:9092"),
+            ("TOPIC_AUTO_OFFSET_RESET", "latest"),
+            ("AUTO_COMMIT_ENABLE", "true"),
+            ("SASL_OAUTHBEARER_METHOD", "oidc"),
             ("NO_SUCH_PROPERTY", "1"),
         ] {
             assert_eq!(
@@ -1097,6 +1115,9 @@ mod tests {
             );
         }
         with("AUTO_OFFSET_RESET", "earliest").validate().unwrap();
+        with("TOPIC_AUTO_OFFSET_RESET", "Earliest")
+            .validate()
+            .unwrap();
         with("SESSION_TIMEOUT_MS", "6000").validate().unwrap();
     }
 

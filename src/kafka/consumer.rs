@@ -18,7 +18,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -44,12 +44,12 @@ struct Shared {
     producer: FutureProducer<IntakeContext>,
     dead_letter_topic: String,
     marks: Arc<Mutex<Watermarks>>,
-    /// Set while intake's dependencies (WAL, ledger, journal) do not
-    /// answer: every partition waits.
-    outage: AtomicBool,
-    /// Partitions whose record the dead-letter topic does not take: only
-    /// they wait (their next record may not pass it).
-    blocked: Mutex<HashSet<Partition>>,
+    /// Records waiting for intake's dependencies (WAL, ledger, journal):
+    /// while any does, every partition waits.
+    waiting: AtomicUsize,
+    /// Per partition, its records the dead-letter topic does not take yet:
+    /// only those partitions wait (they cannot go past such a record).
+    blocked: Mutex<HashMap<Partition, usize>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -98,11 +98,11 @@ pub async fn run(
         producer,
         dead_letter_topic: settings.kafka_dead_letter_topic.clone(),
         marks: marks.clone(),
-        outage: AtomicBool::new(false),
-        blocked: Mutex::new(HashSet::new()),
+        waiting: AtomicUsize::new(0),
+        blocked: Mutex::new(HashMap::new()),
         stop: stop.clone(),
     });
-    let lag = tokio::spawn(watch_lag(consumer.clone(), marks.clone(), stop.clone()));
+    watch_lag(Arc::downgrade(&consumer), marks.clone(), stop.clone());
     let max_in_flight = settings.kafka_max_in_flight;
     let vendor = settings.kafka_vendor.clone();
     let max_bytes = settings.max_body_bytes;
@@ -117,8 +117,8 @@ pub async fn run(
     let mut paused = Paused::default();
     loop {
         // Every task counts, also one whose partition was revoked meanwhile.
-        let all = tasks.len() >= max_in_flight || shared.outage.load(Ordering::Relaxed);
-        let blocked = lock(&shared.blocked).clone();
+        let all = tasks.len() >= max_in_flight || shared.waiting.load(Ordering::Relaxed) > 0;
+        let blocked: HashSet<Partition> = lock(&shared.blocked).keys().cloned().collect();
         if paused.differs(all, &blocked) {
             paused.apply(&consumer, all, blocked);
         }
@@ -171,7 +171,6 @@ pub async fn run(
             },
         }
     }
-    lag.abort();
     tracing::info!(
         in_intake = tasks.len(),
         "Kafka intake stopping; committing what is durable"
@@ -352,53 +351,67 @@ fn commit(consumer: &IntakeConsumer, marks: &Mutex<Watermarks>, mode: CommitMode
 
 /// Every [`LAG_EVERY`], each assigned partition's records behind its end:
 /// the high watermark less what is durable (the committable offset, or
-/// before any record of it is, the position or else the low watermark).
-/// Read from the brokers, so it moves while the partitions are paused.
-async fn watch_lag(
-    consumer: Arc<IntakeConsumer>,
+/// before any record of it is, the group's committed offset, the position,
+/// or else the low watermark). Read from the brokers, so it moves while the
+/// partitions are paused. On a thread of its own (the calls block, up to
+/// 2 s a partition), holding the consumer only while it reads, and ending
+/// at the stop: it never holds up the process's exit.
+fn watch_lag(
+    consumer: std::sync::Weak<IntakeConsumer>,
     marks: Arc<Mutex<Watermarks>>,
     stop: watch::Receiver<bool>,
 ) {
-    let mut every = tokio::time::interval(LAG_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !*stop.borrow() {
-        every.tick().await;
-        let (c, m) = (consumer.clone(), marks.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            let assigned = c.assignment().ok()?;
-            let positions: HashMap<Partition, i64> = c
-                .position()
-                .map(|tpl| {
-                    tpl.elements()
-                        .iter()
-                        .filter_map(|e| match e.offset() {
-                            Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let durable: HashMap<Partition, i64> = lock(&m).committable(None).into_iter().collect();
+    let stopped = move || *stop.borrow();
+    std::thread::spawn(move || {
+        while !stopped() {
+            std::thread::sleep(LAG_EVERY);
+            let Some(c) = consumer.upgrade() else { return };
+            if stopped() {
+                return;
+            }
+            let Ok(assigned) = c.assignment() else {
+                continue;
+            };
+            let offsets =
+                |tpl: rdkafka::error::KafkaResult<TopicPartitionList>| -> HashMap<Partition, i64> {
+                    tpl.map(|tpl| {
+                        tpl.elements()
+                            .iter()
+                            .filter_map(|e| match e.offset() {
+                                Offset::Offset(o) => {
+                                    Some(((e.topic().to_owned(), e.partition()), o))
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+                };
+            let positions = offsets(c.position());
+            let committed = offsets(c.committed(Duration::from_secs(2)));
+            let durable: HashMap<Partition, i64> =
+                lock(&marks).committable(None).into_iter().collect();
             let mut lags = Vec::new();
             for e in assigned.elements() {
+                if stopped() {
+                    return;
+                }
                 let p = (e.topic().to_owned(), e.partition());
                 let Ok((low, high)) = c.fetch_watermarks(&p.0, p.1, Duration::from_secs(2)) else {
                     continue;
                 };
                 let from = durable
                     .get(&p)
+                    .or(committed.get(&p))
                     .or(positions.get(&p))
                     .copied()
                     .unwrap_or(low);
                 lags.push((p, (high - from).max(0)));
             }
-            Some(lags)
-        })
-        .await;
-        if let Ok(Some(lags)) = read {
+            drop(c);
             crate::metrics::kafka_consumer_lags(&lags);
         }
-    }
+    });
 }
 
 fn fetched<M: Message>(m: &M) -> Fetched {
@@ -429,6 +442,45 @@ async fn handle(s: &Shared, r: Fetched, prepared: Result<Submission, Invalid>, t
     lock(&s.marks).done(&ticket);
 }
 
+/// Counts a record as waiting for as long as it lives (also when its task
+/// is aborted at a stop).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Waiting<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a record of `partition` as held up by the dead-letter topic.
+struct Blocked<'a>(&'a Mutex<HashMap<Partition, usize>>, Partition);
+
+impl<'a> Blocked<'a> {
+    fn new(m: &'a Mutex<HashMap<Partition, usize>>, p: Partition) -> Blocked<'a> {
+        *lock(m).entry(p.clone()).or_default() += 1;
+        Blocked(m, p)
+    }
+}
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        let mut m = lock(self.0);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Takes the record through intake, trying again for as long as a
 /// dependency does not answer; `None` if the stop came first.
 async fn settle(s: &Shared, r: &Fetched, prepared: Result<Submission, Invalid>) -> Option<Outcome> {
@@ -437,19 +489,18 @@ async fn settle(s: &Shared, r: &Fetched, prepared: Result<Submission, Invalid>) 
         Err(invalid) => return dead_letter(s, r, None, &invalid).await,
     };
     let mut tries = 0u32;
+    let mut waiting = None;
     loop {
         match s.intake.accept(submission.clone()).await {
             Ok(IntakeOutcome::Accepted { record, .. }) => {
-                s.outage.store(false, Ordering::Relaxed);
                 tracing::debug!(transaction_id = %record.transaction_id, record = %r.name(), "Kafka record accepted");
                 return Some(Outcome::Accepted);
             }
             Ok(IntakeOutcome::Duplicate(_)) => {
-                s.outage.store(false, Ordering::Relaxed);
                 return Some(Outcome::Duplicate);
             }
             Ok(IntakeOutcome::Conflict(existing)) => {
-                s.outage.store(false, Ordering::Relaxed);
+                drop(waiting.take());
                 let invalid = Invalid::new(
                     "conflict",
                     format!(
@@ -463,17 +514,19 @@ async fn settle(s: &Shared, r: &Fetched, prepared: Result<Submission, Invalid>) 
                 return dead_letter(s, r, Some(&id), &invalid).await;
             }
             Err(IntakeError::InvalidId(e)) => {
+                drop(waiting.take());
                 let invalid = Invalid::new("invalid_transaction_id", e.to_string());
                 return dead_letter(s, r, None, &invalid).await;
             }
             Err(IntakeError::NotUtf8) => {
+                drop(waiting.take());
                 let invalid = Invalid::new("invalid_utf8", "body is not valid UTF-8");
                 return dead_letter(s, r, None, &invalid).await;
             }
             Err(e) => {
                 // A dependency that does not answer, or an error no retry
                 // of ours can tell apart from one: never skip the record.
-                s.outage.store(true, Ordering::Relaxed);
+                waiting.get_or_insert_with(|| Waiting::new(&s.waiting));
                 let dependency = match &e {
                     IntakeError::Unavailable { dependency, .. } => *dependency,
                     _ => Dependency::Ledger,
@@ -533,11 +586,14 @@ async fn dead_letter(
     let offset = r.offset.to_string();
     let sha256 = r.payload.as_ref().map(|p| Sha256::of(p));
     let size = r.payload.as_ref().map_or(0, |p| p.len()).to_string();
-    let mut without_value = false;
+    // 0: as read; 1: without its value; 2: without its key and its own
+    // headers too (a record the topic refuses for good at each step).
+    let mut stripped = 0u8;
     let mut tries = 0u32;
+    let mut blocked = None;
     loop {
         let mut hs = OwnedHeaders::new_with_capacity(r.headers.len() + 8);
-        for (k, v) in &r.headers {
+        for (k, v) in r.headers.iter().filter(|_| stripped < 2) {
             hs = hs.insert(Header {
                 key: k,
                 value: v.as_deref(),
@@ -561,7 +617,7 @@ async fn dead_letter(
                 value: Some(id),
             });
         }
-        if without_value {
+        if stripped > 0 {
             hs = hs.insert(Header {
                 key: headers::VALUE_DROPPED,
                 value: Some(&format!(
@@ -572,10 +628,10 @@ async fn dead_letter(
         }
         let mut out: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&s.dead_letter_topic).headers(hs);
-        if let Some(k) = &r.key {
+        if let (Some(k), 0 | 1) = (&r.key, stripped) {
             out = out.key(k.as_slice());
         }
-        if let (Some(p), false) = (&r.payload, without_value) {
+        if let (Some(p), 0) = (&r.payload, stripped) {
             out = out.payload(p.as_ref());
         }
         let mut stop = s.stop.clone();
@@ -585,13 +641,13 @@ async fn dead_letter(
         };
         match sent {
             Ok(_) => break,
-            Err((e, _)) if refused_for_good(&e) && !without_value => {
-                tracing::warn!(record = %r.name(), error = %e, dead_letter_topic = %s.dead_letter_topic, "the dead-letter topic refuses the record as it is; set aside without its value");
-                without_value = true;
+            Err((e, _)) if refused_for_good(&e) && stripped < 2 => {
+                stripped += 1;
+                tracing::warn!(record = %r.name(), error = %e, dead_letter_topic = %s.dead_letter_topic, "the dead-letter topic refuses the record as it is; set aside without its {}", if stripped == 1 { "value" } else { "value, key and headers" });
             }
             Err((e, _)) => {
                 // Only this record's partition waits: it cannot go past it.
-                lock(&s.blocked).insert(partition_key.clone());
+                blocked.get_or_insert_with(|| Blocked::new(&s.blocked, partition_key.clone()));
                 super::client::quietly(
                     "dead-letter",
                     |suppressed| tracing::error!(record = %r.name(), error = %e, dead_letter_topic = %s.dead_letter_topic, suppressed, "the dead-letter topic does not take a refused record; its partition waits (paused)"),
@@ -603,7 +659,7 @@ async fn dead_letter(
             }
         }
     }
-    lock(&s.blocked).remove(&partition_key);
+    drop(blocked);
     let entry = JournalEntry {
         v: 1,
         kind: EntryKind::Rejected,
@@ -623,6 +679,7 @@ async fn dead_letter(
         replay_nonce: None,
     };
     let mut tries = 0u32;
+    let mut waiting = None;
     loop {
         match s.journal.append(&entry).await {
             Ok(_) => break,
@@ -630,7 +687,7 @@ async fn dead_letter(
                 if tries == 0 {
                     tracing::error!(record = %r.name(), error = %e, "journaling a dead-lettered Kafka record failed; trying again");
                 }
-                s.outage.store(true, Ordering::Relaxed);
+                waiting.get_or_insert_with(|| Waiting::new(&s.waiting));
                 tries += 1;
                 if !wait_to_retry(s, tries).await {
                     return None;
@@ -638,6 +695,6 @@ async fn dead_letter(
             }
         }
     }
-    s.outage.store(false, Ordering::Relaxed);
+    drop(waiting);
     Some(Outcome::DeadLettered)
 }

@@ -430,6 +430,9 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
 async fn a_stop_with_the_brokers_gone_ends_within_its_bounds() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, PARTITIONS, 1).unwrap();
+    // Many partitions: each broker call the lag reader makes then waits
+    // out its timeout (a reviewer: 121 s to exit with 48).
+    cluster.create_topic("wide", 48, 1).unwrap();
     cluster.create_topic(DEAD, 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
     let p = producer(&bootstrap);
@@ -437,7 +440,13 @@ async fn a_stop_with_the_brokers_gone_ends_within_its_bounds() {
     let (_mock, mock_port) = start_mock(&[]).await;
     let api_port = free_port();
     let base = format!("http://127.0.0.1:{api_port}");
-    let mut dev = spawn_intake(dir.path(), api_port, mock_port, &bootstrap, &[]);
+    let mut dev = spawn_intake(
+        dir.path(),
+        api_port,
+        mock_port,
+        &bootstrap,
+        &[("RTPD_KAFKA_TOPICS", "payments,wide")],
+    );
     wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
     send(&p, None, &payload("S-1", 1)).await;
     poll_json(&format!("{base}/metrics"), Duration::from_secs(30), |m| {
@@ -448,6 +457,8 @@ async fn a_stop_with_the_brokers_gone_ends_within_its_bounds() {
     // the last commit and leaving the group cannot finish, and must not
     // hold the process (20 s of grace for records in intake, 5 s for the
     // close; none are in intake here).
+    // The lag reader has read at least once with the brokers there.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     drop(p);
     drop(cluster);
     tokio::time::sleep(Duration::from_secs(2)).await;
