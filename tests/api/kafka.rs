@@ -7,8 +7,8 @@
 //! skipped when it returns.
 
 use crate::support::process::{
-    OwnRedis, Proc, free_port, mock_calls, poll_json, rtpd, spawn_dev_with, start_mock, terminate,
-    wait_http_ok,
+    OwnRedis, Proc, azurite_connection_string_on, free_port, mock_calls, poll_json, rtpd,
+    spawn_dev_with, start_azurite, start_mock, stop_azurite, terminate, wait_http_ok,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -341,6 +341,23 @@ async fn kafka_records_reach_success_across_a_kill_9_and_bad_ones_are_set_aside(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
+    outage_pauses_and_skips_nothing(Outage::Ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wal_outage_pauses_the_partitions_and_nothing_is_skipped() {
+    outage_pauses_and_skips_nothing(Outage::Wal).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Outage {
+    /// Redis (the ledger) killed, then started again with its data.
+    Ledger,
+    /// Azurite (the WAL) stopped, then started again with its data.
+    Wal,
+}
+
+async fn outage_pauses_and_skips_nothing(outage: Outage) {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, PARTITIONS, 1).unwrap();
     cluster.create_topic(DEAD, 1, 1).unwrap();
@@ -348,6 +365,10 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
     let p = producer(&bootstrap);
     let mut redis = OwnRedis::start_persistent();
     let url = redis.url();
+    let blob_data = tempfile::tempdir().unwrap();
+    let blob_port = free_port();
+    let mut azurite = start_azurite(blob_port, blob_data.path());
+    let blob = azurite_connection_string_on(blob_port);
 
     let dir = tempfile::tempdir().unwrap();
     let (_mock, mock_port) = start_mock(&[]).await;
@@ -358,7 +379,13 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
         api_port,
         mock_port,
         &bootstrap,
-        &[("RTPD_LEDGER", "redis"), ("RTPD_REDIS_URL", &url)],
+        &[
+            ("RTPD_LEDGER", "redis"),
+            ("RTPD_REDIS_URL", &url),
+            ("RTPD_WAL", "azure"),
+            ("RTPD_STORAGE_CONNECTION_STRING", &blob),
+            ("RTPD_WAL_CONTAINER", "kafka-wal"),
+        ],
     );
     wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(30)).await;
     for i in 0..100 {
@@ -369,8 +396,11 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
     })
     .await;
 
-    // The ledger goes away; records keep coming.
-    redis.kill();
+    // The ledger or the WAL goes away; records keep coming.
+    match outage {
+        Outage::Ledger => redis.kill(),
+        Outage::Wal => stop_azurite(&mut azurite),
+    }
     for i in 100..300 {
         send(&p, None, &payload(&format!("O-{i}"), i)).await;
     }
@@ -400,7 +430,7 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the intake did not pause while the ledger was down:\n{}",
+            "the intake did not pause while the dependency was down:\n{}",
             text.lines()
                 .filter(|l| l.contains("kafka"))
                 .collect::<Vec<_>>()
@@ -411,7 +441,10 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Back: everything sent during the outage is taken, none skipped.
-    redis.launch();
+    match outage {
+        Outage::Ledger => redis.launch(),
+        Outage::Wal => azurite = start_azurite(blob_port, blob_data.path()),
+    }
     poll_json(&format!("{base}/metrics"), Duration::from_secs(90), |m| {
         m["success"].as_u64().unwrap_or(0) >= 300
     })
@@ -424,6 +457,8 @@ async fn a_ledger_outage_pauses_the_partitions_and_nothing_is_skipped() {
     for i in 0..300 {
         assert_eq!(keys[&format!("dev-vendor/O-{i}")]["successes"], 1, "O-{i}");
     }
+    // Azurite (started again for the WAL outage) lives to the end.
+    drop(azurite);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
