@@ -54,6 +54,8 @@ export SB_INTEROP_PYTHON="$repo/.venv/bin/python"
 export RTPD_TEST_PYTHON="$repo/.venv/bin/python"
 
 step "Build"
+# librdkafka's build tools (a C compiler, make, pkg-config, OpenSSL's headers).
+scripts/build-deps.sh || die "the C build tools librdkafka needs are missing"
 # One debug build serves both the tests and the suites that run the binaries:
 # building the tests builds rtpd and sb-test-broker with the tests' features
 # (tests/ of each package start its binary) and puts them in target/debug.
