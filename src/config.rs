@@ -729,29 +729,45 @@ impl Settings {
             let canonical = match name.strip_prefix("topic.").unwrap_or(name) {
                 "metadata.broker.list" => "bootstrap.servers",
                 "auto.commit.enable" => "enable.auto.commit",
+                "request.required.acks" => "acks",
                 other => other,
             };
+            let v = value.expose().trim().to_ascii_lowercase();
+            // A value the intake sets itself is fine; any other is not.
             let why = match canonical {
-                "enable.auto.commit" | "enable.auto.offset.store" => Some(
-                    "the intake commits offsets itself, only past durable records".to_owned(),
-                ),
-                "auto.offset.reset"
-                    if !matches!(
-                        value.expose().to_ascii_lowercase().as_str(),
-                        "earliest" | "smallest" | "beginning"
-                    ) =>
-                {
-                    Some("only earliest: a new group must not skip the records already in the topics".to_owned())
+                "enable.auto.commit" | "enable.auto.offset.store" if v != "false" => {
+                    Some("the intake commits offsets itself, only past durable records")
                 }
-                "enable.partition.eof" => Some("the intake reads partitions endlessly".to_owned()),
-                "bootstrap.servers" => Some("set RTPD_KAFKA_BOOTSTRAP_SERVERS".to_owned()),
-                "group.id" => Some("set RTPD_KAFKA_GROUP_ID".to_owned()),
+                "auto.offset.reset"
+                    if !matches!(v.as_str(), "earliest" | "smallest" | "beginning") =>
+                {
+                    Some(
+                        "only earliest: a new group must not skip the records already in the topics",
+                    )
+                }
+                "enable.partition.eof" if v != "false" => {
+                    Some("the intake reads partitions endlessly")
+                }
+                "isolation.level" if v != "read_committed" => Some(
+                    "only read_committed: a record of an aborted producer transaction is no payment",
+                ),
+                // The dead-letter producer's: a record counts as set aside
+                // only once every in-sync replica has it.
+                "acks" if !matches!(v.as_str(), "all" | "-1") => Some(
+                    "only all: a dead letter counts as set aside once every in-sync replica has it",
+                ),
+                "enable.idempotence" if v != "true" => {
+                    Some("the dead-letter producer is idempotent")
+                }
+                "transactional.id" => Some("the dead-letter producer is not transactional"),
+                "bootstrap.servers" => Some("set RTPD_KAFKA_BOOTSTRAP_SERVERS"),
+                "group.id" => Some("set RTPD_KAFKA_GROUP_ID"),
                 "security.protocol" | "sasl.mechanism" | "sasl.mechanisms" if self.kafka_entra => {
-                    Some("RTPD_KAFKA_ENTRA=true sets SASL_SSL and OAUTHBEARER".to_owned())
+                    Some("RTPD_KAFKA_ENTRA=true sets SASL_SSL and OAUTHBEARER")
                 }
                 // rtpd answers librdkafka's token refreshes itself (Entra).
                 "sasl.oauthbearer.method" | "sasl.oauthbearer.config" => Some(
-                    "OAUTHBEARER tokens come from Entra ID (RTPD_KAFKA_ENTRA=true); otherwise use SASL PLAIN or SCRAM".to_owned(),
+                    "OAUTHBEARER tokens come from Entra ID (RTPD_KAFKA_ENTRA=true); otherwise use SASL PLAIN or SCRAM",
                 ),
                 _ => None,
             };
@@ -1106,6 +1122,11 @@ mod tests {
             ("TOPIC_AUTO_OFFSET_RESET", "latest"),
             ("AUTO_COMMIT_ENABLE", "true"),
             ("SASL_OAUTHBEARER_METHOD", "oidc"),
+            ("ACKS", "0"),
+            ("TOPIC_REQUEST_REQUIRED_ACKS", "1"),
+            ("ENABLE_IDEMPOTENCE", "false"),
+            ("TRANSACTIONAL_ID", "t"),
+            ("ISOLATION_LEVEL", "read_uncommitted"),
             ("NO_SUCH_PROPERTY", "1"),
         ] {
             assert_eq!(

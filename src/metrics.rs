@@ -95,7 +95,7 @@ const FORWARDED_FOR_IGNORED_HELP: &str = "Requests with X-Forwarded-For from a p
 const KAFKA_RECORDS_HELP: &str = "Kafka records taken by the intake: accepted (new, durable), duplicate (same id and bytes as a transaction the ledger holds), dead_lettered (refused; on the dead-letter topic)";
 const KAFKA_LAG_HELP: &str =
     "Kafka consumer lag per assigned partition (records behind the partition's end)";
-const KAFKA_PAUSED_HELP: &str = "1 while the Kafka intake has its partitions paused (a dependency does not answer, or RTPD_KAFKA_MAX_IN_FLIGHT records are in intake)";
+const KAFKA_PAUSED_HELP: &str = "1 while the Kafka intake has partitions paused (a dependency does not answer, RTPD_KAFKA_MAX_IN_FLIGHT records are in intake, or the dead-letter topic does not take a record)";
 const HTTP_PROTOCOL_ERRORS_HELP: &str = "Connections closed by the HTTP/1 parser for a malformed request or body (answered by actix before any route)";
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -626,11 +626,25 @@ pub fn kafka_record(outcome: &'static str) {
     }
 }
 
-/// Each assigned partition's consumer lag; partitions not listed (no
-/// longer assigned) lose their series.
-pub fn kafka_consumer_lags(lags: &[((String, i32), i64)]) {
+/// Assigned partitions' consumer lag as read; an assigned partition not
+/// read this time keeps its last value (the brokers may be what is down),
+/// one no longer assigned loses its series.
+pub fn kafka_consumer_lags(lags: &[((String, i32), i64)], assigned: &[(String, i32)]) {
     let family = &get().kafka_lag;
-    family.clear();
+    let mut g = kafka_gauges();
+    let gone: Vec<(String, i32)> = g
+        .lag
+        .iter()
+        .map(|(p, _)| p.clone())
+        .filter(|p| !assigned.contains(p))
+        .collect();
+    for (topic, partition) in &gone {
+        family.remove(&KafkaPartitionLabel {
+            topic: topic.clone(),
+            partition: *partition,
+        });
+    }
+    g.lag.retain(|(p, _)| assigned.contains(p));
     for ((topic, partition), lag) in lags {
         family
             .get_or_create(&KafkaPartitionLabel {
@@ -638,8 +652,12 @@ pub fn kafka_consumer_lags(lags: &[((String, i32), i64)]) {
                 partition: *partition,
             })
             .set(*lag);
+        let key = (topic.clone(), *partition);
+        match g.lag.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = *lag,
+            None => g.lag.push((key, *lag)),
+        }
     }
-    kafka_gauges().lag = lags.to_vec();
 }
 
 /// Partitions taken away by a rebalance: their lag is someone else's now.

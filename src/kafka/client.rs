@@ -39,11 +39,12 @@ pub fn producer_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     // record goes to the dead-letter topic as it was read); past what the
     // broker takes, it goes without its value.
     let max = (settings.max_body_bytes.saturating_mul(4) + 65_536).clamp(1_000_000, 100_000_000);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "30000")
+    c.set("message.timeout.ms", "30000")
         .set("message.max.bytes", max.to_string());
     passthrough(&mut c, settings)?;
+    // After the pass-through: what makes a dead letter durable is not
+    // anyone's to change (the settings check refuses other values too).
+    c.set("enable.idempotence", "true").set("acks", "all");
     // Consumer-only properties passed through would make the producer warn.
     for k in [
         "group.id",

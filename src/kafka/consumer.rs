@@ -351,8 +351,9 @@ fn commit(consumer: &IntakeConsumer, marks: &Mutex<Watermarks>, mode: CommitMode
 
 /// Every [`LAG_EVERY`], each assigned partition's records behind its end:
 /// the high watermark less what is durable (the committable offset, or
-/// before any record of it is, the group's committed offset, the position,
-/// or else the low watermark). Read from the brokers, so it moves while the
+/// before any record of it is, the first record fetched, else the group's
+/// committed offset, the position, or the low watermark). A partition whose
+/// watermarks do not come back keeps its last value. Read from the brokers, so it moves while the
 /// partitions are paused. On a thread of its own (the calls block, up to
 /// 2 s a partition), holding the consumer only while it reads, and ending
 /// at the stop: it never holds up the process's exit.
@@ -390,7 +391,12 @@ fn watch_lag(
             let positions = offsets(c.position());
             let committed = offsets(c.committed(Duration::from_secs(2)));
             let durable: HashMap<Partition, i64> =
-                lock(&marks).committable(None).into_iter().collect();
+                lock(&marks).not_durable_from().into_iter().collect();
+            let assigned_now: Vec<Partition> = assigned
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
             let mut lags = Vec::new();
             for e in assigned.elements() {
                 if stopped() {
@@ -409,7 +415,7 @@ fn watch_lag(
                 lags.push((p, (high - from).max(0)));
             }
             drop(c);
-            crate::metrics::kafka_consumer_lags(&lags);
+            crate::metrics::kafka_consumer_lags(&lags, &assigned_now);
         }
     });
 }

@@ -128,6 +128,20 @@ impl Watermarks {
             .collect()
     }
 
+    /// Per partition, where what is not durable yet begins: the
+    /// committable offset, or before any record is durable, the first
+    /// record fetched (the consumer lag counts from here).
+    pub fn not_durable_from(&self) -> Vec<(Partition, i64)> {
+        self.parts
+            .iter()
+            .filter_map(|(p, t)| {
+                t.committable
+                    .or(t.fetched.front().map(|(o, _)| *o))
+                    .map(|o| (p.clone(), o))
+            })
+            .collect()
+    }
+
     /// Offsets that moved since the last call, marked as committed.
     pub fn to_commit(&mut self) -> Vec<(Partition, i64)> {
         let mut out = Vec::new();
@@ -219,6 +233,16 @@ mod tests {
         assert!(!w.done(&old), "from before the seek");
         assert!(w.done(&again));
         assert_eq!(w.to_commit(), vec![(p(0), 1)]);
+    }
+
+    #[test]
+    fn what_is_not_durable_begins_at_the_first_unfinished_record() {
+        let mut w = Watermarks::new();
+        let a = w.fetched("t", 0, 4);
+        let _b = w.fetched("t", 0, 5);
+        assert_eq!(w.not_durable_from(), vec![(p(0), 4)], "nothing durable yet");
+        w.done(&a);
+        assert_eq!(w.not_durable_from(), vec![(p(0), 5)]);
     }
 
     #[test]
