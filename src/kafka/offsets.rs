@@ -44,8 +44,6 @@ struct Track {
 pub struct Watermarks {
     parts: HashMap<Partition, Track>,
     generations: u64,
-    /// Fetched and not yet done, across partitions.
-    in_flight: usize,
 }
 
 impl Watermarks {
@@ -68,14 +66,12 @@ impl Watermarks {
         if restart || track.generation == 0 {
             self.generations = next_generation;
             track.generation = next_generation;
-            self.in_flight -= track.fetched.iter().filter(|(_, done)| !done).count();
             track.fetched.clear();
             if restart {
                 track.committable = None;
             }
         }
         track.fetched.push_back((offset, false));
-        self.in_flight += 1;
         Ticket {
             partition: key,
             generation: track.generation,
@@ -100,7 +96,6 @@ impl Watermarks {
             return false;
         };
         slot.1 = true;
-        self.in_flight -= 1;
         while let Some(&(offset, true)) = track.fetched.front() {
             track.fetched.pop_front();
             track.committable = Some(offset + 1);
@@ -112,9 +107,7 @@ impl Watermarks {
     /// longer count).
     pub fn revoke(&mut self, partitions: &[Partition]) {
         for p in partitions {
-            if let Some(t) = self.parts.remove(p) {
-                self.in_flight -= t.fetched.iter().filter(|(_, done)| !done).count();
-            }
+            self.parts.remove(p);
         }
     }
 
@@ -169,7 +162,10 @@ impl Watermarks {
 
     /// Records fetched and not yet durable, across partitions.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.parts
+            .values()
+            .map(|t| t.fetched.iter().filter(|(_, done)| !done).count())
+            .sum()
     }
 }
 
