@@ -150,6 +150,68 @@ impl Known {
 /// starts over.
 pub const SHARED_INDEX_MAX_IDS: usize = 100_000;
 
+/// A process's journal index, shared by its workers and brought up to date
+/// one refresh at a time. A worker that needs the journal as of now takes
+/// the result of a refresh that began listing after it asked (and covers
+/// its window) instead of listing again: after a ledger loss every restored
+/// transaction's next claim reads the journal, and with one listing per
+/// worker (thousands of segments each) the processors kept Azurite at a full
+/// core and drained about one transaction a second (long fault campaign,
+/// seed 1129, 2026-12-01). Now the workers waiting at once cost one or two
+/// listings, whatever their number.
+#[derive(Debug, Default)]
+pub struct SharedIndex {
+    pub index: tokio::sync::Mutex<JournalIndex>,
+    last: tokio::sync::Mutex<Option<Refreshed>>,
+}
+
+#[derive(Debug)]
+struct Refreshed {
+    /// Before the refresh listed: it saw every segment written before this.
+    started: crate::clock::Instant,
+    /// The earliest hour it listed.
+    from_hour: DateTime<Utc>,
+    result: Result<(), String>,
+}
+
+impl SharedIndex {
+    /// [`JournalIndex::refresh_shared`] from `from` to now, or the outcome of
+    /// one that started after this call and listed from `from`'s hour or
+    /// earlier (a failure too: it is what this call would have met).
+    pub async fn refresh(
+        &self,
+        journal: &Journal,
+        from: DateTime<Utc>,
+        max_ids: usize,
+    ) -> Result<(), String> {
+        let asked = crate::clock::Instant::now();
+        let from_hour = crate::wal::truncate_to_hour(from);
+        let mut last = self.last.lock().await;
+        if let Some(r) = last.as_ref()
+            && r.started >= asked
+            && r.from_hour <= from_hour
+        {
+            return r.result.clone();
+        }
+        let started = crate::clock::Instant::now();
+        let result = JournalIndex::refresh_shared(
+            &self.index,
+            journal,
+            from_hour,
+            crate::clock::now(),
+            max_ids,
+        )
+        .await
+        .map_err(|e| e.to_string());
+        *last = Some(Refreshed {
+            started,
+            from_hour,
+            result: result.clone(),
+        });
+        result
+    }
+}
+
 /// The journal folded per transaction id. Segments are immutable, so a
 /// refresh reads only segments it has not seen; one index can be refreshed
 /// over and over (the reconciler, the processor's ledger-miss path).
@@ -557,6 +619,107 @@ mod tests {
             ],
         );
         assert_eq!(idx.known("t").unwrap().state, State::Pending);
+    }
+
+    /// Counts `list` calls and makes each take a while, so callers overlap.
+    struct CountingStore {
+        inner: crate::wal::memory::MemoryStore,
+        lists: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::wal::store::ObjectStore for CountingStore {
+        async fn put_new(
+            &self,
+            key: &str,
+            body: bytes::Bytes,
+            opts: &crate::wal::store::PutOptions,
+        ) -> Result<(), crate::wal::store::StoreError> {
+            self.inner.put_new(key, body, opts).await
+        }
+        async fn get(&self, key: &str) -> Result<bytes::Bytes, crate::wal::store::StoreError> {
+            self.inner.get(key).await
+        }
+        async fn get_range(
+            &self,
+            key: &str,
+            offset: u64,
+            len: u64,
+        ) -> Result<bytes::Bytes, crate::wal::store::StoreError> {
+            self.inner.get_range(key, offset, len).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<crate::wal::store::ObjectInfo>, crate::wal::store::StoreError> {
+            self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            self.inner.list(prefix).await
+        }
+        async fn ping(&self) -> Result<(), crate::wal::store::StoreError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    /// Many workers reading the journal at once share listings (the long
+    /// fault campaign's slow drain: one listing per restored transaction),
+    /// and a refresh asked for after an entry was journaled still sees it.
+    #[tokio::test]
+    async fn workers_reading_the_journal_at_once_share_one_listing() {
+        let store = std::sync::Arc::new(CountingStore {
+            inner: crate::wal::memory::MemoryStore::default(),
+            lists: Default::default(),
+        });
+        let journal = Journal::new(Log::start(
+            store.clone(),
+            crate::wal::JOURNAL_PREFIX,
+            "test",
+            crate::wal::GroupCommit::default(),
+        ));
+        let mut c = entry(EntryKind::Attempt, 0, Some(1), State::Success);
+        c.transaction_id = "c".into();
+        c.at = crate::clock::now();
+        journal.append(&c).await.unwrap();
+        let from = c.at;
+        let hours = |n: usize| {
+            n / (1 + usize::from(
+                crate::wal::truncate_to_hour(crate::clock::now())
+                    > crate::wal::truncate_to_hour(from),
+            ))
+        };
+        let shared = std::sync::Arc::new(SharedIndex::default());
+        let workers: Vec<_> = (0..32)
+            .map(|_| {
+                let (shared, journal) = (shared.clone(), journal.clone());
+                tokio::spawn(async move {
+                    shared
+                        .refresh(&journal, from, SHARED_INDEX_MAX_IDS)
+                        .await
+                        .unwrap();
+                    shared.index.lock().await.known("c").map(|k| k.state)
+                })
+            })
+            .collect();
+        for w in workers {
+            assert_eq!(w.await.unwrap(), Some(State::Success));
+        }
+        let listings = hours(store.lists.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            (1..=2).contains(&listings),
+            "32 workers at once listed the journal {listings} times"
+        );
+        // Journaled after the last refresh began: the next one lists again.
+        let mut d = c.clone();
+        d.transaction_id = "d".into();
+        journal.append(&d).await.unwrap();
+        shared
+            .refresh(&journal, from, SHARED_INDEX_MAX_IDS)
+            .await
+            .unwrap();
+        assert!(shared.index.lock().await.known("d").is_some());
     }
 
     /// Issue 12 item 12: the processor's shared index is bounded: once over

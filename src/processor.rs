@@ -107,7 +107,7 @@ pub struct Processor {
     pub lock_duration: Duration,
     pub downstream_timeout: Duration,
     /// The outcome journal as read so far, for transactions the ledger lost.
-    pub journal_index: Arc<tokio::sync::Mutex<JournalIndex>>,
+    pub journal_index: Arc<crate::journal::SharedIndex>,
     /// Where a retry copy goes when its send fails.
     pub resend: Resend,
     /// Messages held while a dependency does not answer.
@@ -834,7 +834,12 @@ impl Processor {
             return Ok(false);
         }
         self.read_journal_since(rec.created_at).await?;
-        let known = self.journal_index.lock().await.known(&rec.transaction_id);
+        let known = self
+            .journal_index
+            .index
+            .lock()
+            .await
+            .known(&rec.transaction_id);
         Ok(known.is_some_and(|k| k.is_success_of(&rec.sha256)))
     }
 
@@ -1122,15 +1127,10 @@ impl Processor {
         &self,
         from: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), DeferCause> {
-        JournalIndex::refresh_shared(
-            &self.journal_index,
-            &self.journal,
-            from,
-            crate::clock::now(),
-            crate::journal::SHARED_INDEX_MAX_IDS,
-        )
-        .await
-        .map_err(|e| DeferCause::Journal(e.to_string()))
+        self.journal_index
+            .refresh(&self.journal, from, crate::journal::SHARED_INDEX_MAX_IDS)
+            .await
+            .map_err(DeferCause::Journal)
     }
 
     /// Puts a transaction the ledger lost back, as the outcome journal knows
@@ -1138,7 +1138,7 @@ impl Processor {
     async fn restore_from_journal(&self, reg: &Registration) -> Result<Restored, DeferCause> {
         self.read_journal_since(reg.received_at).await?;
         let (known, refused) = {
-            let idx = self.journal_index.lock().await;
+            let idx = self.journal_index.index.lock().await;
             (
                 idx.known(&reg.transaction_id),
                 idx.refused(&reg.transaction_id),

@@ -435,7 +435,7 @@ pub fn split_lines(key: &str, body: &Bytes) -> Vec<(WalRef, Bytes)> {
     out
 }
 
-fn truncate_to_hour(t: DateTime<Utc>) -> DateTime<Utc> {
+pub fn truncate_to_hour(t: DateTime<Utc>) -> DateTime<Utc> {
     t.with_minute(0)
         .and_then(|t| t.with_second(0))
         .and_then(|t| t.with_nanosecond(0))

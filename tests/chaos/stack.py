@@ -294,7 +294,7 @@ class Stack:
             argv=[str(self.bin / "rtpd"), "mock-downstream", "--addr", f"127.0.0.1:{port}",
                   "--success-rate", str(s.base_success_rate), "--failure-mix", s.base_mix,
                   "--hang-secs", str(s.hang_secs)],
-            env={"RTPD_LOG_LEVEL": "warn"},
+            env={"RTPD_LOG_LEVEL": os.environ.get("CHAOS_RTPD_LOG_LEVEL", "warn")},
             log=self.logs / "mock.log",
             ready=lambda: http_json("GET", f"http://127.0.0.1:{port}/healthz", timeout=2)[0] == 200,
         )
@@ -338,7 +338,7 @@ class Stack:
             "RTPD_VENDOR_KEYS": f"chaos:sha256:{sha(self.vendor_key)}",
             "RTPD_ADMIN_TOKENS": f"auditor:sha256:{sha(self.admin_token)}",
             "RTPD_VENDOR_RATE_PER_SEC": "0",
-            "RTPD_LOG_LEVEL": "warn",
+            "RTPD_LOG_LEVEL": os.environ.get("CHAOS_RTPD_LOG_LEVEL", "warn"),
         }
 
     def set_skew(self, name: str, secs: int):
