@@ -67,3 +67,85 @@ async fn redis_claim_decides_by_the_server_clock() {
         "{lease_until}"
     );
 }
+
+/// The due times a process computes on its own clock (a retry's, a
+/// restore's wait for a lost process's call) are stored on the server's:
+/// a processor whose clock runs behind does not make them due early (the
+/// long fault campaign's overlapping calls: a retry after a timed-out call
+/// reached the downstream while it still worked on that call).
+#[tokio::test]
+async fn due_times_set_on_a_clock_running_behind_are_kept_on_the_servers() {
+    let url = std::env::var("RTPD_TEST_REDIS_URL")
+        .expect("RTPD_TEST_REDIS_URL is not set: run the tests with scripts/test.sh");
+    let l = RedisLedger::connect(&RedisSettings {
+        url: url.as_str().into(),
+        key_prefix: format!("t-{}", uuid::Uuid::new_v4().simple()),
+        entra: false,
+        client_id: None,
+        retention: None,
+        timeout: DEFAULT_TIMEOUT,
+    })
+    .unwrap();
+    rtp_durability::ledger::mark_new(&l).await.unwrap();
+    // This process's clock runs a minute behind the server's.
+    assert!(rtp_durability::clock::simulate(
+        Utc::now() - ChronoDuration::minutes(1),
+        1
+    ));
+    let reg = |id: &str| Registration {
+        transaction_id: TransactionId::parse(id).unwrap(),
+        sha256: "aa".into(),
+        wal_ref: "w#0+1".parse().unwrap(),
+        vendor: None,
+        received_at: rtp_durability::clock::now(),
+        expires_at: None,
+    };
+    l.register(reg("skew-1")).await.unwrap();
+    l.claim("skew-1", "w1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let retry_in = ChronoDuration::seconds(20);
+    let rec = l
+        .settle(
+            "skew-1",
+            "w1",
+            1,
+            Settlement::Failed {
+                error: "timed out".into(),
+                next_retry_at: rtp_durability::clock::now() + retry_in,
+            },
+        )
+        .await
+        .unwrap();
+    let due = rec.next_retry_at.unwrap();
+    assert!(
+        due > Utc::now() + ChronoDuration::seconds(15),
+        "the retry is due {due}, 20 s from the caller's now, not 20 s from the server's"
+    );
+    assert!(
+        matches!(
+            l.claim("skew-1", "w2", Duration::from_secs(30))
+                .await
+                .unwrap(),
+            ClaimOutcome::NotDue(_)
+        ),
+        "a retry set 20 s ahead on a clock a minute behind was claimable at once"
+    );
+
+    // A restore's wait (a lost process's call may still be running).
+    let mut restored =
+        rtp_durability::transaction::TxRecord::new(&reg("skew-2"), rtp_durability::clock::now());
+    restored.status = rtp_durability::transaction::State::Failed;
+    restored.attempts = 1;
+    restored.next_retry_at = Some(rtp_durability::clock::now() + ChronoDuration::seconds(7));
+    assert!(l.restore_missing(restored).await.unwrap());
+    assert!(
+        matches!(
+            l.claim("skew-2", "w3", Duration::from_secs(30))
+                .await
+                .unwrap(),
+            ClaimOutcome::NotDue(_)
+        ),
+        "a restored transaction's wait, set on a clock a minute behind, was over at once"
+    );
+}

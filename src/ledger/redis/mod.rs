@@ -112,7 +112,9 @@ impl RedisLedger {
             .unwrap_or_default()
     }
 
-    /// ARGV of RESTORE and RESTORE_MISSING: id, status, updated_at_us, expire_at_ms, fields.
+    /// ARGV of RESTORE and RESTORE_MISSING: id, status, updated_at_us,
+    /// expire_at_ms, this process's now_us (a due time is moved to the
+    /// server's clock), fields.
     fn restore_args(&self, rec: &TxRecord) -> Vec<String> {
         let expire = if rec.status.is_terminal() {
             self.expire_at_ms(rec.updated_at)
@@ -124,6 +126,7 @@ impl RedisLedger {
             rec.status.as_str().to_owned(),
             micros(rec.updated_at).to_string(),
             expire,
+            micros(Self::now()).to_string(),
         ];
         args.extend(flat_fields(rec));
         args
@@ -388,7 +391,7 @@ impl Ledger for RedisLedger {
         rec: TxRecord,
     ) -> Result<bool, LedgerError> {
         let mut args = self.restore_args(&rec);
-        let fields = args.split_off(4);
+        let fields = args.split_off(5);
         args.extend([
             seen.status.as_str().to_owned(),
             seen.attempts.to_string(),

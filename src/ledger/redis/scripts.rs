@@ -59,6 +59,27 @@ local function forget_stale(id)
   redis.call('ZREM', ALL, id)
 end
 
+-- A time the caller computed on its own clock (`caller_now_us` there), moved
+-- to the server's: as far from the server's now as it was from the caller's.
+-- Claims compare due times with the server's clock (CLAIM); written as the
+-- caller's, a retry or a restore's wait set by a process whose clock runs
+-- behind came due early, and a retry after a call that timed out reached
+-- the downstream while it still worked on that call.
+local function on_server_clock(at_us, caller_now_us)
+  local t = redis.call('TIME')
+  local srv = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return string.format('%.0f', tonumber(at_us) - tonumber(caller_now_us) + srv)
+end
+
+-- The record's next_retry_at, if still ahead of the caller's now, moved to
+-- the server's clock (see on_server_clock).
+local function retry_on_server_clock(caller_now_us)
+  local at = redis.call('HGET', TX, 'next_retry_at')
+  if at and tonumber(at) > tonumber(caller_now_us) then
+    redis.call('HSET', TX, 'next_retry_at', on_server_clock(at, caller_now_us))
+  end
+end
+
 -- Terminal records expire at `expire_at_ms` (empty: retention off);
 -- anything else lives until it is terminal.
 local function set_expiry(state, expire_at_ms)
@@ -155,6 +176,8 @@ return {'claimed', redis.call('HGETALL', TX)}
 
 /// ARGV: id, owner, attempt, now_us, outcome (`success` | `failed` |
 /// `dead_letter`), error, next_retry_at_us, expire_at_ms, cutoff_us, trim_n.
+/// `next_retry_at_us` is on the caller's clock (`now_us`); it is stored on
+/// the server's, the one [`CLAIM`] compares it with.
 /// Codes: `not_found`, `fenced`, `settled`.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     script(
@@ -171,7 +194,7 @@ redis.call('HDEL', TX, 'lease_owner', 'lease_until')
 if outcome == 'success' then
   redis.call('HDEL', TX, 'next_retry_at')
 elseif outcome == 'failed' then
-  redis.call('HSET', TX, 'error_message', err, 'next_retry_at', retry_at)
+  redis.call('HSET', TX, 'error_message', err, 'next_retry_at', on_server_clock(retry_at, now_s))
   redis.call('HINCRBY', TX, 'retry_count', 1)
 elseif outcome == 'dead_letter' then
   redis.call('HSET', TX, 'error_message', err)
@@ -283,8 +306,10 @@ return {'reset', redis.call('HGETALL', TX)}
     )
 });
 
-/// ARGV: id, status, updated_at_us, expire_at_ms, then field/value pairs.
-/// Replaces the record whatever was there. Code: `restored`.
+/// ARGV: id, status, updated_at_us, expire_at_ms, the caller's now_us, then
+/// field/value pairs. Replaces the record whatever was there; a
+/// `next_retry_at` ahead of the caller's now is moved to the server's clock.
+/// Code: `restored`.
 pub static RESTORE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -292,7 +317,8 @@ local id, status, updated = ARGV[1], ARGV[2], ARGV[3]
 local before = redis.call('HGET', TX, 'status')
 if not before then forget_stale(id) end
 redis.call('DEL', TX)
-redis.call('HSET', TX, unpack(ARGV, 5))
+redis.call('HSET', TX, unpack(ARGV, 6))
+retry_on_server_clock(ARGV[5])
 reindex(id, before, status, updated)
 set_expiry(status, ARGV[4])
 return {'restored', {}}
@@ -307,7 +333,8 @@ pub static RESTORE_MISSING: LazyLock<Script> = LazyLock::new(|| {
 local id, status, updated = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', TX) == 1 then return {'exists', {}} end
 forget_stale(id)
-redis.call('HSET', TX, unpack(ARGV, 5))
+redis.call('HSET', TX, unpack(ARGV, 6))
+retry_on_server_clock(ARGV[5])
 reindex(id, false, status, updated)
 set_expiry(status, ARGV[4])
 return {'restored', {}}
@@ -315,7 +342,7 @@ return {'restored', {}}
     )
 });
 
-/// ARGV: id, status, updated_at_us, expire_at_ms, then the version the
+/// ARGV: id, status, updated_at_us, expire_at_ms, the caller's now_us, then the version the
 /// caller read (status, attempts, updated_at_us, replay_nonce or '',
 /// lease_owner or ''), then field/value pairs. Replaces the record only if
 /// it is still that version (`machine`-free: ledger::same_version). Codes:
@@ -326,12 +353,13 @@ pub static RESTORE_IF_UNCHANGED: LazyLock<Script> = LazyLock::new(|| {
 local id, status, updated = ARGV[1], ARGV[2], ARGV[3]
 local cur = redis.call('HMGET', TX, 'status', 'attempts', 'updated_at', 'replay_nonce', 'lease_owner')
 if not cur[1] then return {'changed', {}} end
-if cur[1] ~= ARGV[5] or cur[2] ~= ARGV[6] or cur[3] ~= ARGV[7]
-   or (cur[4] or '') ~= ARGV[8] or (cur[5] or '') ~= ARGV[9] then
+if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[7] or cur[3] ~= ARGV[8]
+   or (cur[4] or '') ~= ARGV[9] or (cur[5] or '') ~= ARGV[10] then
   return {'changed', {}}
 end
 redis.call('DEL', TX)
-redis.call('HSET', TX, unpack(ARGV, 10))
+redis.call('HSET', TX, unpack(ARGV, 11))
+retry_on_server_clock(ARGV[5])
 reindex(id, cur[1], status, updated)
 set_expiry(status, ARGV[4])
 return {'restored', {}}
