@@ -442,7 +442,7 @@ pub fn truncate_to_hour(t: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(t)
 }
 
-fn hour_prefix(prefix: &str, t: DateTime<Utc>) -> String {
+pub fn hour_prefix(prefix: &str, t: DateTime<Utc>) -> String {
     format!(
         "{prefix}/{:04}/{:02}/{:02}/{:02}/",
         t.year(),

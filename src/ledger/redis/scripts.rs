@@ -262,12 +262,15 @@ local id, nonce, force, now_s, quiet_us = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV
 local h = redis.call('HMGET', TX, 'status', 'lease_until', 'updated_at', 'next_retry_at')
 local status = h[1]
 if not status then return {'not_found', {}} end
+-- leases and due times are on the server's clock (CLAIM): so is this now
+local t = redis.call('TIME')
+local srv = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- machine::may_replay
 local may
 if status == 'success' then
   may = force
 elseif status == 'processing' then
-  may = (not h[2]) or tonumber(h[2]) <= tonumber(now_s)
+  may = (not h[2]) or tonumber(h[2]) <= srv
 else
   may = true
 end
@@ -293,7 +296,7 @@ elseif status == 'pending' and h[4] then
 elseif status == 'processing' and h[2] then
   nb = tonumber(h[2]) + quiet_us
 end
-if nb and nb > tonumber(now_s) then
+if nb and nb > srv then
   redis.call('HSET', TX, 'next_retry_at', string.format('%.0f', nb))
   redis.call('HDEL', TX, 'lease_owner', 'lease_until')
 else
