@@ -187,7 +187,15 @@ pub fn init(format: LogFormat, level: &str, over: &OtlpOverride) -> Result<Telem
             )
             .try_init(),
         LogFormat::Text => registry
-            .with(fmt::layer().with_target(false).with_filter(filter))
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    // Colours only on a terminal: in a log file or a
+                    // container's log stream the escapes hid the level from
+                    // a search for "ERROR" (the fault campaign's own count).
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                    .with_filter(filter),
+            )
             .try_init(),
     };
     let _ = result;

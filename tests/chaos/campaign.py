@@ -109,7 +109,8 @@ def log_errors(stack) -> dict:
     for name in [*stack.rtpd_names, "mock"]:
         p = stack.logs / f"{name}.log"
         if p.exists():
-            text = p.read_text(errors="replace")
+            # Without colour escapes, which would hide the level from \b.
+            text = re.sub(r"\x1b\[[0-9;]*m", "", p.read_text(errors="replace"))
             out[name] = {"error_lines": len(re.findall(r"\bERROR\b", text)),
                          "panics": text.count("panicked at")}
     return out
@@ -283,6 +284,12 @@ def finish(report: dict, out: Path, stack: Stack, history: list) -> int:
         for h in history:
             f.write(json.dumps(h) + "\n")
     shutil.copytree(stack.logs, out / "logs", dirs_exist_ok=True)
+    # A panic is a defect whatever the mode; ERROR lines are only counted
+    # (a Redis fault makes ingest log "ledger unavailable" by design).
+    for name, e in report.get("log_errors", {}).items():
+        if e["panics"]:
+            report["audit"]["violations"].append(
+                {"check": "panic", "transaction_id": None, "process": name, "count": e["panics"]})
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     text = {"soak": soak_table, "recovery": recovery_table}.get(report["mode"], table)(report)
     (out / "report.txt").write_text(text + "\n")
