@@ -84,6 +84,8 @@ pub const ENV_NAMES: &[&str] = &[
     "RTPD_MAX_UNVERIFIED_PER_SOURCE",
     "RTPD_TRUSTED_PROXIES",
     "RTPD_TRUSTED_PROXY_HOPS",
+    "RTPD_CONSOLE",
+    "RTPD_CONSOLE_REDACT",
     "RTPD_KAFKA_BOOTSTRAP_SERVERS",
     "RTPD_KAFKA_TOPICS",
     "RTPD_KAFKA_GROUP_ID",
@@ -394,6 +396,12 @@ pub struct Settings {
     /// (1: Container Apps' Envoy). 0: walk from the right past every
     /// trusted address instead.
     pub trusted_proxy_hops: u32,
+    /// The operations console at `/console` (admin token required).
+    pub console: bool,
+    /// Payload fields the console shows redacted, comma separated, by name
+    /// at any depth; `none` shows payloads as stored.
+    #[serde(deserialize_with = "scalar_string")]
+    pub console_redact: String,
     /// How far back the WAL is kept (the storage lifecycle rule); operator
     /// time ranges that reach further back are refused.
     pub wal_retention_days: u32,
@@ -543,6 +551,8 @@ impl Default for Settings {
             trusted_proxies: TrustedProxies::default(),
             trusted_proxy_hops: 0,
             wal_retention_days: 400,
+            console: true,
+            console_redact: crate::console::redact::DEFAULT_FIELDS.into(),
             kafka_bootstrap_servers: None,
             kafka_topics: None,
             kafka_group_id: "rtpd".into(),
@@ -790,6 +800,17 @@ impl Settings {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_kafka()?;
+        if let Some(bad) = self.console_redact.split(',').map(str::trim).find(|f| {
+            !f.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'))
+        }) {
+            return Err(ConfigError::new(
+                "RTPD_CONSOLE_REDACT",
+                format!(
+                    "{bad:?} is not a field name: give JSON field names, comma separated (or none)"
+                ),
+            ));
+        }
         let positive = |name: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(())

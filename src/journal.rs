@@ -292,6 +292,13 @@ impl JournalIndex {
         }
     }
 
+    /// The entries journaled for `id` (a ledger key), in the order read:
+    /// by segment, oldest hour first (the operations console's timeline
+    /// sorts them by time).
+    pub fn entries_of(&self, id: &str) -> &[JournalEntry] {
+        self.entries.get(id).map_or(&[], Vec::as_slice)
+    }
+
     /// Transaction ids held; past [`SHARED_INDEX_MAX_IDS`] a shared index
     /// starts over.
     pub fn len(&self) -> usize {

@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod downstream;
 pub mod envelope;
 pub mod intake;

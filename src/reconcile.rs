@@ -1139,13 +1139,49 @@ pub struct Periodic {
     pub rate_per_sec: u32,
 }
 
+/// The last background pass this process made, as the operations console
+/// shows it (reconciler drift). In memory only: it costs the pass no I/O.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastPass {
+    pub at: DateTime<Utc>,
+    /// The window the pass covered.
+    pub from: DateTime<Utc>,
+    /// `Ok`: the pass's report; `Err`: why it failed.
+    pub result: Result<ReconcileReport, String>,
+}
+
+/// Actions of a pass kept in [`LastPass`].
+pub const LAST_PASS_ACTIONS: usize = 20;
+
+/// Where [`run_periodically_publishing`] publishes each pass.
+pub type LastPassCell = Arc<std::sync::Mutex<Option<LastPass>>>;
+
 /// Runs a pass every `interval` while this instance holds the lease, starting
 /// at the shared low watermark, until `shutdown`.
 pub async fn run_periodically(
     svc: Arc<Reconciler>,
     p: Periodic,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    run_periodically_publishing(svc, p, shutdown, LastPassCell::default()).await
+}
+
+/// [`run_periodically`], publishing each pass this instance made (not a
+/// pass skipped because another instance held the lease) in `published`.
+pub async fn run_periodically_publishing(
+    svc: Arc<Reconciler>,
+    p: Periodic,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    published: LastPassCell,
+) {
+    let publish = |from: DateTime<Utc>, result: Result<ReconcileReport, String>| {
+        let pass = LastPass {
+            at: crate::clock::now(),
+            from,
+            result,
+        };
+        *published.lock().unwrap_or_else(|e| e.into_inner()) = Some(pass);
+    };
     let lease = LeaseOptions {
         owner: svc.instance.clone(),
         // Held only during a pass; after a crash mid-pass the next holder waits this long.
@@ -1188,7 +1224,18 @@ pub async fn run_periodically(
         let mut o = ReconcileOptions::new(from, now, p.pending_after);
         o.rate_per_sec = p.rate_per_sec;
         o.lease = Some(lease.clone());
-        match svc.reconcile(&o).await {
+        let pass = svc.reconcile(&o).await;
+        match &pass {
+            Ok(r) => {
+                // A few actions say what it did; a rebuild's thousands would be kept for nothing.
+                let mut shown = r.clone();
+                shown.actions.truncate(LAST_PASS_ACTIONS);
+                publish(from, Ok(shown))
+            }
+            Err(ReconcileError::LeaseHeld) => {}
+            Err(e) => publish(from, Err(e.to_string())),
+        }
+        match pass {
             Ok(r) => {
                 if r.drift() + r.redriven() > 0 {
                     tracing::warn!(

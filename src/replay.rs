@@ -73,6 +73,9 @@ pub enum Operator {
     /// From the command line without one: `--operator`, else `$USER`.
     /// Self-declared, so marked as such: `cli:<name>`.
     Cli(String),
+    /// Through the operations console, logged in with an admin token: the
+    /// token's configured name. `console:<name>`.
+    Console(String),
 }
 
 impl std::fmt::Display for Operator {
@@ -82,6 +85,7 @@ impl std::fmt::Display for Operator {
             Operator::Anonymous => f.write_str("api:anonymous"),
             Operator::Entra(principal) => write!(f, "entra:{principal}"),
             Operator::Cli(name) => write!(f, "cli:{name}"),
+            Operator::Console(name) => write!(f, "console:{name}"),
         }
     }
 }

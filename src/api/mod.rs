@@ -4,6 +4,7 @@
 //! `/openapi.json`.
 
 pub mod client_addr;
+pub mod console;
 pub mod error;
 pub mod health;
 pub mod ingest;
@@ -212,6 +213,8 @@ pub struct ApiState {
     pub sources: limits::Sources,
     /// Which refused calls are written to `rejected/v1`.
     pub rejected_sampler: rejected::Sampler,
+    /// The operations console (`None`: `RTPD_CONSOLE=false`).
+    pub console: Option<Arc<console::ConsoleState>>,
 }
 
 /// Who a request is, as far as can be told before its body: which
@@ -307,7 +310,14 @@ impl ApiState {
             unverified: s.unverified_per_source(),
             vouched: s.max_in_flight / 4,
         });
+        let console = s.console.then(|| {
+            Arc::new(console::ConsoleState::new(
+                replayer.clone(),
+                &s.console_redact,
+            ))
+        });
         ApiState {
+            console,
             unauthenticated,
             probes: Arc::new(Semaphore::new(PROBE_IN_FLIGHT)),
             sources,
@@ -336,6 +346,9 @@ impl ApiState {
         }
         let ok = if let Some(token) = bearer(req) {
             self.auth.admin(Some(token)).is_some()
+        } else if req.path().starts_with("/console/") || req.path() == "/console" {
+            // A console session holds an admin token.
+            console::session_of(self, req).is_some()
         } else {
             match signed_headers(req) {
                 Some(s) => {
@@ -623,6 +636,9 @@ pub fn served_routes() -> Vec<(Method, &'static str)> {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
+    if state.console.is_some() {
+        console::configure(cfg);
+    }
     cfg.app_data(state)
         .app_data(
             web::QueryConfig::default()

@@ -298,6 +298,16 @@ fn print_banner(s: &Settings, port: u16, creds: &DevCredentials, auth: bool) {
         );
         println!("  admin token      {}", creds.admin_token);
     }
+    if s.console {
+        println!(
+            "  console          {base}/console  (log in with the {})",
+            if auth {
+                "admin token above"
+            } else {
+                "any token: RTPD_AUTH=none"
+            }
+        );
+    }
     println!();
     println!("Try:");
     println!(

@@ -25,6 +25,8 @@ impl Reads {
     pub const REDRIVE: Reads = Reads(1 << 5);
     /// The Kafka intake.
     pub const KAFKA: Reads = Reads(1 << 6);
+    /// The operations console (the API process only).
+    pub const CONSOLE: Reads = Reads(1 << 7);
     pub const ALL: Reads = Reads(u8::MAX);
 
     const fn with(self, other: Reads) -> Reads {
@@ -247,6 +249,16 @@ const VARIABLES: &[(&str, Reads, &str)] = &[
         "how many proxies append to X-Forwarded-For in front of rtpd: the client is the entry that many from the right (1 for Container Apps' Envoy; default 0: skip every trusted address from the right)",
     ),
     (
+        "RTPD_CONSOLE",
+        Reads::CONSOLE,
+        "the operations console at /console, behind the admin token (false: 404)",
+    ),
+    (
+        "RTPD_CONSOLE_REDACT",
+        Reads::CONSOLE,
+        "payload fields the console shows redacted, by name at any depth, comma separated (none: off; default: iban, account and card numbers, see docs/console.md)",
+    ),
+    (
         "RTPD_VENDOR_KEYS",
         Reads::VENDORS,
         "vendors: <vendor>:sha256:<hex of key>, comma separated",
@@ -422,7 +434,8 @@ pub fn of(subcommand: &str) -> (Reads, &'static str) {
             backends
                 .with(Reads::SERVER)
                 .with(Reads::VENDORS)
-                .with(Reads::KAFKA),
+                .with(Reads::KAFKA)
+                .with(Reads::CONSOLE),
             SERVICE,
         ),
         "kafka-intake" => (backends.with(Reads::SERVER).with(Reads::KAFKA), SERVICE),

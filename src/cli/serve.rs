@@ -122,9 +122,23 @@ pub async fn run_with(
             });
         }
     }
+    // What the console shows of this process over time: the ledger's counts
+    // (sampled), the reconciler's last pass (when it runs here).
+    let mut observed = None;
     if parts.api() || matches!(parts, Parts::Processor | Parts::KafkaIntake) {
         let app = if parts.api() {
-            Application::build(services.api_state(auth))?
+            let state = services.api_state(auth);
+            if let Some(c) = &state.console {
+                let o = c.console.observed.clone();
+                let (ledger, stop) = (services.ledger.clone(), stop_rx.clone());
+                let sampler = o.clone();
+                tasks.spawn(async move {
+                    sampler.sample_counts(ledger, stop).await;
+                    Ok("console sampler")
+                });
+                observed = Some(o);
+            }
+            Application::build(state)?
         } else {
             Application::build_health_only(services.api_state(auth))?
         };
@@ -166,8 +180,12 @@ pub async fn run_with(
             pending_after: Settings::secs(settings.reconcile_pending_after_secs),
             rate_per_sec: 500,
         };
+        let published = observed
+            .as_ref()
+            .map(|o| o.reconciler.clone())
+            .unwrap_or_default();
         tasks.spawn(async move {
-            reconcile::run_periodically(reconciler, periodic, stop).await;
+            reconcile::run_periodically_publishing(reconciler, periodic, stop, published).await;
             Ok("reconciler")
         });
     }
