@@ -1194,6 +1194,20 @@ mod tests {
     #[test]
     fn bad_values_name_the_variable() {
         figment::Jail::expect_with(|jail| {
+            jail.set_env("RTPD_CONSOLE", "perhaps");
+            let err = Settings::load().unwrap_err();
+            assert_eq!(err.variable, "RTPD_CONSOLE");
+            jail.set_env("RTPD_CONSOLE", "false");
+            jail.set_env("RTPD_CONSOLE_REDACT", "iban,<script>");
+            let err = Settings::load().unwrap_err();
+            assert_eq!(err.variable, "RTPD_CONSOLE_REDACT", "{err}");
+            jail.set_env("RTPD_CONSOLE_REDACT", "iban, routing_number");
+            let s = Settings::load().unwrap();
+            assert!(!s.console);
+            assert_eq!(s.console_redact, "iban, routing_number");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
             jail.set_env("RTPD_MAX_RETRIES", "lots");
             let err = Settings::load().unwrap_err();
             assert_eq!(err.variable, "RTPD_MAX_RETRIES");

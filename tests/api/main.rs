@@ -2,6 +2,7 @@ mod azure_blob;
 mod azure_wal;
 mod claim_lease;
 mod cli;
+mod console;
 mod contract_ledger;
 mod contract_queue;
 mod contract_wal;

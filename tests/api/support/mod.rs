@@ -1,10 +1,12 @@
 //! Test helpers: `spawn_app()` runs the API on port 0 with embedded backends
 //! and a real mock downstream on port 0; typed request helpers; Azurite access.
-//! Real processes (`rtpd`, the mock downstream) live in [`process`];
+//! Real processes (`rtpd`, the mock downstream) live in [`process`]; a
+//! console client (session cookie, CSRF token) in [`console`];
 //! PostgreSQL databases, schemas and servers for tests in [`postgres`]; an
 //! OTLP/HTTP receiver in [`otlp`]; an object store a test takes down or
 //! slows in [`stores`].
 
+pub mod console;
 pub mod otlp;
 pub mod postgres;
 pub mod process;
