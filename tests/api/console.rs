@@ -217,6 +217,15 @@ async fn an_action_without_the_sessions_csrf_token_or_from_another_origin_is_ref
         )
         .await;
     assert_eq!(r.status(), 403);
+    // Another port of the same host is another origin.
+    let r = c
+        .post(
+            "/console/replay",
+            &form(&k, Some(&csrf)),
+            &[("Sec-Fetch-Site", "same-site")],
+        )
+        .await;
+    assert_eq!(r.status(), 403);
     // The dry run is an action too.
     let r = c
         .post(
@@ -235,13 +244,13 @@ async fn an_action_without_the_sessions_csrf_token_or_from_another_origin_is_ref
         State::DeadLetter,
         "nothing was replayed"
     );
-    // The same form with its token, from this origin, replays it.
-    let origin = app.address.clone();
+    // The same form with its token, from this origin, replays it (a
+    // browser under `Referrer-Policy: no-referrer` sends `Origin: null`).
     let r = c
         .post(
             "/console/replay",
             &form(&k, Some(&csrf)),
-            &[("Origin", origin.as_str())],
+            &[("Origin", "null"), ("Sec-Fetch-Site", "same-origin")],
         )
         .await;
     assert_eq!(r.status(), 200);

@@ -57,6 +57,7 @@ connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
+const ICON: &str = include_str!("assets/favicon.svg");
 
 /// Registers the console's routes (when `RTPD_CONSOLE` is on).
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -82,6 +83,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/wal/record", web::get().to(wal_record))
             .route("/assets/console.css", web::get().to(css))
             .route("/assets/console.js", web::get().to(js))
+            .route("/assets/favicon.svg", web::get().to(icon))
             .default_service(web::to(not_found)),
     );
 }
@@ -222,23 +224,30 @@ fn forbidden(message: &str) -> HttpResponse {
     html(StatusCode::FORBIDDEN, views::forbidden(message))
 }
 
-/// `Origin` (when sent) names this server: its host and port are the
-/// request's `Host`. `Sec-Fetch-Site` (when sent) is not `cross-site`.
+/// Whether a POST comes from a page of this server, as far as the browser
+/// says: `Sec-Fetch-Site` (sent by current browsers whatever the referrer
+/// policy) is `same-origin` or `none` (typed, a bookmark) when sent; `Origin`
+/// names this server (the request's `Host`) when sent — except `null`,
+/// which is what a browser sends for a same-origin form under
+/// `Referrer-Policy: no-referrer` and says nothing.
 fn same_origin(req: &HttpRequest) -> bool {
     let h = req.headers();
-    if h.get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
-    {
-        return false;
+    if let Some(site) = h.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("");
+        if !(site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none")) {
+            return false;
+        }
     }
     let Some(origin) = h.get(header::ORIGIN) else {
         return true;
     };
-    let Some(host) = h.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+    let Ok(origin) = origin.to_str() else {
         return false;
     };
-    let Ok(origin) = origin.to_str() else {
+    if origin == "null" {
+        return true;
+    }
+    let Some(host) = h.get(header::HOST).and_then(|v| v.to_str().ok()) else {
         return false;
     };
     origin
@@ -256,6 +265,10 @@ async fn js() -> HttpResponse {
         "text/javascript; charset=utf-8",
         JS.to_owned(),
     )
+}
+
+async fn icon() -> HttpResponse {
+    respond(StatusCode::OK, "image/svg+xml", ICON.to_owned())
 }
 
 async fn not_found(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {

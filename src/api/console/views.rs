@@ -57,6 +57,7 @@ fn layout(title: &str, who: Option<&Who>, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="referrer" content="no-referrer";
                 title { (title) " — rtpd console" }
+                link rel="icon" href="/console/assets/favicon.svg" type="image/svg+xml";
                 link rel="stylesheet" href="/console/assets/console.css";
                 script src="/console/assets/console.js" defer {}
             }
@@ -373,7 +374,9 @@ pub fn live_state(r: &TxRecord) -> Markup {
             dt { "State" } dd #tx-status data-state=(r.status.as_str()) { (state_badge(r.status)) }
             dt { "Attempts" } dd { (r.attempts) }
             dt { "Retries in this budget" } dd { (r.retry_count) }
-            @if let Some(e) = &r.error_message { dt { "Last error" } dd.error-text { (e) } }
+            @if let Some(e) = r.error_message.as_ref().filter(|_| r.status != State::Success) {
+                dt { "Last error" } dd.error-text { (e) }
+            }
             @if let Some(t) = r.next_retry_at { dt { "Next attempt due" } dd { (when(t)) } }
             @if let Some(o) = &r.lease_owner { dt { "Claimed by" } dd { (o) @if let Some(u) = r.lease_until { " until " (when(u)) } } }
             dt { "Updated" } dd { (when(r.updated_at)) }
@@ -384,7 +387,7 @@ pub fn live_state(r: &TxRecord) -> Markup {
 fn replay_form(who: &Who, r: &TxRecord) -> Markup {
     let success = r.status == State::Success;
     html! {
-        form.card method="post" action="/console/replay/preview" {
+        form method="post" action="/console/replay/preview" {
             @if let Some(csrf) = who.csrf() { input type="hidden" name="csrf" value=(csrf); }
             input type="hidden" name="target" value="tx";
             input type="hidden" name="key" value=(r.transaction_id.as_str());
@@ -418,7 +421,7 @@ pub fn timeline(who: &Who, t: &Timeline) -> Markup {
                         (live_state(r))
                     }
                 }
-                section aria-labelledby="replay" {
+                section.card aria-labelledby="replay" {
                     h2 #replay { "Replay" }
                     (replay_form(who, r))
                 }
