@@ -9,7 +9,9 @@
 #     CI budget, tests/sim: 300 seeds against tests/sim/known-defects.txt), the
 #     Service Bus conformance check with
 #     Microsoft's SDK against the in-repo broker, a schemathesis pass over the
-#     HTTP API, the deployment checks, and the real-process fault campaign's
+#     HTTP API, the operations console in headless Chromium (installed by
+#     scripts/browser.sh when missing), the deployment checks, and the
+#     real-process fault campaign's
 #     quick mode (scripts/chaos.sh --quick, after its auditor's self-check).
 # Needs: cargo (with cargo-nextest if present), node + npm, python3.
 set -uo pipefail
@@ -97,6 +99,18 @@ step "Service Bus conformance (Microsoft's azure-servicebus SDK against the test
 
 step "API fuzzing (schemathesis from /openapi.json against rtpd api, fixed budget)"
 scripts/fuzz-api.sh target/debug/rtpd .venv/bin/schemathesis 25 || failed+=("api fuzzing")
+
+step "Operations console in a real browser (headless Chromium over WebDriver)"
+# scripts/browser.sh installs Debian's chromium and chromium-driver when
+# missing and fails when it cannot: the browser test never skips quietly.
+# Screenshots and logs: target/console-browser/.
+if scripts/browser.sh >"$work/browser.env"; then
+    (set -a; . "$work/browser.env"; set +a
+        .venv/bin/python tests/console/browser.py --rtpd-bin target/debug/rtpd \
+            --out "$repo/target/console-browser") || failed+=("console browser test")
+else
+    failed+=("console browser test (no chromium: scripts/browser.sh failed)")
+fi
 
 step "Deployment files (compose, Bicep, emulator config)"
 target/debug/rtpd config --env-names >"$work/env-names" || die "rtpd config --env-names failed"
