@@ -37,10 +37,16 @@ pub const FIND_MAX_RECORDS: usize = 100_000;
 /// Payments a search by vendor and time lists at most.
 pub const FIND_MAX_SHOWN: usize = 200;
 
-/// How far after a payment's receipt its timeline reads the journal.
-pub const TIMELINE_JOURNAL_SPAN: ChronoDuration = ChronoDuration::days(7);
+/// How much of the outcome journal a timeline reads: this long after a
+/// payment's receipt, and this long before its last change. A retry budget
+/// at the seed's backoff (60 s doubling, 5 retries) spends about half an
+/// hour, so both ends of a history fit; a replay days later in between is
+/// shown when it was the last change. Reading every hour from receipt to
+/// now would read the whole journal of those days for one page.
+pub const TIMELINE_JOURNAL_SPAN: ChronoDuration = ChronoDuration::hours(2);
 
-/// Segments of one WAL hour read (for their record counts) at most.
+/// Segments of one WAL hour read for their record counts at most (those
+/// whose metadata does not give it).
 pub const WAL_SEGMENTS_READ: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +75,12 @@ pub struct Console {
     pub replayer: Replayer,
     pub redaction: Redaction,
     pub observed: Observed,
+    /// The last overview read, and when (one read at a time).
+    last_overview: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Overview)>>>,
 }
+
+/// How long one overview read answers every open overview.
+pub const OVERVIEW_REUSED_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What this process observes over time for the overview: the ledger's
 /// counts sampled (for rates over the last hour) and the reconciler's last
@@ -170,7 +181,7 @@ impl Observed {
 }
 
 /// The overview's numbers; each part that could not be read says why.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Overview {
     pub at: DateTime<Utc>,
     pub counts: Result<Counts, String>,
@@ -231,10 +242,9 @@ pub struct Timeline {
     /// The payload as shown (redacted).
     pub payload: Option<Shown>,
     pub events: Vec<Event>,
-    /// The journal was read up to here: a bounded span after receipt, so
-    /// later entries (a replay weeks on) are not shown when it is before now.
-    pub journal_to: DateTime<Utc>,
-    pub journal_cut: bool,
+    /// The journal windows read ([`TIMELINE_JOURNAL_SPAN`] after receipt,
+    /// and before the last change), one when they meet.
+    pub journal_read: Vec<(DateTime<Utc>, DateTime<Utc>)>,
     pub journal_error: Option<String>,
     /// This payment's messages in the dead-letter queue.
     pub dead_letters: Vec<DeadLetter>,
@@ -364,24 +374,86 @@ pub struct WalHour {
     pub hour: DateTime<Utc>,
     pub segments: usize,
     pub bytes: u64,
+    /// Records, as the segments' metadata says (`rtpd wal ls` reads the same).
+    pub records: usize,
+    /// Segments whose metadata gives no count (written by an older version).
+    pub uncounted: usize,
+}
+
+/// A WAL segment as listed.
+#[derive(Debug, Clone)]
+pub struct WalSegmentInfo {
+    pub key: String,
+    pub bytes: u64,
+    /// From its metadata, else read (`None`: neither).
+    pub records: Option<usize>,
 }
 
 /// A WAL segment and its records.
 #[derive(Debug, Clone)]
 pub struct WalSegment {
     pub key: String,
-    pub bytes: u64,
     /// Each record's reference and transaction key (`None`: unreadable).
     pub records: Vec<(WalRef, Option<String>)>,
 }
 
+fn records_in(info: &crate::wal::store::ObjectInfo) -> Option<usize> {
+    info.metadata.get("records").and_then(|r| r.parse().ok())
+}
+
+/// Whether `key` names a WAL object (not the journal's or the rejected
+/// calls', which share the store).
+fn is_wal_key(key: &str) -> bool {
+    key.strip_prefix(crate::wal::WAL_PREFIX)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The windows of the journal a timeline reads for `r`: after its receipt,
+/// and before its last change; one window when they meet.
+pub fn journal_windows(r: &TxRecord, now: DateTime<Utc>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    let first = (
+        r.created_at,
+        (r.created_at + TIMELINE_JOURNAL_SPAN).min(now),
+    );
+    let last_to = r.updated_at.max(r.created_at).min(now);
+    let last = ((last_to - TIMELINE_JOURNAL_SPAN).max(r.created_at), last_to);
+    if last.0 <= first.1 {
+        vec![(first.0, first.1.max(last.1))]
+    } else {
+        vec![first, last]
+    }
+}
+
 impl Console {
+    pub fn new(replayer: Replayer, redaction: Redaction, observed: Observed) -> Console {
+        Console {
+            replayer,
+            redaction,
+            observed,
+            last_overview: Default::default(),
+        }
+    }
+
     fn ledger(&self) -> &dyn crate::ledger::Ledger {
         &*self.replayer.ledger
     }
 
-    /// The overview's numbers, read now.
+    /// The overview's numbers: read now, or the last read while it is
+    /// younger than [`OVERVIEW_REUSED_FOR`] (each open overview polls; a
+    /// dead-letter count on Service Bus is several peeks).
     pub async fn overview(&self) -> Overview {
+        let mut last = self.last_overview.lock().await;
+        if let Some((at, o)) = last.as_ref()
+            && at.elapsed() < OVERVIEW_REUSED_FOR
+        {
+            return o.clone();
+        }
+        let o = self.read_overview().await;
+        *last = Some((tokio::time::Instant::now(), o.clone()));
+        o
+    }
+
+    async fn read_overview(&self) -> Overview {
         let now = crate::clock::now();
         let counts = self.ledger().counts().await.map_err(|e| e.to_string());
         if let Ok(c) = &counts {
@@ -537,21 +609,19 @@ impl Console {
             wal_ref: record.wal_ref.clone(),
             sha256: record.sha256.clone(),
         }];
-        let now = crate::clock::now();
-        let journal_to = now.min(record.created_at + TIMELINE_JOURNAL_SPAN);
+        let journal_read = journal_windows(&record, crate::clock::now());
         let mut index = JournalIndex::default();
-        let journal_error = match index
-            .refresh(
-                &self.replayer.journal,
-                record.created_at - ChronoDuration::minutes(5),
-                journal_to,
-                true,
-            )
-            .await
-        {
-            Ok(()) => None,
-            Err(e) => Some(e.to_string()),
-        };
+        let mut journal_error = None;
+        for (from, to) in &journal_read {
+            // Segments are filed under their writer's hour: a little either side.
+            let margin = ChronoDuration::minutes(5);
+            if let Err(e) = index
+                .refresh(&self.replayer.journal, *from - margin, *to + margin, true)
+                .await
+            {
+                journal_error = Some(e.to_string());
+            }
+        }
         let id = record.transaction_id.to_string();
         events.extend(index.entries_of(&id).iter().cloned().map(Event::Journaled));
         events.sort_by_key(Event::at);
@@ -570,8 +640,7 @@ impl Console {
             wal,
             payload,
             events,
-            journal_to,
-            journal_cut: journal_to < now,
+            journal_read,
             journal_error,
             dead_letters,
         }))
@@ -712,49 +781,72 @@ impl Console {
         for h in 0..24 {
             let hour = day + ChronoDuration::hours(h);
             let segs = self.replayer.wal.segments(hour, hour).await?;
+            let counts: Vec<Option<usize>> = segs.iter().map(records_in).collect();
             hours.push(WalHour {
                 hour,
                 segments: segs.len(),
                 bytes: segs.iter().map(|s| s.size).sum(),
+                records: counts.iter().flatten().sum(),
+                uncounted: counts.iter().filter(|c| c.is_none()).count(),
             });
         }
         Ok(hours)
     }
 
-    /// The segments of one WAL hour with their records (at most
-    /// [`WAL_SEGMENTS_READ`] segments read), and how many segments there are.
-    pub async fn wal_hour(
-        &self,
-        hour: DateTime<Utc>,
-    ) -> Result<(Vec<WalSegment>, usize), ConsoleError> {
+    /// The segments of one WAL hour with their record counts (from their
+    /// metadata; a segment without it is read, at most [`WAL_SEGMENTS_READ`]).
+    pub async fn wal_hour(&self, hour: DateTime<Utc>) -> Result<Vec<WalSegmentInfo>, ConsoleError> {
         let wal = &self.replayer.wal;
-        let listed = wal.segments(hour, hour).await?;
-        let total = listed.len();
+        let mut reads = 0;
         let mut out = Vec::new();
-        for seg in listed.into_iter().take(WAL_SEGMENTS_READ) {
-            let records = wal
-                .read_segment(&seg.key)
-                .await?
-                .into_iter()
-                .map(|(r, bytes)| {
-                    let key = serde_json::from_slice::<WalRecord>(&bytes)
-                        .ok()
-                        .and_then(|w| w.key().ok())
-                        .map(|k| k.to_string());
-                    (r, key)
-                })
-                .collect();
-            out.push(WalSegment {
+        for seg in wal.segments(hour, hour).await? {
+            let records = match records_in(&seg) {
+                Some(n) => Some(n),
+                None if reads < WAL_SEGMENTS_READ => {
+                    reads += 1;
+                    Some(wal.read_segment(&seg.key).await?.len())
+                }
+                None => None,
+            };
+            out.push(WalSegmentInfo {
                 key: seg.key,
                 bytes: seg.size,
                 records,
             });
         }
-        Ok((out, total))
+        Ok(out)
+    }
+
+    /// One WAL segment's records.
+    pub async fn wal_segment(&self, key: &str) -> Result<WalSegment, ConsoleError> {
+        if !is_wal_key(key) {
+            return Err(ConsoleError::Invalid(format!("{key} is not a WAL segment")));
+        }
+        let records = self
+            .replayer
+            .wal
+            .read_segment(key)
+            .await?
+            .into_iter()
+            .map(|(r, bytes)| {
+                let key = serde_json::from_slice::<WalRecord>(&bytes)
+                    .ok()
+                    .and_then(|w| w.key().ok())
+                    .map(|k| k.to_string());
+                (r, key)
+            })
+            .collect();
+        Ok(WalSegment {
+            key: key.to_owned(),
+            records,
+        })
     }
 
     /// One WAL record, its sha256 checked.
     pub async fn wal_record(&self, r: &WalRef) -> Result<WalRecord, ConsoleError> {
+        if !is_wal_key(&r.key) {
+            return Err(ConsoleError::Invalid(format!("{r} is not in the WAL")));
+        }
         Ok(load_record(&self.replayer.wal, r).await?)
     }
 }
@@ -804,6 +896,38 @@ mod tests {
         o.sample(t, counts(0, 50, 0));
         let r = o.rates(t).unwrap();
         assert_eq!((r.received, r.finished), (0, 0));
+    }
+
+    #[test]
+    fn a_timeline_reads_the_journal_after_receipt_and_before_the_last_change() {
+        let now = Utc::now();
+        let reg = crate::transaction::Registration {
+            transaction_id: TransactionId::parse("T").unwrap(),
+            sha256: "aa".into(),
+            wal_ref: "wal/v1/x#0+1".parse().unwrap(),
+            vendor: None,
+            received_at: now - ChronoDuration::days(3),
+            expires_at: None,
+        };
+        let mut r = TxRecord::new(&reg, reg.received_at + ChronoDuration::minutes(30));
+        // Finished within its first budget: one window.
+        let w = journal_windows(&r, now);
+        assert_eq!(
+            w,
+            vec![(r.created_at, r.created_at + TIMELINE_JOURNAL_SPAN)]
+        );
+        // Replayed three days on: both ends.
+        r.updated_at = now - ChronoDuration::minutes(1);
+        let w = journal_windows(&r, now);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(w[1], (r.updated_at - TIMELINE_JOURNAL_SPAN, r.updated_at));
+        // A young payment: up to its last change, which is now.
+        r.created_at = now - ChronoDuration::minutes(3);
+        r.updated_at = now;
+        assert_eq!(journal_windows(&r, now), vec![(r.created_at, now)]);
+        assert!(is_wal_key("wal/v1/2026/12/01/18/x.ndjson"));
+        assert!(!is_wal_key("outcomes/v1/2026/12/01/18/x.ndjson"));
+        assert!(!is_wal_key("wal/v10/x"));
     }
 
     #[test]

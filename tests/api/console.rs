@@ -414,8 +414,9 @@ async fn payloads_are_shown_redacted_and_never_in_a_url() {
     assert!(timeline.contains("2 fields redacted"), "{timeline}");
     assert!(timeline.contains("downstream answered 400"), "{timeline}");
     assert!(timeline.contains("Attempt 1: dead-lettered"), "{timeline}");
-    let wal_ref = app.record("PAY-1").await.wal_ref.to_string();
-    let encoded: String = url::form_urlencoded::byte_serialize(wal_ref.as_bytes()).collect();
+    let rec = app.record("PAY-1").await;
+    let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let encoded = enc(&rec.wal_ref.to_string());
     let record = c.text(&format!("/console/wal/record?ref={encoded}")).await;
     assert!(
         record.contains(&marker) && !record.contains(iban),
@@ -435,8 +436,13 @@ async fn payloads_are_shown_redacted_and_never_in_a_url() {
         ))
         .await,
         c.text(&format!(
+            "/console/wal/segment?key={}",
+            enc(&rec.wal_ref.key)
+        ))
+        .await,
+        c.text(&format!(
             "/console/wal/hour?at={}",
-            today.format("%Y-%m-%dT%H:00")
+            rec.created_at.format("%Y-%m-%dT%H:00")
         ))
         .await,
     ];
@@ -452,6 +458,22 @@ async fn payloads_are_shown_redacted_and_never_in_a_url() {
     assert!(pages[4].contains("acme%2FPAY-1"), "{}", pages[4]);
     assert!(pages[5].contains("acme%2FPAY-1"), "{}", pages[5]);
     assert!(pages[6].contains("acme%2FPAY-1"), "{}", pages[6]);
+    assert!(pages[7].contains(&enc(&rec.wal_ref.key)), "{}", pages[7]);
+    // The WAL view reads the WAL only, not the journal or the rejected calls
+    // that share its store.
+    let journal_ref = format!(
+        "outcomes/v1/{}",
+        rec.wal_ref.key.trim_start_matches("wal/v1/")
+    );
+    for path in [
+        format!("/console/wal/segment?key={}", enc(&journal_ref)),
+        format!(
+            "/console/wal/record?ref={}",
+            enc(&format!("{journal_ref}#0+10"))
+        ),
+    ] {
+        assert_eq!(c.get(&path).await.status(), 400, "{path}");
+    }
     // Nor in the rejected-call records or the URLs the gate logs.
     let (_, rejected) = crate::support::rejected_calls(&app).await;
     assert!(!rejected.contains(&marker));

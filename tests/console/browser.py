@@ -469,10 +469,13 @@ def main():
             hour[-1].click()
             visited.append(d.current_url)
             assert "records" in text()
-            d.find_element(By.CSS_SELECTOR, "details.segment summary").click()
-            d.find_element(By.CSS_SELECTOR, "details.segment a.ref").click()
+            d.find_element(By.CSS_SELECTOR, "table.results a.ref").click()
+            visited.append(d.current_url)
+            assert "WAL segment" in d.title
+            d.find_element(By.CSS_SELECTOR, "ul.records a.ref").click()
             visited.append(d.current_url)
             assert "WAL record" in d.title
+            assert "sha256" in text()
 
         run.check("the WAL by hour, a record opened by its ref", wal_view)
 

@@ -39,11 +39,7 @@ pub struct ConsoleState {
 impl ConsoleState {
     pub fn new(replayer: crate::replay::Replayer, redact: &str) -> ConsoleState {
         ConsoleState {
-            console: Console {
-                replayer,
-                redaction: Redaction::parse(redact),
-                observed: Observed::default(),
-            },
+            console: Console::new(replayer, Redaction::parse(redact), Observed::default()),
             sessions: Sessions::default(),
         }
     }
@@ -80,6 +76,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/replay", web::post().to(replay))
             .route("/wal", web::get().to(wal_day))
             .route("/wal/hour", web::get().to(wal_hour))
+            .route("/wal/segment", web::get().to(wal_segment))
             .route("/wal/record", web::get().to(wal_record))
             .route("/assets/console.css", web::get().to(css))
             .route("/assets/console.js", web::get().to(js))
@@ -766,11 +763,28 @@ async fn wal_hour(
         return bad_request(&who, "An hour is YYYY-MM-DDTHH:00 (UTC).");
     };
     match console(&state).wal_hour(hour).await {
-        Ok((segments, total)) => html(
-            StatusCode::OK,
-            views::wal_hour(&who, hour, &segments, total),
-        ),
+        Ok(segments) => html(StatusCode::OK, views::wal_hour(&who, hour, &segments)),
         Err(e) => failed(&who, "reading the WAL", e),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct SegmentQuery {
+    key: String,
+}
+
+async fn wal_segment(
+    req: HttpRequest,
+    q: web::Query<SegmentQuery>,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    let Some(who) = who(&state, &req) else {
+        return unauthenticated(&req);
+    };
+    match console(&state).wal_segment(&q.key).await {
+        Ok(segment) => html(StatusCode::OK, views::wal_segment(&who, &segment)),
+        Err(crate::console::ConsoleError::Invalid(m)) => bad_request(&who, &m),
+        Err(e) => failed(&who, "reading the WAL segment", e),
     }
 }
 
@@ -799,6 +813,7 @@ async fn wal_record(
             let shown = c.redaction.shown(&rec.payload);
             html(StatusCode::OK, views::wal_record(&who, &r, &rec, &shown))
         }
+        Err(crate::console::ConsoleError::Invalid(m)) => bad_request(&who, &m),
         Err(e) => failed(&who, "reading the WAL record", e),
     }
 }

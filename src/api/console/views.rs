@@ -5,7 +5,7 @@
 use super::Who;
 use crate::console::{
     DeadLetter, DeadLetterGroup, Done, Event, Found, ItemDone, Overview, Plan, Rates, Timeline,
-    WalHour, WalSegment, redact::Shown,
+    WalHour, WalSegment, WalSegmentInfo, redact::Shown,
 };
 use crate::journal::EntryKind;
 use crate::transaction::{State, TxRecord, WalRef};
@@ -539,8 +539,15 @@ pub fn events(t: &Timeline) -> Markup {
         @if let Some(e) = &t.journal_error {
             p.warning { "The outcome journal could not be read whole: " (e) }
         }
-        @if t.journal_cut {
-            p.hint { "The journal was read up to " (when(t.journal_to)) " (7 days after receipt)." }
+        @if t.journal_read.len() > 1 {
+            p.hint {
+                "The outcome journal was read "
+                @for (i, (from, to)) in t.journal_read.iter().enumerate() {
+                    @if i > 0 { " and " }
+                    "from " (when(*from)) " to " (when(*to))
+                }
+                " (after receipt and before the last change): entries between, if any, are not shown."
+            }
         }
         @if !t.dead_letters.is_empty() {
             h3 { "In the dead-letter queue" }
@@ -751,7 +758,7 @@ pub fn wal_day(who: &Who, day: NaiveDate, hours: &[WalHour]) -> Markup {
                 }
             }
             table.results {
-                thead { tr { th scope="col" { "hour (UTC)" } th scope="col" { "segments" } th scope="col" { "bytes" } } }
+                thead { tr { th scope="col" { "hour (UTC)" } th scope="col" { "segments" } th scope="col" { "records" } th scope="col" { "bytes" } } }
                 tbody {
                     @for h in hours {
                         tr {
@@ -761,6 +768,7 @@ pub fn wal_day(who: &Who, day: NaiveDate, hours: &[WalHour]) -> Markup {
                                 } @else { (h.hour.format("%Y-%m-%d %H:00")) }
                             }
                             td { (h.segments) }
+                            td { (h.records) @if h.uncounted > 0 { " + " (h.uncounted) " segments uncounted" } }
                             td { (h.bytes) }
                         }
                     }
@@ -770,26 +778,46 @@ pub fn wal_day(who: &Who, day: NaiveDate, hours: &[WalHour]) -> Markup {
     )
 }
 
-pub fn wal_hour(who: &Who, hour: DateTime<Utc>, segments: &[WalSegment], total: usize) -> Markup {
-    let records: usize = segments.iter().map(|s| s.records.len()).sum();
+fn segment_href(key: &str) -> String {
+    format!("/console/wal/segment?key={}", q(key))
+}
+
+pub fn wal_hour(who: &Who, hour: DateTime<Utc>, segments: &[WalSegmentInfo]) -> Markup {
+    let records: usize = segments.iter().filter_map(|s| s.records).sum();
     layout(
         &format!("WAL {}", hour.format("%Y-%m-%d %H:00 UTC")),
         Some(who),
         html! {
-            p { (total) " segments, " (records) " records"
-                @if segments.len() < total { " in the first " (segments.len()) " segments read" } "." }
-            @for s in segments {
-                details.segment {
-                    summary { code { (s.key) } " — " (s.records.len()) " records, " (s.bytes) " bytes" }
-                    ul.records {
-                        @for (r, key) in &s.records {
-                            li {
-                                a.ref href=(record_href(r)) { (r) }
-                                @match key {
-                                    Some(k) => { " " a href=(timeline_href(k)) { (k) } }
-                                    None => { " " span.error-text { "unreadable" } }
-                                }
-                            }
+            p { (segments.len()) " segments, " (records) " records." }
+            table.results {
+                thead { tr { th scope="col" { "segment" } th scope="col" { "records" } th scope="col" { "bytes" } } }
+                tbody {
+                    @for s in segments {
+                        tr {
+                            td { a.ref href=(segment_href(&s.key)) { (s.key) } }
+                            td { @match s.records { Some(n) => (n), None => "—" } }
+                            td { (s.bytes) }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn wal_segment(who: &Who, s: &WalSegment) -> Markup {
+    layout(
+        "WAL segment",
+        Some(who),
+        html! {
+            p { code { (s.key) } " — " (s.records.len()) " records." }
+            ul.records {
+                @for (r, key) in &s.records {
+                    li {
+                        a.ref href=(record_href(r)) { (r) }
+                        @match key {
+                            Some(k) => { " " a href=(timeline_href(k)) { (k) } }
+                            None => { " " span.error-text { "unreadable" } }
                         }
                     }
                 }
