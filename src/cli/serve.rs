@@ -122,22 +122,12 @@ pub async fn run_with(
             });
         }
     }
-    // What the console shows of this process over time: the ledger's counts
-    // (sampled), the reconciler's last pass (when it runs here).
+    // Where the console finds the reconciler's last pass (when it runs here).
     let mut observed = None;
     if parts.api() || matches!(parts, Parts::Processor | Parts::KafkaIntake) {
         let app = if parts.api() {
             let state = services.api_state(auth);
-            if let Some(c) = &state.console {
-                let o = c.console.observed.clone();
-                let (ledger, stop) = (services.ledger.clone(), stop_rx.clone());
-                let sampler = o.clone();
-                tasks.spawn(async move {
-                    sampler.sample_counts(ledger, stop).await;
-                    Ok("console sampler")
-                });
-                observed = Some(o);
-            }
+            observed = state.console.as_ref().map(|c| c.console.observed.clone());
             Application::build(state)?
         } else {
             Application::build_health_only(services.api_state(auth))?

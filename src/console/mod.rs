@@ -83,8 +83,9 @@ pub struct Console {
 pub const OVERVIEW_REUSED_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What this process observes over time for the overview: the ledger's
-/// counts sampled (for rates over the last hour) and the reconciler's last
-/// pass, when the reconciler runs in this process.
+/// counts each overview read (for the rates while the console is open; no
+/// task polls the ledger for a console nobody looks at), and the
+/// reconciler's last pass, when the reconciler runs in this process.
 #[derive(Clone, Default)]
 pub struct Observed {
     pub reconciler: LastPassCell,
@@ -93,9 +94,6 @@ pub struct Observed {
 
 /// The ledger's counts, when read, oldest first.
 type Samples = VecDeque<(DateTime<Utc>, Counts)>;
-
-/// How often [`Observed::sample_counts`] reads the ledger's counts.
-pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Transactions received and finished over a window (ledger counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,26 +148,6 @@ impl Observed {
             received: last.total().saturating_sub(first.total()),
             finished: finished(&last).saturating_sub(finished(&first)),
         })
-    }
-
-    /// Samples the ledger's counts every [`SAMPLE_EVERY`] until `stop`.
-    pub async fn sample_counts(
-        self,
-        ledger: Arc<dyn crate::ledger::Ledger>,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        loop {
-            match ledger.counts().await {
-                Ok(c) => self.sample(crate::clock::now(), c),
-                Err(e) => {
-                    tracing::debug!(error = %e, "console: could not sample the ledger's counts")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(SAMPLE_EVERY) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
     }
 
     pub fn last_pass(&self) -> Option<LastPass> {

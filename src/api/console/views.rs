@@ -195,7 +195,7 @@ fn rates(r: &Option<Rates>) -> Markup {
             None => {
                 div.card.wide {
                     span.label { "Rates" }
-                    span.hint { "Shown after a minute: this process samples the ledger's counts every 30 s (last hour)." }
+                    span.hint { "Shown a minute after this process's first overview read of the last hour: the rates compare the ledger's counts then and now." }
                 }
             }
         }
