@@ -509,6 +509,43 @@ async fn the_dead_letter_view_groups_by_reason_and_a_group_replay_counts_first()
         .find(|g| g.to_lowercase().contains("permanent"))
         .unwrap_or_else(|| panic!("{groups:?}"));
     let csrf = c.csrf().await;
+    // A time range: all three were dead-lettered in the last minutes, none
+    // an hour ago.
+    let now = chrono::Utc::now();
+    let t = |d: chrono::Duration| (now + d).format("%Y-%m-%dT%H:%M:%S").to_string();
+    for (from, to, want) in [
+        (
+            t(-chrono::Duration::minutes(5)),
+            t(chrono::Duration::minutes(1)),
+            "3",
+        ),
+        (
+            t(-chrono::Duration::hours(2)),
+            t(-chrono::Duration::hours(1)),
+            "0",
+        ),
+    ] {
+        let r = c
+            .post(
+                "/console/replay/preview",
+                &[
+                    ("csrf", &csrf),
+                    ("target", "dlq-range"),
+                    ("from", &from),
+                    ("to", &to),
+                ],
+                &[],
+            )
+            .await;
+        let preview = r.text().await.unwrap();
+        assert!(
+            preview.contains(&format!(r#"id="dry-run-count" data-count="{want}""#)),
+            "{from}..{to}: {preview}"
+        );
+        if want == "0" {
+            assert!(preview.contains("Nothing to replay."), "{preview}");
+        }
+    }
     let r = c
         .post(
             "/console/replay/preview",

@@ -125,6 +125,10 @@ class Stack:
         self.admin_token = creds["admin_token"]
         self.vendor = creds["vendor"]
 
+    def banner(self):
+        """What `rtpd dev` printed for people (not its log lines)."""
+        return "\n".join(l for l in self.log_path.read_text().splitlines() if not l.startswith("{"))
+
     def stop(self):
         for p in reversed(self.procs):
             p.terminate()
@@ -276,6 +280,13 @@ def main():
                 stack.wait_state(f"BR-OK-{i}", "success")
 
         run.check("payments dead-lettered by the downstream (400, and 503 until retries ran out)", payments)
+
+        def banner():
+            b = stack.banner()
+            assert f"console          {stack.base}/console  (log in with the admin token above)" in b, b
+            assert f"admin token      {stack.admin_token}" in b, b
+
+        run.check("rtpd dev's banner prints the console's URL and how to log in", banner)
 
         def wrong_token():
             go("/console")

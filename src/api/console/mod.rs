@@ -645,10 +645,24 @@ async fn replay_preview(
         Ok(s) => s,
         Err(m) => return bad_request(&who, m),
     };
+    let what = match &selection {
+        Selection::Transaction { key, .. } => format!("Transaction {key}"),
+        Selection::DeadLetters(DeadLetterPick::One(seq)) => {
+            format!("Dead-lettered message {seq}")
+        }
+        Selection::DeadLetters(DeadLetterPick::Reason(r)) => {
+            format!("Dead letters with reason {r}")
+        }
+        Selection::DeadLetters(DeadLetterPick::Between(from, to)) => format!(
+            "Dead letters from {} to {}",
+            from.format("%Y-%m-%d %H:%M:%S UTC"),
+            to.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    };
     match console(&state).plan(&selection).await {
         Ok(plan) => html(
             StatusCode::OK,
-            views::replay_preview(&who, &form.target, &plan),
+            views::replay_preview(&who, &form.target, &what, &plan),
         ),
         Err(e) => failed(&who, "the dry run", e),
     }

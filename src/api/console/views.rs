@@ -626,7 +626,7 @@ pub fn dead_letters(who: &Who, groups: &[DeadLetterGroup], more: bool) -> Markup
     )
 }
 
-pub fn replay_preview(who: &Who, target: &str, plan: &Plan) -> Markup {
+pub fn replay_preview(who: &Who, target: &str, what: &str, plan: &Plan) -> Markup {
     let n = plan.would_replay();
     let keys: Vec<&str> = plan
         .items
@@ -639,6 +639,7 @@ pub fn replay_preview(who: &Who, target: &str, plan: &Plan) -> Markup {
         "Replay: dry run",
         Some(who),
         html! {
+            p.hint #selection { (what) }
             p.summary #dry-run-count data-count=(n) {
                 strong { (n) } " of " (plan.items.len()) " transaction" @if plan.items.len() != 1 { "s" } " would be replayed now."
             }
