@@ -636,8 +636,8 @@ pub fn served_routes() -> Vec<(Method, &'static str)> {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
-    if state.console.is_some() {
-        console::configure(cfg);
+    if let Some(c) = &state.console {
+        console::configure(cfg, c.clone());
     }
     cfg.app_data(state)
         .app_data(

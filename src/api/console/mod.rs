@@ -56,9 +56,10 @@ const JS: &str = include_str!("assets/console.js");
 const ICON: &str = include_str!("assets/favicon.svg");
 
 /// Registers the console's routes (when `RTPD_CONSOLE` is on).
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub fn configure(cfg: &mut web::ServiceConfig, console: std::sync::Arc<ConsoleState>) {
     cfg.service(
         web::scope("/console")
+            .app_data(web::Data::from(console))
             // A bulk replay's confirmation carries its keys.
             .app_data(web::FormConfig::default().limit(256 * 1024))
             .route("", web::get().to(overview))
@@ -359,15 +360,6 @@ async fn logout(
     r
 }
 
-fn console(state: &ApiState) -> &Console {
-    // Routes are registered only with the console on (`configure`).
-    &state
-        .console
-        .as_ref()
-        .expect("console routes are registered only when the console is on")
-        .console
-}
-
 /// What the overview shows of the process's dependencies: the readiness
 /// checks, and whether the downstream accepts a TCP connection from here.
 async fn health(state: &ApiState) -> Vec<(String, String)> {
@@ -395,20 +387,28 @@ async fn downstream_reachable(state: &ApiState) -> String {
     }
 }
 
-async fn overview(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {
+async fn overview(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
+) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
     };
-    let o = console(&state).overview().await;
+    let o = console.console.overview().await;
     let h = health(&state).await;
     html(StatusCode::OK, views::overview(&who, &o, &h))
 }
 
-async fn overview_fragment(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {
+async fn overview_fragment(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
+) -> HttpResponse {
     if who(&state, &req).is_none() {
         return unauthenticated(&req);
     }
-    let o = console(&state).overview().await;
+    let o = console.console.overview().await;
     let h = health(&state).await;
     html(StatusCode::OK, views::overview_numbers(&o, &h))
 }
@@ -440,11 +440,12 @@ async fn find(
     req: HttpRequest,
     q: web::Query<FindQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
     };
-    let c = console(&state);
+    let c = &console.console;
     fn nonempty(s: &Option<String>) -> Option<&str> {
         s.as_deref().map(str::trim).filter(|s| !s.is_empty())
     }
@@ -504,11 +505,12 @@ async fn timeline(
     req: HttpRequest,
     q: web::Query<KeyQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
     };
-    match console(&state).timeline(&q.key).await {
+    match console.console.timeline(&q.key).await {
         Ok(Some(t)) => html(StatusCode::OK, views::timeline(&who, &t)),
         Ok(None) => html(StatusCode::NOT_FOUND, views::not_found(&who)),
         Err(crate::console::ConsoleError::Invalid(m)) => bad_request(&who, &m),
@@ -520,11 +522,12 @@ async fn timeline_live(
     req: HttpRequest,
     q: web::Query<KeyQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     if who(&state, &req).is_none() {
         return unauthenticated(&req);
     }
-    match console(&state).record(&q.key).await {
+    match console.console.record(&q.key).await {
         Ok(Some(r)) => html(StatusCode::OK, views::live_state(&r)),
         Ok(None) => html(StatusCode::NOT_FOUND, views::gone()),
         Err(e) => {
@@ -538,11 +541,12 @@ async fn timeline_events(
     req: HttpRequest,
     q: web::Query<KeyQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     if who(&state, &req).is_none() {
         return unauthenticated(&req);
     }
-    match console(&state).timeline(&q.key).await {
+    match console.console.timeline(&q.key).await {
         Ok(Some(t)) => html(StatusCode::OK, views::events(&t)),
         Ok(None) => html(StatusCode::NOT_FOUND, views::gone()),
         Err(e) => {
@@ -552,11 +556,15 @@ async fn timeline_events(
     }
 }
 
-async fn dead_letters(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {
+async fn dead_letters(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
+) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
     };
-    match console(&state).dead_letter_groups().await {
+    match console.console.dead_letter_groups().await {
         Ok((groups, more)) => html(StatusCode::OK, views::dead_letters(&who, &groups, more)),
         Err(e) => failed(&who, "reading the dead-letter queue", e),
     }
@@ -634,6 +642,7 @@ async fn replay_preview(
     req: HttpRequest,
     form: web::Form<ReplayForm>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
@@ -659,7 +668,7 @@ async fn replay_preview(
             to.format("%Y-%m-%d %H:%M:%S UTC")
         ),
     };
-    match console(&state).plan(&selection).await {
+    match console.console.plan(&selection).await {
         Ok(plan) => html(
             StatusCode::OK,
             views::replay_preview(&who, &form.target, &what, &plan),
@@ -672,6 +681,7 @@ async fn replay(
     req: HttpRequest,
     form: web::Form<ReplayForm>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
@@ -727,7 +737,7 @@ async fn replay(
         force,
         "console: replay confirmed"
     );
-    match console(&state).replay(&keys, &seqs, &req_).await {
+    match console.console.replay(&keys, &seqs, &req_).await {
         Ok(done) => html(StatusCode::OK, views::replayed(&who, &done)),
         Err(e) => failed(&who, "the replay", e),
     }
@@ -742,6 +752,7 @@ async fn wal_day(
     req: HttpRequest,
     q: web::Query<DayQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
@@ -754,7 +765,7 @@ async fn wal_day(
         },
     };
     let start = Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).unwrap_or_default());
-    match console(&state).wal_hours(start).await {
+    match console.console.wal_hours(start).await {
         Ok(hours) => html(StatusCode::OK, views::wal_day(&who, day, &hours)),
         Err(e) => failed(&who, "listing the WAL", e),
     }
@@ -769,6 +780,7 @@ async fn wal_hour(
     req: HttpRequest,
     q: web::Query<HourQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
@@ -776,7 +788,7 @@ async fn wal_hour(
     let Some(hour) = parse_time(&q.at).map(crate::wal::truncate_to_hour) else {
         return bad_request(&who, "An hour is YYYY-MM-DDTHH:00 (UTC).");
     };
-    match console(&state).wal_hour(hour).await {
+    match console.console.wal_hour(hour).await {
         Ok(segments) => html(StatusCode::OK, views::wal_hour(&who, hour, &segments)),
         Err(e) => failed(&who, "reading the WAL", e),
     }
@@ -791,11 +803,12 @@ async fn wal_segment(
     req: HttpRequest,
     q: web::Query<SegmentQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
     };
-    match console(&state).wal_segment(&q.key).await {
+    match console.console.wal_segment(&q.key).await {
         Ok(segment) => html(StatusCode::OK, views::wal_segment(&who, &segment)),
         Err(crate::console::ConsoleError::Invalid(m)) => bad_request(&who, &m),
         Err(e) => failed(&who, "reading the WAL segment", e),
@@ -811,6 +824,7 @@ async fn wal_record(
     req: HttpRequest,
     q: web::Query<RefQuery>,
     state: web::Data<ApiState>,
+    console: web::Data<ConsoleState>,
 ) -> HttpResponse {
     let Some(who) = who(&state, &req) else {
         return unauthenticated(&req);
@@ -821,7 +835,7 @@ async fn wal_record(
             "A WAL ref is <segment key>#<offset>+<length>, as the timeline shows it.",
         );
     };
-    let c = console(&state);
+    let c = &console.console;
     match c.wal_record(&r).await {
         Ok(rec) => {
             let shown = c.redaction.shown(&rec.payload);
