@@ -360,30 +360,53 @@ async fn logout(
     r
 }
 
+/// One dependency as the overview shows it.
+pub struct Health {
+    pub name: String,
+    pub ok: bool,
+    /// What it answered: `connected`, or why not.
+    pub detail: String,
+}
+
 /// What the overview shows of the process's dependencies: the readiness
 /// checks, and whether the downstream accepts a TCP connection from here.
-async fn health(state: &ApiState) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = state
+async fn health(state: &ApiState) -> Vec<Health> {
+    let mut out: Vec<Health> = state
         .dependencies
         .checked()
         .await
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
+        .map(|(name, detail)| Health {
+            name: name.to_owned(),
+            // As /readyz and /status read the checks.
+            ok: detail == "connected",
+            detail,
+        })
         .collect();
-    out.push(("downstream".into(), downstream_reachable(state).await));
+    out.push(downstream_reachable(state).await);
     out
 }
 
-async fn downstream_reachable(state: &ApiState) -> String {
+async fn downstream_reachable(state: &ApiState) -> Health {
     let url = &state.settings.downstream_url;
-    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
-        return "unavailable: no host in RTPD_DOWNSTREAM_URL".into();
+    let (ok, detail) = match (url.host_str(), url.port_or_known_default()) {
+        (Some(host), Some(port)) => {
+            let connect = tokio::net::TcpStream::connect((host, port));
+            match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
+                Ok(Ok(_)) => (true, "reachable (TCP, from this process)".to_owned()),
+                Ok(Err(e)) => (false, format!("unavailable: {e}")),
+                Err(_) => (false, "unavailable: no answer within 2 s".to_owned()),
+            }
+        }
+        _ => (
+            false,
+            "unavailable: no host in RTPD_DOWNSTREAM_URL".to_owned(),
+        ),
     };
-    let connect = tokio::net::TcpStream::connect((host, port));
-    match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
-        Ok(Ok(_)) => "reachable (TCP, from this process)".into(),
-        Ok(Err(e)) => format!("unavailable: {e}"),
-        Err(_) => "unavailable: no answer within 2 s".into(),
+    Health {
+        name: "downstream".into(),
+        ok,
+        detail,
     }
 }
 

@@ -2,7 +2,7 @@
 //! value escaped). Each page is a plain HTML document that works without
 //! script; `console.js` only refreshes the parts marked `data-live`.
 
-use super::Who;
+use super::{Health, Who};
 use crate::console::{
     DeadLetter, DeadLetterGroup, Done, Event, Found, ItemDone, Overview, Plan, Rates, Timeline,
     WalHour, WalSegment, WalSegmentInfo, redact::Shown,
@@ -165,7 +165,7 @@ pub fn failed(who: &Who, what: &str, error: &str) -> Markup {
     )
 }
 
-pub fn overview(who: &Who, o: &Overview, health: &[(String, String)]) -> Markup {
+pub fn overview(who: &Who, o: &Overview, health: &[Health]) -> Markup {
     layout(
         "Overview",
         Some(who),
@@ -202,7 +202,7 @@ fn rates(r: &Option<Rates>) -> Markup {
     }
 }
 
-pub fn overview_numbers(o: &Overview, health: &[(String, String)]) -> Markup {
+pub fn overview_numbers(o: &Overview, health: &[Health]) -> Markup {
     html! {
         p.asof { "As of " (when(o.at)) }
         h2 { "Transactions by state" }
@@ -266,11 +266,10 @@ pub fn overview_numbers(o: &Overview, health: &[(String, String)]) -> Markup {
         table.health {
             thead { tr { th scope="col" { "dependency" } th scope="col" { "status" } } }
             tbody {
-                @for (name, status) in health {
-                    @let ok = !status.starts_with("unavailable");
+                @for h in health {
                     tr {
-                        th scope="row" { (name) }
-                        td class=(if ok { "ok" } else { "bad" }) { (status) }
+                        th scope="row" { (h.name) }
+                        td class=(if h.ok { "ok" } else { "bad" }) { (h.detail) }
                     }
                 }
             }
