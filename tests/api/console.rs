@@ -600,3 +600,74 @@ async fn the_dead_letter_view_groups_by_reason_and_a_group_replay_counts_first()
     let left = c.text("/console/dlq").await;
     assert!(left.contains("1 dead-lettered messages"), "{left}");
 }
+
+/// Removing a token from `RTPD_ADMIN_TOKENS_FILE` ends the console sessions
+/// logged in with it (the token is checked again on every request): a real
+/// `rtpd api`, the file replaced, SIGHUP.
+#[tokio::test]
+async fn a_revoked_admin_token_ends_its_console_sessions() {
+    use crate::support::process::{Proc, free_port, rtpd, wait_http_ok};
+    use rtp_durability::auth::hash_secret;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("admin-tokens");
+    let (kept, revoked) = ("console-kept-token", "console-revoked-token");
+    let line = |name: &str, t: &str| format!("{name}:sha256:{}\n", hash_secret(t));
+    std::fs::write(
+        &tokens,
+        format!("{}{}", line("alice", revoked), line("bob", kept)),
+    )
+    .unwrap();
+    let port = free_port();
+    let proc = Proc(
+        rtpd()
+            .arg("api")
+            .env("RTPD_DATA_DIR", dir.path().join("data"))
+            .env("RTPD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "RTPD_VENDOR_KEYS",
+                format!("acme:sha256:{}", hash_secret(API_KEY)),
+            )
+            .env("RTPD_ADMIN_TOKENS_FILE", &tokens)
+            .env("RTPD_LOG_LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{base}/healthz"), Duration::from_secs(20)).await;
+    let mut alice = ConsoleClient::new(&base);
+    assert_eq!(alice.login(revoked).await.status(), 303);
+    let mut bob = ConsoleClient::new(&base);
+    assert_eq!(bob.login(kept).await.status(), 303);
+    assert_eq!(alice.get("/console").await.status(), 200);
+    // Alice's token goes, written aside and renamed as a secret volume does.
+    let aside = tokens.with_extension("new");
+    std::fs::write(&aside, line("bob", kept)).unwrap();
+    std::fs::rename(&aside, &tokens).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alice.get("/console").await.status() != 303 {
+        assert!(
+            Instant::now() < deadline,
+            "the revoked token's session lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        alice.get("/console/overview.frag").await.status(),
+        401,
+        "its fragments too"
+    );
+    assert_eq!(
+        bob.get("/console").await.status(),
+        200,
+        "the other session stays"
+    );
+    assert_eq!(alice.login(revoked).await.status(), 401);
+}
