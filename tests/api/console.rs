@@ -159,9 +159,19 @@ async fn login_sets_an_http_only_same_site_strict_cookie_on_console_holding_no_t
         "/console/assets/console.css",
         "/console/assets/console.js",
         "/console/no-such-page",
+        // No key: a query the pages never send.
+        "/console/tx",
     ] {
         assert_security_headers(&c.get(path).await, path);
     }
+    let r = c.get("/console/tx").await;
+    assert_eq!(r.status(), 400);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     // Logged in, the login page sends back to the console.
     assert_eq!(c.get("/console/login").await.status(), 303);
     // A second login is another session, with another CSRF token.

@@ -61,7 +61,12 @@ pub fn configure(cfg: &mut web::ServiceConfig, console: std::sync::Arc<ConsoleSt
         web::scope("/console")
             .app_data(web::Data::from(console))
             // A bulk replay's confirmation carries its keys.
-            .app_data(web::FormConfig::default().limit(256 * 1024))
+            .app_data(
+                web::FormConfig::default()
+                    .limit(256 * 1024)
+                    .error_handler(|e, _| malformed(e)),
+            )
+            .app_data(web::QueryConfig::default().error_handler(|e, _| malformed(e)))
             .route("", web::get().to(overview))
             .route("/", web::get().to(overview))
             .route("/login", web::get().to(login_form))
@@ -84,6 +89,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, console: std::sync::Arc<ConsoleSt
             .route("/assets/favicon.svg", web::get().to(icon))
             .default_service(web::to(not_found)),
     );
+}
+
+/// A form or query the console's pages never send: 400, as a page.
+fn malformed(e: impl std::fmt::Display + std::fmt::Debug + 'static) -> actix_web::Error {
+    let page = html(
+        StatusCode::BAD_REQUEST,
+        views::forbidden(&format!("This request is not one the console sends: {e}")),
+    );
+    actix_web::error::InternalError::from_response(e, page).into()
 }
 
 /// Who is using the console.
