@@ -337,6 +337,7 @@ impl Intake {
             sha256: Some(reg.sha256.clone()),
             wal_ref: Some(reg.wal_ref.to_string()),
             replay_nonce: None,
+            latency_ms: None,
         };
         self.journal.append(&entry).await.map(|_| ()).map_err(|e| {
             tracing::error!(transaction_id = %reg.transaction_id, error = %e, "could not note a refused payload; answering 503");

@@ -61,6 +61,11 @@ pub struct JournalEntry {
     /// entries written before it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_nonce: Option<String>,
+    /// How long an attempt's downstream call took, in milliseconds (absent
+    /// for an attempt settled without a call, for other kinds, and in
+    /// entries written before it was kept). Shown on the console's timeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -572,7 +577,22 @@ mod tests {
             sha256: None,
             wal_ref: None,
             replay_nonce: None,
+            latency_ms: None,
         }
+    }
+
+    /// An attempt's call latency is kept when there is one, and entries
+    /// written before it was kept (or without a call) read as none.
+    #[test]
+    fn the_latency_is_optional_in_both_directions() {
+        let mut e = entry(EntryKind::Attempt, 0, Some(1), State::Success);
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(!text.contains("latency_ms"), "{text}");
+        assert_eq!(serde_json::from_str::<JournalEntry>(&text).unwrap(), e);
+        e.latency_ms = Some(42);
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(text.contains(r#""latency_ms":42"#), "{text}");
+        assert_eq!(serde_json::from_str::<JournalEntry>(&text).unwrap(), e);
     }
 
     /// A replay without force of a lapsed claim names its attempt; a success

@@ -197,6 +197,8 @@ struct Claim<'a> {
     owner: &'a str,
     attempt: u32,
     lease: std::sync::Mutex<ClaimLease>,
+    /// How long its downstream call took, once made (journaled with the outcome).
+    call_took: std::sync::Mutex<Option<Duration>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -412,6 +414,7 @@ impl Processor {
                 sure_until: claimed_at + self.lease(),
                 lost: false,
             }),
+            call_took: std::sync::Mutex::new(None),
         };
         if rec.sha256 != reg.sha256 {
             return self.refuse_stale_copy(&m, &reg, &rec, &owner).await;
@@ -678,8 +681,11 @@ impl Processor {
 
     /// Calls the downstream under the claim (see [`Processor::under_claim`]).
     async fn call_keeping_claim(&self, m: &ReceivedMessage, c: &Claim<'_>) -> CallResult {
+        let sent = crate::clock::Instant::now();
         let call = self.downstream.call(c.id, c.attempt, m.body.clone());
-        self.under_claim(m, c, "the call", call).await
+        let result = self.under_claim(m, c, "the call", call).await;
+        *c.call_took.lock().unwrap_or_else(|e| e.into_inner()) = Some(sent.elapsed());
+        result
     }
 
     /// Runs `work` (the call, or the journal read before it) renewing the
@@ -757,6 +763,11 @@ impl Processor {
             sha256: Some(reg.sha256.clone()),
             wal_ref: None,
             replay_nonce: None,
+            latency_ms: claim
+                .call_took
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         // The lease is kept while the journal does not answer: a journal
         // outage longer than the lease must not let another worker take the
@@ -991,6 +1002,7 @@ impl Processor {
             sha256: Some(rec.sha256.clone()),
             wal_ref: None,
             replay_nonce: None,
+            latency_ms: None,
         };
         if let Err(e) = self.journal.append(&entry).await {
             match self

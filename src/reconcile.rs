@@ -815,6 +815,7 @@ impl Reconciler {
                     sha256: Some(c.sha256.clone()),
                     wal_ref: Some(c.wal_ref.to_string()),
                     replay_nonce: None,
+                    latency_ms: None,
                 };
                 self.journal.append(&entry).await?;
             }

@@ -209,6 +209,7 @@ impl Replayer {
                 sha256: Some(current.sha256.clone()),
                 wal_ref: None,
                 replay_nonce: Some(nonce.clone()),
+                latency_ms: None,
             })
             .await?;
         let quiet = self.window().await;
@@ -324,6 +325,7 @@ impl Replayer {
             sha256: Some(current.sha256.clone()),
             wal_ref: None,
             replay_nonce: Some(nonce.to_owned()),
+            latency_ms: None,
         };
         if let Err(e) = self.journal.append(&entry).await {
             tracing::warn!(error = %e, "could not journal that the replay did not take; the journal says pending until the next outcome");

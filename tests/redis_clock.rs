@@ -186,6 +186,7 @@ async fn a_journal_read_finds_a_success_filed_in_the_hour_before_by_a_clock_behi
             sha256: None,
             wal_ref: None,
             replay_nonce: None,
+            latency_ms: None,
         })
         .await
         .unwrap();

@@ -345,6 +345,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                         sha256: None,
                         wal_ref: None,
                         replay_nonce: None,
+                        latency_ms: None,
                     })
                     .await?;
                 if svc.queue.complete(m).await.is_ok() {

@@ -683,6 +683,7 @@ async fn dead_letter(
         sha256,
         wal_ref: None,
         replay_nonce: None,
+        latency_ms: None,
     };
     let mut tries = 0u32;
     let mut waiting = None;

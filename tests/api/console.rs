@@ -424,6 +424,10 @@ async fn payloads_are_shown_redacted_and_never_in_a_url() {
     assert!(timeline.contains("2 fields redacted"), "{timeline}");
     assert!(timeline.contains("downstream answered 400"), "{timeline}");
     assert!(timeline.contains("Attempt 1: dead-lettered"), "{timeline}");
+    assert!(
+        timeline.contains("Call took"),
+        "the attempt's latency: {timeline}"
+    );
     let rec = app.record("PAY-1").await;
     let enc = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
     let encoded = enc(&rec.wal_ref.to_string());

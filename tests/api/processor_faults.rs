@@ -472,6 +472,7 @@ async fn journaled_success_then(on: On, replay: bool) {
             sha256: None,
             wal_ref: None,
             replay_nonce: None,
+            latency_ms: None,
         })
         .await
         .unwrap();

@@ -221,6 +221,7 @@ async fn refusal_noted(app: &TestApp, id: &str, body: &str) {
             sha256: Some(Sha256::of(body.as_bytes())),
             wal_ref: None,
             replay_nonce: None,
+            latency_ms: None,
         })
         .await
         .unwrap();

@@ -351,6 +351,7 @@ def main():
             assert "Received, durable in the WAL" in t, t
             assert "Attempt 1: dead-lettered" in t, t
             assert "downstream answered 400" in t, t
+            assert "Call took" in t, "the attempt's latency"
             assert "In the dead-letter queue" in t and "PermanentFailure" in t, t
             assert d.find_element(By.ID, "tx-status").get_attribute("data-state") == "dead_letter"
             payload = d.find_element(By.ID, "payload-text").text

@@ -493,6 +493,7 @@ fn event(e: &Event) -> Markup {
                             }
                             dl.facts {
                                 @if let Some(e) = &j.error { dt { "Error" } dd.error-text { (e) } }
+                                @if let Some(ms) = j.latency_ms { dt { "Call took" } dd { (ms) " ms" } }
                                 @if let Some(t) = j.next_retry_at { dt { "Retry at" } dd { (when(t)) } }
                                 dt { "By" } dd { (j.actor) }
                             }
