@@ -451,6 +451,17 @@ def main():
 
         run.check("an action without its CSRF token is refused (403) and changes nothing", csrf_refused)
 
+        def time_range():
+            go("/console/dlq")
+            # Prefilled with the last hour: BR-4 is the one left.
+            d.find_element(By.CSS_SELECTOR, "form.range button").click()
+            count = wait.until(EC.presence_of_element_located((By.ID, "dry-run-count")))
+            assert count.get_attribute("data-count") == "1", count.text
+            assert f"{stack.vendor}/BR-4" in text(), text()
+            assert stack.state("BR-4") == "dead_letter", "a dry run changes nothing"
+
+        run.check("a time range's dry run counts the dead letters in it", time_range)
+
         def phone_and_keyboard():
             d.execute_cdp_cmd(
                 "Emulation.setDeviceMetricsOverride",

@@ -586,8 +586,14 @@ fn dead_letter_row(who: &Who, d: &DeadLetter) -> Markup {
     }
 }
 
+/// A time as a `datetime-local` field holds it (read back as UTC).
+fn local(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S").to_string()
+}
+
 pub fn dead_letters(who: &Who, groups: &[DeadLetterGroup], more: bool) -> Markup {
     let total: usize = groups.iter().map(|g| g.messages.len()).sum();
+    let now = crate::clock::now();
     layout(
         "Dead letters",
         Some(who),
@@ -598,9 +604,9 @@ pub fn dead_letters(who: &Who, groups: &[DeadLetterGroup], more: bool) -> Markup
                 @if let Some(csrf) = who.csrf() { input type="hidden" name="csrf" value=(csrf); }
                 input type="hidden" name="target" value="dlq-range";
                 label for="dl-from" { "Dead-lettered from (UTC)" }
-                input id="dl-from" name="from" type="datetime-local" step="1" required;
+                input id="dl-from" name="from" type="datetime-local" step="1" required value=(local(now - chrono::Duration::hours(1)));
                 label for="dl-to" { "to (UTC)" }
-                input id="dl-to" name="to" type="datetime-local" step="1" required;
+                input id="dl-to" name="to" type="datetime-local" step="1" required value=(local(now));
                 button type="submit" { "Dry run…" }
             }
             @for g in groups {
