@@ -1,13 +1,14 @@
 //! The operations console at `/console` (issue 18): server-rendered pages
 //! over [`crate::console`], behind the admin token. This module owns the
 //! gate — login, sessions, CSRF, the security headers — and the routes;
-//! `views` renders the pages; `assets` holds the one stylesheet and the one
-//! script, compiled into the binary.
+//! `views` renders the pages; `assets/` holds the one stylesheet, the one
+//! script and the icon, compiled into the binary.
 //!
 //! Who may use it: a browser logged in with an admin token (a session
 //! cookie), or any client presenting the token as `Authorization: Bearer`.
-//! Every POST from a session carries the session's CSRF token and, when the
-//! browser sends `Origin`, comes from this origin. Payloads are shown only
+//! Every POST from a session carries the session's CSRF token, and comes
+//! from this origin as far as the browser says (`Sec-Fetch-Site`, `Origin`;
+//! see [`same_origin`]). Payloads are shown only
 //! in page bodies (redacted by `RTPD_CONSOLE_REDACT`), never in a URL or a
 //! log line. `RTPD_CONSOLE=false` leaves the routes out (404).
 
