@@ -8,7 +8,7 @@
 //! cookie), or any client presenting the token as `Authorization: Bearer`.
 //! Every POST from a session carries the session's CSRF token, and comes
 //! from this origin as far as the browser says (`Sec-Fetch-Site`, `Origin`;
-//! see [`same_origin`]). Payloads are shown only
+//! see `same_origin`). Payloads are shown only
 //! in page bodies (redacted by `RTPD_CONSOLE_REDACT`), never in a URL or a
 //! log line. `RTPD_CONSOLE=false` leaves the routes out (404).
 
